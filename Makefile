@@ -1,0 +1,29 @@
+# The same commands for everyone. `make run` and `make test` each set up .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+LISTEN ?= 127.0.0.1:50051
+DATA ?= .data/demo
+
+.PHONY: run test lint bench clean
+
+$(BIN)/.installed: pyproject.toml setup.py fastpath/_authorize_c.pyx $(wildcard proto/yikatong/v1/*.proto)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/yikatong serve --demo --data-dir $(DATA) --listen $(LISTEN)
+
+# CI sets nothing else: the compiled fast path must load, or the run fails.
+test: $(BIN)/.installed
+	YIKATONG_REQUIRE_EXTENSIONS=1 $(BIN)/pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/fastpath_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info fastpath/*.c fastpath/*.so yikatong/v1/*_pb2*.py* .data

@@ -1,0 +1,22 @@
+"""The authorization hot path. The compiled module is used unless YIKATONG_NO_EXTENSIONS=1;
+with YIKATONG_REQUIRE_EXTENSIONS=1 a missing compiled module is an error, never a silent
+fallback (the aio-libs / py-lmdb convention). Both stay importable by name."""
+import os
+
+from fastpath import _authorize_py
+
+if os.environ.get("YIKATONG_NO_EXTENSIONS"):
+    impl = _authorize_py
+else:
+    try:
+        from fastpath import _authorize_c as impl
+    except ImportError:
+        if os.environ.get("YIKATONG_REQUIRE_EXTENSIONS"):
+            raise
+        impl = _authorize_py
+
+COMPILED = impl is not _authorize_py
+Policy = impl.Policy
+decide = impl.decide
+APPROVED = _authorize_py.APPROVED
+CORRUPT = _authorize_py.CORRUPT

@@ -1,0 +1,81 @@
+"""The authorization decision, SPEC.md section 4, in plain Python: the readable reference.
+
+`decide(policy, record, channel, now, points_required)` takes the raw card record bytes as
+stored in LMDB (None if there is no such card) and returns the decline reason (the values of
+yikatong.v1.DeclineReason), APPROVED (0), or CORRUPT (-1) for a record that must not be
+decided on. The first rule that fails wins, in the table's order. The Cython twin
+(_authorize_c.pyx) must give the same answer for every input; tests check that.
+"""
+from storage import records as r
+from storage.records import CardRecord, CorruptRecord
+
+APPROVED = 0
+CORRUPT = -1
+(CARD_NOT_FOUND, CARD_SUPERSEDED, CARD_CANCELLED, GENERATION_RETIRED, CARD_NOT_ISSUED,
+ CARD_NOT_ACTIVATED, CARD_LOST, CARD_FROZEN, RC_NOT_RENEWED, APPLICATION_LOCKED,
+ FUNCTION_NOT_OPEN, FINANCIAL_FROZEN, NOT_ENTITLED, INSUFFICIENT_FUNDS) = range(1, 15)
+
+
+class Policy:
+    """The configured facts the table consults: SH-30 retirement moments per generation
+    (0 = never retired) and the validity of a temporary loss report (SH-18b)."""
+
+    def __init__(self, generation_retired_at: dict, temp_loss_valid_seconds: int):
+        self.retired_at = [0] * 256
+        for generation, moment in generation_retired_at.items():
+            self.retired_at[generation] = moment
+        self.temp_loss_valid_seconds = temp_loss_valid_seconds
+
+
+def decide(policy: Policy, record, channel: int, now: int, points_required: int) -> int:
+    if record is None:
+        return CARD_NOT_FOUND
+    try:
+        card = CardRecord.decode("", record)
+    except CorruptRecord:
+        return CORRUPT
+    financial = channel == r.CH_FINANCIAL
+    if card.state == r.SUPERSEDED:  # SH-23c
+        return CARD_SUPERSEDED
+    if card.state == r.CANCELLED:  # GZ-26, RC-16
+        return CARD_CANCELLED
+    if retired(policy, card, now):  # SH-30
+        return GENERATION_RETIRED
+    if card.state in (r.APPLIED, r.VERIFIED, r.REJECTED):
+        return CARD_NOT_ISSUED
+    if card.state == r.ISSUED and not financial:  # SH-12
+        return CARD_NOT_ACTIVATED
+    if card.state == r.LOST and (not financial or loss_stops_financial(card)):
+        return CARD_LOST
+    if card.state == r.TEMP_LOSS and not financial and frozen(policy, card, now):
+        return CARD_FROZEN
+    if card.pack == r.PACK_RC and card.valid_until and now >= card.valid_until:  # RC-14
+        return RC_NOT_RENEWED
+    if card.lock_mask & (1 << channel):  # GZ-6
+        return APPLICATION_LOCKED
+    if channel == r.CH_TRANSIT and not card.has(r.FLAG_TRANSIT):  # SH-13
+        return FUNCTION_NOT_OPEN
+    if financial and not card.has(r.FLAG_FINANCIAL_OPEN):  # SH-14
+        return FUNCTION_NOT_OPEN
+    if financial and card.has(r.FLAG_FINANCIAL_FROZEN):  # SH-20
+        return FINANCIAL_FROZEN
+    if channel == r.CH_SERVICE and card.pack == r.PACK_RC and card.points < points_required:
+        return NOT_ENTITLED  # RC-20
+    return APPROVED
+
+
+def retired(policy: Policy, card: CardRecord, now: int) -> bool:
+    moment = policy.retired_at[card.generation]
+    return moment != 0 and now >= moment
+
+
+def frozen(policy: Policy, card: CardRecord, now: int) -> bool:
+    """SH-18b: frozen until the exact second the 5 days end, then restored by itself."""
+    return now < card.temp_loss_at + policy.temp_loss_valid_seconds
+
+
+def loss_stops_financial(card: CardRecord) -> bool:
+    """GZ-21 suspends the card's *settlement accounts*, and GZ-13 says those include the
+    financial account, so a GZ (and BJ, which follows GZ) loss also stops FINANCIAL. SH-18
+    freezes only the social security functions; its bank side is SH-20's own report."""
+    return card.pack in (r.PACK_GZ, r.PACK_BJ)

@@ -1,0 +1,151 @@
+"""`yikatong serve` (the server) and a tiny client: `yikatong authorize`, `yikatong status`."""
+import argparse
+import os
+import sys
+import uuid
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+CHANNELS = ("transit", "medical", "benefit", "financial", "service", "status")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="yikatong", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the server")
+    s.add_argument("--data-dir", default=".data/yikatong", help="LMDB data dir (created if missing)")
+    s.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT")
+    s.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    s.add_argument("--clients", help="clients file (TOML)")
+    s.add_argument("--tls-cert")
+    s.add_argument("--tls-key")
+    s.add_argument("--tls-ca")
+    s.add_argument("--clock", choices=("system", "manual"), default="system")
+    s.add_argument("--clock-start", help="ISO-8601 start of the manual clock (default: now)")
+    s.add_argument("--demo", action="store_true", help="load the demo data set and demo clients")
+
+    for name, helptext in (("authorize", "ask whether a card may be used"),
+                           ("status", "read a card's status")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("--target", default=DEFAULT_LISTEN)
+        c.add_argument("--token", default=os.environ.get("YIKATONG_TOKEN", ""),
+                       help="bearer token (default: $YIKATONG_TOKEN)")
+        c.add_argument("--card", required=True)
+        if name == "authorize":
+            c.add_argument("--channel", choices=CHANNELS, required=True)
+            c.add_argument("--service-code", default="")
+            c.add_argument("--request-id", default="")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return client(args)
+
+
+def _fail(message: str) -> int:
+    print(f"yikatong: {message}", file=sys.stderr)
+    return 2
+
+
+def serve(args) -> int:
+    import uvloop
+
+    from server import demo
+    from server.app import serve as run_server
+    from server.clients import Clients
+    from storage.lmdb_store import Store
+    from yikatong import clock as clocks
+    from yikatong.errors import StoreLocked
+
+    if args.workers != 1:
+        return _fail("--workers other than 1 is not supported yet")
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        return _fail("mTLS (--tls-*) is not supported yet; use bearer tokens")
+    try:
+        if args.clock == "manual":
+            start = clocks.parse_time(args.clock_start) if args.clock_start else None
+            clock = clocks.ManualClock(start if start is not None else clocks.SystemClock().now())
+        elif args.clock_start:
+            return _fail("--clock-start needs --clock manual")
+        else:
+            clock = clocks.SystemClock()
+    except ValueError:
+        return _fail(f"--clock-start {args.clock_start!r} is not ISO-8601")
+    clients = Clients()
+    try:
+        if args.clients:
+            clients.load(args.clients)
+        if args.demo:
+            demo.add_demo_clients(clients)
+    except ValueError as error:
+        return _fail(str(error))
+    try:
+        store = Store(args.data_dir)
+    except StoreLocked as error:
+        return _fail(str(error))
+    try:
+        if args.demo:
+            try:
+                demo.load(store, clock.now())
+            except ValueError as error:
+                return _fail(str(error))
+
+        def ready():
+            print(f"yikatong: serving on {args.listen} (data dir {args.data_dir}, clock "
+                  f"{args.clock} at {clocks.format_time(clock.now())})", flush=True)
+            if args.demo:
+                _print_demo(store, args.listen)
+
+        try:
+            uvloop.run(run_server(store, clock, clients, args.listen, on_ready=ready))
+        except OSError as error:
+            return _fail(str(error))
+    finally:
+        store.close()
+    print("yikatong: stopped", flush=True)
+    return 0
+
+
+def _print_demo(store, listen: str) -> None:
+    from server import demo
+    from server.clients import ROLES
+
+    print("\nDemo tokens (guessable: demo only):")
+    for role in ROLES:
+        print(f"  {role:<17} {demo.token_for(role)}")
+    print("\nDemo cards and what they answer:")
+    lines = demo.showcase(store)
+    for line in lines:
+        print("  " + line)
+    card = lines[0].split()[0]
+    print("\nTry (in another shell):\n"
+          f"  .venv/bin/yikatong authorize --target {listen} --token demo-transit-gate "
+          f"--card {card} --channel transit\n", flush=True)
+
+
+def client(args) -> int:
+    import grpc
+
+    from yikatong.v1 import yikatong_pb2 as pb, yikatong_pb2_grpc as rpc
+
+    metadata = (("authorization", f"Bearer {args.token}"),)
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            if args.command == "status":
+                reply = rpc.CardStatusStub(channel).GetStatus(
+                    pb.GetStatusRequest(card_number=args.card), metadata=metadata, timeout=10)
+                print(f"card {reply.card_number}: found={reply.found} "
+                      f"pack={pb.Pack.Name(reply.pack)} state={pb.CardState.Name(reply.state)} "
+                      f"medical={pb.DeclineReason.Name(reply.reason)}"
+                      + (f" replaced_by={reply.replaced_by}" if reply.replaced_by else ""))
+                return 0
+            reply = rpc.AuthorizationStub(channel).Authorize(pb.AuthorizeRequest(
+                request_id=args.request_id or uuid.uuid4().hex, card_number=args.card,
+                channel=pb.Channel.Value("CHANNEL_" + args.channel.upper()),
+                service_code=args.service_code, terminal_id="cli"), metadata=metadata, timeout=10)
+        except grpc.RpcError as error:
+            return _fail(f"{error.code().name}: {error.details()}")
+    reason = pb.DeclineReason.Name(reply.reason).removeprefix("DECLINE_REASON_")
+    print(f"{pb.Decision.Name(reply.decision).removeprefix('DECISION_')}"
+          + ("" if reply.reason == 0 else f" {reason}"))
+    return 0 if reply.decision == pb.DECISION_APPROVED else 1

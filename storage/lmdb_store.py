@@ -1,0 +1,202 @@
+"""The LMDB store: one environment per process, one writer thread, group commit.
+
+Sync mode: `sync=True, metasync=True, writemap=False` (LMDB's default, stated here on
+purpose). A commit returns only after the data and meta pages are fsync'ed, so everything a
+caller was told is done survives a crash or power cut, and the environment reopens at the
+last committed transaction; an uncommitted group is simply absent. The cost of that fsync is
+paid once per *group*: the writer thread folds every command waiting in its queue (up to
+`config.writer_group_max`) into one write transaction, each command in a nested transaction of
+its own so a refused command rolls back alone. Callers are answered after the commit.
+
+Readers (authorization, status) use their own read-only transactions and never wait for the
+writer (LMDB MVCC).
+"""
+import concurrent.futures
+import fcntl
+import os
+import queue
+import struct
+import threading
+
+import lmdb
+
+from storage.records import CardRecord
+from yikatong import config
+from yikatong.errors import IdReused, StoreLocked
+
+_U64 = struct.Struct(">Q")  # big-endian so LMDB's key order is numeric order
+_STOP = object()
+
+
+class Store:
+    def __init__(self, data_dir: str, *, map_size: int = config.lmdb_map_size):
+        self.data_dir = data_dir
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+            self._lock_fd = os.open(os.path.join(data_dir, "yikatong.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StoreLocked(f"cannot use data dir {data_dir}: {e.strerror}") from e
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StoreLocked(f"data dir {data_dir} is locked by another running server") from None
+        os.ftruncate(self._lock_fd, 0)
+        os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+        # Opened here, in the process that uses it (after any fork), never inherited.
+        self.env = lmdb.open(
+            os.path.join(data_dir, "lmdb"),
+            map_size=map_size,
+            max_dbs=config.lmdb_max_dbs,
+            max_readers=config.lmdb_max_readers,
+            sync=True,
+            metasync=True,
+            writemap=False,
+            readahead=False,  # random card look-ups; readahead only pollutes the page cache
+            lock=True,
+        )
+        self.env.reader_check()  # clear reader slots left by dead processes
+        self.dbs = Dbs(self.env)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="lmdb-writer", daemon=True)
+        self._writer.start()
+
+    # ---- reads: any thread, never blocked by the writer
+    def read(self) -> lmdb.Transaction:
+        return self.env.begin(write=False)
+
+    def book(self, txn) -> "Book":
+        return Book(txn, self.dbs)
+
+    # ---- writes: only the writer thread
+    def submit(self, command) -> concurrent.futures.Future:
+        """Run `command(book)` in the writer thread; the future resolves after the commit."""
+        future = concurrent.futures.Future()
+        self._queue.put((command, future))
+        return future
+
+    def write(self, command):
+        """Blocking form of submit(), for tools and tests outside the event loop."""
+        return self.submit(command).result()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            group = [item]
+            while len(group) < config.writer_group_max:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    self._queue.put(_STOP)  # finish this group, then stop
+                    break
+                group.append(nxt)
+            self._commit_group(group)
+
+    def _commit_group(self, group) -> None:
+        outcomes = []
+        try:
+            with self.env.begin(write=True) as txn:
+                for command, future in group:
+                    child = self.env.begin(write=True, parent=txn)
+                    try:
+                        result = command(Book(child, self.dbs))
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller
+                        child.abort()
+                        outcomes.append((future, None, e))
+                    else:
+                        child.commit()
+                        outcomes.append((future, result, None))
+        except BaseException as e:  # noqa: BLE001 - the whole group failed to commit
+            for _, future in group:
+                future.set_exception(e)
+            return
+        for future, result, error in outcomes:  # durable now: answer the callers
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._writer.join()
+        self.env.close()
+        os.close(self._lock_fd)
+
+
+class Dbs:
+    def __init__(self, env):
+        self.cards = env.open_db(b"cards")  # card number (ASCII) -> CardRecord
+        self.holders = env.open_db(b"holders")  # ssn (ASCII) -> u64 holder_id + Holder proto
+        self.holder_cards = env.open_db(b"holder_cards")  # u64 holder_id + u8 pack -> card
+        self.requests = env.open_db(b"requests")  # request id -> 32-byte fingerprint + answer
+        self.notes = env.open_db(b"notes")  # card number -> UTF-8 reason (reject, cancel)
+        self.meta = env.open_db(b"meta")  # name -> u64 counter
+
+
+class Book:
+    """Typed access to the databases inside one transaction."""
+
+    __slots__ = ("txn", "dbs")
+
+    def __init__(self, txn, dbs: Dbs):
+        self.txn = txn
+        self.dbs = dbs
+
+    # cards
+    def card(self, card_number: str) -> CardRecord | None:
+        value = self.txn.get(card_number.encode("ascii"), db=self.dbs.cards)
+        return None if value is None else CardRecord.decode(card_number, value)
+
+    def put_card(self, rec: CardRecord) -> None:
+        self.txn.put(rec.card_number.encode("ascii"), rec.encode(), db=self.dbs.cards)
+
+    def note(self, card_number: str) -> str:
+        value = self.txn.get(card_number.encode("ascii"), db=self.dbs.notes)
+        return "" if value is None else bytes(value).decode("utf-8")
+
+    def put_note(self, card_number: str, text: str) -> None:
+        self.txn.put(card_number.encode("ascii"), text.encode("utf-8"), db=self.dbs.notes)
+
+    # holders
+    def holder(self, ssn: str) -> tuple[int, bytes] | None:
+        value = self.txn.get(ssn.encode("ascii"), db=self.dbs.holders)
+        if value is None:
+            return None
+        return _U64.unpack_from(value)[0], bytes(value[8:])
+
+    def put_holder(self, ssn: str, holder_id: int, pii: bytes) -> None:
+        self.txn.put(ssn.encode("ascii"), _U64.pack(holder_id) + pii, db=self.dbs.holders)
+
+    def current_card(self, holder_id: int, pack: int) -> str | None:
+        value = self.txn.get(_U64.pack(holder_id) + bytes((pack,)), db=self.dbs.holder_cards)
+        return None if value is None else bytes(value).decode("ascii")
+
+    def set_current_card(self, holder_id: int, pack: int, card_number: str) -> None:
+        self.txn.put(_U64.pack(holder_id) + bytes((pack,)), card_number.encode("ascii"),
+                     db=self.dbs.holder_cards)
+
+    # counters
+    def next_seq(self, name: bytes) -> int:
+        value = self.txn.get(name, db=self.dbs.meta)
+        n = (_U64.unpack(value)[0] if value is not None else 0) + 1
+        self.txn.put(name, _U64.pack(n), db=self.dbs.meta)
+        return n
+
+    # idempotency: request id -> (fingerprint of the request, the first answer)
+    def replay(self, request_id: str, fingerprint: bytes) -> bytes | None:
+        """The first answer to `request_id`, None if unseen; IdReused if it asked otherwise."""
+        value = self.txn.get(request_id.encode("utf-8"), db=self.dbs.requests)
+        if value is None:
+            return None
+        value = bytes(value)
+        if value[:32] != fingerprint:
+            raise IdReused(request_id)
+        return value[32:]
+
+    def remember(self, request_id: str, fingerprint: bytes, answer: bytes) -> None:
+        assert len(fingerprint) == 32
+        self.txn.put(request_id.encode("utf-8"), fingerprint + answer, db=self.dbs.requests)

@@ -1,0 +1,117 @@
+"""The card record: fixed-width, little-endian, with a version byte. Never pickle or JSON.
+
+The fast path (fastpath/_authorize_c.pyx) reads the first 24 bytes at these offsets straight
+from the LMDB value; change the layout here and there together, and bump VERSION.
+
+    off size field
+      0    1 version            (= VERSION)
+      1    1 pack               (yikatong.v1.Pack)
+      2    1 state              (yikatong.v1.CardState, as stored; see effective_state)
+      3    1 flags              (FLAG_*)
+      4    1 generation         (SH-30)
+      5    1 lock_mask          (bit 1 << Channel: application locked, GZ-6)
+      6    2 points             (RC-20 points score)
+      8    8 temp_loss_at       (unix s, while TEMP_LOSS: SH-18a/b)
+     16    8 valid_until        (unix s, RC-14; 0 = no end)
+     ---- the fast path reads nothing below this line
+     24    8 holder_id
+     32    8 applied_at
+     40    8 issued_at
+     48    8 loss_reported_at
+     56   20 replaced_by        (ASCII card number, NUL-padded)
+     76   20 replaces
+     96   32 service_bank       (UTF-8, NUL-padded)
+    128      total
+"""
+import dataclasses
+import struct
+
+from yikatong import config
+
+VERSION = 1
+LAYOUT = struct.Struct("<BBBBBBHqqQqqq20s20s32s")
+SIZE = LAYOUT.size
+assert SIZE == 128
+service_bank_bytes_max = 32
+assert config.card_number_length_max <= 20
+
+# Offsets the fast path reads (kept in step with _authorize_c.pyx; tests compare both).
+OFF_VERSION, OFF_PACK, OFF_STATE, OFF_FLAGS, OFF_GENERATION, OFF_LOCKS = 0, 1, 2, 3, 4, 5
+OFF_POINTS, OFF_TEMP_LOSS_AT, OFF_VALID_UNTIL = 6, 8, 16
+
+# Values of yikatong.v1 enums, spelled here so the domain and the fast path need no protobuf.
+PACK_SH, PACK_GZ, PACK_BJ, PACK_RC = 1, 2, 3, 4
+PACK_NAMES = {1: "SH", 2: "GZ", 3: "BJ", 4: "RC"}
+(APPLIED, VERIFIED, REJECTED, ISSUED, ACTIVE, TEMP_LOSS, LOST, SUPERSEDED, CANCELLED) = range(1, 10)
+STATE_NAMES = {
+    1: "APPLIED", 2: "VERIFIED", 3: "REJECTED", 4: "ISSUED", 5: "ACTIVE",
+    6: "TEMP_LOSS", 7: "LOST", 8: "SUPERSEDED", 9: "CANCELLED",
+}
+FINAL_STATES = frozenset((REJECTED, SUPERSEDED, CANCELLED))
+(CH_TRANSIT, CH_MEDICAL, CH_BENEFIT, CH_FINANCIAL, CH_SERVICE, CH_STATUS) = range(1, 7)
+
+FLAG_TRANSIT = 1  # made with the transit function (SH-13)
+FLAG_FINANCIAL_OPEN = 2  # SH-14
+FLAG_FINANCIAL_FROZEN = 4  # bank loss report stands (SH-20)
+FLAG_REPLACEMENT_APPLIED = 8  # a replacement was applied for (GZ-22)
+
+
+class CorruptRecord(Exception):
+    """A stored value that is not a card record this code understands: never decide on it."""
+
+
+@dataclasses.dataclass
+class CardRecord:
+    card_number: str
+    pack: int
+    state: int
+    flags: int = 0
+    generation: int = config.generation_current
+    lock_mask: int = 0
+    points: int = 0
+    temp_loss_at: int = 0
+    valid_until: int = 0
+    holder_id: int = 0
+    applied_at: int = 0
+    issued_at: int = 0
+    loss_reported_at: int = 0
+    replaced_by: str = ""
+    replaces: str = ""
+    service_bank: str = ""
+
+    def has(self, flag: int) -> bool:
+        return bool(self.flags & flag)
+
+    def set(self, flag: int, on: bool = True) -> None:
+        self.flags = (self.flags | flag) if on else (self.flags & ~flag)
+
+    def encode(self) -> bytes:
+        return LAYOUT.pack(
+            VERSION, self.pack, self.state, self.flags, self.generation, self.lock_mask,
+            self.points, self.temp_loss_at, self.valid_until, self.holder_id, self.applied_at,
+            self.issued_at, self.loss_reported_at, self.replaced_by.encode("ascii"),
+            self.replaces.encode("ascii"), self.service_bank.encode("utf-8"),
+        )
+
+    @classmethod
+    def decode(cls, card_number: str, value: bytes) -> "CardRecord":
+        check(value)
+        (_, pack, state, flags, generation, lock_mask, points, temp_loss_at, valid_until,
+         holder_id, applied_at, issued_at, loss_reported_at, replaced_by, replaces,
+         bank) = LAYOUT.unpack(value)
+        return cls(
+            card_number, pack, state, flags, generation, lock_mask, points, temp_loss_at,
+            valid_until, holder_id, applied_at, issued_at, loss_reported_at,
+            replaced_by.rstrip(b"\0").decode("ascii"), replaces.rstrip(b"\0").decode("ascii"),
+            bank.rstrip(b"\0").decode("utf-8"),
+        )
+
+
+def check(value) -> None:
+    """Raise CorruptRecord unless `value` has this layout's size, version and enum ranges."""
+    if len(value) != SIZE:
+        raise CorruptRecord(f"card record is {len(value)} bytes, expected {SIZE}")
+    if value[OFF_VERSION] != VERSION:
+        raise CorruptRecord(f"card record version {value[OFF_VERSION]}, expected {VERSION}")
+    if not 1 <= value[OFF_PACK] <= 4 or not 1 <= value[OFF_STATE] <= 9:
+        raise CorruptRecord("card record has an unknown pack or state")

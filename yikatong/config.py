@@ -1,0 +1,39 @@
+"""Every limit and constant of the server, in one place (TIGER_STYLE: name them `*_max`)."""
+
+# ---- sizes checked at the edge
+card_number_length_max = 20  # digits; card numbers are ASCII digits only
+request_id_length_max = 64
+text_field_length_max = 200  # names, addresses, reasons, bank names
+batch_size_max = 1000  # AuthorizeBatch / AuthorizeStream / GetStatusBatch entries per message
+message_size_max = 4 * 1024 * 1024  # bytes, gRPC receive limit
+clients_max = 10_000  # entries in a clients file
+
+# ---- storage
+lmdb_map_size = 8 * 1024**3  # bytes of address space; grows on disk only as used
+lmdb_max_dbs = 16
+lmdb_max_readers = 512
+writer_group_max = 512  # commands folded into one write transaction (one fsync)
+
+# ---- law
+temp_loss_valid_seconds = 5 * 86400  # SH-18b: a temporary loss report is valid 5 days
+rc_valid_years = 1  # RC-14
+rc_residence_months_min = 6  # RC-9
+
+# The time zone the regulations count days in.
+law_utc_offset_seconds = 8 * 3600
+
+# SH-30: a card generation's retirement moment (unix seconds), after which its cards decline
+# GENERATION_RETIRED. Generation 1 lacked the SH-5 basic functions and was discontinued from
+# 2020-12-31 (00:00 Shanghai time). Cards issued now carry `generation_current`.
+generation_retired_at = {1: 1609344000}
+generation_current = 2
+
+# RC-20: SERVICE codes gated by Residence Card points and the points they need.
+# EXAMPLE VALUES, NOT THE OFFICIAL ONES: the real standard value is set by the municipality.
+service_points_required = {
+    "RC_POINTS_SCHOOL_ENTRY": 120,
+    "RC_POINTS_HUKOU_TRANSFER": 120,
+}
+
+# Card-number prefixes per pack (the rest is a 10-digit sequence).
+pack_card_prefix = {1: "31", 2: "44", 3: "11", 4: "90"}
