@@ -1,0 +1,188 @@
+"""SPEC.md section 4, rule by rule, on both implementations; then both against each other."""
+import os
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import fastpath
+from conftest import IMPLS, _authorize_c
+from fastpath import _authorize_py as ref
+from storage import records as r
+from storage.records import CardRecord
+from yikatong import config
+from yikatong.v1 import yikatong_pb2 as pb
+
+NOW = 1_790_000_000  # 2026-09-22
+DAYS5 = config.temp_loss_valid_seconds
+
+
+def policy(impl):
+    return impl.Policy(config.generation_retired_at, config.temp_loss_valid_seconds)
+
+
+def card(**kw) -> bytes:
+    fields = dict(card_number="310000000001", pack=r.PACK_SH, state=r.ACTIVE,
+                  flags=r.FLAG_TRANSIT | r.FLAG_FINANCIAL_OPEN)
+    fields.update(kw)
+    return CardRecord(**fields).encode()
+
+
+def decide(impl, record, channel=r.CH_MEDICAL, now=NOW, points=0):
+    return impl.decide(policy(impl), record, channel, now, points)
+
+
+def test_reason_values_match_the_api_enum():
+    for name, value in pb.DeclineReason.items():
+        if value:
+            assert getattr(ref, name.removeprefix("DECLINE_REASON_")) == value
+
+
+def test_fastpath_compiled_loaded_when_required():
+    """CI sets YIKATONG_REQUIRE_EXTENSIONS=1: then the Cython module must be the one in use."""
+    if os.environ.get("YIKATONG_REQUIRE_EXTENSIONS"):
+        assert fastpath.COMPILED
+        assert fastpath.decide is _authorize_c.decide
+    elif os.environ.get("YIKATONG_NO_EXTENSIONS"):
+        assert fastpath.decide is ref.decide
+    else:  # the compiled one whenever it was built
+        assert fastpath.COMPILED == (_authorize_c is not None)
+
+
+def test_active_card_is_approved_on_every_channel(impl):
+    for ch in (r.CH_TRANSIT, r.CH_MEDICAL, r.CH_BENEFIT, r.CH_FINANCIAL, r.CH_SERVICE, r.CH_STATUS):
+        assert decide(impl, card(), ch) == ref.APPROVED
+
+
+def test_reason_1_card_not_found(impl):
+    assert decide(impl, None) == ref.CARD_NOT_FOUND
+
+
+def test_sh_23c_superseded_card_is_invalid_for_ever(impl):
+    assert decide(impl, card(state=r.SUPERSEDED)) == ref.CARD_SUPERSEDED
+    assert decide(impl, card(state=r.SUPERSEDED), r.CH_FINANCIAL) == ref.CARD_SUPERSEDED
+
+
+def test_gz_26_cancelled_card(impl):
+    assert decide(impl, card(state=r.CANCELLED, pack=r.PACK_GZ)) == ref.CARD_CANCELLED
+
+
+def test_sh_30_retired_generation_declines_from_2020_12_31(impl):
+    retire = config.generation_retired_at[1]
+    assert decide(impl, card(generation=1), now=retire - 1) == ref.APPROVED
+    assert decide(impl, card(generation=1), now=retire) == ref.GENERATION_RETIRED
+    assert decide(impl, card(generation=2), now=retire) == ref.APPROVED
+
+
+def test_reason_5_not_issued(impl):
+    for state in (r.APPLIED, r.VERIFIED, r.REJECTED):
+        assert decide(impl, card(state=state)) == ref.CARD_NOT_ISSUED
+        assert decide(impl, card(state=state), r.CH_FINANCIAL) == ref.CARD_NOT_ISSUED
+
+
+def test_sh_12_issued_card_is_not_activated_except_financial(impl):
+    assert decide(impl, card(state=r.ISSUED)) == ref.CARD_NOT_ACTIVATED
+    assert decide(impl, card(state=r.ISSUED), r.CH_FINANCIAL) == ref.APPROVED
+
+
+def test_sh_18c_formal_loss_stops_social_security_not_financial(impl):
+    assert decide(impl, card(state=r.LOST)) == ref.CARD_LOST
+    assert decide(impl, card(state=r.LOST), r.CH_FINANCIAL) == ref.APPROVED
+
+
+def test_gz_21_loss_suspends_the_financial_settlement_account_too(impl):
+    for pack in (r.PACK_GZ, r.PACK_BJ):
+        assert decide(impl, card(state=r.LOST, pack=pack), r.CH_FINANCIAL) == ref.CARD_LOST
+
+
+def test_sh_18a_temporary_loss_freezes_at_once(impl):
+    assert decide(impl, card(state=r.TEMP_LOSS, temp_loss_at=NOW)) == ref.CARD_FROZEN
+    assert decide(impl, card(state=r.TEMP_LOSS, temp_loss_at=NOW), r.CH_FINANCIAL) == ref.APPROVED
+
+
+def test_sh_18b_temporary_loss_expires_after_5_days(impl):
+    rec = card(state=r.TEMP_LOSS, temp_loss_at=NOW)
+    assert decide(impl, rec, now=NOW + DAYS5 - 1) == ref.CARD_FROZEN
+    assert decide(impl, rec, now=NOW + DAYS5) == ref.APPROVED
+
+
+def test_rc_14_not_renewed_after_validity_end(impl):
+    rec = card(pack=r.PACK_RC, flags=0, valid_until=NOW + 10)
+    assert decide(impl, rec, r.CH_SERVICE, now=NOW + 9) == ref.APPROVED
+    assert decide(impl, rec, r.CH_SERVICE, now=NOW + 10) == ref.RC_NOT_RENEWED
+    # valid_until means nothing on a social security card
+    assert decide(impl, card(valid_until=NOW - 1)) == ref.APPROVED
+
+
+def test_gz_6_application_locked_per_channel(impl):
+    rec = card(pack=r.PACK_GZ, lock_mask=1 << r.CH_MEDICAL)
+    assert decide(impl, rec, r.CH_MEDICAL) == ref.APPLICATION_LOCKED
+    assert decide(impl, rec, r.CH_TRANSIT) == ref.APPROVED
+
+
+def test_sh_13_transit_needs_the_transit_function(impl):
+    assert decide(impl, card(flags=0), r.CH_TRANSIT) == ref.FUNCTION_NOT_OPEN
+    assert decide(impl, card(flags=0), r.CH_MEDICAL) == ref.APPROVED
+
+
+def test_sh_14_financial_needs_the_financial_function(impl):
+    assert decide(impl, card(flags=r.FLAG_TRANSIT), r.CH_FINANCIAL) == ref.FUNCTION_NOT_OPEN
+
+
+def test_sh_20_bank_loss_freezes_financial_only(impl):
+    rec = card(flags=r.FLAG_FINANCIAL_OPEN | r.FLAG_FINANCIAL_FROZEN)
+    assert decide(impl, rec, r.CH_FINANCIAL) == ref.FINANCIAL_FROZEN
+    assert decide(impl, rec, r.CH_MEDICAL) == ref.APPROVED
+
+
+def test_rc_20_points_gated_service(impl):
+    rec = card(pack=r.PACK_RC, flags=0, points=119)
+    assert decide(impl, rec, r.CH_SERVICE, points=120) == ref.NOT_ENTITLED
+    assert decide(impl, rec, r.CH_SERVICE, points=119) == ref.APPROVED
+    assert decide(impl, card(points=0), r.CH_SERVICE, points=120) == ref.APPROVED  # RC only
+
+
+def test_first_failing_rule_wins(impl):
+    # superseded beats everything below it; lost beats locked and function checks
+    rec = card(state=r.SUPERSEDED, generation=1, lock_mask=0xFF, flags=0)
+    assert decide(impl, rec, r.CH_TRANSIT) == ref.CARD_SUPERSEDED
+    rec = card(state=r.LOST, lock_mask=0xFF, flags=0)
+    assert decide(impl, rec, r.CH_TRANSIT) == ref.CARD_LOST
+
+
+@pytest.mark.parametrize("damage", ["short", "long", "version", "pack", "state", "empty"])
+def test_corrupt_records_are_never_decided_on(impl, damage):
+    good = bytearray(card())
+    bad = {"short": good[:-1], "long": good + b"\0", "empty": b"",
+           "version": bytes([99]) + good[1:], "pack": good[:1] + bytes([7]) + good[2:],
+           "state": good[:2] + bytes([0]) + good[3:]}[damage]
+    assert decide(impl, bytes(bad)) == ref.CORRUPT
+
+
+def test_memoryview_records_decide_like_bytes(impl):
+    rec = card(state=r.TEMP_LOSS, temp_loss_at=NOW)
+    assert decide(impl, memoryview(rec)) == decide(impl, rec) == ref.CARD_FROZEN
+
+
+# ---- differential: random records and requests, both twins, same answer
+
+records = st.builds(
+    lambda pack, state, flags, gen, locks, points, tl, vu: CardRecord(
+        "1", pack, state, flags, gen, locks, points, tl, vu).encode(),
+    st.integers(1, 4), st.integers(1, 9), st.integers(0, 15), st.sampled_from([0, 1, 2, 3, 255]),
+    st.integers(0, 255), st.integers(0, 65535),
+    st.integers(NOW - 10 * 86400, NOW + 86400), st.sampled_from([0, NOW - 1, NOW, NOW + 1]),
+)
+damaged = st.binary(max_size=140) | st.builds(
+    lambda rec, i, b: rec[:i] + bytes([b]) + rec[i + 1:], records, st.integers(0, 23),
+    st.integers(0, 255))
+
+
+@pytest.mark.skipif(_authorize_c is None, reason="compiled twin not built (fails above under "
+                    "YIKATONG_REQUIRE_EXTENSIONS=1)")
+@settings(max_examples=3000, deadline=None)
+@given(record=st.none() | records | damaged, channel=st.integers(1, 6),
+       now=st.integers(NOW - 86400, NOW + 7 * 86400), points=st.sampled_from([0, 1, 120, 65535]))
+def test_both_implementations_give_the_same_answer(record, channel, now, points):
+    py, c = IMPLS
+    assert py.decide(policy(py), record, channel, now, points) == \
+        c.decide(policy(c), record, channel, now, points)

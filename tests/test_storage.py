@@ -1,0 +1,80 @@
+"""The card record layout and the LMDB store's promises."""
+import threading
+
+import pytest
+
+from storage import records as r
+from storage.lmdb_store import Store
+from storage.records import CardRecord, CorruptRecord
+from yikatong.errors import StoreLocked
+
+
+def test_record_round_trip_is_fixed_width_with_a_version_byte():
+    rec = CardRecord("31000000000000000001", r.PACK_GZ, r.LOST, flags=5, generation=2,
+                     lock_mask=0b100, points=65535, temp_loss_at=-1, valid_until=2**62,
+                     holder_id=2**64 - 1, replaced_by="44000000000000000002",
+                     replaces="4400", service_bank="工商银行")
+    value = rec.encode()
+    assert len(value) == r.SIZE == 128 and value[0] == r.VERSION
+    assert CardRecord.decode(rec.card_number, value) == rec
+
+
+@pytest.mark.parametrize("value", [b"", b"\x01" * 127, bytes([2]) + bytes(127)])
+def test_record_decode_refuses_what_it_does_not_understand(value):
+    with pytest.raises(CorruptRecord):
+        CardRecord.decode("1", value)
+
+
+def test_a_data_dir_is_served_by_one_server_only(store):
+    with pytest.raises(StoreLocked, match="locked by another running server"):
+        Store(store.data_dir)
+
+
+def test_a_refused_command_rolls_back_alone_in_its_group(store):
+    gate = threading.Event()
+    store.submit(lambda book: gate.wait())  # hold the writer so the next three share a group
+
+    def put(n):
+        return lambda book: book.put_card(CardRecord(n, r.PACK_SH, r.ACTIVE))
+
+    def put_then_fail(book):
+        book.put_card(CardRecord("2", r.PACK_SH, r.ACTIVE))
+        raise ValueError("refused")
+
+    futures = [store.submit(put("1")), store.submit(put_then_fail), store.submit(put("3"))]
+    gate.set()
+    futures[0].result(), futures[2].result()
+    with pytest.raises(ValueError):
+        futures[1].result()
+    with store.read() as txn:
+        book = store.book(txn)
+        assert book.card("1") and book.card("3") and book.card("2") is None
+
+
+def test_readers_do_not_wait_for_the_writer(store):
+    store.write(lambda book: book.put_card(CardRecord("1", r.PACK_SH, r.ACTIVE)))
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(book):
+        book.put_card(CardRecord("1", r.PACK_SH, r.LOST))
+        inside.set()
+        release.wait()
+
+    future = store.submit(slow)
+    inside.wait()
+    with store.read() as txn:  # the write is open and uncommitted: we see the old state
+        assert store.book(txn).card("1").state == r.ACTIVE
+    release.set()
+    future.result()
+    with store.read() as txn:
+        assert store.book(txn).card("1").state == r.LOST
+
+
+def test_committed_writes_survive_a_reopen(tmp_path):
+    s = Store(str(tmp_path / "d"), map_size=16 * 1024**2)
+    s.write(lambda book: book.put_card(CardRecord("7", r.PACK_BJ, r.ISSUED)))
+    s.close()
+    s = Store(str(tmp_path / "d"), map_size=16 * 1024**2)
+    with s.read() as txn:
+        assert s.book(txn).card("7").state == r.ISSUED
+    s.close()
