@@ -1,0 +1,103 @@
+"""In-process fast-path throughput: Cython vs pure Python, side by side in one run.
+
+Two measurements per implementation, each the median of --repeat runs:
+  decide      the decision alone, on record bytes already in memory;
+  lmdb+decide the real read path of Authorize: txn.get() from LMDB, then the decision
+              (one read transaction per batch of --batch requests, as AuthorizeBatch does).
+The data set is --cards card records in a fresh LMDB store, in a realistic mix of states.
+
+    .venv/bin/python bench/fastpath_bench.py [--cards 100000] [--requests 200000]
+"""
+import argparse
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+from fastpath import _authorize_c, _authorize_py
+from storage import records as r
+from storage.lmdb_store import Store
+from storage.records import CardRecord
+from yikatong import config
+
+NOW = 1_790_000_000
+
+
+def build(store: Store, n: int, rng: random.Random) -> list[bytes]:
+    states = [r.ACTIVE] * 90 + [r.TEMP_LOSS, r.LOST, r.SUPERSEDED, r.SUPERSEDED, r.SUPERSEDED,
+                                r.ISSUED, r.CANCELLED, r.APPLIED, r.ACTIVE, r.ACTIVE]
+    keys = []
+
+    def fill(start, stop):
+        def command(book):
+            for i in range(start, stop):
+                number = f"31{i:010d}"
+                book.put_card(CardRecord(
+                    number, rng.choice((1, 1, 2, 3, 4)), rng.choice(states),
+                    flags=rng.choice((1, 3, 0)), temp_loss_at=NOW - rng.randint(0, 7 * 86400),
+                    generation=rng.choice((2,) * 50 + (1,))))
+                keys.append(number.encode())
+        return command
+
+    for start in range(0, n, 50_000):
+        store.write(fill(start, min(n, start + 50_000)))
+    return keys
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--cards", type=int, default=100_000)
+    p.add_argument("--requests", type=int, default=200_000)
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--repeat", type=int, default=5)
+    args = p.parse_args()
+    rng = random.Random(7)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(tmp, map_size=4 * 1024**3)
+        keys = build(store, args.cards, rng)
+        requests = [(rng.choice(keys) if rng.random() < 0.99 else b"3199999999999",
+                     rng.randint(1, 6)) for _ in range(args.requests)]
+        with store.read() as txn:
+            in_memory = [(txn.get(k, db=store.dbs.cards), ch) for k, ch in requests]
+        cards_db = store.dbs.cards
+        results = {}
+        for impl in (_authorize_py, _authorize_c):
+            policy = impl.Policy(config.generation_retired_at, config.temp_loss_valid_seconds)
+            decide = impl.decide
+
+            def decide_only():
+                for rec, ch in in_memory:
+                    decide(policy, rec, ch, NOW, 0)
+
+            def lmdb_decide():
+                for i in range(0, len(requests), args.batch):
+                    with store.read() as txn:
+                        get = txn.get
+                        for key, ch in requests[i:i + args.batch]:
+                            decide(policy, get(key, db=cards_db), ch, NOW, 0)
+
+            name = impl.__name__.rsplit(".", 1)[1]
+            for label, fn in (("decide", decide_only), ("lmdb+decide", lmdb_decide)):
+                secs = statistics.median(timed(fn) for _ in range(args.repeat))
+                results[(name, label)] = args.requests / secs
+        store.close()
+    print(f"# fast path, {args.cards:,} cards in LMDB, {args.requests:,} requests, median of "
+          f"{args.repeat}; Python {platform.python_version()}, {platform.machine()}, one core")
+    print("| measurement | pure Python (decisions/s) | Cython (decisions/s) | Cython / Python |")
+    print("| --- | ---: | ---: | ---: |")
+    for label in ("decide", "lmdb+decide"):
+        py, c = results[("_authorize_py", label)], results[("_authorize_c", label)]
+        print(f"| {label} | {py:,.0f} | {c:,.0f} | {c / py:.1f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
