@@ -113,14 +113,10 @@ def _print_demo(store, listen: str) -> None:
     print("\nDemo tokens (guessable: demo only):")
     for role in ROLES:
         print(f"  {role:<17} {demo.token_for(role)}")
-    print("\nDemo cards and what they answer:")
-    lines = demo.showcase(store)
-    for line in lines:
-        print("  " + line)
-    card = lines[0].split()[0]
-    print("\nTry (in another shell):\n"
-          f"  .venv/bin/yikatong authorize --target {listen} --token demo-transit-gate "
-          f"--card {card} --channel transit\n", flush=True)
+    print("\nDemo cards: paste any of these in another shell; each prints the answer shown.")
+    for command, answer in demo.showcase(store, listen):
+        print(f"  {command}\n      -> {answer}")
+    print("  (any unknown number -> DECLINED CARD_NOT_FOUND)\n", flush=True)
 
 
 def client(args) -> int:

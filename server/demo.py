@@ -126,7 +126,7 @@ _SHOW = (
     ("ACTIVE", "transit", "FUNCTION_NOT_OPEN", lambda c: not c.has(r.FLAG_TRANSIT)
      and c.pack != r.PACK_RC),
     ("BANK_FROZEN", "financial", "FINANCIAL_FROZEN", None),
-    ("ACTIVE", "service RC_POINTS_SCHOOL_ENTRY", "NOT_ENTITLED", lambda c: c.pack == r.PACK_RC),
+    ("ACTIVE", "service:RC_POINTS_SCHOOL_ENTRY", "NOT_ENTITLED", lambda c: c.pack == r.PACK_RC),
 )
 
 
@@ -151,7 +151,7 @@ def load(store, now: int) -> None:
 
     for start in range(0, HOLDERS, CHUNK):
         store.write(chunk(start))
-    lines = [f"{found[k]} {channel} -> {answer}" for k, (_, channel, answer, _) in enumerate(_SHOW)
+    lines = [f"{found[k]} {channel} {answer}" for k, (_, channel, answer, _) in enumerate(_SHOW)
              if k in found]
 
     def finish(book):
@@ -159,7 +159,20 @@ def load(store, now: int) -> None:
     store.write(finish)
 
 
-def showcase(store) -> list[str]:
+_CHANNEL_ROLE = {"transit": "TRANSIT_GATE", "medical": "MEDICAL_TERMINAL",
+                 "financial": "BANK_SWITCH", "service": "COMMUNITY_OUTLET"}
+
+
+def showcase(store, listen: str) -> list[tuple[str, str]]:
+    """(command to paste, the answer it prints) for each showcase card."""
     with store.read() as txn:
         value = txn.get(_SHOWCASE_KEY, db=store.dbs.meta)
-    return bytes(value).decode().splitlines() if value is not None else []
+    out = []
+    for line in bytes(value).decode().splitlines() if value is not None else []:
+        card, channel, answer = line.split()
+        channel, _, code = channel.partition(":")
+        command = (f".venv/bin/yikatong authorize --target {listen} --token "
+                   f"{token_for(_CHANNEL_ROLE[channel])} --card {card} --channel {channel}"
+                   + (f" --service-code {code}" if code else ""))
+        out.append((command, answer if answer == "APPROVED" else "DECLINED " + answer))
+    return out

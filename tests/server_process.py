@@ -51,7 +51,7 @@ class ServerProcess:
         if "--demo" in extra:  # the banner ends with the example command
             for line in self.proc.stdout:
                 self.banner.append(line)
-                if line.strip().startswith(".venv/bin/yikatong authorize"):
+                if "CARD_NOT_FOUND" in line:
                     break
         self.channel = grpc.insecure_channel(self.address)
         grpc.channel_ready_future(self.channel).result(timeout=10)

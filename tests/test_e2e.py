@@ -286,22 +286,18 @@ def test_second_server_on_the_same_data_dir_is_refused(srv):
 
 
 def test_demo_shows_every_decline_reason(tmp_path):
+    """Run every command the demo banner tells a newcomer to paste; each prints its answer."""
     with running(tmp_path, "--demo", clients=False) as s:
-        banner = "".join(s.banner)
-        assert "demo-transit-gate" in banner
-        lines = [line.split() for line in banner.splitlines() if " -> " in line]
+        lines = [line.strip() for line in s.banner]
+        pairs = [(lines[i], lines[i + 1].removeprefix("-> ")) for i in range(len(lines) - 1)
+                 if lines[i].startswith(".venv/bin/yikatong authorize")]
+        assert len(pairs) == 15
         seen = set()
-        for card, channel, *rest in lines:
-            answer = rest[-1]
-            code = rest[0] if len(rest) == 3 else ""
-            role = {"transit": "TRANSIT_GATE", "medical": "MEDICAL_TERMINAL",
-                    "financial": "BANK_SWITCH", "service": "COMMUNITY_OUTLET"}[channel]
-            got = s.authorization.Authorize(pb.AuthorizeRequest(
-                request_id=rid(), card_number=card, service_code=code,
-                channel=pb.Channel.Value("CHANNEL_" + channel.upper())),
-                metadata=(("authorization", "Bearer demo-" + role.lower().replace("_", "-")),))
-            name = "APPROVED" if got.decision == pb.DECISION_APPROVED else \
-                pb.DeclineReason.Name(got.reason).removeprefix("DECLINE_REASON_")
-            assert name == answer, (card, channel)
+        for command, answer in pairs:
+            args = command.split()[1:]
+            out = subprocess.run([sys.executable, "-c", "import sys; from server.cli import "
+                                  "main; sys.exit(main(sys.argv[1:]))", *args],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=30)
+            assert out.stdout.strip() == answer, (command, out.stderr)
             seen.add(answer)
-        assert len(seen) == 13  # approvals and reasons 2..13 (1 is any unknown number)
+        assert len(seen) == 13  # APPROVED and reasons 2..13 (1 is any unknown number)
