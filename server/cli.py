@@ -55,7 +55,7 @@ def serve(args) -> int:
     from server.clients import Clients
     from storage.lmdb_store import Store
     from yikatong import clock as clocks
-    from yikatong.errors import StoreLocked
+    from yikatong.errors import StoreUnavailable
 
     if args.workers != 1:
         return _fail("--workers other than 1 is not supported yet")
@@ -79,9 +79,12 @@ def serve(args) -> int:
             demo.add_demo_clients(clients)
     except ValueError as error:
         return _fail(str(error))
+    problem = _probe_listen(args.listen)
+    if problem:
+        return _fail(f"cannot listen on {args.listen}: {problem}")
     try:
         store = Store(args.data_dir)
-    except StoreLocked as error:
+    except StoreUnavailable as error:
         return _fail(str(error))
     try:
         if args.demo:
@@ -104,6 +107,25 @@ def serve(args) -> int:
         store.close()
     print("yikatong: stopped", flush=True)
     return 0
+
+
+def _probe_listen(listen: str) -> str:
+    """Why HOST:PORT cannot be bound ('' if it can), said plainly before gRPC tries."""
+    import socket
+
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        return "expected HOST:PORT"
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            # as gRPC binds: a port left in TIME_WAIT by our last run is free, a listener is not
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as error:
+        return error.strerror or str(error)
+    return ""
 
 
 def _print_demo(store, listen: str) -> None:

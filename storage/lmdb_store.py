@@ -22,7 +22,7 @@ import lmdb
 
 from storage.records import CardRecord
 from yikatong import config
-from yikatong.errors import IdReused, StoreLocked
+from yikatong.errors import IdReused, StoreUnavailable
 
 _U64 = struct.Struct(">Q")  # big-endian so LMDB's key order is numeric order
 _STOP = object()
@@ -35,16 +35,29 @@ class Store:
             os.makedirs(data_dir, exist_ok=True)
             self._lock_fd = os.open(os.path.join(data_dir, "yikatong.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
-            raise StoreLocked(f"cannot use data dir {data_dir}: {e.strerror}") from e
+            raise StoreUnavailable(f"cannot use data dir {data_dir}: {e.strerror}") from e
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
-            raise StoreLocked(f"data dir {data_dir} is locked by another running server") from None
+            raise StoreUnavailable(f"data dir {data_dir} is locked by another running server") from None
         os.ftruncate(self._lock_fd, 0)
         os.write(self._lock_fd, f"{os.getpid()}\n".encode())
         # Opened here, in the process that uses it (after any fork), never inherited.
-        self.env = lmdb.open(
+        try:
+            self.env = self._open(data_dir, map_size)
+        except lmdb.Error as e:
+            os.close(self._lock_fd)
+            raise StoreUnavailable(f"cannot open the LMDB store in {data_dir}: {e}") from e
+        self.env.reader_check()  # clear reader slots left by dead processes
+        self.dbs = Dbs(self.env)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="lmdb-writer", daemon=True)
+        self._writer.start()
+
+    @staticmethod
+    def _open(data_dir: str, map_size: int):
+        return lmdb.open(
             os.path.join(data_dir, "lmdb"),
             map_size=map_size,
             max_dbs=config.lmdb_max_dbs,
@@ -55,11 +68,6 @@ class Store:
             readahead=False,  # random card look-ups; readahead only pollutes the page cache
             lock=True,
         )
-        self.env.reader_check()  # clear reader slots left by dead processes
-        self.dbs = Dbs(self.env)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write_loop, name="lmdb-writer", daemon=True)
-        self._writer.start()
 
     # ---- reads: any thread, never blocked by the writer
     def read(self) -> lmdb.Transaction:

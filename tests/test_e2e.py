@@ -232,6 +232,14 @@ def test_batches_answer_in_order_and_a_bad_entry_names_its_index(srv):
                                          metadata=srv.md("TRANSIT_GATE"))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith("requests[2].card_number:")
+    with pytest.raises(grpc.RpcError) as e:
+        list(srv.authorization.AuthorizeStream(iter([pb.AuthorizeBatchRequest(requests=reqs)]),
+                                               metadata=srv.md("TRANSIT_GATE")))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("requests[2].card_number:")
+    with pytest.raises(grpc.RpcError) as e:
+        list(srv.authorization.AuthorizeStream(iter([pb.AuthorizeBatchRequest(requests=reqs)])))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     statuses = srv.status.GetStatusBatch(
         pb.GetStatusBatchRequest(card_numbers=[card, "310099999999"]),
         metadata=srv.md("BANK_SWITCH")).statuses
@@ -275,6 +283,25 @@ def test_system_clock_refuses_admin_clock_moves(tmp_path):
         with pytest.raises(grpc.RpcError) as e:
             advance(s, 10)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_unusable_data_dir_is_a_clear_startup_error(tmp_path):
+    (tmp_path / "lmdb").mkdir()
+    (tmp_path / "lmdb" / "data.mdb").write_bytes(b"this is not an LMDB file" * 200)
+    out = subprocess.run([sys.executable, "-m", "server", "--data-dir", str(tmp_path),
+                          "--listen", "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2
+    assert out.stderr.startswith("yikatong: cannot open the LMDB store")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_port_taken_is_a_clear_startup_error(srv, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "server", "--data-dir", str(tmp_path / "other"),
+                          "--listen", srv.address], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"yikatong: cannot listen on {srv.address}")
 
 
 def test_second_server_on_the_same_data_dir_is_refused(srv):

@@ -6,7 +6,7 @@ import pytest
 from storage import records as r
 from storage.lmdb_store import Store
 from storage.records import CardRecord, CorruptRecord
-from yikatong.errors import StoreLocked
+from yikatong.errors import StoreUnavailable
 
 
 def test_record_round_trip_is_fixed_width_with_a_version_byte():
@@ -26,7 +26,7 @@ def test_record_decode_refuses_what_it_does_not_understand(value):
 
 
 def test_a_data_dir_is_served_by_one_server_only(store):
-    with pytest.raises(StoreLocked, match="locked by another running server"):
+    with pytest.raises(StoreUnavailable, match="locked by another running server"):
         Store(store.data_dir)
 
 

@@ -46,8 +46,8 @@ class Unimplemented(YikatongError):
     pass
 
 
-class StoreLocked(YikatongError):
-    pass
+class StoreUnavailable(YikatongError):
+    """The data dir cannot be served: locked by another server, unreadable, not a store."""
 
 
 class Unauthenticated(YikatongError):
