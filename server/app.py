@@ -104,11 +104,12 @@ class CardStatus(rpc.CardStatusServicer):
         self.core = core
 
     def _status(self, book, number: str, now: int) -> pb.CardStatusResponse:
-        rec = book.card(number)
-        if rec is None:
+        raw = book.card_bytes(number)
+        if raw is None:
             return pb.CardStatusResponse(card_number=number, found=False,
                                          reason=pb.DECLINE_REASON_CARD_NOT_FOUND)
-        reason = fastpath.decide(self.core.policy, rec.encode(), r.CH_MEDICAL, now, 0)
+        reason = fastpath.decide(self.core.policy, raw, r.CH_MEDICAL, now, 0)
+        rec = CardRecord.decode(number, raw)  # raises CorruptRecord where decide said CORRUPT
         return pb.CardStatusResponse(
             card_number=number, found=True, pack=rec.pack,
             state=cards.effective_state(rec, now), reason=reason,

@@ -155,8 +155,11 @@ class Book:
         self.dbs = dbs
 
     # cards
+    def card_bytes(self, card_number: str) -> bytes | None:
+        return self.txn.get(card_number.encode("ascii"), db=self.dbs.cards)
+
     def card(self, card_number: str) -> CardRecord | None:
-        value = self.txn.get(card_number.encode("ascii"), db=self.dbs.cards)
+        value = self.card_bytes(card_number)
         return None if value is None else CardRecord.decode(card_number, value)
 
     def put_card(self, rec: CardRecord) -> None:
