@@ -52,7 +52,7 @@ cdef inline int64_t _i64(const uint8_t* p) noexcept nogil:
 
 
 cdef int c_decide(Policy policy, const uint8_t* rec, Py_ssize_t n, int channel, int64_t now,
-                  int points_required) noexcept:
+                  int points_required, int64_t amount, int64_t available) noexcept:
     if n != RECORD_SIZE or rec[0] != RECORD_VERSION or rec[1] < 1 or rec[1] > 4 \
             or rec[2] < 1 or rec[2] > 9:
         return -1
@@ -90,18 +90,22 @@ cdef int c_decide(Policy policy, const uint8_t* rec, Py_ssize_t n, int channel, 
     if channel == CH_SERVICE and pack == PACK_RC \
             and <int>(rec[6] | (rec[7] << 8)) < points_required:
         return 13
+    if amount > available:
+        return 14
     return 0
 
 
-def decide(Policy policy, record, int channel, int64_t now, int points_required):
+def decide(Policy policy, record, int channel, int64_t now, int points_required,
+           int64_t amount=0, int64_t available=0):
     """See _authorize_py.decide."""
     if record is None:
         return 1
     cdef const uint8_t[::1] view
     if isinstance(record, bytes):
         return c_decide(policy, <const uint8_t*><char*>record, len(<bytes>record), channel,
-                        now, points_required)
+                        now, points_required, amount, available)
     view = record
     if view.shape[0] == 0:
         return -1
-    return c_decide(policy, &view[0], view.shape[0], channel, now, points_required)
+    return c_decide(policy, &view[0], view.shape[0], channel, now, points_required, amount,
+                    available)

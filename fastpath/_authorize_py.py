@@ -1,7 +1,9 @@
 """The authorization decision, SPEC.md section 4, in plain Python: the readable reference.
 
-`decide(policy, record, channel, now, points_required)` takes the raw card record bytes as
-stored in LMDB (None if there is no such card) and returns the decline reason (the values of
+`decide(policy, record, channel, now, points_required, amount, available)` takes the raw card
+record bytes as stored in LMDB (None if there is no such card), the fen asked for (`amount`,
+0 = no money) and the fen available in the account it would debit, and returns the decline
+reason (the values of
 yikatong.v1.DeclineReason), APPROVED (0), or CORRUPT (-1) for a record that must not be
 decided on. The first rule that fails wins, in the table's order. The Cython twin
 (_authorize_c.pyx) must give the same answer for every input; tests check that.
@@ -27,7 +29,8 @@ class Policy:
         self.temp_loss_valid_seconds = temp_loss_valid_seconds
 
 
-def decide(policy: Policy, record, channel: int, now: int, points_required: int) -> int:
+def decide(policy: Policy, record, channel: int, now: int, points_required: int,
+           amount: int = 0, available: int = 0) -> int:
     if record is None:
         return CARD_NOT_FOUND
     try:
@@ -61,6 +64,8 @@ def decide(policy: Policy, record, channel: int, now: int, points_required: int)
         return FINANCIAL_FROZEN
     if channel == r.CH_SERVICE and card.pack == r.PACK_RC and card.points < points_required:
         return NOT_ENTITLED  # RC-20
+    if amount > available:  # a debit larger than the balance less holds
+        return INSUFFICIENT_FUNDS
     return APPROVED
 
 

@@ -13,13 +13,13 @@ from server.errors import grpc_errors, status_of
 from storage import records as r
 from storage.lmdb_store import Store
 from storage.records import CardRecord, CorruptRecord
-from yikatong import cards, clock as clocks, config
-from yikatong.errors import InvalidArgument, InvalidTransition, Unimplemented
+from yikatong import cards, clock as clocks, config, ledger
+from yikatong.errors import InvalidArgument, InvalidTransition, YikatongError
 from yikatong.v1 import yikatong_pb2 as pb, yikatong_pb2_grpc as rpc
 
 SHUTDOWN_GRACE_SECONDS = 10.0
 SERVICES = ("yikatong.v1.Authorization", "yikatong.v1.CardStatus", "yikatong.v1.Lifecycle",
-            "yikatong.v1.Admin")
+            "yikatong.v1.Ledger", "yikatong.v1.Admin")
 
 
 class Core:
@@ -38,19 +38,38 @@ class Core:
             client.require(method)
         return client
 
+    async def write_once(self, method: str, request_id: str, request, op) -> bytes:
+        """Run `op(book, now, fingerprint) -> answer bytes` in the writer, once per id: a
+        replay gets the first answer; the same id with other fields is ID_REUSED. One id
+        space for every write (lifecycle request ids, transfer ids, Authorize request ids)."""
+        fingerprint = hashlib.sha256(
+            method.encode() + b"\0" + request.SerializeToString(deterministic=True)).digest()
+        clock = self.clock
+
+        def command(book):
+            answer = book.replay(request_id, fingerprint)
+            if answer is None:
+                answer = op(book, clock.now(), fingerprint)
+                book.remember(request_id, fingerprint, answer)
+            return answer
+
+        return await asyncio.wrap_future(self.store.submit(command))
+
 
 # --------------------------------------------------------------------- Authorization
 
 class Authorization(rpc.AuthorizationServicer):
+    """Decisions without money are pure reads (no write, no wait for the writer); a replayed
+    request id gets the answer for the card as it is now. Decisions with money run in the
+    writer: decided, debited and remembered under the request id in one transaction, answered
+    after its fsync; a replay returns the first answer and moves nothing."""
+
     def __init__(self, core: Core):
         self.core = core
 
     def _check(self, client, req, field: str = "") -> None:
         validate.authorize_request(req, field)
         client.require_channel(req.channel, pb.Channel.Name(req.channel))
-        if req.amount_fen or req.phase:
-            raise Unimplemented(f"{field}amount_fen/phase: money movement is not served yet; "
-                                "send amount_fen=0 for a decision without money")
 
     def _decide(self, txn, req, now: int) -> pb.AuthorizeResponse:
         record = txn.get(req.card_number.encode("ascii"), db=self.core.store.dbs.cards)
@@ -65,36 +84,102 @@ class Authorization(rpc.AuthorizationServicer):
             reason=reason,
         )
 
-    def _decide_all(self, client, requests):
+    def _money(self, book, now: int, fingerprint: bytes, req) -> bytes:
+        """One decision with money, inside the writer's transaction."""
+        kind, default_payee, default_timeout = config.channel_money[req.channel]
+        rec = book.card(req.card_number)
+        debit = r.holder_account_key(rec.holder_id, kind) if rec is not None else None
+        if req.phase in (pb.PHASE_POST, pb.PHASE_VOID):
+            hold = ledger.get(book, req.hold_request_id)
+            if hold is None or hold.kind != r.T_PENDING or hold.debit != debit:
+                raise InvalidArgument("hold_request_id", f"{req.hold_request_id!r} is not a hold "
+                                      f"on card {req.card_number}'s {pb.Channel.Name(req.channel)} "
+                                      "account")
+            ledger.resolve(book, now, req.request_id, req.hold_request_id,
+                           post=req.phase == pb.PHASE_POST, amount=req.amount_fen,
+                           fingerprint=fingerprint)
+            reason, left = 0, ledger.available(book, debit, now)
+        else:
+            left = ledger.available(book, debit, now) if debit is not None else 0
+            record = book.card_bytes(req.card_number)
+            reason = fastpath.decide(self.core.policy, record, req.channel, now, 0,
+                                     req.amount_fen, left)
+            if reason == fastpath.CORRUPT:
+                raise CorruptRecord(f"card record {req.card_number} is corrupt")
+            if reason == 0:
+                credit = r.operator_account_key(req.payee_account or default_payee)
+                ledger.create(book, now, req.request_id, debit, credit, req.amount_fen,
+                              pending=req.phase == pb.PHASE_HOLD,
+                              timeout=req.hold_timeout_seconds or default_timeout,
+                              channel=req.channel, fingerprint=fingerprint)
+                left -= req.amount_fen
+        return pb.AuthorizeResponse(
+            request_id=req.request_id, available_fen=left if debit is not None else 0,
+            decision=pb.DECISION_APPROVED if reason == 0 else pb.DECISION_DECLINED,
+            reason=reason).SerializeToString()
+
+    async def _answer(self, requests, field_prefix: bool) -> list:
+        """Answer in order: reads at once, money through the writer in one command, so that
+        decisions within one batch see each other's debits."""
+        now = self.core.clock.now()
+        answers = [None] * len(requests)
+        money = [(i, q) for i, q in enumerate(requests) if q.amount_fen or q.phase]
+        if len(money) < len(requests):
+            with self.core.store.read() as txn:
+                for i, q in enumerate(requests):
+                    if not (q.amount_fen or q.phase):
+                        answers[i] = self._decide(txn, q, now)
+        if money:
+            fingerprints = [hashlib.sha256(b"Authorize\0" + q.SerializeToString(
+                deterministic=True)).digest() for _, q in money]
+
+            def command(book):
+                out = []
+                for (i, q), fp in zip(money, fingerprints):
+                    try:
+                        answer = book.replay(q.request_id, fp)
+                        if answer is None:
+                            answer = self._money(book, self.core.clock.now(), fp, q)
+                            book.remember(q.request_id, fp, answer)
+                    except YikatongError as error:
+                        if field_prefix:
+                            error.args = (f"requests[{i}].{error}",)
+                        raise
+                    out.append(answer)
+                return out
+
+            for (i, _), answer in zip(money, await asyncio.wrap_future(
+                    self.core.store.submit(command))):
+                answers[i] = pb.AuthorizeResponse.FromString(answer)
+        return answers
+
+    async def _batch(self, client, requests) -> list:
         validate.batch(requests, "requests")
         for i, req in enumerate(requests):
             self._check(client, req, f"requests[{i}].")
-        now = self.core.clock.now()
-        with self.core.store.read() as txn:
-            return [self._decide(txn, req, now) for req in requests]
+        return await self._answer(requests, True)
 
     @grpc_errors
     async def Authorize(self, request, context):
         client = self.core.caller(context)
         self._check(client, request)
-        with self.core.store.read() as txn:
-            return self._decide(txn, request, self.core.clock.now())
+        if not (request.amount_fen or request.phase):
+            with self.core.store.read() as txn:
+                return self._decide(txn, request, self.core.clock.now())
+        return (await self._answer([request], False))[0]
 
     @grpc_errors
     async def AuthorizeBatch(self, request, context):
         client = self.core.caller(context)
-        return pb.AuthorizeBatchResponse(responses=self._decide_all(client, request.requests))
+        return pb.AuthorizeBatchResponse(responses=await self._batch(client, request.requests))
 
     async def AuthorizeStream(self, request_iterator, context):
         try:
             client = self.core.caller(context)
             async for batch in request_iterator:
-                yield pb.AuthorizeBatchResponse(responses=self._decide_all(client, batch.requests))
-        except Exception as error:
-            code = status_of(error)
-            if code is None:
-                raise
-            await context.abort(code, str(error))
+                yield pb.AuthorizeBatchResponse(responses=await self._batch(client, batch.requests))
+        except (YikatongError, CorruptRecord) as error:
+            await context.abort(status_of(error), str(error))
 
 
 # --------------------------------------------------------------------- CardStatus
@@ -200,23 +285,12 @@ class Lifecycle(rpc.LifecycleServicer):
         self.core = core
 
     async def _write(self, context, method: str, request, op) -> pb.Card:
-        """Run `op(book, now) -> CardRecord` in the writer, once per request id (a replay
-        answers the first answer; the same id with other fields is ID_REUSED)."""
+        """Run `op(book, now) -> CardRecord` in the writer, once per request id."""
         self.core.caller(context, method)
         validate.request_id(request.request_id)
-        fingerprint = hashlib.sha256(
-            method.encode() + b"\0" + request.SerializeToString(deterministic=True)).digest()
-        clock = self.core.clock
-
-        def command(book):
-            answer = book.replay(request.request_id, fingerprint)
-            if answer is None:
-                now = clock.now()
-                answer = card_message(book, op(book, now), now).SerializeToString()
-                book.remember(request.request_id, fingerprint, answer)
-            return answer
-
-        answer = await asyncio.wrap_future(self.core.store.submit(command))
+        answer = await self.core.write_once(
+            method, request.request_id, request,
+            lambda book, now, _: card_message(book, op(book, now), now).SerializeToString())
         return pb.Card.FromString(answer)
 
     def _card_op(self, context, method, request, fn, *args):
@@ -323,6 +397,109 @@ class Lifecycle(rpc.LifecycleServicer):
             return card_message(book, rec, now)
 
 
+# --------------------------------------------------------------------- Ledger
+
+_TRANSFER_STATUS = {r.S_POSTED: pb.TRANSFER_STATUS_POSTED, r.S_PENDING: pb.TRANSFER_STATUS_PENDING,
+                    r.S_VOIDED: pb.TRANSFER_STATUS_VOIDED, r.S_EXPIRED: pb.TRANSFER_STATUS_EXPIRED}
+
+
+def transfer_answer(transfer_id: str, t) -> bytes:
+    return pb.TransferResponse(transfer_id=transfer_id, status=_TRANSFER_STATUS[t.status],
+                               amount_fen=t.amount, timeout_at=t.timeout_at).SerializeToString()
+
+
+def _holder_of(book, card_number: str) -> int:
+    rec = book.card(card_number)
+    if rec is None:
+        raise cards.CardNotFound(card_number)
+    return rec.holder_id
+
+
+class Ledger(rpc.LedgerServicer):
+    def __init__(self, core: Core):
+        self.core = core
+
+    @staticmethod
+    def _account_ref(ref, field: str):
+        """Validate an AccountRef at the edge; returns book -> account key."""
+        which = ref.WhichOneof("account")
+        if which == "operator":
+            key = r.operator_account_key(validate.operator(ref.operator, f"{field}.operator"))
+            return lambda book: key
+        if which != "holder":
+            raise InvalidArgument(field, "is required: a holder account or an operator account")
+        number = validate.card_number(ref.holder.card_number, f"{field}.holder.card_number")
+        kind = validate.enum(ref.holder.kind, pb.AccountKind, f"{field}.holder.kind")
+        return lambda book: r.holder_account_key(_holder_of(book, number), kind)
+
+    @grpc_errors
+    async def Transfer(self, request, context):
+        self.core.caller(context, "Transfer")
+        tid = validate.request_id(request.transfer_id, "transfer_id")
+        validate.enum(request.phase, pb.Phase, "phase", allow_unspecified=True)
+        validate.timeout(request.timeout_seconds, "timeout_seconds")
+        if request.phase in (pb.PHASE_POST, pb.PHASE_VOID):
+            pending_id = validate.request_id(request.pending_id, "pending_id")
+            if request.HasField("debit") or request.HasField("credit"):
+                raise InvalidArgument("debit", "a post or void names only pending_id")
+            if request.phase == pb.PHASE_VOID and request.amount_fen:
+                raise InvalidArgument("amount_fen", "a void moves no money; send 0")
+            validate.amount(request.amount_fen, "amount_fen", zero_ok=True)
+
+            def op(book, now, fingerprint):
+                return transfer_answer(tid, ledger.resolve(
+                    book, now, tid, pending_id, post=request.phase == pb.PHASE_POST,
+                    amount=request.amount_fen, fingerprint=fingerprint))
+        else:
+            if request.pending_id:
+                raise InvalidArgument("pending_id", "is only for PHASE_POST/PHASE_VOID")
+            if request.timeout_seconds and request.phase != pb.PHASE_HOLD:
+                raise InvalidArgument("timeout_seconds", "is only for PHASE_HOLD")
+            if request.phase == pb.PHASE_HOLD and not request.timeout_seconds:
+                raise InvalidArgument("timeout_seconds", "a hold needs a timeout")
+            debit = self._account_ref(request.debit, "debit")
+            credit = self._account_ref(request.credit, "credit")
+            amount = validate.amount(request.amount_fen, "amount_fen", zero_ok=False)
+
+            def op(book, now, fingerprint):
+                return transfer_answer(tid, ledger.create(
+                    book, now, tid, debit(book), credit(book), amount,
+                    pending=request.phase == pb.PHASE_HOLD, timeout=request.timeout_seconds,
+                    fingerprint=fingerprint))
+        return pb.TransferResponse.FromString(
+            await self.core.write_once("Transfer", tid, request, op))
+
+    @grpc_errors
+    async def Reverse(self, request, context):
+        self.core.caller(context, "Reverse")
+        original = validate.request_id(request.transfer_id, "transfer_id")
+        rid = validate.request_id(request.reversal_id, "reversal_id")
+        validate.amount(request.amount_fen, "amount_fen", zero_ok=True)
+
+        def op(book, now, fingerprint):
+            return transfer_answer(rid, ledger.reverse(book, now, rid, original,
+                                                       request.amount_fen, fingerprint))
+        return pb.TransferResponse.FromString(
+            await self.core.write_once("Reverse", rid, request, op))
+
+    @grpc_errors
+    async def GetBalances(self, request, context):
+        self.core.caller(context, "GetBalances")
+        validate.card_number(request.card_number)
+        now = self.core.clock.now()
+        with self.core.store.read() as txn:
+            book = self.core.store.book(txn)
+            holder_id = _holder_of(book, request.card_number)
+            out = []
+            for kind in (pb.ACCOUNT_KIND_MEDICAL, pb.ACCOUNT_KIND_TRANSIT, pb.ACCOUNT_KIND_BENEFIT):
+                key = r.holder_account_key(holder_id, kind)
+                a = ledger.account(book, key)
+                pending = a.debits_pending - ledger.expired_held(book, key, now)
+                out.append(pb.Balance(kind=kind, posted_fen=a.posted, pending_fen=pending,
+                                      available_fen=a.posted - pending))
+        return pb.GetBalancesResponse(balances=out)
+
+
 # --------------------------------------------------------------------- Admin
 
 class Admin(rpc.AdminServicer):
@@ -372,6 +549,7 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     rpc.add_AuthorizationServicer_to_server(Authorization(core), server)
     rpc.add_CardStatusServicer_to_server(CardStatus(core), server)
     rpc.add_LifecycleServicer_to_server(Lifecycle(core), server)
+    rpc.add_LedgerServicer_to_server(Ledger(core), server)
     rpc.add_AdminServicer_to_server(Admin(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -5,6 +5,9 @@ import sys
 import uuid
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
+# Full ledger scan after every write group (tests set it; too slow for production, where the
+# running totals in yikatong/ledger.py are asserted after every movement instead).
+CHECK_INVARIANTS = bool(os.environ.get("YIKATONG_CHECK_INVARIANTS"))
 CHANNELS = ("transit", "medical", "benefit", "financial", "service", "status")
 
 
@@ -54,7 +57,7 @@ def serve(args) -> int:
     from server.app import serve as run_server
     from server.clients import Clients
     from storage.lmdb_store import Store
-    from yikatong import clock as clocks
+    from yikatong import clock as clocks, ledger
     from yikatong.errors import StoreUnavailable
 
     if args.workers != 1:
@@ -83,7 +86,8 @@ def serve(args) -> int:
     if problem:
         return _fail(f"cannot listen on {args.listen}: {problem}")
     try:
-        store = Store(args.data_dir)
+        store = Store(args.data_dir, idle_command=lambda book: ledger.expire_holds(book, clock.now()),
+                      check_command=ledger.check_invariants if CHECK_INVARIANTS else None)
     except StoreUnavailable as error:
         return _fail(str(error))
     try:

@@ -29,6 +29,9 @@ METHOD_ROLES = {
     "LockApplication": _BANK, "UnlockApplication": _BANK,
     "GetCard": frozenset(_APPLY | {"SERVICE_HOTLINE", "CARD_AGENCY"}),
     "AdvanceClock": frozenset({"ADMIN"}), "SetClock": frozenset({"ADMIN"}),
+    "Transfer": frozenset({"CARD_AGENCY", "HRSS", "BANK_SWITCH"}),
+    "Reverse": frozenset({"CARD_AGENCY", "HRSS", "BANK_SWITCH"}),
+    "GetBalances": frozenset(TERMINALS | OUTLETS | {"ONLINE_PLATFORM"}),
 }
 METHOD_ROLES["GetStatusBatch"] = METHOD_ROLES["GetStatus"]
 CHANNEL_ROLES = {

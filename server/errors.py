@@ -5,6 +5,7 @@ import grpc
 
 from storage.records import CorruptRecord
 from yikatong import errors as e
+from yikatong.ledger import TransferNotFound, TransferRefused
 
 _CODES = (
     (e.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -14,6 +15,8 @@ _CODES = (
     (e.IdReused, grpc.StatusCode.ALREADY_EXISTS),
     (e.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
     (CorruptRecord, grpc.StatusCode.DATA_LOSS),
+    (TransferRefused, grpc.StatusCode.FAILED_PRECONDITION),
+    (TransferNotFound, grpc.StatusCode.NOT_FOUND),
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 )

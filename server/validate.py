@@ -63,5 +63,48 @@ def authorize_request(req, field: str = "") -> None:
     enum(req.phase, pb.Phase, field + "phase", allow_unspecified=True)
     text(req.terminal_id, field + "terminal_id", length_max=config.request_id_length_max)
     text(req.service_code, field + "service_code", length_max=config.request_id_length_max)
-    if req.amount_fen < 0:
-        raise InvalidArgument(field + "amount_fen", "must not be negative (integer fen)")
+    amount(req.amount_fen, field + "amount_fen", zero_ok=True)
+    if req.hold_timeout_seconds and req.phase != pb.PHASE_HOLD:
+        raise InvalidArgument(field + "hold_timeout_seconds", "is only for PHASE_HOLD")
+    timeout(req.hold_timeout_seconds, field + "hold_timeout_seconds")
+    if not req.amount_fen and not req.phase:
+        return
+    if req.channel not in config.channel_money:
+        raise InvalidArgument(field + "amount_fen", f"{pb.Channel.Name(req.channel)} moves no "
+                              "money here (only TRANSIT, MEDICAL and BENEFIT do)")
+    if req.payee_account:
+        operator(req.payee_account, field + "payee_account")
+    if req.phase in (pb.PHASE_POST, pb.PHASE_VOID):
+        request_id(req.hold_request_id, field + "hold_request_id")
+        if req.phase == pb.PHASE_VOID and req.amount_fen:
+            raise InvalidArgument(field + "amount_fen", "a void moves no money; send 0")
+    else:
+        if req.hold_request_id:
+            raise InvalidArgument(field + "hold_request_id", "is only for PHASE_POST/PHASE_VOID")
+        if not req.amount_fen:
+            raise InvalidArgument(field + "amount_fen", "a hold needs a positive amount")
+
+
+def amount(value: int, field: str, *, zero_ok: bool) -> int:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise InvalidArgument(field, "must be a positive number of fen" if not zero_ok
+                              else "must not be negative (integer fen)")
+    if value > config.amount_fen_max:
+        raise InvalidArgument(field, f"is more than amount_fen_max ({config.amount_fen_max})")
+    return value
+
+
+def timeout(value: int, field: str) -> int:
+    if not 0 <= value <= config.hold_timeout_seconds_max:
+        raise InvalidArgument(field, f"must be 0 to {config.hold_timeout_seconds_max} seconds")
+    return value
+
+
+def operator(value: str, field: str) -> str:
+    name = value[3:]
+    if (not value.startswith("op:") or not name
+            or len(value.encode("utf-8")) > config.operator_name_bytes_max
+            or not all(c.isascii() and (c.isalnum() or c in "-_.:") for c in name)):
+        raise InvalidArgument(field, "must be 'op:<name>' with letters, digits, '-', '_', '.', "
+                              f"':' ({config.operator_name_bytes_max} bytes at most)")
+    return value

@@ -20,7 +20,7 @@ import threading
 
 import lmdb
 
-from storage.records import CardRecord
+from storage.records import CHANGE, CardRecord
 from yikatong import config
 from yikatong.errors import IdReused, StoreUnavailable
 
@@ -29,8 +29,14 @@ _STOP = object()
 
 
 class Store:
-    def __init__(self, data_dir: str, *, map_size: int = config.lmdb_map_size):
+    def __init__(self, data_dir: str, *, map_size: int = config.lmdb_map_size,
+                 idle_command=None, check_command=None):
+        """`idle_command(book)` runs in its own group when the writer has been idle for
+        `config.writer_idle_seconds` (the hold sweep); `check_command(book)` runs at the end of
+        every group before it commits (invariants, in tests and debug runs)."""
         self.data_dir = data_dir
+        self._idle_command = idle_command
+        self._check_command = check_command
         try:
             os.makedirs(data_dir, exist_ok=True)
             self._lock_fd = os.open(os.path.join(data_dir, "yikatong.lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -89,7 +95,12 @@ class Store:
 
     def _write_loop(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=config.writer_idle_seconds)
+            except queue.Empty:
+                if self._idle_command is not None:
+                    self._commit_group([(self._idle_command, concurrent.futures.Future())])
+                continue
             if item is _STOP:
                 return
             group = [item]
@@ -118,6 +129,8 @@ class Store:
                     else:
                         child.commit()
                         outcomes.append((future, result, None))
+                if self._check_command is not None:
+                    self._check_command(Book(txn, self.dbs))
         except BaseException as e:  # noqa: BLE001 - the whole group failed to commit
             for _, future in group:
                 future.set_exception(e)
@@ -143,6 +156,12 @@ class Dbs:
         self.requests = env.open_db(b"requests")  # request id -> 32-byte fingerprint + answer
         self.notes = env.open_db(b"notes")  # card number -> UTF-8 reason (reject, cancel)
         self.meta = env.open_db(b"meta")  # name -> u64 counter
+        self.accounts = env.open_db(b"accounts")  # account key -> Account
+        self.transfers = env.open_db(b"transfers")  # transfer id -> Transfer
+        # open holds, two ways: for the sweep, and per debited account for the lazy check
+        self.holds_by_timeout = env.open_db(b"holds_by_timeout")  # u64 timeout + id -> b""
+        self.holds_by_account = env.open_db(b"holds_by_account")  # key40 + u64 timeout + id -> i64
+        self.changes = env.open_db(b"changes")  # u64 sequence -> change record (records.CHANGE)
 
 
 class Book:
@@ -164,6 +183,16 @@ class Book:
 
     def put_card(self, rec: CardRecord) -> None:
         self.txn.put(rec.card_number.encode("ascii"), rec.encode(), db=self.dbs.cards)
+        self.append_change(rec.card_number, rec.state)
+
+    def append_change(self, card_number: str, state: int, transfer_id: str = "",
+                      amount: int = 0) -> int:
+        """Every change of a card or an account, in one global sequence (SPEC.md section 1)."""
+        seq = self.next_seq(b"change")
+        self.txn.put(_U64.pack(seq), CHANGE.pack(card_number.encode("ascii"), state,
+                                                 transfer_id.encode("utf-8"), amount),
+                     db=self.dbs.changes, append=True)
+        return seq
 
     def note(self, card_number: str) -> str:
         value = self.txn.get(card_number.encode("ascii"), db=self.dbs.notes)

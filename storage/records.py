@@ -115,3 +115,93 @@ def check(value) -> None:
         raise CorruptRecord(f"card record version {value[OFF_VERSION]}, expected {VERSION}")
     if not 1 <= value[OFF_PACK] <= 4 or not 1 <= value[OFF_STATE] <= 9:
         raise CorruptRecord("card record has an unknown pack or state")
+
+
+# ---------------------------------------------------------------------------- money
+# Accounts: key b"h" + u64 holder_id (big-endian) + u8 kind, or b"o" + operator name (UTF-8).
+# Value: version, then posted and pending sums in integer fen (TigerBeetle's four balances).
+ACCOUNT = struct.Struct("<Bqqqq")  # version, debits_pending, debits_posted, credits_pending, credits_posted
+KIND_MEDICAL, KIND_TRANSIT, KIND_BENEFIT = 1, 2, 3
+ACCOUNT_KEY_BYTES_MAX = 40
+_HOLDER_KEY = struct.Struct(">cQB")
+
+
+def holder_account_key(holder_id: int, kind: int) -> bytes:
+    return _HOLDER_KEY.pack(b"h", holder_id, kind)
+
+
+def operator_account_key(name: str) -> bytes:
+    return b"o" + name.encode("utf-8")
+
+
+def is_holder_account(key: bytes) -> bool:
+    return key[:1] == b"h"
+
+
+def account_kind(key: bytes) -> int:
+    return key[-1]
+
+
+@dataclasses.dataclass
+class Account:
+    debits_pending: int = 0
+    debits_posted: int = 0
+    credits_pending: int = 0
+    credits_posted: int = 0
+
+    def encode(self) -> bytes:
+        return ACCOUNT.pack(VERSION, self.debits_pending, self.debits_posted,
+                            self.credits_pending, self.credits_posted)
+
+    @classmethod
+    def decode(cls, value) -> "Account":
+        if len(value) != ACCOUNT.size or value[0] != VERSION:
+            raise CorruptRecord(f"account record of {len(value)} bytes / version {value[0:1]!r}")
+        return cls(*ACCOUNT.unpack(value)[1:])
+
+    @property
+    def posted(self) -> int:
+        return self.credits_posted - self.debits_posted
+
+
+# Transfers: key = transfer id (UTF-8). Fixed width; ids and account keys NUL-padded.
+# version kind status channel amount created_at timeout_at resolved debit credit ref_id fingerprint
+TRANSFER = struct.Struct("<BBBBqqqq40s40s64s32s")
+T_SINGLE, T_PENDING, T_POST, T_VOID, T_REVERSAL = 1, 2, 3, 4, 5
+# Status of a pending transfer (T_PENDING); every other kind is POSTED when it exists.
+S_POSTED, S_PENDING, S_VOIDED, S_EXPIRED = 1, 2, 3, 4
+
+
+@dataclasses.dataclass
+class Transfer:
+    kind: int
+    status: int
+    amount: int  # what it moved, or holds
+    debit: bytes  # account keys
+    credit: bytes
+    ref_id: str = ""  # post/void: the pending transfer; reversal: the reversed transfer
+    fingerprint: bytes = b"\0" * 32
+    created_at: int = 0
+    timeout_at: int = 0  # pending only
+    resolved: int = 0  # pending: amount posted; posted kinds: amount reversed so far
+    channel: int = 0  # set when an Authorize made it
+
+    def encode(self) -> bytes:
+        return TRANSFER.pack(VERSION, self.kind, self.status, self.channel, self.amount,
+                             self.created_at, self.timeout_at, self.resolved, self.debit,
+                             self.credit, self.ref_id.encode("utf-8"), self.fingerprint)
+
+    @classmethod
+    def decode(cls, value) -> "Transfer":
+        if len(value) != TRANSFER.size or value[0] != VERSION:
+            raise CorruptRecord(f"transfer record of {len(value)} bytes")
+        (_, kind, status, channel, amount, created_at, timeout_at, resolved, debit, credit,
+         ref_id, fingerprint) = TRANSFER.unpack(value)
+        return cls(kind, status, amount, debit.rstrip(b"\0"), credit.rstrip(b"\0"),
+                   ref_id.rstrip(b"\0").decode("utf-8"), fingerprint, created_at, timeout_at,
+                   resolved, channel)
+
+
+# Change log entry: card number, card state after the change, and for money the transfer id and
+# the fen it moved (negative: released or reversed toward the holder).
+CHANGE = struct.Struct("<20sB64sq")

@@ -1,4 +1,10 @@
+import os
+
 import pytest
+
+# Every store in the tests (and every server they start) scans the ledger after each write
+# group: columns sum to zero, no holder account negative.
+os.environ["YIKATONG_CHECK_INVARIANTS"] = "1"
 
 from fastpath import _authorize_py
 
@@ -19,7 +25,8 @@ def impl(request):
 @pytest.fixture
 def store(tmp_path):
     from storage.lmdb_store import Store
+    from yikatong import ledger
 
-    s = Store(str(tmp_path / "data"), map_size=64 * 1024**2)
+    s = Store(str(tmp_path / "data"), map_size=64 * 1024**2, check_command=ledger.check_invariants)
     yield s
     s.close()

@@ -246,17 +246,6 @@ def test_batches_answer_in_order_and_a_bad_entry_names_its_index(srv):
     assert [s.found for s in statuses] == [True, False]
 
 
-def test_money_is_refused_honestly_until_the_ledger_exists(srv):
-    card = new_active_card(srv, 9)
-    with pytest.raises(grpc.RpcError) as e:
-        authorize(srv, card, amount_fen=200)
-    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    with pytest.raises(grpc.RpcError) as e:
-        authorize(srv, card, amount_fen=-1)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert e.value.details().startswith("amount_fen:")
-
-
 def test_clock_never_moves_backwards(srv):
     with pytest.raises(grpc.RpcError) as e:
         srv.admin.SetClock(pb.SetClockRequest(time="2026-01-01T00:00:00+08:00"),

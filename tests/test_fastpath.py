@@ -27,8 +27,8 @@ def card(**kw) -> bytes:
     return CardRecord(**fields).encode()
 
 
-def decide(impl, record, channel=r.CH_MEDICAL, now=NOW, points=0):
-    return impl.decide(policy(impl), record, channel, now, points)
+def decide(impl, record, channel=r.CH_MEDICAL, now=NOW, points=0, amount=0, available=0):
+    return impl.decide(policy(impl), record, channel, now, points, amount, available)
 
 
 def test_reason_values_match_the_api_enum():
@@ -141,6 +141,13 @@ def test_rc_20_points_gated_service(impl):
     assert decide(impl, card(points=0), r.CH_SERVICE, points=120) == ref.APPROVED  # RC only
 
 
+def test_reason_14_insufficient_funds_against_the_available_balance(impl):
+    assert decide(impl, card(), r.CH_TRANSIT, amount=300, available=300) == ref.APPROVED
+    assert decide(impl, card(), r.CH_TRANSIT, amount=301, available=300) == ref.INSUFFICIENT_FUNDS
+    # every card rule comes first
+    assert decide(impl, card(state=r.LOST), amount=301, available=0) == ref.CARD_LOST
+
+
 def test_first_failing_rule_wins(impl):
     # superseded beats everything below it; lost beats locked and function checks
     rec = card(state=r.SUPERSEDED, generation=1, lock_mask=0xFF, flags=0)
@@ -181,8 +188,11 @@ damaged = st.binary(max_size=140) | st.builds(
                     "YIKATONG_REQUIRE_EXTENSIONS=1)")
 @settings(max_examples=3000, deadline=None)
 @given(record=st.none() | records | damaged, channel=st.integers(1, 6),
-       now=st.integers(NOW - 86400, NOW + 7 * 86400), points=st.sampled_from([0, 1, 120, 65535]))
-def test_both_implementations_give_the_same_answer(record, channel, now, points):
+       now=st.integers(NOW - 86400, NOW + 7 * 86400), points=st.sampled_from([0, 1, 120, 65535]),
+       amount=st.integers(0, 2**63 - 1) | st.integers(0, 1000),
+       available=st.integers(-(2**63), 2**63 - 1) | st.integers(0, 1000))
+def test_both_implementations_give_the_same_answer(record, channel, now, points, amount,
+                                                   available):
     py, c = IMPLS
-    assert py.decide(policy(py), record, channel, now, points) == \
-        c.decide(policy(c), record, channel, now, points)
+    assert py.decide(policy(py), record, channel, now, points, amount, available) == \
+        c.decide(policy(c), record, channel, now, points, amount, available)

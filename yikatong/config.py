@@ -13,6 +13,7 @@ lmdb_map_size = 8 * 1024**3  # bytes of address space; grows on disk only as use
 lmdb_max_dbs = 16
 lmdb_max_readers = 512
 writer_group_max = 512  # commands folded into one write transaction (one fsync)
+writer_idle_seconds = 1.0  # an idle writer sweeps expired holds this often
 
 # ---- law
 temp_loss_valid_seconds = 5 * 86400  # SH-18b: a temporary loss report is valid 5 days
@@ -37,3 +38,16 @@ service_points_required = {
 
 # Card-number prefixes per pack (the rest is a 10-digit sequence).
 pack_card_prefix = {1: "31", 2: "44", 3: "11", 4: "90"}
+
+# ---- money (integer fen)
+amount_fen_max = 10**11  # one transfer: 1 billion yuan; keeps every sum far from int64's end
+operator_name_bytes_max = 39  # "op:<name>", UTF-8
+holds_per_account_max = 64  # open holds on one account (a purse tapped in at many gates is a bug)
+hold_timeout_seconds_max = 30 * 86400
+# Channel -> (debited holder account kind, default payee operator, default hold timeout s).
+# TRANSIT: a tap-in holds the maximum fare for a journey; MEDICAL: pre-authorisation.
+channel_money = {
+    1: (2, "op:transit", 4 * 3600),
+    2: (1, "op:medical", 72 * 3600),
+    3: (3, "op:benefit-drawl", 3600),
+}

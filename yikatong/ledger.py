@@ -1,0 +1,248 @@
+"""The double-entry ledger (SPEC.md section 5), TigerBeetle's model in LMDB.
+
+Every movement goes through `_move`, which changes the debit and the credit account by the
+same amount, so the sum over all accounts stays zero by construction; a running total of the
+four balance columns is kept in `meta` and asserted equal after every movement, and holder
+accounts are asserted never to go below zero. Holds expire at their timeout's exact second:
+`available()` counts an expired hold as released the moment it expires (lazily), and
+`expire_holds()` (run by the writer before each group and when idle) makes it so on disk.
+"""
+import struct
+
+from storage import records as r
+from storage.records import Account, Transfer
+from yikatong import config
+from yikatong.errors import YikatongError
+
+_U64 = struct.Struct(">Q")
+_I64 = struct.Struct("<q")
+_TOTALS = struct.Struct("<qqqq")
+_TOTALS_KEY = b"ledger:totals"
+KEY_WIDTH = r.ACCOUNT_KEY_BYTES_MAX
+
+
+class TransferRefused(YikatongError):
+    """A transfer the ledger's rules refuse; `code` is TigerBeetle-style (EXCEEDS_CREDITS)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class TransferNotFound(YikatongError):
+    def __init__(self, transfer_id: str):
+        super().__init__(f"transfer {transfer_id!r} not found")
+
+
+# ------------------------------------------------------------------ accounts
+
+def account(book, key: bytes) -> Account:
+    value = book.txn.get(key, db=book.dbs.accounts)
+    return Account() if value is None else Account.decode(value)
+
+
+def _held_index_key(key: bytes, timeout_at: int, transfer_id: str) -> bytes:
+    return key.ljust(KEY_WIDTH, b"\0") + _U64.pack(timeout_at) + transfer_id.encode("utf-8")
+
+
+def expired_held(book, key: bytes, now: int) -> int:
+    """Fen held on `key` by holds already past their timeout but not yet swept."""
+    prefix = key.ljust(KEY_WIDTH, b"\0")
+    total = 0
+    with book.txn.cursor(db=book.dbs.holds_by_account) as cur:
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if k[:KEY_WIDTH] != prefix or _U64.unpack_from(k, KEY_WIDTH)[0] > now:
+                    break
+                total += _I64.unpack(v)[0]
+    return total
+
+
+def available(book, key: bytes, now: int) -> int:
+    """Credits less debits less holds still in force at `now`."""
+    a = account(book, key)
+    return a.credits_posted - a.debits_posted - a.debits_pending + expired_held(book, key, now)
+
+
+def open_holds(book, key: bytes) -> int:
+    prefix = key.ljust(KEY_WIDTH, b"\0")
+    n = 0
+    with book.txn.cursor(db=book.dbs.holds_by_account) as cur:
+        if cur.set_range(prefix):
+            for k in cur.iternext(values=False):
+                if k[:KEY_WIDTH] != prefix or n > config.holds_per_account_max:
+                    break
+                n += 1
+    return n
+
+
+def _move(book, debit: bytes, credit: bytes, pending: int, posted: int) -> None:
+    """The one place balances change: `pending` and `posted` fen, debit side and credit side
+    alike (either may be negative to release a hold)."""
+    d, c = account(book, debit), account(book, credit)
+    d.debits_pending += pending
+    d.debits_posted += posted
+    c.credits_pending += pending
+    c.credits_posted += posted
+    for key, a in ((debit, d), (credit, c)):
+        assert a.debits_pending >= 0 and a.credits_pending >= 0, key
+        if r.is_holder_account(key):  # holder accounts never go below zero
+            assert a.credits_posted - a.debits_posted - a.debits_pending >= 0, key
+        book.txn.put(key, a.encode(), db=book.dbs.accounts)
+    value = book.txn.get(_TOTALS_KEY, db=book.dbs.meta)
+    dp, dpost, cp, cpost = _TOTALS.unpack(value) if value is not None else (0, 0, 0, 0)
+    dp, dpost, cp, cpost = dp + pending, dpost + posted, cp + pending, cpost + posted
+    assert dp == cp and dpost == cpost, "ledger totals out of balance"
+    book.txn.put(_TOTALS_KEY, _TOTALS.pack(dp, dpost, cp, cpost), db=book.dbs.meta)
+
+
+def check_invariants(book) -> None:
+    """Full scan (tests and debug runs): columns sum to zero; no holder account negative."""
+    sums = [0, 0, 0, 0]
+    for key, value in book.txn.cursor(db=book.dbs.accounts):
+        a = Account.decode(value)
+        for i, v in enumerate((a.debits_pending, a.debits_posted, a.credits_pending,
+                               a.credits_posted)):
+            sums[i] += v
+        if r.is_holder_account(key):
+            assert a.credits_posted - a.debits_posted - a.debits_pending >= 0, key
+    assert sums[0] == sums[2] and sums[1] == sums[3], f"ledger out of balance: {sums}"
+
+
+# ------------------------------------------------------------------ transfers
+
+def get(book, transfer_id: str) -> Transfer | None:
+    value = book.txn.get(transfer_id.encode("utf-8"), db=book.dbs.transfers)
+    return None if value is None else Transfer.decode(value)
+
+
+def _put(book, transfer_id: str, t: Transfer) -> None:
+    book.txn.put(transfer_id.encode("utf-8"), t.encode(), db=book.dbs.transfers)
+    book.append_change("", 0, transfer_id, t.amount)
+
+
+def _check_funds(book, debit: bytes, amount: int, now: int) -> None:
+    if r.is_holder_account(debit) and amount > available(book, debit, now):
+        raise TransferRefused("EXCEEDS_CREDITS", f"{amount} fen is more than the "
+                              f"{available(book, debit, now)} fen available")
+
+
+def _check_overflow(book, credit: bytes, amount: int) -> None:
+    if account(book, credit).credits_posted + amount > 2**63 - 1:
+        raise TransferRefused("OVERFLOWS_CREDITS", "the credit account's total would overflow")
+
+
+def create(book, now: int, transfer_id: str, debit: bytes, credit: bytes, amount: int, *,
+           pending: bool = False, timeout: int = 0, channel: int = 0,
+           fingerprint: bytes = b"\0" * 32) -> Transfer:
+    """A single-phase transfer, or a pending one (a hold) when `pending`."""
+    if get(book, transfer_id) is not None:  # a replay is answered before we get here
+        raise TransferRefused("EXISTS", f"transfer {transfer_id!r} already exists")
+    if debit == credit:
+        raise TransferRefused("ACCOUNTS_MUST_BE_DIFFERENT", "debit and credit are the same account")
+    assert 0 < amount <= config.amount_fen_max
+    expire_holds(book, now)  # a hold that expired this second frees its funds first
+    _check_funds(book, debit, amount, now)
+    _check_overflow(book, credit, amount)
+    if pending:
+        if open_holds(book, debit) >= config.holds_per_account_max:
+            raise TransferRefused("HOLDS_PER_ACCOUNT_MAX", f"the account already has "
+                                  f"{config.holds_per_account_max} open holds")
+        t = Transfer(r.T_PENDING, r.S_PENDING, amount, debit, credit, "", fingerprint, now,
+                     now + timeout, 0, channel)
+        _move(book, debit, credit, amount, 0)
+        book.txn.put(_U64.pack(t.timeout_at) + transfer_id.encode("utf-8"), b"",
+                     db=book.dbs.holds_by_timeout)
+        book.txn.put(_held_index_key(debit, t.timeout_at, transfer_id), _I64.pack(amount),
+                     db=book.dbs.holds_by_account)
+    else:
+        t = Transfer(r.T_SINGLE, r.S_POSTED, amount, debit, credit, "", fingerprint, now,
+                     channel=channel)
+        _move(book, debit, credit, 0, amount)
+    _put(book, transfer_id, t)
+    return t
+
+
+def _release(book, pending_id: str, hold: Transfer, status: int, posted: int) -> None:
+    """Resolve a hold: release all it held, post `posted` of it, drop it from the indexes."""
+    _move(book, hold.debit, hold.credit, -hold.amount, posted)
+    hold.status, hold.resolved = status, posted
+    _put(book, pending_id, hold)
+    book.txn.delete(_U64.pack(hold.timeout_at) + pending_id.encode("utf-8"),
+                    db=book.dbs.holds_by_timeout)
+    book.txn.delete(_held_index_key(hold.debit, hold.timeout_at, pending_id),
+                    db=book.dbs.holds_by_account)
+
+
+_STATUS_CODE = {r.S_POSTED: "PENDING_TRANSFER_ALREADY_POSTED",
+                r.S_VOIDED: "PENDING_TRANSFER_ALREADY_VOIDED",
+                r.S_EXPIRED: "PENDING_TRANSFER_EXPIRED"}
+
+
+def resolve(book, now: int, transfer_id: str, pending_id: str, *, post: bool, amount: int = 0,
+            fingerprint: bytes = b"\0" * 32) -> Transfer:
+    """Post (any amount up to the hold; 0 = all of it; the rest is released) or void a hold."""
+    if get(book, transfer_id) is not None:
+        raise TransferRefused("EXISTS", f"transfer {transfer_id!r} already exists")
+    expire_holds(book, now)
+    hold = get(book, pending_id)
+    if hold is None:
+        raise TransferNotFound(pending_id)
+    if hold.kind != r.T_PENDING:
+        raise TransferRefused("PENDING_TRANSFER_NOT_PENDING", f"{pending_id!r} is not a hold")
+    if hold.status != r.S_PENDING:
+        raise TransferRefused(_STATUS_CODE[hold.status], f"hold {pending_id!r} is resolved")
+    if not post:
+        amount = 0
+    elif amount == 0:
+        amount = hold.amount
+    elif amount > hold.amount:
+        raise TransferRefused("EXCEEDS_PENDING_TRANSFER_AMOUNT",
+                              f"{amount} fen is more than the {hold.amount} fen held")
+    _release(book, pending_id, hold, r.S_POSTED if post else r.S_VOIDED, amount)
+    t = Transfer(r.T_POST if post else r.T_VOID, r.S_POSTED, amount, hold.debit, hold.credit,
+                 pending_id, fingerprint, now, channel=hold.channel)
+    _put(book, transfer_id, t)
+    return t
+
+
+def reverse(book, now: int, reversal_id: str, original_id: str, amount: int = 0,
+            fingerprint: bytes = b"\0" * 32) -> Transfer:
+    """Move back up to what a posted transfer moved, summed over all its reversals."""
+    if get(book, reversal_id) is not None:
+        raise TransferRefused("EXISTS", f"transfer {reversal_id!r} already exists")
+    original = get(book, original_id)
+    if original is None:
+        raise TransferNotFound(original_id)
+    if original.kind not in (r.T_SINGLE, r.T_POST) or original.amount == 0:
+        raise TransferRefused("NOT_REVERSIBLE", f"{original_id!r} moved no posted money "
+                              "(holds are voided, reversals are not reversed)")
+    left = original.amount - original.resolved
+    if amount == 0:
+        amount = left
+    if amount == 0 or amount > left:
+        raise TransferRefused("EXCEEDS_REVERSIBLE_AMOUNT",
+                              f"{amount} fen asked; {left} fen of {original_id!r} is left to reverse")
+    expire_holds(book, now)
+    _check_funds(book, original.credit, amount, now)
+    _move(book, original.credit, original.debit, 0, amount)
+    original.resolved += amount
+    _put(book, original_id, original)
+    t = Transfer(r.T_REVERSAL, r.S_POSTED, amount, original.credit, original.debit, original_id,
+                 fingerprint, now, channel=original.channel)
+    _put(book, reversal_id, t)
+    return t
+
+
+def expire_holds(book, now: int, limit: int = 10_000) -> int:
+    """Release every hold whose timeout has come (timeout_at <= now). Returns how many."""
+    expired = []
+    with book.txn.cursor(db=book.dbs.holds_by_timeout) as cur:
+        if cur.first():
+            for k in cur.iternext(values=False):
+                if _U64.unpack_from(k)[0] > now or len(expired) >= limit:
+                    break
+                expired.append(bytes(k[8:]).decode("utf-8"))
+    for pending_id in expired:
+        _release(book, pending_id, get(book, pending_id), r.S_EXPIRED, 0)
+    return len(expired)
