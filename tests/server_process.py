@@ -27,8 +27,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, tmp_path, *extra, clients=True):
-        self.data_dir = str(tmp_path / "data")
+    def __init__(self, tmp_path, *extra, clients=True, env=None, data_dir=None):
+        self.data_dir = data_dir or str(tmp_path / "data")
         self.address = f"127.0.0.1:{free_port()}"
         args = [sys.executable, "-m", "server", "--data-dir", self.data_dir,
                 "--listen", self.address, *extra]
@@ -40,7 +40,8 @@ class ServerProcess:
                 for r in ROLES))
             args += ["--clients", str(path)]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+                                     stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
         self.banner = []
         for line in self.proc.stdout:
             self.banner.append(line)
@@ -59,6 +60,7 @@ class ServerProcess:
         self.status = rpc.CardStatusStub(self.channel)
         self.lifecycle = rpc.LifecycleStub(self.channel)
         self.admin = rpc.AdminStub(self.channel)
+        self.ledger = rpc.LedgerStub(self.channel)
 
     @staticmethod
     def md(role: str):
@@ -91,8 +93,8 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running(tmp_path, *extra, clients=True):
-    server = ServerProcess(tmp_path, *extra, clients=clients)
+def running(tmp_path, *extra, clients=True, env=None):
+    server = ServerProcess(tmp_path, *extra, clients=clients, env=env)
     try:
         yield server
     finally:
