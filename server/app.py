@@ -87,8 +87,9 @@ class Authorization(rpc.AuthorizationServicer):
     def _money(self, book, now: int, fingerprint: bytes, req) -> bytes:
         """One decision with money, inside the writer's transaction."""
         kind, default_payee, default_timeout = config.channel_money[req.channel]
-        rec = book.card(req.card_number)
-        debit = r.holder_account_key(rec.holder_id, kind) if rec is not None else None
+        record = book.card_bytes(req.card_number)
+        holder_id = r.holder_id_of(record)
+        debit = r.holder_account_key(holder_id, kind) if holder_id is not None else None
         if req.phase in (pb.PHASE_POST, pb.PHASE_VOID):
             hold = ledger.get(book, req.hold_request_id)
             if hold is None or hold.kind != r.T_PENDING or hold.debit != debit:
@@ -100,8 +101,7 @@ class Authorization(rpc.AuthorizationServicer):
                            fingerprint=fingerprint)
             reason, left = 0, ledger.available(book, debit, now)
         else:
-            left = ledger.available(book, debit, now) if debit is not None else 0
-            record = book.card_bytes(req.card_number)
+            left = ledger.settle(book, debit, now) if debit is not None else 0
             reason = fastpath.decide(self.core.policy, record, req.channel, now, 0,
                                      req.amount_fen, left)
             if reason == fastpath.CORRUPT:
@@ -111,7 +111,7 @@ class Authorization(rpc.AuthorizationServicer):
                 ledger.create(book, now, req.request_id, debit, credit, req.amount_fen,
                               pending=req.phase == pb.PHASE_HOLD,
                               timeout=req.hold_timeout_seconds or default_timeout,
-                              channel=req.channel, fingerprint=fingerprint)
+                              channel=req.channel, fingerprint=fingerprint, settled=left)
                 left -= req.amount_fen
         return pb.AuthorizeResponse(
             request_id=req.request_id, available_fen=left if debit is not None else 0,
@@ -130,28 +130,34 @@ class Authorization(rpc.AuthorizationServicer):
                     if not (q.amount_fen or q.phase):
                         answers[i] = self._decide(txn, q, now)
         if money:
-            fingerprints = [hashlib.sha256(b"Authorize\0" + q.SerializeToString(
-                deterministic=True)).digest() for _, q in money]
-
-            def command(book):
-                out = []
-                for (i, q), fp in zip(money, fingerprints):
-                    try:
-                        answer = book.replay(q.request_id, fp)
-                        if answer is None:
-                            answer = self._money(book, self.core.clock.now(), fp, q)
-                            book.remember(q.request_id, fp, answer)
-                    except YikatongError as error:
-                        if field_prefix:
-                            error.args = (f"requests[{i}].{error}",)
-                        raise
-                    out.append(answer)
-                return out
-
-            for (i, _), answer in zip(money, await asyncio.wrap_future(
-                    self.core.store.submit(command))):
+            answers_money = await asyncio.wrap_future(
+                self.core.store.submit(self.money_command(money, field_prefix)))
+            for (i, _), answer in zip(money, answers_money):
                 answers[i] = pb.AuthorizeResponse.FromString(answer)
         return answers
+
+    def money_command(self, money, field_prefix: bool = False):
+        """The writer command for [(index, request)] that move money: each decided, debited
+        and remembered under its request id, in order, in one transaction."""
+        fingerprints = [hashlib.sha256(b"Authorize\0" + q.SerializeToString(
+            deterministic=True)).digest() for _, q in money]
+        clock = self.core.clock
+
+        def command(book):
+            out = []
+            for (i, q), fp in zip(money, fingerprints):
+                try:
+                    answer = book.replay(q.request_id, fp)
+                    if answer is None:
+                        answer = self._money(book, clock.now(), fp, q)
+                        book.remember(q.request_id, fp, answer)
+                except YikatongError as error:
+                    if field_prefix:
+                        error.args = (f"requests[{i}].{error}",)
+                    raise
+                out.append(answer)
+            return out
+        return command
 
     async def _batch(self, client, requests) -> list:
         validate.batch(requests, "requests")

@@ -56,6 +56,13 @@ FLAG_FINANCIAL_FROZEN = 4  # bank loss report stands (SH-20)
 FLAG_REPLACEMENT_APPLIED = 8  # a replacement was applied for (GZ-22)
 
 
+def holder_id_of(value) -> int | None:
+    """The holder of a stored card record, None if there is none or it is not a valid one."""
+    if value is None or len(value) != SIZE or value[OFF_VERSION] != VERSION:
+        return None
+    return struct.unpack_from("<Q", value, 24)[0]
+
+
 class CorruptRecord(Exception):
     """A stored value that is not a card record this code understands: never decide on it."""
 

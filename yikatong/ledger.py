@@ -4,8 +4,9 @@ Every movement goes through `_move`, which changes the debit and the credit acco
 same amount, so the sum over all accounts stays zero by construction; a running total of the
 four balance columns is kept in `meta` and asserted equal after every movement, and holder
 accounts are asserted never to go below zero. Holds expire at their timeout's exact second:
-`available()` counts an expired hold as released the moment it expires (lazily), and
-`expire_holds()` (run by the writer before each group and when idle) makes it so on disk.
+`available()` counts an expired hold as released the moment it expires (lazily); money never
+moves on an account before its due holds are released on disk (`_sweep_account`), and
+`expire_holds()` (run by the writer at least every `writer_idle_seconds`) sweeps the rest.
 """
 import struct
 
@@ -64,6 +65,21 @@ def available(book, key: bytes, now: int) -> int:
     return a.credits_posted - a.debits_posted - a.debits_pending + expired_held(book, key, now)
 
 
+def _sweep_account(book, key: bytes, now: int) -> None:
+    """Release this account's holds whose timeout has come, before money moves on it, so
+    that what `available()` counted as released lazily is released on disk too."""
+    prefix = key.ljust(KEY_WIDTH, b"\0")
+    due = []
+    with book.txn.cursor(db=book.dbs.holds_by_account) as cur:
+        if cur.set_range(prefix):
+            for k in cur.iternext(values=False):
+                if k[:KEY_WIDTH] != prefix or _U64.unpack_from(k, KEY_WIDTH)[0] > now:
+                    break
+                due.append(bytes(k[KEY_WIDTH + 8:]).decode("utf-8"))
+    for pending_id in due:
+        _release(book, pending_id, get(book, pending_id), r.S_EXPIRED, 0)
+
+
 def open_holds(book, key: bytes) -> int:
     prefix = key.ljust(KEY_WIDTH, b"\0")
     n = 0
@@ -80,6 +96,8 @@ def _move(book, debit: bytes, credit: bytes, pending: int, posted: int) -> None:
     """The one place balances change: `pending` and `posted` fen, debit side and credit side
     alike (either may be negative to release a hold)."""
     d, c = account(book, debit), account(book, credit)
+    if c.credits_posted + posted > 2**63 - 1 or c.credits_pending + pending > 2**63 - 1:
+        raise TransferRefused("OVERFLOWS_CREDITS", "the credit account's total would overflow")
     d.debits_pending += pending
     d.debits_posted += posted
     c.credits_pending += pending
@@ -116,34 +134,40 @@ def get(book, transfer_id: str) -> Transfer | None:
     return None if value is None else Transfer.decode(value)
 
 
-def _put(book, transfer_id: str, t: Transfer) -> None:
-    book.txn.put(transfer_id.encode("utf-8"), t.encode(), db=book.dbs.transfers)
+def _put(book, transfer_id: str, t: Transfer, *, new: bool = False) -> None:
+    """Store a transfer; a `new` one must not exist yet (the command then rolls back whole)."""
+    if not book.txn.put(transfer_id.encode("utf-8"), t.encode(), db=book.dbs.transfers,
+                        overwrite=not new):
+        raise TransferRefused("EXISTS", f"transfer {transfer_id!r} already exists")
     book.append_change("", 0, transfer_id, t.amount)
 
 
-def _check_funds(book, debit: bytes, amount: int, now: int) -> None:
-    if r.is_holder_account(debit) and amount > available(book, debit, now):
-        raise TransferRefused("EXCEEDS_CREDITS", f"{amount} fen is more than the "
-                              f"{available(book, debit, now)} fen available")
+def settle(book, key: bytes, now: int) -> int:
+    """Writer side of `available()`: release the account's due holds on disk, then return
+    credits less debits less holds."""
+    _sweep_account(book, key, now)
+    a = account(book, key)
+    return a.credits_posted - a.debits_posted - a.debits_pending
 
 
-def _check_overflow(book, credit: bytes, amount: int) -> None:
-    if account(book, credit).credits_posted + amount > 2**63 - 1:
-        raise TransferRefused("OVERFLOWS_CREDITS", "the credit account's total would overflow")
+def _check_funds(book, debit: bytes, amount: int, now: int, settled: int | None = None) -> None:
+    """Refuse a holder debit beyond what is available; `settled` is what `settle()` just
+    returned for this account at `now` (else it is settled here)."""
+    left = settled if settled is not None else settle(book, debit, now)
+    if r.is_holder_account(debit):
+        if amount > left:
+            raise TransferRefused("EXCEEDS_CREDITS",
+                                  f"{amount} fen is more than the {left} fen available")
 
 
 def create(book, now: int, transfer_id: str, debit: bytes, credit: bytes, amount: int, *,
            pending: bool = False, timeout: int = 0, channel: int = 0,
-           fingerprint: bytes = b"\0" * 32) -> Transfer:
+           fingerprint: bytes = b"\0" * 32, settled: int | None = None) -> Transfer:
     """A single-phase transfer, or a pending one (a hold) when `pending`."""
-    if get(book, transfer_id) is not None:  # a replay is answered before we get here
-        raise TransferRefused("EXISTS", f"transfer {transfer_id!r} already exists")
     if debit == credit:
         raise TransferRefused("ACCOUNTS_MUST_BE_DIFFERENT", "debit and credit are the same account")
     assert 0 < amount <= config.amount_fen_max
-    expire_holds(book, now)  # a hold that expired this second frees its funds first
-    _check_funds(book, debit, amount, now)
-    _check_overflow(book, credit, amount)
+    _check_funds(book, debit, amount, now, settled)
     if pending:
         if open_holds(book, debit) >= config.holds_per_account_max:
             raise TransferRefused("HOLDS_PER_ACCOUNT_MAX", f"the account already has "
@@ -159,7 +183,7 @@ def create(book, now: int, transfer_id: str, debit: bytes, credit: bytes, amount
         t = Transfer(r.T_SINGLE, r.S_POSTED, amount, debit, credit, "", fingerprint, now,
                      channel=channel)
         _move(book, debit, credit, 0, amount)
-    _put(book, transfer_id, t)
+    _put(book, transfer_id, t, new=True)
     return t
 
 
@@ -182,14 +206,13 @@ _STATUS_CODE = {r.S_POSTED: "PENDING_TRANSFER_ALREADY_POSTED",
 def resolve(book, now: int, transfer_id: str, pending_id: str, *, post: bool, amount: int = 0,
             fingerprint: bytes = b"\0" * 32) -> Transfer:
     """Post (any amount up to the hold; 0 = all of it; the rest is released) or void a hold."""
-    if get(book, transfer_id) is not None:
-        raise TransferRefused("EXISTS", f"transfer {transfer_id!r} already exists")
-    expire_holds(book, now)
     hold = get(book, pending_id)
     if hold is None:
         raise TransferNotFound(pending_id)
     if hold.kind != r.T_PENDING:
         raise TransferRefused("PENDING_TRANSFER_NOT_PENDING", f"{pending_id!r} is not a hold")
+    if hold.status == r.S_PENDING and hold.timeout_at <= now:  # due, perhaps not yet swept
+        hold.status = r.S_EXPIRED
     if hold.status != r.S_PENDING:
         raise TransferRefused(_STATUS_CODE[hold.status], f"hold {pending_id!r} is resolved")
     if not post:
@@ -202,15 +225,13 @@ def resolve(book, now: int, transfer_id: str, pending_id: str, *, post: bool, am
     _release(book, pending_id, hold, r.S_POSTED if post else r.S_VOIDED, amount)
     t = Transfer(r.T_POST if post else r.T_VOID, r.S_POSTED, amount, hold.debit, hold.credit,
                  pending_id, fingerprint, now, channel=hold.channel)
-    _put(book, transfer_id, t)
+    _put(book, transfer_id, t, new=True)
     return t
 
 
 def reverse(book, now: int, reversal_id: str, original_id: str, amount: int = 0,
             fingerprint: bytes = b"\0" * 32) -> Transfer:
     """Move back up to what a posted transfer moved, summed over all its reversals."""
-    if get(book, reversal_id) is not None:
-        raise TransferRefused("EXISTS", f"transfer {reversal_id!r} already exists")
     original = get(book, original_id)
     if original is None:
         raise TransferNotFound(original_id)
@@ -223,14 +244,13 @@ def reverse(book, now: int, reversal_id: str, original_id: str, amount: int = 0,
     if amount == 0 or amount > left:
         raise TransferRefused("EXCEEDS_REVERSIBLE_AMOUNT",
                               f"{amount} fen asked; {left} fen of {original_id!r} is left to reverse")
-    expire_holds(book, now)
     _check_funds(book, original.credit, amount, now)
     _move(book, original.credit, original.debit, 0, amount)
     original.resolved += amount
     _put(book, original_id, original)
     t = Transfer(r.T_REVERSAL, r.S_POSTED, amount, original.credit, original.debit, original_id,
                  fingerprint, now, channel=original.channel)
-    _put(book, reversal_id, t)
+    _put(book, reversal_id, t, new=True)
     return t
 
 

@@ -1,0 +1,104 @@
+"""Durable debits per second: group commit vs one fsync per debit, side by side in one run.
+
+Each debit is one Authorize-with-money request run through the server's own writer command
+(`Authorization.money_command`: decide, debit, remember the request id), submitted as its own
+command as concurrent unary calls would be, with --inflight outstanding at a time. "Durable"
+means its future resolved, which happens only after the LMDB commit (sync=True: fsync).
+Mode `group`: the writer folds all waiting commands into one transaction (up to
+writer_group_max). Mode `group, 100 per command`: the same, with the debits arriving 100 to a
+command as AuthorizeStream/AuthorizeBatch deliver them. Mode `fsync-each`: group_max=1, one
+transaction and one fsync per debit.
+
+    .venv/bin/python bench/ledger_bench.py [--debits 20000] [--holders 10000] [--repeat 3]
+"""
+import argparse
+import collections
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+from server.app import Authorization, Core
+from server.clients import Clients
+from storage import records as r
+from storage.lmdb_store import Store
+from storage.records import CardRecord
+from yikatong import clock as clocks, config, ledger
+from yikatong.v1 import yikatong_pb2 as pb
+
+
+def setup(path: str, holders: int, group_max: int):
+    store = Store(path, map_size=2 * 1024**3, group_max=group_max)
+    topup = r.operator_account_key("op:topup")
+
+    def fill(book):
+        for h in range(1, holders + 1):
+            book.put_card(CardRecord(f"31{h:010d}", r.PACK_SH, r.ACTIVE, flags=r.FLAG_TRANSIT,
+                                     holder_id=h))
+            ledger.create(book, 1, f"fund-{h}", topup, r.holder_account_key(h, r.KIND_TRANSIT),
+                          10**9)
+    store.write(fill)
+    return store
+
+
+def run(store, requests, inflight: int, per_command: int) -> float:
+    auth = Authorization(Core(store, clocks.ManualClock(1_790_000_000), Clients()))
+    pending = collections.deque()
+    t = time.perf_counter()
+    for i in range(0, len(requests), per_command):
+        chunk = list(enumerate(requests[i:i + per_command]))
+        pending.append(store.submit(auth.money_command(chunk)))
+        if len(pending) * per_command >= inflight:
+            pending.popleft().result()
+    while pending:
+        pending.popleft().result()
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--debits", type=int, default=20_000)
+    p.add_argument("--fsync-each-debits", type=int, default=1_000,
+                   help="debits for the one-fsync-per-debit mode (it is slow)")
+    p.add_argument("--holders", type=int, default=10_000)
+    p.add_argument("--inflight", type=int, default=2_000)
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args()
+    rng = random.Random(3)
+    rates = {}
+    modes = (("group", config.writer_group_max, args.debits, 1),
+             ("group100", config.writer_group_max, args.debits, 100),
+             ("fsync-each", 1, args.fsync_each_debits, 1))
+    for mode, group_max, n, per_command in modes:
+        samples = []
+        for rep in range(args.repeat):
+            requests = [pb.AuthorizeRequest(
+                request_id=f"{mode}-{rep}-{i}", card_number=f"31{rng.randint(1, args.holders):010d}",
+                channel=pb.CHANNEL_TRANSIT, amount_fen=200) for i in range(n)]
+            with tempfile.TemporaryDirectory(dir=".") as tmp:
+                store = setup(tmp, args.holders, group_max)
+                secs = run(store, requests, args.inflight, per_command)
+                with store.read() as txn:  # every debit landed, exactly once
+                    a = ledger.account(store.book(txn), r.operator_account_key("op:transit"))
+                    assert a.credits_posted == 200 * n, a
+                store.close()
+            samples.append(n / secs)
+        rates[mode] = statistics.median(samples)
+    print(f"# durable debits (Authorize TRANSIT with money, LMDB sync=True), {args.holders:,} "
+          f"holders, {args.inflight} in flight, median of {args.repeat}; Python "
+          f"{platform.python_version()}")
+    print("| mode | debits | durable debits/s | vs one fsync per debit |")
+    print("| --- | ---: | ---: | ---: |")
+    base = rates["fsync-each"]
+    print(f"| one fsync per debit | {args.fsync_each_debits:,} | {base:,.0f} | 1.0x |")
+    print(f"| group commit, 1 debit per command (unary calls) | {args.debits:,} | "
+          f"{rates['group']:,.0f} | {rates['group'] / base:.1f}x |")
+    print(f"| group commit, 100 per command (AuthorizeStream) | {args.debits:,} | "
+          f"{rates['group100']:,.0f} | {rates['group100'] / base:.1f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
