@@ -18,6 +18,7 @@ from yikatong.errors import InvalidArgument, InvalidTransition, YikatongError
 from yikatong.v1 import yikatong_pb2 as pb, yikatong_pb2_grpc as rpc
 
 SHUTDOWN_GRACE_SECONDS = 10.0
+_APPROVED, _DECLINED = pb.DECISION_APPROVED, pb.DECISION_DECLINED
 SERVICES = ("yikatong.v1.Authorization", "yikatong.v1.CardStatus", "yikatong.v1.Lifecycle",
             "yikatong.v1.Ledger", "yikatong.v1.Admin")
 
@@ -66,23 +67,21 @@ class Authorization(rpc.AuthorizationServicer):
 
     def __init__(self, core: Core):
         self.core = core
+        self.cards_db = core.store.dbs.cards
 
     def _check(self, client, req, field: str = "") -> None:
         validate.authorize_request(req, field)
-        client.require_channel(req.channel, pb.Channel.Name(req.channel))
+        client.require_channel(req.channel)
 
-    def _decide(self, txn, req, now: int) -> pb.AuthorizeResponse:
-        record = txn.get(req.card_number.encode("ascii"), db=self.core.store.dbs.cards)
+    def _reason(self, txn, req, now: int) -> int:
+        """The decision without money: one LMDB read and the fast path."""
+        record = txn.get(req.card_number.encode("ascii"), db=self.cards_db)
         points = (config.service_points_required.get(req.service_code, 0)
                   if req.channel == r.CH_SERVICE else 0)
         reason = fastpath.decide(self.core.policy, record, req.channel, now, points)
         if reason == fastpath.CORRUPT:
             raise CorruptRecord(f"card record {req.card_number} is corrupt; not deciding on it")
-        return pb.AuthorizeResponse(
-            request_id=req.request_id,
-            decision=pb.DECISION_APPROVED if reason == 0 else pb.DECISION_DECLINED,
-            reason=reason,
-        )
+        return reason
 
     def _money(self, book, now: int, fingerprint: bytes, req) -> bytes:
         """One decision with money, inside the writer's transaction."""
@@ -118,23 +117,38 @@ class Authorization(rpc.AuthorizationServicer):
             decision=pb.DECISION_APPROVED if reason == 0 else pb.DECISION_DECLINED,
             reason=reason).SerializeToString()
 
-    async def _answer(self, requests, field_prefix: bool) -> list:
-        """Answer in order: reads at once, money through the writer in one command, so that
+    async def _answer(self, client, requests) -> pb.AuthorizeBatchResponse:
+        """Check every request, then answer in order: decisions without money at once from
+        one read transaction, those with money through the writer in one command, so that
         decisions within one batch see each other's debits."""
+        validate.batch(requests, "requests")
+        check = self._check
+        for i, q in enumerate(requests):
+            try:
+                check(client, q)
+            except YikatongError as error:
+                error.args = (f"requests[{i}].{error}",)
+                raise
         now = self.core.clock.now()
-        answers = [None] * len(requests)
-        money = [(i, q) for i, q in enumerate(requests) if q.amount_fen or q.phase]
-        if len(money) < len(requests):
-            with self.core.store.read() as txn:
-                for i, q in enumerate(requests):
-                    if not (q.amount_fen or q.phase):
-                        answers[i] = self._decide(txn, q, now)
+        out = pb.AuthorizeBatchResponse()
+        add = out.responses.add
+        money = []
+        with self.core.store.read() as txn:
+            reason_of = self._reason
+            for i, q in enumerate(requests):
+                if q.amount_fen or q.phase:
+                    money.append((i, q))
+                    add()
+                else:
+                    reason = reason_of(txn, q, now)
+                    add(request_id=q.request_id, reason=reason,
+                        decision=_APPROVED if reason == 0 else _DECLINED)
         if money:
-            answers_money = await asyncio.wrap_future(
-                self.core.store.submit(self.money_command(money, field_prefix)))
-            for (i, _), answer in zip(money, answers_money):
-                answers[i] = pb.AuthorizeResponse.FromString(answer)
-        return answers
+            answers = await asyncio.wrap_future(
+                self.core.store.submit(self.money_command(money, True)))
+            for (i, _), answer in zip(money, answers):
+                out.responses[i].ParseFromString(answer)
+        return out
 
     def money_command(self, money, field_prefix: bool = False):
         """The writer command for [(index, request)] that move money: each decided, debited
@@ -159,31 +173,28 @@ class Authorization(rpc.AuthorizationServicer):
             return out
         return command
 
-    async def _batch(self, client, requests) -> list:
-        validate.batch(requests, "requests")
-        for i, req in enumerate(requests):
-            self._check(client, req, f"requests[{i}].")
-        return await self._answer(requests, True)
-
     @grpc_errors
     async def Authorize(self, request, context):
         client = self.core.caller(context)
         self._check(client, request)
-        if not (request.amount_fen or request.phase):
-            with self.core.store.read() as txn:
-                return self._decide(txn, request, self.core.clock.now())
-        return (await self._answer([request], False))[0]
+        if request.amount_fen or request.phase:
+            answer = await asyncio.wrap_future(
+                self.core.store.submit(self.money_command([(0, request)])))
+            return pb.AuthorizeResponse.FromString(answer[0])
+        with self.core.store.read() as txn:
+            reason = self._reason(txn, request, self.core.clock.now())
+        return pb.AuthorizeResponse(request_id=request.request_id, reason=reason,
+                                    decision=_APPROVED if reason == 0 else _DECLINED)
 
     @grpc_errors
     async def AuthorizeBatch(self, request, context):
-        client = self.core.caller(context)
-        return pb.AuthorizeBatchResponse(responses=await self._batch(client, request.requests))
+        return await self._answer(self.core.caller(context), request.requests)
 
     async def AuthorizeStream(self, request_iterator, context):
         try:
             client = self.core.caller(context)
             async for batch in request_iterator:
-                yield pb.AuthorizeBatchResponse(responses=await self._batch(client, batch.requests))
+                yield await self._answer(client, batch.requests)
         except (YikatongError, CorruptRecord) as error:
             await context.abort(status_of(error), str(error))
 

@@ -34,6 +34,8 @@ METHOD_ROLES = {
     "GetBalances": frozenset(TERMINALS | OUTLETS | {"ONLINE_PLATFORM"}),
 }
 METHOD_ROLES["GetStatusBatch"] = METHOD_ROLES["GetStatus"]
+CHANNEL_NAMES = {1: "TRANSIT", 2: "MEDICAL", 3: "BENEFIT", 4: "FINANCIAL", 5: "SERVICE",
+                 6: "STATUS"}
 CHANNEL_ROLES = {
     1: frozenset({"TRANSIT_GATE"}),
     2: frozenset({"MEDICAL_TERMINAL"}),
@@ -53,9 +55,10 @@ class Client:
         if self.role not in METHOD_ROLES[method]:
             raise PermissionDenied(f"role {self.role} may not call {method}")
 
-    def require_channel(self, channel: int, channel_name: str) -> None:
+    def require_channel(self, channel: int) -> None:
         if self.role not in CHANNEL_ROLES.get(channel, ()):
-            raise PermissionDenied(f"role {self.role} may not authorize {channel_name}")
+            raise PermissionDenied(f"role {self.role} may not authorize channel {channel} "
+                                   f"({CHANNEL_NAMES.get(channel, 'unknown')})")
 
 
 class Clients:

@@ -56,19 +56,41 @@ def batch(items, field: str) -> None:
                                      f"{config.batch_size_max}")
 
 
+_CHANNELS = frozenset(v for v in pb.Channel.values() if v)
+_PHASES = frozenset(pb.Phase.values())
+
+
 def authorize_request(req, field: str = "") -> None:
-    request_id(req.request_id, field + "request_id")
-    card_number(req.card_number, field + "card_number")
-    enum(req.channel, pb.Channel, field + "channel")
-    enum(req.phase, pb.Phase, field + "phase", allow_unspecified=True)
-    text(req.terminal_id, field + "terminal_id", length_max=config.request_id_length_max)
-    text(req.service_code, field + "service_code", length_max=config.request_id_length_max)
+    """The hot path's check: cheap comparisons first; the detailed checks (and their
+    messages) run only for a request that is not plainly valid."""
+    rid, number = req.request_id, req.card_number
+    if not (0 < len(rid) <= config.request_id_length_max):
+        request_id(rid, field + "request_id")
+    if not (0 < len(number) <= config.card_number_length_max and number.isdigit()
+            and number.isascii()):
+        card_number(number, field + "card_number")
+    if req.channel not in _CHANNELS:
+        enum(req.channel, pb.Channel, field + "channel")
+    if req.phase not in _PHASES:
+        enum(req.phase, pb.Phase, field + "phase", allow_unspecified=True)
+    if req.terminal_id:
+        text(req.terminal_id, field + "terminal_id", length_max=config.request_id_length_max)
+    if req.service_code:
+        text(req.service_code, field + "service_code", length_max=config.request_id_length_max)
+    if (req.amount_fen or req.phase or req.hold_timeout_seconds or req.hold_request_id
+            or req.payee_account):
+        _money_fields(req, field)
+
+
+def _money_fields(req, field: str) -> None:
     amount(req.amount_fen, field + "amount_fen", zero_ok=True)
     if req.hold_timeout_seconds and req.phase != pb.PHASE_HOLD:
         raise InvalidArgument(field + "hold_timeout_seconds", "is only for PHASE_HOLD")
     timeout(req.hold_timeout_seconds, field + "hold_timeout_seconds")
     if not req.amount_fen and not req.phase:
-        return
+        if req.payee_account:
+            raise InvalidArgument(field + "payee_account", "is only for requests that move money")
+        raise InvalidArgument(field + "hold_request_id", "is only for PHASE_POST/PHASE_VOID")
     if req.channel not in config.channel_money:
         raise InvalidArgument(field + "amount_fen", f"{pb.Channel.Name(req.channel)} moves no "
                               "money here (only TRANSIT, MEDICAL and BENEFIT do)")
