@@ -244,3 +244,19 @@ def test_acknowledged_transfers_survive_sigkill_and_replays_move_nothing(tmp_pat
         assert balances(s, card)["TRANSIT"][0] == sum(attempted.values())
     finally:
         s.stop()
+
+
+def test_authorize_request_ids_hold_across_a_restart(tmp_path):
+    s = ServerProcess(tmp_path, "--clock", "manual", "--clock-start", START)
+    card = new_active_card(s, 22)
+    top_up(s, card, 1000)
+    first = pay(s, card, 400, rid="fare-before-restart")
+    assert s.stop() == 0
+    s = ServerProcess(tmp_path, "--clock", "manual", "--clock-start", START, data_dir=s.data_dir)
+    try:
+        assert pay(s, card, 400, rid="fare-before-restart") == first
+        assert balances(s, card)["TRANSIT"][0] == 600
+        e = error_of(pay, s, card, 1, rid="fare-before-restart")
+        assert e.code() == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        s.stop()
