@@ -13,7 +13,6 @@ _CODES = (
     (e.NotEligible, grpc.StatusCode.FAILED_PRECONDITION),
     (e.InvalidTransition, grpc.StatusCode.FAILED_PRECONDITION),
     (e.IdReused, grpc.StatusCode.ALREADY_EXISTS),
-    (e.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
     (CorruptRecord, grpc.StatusCode.DATA_LOSS),
     (TransferRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (TransferNotFound, grpc.StatusCode.NOT_FOUND),

@@ -42,10 +42,6 @@ class IdReused(YikatongError):
         )
 
 
-class Unimplemented(YikatongError):
-    pass
-
-
 class StoreUnavailable(YikatongError):
     """The data dir cannot be served: locked by another server, unreadable, not a store."""
 
