@@ -43,18 +43,16 @@ class Core:
         """Run `op(book, now, fingerprint) -> answer bytes` in the writer, once per id: a
         replay gets the first answer; the same id with other fields is ID_REUSED. One id
         space for every write (lifecycle request ids, transfer ids, Authorize request ids)."""
-        fingerprint = hashlib.sha256(
-            method.encode() + b"\0" + request.SerializeToString(deterministic=True)).digest()
+        fp = fingerprint(method, request)
         clock = self.clock
+        return await asyncio.wrap_future(self.store.submit(
+            lambda book: book.once(request_id, fp, lambda: op(book, clock.now(), fp))))
 
-        def command(book):
-            answer = book.replay(request_id, fingerprint)
-            if answer is None:
-                answer = op(book, clock.now(), fingerprint)
-                book.remember(request_id, fingerprint, answer)
-            return answer
 
-        return await asyncio.wrap_future(self.store.submit(command))
+def fingerprint(method: str, request) -> bytes:
+    """What a request id is bound to: the method and every field of the request."""
+    return hashlib.sha256(
+        method.encode() + b"\0" + request.SerializeToString(deterministic=True)).digest()
 
 
 # --------------------------------------------------------------------- Authorization
@@ -153,18 +151,15 @@ class Authorization(rpc.AuthorizationServicer):
     def money_command(self, money, field_prefix: bool = False):
         """The writer command for [(index, request)] that move money: each decided, debited
         and remembered under its request id, in order, in one transaction."""
-        fingerprints = [hashlib.sha256(b"Authorize\0" + q.SerializeToString(
-            deterministic=True)).digest() for _, q in money]
-        clock = self.core.clock
+        fingerprints = [fingerprint("Authorize", q) for _, q in money]
+        clock, decide = self.core.clock, self._money
 
         def command(book):
             out = []
             for (i, q), fp in zip(money, fingerprints):
                 try:
-                    answer = book.replay(q.request_id, fp)
-                    if answer is None:
-                        answer = self._money(book, clock.now(), fp, q)
-                        book.remember(q.request_id, fp, answer)
+                    answer = book.once(q.request_id, fp,
+                                       lambda: decide(book, clock.now(), fp, q))
                 except YikatongError as error:
                     if field_prefix:
                         error.args = (f"requests[{i}].{error}",)

@@ -251,3 +251,11 @@ class Book:
     def remember(self, request_id: str, fingerprint: bytes, answer: bytes) -> None:
         assert len(fingerprint) == 32
         self.txn.put(request_id.encode("utf-8"), fingerprint + answer, db=self.dbs.requests)
+
+    def once(self, request_id: str, fingerprint: bytes, produce) -> bytes:
+        """The first answer to `request_id`, or `produce()`'s, remembered in this transaction."""
+        answer = self.replay(request_id, fingerprint)
+        if answer is None:
+            answer = produce()
+            self.remember(request_id, fingerprint, answer)
+        return answer
