@@ -1,0 +1,72 @@
+"""The load-test tooling works: the data generator on a small N, and each Locust user class
+for a few seconds against a real server (requests made and succeeded; not a speed check)."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from server_process import ROOT, ServerProcess
+from storage import records as r
+from storage.lmdb_store import Store
+from yikatong import ledger
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import gen_data  # noqa: E402
+
+HOLDERS = 3000
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("bench") / "data")
+    gen_data.generate(path, HOLDERS, chunk=1000)
+    return path
+
+
+def test_generator_fills_a_realistic_mix_with_funded_accounts(data_dir):
+    with open(os.path.join(data_dir, "cards-ok.txt")) as f:
+        ok = f.read().split()
+    with open(os.path.join(data_dir, "cards-hot.txt")) as f:
+        hot = f.read().split()
+    store = Store(data_dir)
+    try:
+        with store.read() as txn:
+            book = store.book(txn)
+            ledger.check_invariants(book)
+            states = {}
+            for _, value in txn.cursor(db=store.dbs.cards):
+                state = value[r.OFF_STATE]
+                states[state] = states.get(state, 0) + 1
+            assert sum(states.values()) >= HOLDERS
+            assert states[r.SUPERSEDED] > 0.02 * HOLDERS and states[r.LOST] > 0
+            assert states[r.ACTIVE] > 0.8 * HOLDERS
+            assert all(book.card(n).state == r.ACTIVE for n in ok[:50])
+            assert all(book.card(n).state != r.ACTIVE for n in hot[:50])
+            purse = ledger.account(book, r.holder_account_key(1, r.KIND_TRANSIT))
+            assert purse.posted == gen_data.FUNDING[r.KIND_TRANSIT]
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("user", ["TransitGate", "MedicalTerminal", "BankSwitch",
+                                  "BenefitCounter", "Concentrator"])
+def test_each_locust_user_makes_requests_that_succeed(data_dir, tmp_path, user):
+    server = ServerProcess(tmp_path, "--clients", os.path.join(data_dir, "clients.toml"),
+                           clients=False, data_dir=data_dir)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", "bench/locustfile.py", "--headless",
+             "--host", server.address, "--users", "4", "--spawn-rate", "4", "--run-time", "4s",
+             "--cards-dir", data_dir, "--csv", str(tmp_path / "run"), "--only-summary", user],
+            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        server.stop()
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    with open(tmp_path / "run_stats.csv") as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    total = rows.pop("Aggregated")
+    assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
+    assert rows, "no named requests"
