@@ -1,7 +1,8 @@
-"""Server throughput over gRPC on loopback: AuthorizeStream (100 per message) vs unary
-Authorize, side by side in one run, status-only checks (CHANNEL_STATUS, no money) on the demo
-data set. The server runs as its own process (`python -m server`); the client is grpc.aio in
-this process. Each figure is the median of --repeat runs of --seconds each.
+"""Server throughput over gRPC on loopback, side by side in one run: our unary Authorize vs a
+bare grpc.aio echo server (bench/echo_server.py) answering the same call, and AuthorizeStream
+(100 per message) vs unary. Status-only checks (CHANNEL_STATUS, no money) on the demo data set.
+Servers run as their own processes; the client is grpc.aio in this process. Each figure is the
+median of --repeat runs of --seconds each; latencies are the median run's p50/p99.
 
     .venv/bin/python bench/server_bench.py [--seconds 5] [--repeat 3]
 """
@@ -15,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import grpc
@@ -25,14 +27,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MD = (("authorization", "Bearer demo-bank-switch"),)
 
 
-def start_server(data_dir: str, address: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--demo", "--data-dir", data_dir,
-                             "--listen", address], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def start(args: list[str], ready: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
-        if line.startswith("yikatong: serving on"):
+        if line.startswith(ready):  # drain the rest, so a full pipe never blocks it
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc
-    raise RuntimeError("server did not start")
+    raise RuntimeError(f"{args} did not start")
+
+
+def free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def card_numbers(data_dir: str) -> list[str]:
@@ -45,25 +53,34 @@ def card_numbers(data_dir: str) -> list[str]:
     return numbers
 
 
-async def unary(address: str, cards: list[str], seconds: float, concurrency: int) -> float:
+def percentile(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p * len(values)))] if values else 0.0
+
+
+async def unary(address: str, cards: list[str], seconds: float, concurrency: int):
+    """(calls/s, p50 ms, p99 ms)"""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = rpc.AuthorizationStub(channel)
         done = 0
+        latencies = []
         deadline = time.perf_counter() + seconds
 
         async def worker(k):
             nonlocal done
             rng = random.Random(k)
             i = 0
-            while time.perf_counter() < deadline:
+            while (start := time.perf_counter()) < deadline:
                 await stub.Authorize(pb.AuthorizeRequest(
                     request_id=f"u{k}-{i}", card_number=rng.choice(cards),
                     channel=pb.CHANNEL_STATUS), metadata=MD)
+                latencies.append((time.perf_counter() - start) * 1000)
                 done += 1
                 i += 1
         t = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        return done / (time.perf_counter() - t)
+        return (done / (time.perf_counter() - t), percentile(latencies, 0.5),
+                percentile(latencies, 0.99))
 
 
 async def stream(address: str, cards: list[str], seconds: float, streams: int, per: int,
@@ -109,30 +126,38 @@ def main() -> int:
     p.add_argument("--per-message", type=int, default=100)
     p.add_argument("--depth", type=int, default=4, help="messages in flight per stream")
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    ours, echo = free_address(), free_address()
     with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server(tmp, address)
+        procs = [start(["-m", "server", "--demo", "--data-dir", tmp, "--listen", ours],
+                       "yikatong: serving on"),
+                 start(["bench/echo_server.py", echo], "echo: serving on")]
         try:
             cards = card_numbers(tmp)
-            u, st = [], []
-            for _ in range(args.repeat):
-                u.append(asyncio.run(unary(address, cards, args.seconds, args.concurrency)))
-                st.append(asyncio.run(stream(address, cards, args.seconds, args.streams,
+            u, e, st = [], [], []
+            for _ in range(args.repeat):  # interleaved, so drift hits all three alike
+                u.append(asyncio.run(unary(ours, cards, args.seconds, args.concurrency)))
+                e.append(asyncio.run(unary(echo, cards, args.seconds, args.concurrency)))
+                st.append(asyncio.run(stream(ours, cards, args.seconds, args.streams,
                                              args.per_message, args.depth)))
         finally:
-            proc.terminate()
-            proc.wait()
-    unary_rate, stream_rate = statistics.median(u), statistics.median(st)
+            for proc in procs:
+                proc.terminate()
+                proc.wait()
+    ours_u = sorted(u)[len(u) // 2]
+    echo_u = sorted(e)[len(e) // 2]
+    stream_rate = statistics.median(st)
     print(f"# server over loopback, status-only decisions, {len(cards):,} demo cards, median of "
           f"{args.repeat} x {args.seconds:g} s; {os.cpu_count()} cores shared by server and "
           f"client; Python {platform.python_version()}, grpcio {grpc.__version__}")
-    print("| call | decisions/s | vs unary |")
-    print("| --- | ---: | ---: |")
-    print(f"| unary Authorize, {args.concurrency} in flight | {unary_rate:,.0f} | 1.0x |")
-    print(f"| AuthorizeStream, {args.per_message} per message, {args.streams} streams x "
-          f"{args.depth} in flight | {stream_rate:,.0f} | {stream_rate / unary_rate:.1f}x |")
+    print("| call | decisions/s | p50 ms | p99 ms | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"| bare grpc.aio echo, unary, {args.concurrency} in flight | {echo_u[0]:,.0f} | "
+          f"{echo_u[1]:.2f} | {echo_u[2]:.2f} | |")
+    print(f"| Yikatong unary Authorize, {args.concurrency} in flight | {ours_u[0]:,.0f} | "
+          f"{ours_u[1]:.2f} | {ours_u[2]:.2f} | {ours_u[0] / echo_u[0]:.2f}x of echo |")
+    print(f"| Yikatong AuthorizeStream, {args.per_message} per message, {args.streams} streams x "
+          f"{args.depth} in flight | {stream_rate:,.0f} | | | {stream_rate / ours_u[0]:.1f}x "
+          "of unary |")
     return 0
 
 
