@@ -22,10 +22,9 @@ test: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
+# A bounded run (about 5 minutes on 2 cores); results in bench/results/<date>/summary.md.
 bench: $(BIN)/.installed
-	$(BIN)/python bench/fastpath_bench.py
-	$(BIN)/python bench/ledger_bench.py
-	$(BIN)/python bench/server_bench.py
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastpath/*.c fastpath/*.so yikatong/v1/*_pb2*.py* .data

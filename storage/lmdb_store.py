@@ -123,6 +123,12 @@ class Store:
             self._commit_group(group)
 
     def _commit_group(self, group) -> None:
+        # A caller that gave up (a cancelled gRPC call) cancelled its future: its command is
+        # skipped, nothing done. Every other future is marked running, so it can no longer be
+        # cancelled and its answer can always be delivered.
+        group = [(c, f) for c, f in group if f.set_running_or_notify_cancel()]
+        if not group:
+            return
         outcomes = []
         try:
             with self.env.begin(write=True) as txn:

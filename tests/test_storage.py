@@ -78,3 +78,16 @@ def test_committed_writes_survive_a_reopen(tmp_path):
     with s.read() as txn:
         assert s.book(txn).card("7").state == r.ISSUED
     s.close()
+
+
+def test_a_cancelled_caller_is_skipped_and_the_writer_lives_on(store):
+    """A gRPC call cancelled while its command waits cancels the command's future; the writer
+    must neither run it nor die delivering its answer (found by the Locust run)."""
+    gate = threading.Event()
+    store.submit(lambda book: gate.wait())
+    given_up = store.submit(lambda book: book.put_card(CardRecord("9", r.PACK_SH, r.ACTIVE)))
+    assert given_up.cancel()
+    gate.set()
+    store.submit(lambda book: book.put_card(CardRecord("8", r.PACK_SH, r.ACTIVE))).result(10)
+    with store.read() as txn:
+        assert store.book(txn).card("9") is None and store.book(txn).card("8") is not None
