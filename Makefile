@@ -23,8 +23,9 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
 # A bounded run (about 5 minutes on 2 cores); results in bench/results/<date>/summary.md.
+# BENCH_ARGS=--with-postgres adds PostgreSQL to the storage comparison.
 bench: $(BIN)/.installed
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastpath/*.c fastpath/*.so yikatong/v1/*_pb2*.py* .data

@@ -3,6 +3,7 @@ bench/results/<date>/: each benchmark's table (*.md), the Locust CSVs and HTML r
 summary.md with all of it and the machine it ran on.
 
     .venv/bin/python bench/run_all.py [--locust-seconds 60] [--locust-users 40] [--quick]
+                                      [--with-postgres]
 """
 import argparse
 import datetime
@@ -89,6 +90,8 @@ def main() -> int:
     p.add_argument("--locust-seconds", type=int, default=60)
     p.add_argument("--locust-users", type=int, default=40)
     p.add_argument("--quick", action="store_true", help="smaller sizes, one repetition")
+    p.add_argument("--with-postgres", action="store_true",
+                   help="add PostgreSQL to the storage comparison (installs it if missing)")
     args = p.parse_args()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d")
     out_dir = os.path.join(HERE, "results", stamp)
@@ -98,7 +101,8 @@ def main() -> int:
         run(out_dir, "fastpath", ["bench/fastpath_bench.py", *rep]),
         run(out_dir, "server", ["bench/server_bench.py", *rep]),
         run(out_dir, "ledger", ["bench/ledger_bench.py", *rep]),
-        run(out_dir, "storage", ["bench/storage_bench.py", *rep]),
+        run(out_dir, "storage", ["bench/storage_bench.py", *rep,
+                                 *(["--with-postgres"] if args.with_postgres else [])]),
         run(out_dir, "growth", ["bench/growth_bench.py", *rep,
                                 "--sizes", "10000,100000" if args.quick else
                                 "10000,100000,1000000"]),
