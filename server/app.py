@@ -551,9 +551,12 @@ class Admin(rpc.AdminServicer):
 
 # --------------------------------------------------------------------- serving
 
-async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=None) -> None:
+async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=None,
+                concurrent_rpcs_max: int = config.concurrent_rpcs_max) -> None:
     core = Core(store, clock, clients)
-    server = grpc.aio.server(options=[
+    # Too many callers: new calls beyond the limit are refused at once (RESOURCE_EXHAUSTED);
+    # calls already in progress are unaffected.
+    server = grpc.aio.server(maximum_concurrent_rpcs=concurrent_rpcs_max, options=[
         ("grpc.max_receive_message_length", config.message_size_max),
         ("grpc.max_send_message_length", config.message_size_max),
         ("grpc.so_reuseport", 0),  # one server per port until --workers shares it on purpose

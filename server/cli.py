@@ -4,6 +4,8 @@ import os
 import sys
 import uuid
 
+from yikatong import config
+
 DEFAULT_LISTEN = "127.0.0.1:50051"
 # Full ledger scan after every write group (tests set it; too slow for production, where the
 # running totals in yikatong/ledger.py are asserted after every movement instead).
@@ -26,6 +28,10 @@ def main(argv=None) -> int:
     s.add_argument("--clock", choices=("system", "manual"), default="system")
     s.add_argument("--clock-start", help="ISO-8601 start of the manual clock (default: now)")
     s.add_argument("--demo", action="store_true", help="load the demo data set and demo clients")
+    s.add_argument("--map-size-mib", type=int, default=config.lmdb_map_size // 2**20,
+                   help="LMDB map size: the most the store may hold (grows on disk as used)")
+    s.add_argument("--max-concurrent-rpcs", type=int, default=config.concurrent_rpcs_max,
+                   help="calls in progress at once; more are refused RESOURCE_EXHAUSTED")
 
     for name, helptext in (("authorize", "ask whether a card may be used"),
                            ("status", "read a card's status")):
@@ -60,6 +66,8 @@ def serve(args) -> int:
     from yikatong import clock as clocks, ledger
     from yikatong.errors import StoreUnavailable
 
+    if args.map_size_mib < 1 or args.max_concurrent_rpcs < 1:
+        return _fail("--map-size-mib and --max-concurrent-rpcs must be at least 1")
     if args.workers != 1:
         return _fail("--workers other than 1 is not supported yet")
     if args.tls_cert or args.tls_key or args.tls_ca:
@@ -86,7 +94,8 @@ def serve(args) -> int:
     if problem:
         return _fail(f"cannot listen on {args.listen}: {problem}")
     try:
-        store = Store(args.data_dir, idle_command=lambda book: ledger.expire_holds(book, clock.now()),
+        store = Store(args.data_dir, map_size=args.map_size_mib * 2**20,
+                      idle_command=lambda book: ledger.expire_holds(book, clock.now()),
                       check_command=ledger.check_invariants if CHECK_INVARIANTS else None)
     except StoreUnavailable as error:
         return _fail(str(error))
@@ -104,7 +113,8 @@ def serve(args) -> int:
                 _print_demo(store, args.listen)
 
         try:
-            uvloop.run(run_server(store, clock, clients, args.listen, on_ready=ready))
+            uvloop.run(run_server(store, clock, clients, args.listen, on_ready=ready,
+                                  concurrent_rpcs_max=args.max_concurrent_rpcs))
         except OSError as error:
             return _fail(str(error))
     finally:

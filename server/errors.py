@@ -16,6 +16,7 @@ _CODES = (
     (CorruptRecord, grpc.StatusCode.DATA_LOSS),
     (TransferRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (TransferNotFound, grpc.StatusCode.NOT_FOUND),
+    (e.StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 )

@@ -23,7 +23,7 @@ import lmdb
 
 from storage.records import CHANGE, CardRecord
 from yikatong import config
-from yikatong.errors import IdReused, StoreUnavailable
+from yikatong.errors import IdReused, StoreFull, StoreUnavailable
 
 _U64 = struct.Struct(">Q")  # big-endian so LMDB's key order is numeric order
 _STOP = object()
@@ -138,7 +138,7 @@ class Store:
                         result = command(Book(child, self.dbs))
                     except BaseException as e:  # noqa: BLE001 - handed to the caller
                         child.abort()
-                        outcomes.append((future, None, e))
+                        outcomes.append((future, None, self._full(e)))
                     else:
                         child.commit()
                         outcomes.append((future, result, None))
@@ -146,13 +146,21 @@ class Store:
                     self._check_command(Book(txn, self.dbs))
         except BaseException as e:  # noqa: BLE001 - the whole group failed to commit
             for _, future in group:
-                future.set_exception(e)
+                future.set_exception(self._full(e))
             return
         for future, result, error in outcomes:  # durable now: answer the callers
             if error is None:
                 future.set_result(result)
             else:
                 future.set_exception(error)
+
+    def _full(self, error: BaseException) -> BaseException:
+        if isinstance(error, lmdb.MapFullError):
+            size = self.env.info()["map_size"] // 2**20
+            return StoreFull(f"the store is full (LMDB map_size {size} MiB reached); nothing was "
+                             f"written. Restart the server with a larger --map-size-mib "
+                             f"(e.g. {size * 2}); reads keep working meanwhile")
+        return error
 
     def close(self) -> None:
         self._queue.put(_STOP)

@@ -7,6 +7,7 @@ text_field_length_max = 200  # names, addresses, reasons, bank names
 batch_size_max = 1000  # AuthorizeBatch / AuthorizeStream / GetStatusBatch entries per message
 message_size_max = 4 * 1024 * 1024  # bytes, gRPC receive limit
 clients_max = 10_000  # entries in a clients file
+concurrent_rpcs_max = 4096  # calls in progress at once; more are refused RESOURCE_EXHAUSTED
 
 # ---- storage
 lmdb_map_size = 8 * 1024**3  # bytes of address space; grows on disk only as used

@@ -42,6 +42,10 @@ class IdReused(YikatongError):
         )
 
 
+class StoreFull(YikatongError):
+    """The LMDB map is full: writes are refused (nothing half-written), reads go on."""
+
+
 class StoreUnavailable(YikatongError):
     """The data dir cannot be served: locked by another server, unreadable, not a store."""
 

@@ -1,0 +1,71 @@
+"""Resource faults: a full store, too many callers, a data dir that cannot be used."""
+import queue
+import subprocess
+import sys
+import uuid
+
+import grpc
+import pytest
+
+from server_process import ROOT, running
+from test_e2e import START, new_active_card
+from test_money_e2e import balances, error_of, top_up
+from yikatong.v1 import yikatong_pb2 as pb
+
+
+def test_map_full_refuses_writes_with_how_to_grow_and_reads_go_on(tmp_path):
+    with running(tmp_path, "--clock", "manual", "--clock-start", START,
+                 "--map-size-mib", "1") as s:
+        card = new_active_card(s, 30)
+        top_up(s, card, 10**9)
+        md = s.md("TRANSIT_GATE")
+        for n in range(200):
+            batch = pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
+                request_id=uuid.uuid4().hex, card_number=card, channel=pb.CHANNEL_TRANSIT,
+                amount_fen=1) for _ in range(100)])
+            try:
+                s.authorization.AuthorizeBatch(batch, metadata=md)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "--map-size-mib" in e.details()
+                break
+        else:
+            pytest.fail("a 1 MiB store never filled")
+        before = s.digest()
+        spent = 10**9 - balances(s, card)["TRANSIT"][0]
+        assert spent == 100 * n  # the refused batch moved nothing, not even in part
+        e = error_of(s.authorization.AuthorizeBatch, batch, metadata=md)
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert s.digest() == before
+        status = s.status.GetStatus(pb.GetStatusRequest(card_number=card), metadata=md)
+        assert status.state == pb.CARD_STATE_ACTIVE  # reads keep working
+
+
+def test_too_many_callers_are_refused_and_calls_in_progress_go_on(tmp_path):
+    with running(tmp_path, "--clock", "manual", "--clock-start", START,
+                 "--max-concurrent-rpcs", "2") as s:
+        md = s.md("TRANSIT_GATE")
+        batch = pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
+            request_id="r", card_number="310000000001", channel=pb.CHANNEL_TRANSIT)])
+        feeds = [queue.Queue() for _ in range(2)]
+        calls = [s.authorization.AuthorizeStream(iter(feed.get, None), metadata=md)
+                 for feed in feeds]
+        for feed, call in zip(feeds, calls):  # two calls in progress, holding both slots
+            feed.put(batch)
+            assert len(next(call).responses) == 1
+        e = error_of(s.authorization.Authorize, batch.requests[0], metadata=md)
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for feed, call in zip(feeds, calls):  # the calls already in progress are unaffected
+            feed.put(batch)
+            assert next(call).responses[0].reason == pb.DECLINE_REASON_CARD_NOT_FOUND
+            feed.put(None)
+            assert list(call) == []
+
+
+def test_a_data_dir_that_is_not_a_directory_is_a_clear_startup_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = subprocess.run([sys.executable, "-m", "server", "--data-dir", str(tmp_path / "file"),
+                          "--listen", "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"yikatong: cannot use data dir {tmp_path / 'file'}")
