@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LISTEN ?= 127.0.0.1:50051
 DATA ?= .data/demo
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench crash-loop soak clean
 
 $(BIN)/.installed: pyproject.toml setup.py fastpath/_authorize_c.pyx $(wildcard proto/yikatong/v1/*.proto)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(BIN)/.installed
 # BENCH_ARGS=--with-postgres adds PostgreSQL to the storage comparison.
 bench: $(BIN)/.installed
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+# 1,000 SIGKILLs under load (about 20 minutes); CI runs 50 of them in `make test`.
+crash-loop: $(BIN)/.installed
+	$(BIN)/python bench/crash_loop.py --kills 1000
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastpath/*.c fastpath/*.so yikatong/v1/*_pb2*.py* .data

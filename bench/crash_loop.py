@@ -1,0 +1,223 @@
+"""Crash loop: SIGKILL the server at random moments under a mixed workload, restart, check.
+
+Several concurrent clients send top-ups (Ledger.Transfer), fares (Authorize TRANSIT with
+money) and lifecycle changes (Lock/UnlockApplication), each with a unique id, while the
+server is killed with SIGKILL after a random moment. After each kill:
+  - the store opens cleanly, in this process, and the ledger's columns sum to zero with no
+    holder account negative (ledger.check_invariants);
+  - after the restart, every acknowledged request replayed returns its first answer, and the
+    replays move nothing (balances before and after are equal): nothing lost, none twice.
+At the end every attempted id is replayed once more (an unacknowledged one is applied now or
+was before), and each purse must equal its opening balance plus all top-ups less all fares.
+
+    .venv/bin/python bench/crash_loop.py [--kills 1000] [--seed 1]
+"""
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from server.clients import ROLES  # noqa: E402
+from storage.lmdb_store import Store  # noqa: E402
+from yikatong import ledger  # noqa: E402
+from yikatong.v1 import yikatong_pb2 as pb, yikatong_pb2_grpc as rpc  # noqa: E402
+
+OPENING = 10**9  # fen per purse: fares never decline, so the exact sum is known
+START = "2026-11-24T09:00:00+08:00"
+
+
+def md(role):
+    return (("authorization", f"Bearer crash-{role.lower()}"),)
+
+
+class Server:
+    def __init__(self, data_dir: str, clients: str, port: int):
+        self.address = f"127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--data-dir", data_dir, "--listen", self.address,
+             "--clients", clients, "--clock", "manual", "--clock-start", START],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "YIKATONG_CHECK_INVARIANTS": "1"})
+        for line in self.proc.stdout:
+            if line.startswith("yikatong: serving on"):
+                threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+                break
+        else:
+            raise RuntimeError("server did not start")
+        self.channel = grpc.insecure_channel(self.address)
+        grpc.channel_ready_future(self.channel).result(timeout=20)
+        self.auth = rpc.AuthorizationStub(self.channel)
+        self.ledger = rpc.LedgerStub(self.channel)
+        self.lifecycle = rpc.LifecycleStub(self.channel)
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.channel.close()
+
+    def call(self, op):
+        """op = (method name, request, role) -> response"""
+        method, request, role = op
+        stub = {"Transfer": self.ledger, "Authorize": self.auth}.get(method, self.lifecycle)
+        return getattr(stub, method)(request, metadata=md(role), timeout=10)
+
+    def purses(self, cards):
+        out = {}
+        for c in cards:
+            b = self.ledger.GetBalances(pb.GetBalancesRequest(card_number=c),
+                                        metadata=md("ONLINE_PLATFORM"), timeout=10).balances
+            out[c] = {x.kind: (x.posted_fen, x.pending_fen) for x in b}
+        return out
+
+
+def setup(server: Server, n_cards: int) -> list[str]:
+    from yikatong.cards import ssn_check_digit
+    cards = []
+    for i in range(n_cards):
+        first17 = f"31010119800101{i:03d}"
+        h = pb.Holder(ssn=first17 + ssn_check_digit(first17), name="测试", birth_date="1980-01-01",
+                      insured=True)
+        c = server.lifecycle.Apply(pb.ApplyRequest(request_id=f"apply-{i}", pack=pb.PACK_SH,
+                                                   holder=h, with_transit=True, instant=True),
+                                   metadata=md("COMMUNITY_OUTLET"))
+        server.lifecycle.Activate(pb.ActivateRequest(request_id=f"act-{i}",
+                                                     card_number=c.card_number),
+                                  metadata=md("ONLINE_PLATFORM"))
+        server.ledger.Transfer(pb.TransferRequest(
+            transfer_id=f"open-{i}", debit=pb.AccountRef(operator="op:topup"),
+            credit=pb.AccountRef(holder=pb.HolderAccountRef(card_number=c.card_number,
+                                                            kind=pb.ACCOUNT_KIND_TRANSIT)),
+            amount_fen=OPENING), metadata=md("CARD_AGENCY"))
+        cards.append(c.card_number)
+    return cards
+
+
+def make_op(rng: random.Random, cards: list[str], uid: str):
+    c = rng.choice(cards)
+    roll = rng.random()
+    if roll < 0.4:
+        return ("Transfer", pb.TransferRequest(
+            transfer_id=uid, debit=pb.AccountRef(operator="op:topup"), amount_fen=rng.randint(1, 999),
+            credit=pb.AccountRef(holder=pb.HolderAccountRef(card_number=c,
+                                                            kind=pb.ACCOUNT_KIND_TRANSIT))),
+            "CARD_AGENCY")
+    if roll < 0.85:
+        return ("Authorize", pb.AuthorizeRequest(request_id=uid, card_number=c,
+                                                 channel=pb.CHANNEL_TRANSIT,
+                                                 amount_fen=rng.randint(1, 999)), "TRANSIT_GATE")
+    method = rng.choice(("LockApplication", "UnlockApplication"))
+    return (method, getattr(pb, method + "Request")(request_id=uid, card_number=c,
+                                                    channel=pb.CHANNEL_SERVICE), "BANK_OUTLET")
+
+
+def check_store(data_dir: str) -> None:
+    store = Store(data_dir)
+    try:
+        store.write(ledger.check_invariants)
+    finally:
+        store.close()
+
+
+def crash_loop(kills: int, seed: int = 1, workdir: str | None = None, clients_n: int = 4,
+               log=print) -> dict:
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        data, clients = os.path.join(tmp, "data"), os.path.join(tmp, "clients.toml")
+        import hashlib
+        with open(clients, "w") as f:
+            for role in ROLES:
+                f.write(f'[[client]]\nid = "{role}"\nrole = "{role}"\ntoken_sha256 = '
+                        f'"{hashlib.sha256(f"crash-{role.lower()}".encode()).hexdigest()}"\n')
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = Server(data, clients, port)
+        cards = setup(server, 8)
+        attempted, acked = {}, {}  # uid -> op ; uid -> answer
+        lost = doubled = 0
+        for k in range(kills):
+            stop = threading.Event()
+
+            def client(cid, server=server, k=k):
+                crng = random.Random(seed * 1_000_003 + k * 101 + cid)
+                i = 0
+                while not stop.is_set():
+                    uid = f"k{k}-c{cid}-{i}"
+                    op = make_op(crng, cards, uid)
+                    attempted[uid] = op
+                    try:
+                        acked[uid] = server.call(op)
+                    except grpc.RpcError as e:
+                        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                        grpc.StatusCode.DEADLINE_EXCEEDED):
+                            return
+                    i += 1
+
+            threads = [threading.Thread(target=client, args=(c,)) for c in range(clients_n)]
+            for t in threads:
+                t.start()
+            time.sleep(rng.uniform(0.05, 0.4))
+            server.kill()
+            stop.set()
+            for t in threads:
+                t.join()
+            check_store(data)
+            server = Server(data, clients, port)
+            before = server.purses(cards)
+            for uid, answer in list(acked.items()):
+                if rng.random() < 0.2 or uid.startswith(f"k{k}-"):  # this round's, and a sample
+                    if server.call(attempted[uid]) != answer:
+                        lost += 1
+            if server.purses(cards) != before:
+                doubled += 1
+            if (k + 1) % 50 == 0:
+                log(f"crash loop: {k + 1} kills, {len(acked):,} acknowledged, lost {lost}, "
+                    f"twice {doubled}")
+        # every attempted id once more: applied now, or before; then the exact sum
+        for uid, op in attempted.items():
+            try:
+                server.call(op)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.FAILED_PRECONDITION:  # a lock already undone
+                    raise
+        expected = {c: OPENING for c in cards}
+        for op in attempted.values():
+            if op[0] == "Transfer":
+                expected[op[1].credit.holder.card_number] += op[1].amount_fen
+            elif op[0] == "Authorize":
+                expected[op[1].card_number] -= op[1].amount_fen
+        final = server.purses(cards)
+        mismatched = sum(final[c][pb.ACCOUNT_KIND_TRANSIT][0] != expected[c] for c in cards)
+        server.kill()
+        check_store(data)
+    return {"kills": kills, "acknowledged": len(acked), "attempted": len(attempted),
+            "lost": lost, "twice": doubled, "purses_off": mismatched}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--kills", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args()
+    t = time.perf_counter()
+    out = crash_loop(args.kills, args.seed)
+    print(f"crash loop: {out['kills']} kills survived in {time.perf_counter() - t:.0f} s; "
+          f"{out['acknowledged']:,} acknowledged of {out['attempted']:,} attempted; lost "
+          f"{out['lost']}, applied twice {out['twice']}, purses off {out['purses_off']}")
+    return 0 if out["lost"] == out["twice"] == out["purses_off"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
