@@ -51,7 +51,8 @@ class Server:
             env={**os.environ, "YIKATONG_CHECK_INVARIANTS": "1"})
         for line in self.proc.stdout:
             if line.startswith("yikatong: serving on"):
-                threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+                self.drain = threading.Thread(target=self.proc.stdout.read, daemon=True)
+                self.drain.start()
                 break
         else:
             raise RuntimeError("server did not start")
@@ -64,6 +65,11 @@ class Server:
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+        self.drain.join()
+        self.proc.stdout.close()
+
+    def close(self):
+        """After the clients using it have stopped."""
         self.channel.close()
 
     def call(self, op):
@@ -173,13 +179,16 @@ def crash_loop(kills: int, seed: int = 1, workdir: str | None = None, clients_n:
             stop.set()
             for t in threads:
                 t.join()
+            server.close()
             check_store(data)
             server = Server(data, clients, port)
             before = server.purses(cards)
-            for uid, answer in list(acked.items()):
-                if rng.random() < 0.2 or uid.startswith(f"k{k}-"):  # this round's, and a sample
-                    if server.call(attempted[uid]) != answer:
-                        lost += 1
+            this_round = [u for u in acked if u.startswith(f"k{k}-")]
+            older = rng.sample(sorted(acked.keys() - set(this_round)),
+                               min(100, len(acked) - len(this_round)))
+            for uid in this_round + older:  # this round's, and a sample of all before
+                if server.call(attempted[uid]) != acked[uid]:
+                    lost += 1
             if server.purses(cards) != before:
                 doubled += 1
             if (k + 1) % 50 == 0:
@@ -201,6 +210,7 @@ def crash_loop(kills: int, seed: int = 1, workdir: str | None = None, clients_n:
         final = server.purses(cards)
         mismatched = sum(final[c][pb.ACCOUNT_KIND_TRANSIT][0] != expected[c] for c in cards)
         server.kill()
+        server.close()
         check_store(data)
     return {"kills": kills, "acknowledged": len(acked), "attempted": len(attempted),
             "lost": lost, "twice": doubled, "purses_off": mismatched}
