@@ -9,7 +9,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import fastpath
 from server import validate
 from server.clients import Clients
-from server.errors import grpc_errors, status_of
+from server.errors import Undecodable, decoder, grpc_errors, status_of
 from storage import records as r
 from storage.lmdb_store import Store
 from storage.records import CardRecord, CorruptRecord
@@ -189,6 +189,8 @@ class Authorization(rpc.AuthorizationServicer):
         try:
             client = self.core.caller(context)
             async for batch in request_iterator:
+                if isinstance(batch, Undecodable):
+                    raise batch.error()
                 yield await self._answer(client, batch.requests)
         except (YikatongError, CorruptRecord) as error:
             await context.abort(status_of(error), str(error))
@@ -551,6 +553,29 @@ class Admin(rpc.AdminServicer):
 
 # --------------------------------------------------------------------- serving
 
+_HANDLER = {(False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def add_service(server, servicer) -> None:
+    """Register a servicer from the proto's own description, as the generated
+    add_*_to_server would, but with a request decoder that turns bytes that are not a valid
+    message into INVALID_ARGUMENT instead of gRPC's UNKNOWN."""
+    name = type(servicer).__name__
+    service = pb.DESCRIPTOR.services_by_name[name]
+    handlers = {
+        m.name: _HANDLER[(m.client_streaming, m.server_streaming)](
+            getattr(servicer, m.name),
+            request_deserializer=decoder(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+        for m in service.methods
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
 async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=None,
                 concurrent_rpcs_max: int = config.concurrent_rpcs_max) -> None:
     core = Core(store, clock, clients)
@@ -561,11 +586,9 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
         ("grpc.max_send_message_length", config.message_size_max),
         ("grpc.so_reuseport", 0),  # one server per port until --workers shares it on purpose
     ])
-    rpc.add_AuthorizationServicer_to_server(Authorization(core), server)
-    rpc.add_CardStatusServicer_to_server(CardStatus(core), server)
-    rpc.add_LifecycleServicer_to_server(Lifecycle(core), server)
-    rpc.add_LedgerServicer_to_server(Ledger(core), server)
-    rpc.add_AdminServicer_to_server(Admin(core), server)
+    for servicer in (Authorization(core), CardStatus(core), Lifecycle(core), Ledger(core),
+                     Admin(core)):
+        add_service(server, servicer)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
