@@ -9,7 +9,7 @@ decided on. The first rule that fails wins, in the table's order. The Cython twi
 (_authorize_c.pyx) must give the same answer for every input; tests check that.
 """
 from storage import records as r
-from storage.records import CardRecord, CorruptRecord
+from storage.records import CorruptRecord, HotCard
 
 APPROVED = 0
 CORRUPT = -1
@@ -34,7 +34,7 @@ def decide(policy: Policy, record, channel: int, now: int, points_required: int,
     if record is None:
         return CARD_NOT_FOUND
     try:
-        card = CardRecord.decode("", record)
+        card = r.hot(record)  # size, version and enum ranges checked; nothing else is read
     except CorruptRecord:
         return CORRUPT
     financial = channel == r.CH_FINANCIAL
@@ -69,17 +69,17 @@ def decide(policy: Policy, record, channel: int, now: int, points_required: int,
     return APPROVED
 
 
-def retired(policy: Policy, card: CardRecord, now: int) -> bool:
+def retired(policy: Policy, card: HotCard, now: int) -> bool:
     moment = policy.retired_at[card.generation]
     return moment != 0 and now >= moment
 
 
-def frozen(policy: Policy, card: CardRecord, now: int) -> bool:
+def frozen(policy: Policy, card: HotCard, now: int) -> bool:
     """SH-18b: frozen until the exact second the 5 days end, then restored by itself."""
     return now < card.temp_loss_at + policy.temp_loss_valid_seconds
 
 
-def loss_stops_financial(card: CardRecord) -> bool:
+def loss_stops_financial(card: HotCard) -> bool:
     """GZ-21 suspends the card's *settlement accounts*, and GZ-13 says those include the
     financial account, so a GZ (and BJ, which follows GZ) loss also stops FINANCIAL. SH-18
     freezes only the social security functions; its bank side is SH-20's own report."""

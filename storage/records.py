@@ -25,6 +25,7 @@ from the LMDB value; change the layout here and there together, and bump VERSION
 """
 import dataclasses
 import struct
+import typing
 
 from yikatong import config
 
@@ -101,16 +102,47 @@ class CardRecord:
 
     @classmethod
     def decode(cls, card_number: str, value: bytes) -> "CardRecord":
-        check(value)
+        try:
+            check(value)
+        except CorruptRecord as e:
+            raise CorruptRecord(f"card {card_number}: {e}; not served") from None
         (_, pack, state, flags, generation, lock_mask, points, temp_loss_at, valid_until,
          holder_id, applied_at, issued_at, loss_reported_at, replaced_by, replaces,
          bank) = LAYOUT.unpack(value)
-        return cls(
-            card_number, pack, state, flags, generation, lock_mask, points, temp_loss_at,
-            valid_until, holder_id, applied_at, issued_at, loss_reported_at,
-            replaced_by.rstrip(b"\0").decode("ascii"), replaces.rstrip(b"\0").decode("ascii"),
-            bank.rstrip(b"\0").decode("utf-8"),
-        )
+        try:
+            texts = (replaced_by.rstrip(b"\0").decode("ascii"),
+                     replaces.rstrip(b"\0").decode("ascii"), bank.rstrip(b"\0").decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise CorruptRecord(f"card record {card_number} has an undecodable field: {e}") from None
+        return cls(card_number, pack, state, flags, generation, lock_mask, points, temp_loss_at,
+                   valid_until, holder_id, applied_at, issued_at, loss_reported_at, *texts)
+
+
+class HotCard(typing.NamedTuple):
+    """The first 24 bytes of a card record: all the decision table reads."""
+
+    version: int
+    pack: int
+    state: int
+    flags: int
+    generation: int
+    lock_mask: int
+    points: int
+    temp_loss_at: int
+    valid_until: int
+
+    def has(self, flag: int) -> bool:
+        return bool(self.flags & flag)
+
+
+HOT = struct.Struct("<BBBBBBHqq")
+assert HOT.size == 24
+
+
+def hot(value) -> HotCard:
+    """The hot header of a stored card record; CorruptRecord unless `check` passes."""
+    check(value)
+    return HotCard._make(HOT.unpack_from(value))
 
 
 def check(value) -> None:

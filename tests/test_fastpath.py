@@ -180,7 +180,7 @@ records = st.builds(
     st.integers(NOW - 10 * 86400, NOW + 86400), st.sampled_from([0, NOW - 1, NOW, NOW + 1]),
 )
 damaged = st.binary(max_size=140) | st.builds(
-    lambda rec, i, b: rec[:i] + bytes([b]) + rec[i + 1:], records, st.integers(0, 23),
+    lambda rec, i, b: rec[:i] + bytes([b]) + rec[i + 1:], records, st.integers(0, 127),
     st.integers(0, 255))
 
 
