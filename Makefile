@@ -31,5 +31,9 @@ bench: $(BIN)/.installed
 crash-loop: $(BIN)/.installed
 	$(BIN)/python bench/crash_loop.py --kills 1000
 
+# The Locust mix for 10 minutes: RSS, descriptors and LMDB readers must not grow.
+soak: $(BIN)/.installed
+	$(BIN)/python bench/soak.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info fastpath/*.c fastpath/*.so yikatong/v1/*_pb2*.py* .data
