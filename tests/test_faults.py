@@ -1,4 +1,5 @@
 """Resource faults: a full store, too many callers, a data dir that cannot be used."""
+import os
 import queue
 import subprocess
 import sys
@@ -69,3 +70,25 @@ def test_a_data_dir_that_is_not_a_directory_is_a_clear_startup_error(tmp_path):
                          timeout=30)
     assert out.returncode == 2
     assert out.stderr.startswith(f"yikatong: cannot use data dir {tmp_path / 'file'}")
+
+
+def test_a_read_only_data_dir_is_a_clear_startup_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:  # root ignores permissions: make the directory immutable instead
+        made = subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode == 0
+        if not made:
+            pytest.skip("running as root on a file system without chattr +i")
+    else:
+        ro.chmod(0o555)
+    try:
+        out = subprocess.run([sys.executable, "-m", "server", "--data-dir", str(ro), "--listen",
+                              "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(ro)])
+        else:
+            ro.chmod(0o755)
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"yikatong: cannot use data dir {ro}:")
+    assert len(out.stderr.strip().splitlines()) == 1
