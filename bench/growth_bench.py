@@ -55,7 +55,7 @@ def main() -> int:
     rng = random.Random(11)
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
-        with tempfile.TemporaryDirectory(dir=".") as tmp:
+        with tempfile.TemporaryDirectory() as tmp:
             made = gen_data.generate(tmp, n)
             rate, per_card = measure(tmp, rng, args.repeat)
             rows.append((n, made["cards"], made["seconds"], rate, per_card))

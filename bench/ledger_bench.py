@@ -77,7 +77,7 @@ def main() -> int:
             requests = [pb.AuthorizeRequest(
                 request_id=f"{mode}-{rep}-{i}", card_number=f"31{rng.randint(1, args.holders):010d}",
                 channel=pb.CHANNEL_TRANSIT, amount_fen=200) for i in range(n)]
-            with tempfile.TemporaryDirectory(dir=".") as tmp:
+            with tempfile.TemporaryDirectory() as tmp:
                 store = setup(tmp, args.holders, group_max)
                 secs = run(store, requests, args.inflight, per_command)
                 with store.read() as txn:  # every debit landed, exactly once

@@ -43,7 +43,7 @@ def machine() -> str:
 
 
 def locust(out_dir: str, seconds: int, users: int, holders: int) -> str:
-    with tempfile.TemporaryDirectory(dir=ROOT) as data:
+    with tempfile.TemporaryDirectory() as data:
         run(out_dir, "gen_data", ["bench/gen_data.py", data, "--holders", str(holders)])
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -46,7 +46,7 @@ def main() -> int:
     p.add_argument("--warmup-seconds", type=float, default=20)
     p.add_argument("--rss-growth-max", type=float, default=0.25, help="fraction")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(dir=ROOT) as data:
+    with tempfile.TemporaryDirectory() as data:
         subprocess.run([sys.executable, "bench/gen_data.py", data, "--holders",
                         str(args.holders)], cwd=ROOT, check=True)
         import socket

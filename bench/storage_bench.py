@@ -151,7 +151,7 @@ def main() -> int:
     holders = [rng.randint(1, args.cards) for _ in range(args.debits)]
     metro = r.operator_account_key("op:metro")
     rates = {}
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         store = lmdb_setup(os.path.join(tmp, "lmdb"), args.cards)
         db = sqlite_setup(tmp, args.cards)
 
