@@ -5,6 +5,7 @@ import tomllib
 
 from yikatong import config
 from yikatong.errors import PermissionDenied, Unauthenticated
+from yikatong.v1 import yikatong_pb2 as pb
 
 ROLES = (
     "TRANSIT_GATE", "MEDICAL_TERMINAL", "BENEFIT_COUNTER", "BANK_SWITCH", "COMMUNITY_OUTLET",
@@ -34,8 +35,6 @@ METHOD_ROLES = {
     "GetBalances": frozenset(TERMINALS | OUTLETS | {"ONLINE_PLATFORM"}),
 }
 METHOD_ROLES["GetStatusBatch"] = METHOD_ROLES["GetStatus"]
-CHANNEL_NAMES = {1: "TRANSIT", 2: "MEDICAL", 3: "BENEFIT", 4: "FINANCIAL", 5: "SERVICE",
-                 6: "STATUS"}
 CHANNEL_ROLES = {
     1: frozenset({"TRANSIT_GATE"}),
     2: frozenset({"MEDICAL_TERMINAL"}),
@@ -57,8 +56,8 @@ class Client:
 
     def require_channel(self, channel: int) -> None:
         if self.role not in CHANNEL_ROLES.get(channel, ()):
-            raise PermissionDenied(f"role {self.role} may not authorize channel {channel} "
-                                   f"({CHANNEL_NAMES.get(channel, 'unknown')})")
+            raise PermissionDenied(f"role {self.role} may not authorize "
+                                   f"{pb.Channel.Name(channel)}")  # validated: a known value
 
 
 class Clients:

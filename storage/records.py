@@ -58,7 +58,11 @@ FLAG_REPLACEMENT_APPLIED = 8  # a replacement was applied for (GZ-22)
 
 def holder_id_of(value) -> int | None:
     """The holder of a stored card record, None if there is none or it is not a valid one."""
-    if value is None or len(value) != SIZE or value[OFF_VERSION] != VERSION:
+    if value is None:
+        return None
+    try:
+        check(value)
+    except CorruptRecord:
         return None
     return struct.unpack_from("<Q", value, OFF_HOLDER_ID)[0]
 

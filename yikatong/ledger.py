@@ -46,17 +46,23 @@ def _held_index_key(key: bytes, timeout_at: int, transfer_id: str) -> bytes:
     return key.ljust(KEY_WIDTH, b"\0") + _U64.pack(timeout_at) + transfer_id.encode("utf-8")
 
 
-def expired_held(book, key: bytes, now: int) -> int:
-    """Fen held on `key` by holds already past their timeout but not yet swept."""
+def _holds(book, key: bytes) -> list[tuple[int, str, int]]:
+    """The open holds on an account as (timeout_at, transfer id, fen), soonest first."""
     prefix = key.ljust(KEY_WIDTH, b"\0")
-    total = 0
+    out = []
     with book.txn.cursor(db=book.dbs.holds_by_account) as cur:
         if cur.set_range(prefix):
             for k, v in cur:
-                if k[:KEY_WIDTH] != prefix or _U64.unpack_from(k, KEY_WIDTH)[0] > now:
+                if k[:KEY_WIDTH] != prefix:
                     break
-                total += _I64.unpack(v)[0]
-    return total
+                out.append((_U64.unpack_from(k, KEY_WIDTH)[0],
+                            bytes(k[KEY_WIDTH + 8:]).decode("utf-8"), _I64.unpack(v)[0]))
+    return out
+
+
+def expired_held(book, key: bytes, now: int) -> int:
+    """Fen held on `key` by holds already past their timeout but not yet swept."""
+    return sum(fen for timeout_at, _, fen in _holds(book, key) if timeout_at <= now)
 
 
 def available(book, key: bytes, now: int) -> int:
@@ -68,28 +74,22 @@ def available(book, key: bytes, now: int) -> int:
 def _sweep_account(book, key: bytes, now: int) -> None:
     """Release this account's holds whose timeout has come, before money moves on it, so
     that what `available()` counted as released lazily is released on disk too."""
-    prefix = key.ljust(KEY_WIDTH, b"\0")
-    due = []
-    with book.txn.cursor(db=book.dbs.holds_by_account) as cur:
-        if cur.set_range(prefix):
-            for k in cur.iternext(values=False):
-                if k[:KEY_WIDTH] != prefix or _U64.unpack_from(k, KEY_WIDTH)[0] > now:
-                    break
-                due.append(bytes(k[KEY_WIDTH + 8:]).decode("utf-8"))
-    for pending_id in due:
-        _release(book, pending_id, get(book, pending_id), r.S_EXPIRED, 0)
+    for timeout_at, pending_id, _ in _holds(book, key):
+        if timeout_at <= now:
+            _release(book, pending_id, get(book, pending_id), r.S_EXPIRED, 0)
 
 
 def open_holds(book, key: bytes) -> int:
-    prefix = key.ljust(KEY_WIDTH, b"\0")
-    n = 0
-    with book.txn.cursor(db=book.dbs.holds_by_account) as cur:
-        if cur.set_range(prefix):
-            for k in cur.iternext(values=False):
-                if k[:KEY_WIDTH] != prefix or n > config.holds_per_account_max:
-                    break
-                n += 1
-    return n
+    return len(_holds(book, key))
+
+
+def _add_totals(book, pending: int, posted: int) -> None:
+    """The running totals of the four balance columns, asserted equal after every change."""
+    value = book.txn.get(_TOTALS_KEY, db=book.dbs.meta)
+    dp, dpost, cp, cpost = _TOTALS.unpack(value) if value is not None else (0, 0, 0, 0)
+    dp, dpost, cp, cpost = dp + pending, dpost + posted, cp + pending, cpost + posted
+    assert dp == cp and dpost == cpost, "ledger totals out of balance"
+    book.txn.put(_TOTALS_KEY, _TOTALS.pack(dp, dpost, cp, cpost), db=book.dbs.meta)
 
 
 def _move(book, debit: bytes, credit: bytes, pending: int, posted: int) -> None:
@@ -107,11 +107,7 @@ def _move(book, debit: bytes, credit: bytes, pending: int, posted: int) -> None:
         if r.is_holder_account(key):  # holder accounts never go below zero
             assert a.credits_posted - a.debits_posted - a.debits_pending >= 0, key
         book.txn.put(key, a.encode(), db=book.dbs.accounts)
-    value = book.txn.get(_TOTALS_KEY, db=book.dbs.meta)
-    dp, dpost, cp, cpost = _TOTALS.unpack(value) if value is not None else (0, 0, 0, 0)
-    dp, dpost, cp, cpost = dp + pending, dpost + posted, cp + pending, cpost + posted
-    assert dp == cp and dpost == cpost, "ledger totals out of balance"
-    book.txn.put(_TOTALS_KEY, _TOTALS.pack(dp, dpost, cp, cpost), db=book.dbs.meta)
+    _add_totals(book, pending, posted)
 
 
 def open_balances(book, source: bytes, entries) -> int:
@@ -126,9 +122,7 @@ def open_balances(book, source: bytes, entries) -> int:
     s = account(book, source)
     s.debits_posted += total
     book.txn.put(source, s.encode(), db=book.dbs.accounts)
-    value = book.txn.get(_TOTALS_KEY, db=book.dbs.meta)
-    dp, dpost, cp, cpost = _TOTALS.unpack(value) if value is not None else (0, 0, 0, 0)
-    book.txn.put(_TOTALS_KEY, _TOTALS.pack(dp, dpost + total, cp, cpost + total), db=book.dbs.meta)
+    _add_totals(book, 0, total)
     return total
 
 
