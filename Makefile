@@ -7,9 +7,10 @@ DATA ?= .data/demo
 
 .PHONY: run test lint bench crash-loop soak clean
 
-$(BIN)/.installed: pyproject.toml setup.py fastpath/_authorize_c.pyx $(wildcard proto/yikatong/v1/*.proto)
+# Exact versions from constraints.txt (the package metadata gives ranges).
+$(BIN)/.installed: pyproject.toml setup.py constraints.txt fastpath/_authorize_c.pyx $(wildcard proto/yikatong/v1/*.proto)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test]'
+	PIP_CONSTRAINT=constraints.txt $(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 run: $(BIN)/.installed
@@ -19,8 +20,10 @@ run: $(BIN)/.installed
 test: $(BIN)/.installed
 	YIKATONG_REQUIRE_EXTENSIONS=1 $(BIN)/pytest
 
+# ruff (pyflakes, pycodestyle, import order, bugbear) everywhere; mypy on the domain and storage.
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # A bounded run (about 5 minutes on 2 cores); results in bench/results/<date>/summary.md.
 # BENCH_ARGS=--with-postgres adds PostgreSQL to the storage comparison.
@@ -36,4 +39,4 @@ soak: $(BIN)/.installed
 	$(BIN)/python bench/soak.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info fastpath/*.c fastpath/*.so yikatong/v1/*_pb2*.py* .data
+	rm -rf $(VENV) build *.egg-info dist fastpath/*.c fastpath/*.so yikatong/v1/*_pb2*.py* .data

@@ -28,8 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from server.clients import ROLES  # noqa: E402
-from storage.lmdb_store import Store  # noqa: E402
+from yikatong.server.clients import ROLES  # noqa: E402
+from yikatong.storage.lmdb_store import Store  # noqa: E402
 from yikatong import ledger  # noqa: E402
 from yikatong.v1 import yikatong_pb2 as pb, yikatong_pb2_grpc as rpc  # noqa: E402
 
@@ -45,7 +45,7 @@ class Server:
     def __init__(self, data_dir: str, clients: str, port: int):
         self.address = f"127.0.0.1:{port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--data-dir", data_dir, "--listen", self.address,
+            [sys.executable, "-m", "yikatong", "serve", "--data-dir", data_dir, "--listen", self.address,
              "--clients", clients, "--clock", "manual", "--clock-start", START],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "YIKATONG_CHECK_INVARIANTS": "1"})

@@ -16,10 +16,10 @@ import sys
 import tempfile
 import time
 
-from fastpath import _authorize_c, _authorize_py
-from storage import records as r
-from storage.lmdb_store import Store
-from storage.records import CardRecord
+from yikatong.fastpath import _authorize_c, _authorize_py
+from yikatong.storage import records as r
+from yikatong.storage.lmdb_store import Store
+from yikatong.storage.records import CardRecord
 from yikatong import config
 
 NOW = 1_790_000_000

@@ -21,10 +21,10 @@ import struct
 import sys
 import time
 
-from server.clients import ROLES
-from storage import records as r
-from storage.lmdb_store import Store
-from storage.records import CardRecord
+from yikatong.server.clients import ROLES
+from yikatong.storage import records as r
+from yikatong.storage.lmdb_store import Store
+from yikatong.storage.records import CardRecord
 from yikatong import config, ledger
 
 NOW = int(time.time())

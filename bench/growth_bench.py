@@ -14,8 +14,8 @@ import tempfile
 import time
 
 import gen_data
-from fastpath import _authorize_c
-from storage.lmdb_store import Store
+from yikatong.fastpath import _authorize_c
+from yikatong.storage.lmdb_store import Store
 from yikatong import config
 
 REQUESTS = 200_000

@@ -20,11 +20,11 @@ import sys
 import tempfile
 import time
 
-from server.app import Authorization, Core
-from server.clients import Clients
-from storage import records as r
-from storage.lmdb_store import Store
-from storage.records import CardRecord
+from yikatong.server.app import Authorization, Core
+from yikatong.server.clients import Clients
+from yikatong.storage import records as r
+from yikatong.storage.lmdb_store import Store
+from yikatong.storage.records import CardRecord
 from yikatong import clock as clocks, config, ledger
 from yikatong.v1 import yikatong_pb2 as pb
 

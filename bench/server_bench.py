@@ -128,7 +128,7 @@ def main() -> int:
     args = p.parse_args()
     ours, echo = free_address(), free_address()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [start(["-m", "server", "--demo", "--data-dir", tmp, "--listen", ours],
+        procs = [start(["-m", "yikatong", "serve", "--demo", "--data-dir", tmp, "--listen", ours],
                        "yikatong: serving on"),
                  start(["bench/echo_server.py", echo], "echo: serving on")]
         try:

@@ -53,7 +53,7 @@ def main() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             address = f"127.0.0.1:{s.getsockname()[1]}"
-        server = subprocess.Popen([sys.executable, "-m", "server", "--data-dir", data,
+        server = subprocess.Popen([sys.executable, "-m", "yikatong", "serve", "--data-dir", data,
                                    "--clients", os.path.join(data, "clients.toml"),
                                    "--listen", address], cwd=ROOT, stdout=subprocess.PIPE,
                                   text=True)

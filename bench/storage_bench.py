@@ -28,9 +28,9 @@ import sys
 import tempfile
 import time
 
-from storage import records as r
-from storage.lmdb_store import Store
-from storage.records import CardRecord
+from yikatong.storage import records as r
+from yikatong.storage.lmdb_store import Store
+from yikatong.storage.records import CardRecord
 from yikatong import ledger
 
 NOW = 1_790_000_000

@@ -3,13 +3,13 @@ with YIKATONG_REQUIRE_EXTENSIONS=1 a missing compiled module is an error, never 
 fallback (the aio-libs / py-lmdb convention). Both stay importable by name."""
 import os
 
-from fastpath import _authorize_py
+from yikatong.fastpath import _authorize_py
 
 if os.environ.get("YIKATONG_NO_EXTENSIONS"):
     impl = _authorize_py
 else:
     try:
-        from fastpath import _authorize_c as impl
+        from yikatong.fastpath import _authorize_c as impl
     except ImportError:
         if os.environ.get("YIKATONG_REQUIRE_EXTENSIONS"):
             raise

@@ -3,19 +3,29 @@
 `decide(policy, record, channel, now, points_required, amount, available)` takes the raw card
 record bytes as stored in LMDB (None if there is no such card), the fen asked for (`amount`,
 0 = no money) and the fen available in the account it would debit, and returns the decline
-reason (the values of
-yikatong.v1.DeclineReason), APPROVED (0), or CORRUPT (-1) for a record that must not be
-decided on. The first rule that fails wins, in the table's order. The Cython twin
-(_authorize_c.pyx) must give the same answer for every input; tests check that.
+reason (model.Reason, the values of yikatong.v1.DeclineReason), APPROVED (0), or CORRUPT (-1)
+for a record that must not be decided on. The first rule that fails wins, in the table's
+order. The Cython twin (_authorize_c.pyx) must give the same answer for every input; tests
+check that.
 """
-from storage import records as r
-from storage.records import CorruptRecord, HotCard
+from yikatong.errors import CorruptRecord
+from yikatong.model import Channel, Flag, Pack, Reason, State
+from yikatong.storage.records import HotCard, hot
 
-APPROVED = 0
+APPROVED = int(Reason.APPROVED)
 CORRUPT = -1
+# Plain ints on the hot loop (an enum member is a slower name to look up).
 (CARD_NOT_FOUND, CARD_SUPERSEDED, CARD_CANCELLED, GENERATION_RETIRED, CARD_NOT_ISSUED,
  CARD_NOT_ACTIVATED, CARD_LOST, CARD_FROZEN, RC_NOT_RENEWED, APPLICATION_LOCKED,
- FUNCTION_NOT_OPEN, FINANCIAL_FROZEN, NOT_ENTITLED, INSUFFICIENT_FUNDS) = range(1, 15)
+ FUNCTION_NOT_OPEN, FINANCIAL_FROZEN, NOT_ENTITLED, INSUFFICIENT_FUNDS) = map(int, list(Reason)[1:])
+_SUPERSEDED, _CANCELLED, _ISSUED, _LOST, _TEMP_LOSS = map(int, (
+    State.SUPERSEDED, State.CANCELLED, State.ISSUED, State.LOST, State.TEMP_LOSS))
+_NOT_ISSUED = frozenset(map(int, (State.APPLIED, State.VERIFIED, State.REJECTED)))
+_TRANSIT, _FINANCIAL, _SERVICE = int(Channel.TRANSIT), int(Channel.FINANCIAL), int(Channel.SERVICE)
+_FLAG_TRANSIT, _FLAG_FIN_OPEN, _FLAG_FIN_FROZEN = map(int, (
+    Flag.TRANSIT, Flag.FINANCIAL_OPEN, Flag.FINANCIAL_FROZEN))
+_RC = int(Pack.RC)
+_LOSS_STOPS_FINANCIAL = frozenset(map(int, (Pack.GZ, Pack.BJ)))
 
 
 class Policy:
@@ -34,35 +44,35 @@ def decide(policy: Policy, record, channel: int, now: int, points_required: int,
     if record is None:
         return CARD_NOT_FOUND
     try:
-        card = r.hot(record)  # size, version and enum ranges checked; nothing else is read
+        card = hot(record)  # size, version and enum ranges checked; nothing else is read
     except CorruptRecord:
         return CORRUPT
-    financial = channel == r.CH_FINANCIAL
-    if card.state == r.SUPERSEDED:  # SH-23c
+    financial = channel == _FINANCIAL
+    if card.state == _SUPERSEDED:  # SH-23c
         return CARD_SUPERSEDED
-    if card.state == r.CANCELLED:  # GZ-26, RC-16
+    if card.state == _CANCELLED:  # GZ-26, RC-16
         return CARD_CANCELLED
     if retired(policy, card, now):  # SH-30
         return GENERATION_RETIRED
-    if card.state in (r.APPLIED, r.VERIFIED, r.REJECTED):
+    if card.state in _NOT_ISSUED:
         return CARD_NOT_ISSUED
-    if card.state == r.ISSUED and not financial:  # SH-12
+    if card.state == _ISSUED and not financial:  # SH-12
         return CARD_NOT_ACTIVATED
-    if card.state == r.LOST and (not financial or loss_stops_financial(card)):
+    if card.state == _LOST and (not financial or loss_stops_financial(card)):
         return CARD_LOST
-    if card.state == r.TEMP_LOSS and not financial and frozen(policy, card, now):
+    if card.state == _TEMP_LOSS and not financial and frozen(policy, card, now):
         return CARD_FROZEN
-    if card.pack == r.PACK_RC and card.valid_until and now >= card.valid_until:  # RC-14
+    if card.pack == _RC and card.valid_until and now >= card.valid_until:  # RC-14
         return RC_NOT_RENEWED
     if card.lock_mask & (1 << channel):  # GZ-6
         return APPLICATION_LOCKED
-    if channel == r.CH_TRANSIT and not card.has(r.FLAG_TRANSIT):  # SH-13
+    if channel == _TRANSIT and not card.flags & _FLAG_TRANSIT:  # SH-13
         return FUNCTION_NOT_OPEN
-    if financial and not card.has(r.FLAG_FINANCIAL_OPEN):  # SH-14
+    if financial and not card.flags & _FLAG_FIN_OPEN:  # SH-14
         return FUNCTION_NOT_OPEN
-    if financial and card.has(r.FLAG_FINANCIAL_FROZEN):  # SH-20
+    if financial and card.flags & _FLAG_FIN_FROZEN:  # SH-20
         return FINANCIAL_FROZEN
-    if channel == r.CH_SERVICE and card.pack == r.PACK_RC and card.points < points_required:
+    if channel == _SERVICE and card.pack == _RC and card.points < points_required:
         return NOT_ENTITLED  # RC-20
     if amount > available:  # a debit larger than the balance less holds
         return INSUFFICIENT_FUNDS
@@ -83,4 +93,4 @@ def loss_stops_financial(card: HotCard) -> bool:
     """GZ-21 suspends the card's *settlement accounts*, and GZ-13 says those include the
     financial account, so a GZ (and BJ, which follows GZ) loss also stops FINANCIAL. SH-18
     freezes only the social security functions; its bank side is SH-20's own report."""
-    return card.pack in (r.PACK_GZ, r.PACK_BJ)
+    return card.pack in _LOSS_STOPS_FINANCIAL

@@ -32,6 +32,8 @@ def main(argv=None) -> int:
                    help="LMDB map size: the most the store may hold (grows on disk as used)")
     s.add_argument("--max-concurrent-rpcs", type=int, default=config.concurrent_rpcs_max,
                    help="calls in progress at once; more are refused RESOURCE_EXHAUSTED")
+    s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="JSON lines on stderr; info logs one line per call")
 
     for name, helptext in (("authorize", "ask whether a card may be used"),
                            ("status", "read a card's status")):
@@ -59,12 +61,15 @@ def _fail(message: str) -> int:
 def serve(args) -> int:
     import uvloop
 
-    from server import demo
-    from server.app import serve as run_server
-    from server.clients import Clients
-    from storage.lmdb_store import Store
     from yikatong import clock as clocks, ledger
     from yikatong.errors import StoreUnavailable
+    from yikatong.server import demo, log
+    from yikatong.server.app import serve as run_server
+    from yikatong.server.clients import Clients
+    from yikatong.server.roles import TableError
+    from yikatong.storage.lmdb_store import Store
+
+    log.setup(args.log_level)
 
     if args.map_size_mib < 1 or args.max_concurrent_rpcs < 1:
         return _fail("--map-size-mib and --max-concurrent-rpcs must be at least 1")
@@ -80,8 +85,8 @@ def serve(args) -> int:
             return _fail("--clock-start needs --clock manual")
         else:
             clock = clocks.SystemClock()
-    except ValueError:
-        return _fail(f"--clock-start {args.clock_start!r} is not ISO-8601")
+    except ValueError as error:
+        return _fail(f"--clock-start {args.clock_start!r}: {error}")
     clients = Clients()
     try:
         if args.clients:
@@ -94,8 +99,11 @@ def serve(args) -> int:
     if problem:
         return _fail(f"cannot listen on {args.listen}: {problem}")
     try:
+        def sweep_expired_holds(book):
+            ledger.expire_holds(book, clock.now())
+
         store = Store(args.data_dir, map_size=args.map_size_mib * 2**20,
-                      idle_command=lambda book: ledger.expire_holds(book, clock.now()),
+                      periodic=sweep_expired_holds,
                       check_command=ledger.check_invariants if CHECK_INVARIANTS else None)
     except StoreUnavailable as error:
         return _fail(str(error))
@@ -115,7 +123,7 @@ def serve(args) -> int:
         try:
             uvloop.run(run_server(store, clock, clients, args.listen, on_ready=ready,
                                   concurrent_rpcs_max=args.max_concurrent_rpcs))
-        except OSError as error:
+        except (OSError, TableError) as error:
             return _fail(str(error))
     finally:
         store.close()
@@ -143,8 +151,8 @@ def _probe_listen(listen: str) -> str:
 
 
 def _print_demo(store, listen: str) -> None:
-    from server import demo
-    from server.clients import ROLES
+    from yikatong.server import demo
+    from yikatong.server.clients import ROLES
 
     print("\nDemo tokens (guessable: demo only):")
     for role in ROLES:

@@ -4,16 +4,14 @@ client per role. Deterministic (seeded), loaded only into an empty data dir."""
 import hashlib
 import random
 
-from storage import records as r
 from yikatong import cards
-from yikatong.v1 import yikatong_pb2 as pb
-from server.clients import ROLES
+from yikatong.model import Channel, Eligibility, Flag, HolderInfo, Pack, ReplaceReason, Role
 
 HOLDERS = 10_000
 CHUNK = 1_000  # holders per write transaction
 DAY = 86400
 _SHOWCASE_KEY = b"demo:showcase"
-_REGION = {r.PACK_SH: "310101", r.PACK_GZ: "440103", r.PACK_BJ: "110101", r.PACK_RC: "420102"}
+_REGION = {Pack.SH: "310101", Pack.GZ: "440103", Pack.BJ: "110101", Pack.RC: "420102"}
 _SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗"
 _GIVEN = "伟芳娜秀英敏静丽强磊军洋勇艳杰娟涛明超兰霞平刚桂"
 _BANKS = ("ICBC", "ABC", "BOC", "CCB", "BOCOM", "SPDB", "BOSC")
@@ -30,8 +28,9 @@ def token_for(role: str) -> str:
 
 
 def add_demo_clients(clients) -> None:
-    for role in ROLES:
-        clients.add(f"demo-{role.lower()}", role, hashlib.sha256(token_for(role).encode()).hexdigest())
+    for role in Role:
+        clients.add(f"demo-{role.name.lower()}", role.name,
+                    hashlib.sha256(token_for(role.name).encode()).hexdigest())
 
 
 def _ssn(rng: random.Random, pack: int, i: int) -> tuple[str, str]:
@@ -40,34 +39,41 @@ def _ssn(rng: random.Random, pack: int, i: int) -> tuple[str, str]:
     return first17 + cards.ssn_check_digit(first17), birth
 
 
-def _holder(rng, pack, i) -> tuple[str, bytes]:
+def _holder(rng, pack, i) -> HolderInfo:
     ssn, birth = _ssn(rng, pack, i)
-    h = pb.Holder(ssn=ssn, name=rng.choice(_SURNAMES) + rng.choice(_GIVEN) + rng.choice(_GIVEN),
-                  gender=rng.choice(("M", "F")), birth_date=birth, nationality="CN",
-                  phone=f"13{rng.randint(0, 999_999_999):09d}", address=f"demo address {i}",
-                  occupation="demo")
-    return ssn, h.SerializeToString(deterministic=True)
+    return HolderInfo(ssn=ssn, name=rng.choice(_SURNAMES) + rng.choice(_GIVEN) + rng.choice(_GIVEN),
+                      gender=rng.choice(("M", "F")), birth_date=birth, nationality="CN",
+                      phone=f"13{rng.randint(0, 999_999_999):09d}", address=f"demo address {i}",
+                      occupation="demo")
+
+
+def _eligible(pack: int, t: int) -> Eligibility:
+    """Every demo holder may apply: registered and insured where they apply; RC holders have
+    lived in Shanghai for years, for work."""
+    return Eligibility(household_registered=True, insured=True, entitled_public_services=True,
+                       residence_registered_since="2015-01-01",
+                       residence_basis=1 if pack == Pack.RC else 0)
 
 
 def _make(book, rng, i: int, now: int):
     """One holder and their card(s), walked through the real rules to a target state.
     Returns (target, card number, pack, record) for the showcase."""
-    pack = rng.choices((r.PACK_SH, r.PACK_GZ, r.PACK_BJ, r.PACK_RC), (40, 25, 20, 15))[0]
+    pack = rng.choices((Pack.SH, Pack.GZ, Pack.BJ, Pack.RC), (40, 25, 20, 15))[0]
     target = rng.choices([t for t, _ in _TARGETS], [w for _, w in _TARGETS])[0]
-    if pack == r.PACK_RC and target in ("TEMP_LOSS", "TEMP_LOSS_LAPSED", "BANK_FROZEN",
+    if pack == Pack.RC and target in ("TEMP_LOSS", "TEMP_LOSS_LAPSED", "BANK_FROZEN",
                                         "RETIRED_GENERATION", "ISSUED"):
         target = "ACTIVE"
-    if pack != r.PACK_SH and target in ("TEMP_LOSS", "TEMP_LOSS_LAPSED", "RETIRED_GENERATION"):
+    if pack != Pack.SH and target in ("TEMP_LOSS", "TEMP_LOSS_LAPSED", "RETIRED_GENERATION"):
         target = "LOST" if target != "RETIRED_GENERATION" else "ACTIVE"
-    if pack != r.PACK_RC and target == "RC_EXPIRED":
+    if pack != Pack.RC and target == "RC_EXPIRED":
         target = "ACTIVE"
     t = now - 300 * DAY if target != "RC_EXPIRED" else now - 400 * DAY
-    ssn, pii = _holder(rng, pack, i)
-    while book.holder(ssn) is not None:  # an ID number drawn twice: draw another
-        ssn, pii = _holder(rng, pack, i)
-    rec = cards.apply(book, t, pack=pack, ssn=ssn, merge_pii=lambda stored: pii,
-                      with_transit=pack != r.PACK_RC and rng.random() < 0.8,
-                      service_bank="" if pack == r.PACK_RC else rng.choice(_BANKS), instant=False)
+    holder = _holder(rng, pack, i)
+    while book.holder(holder.ssn) is not None:  # an ID number drawn twice: draw another
+        holder = _holder(rng, pack, i)
+    rec = cards.apply(book, t, pack=pack, holder=holder, eligibility=_eligible(pack, t),
+                      with_transit=pack != Pack.RC and rng.random() < 0.8,
+                      service_bank="" if pack == Pack.RC else rng.choice(_BANKS), instant=False)
     n = rec.card_number
     if target == "APPLIED":
         return target, rec
@@ -77,9 +83,9 @@ def _make(book, rng, i: int, now: int):
     if target == "VERIFIED":
         return target, rec
     rec = cards.issue(book, t + 10 * DAY, n)
-    if target == "ISSUED" or pack == r.PACK_RC and target == "RC_EXPIRED":
+    if target == "ISSUED" or pack == Pack.RC and target == "RC_EXPIRED":
         return target, rec
-    if pack != r.PACK_RC:
+    if pack != Pack.RC:
         rec = cards.activate(book, t + 12 * DAY, n)
         if rng.random() < 0.6 or target == "BANK_FROZEN":
             rec = cards.open_financial(book, t + 12 * DAY, n, rec.service_bank)
@@ -91,10 +97,10 @@ def _make(book, rng, i: int, now: int):
         rec = cards.report_loss(book, now - 3 * DAY, n)
     elif target in ("REPLACED", "REPLACEMENT_PENDING"):
         cards.report_loss(book, now - 20 * DAY, n)
-        new = cards.replace(book, now - 19 * DAY, n, cards.REPLACE_LOST, False)
+        new = cards.replace(book, now - 19 * DAY, n, ReplaceReason.LOST, False)
         if target == "REPLACED":
             cards.issue(book, now - 10 * DAY, new.card_number)
-            if pack != r.PACK_RC:
+            if pack != Pack.RC:
                 cards.activate(book, now - 9 * DAY, new.card_number)
         rec = book.card(n)
     elif target == "CANCELLED":
@@ -102,40 +108,41 @@ def _make(book, rng, i: int, now: int):
     elif target == "BANK_FROZEN":
         rec = cards.report_bank_loss(book, now - 2 * DAY, n)
     elif target == "LOCKED":
-        rec = cards.lock_application(book, now - 2 * DAY, n, r.CH_MEDICAL, True)
+        rec = cards.lock_application(book, now - 2 * DAY, n, Channel.MEDICAL, True)
     elif target == "RETIRED_GENERATION":
         rec.generation = 1  # a migrated card of the generation SH-30 retired
-        book.put_card(rec)
+        book.put_card(rec, t)
     return target, rec
 
 
 # What to ask of each showcase card, and the answer the decision table gives.
 _SHOW = (
-    ("ACTIVE", "transit", "APPROVED", lambda c: c.has(r.FLAG_TRANSIT) and c.pack == r.PACK_SH),
-    ("ACTIVE", "medical", "APPROVED", lambda c: c.pack == r.PACK_GZ),
+    ("ACTIVE", "transit", "APPROVED", lambda c: c.has(Flag.TRANSIT) and c.pack == Pack.SH),
+    ("ACTIVE", "medical", "APPROVED", lambda c: c.pack == Pack.GZ),
     ("REPLACED", "medical", "CARD_SUPERSEDED", None),
     ("CANCELLED", "medical", "CARD_CANCELLED", None),
     ("RETIRED_GENERATION", "medical", "GENERATION_RETIRED", None),
     ("APPLIED", "medical", "CARD_NOT_ISSUED", None),
     ("ISSUED", "medical", "CARD_NOT_ACTIVATED", None),
-    ("LOST", "medical", "CARD_LOST", lambda c: c.pack == r.PACK_SH),
-    ("TEMP_LOSS", "transit", "CARD_FROZEN", lambda c: c.has(r.FLAG_TRANSIT)),
+    ("LOST", "medical", "CARD_LOST", lambda c: c.pack == Pack.SH),
+    ("TEMP_LOSS", "transit", "CARD_FROZEN", lambda c: c.has(Flag.TRANSIT)),
     ("TEMP_LOSS_LAPSED", "medical", "APPROVED", None),
     ("RC_EXPIRED", "service", "RC_NOT_RENEWED", None),
     ("LOCKED", "medical", "APPLICATION_LOCKED", None),
-    ("ACTIVE", "transit", "FUNCTION_NOT_OPEN", lambda c: not c.has(r.FLAG_TRANSIT)
-     and c.pack != r.PACK_RC),
+    ("ACTIVE", "transit", "FUNCTION_NOT_OPEN", lambda c: not c.has(Flag.TRANSIT)
+     and c.pack != Pack.RC),
     ("BANK_FROZEN", "financial", "FINANCIAL_FROZEN", None),
-    ("ACTIVE", "service:RC_POINTS_SCHOOL_ENTRY", "NOT_ENTITLED", lambda c: c.pack == r.PACK_RC),
+    ("ACTIVE", "service:RC_POINTS_SCHOOL_ENTRY", "NOT_ENTITLED", lambda c: c.pack == Pack.RC),
 )
 
 
 def load(store, now: int) -> None:
     """Fill an empty store with the demo set (idempotent: a store loaded before is kept)."""
     with store.read() as txn:
-        if txn.get(_SHOWCASE_KEY, db=store.dbs.meta) is not None:
+        book = store.book(txn)
+        if book.meta(_SHOWCASE_KEY) is not None:
             return
-        if txn.stat(store.dbs.cards)["entries"]:
+        if book.card_count():
             raise ValueError(f"--demo needs an empty data dir; {store.data_dir} holds other cards")
     rng = random.Random(20261124)
     found: dict[int, str] = {}
@@ -155,7 +162,7 @@ def load(store, now: int) -> None:
              if k in found]
 
     def finish(book):
-        book.txn.put(_SHOWCASE_KEY, "\n".join(lines).encode(), db=book.dbs.meta)
+        book.put_meta(_SHOWCASE_KEY, "\n".join(lines).encode())
     store.write(finish)
 
 
@@ -166,9 +173,9 @@ _CHANNEL_ROLE = {"transit": "TRANSIT_GATE", "medical": "MEDICAL_TERMINAL",
 def showcase(store, listen: str) -> list[tuple[str, str]]:
     """(command to paste, the answer it prints) for each showcase card."""
     with store.read() as txn:
-        value = txn.get(_SHOWCASE_KEY, db=store.dbs.meta)
+        value = store.book(txn).meta(_SHOWCASE_KEY)
     out = []
-    for line in bytes(value).decode().splitlines() if value is not None else []:
+    for line in value.decode().splitlines() if value is not None else []:
         card, channel, answer = line.split()
         channel, _, code = channel.partition(":")
         command = (f".venv/bin/yikatong authorize --target {listen} --token "

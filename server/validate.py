@@ -1,8 +1,16 @@
-"""Checks at the edge: every field from outside, with a message naming the field."""
-from storage import records
+"""Checks at the edge: every field from outside, with a message naming the field. A field
+that is stored in a fixed width is checked here in bytes, so nothing is ever cut short on
+disk (storage/records.py asserts the same before writing)."""
+import re
+
 from yikatong import config
 from yikatong.errors import InvalidArgument
+from yikatong.storage import records
 from yikatong.v1 import yikatong_pb2 as pb
+
+# Control characters (C0, DEL, C1) and the bidirectional controls that make a text read
+# otherwise than it is stored (Trojan Source): refused in every text field.
+_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def card_number(value: str, field: str = "card_number") -> str:
@@ -18,9 +26,19 @@ def card_number(value: str, field: str = "card_number") -> str:
 def request_id(value: str, field: str = "request_id") -> str:
     if not value:
         raise InvalidArgument(field, "is required (it is the idempotency key)")
-    if len(value) > config.request_id_length_max:
-        raise InvalidArgument(field, f"is longer than {config.request_id_length_max} characters")
+    size = len(value.encode("utf-8"))
+    if size > config.request_id_bytes_max:
+        raise InvalidArgument(field, f"is {size} bytes in UTF-8; at most "
+                              f"{config.request_id_bytes_max} bytes")
+    if _FORBIDDEN.search(value):
+        raise InvalidArgument(field, "must not contain control or bidirectional-control "
+                              "characters")
     return value
+
+
+def plain_request_id(value: str) -> bool:
+    """The common case, cheaply: printable ASCII within the limit (else `request_id` says why)."""
+    return 0 < len(value) <= config.request_id_bytes_max and value.isascii() and value.isprintable()
 
 
 def text(value: str, field: str, *, required: bool = False,
@@ -29,15 +47,16 @@ def text(value: str, field: str, *, required: bool = False,
         raise InvalidArgument(field, "is required")
     if len(value) > length_max:
         raise InvalidArgument(field, f"is longer than {length_max} characters")
-    if any(ord(c) < 32 for c in value):
-        raise InvalidArgument(field, "must not contain control characters")
+    if _FORBIDDEN.search(value):
+        raise InvalidArgument(field, "must not contain control or bidirectional-control "
+                              "characters")
     return value
 
 
 def bank(value: str, field: str, *, required: bool) -> str:
     text(value, field, required=required)
-    if len(value.encode("utf-8")) > records.service_bank_bytes_max:
-        raise InvalidArgument(field, f"is longer than {records.service_bank_bytes_max} bytes")
+    if len(value.encode("utf-8")) > records.SERVICE_BANK_BYTES:
+        raise InvalidArgument(field, f"is longer than {records.SERVICE_BANK_BYTES} bytes")
     return value
 
 
@@ -64,7 +83,7 @@ def authorize_request(req, field: str = "") -> None:
     """The hot path's check: cheap comparisons first; the detailed checks (and their
     messages) run only for a request that is not plainly valid."""
     rid, number = req.request_id, req.card_number
-    if not (0 < len(rid) <= config.request_id_length_max):
+    if not plain_request_id(rid):
         request_id(rid, field + "request_id")
     if not (0 < len(number) <= config.card_number_length_max and number.isdigit()
             and number.isascii()):
@@ -74,9 +93,9 @@ def authorize_request(req, field: str = "") -> None:
     if req.phase not in _PHASES:
         enum(req.phase, pb.Phase, field + "phase", allow_unspecified=True)
     if req.terminal_id:
-        text(req.terminal_id, field + "terminal_id", length_max=config.request_id_length_max)
+        text(req.terminal_id, field + "terminal_id", length_max=config.request_id_bytes_max)
     if req.service_code:
-        text(req.service_code, field + "service_code", length_max=config.request_id_length_max)
+        text(req.service_code, field + "service_code", length_max=config.request_id_bytes_max)
     if (req.amount_fen or req.phase or req.hold_timeout_seconds or req.hold_request_id
             or req.payee_account):
         _money_fields(req, field)

@@ -10,38 +10,72 @@ its own so a refused command rolls back alone. Callers are answered after the co
 
 Readers (authorization, status) use their own read-only transactions and never wait for the
 writer (LMDB MVCC).
+
+The writer cannot fail silently: its queue is bounded (`WriterBusy` beyond
+`config.writer_queue_max`); a periodic job that raises is logged and counted, and after
+`config.periodic_failures_max` failures in a row the store reports itself unhealthy; if the
+writer thread itself dies, every waiting and later write fails with `WriterDown` and the store
+reports itself unhealthy (the server turns health NOT_SERVING).
+
+The data dir holds personal information: it is created owner-only (0700, files 0600) whatever
+the umask, and an existing one is narrowed to that at open.
 """
 import concurrent.futures
 import fcntl
+import logging
 import os
 import queue
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import lmdb
 
-from storage.records import CHANGE, CardRecord
 from yikatong import config
-from yikatong.errors import IdReused, StoreFull, StoreUnavailable
+from yikatong.errors import (IdReused, StoreFull, StoreUnavailable, WriterBusy,
+                             WriterDown)
+from yikatong.model import (ACCOUNT_KEY_BYTES_MAX as _KEY_WIDTH, Account, Card, Change,
+                            ChangeKind, HolderInfo, Transfer)
+from yikatong.storage import records
 
+log = logging.getLogger("yikatong.storage")
 _U64 = struct.Struct(">Q")  # big-endian so LMDB's key order is numeric order
+_I64 = struct.Struct("<q")
+_TOTALS = struct.Struct("<qqqq")
+_TOTALS_KEY = b"ledger:totals"
 _STOP = object()
+DIR_MODE, FILE_MODE = 0o700, 0o600
+
+Command = Callable[["Book"], Any]
 
 
 class Store:
     def __init__(self, data_dir: str, *, map_size: int = config.lmdb_map_size,
-                 idle_command=None, check_command=None, group_max: int = config.writer_group_max):
-        """`idle_command(book)` runs in its own group when the writer has been idle for
-        `config.writer_idle_seconds` (the hold sweep); `check_command(book)` runs at the end of
-        every group before it commits (invariants, in tests and debug runs)."""
+                 periodic: Command | None = None, check_command: Command | None = None,
+                 group_max: int = config.writer_group_max,
+                 queue_max: int = config.writer_queue_max):
+        """`periodic(book)` runs in a group of its own when the writer has been idle for
+        `config.writer_idle_seconds`, and at least that often under load (the hold sweep);
+        `check_command(book)` runs at the end of every group before it commits (invariants,
+        in tests and debug runs)."""
         self.data_dir = data_dir
         self._group_max = group_max  # 1 = one fsync per command (the benchmark's baseline)
-        self._idle_command = idle_command
+        self._queue_max = queue_max
+        self._periodic = periodic
         self._check_command = check_command
+        self.periodic_failures = 0  # in a row; reset by a success
+        self.periodic_failures_total = 0
+        self.writer_error: BaseException | None = None
+        self.on_health: Callable[[bool], None] | None = None  # called from the writer thread
+        lmdb_dir = os.path.join(data_dir, "lmdb")
         try:
-            os.makedirs(data_dir, exist_ok=True)
-            self._lock_fd = os.open(os.path.join(data_dir, "yikatong.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            for d in (data_dir, lmdb_dir):
+                os.makedirs(d, mode=DIR_MODE, exist_ok=True)
+                os.chmod(d, DIR_MODE)
+            self._lock_fd = os.open(os.path.join(data_dir, "yikatong.lock"),
+                                    os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as e:
             raise StoreUnavailable(f"cannot use data dir {data_dir}: {e.strerror}") from e
         try:
@@ -53,8 +87,10 @@ class Store:
         os.write(self._lock_fd, f"{os.getpid()}\n".encode())
         # Opened here, in the process that uses it (after any fork), never inherited.
         try:
-            self.env = self._open(data_dir, map_size)
-        except lmdb.Error as e:
+            self.env = self._open(lmdb_dir, map_size)
+            for name in os.listdir(lmdb_dir):
+                os.chmod(os.path.join(lmdb_dir, name), FILE_MODE)
+        except (lmdb.Error, OSError) as e:
             os.close(self._lock_fd)
             raise StoreUnavailable(f"cannot open the LMDB store in {data_dir}: {e}") from e
         self.env.reader_check()  # clear reader slots left by dead processes
@@ -64,9 +100,9 @@ class Store:
         self._writer.start()
 
     @staticmethod
-    def _open(data_dir: str, map_size: int):
+    def _open(path: str, map_size: int):
         return lmdb.open(
-            os.path.join(data_dir, "lmdb"),
+            path,
             map_size=map_size,
             max_dbs=config.lmdb_max_dbs,
             max_readers=config.lmdb_max_readers,
@@ -75,7 +111,13 @@ class Store:
             writemap=False,
             readahead=False,  # random card look-ups; readahead only pollutes the page cache
             lock=True,
+            mode=FILE_MODE,
         )
+
+    @property
+    def healthy(self) -> bool:
+        return (self.writer_error is None
+                and self.periodic_failures < config.periodic_failures_max)
 
     # ---- reads: any thread, never blocked by the writer
     def read(self) -> lmdb.Transaction:
@@ -85,18 +127,43 @@ class Store:
         return Book(txn, self.dbs)
 
     # ---- writes: only the writer thread
-    def submit(self, command) -> concurrent.futures.Future:
+    def submit(self, command: Command) -> concurrent.futures.Future:
         """Run `command(book)` in the writer thread; the future resolves after the commit."""
-        future = concurrent.futures.Future()
+        if self.writer_error is not None:
+            raise self._down()
+        if self._queue.qsize() >= self._queue_max:
+            raise WriterBusy(f"the writer has {self._queue_max} commands waiting "
+                             "(writer_queue_max); retry shortly")
+        future: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put((command, future))
         return future
 
-    def write(self, command):
+    def write(self, command: Command):
         """Blocking form of submit(), for tools and tests outside the event loop."""
         return self.submit(command).result()
 
+    def _down(self) -> WriterDown:
+        return WriterDown(f"the store's writer has stopped ({self.writer_error!r}); no write "
+                          "can be done until the server is restarted")
+
     def _write_loop(self) -> None:
-        idle_due = time.monotonic() + config.writer_idle_seconds
+        try:
+            self._write_forever()
+        except BaseException as error:  # noqa: BLE001 - recorded, logged, and answered
+            self.writer_error = error
+            log.critical("the LMDB writer thread died; writes fail until a restart",
+                         exc_info=error)
+            self._notify_health()
+            while True:  # answer everything already queued, so nobody waits for ever
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                if item is not _STOP and item[1].set_running_or_notify_cancel():
+                    item[1].set_exception(self._down())
+
+    def _write_forever(self) -> None:
+        periodic_due = time.monotonic() + config.writer_idle_seconds
         while True:
             try:
                 item = self._queue.get(timeout=config.writer_idle_seconds)
@@ -104,13 +171,13 @@ class Store:
                 item = None
             if item is _STOP:
                 return
-            group = [] if item is None else [item]
-            if self._idle_command is not None and time.monotonic() >= idle_due:
-                # when idle, and at least this often under load
-                group.insert(0, (self._idle_command, concurrent.futures.Future()))
-                idle_due = time.monotonic() + config.writer_idle_seconds
-            if not group:
+            if self._periodic is not None and time.monotonic() >= periodic_due:
+                # when idle, and at least this often under load; in a group of its own
+                self._run_periodic()
+                periodic_due = time.monotonic() + config.writer_idle_seconds
+            if item is None:
                 continue
+            group = [item]
             while len(group) < self._group_max:
                 try:
                     nxt = self._queue.get_nowait()
@@ -121,6 +188,28 @@ class Store:
                     break
                 group.append(nxt)
             self._commit_group(group)
+
+    def _run_periodic(self) -> None:
+        """A periodic job's failure is never silent: logged with its traceback, counted, and
+        after periodic_failures_max in a row the store is unhealthy until one succeeds."""
+        assert self._periodic is not None
+        was_healthy = self.healthy
+        try:
+            with self.env.begin(write=True) as txn:
+                self._periodic(Book(txn, self.dbs))
+        except Exception as error:  # noqa: BLE001 - logged and counted, never swallowed
+            self.periodic_failures += 1
+            self.periodic_failures_total += 1
+            log.error("periodic job %s failed (%d in a row)", getattr(
+                self._periodic, "__name__", "job"), self.periodic_failures, exc_info=error)
+        else:
+            self.periodic_failures = 0
+        if self.healthy != was_healthy:
+            self._notify_health()
+
+    def _notify_health(self) -> None:
+        if self.on_health is not None:
+            self.on_health(self.healthy)
 
     def _commit_group(self, group) -> None:
         # A caller that gave up (a cancelled gRPC call) cancelled its future: its command is
@@ -136,7 +225,7 @@ class Store:
                     child = self.env.begin(write=True, parent=txn)
                     try:
                         result = command(Book(child, self.dbs))
-                    except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    except Exception as e:  # noqa: BLE001 - handed to the caller
                         child.abort()
                         outcomes.append((future, None, self._full(e)))
                     else:
@@ -144,10 +233,14 @@ class Store:
                         outcomes.append((future, result, None))
                 if self._check_command is not None:
                     self._check_command(Book(txn, self.dbs))
-        except BaseException as e:  # noqa: BLE001 - the whole group failed to commit
+        except Exception as e:  # noqa: BLE001 - the whole group failed to commit
             for _, future in group:
                 future.set_exception(self._full(e))
             return
+        except BaseException as e:  # the writer is dying: nobody in this group waits for ever
+            for _, future in group:
+                future.set_exception(WriterDown(f"the store's writer stopped ({e!r})"))
+            raise
         for future, result, error in outcomes:  # durable now: answer the callers
             if error is None:
                 future.set_result(result)
@@ -171,18 +264,18 @@ class Store:
 
 class Dbs:
     def __init__(self, env):
-        self.cards = env.open_db(b"cards")  # card number (ASCII) -> CardRecord
+        self.cards = env.open_db(b"cards")  # card number (ASCII) -> card record
         self.holders = env.open_db(b"holders")  # ssn (ASCII) -> u64 holder_id + Holder proto
         self.holder_cards = env.open_db(b"holder_cards")  # u64 holder_id + u8 pack -> card
         self.requests = env.open_db(b"requests")  # request id -> 32-byte fingerprint + answer
         self.notes = env.open_db(b"notes")  # card number -> UTF-8 reason (reject, cancel)
         self.meta = env.open_db(b"meta")  # name -> u64 counter
-        self.accounts = env.open_db(b"accounts")  # account key -> Account
-        self.transfers = env.open_db(b"transfers")  # transfer id -> Transfer
+        self.accounts = env.open_db(b"accounts")  # account key -> account record
+        self.transfers = env.open_db(b"transfers")  # transfer id -> transfer record
         # open holds, two ways: for the sweep, and per debited account for the lazy check
         self.holds_by_timeout = env.open_db(b"holds_by_timeout")  # u64 timeout + id -> b""
         self.holds_by_account = env.open_db(b"holds_by_account")  # key40 + u64 timeout + id -> i64
-        self.changes = env.open_db(b"changes")  # u64 sequence -> change record (records.CHANGE)
+        self.changes = env.open_db(b"changes")  # u64 sequence -> change record
         # The change sequence lives in the writer's memory: only the writer appends. A command
         # that rolls back leaves a gap, which readers of the log simply skip.
         with env.begin() as txn, txn.cursor(db=self.changes) as cur:
@@ -190,7 +283,8 @@ class Dbs:
 
 
 class Book:
-    """Typed access to the databases inside one transaction."""
+    """Typed access to the databases inside one transaction: the only way the domain reads
+    and writes the store."""
 
     __slots__ = ("txn", "dbs")
 
@@ -198,26 +292,24 @@ class Book:
         self.txn = txn
         self.dbs = dbs
 
-    # cards
+    # ---- cards
     def card_bytes(self, card_number: str) -> bytes | None:
         return self.txn.get(card_number.encode("ascii"), db=self.dbs.cards)
 
-    def card(self, card_number: str) -> CardRecord | None:
+    def card_with_holder(self, card_number: str) -> tuple[bytes | None, int | None]:
+        """The stored record's bytes and its holder id (None: no card, or not a valid record)."""
         value = self.card_bytes(card_number)
-        return None if value is None else CardRecord.decode(card_number, value)
+        return value, records.holder_id_of(value)
 
-    def put_card(self, rec: CardRecord) -> None:
-        self.txn.put(rec.card_number.encode("ascii"), rec.encode(), db=self.dbs.cards)
-        self.append_change(rec.card_number, rec.state)
+    def card(self, card_number: str) -> Card | None:
+        value = self.card_bytes(card_number)
+        return None if value is None else records.decode_card(card_number, value)
 
-    def append_change(self, card_number: str, state: int, transfer_id: str = "",
-                      amount: int = 0) -> int:
-        """Every change of a card or an account, in one global sequence (SPEC.md section 1)."""
-        self.dbs.change_seq = seq = self.dbs.change_seq + 1
-        self.txn.put(_U64.pack(seq), CHANGE.pack(card_number.encode("ascii"), state,
-                                                 transfer_id.encode("utf-8"), amount),
-                     db=self.dbs.changes, append=True)
-        return seq
+    def put_card(self, card: Card, now: int) -> None:
+        self.txn.put(card.card_number.encode("ascii"), records.encode_card(card),
+                     db=self.dbs.cards)
+        self.append_change(Change(ChangeKind.CARD, now, card.card_number, card.holder_id,
+                                  card.state, card.flags, card.lock_mask))
 
     def note(self, card_number: str) -> str:
         value = self.txn.get(card_number.encode("ascii"), db=self.dbs.notes)
@@ -226,15 +318,31 @@ class Book:
     def put_note(self, card_number: str, text: str) -> None:
         self.txn.put(card_number.encode("ascii"), text.encode("utf-8"), db=self.dbs.notes)
 
-    # holders
-    def holder(self, ssn: str) -> tuple[int, bytes] | None:
-        value = self.txn.get(ssn.encode("ascii"), db=self.dbs.holders)
-        if value is None:
-            return None
-        return _U64.unpack_from(value)[0], bytes(value[8:])
+    def card_count(self) -> int:
+        return self.txn.stat(self.dbs.cards)["entries"]
 
-    def put_holder(self, ssn: str, holder_id: int, pii: bytes) -> None:
-        self.txn.put(ssn.encode("ascii"), _U64.pack(holder_id) + pii, db=self.dbs.holders)
+    # ---- change log
+    def append_change(self, change: Change) -> int:
+        """Every change of a card or an account, in one global sequence (SPEC.md section 1)."""
+        value = records.encode_change(change)
+        self.dbs.change_seq = seq = self.dbs.change_seq + 1
+        self.txn.put(_U64.pack(seq), value, db=self.dbs.changes, append=True)
+        return seq
+
+    def changes(self, after: int = 0) -> Iterator[tuple[int, Change]]:
+        with self.txn.cursor(db=self.dbs.changes) as cur:
+            if cur.set_range(_U64.pack(after + 1)):
+                for k, v in cur:
+                    yield _U64.unpack(k)[0], records.decode_change(v)
+
+    # ---- holders
+    def holder(self, ssn: str) -> tuple[int, HolderInfo] | None:
+        value = self.txn.get(ssn.encode("ascii"), db=self.dbs.holders)
+        return None if value is None else records.decode_holder(ssn, value)
+
+    def put_holder(self, holder_id: int, info: HolderInfo) -> None:
+        self.txn.put(info.ssn.encode("ascii"), records.encode_holder(holder_id, info),
+                     db=self.dbs.holders)
 
     def current_card(self, holder_id: int, pack: int) -> str | None:
         value = self.txn.get(_U64.pack(holder_id) + bytes((pack,)), db=self.dbs.holder_cards)
@@ -244,14 +352,21 @@ class Book:
         self.txn.put(_U64.pack(holder_id) + bytes((pack,)), card_number.encode("ascii"),
                      db=self.dbs.holder_cards)
 
-    # counters
+    # ---- counters
     def next_seq(self, name: bytes) -> int:
         value = self.txn.get(name, db=self.dbs.meta)
         n = (_U64.unpack(value)[0] if value is not None else 0) + 1
         self.txn.put(name, _U64.pack(n), db=self.dbs.meta)
         return n
 
-    # idempotency: request id -> (fingerprint of the request, the first answer)
+    def meta(self, name: bytes) -> bytes | None:
+        value = self.txn.get(name, db=self.dbs.meta)
+        return None if value is None else bytes(value)
+
+    def put_meta(self, name: bytes, value: bytes) -> None:
+        self.txn.put(name, value, db=self.dbs.meta)
+
+    # ---- idempotency: request id -> (fingerprint of the request, the first answer)
     def replay(self, request_id: str, fingerprint: bytes) -> bytes | None:
         """The first answer to `request_id`, None if unseen; IdReused if it asked otherwise."""
         value = self.txn.get(request_id.encode("utf-8"), db=self.dbs.requests)
@@ -266,10 +381,81 @@ class Book:
         assert len(fingerprint) == 32
         self.txn.put(request_id.encode("utf-8"), fingerprint + answer, db=self.dbs.requests)
 
-    def once(self, request_id: str, fingerprint: bytes, produce) -> bytes:
+    def once(self, request_id: str, fingerprint: bytes, produce: Callable[[], bytes]) -> bytes:
         """The first answer to `request_id`, or `produce()`'s, remembered in this transaction."""
         answer = self.replay(request_id, fingerprint)
         if answer is None:
             answer = produce()
             self.remember(request_id, fingerprint, answer)
         return answer
+
+    # ---- accounts
+    def account(self, key: bytes) -> Account:
+        value = self.txn.get(key, db=self.dbs.accounts)
+        return Account() if value is None else records.decode_account(value)
+
+    def put_account(self, key: bytes, account: Account) -> None:
+        self.txn.put(key, records.encode_account(account), db=self.dbs.accounts)
+
+    def accounts(self) -> Iterator[tuple[bytes, Account]]:
+        for key, value in self.txn.cursor(db=self.dbs.accounts):
+            yield bytes(key), records.decode_account(value)
+
+    def ledger_totals(self) -> tuple[int, int, int, int]:
+        """The running totals of the four balance columns."""
+        value = self.txn.get(_TOTALS_KEY, db=self.dbs.meta)
+        return _TOTALS.unpack(value) if value is not None else (0, 0, 0, 0)
+
+    def put_ledger_totals(self, totals: tuple[int, int, int, int]) -> None:
+        self.txn.put(_TOTALS_KEY, _TOTALS.pack(*totals), db=self.dbs.meta)
+
+    # ---- transfers
+    def transfer(self, transfer_id: str) -> Transfer | None:
+        value = self.txn.get(transfer_id.encode("utf-8"), db=self.dbs.transfers)
+        return None if value is None else records.decode_transfer(value)
+
+    def put_transfer(self, transfer_id: str, t: Transfer, *, new: bool = False) -> bool:
+        """Store a transfer; False (nothing written) if `new` and the id exists."""
+        return self.txn.put(transfer_id.encode("utf-8"), records.encode_transfer(t),
+                            db=self.dbs.transfers, overwrite=not new)
+
+    # ---- open holds, indexed by timeout (for the sweep) and by debited account
+    def add_hold(self, transfer_id: str, t: Transfer) -> None:
+        self.txn.put(_U64.pack(t.timeout_at) + transfer_id.encode("utf-8"), b"",
+                     db=self.dbs.holds_by_timeout)
+        self.txn.put(_held_key(t.debit, t.timeout_at, transfer_id), _I64.pack(t.amount),
+                     db=self.dbs.holds_by_account)
+
+    def drop_hold(self, transfer_id: str, t: Transfer) -> None:
+        self.txn.delete(_U64.pack(t.timeout_at) + transfer_id.encode("utf-8"),
+                        db=self.dbs.holds_by_timeout)
+        self.txn.delete(_held_key(t.debit, t.timeout_at, transfer_id),
+                        db=self.dbs.holds_by_account)
+
+    def holds(self, key: bytes) -> list[tuple[int, str, int]]:
+        """The open holds on an account as (timeout_at, transfer id, fen), soonest first."""
+        prefix = key.ljust(_KEY_WIDTH, b"\0")
+        out = []
+        with self.txn.cursor(db=self.dbs.holds_by_account) as cur:
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if k[:_KEY_WIDTH] != prefix:
+                        break
+                    out.append((_U64.unpack_from(k, _KEY_WIDTH)[0],
+                                bytes(k[_KEY_WIDTH + 8:]).decode("utf-8"), _I64.unpack(v)[0]))
+        return out
+
+    def holds_due(self, now: int, limit: int) -> list[str]:
+        """Ids of up to `limit` open holds whose timeout has come (timeout_at <= now)."""
+        due: list[str] = []
+        with self.txn.cursor(db=self.dbs.holds_by_timeout) as cur:
+            if cur.first():
+                for k in cur.iternext(values=False):
+                    if _U64.unpack_from(k)[0] > now or len(due) >= limit:
+                        break
+                    due.append(bytes(k[8:]).decode("utf-8"))
+        return due
+
+
+def _held_key(key: bytes, timeout_at: int, transfer_id: str) -> bytes:
+    return key.ljust(_KEY_WIDTH, b"\0") + _U64.pack(timeout_at) + transfer_id.encode("utf-8")

@@ -1,13 +1,17 @@
-"""The card record: fixed-width, little-endian, with a version byte. Never pickle or JSON.
+"""Fixed-width, little-endian records with a version byte, for the domain's value types
+(yikatong.model). Never pickle or JSON. TIGER_STYLE: every record is checked right before it
+is written (`encode` refuses what it cannot write exactly: InvalidRecord) and right after it is
+read (`decode` refuses what it does not understand: CorruptRecord).
 
-The fast path (fastpath/_authorize_c.pyx) reads the first 24 bytes at these offsets straight
-from the LMDB value; change the layout here and there together, and bump VERSION.
+The card record. The fast path (fastpath/_authorize_c.pyx) reads the first 24 bytes at these
+offsets straight from the LMDB value; change the layout here and there together, and bump
+VERSION.
 
     off size field
       0    1 version            (= VERSION)
-      1    1 pack               (yikatong.v1.Pack)
-      2    1 state              (yikatong.v1.CardState, as stored; see effective_state)
-      3    1 flags              (FLAG_*)
+      1    1 pack               (model.Pack)
+      2    1 state              (model.State, as stored; see cards.effective_state)
+      3    1 flags              (model.Flag)
       4    1 generation         (SH-30)
       5    1 lock_mask          (bit 1 << Channel: application locked, GZ-6)
       6    2 points             (RC-20 points score)
@@ -23,103 +27,81 @@ from the LMDB value; change the layout here and there together, and bump VERSION
      96   32 service_bank       (UTF-8, NUL-padded)
     128      total
 """
-import dataclasses
 import struct
 import typing
 
 from yikatong import config
+from yikatong.errors import CorruptRecord, InvalidRecord
+from yikatong.model import (ACCOUNT_KEY_BYTES_MAX, Account, Card, Change, HolderInfo, Pack,
+                            State, Transfer, TransferKind, TransferStatus)
 
 VERSION = 1
 LAYOUT = struct.Struct("<BBBBBBHqqQqqq20s20s32s")
 SIZE = LAYOUT.size
 assert SIZE == 128
-service_bank_bytes_max = 32
-assert config.card_number_length_max <= 20
+CARD_NUMBER_BYTES = 20
+SERVICE_BANK_BYTES = 32
+assert config.card_number_length_max <= CARD_NUMBER_BYTES
 
 # Offsets read in place (the fast path reads its own, kept in step by the differential tests).
 OFF_VERSION, OFF_PACK, OFF_STATE, OFF_HOLDER_ID = 0, 1, 2, 24
-
-# Values of yikatong.v1 enums, spelled here so the domain and the fast path need no protobuf.
-PACK_SH, PACK_GZ, PACK_BJ, PACK_RC = 1, 2, 3, 4
-PACK_NAMES = {1: "SH", 2: "GZ", 3: "BJ", 4: "RC"}
-(APPLIED, VERIFIED, REJECTED, ISSUED, ACTIVE, TEMP_LOSS, LOST, SUPERSEDED, CANCELLED) = range(1, 10)
-STATE_NAMES = {
-    1: "APPLIED", 2: "VERIFIED", 3: "REJECTED", 4: "ISSUED", 5: "ACTIVE",
-    6: "TEMP_LOSS", 7: "LOST", 8: "SUPERSEDED", 9: "CANCELLED",
-}
-FINAL_STATES = frozenset((REJECTED, SUPERSEDED, CANCELLED))
-(CH_TRANSIT, CH_MEDICAL, CH_BENEFIT, CH_FINANCIAL, CH_SERVICE, CH_STATUS) = range(1, 7)
-
-FLAG_TRANSIT = 1  # made with the transit function (SH-13)
-FLAG_FINANCIAL_OPEN = 2  # SH-14
-FLAG_FINANCIAL_FROZEN = 4  # bank loss report stands (SH-20)
-FLAG_REPLACEMENT_APPLIED = 8  # a replacement was applied for (GZ-22)
+_PACKS, _STATES = (min(Pack), max(Pack)), (min(State), max(State))
+_U8, _U16 = 0xFF, 0xFFFF
+_I64 = (-(2**63), 2**63 - 1)
 
 
-def holder_id_of(value) -> int | None:
-    """The holder of a stored card record, None if there is none or it is not a valid one."""
-    if value is None:
-        return None
+def _fixed(field: str, text: str, width: int, encoding: str) -> bytes:
+    """`text` as exactly what is stored: refused if it does not fit (struct would cut it)."""
+    try:
+        data = text.encode(encoding)
+    except UnicodeEncodeError:
+        raise InvalidRecord(f"{field} {text!r} is not {encoding}") from None
+    if len(data) > width or b"\0" in data:
+        raise InvalidRecord(f"{field} is {len(data)} bytes (or holds NUL); the field holds "
+                            f"{width}")
+    return data
+
+
+def _ranged(field: str, value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise InvalidRecord(f"{field} {value} is outside {low}..{high}")
+    return value
+
+
+def _text(field: str, raw: bytes, encoding: str) -> str:
+    try:
+        return raw.rstrip(b"\0").decode(encoding)
+    except UnicodeDecodeError as e:
+        raise CorruptRecord(f"{field} is undecodable: {e}") from None
+
+
+# ---------------------------------------------------------------------------- cards
+
+def encode_card(card: Card) -> bytes:
+    return LAYOUT.pack(
+        VERSION, _ranged("pack", card.pack, *_PACKS), _ranged("state", card.state, *_STATES),
+        _ranged("flags", card.flags, 0, _U8), _ranged("generation", card.generation, 0, _U8),
+        _ranged("lock_mask", card.lock_mask, 0, _U8), _ranged("points", card.points, 0, _U16),
+        card.temp_loss_at, card.valid_until, _ranged("holder_id", card.holder_id, 0, 2**64 - 1),
+        card.applied_at, card.issued_at, card.loss_reported_at,
+        _fixed("replaced_by", card.replaced_by, CARD_NUMBER_BYTES, "ascii"),
+        _fixed("replaces", card.replaces, CARD_NUMBER_BYTES, "ascii"),
+        _fixed("service_bank", card.service_bank, SERVICE_BANK_BYTES, "utf-8"),
+    )
+
+
+def decode_card(card_number: str, value) -> Card:
     try:
         check(value)
-    except CorruptRecord:
-        return None
-    return struct.unpack_from("<Q", value, OFF_HOLDER_ID)[0]
-
-
-class CorruptRecord(Exception):
-    """A stored value that is not a card record this code understands: never decide on it."""
-
-
-@dataclasses.dataclass
-class CardRecord:
-    card_number: str
-    pack: int
-    state: int
-    flags: int = 0
-    generation: int = config.generation_current
-    lock_mask: int = 0
-    points: int = 0
-    temp_loss_at: int = 0
-    valid_until: int = 0
-    holder_id: int = 0
-    applied_at: int = 0
-    issued_at: int = 0
-    loss_reported_at: int = 0
-    replaced_by: str = ""
-    replaces: str = ""
-    service_bank: str = ""
-
-    def has(self, flag: int) -> bool:
-        return bool(self.flags & flag)
-
-    def set(self, flag: int, on: bool = True) -> None:
-        self.flags = (self.flags | flag) if on else (self.flags & ~flag)
-
-    def encode(self) -> bytes:
-        return LAYOUT.pack(
-            VERSION, self.pack, self.state, self.flags, self.generation, self.lock_mask,
-            self.points, self.temp_loss_at, self.valid_until, self.holder_id, self.applied_at,
-            self.issued_at, self.loss_reported_at, self.replaced_by.encode("ascii"),
-            self.replaces.encode("ascii"), self.service_bank.encode("utf-8"),
-        )
-
-    @classmethod
-    def decode(cls, card_number: str, value: bytes) -> "CardRecord":
-        try:
-            check(value)
-        except CorruptRecord as e:
-            raise CorruptRecord(f"card {card_number}: {e}; not served") from None
         (_, pack, state, flags, generation, lock_mask, points, temp_loss_at, valid_until,
          holder_id, applied_at, issued_at, loss_reported_at, replaced_by, replaces,
          bank) = LAYOUT.unpack(value)
-        try:
-            texts = (replaced_by.rstrip(b"\0").decode("ascii"),
-                     replaces.rstrip(b"\0").decode("ascii"), bank.rstrip(b"\0").decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise CorruptRecord(f"card record {card_number} has an undecodable field: {e}") from None
-        return cls(card_number, pack, state, flags, generation, lock_mask, points, temp_loss_at,
-                   valid_until, holder_id, applied_at, issued_at, loss_reported_at, *texts)
+        texts = (_text("replaced_by", replaced_by, "ascii"), _text("replaces", replaces, "ascii"),
+                 _text("service_bank", bank, "utf-8"))
+    except CorruptRecord as e:
+        raise CorruptRecord(f"card record {card_number}: {e}; not served") from None
+    return Card(card_number, pack, state, flags, generation, lock_mask, points, temp_loss_at,
+                valid_until, holder_id, applied_at, issued_at, loss_reported_at, *texts)
 
 
 class HotCard(typing.NamedTuple):
@@ -134,9 +116,6 @@ class HotCard(typing.NamedTuple):
     points: int
     temp_loss_at: int
     valid_until: int
-
-    def has(self, flag: int) -> bool:
-        return bool(self.flags & flag)
 
 
 HOT = struct.Struct("<BBBBBBHqq")
@@ -155,91 +134,122 @@ def check(value) -> None:
         raise CorruptRecord(f"card record is {len(value)} bytes, expected {SIZE}")
     if value[OFF_VERSION] != VERSION:
         raise CorruptRecord(f"card record version {value[OFF_VERSION]}, expected {VERSION}")
-    if not 1 <= value[OFF_PACK] <= 4 or not 1 <= value[OFF_STATE] <= 9:
+    if (not _PACKS[0] <= value[OFF_PACK] <= _PACKS[1]
+            or not _STATES[0] <= value[OFF_STATE] <= _STATES[1]):
         raise CorruptRecord("card record has an unknown pack or state")
 
 
+def holder_id_of(value) -> int | None:
+    """The holder of a stored card record, None if there is none or it is not a valid one."""
+    if value is None:
+        return None
+    try:
+        check(value)
+    except CorruptRecord:
+        return None
+    return struct.unpack_from("<Q", value, OFF_HOLDER_ID)[0]
+
+
+# ---------------------------------------------------------------------------- holders
+
+def encode_holder(holder_id: int, info: HolderInfo) -> bytes:
+    """u64 holder id (big-endian) + the PII as a yikatong.v1.Holder message."""
+    from yikatong.v1 import yikatong_pb2 as pb
+
+    return _U64.pack(holder_id) + pb.Holder(**vars(info)).SerializeToString(deterministic=True)
+
+
+def decode_holder(ssn: str, value) -> tuple[int, HolderInfo]:
+    from google.protobuf.message import DecodeError
+
+    from yikatong.v1 import yikatong_pb2 as pb
+
+    value = bytes(value)
+    try:
+        message = pb.Holder.FromString(value[8:])
+    except DecodeError as e:
+        raise CorruptRecord(f"holder record {ssn[:4]}***: {e}") from None
+    if len(value) < 8 or message.ssn != ssn:
+        raise CorruptRecord(f"holder record {ssn[:4]}*** does not belong to its key")
+    fields = {f: getattr(message, f) for f in HolderInfo.__dataclass_fields__}
+    return _U64.unpack_from(value)[0], HolderInfo(**fields)
+
+
 # ---------------------------------------------------------------------------- money
-# Accounts: key b"h" + u64 holder_id (big-endian) + u8 kind, or b"o" + operator name (UTF-8).
-# Value: version, then posted and pending sums in integer fen (TigerBeetle's four balances).
+
+# Accounts: key = model.holder_account_key / operator_account_key.
+# Value: version, then pending and posted sums in integer fen (TigerBeetle's four balances).
 ACCOUNT = struct.Struct("<Bqqqq")  # version, debits_pending, debits_posted, credits_pending, credits_posted
-KIND_MEDICAL, KIND_TRANSIT, KIND_BENEFIT = 1, 2, 3
-ACCOUNT_KEY_BYTES_MAX = 40
-_HOLDER_KEY = struct.Struct(">cQB")
+_U64 = struct.Struct(">Q")
 
 
-def holder_account_key(holder_id: int, kind: int) -> bytes:
-    return _HOLDER_KEY.pack(b"h", holder_id, kind)
+def encode_account(a: Account) -> bytes:
+    for name in ("debits_pending", "debits_posted", "credits_pending", "credits_posted"):
+        _ranged(name, getattr(a, name), *_I64)
+    return ACCOUNT.pack(VERSION, a.debits_pending, a.debits_posted, a.credits_pending,
+                        a.credits_posted)
 
 
-def operator_account_key(name: str) -> bytes:
-    return b"o" + name.encode("utf-8")
-
-
-def is_holder_account(key: bytes) -> bool:
-    return key[:1] == b"h"
-
-
-@dataclasses.dataclass
-class Account:
-    debits_pending: int = 0
-    debits_posted: int = 0
-    credits_pending: int = 0
-    credits_posted: int = 0
-
-    def encode(self) -> bytes:
-        return ACCOUNT.pack(VERSION, self.debits_pending, self.debits_posted,
-                            self.credits_pending, self.credits_posted)
-
-    @classmethod
-    def decode(cls, value) -> "Account":
-        if len(value) != ACCOUNT.size or value[0] != VERSION:
-            raise CorruptRecord(f"account record of {len(value)} bytes / version {value[0:1]!r}")
-        return cls(*ACCOUNT.unpack(value)[1:])
-
-    @property
-    def posted(self) -> int:
-        return self.credits_posted - self.debits_posted
+def decode_account(value) -> Account:
+    if len(value) != ACCOUNT.size or value[0] != VERSION:
+        raise CorruptRecord(f"account record of {len(value)} bytes / version {value[0:1]!r}")
+    return Account(*ACCOUNT.unpack(value)[1:])
 
 
 # Transfers: key = transfer id (UTF-8). Fixed width; ids and account keys NUL-padded.
-# version kind status channel amount created_at timeout_at resolved debit credit ref_id fingerprint
-TRANSFER = struct.Struct("<BBBBqqqq40s40s64s32s")
-T_SINGLE, T_PENDING, T_POST, T_VOID, T_REVERSAL = 1, 2, 3, 4, 5
-# Status of a pending transfer (T_PENDING); every other kind is POSTED when it exists.
-S_POSTED, S_PENDING, S_VOIDED, S_EXPIRED = 1, 2, 3, 4
+# version kind status channel role amount created_at timeout_at resolved debit credit ref_id
+# fingerprint
+TRANSFER = struct.Struct("<BBBBBqqqq40s40s64s32s")
+_KINDS, _STATUSES = (min(TransferKind), max(TransferKind)), (min(TransferStatus), max(TransferStatus))
 
 
-@dataclasses.dataclass
-class Transfer:
-    kind: int
-    status: int
-    amount: int  # what it moved, or holds
-    debit: bytes  # account keys
-    credit: bytes
-    ref_id: str = ""  # post/void: the pending transfer; reversal: the reversed transfer
-    fingerprint: bytes = b"\0" * 32
-    created_at: int = 0
-    timeout_at: int = 0  # pending only
-    resolved: int = 0  # pending: amount posted; posted kinds: amount reversed so far
-    channel: int = 0  # set when an Authorize made it
-
-    def encode(self) -> bytes:
-        return TRANSFER.pack(VERSION, self.kind, self.status, self.channel, self.amount,
-                             self.created_at, self.timeout_at, self.resolved, self.debit,
-                             self.credit, self.ref_id.encode("utf-8"), self.fingerprint)
-
-    @classmethod
-    def decode(cls, value) -> "Transfer":
-        if len(value) != TRANSFER.size or value[0] != VERSION:
-            raise CorruptRecord(f"transfer record of {len(value)} bytes")
-        (_, kind, status, channel, amount, created_at, timeout_at, resolved, debit, credit,
-         ref_id, fingerprint) = TRANSFER.unpack(value)
-        return cls(kind, status, amount, debit.rstrip(b"\0"), credit.rstrip(b"\0"),
-                   ref_id.rstrip(b"\0").decode("utf-8"), fingerprint, created_at, timeout_at,
-                   resolved, channel)
+def encode_transfer(t: Transfer) -> bytes:
+    if len(t.fingerprint) != 32:
+        raise InvalidRecord(f"fingerprint is {len(t.fingerprint)} bytes, expected 32")
+    for field, key in (("debit", t.debit), ("credit", t.credit)):
+        if not 0 < len(key) <= ACCOUNT_KEY_BYTES_MAX or key.endswith(b"\0"):
+            raise InvalidRecord(f"{field} account key is {len(key)} bytes; the field holds "
+                                f"{ACCOUNT_KEY_BYTES_MAX}")
+    return TRANSFER.pack(
+        VERSION, _ranged("kind", t.kind, *_KINDS), _ranged("status", t.status, *_STATUSES),
+        _ranged("channel", t.channel, 0, _U8), _ranged("role", t.role, 0, _U8),
+        _ranged("amount", t.amount, 0, config.amount_fen_max), t.created_at, t.timeout_at,
+        _ranged("resolved", t.resolved, 0, config.amount_fen_max), t.debit, t.credit,
+        _fixed("ref_id", t.ref_id, config.request_id_bytes_max, "utf-8"), t.fingerprint)
 
 
-# Change log entry: card number, card state after the change, and for money the transfer id and
-# the fen it moved (negative: released or reversed toward the holder).
-CHANGE = struct.Struct("<20sB64sq")
+def decode_transfer(value) -> Transfer:
+    if len(value) != TRANSFER.size or value[0] != VERSION:
+        raise CorruptRecord(f"transfer record of {len(value)} bytes")
+    (_, kind, status, channel, role, amount, created_at, timeout_at, resolved, debit, credit,
+     ref_id, fingerprint) = TRANSFER.unpack(value)
+    if not (_KINDS[0] <= kind <= _KINDS[1] and _STATUSES[0] <= status <= _STATUSES[1]):
+        raise CorruptRecord(f"transfer record has kind {kind} / status {status}")
+    return Transfer(kind, status, amount, debit.rstrip(b"\0"), credit.rstrip(b"\0"),
+                    _text("ref_id", ref_id, "utf-8"), fingerprint, created_at, timeout_at,
+                    resolved, channel, role)
+
+
+# ---------------------------------------------------------------------------- change log
+
+# version kind state flags lock_mask time holder_id amount card_number transfer_id
+CHANGE = struct.Struct("<BBBBBqQq20s64s")
+CHANGE_VERSION = 1
+
+
+def encode_change(c: Change) -> bytes:
+    return CHANGE.pack(
+        CHANGE_VERSION, _ranged("kind", c.kind, 1, 2), _ranged("state", c.state, 0, _STATES[1]),
+        _ranged("flags", c.flags, 0, _U8), _ranged("lock_mask", c.lock_mask, 0, _U8), c.time,
+        _ranged("holder_id", c.holder_id, 0, 2**64 - 1), c.amount,
+        _fixed("card_number", c.card_number, CARD_NUMBER_BYTES, "ascii"),
+        _fixed("transfer_id", c.transfer_id, config.request_id_bytes_max, "utf-8"))
+
+
+def decode_change(value) -> Change:
+    if len(value) != CHANGE.size or value[0] != CHANGE_VERSION:
+        raise CorruptRecord(f"change record of {len(value)} bytes / version {value[0:1]!r}")
+    (_, kind, state, flags, lock_mask, time, holder_id, amount, card, transfer_id) = \
+        CHANGE.unpack(value)
+    return Change(kind, time, _text("card_number", card, "ascii"), holder_id, state, flags,
+                  lock_mask, _text("transfer_id", transfer_id, "utf-8"), amount)

@@ -6,10 +6,10 @@ import pytest
 # group: columns sum to zero, no holder account negative.
 os.environ["YIKATONG_CHECK_INVARIANTS"] = "1"
 
-from fastpath import _authorize_py
+from yikatong.fastpath import _authorize_py
 
 try:
-    from fastpath import _authorize_c
+    from yikatong.fastpath import _authorize_c
 except ImportError:  # test_fastpath_compiled says whether that is allowed
     _authorize_c = None
 
@@ -24,7 +24,7 @@ def impl(request):
 
 @pytest.fixture
 def store(tmp_path):
-    from storage.lmdb_store import Store
+    from yikatong.storage.lmdb_store import Store
     from yikatong import ledger
 
     s = Store(str(tmp_path / "data"), map_size=64 * 1024**2, check_command=ledger.check_invariants)

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from server_process import ROOT, ServerProcess
-from storage import records as r
-from storage.lmdb_store import Store
+from yikatong.storage import records as r
+from yikatong.storage.lmdb_store import Store
 from yikatong import ledger
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))

@@ -277,7 +277,7 @@ def test_system_clock_refuses_admin_clock_moves(tmp_path):
 def test_unusable_data_dir_is_a_clear_startup_error(tmp_path):
     (tmp_path / "lmdb").mkdir()
     (tmp_path / "lmdb" / "data.mdb").write_bytes(b"this is not an LMDB file" * 200)
-    out = subprocess.run([sys.executable, "-m", "server", "--data-dir", str(tmp_path),
+    out = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--data-dir", str(tmp_path),
                           "--listen", "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 2
@@ -286,7 +286,7 @@ def test_unusable_data_dir_is_a_clear_startup_error(tmp_path):
 
 
 def test_port_taken_is_a_clear_startup_error(srv, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "server", "--data-dir", str(tmp_path / "other"),
+    out = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--data-dir", str(tmp_path / "other"),
                           "--listen", srv.address], cwd=ROOT, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 2
@@ -294,7 +294,7 @@ def test_port_taken_is_a_clear_startup_error(srv, tmp_path):
 
 
 def test_second_server_on_the_same_data_dir_is_refused(srv):
-    out = subprocess.run([sys.executable, "-m", "server", "--data-dir", srv.data_dir,
+    out = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--data-dir", srv.data_dir,
                           "--listen", "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode != 0

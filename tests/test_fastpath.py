@@ -4,11 +4,11 @@ import os
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import fastpath
+from yikatong import fastpath
 from conftest import IMPLS, _authorize_c
-from fastpath import _authorize_py as ref
-from storage import records as r
-from storage.records import CardRecord
+from yikatong.fastpath import _authorize_py as ref
+from yikatong.storage import records as r
+from yikatong.storage.records import CardRecord
 from yikatong import config
 from yikatong.v1 import yikatong_pb2 as pb
 

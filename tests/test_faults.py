@@ -65,7 +65,7 @@ def test_too_many_callers_are_refused_and_calls_in_progress_go_on(tmp_path):
 
 def test_a_data_dir_that_is_not_a_directory_is_a_clear_startup_error(tmp_path):
     (tmp_path / "file").write_text("x")
-    out = subprocess.run([sys.executable, "-m", "server", "--data-dir", str(tmp_path / "file"),
+    out = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--data-dir", str(tmp_path / "file"),
                           "--listen", "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 2
@@ -82,7 +82,7 @@ def test_a_read_only_data_dir_is_a_clear_startup_error(tmp_path):
     else:
         ro.chmod(0o555)
     try:
-        out = subprocess.run([sys.executable, "-m", "server", "--data-dir", str(ro), "--listen",
+        out = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--data-dir", str(ro), "--listen",
                               "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     finally:
         if os.geteuid() == 0:

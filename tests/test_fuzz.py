@@ -4,14 +4,14 @@ record read from LMDB is reported (DATA_LOSS), never decided on."""
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from fastpath import _authorize_py as ref
-from server import validate
-from server.app import Ledger, pii_merger, validate_holder
-from server.errors import Undecodable, decoder
+from yikatong.fastpath import _authorize_py as ref
+from yikatong.server import validate
+from yikatong.server.app import Ledger, pii_merger, validate_holder
+from yikatong.server.errors import Undecodable, decoder
 from server_process import running
-from storage import records as r
-from storage.lmdb_store import Store
-from storage.records import Account, CardRecord, CorruptRecord, Transfer
+from yikatong.storage import records as r
+from yikatong.storage.lmdb_store import Store
+from yikatong.storage.records import Account, CardRecord, CorruptRecord, Transfer
 from yikatong.errors import InvalidArgument, InvalidTransition, NotEligible
 from yikatong import cards
 from yikatong.v1 import yikatong_pb2 as pb

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from storage import records as r
+from yikatong.storage import records as r
 from yikatong import config, ledger
 from yikatong.ledger import TransferNotFound, TransferRefused
 
@@ -176,7 +176,7 @@ class LedgerModel(RuleBasedStateMachine):
         super().__init__()
         import tempfile
 
-        from storage.lmdb_store import Store
+        from yikatong.storage.lmdb_store import Store
         self.tmp = tempfile.TemporaryDirectory()
         self.store = Store(self.tmp.name, map_size=16 * 1024**2,
                            check_command=ledger.check_invariants)

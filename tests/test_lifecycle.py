@@ -1,7 +1,7 @@
 """Card lifecycle rules (SPEC.md section 2), in-process through the store's writer thread."""
 import pytest
 
-from storage import records as r
+from yikatong.storage import records as r
 from yikatong import cards, config
 from yikatong.errors import (CardNotFound, IdReused, InvalidArgument, InvalidTransition,
                              NotEligible, PermissionDenied)
@@ -283,7 +283,7 @@ def test_rc_14_residence_card_valid_one_year_from_issue(w):
 
 
 def test_gz_9b_stored_pii_is_reused_and_never_silently_overwritten(w):
-    from server.app import pii_merger
+    from yikatong.server.app import pii_merger
 
     w.apply(pack=r.PACK_SH)
     given = pb.Holder(ssn=ssn(1))  # nothing asked again

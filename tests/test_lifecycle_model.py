@@ -10,8 +10,8 @@ import uuid
 import grpc
 import pytest
 
-import fastpath
-from storage import records as r
+from yikatong import fastpath
+from yikatong.storage import records as r
 from yikatong import cards, clock as clocks, config
 from yikatong.errors import YikatongError
 from yikatong.v1 import yikatong_pb2 as pb
@@ -323,7 +323,7 @@ class LifecycleModel(RuleBasedStateMachine):
 def _in_process():
     import tempfile
 
-    from storage.lmdb_store import Store
+    from yikatong.storage.lmdb_store import Store
     tmp = tempfile.TemporaryDirectory()
     store = Store(tmp.name, map_size=32 * 1024**2)
 

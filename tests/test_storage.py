@@ -3,9 +3,9 @@ import threading
 
 import pytest
 
-from storage import records as r
-from storage.lmdb_store import Store
-from storage.records import CardRecord, CorruptRecord
+from yikatong.storage import records as r
+from yikatong.storage.lmdb_store import Store
+from yikatong.storage.records import CardRecord, CorruptRecord
 from yikatong.errors import StoreUnavailable
 
 

@@ -23,7 +23,7 @@ class ManualClock:
     manual = True
 
     def __init__(self, start: int):
-        self._now = int(start)
+        self._now = check_time(int(start))
         self._lock = threading.Lock()
 
     def now(self) -> int:
@@ -33,10 +33,14 @@ class ManualClock:
         if seconds < 0:
             raise ValueError("seconds must not be negative: the clock never moves backwards")
         with self._lock:
+            if seconds > config.time_max - self._now:
+                raise ValueError(f"{seconds} seconds would move the clock past its end, "
+                                 f"{format_time(config.time_max)}")
             self._now += seconds
             return self._now
 
     def set(self, t: int) -> int:
+        check_time(t)
         with self._lock:
             if t < self._now:
                 raise ValueError(
@@ -45,6 +49,14 @@ class ManualClock:
                 )
             self._now = t
             return self._now
+
+
+def check_time(t: int) -> int:
+    """A moment the clock may show (config.time_min to time_max), else ValueError."""
+    if not config.time_min <= t <= config.time_max:
+        raise ValueError(f"the clock runs from {format_time(config.time_min)} to "
+                         f"{format_time(config.time_max)}")
+    return t
 
 
 def parse_time(text: str) -> int:

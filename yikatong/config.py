@@ -1,8 +1,9 @@
 """Every limit and constant of the server, in one place (TIGER_STYLE: name them `*_max`)."""
+from yikatong.model import AccountKind, Channel, Pack
 
 # ---- sizes checked at the edge
 card_number_length_max = 20  # digits; card numbers are ASCII digits only
-request_id_length_max = 64
+request_id_bytes_max = 64  # UTF-8 bytes: stored in fixed 64-byte fields (a transfer's ref_id)
 text_field_length_max = 200  # names, addresses, reasons, bank names
 batch_size_max = 1000  # AuthorizeBatch / AuthorizeStream / GetStatusBatch entries per message
 message_size_max = 4 * 1024 * 1024  # bytes, gRPC receive limit
@@ -14,7 +15,17 @@ lmdb_map_size = 8 * 1024**3  # bytes of address space; grows on disk only as use
 lmdb_max_dbs = 16
 lmdb_max_readers = 512
 writer_group_max = 512  # commands folded into one write transaction (one fsync)
-writer_idle_seconds = 1.0  # an idle writer sweeps expired holds this often
+# Commands waiting for the writer; more are refused RESOURCE_EXHAUSTED, never queued without
+# end. A few seconds of the writer's work at its measured group-commit rate.
+writer_queue_max = 65_536
+writer_idle_seconds = 1.0  # an idle writer runs its periodic jobs (the hold sweep) this often
+# A periodic job that fails this many times in a row turns health NOT_SERVING.
+periodic_failures_max = 3
+
+# ---- time: the manual clock moves only within these (unix seconds, 1970 to 2200), so every
+# deadline computed from it stays far from int64's end and from datetime's year 9999.
+time_min = 0
+time_max = 7_258_089_600  # 2200-01-01T00:00:00+08:00
 
 # ---- law
 temp_loss_valid_seconds = 5 * 86400  # SH-18b: a temporary loss report is valid 5 days
@@ -26,9 +37,8 @@ law_utc_offset_seconds = 8 * 3600
 
 # SH-30: a card generation's retirement moment (unix seconds), after which its cards decline
 # GENERATION_RETIRED. Generation 1 lacked the SH-5 basic functions and was discontinued from
-# 2020-12-31 (00:00 Shanghai time). Cards issued now carry `generation_current`.
+# 2020-12-31 (00:00 Shanghai time). Cards issued now carry model.GENERATION_CURRENT.
 generation_retired_at = {1: 1609344000}
-generation_current = 2
 
 # RC-20: SERVICE codes gated by Residence Card points and the points they need.
 # EXAMPLE VALUES, NOT THE OFFICIAL ONES: the real standard value is set by the municipality.
@@ -38,17 +48,18 @@ service_points_required = {
 }
 
 # Card-number prefixes per pack (the rest is a 10-digit sequence).
-pack_card_prefix = {1: "31", 2: "44", 3: "11", 4: "90"}
+pack_card_prefix = {Pack.SH: "31", Pack.GZ: "44", Pack.BJ: "11", Pack.RC: "90"}
 
 # ---- money (integer fen)
 amount_fen_max = 10**11  # one transfer: 1 billion yuan; keeps every sum far from int64's end
 operator_name_bytes_max = 39  # "op:<name>", UTF-8
 holds_per_account_max = 64  # open holds on one account (a purse tapped in at many gates is a bug)
 hold_timeout_seconds_max = 30 * 86400
+hold_sweep_max = 10_000  # holds released by one periodic sweep
 # Channel -> (debited holder account kind, default payee operator, default hold timeout s).
 # TRANSIT: a tap-in holds the maximum fare for a journey; MEDICAL: pre-authorisation.
 channel_money = {
-    1: (2, "op:transit", 4 * 3600),
-    2: (1, "op:medical", 72 * 3600),
-    3: (3, "op:benefit-drawl", 3600),
+    Channel.TRANSIT: (AccountKind.TRANSIT, "op:transit", 4 * 3600),
+    Channel.MEDICAL: (AccountKind.MEDICAL, "op:medical", 72 * 3600),
+    Channel.BENEFIT: (AccountKind.BENEFIT, "op:benefit-drawl", 3600),
 }

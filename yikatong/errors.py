@@ -1,34 +1,56 @@
-"""One hierarchy of domain errors. The server maps them to gRPC status codes in exactly one
-place (server/errors.py); the domain never knows about gRPC."""
+"""One hierarchy of errors. Each carries a stable machine-readable `reason` (a rule id, a
+TigerBeetle-style code, ...) that callers act on; the message is for people. The server maps
+the classes to gRPC status codes in exactly one place (server/errors.py); the domain never
+knows about gRPC."""
 
 
 class YikatongError(Exception):
-    """Base of every error the domain raises on purpose."""
+    """Base of every error raised on purpose."""
+
+    reason = "ERROR"
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 class InvalidArgument(YikatongError):
     """The request itself is malformed; `field` names what is wrong."""
 
+    reason = "INVALID_FIELD"
+
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.description = message
+
+    def within(self, prefix: str) -> "InvalidArgument":
+        """The same error for a field inside a batch entry (`requests[3].`)."""
+        return InvalidArgument(prefix + self.field, self.description)
 
 
 class CardNotFound(YikatongError):
+    reason = "CARD_NOT_FOUND"
+
     def __init__(self, card_number: str):
         super().__init__(f"card {card_number} not found")
 
 
 class NotEligible(YikatongError):
-    """An application the law does not allow (SH-8, GZ-4, BJ-8, RC-9)."""
+    """An application the law does not allow (SH-8, GZ-4, BJ-8, RC-9); reason = the rule."""
+
+    def __init__(self, rule: str, message: str):
+        super().__init__(f"{rule}: {message}", reason=rule)
 
 
 class InvalidTransition(YikatongError):
-    """A transition the card's state forbids; the message names the state and the rule."""
+    """A transition the card's state forbids; the message names the state and the rule, and
+    the rule id is the reason."""
 
     def __init__(self, state_name: str, operation: str, rule: str, detail: str = ""):
         text = f"{operation} is not allowed on a card in state {state_name} ({rule})"
-        super().__init__(text + (f": {detail}" if detail else ""))
+        super().__init__(text + (f": {detail}" if detail else ""), reason=rule)
         self.state_name = state_name
         self.rule = rule
 
@@ -36,23 +58,73 @@ class InvalidTransition(YikatongError):
 class IdReused(YikatongError):
     """The same request id came back with other fields (TigerBeetle's ID_REUSED)."""
 
+    reason = "ID_REUSED"
+
     def __init__(self, request_id: str):
         super().__init__(
             f"ID_REUSED: request id {request_id!r} was already used for a different request"
         )
 
 
+class TransferRefused(YikatongError):
+    """A transfer the ledger's rules refuse; the reason is TigerBeetle-style (EXCEEDS_CREDITS)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}", reason=code)
+        self.code = code
+
+
+class TransferNotFound(YikatongError):
+    reason = "TRANSFER_NOT_FOUND"
+
+    def __init__(self, transfer_id: str):
+        super().__init__(f"transfer {transfer_id!r} not found")
+
+
+class Unauthenticated(YikatongError):
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(YikatongError):
+    """A role calling what it may not, by the API's role table (reason ROLE_NOT_ALLOWED) or by
+    the law's channels (reason = the rule id)."""
+
+    reason = "ROLE_NOT_ALLOWED"
+
+
+class CorruptRecord(YikatongError):
+    """A stored value that is not a record this code understands: never decide on it."""
+
+    reason = "CORRUPT_RECORD"
+
+
+class InvalidRecord(YikatongError):
+    """A record that cannot be written exactly as it is (a field too long for its width, a
+    value out of range): refused before the write. The edge should have refused it first, so
+    this is a bug found, answered INTERNAL."""
+
+    reason = "INVALID_RECORD"
+
+
 class StoreFull(YikatongError):
     """The LMDB map is full: writes are refused (nothing half-written), reads go on."""
+
+    reason = "STORE_FULL"
 
 
 class StoreUnavailable(YikatongError):
     """The data dir cannot be served: locked by another server, unreadable, not a store."""
 
-
-class Unauthenticated(YikatongError):
-    pass
+    reason = "STORE_UNAVAILABLE"
 
 
-class PermissionDenied(YikatongError):
-    """A role calling what it may not, by the API's role table or by the law's channels."""
+class WriterBusy(YikatongError):
+    """The writer's queue is at writer_queue_max: refused now rather than queued without end."""
+
+    reason = "WRITER_QUEUE_FULL"
+
+
+class WriterDown(YikatongError):
+    """The writer thread has stopped: no write can be done until the server restarts."""
+
+    reason = "WRITER_DOWN"

@@ -1,0 +1,140 @@
+"""Every call passes here, once, before and after its handler: identity, the role table,
+decoding, error mapping and the access log. Handlers are registered from the proto's own
+service descriptors (as the generated add_*_to_server would), so a method the servicer lacks,
+or one missing from the role table, stops the server at start-up instead of answering
+UNKNOWN at run time.
+
+In order, for every call:
+1. who is calling (bearer token): UNAUTHENTICATED before anything else is looked at;
+2. may that role call this method (server/roles.py): PERMISSION_DENIED;
+3. is the request a message at all (corrupt wire format, bad UTF-8): INVALID_ARGUMENT;
+4. the handler, `behaviour(request, client)`, which validates its fields and does the work;
+5. a refusal (`YikatongError`) becomes its status with a rich status (server/errors.py); an
+   unexpected exception is logged with its traceback and a reference, and the caller gets
+   INTERNAL with that reference only;
+6. one access-log line: method, client, role, status code, duration. No PII.
+"""
+import logging
+import time
+import uuid
+
+import grpc
+
+from yikatong.errors import PermissionDenied, YikatongError
+from yikatong.server import errors, roles
+from yikatong.server.errors import Undecodable
+from yikatong.server.log import access
+
+log = logging.getLogger("yikatong.server")
+_INFO = logging.INFO
+_HANDLER = {(False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def register(server, servicers, clients, message_module, table=roles.METHOD_ROLES) -> None:
+    """Register each servicer (named as its proto service) behind the one call path."""
+    services = [message_module.DESCRIPTOR.services_by_name[type(s).__name__] for s in servicers]
+    roles.check_table(services, table)
+    for servicer, service in zip(servicers, services, strict=True):
+        handlers = {}
+        for m in service.methods:
+            name = f"{service.name}.{m.name}"
+            behaviour = getattr(servicer, m.name, None)
+            if behaviour is None:
+                raise roles.TableError(f"{name} is in the proto but {type(servicer).__name__} "
+                                       "does not implement it; refusing to start")
+            wrap = _streaming if m.server_streaming else _unary
+            handlers[m.name] = _HANDLER[(m.client_streaming, m.server_streaming)](
+                wrap(name, table[name], clients, behaviour, m.client_streaming),
+                request_deserializer=errors.decoder(getattr(message_module, m.input_type.name)),
+                response_serializer=getattr(message_module, m.output_type.name).SerializeToString)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _caller(name: str, allowed, clients, context):
+    client = clients.identify(context.invocation_metadata())
+    if client.role not in allowed:
+        raise PermissionDenied(f"role {client.role.name} may not call {name}")
+    return client
+
+
+async def _decoded(requests):
+    async for request in requests:
+        if type(request) is Undecodable:
+            raise request.error()
+        yield request
+
+
+def _unary(name, allowed, clients, behaviour, client_streaming):
+    async def handle(request, context):
+        started = time.perf_counter()
+        client = code = None
+        try:
+            client = _caller(name, allowed, clients, context)
+            if client_streaming:
+                request = _decoded(request)
+            elif type(request) is Undecodable:
+                raise request.error()
+            response = await behaviour(request, client)
+            code = "OK"
+            return response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every refusal and bug is answered here
+            status, message, trailers = _refusal(name, error)
+            code = status.name
+            await context.abort(status, message, trailing_metadata=trailers)
+        finally:
+            _log(name, client, code, started)
+    return handle
+
+
+def _streaming(name, allowed, clients, behaviour, client_streaming):
+    async def handle(request, context):
+        started = time.perf_counter()
+        client = code = None
+        try:
+            client = _caller(name, allowed, clients, context)
+            if client_streaming:
+                request = _decoded(request)
+            elif type(request) is Undecodable:
+                raise request.error()
+            async for response in behaviour(request, client):
+                yield response
+            code = "OK"
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every refusal and bug is answered here
+            status, message, trailers = _refusal(name, error)
+            code = status.name
+            await context.abort(status, message, trailing_metadata=trailers)
+        finally:
+            _log(name, client, code, started)
+    return handle
+
+
+def _refusal(name: str, error: Exception) -> tuple[grpc.StatusCode, str, tuple]:
+    """(status, message, trailing metadata) for what a handler raised."""
+    if isinstance(error, YikatongError):
+        status = errors.status_of(error)
+        if status is not grpc.StatusCode.INTERNAL:
+            return status, str(error), errors.trailers_of(error, status)
+    # A bug (an InvalidRecord refused before a write, any unexpected exception): the details
+    # go to the log with a reference; the caller sees the reference only.
+    reference = uuid.uuid4().hex[:12]
+    log.error("unexpected error in %s (reference %s)", name, reference, exc_info=error,
+              extra={"fields": {"method": name, "reference": reference}})
+    message = f"internal error; reference {reference} (the server logged it)"
+    status = grpc.StatusCode.INTERNAL
+    return status, message, errors.rich(status, message, "INTERNAL", reference=reference)
+
+
+def _log(name: str, client, code, started: float) -> None:
+    if access.isEnabledFor(_INFO):
+        access.info("call", extra={"fields": {
+            "method": name, "client": client.id if client else "",
+            "role": client.role.name if client else "", "code": code or "CANCELLED",
+            "ms": round((time.perf_counter() - started) * 1000, 3)}})

@@ -1,0 +1,78 @@
+"""Who may call what: API.md's role table, in one place (default deny).
+
+Keys are `Service.Method`. At start-up `check_table` compares the table with the services the
+proto describes: a method without an entry, or an entry naming no method, stops the server
+before it serves anything. Authorize is allowed per channel (`CHANNEL_ROLES`); the method
+entry is the union, so a role with no channel at all is refused before any work. Where the
+law names the channels of a rule for one pack (SH-18c, GZ-21, GZ-22), the domain refuses the
+others (`yikatong.cards`).
+"""
+from yikatong.errors import PermissionDenied
+from yikatong.model import Channel, Role
+
+TERMINALS = frozenset({Role.TRANSIT_GATE, Role.MEDICAL_TERMINAL, Role.BENEFIT_COUNTER})
+OUTLETS = frozenset({Role.COMMUNITY_OUTLET, Role.BANK_OUTLET})
+_APPLY = frozenset({Role.COMMUNITY_OUTLET, Role.BANK_OUTLET, Role.ONLINE_PLATFORM})
+_BANK = frozenset({Role.BANK_OUTLET, Role.BANK_SWITCH})
+_STATUS = TERMINALS | OUTLETS | {Role.BANK_SWITCH, Role.CARD_AGENCY}
+_MONEY = frozenset({Role.CARD_AGENCY, Role.HRSS, Role.BANK_SWITCH})
+
+CHANNEL_ROLES = {
+    Channel.TRANSIT: frozenset({Role.TRANSIT_GATE}),
+    Channel.MEDICAL: frozenset({Role.MEDICAL_TERMINAL}),
+    Channel.BENEFIT: frozenset({Role.BENEFIT_COUNTER}),
+    Channel.FINANCIAL: frozenset({Role.BANK_SWITCH}),
+    Channel.SERVICE: frozenset({Role.COMMUNITY_OUTLET, Role.HRSS, Role.PUBLIC_SECURITY}),
+    Channel.STATUS: _STATUS,
+}
+_AUTHORIZE = frozenset().union(*CHANNEL_ROLES.values())
+
+METHOD_ROLES: dict[str, frozenset[Role]] = {
+    "Authorization.Authorize": _AUTHORIZE,
+    "Authorization.AuthorizeBatch": _AUTHORIZE,
+    "Authorization.AuthorizeStream": _AUTHORIZE,
+    "CardStatus.GetStatus": _STATUS,
+    "CardStatus.GetStatusBatch": _STATUS,
+    "Lifecycle.Apply": _APPLY,
+    "Lifecycle.Replace": _APPLY,
+    "Lifecycle.CancelLoss": _APPLY,
+    "Lifecycle.Verify": frozenset({Role.CARD_AGENCY}),
+    "Lifecycle.Issue": frozenset({Role.CARD_AGENCY}),
+    "Lifecycle.Cancel": frozenset({Role.CARD_AGENCY, Role.HRSS, Role.PUBLIC_SECURITY}),
+    "Lifecycle.Activate": _APPLY | {Role.SERVICE_HOTLINE},
+    "Lifecycle.ReportTemporaryLoss": frozenset({Role.SERVICE_HOTLINE}),
+    "Lifecycle.ReportLoss": _APPLY | {Role.SERVICE_HOTLINE},  # hotline: GZ/BJ only (domain)
+    "Lifecycle.OpenFinancial": _BANK,
+    "Lifecycle.ReportBankLoss": _BANK,
+    "Lifecycle.CancelBankLoss": _BANK,
+    "Lifecycle.LockApplication": _BANK,
+    "Lifecycle.UnlockApplication": _BANK,
+    "Lifecycle.GetCard": _APPLY | {Role.SERVICE_HOTLINE, Role.CARD_AGENCY},
+    "Ledger.Transfer": _MONEY,
+    "Ledger.Reverse": _MONEY,
+    "Ledger.GetBalances": TERMINALS | OUTLETS | {Role.ONLINE_PLATFORM},
+    "Admin.AdvanceClock": frozenset({Role.ADMIN}),
+    "Admin.SetClock": frozenset({Role.ADMIN}),
+}
+
+
+class TableError(Exception):
+    """The role table and the proto disagree: the server must not start."""
+
+
+def check_table(service_descriptors, table: dict = METHOD_ROLES) -> None:
+    described = {f"{s.name}.{m.name}" for s in service_descriptors for m in s.methods}
+    missing = sorted(described - table.keys())
+    if missing:
+        raise TableError(f"{', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} no entry "
+                         "in the role table (server/roles.py); refusing to start")
+    unknown = sorted(table.keys() - described)
+    if unknown:
+        raise TableError(f"the role table names {', '.join(unknown)}, which the proto does not "
+                         "describe; refusing to start")
+
+
+def require_channel(role: Role, channel: int) -> None:
+    if role not in CHANNEL_ROLES.get(channel, ()):  # type: ignore[call-overload]
+        raise PermissionDenied(f"role {role.name} may not authorize "
+                               f"CHANNEL_{Channel(channel).name}")  # validated: a known value

@@ -1,0 +1,59 @@
+"""Authorization (SPEC.md section 4): may this card be used for this, right now?
+
+Without money it is one read and the decision table (`fastpath.decide` over the stored
+record's bytes): no write, no wait for the writer. With money it runs in the writer: decided,
+debited (or held, posted, voided) and remembered under the request id in one transaction, so a
+replay returns the first answer and moves nothing twice.
+"""
+from yikatong import config, fastpath, ledger
+from yikatong.errors import CorruptRecord, InvalidArgument
+from yikatong.model import Channel, Phase, Reason, holder_account_key, operator_account_key
+
+
+def points_required(channel: int, service_code: str) -> int:
+    """RC-20: the points a SERVICE code needs (0 for every other use)."""
+    return config.service_points_required.get(service_code, 0) if channel == Channel.SERVICE else 0
+
+
+def without_money(policy, book, card_number: str, channel: int, service_code: str,
+                  now: int) -> int:
+    """The decision for a use that moves no money: APPROVED (0) or the decline reason."""
+    reason = fastpath.decide(policy, book.card_bytes(card_number), channel, now,
+                             points_required(channel, service_code))
+    if reason == fastpath.CORRUPT:
+        raise CorruptRecord(f"card record {card_number} is corrupt; not deciding on it")
+    return reason
+
+
+def with_money(policy, book, now: int, *, request_id: str, card_number: str, channel: int,
+               amount: int, phase: int, hold_request_id: str, payee: str, hold_timeout: int,
+               role: int, fingerprint: bytes) -> tuple[int, int]:
+    """One decision that moves money, inside the writer's transaction. Returns (reason,
+    fen available afterwards in the debited account, 0 where the card has none)."""
+    kind, default_payee, default_timeout = config.channel_money[Channel(channel)]
+    record, holder_id = book.card_with_holder(card_number)
+    debit = holder_account_key(holder_id, kind) if holder_id is not None else None
+    if phase in (Phase.POST, Phase.VOID):
+        # A tap-out or void resolves a hold already granted: the hold must be on this card's
+        # account for this channel; the card's state is not asked again (a card reported lost
+        # mid-journey still pays the fare it held).
+        hold = ledger.get(book, hold_request_id)
+        if hold is None or hold.debit != debit:
+            raise InvalidArgument("hold_request_id", f"{hold_request_id!r} is not a hold on card "
+                                  f"{card_number}'s {Channel(channel).name} account")
+        ledger.resolve(book, now, request_id, hold_request_id, post=phase == Phase.POST,
+                       amount=amount, channel=channel, role=role, card_number=card_number,
+                       fingerprint=fingerprint)
+        return Reason.APPROVED, ledger.available(book, debit, now)
+    left = ledger.settle(book, debit, now) if debit is not None else 0
+    reason = fastpath.decide(policy, record, channel, now, 0, amount, left)
+    if reason == fastpath.CORRUPT:
+        raise CorruptRecord(f"card record {card_number} is corrupt")
+    if reason == Reason.APPROVED:
+        assert debit is not None
+        ledger.create(book, now, request_id, debit, operator_account_key(payee or default_payee),
+                      amount, pending=phase == Phase.HOLD, timeout=hold_timeout or default_timeout,
+                      channel=channel, role=role, card_number=card_number,
+                      fingerprint=fingerprint, settled=left)
+        left -= amount
+    return reason, left if debit is not None else 0

@@ -1,0 +1,273 @@
+"""The domain's vocabulary: its enums and value types, in one place.
+
+Enum values are the wire values of the same enums in proto/yikatong/v1 (a test checks them
+name by name), so the server passes them through unchanged. Nothing here knows how a value is
+stored: `yikatong.storage.records` encodes these types, and storage imports the domain, never
+the other way round.
+"""
+import dataclasses
+import enum
+import struct
+
+
+class Pack(enum.IntEnum):
+    SH = 1  # Shanghai social security card
+    GZ = 2  # Guangzhou social security card
+    BJ = 3  # Beijing social security card
+    RC = 4  # Shanghai Residence Card
+
+
+class State(enum.IntEnum):
+    APPLIED = 1
+    VERIFIED = 2
+    REJECTED = 3
+    ISSUED = 4
+    ACTIVE = 5
+    TEMP_LOSS = 6
+    LOST = 7
+    SUPERSEDED = 8
+    CANCELLED = 9
+
+
+FINAL_STATES = frozenset((State.REJECTED, State.SUPERSEDED, State.CANCELLED))
+
+
+class Channel(enum.IntEnum):
+    TRANSIT = 1
+    MEDICAL = 2
+    BENEFIT = 3
+    FINANCIAL = 4
+    SERVICE = 5
+    STATUS = 6
+
+
+class Flag(enum.IntFlag):
+    TRANSIT = 1  # made with the transit function (SH-13)
+    FINANCIAL_OPEN = 2  # SH-14
+    FINANCIAL_FROZEN = 4  # a bank loss report stands (SH-20)
+    REPLACEMENT_APPLIED = 8  # a replacement was applied for (GZ-22)
+
+
+class Reason(enum.IntEnum):
+    """An authorization's answer: APPROVED, or the decline reason (SPEC.md section 4 order)."""
+
+    APPROVED = 0
+    CARD_NOT_FOUND = 1
+    CARD_SUPERSEDED = 2
+    CARD_CANCELLED = 3
+    GENERATION_RETIRED = 4
+    CARD_NOT_ISSUED = 5
+    CARD_NOT_ACTIVATED = 6
+    CARD_LOST = 7
+    CARD_FROZEN = 8
+    RC_NOT_RENEWED = 9
+    APPLICATION_LOCKED = 10
+    FUNCTION_NOT_OPEN = 11
+    FINANCIAL_FROZEN = 12
+    NOT_ENTITLED = 13
+    INSUFFICIENT_FUNDS = 14
+
+
+class ReplaceReason(enum.IntEnum):
+    LOST = 1  # SH-19b, GZ-23: after a formal loss report
+    DAMAGED = 2  # SH-21, GZ-24: defaced or unreadable
+    INFO_CHANGED = 3  # SH-22, GZ-24: re-application on changed information
+
+
+class ResidenceBasis(enum.IntEnum):
+    """RC-9: the second condition of a Residence Card application."""
+
+    EMPLOYMENT = 1
+    RESIDENCE = 2
+    STUDY = 3
+
+
+class Role(enum.IntEnum):
+    """Who a client is (SPEC.md section 7). Stored in one byte where a record remembers it."""
+
+    TRANSIT_GATE = 1
+    MEDICAL_TERMINAL = 2
+    BENEFIT_COUNTER = 3
+    BANK_SWITCH = 4
+    COMMUNITY_OUTLET = 5
+    BANK_OUTLET = 6
+    ONLINE_PLATFORM = 7
+    SERVICE_HOTLINE = 8
+    CARD_AGENCY = 9
+    PUBLIC_SECURITY = 10
+    HRSS = 11
+    AUDITOR = 12
+    ADMIN = 13
+
+
+class AccountKind(enum.IntEnum):
+    MEDICAL = 1
+    TRANSIT = 2
+    BENEFIT = 3
+
+
+class Phase(enum.IntEnum):
+    SINGLE = 0  # PHASE_UNSPECIFIED on the wire: single-phase
+    HOLD = 1
+    POST = 2
+    VOID = 3
+
+
+class TransferKind(enum.IntEnum):
+    SINGLE = 1
+    PENDING = 2  # a hold
+    POST = 3
+    VOID = 4
+    REVERSAL = 5
+
+
+class TransferStatus(enum.IntEnum):
+    """A hold's status (TransferKind.PENDING); every other kind is POSTED once it exists."""
+
+    POSTED = 1
+    PENDING = 2
+    VOIDED = 3
+    EXPIRED = 4
+
+
+class ChangeKind(enum.IntEnum):
+    CARD = 1  # a card's state, flags or locks changed
+    TRANSFER = 2  # money moved, or a hold was placed or resolved
+
+
+# ---------------------------------------------------------------------------- cards
+
+# SH-30: card generations. Generation 1 lacked the SH-5 basic functions and is retired
+# (config.generation_retired_at); cards made now carry this one.
+GENERATION_CURRENT = 2
+
+
+@dataclasses.dataclass
+class Card:
+    card_number: str
+    pack: int
+    state: int
+    flags: int = 0
+    generation: int = GENERATION_CURRENT
+    lock_mask: int = 0  # bit 1 << Channel: application locked (GZ-6)
+    points: int = 0  # RC-20
+    temp_loss_at: int = 0  # unix s, while TEMP_LOSS (SH-18a/b)
+    valid_until: int = 0  # unix s, RC-14; 0 = no end
+    holder_id: int = 0
+    applied_at: int = 0
+    issued_at: int = 0
+    loss_reported_at: int = 0
+    replaced_by: str = ""
+    replaces: str = ""
+    service_bank: str = ""
+
+    def has(self, flag: int) -> bool:
+        return bool(self.flags & flag)
+
+    def set(self, flag: int, on: bool = True) -> None:
+        self.flags = (self.flags | flag) if on else (self.flags & ~flag)
+
+
+# PII fields of a holder (SH-4, GZ-17, BJ-4), beside the key, the SSN.
+PII_FIELDS = ("name", "gender", "birth_date", "nationality", "phone", "address", "ethnicity",
+              "postcode", "occupation", "photo_sha256")
+
+
+@dataclasses.dataclass
+class HolderInfo:
+    """A holder's personal information as held (the eligibility flags are not kept)."""
+
+    ssn: str
+    name: str = ""
+    gender: str = ""
+    birth_date: str = ""
+    nationality: str = ""
+    phone: str = ""
+    address: str = ""
+    ethnicity: str = ""
+    postcode: str = ""
+    occupation: str = ""
+    photo_sha256: str = ""
+
+
+@dataclasses.dataclass
+class Eligibility:
+    """What an application states about the applicant (SH-8, GZ-4, BJ-8, RC-9); checked, not
+    kept."""
+
+    household_registered: bool = False  # in the pack's city
+    insured: bool = False  # in the pack's city
+    entitled_public_services: bool = False
+    residence_registered_since: str = ""  # RC-9: YYYY-MM-DD
+    residence_basis: int = 0  # RC-9: ResidenceBasis
+
+
+# ---------------------------------------------------------------------------- money
+
+# An account is named by its key: a holder's account (holder id and kind) or an operator's
+# (`op:<name>`). Holder accounts belong to the holder, so a replacement card reaches them.
+ACCOUNT_KEY_BYTES_MAX = 40
+_HOLDER_KEY = struct.Struct(">cQB")
+
+
+def holder_account_key(holder_id: int, kind: int) -> bytes:
+    return _HOLDER_KEY.pack(b"h", holder_id, kind)
+
+
+def operator_account_key(name: str) -> bytes:
+    return b"o" + name.encode("utf-8")
+
+
+def is_holder_account(key: bytes) -> bool:
+    return key[:1] == b"h"
+
+
+def holder_of_account(key: bytes) -> int:
+    """The holder id of a holder account key, 0 for an operator account."""
+    return _HOLDER_KEY.unpack(key)[1] if is_holder_account(key) else 0
+
+
+@dataclasses.dataclass
+class Account:
+    """TigerBeetle's four balance columns, in integer fen."""
+
+    debits_pending: int = 0
+    debits_posted: int = 0
+    credits_pending: int = 0
+    credits_posted: int = 0
+
+    @property
+    def posted(self) -> int:
+        return self.credits_posted - self.debits_posted
+
+
+@dataclasses.dataclass
+class Transfer:
+    kind: int
+    status: int
+    amount: int  # what it moved, or holds
+    debit: bytes  # account keys
+    credit: bytes
+    ref_id: str = ""  # post/void: the pending transfer; reversal: the reversed transfer
+    fingerprint: bytes = b"\0" * 32
+    created_at: int = 0
+    timeout_at: int = 0  # pending only
+    resolved: int = 0  # pending: amount posted; posted kinds: amount reversed so far
+    channel: int = 0  # the Authorize channel that made it; 0 = Ledger.Transfer
+    role: int = 0  # the Role of the client that made it (who may post or void a hold)
+
+
+@dataclasses.dataclass
+class Change:
+    """One entry of the change log (SPEC.md section 1): every change of a card or an account,
+    in one global sequence."""
+
+    kind: int  # ChangeKind
+    time: int
+    card_number: str = ""  # the card changed, or the card named by the request that moved money
+    holder_id: int = 0  # the holder whose card or account it is (0: operators only)
+    state: int = 0  # CARD: the card's state after the change
+    flags: int = 0  # CARD: its flags after the change
+    lock_mask: int = 0  # CARD: its application locks after the change
+    transfer_id: str = ""  # TRANSFER: the transfer written
+    amount: int = 0  # TRANSFER: fen it moved or holds
