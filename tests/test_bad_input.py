@@ -5,7 +5,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server_process import running
+from yikatong.server.harness import running
 from test_e2e import START, new_active_card
 from yikatong import config
 from yikatong.cards import ssn_check_digit

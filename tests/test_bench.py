@@ -7,13 +7,14 @@ import sys
 
 import pytest
 
-from server_process import ROOT, ServerProcess
+from yikatong.server.harness import ROOT, ServerProcess
 from yikatong.storage import records as r
 from yikatong.storage.lmdb_store import Store
 from yikatong import ledger
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import gen_data  # noqa: E402
+from yikatong.model import AccountKind, State
 
 HOLDERS = 3000
 
@@ -40,12 +41,12 @@ def test_generator_fills_a_realistic_mix_with_funded_accounts(data_dir):
                 state = value[r.OFF_STATE]
                 states[state] = states.get(state, 0) + 1
             assert sum(states.values()) >= HOLDERS
-            assert states[r.SUPERSEDED] > 0.02 * HOLDERS and states[r.LOST] > 0
-            assert states[r.ACTIVE] > 0.8 * HOLDERS
-            assert all(book.card(n).state == r.ACTIVE for n in ok[:50])
-            assert all(book.card(n).state != r.ACTIVE for n in hot[:50])
-            purse = ledger.account(book, r.holder_account_key(1, r.KIND_TRANSIT))
-            assert purse.posted == gen_data.FUNDING[r.KIND_TRANSIT]
+            assert states[State.SUPERSEDED] > 0.02 * HOLDERS and states[State.LOST] > 0
+            assert states[State.ACTIVE] > 0.8 * HOLDERS
+            assert all(book.card(n).state == State.ACTIVE for n in ok[:50])
+            assert all(book.card(n).state != State.ACTIVE for n in hot[:50])
+            purse = ledger.account(book, holder_account_key(1, AccountKind.TRANSIT))
+            assert purse.posted == gen_data.FUNDING[AccountKind.TRANSIT]
     finally:
         store.close()
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from server_process import ROOT
+from yikatong.server.harness import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from crash_loop import crash_loop  # noqa: E402

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server_process import ROOT, ServerProcess, running
+from yikatong.server.harness import ROOT, ServerProcess, running
 from yikatong import cards
 from yikatong.v1 import yikatong_pb2 as pb
 
@@ -263,7 +263,7 @@ def test_health_serving_then_sigterm_exits_0(tmp_path):
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     s.proc.send_signal(signal.SIGTERM)
     assert s.proc.wait(timeout=20) == 0
-    assert "yikatong: stopped" in s.proc.stdout.read()
+    assert "yikatong: stopped" in s.output()
     s.stop()
 
 

@@ -8,9 +8,9 @@ from yikatong import fastpath
 from conftest import IMPLS, _authorize_c
 from yikatong.fastpath import _authorize_py as ref
 from yikatong.storage import records as r
-from yikatong.storage.records import CardRecord
 from yikatong import config
 from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.model import Card, Channel, Flag, Pack, State
 
 NOW = 1_790_000_000  # 2026-09-22
 DAYS5 = config.temp_loss_valid_seconds
@@ -21,13 +21,13 @@ def policy(impl):
 
 
 def card(**kw) -> bytes:
-    fields = dict(card_number="310000000001", pack=r.PACK_SH, state=r.ACTIVE,
-                  flags=r.FLAG_TRANSIT | r.FLAG_FINANCIAL_OPEN)
+    fields = dict(card_number="310000000001", pack=Pack.SH, state=State.ACTIVE,
+                  flags=Flag.TRANSIT | Flag.FINANCIAL_OPEN)
     fields.update(kw)
-    return CardRecord(**fields).encode()
+    return r.encode_card(Card(**fields))
 
 
-def decide(impl, record, channel=r.CH_MEDICAL, now=NOW, points=0, amount=0, available=0):
+def decide(impl, record, channel=Channel.MEDICAL, now=NOW, points=0, amount=0, available=0):
     return impl.decide(policy(impl), record, channel, now, points, amount, available)
 
 
@@ -49,7 +49,7 @@ def test_fastpath_compiled_loaded_when_required():
 
 
 def test_active_card_is_approved_on_every_channel(impl):
-    for ch in (r.CH_TRANSIT, r.CH_MEDICAL, r.CH_BENEFIT, r.CH_FINANCIAL, r.CH_SERVICE, r.CH_STATUS):
+    for ch in (Channel.TRANSIT, Channel.MEDICAL, Channel.BENEFIT, Channel.FINANCIAL, Channel.SERVICE, Channel.STATUS):
         assert decide(impl, card(), ch) == ref.APPROVED
 
 
@@ -58,12 +58,12 @@ def test_reason_1_card_not_found(impl):
 
 
 def test_sh_23c_superseded_card_is_invalid_for_ever(impl):
-    assert decide(impl, card(state=r.SUPERSEDED)) == ref.CARD_SUPERSEDED
-    assert decide(impl, card(state=r.SUPERSEDED), r.CH_FINANCIAL) == ref.CARD_SUPERSEDED
+    assert decide(impl, card(state=State.SUPERSEDED)) == ref.CARD_SUPERSEDED
+    assert decide(impl, card(state=State.SUPERSEDED), Channel.FINANCIAL) == ref.CARD_SUPERSEDED
 
 
 def test_gz_26_cancelled_card(impl):
-    assert decide(impl, card(state=r.CANCELLED, pack=r.PACK_GZ)) == ref.CARD_CANCELLED
+    assert decide(impl, card(state=State.CANCELLED, pack=Pack.GZ)) == ref.CARD_CANCELLED
 
 
 def test_sh_30_retired_generation_declines_from_2020_12_31(impl):
@@ -74,86 +74,86 @@ def test_sh_30_retired_generation_declines_from_2020_12_31(impl):
 
 
 def test_reason_5_not_issued(impl):
-    for state in (r.APPLIED, r.VERIFIED, r.REJECTED):
+    for state in (State.APPLIED, State.VERIFIED, State.REJECTED):
         assert decide(impl, card(state=state)) == ref.CARD_NOT_ISSUED
-        assert decide(impl, card(state=state), r.CH_FINANCIAL) == ref.CARD_NOT_ISSUED
+        assert decide(impl, card(state=state), Channel.FINANCIAL) == ref.CARD_NOT_ISSUED
 
 
 def test_sh_12_issued_card_is_not_activated_except_financial(impl):
-    assert decide(impl, card(state=r.ISSUED)) == ref.CARD_NOT_ACTIVATED
-    assert decide(impl, card(state=r.ISSUED), r.CH_FINANCIAL) == ref.APPROVED
+    assert decide(impl, card(state=State.ISSUED)) == ref.CARD_NOT_ACTIVATED
+    assert decide(impl, card(state=State.ISSUED), Channel.FINANCIAL) == ref.APPROVED
 
 
 def test_sh_18c_formal_loss_stops_social_security_not_financial(impl):
-    assert decide(impl, card(state=r.LOST)) == ref.CARD_LOST
-    assert decide(impl, card(state=r.LOST), r.CH_FINANCIAL) == ref.APPROVED
+    assert decide(impl, card(state=State.LOST)) == ref.CARD_LOST
+    assert decide(impl, card(state=State.LOST), Channel.FINANCIAL) == ref.APPROVED
 
 
 def test_gz_21_loss_suspends_the_financial_settlement_account_too(impl):
-    for pack in (r.PACK_GZ, r.PACK_BJ):
-        assert decide(impl, card(state=r.LOST, pack=pack), r.CH_FINANCIAL) == ref.CARD_LOST
+    for pack in (Pack.GZ, Pack.BJ):
+        assert decide(impl, card(state=State.LOST, pack=pack), Channel.FINANCIAL) == ref.CARD_LOST
 
 
 def test_sh_18a_temporary_loss_freezes_at_once(impl):
-    assert decide(impl, card(state=r.TEMP_LOSS, temp_loss_at=NOW)) == ref.CARD_FROZEN
-    assert decide(impl, card(state=r.TEMP_LOSS, temp_loss_at=NOW), r.CH_FINANCIAL) == ref.APPROVED
+    assert decide(impl, card(state=State.TEMP_LOSS, temp_loss_at=NOW)) == ref.CARD_FROZEN
+    assert decide(impl, card(state=State.TEMP_LOSS, temp_loss_at=NOW), Channel.FINANCIAL) == ref.APPROVED
 
 
 def test_sh_18b_temporary_loss_expires_after_5_days(impl):
-    rec = card(state=r.TEMP_LOSS, temp_loss_at=NOW)
+    rec = card(state=State.TEMP_LOSS, temp_loss_at=NOW)
     assert decide(impl, rec, now=NOW + DAYS5 - 1) == ref.CARD_FROZEN
     assert decide(impl, rec, now=NOW + DAYS5) == ref.APPROVED
 
 
 def test_rc_14_not_renewed_after_validity_end(impl):
-    rec = card(pack=r.PACK_RC, flags=0, valid_until=NOW + 10)
-    assert decide(impl, rec, r.CH_SERVICE, now=NOW + 9) == ref.APPROVED
-    assert decide(impl, rec, r.CH_SERVICE, now=NOW + 10) == ref.RC_NOT_RENEWED
+    rec = card(pack=Pack.RC, flags=0, valid_until=NOW + 10)
+    assert decide(impl, rec, Channel.SERVICE, now=NOW + 9) == ref.APPROVED
+    assert decide(impl, rec, Channel.SERVICE, now=NOW + 10) == ref.RC_NOT_RENEWED
     # valid_until means nothing on a social security card
     assert decide(impl, card(valid_until=NOW - 1)) == ref.APPROVED
 
 
 def test_gz_6_application_locked_per_channel(impl):
-    rec = card(pack=r.PACK_GZ, lock_mask=1 << r.CH_MEDICAL)
-    assert decide(impl, rec, r.CH_MEDICAL) == ref.APPLICATION_LOCKED
-    assert decide(impl, rec, r.CH_TRANSIT) == ref.APPROVED
+    rec = card(pack=Pack.GZ, lock_mask=1 << Channel.MEDICAL)
+    assert decide(impl, rec, Channel.MEDICAL) == ref.APPLICATION_LOCKED
+    assert decide(impl, rec, Channel.TRANSIT) == ref.APPROVED
 
 
 def test_sh_13_transit_needs_the_transit_function(impl):
-    assert decide(impl, card(flags=0), r.CH_TRANSIT) == ref.FUNCTION_NOT_OPEN
-    assert decide(impl, card(flags=0), r.CH_MEDICAL) == ref.APPROVED
+    assert decide(impl, card(flags=0), Channel.TRANSIT) == ref.FUNCTION_NOT_OPEN
+    assert decide(impl, card(flags=0), Channel.MEDICAL) == ref.APPROVED
 
 
 def test_sh_14_financial_needs_the_financial_function(impl):
-    assert decide(impl, card(flags=r.FLAG_TRANSIT), r.CH_FINANCIAL) == ref.FUNCTION_NOT_OPEN
+    assert decide(impl, card(flags=Flag.TRANSIT), Channel.FINANCIAL) == ref.FUNCTION_NOT_OPEN
 
 
 def test_sh_20_bank_loss_freezes_financial_only(impl):
-    rec = card(flags=r.FLAG_FINANCIAL_OPEN | r.FLAG_FINANCIAL_FROZEN)
-    assert decide(impl, rec, r.CH_FINANCIAL) == ref.FINANCIAL_FROZEN
-    assert decide(impl, rec, r.CH_MEDICAL) == ref.APPROVED
+    rec = card(flags=Flag.FINANCIAL_OPEN | Flag.FINANCIAL_FROZEN)
+    assert decide(impl, rec, Channel.FINANCIAL) == ref.FINANCIAL_FROZEN
+    assert decide(impl, rec, Channel.MEDICAL) == ref.APPROVED
 
 
 def test_rc_20_points_gated_service(impl):
-    rec = card(pack=r.PACK_RC, flags=0, points=119)
-    assert decide(impl, rec, r.CH_SERVICE, points=120) == ref.NOT_ENTITLED
-    assert decide(impl, rec, r.CH_SERVICE, points=119) == ref.APPROVED
-    assert decide(impl, card(points=0), r.CH_SERVICE, points=120) == ref.APPROVED  # RC only
+    rec = card(pack=Pack.RC, flags=0, points=119)
+    assert decide(impl, rec, Channel.SERVICE, points=120) == ref.NOT_ENTITLED
+    assert decide(impl, rec, Channel.SERVICE, points=119) == ref.APPROVED
+    assert decide(impl, card(points=0), Channel.SERVICE, points=120) == ref.APPROVED  # RC only
 
 
 def test_reason_14_insufficient_funds_against_the_available_balance(impl):
-    assert decide(impl, card(), r.CH_TRANSIT, amount=300, available=300) == ref.APPROVED
-    assert decide(impl, card(), r.CH_TRANSIT, amount=301, available=300) == ref.INSUFFICIENT_FUNDS
+    assert decide(impl, card(), Channel.TRANSIT, amount=300, available=300) == ref.APPROVED
+    assert decide(impl, card(), Channel.TRANSIT, amount=301, available=300) == ref.INSUFFICIENT_FUNDS
     # every card rule comes first
-    assert decide(impl, card(state=r.LOST), amount=301, available=0) == ref.CARD_LOST
+    assert decide(impl, card(state=State.LOST), amount=301, available=0) == ref.CARD_LOST
 
 
 def test_first_failing_rule_wins(impl):
     # superseded beats everything below it; lost beats locked and function checks
-    rec = card(state=r.SUPERSEDED, generation=1, lock_mask=0xFF, flags=0)
-    assert decide(impl, rec, r.CH_TRANSIT) == ref.CARD_SUPERSEDED
-    rec = card(state=r.LOST, lock_mask=0xFF, flags=0)
-    assert decide(impl, rec, r.CH_TRANSIT) == ref.CARD_LOST
+    rec = card(state=State.SUPERSEDED, generation=1, lock_mask=0xFF, flags=0)
+    assert decide(impl, rec, Channel.TRANSIT) == ref.CARD_SUPERSEDED
+    rec = card(state=State.LOST, lock_mask=0xFF, flags=0)
+    assert decide(impl, rec, Channel.TRANSIT) == ref.CARD_LOST
 
 
 @pytest.mark.parametrize("damage", ["short", "long", "version", "pack", "state", "empty"])
@@ -166,15 +166,15 @@ def test_corrupt_records_are_never_decided_on(impl, damage):
 
 
 def test_memoryview_records_decide_like_bytes(impl):
-    rec = card(state=r.TEMP_LOSS, temp_loss_at=NOW)
+    rec = card(state=State.TEMP_LOSS, temp_loss_at=NOW)
     assert decide(impl, memoryview(rec)) == decide(impl, rec) == ref.CARD_FROZEN
 
 
 # ---- differential: random records and requests, both twins, same answer
 
 records = st.builds(
-    lambda pack, state, flags, gen, locks, points, tl, vu: CardRecord(
-        "1", pack, state, flags, gen, locks, points, tl, vu).encode(),
+    lambda pack, state, flags, gen, locks, points, tl, vu: r.encode_card(Card(
+        "1", pack, state, flags, gen, locks, points, tl, vu)),
     st.integers(1, 4), st.integers(1, 9), st.integers(0, 15), st.sampled_from([0, 1, 2, 3, 255]),
     st.integers(0, 255), st.integers(0, 65535),
     st.integers(NOW - 10 * 86400, NOW + 86400), st.sampled_from([0, NOW - 1, NOW, NOW + 1]),

@@ -8,7 +8,7 @@ import uuid
 import grpc
 import pytest
 
-from server_process import ROOT, running
+from yikatong.server.harness import ROOT, running
 from test_e2e import START, new_active_card
 from test_money_e2e import balances, error_of, top_up
 from yikatong.v1 import yikatong_pb2 as pb

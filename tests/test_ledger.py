@@ -1,18 +1,26 @@
 """The double-entry ledger (SPEC.md section 5), in-process through the writer thread; the
 store checks the zero-sum invariant after every write group (conftest)."""
 import pytest
-from hypothesis import settings, strategies as st
+from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from yikatong.storage import records as r
 from yikatong import config, ledger
-from yikatong.ledger import TransferNotFound, TransferRefused
+from yikatong.errors import TransferNotFound, TransferRefused
+from yikatong.model import (
+    AccountKind,
+    ChangeKind,
+    TransferStatus,
+    holder_account_key,
+    is_holder_account,
+    operator_account_key,
+)
 
 T0 = 1_790_000_000
-PURSE = r.holder_account_key(1, r.KIND_TRANSIT)
-MEDICAL = r.holder_account_key(1, r.KIND_MEDICAL)
-TOPUP = r.operator_account_key("op:topup")
-METRO = r.operator_account_key("op:metro")
+PURSE = holder_account_key(1, AccountKind.TRANSIT)
+MEDICAL = holder_account_key(1, AccountKind.MEDICAL)
+TOPUP = operator_account_key("op:topup")
+METRO = operator_account_key("op:metro")
 
 
 class Ledger:
@@ -29,7 +37,7 @@ class Ledger:
 
     def posted(self, key):
         with self.store.read() as txn:
-            return ledger.account(self.store.book(txn), key).posted
+            return self.store.book(txn).account(key).posted
 
 
 @pytest.fixture
@@ -115,9 +123,9 @@ def test_the_sweep_releases_expired_holds_for_ever(lg):
     assert lg.store.write(lambda book: ledger.expire_holds(book, lg.now)) == 1
     with lg.store.read() as txn:
         book = lg.store.book(txn)
-        assert ledger.get(book, "hold-a").status == r.S_EXPIRED
-        assert ledger.get(book, "hold-b").status == r.S_PENDING
-        assert ledger.account(book, PURSE).debits_pending == 100
+        assert ledger.get(book, "hold-a").status == TransferStatus.EXPIRED
+        assert ledger.get(book, "hold-b").status == TransferStatus.PENDING
+        assert book.account(PURSE).debits_pending == 100
 
 
 def test_holds_per_account_are_limited(lg):
@@ -160,8 +168,9 @@ def test_a_reversal_cannot_overdraw_a_holder_credited_by_the_original(lg):
 def test_every_transfer_is_a_change_event(lg):
     lg.do(ledger.create, "fare", PURSE, METRO, 300)
     with lg.store.read() as txn:
-        events = [r.CHANGE.unpack(v) for _, v in txn.cursor(db=lg.store.dbs.changes)]
-    assert [(e[2].rstrip(b"\0"), e[3]) for e in events] == [(b"topup-1", 1000), (b"fare", 300)]
+        events = [e for _, e in lg.store.book(txn).changes()]
+    assert [(e.kind, e.transfer_id, e.amount, e.holder_id, e.time) for e in events] == [
+        (ChangeKind.TRANSFER, "topup-1", 1000, 1, T0), (ChangeKind.TRANSFER, "fare", 300, 1, T0)]
 
 
 # ---- model-based: random transfer sequences against a plain in-memory model
@@ -222,7 +231,7 @@ class LedgerModel(RuleBasedStateMachine):
         self._expire()
         tid = self._id()
         _, err = self._try(ledger.create, tid, d, c, amount, pending=pending, timeout=timeout)
-        should_refuse = d == c or (r.is_holder_account(d) and amount > self._available(d))
+        should_refuse = d == c or (is_holder_account(d) and amount > self._available(d))
         assert (err is not None) == should_refuse, err
         if err is None:
             if pending:
@@ -261,7 +270,7 @@ class LedgerModel(RuleBasedStateMachine):
         d, c, left = self.movable[tid]
         want = amount or left
         _, err = self._try(ledger.reverse, self._id(), tid, amount)
-        refuse = left == 0 or want > left or (r.is_holder_account(c) and want > self._available(c))
+        refuse = left == 0 or want > left or (is_holder_account(c) and want > self._available(c))
         assert (err is not None) == refuse, err
         if err is None:
             self.posted[c] -= want
@@ -278,8 +287,8 @@ class LedgerModel(RuleBasedStateMachine):
         with self.store.read() as txn:
             book = self.store.book(txn)
             for k in ACCOUNTS:
-                assert ledger.account(book, k).posted == self.posted[k]
-                if r.is_holder_account(k):
+                assert book.account(k).posted == self.posted[k]
+                if is_holder_account(k):
                     assert ledger.available(book, k, self.now) == self._available(k)
         assert sum(self.posted.values()) == 0
 

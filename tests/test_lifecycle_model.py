@@ -10,15 +10,14 @@ import uuid
 import grpc
 import pytest
 
-from yikatong import fastpath
-from yikatong.storage import records as r
-from yikatong import cards, clock as clocks, config
+from yikatong import cards, clock as clocks, config, fastpath
 from yikatong.errors import YikatongError
+from yikatong.model import Channel, Eligibility, HolderInfo, Pack, ReplaceReason, Role, State
 from yikatong.v1 import yikatong_pb2 as pb
 
 T0 = 1_790_000_000
 FIVE_DAYS = config.temp_loss_valid_seconds
-SOCIAL = (r.PACK_SH, r.PACK_GZ, r.PACK_BJ)
+SOCIAL = (Pack.SH, Pack.GZ, Pack.BJ)
 OPS = ("verify_ok", "verify_no", "issue", "activate", "temp_loss", "loss", "cancel_loss",
        "open_financial", "bank_loss", "cancel_bank_loss", "replace_lost", "replace_damaged",
        "cancel", "lock", "unlock")
@@ -27,39 +26,39 @@ OPS = ("verify_ok", "verify_no", "issue", "activate", "temp_loss", "loss", "canc
 class ModelCard:
     def __init__(self, pack, holder, state, replaces=""):
         self.pack, self.holder, self.state, self.replaces = pack, holder, state, replaces
-        self.transit = pack != r.PACK_RC
+        self.transit = pack != Pack.RC
         self.financial = self.frozen = False
         self.temp_at = 0
         self.replaced_by = ""
         self.locks = set()
 
     def effective(self, now):
-        if self.state == r.TEMP_LOSS and now >= self.temp_at + FIVE_DAYS:
-            return r.ACTIVE
+        if self.state == State.TEMP_LOSS and now >= self.temp_at + FIVE_DAYS:
+            return State.ACTIVE
         return self.state
 
 
 def model_decision(c: ModelCard | None, channel: int, now: int) -> int:
     """SPEC.md section 4, written out again independently of fastpath/."""
-    fin = channel == r.CH_FINANCIAL
+    fin = channel == Channel.FINANCIAL
     if c is None:
         return 1
     state = c.effective(now)
-    if state == r.SUPERSEDED:
+    if state == State.SUPERSEDED:
         return 2
-    if state == r.CANCELLED:
+    if state == State.CANCELLED:
         return 3
-    if state in (r.APPLIED, r.VERIFIED, r.REJECTED):
+    if state in (State.APPLIED, State.VERIFIED, State.REJECTED):
         return 5
-    if state == r.ISSUED and not fin:
+    if state == State.ISSUED and not fin:
         return 6
-    if state == r.LOST and (not fin or c.pack in (r.PACK_GZ, r.PACK_BJ)):
+    if state == State.LOST and (not fin or c.pack in (Pack.GZ, Pack.BJ)):
         return 7
-    if state == r.TEMP_LOSS and not fin:
+    if state == State.TEMP_LOSS and not fin:
         return 8
     if channel in c.locks:
         return 10
-    if (channel == r.CH_TRANSIT and not c.transit) or (fin and not c.financial):
+    if (channel == Channel.TRANSIT and not c.transit) or (fin and not c.financial):
         return 11
     if fin and c.frozen:
         return 12
@@ -73,13 +72,14 @@ class InProcess:
     def apply(self, now, pack, holder, instant):
         first17 = f"310101198001{holder:05d}"
         ssn = first17 + cards.ssn_check_digit(first17)
-        pii = pb.Holder(ssn=ssn, name="n", birth_date="1980-01-01").SerializeToString()
+        holder = HolderInfo(ssn, name="n", birth_date="1980-01-01")
+        eligible = Eligibility(True, True, True, "2020-01-01", 1)
         return self.store.write(lambda book: cards.apply(
-            book, now, pack=pack, ssn=ssn, merge_pii=lambda _: pii,
-            with_transit=pack != r.PACK_RC, service_bank="B", instant=instant)).card_number
+            book, now, pack=pack, holder=holder, eligibility=eligible,
+            with_transit=pack != Pack.RC, service_bank="B", instant=instant)).card_number
 
     def op(self, now, name, number, pack, channel):
-        role = {r.PACK_SH: "ONLINE_PLATFORM"}.get(pack, "BANK_OUTLET")
+        role = {Pack.SH: Role.ONLINE_PLATFORM}.get(pack, Role.BANK_OUTLET)
         fn, args = {
             "verify_ok": (cards.verify, (True, "")), "verify_no": (cards.verify, (False, "no")),
             "issue": (cards.issue, ()), "activate": (cards.activate, ()),
@@ -88,8 +88,8 @@ class InProcess:
             "open_financial": (cards.open_financial, ("B",)),
             "bank_loss": (cards.report_bank_loss, ()),
             "cancel_bank_loss": (cards.cancel_bank_loss, ()),
-            "replace_lost": (cards.replace, (cards.REPLACE_LOST, False)),
-            "replace_damaged": (cards.replace, (cards.REPLACE_DAMAGED, pack != r.PACK_RC)),
+            "replace_lost": (cards.replace, (ReplaceReason.LOST, False)),
+            "replace_damaged": (cards.replace, (ReplaceReason.DAMAGED, pack != Pack.RC)),
             "cancel": (cards.cancel, ("death",)),
             "lock": (cards.lock_application, (channel, True)),
             "unlock": (cards.lock_application, (channel, False)),
@@ -102,7 +102,7 @@ class InProcess:
 
     def decide(self, number, channel, now):
         with self.store.read() as txn:
-            record = txn.get(number.encode(), db=self.store.dbs.cards)
+            record = self.store.book(txn).card_bytes(number)
         return fastpath.decide(self.policy, record, channel, now, 0)
 
     def tick(self, seconds):
@@ -140,8 +140,8 @@ class OverGrpc:
                       insured=True, entitled_public_services=True)
         try:
             return self.s.lifecycle.Apply(pb.ApplyRequest(
-                request_id=uuid.uuid4().hex, pack=pack, holder=h, with_transit=pack != r.PACK_RC,
-                service_bank="B" if pack != r.PACK_RC else "", instant=instant,
+                request_id=uuid.uuid4().hex, pack=pack, holder=h, with_transit=pack != Pack.RC,
+                service_bank="B" if pack != Pack.RC else "", instant=instant,
                 residence_registered_since="2020-01-01",
                 residence_basis=pb.RESIDENCE_BASIS_EMPLOYMENT),
                 metadata=self.s.md("COMMUNITY_OUTLET")).card_number
@@ -151,10 +151,10 @@ class OverGrpc:
 
     def op(self, now, name, number, pack, channel):
         method, role, fields = self.METHODS[name]
-        role = role or ("ONLINE_PLATFORM" if pack == r.PACK_SH else "BANK_OUTLET")
+        role = role or ("ONLINE_PLATFORM" if pack == Pack.SH else "BANK_OUTLET")
         if name in ("lock", "unlock"):
             fields = {"channel": channel}
-        if name == "replace_damaged" and pack != r.PACK_RC:
+        if name == "replace_damaged" and pack != Pack.RC:
             fields = {**fields, "instant": True}
         request = getattr(pb, method + "Request")(request_id=uuid.uuid4().hex,
                                                   card_number=number, **fields)
@@ -191,18 +191,18 @@ class LifecycleModel(RuleBasedStateMachine):
     def _current(self, holder, pack):
         for c in self.cards.values():
             if c.holder == holder and c.pack == pack and c.effective(self.now) not in (
-                    r.REJECTED, r.SUPERSEDED, r.CANCELLED):
+                    State.REJECTED, State.SUPERSEDED, State.CANCELLED):
                 return c
         return None
 
     @precondition(lambda self: len(self.cards) < 6)  # then the steps go to what cards do
-    @rule(pack=st.sampled_from((r.PACK_SH, r.PACK_GZ, r.PACK_BJ, r.PACK_RC)),
+    @rule(pack=st.sampled_from((Pack.SH, Pack.GZ, Pack.BJ, Pack.RC)),
           new_holder=st.booleans(), instant=st.booleans())
     def apply(self, pack, new_holder, instant):
         if new_holder or not self.holders:
             self.holders += 1
         holder = self.holders
-        instant = instant and pack != r.PACK_RC
+        instant = instant and pack != Pack.RC
         blocked = self._current(holder, pack) is not None
         try:
             number = self.backend.apply(self.now, pack, holder, instant)
@@ -210,38 +210,38 @@ class LifecycleModel(RuleBasedStateMachine):
             number = None
         assert (number is None) == blocked
         if number:
-            self.cards[number] = ModelCard(pack, holder, r.ISSUED if instant else r.APPLIED)
+            self.cards[number] = ModelCard(pack, holder, State.ISSUED if instant else State.APPLIED)
             self.last = number
 
     def _expect(self, name, c: ModelCard, channel):
         """The model's answer: None if refused, else a function that applies it."""
         s = c.effective(self.now)
-        final = s in (r.REJECTED, r.SUPERSEDED, r.CANCELLED)
-        sh, rc = c.pack == r.PACK_SH, c.pack == r.PACK_RC
+        final = s in (State.REJECTED, State.SUPERSEDED, State.CANCELLED)
+        sh, rc = c.pack == Pack.SH, c.pack == Pack.RC
         pending = bool(c.replaced_by)
 
         def to(state):
             def go():
                 c.state = state
             return go
-        if name == "verify_ok" and s == r.APPLIED:
-            return to(r.VERIFIED)
-        if name == "verify_no" and s == r.APPLIED:
-            return to(r.REJECTED)
-        if name == "issue" and s == r.VERIFIED:
+        if name == "verify_ok" and s == State.APPLIED:
+            return to(State.VERIFIED)
+        if name == "verify_no" and s == State.APPLIED:
+            return to(State.REJECTED)
+        if name == "issue" and s == State.VERIFIED:
             return lambda: self._issue(c)
-        if name == "activate" and s == r.ISSUED:
-            return to(r.ACTIVE)
-        if name == "temp_loss" and sh and s == r.ACTIVE:
+        if name == "activate" and s == State.ISSUED:
+            return to(State.ACTIVE)
+        if name == "temp_loss" and sh and s == State.ACTIVE:
             def go():
-                c.state, c.temp_at = r.TEMP_LOSS, self.now
+                c.state, c.temp_at = State.TEMP_LOSS, self.now
             return go
-        if name == "loss" and (s == r.ACTIVE or (sh and s == r.TEMP_LOSS)):
-            return to(r.LOST)
-        if name == "cancel_loss" and ((sh and s in (r.TEMP_LOSS, r.LOST))
-                                      or (not sh and s == r.LOST and not pending)):
-            return to(r.ACTIVE)
-        if name == "open_financial" and not rc and s in (r.ISSUED, r.ACTIVE) and not c.financial:
+        if name == "loss" and (s == State.ACTIVE or (sh and s == State.TEMP_LOSS)):
+            return to(State.LOST)
+        if name == "cancel_loss" and ((sh and s in (State.TEMP_LOSS, State.LOST))
+                                      or (not sh and s == State.LOST and not pending)):
+            return to(State.ACTIVE)
+        if name == "open_financial" and not rc and s in (State.ISSUED, State.ACTIVE) and not c.financial:
             def go():
                 c.financial = True
             return go
@@ -254,15 +254,15 @@ class LifecycleModel(RuleBasedStateMachine):
                 c.frozen = False
             return go
         if name in ("replace_lost", "replace_damaged") and not pending and (
-                (name == "replace_lost" and s == r.LOST)
-                or (name == "replace_damaged" and s in (r.ISSUED, r.ACTIVE))):
+                (name == "replace_lost" and s == State.LOST)
+                or (name == "replace_damaged" and s in (State.ISSUED, State.ACTIVE))):
             return "replace"
         if name == "cancel" and not final:
             def go():
-                c.state = r.CANCELLED
+                c.state = State.CANCELLED
                 new = self.cards.get(c.replaced_by)
-                if new is not None and new.state not in (r.REJECTED, r.SUPERSEDED, r.CANCELLED):
-                    new.state = r.CANCELLED
+                if new is not None and new.state not in (State.REJECTED, State.SUPERSEDED, State.CANCELLED):
+                    new.state = State.CANCELLED
             return go
         if name in ("lock", "unlock") and not final and (channel in c.locks) == (name == "unlock"):
             def go():
@@ -271,14 +271,14 @@ class LifecycleModel(RuleBasedStateMachine):
         return None
 
     def _issue(self, c):
-        c.state = r.ACTIVE if c.pack == r.PACK_RC else r.ISSUED
+        c.state = State.ACTIVE if c.pack == Pack.RC else State.ISSUED
         if c.replaces:
             old = self.cards[c.replaces]
-            old.state = r.SUPERSEDED
+            old.state = State.SUPERSEDED
 
     @precondition(lambda self: self.cards)
     @rule(data=st.data(), steer=st.integers(0, 9), focus=st.integers(0, 3),
-          channel=st.sampled_from((r.CH_TRANSIT, r.CH_MEDICAL, r.CH_FINANCIAL)))
+          channel=st.sampled_from((Channel.TRANSIT, Channel.MEDICAL, Channel.FINANCIAL)))
     def operate(self, data, steer, focus, channel):
         """Mostly an operation the model allows, often on the card touched last (so cards
         travel far along their lifecycle), sometimes anything (so refusals are checked)."""
@@ -290,10 +290,10 @@ class LifecycleModel(RuleBasedStateMachine):
         name = data.draw(st.sampled_from(allowed if allowed and steer else OPS))
         expect = self._expect(name, c, channel)
         got = self.backend.op(self.now, name, number, c.pack, channel)
-        assert (got is None) == (expect is None), (name, r.STATE_NAMES[c.effective(self.now)])
+        assert (got is None) == (expect is None), (name, State(c.effective(self.now)).name)
         if expect == "replace":
-            instant = name == "replace_damaged" and c.pack != r.PACK_RC
-            new = ModelCard(c.pack, c.holder, r.VERIFIED, replaces=number)
+            instant = name == "replace_damaged" and c.pack != Pack.RC
+            new = ModelCard(c.pack, c.holder, State.VERIFIED, replaces=number)
             new.transit, new.financial = c.transit, c.financial
             c.replaced_by = got
             self.cards[got] = new
@@ -301,8 +301,8 @@ class LifecycleModel(RuleBasedStateMachine):
                 self._issue(new)
         elif expect is not None:
             expect()
-        if c.state == r.TEMP_LOSS and c.effective(self.now) == r.ACTIVE:
-            c.state = r.ACTIVE
+        if c.state == State.TEMP_LOSS and c.effective(self.now) == State.ACTIVE:
+            c.state = State.ACTIVE
 
     @rule(seconds=st.sampled_from((1, 3600, 86400, FIVE_DAYS - 1, FIVE_DAYS)))
     def tick(self, seconds):
@@ -312,11 +312,11 @@ class LifecycleModel(RuleBasedStateMachine):
     @invariant()
     def every_decision_matches_the_model(self):
         for number, c in self.cards.items():
-            for channel in (r.CH_TRANSIT, r.CH_MEDICAL, r.CH_BENEFIT, r.CH_FINANCIAL,
-                            r.CH_SERVICE, r.CH_STATUS):
+            for channel in (Channel.TRANSIT, Channel.MEDICAL, Channel.BENEFIT, Channel.FINANCIAL,
+                            Channel.SERVICE, Channel.STATUS):
                 want = model_decision(c, channel, self.now)
                 got = self.backend.decide(number, channel, self.now)
-                assert got == want, (number, r.PACK_NAMES[c.pack], r.STATE_NAMES[c.state],
+                assert got == want, (number, Pack(c.pack).name, State(c.state).name,
                                      channel, got, want)
 
 
@@ -337,7 +337,7 @@ def _over_grpc():
     import pathlib
     import tempfile
 
-    from server_process import ServerProcess
+    from yikatong.server.harness import ServerProcess
     tmp = tempfile.TemporaryDirectory()
     server = ServerProcess(pathlib.Path(tmp.name), "--clock", "manual", "--clock-start",
                            clocks.format_time(T0))

@@ -6,7 +6,7 @@ import uuid
 import grpc
 import pytest
 
-from server_process import ServerProcess, running
+from yikatong.server.harness import ServerProcess, running
 from test_e2e import START, new_active_card
 from yikatong.v1 import yikatong_pb2 as pb
 
