@@ -3,11 +3,20 @@ import threading
 
 import pytest
 
+from yikatong.errors import CorruptRecord, InvalidRecord, StoreUnavailable
+from yikatong.model import (
+    Card,
+    Change,
+    ChangeKind,
+    Flag,
+    Pack,
+    State,
+    Transfer,
+    TransferKind,
+    TransferStatus,
+)
 from yikatong.storage import records as r
 from yikatong.storage.lmdb_store import Store
-from yikatong.errors import CorruptRecord
-from yikatong.errors import StoreUnavailable
-from yikatong.model import Card, Pack, State
 
 
 def test_record_round_trip_is_fixed_width_with_a_version_byte():
@@ -92,3 +101,60 @@ def test_a_cancelled_caller_is_skipped_and_the_writer_lives_on(store):
     store.submit(lambda book: book.put_card(Card("8", Pack.SH, State.ACTIVE), 0)).result(10)
     with store.read() as txn:
         assert store.book(txn).card("9") is None and store.book(txn).card("8") is not None
+
+
+# ---- records are checked when written as strictly as when read (TIGER_STYLE)
+
+@pytest.mark.parametrize("field, value", [
+    ("service_bank", "银" * 11),  # 33 bytes of UTF-8 in a 32-byte field
+    ("replaced_by", "4" * 21),
+    ("replaces", "3100\u00e9"),  # not ASCII
+    ("points", 65536), ("flags", 256), ("generation", -1), ("state", 10), ("pack", 0),
+])
+def test_encode_refuses_a_card_it_cannot_write_exactly(field, value):
+    rec = Card("310000000001", Pack.SH, State.ACTIVE)
+    setattr(rec, field, value)
+    with pytest.raises(InvalidRecord, match=field):
+        r.encode_card(rec)
+
+
+def test_encode_refuses_a_transfer_whose_ref_id_would_be_cut():
+    t = Transfer(TransferKind.POST, TransferStatus.POSTED, 5, b"h" * 9, b"o:x",
+                 ref_id="挂" * 22)  # 66 bytes in a 64-byte field
+    with pytest.raises(InvalidRecord, match="ref_id is 66 bytes"):
+        r.encode_transfer(t)
+    t.ref_id = "挂" * 21
+    assert r.decode_transfer(r.encode_transfer(t)) == t
+
+
+def test_change_records_are_versioned_with_time_kind_card_and_holder(store):
+    card = Card("310000000009", Pack.SH, State.LOST, flags=Flag.TRANSIT, lock_mask=4,
+                holder_id=77)
+    store.write(lambda book: book.put_card(card, 1_790_000_123))
+    with store.read() as txn:
+        (seq, change), = store.book(txn).changes()
+        raw = txn.get(seq.to_bytes(8, "big"), db=store.dbs.changes)
+    assert raw[0] == r.CHANGE_VERSION
+    assert change == Change(ChangeKind.CARD, 1_790_000_123, "310000000009", 77, State.LOST,
+                            Flag.TRANSIT, 4)
+    with pytest.raises(CorruptRecord):
+        r.decode_change(bytes([9]) + raw[1:])
+
+
+def test_the_domain_enums_are_the_wire_enums():
+    from yikatong import model
+    from yikatong.v1 import yikatong_pb2 as pb
+
+    pairs = [(model.Pack, pb.Pack, "PACK_"), (model.State, pb.CardState, "CARD_STATE_"),
+             (model.Channel, pb.Channel, "CHANNEL_"), (model.AccountKind, pb.AccountKind,
+                                                       "ACCOUNT_KIND_"),
+             (model.ReplaceReason, pb.ReplaceReason, "REPLACE_REASON_"),
+             (model.ResidenceBasis, pb.ResidenceBasis, "RESIDENCE_BASIS_"),
+             (model.TransferStatus, pb.TransferStatus, "TRANSFER_STATUS_")]
+    for ours, wire, prefix in pairs:
+        assert {prefix + m.name: m.value for m in ours} == {
+            k: v for k, v in wire.items() if v != 0}, ours
+    assert {m.name: m.value for m in model.Reason if m} == {
+        k.removeprefix("DECLINE_REASON_"): v for k, v in pb.DeclineReason.items() if v}
+    assert [p.value for p in model.Phase] == [pb.PHASE_UNSPECIFIED, pb.PHASE_HOLD,
+                                              pb.PHASE_POST, pb.PHASE_VOID]
