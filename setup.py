@@ -21,8 +21,8 @@ DEBUG = bool(os.environ.get("YIKATONG_DEBUG_BUILD"))
 
 class build_py(_build_py):
     def run(self):
-        from grpc_tools import protoc
         import grpc_tools
+        from grpc_tools import protoc
 
         protos = sorted(glob.glob(os.path.join(HERE, "proto", "yikatong", "v1", "*.proto")))
         if not protos:

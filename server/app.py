@@ -12,11 +12,23 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from yikatong import authorize, cards, clock as clocks, config, fastpath, ledger
+from yikatong import authorize, cards, config, fastpath, ledger
+from yikatong import clock as clocks
 from yikatong.errors import CardNotFound, InvalidArgument, InvalidTransition, YikatongError
-from yikatong.model import (FINAL_STATES, PII_FIELDS, Card, Channel, Eligibility, Flag,
-                            HolderInfo, Pack, Phase, TransferStatus, holder_account_key,
-                            operator_account_key)
+from yikatong.model import (
+    FINAL_STATES,
+    PII_FIELDS,
+    Card,
+    Channel,
+    Eligibility,
+    Flag,
+    HolderInfo,
+    Pack,
+    Phase,
+    TransferStatus,
+    holder_account_key,
+    operator_account_key,
+)
 from yikatong.server import calls, validate
 from yikatong.server.clients import Client, Clients
 from yikatong.server.errors import with_prefix

@@ -18,7 +18,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the server")
-    s.add_argument("--data-dir", default=".data/yikatong", help="LMDB data dir (created if missing)")
+    s.add_argument("--data-dir", default=".data/yikatong",
+                   help="LMDB data dir (created if missing)")
     s.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT")
     s.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     s.add_argument("--clients", help="clients file (TOML)")
@@ -61,7 +62,8 @@ def _fail(message: str) -> int:
 def serve(args) -> int:
     import uvloop
 
-    from yikatong import clock as clocks, ledger
+    from yikatong import clock as clocks
+    from yikatong import ledger
     from yikatong.errors import StoreUnavailable
     from yikatong.server import demo, log
     from yikatong.server.app import serve as run_server
@@ -166,7 +168,8 @@ def _print_demo(store, listen: str) -> None:
 def client(args) -> int:
     import grpc
 
-    from yikatong.v1 import yikatong_pb2 as pb, yikatong_pb2_grpc as rpc
+    from yikatong.v1 import yikatong_pb2 as pb
+    from yikatong.v1 import yikatong_pb2_grpc as rpc
 
     metadata = (("authorization", f"Bearer {args.token}"),)
     with grpc.insecure_channel(args.target) as channel:

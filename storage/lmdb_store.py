@@ -34,10 +34,9 @@ from typing import Any
 import lmdb
 
 from yikatong import config
-from yikatong.errors import (IdReused, StoreFull, StoreUnavailable, WriterBusy,
-                             WriterDown)
-from yikatong.model import (ACCOUNT_KEY_BYTES_MAX as _KEY_WIDTH, Account, Card, Change,
-                            ChangeKind, HolderInfo, Transfer)
+from yikatong.errors import IdReused, StoreFull, StoreUnavailable, WriterBusy, WriterDown
+from yikatong.model import ACCOUNT_KEY_BYTES_MAX as _KEY_WIDTH
+from yikatong.model import Account, Card, Change, ChangeKind, HolderInfo, Transfer
 from yikatong.storage import records
 
 log = logging.getLogger("yikatong.storage")
@@ -82,7 +81,8 @@ class Store:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
-            raise StoreUnavailable(f"data dir {data_dir} is locked by another running server") from None
+            raise StoreUnavailable(
+                f"data dir {data_dir} is locked by another running server") from None
         os.ftruncate(self._lock_fd, 0)
         os.write(self._lock_fd, f"{os.getpid()}\n".encode())
         # Opened here, in the process that uses it (after any fork), never inherited.
@@ -218,7 +218,7 @@ class Store:
         group = [(c, f) for c, f in group if f.set_running_or_notify_cancel()]
         if not group:
             return
-        outcomes = []
+        outcomes: list[tuple[concurrent.futures.Future, Any, BaseException | None]] = []
         try:
             with self.env.begin(write=True) as txn:
                 for command, future in group:

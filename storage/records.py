@@ -32,8 +32,18 @@ import typing
 
 from yikatong import config
 from yikatong.errors import CorruptRecord, InvalidRecord
-from yikatong.model import (ACCOUNT_KEY_BYTES_MAX, Account, Card, Change, HolderInfo, Pack,
-                            State, Transfer, TransferKind, TransferStatus)
+from yikatong.model import (
+    ACCOUNT_KEY_BYTES_MAX,
+    Account,
+    Card,
+    Change,
+    HolderInfo,
+    Pack,
+    State,
+    Transfer,
+    TransferKind,
+    TransferStatus,
+)
 
 VERSION = 1
 LAYOUT = struct.Struct("<BBBBBBHqqQqqq20s20s32s")
@@ -179,7 +189,8 @@ def decode_holder(ssn: str, value) -> tuple[int, HolderInfo]:
 
 # Accounts: key = model.holder_account_key / operator_account_key.
 # Value: version, then pending and posted sums in integer fen (TigerBeetle's four balances).
-ACCOUNT = struct.Struct("<Bqqqq")  # version, debits_pending, debits_posted, credits_pending, credits_posted
+# version, debits_pending, debits_posted, credits_pending, credits_posted
+ACCOUNT = struct.Struct("<Bqqqq")
 _U64 = struct.Struct(">Q")
 
 
@@ -200,7 +211,8 @@ def decode_account(value) -> Account:
 # version kind status channel role amount created_at timeout_at resolved debit credit ref_id
 # fingerprint
 TRANSFER = struct.Struct("<BBBBBqqqq40s40s64s32s")
-_KINDS, _STATUSES = (min(TransferKind), max(TransferKind)), (min(TransferStatus), max(TransferStatus))
+_KINDS = (min(TransferKind), max(TransferKind))
+_STATUSES = (min(TransferStatus), max(TransferStatus))
 
 
 def encode_transfer(t: Transfer) -> bytes:

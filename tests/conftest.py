@@ -24,8 +24,8 @@ def impl(request):
 
 @pytest.fixture
 def store(tmp_path):
-    from yikatong.storage.lmdb_store import Store
     from yikatong import ledger
+    from yikatong.storage.lmdb_store import Store
 
     s = Store(str(tmp_path / "data"), map_size=64 * 1024**2, check_command=ledger.check_invariants)
     yield s

@@ -4,11 +4,11 @@ every key and value, before and after)."""
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from yikatong.server.harness import running
 from test_e2e import START, new_active_card
+
 from yikatong import config
 from yikatong.cards import ssn_check_digit
+from yikatong.server.harness import running
 from yikatong.v1 import yikatong_pb2 as pb
 
 IA, FP, RE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,

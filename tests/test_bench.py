@@ -7,14 +7,15 @@ import sys
 
 import pytest
 
+from yikatong import ledger
 from yikatong.server.harness import ROOT, ServerProcess
 from yikatong.storage import records as r
 from yikatong.storage.lmdb_store import Store
-from yikatong import ledger
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import gen_data  # noqa: E402
-from yikatong.model import AccountKind, State
+
+from yikatong.model import AccountKind, State, holder_account_key
 
 HOLDERS = 3000
 
@@ -45,7 +46,7 @@ def test_generator_fills_a_realistic_mix_with_funded_accounts(data_dir):
             assert states[State.ACTIVE] > 0.8 * HOLDERS
             assert all(book.card(n).state == State.ACTIVE for n in ok[:50])
             assert all(book.card(n).state != State.ACTIVE for n in hot[:50])
-            purse = ledger.account(book, holder_account_key(1, AccountKind.TRANSIT))
+            purse = book.account(holder_account_key(1, AccountKind.TRANSIT))
             assert purse.posted == gen_data.FUNDING[AccountKind.TRANSIT]
     finally:
         store.close()

@@ -8,8 +8,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from yikatong.server.harness import ROOT, ServerProcess, running
 from yikatong import cards
+from yikatong.server.harness import ROOT, ServerProcess, running
 from yikatong.v1 import yikatong_pb2 as pb
 
 START = "2026-11-24T09:00:00+08:00"
@@ -33,7 +33,8 @@ def ssn(n: int, region="310101") -> str:
 
 def holder(n: int, **kw) -> pb.Holder:
     fields = dict(ssn=ssn(n), name="王芳", gender="F", birth_date="1985-03-15",
-                  nationality="CN", phone="13800000000", address="上海市黄浦区", occupation="teacher")
+                  nationality="CN", phone="13800000000", address="上海市黄浦区",
+                  occupation="teacher")
     fields.update(kw)
     return pb.Holder(**fields)
 
@@ -277,7 +278,8 @@ def test_system_clock_refuses_admin_clock_moves(tmp_path):
 def test_unusable_data_dir_is_a_clear_startup_error(tmp_path):
     (tmp_path / "lmdb").mkdir()
     (tmp_path / "lmdb" / "data.mdb").write_bytes(b"this is not an LMDB file" * 200)
-    out = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--data-dir", str(tmp_path),
+    out = subprocess.run([sys.executable, "-m", "yikatong", "serve",
+                          "--data-dir", str(tmp_path),
                           "--listen", "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 2
@@ -286,7 +288,8 @@ def test_unusable_data_dir_is_a_clear_startup_error(tmp_path):
 
 
 def test_port_taken_is_a_clear_startup_error(srv, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--data-dir", str(tmp_path / "other"),
+    out = subprocess.run([sys.executable, "-m", "yikatong", "serve",
+                          "--data-dir", str(tmp_path / "other"),
                           "--listen", srv.address], cwd=ROOT, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 2
@@ -294,7 +297,8 @@ def test_port_taken_is_a_clear_startup_error(srv, tmp_path):
 
 
 def test_second_server_on_the_same_data_dir_is_refused(srv):
-    out = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--data-dir", srv.data_dir,
+    out = subprocess.run([sys.executable, "-m", "yikatong", "serve",
+                          "--data-dir", srv.data_dir,
                           "--listen", "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode != 0

@@ -7,10 +7,10 @@ import uuid
 
 import grpc
 import pytest
-
-from yikatong.server.harness import ROOT, running
 from test_e2e import START, new_active_card
 from test_money_e2e import balances, error_of, top_up
+
+from yikatong.server.harness import ROOT, running
 from yikatong.v1 import yikatong_pb2 as pb
 
 
@@ -20,7 +20,7 @@ def test_map_full_refuses_writes_with_how_to_grow_and_reads_go_on(tmp_path):
         card = new_active_card(s, 30)
         top_up(s, card, 10**9)
         md = s.md("TRANSIT_GATE")
-        for n in range(200):
+        for n in range(200):  # noqa: B007 - n is read after the loop
             batch = pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
                 request_id=uuid.uuid4().hex, card_number=card, channel=pb.CHANNEL_TRANSIT,
                 amount_fen=1) for _ in range(100)])
@@ -51,12 +51,14 @@ def test_too_many_callers_are_refused_and_calls_in_progress_go_on(tmp_path):
         feeds = [queue.Queue() for _ in range(2)]
         calls = [s.authorization.AuthorizeStream(iter(feed.get, None), metadata=md)
                  for feed in feeds]
-        for feed, call in zip(feeds, calls):  # two calls in progress, holding both slots
+        # two calls in progress, holding both slots
+        for feed, call in zip(feeds, calls, strict=True):
             feed.put(batch)
             assert len(next(call).responses) == 1
         e = error_of(s.authorization.Authorize, batch.requests[0], metadata=md)
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        for feed, call in zip(feeds, calls):  # the calls already in progress are unaffected
+        # the calls already in progress are unaffected
+        for feed, call in zip(feeds, calls, strict=True):
             feed.put(batch)
             assert next(call).responses[0].reason == pb.DECLINE_REASON_CARD_NOT_FOUND
             feed.put(None)
@@ -65,7 +67,8 @@ def test_too_many_callers_are_refused_and_calls_in_progress_go_on(tmp_path):
 
 def test_a_data_dir_that_is_not_a_directory_is_a_clear_startup_error(tmp_path):
     (tmp_path / "file").write_text("x")
-    out = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--data-dir", str(tmp_path / "file"),
+    out = subprocess.run([sys.executable, "-m", "yikatong", "serve",
+                          "--data-dir", str(tmp_path / "file"),
                           "--listen", "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 2
@@ -82,7 +85,8 @@ def test_a_read_only_data_dir_is_a_clear_startup_error(tmp_path):
     else:
         ro.chmod(0o555)
     try:
-        out = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--data-dir", str(ro), "--listen",
+        out = subprocess.run([sys.executable, "-m", "yikatong", "serve",
+                          "--data-dir", str(ro), "--listen",
                               "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     finally:
         if os.geteuid() == 0:

@@ -2,20 +2,20 @@
 way than INVALID_ARGUMENT; record decoding never decides on a corrupt record; a corrupt
 record read from LMDB is reported (DATA_LOSS), never decided on."""
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from yikatong import cards
+from yikatong.errors import CorruptRecord, InvalidArgument, InvalidTransition, NotEligible
 from yikatong.fastpath import _authorize_py as ref
+from yikatong.model import Card, Eligibility, Flag, Pack, State
 from yikatong.server import validate
 from yikatong.server.app import Ledger, validate_holder
 from yikatong.server.errors import Undecodable, decoder
 from yikatong.server.harness import running
 from yikatong.storage import records as r
 from yikatong.storage.lmdb_store import Store
-from yikatong.errors import CorruptRecord
-from yikatong.errors import InvalidArgument, InvalidTransition, NotEligible
-from yikatong import cards
 from yikatong.v1 import yikatong_pb2 as pb
-from yikatong.model import Card, Eligibility, Flag, Pack, State
 
 FUZZ = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -205,7 +205,7 @@ class LedgerModel(RuleBasedStateMachine):
         return f"t{self.n}"
 
     def _expire(self):
-        for tid, (d, c, amount, timeout_at) in list(self.holds.items()):
+        for tid, (d, _, amount, timeout_at) in list(self.holds.items()):
             if timeout_at <= self.now:
                 self.held[d] -= amount
                 del self.holds[tid]

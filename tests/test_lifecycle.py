@@ -2,10 +2,25 @@
 import pytest
 
 from yikatong import cards, config
-from yikatong.errors import (CardNotFound, IdReused, InvalidArgument, InvalidTransition,
-                             NotEligible, PermissionDenied)
-from yikatong.model import (GENERATION_CURRENT, Channel, Eligibility, Flag, HolderInfo, Pack,
-                            ReplaceReason, Role, State)
+from yikatong.errors import (
+    CardNotFound,
+    IdReused,
+    InvalidArgument,
+    InvalidTransition,
+    NotEligible,
+    PermissionDenied,
+)
+from yikatong.model import (
+    GENERATION_CURRENT,
+    Channel,
+    Eligibility,
+    Flag,
+    HolderInfo,
+    Pack,
+    ReplaceReason,
+    Role,
+    State,
+)
 
 T0 = 1_790_000_000
 DAY = 86400
@@ -71,7 +86,8 @@ def test_bj_8_eligibility_insured_or_public_services():
 
 
 def test_rc_9_eligibility_six_months_of_residence_and_a_basis():
-    cards.check_eligibility(Pack.RC, eligibility(False, False, False, "2026-03-01", 1), T0)  # T0: 2026-09-22
+    # T0 is 2026-09-21 22:13 in Shanghai
+    cards.check_eligibility(Pack.RC, eligibility(False, False, False, "2026-03-01", 1), T0)
     with pytest.raises(NotEligible, match="RC-9"):
         cards.check_eligibility(Pack.RC, eligibility(False, False, False, "2026-04-01", 1), T0)
     with pytest.raises(NotEligible, match="RC-9"):

@@ -2,17 +2,27 @@
 plain in-memory model of the rules. After every step, the decision for every card on every
 channel equals the model's. Runs in-process against the domain layer (fast) and, shorter,
 against the real gRPC server."""
-from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-
 import uuid
 
 import grpc
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from yikatong import cards, clock as clocks, config, fastpath
+from yikatong import cards, config, fastpath
+from yikatong import clock as clocks
 from yikatong.errors import YikatongError
-from yikatong.model import Channel, Eligibility, HolderInfo, Pack, ReplaceReason, Role, State
+from yikatong.model import (
+    FINAL_STATES,
+    Channel,
+    Eligibility,
+    HolderInfo,
+    Pack,
+    ReplaceReason,
+    Role,
+    State,
+)
 from yikatong.v1 import yikatong_pb2 as pb
 
 T0 = 1_790_000_000
@@ -241,7 +251,8 @@ class LifecycleModel(RuleBasedStateMachine):
         if name == "cancel_loss" and ((sh and s in (State.TEMP_LOSS, State.LOST))
                                       or (not sh and s == State.LOST and not pending)):
             return to(State.ACTIVE)
-        if name == "open_financial" and not rc and s in (State.ISSUED, State.ACTIVE) and not c.financial:
+        if (name == "open_financial" and not rc and s in (State.ISSUED, State.ACTIVE)
+                and not c.financial):
             def go():
                 c.financial = True
             return go
@@ -261,7 +272,7 @@ class LifecycleModel(RuleBasedStateMachine):
             def go():
                 c.state = State.CANCELLED
                 new = self.cards.get(c.replaced_by)
-                if new is not None and new.state not in (State.REJECTED, State.SUPERSEDED, State.CANCELLED):
+                if new is not None and new.state not in FINAL_STATES:
                     new.state = State.CANCELLED
             return go
         if name in ("lock", "unlock") and not final and (channel in c.locks) == (name == "unlock"):

@@ -5,9 +5,9 @@ import uuid
 
 import grpc
 import pytest
+from test_e2e import START, new_active_card
 
 from yikatong.server.harness import ServerProcess, running
-from test_e2e import START, new_active_card
 from yikatong.v1 import yikatong_pb2 as pb
 
 GATE, AGENCY = "TRANSIT_GATE", "CARD_AGENCY"

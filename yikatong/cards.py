@@ -10,10 +10,27 @@ import re
 
 from yikatong import config
 from yikatong.clock import law_date
-from yikatong.errors import (CardNotFound, InvalidArgument, InvalidTransition, NotEligible,
-                             PermissionDenied)
-from yikatong.model import (FINAL_STATES, PII_FIELDS, Card, Channel, Eligibility, Flag,
-                            HolderInfo, Pack, ReplaceReason, ResidenceBasis, Role, State)
+from yikatong.errors import (
+    CardNotFound,
+    InvalidArgument,
+    InvalidTransition,
+    NotEligible,
+    PermissionDenied,
+)
+from yikatong.model import (
+    FINAL_STATES,
+    PII_FIELDS,
+    Card,
+    Channel,
+    Eligibility,
+    Flag,
+    HolderInfo,
+    Pack,
+    ReplaceReason,
+    ResidenceBasis,
+    Role,
+    State,
+)
 
 LOCKABLE_CHANNELS = (Channel.TRANSIT, Channel.MEDICAL, Channel.BENEFIT, Channel.FINANCIAL,
                      Channel.SERVICE)
@@ -25,7 +42,7 @@ _SSN_CHECK = "10X98765432"
 
 def ssn_check_digit(first17: str) -> str:
     """GB 11643-1999 (ISO 7064 MOD 11-2) check character of a citizen ID number."""
-    return _SSN_CHECK[sum(int(c) * w for c, w in zip(first17, _SSN_WEIGHTS)) % 11]
+    return _SSN_CHECK[sum(int(c) * w for c, w in zip(first17, _SSN_WEIGHTS, strict=True)) % 11]
 
 
 def validate_ssn(ssn: str) -> None:
@@ -67,7 +84,7 @@ def _require(rec: Card, allowed, operation: str, rule: str, detail: str = "") ->
 
 
 def _rule(pack: int, sh: str, gz: str, rc: str = "") -> str:
-    return {Pack.SH: sh, Pack.GZ: gz, Pack.BJ: f"BJ via {gz}", Pack.RC: rc or gz}[pack]
+    return {Pack.SH: sh, Pack.GZ: gz, Pack.BJ: f"BJ via {gz}", Pack.RC: rc or gz}[Pack(pack)]
 
 
 # ------------------------------------------------------------------ application
@@ -86,7 +103,8 @@ def check_eligibility(pack: int, who: Eligibility, now: int) -> None:
     if pack == Pack.RC:
         since = parse_date("residence_registered_since", who.residence_registered_since)
         today = law_date(now)
-        months = (today.year - since.year) * 12 + today.month - since.month - (today.day < since.day)
+        months = ((today.year - since.year) * 12 + today.month - since.month
+                  - (today.day < since.day))
         if months < config.rc_residence_months_min:
             raise NotEligible("RC-9", "residence must have been registered in Shanghai for "
                               "more than 6 months")
@@ -161,7 +179,8 @@ def verify(book, now: int, card_number: str, approved: bool, reason: str) -> Car
         rec.state = State.VERIFIED
     else:
         if not reason:
-            raise InvalidArgument("reason", "a rejection must say why: the applicant is told (SH-10)")
+            raise InvalidArgument("reason",
+                                  "a rejection must say why: the applicant is told (SH-10)")
         rec.state = State.REJECTED
         book.put_note(card_number, reason)
     book.put_card(rec, now)
@@ -250,8 +269,11 @@ _LOSS_CHANNELS = {
 
 
 def _check_loss_channel(operation: str, rec: Card, role: Role | None) -> None:
-    rule, roles = _LOSS_CHANNELS.get((operation, rec.pack), ("", None))
-    if role is not None and roles is not None and role not in roles:
+    found = _LOSS_CHANNELS.get((operation, Pack(rec.pack)))
+    if found is None or role is None:
+        return
+    rule, roles = found
+    if role not in roles:
         names = ", ".join(sorted(r.name for r in roles))
         raise PermissionDenied(f"{operation} for a {Pack(rec.pack).name} card is made via "
                                f"{names}, not {Role(role).name} ({rule})", reason=rule)
@@ -321,7 +343,8 @@ def replace(book, now: int, card_number: str, reason: int, instant: bool) -> Car
         _require(old, (State.LOST,), "Replace(LOST)", _rule(old.pack, "SH-19b", "GZ-23", "RC-15"),
                  "a lost card is replaced after a formal loss report")
     else:
-        _require(old, (State.ISSUED, State.ACTIVE), "Replace", _rule(old.pack, "SH-21", "GZ-24", "RC-15"))
+        _require(old, (State.ISSUED, State.ACTIVE), "Replace",
+                 _rule(old.pack, "SH-21", "GZ-24", "RC-15"))
     if old.has(Flag.REPLACEMENT_APPLIED):
         raise InvalidTransition(State(old.state).name, "Replace", "SH-9",
                                 f"replacement {old.replaced_by} is already being made")
@@ -329,7 +352,7 @@ def replace(book, now: int, card_number: str, reason: int, instant: bool) -> Car
         raise InvalidArgument("instant", "the Residence Card has no instant issue")
     seq = book.next_seq(b"card_number")
     new = Card(
-        card_number=f"{config.pack_card_prefix[old.pack]}{seq:010d}",
+        card_number=f"{config.pack_card_prefix[Pack(old.pack)]}{seq:010d}",
         pack=old.pack, state=State.VERIFIED, holder_id=old.holder_id, applied_at=now,
         flags=old.flags & (Flag.TRANSIT | Flag.FINANCIAL_OPEN),
         points=old.points, valid_until=old.valid_until, replaces=old.card_number,

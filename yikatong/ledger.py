@@ -15,8 +15,15 @@ on the same purse.
 """
 from yikatong import config
 from yikatong.errors import TransferNotFound, TransferRefused
-from yikatong.model import (Account, Change, ChangeKind, Transfer, TransferKind,
-                            TransferStatus, holder_of_account, is_holder_account)
+from yikatong.model import (
+    Change,
+    ChangeKind,
+    Transfer,
+    TransferKind,
+    TransferStatus,
+    holder_of_account,
+    is_holder_account,
+)
 
 _ZERO_FP = b"\0" * 32
 
@@ -220,7 +227,8 @@ def reverse(book, now: int, reversal_id: str, original_id: str, amount: int = 0,
         amount = left
     if amount == 0 or amount > left:
         raise TransferRefused("EXCEEDS_REVERSIBLE_AMOUNT",
-                              f"{amount} fen asked; {left} fen of {original_id!r} is left to reverse")
+                              f"{amount} fen asked; {left} fen of {original_id!r} is left to "
+                              "reverse")
     _check_funds(book, original.credit, amount, now)
     _move(book, original.credit, original.debit, 0, amount)
     original.resolved += amount
