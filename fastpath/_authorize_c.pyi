@@ -5,8 +5,7 @@ APPROVED: int
 CORRUPT: int
 
 class Policy:
-    def __init__(self, generation_retired_at: Mapping[int, int],
-                 temp_loss_valid_seconds: int) -> None: ...
+    def __init__(self, generation_retired_at: Mapping[int, int]) -> None: ...
 
 def decide(policy: Policy, record: bytes | memoryview | None, channel: int, now: int,
            points_required: int, amount: int = ..., available: int = ...) -> int: ...

@@ -7,8 +7,8 @@ from libc.string cimport memcpy
 
 
 cdef enum:
-    RECORD_SIZE = 128
-    RECORD_VERSION = 1
+    RECORD_SIZE = 136
+    RECORD_VERSION = 2
     PACK_GZ = 2
     PACK_BJ = 3
     PACK_RC = 4
@@ -34,15 +34,13 @@ CORRUPT = -1
 cdef class Policy:
     """See _authorize_py.Policy."""
     cdef int64_t retired_at[256]
-    cdef int64_t temp_loss_valid_seconds
 
-    def __init__(self, dict generation_retired_at, int64_t temp_loss_valid_seconds):
+    def __init__(self, dict generation_retired_at):
         cdef int i
         for i in range(256):
             self.retired_at[i] = 0
         for generation, moment in generation_retired_at.items():
             self.retired_at[<uint8_t>generation] = moment
-        self.temp_loss_valid_seconds = temp_loss_valid_seconds
 
 
 cdef inline int64_t _i64(const uint8_t* p) noexcept nogil:
@@ -74,8 +72,7 @@ cdef int c_decide(Policy policy, const uint8_t* rec, Py_ssize_t n, int channel, 
         return 6
     if state == LOST and (not financial or pack == PACK_GZ or pack == PACK_BJ):
         return 7
-    if state == TEMP_LOSS and not financial \
-            and now < _i64(rec + 8) + policy.temp_loss_valid_seconds:
+    if state == TEMP_LOSS and not financial and now < _i64(rec + 8):
         return 8
     if pack == PACK_RC and _i64(rec + 16) != 0 and now >= _i64(rec + 16):
         return 9

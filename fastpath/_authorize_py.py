@@ -30,13 +30,12 @@ _LOSS_STOPS_FINANCIAL = frozenset(map(int, (Pack.GZ, Pack.BJ)))
 
 class Policy:
     """The configured facts the table consults: SH-30 retirement moments per generation
-    (0 = never retired) and the validity of a temporary loss report (SH-18b)."""
+    (0 = never retired)."""
 
-    def __init__(self, generation_retired_at: dict, temp_loss_valid_seconds: int):
+    def __init__(self, generation_retired_at: dict):
         self.retired_at = [0] * 256
         for generation, moment in generation_retired_at.items():
             self.retired_at[generation] = moment
-        self.temp_loss_valid_seconds = temp_loss_valid_seconds
 
 
 def decide(policy: Policy, record, channel: int, now: int, points_required: int,
@@ -60,7 +59,7 @@ def decide(policy: Policy, record, channel: int, now: int, points_required: int,
         return CARD_NOT_ACTIVATED
     if card.state == _LOST and (not financial or loss_stops_financial(card)):
         return CARD_LOST
-    if card.state == _TEMP_LOSS and not financial and frozen(policy, card, now):
+    if card.state == _TEMP_LOSS and not financial and frozen(card, now):
         return CARD_FROZEN
     if card.pack == _RC and card.valid_until and now >= card.valid_until:  # RC-14
         return RC_NOT_RENEWED
@@ -84,9 +83,10 @@ def retired(policy: Policy, card: HotCard, now: int) -> bool:
     return moment != 0 and now >= moment
 
 
-def frozen(policy: Policy, card: HotCard, now: int) -> bool:
-    """SH-18b: frozen until the exact second the 5 days end, then restored by itself."""
-    return now < card.temp_loss_at + policy.temp_loss_valid_seconds
+def frozen(card: HotCard, now: int) -> bool:
+    """SH-18b: frozen until the instant its 5 days end (24:00 Shanghai of the fifth day after
+    the report, stored when it was made), then restored by itself."""
+    return now < card.temp_loss_until
 
 
 def loss_stops_financial(card: HotCard) -> bool:

@@ -18,13 +18,16 @@ from yikatong.errors import CardNotFound, InvalidArgument, InvalidTransition, Yi
 from yikatong.model import (
     FINAL_STATES,
     PII_FIELDS,
+    CancelGround,
     Card,
     Channel,
     Eligibility,
     Flag,
     HolderInfo,
+    IssuingBanks,
     Pack,
     Phase,
+    State,
     TransferStatus,
     holder_account_key,
     operator_account_key,
@@ -44,11 +47,11 @@ _APPROVED, _DECLINED = pb.DECISION_APPROVED, pb.DECISION_DECLINED
 class Core:
     """What every servicer shares: the store, the clock, the fast path's policy."""
 
-    def __init__(self, store: Store, clock):
+    def __init__(self, store: Store, clock, banks: IssuingBanks | None = None):
         self.store = store
         self.clock = clock
-        self.policy = fastpath.Policy(config.generation_retired_at,
-                                      config.temp_loss_valid_seconds)
+        self.banks = banks  # GZ-9c; None: no list configured, the check is off
+        self.policy = fastpath.Policy(config.generation_retired_at)
 
     async def write(self, command):
         """Run `command(book)` in the writer; answered after its commit."""
@@ -217,9 +220,20 @@ def card_message(book, rec: Card, now: int) -> pb.Card:
         applied_at=rec.applied_at, issued_at=rec.issued_at,
         loss_reported_at=rec.loss_reported_at, valid_until=rec.valid_until,
         locked_channels=[c for c in cards.LOCKABLE_CHANNELS if rec.lock_mask & (1 << c)],
-        reject_reason=book.note(rec.card_number) if rec.state in FINAL_STATES else "",
+        reject_reason=book.card_text(rec.card_number, "note") if rec.state in FINAL_STATES
+        else "",
         replacement_applied=rec.has(Flag.REPLACEMENT_APPLIED),
+        received_at=rec.received_at,
+        issuing_organ=book.card_text(rec.card_number, "organ") if rec.pack == Pack.RC else "",
+        cancel_ground=_cancel_ground(book, rec),
     )
+
+
+def _cancel_ground(book, rec: Card) -> int:
+    if rec.state != State.CANCELLED:
+        return 0
+    name = book.card_text(rec.card_number, "ground")
+    return CancelGround[name] if name else 0
 
 
 def validate_holder(h: pb.Holder, pack: int) -> HolderInfo:
@@ -229,9 +243,8 @@ def validate_holder(h: pb.Holder, pack: int) -> HolderInfo:
         validate.text(getattr(h, f), f"holder.{f}")
     if h.birth_date:
         cards.parse_date("holder.birth_date", h.birth_date)
-    if pack == Pack.GZ:  # GZ-9: occupation and mobile phone are part of the application
-        validate.text(h.phone, "holder.phone", required=True)
-        validate.text(h.occupation, "holder.occupation", required=True)
+    # What each pack's application needs is checked after the held information is merged
+    # (GZ-9b: what is held is not asked for again): yikatong.cards.merge_holder.
     return HolderInfo(h.ssn, **{f: getattr(h, f) for f in PII_FIELDS})
 
 
@@ -264,15 +277,17 @@ class Lifecycle:
         return await self._write("Apply", request, lambda book, now: cards.apply(
             book, now, pack=request.pack, holder=holder, eligibility=eligibility,
             with_transit=request.with_transit, service_bank=request.service_bank,
-            instant=request.instant))
+            instant=request.instant, role=client.role, banks=self.core.banks))
 
     async def Verify(self, request, client: Client):
         validate.text(request.reason, "reason")
         return await self._card_op("Verify", request, cards.verify, request.approved,
-                                   request.reason)
+                                   request.reason, client.role)
 
     async def Issue(self, request, client: Client):
-        return await self._card_op("Issue", request, cards.issue)
+        validate.text(request.issuing_organ, "issuing_organ")
+        return await self._card_op("Issue", request, cards.issue, client.role,
+                                   request.issuing_organ)
 
     async def Activate(self, request, client: Client):
         return await self._card_op("Activate", request, cards.activate)
@@ -282,7 +297,8 @@ class Lifecycle:
         return await self._card_op("OpenFinancial", request, cards.open_financial, request.bank)
 
     async def ReportTemporaryLoss(self, request, client: Client):
-        return await self._card_op("ReportTemporaryLoss", request, cards.report_temporary_loss)
+        return await self._card_op("ReportTemporaryLoss", request, cards.report_temporary_loss,
+                                   client.role)
 
     async def ReportLoss(self, request, client: Client):
         return await self._card_op("ReportLoss", request, cards.report_loss, client.role)
@@ -298,12 +314,16 @@ class Lifecycle:
 
     async def Replace(self, request, client: Client):
         validate.enum(request.reason, pb.ReplaceReason, "reason")
+        validate.bank(request.service_bank, "service_bank", required=False)
         return await self._card_op("Replace", request, cards.replace, request.reason,
-                                   request.instant)
+                                   request.instant, client.role, request.service_bank,
+                                   self.core.banks)
 
     async def Cancel(self, request, client: Client):
         validate.text(request.reason, "reason", required=True)
-        return await self._card_op("Cancel", request, cards.cancel, request.reason)
+        validate.enum(request.ground, pb.CancelGround, "ground")
+        return await self._card_op("Cancel", request, cards.cancel, request.reason,
+                                   request.ground)
 
     async def LockApplication(self, request, client: Client):
         validate.enum(request.channel, pb.Channel, "channel")
@@ -494,8 +514,8 @@ async def _set_health(health_servicer, serving: bool) -> None:
 
 async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=None,
                 concurrent_rpcs_max: int = config.concurrent_rpcs_max,
-                stop: asyncio.Event | None = None) -> None:
-    core = Core(store, clock)
+                stop: asyncio.Event | None = None, banks: IssuingBanks | None = None) -> None:
+    core = Core(store, clock, banks)
     server, health_servicer = build(core, clients, concurrent_rpcs_max)
     try:
         server.add_insecure_port(listen)

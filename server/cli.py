@@ -33,6 +33,9 @@ def main(argv=None) -> int:
                    help="LMDB map size: the most the store may hold (grows on disk as used)")
     s.add_argument("--max-concurrent-rpcs", type=int, default=config.concurrent_rpcs_max,
                    help="calls in progress at once; more are refused RESOURCE_EXHAUSTED")
+    s.add_argument("--issuing-banks", metavar="FILE",
+                   help="GZ-9c: TOML with `version` and `banks`, the issuing banks a GZ or BJ "
+                        "card may name; without it the check is off")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="JSON lines on stderr; info logs one line per call")
 
@@ -97,6 +100,10 @@ def serve(args) -> int:
             demo.add_demo_clients(clients)
     except ValueError as error:
         return _fail(str(error))
+    try:
+        banks = _issuing_banks(args.issuing_banks) if args.issuing_banks else None
+    except ValueError as error:
+        return _fail(str(error))
     problem = _probe_listen(args.listen)
     if problem:
         return _fail(f"cannot listen on {args.listen}: {problem}")
@@ -117,6 +124,9 @@ def serve(args) -> int:
                 return _fail(str(error))
 
         def ready():
+            print("yikatong: issuing-bank check (GZ-9c) " + (
+                f"on: list version {banks.version}, {len(banks.names)} banks" if banks else
+                "off: no --issuing-banks list configured"), flush=True)
             print(f"yikatong: serving on {args.listen} (data dir {args.data_dir}, clock "
                   f"{args.clock} at {clocks.format_time(clock.now())})", flush=True)
             if args.demo:
@@ -124,13 +134,32 @@ def serve(args) -> int:
 
         try:
             uvloop.run(run_server(store, clock, clients, args.listen, on_ready=ready,
-                                  concurrent_rpcs_max=args.max_concurrent_rpcs))
+                                  concurrent_rpcs_max=args.max_concurrent_rpcs, banks=banks))
         except (OSError, TableError) as error:
             return _fail(str(error))
     finally:
         store.close()
     print("yikatong: stopped", flush=True)
     return 0
+
+
+def _issuing_banks(path: str):
+    """GZ-9c: the published list of issuing banks, versioned."""
+    import tomllib
+
+    from yikatong.model import IssuingBanks
+
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ValueError(f"issuing-banks file {path}: {error}") from None
+    version, names = doc.get("version"), doc.get("banks")
+    if not isinstance(version, str) or not version or not isinstance(names, list) or not names \
+            or not all(isinstance(n, str) and 0 < len(n.encode()) <= 32 for n in names):
+        raise ValueError(f"issuing-banks file {path}: needs version = \"...\" and banks = "
+                         "[\"...\", ...] (names of at most 32 bytes)")
+    return IssuingBanks(version, frozenset(names))
 
 
 def _probe_listen(listen: str) -> str:

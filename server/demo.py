@@ -5,7 +5,16 @@ import hashlib
 import random
 
 from yikatong import cards
-from yikatong.model import Channel, Eligibility, Flag, HolderInfo, Pack, ReplaceReason, Role
+from yikatong.model import (
+    CancelGround,
+    Channel,
+    Eligibility,
+    Flag,
+    HolderInfo,
+    Pack,
+    ReplaceReason,
+    Role,
+)
 
 HOLDERS = 10_000
 CHUNK = 1_000  # holders per write transaction
@@ -15,6 +24,7 @@ _REGION = {Pack.SH: "310101", Pack.GZ: "440103", Pack.BJ: "110101", Pack.RC: "42
 _SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗"
 _GIVEN = "伟芳娜秀英敏静丽强磊军洋勇艳杰娟涛明超兰霞平刚桂"
 _BANKS = ("ICBC", "ABC", "BOC", "CCB", "BOCOM", "SPDB", "BOSC")
+_ORGAN = "上海市公安局黄浦分局"  # RC-7: a Residence Card's issuing organ
 # Target states and their weights in the demo.
 _TARGETS = (("APPLIED", 3), ("VERIFIED", 2), ("REJECTED", 1), ("ISSUED", 4), ("ACTIVE", 67),
             ("TEMP_LOSS", 2), ("TEMP_LOSS_LAPSED", 1), ("LOST", 3), ("REPLACED", 6),
@@ -41,10 +51,12 @@ def _ssn(rng: random.Random, pack: int, i: int) -> tuple[str, str]:
 
 def _holder(rng, pack, i) -> HolderInfo:
     ssn, birth = _ssn(rng, pack, i)
+    rc = pack == Pack.RC
     return HolderInfo(ssn=ssn, name=rng.choice(_SURNAMES) + rng.choice(_GIVEN) + rng.choice(_GIVEN),
                       gender=rng.choice(("M", "F")), birth_date=birth, nationality="CN",
                       phone=f"13{rng.randint(0, 999_999_999):09d}", address=f"demo address {i}",
-                      occupation="demo")
+                      occupation="demo", household_address=f"demo home {i}" if rc else "",
+                      residence_address=f"demo Shanghai address {i}" if rc else "")
 
 
 def _eligible(pack: int, t: int) -> Eligibility:
@@ -82,7 +94,8 @@ def _make(book, rng, i: int, now: int):
     rec = cards.verify(book, t + DAY, n, True, "")
     if target == "VERIFIED":
         return target, rec
-    rec = cards.issue(book, t + 10 * DAY, n)
+    organ = _ORGAN if pack == Pack.RC else ""
+    rec = cards.issue(book, t + 10 * DAY, n, issuing_organ=organ)
     if target == "ISSUED" or pack == Pack.RC and target == "RC_EXPIRED":
         return target, rec
     if pack != Pack.RC:
@@ -99,12 +112,13 @@ def _make(book, rng, i: int, now: int):
         cards.report_loss(book, now - 20 * DAY, n)
         new = cards.replace(book, now - 19 * DAY, n, ReplaceReason.LOST, False)
         if target == "REPLACED":
-            cards.issue(book, now - 10 * DAY, new.card_number)
+            cards.issue(book, now - 10 * DAY, new.card_number, issuing_organ=organ)
             if pack != Pack.RC:
                 cards.activate(book, now - 9 * DAY, new.card_number)
         rec = book.card(n)
     elif target == "CANCELLED":
-        rec = cards.cancel(book, now - 30 * DAY, n, "no longer entitled (demo)")
+        rec = cards.cancel(book, now - 30 * DAY, n, "no longer entitled (demo)",
+                           CancelGround.ENTITLEMENT_ENDED)
     elif target == "BANK_FROZEN":
         rec = cards.report_bank_loss(book, now - 2 * DAY, n)
     elif target == "LOCKED":

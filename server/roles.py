@@ -36,11 +36,12 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "Lifecycle.Apply": _APPLY,
     "Lifecycle.Replace": _APPLY,
     "Lifecycle.CancelLoss": _APPLY,
-    "Lifecycle.Verify": frozenset({Role.CARD_AGENCY}),
-    "Lifecycle.Issue": frozenset({Role.CARD_AGENCY}),
+    # PUBLIC_SECURITY for Residence Cards only (yikatong.cards)
+    "Lifecycle.Verify": frozenset({Role.CARD_AGENCY, Role.PUBLIC_SECURITY}),
+    "Lifecycle.Issue": frozenset({Role.CARD_AGENCY, Role.PUBLIC_SECURITY}),
     "Lifecycle.Cancel": frozenset({Role.CARD_AGENCY, Role.HRSS, Role.PUBLIC_SECURITY}),
     "Lifecycle.Activate": _APPLY | {Role.SERVICE_HOTLINE},
-    "Lifecycle.ReportTemporaryLoss": frozenset({Role.SERVICE_HOTLINE}),
+    "Lifecycle.ReportTemporaryLoss": frozenset({Role.SERVICE_HOTLINE, Role.ONLINE_PLATFORM}),
     "Lifecycle.ReportLoss": _APPLY | {Role.SERVICE_HOTLINE},  # hotline: GZ/BJ only (domain)
     "Lifecycle.OpenFinancial": _BANK,
     "Lifecycle.ReportBankLoss": _BANK,

@@ -268,7 +268,7 @@ class Dbs:
         self.holders = env.open_db(b"holders")  # ssn (ASCII) -> u64 holder_id + Holder proto
         self.holder_cards = env.open_db(b"holder_cards")  # u64 holder_id + u8 pack -> card
         self.requests = env.open_db(b"requests")  # request id -> 32-byte fingerprint + answer
-        self.notes = env.open_db(b"notes")  # card number -> UTF-8 reason (reject, cancel)
+        self.notes = env.open_db(b"notes")  # "<kind>:<card number>" -> UTF-8 text
         self.meta = env.open_db(b"meta")  # name -> u64 counter
         self.accounts = env.open_db(b"accounts")  # account key -> account record
         self.transfers = env.open_db(b"transfers")  # transfer id -> transfer record
@@ -311,12 +311,19 @@ class Book:
         self.append_change(Change(ChangeKind.CARD, now, card.card_number, card.holder_id,
                                   card.state, card.flags, card.lock_mask))
 
-    def note(self, card_number: str) -> str:
-        value = self.txn.get(card_number.encode("ascii"), db=self.dbs.notes)
+    # A card's texts, kept beside the hot record: "note" (why it was rejected or cancelled),
+    # "ground" (CancelGround name), "organ" (RC-7: the organ that issued a Residence Card).
+    CARD_TEXTS = ("note", "ground", "organ")
+
+    def card_text(self, card_number: str, kind: str) -> str:
+        assert kind in self.CARD_TEXTS, kind
+        value = self.txn.get(f"{kind}:{card_number}".encode("ascii"), db=self.dbs.notes)
         return "" if value is None else bytes(value).decode("utf-8")
 
-    def put_note(self, card_number: str, text: str) -> None:
-        self.txn.put(card_number.encode("ascii"), text.encode("utf-8"), db=self.dbs.notes)
+    def put_card_text(self, card_number: str, kind: str, text: str) -> None:
+        assert kind in self.CARD_TEXTS, kind
+        self.txn.put(f"{kind}:{card_number}".encode("ascii"), text.encode("utf-8"),
+                     db=self.dbs.notes)
 
     def card_count(self) -> int:
         return self.txn.stat(self.dbs.cards)["entries"]

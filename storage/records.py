@@ -15,17 +15,18 @@ VERSION.
       4    1 generation         (SH-30)
       5    1 lock_mask          (bit 1 << Channel: application locked, GZ-6)
       6    2 points             (RC-20 points score)
-      8    8 temp_loss_at       (unix s, while TEMP_LOSS: SH-18a/b)
-     16    8 valid_until        (unix s, RC-14; 0 = no end)
+      8    8 temp_loss_until    (unix s, while TEMP_LOSS: frozen before it, SH-18b)
+     16    8 valid_until        (unix s, RC-14: valid before it; 0 = no end)
      ---- the fast path reads nothing below this line
      24    8 holder_id
      32    8 applied_at
      40    8 issued_at
      48    8 loss_reported_at
-     56   20 replaced_by        (ASCII card number, NUL-padded)
-     76   20 replaces
-     96   32 service_bank       (UTF-8, NUL-padded)
-    128      total
+     56    8 received_at        (GZ-12)
+     64   20 replaced_by        (ASCII card number, NUL-padded)
+     84   20 replaces
+    104   32 service_bank       (UTF-8, NUL-padded)
+    136      total
 """
 import struct
 import typing
@@ -45,10 +46,10 @@ from yikatong.model import (
     TransferStatus,
 )
 
-VERSION = 1
-LAYOUT = struct.Struct("<BBBBBBHqqQqqq20s20s32s")
+VERSION = 2  # 2: temp_loss_until (an end instant) for temp_loss_at; received_at
+LAYOUT = struct.Struct("<BBBBBBHqqQqqqq20s20s32s")
 SIZE = LAYOUT.size
-assert SIZE == 128
+assert SIZE == 136
 CARD_NUMBER_BYTES = 20
 SERVICE_BANK_BYTES = 32
 assert config.card_number_length_max <= CARD_NUMBER_BYTES
@@ -92,8 +93,9 @@ def encode_card(card: Card) -> bytes:
         VERSION, _ranged("pack", card.pack, *_PACKS), _ranged("state", card.state, *_STATES),
         _ranged("flags", card.flags, 0, _U8), _ranged("generation", card.generation, 0, _U8),
         _ranged("lock_mask", card.lock_mask, 0, _U8), _ranged("points", card.points, 0, _U16),
-        card.temp_loss_at, card.valid_until, _ranged("holder_id", card.holder_id, 0, 2**64 - 1),
-        card.applied_at, card.issued_at, card.loss_reported_at,
+        card.temp_loss_until, card.valid_until,
+        _ranged("holder_id", card.holder_id, 0, 2**64 - 1),
+        card.applied_at, card.issued_at, card.loss_reported_at, card.received_at,
         _fixed("replaced_by", card.replaced_by, CARD_NUMBER_BYTES, "ascii"),
         _fixed("replaces", card.replaces, CARD_NUMBER_BYTES, "ascii"),
         _fixed("service_bank", card.service_bank, SERVICE_BANK_BYTES, "utf-8"),
@@ -103,15 +105,16 @@ def encode_card(card: Card) -> bytes:
 def decode_card(card_number: str, value) -> Card:
     try:
         check(value)
-        (_, pack, state, flags, generation, lock_mask, points, temp_loss_at, valid_until,
-         holder_id, applied_at, issued_at, loss_reported_at, replaced_by, replaces,
+        (_, pack, state, flags, generation, lock_mask, points, temp_loss_until, valid_until,
+         holder_id, applied_at, issued_at, loss_reported_at, received_at, replaced_by, replaces,
          bank) = LAYOUT.unpack(value)
         texts = (_text("replaced_by", replaced_by, "ascii"), _text("replaces", replaces, "ascii"),
                  _text("service_bank", bank, "utf-8"))
     except CorruptRecord as e:
         raise CorruptRecord(f"card record {card_number}: {e}; not served") from None
-    return Card(card_number, pack, state, flags, generation, lock_mask, points, temp_loss_at,
-                valid_until, holder_id, applied_at, issued_at, loss_reported_at, *texts)
+    return Card(card_number, pack, state, flags, generation, lock_mask, points, temp_loss_until,
+                valid_until, holder_id, applied_at, issued_at, loss_reported_at, received_at,
+                *texts)
 
 
 class HotCard(typing.NamedTuple):
@@ -124,7 +127,7 @@ class HotCard(typing.NamedTuple):
     generation: int
     lock_mask: int
     points: int
-    temp_loss_at: int
+    temp_loss_until: int
     valid_until: int
 
 

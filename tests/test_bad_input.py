@@ -69,7 +69,8 @@ CASES = [
     ("Lifecycle", "Apply", pb.ApplyRequest(request_id="", pack=pb.PACK_SH, holder=holder()),
      "ONLINE_PLATFORM", IA, "request_id:"),
     ("Lifecycle", "Apply", pb.ApplyRequest(request_id="a", pack=pb.PACK_GZ, holder=holder(
-        household_registered=True)), "ONLINE_PLATFORM", IA, "holder.phone:"),
+        household_registered=True), service_bank="ICBC"), "ONLINE_PLATFORM", IA,
+     "holder.phone:"),
     ("Lifecycle", "Apply", pb.ApplyRequest(request_id="a", pack=pb.PACK_SH, holder=holder(),
                                            service_bank="银" * 20), "ONLINE_PLATFORM", IA,
      "service_bank:"),

@@ -9,11 +9,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from yikatong import cards
+from yikatong import clock as clocks
 from yikatong.server.harness import ROOT, ServerProcess, running
 from yikatong.v1 import yikatong_pb2 as pb
 
 START = "2026-11-24T09:00:00+08:00"
-FIVE_DAYS = 5 * 86400
 
 
 @pytest.fixture
@@ -58,9 +58,10 @@ def new_active_card(srv, n: int, pack=pb.PACK_SH, **holder_kw) -> str:
     h = holder(n, **holder_kw)
     h.household_registered = True
     h.insured = True
+    outlet = "COMMUNITY_OUTLET" if pack == pb.PACK_SH else "BANK_OUTLET"  # GZ-7
     card = srv.lifecycle.Apply(pb.ApplyRequest(request_id=rid(), pack=pack, holder=h,
                                                with_transit=True, service_bank="ICBC"),
-                               metadata=srv.md("COMMUNITY_OUTLET"))
+                               metadata=srv.md(outlet))
     assert card.state == pb.CARD_STATE_APPLIED
     call(srv, "Verify", "CARD_AGENCY", card_number=card.card_number, approved=True)
     call(srv, "Issue", "CARD_AGENCY", card_number=card.card_number)
@@ -77,9 +78,10 @@ def test_sh_card_walk_through_loss_and_replacement(srv):
     card = new_active_card(srv, 1)
     assert reason(srv, card) == "DECLINE_REASON_UNSPECIFIED"
     assert authorize(srv, card).decision == pb.DECISION_APPROVED
-    call(srv, "ReportTemporaryLoss", "SERVICE_HOTLINE", card_number=card)
+    reported = call(srv, "ReportTemporaryLoss", "SERVICE_HOTLINE", card_number=card)
     assert reason(srv, card) == "DECLINE_REASON_CARD_FROZEN"
-    advance(srv, FIVE_DAYS - 1)
+    until = clocks.end_of_days(reported.loss_reported_at, 5)  # SH-18b, SPEC.md section 6
+    advance(srv, until - 1 - advance(srv, 0).now)
     assert reason(srv, card) == "DECLINE_REASON_CARD_FROZEN"
     advance(srv, 1)
     assert reason(srv, card) == "DECLINE_REASON_UNSPECIFIED"

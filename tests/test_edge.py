@@ -177,7 +177,7 @@ def test_every_call_is_one_access_log_line_without_pii(tmp_path):
         s.lifecycle.GetCard(pb.GetCardRequest(card_number=card), metadata=s.md("CARD_AGENCY"))
         error_of(s.lifecycle.GetCard, pb.GetCardRequest(card_number=card))
         assert holder(36, name=name).ssn == number
-        output = s.output()
+    output = s.output()  # after the server stopped: every line written
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     calls = [line for line in lines if line["logger"] == "yikatong.access"]
     # new_active_card: Apply, Verify, Issue, Activate; then GetCard twice

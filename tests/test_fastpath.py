@@ -6,6 +6,7 @@ from conftest import IMPLS, _authorize_c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from yikatong import clock as clocks
 from yikatong import config, fastpath
 from yikatong.fastpath import _authorize_py as ref
 from yikatong.model import Card, Channel, Flag, Pack, State
@@ -13,11 +14,11 @@ from yikatong.storage import records as r
 from yikatong.v1 import yikatong_pb2 as pb
 
 NOW = 1_790_000_000  # 2026-09-22
-DAYS5 = config.temp_loss_valid_seconds
+UNTIL = clocks.end_of_days(NOW, config.temp_loss_valid_days)  # SH-18b, stored at the report
 
 
 def policy(impl):
-    return impl.Policy(config.generation_retired_at, config.temp_loss_valid_seconds)
+    return impl.Policy(config.generation_retired_at)
 
 
 def card(**kw) -> bytes:
@@ -95,15 +96,17 @@ def test_gz_21_loss_suspends_the_financial_settlement_account_too(impl):
 
 
 def test_sh_18a_temporary_loss_freezes_at_once(impl):
-    assert decide(impl, card(state=State.TEMP_LOSS, temp_loss_at=NOW)) == ref.CARD_FROZEN
-    frozen = card(state=State.TEMP_LOSS, temp_loss_at=NOW)
+    frozen = card(state=State.TEMP_LOSS, temp_loss_until=UNTIL)
+    assert decide(impl, frozen, now=NOW) == ref.CARD_FROZEN
     assert decide(impl, frozen, Channel.FINANCIAL) == ref.APPROVED
 
 
-def test_sh_18b_temporary_loss_expires_after_5_days(impl):
-    rec = card(state=State.TEMP_LOSS, temp_loss_at=NOW)
-    assert decide(impl, rec, now=NOW + DAYS5 - 1) == ref.CARD_FROZEN
-    assert decide(impl, rec, now=NOW + DAYS5) == ref.APPROVED
+def test_sh_18b_temporary_loss_ends_at_the_stored_instant(impl):
+    """"临时挂失的有效期为 5 日 ... 有效期届满后社会保障功能自动恢复": the end instant (24:00 of the
+    fifth day after the report) is stored with the report; both twins compare it."""
+    rec = card(state=State.TEMP_LOSS, temp_loss_until=UNTIL)
+    assert decide(impl, rec, now=UNTIL - 1) == ref.CARD_FROZEN
+    assert decide(impl, rec, now=UNTIL) == ref.APPROVED
 
 
 def test_rc_14_not_renewed_after_validity_end(impl):
@@ -168,7 +171,7 @@ def test_corrupt_records_are_never_decided_on(impl, damage):
 
 
 def test_memoryview_records_decide_like_bytes(impl):
-    rec = card(state=State.TEMP_LOSS, temp_loss_at=NOW)
+    rec = card(state=State.TEMP_LOSS, temp_loss_until=UNTIL)
     assert decide(impl, memoryview(rec)) == decide(impl, rec) == ref.CARD_FROZEN
 
 
@@ -181,16 +184,29 @@ records = st.builds(
     st.integers(0, 255), st.integers(0, 65535),
     st.integers(NOW - 10 * 86400, NOW + 86400), st.sampled_from([0, NOW - 1, NOW, NOW + 1]),
 )
-damaged = st.binary(max_size=140) | st.builds(
-    lambda rec, i, b: rec[:i] + bytes([b]) + rec[i + 1:], records, st.integers(0, 127),
+# SH-18b across hours of the day and a month end: reported at any minute of 26 February to
+# 3 March 2026 (Shanghai), the end the domain stores, and moments around it.
+_REPORTS = st.integers(clocks.parse_time("2026-02-26T00:00:00"),
+                       clocks.parse_time("2026-03-03T23:59:00"))
+temp_losses = st.builds(
+    lambda report, gen, locks, flags: r.encode_card(Card(
+        "1", Pack.SH, State.TEMP_LOSS, flags, gen, locks,
+        temp_loss_until=clocks.end_of_days(report, config.temp_loss_valid_days))),
+    _REPORTS, st.sampled_from([1, 2]), st.integers(0, 255), st.integers(0, 15))
+damaged = st.binary(max_size=r.SIZE + 12) | st.builds(
+    lambda rec, i, b: rec[:i] + bytes([b]) + rec[i + 1:], records, st.integers(0, r.SIZE - 1),
     st.integers(0, 255))
 
 
 @pytest.mark.skipif(_authorize_c is None, reason="compiled twin not built (fails above under "
                     "YIKATONG_REQUIRE_EXTENSIONS=1)")
 @settings(max_examples=3000, deadline=None)
-@given(record=st.none() | records | damaged, channel=st.integers(1, 6),
-       now=st.integers(NOW - 86400, NOW + 7 * 86400), points=st.sampled_from([0, 1, 120, 65535]),
+@given(record=st.none() | records | damaged | temp_losses, channel=st.integers(1, 6),
+       now=st.integers(NOW - 86400, NOW + 7 * 86400)
+       | st.integers(clocks.parse_time("2026-03-01T00:00:00"),
+                     clocks.parse_time("2026-03-10T00:00:00"))
+       | st.sampled_from([clocks.parse_time(f"2026-03-{d:02d}T00:00:00") + k
+                          for d in range(3, 10) for k in (-1, 0)]), points=st.sampled_from([0, 1, 120, 65535]),
        amount=st.integers(0, 2**63 - 1) | st.integers(0, 1000),
        available=st.integers(-(2**63), 2**63 - 1) | st.integers(0, 1000))
 def test_both_implementations_give_the_same_answer(record, channel, now, points, amount,

@@ -80,10 +80,10 @@ def test_transfer_account_refs_validate_or_are_invalid_argument(data):
 @FUZZ
 @given(value=st.binary(max_size=300) | st.builds(
     lambda rec, i, x: rec[:i] + bytes([x]) + rec[i + 1:],
-    st.just(r.encode_card(Card("1", 1, 5))), st.integers(0, 127), st.integers(0, 255)),
+    st.just(r.encode_card(Card("1", 1, 5))), st.integers(0, r.SIZE - 1), st.integers(0, 255)),
     channel=st.integers(1, 6))
 def test_a_corrupt_card_record_is_never_decided_on(value, channel):
-    policy = ref.Policy({}, 432000)
+    policy = ref.Policy({})
     reason = ref.decide(policy, value, channel, 1_790_000_000, 0)
     try:
         r.check(value)  # what the decision may rest on: size, version, enum ranges

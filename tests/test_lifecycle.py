@@ -2,6 +2,7 @@
 import pytest
 
 from yikatong import cards, config
+from yikatong import clock as clocks
 from yikatong.errors import (
     CardNotFound,
     IdReused,
@@ -9,9 +10,11 @@ from yikatong.errors import (
     InvalidTransition,
     NotEligible,
     PermissionDenied,
+    Refused,
 )
 from yikatong.model import (
     GENERATION_CURRENT,
+    CancelGround,
     Channel,
     Eligibility,
     Flag,
@@ -22,8 +25,9 @@ from yikatong.model import (
     State,
 )
 
-T0 = 1_790_000_000
+T0 = 1_790_000_000  # 2026-09-21 22:13:20 in Shanghai
 DAY = 86400
+ORGAN = "上海市公安局黄浦分局"
 # Eligible for every pack: registered, insured, entitled; RC residence since long ago, working.
 ELIGIBLE = Eligibility(True, True, True, "2020-01-01", 1)
 
@@ -50,7 +54,9 @@ class World:
             return self.store.book(txn).card(number)
 
     def apply(self, pack=Pack.SH, n=1, instant=False, transit=True):
-        holder = HolderInfo(ssn(n), name="张三", birth_date="1990-01-01")
+        holder = HolderInfo(ssn(n), name="张三", birth_date="1990-01-01", phone="13800000000",
+                            occupation="teacher", household_address="湖北省武汉市",
+                            residence_address="上海市黄浦区")
         return self.do(cards.apply, pack=pack, holder=holder, eligibility=ELIGIBLE,
                        with_transit=transit, service_bank="ICBC", instant=instant)
 
@@ -59,6 +65,9 @@ class World:
         self.do(cards.verify, num, True, "")
         self.do(cards.issue, num)
         return self.do(cards.activate, num).card_number
+
+    def issue(self, num):
+        return self.do(cards.issue, num, issuing_organ=ORGAN if num.startswith("90") else "")
 
 
 @pytest.fixture
@@ -135,7 +144,11 @@ def test_sh_23c_a_holder_with_a_current_card_must_replace_not_apply(w):
 
 
 def test_sh_23b_instant_issue_goes_straight_to_issued(w):
-    assert w.apply(instant=True).state == State.ISSUED
+    """SPEC.md as corrected: a first SH application is never instant; GZ and BJ first cards
+    may be made on the spot (GZ-10b)."""
+    with pytest.raises(Refused, match="SH-23b"):
+        w.apply(instant=True)
+    assert w.apply(pack=Pack.GZ, instant=True).state == State.ISSUED
 
 
 def test_sh_12_only_issued_cards_activate(w):
@@ -146,23 +159,28 @@ def test_sh_12_only_issued_cards_activate(w):
 
 def test_sh_14_financial_function_opens_separately(w):
     num = w.active()
-    rec = w.do(cards.open_financial, num, "BOC")
-    assert rec.has(Flag.FINANCIAL_OPEN) and rec.service_bank == "BOC"
+    with pytest.raises(InvalidTransition, match="SH-22.*re-application"):
+        w.do(cards.open_financial, num, "BOC")  # SH-22(4): another bank is a new card
+    rec = w.do(cards.open_financial, num, "ICBC")
+    assert rec.has(Flag.FINANCIAL_OPEN) and rec.service_bank == "ICBC"
     with pytest.raises(InvalidTransition, match="already open"):
-        w.do(cards.open_financial, num, "BOC")
+        w.do(cards.open_financial, num, "ICBC")
 
 
 def test_sh_18a_temporary_loss_and_sh_18b_lapse_at_the_exact_second(w):
     num = w.active()
-    w.do(cards.report_temporary_loss, num)
+    w.do(cards.report_temporary_loss, num)  # at 22:13 on 21 September (Shanghai)
     rec = w.card(num)
-    assert cards.effective_state(rec, T0 + config.temp_loss_valid_seconds - 1) == State.TEMP_LOSS
-    assert cards.effective_state(rec, T0 + config.temp_loss_valid_seconds) == State.ACTIVE
+    end = clocks.parse_time("2026-09-27T00:00:00")  # 24:00 on 26 September
+    assert rec.temp_loss_until == end
+    assert cards.effective_state(rec, end - 1) == State.TEMP_LOSS
+    assert cards.effective_state(rec, end) == State.ACTIVE
     # after the lapse there is no report left to cancel, and a new one can be filed
-    w.now = T0 + config.temp_loss_valid_seconds
+    w.now = end
     with pytest.raises(InvalidTransition, match="ACTIVE.*SH-19a"):
         w.do(cards.cancel_loss, num)
-    assert w.do(cards.report_temporary_loss, num).temp_loss_at == w.now
+    assert w.do(cards.report_temporary_loss, num).temp_loss_until == clocks.parse_time(
+        "2026-10-03T00:00:00")
 
 
 def test_sh_18c_formal_loss_within_the_5_days(w):
@@ -221,7 +239,7 @@ def test_sh_19b_replacement_needs_a_formal_loss(w):
 
 def test_sh_23c_original_superseded_when_the_new_card_is_issued(w):
     num = w.active()
-    w.do(cards.open_financial, num, "BOC")
+    w.do(cards.open_financial, num, "ICBC")
     w.do(cards.report_loss, num, Role.ONLINE_PLATFORM)
     new = w.do(cards.replace, num, ReplaceReason.LOST, False)
     assert new.state == State.VERIFIED and new.replaces == num
@@ -236,7 +254,7 @@ def test_sh_23c_original_superseded_when_the_new_card_is_issued(w):
         with pytest.raises(InvalidTransition, match="SUPERSEDED"):
             w.do(op, num)
     with pytest.raises(InvalidTransition, match="SUPERSEDED"):
-        w.do(cards.cancel, num, "death")
+        w.do(cards.cancel, num, "death", CancelGround.DEATH)
     # the new card is now the holder's current card: a fresh Apply is refused
     with pytest.raises(InvalidTransition, match="ISSUED.*use Replace"):
         w.apply()
@@ -252,7 +270,9 @@ def test_sh_21_renewal_of_a_damaged_card_with_instant_issue(w):
 def test_sh_22_reapplication_on_changed_information(w):
     num = w.active()
     new = w.do(cards.replace, num, ReplaceReason.INFO_CHANGED, False)
+    assert new.state == State.APPLIED  # SH-11/SH-23a: through SH-10 and SH-11 again
     assert w.card(num).state == State.ACTIVE  # usable until the new card is issued
+    w.do(cards.verify, new.card_number, True, "")
     w.do(cards.issue, new.card_number)
     assert w.card(num).state == State.SUPERSEDED
 
@@ -262,12 +282,12 @@ def test_gz_26_cancel_is_final_and_takes_a_pending_replacement_with_it(w):
     w.do(cards.report_loss, num, Role.BANK_OUTLET)
     new = w.do(cards.replace, num, ReplaceReason.LOST, False)
     with pytest.raises(InvalidArgument, match="reason"):
-        w.do(cards.cancel, num, "")
-    w.do(cards.cancel, num, "household registration cancelled (death)")
+        w.do(cards.cancel, num, "", CancelGround.DEATH)
+    w.do(cards.cancel, num, "household registration cancelled (death)", CancelGround.DEATH)
     assert w.card(num).state == State.CANCELLED
     assert w.card(new.card_number).state == State.CANCELLED
     with pytest.raises(InvalidTransition, match="CANCELLED.*GZ-26"):
-        w.do(cards.cancel, num, "again")
+        w.do(cards.cancel, num, "again", CancelGround.DEATH)
 
 
 def test_gz_6_application_lock_and_unlock(w):
@@ -285,7 +305,7 @@ def test_sh_20_bank_loss_is_separate_from_card_loss(w):
     num = w.active()
     with pytest.raises(InvalidTransition, match="SH-20.*not open"):
         w.do(cards.report_bank_loss, num)
-    w.do(cards.open_financial, num, "BOC")
+    w.do(cards.open_financial, num, "ICBC")
     assert w.do(cards.report_bank_loss, num).has(Flag.FINANCIAL_FROZEN)
     assert w.card(num).state == State.ACTIVE
     assert not w.do(cards.cancel_bank_loss, num).has(Flag.FINANCIAL_FROZEN)
@@ -299,9 +319,10 @@ def test_sh_30_new_cards_carry_the_current_generation(w):
 def test_rc_14_residence_card_valid_one_year_from_issue(w):
     num = w.apply(pack=Pack.RC, transit=False).card_number
     w.do(cards.verify, num, True, "")
-    rec = w.do(cards.issue, num)
+    rec = w.issue(num)
     assert rec.state == State.ACTIVE  # no activation step for RC
-    assert rec.valid_until == T0 + 365 * DAY  # 2026-09-22 -> 2027-09-22
+    # issued at 22:13 on 21 September 2026 in Shanghai: valid to 24:00 on 21 September 2027
+    assert rec.valid_until == clocks.parse_time("2027-09-22T00:00:00")
 
 
 def test_gz_9b_stored_pii_is_reused_and_never_silently_overwritten(w):

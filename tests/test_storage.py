@@ -21,15 +21,15 @@ from yikatong.storage.lmdb_store import Store
 
 def test_record_round_trip_is_fixed_width_with_a_version_byte():
     rec = Card("31000000000000000001", Pack.GZ, State.LOST, flags=5, generation=2,
-                     lock_mask=0b100, points=65535, temp_loss_at=-1, valid_until=2**62,
+                     lock_mask=0b100, points=65535, temp_loss_until=-1, valid_until=2**62,
                      holder_id=2**64 - 1, replaced_by="44000000000000000002",
                      replaces="4400", service_bank="工商银行")
     value = r.encode_card(rec)
-    assert len(value) == r.SIZE == 128 and value[0] == r.VERSION
+    assert len(value) == r.SIZE == 136 and value[0] == r.VERSION == 2
     assert r.decode_card(rec.card_number, value) == rec
 
 
-@pytest.mark.parametrize("value", [b"", b"\x01" * 127, bytes([2]) + bytes(127)])
+@pytest.mark.parametrize("value", [b"", b"\x02" * 135, bytes([1]) + bytes(135)])
 def test_record_decode_refuses_what_it_does_not_understand(value):
     with pytest.raises(CorruptRecord):
         r.decode_card("1", value)

@@ -1,30 +1,36 @@
 """Card lifecycle rules for SH, GZ, BJ (SPEC.md section 2) and the Residence Card's basic
-procedures (section 3). Pure domain: a `Book` (typed LMDB transaction) and the time `now`
-come in; records go out; a forbidden transition raises InvalidTransition naming state and rule.
+procedures (section 3). Pure domain: a `Book` (typed LMDB transaction), the time `now` and
+the caller's role come in; records go out; a forbidden transition raises InvalidTransition
+naming state and rule, a role the law does not name for a pack PermissionDenied naming it.
 
 No sweeper job exists: a temporary loss report lapses by arithmetic (`effective_state`) at the
-exact second its 5 days end (SH-18b), and a write to such a card first normalises it.
+instant its 5 days end, stored when it was made (SH-18b), and a write to such a card first
+normalises it. `role=None` (tools, the demo loader, in-process tests) skips the checks of who
+may act; every gRPC call passes its caller's role.
 """
 import datetime as dt
 import re
 
 from yikatong import config
-from yikatong.clock import law_date
+from yikatong.clock import end_of_days, end_of_years, law_date
 from yikatong.errors import (
     CardNotFound,
     InvalidArgument,
     InvalidTransition,
     NotEligible,
     PermissionDenied,
+    Refused,
 )
 from yikatong.model import (
     FINAL_STATES,
     PII_FIELDS,
+    CancelGround,
     Card,
     Channel,
     Eligibility,
     Flag,
     HolderInfo,
+    IssuingBanks,
     Pack,
     ReplaceReason,
     ResidenceBasis,
@@ -63,7 +69,7 @@ def parse_date(field: str, text: str) -> dt.date:
 
 def effective_state(rec: Card, now: int) -> int:
     """The state as the law sees it at `now`: a lapsed temporary loss is ACTIVE (SH-18b)."""
-    if rec.state == State.TEMP_LOSS and now >= rec.temp_loss_at + config.temp_loss_valid_seconds:
+    if rec.state == State.TEMP_LOSS and now >= rec.temp_loss_until:
         return State.ACTIVE
     return rec.state
 
@@ -74,7 +80,7 @@ def load(book, card_number: str, now: int) -> Card:
     if rec is None:
         raise CardNotFound(card_number)
     if effective_state(rec, now) != rec.state:
-        rec.state, rec.temp_loss_at = State.ACTIVE, 0
+        rec.state, rec.temp_loss_until = State.ACTIVE, 0
     return rec
 
 
@@ -83,8 +89,79 @@ def _require(rec: Card, allowed, operation: str, rule: str, detail: str = "") ->
         raise InvalidTransition(State(rec.state).name, operation, rule, detail)
 
 
-def _rule(pack: int, sh: str, gz: str, rc: str = "") -> str:
-    return {Pack.SH: sh, Pack.GZ: gz, Pack.BJ: f"BJ via {gz}", Pack.RC: rc or gz}[Pack(pack)]
+def _rule(pack: int, sh: str, gz: str, rc: str) -> str:
+    """The rule id for a pack: BJ's Measures leave loss and replacement to implementation
+    rules and follow Guangzhou's procedure; a Residence Card cites its own Procedures."""
+    return {Pack.SH: sh, Pack.GZ: gz, Pack.BJ: f"BJ via {gz}", Pack.RC: rc}[Pack(pack)]
+
+
+# ------------------------------------------------------------------ who may act, per pack
+
+_ONLINE, _COMMUNITY, _BANK = Role.ONLINE_PLATFORM, Role.COMMUNITY_OUTLET, Role.BANK_OUTLET
+# Where the law names the channels of an act for one pack, only those may do it there (API.md:
+# "that pack allows only those"); the API's role table is the outer bound for the rest.
+# SH-18 and SH-19 as the Chinese original reads them; GZ-7, GZ-21, GZ-22, GZ-23 (BJ follows
+# GZ); RC-8 and RC-15: a Residence Card is applied for, replaced and reported lost at the
+# community service centre.
+_CHANNELS: dict[tuple[str, Pack], tuple[str, frozenset[Role]]] = {
+    ("Apply", Pack.GZ): ("GZ-7", frozenset({_ONLINE, _BANK})),
+    ("Apply", Pack.BJ): ("GZ-7", frozenset({_ONLINE, _BANK})),
+    ("Apply", Pack.RC): ("RC-8", frozenset({_COMMUNITY})),
+    ("Replace", Pack.GZ): ("GZ-23", frozenset({_ONLINE, _BANK})),
+    ("Replace", Pack.BJ): ("GZ-23", frozenset({_ONLINE, _BANK})),
+    ("Replace", Pack.RC): ("RC-15", frozenset({_COMMUNITY})),
+    ("ReportTemporaryLoss", Pack.SH): ("SH-18a", frozenset({Role.SERVICE_HOTLINE, _ONLINE})),
+    ("ReportLoss", Pack.SH): ("SH-18c", frozenset({_ONLINE, _COMMUNITY})),
+    ("ReportLoss", Pack.GZ): ("GZ-21", frozenset({_ONLINE, Role.SERVICE_HOTLINE, _BANK})),
+    ("ReportLoss", Pack.BJ): ("GZ-21", frozenset({_ONLINE, Role.SERVICE_HOTLINE, _BANK})),
+    ("ReportLoss", Pack.RC): ("RC-15b", frozenset({_COMMUNITY})),
+    ("CancelLoss", Pack.SH): ("SH-19a", frozenset({_ONLINE, _COMMUNITY})),
+    ("CancelLoss", Pack.GZ): ("GZ-22", frozenset({_BANK})),
+    ("CancelLoss", Pack.BJ): ("GZ-22", frozenset({_BANK})),
+}
+# SH-23b: Shanghai's on-the-spot issue is for replacement and renewal only ("急需补领、换领"),
+# at community or bank outlets; GZ-10b and GZ-25: a first card, a reissue or a renewal at the
+# issuing bank's instant outlet. The Residence Card has none.
+_INSTANT = {Pack.SH: ("SH-23b", frozenset({_COMMUNITY, _BANK})),
+            Pack.GZ: ("GZ-10b", frozenset({_BANK})), Pack.BJ: ("GZ-10b", frozenset({_BANK}))}
+# API.md: Verify and Issue are the card agency's; of Residence Cards the public security
+# organ's too (RC-11, RC-12). The role table lets PUBLIC_SECURITY call them at all.
+_PUBLIC_SECURITY_PACKS = frozenset({Pack.RC})
+
+
+def check_channel(operation: str, pack: int, role: Role | None) -> None:
+    found = _CHANNELS.get((operation, Pack(pack)))
+    if found is None or role is None:
+        return
+    rule, roles = found
+    if role not in roles:
+        names = ", ".join(sorted(r.name for r in roles))
+        raise PermissionDenied(f"{operation} for a {Pack(pack).name} card is made via {names}, "
+                               f"not {Role(role).name} ({rule})", reason=rule)
+
+
+def _check_instant(operation: str, pack: int, role: Role | None) -> None:
+    if pack == Pack.RC:
+        raise InvalidArgument("instant", "the Residence Card has no instant issue")
+    rule, roles = _INSTANT[Pack(pack)]
+    if role is not None and role not in roles:
+        names = ", ".join(sorted(r.name for r in roles))
+        raise PermissionDenied(f"instant issue of a {Pack(pack).name} card is made at {names}, "
+                               f"not {Role(role).name} ({rule})", reason=rule)
+
+
+def _check_agency(operation: str, rec: Card, role: Role | None) -> None:
+    if role == Role.PUBLIC_SECURITY and rec.pack not in _PUBLIC_SECURITY_PACKS:
+        raise PermissionDenied(f"{operation} of a {Pack(rec.pack).name} card is the card "
+                               "agency's; PUBLIC_SECURITY verifies and issues Residence Cards")
+
+
+def check_bank(pack: int, bank: str, banks: IssuingBanks | None, field: str) -> None:
+    """GZ-9c: a Guangzhou or Beijing card's issuing bank is on the published list (when one is
+    configured; with none the check is off, and start-up says so)."""
+    if banks is not None and pack in (Pack.GZ, Pack.BJ) and bank not in banks.names:
+        raise Refused("GZ-9c", f"{field} {bank!r} is not on the issuing-bank list "
+                      f"(version {banks.version}): one of {', '.join(sorted(banks.names))}")
 
 
 # ------------------------------------------------------------------ application
@@ -113,9 +190,10 @@ def check_eligibility(pack: int, who: Eligibility, now: int) -> None:
                               "or continuous study (residence_basis)")
 
 
-def merge_holder(given: HolderInfo, held: HolderInfo | None) -> HolderInfo:
+def merge_holder(pack: int, given: HolderInfo, held: HolderInfo | None) -> HolderInfo:
     """GZ-9b: information already held is not asked for again (an empty field takes the held
-    value). GZ-20: a held value is never silently overwritten by a different one."""
+    value). GZ-20: a held value is never silently overwritten by a different one. What the
+    pack's application needs is checked on the merged information."""
     merged = HolderInfo(given.ssn, **{f: getattr(given, f) for f in PII_FIELDS})
     if held is not None:
         for f in PII_FIELDS:
@@ -126,38 +204,53 @@ def merge_holder(given: HolderInfo, held: HolderInfo | None) -> HolderInfo:
                 raise InvalidTransition("held", "Apply", "GZ-20",
                                         f"holder.{f} differs from the information held; "
                                         "file a correction instead")
-    if not merged.name or not merged.birth_date:
-        raise InvalidArgument("holder.name" if not merged.name else "holder.birth_date",
-                              "is required for a first application")
+    required = ["name", "birth_date"]
+    if pack == Pack.GZ:  # GZ-9: occupation and mobile phone are part of the application
+        required += ["phone", "occupation"]
+    if pack == Pack.RC:  # RC-7: the card records both addresses
+        required += ["household_address", "residence_address"]
+    for f in required:
+        if not getattr(merged, f):
+            raise InvalidArgument(f"holder.{f}", "is required for this application and not "
+                                  "held for this holder")
     return merged
 
 
 def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibility,
-          with_transit: bool, service_bank: str, instant: bool) -> Card:
-    """SH-9/GZ-7/GZ-9: record an application from an eligible person (SH-8, GZ-4, BJ-8,
+          with_transit: bool, service_bank: str, instant: bool, role: Role | None = None,
+          banks: IssuingBanks | None = None) -> Card:
+    """SH-9/GZ-7/GZ-9/RC-8: record an application from an eligible person (SH-8, GZ-4, BJ-8,
     RC-9), reusing the personal information already held (GZ-9b)."""
-    if pack == Pack.RC and (with_transit or instant):
-        raise InvalidArgument("with_transit" if with_transit else "instant",
-                              "the Residence Card has no transit function or instant issue")
+    check_channel("Apply", pack, role)
+    if pack == Pack.RC and with_transit:
+        raise InvalidArgument("with_transit", "the Residence Card has no transit function")
+    if instant:
+        if pack == Pack.SH:
+            raise Refused("SH-23b", "a first Shanghai application is never made on the spot; "
+                          "instant issue is for replacement and renewal (急需补领、换领)")
+        _check_instant("Apply", pack, role)
     check_eligibility(pack, eligibility, now)
+    check_bank(pack, service_bank, banks, "service_bank")
     found = book.holder(holder.ssn)
     if found is None:
         holder_id = book.next_seq(b"holder_id")
-        book.put_holder(holder_id, merge_holder(holder, None))
+        book.put_holder(holder_id, merge_holder(pack, holder, None))
     else:
         holder_id, held = found
-        merged = merge_holder(holder, held)
-        if merged != held:
-            book.put_holder(holder_id, merged)
+        merged = merge_holder(pack, holder, held)
         current = book.current_card(holder_id, pack)
         if current is not None:
             cur = load(book, current, now)
             if cur.state in (State.APPLIED, State.VERIFIED):
-                raise InvalidTransition(State(cur.state).name, "Apply", "SH-9",
+                raise InvalidTransition(State(cur.state).name, "Apply",
+                                        _rule(pack, "SH-9", "GZ-9", "RC-9"),
                                         f"application {current} is already open for this holder")
             if cur.state not in FINAL_STATES:
-                raise InvalidTransition(State(cur.state).name, "Apply", "SH-23c",
+                raise InvalidTransition(State(cur.state).name, "Apply",
+                                        _rule(pack, "SH-23c", "GZ-23", "RC-15"),
                                         f"holder already has card {current}; use Replace")
+        if merged != held:
+            book.put_holder(holder_id, merged)
     seq = book.next_seq(b"card_number")
     rec = Card(
         card_number=f"{config.pack_card_prefix[Pack(pack)]}{seq:010d}",
@@ -166,15 +259,17 @@ def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibi
     )
     rec.set(Flag.TRANSIT, with_transit)
     book.set_current_card(holder_id, pack, rec.card_number)
-    if instant:  # SH-23b, GZ-10b: made on the spot
+    if instant:  # GZ-10b: made on the spot
         _issue(book, rec, now)
     book.put_card(rec, now)
     return rec
 
 
-def verify(book, now: int, card_number: str, approved: bool, reason: str) -> Card:
+def verify(book, now: int, card_number: str, approved: bool, reason: str,
+           role: Role | None = None) -> Card:
     rec = load(book, card_number, now)
-    _require(rec, (State.APPLIED,), "Verify", "SH-10")
+    _check_agency("Verify", rec, role)
+    _require(rec, (State.APPLIED,), "Verify", _rule(rec.pack, "SH-10", "GZ-10", "RC-11"))
     if approved:
         rec.state = State.VERIFIED
     else:
@@ -182,7 +277,7 @@ def verify(book, now: int, card_number: str, approved: bool, reason: str) -> Car
             raise InvalidArgument("reason",
                                   "a rejection must say why: the applicant is told (SH-10)")
         rec.state = State.REJECTED
-        book.put_note(card_number, reason)
+        book.put_card_text(card_number, "note", reason)
     book.put_card(rec, now)
     return rec
 
@@ -190,41 +285,54 @@ def verify(book, now: int, card_number: str, approved: bool, reason: str) -> Car
 def _issue(book, rec: Card, now: int) -> None:
     rec.issued_at = now
     if rec.pack == Pack.RC:
-        # RC has no activation step: issued is in force. RC-14: valid one year.
+        # RC has no activation step: issued is in force. RC-14: valid one year, to 24:00 of
+        # the corresponding day (SPEC.md section 6).
         rec.state = State.ACTIVE
         if not rec.valid_until:
-            d = law_date(now)
-            try:
-                end = d.replace(year=d.year + config.rc_valid_years)
-            except ValueError:  # 29 February
-                end = d.replace(year=d.year + config.rc_valid_years, day=28)
-            rec.valid_until = now + (end - d).days * 86400
+            rec.valid_until = end_of_years(now, config.rc_valid_years)
     else:
         rec.state = State.ISSUED
     if rec.replaces:  # SH-23c: the original is invalid for ever once the new card is issued
         old = book.card(rec.replaces)
-        old.state, old.temp_loss_at = State.SUPERSEDED, 0
+        old.state, old.temp_loss_until = State.SUPERSEDED, 0
         book.put_card(old, now)
         book.set_current_card(rec.holder_id, rec.pack, rec.card_number)
 
 
-def issue(book, now: int, card_number: str) -> Card:
+def issue(book, now: int, card_number: str, role: Role | None = None,
+          issuing_organ: str = "") -> Card:
     rec = load(book, card_number, now)
+    _check_agency("Issue", rec, role)
     _require(rec, (State.VERIFIED,), "Issue", _rule(rec.pack, "SH-11", "GZ-10", "RC-12"))
+    if rec.pack == Pack.RC:
+        if not issuing_organ:
+            raise InvalidArgument("issuing_organ", "is required for a Residence Card: the "
+                                  "public security organ that issues it (RC-7, RC-12)")
+        book.put_card_text(card_number, "organ", issuing_organ)
+    elif issuing_organ:
+        raise InvalidArgument("issuing_organ", "is only for a Residence Card (RC-7)")
     _issue(book, rec, now)
     book.put_card(rec, now)
     return rec
 
 
 def activate(book, now: int, card_number: str) -> Card:
+    """SH-12: activation opens the social security functions. GZ-12: the day the holder
+    receives the card is recorded (GZ-27's free year counts from it)."""
     rec = load(book, card_number, now)
+    if rec.pack == Pack.RC:
+        raise InvalidTransition(State(rec.state).name, "Activate", "RC-12",
+                                "a Residence Card is in force once issued")
     _require(rec, (State.ISSUED,), "Activate", "SH-12")
     rec.state = State.ACTIVE
+    rec.received_at = now
     book.put_card(rec, now)
     return rec
 
 
 def open_financial(book, now: int, card_number: str, bank: str) -> Card:
+    """SH-14: the financial function is opened at the holder's choice, with the service bank
+    the card was made for; SH-22(4), GZ-24(3): another bank is a new card."""
     rec = load(book, card_number, now)
     if rec.pack == Pack.RC:
         raise InvalidTransition(State(rec.state).name, "OpenFinancial", "RC-17",
@@ -233,6 +341,12 @@ def open_financial(book, now: int, card_number: str, bank: str) -> Card:
     if rec.has(Flag.FINANCIAL_OPEN):
         raise InvalidTransition(State(rec.state).name, "OpenFinancial", "SH-14",
                                 "the financial function is already open")
+    if rec.service_bank and bank != rec.service_bank:
+        raise InvalidTransition(
+            State(rec.state).name, "OpenFinancial", _rule(rec.pack, "SH-22", "GZ-24", "RC-17"),
+            f"this card's service bank is {rec.service_bank!r}, chosen with its application; a "
+            "change of service bank is a re-application that makes a new card (Replace with "
+            "REPLACE_REASON_INFO_CHANGED and the new service_bank)")
     rec.set(Flag.FINANCIAL_OPEN)
     rec.service_bank = bank
     book.put_card(rec, now)
@@ -241,70 +355,51 @@ def open_financial(book, now: int, card_number: str, bank: str) -> Card:
 
 # ------------------------------------------------------------------ loss
 
-def report_temporary_loss(book, now: int, card_number: str) -> Card:
+def report_temporary_loss(book, now: int, card_number: str, role: Role | None = None) -> Card:
+    """SH-18a: frozen at once; SH-18b: for 5 days counted as SPEC.md section 6 says, to
+    24:00 of the fifth day after the report, an instant stored now."""
     rec = load(book, card_number, now)
     if rec.pack != Pack.SH:
         raise InvalidTransition(State(rec.state).name, "ReportTemporaryLoss",
-                                _rule(rec.pack, "SH-18a", "GZ-21"),
+                                _rule(rec.pack, "SH-18a", "GZ-21", "RC-15b"),
                                 "this pack has no temporary loss report; use ReportLoss")
+    check_channel("ReportTemporaryLoss", rec.pack, role)
     _require(rec, (State.ACTIVE,), "ReportTemporaryLoss", "SH-18a")
-    rec.state, rec.temp_loss_at, rec.loss_reported_at = State.TEMP_LOSS, now, now
+    rec.state, rec.loss_reported_at = State.TEMP_LOSS, now
+    rec.temp_loss_until = end_of_days(now, config.temp_loss_valid_days)
     book.put_card(rec, now)
     return rec
 
 
-# Where the law lets a holder file a formal loss report or cancel one, per pack. The API's role
-# table is wider; the regulation wins (SH-18 and SH-19 in the Chinese original; GZ-21, GZ-22).
-# BJ follows GZ; RC's loss procedure is not restricted here.
-_LOSS_CHANNELS = {
-    ("ReportLoss", Pack.SH): ("SH-18c", {Role.ONLINE_PLATFORM, Role.COMMUNITY_OUTLET}),
-    ("ReportLoss", Pack.GZ): ("GZ-21", {Role.ONLINE_PLATFORM, Role.SERVICE_HOTLINE,
-                                        Role.BANK_OUTLET}),
-    ("ReportLoss", Pack.BJ): ("GZ-21", {Role.ONLINE_PLATFORM, Role.SERVICE_HOTLINE,
-                                        Role.BANK_OUTLET}),
-    ("CancelLoss", Pack.SH): ("SH-19a", {Role.ONLINE_PLATFORM, Role.COMMUNITY_OUTLET}),
-    ("CancelLoss", Pack.GZ): ("GZ-22", {Role.BANK_OUTLET}),
-    ("CancelLoss", Pack.BJ): ("GZ-22", {Role.BANK_OUTLET}),
-}
-
-
-def _check_loss_channel(operation: str, rec: Card, role: Role | None) -> None:
-    found = _LOSS_CHANNELS.get((operation, Pack(rec.pack)))
-    if found is None or role is None:
-        return
-    rule, roles = found
-    if role not in roles:
-        names = ", ".join(sorted(r.name for r in roles))
-        raise PermissionDenied(f"{operation} for a {Pack(rec.pack).name} card is made via "
-                               f"{names}, not {Role(role).name} ({rule})", reason=rule)
-
-
 def report_loss(book, now: int, card_number: str, role: Role | None = None) -> Card:
     rec = load(book, card_number, now)
-    _check_loss_channel("ReportLoss", rec, role)
+    check_channel("ReportLoss", rec.pack, role)
     if rec.pack == Pack.SH:
         _require(rec, (State.ACTIVE, State.TEMP_LOSS), "ReportLoss", "SH-18c")
     else:
-        _require(rec, (State.ACTIVE,), "ReportLoss", _rule(rec.pack, "SH-18c", "GZ-21", "RC-15"))
+        _require(rec, (State.ACTIVE,), "ReportLoss", _rule(rec.pack, "SH-18c", "GZ-21", "RC-15b"))
     if rec.state == State.ACTIVE:
         rec.loss_reported_at = now
-    rec.state, rec.temp_loss_at = State.LOST, 0
+    rec.state, rec.temp_loss_until = State.LOST, 0
     book.put_card(rec, now)
     return rec
 
 
 def cancel_loss(book, now: int, card_number: str, role: Role | None = None) -> Card:
     rec = load(book, card_number, now)
-    _check_loss_channel("CancelLoss", rec, role)
+    if rec.pack == Pack.RC:  # RC-15b: lost until reissued under RC-15
+        raise InvalidTransition(State(rec.state).name, "CancelLoss", "RC-15b",
+                                "a lost Residence Card stays lost until it is reissued")
+    check_channel("CancelLoss", rec.pack, role)
     if rec.pack == Pack.SH:
         _require(rec, (State.TEMP_LOSS, State.LOST), "CancelLoss", "SH-19a")
     else:
-        rule = _rule(rec.pack, "SH-19a", "GZ-22")
+        rule = _rule(rec.pack, "SH-19a", "GZ-22", "RC-15b")
         _require(rec, (State.LOST,), "CancelLoss", rule)
         if rec.has(Flag.REPLACEMENT_APPLIED):
             raise InvalidTransition(State(rec.state).name, "CancelLoss", rule,
                                     f"a replacement ({rec.replaced_by}) was already applied for")
-    rec.state, rec.temp_loss_at = State.ACTIVE, 0
+    rec.state, rec.temp_loss_until = State.ACTIVE, 0
     book.put_card(rec, now)
     return rec
 
@@ -334,29 +429,51 @@ def cancel_bank_loss(book, now: int, card_number: str) -> Card:
 
 # ------------------------------------------------------------------ replacement, cancellation
 
-def replace(book, now: int, card_number: str, reason: int, instant: bool) -> Card:
+def replace(book, now: int, card_number: str, reason: int, instant: bool,
+            role: Role | None = None, service_bank: str = "",
+            banks: IssuingBanks | None = None) -> Card:
     """SH-19b (after formal loss), SH-21 (renewal), SH-22 (re-application); GZ-23, GZ-24;
-    RC-15. Returns the new card, which starts VERIFIED (the holder is known) or ISSUED when
-    made on the spot (SH-23b); the original is superseded when the new card is issued."""
+    RC-15. Returns the new card: a re-application in Shanghai starts APPLIED (SH-10 and SH-11
+    again); every other starts VERIFIED (the holder is known), or ISSUED when made on the spot
+    (SH-23b, GZ-10b). The original is superseded when the new card is issued (SH-23c)."""
     old = load(book, card_number, now)
+    check_channel("Replace", old.pack, role)
     if reason == ReplaceReason.LOST:
         _require(old, (State.LOST,), "Replace(LOST)", _rule(old.pack, "SH-19b", "GZ-23", "RC-15"),
                  "a lost card is replaced after a formal loss report")
     else:
-        _require(old, (State.ISSUED, State.ACTIVE), "Replace",
-                 _rule(old.pack, "SH-21", "GZ-24", "RC-15"))
+        rule = (_rule(old.pack, "SH-21", "GZ-24", "RC-15") if reason == ReplaceReason.DAMAGED
+                else _rule(old.pack, "SH-22", "GZ-24", "RC-13"))
+        if old.pack == Pack.RC and reason == ReplaceReason.INFO_CHANGED:
+            raise InvalidTransition(State(old.state).name, "Replace(INFO_CHANGED)", "RC-13",
+                                    "a Residence Card's changed information is filed, not "
+                                    "made into a new card")
+        _require(old, (State.ISSUED, State.ACTIVE), "Replace", rule)
+    if service_bank and reason != ReplaceReason.INFO_CHANGED:
+        raise InvalidArgument("service_bank", "a new service bank is a re-application: only "
+                              "with REPLACE_REASON_INFO_CHANGED (SH-22, GZ-24)")
     if old.has(Flag.REPLACEMENT_APPLIED):
-        raise InvalidTransition(State(old.state).name, "Replace", "SH-9",
+        raise InvalidTransition(State(old.state).name, "Replace",
+                                _rule(old.pack, "SH-9", "GZ-23", "RC-15"),
                                 f"replacement {old.replaced_by} is already being made")
-    if old.pack == Pack.RC and instant:
-        raise InvalidArgument("instant", "the Residence Card has no instant issue")
+    reapplication = old.pack == Pack.SH and reason == ReplaceReason.INFO_CHANGED
+    if instant:
+        if reapplication:
+            raise Refused("SH-23b", "a re-application is never made on the spot; instant "
+                          "issue is for replacement and renewal (急需补领、换领)")
+        _check_instant("Replace", old.pack, role)
+    bank = service_bank or old.service_bank
+    if bank != old.service_bank:
+        check_bank(old.pack, bank, banks, "service_bank")
     seq = book.next_seq(b"card_number")
+    flags = old.flags & Flag.TRANSIT
+    if bank == old.service_bank:  # the financial account is the same bank's
+        flags |= old.flags & Flag.FINANCIAL_OPEN
     new = Card(
         card_number=f"{config.pack_card_prefix[Pack(old.pack)]}{seq:010d}",
-        pack=old.pack, state=State.VERIFIED, holder_id=old.holder_id, applied_at=now,
-        flags=old.flags & (Flag.TRANSIT | Flag.FINANCIAL_OPEN),
-        points=old.points, valid_until=old.valid_until, replaces=old.card_number,
-        service_bank=old.service_bank,
+        pack=old.pack, state=State.APPLIED if reapplication else State.VERIFIED,
+        holder_id=old.holder_id, applied_at=now, flags=flags, points=old.points,
+        valid_until=old.valid_until, replaces=old.card_number, service_bank=bank,
     )
     old.set(Flag.REPLACEMENT_APPLIED)
     old.replaced_by = new.card_number
@@ -367,21 +484,58 @@ def replace(book, now: int, card_number: str, reason: int, instant: bool) -> Car
     return new
 
 
-def cancel(book, now: int, card_number: str, reason: str) -> Card:
-    """GZ-26 (death, registration cancelled, no longer entitled), RC-16; applied to SH and BJ
-    cards alike. A replacement still being made for the card is cancelled with it."""
+_GROUNDS = {
+    # GZ-26 (SH and BJ alike): death, or no longer entitled; not a move of registration alone
+    Pack.SH: frozenset({CancelGround.DEATH, CancelGround.ENTITLEMENT_ENDED,
+                        CancelGround.APPLICATION_WITHDRAWN}),
+    Pack.RC: frozenset(CancelGround),  # RC-16 (1) to (4); death is among (4)'s legal grounds
+}
+_GROUNDS[Pack.GZ] = _GROUNDS[Pack.BJ] = _GROUNDS[Pack.SH]
+
+
+def cancel(book, now: int, card_number: str, reason: str, ground: int) -> Card:
+    """GZ-26, RC-16. For death or loss of entitlement (and RC-16's other grounds) every card
+    of the holder in the pack stops: the current one and a replacement in the making. A
+    withdrawn application cancels only the card not yet issued, and an original card whose
+    replacement is withdrawn may be replaced again (and used, if it was usable)."""
     rec = load(book, card_number, now)
     rule = _rule(rec.pack, "GZ-26", "GZ-26", "RC-16")
+    if ground not in _GROUNDS[Pack(rec.pack)]:
+        names = ", ".join(f"CANCEL_GROUND_{g.name}" for g in sorted(_GROUNDS[Pack(rec.pack)]))
+        raise InvalidArgument("ground", f"a {Pack(rec.pack).name} card is cancelled on one of "
+                              f"{names} ({rule}); a move of household registration alone is "
+                              "no ground")
+    if not reason:
+        raise InvalidArgument("reason", "a cancellation must state its facts")
     if rec.state in FINAL_STATES:
         raise InvalidTransition(State(rec.state).name, "Cancel", rule, "the state is final")
-    if not reason:
-        raise InvalidArgument("reason", "a cancellation must give its legal ground")
-    for target in (rec, book.card(rec.replaced_by) if rec.replaced_by else None):
-        if target is not None and target.state not in FINAL_STATES:
-            target.state, target.temp_loss_at = State.CANCELLED, 0
-            book.put_card(target, now)
-            book.put_note(target.card_number, reason)
+    if ground == CancelGround.APPLICATION_WITHDRAWN:
+        _require(rec, (State.APPLIED, State.VERIFIED), "Cancel(APPLICATION_WITHDRAWN)", rule,
+                 "an issued card is cancelled only on a ground of GZ-26 or RC-16")
+        _cancel_one(book, now, rec, reason, ground)
+        if rec.replaces:
+            original = book.card(rec.replaces)
+            original.set(Flag.REPLACEMENT_APPLIED, False)
+            original.replaced_by = ""
+            book.put_card(original, now)
+        return rec
+    current = book.current_card(rec.holder_id, rec.pack)
+    targets = [rec, book.card(current) if current else None]
+    targets += [book.card(t.replaced_by) for t in targets if t is not None and t.replaced_by]
+    done: set[str] = set()
+    for target in targets:
+        if target is not None and target.card_number not in done:
+            done.add(target.card_number)
+            if target.state not in FINAL_STATES:
+                _cancel_one(book, now, target, reason, ground)
     return rec
+
+
+def _cancel_one(book, now: int, target: Card, reason: str, ground: int) -> None:
+    target.state, target.temp_loss_until = State.CANCELLED, 0
+    book.put_card(target, now)
+    book.put_card_text(target.card_number, "note", reason)
+    book.put_card_text(target.card_number, "ground", CancelGround(ground).name)
 
 
 def lock_application(book, now: int, card_number: str, channel: int, locked: bool) -> Card:

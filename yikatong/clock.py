@@ -74,3 +74,32 @@ def format_time(t: int) -> str:
 def law_date(t: int) -> _dt.date:
     """The calendar date in Shanghai at unix time t."""
     return _dt.datetime.fromtimestamp(t, LAW_TZ).date()
+
+
+# ---- periods, as the Civil Code counts them (arts. 200 to 204; SPEC.md section 6): the day
+# of the event is not counted, and a period ends at 24:00 Asia/Shanghai of its last day, which
+# is the first instant of the next day. Each end is one exact instant, computed when the
+# period starts and stored, so the hot path compares two integers and no job is needed.
+
+def start_of_day(d: _dt.date) -> int:
+    """00:00 Shanghai on `d`, in unix seconds."""
+    return int(_dt.datetime(d.year, d.month, d.day, tzinfo=LAW_TZ).timestamp())
+
+
+def end_of_days(t: int, days: int) -> int:
+    """The end of a period of `days` days from an event at `t` (art. 201: the event's day is
+    not counted): 24:00 of the `days`-th day after it. SH-18b: reported at any hour of 2 March,
+    5 days end at 24:00 on 7 March."""
+    return start_of_day(law_date(t) + _dt.timedelta(days=days + 1))
+
+
+def end_of_years(t: int, years: int) -> int:
+    """The end of a period of `years` years from an event at `t` (art. 202: the last day is
+    the corresponding day of the last year, or that month's last day if it has none): 24:00 of
+    it. RC-14: issued on 21 September 2026, valid to 24:00 on 21 September 2027."""
+    d = law_date(t)
+    try:
+        last = d.replace(year=d.year + years)
+    except ValueError:  # 29 February, in a year without one: the month's last day
+        last = d.replace(year=d.year + years, day=28)
+    return start_of_day(last + _dt.timedelta(days=1))

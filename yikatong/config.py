@@ -28,7 +28,7 @@ time_min = 0
 time_max = 7_258_089_600  # 2200-01-01T00:00:00+08:00
 
 # ---- law
-temp_loss_valid_seconds = 5 * 86400  # SH-18b: a temporary loss report is valid 5 days
+temp_loss_valid_days = 5  # SH-18b: a temporary loss report is valid 5 days (SPEC.md section 6)
 rc_valid_years = 1  # RC-14
 rc_residence_months_min = 6  # RC-9
 

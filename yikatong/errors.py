@@ -44,6 +44,14 @@ class NotEligible(YikatongError):
         super().__init__(f"{rule}: {message}", reason=rule)
 
 
+class Refused(YikatongError):
+    """What a rule does not allow, apart from a card's state (a first Shanghai application
+    made on the spot, an issuing bank not on the list); reason = the rule."""
+
+    def __init__(self, rule: str, message: str):
+        super().__init__(f"{rule}: {message}", reason=rule)
+
+
 class InvalidTransition(YikatongError):
     """A transition the card's state forbids; the message names the state and the rule, and
     the rule id is the reason."""

@@ -74,6 +74,18 @@ class ReplaceReason(enum.IntEnum):
     INFO_CHANGED = 3  # SH-22, GZ-24: re-application on changed information
 
 
+class CancelGround(enum.IntEnum):
+    """GZ-26 and RC-16. Every ground but APPLICATION_WITHDRAWN stops every card of the holder
+    in the pack; a withdrawn application cancels only a card not yet issued."""
+
+    DEATH = 1
+    ENTITLEMENT_ENDED = 2
+    FALSE_DOCUMENTS = 3
+    PERMANENT_RESIDENCY = 4
+    OTHER_LEGAL = 5
+    APPLICATION_WITHDRAWN = 6
+
+
 class ResidenceBasis(enum.IntEnum):
     """RC-9: the second condition of a Residence Card application."""
 
@@ -151,12 +163,13 @@ class Card:
     generation: int = GENERATION_CURRENT
     lock_mask: int = 0  # bit 1 << Channel: application locked (GZ-6)
     points: int = 0  # RC-20
-    temp_loss_at: int = 0  # unix s, while TEMP_LOSS (SH-18a/b)
+    temp_loss_until: int = 0  # unix s, while TEMP_LOSS: the end of its 5 days (SH-18b)
     valid_until: int = 0  # unix s, RC-14; 0 = no end
     holder_id: int = 0
     applied_at: int = 0
     issued_at: int = 0
     loss_reported_at: int = 0
+    received_at: int = 0  # GZ-12: the holder received it (activation at an outlet)
     replaced_by: str = ""
     replaces: str = ""
     service_bank: str = ""
@@ -170,7 +183,8 @@ class Card:
 
 # PII fields of a holder (SH-4, GZ-17, BJ-4), beside the key, the SSN.
 PII_FIELDS = ("name", "gender", "birth_date", "nationality", "phone", "address", "ethnicity",
-              "postcode", "occupation", "photo_sha256")
+              "postcode", "occupation", "photo_sha256", "household_address",
+              "residence_address")
 
 
 @dataclasses.dataclass
@@ -188,6 +202,8 @@ class HolderInfo:
     postcode: str = ""
     occupation: str = ""
     photo_sha256: str = ""
+    household_address: str = ""  # RC-7: permanent registered residential address
+    residence_address: str = ""  # RC-7: the Shanghai residence address
 
 
 @dataclasses.dataclass
@@ -200,6 +216,15 @@ class Eligibility:
     entitled_public_services: bool = False
     residence_registered_since: str = ""  # RC-9: YYYY-MM-DD
     residence_basis: int = 0  # RC-9: ResidenceBasis
+
+
+@dataclasses.dataclass(frozen=True)
+class IssuingBanks:
+    """GZ-9c: the issuing banks the HRSS department publishes (GZ-9, GZ-6, BJ-7), as
+    configured: a versioned list."""
+
+    version: str
+    names: frozenset[str]
 
 
 # ---------------------------------------------------------------------------- money
