@@ -206,7 +206,8 @@ damaged = st.binary(max_size=r.SIZE + 12) | st.builds(
        | st.integers(clocks.parse_time("2026-03-01T00:00:00"),
                      clocks.parse_time("2026-03-10T00:00:00"))
        | st.sampled_from([clocks.parse_time(f"2026-03-{d:02d}T00:00:00") + k
-                          for d in range(3, 10) for k in (-1, 0)]), points=st.sampled_from([0, 1, 120, 65535]),
+                          for d in range(3, 10) for k in (-1, 0)]),
+       points=st.sampled_from([0, 1, 120, 65535]),
        amount=st.integers(0, 2**63 - 1) | st.integers(0, 1000),
        available=st.integers(-(2**63), 2**63 - 1) | st.integers(0, 1000))
 def test_both_implementations_give_the_same_answer(record, channel, now, points, amount,
