@@ -15,8 +15,6 @@ was before), and each purse must equal its opening balance plus all top-ups less
 import argparse
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,58 +22,33 @@ import time
 
 import grpc
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-
-from yikatong.server.clients import ROLES  # noqa: E402
-from yikatong.storage.lmdb_store import Store  # noqa: E402
-from yikatong import ledger  # noqa: E402
-from yikatong.v1 import yikatong_pb2 as pb, yikatong_pb2_grpc as rpc  # noqa: E402
+from yikatong import ledger
+from yikatong.server.harness import ServerProcess, free_address, metadata, write_clients
+from yikatong.storage.lmdb_store import Store
+from yikatong.v1 import yikatong_pb2 as pb
 
 OPENING = 10**9  # fen per purse: fares never decline, so the exact sum is known
 START = "2026-11-24T09:00:00+08:00"
+TOKENS = "crash"
 
 
 def md(role):
-    return (("authorization", f"Bearer crash-{role.lower()}"),)
+    return metadata(role, TOKENS)
 
 
-class Server:
-    def __init__(self, data_dir: str, clients: str, port: int):
-        self.address = f"127.0.0.1:{port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "yikatong", "serve", "--data-dir", data_dir, "--listen", self.address,
-             "--clients", clients, "--clock", "manual", "--clock-start", START],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "YIKATONG_CHECK_INVARIANTS": "1"})
-        for line in self.proc.stdout:
-            if line.startswith("yikatong: serving on"):
-                self.drain = threading.Thread(target=self.proc.stdout.read, daemon=True)
-                self.drain.start()
-                break
-        else:
-            raise RuntimeError("server did not start")
-        self.channel = grpc.insecure_channel(self.address)
-        grpc.channel_ready_future(self.channel).result(timeout=20)
-        self.auth = rpc.AuthorizationStub(self.channel)
-        self.ledger = rpc.LedgerStub(self.channel)
-        self.lifecycle = rpc.LifecycleStub(self.channel)
+class Server(ServerProcess):
+    """The real server on a manual clock, its invariants checked after every write group."""
 
-    def kill(self):
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.drain.join()
-        self.proc.stdout.close()
-
-    def close(self):
-        """After the clients using it have stopped."""
-        self.channel.close()
+    def __init__(self, workdir: str, data_dir: str, clients: str, address: str):
+        super().__init__(workdir, "--clients", clients, "--clock", "manual", "--clock-start",
+                         START, clients=False, data_dir=data_dir, address=address,
+                         env={"YIKATONG_CHECK_INVARIANTS": "1"})
 
     def call(self, op):
         """op = (method name, request, role) -> response"""
         method, request, role = op
-        stub = {"Transfer": self.ledger, "Authorize": self.auth}.get(method, self.lifecycle)
+        stub = {"Transfer": self.ledger, "Authorize": self.authorization}.get(method,
+                                                                              self.lifecycle)
         return getattr(stub, method)(request, metadata=md(role), timeout=10)
 
     def purses(self, cards):
@@ -92,11 +65,17 @@ def setup(server: Server, n_cards: int) -> list[str]:
     cards = []
     for i in range(n_cards):
         first17 = f"31010119800101{i:03d}"
-        h = pb.Holder(ssn=first17 + ssn_check_digit(first17), name="测试", birth_date="1980-01-01",
-                      insured=True)
+        h = pb.Holder(ssn=first17 + ssn_check_digit(first17), name="测试",
+                      birth_date="1980-01-01", insured=True)
         c = server.lifecycle.Apply(pb.ApplyRequest(request_id=f"apply-{i}", pack=pb.PACK_SH,
-                                                   holder=h, with_transit=True, instant=True),
+                                                   holder=h, with_transit=True),
                                    metadata=md("COMMUNITY_OUTLET"))
+        for step, request in (("Verify", pb.VerifyRequest(request_id=f"verify-{i}",
+                                                          card_number=c.card_number,
+                                                          approved=True)),
+                              ("Issue", pb.IssueRequest(request_id=f"issue-{i}",
+                                                        card_number=c.card_number))):
+            getattr(server.lifecycle, step)(request, metadata=md("CARD_AGENCY"))
         server.lifecycle.Activate(pb.ActivateRequest(request_id=f"act-{i}",
                                                      card_number=c.card_number),
                                   metadata=md("ONLINE_PLATFORM"))
@@ -114,9 +93,9 @@ def make_op(rng: random.Random, cards: list[str], uid: str):
     roll = rng.random()
     if roll < 0.4:
         return ("Transfer", pb.TransferRequest(
-            transfer_id=uid, debit=pb.AccountRef(operator="op:topup"), amount_fen=rng.randint(1, 999),
-            credit=pb.AccountRef(holder=pb.HolderAccountRef(card_number=c,
-                                                            kind=pb.ACCOUNT_KIND_TRANSIT))),
+            transfer_id=uid, debit=pb.AccountRef(operator="op:topup"),
+            amount_fen=rng.randint(1, 999), credit=pb.AccountRef(holder=pb.HolderAccountRef(
+                card_number=c, kind=pb.ACCOUNT_KIND_TRANSIT))),
             "CARD_AGENCY")
     if roll < 0.85:
         return ("Authorize", pb.AuthorizeRequest(request_id=uid, card_number=c,
@@ -139,24 +118,17 @@ def crash_loop(kills: int, seed: int = 1, workdir: str | None = None, clients_n:
                log=print) -> dict:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        data, clients = os.path.join(tmp, "data"), os.path.join(tmp, "clients.toml")
-        import hashlib
-        with open(clients, "w") as f:
-            for role in ROLES:
-                f.write(f'[[client]]\nid = "{role}"\nrole = "{role}"\ntoken_sha256 = '
-                        f'"{hashlib.sha256(f"crash-{role.lower()}".encode()).hexdigest()}"\n')
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = Server(data, clients, port)
+        data = os.path.join(tmp, "data")
+        clients = write_clients(os.path.join(tmp, "clients.toml"), TOKENS)
+        address = free_address()  # the same one across restarts
+        server = Server(tmp, data, clients, address)
         cards = setup(server, 8)
         attempted, acked = {}, {}  # uid -> op ; uid -> answer
         lost = doubled = 0
         for k in range(kills):
             stop = threading.Event()
 
-            def client(cid, server=server, k=k):
+            def client(cid, server=server, k=k, stop=stop):
                 crng = random.Random(seed * 1_000_003 + k * 101 + cid)
                 i = 0
                 while not stop.is_set():
@@ -181,7 +153,7 @@ def crash_loop(kills: int, seed: int = 1, workdir: str | None = None, clients_n:
                 t.join()
             server.close()
             check_store(data)
-            server = Server(data, clients, port)
+            server = Server(tmp, data, clients, address)
             before = server.purses(cards)
             this_round = [u for u in acked if u.startswith(f"k{k}-")]
             older = rng.sample(sorted(acked.keys() - set(this_round)),
@@ -195,7 +167,7 @@ def crash_loop(kills: int, seed: int = 1, workdir: str | None = None, clients_n:
                 log(f"crash loop: {k + 1} kills, {len(acked):,} acknowledged, lost {lost}, "
                     f"twice {doubled}")
         # every attempted id once more: applied now, or before; then the exact sum
-        for uid, op in attempted.items():
+        for op in attempted.values():
             try:
                 server.call(op)
             except grpc.RpcError as e:

@@ -9,7 +9,8 @@ import sys
 import grpc
 import uvloop
 
-from yikatong.v1 import yikatong_pb2 as pb, yikatong_pb2_grpc as rpc
+from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 
 class Echo(rpc.AuthorizationServicer):

@@ -16,28 +16,29 @@ import sys
 import tempfile
 import time
 
-from yikatong.fastpath import _authorize_c, _authorize_py
-from yikatong.storage import records as r
-from yikatong.storage.lmdb_store import Store
-from yikatong.storage.records import CardRecord
 from yikatong import config
+from yikatong.fastpath import _authorize_c, _authorize_py
+from yikatong.model import Card, State
+from yikatong.storage.lmdb_store import Store
 
 NOW = 1_790_000_000
 
 
 def build(store: Store, n: int, rng: random.Random) -> list[bytes]:
-    states = [r.ACTIVE] * 90 + [r.TEMP_LOSS, r.LOST, r.SUPERSEDED, r.SUPERSEDED, r.SUPERSEDED,
-                                r.ISSUED, r.CANCELLED, r.APPLIED, r.ACTIVE, r.ACTIVE]
+    states = [State.ACTIVE] * 92 + [State.TEMP_LOSS, State.LOST, State.SUPERSEDED,
+                                    State.SUPERSEDED, State.SUPERSEDED, State.ISSUED,
+                                    State.CANCELLED, State.APPLIED]
     keys = []
 
     def fill(start, stop):
         def command(book):
             for i in range(start, stop):
                 number = f"31{i:010d}"
-                book.put_card(CardRecord(
+                book.put_card(Card(
                     number, rng.choice((1, 1, 2, 3, 4)), rng.choice(states),
-                    flags=rng.choice((1, 3, 0)), temp_loss_at=NOW - rng.randint(0, 7 * 86400),
-                    generation=rng.choice((2,) * 50 + (1,))))
+                    flags=rng.choice((1, 3, 0)),
+                    temp_loss_until=NOW + rng.randint(-2 * 86400, 5 * 86400),
+                    generation=rng.choice((2,) * 50 + (1,))), NOW)
                 keys.append(number.encode())
         return command
 
@@ -70,14 +71,13 @@ def main() -> int:
         cards_db = store.dbs.cards
         results = {}
         for impl in (_authorize_py, _authorize_c):
-            policy = impl.Policy(config.generation_retired_at, config.temp_loss_valid_seconds)
-            decide = impl.decide
+            policy = impl.Policy(config.generation_retired_at)
 
-            def decide_only():
+            def decide_only(decide=impl.decide, policy=policy):
                 for rec, ch in in_memory:
                     decide(policy, rec, ch, NOW, 0)
 
-            def lmdb_decide():
+            def lmdb_decide(decide=impl.decide, policy=policy):
                 for i in range(0, len(requests), args.batch):
                     with store.read() as txn:
                         get = txn.get

@@ -14,82 +14,92 @@ Writes into the data dir, beside the store:
     .venv/bin/python bench/gen_data.py DATA_DIR [--holders 1000000]
 """
 import argparse
-import hashlib
 import os
 import random
-import struct
 import sys
 import time
 
-from yikatong.server.clients import ROLES
-from yikatong.storage import records as r
-from yikatong.storage.lmdb_store import Store
-from yikatong.storage.records import CardRecord
 from yikatong import config, ledger
+from yikatong.clock import end_of_days
+from yikatong.model import (
+    AccountKind,
+    Card,
+    Flag,
+    Pack,
+    State,
+    holder_account_key,
+    operator_account_key,
+)
+from yikatong.server.harness import write_clients
+from yikatong.storage import records
+from yikatong.storage.lmdb_store import Store
 
 NOW = int(time.time())
-FUNDING = {r.KIND_MEDICAL: 500_000, r.KIND_TRANSIT: 100_000, r.KIND_BENEFIT: 200_000}
-
-
-def token(role: str) -> str:
-    return "bench-" + role.lower().replace("_", "-")
+FUNDING = {AccountKind.MEDICAL: 500_000, AccountKind.TRANSIT: 100_000,
+           AccountKind.BENEFIT: 200_000}
+TOKEN_PREFIX = "bench"  # clients.toml: token "bench-<role>", e.g. bench-transit-gate
 
 
 def generate(data_dir: str, holders: int, chunk: int = 50_000, seed: int = 1) -> dict:
     rng = random.Random(seed)
     store = Store(data_dir)
     with store.read() as txn:
-        if txn.stat(store.dbs.cards)["entries"]:
+        if store.book(txn).card_count():
             store.close()
             raise SystemExit(f"{data_dir} already holds cards; give an empty data dir")
     ok, hot = [], []
     seq = 0
-    topup = r.operator_account_key("op:topup")
+    topup = operator_account_key("op:topup")
+    packs = (Pack.SH, Pack.GZ, Pack.BJ, Pack.RC)
 
     def fill(start: int, stop: int):
         def command(book):
+            # Bulk: raw puts of encoded records, no change event per card (the lifecycle
+            # functions would write one each); the counters are set at the end.
             nonlocal seq
             put = book.txn.put
             cards_db = book.dbs.cards
             funding = []
             for h in range(start, stop):
-                pack = rng.choices((r.PACK_SH, r.PACK_GZ, r.PACK_BJ, r.PACK_RC), (40, 25, 20, 15))[0]
+                pack = rng.choices(packs, (40, 25, 20, 15))[0]
                 roll = rng.random()
                 seq += 1
-                rec = CardRecord(f"{config.pack_card_prefix[pack]}{seq:010d}", pack, r.ACTIVE,
-                                 holder_id=h, applied_at=NOW - 400 * 86400,
-                                 issued_at=NOW - 390 * 86400)
-                if pack != r.PACK_RC:
-                    rec.flags = r.FLAG_TRANSIT | (r.FLAG_FINANCIAL_OPEN if rng.random() < 0.6 else 0)
+                rec = Card(f"{config.pack_card_prefix[pack]}{seq:010d}", pack, State.ACTIVE,
+                           holder_id=h, applied_at=NOW - 400 * 86400,
+                           issued_at=NOW - 390 * 86400)
+                if pack != Pack.RC:
+                    rec.flags = Flag.TRANSIT | (Flag.FINANCIAL_OPEN if rng.random() < 0.6 else 0)
                 else:
                     rec.valid_until = NOW + rng.randint(1, 365) * 86400
-                if roll < 0.005 and pack == r.PACK_SH:
-                    rec.state, rec.temp_loss_at = r.TEMP_LOSS, NOW - rng.randint(0, 4 * 86400)
+                if roll < 0.005 and pack == Pack.SH:
+                    rec.state = State.TEMP_LOSS
+                    rec.temp_loss_until = end_of_days(NOW - rng.randint(0, 4 * 86400), 5)
                 elif roll < 0.015:
-                    rec.state, rec.loss_reported_at = r.LOST, NOW - 86400
+                    rec.state, rec.loss_reported_at = State.LOST, NOW - 86400
                 elif roll < 0.065:  # superseded original, and its active replacement
                     seq += 1
-                    new = CardRecord(f"{config.pack_card_prefix[pack]}{seq:010d}", pack, r.ACTIVE,
-                                     flags=rec.flags, holder_id=h, replaces=rec.card_number,
-                                     valid_until=rec.valid_until, issued_at=NOW - 86400)
-                    rec.state, rec.replaced_by = r.SUPERSEDED, new.card_number
-                    rec.set(r.FLAG_REPLACEMENT_APPLIED)
-                    put(new.card_number.encode(), new.encode(), db=cards_db)
-                    if new.has(r.FLAG_TRANSIT):
+                    new = Card(f"{config.pack_card_prefix[pack]}{seq:010d}", pack, State.ACTIVE,
+                               flags=rec.flags, holder_id=h, replaces=rec.card_number,
+                               valid_until=rec.valid_until, issued_at=NOW - 86400)
+                    rec.state, rec.replaced_by = State.SUPERSEDED, new.card_number
+                    rec.set(Flag.REPLACEMENT_APPLIED)
+                    put(new.card_number.encode(), records.encode_card(new), db=cards_db)
+                    if new.has(Flag.TRANSIT):
                         ok.append(new.card_number)
                 elif roll < 0.070:
-                    rec.state = r.ISSUED
+                    rec.state = State.ISSUED
                 elif roll < 0.075:
-                    rec.state = r.CANCELLED
-                put(rec.card_number.encode(), rec.encode(), db=cards_db)
-                if rec.state == r.ACTIVE and rec.has(r.FLAG_TRANSIT):
+                    rec.state = State.CANCELLED
+                put(rec.card_number.encode(), records.encode_card(rec), db=cards_db)
+                if rec.state == State.ACTIVE and rec.has(Flag.TRANSIT):
                     ok.append(rec.card_number)
-                elif rec.state in (r.TEMP_LOSS, r.LOST, r.SUPERSEDED, r.CANCELLED):
+                elif rec.state in (State.TEMP_LOSS, State.LOST, State.SUPERSEDED,
+                                   State.CANCELLED):
                     hot.append(rec.card_number)
-                funding += [(r.holder_account_key(h, k), fen) for k, fen in FUNDING.items()]
+                funding += [(holder_account_key(h, k), fen) for k, fen in FUNDING.items()]
             ledger.open_balances(book, topup, funding)
-            put(b"card_number", struct.pack(">Q", seq), db=book.dbs.meta)
-            put(b"holder_id", struct.pack(">Q", stop - 1), db=book.dbs.meta)
+            book.put_meta(b"card_number", seq.to_bytes(8, "big"))
+            book.put_meta(b"holder_id", (stop - 1).to_bytes(8, "big"))
         return command
 
     t = time.perf_counter()
@@ -100,10 +110,7 @@ def generate(data_dir: str, holders: int, chunk: int = 50_000, seed: int = 1) ->
     for name, numbers in (("cards-ok.txt", ok), ("cards-hot.txt", hot)):
         with open(os.path.join(data_dir, name), "w") as f:
             f.write("\n".join(numbers) + "\n")
-    with open(os.path.join(data_dir, "clients.toml"), "w") as f:
-        for role in ROLES:
-            f.write(f'[[client]]\nid = "bench-{role.lower()}"\nrole = "{role}"\n'
-                    f'token_sha256 = "{hashlib.sha256(token(role).encode()).hexdigest()}"\n\n')
+    write_clients(os.path.join(data_dir, "clients.toml"), TOKEN_PREFIX)
     return {"holders": holders, "cards": seq, "ok": len(ok), "hot": len(hot), "seconds": seconds,
             "bytes": os.path.getsize(os.path.join(data_dir, "lmdb", "data.mdb"))}
 

@@ -14,9 +14,10 @@ import tempfile
 import time
 
 import gen_data
+
+from yikatong import config
 from yikatong.fastpath import _authorize_c
 from yikatong.storage.lmdb_store import Store
-from yikatong import config
 
 REQUESTS = 200_000
 
@@ -26,7 +27,7 @@ def measure(data_dir: str, rng: random.Random, repeat: int) -> tuple[float, int]
         ok = f.read().split()
     keys = [rng.choice(ok).encode() for _ in range(REQUESTS)]
     store = Store(data_dir)
-    policy = _authorize_c.Policy(config.generation_retired_at, config.temp_loss_valid_seconds)
+    policy = _authorize_c.Policy(config.generation_retired_at)
     decide, db, now = _authorize_c.decide, store.dbs.cards, int(time.time())
 
     def run():

@@ -20,36 +20,46 @@ import sys
 import tempfile
 import time
 
+from yikatong import clock as clocks
+from yikatong import config, ledger
+from yikatong.model import (
+    AccountKind,
+    Card,
+    Flag,
+    Pack,
+    Role,
+    State,
+    holder_account_key,
+    operator_account_key,
+)
 from yikatong.server.app import Authorization, Core
-from yikatong.server.clients import Clients
-from yikatong.storage import records as r
+from yikatong.server.clients import Client
 from yikatong.storage.lmdb_store import Store
-from yikatong.storage.records import CardRecord
-from yikatong import clock as clocks, config, ledger
 from yikatong.v1 import yikatong_pb2 as pb
 
 
 def setup(path: str, holders: int, group_max: int):
     store = Store(path, map_size=2 * 1024**3, group_max=group_max)
-    topup = r.operator_account_key("op:topup")
+    topup = operator_account_key("op:topup")
 
     def fill(book):
         for h in range(1, holders + 1):
-            book.put_card(CardRecord(f"31{h:010d}", r.PACK_SH, r.ACTIVE, flags=r.FLAG_TRANSIT,
-                                     holder_id=h))
-            ledger.create(book, 1, f"fund-{h}", topup, r.holder_account_key(h, r.KIND_TRANSIT),
+            book.put_card(Card(f"31{h:010d}", Pack.SH, State.ACTIVE, flags=Flag.TRANSIT,
+                               holder_id=h), 1)
+            ledger.create(book, 1, f"fund-{h}", topup, holder_account_key(h, AccountKind.TRANSIT),
                           10**9)
     store.write(fill)
     return store
 
 
 def run(store, requests, inflight: int, per_command: int) -> float:
-    auth = Authorization(Core(store, clocks.ManualClock(1_790_000_000), Clients()))
+    auth = Authorization(Core(store, clocks.ManualClock(1_790_000_000)))
+    gate = Client("bench-gate", Role.TRANSIT_GATE)
     pending = collections.deque()
     t = time.perf_counter()
     for i in range(0, len(requests), per_command):
         chunk = list(enumerate(requests[i:i + per_command]))
-        pending.append(store.submit(auth.money_command(chunk)))
+        pending.append(store.submit(auth.money_command(chunk, gate)))
         if len(pending) * per_command >= inflight:
             pending.popleft().result()
     while pending:
@@ -75,13 +85,14 @@ def main() -> int:
         samples = []
         for rep in range(args.repeat):
             requests = [pb.AuthorizeRequest(
-                request_id=f"{mode}-{rep}-{i}", card_number=f"31{rng.randint(1, args.holders):010d}",
+                request_id=f"{mode}-{rep}-{i}",
+                card_number=f"31{rng.randint(1, args.holders):010d}",
                 channel=pb.CHANNEL_TRANSIT, amount_fen=200) for i in range(n)]
             with tempfile.TemporaryDirectory() as tmp:
                 store = setup(tmp, args.holders, group_max)
                 secs = run(store, requests, args.inflight, per_command)
                 with store.read() as txn:  # every debit landed, exactly once
-                    a = ledger.account(store.book(txn), r.operator_account_key("op:transit"))
+                    a = store.book(txn).account(operator_account_key("op:transit"))
                     assert a.credits_posted == 200 * n, a
                 store.close()
             samples.append(n / secs)

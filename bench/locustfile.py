@@ -19,7 +19,11 @@ import grpc
 import grpc.experimental.gevent as grpc_gevent
 from locust import LoadTestShape, User, between, events, task
 
-from yikatong.v1 import yikatong_pb2 as pb, yikatong_pb2_grpc as rpc
+from yikatong.server.harness import metadata
+from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
+
+TOKENS = "bench"  # gen_data.py's clients.toml: bench-<role>
 
 grpc_gevent.init_gevent()  # after locust's gevent monkey-patching, before any gRPC object
 
@@ -79,7 +83,7 @@ class GrpcUser(User):
 
     def on_start(self):
         self.channel = grpc.insecure_channel(self.host)
-        self.md = (("authorization", "Bearer bench-" + self.role.lower().replace("_", "-")),)
+        self.md = metadata(self.role, TOKENS)
         self.authorization = rpc.AuthorizationStub(self.channel)
         self.status = rpc.CardStatusStub(self.channel)
         self.ledger = rpc.LedgerStub(self.channel)
@@ -149,7 +153,7 @@ class MedicalTerminal(GrpcUser):
         if post is not None and random.random() < 0.05:
             self.call("Ledger.Reverse settlement", self.ledger.Reverse,
                       pb.ReverseRequest(transfer_id=post.request_id, reversal_id=rid()),
-                      metadata=(("authorization", "Bearer bench-card-agency"),))
+                      metadata=metadata("CARD_AGENCY", TOKENS))
 
 
 class BankSwitch(GrpcUser):
@@ -178,8 +182,8 @@ class BenefitCounter(GrpcUser):
 
     @task
     def drawl(self):
-        self.authorize("Authorize BENEFIT drawl", card_number=card(0.01), channel=pb.CHANNEL_BENEFIT,
-                       amount_fen=random.randint(100, 2000))
+        self.authorize("Authorize BENEFIT drawl", card_number=card(0.01),
+                       channel=pb.CHANNEL_BENEFIT, amount_fen=random.randint(100, 2000))
 
 
 class Concentrator(GrpcUser):

@@ -9,11 +9,11 @@ import argparse
 import datetime
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
+
+from yikatong.server.harness import ServerProcess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -45,18 +45,11 @@ def machine() -> str:
 def locust(out_dir: str, seconds: int, users: int, holders: int) -> str:
     with tempfile.TemporaryDirectory() as data:
         run(out_dir, "gen_data", ["bench/gen_data.py", data, "--holders", str(holders)])
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            address = f"127.0.0.1:{s.getsockname()[1]}"
-        server = subprocess.Popen([sys.executable, "-m", "yikatong", "serve", "--data-dir", data,
-                                   "--clients", os.path.join(data, "clients.toml"), "--listen",
-                                   address], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        for line in server.stdout:
-            if line.startswith("yikatong: serving on"):
-                threading.Thread(target=server.stdout.read, daemon=True).start()
-                break
+        server = ServerProcess(data, "--clients", os.path.join(data, "clients.toml"),
+                               clients=False, data_dir=data)
         try:
-            args = ["-m", "locust", "-f", "bench/locustfile.py", "--headless", "--host", address,
+            args = ["-m", "locust", "-f", "bench/locustfile.py", "--headless", "--host",
+                    server.address,
                     "--users", str(users), "--spawn-rate", str(users), "--run-time",
                     f"{seconds}s", "--step-load", "--cards-dir", data, "--csv",
                     os.path.join(out_dir, "locust"), "--html",
@@ -66,12 +59,12 @@ def locust(out_dir: str, seconds: int, users: int, holders: int) -> str:
             done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True,
                                   text=True)
         finally:
-            server.terminate()
-            server.wait()
+            server.stop()
     with open(os.path.join(out_dir, "locust.txt"), "w") as f:
         f.write(done.stdout + done.stderr)
     if done.returncode != 0:
-        raise SystemExit(f"locust failed its thresholds:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        raise SystemExit("locust failed its thresholds:\n"
+                         f"{done.stdout[-3000:]}{done.stderr[-3000:]}")
     import csv
     with open(os.path.join(out_dir, "locust_stats.csv")) as f:
         rows = list(csv.DictReader(f))

@@ -11,7 +11,6 @@ import asyncio
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,13 +20,16 @@ import time
 
 import grpc
 
-from yikatong.v1 import yikatong_pb2 as pb, yikatong_pb2_grpc as rpc
+from yikatong.server.harness import ServerProcess, card_numbers, free_address, metadata
+from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MD = (("authorization", "Bearer demo-bank-switch"),)
+MD = metadata("BANK_SWITCH", "demo")
 
 
 def start(args: list[str], ready: str) -> subprocess.Popen:
+    """The bare echo server (not ours: the harness is for Yikatong servers)."""
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
@@ -35,22 +37,6 @@ def start(args: list[str], ready: str) -> subprocess.Popen:
             threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc
     raise RuntimeError(f"{args} did not start")
-
-
-def free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
-def card_numbers(data_dir: str) -> list[str]:
-    import lmdb
-    env = lmdb.open(os.path.join(data_dir, "lmdb"), readonly=True, max_dbs=16, lock=True)
-    with env.begin() as txn:
-        db = env.open_db(b"cards", txn=txn, create=False)
-        numbers = [bytes(k).decode() for k in txn.cursor(db=db).iternext(values=False)]
-    env.close()
-    return numbers
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -126,13 +112,13 @@ def main() -> int:
     p.add_argument("--per-message", type=int, default=100)
     p.add_argument("--depth", type=int, default=4, help="messages in flight per stream")
     args = p.parse_args()
-    ours, echo = free_address(), free_address()
+    echo = free_address()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [start(["-m", "yikatong", "serve", "--demo", "--data-dir", tmp, "--listen", ours],
-                       "yikatong: serving on"),
-                 start(["bench/echo_server.py", echo], "echo: serving on")]
+        server = ServerProcess(tmp, "--demo", clients=False)
+        ours = server.address
+        procs = [start(["bench/echo_server.py", echo], "echo: serving on")]
         try:
-            cards = card_numbers(tmp)
+            cards = card_numbers(server.data_dir)
             u, e, st = [], [], []
             for _ in range(args.repeat):  # interleaved, so drift hits all three alike
                 u.append(asyncio.run(unary(ours, cards, args.seconds, args.concurrency)))
@@ -140,6 +126,7 @@ def main() -> int:
                 st.append(asyncio.run(stream(ours, cards, args.seconds, args.streams,
                                              args.per_message, args.depth)))
         finally:
+            server.stop()
             for proc in procs:
                 proc.terminate()
                 proc.wait()

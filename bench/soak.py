@@ -16,10 +16,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import lmdb
+
+from yikatong.server.harness import ServerProcess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -49,18 +50,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as data:
         subprocess.run([sys.executable, "bench/gen_data.py", data, "--holders",
                         str(args.holders)], cwd=ROOT, check=True)
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            address = f"127.0.0.1:{s.getsockname()[1]}"
-        server = subprocess.Popen([sys.executable, "-m", "yikatong", "serve", "--data-dir", data,
-                                   "--clients", os.path.join(data, "clients.toml"),
-                                   "--listen", address], cwd=ROOT, stdout=subprocess.PIPE,
-                                  text=True)
-        for line in server.stdout:
-            if line.startswith("yikatong: serving on"):
-                threading.Thread(target=server.stdout.read, daemon=True).start()
-                break
+        server = ServerProcess(data, "--clients", os.path.join(data, "clients.toml"),
+                               clients=False, data_dir=data)
+        address = server.address
         seconds = int(args.minutes * 60)
         locust = subprocess.Popen(
             [sys.executable, "-m", "locust", "-f", "bench/locustfile.py", "--headless", "--host",
@@ -69,11 +61,10 @@ def main() -> int:
              "--only-summary", "--max-failure-ratio", "0"], cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(args.warmup_seconds)
-        start = sample(server.pid, data)
+        start = sample(server.proc.pid, data)
         locust_rc = locust.wait()
-        end = sample(server.pid, data)
-        server.terminate()
-        server_rc = server.wait()
+        end = sample(server.proc.pid, data)
+        server_rc = server.stop()
         with open(os.path.join(data, "soak_stats.csv")) as f:
             total = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
     requests, failures = int(total["Request Count"]), int(total["Failure Count"])

@@ -22,16 +22,23 @@ import os
 import random
 import shutil
 import sqlite3
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-from yikatong.storage import records as r
-from yikatong.storage.lmdb_store import Store
-from yikatong.storage.records import CardRecord
 from yikatong import ledger
+from yikatong.model import (
+    AccountKind,
+    Card,
+    Pack,
+    State,
+    holder_account_key,
+    operator_account_key,
+)
+from yikatong.storage import records
+from yikatong.storage.lmdb_store import Store
 
 NOW = 1_790_000_000
 PER_COMMIT = 100
@@ -39,15 +46,15 @@ PER_COMMIT = 100
 
 def lmdb_setup(path: str, n: int) -> Store:
     store = Store(path, map_size=4 * 1024**3)
-    topup = r.operator_account_key("op:topup")
+    topup = operator_account_key("op:topup")
 
     def fill(start, stop):
         def command(book):
             for h in range(start, stop):
-                book.txn.put(f"31{h:010d}".encode(), CardRecord(
-                    f"31{h:010d}", r.PACK_SH, r.ACTIVE, flags=1, holder_id=h).encode(),
+                book.txn.put(f"31{h:010d}".encode(), records.encode_card(Card(
+                    f"31{h:010d}", Pack.SH, State.ACTIVE, flags=1, holder_id=h)),
                     db=book.dbs.cards)
-            ledger.open_balances(book, topup, [(r.holder_account_key(h, r.KIND_TRANSIT), 10**9)
+            ledger.open_balances(book, topup, [(holder_account_key(h, AccountKind.TRANSIT), 10**9)
                                                for h in range(start, stop)])
         return command
     for start in range(1, n + 1, 50_000):
@@ -60,15 +67,15 @@ def sqlite_setup(path: str, n: int) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("CREATE TABLE cards (number TEXT PRIMARY KEY, pack INT, state INT, flags INT, "
-               "holder_id INT, temp_loss_at INT, valid_until INT) WITHOUT ROWID")
+               "holder_id INT, temp_loss_until INT, valid_until INT) WITHOUT ROWID")
     db.execute("CREATE TABLE accounts (key BLOB PRIMARY KEY, debits INT, credits INT)")
     db.execute("CREATE TABLE transfers (id TEXT PRIMARY KEY, debit BLOB, credit BLOB, amount INT)")
     db.execute("BEGIN")
     db.executemany("INSERT INTO cards VALUES (?, 1, 5, 1, ?, 0, 0)",
                    ((f"31{h:010d}", h) for h in range(1, n + 1)))
     db.executemany("INSERT INTO accounts VALUES (?, 0, 1000000000)",
-                   ((r.holder_account_key(h, r.KIND_TRANSIT),) for h in range(1, n + 1)))
-    db.execute("INSERT INTO accounts VALUES (?, 0, 0)", (r.operator_account_key("op:metro"),))
+                   ((holder_account_key(h, AccountKind.TRANSIT),) for h in range(1, n + 1)))
+    db.execute("INSERT INTO accounts VALUES (?, 0, 0)", (operator_account_key("op:metro"),))
     db.execute("COMMIT")
     return db
 
@@ -117,7 +124,7 @@ def postgres(tmp: str):
 
 def pg_setup(conn, n: int) -> None:
     conn.execute("CREATE TABLE cards (number TEXT PRIMARY KEY, pack INT, state INT, flags INT, "
-                 "holder_id BIGINT, temp_loss_at BIGINT, valid_until BIGINT)")
+                 "holder_id BIGINT, temp_loss_until BIGINT, valid_until BIGINT)")
     conn.execute("CREATE TABLE accounts (key BYTEA PRIMARY KEY, debits BIGINT, credits BIGINT)")
     conn.execute("CREATE TABLE transfers (id TEXT PRIMARY KEY, debit BYTEA, credit BYTEA, "
                  "amount BIGINT)")
@@ -127,8 +134,8 @@ def pg_setup(conn, n: int) -> None:
                 copy.write_row((f"31{h:010d}", 1, 5, 1, h, 0, 0))
         with cur.copy("COPY accounts FROM STDIN") as copy:
             for h in range(1, n + 1):
-                copy.write_row((r.holder_account_key(h, r.KIND_TRANSIT), 0, 10**9))
-            copy.write_row((r.operator_account_key("op:metro"), 0, 0))
+                copy.write_row((holder_account_key(h, AccountKind.TRANSIT), 0, 10**9))
+            copy.write_row((operator_account_key("op:metro"), 0, 0))
     conn.execute("ANALYZE")
 
 
@@ -149,7 +156,7 @@ def main() -> int:
     rng = random.Random(5)
     numbers = [f"31{rng.randint(1, args.cards):010d}" for _ in range(args.lookups)]
     holders = [rng.randint(1, args.cards) for _ in range(args.debits)]
-    metro = r.operator_account_key("op:metro")
+    metro = operator_account_key("op:metro")
     rates = {}
     with tempfile.TemporaryDirectory() as tmp:
         store = lmdb_setup(os.path.join(tmp, "lmdb"), args.cards)
@@ -166,9 +173,9 @@ def main() -> int:
             for i in range(0, len(numbers), PER_COMMIT):
                 db.execute("BEGIN")
                 for n in numbers[i:i + PER_COMMIT]:
-                    row = db.execute("SELECT pack, state, flags, holder_id, temp_loss_at, "
+                    row = db.execute("SELECT pack, state, flags, holder_id, temp_loss_until, "
                                      "valid_until FROM cards WHERE number = ?", (n,)).fetchone()
-                    CardRecord(n, row[0], row[1], row[2], holder_id=row[3], temp_loss_at=row[4],
+                    Card(n, row[0], row[1], row[2], holder_id=row[3], temp_loss_until=row[4],
                                valid_until=row[5])
                 db.execute("COMMIT")
 
@@ -181,7 +188,7 @@ def main() -> int:
                 def command(book, chunk=holders[i:i + PER_COMMIT], base=i):
                     for j, h in enumerate(chunk):
                         ledger.create(book, NOW, f"d{run[0]}-{base + j}",
-                                      r.holder_account_key(h, r.KIND_TRANSIT), metro, 200)
+                                      holder_account_key(h, AccountKind.TRANSIT), metro, 200)
                 futures.append(store.submit(command))
             for f in futures:
                 f.result()
@@ -191,7 +198,7 @@ def main() -> int:
             for i in range(0, len(holders), PER_COMMIT):
                 db.execute("BEGIN")
                 for j, h in enumerate(holders[i:i + PER_COMMIT]):
-                    key = r.holder_account_key(h, r.KIND_TRANSIT)
+                    key = holder_account_key(h, AccountKind.TRANSIT)
                     debits, credits = db.execute("SELECT debits, credits FROM accounts WHERE key "
                                                  "= ?", (key,)).fetchone()
                     assert credits - debits >= 200
@@ -216,17 +223,17 @@ def main() -> int:
                         with pg.transaction(), pg.cursor() as cur:
                             for n in numbers[i:i + PER_COMMIT]:
                                 row = cur.execute(
-                                    "SELECT pack, state, flags, holder_id, temp_loss_at, "
+                                    "SELECT pack, state, flags, holder_id, temp_loss_until, "
                                     "valid_until FROM cards WHERE number = %s", (n,)).fetchone()
-                                CardRecord(n, row[0], row[1], row[2], holder_id=row[3],
-                                           temp_loss_at=row[4], valid_until=row[5])
+                                Card(n, row[0], row[1], row[2], holder_id=row[3],
+                                           temp_loss_until=row[4], valid_until=row[5])
 
                 def pg_debits():
                     run[0] += 1
                     for i in range(0, len(holders), PER_COMMIT):
                         with pg.transaction(), pg.cursor() as cur:
                             for j, h in enumerate(holders[i:i + PER_COMMIT]):
-                                key = r.holder_account_key(h, r.KIND_TRANSIT)
+                                key = holder_account_key(h, AccountKind.TRANSIT)
                                 debits, credits = cur.execute(
                                     "SELECT debits, credits FROM accounts WHERE key = %s "
                                     "FOR UPDATE", (key,)).fetchone()

@@ -15,6 +15,7 @@ from yikatong.model import (
     ReplaceReason,
     Role,
 )
+from yikatong.server.harness import token
 
 HOLDERS = 10_000
 CHUNK = 1_000  # holders per write transaction
@@ -34,7 +35,7 @@ _TARGETS = (("APPLIED", 3), ("VERIFIED", 2), ("REJECTED", 1), ("ISSUED", 4), ("A
 
 def token_for(role: str) -> str:
     """Demo tokens are guessable on purpose: for trying the server, never for production."""
-    return "demo-" + role.lower().replace("_", "-")
+    return token(role, "demo")
 
 
 def add_demo_clients(clients) -> None:

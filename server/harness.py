@@ -19,7 +19,8 @@ READY = "yikatong: serving on"
 
 
 def token(role: str, prefix: str = "test-token") -> str:
-    return f"{prefix}-{role.lower()}"
+    """The token of a role's client in a clients file written here: `<prefix>-transit-gate`."""
+    return f"{prefix}-{role.lower().replace('_', '-')}"
 
 
 def metadata(role: str, prefix: str = "test-token") -> tuple[tuple[str, str], ...]:
@@ -89,10 +90,14 @@ class ServerProcess:
             return f.read()
 
     def kill(self) -> None:
-        """SIGKILL, as a crash would."""
+        """SIGKILL, as a crash would. The channel stays open for clients still using it;
+        `close()` it once they have stopped."""
         self.proc.kill()
         self.proc.wait()
         self._log.close()
+
+    def close(self) -> None:
+        self.channel.close()
 
     def stop(self, sig_timeout: float = 15) -> int:
         if getattr(self, "channel", None) is not None:
