@@ -33,6 +33,7 @@ from yikatong.model import (
     operator_account_key,
 )
 from yikatong.server import calls, validate
+from yikatong.server import log as log_module
 from yikatong.server.clients import Client, Clients
 from yikatong.server.errors import with_prefix
 from yikatong.server.roles import require_channel
@@ -523,6 +524,7 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
         raise OSError(f"cannot listen on {listen}: {error}") from None
     await server.start()
     loop = asyncio.get_running_loop()
+    log_module.access.start(loop)
     await _set_health(health_servicer, store.healthy)
     # The writer reports from its own thread when it dies or its periodic jobs keep failing:
     # health follows at once (NOT_SERVING), and back to SERVING if a job recovers.
@@ -539,3 +541,4 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     store.on_health = None
     await health_servicer.enter_graceful_shutdown()
     await server.stop(SHUTDOWN_GRACE_SECONDS)
+    log_module.access.stop()

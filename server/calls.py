@@ -26,7 +26,6 @@ from yikatong.server.errors import Undecodable
 from yikatong.server.log import access
 
 log = logging.getLogger("yikatong.server")
-_INFO = logging.INFO
 _HANDLER = {(False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,
             (True, False): grpc.stream_unary_rpc_method_handler,
@@ -133,8 +132,6 @@ def _refusal(name: str, error: Exception) -> tuple[grpc.StatusCode, str, tuple]:
 
 
 def _log(name: str, client, code, started: float) -> None:
-    if access.isEnabledFor(_INFO):
-        access.info("call", extra={"fields": {
-            "method": name, "client": client.id if client else "",
-            "role": client.role.name if client else "", "code": code or "CANCELLED",
-            "ms": round((time.perf_counter() - started) * 1000, 3)}})
+    if access.enabled:
+        access.call(name, client.id if client else "", client.role.name if client else "",
+                    code or "CANCELLED", (time.perf_counter() - started) * 1000)
