@@ -308,8 +308,8 @@ class Book:
     def put_card(self, card: Card, now: int) -> None:
         self.txn.put(card.card_number.encode("ascii"), records.encode_card(card),
                      db=self.dbs.cards)
-        self.append_change(Change(ChangeKind.CARD, now, card.card_number, card.holder_id,
-                                  card.state, card.flags, card.lock_mask))
+        self.append_change(ChangeKind.CARD, now, card.card_number, card.holder_id, card.state,
+                           card.flags, card.lock_mask)
 
     # A card's texts, kept beside the hot record: "note" (why it was rejected or cancelled),
     # "ground" (CancelGround name), "organ" (RC-7: the organ that issued a Residence Card).
@@ -329,9 +329,13 @@ class Book:
         return self.txn.stat(self.dbs.cards)["entries"]
 
     # ---- change log
-    def append_change(self, change: Change) -> int:
-        """Every change of a card or an account, in one global sequence (SPEC.md section 1)."""
-        value = records.encode_change(change)
+    def append_change(self, kind: int, time: int, card_number: str, holder_id: int,
+                      state: int = 0, flags: int = 0, lock_mask: int = 0, transfer_id: str = "",
+                      amount: int = 0) -> int:
+        """Every change of a card or an account, in one global sequence (SPEC.md section 1);
+        the fields of a model.Change."""
+        value = records.encode_change(kind, time, card_number, holder_id, state, flags,
+                                      lock_mask, transfer_id, amount)
         self.dbs.change_seq = seq = self.dbs.change_seq + 1
         self.txn.put(_U64.pack(seq), value, db=self.dbs.changes, append=True)
         return seq

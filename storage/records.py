@@ -57,8 +57,14 @@ assert config.card_number_length_max <= CARD_NUMBER_BYTES
 # Offsets read in place (the fast path reads its own, kept in step by the differential tests).
 OFF_VERSION, OFF_PACK, OFF_STATE, OFF_HOLDER_ID = 0, 1, 2, 24
 _PACKS, _STATES = (min(Pack), max(Pack)), (min(State), max(State))
-_U8, _U16 = 0xFF, 0xFFFF
-_I64 = (-(2**63), 2**63 - 1)
+
+
+def _pack(layout: struct.Struct, what: str, *values) -> bytes:
+    """struct refuses an integer out of its field's range (B, H, q, Q); say which record."""
+    try:
+        return layout.pack(*values)
+    except struct.error as e:
+        raise InvalidRecord(f"{what} record: {e}") from None
 
 
 def _fixed(field: str, text: str, width: int, encoding: str) -> bytes:
@@ -89,12 +95,10 @@ def _text(field: str, raw: bytes, encoding: str) -> str:
 # ---------------------------------------------------------------------------- cards
 
 def encode_card(card: Card) -> bytes:
-    return LAYOUT.pack(
-        VERSION, _ranged("pack", card.pack, *_PACKS), _ranged("state", card.state, *_STATES),
-        _ranged("flags", card.flags, 0, _U8), _ranged("generation", card.generation, 0, _U8),
-        _ranged("lock_mask", card.lock_mask, 0, _U8), _ranged("points", card.points, 0, _U16),
-        card.temp_loss_until, card.valid_until,
-        _ranged("holder_id", card.holder_id, 0, 2**64 - 1),
+    return _pack(
+        LAYOUT, "card", VERSION, _ranged("pack", card.pack, *_PACKS),
+        _ranged("state", card.state, *_STATES), card.flags, card.generation, card.lock_mask,
+        card.points, card.temp_loss_until, card.valid_until, card.holder_id,
         card.applied_at, card.issued_at, card.loss_reported_at, card.received_at,
         _fixed("replaced_by", card.replaced_by, CARD_NUMBER_BYTES, "ascii"),
         _fixed("replaces", card.replaces, CARD_NUMBER_BYTES, "ascii"),
@@ -194,14 +198,16 @@ def decode_holder(ssn: str, value) -> tuple[int, HolderInfo]:
 # Value: version, then pending and posted sums in integer fen (TigerBeetle's four balances).
 # version, debits_pending, debits_posted, credits_pending, credits_posted
 ACCOUNT = struct.Struct("<Bqqqq")
+_ACCOUNT_PACK = ACCOUNT.pack
 _U64 = struct.Struct(">Q")
 
 
 def encode_account(a: Account) -> bytes:
-    for name in ("debits_pending", "debits_posted", "credits_pending", "credits_posted"):
-        _ranged(name, getattr(a, name), *_I64)
-    return ACCOUNT.pack(VERSION, a.debits_pending, a.debits_posted, a.credits_pending,
-                        a.credits_posted)
+    try:
+        return _ACCOUNT_PACK(VERSION, a.debits_pending, a.debits_posted, a.credits_pending,
+                             a.credits_posted)
+    except struct.error as e:  # beyond int64: struct refuses it
+        raise InvalidRecord(f"account record: {e}") from None
 
 
 def decode_account(value) -> Account:
@@ -219,18 +225,21 @@ _STATUSES = (min(TransferStatus), max(TransferStatus))
 
 
 def encode_transfer(t: Transfer) -> bytes:
-    if len(t.fingerprint) != 32:
-        raise InvalidRecord(f"fingerprint is {len(t.fingerprint)} bytes, expected 32")
-    for field, key in (("debit", t.debit), ("credit", t.credit)):
-        if not 0 < len(key) <= ACCOUNT_KEY_BYTES_MAX or key.endswith(b"\0"):
-            raise InvalidRecord(f"{field} account key is {len(key)} bytes; the field holds "
-                                f"{ACCOUNT_KEY_BYTES_MAX}")
-    return TRANSFER.pack(
-        VERSION, _ranged("kind", t.kind, *_KINDS), _ranged("status", t.status, *_STATUSES),
-        _ranged("channel", t.channel, 0, _U8), _ranged("role", t.role, 0, _U8),
-        _ranged("amount", t.amount, 0, config.amount_fen_max), t.created_at, t.timeout_at,
-        _ranged("resolved", t.resolved, 0, config.amount_fen_max), t.debit, t.credit,
-        _fixed("ref_id", t.ref_id, config.request_id_bytes_max, "utf-8"), t.fingerprint)
+    # one combined test on the way to disk; the detail only when it fails
+    if not (_KINDS[0] <= t.kind <= _KINDS[1] and _STATUSES[0] <= t.status <= _STATUSES[1]
+            and 0 <= t.amount <= config.amount_fen_max
+            and 0 <= t.resolved <= config.amount_fen_max and len(t.fingerprint) == 32
+            and 0 < len(t.debit) <= ACCOUNT_KEY_BYTES_MAX and not t.debit.endswith(b"\0")
+            and 0 < len(t.credit) <= ACCOUNT_KEY_BYTES_MAX and not t.credit.endswith(b"\0")):
+        raise InvalidRecord(f"transfer record out of its layout: kind {t.kind}, status "
+                            f"{t.status}, amount {t.amount}, resolved {t.resolved}, fingerprint "
+                            f"{len(t.fingerprint)} bytes, account keys {len(t.debit)} and "
+                            f"{len(t.credit)} bytes (at most {ACCOUNT_KEY_BYTES_MAX})")
+    return _pack(
+        TRANSFER, "transfer", VERSION, t.kind, t.status, t.channel, t.role, t.amount,
+        t.created_at, t.timeout_at, t.resolved, t.debit, t.credit,
+        _fixed("ref_id", t.ref_id, config.request_id_bytes_max, "utf-8") if t.ref_id else b"",
+        t.fingerprint)
 
 
 def decode_transfer(value) -> Transfer:
@@ -249,16 +258,28 @@ def decode_transfer(value) -> Transfer:
 
 # version kind state flags lock_mask time holder_id amount card_number transfer_id
 CHANGE = struct.Struct("<BBBBBqQq20s64s")
+_CHANGE_PACK = CHANGE.pack
 CHANGE_VERSION = 1
 
 
-def encode_change(c: Change) -> bytes:
-    return CHANGE.pack(
-        CHANGE_VERSION, _ranged("kind", c.kind, 1, 2), _ranged("state", c.state, 0, _STATES[1]),
-        _ranged("flags", c.flags, 0, _U8), _ranged("lock_mask", c.lock_mask, 0, _U8), c.time,
-        _ranged("holder_id", c.holder_id, 0, 2**64 - 1), c.amount,
-        _fixed("card_number", c.card_number, CARD_NUMBER_BYTES, "ascii"),
-        _fixed("transfer_id", c.transfer_id, config.request_id_bytes_max, "utf-8"))
+def encode_change(kind: int, time: int, card_number: str, holder_id: int, state: int = 0,
+                  flags: int = 0, lock_mask: int = 0, transfer_id: str = "",
+                  amount: int = 0) -> bytes:
+    """A model.Change's fields, encoded (no object is made: one is written per movement)."""
+    try:
+        card, tid = card_number.encode("ascii"), transfer_id.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRecord(f"change record: {e}") from None
+    if not (1 <= kind <= 2 and 0 <= state <= _STATES[1] and len(card) <= CARD_NUMBER_BYTES
+            and len(tid) <= config.request_id_bytes_max and b"\0" not in card
+            and b"\0" not in tid):
+        raise InvalidRecord(f"change record of kind {kind}, state {state}, card number "
+                            f"{len(card)} bytes, transfer id {len(tid)} bytes")
+    try:
+        return _CHANGE_PACK(CHANGE_VERSION, kind, state, flags, lock_mask, time, holder_id,
+                            amount, card, tid)
+    except struct.error as e:
+        raise InvalidRecord(f"change record: {e}") from None
 
 
 def decode_change(value) -> Change:

@@ -13,7 +13,7 @@ from yikatong.model import Card, Channel, Flag, Pack, State
 from yikatong.storage import records as r
 from yikatong.v1 import yikatong_pb2 as pb
 
-NOW = 1_790_000_000  # 2026-09-22
+NOW = 1_790_000_000  # 2026-09-21 22:13:20 in Shanghai
 UNTIL = clocks.end_of_days(NOW, config.temp_loss_valid_days)  # SH-18b, stored at the report
 
 

@@ -30,7 +30,7 @@ def with_money(policy, book, now: int, *, request_id: str, card_number: str, cha
                role: int, fingerprint: bytes) -> tuple[int, int]:
     """One decision that moves money, inside the writer's transaction. Returns (reason,
     fen available afterwards in the debited account, 0 where the card has none)."""
-    kind, default_payee, default_timeout = config.channel_money[Channel(channel)]
+    kind, default_payee, default_timeout = config.channel_money[channel]
     record, holder_id = book.card_with_holder(card_number)
     debit = holder_account_key(holder_id, kind) if holder_id is not None else None
     if phase in (Phase.POST, Phase.VOID):

@@ -16,7 +16,6 @@ on the same purse.
 from yikatong import config
 from yikatong.errors import TransferNotFound, TransferRefused
 from yikatong.model import (
-    Change,
     ChangeKind,
     Transfer,
     TransferKind,
@@ -26,6 +25,9 @@ from yikatong.model import (
 )
 
 _ZERO_FP = b"\0" * 32
+# Plain names for the members the money path uses on every movement.
+_SINGLE, _POSTED = TransferKind.SINGLE, TransferStatus.POSTED
+_TRANSFER = ChangeKind.TRANSFER
 
 
 # ------------------------------------------------------------------ accounts
@@ -116,8 +118,7 @@ def _put(book, now: int, transfer_id: str, t: Transfer, card_number: str, *,
     if not book.put_transfer(transfer_id, t, new=new):
         raise TransferRefused("EXISTS", f"transfer {transfer_id!r} already exists")
     holder = holder_of_account(t.debit) or holder_of_account(t.credit)
-    book.append_change(Change(ChangeKind.TRANSFER, now, card_number, holder,
-                              transfer_id=transfer_id, amount=t.amount))
+    book.append_change(_TRANSFER, now, card_number, holder, 0, 0, 0, transfer_id, t.amount)
 
 
 def settle(book, key: bytes, now: int) -> int:
@@ -157,8 +158,8 @@ def create(book, now: int, transfer_id: str, debit: bytes, credit: bytes, amount
         _move(book, debit, credit, amount, 0)
         book.add_hold(transfer_id, t)
     else:
-        t = Transfer(TransferKind.SINGLE, TransferStatus.POSTED, amount, debit, credit, "",
-                     fingerprint, now, channel=channel, role=role)
+        t = Transfer(_SINGLE, _POSTED, amount, debit, credit, "", fingerprint, now,
+                     channel=channel, role=role)
         _move(book, debit, credit, 0, amount)
     _put(book, now, transfer_id, t, card_number, new=True)
     return t

@@ -1,0 +1,374 @@
+"""The answers the law does not allow, put right, each through the gRPC method its caller uses
+and at the rule's edges (STYLE.md section 9): the roles the article names and one it does
+not, the last second of a period and the first after it. The articles' own words are quoted.
+"""
+import uuid
+
+import grpc
+import pytest
+
+from test_calls import error_info
+from test_e2e import ssn
+from test_money_e2e import error_of
+from yikatong import clock as clocks
+from yikatong.server.harness import running
+from yikatong.v1 import yikatong_pb2 as pb
+
+START = "2026-09-21T15:00:00+08:00"
+ORGAN = "上海市公安局黄浦分局"
+OUTLET = {pb.PACK_SH: "COMMUNITY_OUTLET", pb.PACK_GZ: "BANK_OUTLET", pb.PACK_BJ: "BANK_OUTLET",
+          pb.PACK_RC: "COMMUNITY_OUTLET"}
+REGION = {pb.PACK_SH: "310101", pb.PACK_GZ: "440103", pb.PACK_BJ: "110101",
+          pb.PACK_RC: "420102"}
+PACKS = {"31": pb.PACK_SH, "44": pb.PACK_GZ, "11": pb.PACK_BJ, "90": pb.PACK_RC}
+
+
+@pytest.fixture
+def srv(tmp_path):
+    with running(tmp_path, "--clock", "manual", "--clock-start", START) as s:
+        yield s
+
+
+def rid() -> str:
+    return uuid.uuid4().hex
+
+
+def holder(n: int, pack: int, **kw) -> pb.Holder:
+    fields = dict(ssn=ssn(n, REGION[pack]), name="李娜", gender="F", birth_date="1985-03-15",
+                  phone="13900000000", occupation="nurse", household_registered=True,
+                  insured=True, entitled_public_services=True)
+    if pack == pb.PACK_RC:
+        fields.update(household_address="湖北省武汉市江汉区", residence_address="上海市黄浦区")
+    fields.update(kw)
+    return pb.Holder(**fields)
+
+
+def apply(srv, n, pack=pb.PACK_SH, role=None, **kw):
+    fields = dict(request_id=rid(), pack=pack, holder=holder(n, pack),
+                  with_transit=pack != pb.PACK_RC, service_bank="" if pack == pb.PACK_RC else "ICBC")
+    if pack == pb.PACK_RC:
+        fields.update(residence_registered_since="2020-01-01",
+                      residence_basis=pb.RESIDENCE_BASIS_EMPLOYMENT)
+    fields.update(kw)
+    return srv.lifecycle.Apply(pb.ApplyRequest(**fields), metadata=srv.md(role or OUTLET[pack]))
+
+
+def call(srv, method, role, **fields):
+    if method != "GetCard":
+        fields["request_id"] = rid()
+    request = getattr(pb, method + "Request")(**fields)
+    return getattr(srv.lifecycle, method)(request, metadata=srv.md(role))
+
+
+def refused(srv, method, role, **fields) -> grpc.RpcError:
+    return error_of(call, srv, method, role, **fields)
+
+
+def issued(srv, n, pack=pb.PACK_SH) -> str:
+    card = apply(srv, n, pack).card_number
+    call(srv, "Verify", "CARD_AGENCY", card_number=card, approved=True)
+    call(srv, "Issue", "CARD_AGENCY", card_number=card,
+         issuing_organ=ORGAN if pack == pb.PACK_RC else "")
+    return card
+
+
+def active(srv, n, pack=pb.PACK_SH) -> str:
+    card = issued(srv, n, pack)
+    if pack != pb.PACK_RC:  # RC: in force once issued
+        call(srv, "Activate", OUTLET[pack], card_number=card)
+    return card
+
+
+def reason(srv, card, channel=pb.CHANNEL_MEDICAL) -> str:
+    role = {pb.CHANNEL_MEDICAL: "MEDICAL_TERMINAL", pb.CHANNEL_FINANCIAL: "BANK_SWITCH",
+            pb.CHANNEL_SERVICE: "COMMUNITY_OUTLET"}[channel]
+    answer = srv.authorization.Authorize(pb.AuthorizeRequest(
+        request_id=rid(), card_number=card, channel=channel), metadata=srv.md(role))
+    return pb.DeclineReason.Name(answer.reason).removeprefix("DECLINE_REASON_")
+
+
+def set_clock(srv, text: str):
+    return srv.admin.SetClock(pb.SetClockRequest(time=text), metadata=srv.md("ADMIN"))
+
+
+# ---------------------------------------------------------------- service bank
+
+def test_sh_22_open_financial_with_another_bank_is_a_reapplication(srv):
+    """SH-22(4) "更换服务银行的" requires re-application; SH-14 opens the financial function
+    with the service bank chosen. GZ-24(3): a change of issuing bank is a renewal."""
+    for n, pack, rule in ((1, pb.PACK_SH, "SH-22"), (2, pb.PACK_GZ, "GZ-24")):
+        card = active(srv, n, pack)
+        other = refused(srv, "OpenFinancial", "BANK_OUTLET", card_number=card, bank="BOC")
+        assert other.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_info(other).reason == rule and "re-application" in other.details()
+        opened = call(srv, "OpenFinancial", "BANK_OUTLET", card_number=card, bank="ICBC")
+        assert opened.financial_open and opened.service_bank == "ICBC"
+        # the new bank comes with a new card
+        new = call(srv, "Replace", OUTLET[pack], card_number=card,
+                   reason=pb.REPLACE_REASON_INFO_CHANGED, service_bank="BOC")
+        assert new.service_bank == "BOC" and not new.financial_open
+
+
+def test_sh_11_a_reapplication_goes_through_verification_again(srv):
+    """SH-11/SH-23a as corrected: the 15-day clock is for replacement and renewal; a
+    re-application (SH-22) goes through SH-10 and SH-11 again."""
+    card = active(srv, 3)
+    new = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=card,
+               reason=pb.REPLACE_REASON_INFO_CHANGED)
+    assert new.state == pb.CARD_STATE_APPLIED
+    renewal = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=active(srv, 4),
+                   reason=pb.REPLACE_REASON_DAMAGED)
+    assert renewal.state == pb.CARD_STATE_VERIFIED
+    gz = call(srv, "Replace", "BANK_OUTLET", card_number=active(srv, 5, pb.PACK_GZ),
+              reason=pb.REPLACE_REASON_INFO_CHANGED)
+    assert gz.state == pb.CARD_STATE_VERIFIED  # GZ-25: issued within 12 working days
+
+
+# ---------------------------------------------------------------- cancellation
+
+def test_gz_26_death_stops_every_card_of_the_holder_in_the_pack(srv):
+    """GZ-26: "household registration is canceled ... due to death ... the social security
+    card application agency shall stop the use of his/her social security card"."""
+    card = active(srv, 6, pb.PACK_GZ)
+    call(srv, "ReportLoss", "BANK_OUTLET", card_number=card)
+    new = call(srv, "Replace", "BANK_OUTLET", card_number=card, reason=pb.REPLACE_REASON_LOST)
+    call(srv, "Cancel", "PUBLIC_SECURITY", card_number=new.card_number, reason="死亡注销户口",
+         ground=pb.CANCEL_GROUND_DEATH)
+    assert reason(srv, card) == reason(srv, new.card_number) == "CARD_CANCELLED"
+    assert call(srv, "GetCard", "CARD_AGENCY", card_number=card).cancel_ground == \
+        pb.CANCEL_GROUND_DEATH
+    sh = active(srv, 7)  # an active card, with a renewal in the making
+    renewal = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=sh,
+                   reason=pb.REPLACE_REASON_DAMAGED)
+    call(srv, "Cancel", "HRSS", card_number=sh, reason="no longer insured",
+         ground=pb.CANCEL_GROUND_ENTITLEMENT_ENDED)
+    assert reason(srv, sh) == reason(srv, renewal.card_number) == "CARD_CANCELLED"
+
+
+def test_gz_26_a_withdrawn_replacement_leaves_the_holder_able_to_replace_again(srv):
+    """Cancelling only the replacement application: the original is not stuck for ever."""
+    card = active(srv, 8, pb.PACK_GZ)
+    call(srv, "ReportLoss", "BANK_OUTLET", card_number=card)
+    new = call(srv, "Replace", "BANK_OUTLET", card_number=card, reason=pb.REPLACE_REASON_LOST)
+    issued_one = refused(srv, "Cancel", "CARD_AGENCY", card_number=card, reason="x",
+                         ground=pb.CANCEL_GROUND_APPLICATION_WITHDRAWN)  # LOST: issued
+    assert issued_one.code() == grpc.StatusCode.FAILED_PRECONDITION
+    call(srv, "Cancel", "CARD_AGENCY", card_number=new.card_number, reason="holder withdrew",
+         ground=pb.CANCEL_GROUND_APPLICATION_WITHDRAWN)
+    original = call(srv, "GetCard", "CARD_AGENCY", card_number=card)
+    assert original.state == pb.CARD_STATE_LOST and not original.replacement_applied
+    # GZ-22 deregistration is open again (no replacement stands), and so is a new replacement
+    assert call(srv, "CancelLoss", "BANK_OUTLET", card_number=card).state == \
+        pb.CARD_STATE_ACTIVE
+    assert reason(srv, card) == "UNSPECIFIED"
+    # a first application withdrawn: the holder may apply again
+    first = apply(srv, 9)
+    call(srv, "Cancel", "CARD_AGENCY", card_number=first.card_number, reason="withdrawn",
+         ground=pb.CANCEL_GROUND_APPLICATION_WITHDRAWN)
+    assert apply(srv, 9).state == pb.CARD_STATE_APPLIED
+
+
+def test_gz_26_a_move_of_household_registration_alone_is_no_ground(srv):
+    card = active(srv, 10, pb.PACK_GZ)
+    for ground in (pb.CANCEL_GROUND_UNSPECIFIED, pb.CANCEL_GROUND_PERMANENT_RESIDENCY):
+        e = refused(srv, "Cancel", "CARD_AGENCY", card_number=card, reason="户口迁出",
+                    ground=ground)
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith("ground:")
+    assert reason(srv, card) == "UNSPECIFIED"
+
+
+def test_rc_16_residence_card_cancelled_on_its_own_grounds(srv):
+    """RC-16: "(3) The holder has registered permanent residency of this Municipality"."""
+    card = active(srv, 11, pb.PACK_RC)
+    call(srv, "Cancel", "PUBLIC_SECURITY", card_number=card, reason="落户上海",
+         ground=pb.CANCEL_GROUND_PERMANENT_RESIDENCY)
+    assert reason(srv, card, pb.CHANNEL_SERVICE) == "CARD_CANCELLED"
+
+
+# ---------------------------------------------------------------- GZ-9b over gRPC
+
+def test_gz_9b_held_information_is_not_asked_for_again_over_grpc(srv):
+    """GZ-9: "shall not require applicants to repeatedly provide those effective information"
+    held. The SH application gave phone and occupation; the GZ one need not."""
+    n = 12
+    first = holder(n, pb.PACK_SH)
+    srv.lifecycle.Apply(pb.ApplyRequest(request_id=rid(), pack=pb.PACK_SH, holder=first,
+                                        with_transit=True, service_bank="ICBC"),
+                        metadata=srv.md("COMMUNITY_OUTLET"))
+    bare = pb.Holder(ssn=first.ssn, household_registered=True)  # nothing asked again
+    card = srv.lifecycle.Apply(pb.ApplyRequest(request_id=rid(), pack=pb.PACK_GZ, holder=bare,
+                                               service_bank="ICBC"),
+                               metadata=srv.md("ONLINE_PLATFORM"))
+    assert card.state == pb.CARD_STATE_APPLIED and card.pack == pb.PACK_GZ
+    never_held = pb.Holder(ssn=ssn(13, "440103"), name="x", birth_date="1990-01-01",
+                           household_registered=True)
+    e = error_of(srv.lifecycle.Apply, pb.ApplyRequest(
+        request_id=rid(), pack=pb.PACK_GZ, holder=never_held, service_bank="ICBC"),
+        metadata=srv.md("ONLINE_PLATFORM"))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith("holder.phone")
+
+
+# ---------------------------------------------------------------- who may, per pack
+
+def test_sh_23b_a_first_shanghai_application_is_never_instant(srv):
+    """SH-23: "持卡人急需补领、换领社会保障卡的，可以到具备条件的社区受理网点、银行受理网点当场办理"."""
+    e = error_of(apply, srv, 14, instant=True)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and error_info(e).reason == "SH-23b"
+    for n, role in ((15, "COMMUNITY_OUTLET"), (16, "BANK_OUTLET")):
+        new = call(srv, "Replace", role, card_number=active(srv, n),
+                   reason=pb.REPLACE_REASON_DAMAGED, instant=True)
+        assert new.state == pb.CARD_STATE_ISSUED
+    online = refused(srv, "Replace", "ONLINE_PLATFORM", card_number=active(srv, 17),
+                     reason=pb.REPLACE_REASON_DAMAGED, instant=True)
+    assert online.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(online).reason == "SH-23b"
+
+
+def test_gz_10b_instant_issue_at_the_issuing_banks_outlet_only(srv):
+    """GZ-10: "he/she may apply ... at the instant card making outlet of the social security
+    card issuing bank"."""
+    for n, pack in ((18, pb.PACK_GZ), (19, pb.PACK_BJ)):
+        assert apply(srv, n, pack, "BANK_OUTLET", instant=True).state == pb.CARD_STATE_ISSUED
+        e = error_of(apply, srv, n + 100, pack, "ONLINE_PLATFORM", instant=True)
+        assert e.code() == grpc.StatusCode.PERMISSION_DENIED and error_info(e).reason == "GZ-10b"
+
+
+def test_gz_7_gz_and_bj_applications_online_or_at_the_issuing_banks_outlets(srv):
+    """GZ-7: "on the network service platform or at the outlets of social security card
+    issuing banks" -- not a community outlet."""
+    for n, pack in ((20, pb.PACK_GZ), (21, pb.PACK_BJ)):
+        e = error_of(apply, srv, n, pack, "COMMUNITY_OUTLET")
+        assert e.code() == grpc.StatusCode.PERMISSION_DENIED and error_info(e).reason == "GZ-7"
+        assert apply(srv, n, pack, "ONLINE_PLATFORM").state == pb.CARD_STATE_APPLIED
+    assert apply(srv, 22, pb.PACK_GZ, "BANK_OUTLET").state == pb.CARD_STATE_APPLIED
+
+
+def test_gz_23_replacement_online_or_at_the_issuing_banks_outlets(srv):
+    card = active(srv, 23, pb.PACK_GZ)
+    call(srv, "ReportLoss", "ONLINE_PLATFORM", card_number=card)
+    e = refused(srv, "Replace", "COMMUNITY_OUTLET", card_number=card,
+                reason=pb.REPLACE_REASON_LOST)
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED and error_info(e).reason == "GZ-23"
+    assert call(srv, "Replace", "ONLINE_PLATFORM", card_number=card,
+                reason=pb.REPLACE_REASON_LOST).state == pb.CARD_STATE_VERIFIED
+
+
+def test_sh_18a_the_online_platform_may_file_a_temporary_loss_report(srv):
+    """SH-18: "通过拨打社会保障卡服务电话等方式办理临时挂失" -- the hotline "and other means"."""
+    card = active(srv, 24)
+    e = refused(srv, "ReportTemporaryLoss", "COMMUNITY_OUTLET", card_number=card)
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert call(srv, "ReportTemporaryLoss", "ONLINE_PLATFORM", card_number=card).state == \
+        pb.CARD_STATE_TEMP_LOSS
+
+
+def test_rc_15b_a_lost_residence_card_is_reported_at_a_community_outlet_and_stays_lost(srv):
+    """RC-15: "loss reporting and reissuance ... at the community service centers"."""
+    card = active(srv, 25, pb.PACK_RC)
+    for role in ("SERVICE_HOTLINE", "ONLINE_PLATFORM", "BANK_OUTLET"):
+        e = refused(srv, "ReportLoss", role, card_number=card)
+        assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_info(e).reason in ("RC-15b", "ROLE_NOT_ALLOWED")
+    assert call(srv, "ReportLoss", "COMMUNITY_OUTLET", card_number=card).state == \
+        pb.CARD_STATE_LOST
+    assert reason(srv, card, pb.CHANNEL_SERVICE) == "CARD_LOST"
+    e = refused(srv, "CancelLoss", "COMMUNITY_OUTLET", card_number=card)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and error_info(e).reason == "RC-15b"
+    new = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=card,
+               reason=pb.REPLACE_REASON_LOST)
+    call(srv, "Issue", "PUBLIC_SECURITY", card_number=new.card_number, issuing_organ=ORGAN)
+    assert reason(srv, card, pb.CHANNEL_SERVICE) == "CARD_SUPERSEDED"
+    assert reason(srv, new.card_number, pb.CHANNEL_SERVICE) == "UNSPECIFIED"
+
+
+def test_rc_cards_cite_rc_rules_not_guangzhou_ones(srv):
+    card = active(srv, 26, pb.PACK_RC)
+    e = refused(srv, "ReportTemporaryLoss", "SERVICE_HOTLINE", card_number=card)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(e).reason == "RC-15b" and "GZ" not in e.details()
+
+
+def test_rc_12_public_security_verifies_and_issues_residence_cards_only(srv):
+    """RC-12: "The Residence Card shall be signed and issued by the public security
+    departments"; RC-7 records the issuing organ."""
+    card = apply(srv, 27, pb.PACK_RC).card_number
+    call(srv, "Verify", "PUBLIC_SECURITY", card_number=card, approved=True)
+    missing = refused(srv, "Issue", "PUBLIC_SECURITY", card_number=card)
+    assert missing.code() == grpc.StatusCode.INVALID_ARGUMENT
+    done = call(srv, "Issue", "PUBLIC_SECURITY", card_number=card, issuing_organ=ORGAN)
+    assert done.state == pb.CARD_STATE_ACTIVE and done.issuing_organ == ORGAN
+    sh = apply(srv, 28).card_number
+    e = refused(srv, "Verify", "PUBLIC_SECURITY", card_number=sh, approved=True)
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_rc_7_the_card_records_both_addresses(srv):
+    e = error_of(apply, srv, 29, pb.PACK_RC, holder=holder(29, pb.PACK_RC, residence_address=""))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details().startswith("holder.residence_address")
+
+
+# ---------------------------------------------------------------- periods (SPEC.md section 6)
+
+def test_rc_14_valid_to_24_00_of_the_corresponding_day(srv):
+    """Issued at 15:00 on 21 September 2026: valid to 24:00 on 21 September 2027 (Civil Code
+    arts. 201, 202), not to 15:00."""
+    card = active(srv, 30, pb.PACK_RC)  # at START, 15:00 Shanghai
+    got = call(srv, "GetCard", "CARD_AGENCY", card_number=card)
+    assert got.valid_until == clocks.parse_time("2027-09-22T00:00:00+08:00")
+    set_clock(srv, "2027-09-21T23:59:59+08:00")
+    assert reason(srv, card, pb.CHANNEL_SERVICE) == "UNSPECIFIED"
+    set_clock(srv, "2027-09-22T00:00:00+08:00")
+    assert reason(srv, card, pb.CHANNEL_SERVICE) == "RC_NOT_RENEWED"
+
+
+@pytest.mark.parametrize("reported", ["2027-03-02T00:00:00", "2027-03-02T23:59:59"])
+def test_sh_18b_a_temporary_loss_reported_on_2_march_freezes_to_24_00_on_7_march(
+        srv, reported):
+    """SPEC.md section 6: "a temporary loss reported at any hour of 2 March freezes the card
+    to 24:00 on 7 March"."""
+    card = active(srv, 31)
+    set_clock(srv, reported + "+08:00")
+    call(srv, "ReportTemporaryLoss", "SERVICE_HOTLINE", card_number=card)
+    set_clock(srv, "2027-03-07T23:59:59+08:00")
+    assert reason(srv, card) == "CARD_FROZEN"
+    set_clock(srv, "2027-03-08T00:00:00+08:00")
+    assert reason(srv, card) == "UNSPECIFIED"
+    assert call(srv, "GetCard", "CARD_AGENCY", card_number=card).state == pb.CARD_STATE_ACTIVE
+
+
+# ---------------------------------------------------------------- smaller rows
+
+def test_row_7_a_lost_gz_or_bj_card_declines_financial_a_lost_sh_card_does_not(srv):
+    """GZ-21: "the settlement account of the social security card will be suspended"; GZ-13:
+    settlement accounts include the financial account. SH-20 is the bank's own report."""
+    for n, pack, want in ((32, pb.PACK_GZ, "CARD_LOST"), (33, pb.PACK_BJ, "CARD_LOST"),
+                          (34, pb.PACK_SH, "UNSPECIFIED")):
+        card = active(srv, n, pack)
+        call(srv, "OpenFinancial", "BANK_OUTLET", card_number=card, bank="ICBC")
+        call(srv, "ReportLoss", "ONLINE_PLATFORM", card_number=card)
+        assert reason(srv, card, pb.CHANNEL_FINANCIAL) == want, pack
+
+
+def test_gz_12_the_day_the_holder_received_the_card_is_recorded(srv):
+    card = issued(srv, 35, pb.PACK_GZ)
+    now = set_clock(srv, "2026-10-08T10:00:00+08:00").now
+    got = call(srv, "Activate", "BANK_OUTLET", card_number=card)
+    assert got.received_at == now
+
+
+def test_gz_9c_the_issuing_bank_is_on_the_configured_list(tmp_path):
+    """GZ-9: "from the list of social security card issuing banks published by Guangzhou
+    Municipal Human Resources and Social Security Bureau"."""
+    banks = tmp_path / "banks.toml"
+    banks.write_text('version = "2026-01"\nbanks = ["ICBC", "GZRCB"]\n')
+    with running(tmp_path, "--issuing-banks", str(banks)) as s:
+        assert "issuing-bank check (GZ-9c) on: list version 2026-01, 2 banks" in s.output()
+        e = error_of(apply, s, 36, pb.PACK_GZ, service_bank="HSBC")
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and error_info(e).reason == "GZ-9c"
+        assert apply(s, 36, pb.PACK_GZ, service_bank="GZRCB").service_bank == "GZRCB"
+        assert apply(s, 37, pb.PACK_SH, service_bank="HSBC").service_bank == "HSBC"  # SH: none
+
+
+def test_gz_9c_without_a_list_the_check_is_off_and_start_up_says_so(srv):
+    assert "issuing-bank check (GZ-9c) off: no --issuing-banks list configured" in srv.output()
