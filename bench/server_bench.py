@@ -114,7 +114,7 @@ def main() -> int:
     args = p.parse_args()
     echo = free_address()
     with tempfile.TemporaryDirectory() as tmp:
-        server = ServerProcess(tmp, "--demo", *os.environ.get("BENCH_SERVER_ARGS", "").split(), clients=False)
+        server = ServerProcess(tmp, "--demo", clients=False)
         ours = server.address
         procs = [start(["bench/echo_server.py", echo], "echo: serving on")]
         try:

@@ -6,10 +6,10 @@ import uuid
 
 import grpc
 import pytest
-
 from test_calls import error_info
 from test_e2e import ssn
 from test_money_e2e import error_of
+
 from yikatong import clock as clocks
 from yikatong.server.harness import running
 from yikatong.v1 import yikatong_pb2 as pb
@@ -45,7 +45,8 @@ def holder(n: int, pack: int, **kw) -> pb.Holder:
 
 def apply(srv, n, pack=pb.PACK_SH, role=None, **kw):
     fields = dict(request_id=rid(), pack=pack, holder=holder(n, pack),
-                  with_transit=pack != pb.PACK_RC, service_bank="" if pack == pb.PACK_RC else "ICBC")
+                  with_transit=pack != pb.PACK_RC,
+                  service_bank="" if pack == pb.PACK_RC else "ICBC")
     if pack == pb.PACK_RC:
         fields.update(residence_registered_since="2020-01-01",
                       residence_basis=pb.RESIDENCE_BASIS_EMPLOYMENT)
@@ -303,7 +304,8 @@ def test_rc_12_public_security_verifies_and_issues_residence_cards_only(srv):
 
 
 def test_rc_7_the_card_records_both_addresses(srv):
-    e = error_of(apply, srv, 29, pb.PACK_RC, holder=holder(29, pb.PACK_RC, residence_address=""))
+    e = error_of(apply, srv, 29, pb.PACK_RC,
+                 holder=holder(29, pb.PACK_RC, residence_address=""))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.details().startswith("holder.residence_address")
 
