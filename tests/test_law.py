@@ -212,7 +212,8 @@ def test_gz_9b_held_information_is_not_asked_for_again_over_grpc(srv):
 # ---------------------------------------------------------------- who may, per pack
 
 def test_sh_23b_a_first_shanghai_application_is_never_instant(srv):
-    """SH-23: "持卡人急需补领、换领社会保障卡的，可以到具备条件的社区受理网点、银行受理网点当场办理"."""
+    """SH-23: "持卡人急需补领、换领社会保障卡的，可以到具备条件的社区受理网点、
+    银行受理网点当场办理"."""
     e = error_of(apply, srv, 14, instant=True)
     assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and error_info(e).reason == "SH-23b"
     for n, role in ((15, "COMMUNITY_OUTLET"), (16, "BANK_OUTLET")):
