@@ -58,7 +58,7 @@ hold_timeout_seconds_max = 30 * 86400
 hold_sweep_max = 10_000  # holds released by one periodic sweep
 # Channel -> (debited holder account kind, default payee operator, default hold timeout s).
 # TRANSIT: a tap-in holds the maximum fare for a journey; MEDICAL: pre-authorisation.
-channel_money = {
+channel_money: dict[int, tuple[int, str, int]] = {  # keyed by Channel
     Channel.TRANSIT: (AccountKind.TRANSIT, "op:transit", 4 * 3600),
     Channel.MEDICAL: (AccountKind.MEDICAL, "op:medical", 72 * 3600),
     Channel.BENEFIT: (AccountKind.BENEFIT, "op:benefit-drawl", 3600),
