@@ -413,12 +413,17 @@ class Book:
             yield bytes(key), records.decode_account(value)
 
     def ledger_totals(self) -> tuple[int, int, int, int]:
-        """The running totals of the four balance columns."""
+        """The running totals of the four balance columns: debits pending and posted,
+        credits pending and posted."""
         value = self.txn.get(_TOTALS_KEY, db=self.dbs.meta)
         return _TOTALS.unpack(value) if value is not None else (0, 0, 0, 0)
 
-    def put_ledger_totals(self, totals: tuple[int, int, int, int]) -> None:
+    def add_to_ledger_totals(self, pending: int, posted: int) -> tuple[int, int, int, int]:
+        """Add one movement (both sides) to the running totals; returns them."""
+        dp, dpost, cp, cpost = self.ledger_totals()
+        totals = (dp + pending, dpost + posted, cp + pending, cpost + posted)
         self.txn.put(_TOTALS_KEY, _TOTALS.pack(*totals), db=self.dbs.meta)
+        return totals
 
     # ---- transfers
     def transfer(self, transfer_id: str) -> Transfer | None:

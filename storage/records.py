@@ -220,6 +220,7 @@ def decode_account(value) -> Account:
 # version kind status channel role amount created_at timeout_at resolved debit credit ref_id
 # fingerprint
 TRANSFER = struct.Struct("<BBBBBqqqq40s40s64s32s")
+_TRANSFER_PACK = TRANSFER.pack
 _KINDS = (min(TransferKind), max(TransferKind))
 _STATUSES = (min(TransferStatus), max(TransferStatus))
 
@@ -235,11 +236,14 @@ def encode_transfer(t: Transfer) -> bytes:
                             f"{t.status}, amount {t.amount}, resolved {t.resolved}, fingerprint "
                             f"{len(t.fingerprint)} bytes, account keys {len(t.debit)} and "
                             f"{len(t.credit)} bytes (at most {ACCOUNT_KEY_BYTES_MAX})")
-    return _pack(
-        TRANSFER, "transfer", VERSION, t.kind, t.status, t.channel, t.role, t.amount,
-        t.created_at, t.timeout_at, t.resolved, t.debit, t.credit,
-        _fixed("ref_id", t.ref_id, config.request_id_bytes_max, "utf-8") if t.ref_id else b"",
-        t.fingerprint)
+    try:
+        return _TRANSFER_PACK(
+            VERSION, t.kind, t.status, t.channel, t.role, t.amount, t.created_at, t.timeout_at,
+            t.resolved, t.debit, t.credit,
+            _fixed("ref_id", t.ref_id, config.request_id_bytes_max, "utf-8") if t.ref_id
+            else b"", t.fingerprint)
+    except struct.error as e:
+        raise InvalidRecord(f"transfer record: {e}") from None
 
 
 def decode_transfer(value) -> Transfer:
@@ -270,9 +274,9 @@ def encode_change(kind: int, time: int, card_number: str, holder_id: int, state:
         card, tid = card_number.encode("ascii"), transfer_id.encode("utf-8")
     except UnicodeEncodeError as e:
         raise InvalidRecord(f"change record: {e}") from None
+    # (ids with NUL never pass the edge; a width that would be cut is what struct hides)
     if not (1 <= kind <= 2 and 0 <= state <= _STATES[1] and len(card) <= CARD_NUMBER_BYTES
-            and len(tid) <= config.request_id_bytes_max and b"\0" not in card
-            and b"\0" not in tid):
+            and len(tid) <= config.request_id_bytes_max):
         raise InvalidRecord(f"change record of kind {kind}, state {state}, card number "
                             f"{len(card)} bytes, transfer id {len(tid)} bytes")
     try:

@@ -40,7 +40,9 @@ def expired_held(book, key: bytes, now: int) -> int:
 def available(book, key: bytes, now: int) -> int:
     """Credits less debits less holds still in force at `now`."""
     a = book.account(key)
-    return a.credits_posted - a.debits_posted - a.debits_pending + expired_held(book, key, now)
+    left = a.credits_posted - a.debits_posted - a.debits_pending
+    # an account holds something only while debits are pending: else no index to walk
+    return left + expired_held(book, key, now) if a.debits_pending else left
 
 
 def _sweep_account(book, key: bytes, now: int) -> None:
@@ -53,10 +55,8 @@ def _sweep_account(book, key: bytes, now: int) -> None:
 
 def _add_totals(book, pending: int, posted: int) -> None:
     """The running totals of the four balance columns, asserted equal after every change."""
-    dp, dpost, cp, cpost = book.ledger_totals()
-    dp, dpost, cp, cpost = dp + pending, dpost + posted, cp + pending, cpost + posted
+    dp, dpost, cp, cpost = book.add_to_ledger_totals(pending, posted)
     assert dp == cp and dpost == cpost, "ledger totals out of balance"
-    book.put_ledger_totals((dp, dpost, cp, cpost))
 
 
 def _move(book, debit: bytes, credit: bytes, pending: int, posted: int) -> None:
@@ -71,7 +71,7 @@ def _move(book, debit: bytes, credit: bytes, pending: int, posted: int) -> None:
     c.credits_posted += posted
     for key, a in ((debit, d), (credit, c)):
         assert a.debits_pending >= 0 and a.credits_pending >= 0, key
-        if is_holder_account(key):  # holder accounts never go below zero
+        if key[:1] == b"h":  # is_holder_account: holder accounts never go below zero
             assert a.credits_posted - a.debits_posted - a.debits_pending >= 0, key
         book.put_account(key, a)
     _add_totals(book, pending, posted)
@@ -117,15 +117,17 @@ def _put(book, now: int, transfer_id: str, t: Transfer, card_number: str, *,
     then rolls back whole)."""
     if not book.put_transfer(transfer_id, t, new=new):
         raise TransferRefused("EXISTS", f"transfer {transfer_id!r} already exists")
-    holder = holder_of_account(t.debit) or holder_of_account(t.credit)
+    holder = holder_of_account(t.debit if t.debit[:1] == b"h" else t.credit)
     book.append_change(_TRANSFER, now, card_number, holder, 0, 0, 0, transfer_id, t.amount)
 
 
 def settle(book, key: bytes, now: int) -> int:
     """Writer side of `available()`: release the account's due holds on disk, then return
     credits less debits less holds."""
-    _sweep_account(book, key, now)
     a = book.account(key)
+    if a.debits_pending:  # holds exist only while debits are pending
+        _sweep_account(book, key, now)
+        a = book.account(key)
     return a.credits_posted - a.debits_posted - a.debits_pending
 
 
