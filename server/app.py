@@ -131,11 +131,9 @@ class Authorization:
         clock, policy, role = self.core.clock, self.core.policy, client.role
 
         def decide(book, q, fp) -> bytes:
-            reason, left = authorize.with_money(
-                policy, book, clock.now(), request_id=q.request_id, card_number=q.card_number,
-                channel=q.channel, amount=q.amount_fen, phase=q.phase,
-                hold_request_id=q.hold_request_id, payee=q.payee_account,
-                hold_timeout=q.hold_timeout_seconds, role=role, fingerprint=fp)
+            reason, left = authorize.with_money(  # positional: once per debit, on the hot path
+                policy, book, clock.now(), q.request_id, q.card_number, q.channel, q.amount_fen,
+                q.phase, q.hold_request_id, q.payee_account, q.hold_timeout_seconds, role, fp)
             return pb.AuthorizeResponse(
                 request_id=q.request_id, available_fen=left, reason=reason,
                 decision=_APPROVED if reason == 0 else _DECLINED).SerializeToString()

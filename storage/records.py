@@ -49,6 +49,7 @@ from yikatong.model import (
 VERSION = 2  # 2: temp_loss_until (an end instant) for temp_loss_at; received_at
 LAYOUT = struct.Struct("<BBBBBBHqqQqqqq20s20s32s")
 SIZE = LAYOUT.size
+_UNPACK = LAYOUT.unpack
 assert SIZE == 136
 CARD_NUMBER_BYTES = 20
 SERVICE_BANK_BYTES = 32
@@ -109,13 +110,17 @@ def encode_card(card: Card) -> bytes:
 def decode_card(card_number: str, value) -> Card:
     try:
         check(value)
-        (_, pack, state, flags, generation, lock_mask, points, temp_loss_until, valid_until,
-         holder_id, applied_at, issued_at, loss_reported_at, received_at, replaced_by, replaces,
-         bank) = LAYOUT.unpack(value)
-        texts = (_text("replaced_by", replaced_by, "ascii"), _text("replaces", replaces, "ascii"),
-                 _text("service_bank", bank, "utf-8"))
     except CorruptRecord as e:
         raise CorruptRecord(f"card record {card_number}: {e}; not served") from None
+    (_, pack, state, flags, generation, lock_mask, points, temp_loss_until, valid_until,
+     holder_id, applied_at, issued_at, loss_reported_at, received_at, replaced_by, replaces,
+     bank) = _UNPACK(value)
+    try:
+        texts = (replaced_by.rstrip(b"\0").decode("ascii"),
+                 replaces.rstrip(b"\0").decode("ascii"), bank.rstrip(b"\0").decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CorruptRecord(f"card record {card_number} has an undecodable field: {e}; not "
+                            "served") from None
     return Card(card_number, pack, state, flags, generation, lock_mask, points, temp_loss_until,
                 valid_until, holder_id, applied_at, issued_at, loss_reported_at, received_at,
                 *texts)

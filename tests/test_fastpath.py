@@ -68,7 +68,9 @@ def test_gz_26_cancelled_card(impl):
 
 
 def test_sh_30_retired_generation_declines_from_2020_12_31(impl):
+    """SH-30: "至2020年12月31日起停止使用": from that day, inclusive."""
     retire = config.generation_retired_at[1]
+    assert retire == clocks.parse_time("2020-12-31T00:00:00+08:00")
     assert decide(impl, card(generation=1), now=retire - 1) == ref.APPROVED
     assert decide(impl, card(generation=1), now=retire) == ref.GENERATION_RETIRED
     assert decide(impl, card(generation=2), now=retire) == ref.APPROVED

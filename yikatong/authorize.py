@@ -25,7 +25,7 @@ def without_money(policy, book, card_number: str, channel: int, service_code: st
     return reason
 
 
-def with_money(policy, book, now: int, *, request_id: str, card_number: str, channel: int,
+def with_money(policy, book, now: int, request_id: str, card_number: str, channel: int,
                amount: int, phase: int, hold_request_id: str, payee: str, hold_timeout: int,
                role: int, fingerprint: bytes) -> tuple[int, int]:
     """One decision that moves money, inside the writer's transaction. Returns (reason,
@@ -52,8 +52,7 @@ def with_money(policy, book, now: int, *, request_id: str, card_number: str, cha
     if reason == Reason.APPROVED:
         assert debit is not None
         ledger.create(book, now, request_id, debit, operator_account_key(payee or default_payee),
-                      amount, pending=phase == Phase.HOLD, timeout=hold_timeout or default_timeout,
-                      channel=channel, role=role, card_number=card_number,
-                      fingerprint=fingerprint, settled=left)
+                      amount, phase == Phase.HOLD, hold_timeout or default_timeout, channel,
+                      role, card_number, fingerprint, left)
         left -= amount
     return reason, left if debit is not None else 0

@@ -141,7 +141,7 @@ def _check_funds(book, debit: bytes, amount: int, now: int, settled: int | None 
                                   f"{amount} fen is more than the {left} fen available")
 
 
-def create(book, now: int, transfer_id: str, debit: bytes, credit: bytes, amount: int, *,
+def create(book, now: int, transfer_id: str, debit: bytes, credit: bytes, amount: int,
            pending: bool = False, timeout: int = 0, channel: int = 0, role: int = 0,
            card_number: str = "", fingerprint: bytes = _ZERO_FP,
            settled: int | None = None) -> Transfer:
