@@ -53,11 +53,16 @@ def register(server, servicers, clients, message_module, table=roles.METHOD_ROLE
             (grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
-def _caller(name: str, allowed, clients, context):
+def _admitted(name: str, allowed, clients, context, request, client_streaming: bool):
+    """Steps 1 to 3: (the client, the request) or a refusal."""
     client = clients.identify(context.invocation_metadata())
     if client.role not in allowed:
         raise PermissionDenied(f"role {client.role.name} may not call {name}")
-    return client
+    if client_streaming:
+        return client, _decoded(request)
+    if type(request) is Undecodable:
+        raise request.error()
+    return client, request
 
 
 async def _decoded(requests):
@@ -67,51 +72,56 @@ async def _decoded(requests):
         yield request
 
 
+class _Call:
+    """What the access log says of one call: who, and how it ended."""
+
+    __slots__ = ("name", "client", "code", "started")
+
+    def __init__(self, name: str):
+        self.name, self.client, self.code, self.started = name, None, None, time.perf_counter()
+
+    async def refuse(self, context, error: Exception) -> None:
+        status, message, trailers = _refusal(self.name, error)
+        self.code = status.name
+        await context.abort(status, message, trailing_metadata=trailers)
+
+    def log(self) -> None:
+        _log(self.name, self.client, self.code, self.started)
+
+
 def _unary(name, allowed, clients, behaviour, client_streaming):
     async def handle(request, context):
-        started = time.perf_counter()
-        client = code = None
+        call = _Call(name)
         try:
-            client = _caller(name, allowed, clients, context)
-            if client_streaming:
-                request = _decoded(request)
-            elif type(request) is Undecodable:
-                raise request.error()
-            response = await behaviour(request, client)
-            code = "OK"
+            call.client, request = _admitted(name, allowed, clients, context, request,
+                                             client_streaming)
+            response = await behaviour(request, call.client)
+            call.code = "OK"
             return response
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001 - every refusal and bug is answered here
-            status, message, trailers = _refusal(name, error)
-            code = status.name
-            await context.abort(status, message, trailing_metadata=trailers)
+            await call.refuse(context, error)
         finally:
-            _log(name, client, code, started)
+            call.log()
     return handle
 
 
 def _streaming(name, allowed, clients, behaviour, client_streaming):
     async def handle(request, context):
-        started = time.perf_counter()
-        client = code = None
+        call = _Call(name)
         try:
-            client = _caller(name, allowed, clients, context)
-            if client_streaming:
-                request = _decoded(request)
-            elif type(request) is Undecodable:
-                raise request.error()
-            async for response in behaviour(request, client):
+            call.client, request = _admitted(name, allowed, clients, context, request,
+                                             client_streaming)
+            async for response in behaviour(request, call.client):
                 yield response
-            code = "OK"
+            call.code = "OK"
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001 - every refusal and bug is answered here
-            status, message, trailers = _refusal(name, error)
-            code = status.name
-            await context.abort(status, message, trailing_metadata=trailers)
+            await call.refuse(context, error)
         finally:
-            _log(name, client, code, started)
+            call.log()
     return handle
 
 
