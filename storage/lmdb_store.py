@@ -276,6 +276,8 @@ class Dbs:
         self.holds_by_timeout = env.open_db(b"holds_by_timeout")  # u64 timeout + id -> b""
         self.holds_by_account = env.open_db(b"holds_by_account")  # key40 + u64 timeout + id -> i64
         self.changes = env.open_db(b"changes")  # u64 sequence -> change record
+        # RC-13: a holder's Shanghai residence addresses, oldest first
+        self.residences = env.open_db(b"residences")  # u64 holder_id + u32 n -> i64 since + UTF-8
         # The change sequence lives in the writer's memory: only the writer appends. A command
         # that rolls back leaves a gap, which readers of the log simply skip.
         with env.begin() as txn, txn.cursor(db=self.changes) as cur:
@@ -354,6 +356,23 @@ class Book:
     def put_holder(self, holder_id: int, info: HolderInfo) -> None:
         self.txn.put(info.ssn.encode("ascii"), records.encode_holder(holder_id, info),
                      db=self.dbs.holders)
+
+    def residences(self, holder_id: int) -> list[tuple[int, str]]:
+        """RC-13: (since, address) of every residence address the holder filed, oldest first."""
+        prefix = _U64.pack(holder_id)
+        out = []
+        with self.txn.cursor(db=self.dbs.residences) as cur:
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if k[:8] != prefix:
+                        break
+                    out.append((_I64.unpack_from(v)[0], bytes(v[8:]).decode("utf-8")))
+        return out
+
+    def add_residence(self, holder_id: int, since: int, address: str) -> None:
+        n = len(self.residences(holder_id))
+        self.txn.put(_U64.pack(holder_id) + n.to_bytes(4, "big"),
+                     _I64.pack(since) + address.encode("utf-8"), db=self.dbs.residences)
 
     def current_card(self, holder_id: int, pack: int) -> str | None:
         value = self.txn.get(_U64.pack(holder_id) + bytes((pack,)), db=self.dbs.holder_cards)

@@ -350,3 +350,21 @@ def test_request_ids_replay_and_id_reused(store):
     assert store.write(lambda book: book.replay("req-2", fp_a)) is None
     with pytest.raises(IdReused, match="ID_REUSED"):
         store.write(lambda book: book.replay("req-1", fp_b))
+
+
+def test_rc_7_and_rc_13_addresses_kept_with_the_residence_history(w):
+    """RC-7: the card records "permanent registered residential address, residential
+    address, issuing organ"; RC-13: changes of residence are filed, so their history is kept."""
+    num = w.apply(pack=Pack.RC, transit=False).card_number
+    w.do(cards.verify, num, True, "")
+    assert w.issue(num).valid_until
+    with w.store.read() as txn:
+        book = w.store.book(txn)
+        holder_id, info = book.holder(ssn(1))
+        assert (info.household_address, info.residence_address) == ("湖北省武汉市", "上海市黄浦区")
+        assert book.residences(holder_id) == [(T0, "上海市黄浦区")]
+        assert book.card_text(num, "organ") == ORGAN
+    # another pack's application with no residence given changes nothing of it
+    w.apply(pack=Pack.SH)
+    with w.store.read() as txn:
+        assert w.store.book(txn).residences(holder_id) == [(T0, "上海市黄浦区")]

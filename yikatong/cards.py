@@ -232,11 +232,14 @@ def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibi
     check_eligibility(pack, eligibility, now)
     check_bank(pack, service_bank, banks, "service_bank")
     found = book.holder(holder.ssn)
+    held_residence = ""
     if found is None:
         holder_id = book.next_seq(b"holder_id")
-        book.put_holder(holder_id, merge_holder(pack, holder, None))
+        merged = merge_holder(pack, holder, None)
+        book.put_holder(holder_id, merged)
     else:
         holder_id, held = found
+        held_residence = held.residence_address
         merged = merge_holder(pack, holder, held)
         current = book.current_card(holder_id, pack)
         if current is not None:
@@ -251,6 +254,8 @@ def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibi
                                         f"holder already has card {current}; use Replace")
         if merged != held:
             book.put_holder(holder_id, merged)
+    if merged.residence_address != held_residence:  # RC-13: the history starts here
+        book.add_residence(holder_id, now, merged.residence_address)
     seq = book.next_seq(b"card_number")
     rec = Card(
         card_number=f"{config.pack_card_prefix[Pack(pack)]}{seq:010d}",
