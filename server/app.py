@@ -11,6 +11,7 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from yikatong import authorize, cards, config, fastpath, ledger
 from yikatong import clock as clocks
@@ -513,11 +514,24 @@ async def _set_health(health_servicer, serving: bool) -> None:
 
 async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=None,
                 concurrent_rpcs_max: int = config.concurrent_rpcs_max,
-                stop: asyncio.Event | None = None, banks: IssuingBanks | None = None) -> None:
+                stop: asyncio.Event | None = None, banks: IssuingBanks | None = None,
+                tls: tuple[bytes, bytes, bytes] | None = None, reflection: bool = False) -> None:
+    """`tls` = (key, certificate chain, client CA), PEM: mTLS, a client certificate signed by
+    that CA required on every connection (a caller without one never reaches a handler)."""
     core = Core(store, clock, banks)
     server, health_servicer = build(core, clients, concurrent_rpcs_max)
+    if reflection:
+        service_names = [pb.DESCRIPTOR.services_by_name[cls.__name__].full_name
+                         for cls in SERVICES]
+        grpc_reflection.enable_server_reflection(
+            (*service_names, health.SERVICE_NAME, grpc_reflection.SERVICE_NAME), server)
     try:
-        server.add_insecure_port(listen)
+        if tls is None:
+            server.add_insecure_port(listen)
+        else:
+            key, chain, ca = tls
+            server.add_secure_port(listen, grpc.ssl_server_credentials(
+                [(key, chain)], root_certificates=ca, require_client_auth=True))
     except RuntimeError as error:
         raise OSError(f"cannot listen on {listen}: {error}") from None
     await server.start()

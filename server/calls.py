@@ -55,7 +55,7 @@ def register(server, servicers, clients, message_module, table=roles.METHOD_ROLE
 
 def _admitted(name: str, allowed, clients, context, request, client_streaming: bool):
     """Steps 1 to 3: (the client, the request) or a refusal."""
-    client = clients.identify(context.invocation_metadata())
+    client = clients.identify(context.invocation_metadata(), context)
     if client.role not in allowed:
         raise PermissionDenied(f"role {client.role.name} may not call {name}")
     if client_streaming:

@@ -23,9 +23,13 @@ def main(argv=None) -> int:
     s.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT")
     s.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     s.add_argument("--clients", help="clients file (TOML)")
-    s.add_argument("--tls-cert")
-    s.add_argument("--tls-key")
-    s.add_argument("--tls-ca")
+    s.add_argument("--tls-cert", metavar="PEM", help="mTLS: the server's certificate chain")
+    s.add_argument("--tls-key", metavar="PEM", help="mTLS: the server's private key")
+    s.add_argument("--tls-ca", metavar="PEM",
+                   help="mTLS: the CA that signs client certificates; every caller must present "
+                        "one (its CN is `cert_cn` in the clients file)")
+    s.add_argument("--reflection", action="store_true",
+                   help="serve gRPC server reflection (grpcurl list/describe without .proto)")
     s.add_argument("--clock", choices=("system", "manual"), default="system")
     s.add_argument("--clock-start", help="ISO-8601 start of the manual clock (default: now)")
     s.add_argument("--demo", action="store_true", help="load the demo data set and demo clients")
@@ -80,8 +84,15 @@ def serve(args) -> int:
         return _fail("--map-size-mib and --max-concurrent-rpcs must be at least 1")
     if args.workers != 1:
         return _fail("--workers other than 1 is not supported yet")
+    tls = None
     if args.tls_cert or args.tls_key or args.tls_ca:
-        return _fail("mTLS (--tls-*) is not supported yet; use bearer tokens")
+        if not (args.tls_cert and args.tls_key and args.tls_ca):
+            return _fail("--tls-cert, --tls-key and --tls-ca go together")
+        try:
+            tls = tuple(open(path, "rb").read() for path in (args.tls_key, args.tls_cert,
+                                                               args.tls_ca))
+        except OSError as error:
+            return _fail(f"cannot read {error.filename}: {error.strerror}")
     try:
         if args.clock == "manual":
             start = clocks.parse_time(args.clock_start) if args.clock_start else None
@@ -124,23 +135,38 @@ def serve(args) -> int:
                 return _fail(str(error))
 
         def ready():
+            log.started(version=_version(), listen=args.listen, workers=args.workers,
+                        tls=tls is not None, reflection=args.reflection,
+                        data_dir=os.path.abspath(args.data_dir), map_size_mib=args.map_size_mib,
+                        clock=args.clock)
             print("yikatong: issuing-bank check (GZ-9c) " + (
                 f"on: list version {banks.version}, {len(banks.names)} banks" if banks else
                 "off: no --issuing-banks list configured"), flush=True)
-            print(f"yikatong: serving on {args.listen} (data dir {args.data_dir}, clock "
-                  f"{args.clock} at {clocks.format_time(clock.now())})", flush=True)
+            print(f"yikatong: serving on {args.listen} ({'mTLS' if tls else 'plaintext'}; data "
+                  f"dir {args.data_dir}, clock {args.clock} at "
+                  f"{clocks.format_time(clock.now())})", flush=True)
             if args.demo:
                 _print_demo(store, args.listen)
 
         try:
             uvloop.run(run_server(store, clock, clients, args.listen, on_ready=ready,
-                                  concurrent_rpcs_max=args.max_concurrent_rpcs, banks=banks))
+                                  concurrent_rpcs_max=args.max_concurrent_rpcs, banks=banks,
+                                  tls=tls, reflection=args.reflection))
         except (OSError, TableError) as error:
             return _fail(str(error))
     finally:
         store.close()
     print("yikatong: stopped", flush=True)
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("yikatong")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _issuing_banks(path: str):

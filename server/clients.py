@@ -21,22 +21,43 @@ class Client:
 
 
 class Clients:
+    """Who may call: by the SHA-256 of a bearer token, and by the common name of a client
+    certificate (mTLS: the TLS layer has already checked it was signed by --tls-ca). A token
+    or a CN names one client only; an entry names at least one of them."""
+
     def __init__(self):
         self._by_token_sha256: dict[str, Client] = {}
+        self._by_cert_cn: dict[str, Client] = {}
 
-    def add(self, client_id: str, role: str, token_sha256: str) -> None:
+    def add(self, client_id: str, role: str, token_sha256: str | None = None,
+            cert_cn: str | None = None) -> None:
         if not isinstance(client_id, str) or not _CLIENT_ID.fullmatch(client_id):
             raise ValueError(f"client id {client_id!r}: 1 to 64 of A-Z a-z 0-9 . _ : -")
         if role not in ROLES:
             raise ValueError(f"client {client_id}: unknown role {role!r}")
-        if len(token_sha256) != 64 or not all(c in "0123456789abcdef" for c in token_sha256):
-            raise ValueError(f"client {client_id}: token_sha256 must be 64 lowercase hex digits")
-        if token_sha256 in self._by_token_sha256:
-            raise ValueError(f"client {client_id}: token_sha256 is already the token of client "
-                             f"{self._by_token_sha256[token_sha256].id}")
-        if len(self._by_token_sha256) >= config.clients_max:
+        if token_sha256 is None and cert_cn is None:
+            raise ValueError(f"client {client_id} has no identity: give token_sha256 or cert_cn")
+        if len(self._by_token_sha256) + len(self._by_cert_cn) >= config.clients_max:
             raise ValueError(f"more than {config.clients_max} clients")
-        self._by_token_sha256[token_sha256] = Client(client_id, Role[role])
+        client = Client(client_id, Role[role])
+        if token_sha256 is not None:
+            if (not isinstance(token_sha256, str) or len(token_sha256) != 64
+                    or not all(c in "0123456789abcdef" for c in token_sha256)):
+                raise ValueError(f"client {client_id}: token_sha256 must be 64 lowercase hex "
+                                 "digits")
+            if token_sha256 in self._by_token_sha256:
+                raise ValueError(f"client {client_id}: token_sha256 is already the token of "
+                                 f"client {self._by_token_sha256[token_sha256].id}")
+        if cert_cn is not None:
+            if not isinstance(cert_cn, str) or not 0 < len(cert_cn) <= 64:
+                raise ValueError(f"client {client_id}: cert_cn must be 1 to 64 characters")
+            if cert_cn in self._by_cert_cn:
+                raise ValueError(f"client {client_id}: cert_cn {cert_cn!r} is already the "
+                                 f"certificate of client {self._by_cert_cn[cert_cn].id}")
+        if token_sha256 is not None:
+            self._by_token_sha256[token_sha256] = client
+        if cert_cn is not None:
+            self._by_cert_cn[cert_cn] = client
 
     def load(self, path: str) -> None:
         try:
@@ -44,13 +65,15 @@ class Clients:
                 doc = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise ValueError(f"clients file {path}: {error}") from error
-        for entry in doc.get("client", []):
-            if "token_sha256" in entry:
-                self.add(entry.get("id", "?"), entry.get("role", ""), entry["token_sha256"])
-            elif "cert_cn" not in entry:
-                raise ValueError(f"clients file {path}: client {entry.get('id')} has no identity")
+        try:
+            for entry in doc.get("client", []):
+                self.add(entry.get("id", "?"), entry.get("role", ""), entry.get("token_sha256"),
+                         entry.get("cert_cn"))
+        except ValueError as error:
+            raise ValueError(f"clients file {path}: {error}") from None
 
-    def identify(self, metadata) -> Client:
+    def identify(self, metadata, context=None) -> Client:
+        """The bearer token's client; without a token, the client certificate's (mTLS)."""
         for key, value in metadata:
             if key == "authorization":
                 if value.startswith("Bearer "):
@@ -59,4 +82,12 @@ class Clients:
                     if client is not None:
                         return client
                 raise Unauthenticated("unknown bearer token")
+        if context is not None and self._by_cert_cn:
+            names = context.auth_context().get("x509_common_name")
+            if names:
+                client = self._by_cert_cn.get(names[0].decode("utf-8", "replace"))
+                if client is not None:
+                    return client
+                raise Unauthenticated("the client certificate's common name is not a known "
+                                      "client")
         raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")

@@ -52,7 +52,9 @@ class ServerProcess:
     file with `token(role)` for every role; pass `--clients FILE` in `extra` otherwise."""
 
     def __init__(self, workdir, *extra: str, clients: bool = True, env=None, data_dir=None,
-                 address: str | None = None, ready_timeout: float = 60):
+                 address: str | None = None, ready_timeout: float = 60, credentials=None):
+        """`credentials`: grpc.ChannelCredentials for a server under mTLS (its certificate
+        is for the name "localhost")."""
         workdir = str(workdir)
         self.data_dir = data_dir or os.path.join(workdir, "data")
         self.address = address or free_address()
@@ -74,7 +76,9 @@ class ServerProcess:
             time.sleep(0.02)
         self.banner = [line for line in self.output().splitlines(keepends=True)
                        if not line.startswith("{")]  # what it printed, without the JSON log
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = (grpc.insecure_channel(self.address) if credentials is None else
+                        grpc.secure_channel(self.address, credentials, options=(
+                            ("grpc.ssl_target_name_override", "localhost"),)))
         grpc.channel_ready_future(self.channel).result(timeout=10)
         self.authorization = rpc.AuthorizationStub(self.channel)
         self.status = rpc.CardStatusStub(self.channel)

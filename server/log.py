@@ -95,6 +95,11 @@ def setup(level: str = "info") -> None:
     grpc_logger.propagate = False
 
 
+def started(**fields) -> None:
+    """The start-up line: what this server is and how it serves."""
+    logging.getLogger("yikatong.server").info("started", extra={"fields": fields})
+
+
 def mask(ssn: str) -> str:
     """3101********1234: the region and the last four, never the birth date."""
     return ssn[:4] + "*" * max(len(ssn) - 8, 0) + ssn[-4:] if len(ssn) > 8 else "*" * len(ssn)
