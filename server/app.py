@@ -488,12 +488,13 @@ SERVICES = (Authorization, CardStatus, Lifecycle, Ledger, Admin)
 
 
 def build(core: Core, clients: Clients, concurrent_rpcs_max: int = config.concurrent_rpcs_max,
-          table=None):
+          table=None, tls: bool = False):
     """The grpc.aio server with every service registered (not yet bound or started), and its
     health servicer. A role table that does not match the proto raises roles.TableError."""
     # Too many callers: new calls beyond the limit are refused at once (RESOURCE_EXHAUSTED);
     # calls already in progress are unaffected.
-    server = grpc.aio.server(maximum_concurrent_rpcs=concurrent_rpcs_max, options=[
+    server = grpc.aio.server(maximum_concurrent_rpcs=concurrent_rpcs_max,
+                             interceptors=[calls.Doorman(clients, tls)], options=[
         ("grpc.max_receive_message_length", config.message_size_max),
         ("grpc.max_send_message_length", config.message_size_max),
         ("grpc.so_reuseport", 0),  # one server per port until --workers shares it on purpose
@@ -519,7 +520,7 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     """`tls` = (key, certificate chain, client CA), PEM: mTLS, a client certificate signed by
     that CA required on every connection (a caller without one never reaches a handler)."""
     core = Core(store, clock, banks)
-    server, health_servicer = build(core, clients, concurrent_rpcs_max)
+    server, health_servicer = build(core, clients, concurrent_rpcs_max, tls=tls is not None)
     if reflection:
         service_names = [pb.DESCRIPTOR.services_by_name[cls.__name__].full_name
                          for cls in SERVICES]

@@ -14,13 +14,14 @@ In order, for every call:
    INTERNAL with that reference only;
 6. one access-log line: method, client, role, status code, duration. No PII.
 """
+import contextvars
 import logging
 import time
 import uuid
 
 import grpc
 
-from yikatong.errors import PermissionDenied, YikatongError
+from yikatong.errors import PermissionDenied, Unauthenticated, YikatongError
 from yikatong.server import errors, roles
 from yikatong.server.errors import Undecodable
 from yikatong.server.log import access
@@ -53,9 +54,49 @@ def register(server, servicers, clients, message_module, table=roles.METHOD_ROLE
             (grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
+class Doorman(grpc.aio.ServerInterceptor):
+    """Step 1 from the headers alone, before gRPC waits for a request message or runs a
+    handler: a call whose bearer token is missing or unknown is answered UNAUTHENTICATED at
+    once, so callers that send headers and never a message hold no call slot for longer than
+    it takes to refuse them. Under mTLS a call without a token may still be identified by its
+    certificate (the handshake already checked it), which the handler looks up."""
+
+    def __init__(self, clients, tls: bool):
+        self._clients, self._tls = clients, tls
+
+    async def intercept_service(self, continuation, details):
+        method = details.method
+        if method.startswith(_PREFIX):
+            metadata = details.invocation_metadata
+            if not (self._tls and not any(k == "authorization" for k, _ in metadata)):
+                try:
+                    _IDENTIFIED.set(self._clients.identify(metadata))
+                except Unauthenticated as error:
+                    return _refuser(method[len(_PREFIX):].replace("/", "."), error)
+        return await continuation(details)
+
+
+_PREFIX = "/yikatong.v1."
+# The client the Doorman identified, for the handler of the same call (gRPC runs the
+# interceptor and the handler in the call's own task, so this never crosses calls).
+_IDENTIFIED: contextvars.ContextVar = contextvars.ContextVar("yikatong_client", default=None)
+
+
+def _refuser(name: str, error: Exception):
+    """A handler that refuses without reading a request message (a request-streaming handler
+    is called at once; the caller, unary or not, gets the status)."""
+    async def refuse(requests, context):
+        call = _Call(name)
+        try:
+            await call.refuse(context, error)
+        finally:
+            call.log()
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
 def _admitted(name: str, allowed, clients, context, request, client_streaming: bool):
     """Steps 1 to 3: (the client, the request) or a refusal."""
-    client = clients.identify(context.invocation_metadata(), context)
+    client = _IDENTIFIED.get() or clients.identify(context.invocation_metadata(), context)
     if client.role not in allowed:
         raise PermissionDenied(f"role {client.role.name} may not call {name}")
     if client_streaming:

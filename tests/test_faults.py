@@ -3,6 +3,7 @@ import os
 import queue
 import subprocess
 import sys
+import time
 import uuid
 
 import grpc
@@ -96,3 +97,26 @@ def test_a_read_only_data_dir_is_a_clear_startup_error(tmp_path):
     assert out.returncode == 2
     assert out.stderr.startswith(f"yikatong: cannot use data dir {ro}:")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_callers_without_a_token_that_never_send_a_message_hold_no_call_slot(tmp_path):
+    """The slot attack: more calls than --max-concurrent-rpcs, headers only, no token, no
+    message. Identity is checked on the headers, so each is refused at once; a bank switch
+    with a token is served within a second."""
+    with running(tmp_path, "--max-concurrent-rpcs", "8") as s:
+        feeds = [queue.Queue() for _ in range(20)]
+        raw = s.channel.stream_unary("/yikatong.v1.Authorization/Authorize",
+                                     request_serializer=lambda m: m,
+                                     response_deserializer=lambda b: b)
+        idle = [raw.future(iter(feed.get, None)) for feed in feeds]  # never a message
+        try:
+            time.sleep(0.5)
+            started = time.monotonic()
+            reply = s.status.GetStatus(pb.GetStatusRequest(card_number="1"),
+                                       metadata=s.md("BANK_SWITCH"), timeout=5)
+            assert time.monotonic() - started < 1.0 and reply.found is False
+            for call in idle:  # the idle calls were ended, not left holding slots
+                assert call.exception(timeout=5).code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            for feed in feeds:
+                feed.put(None)
