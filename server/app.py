@@ -498,6 +498,12 @@ def build(core: Core, clients: Clients, concurrent_rpcs_max: int = config.concur
         ("grpc.max_receive_message_length", config.message_size_max),
         ("grpc.max_send_message_length", config.message_size_max),
         ("grpc.so_reuseport", 0),  # one server per port until --workers shares it on purpose
+        ("grpc.max_connection_idle_ms", config.connection_idle_seconds_max * 1000),
+        ("grpc.max_connection_age_ms", config.connection_age_seconds_max * 1000),
+        ("grpc.max_connection_age_grace_ms", config.connection_age_grace_seconds * 1000),
+        ("grpc.keepalive_time_ms", config.keepalive_seconds * 1000),
+        ("grpc.keepalive_timeout_ms", config.keepalive_timeout_seconds * 1000),
+        ("grpc.max_concurrent_streams", config.streams_per_connection_max),
     ])
     kwargs = {} if table is None else {"table": table}
     calls.register(server, [cls(core) for cls in SERVICES], clients, pb, **kwargs)

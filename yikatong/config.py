@@ -10,6 +10,14 @@ message_size_max = 4 * 1024 * 1024  # bytes, gRPC receive limit
 clients_max = 10_000  # entries in a clients file
 concurrent_rpcs_max = 4096  # calls in progress at once; more are refused RESOURCE_EXHAUSTED
 
+# ---- connections (grpc's keep_alive example): every connection has a bounded life
+connection_idle_seconds_max = 300  # an idle connection is closed (GOAWAY) after this
+connection_age_seconds_max = 3600  # and any connection after this, so clients re-balance
+connection_age_grace_seconds = 30  # calls in progress get this long to finish
+keepalive_seconds = 60  # the server pings an idle peer; a dead one is dropped
+keepalive_timeout_seconds = 20
+streams_per_connection_max = 128  # concurrent calls on one connection
+
 # ---- storage
 lmdb_map_size = 8 * 1024**3  # bytes of address space; grows on disk only as used
 lmdb_max_dbs = 16
