@@ -122,68 +122,72 @@ def crash_loop(kills: int, seed: int = 1, workdir: str | None = None, clients_n:
         clients = write_clients(os.path.join(tmp, "clients.toml"), TOKENS)
         address = free_address()  # the same one across restarts
         server = Server(tmp, data, clients, address)
-        cards = setup(server, 8)
-        attempted, acked = {}, {}  # uid -> op ; uid -> answer
-        lost = doubled = 0
-        for k in range(kills):
-            stop = threading.Event()
+        try:
+            cards = setup(server, 8)
+            attempted, acked = {}, {}  # uid -> op ; uid -> answer
+            lost = doubled = 0
+            for k in range(kills):
+                stop = threading.Event()
 
-            def client(cid, server=server, k=k, stop=stop):
-                crng = random.Random(seed * 1_000_003 + k * 101 + cid)
-                i = 0
-                while not stop.is_set():
-                    uid = f"k{k}-c{cid}-{i}"
-                    op = make_op(crng, cards, uid)
-                    attempted[uid] = op
-                    try:
-                        acked[uid] = server.call(op)
-                    except grpc.RpcError as e:
-                        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                                        grpc.StatusCode.DEADLINE_EXCEEDED):
-                            return
-                    i += 1
+                def client(cid, server=server, k=k, stop=stop):
+                    crng = random.Random(seed * 1_000_003 + k * 101 + cid)
+                    i = 0
+                    while not stop.is_set():
+                        uid = f"k{k}-c{cid}-{i}"
+                        op = make_op(crng, cards, uid)
+                        attempted[uid] = op
+                        try:
+                            acked[uid] = server.call(op)
+                        except grpc.RpcError as e:
+                            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                            grpc.StatusCode.DEADLINE_EXCEEDED):
+                                return
+                        i += 1
 
-            threads = [threading.Thread(target=client, args=(c,)) for c in range(clients_n)]
-            for t in threads:
-                t.start()
-            time.sleep(rng.uniform(0.05, 0.4))
+                threads = [threading.Thread(target=client, args=(c,)) for c in range(clients_n)]
+                for t in threads:
+                    t.start()
+                time.sleep(rng.uniform(0.05, 0.4))
+                server.kill()
+                stop.set()
+                for t in threads:
+                    t.join()
+                server.close()
+                check_store(data)
+                server = Server(tmp, data, clients, address)
+                before = server.purses(cards)
+                this_round = [u for u in acked if u.startswith(f"k{k}-")]
+                older = rng.sample(sorted(acked.keys() - set(this_round)),
+                                   min(100, len(acked) - len(this_round)))
+                for uid in this_round + older:  # this round's, and a sample of all before
+                    if server.call(attempted[uid]) != acked[uid]:
+                        lost += 1
+                if server.purses(cards) != before:
+                    doubled += 1
+                if (k + 1) % 50 == 0:
+                    log(f"crash loop: {k + 1} kills, {len(acked):,} acknowledged, lost {lost}, "
+                        f"twice {doubled}")
+            # every attempted id once more: applied now, or before; then the exact sum
+            for op in attempted.values():
+                try:
+                    server.call(op)
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.FAILED_PRECONDITION:  # a lock already undone
+                        raise
+            expected = {c: OPENING for c in cards}
+            for op in attempted.values():
+                if op[0] == "Transfer":
+                    expected[op[1].credit.holder.card_number] += op[1].amount_fen
+                elif op[0] == "Authorize":
+                    expected[op[1].card_number] -= op[1].amount_fen
+            final = server.purses(cards)
+            mismatched = sum(final[c][pb.ACCOUNT_KIND_TRANSIT][0] != expected[c] for c in cards)
             server.kill()
-            stop.set()
-            for t in threads:
-                t.join()
             server.close()
             check_store(data)
-            server = Server(tmp, data, clients, address)
-            before = server.purses(cards)
-            this_round = [u for u in acked if u.startswith(f"k{k}-")]
-            older = rng.sample(sorted(acked.keys() - set(this_round)),
-                               min(100, len(acked) - len(this_round)))
-            for uid in this_round + older:  # this round's, and a sample of all before
-                if server.call(attempted[uid]) != acked[uid]:
-                    lost += 1
-            if server.purses(cards) != before:
-                doubled += 1
-            if (k + 1) % 50 == 0:
-                log(f"crash loop: {k + 1} kills, {len(acked):,} acknowledged, lost {lost}, "
-                    f"twice {doubled}")
-        # every attempted id once more: applied now, or before; then the exact sum
-        for op in attempted.values():
-            try:
-                server.call(op)
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.FAILED_PRECONDITION:  # a lock already undone
-                    raise
-        expected = {c: OPENING for c in cards}
-        for op in attempted.values():
-            if op[0] == "Transfer":
-                expected[op[1].credit.holder.card_number] += op[1].amount_fen
-            elif op[0] == "Authorize":
-                expected[op[1].card_number] -= op[1].amount_fen
-        final = server.purses(cards)
-        mismatched = sum(final[c][pb.ACCOUNT_KIND_TRANSIT][0] != expected[c] for c in cards)
-        server.kill()
-        server.close()
-        check_store(data)
+        finally:  # on any error on the way, leave no server running
+            if server.proc.poll() is None:
+                server.stop()
     return {"kills": kills, "acknowledged": len(acked), "attempted": len(attempted),
             "lost": lost, "twice": doubled, "purses_off": mismatched}
 

@@ -18,7 +18,7 @@ import time
 
 from yikatong import config
 from yikatong.fastpath import _authorize_c, _authorize_py
-from yikatong.model import Card, State
+from yikatong.model import Card, Channel, Flag, Pack, State
 from yikatong.storage.lmdb_store import Store
 
 NOW = 1_790_000_000
@@ -35,8 +35,9 @@ def build(store: Store, n: int, rng: random.Random) -> list[bytes]:
             for i in range(start, stop):
                 number = f"31{i:010d}"
                 book.put_card(Card(
-                    number, rng.choice((1, 1, 2, 3, 4)), rng.choice(states),
-                    flags=rng.choice((1, 3, 0)),
+                    number, rng.choice((Pack.SH, Pack.SH, Pack.GZ, Pack.BJ, Pack.RC)),
+                    rng.choice(states),
+                    flags=rng.choice((Flag.TRANSIT, Flag.TRANSIT | Flag.FINANCIAL_OPEN, 0)),
                     temp_loss_until=NOW + rng.randint(-2 * 86400, 5 * 86400),
                     generation=rng.choice((2,) * 50 + (1,))), NOW)
                 keys.append(number.encode())
@@ -65,7 +66,8 @@ def main() -> int:
         store = Store(tmp, map_size=4 * 1024**3)
         keys = build(store, args.cards, rng)
         requests = [(rng.choice(keys) if rng.random() < 0.99 else b"3199999999999",
-                     rng.randint(1, 6)) for _ in range(args.requests)]
+                     rng.randint(Channel.TRANSIT, Channel.STATUS))
+                    for _ in range(args.requests)]
         with store.read() as txn:
             in_memory = [(txn.get(k, db=store.dbs.cards), ch) for k, ch in requests]
         cards_db = store.dbs.cards

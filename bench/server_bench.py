@@ -116,8 +116,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess(tmp, "--demo", clients=False)
         ours = server.address
-        procs = [start(["bench/echo_server.py", echo], "echo: serving on")]
+        procs = []
         try:
+            procs.append(start(["bench/echo_server.py", echo], "echo: serving on"))
             cards = card_numbers(server.data_dir)
             u, e, st = [], [], []
             for _ in range(args.repeat):  # interleaved, so drift hits all three alike

@@ -54,17 +54,25 @@ def main() -> int:
                                clients=False, data_dir=data)
         address = server.address
         seconds = int(args.minutes * 60)
-        locust = subprocess.Popen(
-            [sys.executable, "-m", "locust", "-f", "bench/locustfile.py", "--headless", "--host",
-             address, "--users", str(args.users), "--spawn-rate", str(args.users), "--run-time",
-             f"{seconds}s", "--cards-dir", data, "--csv", os.path.join(data, "soak"),
-             "--only-summary", "--max-failure-ratio", "0"], cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(args.warmup_seconds)
-        start = sample(server.proc.pid, data)
-        locust_rc = locust.wait()
-        end = sample(server.proc.pid, data)
-        server_rc = server.stop()
+        locust = None
+        try:
+            locust = subprocess.Popen(
+                [sys.executable, "-m", "locust", "-f", "bench/locustfile.py", "--headless",
+                 "--host", address, "--users", str(args.users), "--spawn-rate", str(args.users),
+                 "--run-time", f"{seconds}s", "--cards-dir", data, "--csv",
+                 os.path.join(data, "soak"), "--only-summary", "--max-failure-ratio", "0"],
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(args.warmup_seconds)
+            start = sample(server.proc.pid, data)
+            locust_rc = locust.wait()
+            end = sample(server.proc.pid, data)
+            server_rc = server.stop()
+        finally:  # on any error on the way, leave nothing running
+            if locust is not None and locust.poll() is None:
+                locust.kill()
+                locust.wait()
+            if server.proc.poll() is None:
+                server.stop()
         with open(os.path.join(data, "soak_stats.csv")) as f:
             total = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
     requests, failures = int(total["Request Count"]), int(total["Failure Count"])

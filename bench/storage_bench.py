@@ -32,6 +32,7 @@ from yikatong import ledger
 from yikatong.model import (
     AccountKind,
     Card,
+    Flag,
     Pack,
     State,
     holder_account_key,
@@ -52,7 +53,7 @@ def lmdb_setup(path: str, n: int) -> Store:
         def command(book):
             for h in range(start, stop):
                 book.txn.put(f"31{h:010d}".encode(), records.encode_card(Card(
-                    f"31{h:010d}", Pack.SH, State.ACTIVE, flags=1, holder_id=h)),
+                    f"31{h:010d}", Pack.SH, State.ACTIVE, flags=Flag.TRANSIT, holder_id=h)),
                     db=book.dbs.cards)
             ledger.open_balances(book, topup, [(holder_account_key(h, AccountKind.TRANSIT), 10**9)
                                                for h in range(start, stop)])
@@ -176,7 +177,7 @@ def main() -> int:
                     row = db.execute("SELECT pack, state, flags, holder_id, temp_loss_until, "
                                      "valid_until FROM cards WHERE number = ?", (n,)).fetchone()
                     Card(n, row[0], row[1], row[2], holder_id=row[3], temp_loss_until=row[4],
-                               valid_until=row[5])
+                         valid_until=row[5])
                 db.execute("COMMIT")
 
         run = [0]
@@ -226,7 +227,7 @@ def main() -> int:
                                     "SELECT pack, state, flags, holder_id, temp_loss_until, "
                                     "valid_until FROM cards WHERE number = %s", (n,)).fetchone()
                                 Card(n, row[0], row[1], row[2], holder_id=row[3],
-                                           temp_loss_until=row[4], valid_until=row[5])
+                                     temp_loss_until=row[4], valid_until=row[5])
 
                 def pg_debits():
                     run[0] += 1

@@ -58,7 +58,12 @@ class ServerProcess:
         workdir = str(workdir)
         self.data_dir = data_dir or os.path.join(workdir, "data")
         self.address = address or free_address()
-        self.log_path = os.path.join(workdir, f"server-{self.address.rsplit(':', 1)[1]}.log")
+        # one log per start: a restart on the same address (the crash loop) keeps the last
+        # one's output, which is what explains a loss if one is ever found
+        port, n = self.address.rsplit(":", 1)[1], 0
+        while os.path.exists(os.path.join(workdir, f"server-{port}-{n}.log")):
+            n += 1
+        self.log_path = os.path.join(workdir, f"server-{port}-{n}.log")
         args = [sys.executable, "-m", "yikatong", "serve", "--data-dir", self.data_dir,
                 "--listen", self.address, *extra]
         if clients:
