@@ -1,5 +1,5 @@
 """Structured logs: one JSON object per line on stderr. Never a full social security number,
-a name or any other holder PII: log card numbers and client ids, and mask an SSN with `mask`.
+a name or any other holder PII: log card numbers and client ids.
 
 Events and errors go through `logging` (JsonFormatter). The access log, one line per call, is
 on the hot path of every call, so it does not: `AccessLog` formats its fixed fields itself and
@@ -98,8 +98,3 @@ def setup(level: str = "info") -> None:
 def started(**fields) -> None:
     """The start-up line: what this server is and how it serves."""
     logging.getLogger("yikatong.server").info("started", extra={"fields": fields})
-
-
-def mask(ssn: str) -> str:
-    """3101********1234: the region and the last four, never the birth date."""
-    return ssn[:4] + "*" * max(len(ssn) - 8, 0) + ssn[-4:] if len(ssn) > 8 else "*" * len(ssn)
