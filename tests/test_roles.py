@@ -1,0 +1,95 @@
+"""Every role against every method, and Authorize against every channel, as API.md's table
+"Who may call what" states them, over gRPC. The table is written out again here from API.md,
+independently of server/roles.py, so a slip in either shows."""
+import grpc
+import pytest
+from test_calls import error_info
+
+from yikatong.model import Role
+from yikatong.server.harness import running
+from yikatong.v1 import yikatong_pb2 as pb
+
+TERMINALS = {"TRANSIT_GATE", "MEDICAL_TERMINAL", "BENEFIT_COUNTER"}
+OUTLETS = {"COMMUNITY_OUTLET", "BANK_OUTLET"}
+STATUS = TERMINALS | {"BANK_SWITCH"} | OUTLETS | {"CARD_AGENCY"}
+APPLY = {"COMMUNITY_OUTLET", "BANK_OUTLET", "ONLINE_PLATFORM"}
+BANK = {"BANK_OUTLET", "BANK_SWITCH"}
+MONEY = {"CARD_AGENCY", "HRSS", "BANK_SWITCH"}
+
+# API.md, "Identity and roles"
+API_TABLE = {
+    "CardStatus.GetStatus": STATUS, "CardStatus.GetStatusBatch": STATUS,
+    "Lifecycle.Apply": APPLY, "Lifecycle.Replace": APPLY, "Lifecycle.CancelLoss": APPLY,
+    "Lifecycle.Verify": {"CARD_AGENCY", "PUBLIC_SECURITY"},  # PUBLIC_SECURITY: RC cards
+    "Lifecycle.Issue": {"CARD_AGENCY", "PUBLIC_SECURITY"},
+    "Lifecycle.Cancel": {"CARD_AGENCY", "HRSS", "PUBLIC_SECURITY"},
+    "Lifecycle.Activate": APPLY | {"SERVICE_HOTLINE"},
+    "Lifecycle.ReportTemporaryLoss": {"SERVICE_HOTLINE", "ONLINE_PLATFORM"},
+    "Lifecycle.ReportLoss": APPLY | {"SERVICE_HOTLINE"},
+    "Lifecycle.OpenFinancial": BANK, "Lifecycle.ReportBankLoss": BANK,
+    "Lifecycle.CancelBankLoss": BANK, "Lifecycle.LockApplication": BANK,
+    "Lifecycle.UnlockApplication": BANK,
+    "Ledger.Transfer": MONEY, "Ledger.Reverse": MONEY,
+    "Ledger.GetBalances": TERMINALS | OUTLETS | {"ONLINE_PLATFORM"},
+    "Admin.AdvanceClock": {"ADMIN"}, "Admin.SetClock": {"ADMIN"},
+}
+# API.md gives no row for reading a card (GetCard): the outlets, the platform, the hotline
+# and the agency that act on cards read them (docs/DECISIONS.md).
+API_TABLE["Lifecycle.GetCard"] = APPLY | {"SERVICE_HOTLINE", "CARD_AGENCY"}
+CHANNELS = {pb.CHANNEL_TRANSIT: {"TRANSIT_GATE"}, pb.CHANNEL_MEDICAL: {"MEDICAL_TERMINAL"},
+            pb.CHANNEL_BENEFIT: {"BENEFIT_COUNTER"}, pb.CHANNEL_FINANCIAL: {"BANK_SWITCH"},
+            pb.CHANNEL_SERVICE: {"COMMUNITY_OUTLET", "HRSS", "PUBLIC_SECURITY"},
+            pb.CHANNEL_STATUS: STATUS}
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    with running(tmp_path_factory.mktemp("roles")) as s:
+        yield s
+
+
+def _call(srv, full_name: str, role: str):
+    service, method = full_name.split(".")
+    descriptor = pb.DESCRIPTOR.services_by_name[service].methods_by_name[method]
+    request = getattr(pb, descriptor.input_type.name)()  # empty: the role is judged first
+    stub = getattr(srv, {"Lifecycle": "lifecycle", "CardStatus": "status", "Ledger": "ledger",
+                         "Admin": "admin"}[service])
+    try:
+        getattr(stub, method)(request, metadata=srv.md(role), timeout=10)
+    except grpc.RpcError as error:
+        return error
+    return None
+
+
+def test_every_role_against_every_method_as_api_md_says(srv):
+    services = ("CardStatus", "Lifecycle", "Ledger", "Admin")
+    described = {f"{s}.{m.name}" for s in services
+                 for m in pb.DESCRIPTOR.services_by_name[s].methods}
+    assert described == set(API_TABLE)
+    wrong = []
+    for name in sorted(API_TABLE):
+        for role in Role:
+            error = _call(srv, name, role.name)
+            denied = error is not None and error.code() == grpc.StatusCode.PERMISSION_DENIED
+            if denied:
+                assert error_info(error).reason == "ROLE_NOT_ALLOWED", (name, role)
+            if denied == (role.name in API_TABLE[name]):
+                wrong.append((name, role.name, error.code() if error else "OK"))
+    assert not wrong, wrong
+
+
+def test_every_role_against_every_authorize_channel(srv):
+    wrong = []
+    for channel, allowed in CHANNELS.items():
+        for role in Role:
+            try:
+                srv.authorization.Authorize(pb.AuthorizeRequest(
+                    request_id="r", card_number="310000000001", channel=channel),
+                    metadata=srv.md(role.name), timeout=10)
+                denied = False
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error
+                denied = True
+            if denied == (role.name in allowed):
+                wrong.append((pb.Channel.Name(channel), role.name))
+    assert not wrong, wrong
