@@ -59,22 +59,25 @@ class Core:
         """Run `command(book)` in the writer; answered after its commit."""
         return await asyncio.wrap_future(self.store.submit(command))
 
-    async def write_once(self, method: str, request_id: str, request, op) -> bytes:
+    async def write_once(self, method: str, client: Client, request_id: str, request,
+                         op) -> bytes:
         """Run `op(book, now, fingerprint) -> answer bytes` in the writer, once per id: a
         replay gets the first answer; the same id with other fields is ID_REUSED. One id
         space for every write (lifecycle request ids, transfer ids, Authorize request ids)."""
-        fp = fingerprint(method, request)
+        fp = fingerprint(method, client, request)
         clock = self.clock
         return await self.write(
             lambda book: book.once(request_id, fp, lambda: op(book, clock.now(), fp)))
 
 
-def fingerprint(method: str, request) -> bytes:
-    """What a request id is bound to: the method and every field of the request the server
-    understands (unknown fields, which a newer client may send, are not part of it)."""
+def fingerprint(method: str, client: Client, request) -> bytes:
+    """What a request id is bound to: the client that sent it, the method, and every field of
+    the request the server understands (unknown fields, which a newer client may send, are
+    not part of it). Another client replaying the id is ID_REUSED: it never sees the answer
+    (nor skips the checks of who may act that the first call passed)."""
     request.DiscardUnknownFields()
-    return hashlib.sha256(
-        method.encode() + b"\0" + request.SerializeToString(deterministic=True)).digest()
+    return hashlib.sha256(f"{client.id}\0{method}\0".encode()
+                          + request.SerializeToString(deterministic=True)).digest()
 
 
 # --------------------------------------------------------------------- Authorization
@@ -128,7 +131,7 @@ class Authorization:
     def money_command(self, money, client: Client, field_prefix: bool = False):
         """The writer command for [(index, request)] that move money: each decided, debited
         and remembered under its request id, in order, in one transaction."""
-        fingerprints = [fingerprint("Authorize", q) for _, q in money]
+        fingerprints = [fingerprint("Authorize", client, q) for _, q in money]
         clock, policy, role = self.core.clock, self.core.policy, client.role
 
         def decide(book, q, fp) -> bytes:
@@ -252,17 +255,17 @@ class Lifecycle:
     def __init__(self, core: Core):
         self.core = core
 
-    async def _write(self, method: str, request, op) -> pb.Card:
+    async def _write(self, method: str, request, client: Client, op) -> pb.Card:
         """Run `op(book, now) -> Card` in the writer, once per request id."""
         validate.request_id(request.request_id)
         answer = await self.core.write_once(
-            method, request.request_id, request,
+            method, client, request.request_id, request,
             lambda book, now, _: card_message(book, op(book, now), now).SerializeToString())
         return pb.Card.FromString(answer)
 
-    def _card_op(self, method, request, fn, *args):
+    def _card_op(self, method, request, client, fn, *args):
         validate.card_number(request.card_number)
-        return self._write(method, request,
+        return self._write(method, request, client,
                            lambda book, now: fn(book, now, request.card_number, *args))
 
     async def Apply(self, request, client: Client):
@@ -274,65 +277,66 @@ class Lifecycle:
         h = request.holder
         eligibility = Eligibility(h.household_registered, h.insured, h.entitled_public_services,
                                   request.residence_registered_since, request.residence_basis)
-        return await self._write("Apply", request, lambda book, now: cards.apply(
+        return await self._write("Apply", request, client, lambda book, now: cards.apply(
             book, now, pack=request.pack, holder=holder, eligibility=eligibility,
             with_transit=request.with_transit, service_bank=request.service_bank,
             instant=request.instant, role=client.role, banks=self.core.banks))
 
     async def Verify(self, request, client: Client):
         validate.text(request.reason, "reason")
-        return await self._card_op("Verify", request, cards.verify, request.approved,
+        return await self._card_op("Verify", request, client, cards.verify, request.approved,
                                    request.reason, client.role)
 
     async def Issue(self, request, client: Client):
         validate.text(request.issuing_organ, "issuing_organ")
-        return await self._card_op("Issue", request, cards.issue, client.role,
+        return await self._card_op("Issue", request, client, cards.issue, client.role,
                                    request.issuing_organ)
 
     async def Activate(self, request, client: Client):
-        return await self._card_op("Activate", request, cards.activate)
+        return await self._card_op("Activate", request, client, cards.activate)
 
     async def OpenFinancial(self, request, client: Client):
         validate.bank(request.bank, "bank", required=True)
-        return await self._card_op("OpenFinancial", request, cards.open_financial, request.bank)
+        return await self._card_op("OpenFinancial", request, client, cards.open_financial,
+                                   request.bank)
 
     async def ReportTemporaryLoss(self, request, client: Client):
-        return await self._card_op("ReportTemporaryLoss", request, cards.report_temporary_loss,
-                                   client.role)
+        return await self._card_op("ReportTemporaryLoss", request, client,
+                                   cards.report_temporary_loss, client.role)
 
     async def ReportLoss(self, request, client: Client):
-        return await self._card_op("ReportLoss", request, cards.report_loss, client.role)
+        return await self._card_op("ReportLoss", request, client, cards.report_loss, client.role)
 
     async def CancelLoss(self, request, client: Client):
-        return await self._card_op("CancelLoss", request, cards.cancel_loss, client.role)
+        return await self._card_op("CancelLoss", request, client, cards.cancel_loss, client.role)
 
     async def ReportBankLoss(self, request, client: Client):
-        return await self._card_op("ReportBankLoss", request, cards.report_bank_loss)
+        return await self._card_op("ReportBankLoss", request, client, cards.report_bank_loss)
 
     async def CancelBankLoss(self, request, client: Client):
-        return await self._card_op("CancelBankLoss", request, cards.cancel_bank_loss)
+        return await self._card_op("CancelBankLoss", request, client, cards.cancel_bank_loss)
 
     async def Replace(self, request, client: Client):
         validate.enum(request.reason, pb.ReplaceReason, "reason")
         validate.bank(request.service_bank, "service_bank", required=False)
-        return await self._card_op("Replace", request, cards.replace, request.reason,
+        return await self._card_op("Replace", request, client, cards.replace, request.reason,
                                    request.instant, client.role, request.service_bank,
                                    self.core.banks)
 
     async def Cancel(self, request, client: Client):
         validate.text(request.reason, "reason", required=True)
         validate.enum(request.ground, pb.CancelGround, "ground")
-        return await self._card_op("Cancel", request, cards.cancel, request.reason,
+        return await self._card_op("Cancel", request, client, cards.cancel, request.reason,
                                    request.ground)
 
     async def LockApplication(self, request, client: Client):
         validate.enum(request.channel, pb.Channel, "channel")
-        return await self._card_op("LockApplication", request, cards.lock_application,
+        return await self._card_op("LockApplication", request, client, cards.lock_application,
                                    request.channel, True)
 
     async def UnlockApplication(self, request, client: Client):
         validate.enum(request.channel, pb.Channel, "channel")
-        return await self._card_op("UnlockApplication", request, cards.lock_application,
+        return await self._card_op("UnlockApplication", request, client, cards.lock_application,
                                    request.channel, False)
 
     async def GetCard(self, request, client: Client):
@@ -414,7 +418,7 @@ class Ledger:
                     pending=request.phase == Phase.HOLD, timeout=request.timeout_seconds,
                     role=role, card_number=debit_card or credit_card, fingerprint=fingerprint))
         return pb.TransferResponse.FromString(
-            await self.core.write_once("Transfer", tid, request, op))
+            await self.core.write_once("Transfer", client, tid, request, op))
 
     async def Reverse(self, request, client: Client):
         original = validate.request_id(request.transfer_id, "transfer_id")
@@ -427,7 +431,7 @@ class Ledger:
                                                        request.amount_fen, role=role,
                                                        fingerprint=fingerprint))
         return pb.TransferResponse.FromString(
-            await self.core.write_once("Reverse", rid, request, op))
+            await self.core.write_once("Reverse", client, rid, request, op))
 
     async def GetBalances(self, request, client: Client):
         validate.card_number(request.card_number)
@@ -493,8 +497,10 @@ def build(core: Core, clients: Clients, concurrent_rpcs_max: int = config.concur
     health servicer. A role table that does not match the proto raises roles.TableError."""
     # Too many callers: new calls beyond the limit are refused at once (RESOURCE_EXHAUSTED);
     # calls already in progress are unaffected.
+    servicers = [cls(core) for cls in SERVICES]
+    doorman = calls.Doorman(clients, tls, calls.served_methods(pb, servicers))
     server = grpc.aio.server(maximum_concurrent_rpcs=concurrent_rpcs_max,
-                             interceptors=[calls.Doorman(clients, tls)], options=[
+                             interceptors=[doorman], options=[
         ("grpc.max_receive_message_length", config.message_size_max),
         ("grpc.max_send_message_length", config.message_size_max),
         ("grpc.so_reuseport", 0),  # one server per port until --workers shares it on purpose
@@ -506,7 +512,7 @@ def build(core: Core, clients: Clients, concurrent_rpcs_max: int = config.concur
         ("grpc.max_concurrent_streams", config.streams_per_connection_max),
     ])
     kwargs = {} if table is None else {"table": table}
-    calls.register(server, [cls(core) for cls in SERVICES], clients, pb, **kwargs)
+    calls.register(server, servicers, clients, pb, **kwargs)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer

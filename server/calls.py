@@ -61,22 +61,32 @@ class Doorman(grpc.aio.ServerInterceptor):
     it takes to refuse them. Under mTLS a call without a token may still be identified by its
     certificate (the handshake already checked it), which the handler looks up."""
 
-    def __init__(self, clients, tls: bool):
-        self._clients, self._tls = clients, tls
+    def __init__(self, clients, tls: bool, methods: dict[str, str]):
+        """`methods`: the path of every method served ("/yikatong.v1.Ledger/Transfer") and
+        its name ("Ledger.Transfer"); any other path is gRPC's to refuse (UNIMPLEMENTED)."""
+        self._clients, self._tls, self._methods = clients, tls, methods
 
     async def intercept_service(self, continuation, details):
-        method = details.method
-        if method.startswith(_PREFIX):
+        name = self._methods.get(details.method)
+        if name is not None:
             metadata = details.invocation_metadata
             if not (self._tls and not any(k == "authorization" for k, _ in metadata)):
                 try:
                     _IDENTIFIED.set(self._clients.identify(metadata))
                 except Unauthenticated as error:
-                    return _refuser(method[len(_PREFIX):].replace("/", "."), error)
+                    return _refuser(name, error)
         return await continuation(details)
 
 
-_PREFIX = "/yikatong.v1."
+def served_methods(message_module, servicers) -> dict[str, str]:
+    """{"/yikatong.v1.Ledger/Transfer": "Ledger.Transfer", ...} for the servicers given."""
+    out = {}
+    for servicer in servicers:
+        service = message_module.DESCRIPTOR.services_by_name[type(servicer).__name__]
+        for m in service.methods:
+            out[f"/{service.full_name}/{m.name}"] = f"{service.name}.{m.name}"
+    return out
+
 # The client the Doorman identified, for the handler of the same call (gRPC runs the
 # interceptor and the handler in the call's own task, so this never crosses calls).
 _IDENTIFIED: contextvars.ContextVar = contextvars.ContextVar("yikatong_client", default=None)

@@ -8,9 +8,11 @@ from yikatong.errors import InvalidArgument
 from yikatong.storage import records
 from yikatong.v1 import yikatong_pb2 as pb
 
-# Control characters (C0, DEL, C1) and the bidirectional controls that make a text read
-# otherwise than it is stored (Trojan Source): refused in every text field.
-_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# Control characters (C0, DEL, C1), line and paragraph separators, zero-width characters and
+# the bidirectional controls that make a text read otherwise than it is stored (Trojan
+# Source): refused in every text field.
+_FORBIDDEN = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
 def card_number(value: str, field: str = "card_number") -> str:

@@ -96,6 +96,7 @@ class Store:
         self.env.reader_check()  # clear reader slots left by dead processes
         self.dbs = Dbs(self.env)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._drain_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="lmdb-writer", daemon=True)
         self._writer.start()
 
@@ -136,6 +137,8 @@ class Store:
                              "(writer_queue_max); retry shortly")
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put((command, future))
+        if self.writer_error is not None:  # it died while this was queued: answer it here
+            self._fail_waiting()
         return future
 
     def write(self, command: Command):
@@ -154,7 +157,12 @@ class Store:
             log.critical("the LMDB writer thread died; writes fail until a restart",
                          exc_info=error)
             self._notify_health()
-            while True:  # answer everything already queued, so nobody waits for ever
+            self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        """After the writer's death: answer everything queued, so nobody waits for ever."""
+        with self._drain_lock:
+            while True:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:

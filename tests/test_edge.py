@@ -203,3 +203,46 @@ def test_data_files_are_owner_only_whatever_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert modes == {path: (0o700 if os.path.isdir(path) else 0o600) for path in modes}
+
+
+def test_a_request_id_belongs_to_the_client_that_sent_it(srv):
+    """Another client replaying the same request under the same id does not get the answer,
+    nor the work its own role could not do (GZ-7: a community outlet may not apply for GZ)."""
+    h = holder(39, ssn=ssn(39, "440103"), household_registered=True)
+    request = pb.ApplyRequest(request_id="gz-apply-39", pack=pb.PACK_GZ, holder=h,
+                              service_bank="ICBC")
+    first = srv.lifecycle.Apply(request, metadata=srv.md("BANK_OUTLET"))
+    assert srv.lifecycle.Apply(request, metadata=srv.md("BANK_OUTLET")) == first
+    other = error_of(srv.lifecycle.Apply, request, metadata=srv.md("COMMUNITY_OUTLET"))
+    assert other.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error_info(other).reason == "ID_REUSED" and first.card_number not in other.details()
+
+
+def test_an_unknown_method_path_is_unimplemented_and_writes_nothing_into_the_log(tmp_path):
+    forged = ('{"time": "2026-01-01T00:00:00.000+00:00", "level": "info", "logger": '
+              '"yikatong.access", "msg": "call", "method": "Ledger.Transfer", "client": "x", '
+              '"role": "CARD_AGENCY", "code": "OK", "ms": 1.0}')
+    with running(tmp_path) as s:
+        raw = s.channel.unary_unary('/yikatong.v1.Admin/SetClock"}\n' + forged + '\n{"x": "',
+                                    request_serializer=lambda m: m,
+                                    response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as e:
+            raw(b"", timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert forged not in s.output() and '"client": "x"' not in s.output()
+
+
+@pytest.mark.parametrize("bad", ["a\u2028b", "zero\u200bwidth", "bom\ufeff"])
+def test_request_ids_refuse_separators_and_invisible_characters(srv, bad):
+    error = error_of(srv.lifecycle.Issue, pb.IssueRequest(request_id=bad, card_number="1"),
+                     metadata=srv.md("CARD_AGENCY"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_dates_are_yyyy_mm_dd_only(srv):
+    h = holder(40, birth_date="2026-W01-1", household_registered=True)
+    error = error_of(srv.lifecycle.Apply, pb.ApplyRequest(
+        request_id=uuid.uuid4().hex, pack=pb.PACK_SH, holder=h),
+        metadata=srv.md("COMMUNITY_OUTLET"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("holder.birth_date")

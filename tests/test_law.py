@@ -375,3 +375,19 @@ def test_gz_9c_the_issuing_bank_is_on_the_configured_list(tmp_path):
 
 def test_gz_9c_without_a_list_the_check_is_off_and_start_up_says_so(srv):
     assert "issuing-bank check (GZ-9c) off: no --issuing-banks list configured" in srv.output()
+
+
+def test_sh_10_a_rejected_reapplication_leaves_the_original_replaceable(srv):
+    """SH-10: verification may fail; the holder is told, and is not left without a way to a
+    new card: the original may be renewed or replaced again."""
+    card = active(srv, 38)
+    new = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=card,
+               reason=pb.REPLACE_REASON_INFO_CHANGED)
+    rejected = call(srv, "Verify", "CARD_AGENCY", card_number=new.card_number, approved=False,
+                    reason="photo does not match")
+    assert rejected.state == pb.CARD_STATE_REJECTED
+    original = call(srv, "GetCard", "CARD_AGENCY", card_number=card)
+    assert original.state == pb.CARD_STATE_ACTIVE and not original.replacement_applied
+    again = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=card,
+                 reason=pb.REPLACE_REASON_DAMAGED)
+    assert again.state == pb.CARD_STATE_VERIFIED

@@ -58,9 +58,12 @@ def validate_ssn(ssn: str) -> None:
         raise InvalidArgument("holder.ssn", "check digit does not match (GB 11643)")
 
 
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
 def parse_date(field: str, text: str) -> dt.date:
     try:
-        if len(text) != 10:
+        if not _DATE.fullmatch(text):  # fromisoformat also takes week dates (2026-W01-1)
             raise ValueError
         return dt.date.fromisoformat(text)
     except ValueError:
@@ -283,8 +286,20 @@ def verify(book, now: int, card_number: str, approved: bool, reason: str,
                                   "a rejection must say why: the applicant is told (SH-10)")
         rec.state = State.REJECTED
         book.put_card_text(card_number, "note", reason)
+        _free_original(book, now, rec)
     book.put_card(rec, now)
     return rec
+
+
+def _free_original(book, now: int, rec: Card) -> None:
+    """A replacement that will never be issued (rejected, withdrawn): its original may be
+    replaced again (and, GZ-22, deregistered), so the holder is never stuck."""
+    if rec.replaces:
+        original = book.card(rec.replaces)
+        if original is not None and original.replaced_by == rec.card_number:
+            original.set(Flag.REPLACEMENT_APPLIED, False)
+            original.replaced_by = ""
+            book.put_card(original, now)
 
 
 def _issue(book, rec: Card, now: int) -> None:
@@ -518,11 +533,7 @@ def cancel(book, now: int, card_number: str, reason: str, ground: int) -> Card:
         _require(rec, (State.APPLIED, State.VERIFIED), "Cancel(APPLICATION_WITHDRAWN)", rule,
                  "an issued card is cancelled only on a ground of GZ-26 or RC-16")
         _cancel_one(book, now, rec, reason, ground)
-        if rec.replaces:
-            original = book.card(rec.replaces)
-            original.set(Flag.REPLACEMENT_APPLIED, False)
-            original.replaced_by = ""
-            book.put_card(original, now)
+        _free_original(book, now, rec)
         return rec
     current = book.current_card(rec.holder_id, rec.pack)
     targets = [rec, book.card(current) if current else None]
