@@ -40,7 +40,7 @@ DAY = 86400
 ORGAN = "上海市公安局黄浦分局"
 OPS = ("verify_ok", "verify_no", "issue", "activate", "temp_loss", "loss", "cancel_loss",
        "open_financial", "bank_loss", "cancel_bank_loss", "replace_lost", "replace_damaged",
-       "cancel_death", "withdraw", "lock", "unlock")
+       "replace_info", "cancel_death", "withdraw", "lock", "unlock")
 
 
 class ModelCard:
@@ -117,6 +117,7 @@ class InProcess:
             "cancel_bank_loss": (cards.cancel_bank_loss, ()),
             "replace_lost": (cards.replace, (ReplaceReason.LOST, False)),
             "replace_damaged": (cards.replace, (ReplaceReason.DAMAGED, pack != Pack.RC)),
+            "replace_info": (cards.replace, (ReplaceReason.INFO_CHANGED, False)),
             "cancel_death": (cards.cancel, ("death", CancelGround.DEATH)),
             "withdraw": (cards.cancel, ("withdrawn", CancelGround.APPLICATION_WITHDRAWN)),
             "lock": (cards.lock_application, (channel, True)),
@@ -152,6 +153,7 @@ class OverGrpc:
         "cancel_bank_loss": ("CancelBankLoss", "BANK_OUTLET", {}),
         "replace_lost": ("Replace", None, {"reason": pb.REPLACE_REASON_LOST}),
         "replace_damaged": ("Replace", None, {"reason": pb.REPLACE_REASON_DAMAGED}),
+        "replace_info": ("Replace", None, {"reason": pb.REPLACE_REASON_INFO_CHANGED}),
         "cancel_death": ("Cancel", "CARD_AGENCY", {"reason": "death",
                                                    "ground": pb.CANCEL_GROUND_DEATH}),
         "withdraw": ("Cancel", "CARD_AGENCY", {
@@ -234,7 +236,11 @@ def expect(cards_: dict, name: str, c: ModelCard, channel: int, now: int):
     if name == "verify_ok" and s == State.APPLIED:
         return to(State.VERIFIED)
     if name == "verify_no" and s == State.APPLIED:
-        return to(State.REJECTED)
+        def go():  # a rejected replacement frees its original (SH-10)
+            c.state = State.REJECTED
+            if c.replaces:
+                cards_[c.replaces].replaced_by = ""
+        return go
     if name == "issue" and s == State.VERIFIED:
         return lambda: issue(cards_, c)
     if name == "activate" and s == State.ISSUED and not rc:
@@ -262,9 +268,10 @@ def expect(cards_: dict, name: str, c: ModelCard, channel: int, now: int):
         def go():
             c.frozen = False
         return go
-    if name in ("replace_lost", "replace_damaged") and not pending and (
+    if name in ("replace_lost", "replace_damaged", "replace_info") and not pending and (
             (name == "replace_lost" and s == State.LOST)
-            or (name == "replace_damaged" and s in (State.ISSUED, State.ACTIVE))):
+            or (name != "replace_lost" and s in (State.ISSUED, State.ACTIVE)
+                and not (name == "replace_info" and rc))):  # RC-13: information is filed
         return "replace"
     if name == "cancel_death" and not final:
         def go():  # GZ-26: every card of the holder in the pack stops
@@ -292,7 +299,9 @@ def issue(cards_: dict, c: ModelCard) -> None:
 
 def replaced(cards_: dict, name: str, c: ModelCard, number: str, new_number: str) -> None:
     instant = name == "replace_damaged" and c.pack != Pack.RC
-    new = ModelCard(c.pack, c.holder, State.VERIFIED, replaces=number)
+    # SH-22: a Shanghai re-application goes through verification again
+    first = State.APPLIED if name == "replace_info" and c.pack == Pack.SH else State.VERIFIED
+    new = ModelCard(c.pack, c.holder, first, replaces=number)
     new.transit, new.financial = c.transit, c.financial
     c.replaced_by = new_number
     cards_[new_number] = new
