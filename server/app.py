@@ -38,6 +38,7 @@ from yikatong.server import log as log_module
 from yikatong.server.clients import Client, Clients
 from yikatong.server.errors import with_prefix
 from yikatong.server.roles import require_channel
+from yikatong.storage import records
 from yikatong.storage.lmdb_store import Store
 from yikatong.v1 import yikatong_pb2 as pb
 
@@ -180,12 +181,12 @@ class CardStatus:
         self.core = core
 
     def _status(self, book, number: str, now: int) -> pb.CardStatusResponse:
-        rec = book.card(number)  # CorruptRecord (DATA_LOSS) for a record not to be served
-        if rec is None:
+        raw = book.card_bytes(number)  # read once: decided on, then decoded
+        if raw is None:
             return pb.CardStatusResponse(card_number=number, found=False,
                                          reason=pb.DECLINE_REASON_CARD_NOT_FOUND)
-        reason = authorize.without_money(self.core.policy, book, number, Channel.MEDICAL, "",
-                                         now)
+        reason = authorize.on_record(self.core.policy, raw, number, Channel.MEDICAL, "", now)
+        rec = records.decode_card(number, raw)  # CorruptRecord (DATA_LOSS): not served
         return pb.CardStatusResponse(
             card_number=number, found=True, pack=rec.pack,
             state=cards.effective_state(rec, now), reason=reason,

@@ -18,8 +18,14 @@ def points_required(channel: int, service_code: str) -> int:
 def without_money(policy, book, card_number: str, channel: int, service_code: str,
                   now: int) -> int:
     """The decision for a use that moves no money: APPROVED (0) or the decline reason."""
-    reason = fastpath.decide(policy, book.card_bytes(card_number), channel, now,
-                             points_required(channel, service_code))
+    return on_record(policy, book.card_bytes(card_number), card_number, channel, service_code,
+                     now)
+
+
+def on_record(policy, record, card_number: str, channel: int, service_code: str,
+              now: int) -> int:
+    """The same decision on a card record already read (None: no such card)."""
+    reason = fastpath.decide(policy, record, channel, now, points_required(channel, service_code))
     if reason == fastpath.CORRUPT:
         raise CorruptRecord(f"card record {card_number} is corrupt; not deciding on it")
     return reason
