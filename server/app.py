@@ -493,7 +493,7 @@ SERVICES = (Authorization, CardStatus, Lifecycle, Ledger, Admin)
 
 
 def build(core: Core, clients: Clients, concurrent_rpcs_max: int = config.concurrent_rpcs_max,
-          table=None, tls: bool = False):
+          table=None, tls: bool = False, reuse_port: bool = False):
     """The grpc.aio server with every service registered (not yet bound or started), and its
     health servicer. A role table that does not match the proto raises roles.TableError."""
     # Too many callers: new calls beyond the limit are refused at once (RESOURCE_EXHAUSTED);
@@ -504,7 +504,8 @@ def build(core: Core, clients: Clients, concurrent_rpcs_max: int = config.concur
                              interceptors=[doorman], options=[
         ("grpc.max_receive_message_length", config.message_size_max),
         ("grpc.max_send_message_length", config.message_size_max),
-        ("grpc.so_reuseport", 0),  # one server per port until --workers shares it on purpose
+        # one server per port, unless the workers of one server share it on purpose
+        ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.max_connection_idle_ms", config.connection_idle_seconds_max * 1000),
         ("grpc.max_connection_age_ms", config.connection_age_seconds_max * 1000),
         ("grpc.max_connection_age_grace_ms", config.connection_age_grace_seconds * 1000),
@@ -529,11 +530,16 @@ async def _set_health(health_servicer, serving: bool) -> None:
 async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=None,
                 concurrent_rpcs_max: int = config.concurrent_rpcs_max,
                 stop: asyncio.Event | None = None, banks: IssuingBanks | None = None,
-                tls: tuple[bytes, bytes, bytes] | None = None, reflection: bool = False) -> None:
+                tls: tuple[bytes, bytes, bytes] | None = None, reflection: bool = False,
+                drain_seconds: float = config.drain_seconds, reuse_port: bool = False) -> None:
     """`tls` = (key, certificate chain, client CA), PEM: mTLS, a client certificate signed by
-    that CA required on every connection (a caller without one never reaches a handler)."""
+    that CA required on every connection (a caller without one never reaches a handler).
+    On `stop` (SIGTERM, SIGINT): health NOT_SERVING while still answering for
+    `drain_seconds` (load balancers and gates see it before the port closes), then new calls
+    are refused and calls in flight get SHUTDOWN_GRACE_SECONDS to finish."""
     core = Core(store, clock, banks)
-    server, health_servicer = build(core, clients, concurrent_rpcs_max, tls=tls is not None)
+    server, health_servicer = build(core, clients, concurrent_rpcs_max, tls=tls is not None,
+                                    reuse_port=reuse_port)
     if reflection:
         service_names = [pb.DESCRIPTOR.services_by_name[cls.__name__].full_name
                          for cls in SERVICES]
@@ -563,8 +569,10 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     if on_ready is not None:
         on_ready()
     await stop.wait()
-    # Graceful: say NOT_SERVING, refuse new calls, let in-flight calls finish, then close.
     store.on_health = None
-    await health_servicer.enter_graceful_shutdown()
+    await health_servicer.enter_graceful_shutdown()  # NOT_SERVING, and stays so
+    if drain_seconds > 0:
+        log.info("draining", extra={"fields": {"seconds": drain_seconds}})
+        await asyncio.sleep(drain_seconds)
     await server.stop(SHUTDOWN_GRACE_SECONDS)
     log_module.access.stop()

@@ -21,7 +21,11 @@ def main(argv=None) -> int:
     s.add_argument("--data-dir", default=".data/yikatong",
                    help="LMDB data dir (created if missing)")
     s.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT")
-    s.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    s.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing the port and data dir (0: one per core)")
+    s.add_argument("--drain-seconds", type=float, default=config.drain_seconds,
+                   help="after SIGTERM, health says NOT_SERVING while calls are still answered "
+                        "for this long, then the port closes")
     s.add_argument("--clients", help="clients file (TOML)")
     s.add_argument("--tls-cert", metavar="PEM", help="mTLS: the server's certificate chain")
     s.add_argument("--tls-key", metavar="PEM", help="mTLS: the server's private key")
@@ -73,17 +77,22 @@ def serve(args) -> int:
     from yikatong import ledger
     from yikatong.errors import StoreUnavailable
     from yikatong.server import demo, log
+    from yikatong.server.app import SHUTDOWN_GRACE_SECONDS
     from yikatong.server.app import serve as run_server
     from yikatong.server.clients import Clients
     from yikatong.server.roles import TableError
-    from yikatong.storage.lmdb_store import Store
+    from yikatong.server.workers import supervise
+    from yikatong.storage.lmdb_store import Store, lock_data_dir
 
     log.setup(args.log_level)
 
     if args.map_size_mib < 1 or args.max_concurrent_rpcs < 1:
         return _fail("--map-size-mib and --max-concurrent-rpcs must be at least 1")
-    if args.workers != 1:
-        return _fail("--workers other than 1 is not supported yet")
+    workers = args.workers or os.cpu_count() or 1
+    if not 1 <= workers <= config.workers_max:
+        return _fail(f"--workers must be 0 (one per core) to {config.workers_max}")
+    if not 0 <= args.drain_seconds <= 3600:
+        return _fail("--drain-seconds must be 0 to 3600")
     tls = None
     if args.tls_cert or args.tls_key or args.tls_ca:
         if not (args.tls_cert and args.tls_key and args.tls_ca):
@@ -93,6 +102,11 @@ def serve(args) -> int:
                                                                args.tls_ca))
         except OSError as error:
             return _fail(f"cannot read {error.filename}: {error.strerror}")
+        for flag, pem, marker in (("--tls-key", tls[0], b"PRIVATE KEY-----"),
+                                  ("--tls-cert", tls[1], b"-----BEGIN CERTIFICATE-----"),
+                                  ("--tls-ca", tls[2], b"-----BEGIN CERTIFICATE-----")):
+            if marker not in pem:
+                return _fail(f"{flag} is not a PEM file with a {marker.strip(b'-').decode()}")
     try:
         if args.clock == "manual":
             start = clocks.parse_time(args.clock_start) if args.clock_start else None
@@ -118,46 +132,71 @@ def serve(args) -> int:
     problem = _probe_listen(args.listen)
     if problem:
         return _fail(f"cannot listen on {args.listen}: {problem}")
-    try:
+
+    def open_store() -> Store:
         def sweep_expired_holds(book):
             ledger.expire_holds(book, clock.now())
 
-        store = Store(args.data_dir, map_size=args.map_size_mib * 2**20,
-                      periodic=sweep_expired_holds,
-                      check_command=ledger.check_invariants if CHECK_INVARIANTS else None)
-    except StoreUnavailable as error:
-        return _fail(str(error))
+        # the data dir's lock is held here, for every worker (lock_data_dir below)
+        return Store(args.data_dir, map_size=args.map_size_mib * 2**20, lock=False,
+                     periodic=sweep_expired_holds,
+                     check_command=ledger.check_invariants if CHECK_INVARIANTS else None)
+
     try:
-        if args.demo:
-            try:
-                demo.load(store, clock.now())
-            except ValueError as error:
-                return _fail(str(error))
-
-        def ready():
-            log.started(version=_version(), listen=args.listen, workers=args.workers,
-                        tls=tls is not None, reflection=args.reflection,
-                        data_dir=os.path.abspath(args.data_dir), map_size_mib=args.map_size_mib,
-                        clock=args.clock)
-            print("yikatong: issuing-bank check (GZ-9c) " + (
-                f"on: list version {banks.version}, {len(banks.names)} banks" if banks else
-                "off: no --issuing-banks list configured"), flush=True)
-            print(f"yikatong: serving on {args.listen} ({'mTLS' if tls else 'plaintext'}; data "
-                  f"dir {args.data_dir}, clock {args.clock} at "
-                  f"{clocks.format_time(clock.now())})", flush=True)
-            if args.demo:
-                _print_demo(store, args.listen)
-
+        lock = lock_data_dir(args.data_dir)  # held for the server's life, by every worker
+        showcase = []
+        store = open_store()  # opened (and the demo loaded) before any worker exists, closed
         try:
-            uvloop.run(run_server(store, clock, clients, args.listen, on_ready=ready,
+            if args.demo:
+                demo.load(store, clock.now())
+                showcase = demo.showcase(store, args.listen)
+        finally:
+            store.close()
+    except (StoreUnavailable, ValueError) as error:
+        return _fail(str(error))
+
+    def ready():
+        log.started(version=_version(), listen=args.listen, workers=workers,
+                    tls=tls is not None, reflection=args.reflection,
+                    data_dir=os.path.abspath(args.data_dir), map_size_mib=args.map_size_mib,
+                    clock=args.clock)
+        print("yikatong: issuing-bank check (GZ-9c) " + (
+            f"on: list version {banks.version}, {len(banks.names)} banks" if banks else
+            "off: no --issuing-banks list configured"), flush=True)
+        print(f"yikatong: serving on {args.listen} ({'mTLS' if tls else 'plaintext'}; "
+              f"{workers} worker{'s' if workers > 1 else ''}; data dir {args.data_dir}, clock "
+              f"{args.clock} at {clocks.format_time(clock.now())})", flush=True)
+        if args.demo:
+            _print_demo(showcase)
+
+    def run(on_ready) -> int:
+        """One server process: its own LMDB environment and gRPC server."""
+        try:
+            store = open_store()
+        except StoreUnavailable as error:
+            return _fail(str(error))
+        try:
+            uvloop.run(run_server(store, clock, clients, args.listen, on_ready=on_ready,
                                   concurrent_rpcs_max=args.max_concurrent_rpcs, banks=banks,
-                                  tls=tls, reflection=args.reflection))
+                                  tls=tls, reflection=args.reflection, reuse_port=workers > 1,
+                                  drain_seconds=args.drain_seconds))
         except (OSError, TableError) as error:
             return _fail(str(error))
+        finally:
+            store.close()
+        return 0
+
+    try:
+        if workers == 1:
+            code = run(ready)
+        else:
+            code = supervise(workers, run, ready,
+                             stop_seconds=args.drain_seconds + SHUTDOWN_GRACE_SECONDS + 5)
     finally:
-        store.close()
-    print("yikatong: stopped", flush=True)
-    return 0
+        os.close(lock)
+    if code == 0:
+        print("yikatong: stopped", flush=True)
+    return code
 
 
 def _version() -> str:
@@ -207,7 +246,7 @@ def _probe_listen(listen: str) -> str:
     return ""
 
 
-def _print_demo(store, listen: str) -> None:
+def _print_demo(showcase: list[tuple[str, str]]) -> None:
     from yikatong.server import demo
     from yikatong.server.clients import ROLES
 
@@ -215,7 +254,7 @@ def _print_demo(store, listen: str) -> None:
     for role in ROLES:
         print(f"  {role:<17} {demo.token_for(role)}")
     print("\nDemo cards: paste any of these in another shell; each prints the answer shown.")
-    for command, answer in demo.showcase(store, listen):
+    for command, answer in showcase:
         print(f"  {command}\n      -> {answer}")
     print("  (any unknown number -> DECLINED CARD_NOT_FOUND)\n", flush=True)
 

@@ -66,6 +66,8 @@ class ServerProcess:
         self.log_path = os.path.join(workdir, f"server-{port}-{n}.log")
         args = [sys.executable, "-m", "yikatong", "serve", "--data-dir", self.data_dir,
                 "--listen", self.address, *extra]
+        if "--drain-seconds" not in extra:  # tests stop servers often: no drain unless asked
+            args += ["--drain-seconds", "0"]
         if clients:
             args += ["--clients", write_clients(os.path.join(workdir, "clients.toml"))]
         self._log = open(self.log_path, "w")

@@ -8,6 +8,8 @@ writes what it gathered every `flush_seconds` (and at shutdown), in the same JSO
 import datetime
 import json
 import logging
+import os
+import select
 import sys
 import time
 
@@ -42,6 +44,7 @@ class AccessLog:
         self._second = -1
         self._stamp = ""
         self._timer = None
+        self._pid = os.getpid()
 
     def call(self, method: str, client_id: str, role: str, code: str, ms: float) -> None:
         now = time.time()
@@ -53,17 +56,26 @@ class AccessLog:
         self._lines.append(
             f'{{"time": "{self._stamp}.{int(now * 1000) % 1000:03d}+00:00", "level": "info", '
             f'"logger": "yikatong.access", "msg": "call", "method": "{method}", '
-            f'"client": "{client_id}", "role": "{role}", "code": "{code}", "ms": {ms:.3f}}}\n')
+            f'"client": "{client_id}", "role": "{role}", "code": "{code}", "ms": {ms:.3f}, '
+            f'"pid": {self._pid}}}\n')
         if len(self._lines) >= self.lines_max:
             self.flush()
 
     def flush(self) -> None:
-        if self._lines:
-            text, self._lines = "".join(self._lines), []
-            sys.stderr.write(text)
-            sys.stderr.flush()
+        """Whole lines only, each write at most PIPE_BUF bytes: the workers of one server
+        share stderr, and writes that size are never interleaved with another process's."""
+        if not self._lines:
+            return
+        data, self._lines = "".join(self._lines).encode(), []
+        sys.stderr.flush()
+        while data:
+            end = len(data) if len(data) <= select.PIPE_BUF else \
+                data.rfind(b"\n", 0, select.PIPE_BUF) + 1 or len(data)
+            written = os.write(sys.stderr.fileno(), data[:end])
+            data = data[written:]
 
     def start(self, loop) -> None:
+        self._pid = os.getpid()  # this worker's
         def tick():
             self.flush()
             self._timer = loop.call_later(self.flush_seconds, tick)

@@ -50,12 +50,35 @@ DIR_MODE, FILE_MODE = 0o700, 0o600
 Command = Callable[["Book"], Any]
 
 
+def lock_data_dir(data_dir: str) -> int:
+    """Take the data dir for this server (an exclusive flock on `yikatong.lock`, which holds
+    the pid): a second server on the same data dir is refused. The lock lasts as long as the
+    returned descriptor is open in any process (forked workers inherit it)."""
+    try:
+        os.makedirs(data_dir, mode=DIR_MODE, exist_ok=True)
+        os.chmod(data_dir, DIR_MODE)
+        fd = os.open(os.path.join(data_dir, "yikatong.lock"), os.O_RDWR | os.O_CREAT, FILE_MODE)
+    except OSError as e:
+        raise StoreUnavailable(f"cannot use data dir {data_dir}: {e.strerror}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreUnavailable(
+            f"data dir {data_dir} is locked by another running server") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 class Store:
     def __init__(self, data_dir: str, *, map_size: int = config.lmdb_map_size,
                  periodic: Command | None = None, check_command: Command | None = None,
                  group_max: int = config.writer_group_max,
-                 queue_max: int = config.writer_queue_max):
-        """`periodic(book)` runs in a group of its own when the writer has been idle for
+                 queue_max: int = config.writer_queue_max, lock: bool = True):
+        """`lock=False`: the caller holds the data dir's lock (lock_data_dir), as the parent
+        of `--workers` does for the worker processes that share the data dir on purpose.
+        `periodic(book)` runs in a group of its own when the writer has been idle for
         `config.writer_idle_seconds`, and at least that often under load (the hold sweep);
         `check_command(book)` runs at the end of every group before it commits (invariants,
         in tests and debug runs)."""
@@ -73,25 +96,17 @@ class Store:
             for d in (data_dir, lmdb_dir):
                 os.makedirs(d, mode=DIR_MODE, exist_ok=True)
                 os.chmod(d, DIR_MODE)
-            self._lock_fd = os.open(os.path.join(data_dir, "yikatong.lock"),
-                                    os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as e:
             raise StoreUnavailable(f"cannot use data dir {data_dir}: {e.strerror}") from e
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise StoreUnavailable(
-                f"data dir {data_dir} is locked by another running server") from None
-        os.ftruncate(self._lock_fd, 0)
-        os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = lock_data_dir(data_dir) if lock else None
         # Opened here, in the process that uses it (after any fork), never inherited.
         try:
             self.env = self._open(lmdb_dir, map_size)
             for name in os.listdir(lmdb_dir):
                 os.chmod(os.path.join(lmdb_dir, name), FILE_MODE)
         except (lmdb.Error, OSError) as e:
-            os.close(self._lock_fd)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
             raise StoreUnavailable(f"cannot open the LMDB store in {data_dir}: {e}") from e
         self.env.reader_check()  # clear reader slots left by dead processes
         self.dbs = Dbs(self.env)
@@ -203,7 +218,7 @@ class Store:
         assert self._periodic is not None
         was_healthy = self.healthy
         try:
-            with self.env.begin(write=True) as txn:
+            with self._begin_write() as txn:
                 self._periodic(Book(txn, self.dbs))
         except Exception as error:  # noqa: BLE001 - logged and counted, never swallowed
             self.periodic_failures += 1
@@ -228,7 +243,7 @@ class Store:
             return
         outcomes: list[tuple[concurrent.futures.Future, Any, BaseException | None]] = []
         try:
-            with self.env.begin(write=True) as txn:
+            with self._begin_write() as txn:
                 for command, future in group:
                     child = self.env.begin(write=True, parent=txn)
                     try:
@@ -255,6 +270,16 @@ class Store:
             else:
                 future.set_exception(error)
 
+    def _begin_write(self):
+        """A write transaction, with the change sequence read inside it: LMDB lets one
+        write transaction at a time into the environment, across every process (`--workers`),
+        so the last key of the change log is the truth, and no two writers hand out a sequence
+        twice. A command that rolls back leaves a gap, which readers of the log skip."""
+        txn = self.env.begin(write=True)
+        with txn.cursor(db=self.dbs.changes) as cur:
+            self.dbs.change_seq = _U64.unpack(cur.key())[0] if cur.last() else 0
+        return txn
+
     def _full(self, error: BaseException) -> BaseException:
         if isinstance(error, lmdb.MapFullError):
             size = self.env.info()["map_size"] // 2**20
@@ -267,7 +292,8 @@ class Store:
         self._queue.put(_STOP)
         self._writer.join()
         self.env.close()
-        os.close(self._lock_fd)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
 
 
 class Dbs:
@@ -286,10 +312,7 @@ class Dbs:
         self.changes = env.open_db(b"changes")  # u64 sequence -> change record
         # RC-13: a holder's Shanghai residence addresses, oldest first
         self.residences = env.open_db(b"residences")  # u64 holder_id + u32 n -> i64 since + UTF-8
-        # The change sequence lives in the writer's memory: only the writer appends. A command
-        # that rolls back leaves a gap, which readers of the log simply skip.
-        with env.begin() as txn, txn.cursor(db=self.changes) as cur:
-            self.change_seq = _U64.unpack(cur.key())[0] if cur.last() else 0
+        self.change_seq = 0  # the last sequence handed out: read in each write (_begin_write)
 
 
 class Book:

@@ -178,3 +178,19 @@ def test_reflection_lists_the_services_and_start_up_says_how_it_serves(tmp_path)
     assert started["listen"] == s.address and started["tls"] is False
     assert started["workers"] == 1 and started["map_size_mib"] > 0
     assert started["data_dir"].endswith("data") and started["version"]
+
+
+@pytest.mark.parametrize("flag, marker", [("--tls-key", "PRIVATE KEY"),
+                                          ("--tls-cert", "BEGIN CERTIFICATE"),
+                                          ("--tls-ca", "BEGIN CERTIFICATE")])
+def test_a_tls_file_that_is_not_pem_is_one_clear_line(pki, tmp_path, flag, marker):
+    d = pki[0]
+    (tmp_path / "junk.pem").write_text("not a key")
+    paths = {"--tls-key": d / "server.key", "--tls-cert": d / "server.crt",
+             "--tls-ca": d / "ca.crt", flag: tmp_path / "junk.pem"}
+    bad = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--workers", "2",
+                          "--data-dir", str(tmp_path / "d"), "--listen", "127.0.0.1:0",
+                          *(str(x) for kv in paths.items() for x in kv)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"yikatong: {flag} is not a PEM file with a {marker}"

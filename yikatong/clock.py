@@ -1,11 +1,17 @@
 """The one clock. All time in the server comes from here, in integer unix seconds, so
 tests can move it (`--clock manual`)."""
+import contextlib
 import datetime as _dt
+import fcntl
+import mmap
+import os
+import struct
 import threading
 import time
 
 from yikatong import config
 
+_NOW = struct.Struct("<q")
 LAW_TZ = _dt.timezone(_dt.timedelta(seconds=config.law_utc_offset_seconds), "Asia/Shanghai")
 
 
@@ -18,37 +24,54 @@ class SystemClock:
 
 class ManualClock:
     """Moves only when told to. Never moves backwards: a backwards step is refused, since
-    every deadline and hold in the store was computed against the time already shown."""
+    every deadline and hold in the store was computed against the time already shown.
+
+    Shared by every worker process: the time lives in 8 bytes of shared memory made before
+    the workers are forked, so AdvanceClock on one worker moves the clock all of them decide
+    with. A move takes a POSIX record lock on that memory (per process, released if the
+    process dies) and a thread lock (record locks do not exclude threads of one process)."""
 
     manual = True
 
     def __init__(self, start: int):
-        self._now = check_time(int(start))
-        self._lock = threading.Lock()
+        self._fd = os.memfd_create("yikatong-clock")
+        os.ftruncate(self._fd, _NOW.size)
+        self._shared = mmap.mmap(self._fd, _NOW.size)
+        self._thread_lock = threading.Lock()
+        _NOW.pack_into(self._shared, 0, check_time(int(start)))
 
     def now(self) -> int:
-        return self._now
+        return _NOW.unpack_from(self._shared)[0]
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with self._thread_lock:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+            try:
+                yield self.now()
+            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def advance(self, seconds: int) -> int:
         if seconds < 0:
             raise ValueError("seconds must not be negative: the clock never moves backwards")
-        with self._lock:
-            if seconds > config.time_max - self._now:
+        with self._locked() as now:
+            if seconds > config.time_max - now:
                 raise ValueError(f"{seconds} seconds would move the clock past its end, "
                                  f"{format_time(config.time_max)}")
-            self._now += seconds
-            return self._now
+            _NOW.pack_into(self._shared, 0, now + seconds)
+            return now + seconds
 
     def set(self, t: int) -> int:
         check_time(t)
-        with self._lock:
-            if t < self._now:
+        with self._locked() as now:
+            if t < now:
                 raise ValueError(
-                    f"time {format_time(t)} is before the clock's {format_time(self._now)}: "
+                    f"time {format_time(t)} is before the clock's {format_time(now)}: "
                     "the clock never moves backwards"
                 )
-            self._now = t
-            return self._now
+            _NOW.pack_into(self._shared, 0, t)
+            return t
 
 
 def check_time(t: int) -> int:

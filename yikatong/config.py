@@ -10,6 +10,10 @@ message_size_max = 4 * 1024 * 1024  # bytes, gRPC receive limit
 clients_max = 10_000  # entries in a clients file
 concurrent_rpcs_max = 4096  # calls in progress at once; more are refused RESOURCE_EXHAUSTED
 
+# ---- processes
+workers_max = 64  # --workers (0: one per core)
+drain_seconds = 5.0  # after SIGTERM: health NOT_SERVING but still answering, this long
+
 # ---- connections (grpc's keep_alive example): every connection has a bounded life
 connection_idle_seconds_max = 300  # an idle connection is closed (GOAWAY) after this
 connection_age_seconds_max = 3600  # and any connection after this, so clients re-balance

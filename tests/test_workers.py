@@ -1,0 +1,198 @@
+"""`--workers 2`: two server processes on one port and one data dir, under a parent that
+supervises them. Real subprocesses; each check makes its own connections (a fresh
+subchannel each), which the kernel spreads over the workers (SO_REUSEPORT), and the access
+log's `pid` says which worker answered."""
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_e2e import START, new_active_card
+from test_money_e2e import balances, top_up
+
+from yikatong.server.harness import ROOT, ServerProcess, metadata, wait_until
+from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
+
+GATE = "TRANSIT_GATE"
+
+
+@pytest.fixture
+def srv(tmp_path):
+    s = ServerProcess(tmp_path, "--workers", "2", "--clock", "manual", "--clock-start", START)
+    yield s
+    s.stop()
+
+
+def fresh_channel(address: str) -> grpc.Channel:
+    """A connection of its own (not shared through gRPC's global subchannel pool)."""
+    return grpc.insecure_channel(address, options=(("grpc.use_local_subchannel_pool", 1),))
+
+
+def worker_pids(srv) -> set[int]:
+    parent = srv.proc.pid
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True,
+                         text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def answering_pids(srv, method: str) -> list[int]:
+    """The pid of every access-log line for `method` so far."""
+    return [line["pid"] for line in map(json.loads, (
+        t for t in srv.output().splitlines() if t.startswith('{"time"') and '"call"' in t))
+        if line.get("method") == method]
+
+
+def test_calls_from_fresh_connections_spread_over_both_workers(srv):
+    card = new_active_card(srv, 1)
+    for _ in range(16):
+        with fresh_channel(srv.address) as channel:
+            reply = rpc.CardStatusStub(channel).GetStatus(
+                pb.GetStatusRequest(card_number=card), metadata=metadata(GATE), timeout=10)
+            assert reply.state == pb.CARD_STATE_ACTIVE
+    assert wait_until(lambda: len(answering_pids(srv, "CardStatus.GetStatus")) == 16)
+    assert set(answering_pids(srv, "CardStatus.GetStatus")) == worker_pids(srv)
+    assert len(worker_pids(srv)) == 2
+
+
+def pay_until_answered(address: str, card: str, rid: str, fen: int) -> pb.AuthorizeResponse:
+    """One debit, retried with the same request id until some worker answers it (a worker
+    may be killed under it): applied exactly once, whoever answers."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with fresh_channel(address) as channel:
+                return rpc.AuthorizationStub(channel).Authorize(pb.AuthorizeRequest(
+                    request_id=rid, card_number=card, channel=pb.CHANNEL_TRANSIT, amount_fen=fen,
+                    terminal_id="gate-1"), metadata=metadata(GATE), timeout=5)
+        except grpc.RpcError as error:
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                    grpc.StatusCode.DEADLINE_EXCEEDED) \
+                    or time.monotonic() > deadline:
+                raise
+
+
+def test_writes_from_both_workers_land_once_and_a_killed_worker_is_replaced(srv):
+    card = new_active_card(srv, 2)
+    top_up(srv, card, 100_000)
+    rids = [f"fare-{k}" for k in range(120)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(pay_until_answered, srv.address, card, rid, 7) for rid in rids]
+        time.sleep(0.3)
+        victim = sorted(worker_pids(srv))[0]
+        os.kill(victim, signal.SIGKILL)  # under load
+        answers = [f.result() for f in futures]
+    assert all(a.decision == pb.DECISION_APPROVED for a in answers)
+    # every acknowledged debit, replayed through fresh connections, is the first answer
+    for rid, first in zip(rids[:20], answers[:20], strict=True):
+        assert pay_until_answered(srv.address, card, rid, 7) == first
+    assert balances(srv, card)["TRANSIT"] == (100_000 - 7 * 120, 0, 100_000 - 7 * 120)
+    assert wait_until(lambda: len(worker_pids(srv)) == 2 and victim not in worker_pids(srv))
+    assert "ended (exit -9); starting another" in srv.output()
+    assert set(answering_pids(srv, "Authorization.Authorize")) - {victim}, "both answered"
+    assert srv.stop() == 0
+
+
+def test_the_change_sequence_is_one_sequence_across_workers(srv):
+    cards = [new_active_card(srv, 10 + k) for k in range(2)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: top_up(srv, cards[k % 2], 1 + k, tid=f"t-{k}") and
+                      pay_until_answered(srv.address, cards[k % 2], f"p-{k}", 1), range(64)))
+    assert srv.stop() == 0
+    from yikatong.storage.lmdb_store import Store
+
+    store = Store(srv.data_dir)
+    try:
+        with store.read() as txn:
+            seqs = [seq for seq, _ in store.book(txn).changes()]
+    finally:
+        store.close()
+    assert seqs == sorted(set(seqs)) and len(seqs) > 64 * 2
+
+
+def test_the_manual_clock_moved_through_one_worker_is_every_workers_clock(srv):
+    moved = srv.admin.SetClock(pb.SetClockRequest(time="2027-03-02T10:00:00+08:00"),
+                               metadata=metadata("ADMIN"))
+    seen = set()
+    for _ in range(16):
+        with fresh_channel(srv.address) as channel:
+            seen.add(rpc.AdminStub(channel).AdvanceClock(
+                pb.AdvanceClockRequest(seconds=0), metadata=metadata("ADMIN"), timeout=10).now)
+    assert seen == {moved.now}
+    assert wait_until(lambda: len(answering_pids(srv, "Admin.AdvanceClock")) == 16)
+    assert len(set(answering_pids(srv, "Admin.AdvanceClock"))) == 2
+
+
+def test_sigterm_drains_health_not_serving_while_answering_then_exits_0(tmp_path):
+    srv = ServerProcess(tmp_path, "--workers", "2", "--drain-seconds", "3")
+    card_ok = None
+    try:
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with fresh_channel(srv.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            card_ok = rpc.CardStatusStub(channel).GetStatus(
+                pb.GetStatusRequest(card_number="310000000001"), metadata=metadata(GATE),
+                timeout=5)
+        assert srv.proc.wait(timeout=30) == 0
+    finally:
+        srv.stop()
+    assert card_ok is not None and not card_ok.found  # still answered during the drain
+    assert "yikatong: stopped" in srv.output()
+
+
+def serve(tmp_path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "yikatong", "serve", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_second_server_on_the_data_dir_or_the_port_is_one_clear_line(srv, tmp_path):
+    other = serve(tmp_path, "--workers", "2", "--data-dir", srv.data_dir,
+                  "--listen", "127.0.0.1:0")
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines() == [
+        f"yikatong: data dir {srv.data_dir} is locked by another running server"]
+    taken = serve(tmp_path, "--workers", "2", "--data-dir", str(tmp_path / "other"),
+                  "--listen", srv.address)
+    assert taken.returncode == 2
+    assert taken.stderr.strip().splitlines() == [
+        f"yikatong: cannot listen on {srv.address}: Address already in use"]
+    # the first server still serves
+    assert not srv.status.GetStatus(pb.GetStatusRequest(card_number="310000000001"),
+                                    metadata=metadata(GATE)).found
+
+
+def test_workers_out_of_range_is_one_clear_line(tmp_path):
+    bad = serve(tmp_path, "--workers", "-1", "--data-dir", str(tmp_path / "d"))
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "yikatong: --workers must be 0 (one per core) to 64"
+
+
+def test_workers_0_is_one_per_core(tmp_path):
+    srv = ServerProcess(tmp_path, "--workers", "0")
+    try:
+        assert f"{os.cpu_count()} worker" in srv.banner[-1]
+        assert wait_until(lambda: len(worker_pids(srv)) == (os.cpu_count() or 1)
+                          if (os.cpu_count() or 1) > 1 else True)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_data_dir_lmdb_cannot_open_is_one_clear_line_before_any_worker(tmp_path):
+    lmdb_dir = tmp_path / "d" / "lmdb"
+    lmdb_dir.mkdir(parents=True)
+    (lmdb_dir / "data.mdb").write_bytes(b"garbage" * 1000)
+    bad = serve(tmp_path, "--workers", "2", "--data-dir", str(tmp_path / "d"),
+                "--listen", "127.0.0.1:0")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith(
+        f"yikatong: cannot open the LMDB store in {tmp_path / 'd'}: ")
+    assert len(bad.stderr.strip().splitlines()) == 1
