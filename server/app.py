@@ -493,7 +493,8 @@ SERVICES = (Authorization, CardStatus, Lifecycle, Ledger, Admin)
 
 
 def build(core: Core, clients: Clients, concurrent_rpcs_max: int = config.concurrent_rpcs_max,
-          table=None, tls: bool = False, reuse_port: bool = False):
+          table=None, tls: bool = False, reuse_port: bool = False,
+          limits: calls.Limits | None = None):
     """The grpc.aio server with every service registered (not yet bound or started), and its
     health servicer. A role table that does not match the proto raises roles.TableError."""
     # Too many callers: new calls beyond the limit are refused at once (RESOURCE_EXHAUSTED);
@@ -514,7 +515,7 @@ def build(core: Core, clients: Clients, concurrent_rpcs_max: int = config.concur
         ("grpc.max_concurrent_streams", config.streams_per_connection_max),
     ])
     kwargs = {} if table is None else {"table": table}
-    calls.register(server, servicers, clients, pb, **kwargs)
+    calls.register(server, servicers, clients, pb, limits=limits, **kwargs)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer
@@ -531,15 +532,17 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
                 concurrent_rpcs_max: int = config.concurrent_rpcs_max,
                 stop: asyncio.Event | None = None, banks: IssuingBanks | None = None,
                 tls: tuple[bytes, bytes, bytes] | None = None, reflection: bool = False,
-                drain_seconds: float = config.drain_seconds, reuse_port: bool = False) -> None:
+                drain_seconds: float = config.drain_seconds, reuse_port: bool = False,
+                limits: calls.Limits | None = None) -> None:
     """`tls` = (key, certificate chain, client CA), PEM: mTLS, a client certificate signed by
     that CA required on every connection (a caller without one never reaches a handler).
     On `stop` (SIGTERM, SIGINT): health NOT_SERVING while still answering for
     `drain_seconds` (load balancers and gates see it before the port closes), then new calls
     are refused and calls in flight get SHUTDOWN_GRACE_SECONDS to finish."""
     core = Core(store, clock, banks)
+    limits = limits or calls.Limits()
     server, health_servicer = build(core, clients, concurrent_rpcs_max, tls=tls is not None,
-                                    reuse_port=reuse_port)
+                                    reuse_port=reuse_port, limits=limits)
     if reflection:
         service_names = [pb.DESCRIPTOR.services_by_name[cls.__name__].full_name
                          for cls in SERVICES]
@@ -557,6 +560,7 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     await server.start()
     loop = asyncio.get_running_loop()
     log_module.access.start(loop)
+    limits.start(loop)
     await _set_health(health_servicer, store.healthy)
     # The writer reports from its own thread when it dies or its periodic jobs keep failing:
     # health follows at once (NOT_SERVING), and back to SERVING if a job recovers.
@@ -575,4 +579,5 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
         log.info("draining", extra={"fields": {"seconds": drain_seconds}})
         await asyncio.sleep(drain_seconds)
     await server.stop(SHUTDOWN_GRACE_SECONDS)
+    limits.stop()
     log_module.access.stop()

@@ -6,14 +6,18 @@ UNKNOWN at run time.
 
 In order, for every call:
 1. who is calling (bearer token): UNAUTHENTICATED before anything else is looked at;
-2. may that role call this method (server/roles.py): PERMISSION_DENIED;
-3. is the request a message at all (corrupt wire format, bad UTF-8): INVALID_ARGUMENT;
+2. may that role call this method (server/roles.py): PERMISSION_DENIED; has this client
+   already client_calls_max calls in progress here: RESOURCE_EXHAUSTED (Limits);
+3. did the request message arrive in time (DEADLINE_EXCEEDED), and is it a message at all
+   (corrupt wire format, bad UTF-8): INVALID_ARGUMENT;
 4. the handler, `behaviour(request, client)`, which validates its fields and does the work;
 5. a refusal (`YikatongError`) becomes its status with a rich status (server/errors.py); an
    unexpected exception is logged with its traceback and a reference, and the caller gets
    INTERNAL with that reference only;
 6. one access-log line: method, client, role, status code, duration. No PII.
 """
+import asyncio
+import collections
 import contextvars
 import logging
 import time
@@ -21,7 +25,15 @@ import uuid
 
 import grpc
 
-from yikatong.errors import PermissionDenied, Unauthenticated, YikatongError
+from yikatong import config
+from yikatong.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    RequestLate,
+    TooManyCalls,
+    Unauthenticated,
+    YikatongError,
+)
 from yikatong.server import errors, roles
 from yikatong.server.errors import Undecodable
 from yikatong.server.log import access
@@ -33,8 +45,77 @@ _HANDLER = {(False, False): grpc.unary_unary_rpc_method_handler,
             (True, True): grpc.stream_stream_rpc_method_handler}
 
 
-def register(server, servicers, clients, message_module, table=roles.METHOD_ROLES) -> None:
+class Limits:
+    """What one client may hold on this worker: at most `client_calls_max` calls in progress,
+    and a unary call's request message must arrive within `arrival_seconds` of its headers.
+    Every handler is registered request-streaming (the wire is the same for the caller), so it
+    runs as soon as the headers are in and reads the one request itself, against this clock;
+    one timer per worker ends the calls still waiting (no timer per call)."""
+
+    def __init__(self, client_calls_max: int = config.client_calls_max,
+                 arrival_seconds: float = config.request_arrival_seconds_max):
+        self.client_calls_max = client_calls_max
+        self.arrival_seconds = arrival_seconds
+        self.calls: collections.Counter[str] = collections.Counter()  # client id -> in progress
+        self._waiting: dict[asyncio.Task, float] = {}  # task -> when its request is late
+        self._late: set[asyncio.Task] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, loop) -> None:
+        period = min(1.0, self.arrival_seconds / 4)
+
+        def sweep():
+            now = time.monotonic()
+            for task, late_at in list(self._waiting.items()):
+                if late_at <= now:
+                    del self._waiting[task]
+                    self._late.add(task)
+                    task.cancel()
+            self._timer = loop.call_later(period, sweep)
+        self._timer = loop.call_later(period, sweep)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def enter(self, client) -> None:
+        if self.calls[client.id] >= self.client_calls_max:
+            raise TooManyCalls(f"client {client.id} already has {self.client_calls_max} calls "
+                               "in progress (client_calls_max); retry when some have ended")
+        self.calls[client.id] += 1
+
+    def leave(self, client) -> None:
+        left = self.calls[client.id] - 1
+        if left:
+            self.calls[client.id] = left
+        else:
+            del self.calls[client.id]
+
+    async def read_one(self, context):
+        """The call's one request message, or RequestLate / INVALID_ARGUMENT."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting[task] = time.monotonic() + self.arrival_seconds
+        try:
+            request = await context.read()
+        except asyncio.CancelledError:
+            if task not in self._late:
+                raise  # the caller cancelled, or its deadline passed
+            self._late.discard(task)
+            task.uncancel()
+            raise RequestLate(f"no request message arrived within {self.arrival_seconds:g} s "
+                              "of the call's headers (request_arrival_seconds_max)") from None
+        finally:
+            self._waiting.pop(task, None)
+        if request is grpc.aio.EOF:
+            raise InvalidArgument("request", "the call ended without its request message")
+        return request
+
+
+def register(server, servicers, clients, message_module, table=roles.METHOD_ROLES,
+             limits: Limits | None = None) -> None:
     """Register each servicer (named as its proto service) behind the one call path."""
+    limits = limits or Limits()
     services = [message_module.DESCRIPTOR.services_by_name[type(s).__name__] for s in servicers]
     roles.check_table(services, table)
     for servicer, service in zip(servicers, services, strict=True):
@@ -46,8 +127,10 @@ def register(server, servicers, clients, message_module, table=roles.METHOD_ROLE
                 raise roles.TableError(f"{name} is in the proto but {type(servicer).__name__} "
                                        "does not implement it; refusing to start")
             wrap = _streaming if m.server_streaming else _unary
-            handlers[m.name] = _HANDLER[(m.client_streaming, m.server_streaming)](
-                wrap(name, table[name], clients, behaviour, m.client_streaming),
+            handler_type = (grpc.stream_stream_rpc_method_handler if m.server_streaming else
+                            grpc.stream_unary_rpc_method_handler)
+            handlers[m.name] = handler_type(
+                wrap(name, table[name], clients, behaviour, m.client_streaming, limits),
                 request_deserializer=errors.decoder(getattr(message_module, m.input_type.name)),
                 response_serializer=getattr(message_module, m.output_type.name).SerializeToString)
         server.add_generic_rpc_handlers(
@@ -104,16 +187,23 @@ def _refuser(name: str, error: Exception):
     return grpc.stream_stream_rpc_method_handler(refuse)
 
 
-def _admitted(name: str, allowed, clients, context, request, client_streaming: bool):
-    """Steps 1 to 3: (the client, the request) or a refusal."""
+def _admitted(name: str, allowed, clients, context, limits: Limits):
+    """Steps 1 and 2, and the client's share of the worker: the client, counted in."""
     client = _IDENTIFIED.get() or clients.identify(context.invocation_metadata(), context)
     if client.role not in allowed:
         raise PermissionDenied(f"role {client.role.name} may not call {name}")
+    limits.enter(client)
+    return client
+
+
+async def _request(requests, context, limits: Limits, client_streaming: bool):
+    """Step 3: the request (one message, in time) or the stream of them, decoded."""
     if client_streaming:
-        return client, _decoded(request)
+        return _decoded(requests)
+    request = await limits.read_one(context)
     if type(request) is Undecodable:
         raise request.error()
-    return client, request
+    return request
 
 
 async def _decoded(requests):
@@ -140,13 +230,16 @@ class _Call:
         _log(self.name, self.client, self.code, self.started)
 
 
-def _unary(name, allowed, clients, behaviour, client_streaming):
-    async def handle(request, context):
+def _unary(name, allowed, clients, behaviour, client_streaming, limits):
+    async def handle(requests, context):
         call = _Call(name)
         try:
-            call.client, request = _admitted(name, allowed, clients, context, request,
-                                             client_streaming)
-            response = await behaviour(request, call.client)
+            call.client = _admitted(name, allowed, clients, context, limits)
+            try:
+                request = await _request(requests, context, limits, client_streaming)
+                response = await behaviour(request, call.client)
+            finally:
+                limits.leave(call.client)
             call.code = "OK"
             return response
         except grpc.aio.AbortError:
@@ -158,14 +251,17 @@ def _unary(name, allowed, clients, behaviour, client_streaming):
     return handle
 
 
-def _streaming(name, allowed, clients, behaviour, client_streaming):
-    async def handle(request, context):
+def _streaming(name, allowed, clients, behaviour, client_streaming, limits):
+    async def handle(requests, context):
         call = _Call(name)
         try:
-            call.client, request = _admitted(name, allowed, clients, context, request,
-                                             client_streaming)
-            async for response in behaviour(request, call.client):
-                yield response
+            call.client = _admitted(name, allowed, clients, context, limits)
+            try:
+                request = await _request(requests, context, limits, client_streaming)
+                async for response in behaviour(request, call.client):
+                    yield response
+            finally:
+                limits.leave(call.client)
             call.code = "OK"
         except grpc.aio.AbortError:
             raise

@@ -41,6 +41,13 @@ def main(argv=None) -> int:
                    help="LMDB map size: the most the store may hold (grows on disk as used)")
     s.add_argument("--max-concurrent-rpcs", type=int, default=config.concurrent_rpcs_max,
                    help="calls in progress at once; more are refused RESOURCE_EXHAUSTED")
+    s.add_argument("--client-calls-max", type=int, default=config.client_calls_max,
+                   help="calls one client may have in progress per worker; more are refused "
+                        "RESOURCE_EXHAUSTED")
+    s.add_argument("--request-arrival-seconds", type=float,
+                   default=config.request_arrival_seconds_max,
+                   help="a unary call whose request message has not arrived this long after "
+                        "its headers ends DEADLINE_EXCEEDED")
     s.add_argument("--issuing-banks", metavar="FILE",
                    help="GZ-9c: TOML with `version` and `banks`, the issuing banks a GZ or BJ "
                         "card may name; without it the check is off")
@@ -79,6 +86,7 @@ def serve(args) -> int:
     from yikatong.server import demo, log
     from yikatong.server.app import SHUTDOWN_GRACE_SECONDS
     from yikatong.server.app import serve as run_server
+    from yikatong.server.calls import Limits
     from yikatong.server.clients import Clients
     from yikatong.server.roles import TableError
     from yikatong.server.workers import supervise
@@ -86,8 +94,11 @@ def serve(args) -> int:
 
     log.setup(args.log_level)
 
-    if args.map_size_mib < 1 or args.max_concurrent_rpcs < 1:
-        return _fail("--map-size-mib and --max-concurrent-rpcs must be at least 1")
+    if min(args.map_size_mib, args.max_concurrent_rpcs, args.client_calls_max) < 1:
+        return _fail("--map-size-mib, --max-concurrent-rpcs and --client-calls-max must be at "
+                     "least 1")
+    if not 0 < args.request_arrival_seconds <= 3600:
+        return _fail("--request-arrival-seconds must be above 0 and at most 3600")
     workers = args.workers or os.cpu_count() or 1
     if not 1 <= workers <= config.workers_max:
         return _fail(f"--workers must be 0 (one per core) to {config.workers_max}")
@@ -179,7 +190,9 @@ def serve(args) -> int:
             uvloop.run(run_server(store, clock, clients, args.listen, on_ready=on_ready,
                                   concurrent_rpcs_max=args.max_concurrent_rpcs, banks=banks,
                                   tls=tls, reflection=args.reflection, reuse_port=workers > 1,
-                                  drain_seconds=args.drain_seconds))
+                                  drain_seconds=args.drain_seconds,
+                                  limits=Limits(args.client_calls_max,
+                                                args.request_arrival_seconds)))
         except (OSError, TableError) as error:
             return _fail(str(error))
         finally:

@@ -28,6 +28,8 @@ _CODES = (
     (e.CorruptRecord, grpc.StatusCode.DATA_LOSS),
     (e.StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.WriterBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (e.TooManyCalls, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (e.RequestLate, grpc.StatusCode.DEADLINE_EXCEEDED),
     (e.WriterDown, grpc.StatusCode.UNAVAILABLE),
     (e.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),

@@ -9,6 +9,12 @@ batch_size_max = 1000  # AuthorizeBatch / AuthorizeStream / GetStatusBatch entri
 message_size_max = 4 * 1024 * 1024  # bytes, gRPC receive limit
 clients_max = 10_000  # entries in a clients file
 concurrent_rpcs_max = 4096  # calls in progress at once; more are refused RESOURCE_EXHAUSTED
+# Calls one client (token or certificate) may have in progress on one worker; more are
+# refused RESOURCE_EXHAUSTED, so one client cannot take every slot of concurrent_rpcs_max.
+client_calls_max = 1024
+# A unary call's request message must arrive this soon after its headers, or the call ends
+# DEADLINE_EXCEEDED and gives its slot back (callers that send headers and then nothing).
+request_arrival_seconds_max = 10.0
 
 # ---- processes
 workers_max = 64  # --workers (0: one per core)

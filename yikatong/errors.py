@@ -136,3 +136,15 @@ class WriterDown(YikatongError):
     """The writer thread has stopped: no write can be done until the server restarts."""
 
     reason = "WRITER_DOWN"
+
+
+class TooManyCalls(YikatongError):
+    """One client already has client_calls_max calls in progress on this worker."""
+
+    reason = "CLIENT_CALLS_MAX"
+
+
+class RequestLate(YikatongError):
+    """A call's request message did not arrive within request_arrival_seconds_max."""
+
+    reason = "REQUEST_ARRIVAL_TIMEOUT"
