@@ -37,6 +37,7 @@ from yikatong.server import calls, validate
 from yikatong.server import log as log_module
 from yikatong.server.clients import Client, Clients
 from yikatong.server.errors import with_prefix
+from yikatong.server.metrics import REASONS, metrics
 from yikatong.server.roles import require_channel
 from yikatong.storage import records
 from yikatong.storage.lmdb_store import Store
@@ -112,7 +113,7 @@ class Authorization:
         out = pb.AuthorizeBatchResponse()
         add = out.responses.add
         money = []
-        policy, decide = self.core.policy, authorize.without_money
+        policy, decide, tally = self.core.policy, authorize.without_money, metrics.decisions
         with self.core.store.read() as txn:
             book = self.core.store.book(txn)
             for i, q in enumerate(requests):
@@ -123,10 +124,13 @@ class Authorization:
                     reason = decide(policy, book, q.card_number, q.channel, q.service_code, now)
                     add(request_id=q.request_id, reason=reason,
                         decision=_APPROVED if reason == 0 else _DECLINED)
+                    tally[q.channel * REASONS + reason] += 1
         if money:
             answers = await self.core.write(self.money_command(money, client, True))
-            for (i, _), answer in zip(money, answers, strict=True):
-                out.responses[i].ParseFromString(answer)
+            for (i, q), answer in zip(money, answers, strict=True):
+                response = out.responses[i]
+                response.ParseFromString(answer)
+                tally[q.channel * REASONS + response.reason] += 1
         return out
 
     def money_command(self, money, client: Client, field_prefix: bool = False):
@@ -158,11 +162,14 @@ class Authorization:
         self._check(client, request)
         if request.amount_fen or request.phase:
             answer = await self.core.write(self.money_command([(0, request)], client))
-            return pb.AuthorizeResponse.FromString(answer[0])
+            response = pb.AuthorizeResponse.FromString(answer[0])
+            metrics.decisions[request.channel * REASONS + response.reason] += 1
+            return response
         with self.core.store.read() as txn:
             reason = authorize.without_money(
                 self.core.policy, self.core.store.book(txn), request.card_number,
                 request.channel, request.service_code, self.core.clock.now())
+        metrics.decisions[request.channel * REASONS + reason] += 1
         return pb.AuthorizeResponse(request_id=request.request_id, reason=reason,
                                     decision=_APPROVED if reason == 0 else _DECLINED)
 
@@ -561,6 +568,7 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     loop = asyncio.get_running_loop()
     log_module.access.start(loop)
     limits.start(loop)
+    metrics.start(loop, store)
     await _set_health(health_servicer, store.healthy)
     # The writer reports from its own thread when it dies or its periodic jobs keep failing:
     # health follows at once (NOT_SERVING), and back to SERVING if a job recovers.
@@ -580,4 +588,5 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
         await asyncio.sleep(drain_seconds)
     await server.stop(SHUTDOWN_GRACE_SECONDS)
     limits.stop()
+    metrics.stop()
     log_module.access.stop()

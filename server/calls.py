@@ -37,6 +37,7 @@ from yikatong.errors import (
 from yikatong.server import errors, roles
 from yikatong.server.errors import Undecodable
 from yikatong.server.log import access
+from yikatong.server.metrics import metrics
 
 log = logging.getLogger("yikatong.server")
 _HANDLER = {(False, False): grpc.unary_unary_rpc_method_handler,
@@ -289,6 +290,9 @@ def _refusal(name: str, error: Exception) -> tuple[grpc.StatusCode, str, tuple]:
 
 
 def _log(name: str, client, code, started: float) -> None:
+    seconds = time.perf_counter() - started
     if access.enabled:
         access.call(name, client.id if client else "", client.role.name if client else "",
-                    code or "CANCELLED", (time.perf_counter() - started) * 1000)
+                    code or "CANCELLED", seconds * 1000)
+    if metrics.enabled:
+        metrics.call(name, code or "CANCELLED", seconds)

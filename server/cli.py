@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     s.add_argument("--issuing-banks", metavar="FILE",
                    help="GZ-9c: TOML with `version` and `banks`, the issuing banks a GZ or BJ "
                         "card may name; without it the check is off")
+    s.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics over HTTP there (off by default); with "
+                        "--workers, one scrape sums every worker")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="JSON lines on stderr; info logs one line per call")
 
@@ -78,6 +81,21 @@ def _fail(message: str) -> int:
 
 
 def serve(args) -> int:
+    from yikatong.server import metrics
+
+    if args.metrics_listen:
+        problem = _probe_listen(args.metrics_listen)
+        if problem:
+            return _fail(f"cannot listen on {args.metrics_listen} (--metrics-listen): {problem}")
+        values = metrics.prepare()  # before prometheus-client is imported, by any process
+        try:
+            return _serve(args, metrics)
+        finally:
+            metrics.remove(values)
+    return _serve(args, metrics)
+
+
+def _serve(args, metrics) -> int:
     import uvloop
 
     from yikatong import clock as clocks
@@ -170,7 +188,7 @@ def serve(args) -> int:
         log.started(version=_version(), listen=args.listen, workers=workers,
                     tls=tls is not None, reflection=args.reflection,
                     data_dir=os.path.abspath(args.data_dir), map_size_mib=args.map_size_mib,
-                    clock=args.clock)
+                    clock=args.clock, metrics=args.metrics_listen or "off")
         print("yikatong: issuing-bank check (GZ-9c) " + (
             f"on: list version {banks.version}, {len(banks.names)} banks" if banks else
             "off: no --issuing-banks list configured"), flush=True)
@@ -199,12 +217,19 @@ def serve(args) -> int:
             store.close()
         return 0
 
+    def serving():
+        if args.metrics_listen:
+            metrics.serve(args.metrics_listen)
+        ready()
+
     try:
         if workers == 1:
-            code = run(ready)
-        else:
-            code = supervise(workers, run, ready,
-                             stop_seconds=args.drain_seconds + SHUTDOWN_GRACE_SECONDS + 5)
+            code = run(serving)
+        else:  # the parent serves the metrics, once every worker is forked and ready
+            code = supervise(workers, run, serving,
+                             stop_seconds=args.drain_seconds + SHUTDOWN_GRACE_SECONDS + 5,
+                             on_ended=metrics.process_ended if args.metrics_listen
+                             else lambda pid: None)
     finally:
         os.close(lock)
     if code == 0:

@@ -31,9 +31,11 @@ START_FAILED = 2  # a worker's exit code when it could not start (cli._fail)
 
 
 def supervise(n: int, run_worker: Callable[[Callable[[], None]], int],
-              on_ready: Callable[[], None], stop_seconds: float) -> int:
+              on_ready: Callable[[], None], stop_seconds: float,
+              on_ended: Callable[[int], None] = lambda pid: None) -> int:
     """Run `run_worker(ready)` in each of `n` worker processes (it returns an exit code and
-    calls `ready()` once it serves); `on_ready()` once all n serve. Returns the exit code."""
+    calls `ready()` once it serves); `on_ready()` once all n serve; `on_ended(pid)` after a
+    worker has ended. Returns the exit code."""
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     parent = os.getpid()
     ready_r, ready_w = os.pipe()
@@ -78,6 +80,7 @@ def supervise(n: int, run_worker: Callable[[Callable[[], None]], int],
         for pid, code in _reap():
             slot, started = workers.pop(pid)
             ready.discard(slot)
+            on_ended(pid)
             if not announced or code == START_FAILED:
                 log.error("worker %d (pid %d) could not start (exit %s); stopping the server",
                           slot, pid, code)

@@ -91,6 +91,8 @@ class Store:
         self.periodic_failures_total = 0
         self.writer_error: BaseException | None = None
         self.on_health: Callable[[bool], None] | None = None  # called from the writer thread
+        # (commands, seconds) after each group's commit, from the writer thread (metrics)
+        self.on_commit: Callable[[int, float], None] | None = None
         lmdb_dir = os.path.join(data_dir, "lmdb")
         try:
             for d in (data_dir, lmdb_dir):
@@ -241,6 +243,7 @@ class Store:
         group = [(c, f) for c, f in group if f.set_running_or_notify_cancel()]
         if not group:
             return
+        started = time.perf_counter()
         outcomes: list[tuple[concurrent.futures.Future, Any, BaseException | None]] = []
         try:
             with self._begin_write() as txn:
@@ -269,6 +272,16 @@ class Store:
                 future.set_result(result)
             else:
                 future.set_exception(error)
+        if self.on_commit is not None:
+            self.on_commit(len(group), time.perf_counter() - started)
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def map_use(self) -> tuple[int, int]:
+        """(bytes of pages in use, the map size)"""
+        info = self.env.info()
+        return (info["last_pgno"] + 1) * self.env.stat()["psize"], info["map_size"]
 
     def _begin_write(self):
         """A write transaction, with the change sequence read inside it: LMDB lets one

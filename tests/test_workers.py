@@ -196,3 +196,53 @@ def test_a_data_dir_lmdb_cannot_open_is_one_clear_line_before_any_worker(tmp_pat
     assert bad.stderr.strip().startswith(
         f"yikatong: cannot open the LMDB store in {tmp_path / 'd'}: ")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def scrape(address: str) -> dict[tuple[str, frozenset], float]:
+    """{(name, labels): value} of one scrape of the Prometheus endpoint."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_one_scrape_sums_the_metrics_of_both_workers(tmp_path):
+    from yikatong.server.harness import free_address
+
+    listen = free_address()
+    srv = ServerProcess(tmp_path, "--workers", "2", "--metrics-listen", listen)
+    try:
+        for k in range(16):
+            with fresh_channel(srv.address) as channel:
+                reply = rpc.AuthorizationStub(channel).Authorize(pb.AuthorizeRequest(
+                    request_id=f"m-{k}", card_number="310000000001", channel=pb.CHANNEL_TRANSIT),
+                    metadata=metadata(GATE), timeout=10)
+                assert reply.reason == pb.DECLINE_REASON_CARD_NOT_FOUND
+        assert wait_until(lambda: len(set(answering_pids(srv, "Authorization.Authorize"))) == 2)
+        calls = ("yikatong_calls_total", frozenset({("method", "Authorization.Authorize"),
+                                                    ("code", "OK")}))
+        decided = ("yikatong_decisions_total", frozenset({("channel", "TRANSIT"),
+                                                          ("reason", "CARD_NOT_FOUND")}))
+        assert wait_until(lambda: scrape(listen).get(decided) == 16, timeout=5)
+        values = scrape(listen)
+        assert values[calls] == 16
+        assert values[("yikatong_call_seconds_count",
+                       frozenset({("method", "Authorization.Authorize")}))] == 16
+        assert values[("yikatong_lmdb_map_size_bytes", frozenset())] == 8 * 2**30
+        # a worker killed: its counts stay, its replacement adds to them, none doubled
+        victim = sorted(worker_pids(srv))[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: len(worker_pids(srv)) == 2 and victim not in worker_pids(srv))
+        time.sleep(0.5)
+        for k in range(16):
+            with fresh_channel(srv.address) as channel:
+                rpc.AuthorizationStub(channel).Authorize(pb.AuthorizeRequest(
+                    request_id=f"n-{k}", card_number="310000000001", channel=pb.CHANNEL_TRANSIT),
+                    metadata=metadata(GATE), timeout=10)
+        assert wait_until(lambda: scrape(listen).get(decided) == 32, timeout=5)
+        assert scrape(listen)[calls] == 32
+    finally:
+        assert srv.stop() == 0

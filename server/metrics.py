@@ -1,0 +1,128 @@
+"""Prometheus metrics, on `--metrics-listen HOST:PORT` (off by default).
+
+Always prometheus-client's multiprocess mode: every process writes its values to files in one
+directory made for this run (PROMETHEUS_MULTIPROC_DIR, set before prometheus_client is first
+imported), and the endpoint sums them. So one scrape shows every worker; a worker that dies
+leaves its counters behind (not lost), and its replacement writes files of its own (not
+doubled); its live gauges are dropped (`process_ended`).
+
+The call path pays little: a call is two bound-child updates (counter, histogram). Decisions
+are tallied in a plain list per process and added to their counter once a second, since a
+streamed batch makes 100 of them per message.
+"""
+import os
+import shutil
+import tempfile
+
+from yikatong.model import Channel, Reason
+
+_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+FLUSH_SECONDS = 1.0
+
+
+def prepare() -> str:
+    """Make this run's value directory and point prometheus-client at it: call before the
+    first import of this module's users (the server). Returns the directory."""
+    path = tempfile.mkdtemp(prefix="yikatong-metrics-")
+    os.environ[_DIR_ENV] = path
+    return path
+
+
+def remove(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def serve(listen: str) -> None:
+    """The HTTP endpoint (a daemon thread), summing every process's values."""
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    host, _, port = listen.rpartition(":")
+    start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+
+
+def process_ended(pid: int) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
+
+
+class Metrics:
+    """One process's metrics. `enabled` False (no --metrics-listen): every update is skipped
+    by its caller's check, and prometheus-client is never imported."""
+
+    def __init__(self):
+        self.enabled = False
+        self.decisions = [0] * ((max(Channel) + 1) * REASONS)  # [channel * REASONS + reason]
+
+    def start(self, loop, store) -> None:
+        """In the serving process, once its event loop runs."""
+        if _DIR_ENV not in os.environ:
+            return
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.enabled = True
+        self._calls = Counter("yikatong_calls", "Calls answered, by method and status code",
+                              ["method", "code"])
+        self._seconds = Histogram("yikatong_call_seconds", "Call duration, by method",
+                                  ["method"], buckets=_SECONDS_BUCKETS)
+        self._decided = Counter("yikatong_decisions", "Authorization decisions, by channel "
+                                "and reason (APPROVED for an approval)", ["channel", "reason"])
+        self.group_size = Histogram("yikatong_commit_group_commands", "Commands per "
+                                    "group-committed write transaction", buckets=_GROUP_BUCKETS)
+        self.commit_seconds = Histogram("yikatong_commit_seconds", "Time of one group "
+                                        "commit, from its first command to fsync'ed",
+                                        buckets=_SECONDS_BUCKETS)
+        self._queue = Gauge("yikatong_writer_queue_depth", "Commands waiting for the writer",
+                            multiprocess_mode="livesum")
+        self._map_used = Gauge("yikatong_lmdb_map_used_bytes", "LMDB pages in use, in bytes",
+                               multiprocess_mode="max")
+        self._map_size = Gauge("yikatong_lmdb_map_size_bytes", "LMDB map size (the most the "
+                               "store may hold)", multiprocess_mode="max")
+        self._children: dict[tuple[str, str], tuple] = {}
+        self._store = store
+        self._loop = loop
+        store.on_commit = self.committed
+        self._timer = loop.call_later(FLUSH_SECONDS, self._flush)
+
+    def call(self, method: str, code: str, seconds: float) -> None:
+        child = self._children.get((method, code))
+        if child is None:
+            child = self._children[(method, code)] = (
+                self._calls.labels(method, code), self._seconds.labels(method))
+        child[0].inc()
+        child[1].observe(seconds)
+
+    def committed(self, commands: int, seconds: float) -> None:
+        """From the writer thread, after each group's commit."""
+        self.group_size.observe(commands)
+        self.commit_seconds.observe(seconds)
+
+    def _flush(self) -> None:
+        tally = self.decisions
+        for i, n in enumerate(tally):
+            if n:
+                tally[i] = 0
+                self._decided.labels(Channel(i // REASONS).name,
+                                     Reason(i % REASONS).name).inc(n)
+        self._queue.set(self._store.queue_depth())
+        used, size = self._store.map_use()
+        self._map_used.set(used)
+        self._map_size.set(size)
+        self._timer = self._loop.call_later(FLUSH_SECONDS, self._flush)
+
+    def stop(self) -> None:
+        if self.enabled:
+            self._timer.cancel()
+            self._store.on_commit = None
+            self._flush()
+            self._timer.cancel()
+
+
+REASONS = max(Reason) + 1
+_SECONDS_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
+                    2.5, 5, 10)
+_GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+metrics = Metrics()
