@@ -246,3 +246,54 @@ def test_one_scrape_sums_the_metrics_of_both_workers(tmp_path):
         assert scrape(listen)[calls] == 32
     finally:
         assert srv.stop() == 0
+
+
+def test_no_line_any_worker_writes_holds_a_holders_pii(tmp_path):
+    """Both workers at debug level through applications, refusals, replacement and a
+    cancellation; then every line the server wrote is searched for each holder's SSN, name,
+    birth date, phone and address."""
+    from test_e2e import call, holder, rid
+
+    people = [holder(40 + k, name=name, phone=f"1390000{k:04d}", address=f"上海市静安区{k}号")
+              for k, name in enumerate(("欧阳明日", "司马青云", "诸葛春风", "上官秋月"))]
+    srv = ServerProcess(tmp_path, "--workers", "2", "--log-level", "debug")
+    try:
+        for k, person in enumerate(people):
+            with fresh_channel(srv.address) as channel:
+                stub = rpc.LifecycleStub(channel)
+                person.household_registered = person.insured = True
+                card = stub.Apply(pb.ApplyRequest(request_id=rid(), pack=pb.PACK_SH,
+                                                  holder=person, with_transit=True),
+                                  metadata=metadata("COMMUNITY_OUTLET"), timeout=10)
+                other = pb.Holder()
+                other.CopyFrom(person)
+                other.name = "张三丰"
+                with pytest.raises(grpc.RpcError):  # the held information differs
+                    stub.Apply(pb.ApplyRequest(request_id=rid(), pack=pb.PACK_RC, holder=other),
+                               metadata=metadata("ONLINE_PLATFORM"), timeout=10)
+            call(srv, "Verify", "CARD_AGENCY", card_number=card.card_number, approved=k != 3,
+                 reason="" if k != 3 else "photo unclear")
+    finally:
+        srv.stop()
+    output = srv.output()
+    assert len(set(answering_pids(srv, "Lifecycle.Apply"))) == 2
+    for person in people:
+        for secret in (person.ssn, person.name, person.ssn[6:14], person.birth_date,
+                       person.phone, person.address):
+            assert secret not in output, secret
+
+
+def test_an_identity_number_in_an_exception_message_is_masked_in_the_log():
+    import logging
+
+    from yikatong.server.log import JsonFormatter
+
+    try:
+        raise ValueError("holder 310101198503150401 is odd")
+    except ValueError:
+        record = logging.LogRecord("yikatong", logging.ERROR, __file__, 1,
+                                   "about 31010119850315040X", None, sys.exc_info())
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "about 3101**********040X"
+    assert "3101**********0401 is odd" in line["traceback"]
+    assert "310101198503150401" not in json.dumps(line)
