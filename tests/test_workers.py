@@ -297,3 +297,33 @@ def test_an_identity_number_in_an_exception_message_is_masked_in_the_log():
     assert line["msg"] == "about 3101**********040X"
     assert "3101**********0401 is odd" in line["traceback"]
     assert "310101198503150401" not in json.dumps(line)
+
+
+def test_both_workers_serve_every_method(srv):
+    """Each method of every service, with an empty request, by a role API.md allows, on a
+    connection of its own, twice: answered by the method itself (its validation or its work:
+    never UNIMPLEMENTED, INTERNAL or a refusal of the caller)."""
+    from test_roles import API_TABLE, CHANNELS
+
+    table = {**API_TABLE, "Authorization.Authorize": CHANNELS[pb.CHANNEL_TRANSIT],
+             "Authorization.AuthorizeBatch": CHANNELS[pb.CHANNEL_TRANSIT]}
+    wrong = []
+    for name, roles in sorted(table.items()):
+        service, method = name.split(".")
+        descriptor = pb.DESCRIPTOR.services_by_name[service].methods_by_name[method]
+        request = getattr(pb, descriptor.input_type.name)()
+        for _ in range(2):
+            with fresh_channel(srv.address) as channel:
+                stub = getattr(rpc, f"{service}Stub")(channel)
+                try:
+                    getattr(stub, method)(request, metadata=metadata(sorted(roles)[0]),
+                                          timeout=10)
+                except grpc.RpcError as error:
+                    if error.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL,
+                                        grpc.StatusCode.UNKNOWN,
+                                        grpc.StatusCode.UNAUTHENTICATED,
+                                        grpc.StatusCode.PERMISSION_DENIED):
+                        wrong.append((name, error.code(), error.details()))
+    assert not wrong, wrong
+    assert wait_until(lambda: {pid for name in table for pid in answering_pids(srv, name)}
+                      == worker_pids(srv))
