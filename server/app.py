@@ -5,6 +5,7 @@ Identity, roles, error mapping and the access log are not here: every call passe
 server/calls.py first. The rules are the domain's (yikatong/).
 """
 import asyncio
+import contextlib
 import hashlib
 import logging
 import signal
@@ -15,12 +16,21 @@ from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from yikatong import authorize, cards, config, fastpath, ledger
 from yikatong import clock as clocks
-from yikatong.errors import CardNotFound, InvalidArgument, InvalidTransition, YikatongError
+from yikatong.errors import (
+    CardNotFound,
+    HolderNotFound,
+    InvalidArgument,
+    InvalidTransition,
+    YikatongError,
+)
 from yikatong.model import (
     FINAL_STATES,
     PII_FIELDS,
+    AuditEvent,
     CancelGround,
     Card,
+    Changed,
+    ChangeKind,
     Channel,
     Eligibility,
     Flag,
@@ -31,6 +41,7 @@ from yikatong.model import (
     State,
     TransferStatus,
     holder_account_key,
+    mask,
     operator_account_key,
 )
 from yikatong.server import calls, validate
@@ -38,7 +49,7 @@ from yikatong.server import log as log_module
 from yikatong.server.clients import Client, Clients
 from yikatong.server.errors import with_prefix
 from yikatong.server.metrics import REASONS, metrics
-from yikatong.server.roles import require_channel
+from yikatong.server.roles import PII_READERS, require_channel
 from yikatong.storage import records
 from yikatong.storage.lmdb_store import Store
 from yikatong.v1 import yikatong_pb2 as pb
@@ -56,6 +67,7 @@ class Core:
         self.clock = clock
         self.banks = banks  # GZ-9c; None: no list configured, the check is off
         self.policy = fastpath.Policy(config.generation_retired_at)
+        self.feed = Feed(store)
 
     async def write(self, command):
         """Run `command(book)` in the writer; answered after its commit."""
@@ -70,6 +82,48 @@ class Core:
         clock = self.clock
         return await self.write(
             lambda book: book.once(request_id, fp, lambda: op(book, clock.now(), fp)))
+
+
+class Feed:
+    """What the change feed's watchers on this worker wait on: the last committed change
+    sequence, looked for every config.watch_poll_seconds while anyone watches (whichever
+    worker committed it: the store is the one place they all see), and one event that
+    wakes every watcher when it moves."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.watchers = 0
+        self.head = 0
+        self._moved = asyncio.Event()
+        self._poller: asyncio.Task | None = None
+
+    @contextlib.contextmanager
+    def watching(self):
+        self.watchers += 1
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+        try:
+            yield
+        finally:
+            self.watchers -= 1
+
+    async def beyond(self, sequence: int) -> None:
+        """Return once a change after `sequence` is committed."""
+        while self.head <= sequence:
+            await self._moved.wait()
+
+    async def _poll(self) -> None:
+        try:
+            while self.watchers:
+                with self.store.read() as txn:
+                    head = self.store.book(txn).last_change()
+                if head != self.head:
+                    self.head = head
+                    moved, self._moved = self._moved, asyncio.Event()
+                    moved.set()
+                await asyncio.sleep(config.watch_poll_seconds)
+        finally:
+            self._poller = None
 
 
 def fingerprint(method: str, client: Client, request) -> bytes:
@@ -98,7 +152,7 @@ class Authorization:
         validate.authorize_request(req)
         require_channel(client.role, req.channel)
 
-    async def _answer(self, client: Client, requests) -> pb.AuthorizeBatchResponse:
+    async def _answer(self, client: Client, requests, method: str) -> pb.AuthorizeBatchResponse:
         """Check every request, then answer in order: decisions without money at once from
         one read transaction, those with money through the writer in one command, so that
         decisions within one batch see each other's debits."""
@@ -126,23 +180,28 @@ class Authorization:
                         decision=_APPROVED if reason == 0 else _DECLINED)
                     tally[q.channel * REASONS + reason] += 1
         if money:
-            answers = await self.core.write(self.money_command(money, client, True))
+            answers = await self.core.write(self.money_command(money, client, method, True))
             for (i, q), answer in zip(money, answers, strict=True):
                 response = out.responses[i]
                 response.ParseFromString(answer)
                 tally[q.channel * REASONS + response.reason] += 1
         return out
 
-    def money_command(self, money, client: Client, field_prefix: bool = False):
+    def money_command(self, money, client: Client, method: str, field_prefix: bool = False):
         """The writer command for [(index, request)] that move money: each decided, debited
-        and remembered under its request id, in order, in one transaction."""
+        and remembered under its request id, in order, in one transaction; a debit that
+        moved money has its audit event there too."""
         fingerprints = [fingerprint("Authorize", client, q) for _, q in money]
         clock, policy, role = self.core.clock, self.core.policy, client.role
+        client_id, role_name = client.id, role.name
 
         def decide(book, q, fp) -> bytes:
+            now = clock.now()
             reason, left = authorize.with_money(  # positional: once per debit, on the hot path
-                policy, book, clock.now(), q.request_id, q.card_number, q.channel, q.amount_fen,
+                policy, book, now, q.request_id, q.card_number, q.channel, q.amount_fen,
                 q.phase, q.hold_request_id, q.payee_account, q.hold_timeout_seconds, role, fp)
+            if reason == 0:
+                book.append_audit(now, client_id, role_name, method, q.card_number)
             return pb.AuthorizeResponse(
                 request_id=q.request_id, available_fen=left, reason=reason,
                 decision=_APPROVED if reason == 0 else _DECLINED).SerializeToString()
@@ -161,7 +220,8 @@ class Authorization:
     async def Authorize(self, request, client: Client):
         self._check(client, request)
         if request.amount_fen or request.phase:
-            answer = await self.core.write(self.money_command([(0, request)], client))
+            answer = await self.core.write(self.money_command([(0, request)], client,
+                                                              "Authorization.Authorize"))
             response = pb.AuthorizeResponse.FromString(answer[0])
             metrics.decisions[request.channel * REASONS + response.reason] += 1
             return response
@@ -174,11 +234,11 @@ class Authorization:
                                     decision=_APPROVED if reason == 0 else _DECLINED)
 
     async def AuthorizeBatch(self, request, client: Client):
-        return await self._answer(client, request.requests)
+        return await self._answer(client, request.requests, "Authorization.AuthorizeBatch")
 
     async def AuthorizeStream(self, requests, client: Client):
         async for batch in requests:
-            yield await self._answer(client, batch.requests)
+            yield await self._answer(client, batch.requests, "Authorization.AuthorizeStream")
 
 
 # --------------------------------------------------------------------- CardStatus
@@ -208,6 +268,52 @@ class CardStatus:
         with self.core.store.read() as txn:
             return self._status(self.core.store.book(txn), request.card_number,
                                 self.core.clock.now())
+
+    async def WatchChanges(self, request, client: Client):
+        """History from LMDB, then live: each batch read in a read transaction closed before
+        anything is sent, so a slow watcher holds no transaction and no buffer of ours (a
+        stalled one is ended by calls.Limits.write, naming where to resume)."""
+        feed, after = self.core.feed, request.from_sequence
+        with feed.watching():
+            while True:
+                events = self._changes(after)
+                if not events:
+                    await feed.beyond(after)
+                    continue
+                for event in events:
+                    yield event
+                after = events[-1].sequence
+
+    def _changes(self, after: int) -> list[pb.ChangeEvent]:
+        now, policy = self.core.clock.now(), self.core.policy
+        out: list[pb.ChangeEvent] = []
+        with self.core.store.read() as txn:
+            book = self.core.store.book(txn)
+            for seq, change in book.changes(after):
+                raw = book.card_bytes(change.card_number) if change.card_number else None
+                reason, until, state = pb.DECLINE_REASON_CARD_NOT_FOUND, 0, change.state
+                if raw is not None:
+                    reason = authorize.on_record(policy, raw, change.card_number,
+                                                 Channel.TRANSIT, "", now)
+                    rec = records.decode_card(change.card_number, raw)
+                    if change.kind != ChangeKind.CARD:
+                        state = cards.effective_state(rec, now)
+                    if reason == pb.DECLINE_REASON_CARD_FROZEN:
+                        until = rec.temp_loss_until  # SH-18b: the report lapses then
+                    elif reason == 0 and rec.pack == Pack.RC:
+                        until = rec.valid_until  # RC-14
+                what = change.what
+                out.append(pb.ChangeEvent(
+                    sequence=seq, card_number=change.card_number, state=state,
+                    time=change.time, state_changed=bool(what & Changed.STATE),
+                    locks_changed=bool(what & Changed.LOCKS),
+                    functions_changed=bool(what & Changed.FUNCTIONS),
+                    replacement_changed=bool(what & Changed.REPLACEMENT),
+                    balance_changed=bool(what & Changed.BALANCE),
+                    transit_reason=reason, transit_reason_until=until))
+                if len(out) >= config.watch_batch_max:
+                    break
+        return out
 
     async def GetStatusBatch(self, request, client: Client):
         validate.batch(request.card_numbers, "card_numbers")
@@ -247,7 +353,7 @@ def _cancel_ground(book, rec: Card) -> int:
     return CancelGround[name] if name else 0
 
 
-def validate_holder(h: pb.Holder, pack: int) -> HolderInfo:
+def validate_holder(h: pb.Holder) -> HolderInfo:
     """The edge's checks of an application's personal information; the domain's value."""
     cards.validate_ssn(h.ssn)
     for f in PII_FIELDS:
@@ -264,11 +370,16 @@ class Lifecycle:
         self.core = core
 
     async def _write(self, method: str, request, client: Client, op) -> pb.Card:
-        """Run `op(book, now) -> Card` in the writer, once per request id."""
+        """Run `op(book, now) -> Card` in the writer, once per request id, with its audit
+        event in the same transaction."""
         validate.request_id(request.request_id)
-        answer = await self.core.write_once(
-            method, client, request.request_id, request,
-            lambda book, now, _: card_message(book, op(book, now), now).SerializeToString())
+
+        def produce(book, now, _) -> bytes:
+            rec = op(book, now)
+            book.append_audit(now, client.id, client.role.name, f"Lifecycle.{method}",
+                              rec.card_number)
+            return card_message(book, rec, now).SerializeToString()
+        answer = await self.core.write_once(method, client, request.request_id, request, produce)
         return pb.Card.FromString(answer)
 
     def _card_op(self, method, request, client, fn, *args):
@@ -278,7 +389,7 @@ class Lifecycle:
 
     async def Apply(self, request, client: Client):
         validate.enum(request.pack, pb.Pack, "pack")
-        holder = validate_holder(request.holder, request.pack)
+        holder = validate_holder(request.holder)
         validate.bank(request.service_bank, "service_bank", required=request.pack == Pack.GZ)
         validate.enum(request.residence_basis, pb.ResidenceBasis, "residence_basis",
                       allow_unspecified=True)
@@ -288,7 +399,8 @@ class Lifecycle:
         return await self._write("Apply", request, client, lambda book, now: cards.apply(
             book, now, pack=request.pack, holder=holder, eligibility=eligibility,
             with_transit=request.with_transit, service_bank=request.service_bank,
-            instant=request.instant, role=client.role, banks=self.core.banks))
+            instant=request.instant, role=client.role, banks=self.core.banks,
+            client_id=client.id, reveal=client.role in PII_READERS))
 
     async def Verify(self, request, client: Client):
         validate.text(request.reason, "reason")
@@ -406,9 +518,11 @@ class Ledger:
             validate.amount(request.amount_fen, "amount_fen", zero_ok=True)
 
             def op(book, now, fingerprint):
-                return transfer_answer(tid, ledger.resolve(
+                answer = transfer_answer(tid, ledger.resolve(
                     book, now, tid, pending_id, post=request.phase == Phase.POST,
                     amount=request.amount_fen, role=role, fingerprint=fingerprint))
+                book.append_audit(now, client.id, role.name, "Ledger.Transfer")
+                return answer
         else:
             if request.pending_id:
                 raise InvalidArgument("pending_id", "is only for PHASE_POST/PHASE_VOID")
@@ -421,10 +535,13 @@ class Ledger:
             amount = validate.amount(request.amount_fen, "amount_fen", zero_ok=False)
 
             def op(book, now, fingerprint):
-                return transfer_answer(tid, ledger.create(
+                answer = transfer_answer(tid, ledger.create(
                     book, now, tid, debit(book), credit(book), amount,
                     pending=request.phase == Phase.HOLD, timeout=request.timeout_seconds,
                     role=role, card_number=debit_card or credit_card, fingerprint=fingerprint))
+                book.append_audit(now, client.id, role.name, "Ledger.Transfer",
+                                  debit_card or credit_card)
+                return answer
         return pb.TransferResponse.FromString(
             await self.core.write_once("Transfer", client, tid, request, op))
 
@@ -435,9 +552,11 @@ class Ledger:
         role = client.role
 
         def op(book, now, fingerprint):
-            return transfer_answer(rid, ledger.reverse(book, now, rid, original,
-                                                       request.amount_fen, role=role,
-                                                       fingerprint=fingerprint))
+            answer = transfer_answer(rid, ledger.reverse(book, now, rid, original,
+                                                         request.amount_fen, role=role,
+                                                         fingerprint=fingerprint))
+            book.append_audit(now, client.id, role.name, "Ledger.Reverse")
+            return answer
         return pb.TransferResponse.FromString(
             await self.core.write_once("Reverse", client, rid, request, op))
 
@@ -455,6 +574,117 @@ class Ledger:
                 out.append(pb.Balance(kind=kind, posted_fen=a.posted, pending_fen=pending,
                                       available_fen=a.posted - pending))
         return pb.GetBalancesResponse(balances=out)
+
+
+# --------------------------------------------------------------------- Holders
+
+def holder_message(info: HolderInfo, fields=PII_FIELDS) -> pb.Holder:
+    return pb.Holder(ssn=info.ssn, **{f: getattr(info, f) for f in fields})
+
+
+class Holders:
+    """Personal information for a stated purpose (SPEC.md section 7). A read is done in the
+    writer, so its audit event is committed before the holder's information leaves; a read
+    refused for want of a holder is audited too (as every refused call is, calls.Refusals)."""
+
+    def __init__(self, core: Core):
+        self.core = core
+
+    async def GetHolder(self, request, client: Client):
+        key = request.WhichOneof("key")
+        if key == "card_number":
+            validate.card_number(request.card_number)
+        elif key == "ssn":
+            cards.validate_ssn(request.ssn, "ssn")
+        else:
+            raise InvalidArgument("key", "name the holder: card_number or ssn")
+        purpose = validate.text(request.purpose, "purpose")
+        if not purpose.strip():
+            raise InvalidArgument("purpose", "is required: why the personal information is read")
+        clock = self.core.clock
+
+        def read(book):
+            now = clock.now()
+            number, ssn = request.card_number, request.ssn
+            if key == "card_number":
+                rec = book.card(number)
+                ssn = book.holder_ssn(rec.holder_id) if rec is not None else None
+            found = book.holder(ssn) if ssn else None
+            book.append_audit(now, client.id, client.role.name, "Holders.GetHolder", number,
+                              purpose, "OK" if found else "NOT_FOUND", holder=mask(ssn or ""))
+            if found is None:
+                return None
+            holder_id, info = found
+            history = book.holder_history(holder_id) if request.with_history else []
+            return pb.HolderRecord(holder=holder_message(info), history=[
+                pb.HolderChange(field=c.field, old_value=c.old_value, new_value=c.new_value,
+                                time=c.time, client_id=c.client_id, method=c.method,
+                                reason=c.reason) for c in history])
+        answer = await self.core.write(read)
+        if answer is None:  # audited as refused; nothing said of what is held
+            if key == "card_number":
+                raise CardNotFound(request.card_number)
+            raise HolderNotFound("no holder with that ssn")
+        return answer
+
+    async def CorrectHolder(self, request, client: Client):
+        validate.request_id(request.request_id)
+        reason = validate.text(request.reason, "reason")
+        if not reason.strip():
+            raise InvalidArgument("reason", "is required: why the information is corrected")
+        given = validate_holder(request.holder)
+        if not any(getattr(given, f) for f in PII_FIELDS):
+            raise InvalidArgument("holder", "names no field to correct")
+        reveal = client.role in PII_READERS
+
+        def op(book, now, _) -> bytes:
+            _, info, changed = cards.correct_holder(book, now, given, reason, client.id)
+            book.append_audit(now, client.id, client.role.name, "Holders.CorrectHolder",
+                              purpose=reason, holder=mask(info.ssn))
+            # a role that may not read PII learns nothing beyond what it sent
+            fields = PII_FIELDS if reveal else [f for f in PII_FIELDS if getattr(given, f)]
+            return pb.HolderRecord(holder=holder_message(info, fields)).SerializeToString()
+        return pb.HolderRecord.FromString(await self.core.write_once(
+            "CorrectHolder", client, request.request_id, request, op))
+
+
+# --------------------------------------------------------------------- Audit
+
+class Audit:
+    """The audit trail, to AUDITOR only: exported in order, verified link by link."""
+
+    def __init__(self, core: Core):
+        self.core = core
+
+    async def Export(self, request, client: Client):
+        after = request.from_sequence
+        while True:
+            with self.core.store.read() as txn:
+                batch = []
+                for _, value in self.core.store.book(txn).audit_records(after):
+                    batch.append(audit_message(records.decode_audit(value)))
+                    if len(batch) >= config.watch_batch_max:
+                        break
+            if not batch:
+                return
+            for event in batch:
+                yield event
+            after = batch[-1].sequence
+
+    async def Verify(self, request, client: Client):
+        def verify():
+            with self.core.store.read() as txn:
+                return self.core.store.book(txn).verify_audit()
+        ok, events, bad, problem = await asyncio.to_thread(verify)
+        return pb.VerifyAuditResponse(ok=ok, events=events, first_bad_sequence=bad,
+                                      problem=problem)
+
+
+def audit_message(e: AuditEvent) -> pb.AuditEvent:
+    return pb.AuditEvent(sequence=e.sequence, time=e.time, client_id=e.client_id, role=e.role,
+                         method=e.method, card_number=e.card_number, purpose=e.purpose,
+                         outcome=e.outcome, prev_hash=e.prev_hash.hex(), hash=e.hash.hex(),
+                         algorithm=e.algorithm, count=e.count, holder=e.holder)
 
 
 # --------------------------------------------------------------------- Admin
@@ -496,7 +726,7 @@ class Admin:
 
 # --------------------------------------------------------------------- serving
 
-SERVICES = (Authorization, CardStatus, Lifecycle, Ledger, Admin)
+SERVICES = (Authorization, CardStatus, Lifecycle, Ledger, Holders, Audit, Admin)
 
 
 def build(core: Core, clients: Clients, concurrent_rpcs_max: int = config.concurrent_rpcs_max,
@@ -568,7 +798,8 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     loop = asyncio.get_running_loop()
     log_module.access.start(loop)
     limits.start(loop)
-    metrics.start(loop, store)
+    metrics.start(loop, store, lambda: core.feed.watchers)
+    calls.refusals.start(loop, store, clock)
     await _set_health(health_servicer, store.healthy)
     # The writer reports from its own thread when it dies or its periodic jobs keep failing:
     # health follows at once (NOT_SERVING), and back to SERVING if a job recovers.
@@ -588,5 +819,6 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
         await asyncio.sleep(drain_seconds)
     await server.stop(SHUTDOWN_GRACE_SECONDS)
     limits.stop()
+    calls.refusals.stop(store, clock)
     metrics.stop()
     log_module.access.stop()

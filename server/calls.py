@@ -30,6 +30,7 @@ from yikatong.errors import (
     InvalidArgument,
     PermissionDenied,
     RequestLate,
+    StreamStalled,
     TooManyCalls,
     Unauthenticated,
     YikatongError,
@@ -48,22 +49,25 @@ _HANDLER = {(False, False): grpc.unary_unary_rpc_method_handler,
 
 class Limits:
     """What one client may hold on this worker: at most `client_calls_max` calls in progress,
-    and a unary call's request message must arrive within `arrival_seconds` of its headers.
+    a unary call's request message must arrive within `arrival_seconds` of its headers, and
+    each message of a server stream must be taken within `stall_seconds`.
     Every handler is registered request-streaming (the wire is the same for the caller), so it
     runs as soon as the headers are in and reads the one request itself, against this clock;
     one timer per worker ends the calls still waiting (no timer per call)."""
 
     def __init__(self, client_calls_max: int = config.client_calls_max,
-                 arrival_seconds: float = config.request_arrival_seconds_max):
+                 arrival_seconds: float = config.request_arrival_seconds_max,
+                 stall_seconds: float = config.stream_stall_seconds_max):
         self.client_calls_max = client_calls_max
         self.arrival_seconds = arrival_seconds
+        self.stall_seconds = stall_seconds
         self.calls: collections.Counter[str] = collections.Counter()  # client id -> in progress
         self._waiting: dict[asyncio.Task, float] = {}  # task -> when its request is late
         self._late: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self, loop) -> None:
-        period = min(1.0, self.arrival_seconds / 4)
+        period = min(1.0, self.arrival_seconds / 4, self.stall_seconds / 4)
 
         def sweep():
             now = time.monotonic()
@@ -91,6 +95,30 @@ class Limits:
             self.calls[client.id] = left
         else:
             del self.calls[client.id]
+
+    async def write(self, context, response, last) -> None:
+        """One message of a server stream, which the caller must take within
+        stream_stall_seconds_max: a caller that stopped reading is ended (StreamStalled,
+        naming the last sequence written where messages have one), holding nothing."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting[task] = time.monotonic() + self.stall_seconds
+        try:
+            await context.write(response)
+        except asyncio.CancelledError:
+            if task not in self._late:
+                raise
+            self._late.discard(task)
+            task.uncancel()
+            where = getattr(last, "sequence", None)
+            raise StreamStalled(
+                f"the caller took no message for {self.stall_seconds:g} s "
+                "(stream_stall_seconds_max)"
+                + ("" if where is None else f"; resume after sequence {where} (the last one "
+                   "surely sent; the next may have arrived too: resume after the last you "
+                   "received)")) from None
+        finally:
+            self._waiting.pop(task, None)
 
     async def read_one(self, context):
         """The call's one request message, or RequestLate / INVALID_ARGUMENT."""
@@ -225,6 +253,8 @@ class _Call:
     async def refuse(self, context, error: Exception) -> None:
         status, message, trailers = _refusal(self.name, error)
         self.code = status.name
+        if status in _AUDITED:
+            refusals.add(self.client, self.name, status.name)
         await context.abort(status, message, trailing_metadata=trailers)
 
     def log(self) -> None:
@@ -259,8 +289,10 @@ def _streaming(name, allowed, clients, behaviour, client_streaming, limits):
             call.client = _admitted(name, allowed, clients, context, limits)
             try:
                 request = await _request(requests, context, limits, client_streaming)
+                last = None
                 async for response in behaviour(request, call.client):
-                    yield response
+                    await limits.write(context, response, last)
+                    last = response
             finally:
                 limits.leave(call.client)
             call.code = "OK"
@@ -271,6 +303,58 @@ def _streaming(name, allowed, clients, behaviour, client_streaming, limits):
         finally:
             call.log()
     return handle
+
+
+_AUDITED = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+
+
+class Refusals:
+    """SPEC.md section 7: every refused call (PERMISSION_DENIED, UNAUTHENTICATED) is an
+    audit event. A flood of them (a misconfigured gate) must not flood the writer: they are
+    counted per client, method and status, and written once a second, one event per key with
+    its `count`; at most refusal_keys_max keys a second, the rest counted under client `*`."""
+
+    def __init__(self):
+        self.counts: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, client, method: str, code: str) -> None:
+        key = (client.id, client.role.name, method, code) if client else ("", "", method, code)
+        if key not in self.counts and len(self.counts) >= config.refusal_keys_max:
+            key = ("*", "", "*", code)
+        self.counts[key] += 1
+
+    def start(self, loop, store, clock) -> None:
+        def flush():
+            self.flush(store, clock)
+            self._timer = loop.call_later(1.0, flush)
+        self._timer = loop.call_later(1.0, flush)
+
+    def flush(self, store, clock) -> None:
+        if not self.counts:
+            return
+        counts, self.counts = self.counts, collections.Counter()
+        now = clock.now()
+
+        def command(book):
+            for (client_id, role, method, code), n in counts.items():
+                book.append_audit(now, client_id, role, method, outcome=code, count=n)
+        try:
+            future = store.submit(command)
+        except YikatongError as error:  # the writer is busy or down: kept for the next try
+            self.counts.update(counts)
+            log.error("refused calls not yet audited: %s", error)
+            return
+        future.add_done_callback(lambda f: f.exception() and log.error(
+            "audit events of refused calls were not written", exc_info=f.exception()))
+
+    def stop(self, store, clock) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush(store, clock)
+
+
+refusals = Refusals()
 
 
 def _refusal(name: str, error: Exception) -> tuple[grpc.StatusCode, str, tuple]:

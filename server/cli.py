@@ -57,6 +57,10 @@ def main(argv=None) -> int:
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="JSON lines on stderr; info logs one line per call")
 
+    a = sub.add_parser("audit", help="the audit trail of a data dir (a stopped server's too)")
+    a.add_argument("action", choices=("verify",))
+    a.add_argument("--data-dir", required=True)
+
     for name, helptext in (("authorize", "ask whether a card may be used"),
                            ("status", "read a card's status")):
         c = sub.add_parser(name, help=helptext)
@@ -72,7 +76,41 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "audit":
+        return audit_verify(args.data_dir)
     return client(args)
+
+
+def audit_verify(data_dir: str) -> int:
+    """Walk the audit chain of a data dir read-only (beside a running server, or after it
+    stopped): 0 and a count if every link holds, 1 and the first bad sequence if not."""
+    from types import SimpleNamespace
+
+    import lmdb
+
+    from yikatong.storage.lmdb_store import Book
+
+    path = os.path.join(data_dir, "lmdb")
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        return _fail(f"no store in {data_dir}")
+    try:
+        env = lmdb.open(path, readonly=True, max_dbs=config.lmdb_max_dbs, lock=True)
+    except lmdb.Error as error:
+        return _fail(f"cannot open the store in {data_dir}: {error}")
+    try:
+        with env.begin() as txn:
+            try:
+                audit = env.open_db(b"audit", txn=txn, create=False)
+            except lmdb.NotFoundError:
+                return _fail(f"no audit trail in {data_dir}")
+            ok, events, bad, problem = Book(txn, SimpleNamespace(audit=audit)).verify_audit()
+    finally:
+        env.close()
+    if ok:
+        print(f"audit trail of {data_dir}: {events} events, every link holds")
+        return 0
+    print(f"audit trail of {data_dir}: broken at sequence {bad}: {problem}")
+    return 1
 
 
 def _fail(message: str) -> int:

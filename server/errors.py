@@ -19,6 +19,7 @@ DETAILS_KEY = "grpc-status-details-bin"
 _CODES = (
     (e.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (e.CardNotFound, grpc.StatusCode.NOT_FOUND),
+    (e.HolderNotFound, grpc.StatusCode.NOT_FOUND),
     (e.TransferNotFound, grpc.StatusCode.NOT_FOUND),
     (e.NotEligible, grpc.StatusCode.FAILED_PRECONDITION),
     (e.Refused, grpc.StatusCode.FAILED_PRECONDITION),
@@ -29,6 +30,7 @@ _CODES = (
     (e.StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.WriterBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.TooManyCalls, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (e.StreamStalled, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.RequestLate, grpc.StatusCode.DEADLINE_EXCEEDED),
     (e.WriterDown, grpc.StatusCode.UNAVAILABLE),
     (e.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),

@@ -9,19 +9,11 @@ import datetime
 import json
 import logging
 import os
-import re
 import select
 import sys
 import time
 
-# A resident identity number (18 characters, the last a digit or X) anywhere in a text.
-_ID_NUMBER = re.compile(r"(?<![0-9A-Za-z])(\d{4})(\d{10})(\d{3}[0-9Xx])(?![0-9A-Za-z])")
-
-
-def mask(text: str) -> str:
-    """Every identity number in `text` with all but its first and last 4 characters hidden:
-    310101199003071234 -> 3101**********1234."""
-    return _ID_NUMBER.sub(lambda m: m[1] + "*" * 10 + m[3], text)
+from yikatong.model import mask
 
 
 class JsonFormatter(logging.Formatter):

@@ -56,7 +56,7 @@ class Metrics:
         self.enabled = False
         self.decisions = [0] * ((max(Channel) + 1) * REASONS)  # [channel * REASONS + reason]
 
-    def start(self, loop, store) -> None:
+    def start(self, loop, store, watchers=lambda: 0) -> None:
         """In the serving process, once its event loop runs."""
         if _DIR_ENV not in os.environ:
             return
@@ -80,6 +80,9 @@ class Metrics:
                                multiprocess_mode="max")
         self._map_size = Gauge("yikatong_lmdb_map_size_bytes", "LMDB map size (the most the "
                                "store may hold)", multiprocess_mode="max")
+        self._watchers = Gauge("yikatong_watchers", "Open WatchChanges streams",
+                               multiprocess_mode="livesum")
+        self._watching = watchers
         self._children: dict[tuple[str, str], tuple] = {}
         self._store = store
         self._loop = loop
@@ -107,6 +110,7 @@ class Metrics:
                 self._decided.labels(Channel(i // REASONS).name,
                                      Reason(i % REASONS).name).inc(n)
         self._queue.set(self._store.queue_depth())
+        self._watchers.set(self._watching())
         used, size = self._store.map_use()
         self._map_used.set(used)
         self._map_size.set(size)

@@ -16,6 +16,10 @@ _APPLY = frozenset({Role.COMMUNITY_OUTLET, Role.BANK_OUTLET, Role.ONLINE_PLATFOR
 _BANK = frozenset({Role.BANK_OUTLET, Role.BANK_SWITCH})
 _STATUS = TERMINALS | OUTLETS | {Role.BANK_SWITCH, Role.CARD_AGENCY}
 _MONEY = frozenset({Role.CARD_AGENCY, Role.HRSS, Role.BANK_SWITCH})
+# who may read a holder's personal information (Holders.GetHolder); to any other role an
+# answer names no held value and no card number of a holder (Apply, CorrectHolder)
+PII_READERS = frozenset({Role.CARD_AGENCY, Role.HRSS, Role.PUBLIC_SECURITY,
+                         Role.COMMUNITY_OUTLET})
 
 CHANNEL_ROLES = {
     Channel.TRANSIT: frozenset({Role.TRANSIT_GATE}),
@@ -33,6 +37,7 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "Authorization.AuthorizeStream": _AUTHORIZE,
     "CardStatus.GetStatus": _STATUS,
     "CardStatus.GetStatusBatch": _STATUS,
+    "CardStatus.WatchChanges": _STATUS,
     "Lifecycle.Apply": _APPLY,
     "Lifecycle.Replace": _APPLY,
     "Lifecycle.CancelLoss": _APPLY,
@@ -52,6 +57,12 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "Ledger.Transfer": _MONEY,
     "Ledger.Reverse": _MONEY,
     "Ledger.GetBalances": TERMINALS | OUTLETS | {Role.ONLINE_PLATFORM},
+    # SPEC.md section 7: personal information is read for a stated purpose by these only
+    "Holders.GetHolder": PII_READERS,
+    "Holders.CorrectHolder": frozenset({Role.CARD_AGENCY, Role.COMMUNITY_OUTLET,
+                                        Role.ONLINE_PLATFORM}),
+    "Audit.Export": frozenset({Role.AUDITOR}),
+    "Audit.Verify": frozenset({Role.AUDITOR}),
     "Admin.AdvanceClock": frozenset({Role.ADMIN}),
     "Admin.SetClock": frozenset({Role.ADMIN}),
 }

@@ -22,6 +22,7 @@ the umask, and an existing one is narrowed to that at open.
 """
 import concurrent.futures
 import fcntl
+import hashlib
 import logging
 import os
 import queue
@@ -34,9 +35,25 @@ from typing import Any
 import lmdb
 
 from yikatong import config
-from yikatong.errors import IdReused, StoreFull, StoreUnavailable, WriterBusy, WriterDown
+from yikatong.errors import (
+    CorruptRecord,
+    IdReused,
+    StoreFull,
+    StoreUnavailable,
+    WriterBusy,
+    WriterDown,
+)
 from yikatong.model import ACCOUNT_KEY_BYTES_MAX as _KEY_WIDTH
-from yikatong.model import Account, Card, Change, ChangeKind, HolderInfo, Transfer
+from yikatong.model import (
+    Account,
+    Card,
+    Change,
+    Changed,
+    ChangeKind,
+    HolderChange,
+    HolderInfo,
+    Transfer,
+)
 from yikatong.storage import records
 
 log = logging.getLogger("yikatong.storage")
@@ -48,6 +65,22 @@ _STOP = object()
 DIR_MODE, FILE_MODE = 0o700, 0o600
 
 Command = Callable[["Book"], Any]
+
+
+# SM3 (GB/T 32905, the national standard) where this OpenSSL has it, else SHA-256; each event
+# names the one that made its hash.
+try:
+    hashlib.new("sm3")
+    AUDIT_ALGORITHM = 1
+except ValueError:  # pragma: no cover - an OpenSSL without SM3
+    AUDIT_ALGORITHM = 2
+
+
+def audit_hash(prev_hash: bytes, body: bytes, algorithm: int = 0) -> bytes:
+    h = hashlib.new(records.AUDIT_ALGORITHMS[algorithm or AUDIT_ALGORITHM])
+    h.update(prev_hash)
+    h.update(body)
+    return h.digest()
 
 
 def lock_data_dir(data_dir: str) -> int:
@@ -249,10 +282,13 @@ class Store:
             with self._begin_write() as txn:
                 for command, future in group:
                     child = self.env.begin(write=True, parent=txn)
+                    heads = self.dbs.change_seq, self.dbs.audit_head
                     try:
                         result = command(Book(child, self.dbs))
                     except Exception as e:  # noqa: BLE001 - handed to the caller
                         child.abort()
+                        # the audit chain goes on from the last event that stays
+                        self.dbs.change_seq, self.dbs.audit_head = heads
                         outcomes.append((future, None, self._full(e)))
                     else:
                         child.commit()
@@ -291,6 +327,9 @@ class Store:
         txn = self.env.begin(write=True)
         with txn.cursor(db=self.dbs.changes) as cur:
             self.dbs.change_seq = _U64.unpack(cur.key())[0] if cur.last() else 0
+        with txn.cursor(db=self.dbs.audit) as cur:  # the audit chain's head, likewise
+            self.dbs.audit_head = ((_U64.unpack(cur.key())[0], records.split_audit(cur.value())[2])
+                                   if cur.last() else (0, bytes(32)))
         return txn
 
     def _full(self, error: BaseException) -> BaseException:
@@ -325,7 +364,13 @@ class Dbs:
         self.changes = env.open_db(b"changes")  # u64 sequence -> change record
         # RC-13: a holder's Shanghai residence addresses, oldest first
         self.residences = env.open_db(b"residences")  # u64 holder_id + u32 n -> i64 since + UTF-8
+        self.holder_ssn = env.open_db(b"holder_ssn")  # u64 holder_id -> ssn (ASCII)
+        # GZ-20: earlier values of a holder's fields
+        self.holder_history = env.open_db(b"holder_history")  # u64 holder_id + u32 n -> record
         self.change_seq = 0  # the last sequence handed out: read in each write (_begin_write)
+        # append-only audit trail, hash-chained: u64 sequence -> audit event
+        self.audit = env.open_db(b"audit")
+        self.audit_head: tuple[int, bytes] = (0, bytes(32))  # (sequence, hash), as change_seq
 
 
 class Book:
@@ -352,10 +397,18 @@ class Book:
         return None if value is None else records.decode_card(card_number, value)
 
     def put_card(self, card: Card, now: int) -> None:
-        self.txn.put(card.card_number.encode("ascii"), records.encode_card(card),
-                     db=self.dbs.cards)
+        key = card.card_number.encode("ascii")
+        old = self.txn.get(key, db=self.dbs.cards)
+        what = Changed.STATE | Changed.LOCKS | Changed.FUNCTIONS | Changed.REPLACEMENT
+        if old is not None:
+            was = records.decode_card(card.card_number, old)
+            what = ((Changed.STATE if was.state != card.state else 0)
+                    | (Changed.LOCKS if was.lock_mask != card.lock_mask else 0)
+                    | (Changed.FUNCTIONS if was.flags != card.flags else 0)
+                    | (Changed.REPLACEMENT if was.replaced_by != card.replaced_by else 0))
+        self.txn.put(key, records.encode_card(card), db=self.dbs.cards)
         self.append_change(ChangeKind.CARD, now, card.card_number, card.holder_id, card.state,
-                           card.flags, card.lock_mask)
+                           card.flags, card.lock_mask, what=what)
 
     # A card's texts, kept beside the hot record: "note" (why it was rejected or cancelled),
     # "ground" (CancelGround name), "organ" (RC-7: the organ that issued a Residence Card).
@@ -377,11 +430,11 @@ class Book:
     # ---- change log
     def append_change(self, kind: int, time: int, card_number: str, holder_id: int,
                       state: int = 0, flags: int = 0, lock_mask: int = 0, transfer_id: str = "",
-                      amount: int = 0) -> int:
+                      amount: int = 0, what: int = Changed.BALANCE) -> int:
         """Every change of a card or an account, in one global sequence (SPEC.md section 1);
         the fields of a model.Change."""
         value = records.encode_change(kind, time, card_number, holder_id, state, flags,
-                                      lock_mask, transfer_id, amount)
+                                      lock_mask, transfer_id, amount, what)
         self.dbs.change_seq = seq = self.dbs.change_seq + 1
         self.txn.put(_U64.pack(seq), value, db=self.dbs.changes, append=True)
         return seq
@@ -392,6 +445,57 @@ class Book:
                 for k, v in cur:
                     yield _U64.unpack(k)[0], records.decode_change(v)
 
+    def last_change(self) -> int:
+        """The sequence of the last change committed (0: none)."""
+        with self.txn.cursor(db=self.dbs.changes) as cur:
+            return _U64.unpack(cur.key())[0] if cur.last() else 0
+
+    # ---- audit trail (SPEC.md section 7): append-only, each event's hash over its fields and
+    # the previous event's hash, in the transaction of the change it records
+    def append_audit(self, time: int, client_id: str, role: str, method: str,
+                     card_number: str = "", purpose: str = "", outcome: str = "OK",
+                     count: int = 1, holder: str = "") -> int:
+        seq, prev = self.dbs.audit_head
+        seq += 1
+        body = records.audit_body(seq, time, count, client_id, role, method, card_number,
+                                  purpose, outcome, holder)
+        digest = audit_hash(prev, body)
+        self.txn.put(_U64.pack(seq), records.encode_audit(AUDIT_ALGORITHM, prev, digest, body),
+                     db=self.dbs.audit, append=True)
+        self.dbs.audit_head = (seq, digest)
+        return seq
+
+    def verify_audit(self) -> tuple[bool, int, int, str]:
+        """Walk the chain: (ok, events, first bad sequence, what is wrong with it). An edited
+        event fails its own hash; a deleted one leaves a gap; an event moved or replaced breaks
+        the next one's prev_hash. (Cutting events off the end is what a chain alone cannot
+        show: compare `events` with an export kept elsewhere.)"""
+        seq, prev_hash, n = 0, bytes(32), 0
+        for key, value in self.audit_records():
+            n += 1
+            if key != seq + 1:
+                return False, n, seq + 1, f"event {seq + 1} is missing (next is {key})"
+            try:
+                algorithm, prev, digest, body = records.split_audit(value)
+                event = records.decode_audit(value)
+            except CorruptRecord as error:
+                return False, n, key, str(error)
+            if event.sequence != key:
+                return False, n, key, f"event {key} says it is {event.sequence}"
+            if prev != prev_hash:
+                return False, n, key, f"event {key}'s prev_hash is not event {seq}'s hash"
+            if audit_hash(prev, body, algorithm) != digest:
+                return False, n, key, f"event {key}'s hash does not match its fields"
+            seq, prev_hash = key, digest
+        return True, n, 0, ""
+
+    def audit_records(self, after: int = 0) -> Iterator[tuple[int, bytes]]:
+        """(sequence key, stored bytes) of every audit event after `after`, in order."""
+        with self.txn.cursor(db=self.dbs.audit) as cur:
+            if cur.set_range(_U64.pack(after + 1)):
+                for k, v in cur:
+                    yield _U64.unpack(k)[0], bytes(v)
+
     # ---- holders
     def holder(self, ssn: str) -> tuple[int, HolderInfo] | None:
         value = self.txn.get(ssn.encode("ascii"), db=self.dbs.holders)
@@ -400,6 +504,29 @@ class Book:
     def put_holder(self, holder_id: int, info: HolderInfo) -> None:
         self.txn.put(info.ssn.encode("ascii"), records.encode_holder(holder_id, info),
                      db=self.dbs.holders)
+        self.txn.put(_U64.pack(holder_id), info.ssn.encode("ascii"), db=self.dbs.holder_ssn)
+
+    def holder_ssn(self, holder_id: int) -> str | None:
+        value = self.txn.get(_U64.pack(holder_id), db=self.dbs.holder_ssn)
+        return None if value is None else bytes(value).decode("ascii")
+
+    def holder_history(self, holder_id: int) -> list[HolderChange]:
+        """GZ-20: every earlier value of the holder's fields, oldest first."""
+        return [records.decode_holder_change(v)
+                for _, v in self._prefixed(self.dbs.holder_history, _U64.pack(holder_id))]
+
+    def add_holder_change(self, holder_id: int, change: HolderChange) -> None:
+        n = sum(1 for _ in self._prefixed(self.dbs.holder_history, _U64.pack(holder_id)))
+        self.txn.put(_U64.pack(holder_id) + n.to_bytes(4, "big"),
+                     records.encode_holder_change(change), db=self.dbs.holder_history)
+
+    def _prefixed(self, db, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        with self.txn.cursor(db=db) as cur:
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if k[:len(prefix)] != prefix:
+                        return
+                    yield k, v
 
     def residences(self, holder_id: int) -> list[tuple[int, str]]:
         """RC-13: (since, address) of every residence address the holder filed, oldest first."""

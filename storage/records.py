@@ -36,8 +36,11 @@ from yikatong.errors import CorruptRecord, InvalidRecord
 from yikatong.model import (
     ACCOUNT_KEY_BYTES_MAX,
     Account,
+    AuditEvent,
     Card,
     Change,
+    Changed,
+    HolderChange,
     HolderInfo,
     Pack,
     State,
@@ -265,15 +268,16 @@ def decode_transfer(value) -> Transfer:
 
 # ---------------------------------------------------------------------------- change log
 
-# version kind state flags lock_mask time holder_id amount card_number transfer_id
-CHANGE = struct.Struct("<BBBBBqQq20s64s")
+# version kind state flags lock_mask what time holder_id amount card_number transfer_id
+CHANGE = struct.Struct("<BBBBBBqQq20s64s")
 _CHANGE_PACK = CHANGE.pack
-CHANGE_VERSION = 1
+CHANGE_VERSION = 2
+_CHANGE_V1 = struct.Struct("<BBBBBqQq20s64s")  # before `what`: read as "everything changed"
 
 
 def encode_change(kind: int, time: int, card_number: str, holder_id: int, state: int = 0,
                   flags: int = 0, lock_mask: int = 0, transfer_id: str = "",
-                  amount: int = 0) -> bytes:
+                  amount: int = 0, what: int = 0) -> bytes:
     """A model.Change's fields, encoded (no object is made: one is written per movement)."""
     try:
         card, tid = card_number.encode("ascii"), transfer_id.encode("utf-8")
@@ -285,16 +289,110 @@ def encode_change(kind: int, time: int, card_number: str, holder_id: int, state:
         raise InvalidRecord(f"change record of kind {kind}, state {state}, card number "
                             f"{len(card)} bytes, transfer id {len(tid)} bytes")
     try:
-        return _CHANGE_PACK(CHANGE_VERSION, kind, state, flags, lock_mask, time, holder_id,
-                            amount, card, tid)
+        return _CHANGE_PACK(CHANGE_VERSION, kind, state, flags, lock_mask, what, time,
+                            holder_id, amount, card, tid)
     except struct.error as e:
         raise InvalidRecord(f"change record: {e}") from None
 
 
 def decode_change(value) -> Change:
-    if len(value) != CHANGE.size or value[0] != CHANGE_VERSION:
+    if len(value) == CHANGE.size and value[0] == CHANGE_VERSION:
+        (_, kind, state, flags, lock_mask, what, time, holder_id, amount, card, transfer_id) = \
+            CHANGE.unpack(value)
+    elif len(value) == _CHANGE_V1.size and value[0] == 1:
+        (_, kind, state, flags, lock_mask, time, holder_id, amount, card, transfer_id) = \
+            _CHANGE_V1.unpack(value)
+        what = int(Changed.BALANCE) if kind == 2 else int(~Changed.BALANCE & _CHANGED_ALL)
+    else:
         raise CorruptRecord(f"change record of {len(value)} bytes / version {value[0:1]!r}")
-    (_, kind, state, flags, lock_mask, time, holder_id, amount, card, transfer_id) = \
-        CHANGE.unpack(value)
     return Change(kind, time, _text("card_number", card, "ascii"), holder_id, state, flags,
-                  lock_mask, _text("transfer_id", transfer_id, "utf-8"), amount)
+                  lock_mask, _text("transfer_id", transfer_id, "utf-8"), amount, what)
+
+
+_CHANGED_ALL = sum(Changed)
+
+
+# ---------------------------------------------------------------------------- audit trail
+
+# version algorithm prev_hash hash, then the body the hash covers (with prev_hash):
+# sequence time count, then each text as u16 length + UTF-8.
+_AUDIT_HEAD = struct.Struct("<BB32s32s")
+_AUDIT_BODY = struct.Struct("<QqI")
+_U16 = struct.Struct("<H")
+AUDIT_VERSION = 1
+AUDIT_TEXTS = ("client_id", "role", "method", "card_number", "purpose", "outcome", "holder")
+# each event's hash; SM3 (GB/T 32905) where this OpenSSL has it
+AUDIT_ALGORITHMS = {1: "sm3", 2: "sha256"}
+
+
+def _pack_texts(head: bytes, texts) -> bytes:
+    out = [head]
+    for text in texts:
+        raw = text.encode("utf-8")
+        if len(raw) > 4096:
+            raise InvalidRecord(f"a text of {len(raw)} bytes in a record of texts")
+        out.append(_U16.pack(len(raw)))
+        out.append(raw)
+    return b"".join(out)
+
+
+def _unpack_texts(body: bytes, at: int, fields: tuple[str, ...], what: str) -> list[str]:
+    texts = []
+    for field in fields:
+        if at + 2 > len(body):
+            raise CorruptRecord(f"{what}: {field} is cut")
+        (n,) = _U16.unpack_from(body, at)
+        texts.append(_text(field, body[at + 2:at + 2 + n], "utf-8"))
+        at += 2 + n
+    if at != len(body):
+        raise CorruptRecord(f"{what}: {len(body) - at} bytes too many")
+    return texts
+
+
+def audit_body(sequence: int, time: int, count: int, *texts: str) -> bytes:
+    """What an audit event's hash covers, beside prev_hash: its fields, canonically."""
+    return _pack_texts(_AUDIT_BODY.pack(sequence, time, count), texts)
+
+
+def encode_audit(algorithm: int, prev_hash: bytes, hash_: bytes, body: bytes) -> bytes:
+    return _AUDIT_HEAD.pack(AUDIT_VERSION, algorithm, prev_hash, hash_) + body
+
+
+def split_audit(value) -> tuple[int, bytes, bytes, bytes]:
+    """(algorithm, prev_hash, hash, body) of a stored audit event."""
+    value = bytes(value)
+    if len(value) < _AUDIT_HEAD.size + _AUDIT_BODY.size or value[0] != AUDIT_VERSION \
+            or value[1] not in AUDIT_ALGORITHMS:
+        raise CorruptRecord(f"audit event of {len(value)} bytes")
+    _, algorithm, prev_hash, hash_ = _AUDIT_HEAD.unpack_from(value)
+    return algorithm, prev_hash, hash_, value[_AUDIT_HEAD.size:]
+
+
+def decode_audit(value) -> AuditEvent:
+    algorithm, prev_hash, hash_, body = split_audit(value)
+    sequence, time, count = _AUDIT_BODY.unpack_from(body)
+    texts = _unpack_texts(body, _AUDIT_BODY.size, AUDIT_TEXTS, f"audit event {sequence}")
+    return AuditEvent(sequence, time, *texts[:3], card_number=texts[3], purpose=texts[4],
+                      outcome=texts[5], count=count, holder=texts[6],
+                      algorithm=AUDIT_ALGORITHMS[algorithm], prev_hash=prev_hash, hash=hash_)
+
+
+# ---------------------------------------------------------------------------- holder history
+
+# GZ-20: an earlier value of a holder's field. version time, then the texts.
+_HISTORY_HEAD = struct.Struct("<Bq")
+_HISTORY_TEXTS = ("field", "old_value", "new_value", "client_id", "method", "reason")
+
+
+def encode_holder_change(change: HolderChange) -> bytes:
+    return _pack_texts(_HISTORY_HEAD.pack(1, change.time),
+                       (getattr(change, f) for f in _HISTORY_TEXTS))
+
+
+def decode_holder_change(value) -> HolderChange:
+    value = bytes(value)
+    if len(value) < _HISTORY_HEAD.size or value[0] != 1:
+        raise CorruptRecord(f"holder history record of {len(value)} bytes")
+    _, time = _HISTORY_HEAD.unpack_from(value)
+    texts = _unpack_texts(value, _HISTORY_HEAD.size, _HISTORY_TEXTS, "holder history record")
+    return HolderChange(time, *texts)

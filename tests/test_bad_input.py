@@ -58,6 +58,27 @@ CASES = [
         terminal_id="x" * (config.message_size_max + 1))]), "TRANSIT_GATE", RE, ""),
     ("CardStatus", "GetStatus", pb.GetStatusRequest(card_number=""), "BANK_SWITCH", IA,
      "card_number:"),
+    ("CardStatus", "WatchChanges", b"\x08\xff", "BANK_SWITCH", IA, "request:"),
+    ("Holders", "GetHolder", pb.GetHolderRequest(purpose="claim"), "CARD_AGENCY", IA, "key:"),
+    ("Holders", "GetHolder", pb.GetHolderRequest(card_number=CARD), "CARD_AGENCY", IA,
+     "purpose:"),
+    ("Holders", "GetHolder", pb.GetHolderRequest(card_number=CARD, purpose="  "), "CARD_AGENCY",
+     IA, "purpose:"),
+    ("Holders", "GetHolder", pb.GetHolderRequest(ssn="310101198001010010", purpose="claim"),
+     "CARD_AGENCY", IA, "ssn:"),
+    ("Holders", "GetHolder", pb.GetHolderRequest(card_number=LONG, purpose="x"), "CARD_AGENCY",
+     IA, "card_number:"),
+    ("Holders", "CorrectHolder", pb.CorrectHolderRequest(request_id="c1", holder=holder()),
+     "CARD_AGENCY", IA, "reason:"),
+    ("Holders", "CorrectHolder", pb.CorrectHolderRequest(
+        request_id="c1", holder=pb.Holder(ssn=holder().ssn), reason="typo"), "CARD_AGENCY", IA,
+     "holder:"),
+    ("Holders", "CorrectHolder", pb.CorrectHolderRequest(
+        request_id="c1", holder=holder(birth_date="1980-02-30"), reason="typo"), "CARD_AGENCY",
+     IA, "holder.birth_date:"),
+    ("Holders", "CorrectHolder", pb.CorrectHolderRequest(
+        request_id="", holder=holder(), reason="typo"), "CARD_AGENCY", IA, "request_id:"),
+    ("Audit", "Export", b"\x08\xff", "AUDITOR", IA, "request:"),
     ("CardStatus", "GetStatusBatch", pb.GetStatusBatchRequest(card_numbers=["1", "x"]),
      "BANK_SWITCH", IA, "card_numbers[1]:"),
     ("Lifecycle", "Apply", pb.ApplyRequest(request_id="a", pack=9, holder=holder()),
@@ -179,5 +200,6 @@ def test_malformed_request(srv, service, method, request_, role, code, prefix):
 
 def test_the_table_covers_every_method():
     methods = {m.name for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods}
-    covered = {c[1] for c in CASES} | {"AuthorizeStream"}  # stream: test_e2e batches test
+    # AuthorizeStream: test_e2e's batches; Audit.Verify has no field to get wrong
+    covered = {c[1] for c in CASES} | {"AuthorizeStream", "Verify"}
     assert methods == covered

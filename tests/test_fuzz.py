@@ -55,11 +55,11 @@ def test_holders_decode_and_validate_or_are_invalid_argument(data, pack):
     if isinstance(h, Undecodable):
         return
     try:
-        holder = validate_holder(h, pack)
+        holder = validate_holder(h)
         cards.check_eligibility(pack, Eligibility(h.household_registered, h.insured,
                                                   h.entitled_public_services, "2020-01-01", 1),
                                 1_790_000_000)
-        cards.merge_holder(holder, None)
+        cards.merge_holder(pack, holder, None)
     except (InvalidArgument, NotEligible, InvalidTransition):
         pass
 

@@ -8,6 +8,7 @@ from test_calls import error_info
 from yikatong.model import Role
 from yikatong.server.harness import running
 from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 TERMINALS = {"TRANSIT_GATE", "MEDICAL_TERMINAL", "BENEFIT_COUNTER"}
 OUTLETS = {"COMMUNITY_OUTLET", "BANK_OUTLET"}
@@ -19,6 +20,10 @@ MONEY = {"CARD_AGENCY", "HRSS", "BANK_SWITCH"}
 # API.md, "Identity and roles"
 API_TABLE = {
     "CardStatus.GetStatus": STATUS, "CardStatus.GetStatusBatch": STATUS,
+    "CardStatus.WatchChanges": STATUS,
+    "Holders.GetHolder": {"CARD_AGENCY", "HRSS", "PUBLIC_SECURITY", "COMMUNITY_OUTLET"},
+    "Holders.CorrectHolder": {"CARD_AGENCY", "COMMUNITY_OUTLET", "ONLINE_PLATFORM"},
+    "Audit.Export": {"AUDITOR"}, "Audit.Verify": {"AUDITOR"},
     "Lifecycle.Apply": APPLY, "Lifecycle.Replace": APPLY, "Lifecycle.CancelLoss": APPLY,
     "Lifecycle.Verify": {"CARD_AGENCY", "PUBLIC_SECURITY"},  # PUBLIC_SECURITY: RC cards
     "Lifecycle.Issue": {"CARD_AGENCY", "PUBLIC_SECURITY"},
@@ -52,17 +57,20 @@ def _call(srv, full_name: str, role: str):
     service, method = full_name.split(".")
     descriptor = pb.DESCRIPTOR.services_by_name[service].methods_by_name[method]
     request = getattr(pb, descriptor.input_type.name)()  # empty: the role is judged first
-    stub = getattr(srv, {"Lifecycle": "lifecycle", "CardStatus": "status", "Ledger": "ledger",
-                         "Admin": "admin"}[service])
+    stub = getattr(rpc, f"{service}Stub")(srv.channel)
     try:
-        getattr(stub, method)(request, metadata=srv.md(role), timeout=10)
+        if descriptor.server_streaming:  # the first message, or the refusal (a live feed
+            # with nothing to send yet ends at the deadline: not a refusal)
+            next(iter(getattr(stub, method)(request, metadata=srv.md(role), timeout=0.5)), None)
+        else:
+            getattr(stub, method)(request, metadata=srv.md(role), timeout=10)
     except grpc.RpcError as error:
-        return error
+        return None if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else error
     return None
 
 
 def test_every_role_against_every_method_as_api_md_says(srv):
-    services = ("CardStatus", "Lifecycle", "Ledger", "Admin")
+    services = ("CardStatus", "Lifecycle", "Ledger", "Holders", "Audit", "Admin")
     described = {f"{s}.{m.name}" for s in services
                  for m in pb.DESCRIPTOR.services_by_name[s].methods}
     assert described == set(API_TABLE)

@@ -7,6 +7,7 @@ from yikatong.errors import CorruptRecord, InvalidRecord, StoreUnavailable
 from yikatong.model import (
     Card,
     Change,
+    Changed,
     ChangeKind,
     Flag,
     Pack,
@@ -138,10 +139,38 @@ def test_change_records_are_versioned_with_time_kind_card_and_holder(store):
         (seq, change), = store.book(txn).changes()
         raw = txn.get(seq.to_bytes(8, "big"), db=store.dbs.changes)
     assert raw[0] == r.CHANGE_VERSION
+    new = Changed.STATE | Changed.LOCKS | Changed.FUNCTIONS | Changed.REPLACEMENT
     assert change == Change(ChangeKind.CARD, 1_790_000_123, "310000000009", 77, State.LOST,
-                            Flag.TRANSIT, 4)
+                            Flag.TRANSIT, 4, what=new)
     with pytest.raises(CorruptRecord):
         r.decode_change(bytes([9]) + raw[1:])
+    # what a later write changed, and only that
+    card.lock_mask = 0
+    store.write(lambda book: book.put_card(card, 1_790_000_124))
+    with store.read() as txn:
+        (_, change), = store.book(txn).changes(seq)
+    assert change.what == Changed.LOCKS
+
+
+def test_the_audit_chain_links_each_event_and_a_rolled_back_command_leaves_no_hole(store):
+    store.write(lambda book: [book.append_audit(5, "gate-1", "TRANSIT_GATE", "X.Y", "31")
+                              for _ in range(2)])
+
+    def refused(book):
+        book.append_audit(6, "gate-1", "TRANSIT_GATE", "X.Z")
+        raise ValueError("refused: rolled back with its event")
+    with pytest.raises(ValueError):
+        store.write(refused)
+    store.write(lambda book: book.append_audit(7, "agency", "CARD_AGENCY", "Holders.GetHolder",
+                                               purpose="claim 7", holder="3101**********1234"))
+    with store.read() as txn:
+        book = store.book(txn)
+        events = [r.decode_audit(v) for _, v in book.audit_records()]
+        assert book.verify_audit() == (True, 3, 0, "")
+    assert [e.sequence for e in events] == [1, 2, 3]
+    assert events[0].prev_hash == bytes(32)
+    assert [e.prev_hash for e in events[1:]] == [e.hash for e in events[:-1]]
+    assert events[2].purpose == "claim 7" and events[2].algorithm == "sm3"
 
 
 def test_the_domain_enums_are_the_wire_enums():

@@ -15,6 +15,7 @@ from yikatong import config
 from yikatong.clock import end_of_days, end_of_years, law_date
 from yikatong.errors import (
     CardNotFound,
+    HolderNotFound,
     InvalidArgument,
     InvalidTransition,
     NotEligible,
@@ -29,6 +30,7 @@ from yikatong.model import (
     Channel,
     Eligibility,
     Flag,
+    HolderChange,
     HolderInfo,
     IssuingBanks,
     Pack,
@@ -51,11 +53,11 @@ def ssn_check_digit(first17: str) -> str:
     return _SSN_CHECK[sum(int(c) * w for c, w in zip(first17, _SSN_WEIGHTS, strict=True)) % 11]
 
 
-def validate_ssn(ssn: str) -> None:
+def validate_ssn(ssn: str, field: str = "holder.ssn") -> None:
     if not _SSN.fullmatch(ssn):
-        raise InvalidArgument("holder.ssn", "must be 17 digits and a digit or X (18 characters)")
+        raise InvalidArgument(field, "must be 17 digits and a digit or X (18 characters)")
     if ssn_check_digit(ssn[:17]) != ssn[17]:
-        raise InvalidArgument("holder.ssn", "check digit does not match (GB 11643)")
+        raise InvalidArgument(field, "check digit does not match (GB 11643)")
 
 
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -193,10 +195,12 @@ def check_eligibility(pack: int, who: Eligibility, now: int) -> None:
                               "or continuous study (residence_basis)")
 
 
-def merge_holder(pack: int, given: HolderInfo, held: HolderInfo | None) -> HolderInfo:
+def merge_holder(pack: int, given: HolderInfo, held: HolderInfo | None,
+                 reveal: bool = True) -> HolderInfo:
     """GZ-9b: information already held is not asked for again (an empty field takes the held
     value). GZ-20: a held value is never silently overwritten by a different one. What the
-    pack's application needs is checked on the merged information."""
+    pack's application needs is checked on the merged information. `reveal` False (a role
+    that may not read PII): a refusal does not say which held value differs."""
     merged = HolderInfo(given.ssn, **{f: getattr(given, f) for f in PII_FIELDS})
     if held is not None:
         for f in PII_FIELDS:
@@ -204,9 +208,10 @@ def merge_holder(pack: int, given: HolderInfo, held: HolderInfo | None) -> Holde
             if not mine:
                 setattr(merged, f, theirs)
             elif theirs and mine != theirs:
-                raise InvalidTransition("held", "Apply", "GZ-20",
-                                        f"holder.{f} differs from the information held; "
-                                        "file a correction instead")
+                raise InvalidTransition("held", "Apply", "GZ-20", (
+                    f"holder.{f} differs from the information held" if reveal else
+                    "the personal information given differs from the information held")
+                    + "; file a correction (Holders.CorrectHolder) instead")
     required = ["name", "birth_date"]
     if pack == Pack.GZ:  # GZ-9: occupation and mobile phone are part of the application
         required += ["phone", "occupation"]
@@ -221,9 +226,12 @@ def merge_holder(pack: int, given: HolderInfo, held: HolderInfo | None) -> Holde
 
 def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibility,
           with_transit: bool, service_bank: str, instant: bool, role: Role | None = None,
-          banks: IssuingBanks | None = None) -> Card:
+          banks: IssuingBanks | None = None, client_id: str = "", reveal: bool = True) -> Card:
     """SH-9/GZ-7/GZ-9/RC-8: record an application from an eligible person (SH-8, GZ-4, BJ-8,
-    RC-9), reusing the personal information already held (GZ-9b)."""
+    RC-9), reusing the personal information already held (GZ-9b). A held field that was
+    empty and is filled by this application is kept in the holder's history (GZ-20), so a
+    value planted by someone else's application is seen and corrected. `reveal` False (the
+    caller's role may not read PII): refusals name no held value and no card number."""
     check_channel("Apply", pack, role)
     if pack == Pack.RC and with_transit:
         raise InvalidArgument("with_transit", "the Residence Card has no transit function")
@@ -243,19 +251,25 @@ def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibi
     else:
         holder_id, held = found
         held_residence = held.residence_address
-        merged = merge_holder(pack, holder, held)
+        merged = merge_holder(pack, holder, held, reveal)
         current = book.current_card(holder_id, pack)
         if current is not None:
             cur = load(book, current, now)
+            named = current if reveal else "of this pack"
             if cur.state in (State.APPLIED, State.VERIFIED):
                 raise InvalidTransition(State(cur.state).name, "Apply",
                                         _rule(pack, "SH-9", "GZ-9", "RC-9"),
-                                        f"application {current} is already open for this holder")
+                                        f"application {named} is already open for this holder")
             if cur.state not in FINAL_STATES:
                 raise InvalidTransition(State(cur.state).name, "Apply",
                                         _rule(pack, "SH-23c", "GZ-23", "RC-15"),
-                                        f"holder already has card {current}; use Replace")
+                                        f"holder already has a card {named}; use Replace")
         if merged != held:
+            for f in PII_FIELDS:
+                if getattr(merged, f) != getattr(held, f):  # only ever an empty field filled
+                    book.add_holder_change(holder_id, HolderChange(
+                        now, f, getattr(held, f), getattr(merged, f), client_id,
+                        "Lifecycle.Apply", "filled from an application (GZ-9b)"))
             book.put_holder(holder_id, merged)
     if merged.residence_address != held_residence:  # RC-13: the history starts here
         book.add_residence(holder_id, now, merged.residence_address)
@@ -569,3 +583,28 @@ def lock_application(book, now: int, card_number: str, channel: int, locked: boo
     rec.lock_mask = (rec.lock_mask | bit) if locked else (rec.lock_mask & ~bit)
     book.put_card(rec, now)
     return rec
+
+
+def correct_holder(book, now: int, given: HolderInfo, reason: str, client_id: str,
+                   method: str = "Holders.CorrectHolder") -> tuple[int, HolderInfo, list[str]]:
+    """GZ-20: correct a holder's personal information; every value replaced is kept in the
+    holder's history with who, when and why. Empty fields of `given` stay as they are.
+    Returns (holder id, the information now held, the fields changed)."""
+    found = book.holder(given.ssn)
+    if found is None:
+        raise HolderNotFound("no holder with that ssn")
+    holder_id, held = found
+    merged = HolderInfo(held.ssn, **{f: getattr(held, f) for f in PII_FIELDS})
+    changed = []
+    for f in PII_FIELDS:
+        new = getattr(given, f)
+        if new and new != getattr(held, f):
+            book.add_holder_change(holder_id, HolderChange(now, f, getattr(held, f), new,
+                                                           client_id, method, reason))
+            setattr(merged, f, new)
+            changed.append(f)
+    if changed:
+        book.put_holder(holder_id, merged)
+        if "residence_address" in changed:  # RC-13: the address history goes on
+            book.add_residence(holder_id, now, merged.residence_address)
+    return holder_id, merged, changed

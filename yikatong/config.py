@@ -15,6 +15,16 @@ client_calls_max = 1024
 # A unary call's request message must arrive this soon after its headers, or the call ends
 # DEADLINE_EXCEEDED and gives its slot back (callers that send headers and then nothing).
 request_arrival_seconds_max = 10.0
+# A server stream (WatchChanges, AuthorizeStream, Audit.Export) whose caller takes no message
+# for this long is ended RESOURCE_EXHAUSTED: it holds its slot and nothing else.
+stream_stall_seconds_max = 10.0
+# Refused calls are audited once a second, per client, method and status (a flood is counted,
+# not written line by line); at most this many such keys a second.
+refusal_keys_max = 1000
+# The change feed: each worker looks for changes committed by any worker this often while
+# someone watches, and reads at most this many events per read transaction.
+watch_poll_seconds = 0.005
+watch_batch_max = 256
 
 # ---- processes
 workers_max = 64  # --workers (0: one per core)

@@ -37,6 +37,10 @@ class CardNotFound(YikatongError):
         super().__init__(f"card {card_number} not found")
 
 
+class HolderNotFound(YikatongError):
+    reason = "HOLDER_NOT_FOUND"
+
+
 class NotEligible(YikatongError):
     """An application the law does not allow (SH-8, GZ-4, BJ-8, RC-9); reason = the rule."""
 
@@ -148,3 +152,9 @@ class RequestLate(YikatongError):
     """A call's request message did not arrive within request_arrival_seconds_max."""
 
     reason = "REQUEST_ARRIVAL_TIMEOUT"
+
+
+class StreamStalled(YikatongError):
+    """A server stream's caller took no message for stream_stall_seconds_max."""
+
+    reason = "STREAM_STALLED"

@@ -7,6 +7,7 @@ the other way round.
 """
 import dataclasses
 import enum
+import re
 import struct
 
 
@@ -145,6 +146,16 @@ class TransferStatus(enum.IntEnum):
 class ChangeKind(enum.IntEnum):
     CARD = 1  # a card's state, flags or locks changed
     TRANSFER = 2  # money moved, or a hold was placed or resolved
+
+
+class Changed(enum.IntFlag):
+    """What one change event changed (the feed's ChangeEvent flags)."""
+
+    STATE = 1
+    LOCKS = 2
+    FUNCTIONS = 4  # transit, financial open, financial frozen
+    REPLACEMENT = 8
+    BALANCE = 16
 
 
 # ---------------------------------------------------------------------------- cards
@@ -296,3 +307,48 @@ class Change:
     lock_mask: int = 0  # CARD: its application locks after the change
     transfer_id: str = ""  # TRANSFER: the transfer written
     amount: int = 0  # TRANSFER: fen it moved or holds
+    what: int = 0  # Changed
+
+
+@dataclasses.dataclass
+class HolderChange:
+    """GZ-20: a held value replaced, kept with who, when and why (never overwritten
+    silently). A field filled from an application (it was empty) is one too."""
+
+    time: int
+    field: str
+    old_value: str
+    new_value: str
+    client_id: str
+    method: str
+    reason: str = ""
+
+
+# A resident identity number (18 characters, the last a digit or X) anywhere in a text.
+_ID_NUMBER = re.compile(r"(?<![0-9A-Za-z])(\d{4})(\d{10})(\d{3}[0-9Xx])(?![0-9A-Za-z])")
+
+
+def mask(text: str) -> str:
+    """Every identity number in `text` with all but its first and last 4 characters hidden:
+    310101199003071234 -> 3101**********1234 (SPEC.md section 7: logs and audit events)."""
+    return _ID_NUMBER.sub(lambda m: m[1] + "*" * 10 + m[3], text)
+
+
+@dataclasses.dataclass
+class AuditEvent:
+    """One entry of the audit trail (SPEC.md section 7): who, when, what, why, outcome;
+    `hash` covers every field and `prev_hash`, so the trail is a chain."""
+
+    sequence: int
+    time: int
+    client_id: str
+    role: str
+    method: str
+    card_number: str = ""
+    purpose: str = ""
+    outcome: str = "OK"
+    count: int = 1  # refused calls of one client and method within one second
+    holder: str = ""  # masked identity number of the holder concerned
+    algorithm: str = ""
+    prev_hash: bytes = b""
+    hash: bytes = b""
