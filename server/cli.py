@@ -48,6 +48,10 @@ def main(argv=None) -> int:
                    default=config.request_arrival_seconds_max,
                    help="a unary call whose request message has not arrived this long after "
                         "its headers ends DEADLINE_EXCEEDED")
+    s.add_argument("--stream-stall-seconds", type=float,
+                   default=config.stream_stall_seconds_max,
+                   help="a stream's caller that takes no message this long is ended "
+                        "RESOURCE_EXHAUSTED (WatchChanges names where to resume)")
     s.add_argument("--issuing-banks", metavar="FILE",
                    help="GZ-9c: TOML with `version` and `banks`, the issuing banks a GZ or BJ "
                         "card may name; without it the check is off")
@@ -153,8 +157,9 @@ def _serve(args, metrics) -> int:
     if min(args.map_size_mib, args.max_concurrent_rpcs, args.client_calls_max) < 1:
         return _fail("--map-size-mib, --max-concurrent-rpcs and --client-calls-max must be at "
                      "least 1")
-    if not 0 < args.request_arrival_seconds <= 3600:
-        return _fail("--request-arrival-seconds must be above 0 and at most 3600")
+    if not (0 < args.request_arrival_seconds <= 3600 and 0 < args.stream_stall_seconds <= 3600):
+        return _fail("--request-arrival-seconds and --stream-stall-seconds must be above 0 and "
+                     "at most 3600")
     workers = args.workers or os.cpu_count() or 1
     if not 1 <= workers <= config.workers_max:
         return _fail(f"--workers must be 0 (one per core) to {config.workers_max}")
@@ -248,7 +253,8 @@ def _serve(args, metrics) -> int:
                                   tls=tls, reflection=args.reflection, reuse_port=workers > 1,
                                   drain_seconds=args.drain_seconds,
                                   limits=Limits(args.client_calls_max,
-                                                args.request_arrival_seconds)))
+                                                args.request_arrival_seconds,
+                                                args.stream_stall_seconds)))
         except (OSError, TableError) as error:
             return _fail(str(error))
         finally:
