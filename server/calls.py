@@ -216,13 +216,13 @@ def _refuser(name: str, error: Exception):
     return grpc.stream_stream_rpc_method_handler(refuse)
 
 
-def _admitted(name: str, allowed, clients, context, limits: Limits):
-    """Steps 1 and 2, and the client's share of the worker: the client, counted in."""
-    client = _IDENTIFIED.get() or clients.identify(context.invocation_metadata(), context)
-    if client.role not in allowed:
-        raise PermissionDenied(f"role {client.role.name} may not call {name}")
-    limits.enter(client)
-    return client
+def _admit(call, allowed, clients, context, limits: Limits) -> None:
+    """Steps 1 and 2, and the client's share of the worker: `call.client`, counted in (a
+    refusal names the client it refused, for the log and the audit trail)."""
+    call.client = _IDENTIFIED.get() or clients.identify(context.invocation_metadata(), context)
+    if call.client.role not in allowed:
+        raise PermissionDenied(f"role {call.client.role.name} may not call {call.name}")
+    limits.enter(call.client)
 
 
 async def _request(requests, context, limits: Limits, client_streaming: bool):
@@ -265,7 +265,7 @@ def _unary(name, allowed, clients, behaviour, client_streaming, limits):
     async def handle(requests, context):
         call = _Call(name)
         try:
-            call.client = _admitted(name, allowed, clients, context, limits)
+            _admit(call, allowed, clients, context, limits)
             try:
                 request = await _request(requests, context, limits, client_streaming)
                 response = await behaviour(request, call.client)
@@ -286,7 +286,7 @@ def _streaming(name, allowed, clients, behaviour, client_streaming, limits):
     async def handle(requests, context):
         call = _Call(name)
         try:
-            call.client = _admitted(name, allowed, clients, context, limits)
+            _admit(call, allowed, clients, context, limits)
             try:
                 request = await _request(requests, context, limits, client_streaming)
                 last = None

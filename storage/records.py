@@ -342,6 +342,8 @@ def _unpack_texts(body: bytes, at: int, fields: tuple[str, ...], what: str) -> l
         if at + 2 > len(body):
             raise CorruptRecord(f"{what}: {field} is cut")
         (n,) = _U16.unpack_from(body, at)
+        if at + 2 + n > len(body):
+            raise CorruptRecord(f"{what}: {field} is cut")
         texts.append(_text(field, body[at + 2:at + 2 + n], "utf-8"))
         at += 2 + n
     if at != len(body):
