@@ -1,0 +1,146 @@
+"""Personal information (SPEC.md section 7, GZ-9b, GZ-20): read for a stated purpose by the
+roles API.md allows, corrected with every old value kept, never learned through Apply by a
+role that may not read it, and never in an authorization, status or feed answer."""
+import grpc
+import pytest
+from test_audit import export
+from test_e2e import START, holder, new_active_card, rid
+
+from yikatong.model import PII_FIELDS
+from yikatong.server.harness import ServerProcess, metadata
+from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
+
+
+@pytest.fixture
+def srv(tmp_path):
+    s = ServerProcess(tmp_path, "--clock", "manual", "--clock-start", START)
+    s.holders = rpc.HoldersStub(s.channel)
+    yield s
+    s.stop()
+
+
+def error_of(fn, *args, **kw) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        fn(*args, **kw)
+    return e.value
+
+
+def test_get_holder_needs_a_purpose_and_a_role_that_may_read(srv):
+    card = new_active_card(srv, 1, name="欧阳明日")
+    no_purpose = error_of(srv.holders.GetHolder, pb.GetHolderRequest(card_number=card),
+                          metadata=metadata("CARD_AGENCY"))
+    assert no_purpose.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert no_purpose.details() == "purpose: is required: why the personal information is read"
+    gate = error_of(srv.holders.GetHolder, pb.GetHolderRequest(card_number=card, purpose="x"),
+                    metadata=metadata("TRANSIT_GATE"))
+    assert gate.code() == grpc.StatusCode.PERMISSION_DENIED
+    for role in ("CARD_AGENCY", "HRSS", "PUBLIC_SECURITY", "COMMUNITY_OUTLET"):
+        by_card = srv.holders.GetHolder(pb.GetHolderRequest(
+            card_number=card, purpose=f"case of {role}"), metadata=metadata(role))
+        assert by_card.holder.name == "欧阳明日" and by_card.holder.ssn == holder(1).ssn
+    by_ssn = srv.holders.GetHolder(pb.GetHolderRequest(ssn=holder(1).ssn, purpose="claim"),
+                                   metadata=metadata("HRSS"))
+    assert by_ssn.holder == by_card.holder
+    missing = error_of(srv.holders.GetHolder, pb.GetHolderRequest(
+        ssn=holder(99).ssn, purpose="fishing"), metadata=metadata("HRSS"))
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
+    events = [(e.method, e.role, e.purpose, e.outcome) for e in export(srv)
+              if e.method == "Holders.GetHolder"]
+    assert ("Holders.GetHolder", "HRSS", "fishing", "NOT_FOUND") in events  # refused: audited
+    assert ("Holders.GetHolder", "PUBLIC_SECURITY", "case of PUBLIC_SECURITY", "OK") in events
+
+
+def test_gz_20_a_correction_keeps_every_old_value_with_who_when_and_why(srv):
+    card = new_active_card(srv, 2, phone="13800000001")
+    corrected = srv.holders.CorrectHolder(pb.CorrectHolderRequest(
+        request_id=rid(), holder=pb.Holder(ssn=holder(2).ssn, phone="13900000002"),
+        reason="the holder's new number"), metadata=metadata("CARD_AGENCY"))
+    assert corrected.holder.phone == "13900000002" and corrected.holder.name == "王芳"
+    record = srv.holders.GetHolder(pb.GetHolderRequest(
+        card_number=card, purpose="review", with_history=True), metadata=metadata("CARD_AGENCY"))
+    assert record.holder.phone == "13900000002"
+    (change,) = record.history
+    assert (change.field, change.old_value, change.new_value, change.client_id, change.method,
+            change.reason) == ("phone", "13800000001", "13900000002", "card_agency",
+                               "Holders.CorrectHolder", "the holder's new number")
+    without = srv.holders.GetHolder(pb.GetHolderRequest(card_number=card, purpose="review"),
+                                    metadata=metadata("CARD_AGENCY"))
+    assert not without.history
+
+
+def test_a_correction_by_a_role_that_may_not_read_pii_shows_only_what_it_sent(srv):
+    new_active_card(srv, 3, name="司马青云", phone="13800000003")
+    answer = srv.holders.CorrectHolder(pb.CorrectHolderRequest(
+        request_id=rid(), holder=pb.Holder(ssn=holder(3).ssn, phone="13900000003"),
+        reason="filed online by the holder"), metadata=metadata("ONLINE_PLATFORM"))
+    assert answer.holder == pb.Holder(ssn=holder(3).ssn, phone="13900000003")
+
+
+def apply(srv, role, n, pack=pb.PACK_SH, **kw):
+    h = holder(n, **kw)
+    h.household_registered = h.insured = True
+    return srv.lifecycle.Apply(pb.ApplyRequest(request_id=rid(), pack=pack, holder=h,
+                                               service_bank="ICBC"), metadata=metadata(role))
+
+
+def test_apply_is_no_pii_oracle_for_a_role_that_may_not_read_pii(srv):
+    card = new_active_card(srv, 4, name="诸葛春风")
+    # a guessed name: told it differs, not which field, not the value held
+    guess = error_of(apply, srv, "ONLINE_PLATFORM", 4, pack=pb.PACK_GZ, name="诸葛秋雨")
+    assert guess.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "name" not in guess.details() and "诸葛" not in guess.details()
+    assert guess.details().endswith("the personal information given differs from the "
+                                    "information held; file a correction "
+                                    "(Holders.CorrectHolder) instead")
+    # an SSN's card number: not told
+    again = error_of(apply, srv, "BANK_OUTLET", 4, name="诸葛春风")
+    assert again.code() == grpc.StatusCode.FAILED_PRECONDITION and card not in again.details()
+    # a role that may read PII is told which field and which card
+    told = error_of(apply, srv, "COMMUNITY_OUTLET", 4, name="诸葛春风")
+    assert card in told.details()
+
+
+def test_planted_values_are_in_the_history_and_a_correction_repairs_them(srv):
+    """Someone applies for a Guangzhou card in a holder's name with a phone of their own
+    choosing (the holder's field was empty): the fill is kept in the holder's history with
+    who did it; the agency corrects it; the holder's own application, with the real phone,
+    then goes through (it was refused as differing from the planted one)."""
+    new_active_card(srv, 5, phone="")
+    apply(srv, "ONLINE_PLATFORM", 5, pack=pb.PACK_GZ, phone="13999999999")
+    refused = error_of(apply, srv, "BANK_OUTLET", 5, pack=pb.PACK_BJ, phone="13800000005")
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION  # the planted value stands
+    record = srv.holders.GetHolder(pb.GetHolderRequest(
+        ssn=holder(5).ssn, purpose="complaint 7", with_history=True),
+        metadata=metadata("CARD_AGENCY"))
+    fills = {c.field: (c.old_value, c.new_value, c.client_id, c.method) for c in record.history}
+    assert fills["phone"] == ("", "13999999999", "online_platform", "Lifecycle.Apply")
+    srv.holders.CorrectHolder(pb.CorrectHolderRequest(
+        request_id=rid(), holder=pb.Holder(ssn=holder(5).ssn, phone="13800000005"),
+        reason="complaint 7: the phone was not the holder's"), metadata=metadata("CARD_AGENCY"))
+    record = srv.holders.GetHolder(pb.GetHolderRequest(
+        ssn=holder(5).ssn, purpose="complaint 7", with_history=True),
+        metadata=metadata("CARD_AGENCY"))
+    assert record.holder.phone == "13800000005"
+    assert [c.new_value for c in record.history if c.field == "phone"] == [
+        "13999999999", "13800000005"]
+    assert apply(srv, "BANK_OUTLET", 5, pack=pb.PACK_BJ, phone="13800000005").state == \
+        pb.CARD_STATE_APPLIED
+    assert any(e.method == "Holders.CorrectHolder" for e in export(srv))
+
+
+def test_authorization_status_and_feed_messages_carry_no_pii():
+    """Every field of every message an authorization, status or change-feed answer is made
+    of, walked recursively: none is a PII field, none is a Holder."""
+    def fields(descriptor, seen=()):
+        for f in descriptor.fields:
+            yield f
+            if f.message_type is not None and f.message_type not in seen:
+                yield from fields(f.message_type, (*seen, descriptor))
+
+    answers = [pb.AuthorizeResponse, pb.AuthorizeBatchResponse, pb.CardStatusResponse,
+               pb.GetStatusBatchResponse, pb.ChangeEvent]
+    for message in answers:
+        for f in fields(message.DESCRIPTOR):
+            assert f.name not in PII_FIELDS + ("ssn",), (message.__name__, f.name)
+            assert f.message_type is not pb.Holder.DESCRIPTOR, (message.__name__, f.name)
