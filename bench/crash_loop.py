@@ -6,13 +6,17 @@ server is killed with SIGKILL after a random moment. After each kill:
   - the store opens cleanly, in this process, and the ledger's columns sum to zero with no
     holder account negative (ledger.check_invariants);
   - after the restart, every acknowledged request replayed returns its first answer, and the
-    replays move nothing (balances before and after are equal): nothing lost, none twice.
+    replays move nothing (balances before and after are equal): nothing lost, none twice;
+  - the audit trail's chain holds, and every acknowledged change has its audit event (each
+    card and method has at least as many events as acknowledged changes: an unacknowledged
+    change that was applied has one too).
 At the end every attempted id is replayed once more (an unacknowledged one is applied now or
 was before), and each purse must equal its opening balance plus all top-ups less all fares.
 
     .venv/bin/python bench/crash_loop.py [--kills 1000] [--seed 1]
 """
 import argparse
+import collections
 import os
 import random
 import sys
@@ -24,6 +28,7 @@ import grpc
 
 from yikatong import ledger
 from yikatong.server.harness import ServerProcess, free_address, metadata, write_clients
+from yikatong.storage import records
 from yikatong.storage.lmdb_store import Store
 from yikatong.v1 import yikatong_pb2 as pb
 
@@ -106,12 +111,33 @@ def make_op(rng: random.Random, cards: list[str], uid: str):
                                                     channel=pb.CHANNEL_SERVICE), "BANK_OUTLET")
 
 
-def check_store(data_dir: str) -> None:
+AUDITED_AS = {"Transfer": "Ledger.Transfer", "Authorize": "Authorization.Authorize",
+              "LockApplication": "Lifecycle.LockApplication",
+              "UnlockApplication": "Lifecycle.UnlockApplication"}
+
+
+def check_store(data_dir: str, attempted: dict, acked: dict) -> int:
+    """The ledger's invariants; then the number of acknowledged changes without their audit
+    event (0), after checking the chain."""
     store = Store(data_dir)
     try:
         store.write(ledger.check_invariants)
+        with store.read() as txn:
+            book = store.book(txn)
+            ok, _, bad, problem = book.verify_audit()
+            assert ok, f"audit chain broken at {bad}: {problem}"
+            events = collections.Counter(
+                (e.method, e.card_number) for e in map(records.decode_audit, (
+                    v for _, v in book.audit_records())))
     finally:
         store.close()
+    wanted = collections.Counter()
+    for uid in acked:
+        method, request, _ = attempted[uid]
+        card = (request.credit.holder.card_number if method == "Transfer"
+                else request.card_number)
+        wanted[(AUDITED_AS[method], card)] += 1
+    return sum(max(0, n - events[key]) for key, n in wanted.items())
 
 
 def crash_loop(kills: int, seed: int = 1, workdir: str | None = None, clients_n: int = 4,
@@ -125,7 +151,7 @@ def crash_loop(kills: int, seed: int = 1, workdir: str | None = None, clients_n:
         try:
             cards = setup(server, 8)
             attempted, acked = {}, {}  # uid -> op ; uid -> answer
-            lost = doubled = 0
+            lost = doubled = unaudited = 0
             for k in range(kills):
                 stop = threading.Event()
 
@@ -153,7 +179,7 @@ def crash_loop(kills: int, seed: int = 1, workdir: str | None = None, clients_n:
                 for t in threads:
                     t.join()
                 server.close()
-                check_store(data)
+                unaudited += check_store(data, attempted, acked)
                 server = Server(tmp, data, clients, address)
                 before = server.purses(cards)
                 this_round = [u for u in acked if u.startswith(f"k{k}-")]
@@ -184,12 +210,12 @@ def crash_loop(kills: int, seed: int = 1, workdir: str | None = None, clients_n:
             mismatched = sum(final[c][pb.ACCOUNT_KIND_TRANSIT][0] != expected[c] for c in cards)
             server.kill()
             server.close()
-            check_store(data)
+            unaudited += check_store(data, attempted, acked)
         finally:  # on any error on the way, leave no server running
             if server.proc.poll() is None:
                 server.stop()
     return {"kills": kills, "acknowledged": len(acked), "attempted": len(attempted),
-            "lost": lost, "twice": doubled, "purses_off": mismatched}
+            "lost": lost, "twice": doubled, "purses_off": mismatched, "unaudited": unaudited}
 
 
 def main() -> int:
@@ -201,8 +227,10 @@ def main() -> int:
     out = crash_loop(args.kills, args.seed)
     print(f"crash loop: {out['kills']} kills survived in {time.perf_counter() - t:.0f} s; "
           f"{out['acknowledged']:,} acknowledged of {out['attempted']:,} attempted; lost "
-          f"{out['lost']}, applied twice {out['twice']}, purses off {out['purses_off']}")
-    return 0 if out["lost"] == out["twice"] == out["purses_off"] == 0 else 1
+          f"{out['lost']}, applied twice {out['twice']}, purses off {out['purses_off']}, "
+          f"changes without their audit event {out['unaudited']}")
+    return 0 if out["lost"] == out["twice"] == out["purses_off"] == out["unaudited"] == 0 \
+        else 1
 
 
 if __name__ == "__main__":

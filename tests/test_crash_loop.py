@@ -18,3 +18,4 @@ def test_50_sigkills_lose_nothing_and_apply_nothing_twice(tmp_path):
     assert out["lost"] == 0  # every acknowledged id replays to its first answer
     assert out["twice"] == 0  # and replaying moves nothing
     assert out["purses_off"] == 0  # every attempted id applied exactly once in the end
+    assert out["unaudited"] == 0  # every acknowledged change has its audit event
