@@ -171,3 +171,25 @@ def test_a_change_and_its_event_commit_together_under_load(srv):
     events = export(srv)
     assert sum(e.method == "Authorization.Authorize" for e in events) == len(acknowledged)
     assert events[-1].method == "Lifecycle.ReportLoss"
+
+
+def test_a_refused_call_of_every_method_is_an_event_and_a_granted_read_is_none(srv):
+    """Every method of every service called by a role API.md does not allow: one
+    PERMISSION_DENIED event per method. Every read without PII by a role allowed: none."""
+    from test_roles import API_TABLE, _call
+
+    from yikatong.model import Role
+
+    for name, allowed in sorted(API_TABLE.items()):
+        denied = next(r.name for r in Role if r.name not in allowed)
+        error = _call(srv, name, denied)
+        assert error is not None and error.code() == grpc.StatusCode.PERMISSION_DENIED, name
+    reads = ["CardStatus.GetStatus", "CardStatus.GetStatusBatch", "CardStatus.WatchChanges",
+             "Lifecycle.GetCard", "Ledger.GetBalances", "Audit.Export", "Audit.Verify"]
+    for name in reads:
+        _call(srv, name, sorted(API_TABLE[name])[0])  # empty requests: refused or answered
+    assert wait_until(lambda: sum(e.outcome == "PERMISSION_DENIED" for e in export(srv))
+                      == len(API_TABLE), 5)
+    events = export(srv)
+    assert {e.method for e in events} == set(API_TABLE)
+    assert all(e.outcome == "PERMISSION_DENIED" and e.count == 1 for e in events)

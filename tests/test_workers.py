@@ -97,6 +97,20 @@ def test_writes_from_both_workers_land_once_and_a_killed_worker_is_replaced(srv)
     assert "ended (exit -9); starting another" in srv.output()
     assert set(answering_pids(srv, "Authorization.Authorize")) - {victim}, "both answered"
     assert srv.stop() == 0
+    # one audit chain across both workers, an event for each debit, none twice
+    from yikatong.storage import records
+    from yikatong.storage.lmdb_store import Store
+
+    store = Store(srv.data_dir)
+    try:
+        with store.read() as txn:
+            book = store.book(txn)
+            assert book.verify_audit()[0]
+            debits = [e for e in map(records.decode_audit, (v for _, v in book.audit_records()))
+                      if e.method == "Authorization.Authorize"]
+    finally:
+        store.close()
+    assert len(debits) == 120
 
 
 def test_the_change_sequence_is_one_sequence_across_workers(srv):
