@@ -730,16 +730,14 @@ SERVICES = (Authorization, CardStatus, Lifecycle, Ledger, Holders, Audit, Admin)
 
 
 def build(core: Core, clients: Clients, concurrent_rpcs_max: int = config.concurrent_rpcs_max,
-          table=None, tls: bool = False, reuse_port: bool = False,
+          table=None, reuse_port: bool = False,
           limits: calls.Limits | None = None):
     """The grpc.aio server with every service registered (not yet bound or started), and its
     health servicer. A role table that does not match the proto raises roles.TableError."""
     # Too many callers: new calls beyond the limit are refused at once (RESOURCE_EXHAUSTED);
     # calls already in progress are unaffected.
     servicers = [cls(core) for cls in SERVICES]
-    doorman = calls.Doorman(clients, tls, calls.served_methods(pb, servicers))
-    server = grpc.aio.server(maximum_concurrent_rpcs=concurrent_rpcs_max,
-                             interceptors=[doorman], options=[
+    server = grpc.aio.server(maximum_concurrent_rpcs=concurrent_rpcs_max, options=[
         ("grpc.max_receive_message_length", config.message_size_max),
         ("grpc.max_send_message_length", config.message_size_max),
         # one server per port, unless the workers of one server share it on purpose
@@ -778,8 +776,8 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     are refused and calls in flight get SHUTDOWN_GRACE_SECONDS to finish."""
     core = Core(store, clock, banks)
     limits = limits or calls.Limits()
-    server, health_servicer = build(core, clients, concurrent_rpcs_max, tls=tls is not None,
-                                    reuse_port=reuse_port, limits=limits)
+    server, health_servicer = build(core, clients, concurrent_rpcs_max, reuse_port=reuse_port,
+                                    limits=limits)
     if reflection:
         service_names = [pb.DESCRIPTOR.services_by_name[cls.__name__].full_name
                          for cls in SERVICES]

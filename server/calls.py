@@ -4,8 +4,10 @@ service descriptors (as the generated add_*_to_server would), so a method the se
 or one missing from the role table, stops the server at start-up instead of answering
 UNKNOWN at run time.
 
-In order, for every call:
-1. who is calling (bearer token): UNAUTHENTICATED before anything else is looked at;
+Every handler is registered request-streaming (the same wire for the caller), so gRPC runs
+it as soon as a call's headers are in, before any request message is read. In order:
+1. who is calling (bearer token, or the client certificate under mTLS): UNAUTHENTICATED
+   before anything else is looked at, so a caller without an identity holds nothing;
 2. may that role call this method (server/roles.py): PERMISSION_DENIED; has this client
    already client_calls_max calls in progress here: RESOURCE_EXHAUSTED (Limits);
 3. did the request message arrive in time (DEADLINE_EXCEEDED), and is it a message at all
@@ -18,7 +20,6 @@ In order, for every call:
 """
 import asyncio
 import collections
-import contextvars
 import logging
 import time
 import uuid
@@ -32,7 +33,6 @@ from yikatong.errors import (
     RequestLate,
     StreamStalled,
     TooManyCalls,
-    Unauthenticated,
     YikatongError,
 )
 from yikatong.server import errors, roles
@@ -166,60 +166,10 @@ def register(server, servicers, clients, message_module, table=roles.METHOD_ROLE
             (grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
-class Doorman(grpc.aio.ServerInterceptor):
-    """Step 1 from the headers alone, before gRPC waits for a request message or runs a
-    handler: a call whose bearer token is missing or unknown is answered UNAUTHENTICATED at
-    once, so callers that send headers and never a message hold no call slot for longer than
-    it takes to refuse them. Under mTLS a call without a token may still be identified by its
-    certificate (the handshake already checked it), which the handler looks up."""
-
-    def __init__(self, clients, tls: bool, methods: dict[str, str]):
-        """`methods`: the path of every method served ("/yikatong.v1.Ledger/Transfer") and
-        its name ("Ledger.Transfer"); any other path is gRPC's to refuse (UNIMPLEMENTED)."""
-        self._clients, self._tls, self._methods = clients, tls, methods
-
-    async def intercept_service(self, continuation, details):
-        name = self._methods.get(details.method)
-        if name is not None:
-            metadata = details.invocation_metadata
-            if not (self._tls and not any(k == "authorization" for k, _ in metadata)):
-                try:
-                    _IDENTIFIED.set(self._clients.identify(metadata))
-                except Unauthenticated as error:
-                    return _refuser(name, error)
-        return await continuation(details)
-
-
-def served_methods(message_module, servicers) -> dict[str, str]:
-    """{"/yikatong.v1.Ledger/Transfer": "Ledger.Transfer", ...} for the servicers given."""
-    out = {}
-    for servicer in servicers:
-        service = message_module.DESCRIPTOR.services_by_name[type(servicer).__name__]
-        for m in service.methods:
-            out[f"/{service.full_name}/{m.name}"] = f"{service.name}.{m.name}"
-    return out
-
-# The client the Doorman identified, for the handler of the same call (gRPC runs the
-# interceptor and the handler in the call's own task, so this never crosses calls).
-_IDENTIFIED: contextvars.ContextVar = contextvars.ContextVar("yikatong_client", default=None)
-
-
-def _refuser(name: str, error: Exception):
-    """A handler that refuses without reading a request message (a request-streaming handler
-    is called at once; the caller, unary or not, gets the status)."""
-    async def refuse(requests, context):
-        call = _Call(name)
-        try:
-            await call.refuse(context, error)
-        finally:
-            call.log()
-    return grpc.stream_stream_rpc_method_handler(refuse)
-
-
 def _admit(call, allowed, clients, context, limits: Limits) -> None:
     """Steps 1 and 2, and the client's share of the worker: `call.client`, counted in (a
     refusal names the client it refused, for the log and the audit trail)."""
-    call.client = _IDENTIFIED.get() or clients.identify(context.invocation_metadata(), context)
+    call.client = clients.identify(context.invocation_metadata(), context)
     if call.client.role not in allowed:
         raise PermissionDenied(f"role {call.client.role.name} may not call {call.name}")
     limits.enter(call.client)
