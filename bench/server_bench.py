@@ -1,16 +1,26 @@
-"""Server throughput over gRPC on loopback, side by side in one run: our unary Authorize vs a
-bare grpc.aio echo server (bench/echo_server.py) answering the same call, and AuthorizeStream
-(100 per message) vs unary. Status-only checks (CHANNEL_STATUS, no money) on the demo data set.
-Servers run as their own processes; the client is grpc.aio in this process. Each figure is the
-median of --repeat runs of --seconds each; latencies are the median run's p50/p99.
+"""Server throughput over gRPC on loopback, side by side in one run; status-only checks
+(CHANNEL_STATUS, no money) on the demo data set, every server its own process(es):
 
-    .venv/bin/python bench/server_bench.py [--seconds 5] [--repeat 3]
+- unary Authorize: ours (`yikatong serve --workers N`) beside the bare grpc.aio echo server
+  (bench/echo_server.py --workers N: the cost of gRPC itself) with the same process count, for
+  each N of --workers. The load comes from h2load (bench/h2load_grpc.py: C, one thread, little
+  client CPU, none of our code), every call the same request, checked to be answered;
+- AuthorizeStream (100 per message) on ours with one worker, from a grpc.aio client in this
+  process (h2load cannot keep a stream open), against unary.
+
+Runs are interleaved, so drift hits all alike; each figure is the median of --repeat runs of
+--seconds each, latencies the median run's. "CPU" is CPU time over wall time (1.0 = one core)
+of the server's processes and of h2load.
+
+    .venv/bin/python bench/server_bench.py [--seconds 5] [--repeat 3] [--workers 1,2]
 """
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -19,13 +29,16 @@ import threading
 import time
 
 import grpc
+from h2load_grpc import Unary, median_run
 
-from yikatong.server.harness import ServerProcess, card_numbers, free_address, metadata
+from yikatong.server.harness import ServerProcess, card_numbers, free_address, metadata, token
 from yikatong.v1 import yikatong_pb2 as pb
 from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MD = metadata("BANK_SWITCH", "demo")
+TOKEN = token("BANK_SWITCH", "demo")
+AUTHORIZE = "/yikatong.v1.Authorization/Authorize"
 
 
 def start(args: list[str], ready: str) -> subprocess.Popen:
@@ -39,34 +52,42 @@ def start(args: list[str], ready: str) -> subprocess.Popen:
     raise RuntimeError(f"{args} did not start")
 
 
-def percentile(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(p * len(values)))] if values else 0.0
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait()
 
 
-async def unary(address: str, cards: list[str], seconds: float, concurrency: int):
-    """(calls/s, p50 ms, p99 ms)"""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = rpc.AuthorizationStub(channel)
-        done = 0
-        latencies = []
-        deadline = time.perf_counter() + seconds
+def cpu_seconds(pid: int) -> float:
+    """CPU time so far of a process and its descendants (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        children = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += map(int, f.read().split())
+    except FileNotFoundError:
+        return 0.0  # it ended meanwhile
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return own + sum(cpu_seconds(child) for child in children)
 
-        async def worker(k):
-            nonlocal done
-            rng = random.Random(k)
-            i = 0
-            while (start := time.perf_counter()) < deadline:
-                await stub.Authorize(pb.AuthorizeRequest(
-                    request_id=f"u{k}-{i}", card_number=rng.choice(cards),
-                    channel=pb.CHANNEL_STATUS), metadata=MD)
-                latencies.append((time.perf_counter() - start) * 1000)
-                done += 1
-                i += 1
-        t = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        return (done / (time.perf_counter() - t), percentile(latencies, 0.5),
-                percentile(latencies, 0.99))
+
+def machine_cpu_seconds() -> float:
+    """CPU time so far of the whole machine, every core, without idle and I/O wait."""
+    with open("/proc/stat") as f:
+        user, nice, system, _, _, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def approved(server: ServerProcess, cards: list[str]) -> tuple[pb.AuthorizeRequest, bytes]:
+    """The first card a real gRPC client sees APPROVED: the request and the answer's bytes."""
+    for card in cards:
+        request = pb.AuthorizeRequest(request_id="h2load", card_number=card,
+                                      channel=pb.CHANNEL_STATUS)
+        reply, call = server.authorization.Authorize.with_call(request, metadata=MD)
+        if call.code() == grpc.StatusCode.OK and reply.decision == pb.DECISION_APPROVED:
+            return request, reply.SerializeToString()
+    raise RuntimeError("no demo card is APPROVED for a status check")
 
 
 async def stream(address: str, cards: list[str], seconds: float, streams: int, per: int,
@@ -107,45 +128,87 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seconds", type=float, default=5)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--concurrency", type=int, default=64, help="unary calls in flight")
+    p.add_argument("--workers", default="1,2", help="process counts to compare, e.g. 1,2")
+    p.add_argument("--connections", type=int, default=32,
+                   help="h2load -c (SO_REUSEPORT spreads connections, not calls)")
+    p.add_argument("--in-flight", type=int, default=2, help="h2load -m: calls per connection")
     p.add_argument("--streams", type=int, default=2)
     p.add_argument("--per-message", type=int, default=100)
     p.add_argument("--depth", type=int, default=4, help="messages in flight per stream")
     args = p.parse_args()
-    echo = free_address()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = ServerProcess(tmp, "--demo", clients=False)
-        ours = server.address
-        procs = []
-        try:
-            procs.append(start(["bench/echo_server.py", echo], "echo: serving on"))
-            cards = card_numbers(server.data_dir)
-            u, e, st = [], [], []
-            for _ in range(args.repeat):  # interleaved, so drift hits all three alike
-                u.append(asyncio.run(unary(ours, cards, args.seconds, args.concurrency)))
-                e.append(asyncio.run(unary(echo, cards, args.seconds, args.concurrency)))
-                st.append(asyncio.run(stream(ours, cards, args.seconds, args.streams,
-                                             args.per_message, args.depth)))
-        finally:
-            server.stop()
-            for proc in procs:
-                proc.terminate()
-                proc.wait()
-    ours_u = sorted(u)[len(u) // 2]
-    echo_u = sorted(e)[len(e) // 2]
-    stream_rate = statistics.median(st)
-    print(f"# server over loopback, status-only decisions, {len(cards):,} demo cards, median of "
-          f"{args.repeat} x {args.seconds:g} s; {os.cpu_count()} cores shared by server and "
-          f"client; Python {platform.python_version()}, grpcio {grpc.__version__}")
-    print("| call | decisions/s | p50 ms | p99 ms | ratio |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    print(f"| bare grpc.aio echo, unary, {args.concurrency} in flight | {echo_u[0]:,.0f} | "
-          f"{echo_u[1]:.2f} | {echo_u[2]:.2f} | |")
-    print(f"| Yikatong unary Authorize, {args.concurrency} in flight | {ours_u[0]:,.0f} | "
-          f"{ours_u[1]:.2f} | {ours_u[2]:.2f} | {ours_u[0] / echo_u[0]:.2f}x of echo |")
-    print(f"| Yikatong AuthorizeStream, {args.per_message} per message, {args.streams} streams x "
-          f"{args.depth} in flight | {stream_rate:,.0f} | | | {stream_rate / ours_u[0]:.1f}x "
-          "of unary |")
+    counts = [int(n) for n in args.workers.split(",")]
+    h2load = (args.seconds, args.connections, args.in_flight)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        targets = {}  # (server, processes) -> (address, pid, the answer to expect)
+        for n in counts:
+            workdir = os.path.join(tmp, f"workers-{n}")
+            os.mkdir(workdir)
+            server = ServerProcess(workdir, "--demo", "--workers", str(n), clients=False)
+            stack.callback(server.stop)
+            if n == counts[0]:
+                first, cards = server, card_numbers(server.data_dir)
+                request, answer = approved(server, cards)
+                unary = Unary(AUTHORIZE, request.SerializeToString(), TOKEN, tmp)
+            elif approved(server, [request.card_number])[1] != answer:
+                raise RuntimeError(f"--workers {n} answers differently")
+            targets["ours", n] = (server.address, server.proc.pid, answer)
+            echo = start(["bench/echo_server.py", address := free_address(), "--workers",
+                          str(n)], "echo: serving on")
+            stack.callback(stop, echo)
+            targets["bare", n] = (address, echo.pid, pb.AuthorizeResponse(
+                request_id=request.request_id, decision=pb.DECISION_APPROVED).SerializeToString())
+        for address, _, expected in targets.values():  # the exact request h2load sends
+            if unary.call(address) != expected:
+                raise RuntimeError(f"{address}: not the expected answer over HTTP/2")
+            unary.run(address, min(1.0, args.seconds), *h2load[1:], expected)  # warm-up
+        runs = {key: [] for key in targets}
+        others = []  # cores used by anything but the server and h2load: a busy machine shows
+        stream_rates = []
+        for _ in range(args.repeat):
+            for key, (address, pid, expected) in targets.items():
+                cpu, machine, t = cpu_seconds(pid), machine_cpu_seconds(), time.perf_counter()
+                run = unary.run(address, *h2load, expected)
+                wall = time.perf_counter() - t
+                run.server_cpu = (cpu_seconds(pid) - cpu) / wall
+                others.append((machine_cpu_seconds() - machine) / wall - run.server_cpu
+                              - run.client_cpu)
+                runs[key].append(run)
+            stream_rates.append(asyncio.run(stream(first.address, cards, args.seconds,
+                                                   args.streams, args.per_message,
+                                                   args.depth)))
+        command = shlex.join(unary.command("HOST:PORT", *h2load)).replace(tmp + "/", "")
+    best = {key: median_run(r) for key, r in runs.items()}
+    print(f"# server over loopback, unary Authorize from h2load, status-only decisions, "
+          f"{len(cards):,} demo cards; median of {args.repeat} x {args.seconds:g} s; "
+          f"{os.cpu_count()} cores shared by servers and client; Python "
+          f"{platform.python_version()}, grpcio {grpc.__version__}; anything else used at most "
+          f"{max(0.0, *others):.2f} core during a unary run")
+    print("| server | processes | calls/s | p50 ms | p99 ms | server CPU | calls per server "
+          "CPU-s | h2load CPU | ours / bare |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for (name, n) in sorted(best, key=lambda key: (key[1], key[0] == "ours")):
+        run = best[name, n]
+        label = "Yikatong `serve --workers N`" if name == "ours" else "bare grpc.aio echo"
+        ratio = f"{run.rate / best['bare', n].rate:.2f}x" if name == "ours" else ""
+        print(f"| {label} | {n} | {run.rate:,.0f} | {run.p50:.2f} | {run.p99:.2f} | "
+              f"{run.server_cpu:.2f} | {run.rate / run.server_cpu:,.0f} | {run.client_cpu:.2f} | "
+              f"{ratio} |")
+    if len(counts) > 1:
+        a, b = counts[0], counts[-1]
+        print(f"\nscaling {b} processes / {a}: Yikatong "
+              f"{best['ours', b].rate / best['ours', a].rate:.2f}x, bare echo "
+              f"{best['bare', b].rate / best['bare', a].rate:.2f}x")
+    stream_rate = statistics.median(stream_rates)
+    ours1 = best["ours", counts[0]].rate
+    print(f"\n| call (Yikatong, {counts[0]} process) | decisions/s | ratio |\n"
+          "| --- | ---: | ---: |")
+    print(f"| unary Authorize, h2load above | {ours1:,.0f} | |")
+    print(f"| AuthorizeStream, {args.per_message} per message, {args.streams} streams x "
+          f"{args.depth} in flight, grpc.aio client in the benchmark's process | "
+          f"{stream_rate:,.0f} | {stream_rate / ours1:.1f}x of unary |")
+    print(f"\nh2load, every unary run (body.bin: one gRPC message, AuthorizeRequest "
+          f"request_id={request.request_id!r} card_number={request.card_number!r} "
+          f"channel=CHANNEL_STATUS, answered APPROVED, checked):\n\n    {command}")
     return 0
 
 

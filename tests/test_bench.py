@@ -72,3 +72,19 @@ def test_each_locust_user_makes_requests_that_succeed(data_dir, tmp_path, user):
     total = rows.pop("Aggregated")
     assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
     assert rows, "no named requests"
+
+
+def test_server_bench_runs_h2load_against_ours_and_the_bare_server_at_each_worker_count():
+    """A tiny run of every part of bench/server_bench.py. h2load and nghttp are installed by the
+    script when missing (bench/h2load_grpc.py), never skipped: each answer is checked there."""
+    out = subprocess.run([sys.executable, "bench/server_bench.py", "--seconds", "0.5",
+                          "--repeat", "1", "--workers", "1,2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| ")]
+    rates = {(name.strip(), n.strip()): float(rate.replace(",", ""))
+             for name, n, rate, *_ in rows if n.strip() in ("1", "2")}
+    assert set(rates) == {(name, n) for n in "12" for name in
+                          ("bare grpc.aio echo", "Yikatong `serve --workers N`")}
+    assert all(rate > 0 for rate in rates.values())
+    assert "AuthorizeStream" in out.stdout and "h2load -D 500ms -c 32" in out.stdout
