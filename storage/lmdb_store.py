@@ -399,7 +399,7 @@ class Book:
     def put_card(self, card: Card, now: int) -> None:
         key = card.card_number.encode("ascii")
         old = self.txn.get(key, db=self.dbs.cards)
-        what = Changed.STATE | Changed.LOCKS | Changed.FUNCTIONS | Changed.REPLACEMENT
+        what = int(Changed.STATE | Changed.LOCKS | Changed.FUNCTIONS | Changed.REPLACEMENT)
         if old is not None:
             was = records.decode_card(card.card_number, old)
             what = ((Changed.STATE if was.state != card.state else 0)

@@ -374,8 +374,9 @@ def decode_audit(value) -> AuditEvent:
     algorithm, prev_hash, hash_, body = split_audit(value)
     sequence, time, count = _AUDIT_BODY.unpack_from(body)
     texts = _unpack_texts(body, _AUDIT_BODY.size, AUDIT_TEXTS, f"audit event {sequence}")
-    return AuditEvent(sequence, time, *texts[:3], card_number=texts[3], purpose=texts[4],
-                      outcome=texts[5], count=count, holder=texts[6],
+    client_id, role, method, card_number, purpose, outcome, holder = texts
+    return AuditEvent(sequence, time, client_id, role, method, card_number=card_number,
+                      purpose=purpose, outcome=outcome, count=count, holder=holder,
                       algorithm=AUDIT_ALGORITHMS[algorithm], prev_hash=prev_hash, hash=hash_)
 
 
