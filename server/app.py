@@ -310,6 +310,7 @@ class CardStatus:
                     functions_changed=bool(what & Changed.FUNCTIONS),
                     replacement_changed=bool(what & Changed.REPLACEMENT),
                     balance_changed=bool(what & Changed.BALANCE),
+                    validity_changed=bool(what & Changed.VALIDITY),
                     transit_reason=reason, transit_reason_until=until))
                 if len(out) >= config.watch_batch_max:
                     break
@@ -365,7 +366,11 @@ def validate_holder(h: pb.Holder) -> HolderInfo:
     return HolderInfo(h.ssn, **{f: getattr(h, f) for f in PII_FIELDS})
 
 
-class Lifecycle:
+class CardWrites:
+    """The one write path of the operations on a card (Lifecycle, ResidenceCard)."""
+
+    service = ""
+
     def __init__(self, core: Core):
         self.core = core
 
@@ -376,7 +381,7 @@ class Lifecycle:
 
         def produce(book, now, _) -> bytes:
             rec = op(book, now)
-            book.append_audit(now, client.id, client.role.name, f"Lifecycle.{method}",
+            book.append_audit(now, client.id, client.role.name, f"{self.service}.{method}",
                               rec.card_number)
             return card_message(book, rec, now).SerializeToString()
         answer = await self.core.write_once(method, client, request.request_id, request, produce)
@@ -386,6 +391,10 @@ class Lifecycle:
         validate.card_number(request.card_number)
         return self._write(method, request, client,
                            lambda book, now: fn(book, now, request.card_number, *args))
+
+
+class Lifecycle(CardWrites):
+    service = "Lifecycle"
 
     async def Apply(self, request, client: Client):
         validate.enum(request.pack, pb.Pack, "pack")
@@ -576,6 +585,15 @@ class Ledger:
         return pb.GetBalancesResponse(balances=out)
 
 
+# --------------------------------------------------------------------- ResidenceCard
+
+class ResidenceCard(CardWrites):
+    service = "ResidenceCard"
+
+    async def Renew(self, request, client: Client):
+        return await self._card_op("Renew", request, client, cards.renew)
+
+
 # --------------------------------------------------------------------- Holders
 
 def holder_message(info: HolderInfo, fields=PII_FIELDS) -> pb.Holder:
@@ -726,7 +744,7 @@ class Admin:
 
 # --------------------------------------------------------------------- serving
 
-SERVICES = (Authorization, CardStatus, Lifecycle, Ledger, Holders, Audit, Admin)
+SERVICES = (Authorization, CardStatus, Lifecycle, ResidenceCard, Ledger, Holders, Audit, Admin)
 
 
 def build(core: Core, clients: Clients, concurrent_rpcs_max: int = config.concurrent_rpcs_max,

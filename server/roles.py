@@ -57,6 +57,8 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "Ledger.Transfer": _MONEY,
     "Ledger.Reverse": _MONEY,
     "Ledger.GetBalances": TERMINALS | OUTLETS | {Role.ONLINE_PLATFORM},
+    "ResidenceCard.Renew": frozenset({Role.CARD_AGENCY, Role.PUBLIC_SECURITY,
+                                      Role.COMMUNITY_OUTLET}),
     # SPEC.md section 7: personal information is read for a stated purpose by these only
     "Holders.GetHolder": PII_READERS,
     "Holders.CorrectHolder": frozenset({Role.CARD_AGENCY, Role.COMMUNITY_OUTLET,

@@ -399,13 +399,15 @@ class Book:
     def put_card(self, card: Card, now: int) -> None:
         key = card.card_number.encode("ascii")
         old = self.txn.get(key, db=self.dbs.cards)
-        what = int(Changed.STATE | Changed.LOCKS | Changed.FUNCTIONS | Changed.REPLACEMENT)
+        what = int(Changed.STATE | Changed.LOCKS | Changed.FUNCTIONS | Changed.REPLACEMENT
+                   | Changed.VALIDITY)
         if old is not None:
             was = records.decode_card(card.card_number, old)
             what = ((Changed.STATE if was.state != card.state else 0)
                     | (Changed.LOCKS if was.lock_mask != card.lock_mask else 0)
                     | (Changed.FUNCTIONS if was.flags != card.flags else 0)
-                    | (Changed.REPLACEMENT if was.replaced_by != card.replaced_by else 0))
+                    | (Changed.REPLACEMENT if was.replaced_by != card.replaced_by else 0)
+                    | (Changed.VALIDITY if was.valid_until != card.valid_until else 0))
         self.txn.put(key, records.encode_card(card), db=self.dbs.cards)
         self.append_change(ChangeKind.CARD, now, card.card_number, card.holder_id, card.state,
                            card.flags, card.lock_mask, what=what)

@@ -79,6 +79,10 @@ CASES = [
     ("Holders", "CorrectHolder", pb.CorrectHolderRequest(
         request_id="", holder=holder(), reason="typo"), "CARD_AGENCY", IA, "request_id:"),
     ("Audit", "Export", b"\x08\xff", "AUDITOR", IA, "request:"),
+    ("ResidenceCard", "Renew", pb.RenewRequest(request_id="r", card_number=""),
+     "COMMUNITY_OUTLET", IA, "card_number:"),
+    ("ResidenceCard", "Renew", pb.RenewRequest(request_id="", card_number=CARD),
+     "COMMUNITY_OUTLET", IA, "request_id:"),
     ("CardStatus", "GetStatusBatch", pb.GetStatusBatchRequest(card_numbers=["1", "x"]),
      "BANK_SWITCH", IA, "card_numbers[1]:"),
     ("Lifecycle", "Apply", pb.ApplyRequest(request_id="a", pack=9, holder=holder()),

@@ -13,6 +13,7 @@ from test_money_e2e import error_of
 from yikatong import clock as clocks
 from yikatong.server.harness import running
 from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 START = "2026-09-21T15:00:00+08:00"
 ORGAN = "上海市公安局黄浦分局"
@@ -26,6 +27,7 @@ PACKS = {"31": pb.PACK_SH, "44": pb.PACK_GZ, "11": pb.PACK_BJ, "90": pb.PACK_RC}
 @pytest.fixture
 def srv(tmp_path):
     with running(tmp_path, "--clock", "manual", "--clock-start", START) as s:
+        s.residence = rpc.ResidenceCardStub(s.channel)
         yield s
 
 
@@ -323,6 +325,57 @@ def test_rc_14_valid_to_24_00_of_the_corresponding_day(srv):
     assert reason(srv, card, pb.CHANNEL_SERVICE) == "UNSPECIFIED"
     set_clock(srv, "2027-09-22T00:00:00+08:00")
     assert reason(srv, card, pb.CHANNEL_SERVICE) == "RC_NOT_RENEWED"
+
+
+def renew(srv, card, role="COMMUNITY_OUTLET") -> pb.Card:
+    return srv.residence.Renew(pb.RenewRequest(request_id=rid(), card_number=card),
+                               metadata=srv.md(role))
+
+
+def test_rc_14_renewal_opens_30_days_before_the_expiry_date(srv):
+    """Art. 14: "The Card holder shall go through the formalities at the community service
+    centers for renewal 30 days before the expiry date of the one-year term." Valid to 24:00
+    on 21 September 2027 (the expiry date): renewal from 00:00 on 22 August 2027, not a
+    second before; renewed in time, the next year runs on to 24:00 on 21 September 2028."""
+    card = active(srv, 32, pb.PACK_RC)
+    set_clock(srv, "2027-08-21T23:59:59+08:00")
+    early = error_of(renew, srv, card)
+    assert early.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert early.details() == ("RC-14: renewal opens on 2027-08-22, 30 days before the card "
+                               "expires on 2027-09-21")
+    assert error_info(early).reason == "RC-14"
+    set_clock(srv, "2027-08-22T00:00:00+08:00")
+    renewed = renew(srv, card)
+    assert renewed.valid_until == clocks.parse_time("2028-09-22T00:00:00+08:00")
+    again = error_of(renew, srv, card, "CARD_AGENCY")  # once a year: the next window is 2028's
+    assert again.details().startswith("RC-14: renewal opens on 2028-08-22")
+
+
+def test_rc_14_a_card_not_renewed_is_suspended_and_resumes_when_renewed(srv):
+    """Art. 14: "If the Card holder fails to go through the formalities for renewal within
+    the time limit, the Residence Card will be suspended; and it will be resumed when the Card
+    is duly renewed." Renewed on 3 October 2027, after it lapsed: in force again at once, for
+    a year from that day (to 24:00 on 3 October 2028)."""
+    card = active(srv, 33, pb.PACK_RC)
+    set_clock(srv, "2027-10-03T10:00:00+08:00")
+    assert reason(srv, card, pb.CHANNEL_SERVICE) == "RC_NOT_RENEWED"
+    renewed = renew(srv, card, "PUBLIC_SECURITY")
+    assert renewed.valid_until == clocks.parse_time("2028-10-04T00:00:00+08:00")
+    assert reason(srv, card, pb.CHANNEL_SERVICE) == "UNSPECIFIED"
+
+
+def test_rc_14_only_a_residence_card_in_force_or_lapsed_is_renewed(srv):
+    sh = active(srv, 34)
+    not_rc = error_of(renew, srv, sh)
+    assert not_rc.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "only a Residence Card is renewed" in not_rc.details()
+    lost = active(srv, 35, pb.PACK_RC)
+    call(srv, "ReportLoss", "COMMUNITY_OUTLET", card_number=lost)
+    set_clock(srv, "2027-09-01T00:00:00+08:00")
+    e = error_of(renew, srv, lost)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "RC-14" in e.details()
+    gate = error_of(renew, srv, active(srv, 36, pb.PACK_RC), "TRANSIT_GATE")
+    assert gate.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 @pytest.mark.parametrize("reported", ["2027-03-02T00:00:00", "2027-03-02T23:59:59"])

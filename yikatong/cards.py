@@ -12,7 +12,7 @@ import datetime as dt
 import re
 
 from yikatong import config
-from yikatong.clock import end_of_days, end_of_years, law_date
+from yikatong.clock import end_of_days, end_of_years, law_date, start_of_day
 from yikatong.errors import (
     CardNotFound,
     HolderNotFound,
@@ -401,6 +401,37 @@ def report_temporary_loss(book, now: int, card_number: str, role: Role | None = 
     _require(rec, (State.ACTIVE,), "ReportTemporaryLoss", "SH-18a")
     rec.state, rec.loss_reported_at = State.TEMP_LOSS, now
     rec.temp_loss_until = end_of_days(now, config.temp_loss_valid_days)
+    book.put_card(rec, now)
+    return rec
+
+
+def renewal_opens(valid_until: int) -> int:
+    """RC-14: renewal is done from 30 days before the expiry date, the last day of validity
+    (the day before `valid_until`, which is 24:00 of it): 00:00 of that day less 30 days. A
+    card valid to 24:00 on 21 September 2027 may be renewed from 22 August 2027."""
+    expiry_date = law_date(valid_until - 1)
+    return start_of_day(expiry_date - dt.timedelta(days=30))
+
+
+def renew(book, now: int, card_number: str) -> Card:
+    """RC-14: a Residence Card is renewed once a year, from 30 days before it expires; renewed
+    in time, the new year runs on from the old expiry; not renewed in time, the card is
+    suspended (RC_NOT_RENEWED) and resumes when renewed, valid one year from that day."""
+    rec = load(book, card_number, now)
+    if rec.pack != Pack.RC:
+        raise InvalidTransition(State(rec.state).name, "Renew", "RC-14",
+                                "only a Residence Card is renewed")
+    _require(rec, (State.ACTIVE,), "Renew", "RC-14",
+             "a card in force or suspended for want of renewal is renewed; a lost one is "
+             "reissued (RC-15)")
+    opens = renewal_opens(rec.valid_until)
+    if now < opens:
+        raise Refused("RC-14", f"renewal opens on {law_date(opens).isoformat()}, 30 days "
+                      f"before the card expires on {law_date(rec.valid_until - 1).isoformat()}")
+    if now < rec.valid_until:  # in time: the next year follows on
+        rec.valid_until = end_of_years(rec.valid_until - 1, config.rc_valid_years)
+    else:  # lapsed: resumes now, for a year from today
+        rec.valid_until = end_of_years(now, config.rc_valid_years)
     book.put_card(rec, now)
     return rec
 

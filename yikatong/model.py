@@ -156,6 +156,7 @@ class Changed(enum.IntFlag):
     FUNCTIONS = 4  # transit, financial open, financial frozen
     REPLACEMENT = 8
     BALANCE = 16
+    VALIDITY = 32  # RC-14: a Residence Card renewed
 
 
 # ---------------------------------------------------------------------------- cards
