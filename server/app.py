@@ -593,6 +593,28 @@ class ResidenceCard(CardWrites):
     async def Renew(self, request, client: Client):
         return await self._card_op("Renew", request, client, cards.renew)
 
+    async def ChangeInformation(self, request, client: Client):
+        validate.request_id(request.request_id)
+        validate.card_number(request.card_number)
+        if request.holder.ssn:
+            raise InvalidArgument("holder.ssn", "is not changed here; leave it empty")
+        for f in PII_FIELDS:
+            validate.text(getattr(request.holder, f), f"holder.{f}")
+        if request.holder.birth_date:
+            cards.parse_date("holder.birth_date", request.holder.birth_date)
+        cards.parse_date("changed_on", request.changed_on)
+        given = HolderInfo("", **{f: getattr(request.holder, f) for f in PII_FIELDS})
+
+        def op(book, now, _) -> bytes:
+            rec, due, late = cards.change_information(book, now, request.card_number, given,
+                                                      request.changed_on, client.id)
+            book.append_audit(now, client.id, client.role.name,
+                              "ResidenceCard.ChangeInformation", rec.card_number)
+            return pb.ChangeInformationResponse(card=card_message(book, rec, now), due_at=due,
+                                                late=late).SerializeToString()
+        return pb.ChangeInformationResponse.FromString(await self.core.write_once(
+            "ChangeInformation", client, request.request_id, request, op))
+
 
 # --------------------------------------------------------------------- Holders
 

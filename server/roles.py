@@ -16,6 +16,7 @@ _APPLY = frozenset({Role.COMMUNITY_OUTLET, Role.BANK_OUTLET, Role.ONLINE_PLATFOR
 _BANK = frozenset({Role.BANK_OUTLET, Role.BANK_SWITCH})
 _STATUS = TERMINALS | OUTLETS | {Role.BANK_SWITCH, Role.CARD_AGENCY}
 _MONEY = frozenset({Role.CARD_AGENCY, Role.HRSS, Role.BANK_SWITCH})
+_RESIDENCE = frozenset({Role.CARD_AGENCY, Role.PUBLIC_SECURITY, Role.COMMUNITY_OUTLET})
 # who may read a holder's personal information (Holders.GetHolder); to any other role an
 # answer names no held value and no card number of a holder (Apply, CorrectHolder)
 PII_READERS = frozenset({Role.CARD_AGENCY, Role.HRSS, Role.PUBLIC_SECURITY,
@@ -57,8 +58,8 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "Ledger.Transfer": _MONEY,
     "Ledger.Reverse": _MONEY,
     "Ledger.GetBalances": TERMINALS | OUTLETS | {Role.ONLINE_PLATFORM},
-    "ResidenceCard.Renew": frozenset({Role.CARD_AGENCY, Role.PUBLIC_SECURITY,
-                                      Role.COMMUNITY_OUTLET}),
+    "ResidenceCard.Renew": _RESIDENCE,
+    "ResidenceCard.ChangeInformation": _RESIDENCE,
     # SPEC.md section 7: personal information is read for a stated purpose by these only
     "Holders.GetHolder": PII_READERS,
     "Holders.CorrectHolder": frozenset({Role.CARD_AGENCY, Role.COMMUNITY_OUTLET,

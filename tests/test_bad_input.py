@@ -83,6 +83,12 @@ CASES = [
      "COMMUNITY_OUTLET", IA, "card_number:"),
     ("ResidenceCard", "Renew", pb.RenewRequest(request_id="", card_number=CARD),
      "COMMUNITY_OUTLET", IA, "request_id:"),
+    ("ResidenceCard", "ChangeInformation", pb.ChangeInformationRequest(
+        request_id="r", card_number=CARD, changed_on="yesterday"), "COMMUNITY_OUTLET", IA,
+     "changed_on:"),
+    ("ResidenceCard", "ChangeInformation", pb.ChangeInformationRequest(
+        request_id="r", card_number=CARD, changed_on="2026-01-01",
+        holder=pb.Holder(phone="\x00")), "COMMUNITY_OUTLET", IA, "holder.phone:"),
     ("CardStatus", "GetStatusBatch", pb.GetStatusBatchRequest(card_numbers=["1", "x"]),
      "BANK_SWITCH", IA, "card_numbers[1]:"),
     ("Lifecycle", "Apply", pb.ApplyRequest(request_id="a", pack=9, holder=holder()),

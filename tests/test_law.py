@@ -378,6 +378,50 @@ def test_rc_14_only_a_residence_card_in_force_or_lapsed_is_renewed(srv):
     assert gate.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+def change(srv, card, changed_on, **holder):
+    return srv.residence.ChangeInformation(pb.ChangeInformationRequest(
+        request_id=rid(), card_number=card, changed_on=changed_on, holder=pb.Holder(**holder)),
+        metadata=srv.md("COMMUNITY_OUTLET"))
+
+
+@pytest.mark.parametrize("filed, late", [("2027-03-31T23:59:59", False),
+                                         ("2027-04-01T00:00:00", True)])
+def test_rc_13_a_change_is_filed_within_30_days_and_a_late_one_is_recorded_late(
+        srv, filed, late):
+    """RC-13: a change of residence address "must be filed within 30 days". Moved on 1 March
+    2027: due by 24:00 on 31 March; filed a second later it is taken, and recorded late. The
+    new address joins the residence history from the day of the move."""
+    card = active(srv, 37, pb.PACK_RC)
+    set_clock(srv, filed + "+08:00")
+    answer = change(srv, card, "2027-03-01", residence_address="上海市徐汇区漕溪北路1号")
+    assert answer.late is late
+    assert answer.due_at == clocks.parse_time("2027-04-01T00:00:00+08:00")
+    holders = rpc.HoldersStub(srv.channel)
+    record = holders.GetHolder(pb.GetHolderRequest(card_number=card, purpose="RC-13 check",
+                                                   with_history=True),
+                               metadata=srv.md("CARD_AGENCY"))
+    assert record.holder.residence_address == "上海市徐汇区漕溪北路1号"
+    (moved,) = [c for c in record.history if c.field == "residence_address"]
+    assert moved.method == "ResidenceCard.ChangeInformation"
+    assert moved.reason.startswith("RC-13: changed on 2027-03-01, filed "
+                                   + ("late" if late else "in time"))
+
+
+def test_rc_13_what_a_filing_may_not_do(srv):
+    card = active(srv, 38, pb.PACK_RC)
+    sh = active(srv, 39)
+    for bad, field in ((dict(changed_on="2027-13-01"), "changed_on"),
+                       (dict(changed_on="2030-01-01"), "changed_on"),
+                       (dict(changed_on="2026-09-21", ssn=ssn(1, "310101")), "holder.ssn")):
+        changed_on = bad.pop("changed_on")
+        e = error_of(change, srv, card, changed_on, phone="13900000038", **bad)
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith(field)
+    nothing = error_of(change, srv, card, "2026-09-21")
+    assert nothing.code() == grpc.StatusCode.INVALID_ARGUMENT
+    not_rc = error_of(change, srv, sh, "2026-09-21", phone="13900000039")
+    assert not_rc.code() == grpc.StatusCode.FAILED_PRECONDITION and "RC-13" in not_rc.details()
+
+
 @pytest.mark.parametrize("reported", ["2027-03-02T00:00:00", "2027-03-02T23:59:59"])
 def test_sh_18b_a_temporary_loss_reported_on_2_march_freezes_to_24_00_on_7_march(
         srv, reported):

@@ -25,6 +25,7 @@ API_TABLE = {
     "Holders.CorrectHolder": {"CARD_AGENCY", "COMMUNITY_OUTLET", "ONLINE_PLATFORM"},
     "Audit.Export": {"AUDITOR"}, "Audit.Verify": {"AUDITOR"},
     "ResidenceCard.Renew": {"CARD_AGENCY", "PUBLIC_SECURITY", "COMMUNITY_OUTLET"},
+    "ResidenceCard.ChangeInformation": {"CARD_AGENCY", "PUBLIC_SECURITY", "COMMUNITY_OUTLET"},
     "Lifecycle.Apply": APPLY, "Lifecycle.Replace": APPLY, "Lifecycle.CancelLoss": APPLY,
     "Lifecycle.Verify": {"CARD_AGENCY", "PUBLIC_SECURITY"},  # PUBLIC_SECURITY: RC cards
     "Lifecycle.Issue": {"CARD_AGENCY", "PUBLIC_SECURITY"},

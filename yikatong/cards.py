@@ -436,6 +436,37 @@ def renew(book, now: int, card_number: str) -> Card:
     return rec
 
 
+def change_information(book, now: int, card_number: str, given: HolderInfo, changed_on: str,
+                       client_id: str) -> tuple[Card, int, bool]:
+    """RC-13: a change of the Shanghai residence address or other registered information is
+    filed within 30 days of the change (to 24:00 of the 30th day after it). A late filing is
+    taken and recorded as late. Every value replaced is kept in the holder's history (GZ-20's
+    way), the residence address's history gets the new one from the day it changed. Returns
+    (the card, when the filing was due, whether it was late)."""
+    rec = load(book, card_number, now)
+    if rec.pack != Pack.RC:
+        raise InvalidTransition(State(rec.state).name, "ChangeInformation", "RC-13",
+                                "only a Residence Card holder files changes here")
+    _require(rec, (State.ACTIVE, State.LOST), "ChangeInformation", "RC-13")
+    changed = start_of_day(parse_date("changed_on", changed_on))
+    if changed > now:
+        raise InvalidArgument("changed_on", "is in the future")
+    due = end_of_days(changed, 30)
+    late = now >= due
+    ssn = book.holder_ssn(rec.holder_id)
+    if ssn is None:
+        raise HolderNotFound(f"no holder record for card {card_number}")
+    reason = (f"RC-13: changed on {changed_on}, filed "
+              + ("late (due by 24:00 of " if late else "in time (due by 24:00 of ")
+              + f"{law_date(due - 1).isoformat()})")
+    _, info, fields = correct_holder(book, now, HolderInfo(ssn, **{
+        f: getattr(given, f) for f in PII_FIELDS}), reason, client_id,
+        "ResidenceCard.ChangeInformation", residence_since=changed)
+    if not fields:
+        raise InvalidArgument("holder", "changes nothing that is held")
+    return rec, due, late
+
+
 def report_loss(book, now: int, card_number: str, role: Role | None = None) -> Card:
     rec = load(book, card_number, now)
     check_channel("ReportLoss", rec.pack, role)
@@ -617,7 +648,8 @@ def lock_application(book, now: int, card_number: str, channel: int, locked: boo
 
 
 def correct_holder(book, now: int, given: HolderInfo, reason: str, client_id: str,
-                   method: str = "Holders.CorrectHolder") -> tuple[int, HolderInfo, list[str]]:
+                   method: str = "Holders.CorrectHolder",
+                   residence_since: int | None = None) -> tuple[int, HolderInfo, list[str]]:
     """GZ-20: correct a holder's personal information; every value replaced is kept in the
     holder's history with who, when and why. Empty fields of `given` stay as they are.
     Returns (holder id, the information now held, the fields changed)."""
@@ -637,5 +669,6 @@ def correct_holder(book, now: int, given: HolderInfo, reason: str, client_id: st
     if changed:
         book.put_holder(holder_id, merged)
         if "residence_address" in changed:  # RC-13: the address history goes on
-            book.add_residence(holder_id, now, merged.residence_address)
+            book.add_residence(holder_id, now if residence_since is None else residence_since,
+                               merged.residence_address)
     return holder_id, merged, changed
