@@ -47,11 +47,12 @@ class build_ext(_build_ext):
 
 
 setup(
-    packages=["yikatong", "yikatong.v1", "yikatong.server", "yikatong.storage",
-              "yikatong.fastpath"],
     package_dir={"yikatong": "yikatong", "yikatong.server": "server",
                  "yikatong.storage": "storage", "yikatong.fastpath": "fastpath"},
-    package_data={"yikatong.fastpath": ["*.pyx", "*.pyi"], "yikatong.v1": ["*.pyi"]},
+    packages=["yikatong", "yikatong.v1", "yikatong.calendar", "yikatong.server",
+              "yikatong.storage", "yikatong.fastpath"],
+    package_data={"yikatong.fastpath": ["*.pyx", "*.pyi"], "yikatong.v1": ["*.pyi"],
+                  "yikatong.calendar": ["*.toml"]},
     ext_modules=[Extension(
         "yikatong.fastpath._authorize_c",
         ["fastpath/_authorize_c.pyx"],

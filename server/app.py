@@ -616,6 +616,26 @@ class ResidenceCard(CardWrites):
             "ChangeInformation", client, request.request_id, request, op))
 
 
+# --------------------------------------------------------------------- Deadlines
+
+class Deadlines:
+    def __init__(self, core: Core):
+        self.core = core
+
+    async def ListDue(self, request, client: Client):
+        if request.within_days > 3660:
+            raise InvalidArgument("within_days", "at most 3660 (ten years)")
+        return list_due(self.core.store, self.core.clock.now(), request.within_days)
+
+
+def list_due(store: Store, now: int, within_days: int) -> pb.ListDueResponse:
+    with store.read() as txn:
+        found = cards.due(store.book(txn), now, within_days)
+    return pb.ListDueResponse(items=[
+        pb.DueItem(card_number=card, step=s.step, rule=s.rule, due_at=s.due_at,
+                   overdue=s.due_at <= now) for card, s in found])
+
+
 # --------------------------------------------------------------------- Holders
 
 def holder_message(info: HolderInfo, fields=PII_FIELDS) -> pb.Holder:
@@ -766,7 +786,8 @@ class Admin:
 
 # --------------------------------------------------------------------- serving
 
-SERVICES = (Authorization, CardStatus, Lifecycle, ResidenceCard, Ledger, Holders, Audit, Admin)
+SERVICES = (Authorization, CardStatus, Lifecycle, ResidenceCard, Ledger, Deadlines, Holders,
+            Audit, Admin)
 
 
 def build(core: Core, clients: Clients, concurrent_rpcs_max: int = config.concurrent_rpcs_max,

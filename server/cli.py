@@ -61,6 +61,10 @@ def main(argv=None) -> int:
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="JSON lines on stderr; info logs one line per call")
 
+    d = sub.add_parser("due", help="open steps overdue or due soon (a stopped server's too)")
+    d.add_argument("--data-dir", required=True)
+    d.add_argument("--within", type=int, default=3, metavar="DAYS")
+
     a = sub.add_parser("audit", help="the audit trail of a data dir (a stopped server's too)")
     a.add_argument("action", choices=("verify",))
     a.add_argument("--data-dir", required=True)
@@ -82,7 +86,39 @@ def main(argv=None) -> int:
         return serve(args)
     if args.command == "audit":
         return audit_verify(args.data_dir)
+    if args.command == "due":
+        return due(args.data_dir, args.within)
     return client(args)
+
+
+def due(data_dir: str, within: int) -> int:
+    """Every open step overdue or due within `within` days, one line each, with its rule."""
+    from yikatong import cards
+    from yikatong import clock as clocks
+    from yikatong.errors import CalendarMissing, StoreUnavailable
+    from yikatong.storage.lmdb_store import Store
+
+    if not os.path.exists(os.path.join(data_dir, "lmdb", "data.mdb")):
+        return _fail(f"no store in {data_dir}")
+    if not 0 <= within <= 3660:
+        return _fail("--within must be 0 to 3660 days")
+    try:
+        store = Store(data_dir, lock=False)  # reads only; beside a running server too
+    except StoreUnavailable as error:
+        return _fail(str(error))
+    now = clocks.SystemClock().now()
+    try:
+        with store.read() as txn:
+            items = cards.due(store.book(txn), now, within)
+    except CalendarMissing as error:
+        return _fail(str(error))
+    finally:
+        store.close()
+    for card, s in items:
+        print(f"{card} {s.step:<12} {s.rule:<7} due {clocks.format_time(s.due_at)}"
+              + ("  OVERDUE" if s.due_at <= now else ""))
+    print(f"{len(items)} step{'s' if len(items) != 1 else ''} overdue or due within {within} days")
+    return 0
 
 
 def audit_verify(data_dir: str) -> int:

@@ -60,6 +60,7 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "Ledger.GetBalances": TERMINALS | OUTLETS | {Role.ONLINE_PLATFORM},
     "ResidenceCard.Renew": _RESIDENCE,
     "ResidenceCard.ChangeInformation": _RESIDENCE,
+    "Deadlines.ListDue": frozenset({Role.CARD_AGENCY, Role.HRSS}),
     # SPEC.md section 7: personal information is read for a stated purpose by these only
     "Holders.GetHolder": PII_READERS,
     "Holders.CorrectHolder": frozenset({Role.CARD_AGENCY, Role.COMMUNITY_OUTLET,

@@ -52,6 +52,7 @@ from yikatong.model import (
     ChangeKind,
     HolderChange,
     HolderInfo,
+    Step,
     Transfer,
 )
 from yikatong.storage import records
@@ -365,6 +366,7 @@ class Dbs:
         # RC-13: a holder's Shanghai residence addresses, oldest first
         self.residences = env.open_db(b"residences")  # u64 holder_id + u32 n -> i64 since + UTF-8
         self.holder_ssn = env.open_db(b"holder_ssn")  # u64 holder_id -> ssn (ASCII)
+        self.steps = env.open_db(b"steps")  # card number -> its open steps and their ends
         # GZ-20: earlier values of a holder's fields
         self.holder_history = env.open_db(b"holder_history")  # u64 holder_id + u32 n -> record
         self.change_seq = 0  # the last sequence handed out: read in each write (_begin_write)
@@ -411,6 +413,22 @@ class Book:
         self.txn.put(key, records.encode_card(card), db=self.dbs.cards)
         self.append_change(ChangeKind.CARD, now, card.card_number, card.holder_id, card.state,
                            card.flags, card.lock_mask, what=what)
+
+    # ---- open steps of a card's procedure, with when each is due (SPEC.md section 6)
+    def steps_of(self, card_number: str) -> list[Step]:
+        value = self.txn.get(card_number.encode("ascii"), db=self.dbs.steps)
+        return [] if value is None else records.decode_steps(value)
+
+    def put_steps(self, card_number: str, steps: list[Step]) -> None:
+        key = card_number.encode("ascii")
+        if steps:
+            self.txn.put(key, records.encode_steps(steps), db=self.dbs.steps)
+        else:
+            self.txn.delete(key, db=self.dbs.steps)
+
+    def open_steps(self) -> Iterator[tuple[str, list[Step]]]:
+        for key, value in self.txn.cursor(db=self.dbs.steps):
+            yield bytes(key).decode("ascii"), records.decode_steps(value)
 
     # A card's texts, kept beside the hot record: "note" (why it was rejected or cancelled),
     # "ground" (CancelGround name), "organ" (RC-7: the organ that issued a Residence Card).

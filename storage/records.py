@@ -44,6 +44,7 @@ from yikatong.model import (
     HolderInfo,
     Pack,
     State,
+    Step,
     Transfer,
     TransferKind,
     TransferStatus,
@@ -399,3 +400,25 @@ def decode_holder_change(value) -> HolderChange:
     _, time = _HISTORY_HEAD.unpack_from(value)
     texts = _unpack_texts(value, _HISTORY_HEAD.size, _HISTORY_TEXTS, "holder history record")
     return HolderChange(time, *texts)
+
+
+# ---------------------------------------------------------------------------- open steps
+
+_STEP = struct.Struct("<16s8sqH")  # step, rule, due_at, missing_year
+
+
+def encode_steps(steps: list[Step]) -> bytes:
+    try:
+        return b"".join(_STEP.pack(_fixed("step", s.step, 16, "ascii"),
+                                   _fixed("rule", s.rule, 8, "ascii"), s.due_at, s.missing_year)
+                        for s in steps)
+    except struct.error as e:
+        raise InvalidRecord(f"steps record: {e}") from None
+
+
+def decode_steps(value) -> list[Step]:
+    value = bytes(value)
+    if len(value) % _STEP.size:
+        raise CorruptRecord(f"steps record of {len(value)} bytes")
+    return [Step(_text("step", step, "ascii"), _text("rule", rule, "ascii"), due, year)
+            for step, rule, due, year in _STEP.iter_unpack(value)]

@@ -79,6 +79,8 @@ CASES = [
     ("Holders", "CorrectHolder", pb.CorrectHolderRequest(
         request_id="", holder=holder(), reason="typo"), "CARD_AGENCY", IA, "request_id:"),
     ("Audit", "Export", b"\x08\xff", "AUDITOR", IA, "request:"),
+    ("Deadlines", "ListDue", pb.ListDueRequest(within_days=4000), "CARD_AGENCY", IA,
+     "within_days:"),
     ("ResidenceCard", "Renew", pb.RenewRequest(request_id="r", card_number=""),
      "COMMUNITY_OUTLET", IA, "card_number:"),
     ("ResidenceCard", "Renew", pb.RenewRequest(request_id="", card_number=CARD),

@@ -422,6 +422,59 @@ def test_rc_13_what_a_filing_may_not_do(srv):
     assert not_rc.code() == grpc.StatusCode.FAILED_PRECONDITION and "RC-13" in not_rc.details()
 
 
+# ---------------------------------------------------------------- deadlines on working days
+
+def due(srv, within_days=0):
+    answer = rpc.DeadlinesStub(srv.channel).ListDue(pb.ListDueRequest(within_days=within_days),
+                                                    metadata=srv.md("CARD_AGENCY"))
+    return [(i.card_number, i.step, i.rule, clocks.format_time(i.due_at), i.overdue)
+            for i in answer.items]
+
+
+def test_sh_10_verification_is_due_within_3_working_days_of_receipt(srv):
+    """SPEC.md section 6: "an application made on a Monday has 3 working days to 24:00 on
+    Thursday (SH-10)". Received Monday 21 September 2026 at 15:00."""
+    card = apply(srv, 40).card_number
+    step = (card, "verification", "SH-10", "2026-09-25T00:00:00+08:00")
+    assert due(srv, 3) == []  # Thursday 15:00 is within 3 days; 24:00 is not
+    assert due(srv, 4) == [(*step, False)]
+    set_clock(srv, "2026-09-24T23:59:59+08:00")
+    assert due(srv) == []
+    set_clock(srv, "2026-09-25T00:00:00+08:00")
+    assert due(srv) == [(*step, True)]
+    call(srv, "Verify", "CARD_AGENCY", card_number=card, approved=True)
+    # SH-11: made and issued within 30 days of verification, 25 October a Sunday: to 24:00
+    # of the next working day, Monday 26 October
+    assert due(srv, 60) == [(card, "issue", "SH-11", "2026-10-27T00:00:00+08:00", False)]
+    call(srv, "Issue", "CARD_AGENCY", card_number=card)
+    assert due(srv, 60) == []
+
+
+def test_gz_10_working_days_skip_the_national_day_holiday_and_count_its_make_up_day(srv):
+    """GZ-10: made and issued within 12 working days of acceptance. Accepted on 30 September
+    2026: 1 to 7 October are holidays (the State Council's notice for 2026), Saturday 10
+    October a make-up working day; the 12th working day is Thursday 22 October."""
+    set_clock(srv, "2026-09-30T09:00:00+08:00")
+    card = apply(srv, 41, pb.PACK_GZ).card_number
+    assert due(srv, 30) == [(card, "issue", "GZ-10", "2026-10-23T00:00:00+08:00", False)]
+    rc = apply(srv, 42, pb.PACK_RC).card_number  # RC-12: 15 working days
+    assert (rc, "issue", "RC-12", "2026-10-28T00:00:00+08:00", False) in due(srv, 30)
+    call(srv, "Verify", "CARD_AGENCY", card_number=card, approved=False, reason="photo")
+    assert [i[0] for i in due(srv, 30)] == [rc]  # a rejection owes nothing more
+
+
+def test_a_deadline_in_a_year_without_a_calendar_is_an_error_naming_the_year(srv):
+    """No year's holidays are guessed: an application on 29 December 2026 has its 3 working
+    days run into 2027, for which no notice is shipped. The application is taken; the list
+    of what is due says what is missing."""
+    set_clock(srv, "2026-12-29T10:00:00+08:00")
+    apply(srv, 43)
+    e = error_of(due, srv)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert e.details().startswith("no working-day calendar for 2027 (yikatong/calendar/"
+                                  "2027.toml")
+
+
 @pytest.mark.parametrize("reported", ["2027-03-02T00:00:00", "2027-03-02T23:59:59"])
 def test_sh_18b_a_temporary_loss_reported_on_2_march_freezes_to_24_00_on_7_march(
         srv, reported):

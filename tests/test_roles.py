@@ -26,6 +26,7 @@ API_TABLE = {
     "Audit.Export": {"AUDITOR"}, "Audit.Verify": {"AUDITOR"},
     "ResidenceCard.Renew": {"CARD_AGENCY", "PUBLIC_SECURITY", "COMMUNITY_OUTLET"},
     "ResidenceCard.ChangeInformation": {"CARD_AGENCY", "PUBLIC_SECURITY", "COMMUNITY_OUTLET"},
+    "Deadlines.ListDue": {"CARD_AGENCY", "HRSS"},
     "Lifecycle.Apply": APPLY, "Lifecycle.Replace": APPLY, "Lifecycle.CancelLoss": APPLY,
     "Lifecycle.Verify": {"CARD_AGENCY", "PUBLIC_SECURITY"},  # PUBLIC_SECURITY: RC cards
     "Lifecycle.Issue": {"CARD_AGENCY", "PUBLIC_SECURITY"},
@@ -72,8 +73,8 @@ def _call(srv, full_name: str, role: str):
 
 
 def test_every_role_against_every_method_as_api_md_says(srv):
-    services = ("CardStatus", "Lifecycle", "ResidenceCard", "Ledger", "Holders", "Audit",
-                "Admin")
+    services = ("CardStatus", "Lifecycle", "ResidenceCard", "Ledger", "Deadlines", "Holders",
+                "Audit", "Admin")
     described = {f"{s}.{m.name}" for s in services
                  for m in pb.DESCRIPTOR.services_by_name[s].methods}
     assert described == set(API_TABLE)

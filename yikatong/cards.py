@@ -12,8 +12,10 @@ import datetime as dt
 import re
 
 from yikatong import config
+from yikatong.calendar import end_of_days_for_an_act, end_of_working_days
 from yikatong.clock import end_of_days, end_of_years, law_date, start_of_day
 from yikatong.errors import (
+    CalendarMissing,
     CardNotFound,
     HolderNotFound,
     InvalidArgument,
@@ -38,6 +40,7 @@ from yikatong.model import (
     ResidenceBasis,
     Role,
     State,
+    Step,
 )
 
 LOCKABLE_CHANNELS = (Channel.TRANSIT, Channel.MEDICAL, Channel.BENEFIT, Channel.FINANCIAL,
@@ -283,6 +286,8 @@ def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibi
     book.set_current_card(holder_id, pack, rec.card_number)
     if instant:  # GZ-10b: made on the spot
         _issue(book, rec, now)
+    else:
+        book.put_steps(rec.card_number, _steps_of_an_application(rec))
     book.put_card(rec, now)
     return rec
 
@@ -294,7 +299,12 @@ def verify(book, now: int, card_number: str, approved: bool, reason: str,
     _require(rec, (State.APPLIED,), "Verify", _rule(rec.pack, "SH-10", "GZ-10", "RC-11"))
     if approved:
         rec.state = State.VERIFIED
+        steps = [s for s in book.steps_of(card_number) if s.step != "verification"]
+        if rec.pack == Pack.SH and not rec.replaces:  # SH-11: made and issued within 30 days
+            steps.append(_step("issue", "SH-11", lambda: end_of_days_for_an_act(now, 30)))
+        book.put_steps(card_number, steps)
     else:
+        book.put_steps(card_number, [])
         if not reason:
             raise InvalidArgument("reason",
                                   "a rejection must say why: the applicant is told (SH-10)")
@@ -318,6 +328,7 @@ def _free_original(book, now: int, rec: Card) -> None:
 
 def _issue(book, rec: Card, now: int) -> None:
     rec.issued_at = now
+    book.put_steps(rec.card_number, [])  # every step of its making is done
     if rec.pack == Pack.RC:
         # RC has no activation step: issued is in force. RC-14: valid one year, to 24:00 of
         # the corresponding day (SPEC.md section 6).
@@ -403,6 +414,46 @@ def report_temporary_loss(book, now: int, card_number: str, role: Role | None = 
     rec.temp_loss_until = end_of_days(now, config.temp_loss_valid_days)
     book.put_card(rec, now)
     return rec
+
+
+def _step(step: str, rule: str, end) -> Step:
+    """A step due at `end()`; one whose end reaches into a year without a working-day
+    calendar is kept with that year instead of a guessed end."""
+    try:
+        return Step(step, rule, end())
+    except CalendarMissing as missing:
+        return Step(step, rule, 0, missing.year)
+
+
+def _steps_of_an_application(rec: Card) -> list[Step]:
+    """What the agency owes an application from its acceptance (SPEC.md, SH-10, SH-11,
+    GZ-10, SH-23a, GZ-25, RC-12): the clock starts at `applied_at`."""
+    t = rec.applied_at
+    if rec.pack == Pack.SH:
+        steps = [_step("verification", "SH-10", lambda: end_of_working_days(t, 3))]
+        if rec.replaces:  # SH-23a: a replacement within 15 days of receiving it
+            steps.append(_step("replacement", "SH-23a", lambda: end_of_days_for_an_act(t, 15)))
+        return steps
+    if rec.pack == Pack.RC:
+        return [_step("issue", "RC-12", lambda: end_of_working_days(t, 15))]
+    if rec.replaces:  # GZ-25 (BJ follows GZ)
+        return [_step("replacement", "GZ-25", lambda: end_of_working_days(t, 12))]
+    return [_step("issue", "GZ-10", lambda: end_of_working_days(t, 12))]
+
+
+def due(book, now: int, within_days: int) -> list[tuple[str, Step]]:
+    """Deadlines.ListDue: every open step overdue or due within `within_days` days, soonest
+    first (SH-27(2): unjustified delay is a breach of duty); CalendarMissing if any step's end
+    could not be computed for want of a year's calendar."""
+    horizon = now + within_days * 86400
+    out = []
+    for card_number, steps in book.open_steps():
+        for s in steps:
+            if s.missing_year:
+                raise CalendarMissing(s.missing_year)
+            if s.due_at <= horizon:
+                out.append((card_number, s))
+    return sorted(out, key=lambda item: (item[1].due_at, item[0]))
 
 
 def renewal_opens(valid_until: int) -> int:
@@ -576,6 +627,8 @@ def replace(book, now: int, card_number: str, reason: int, instant: bool,
     book.put_card(old, now)
     if instant:
         _issue(book, new, now)
+    else:
+        book.put_steps(new.card_number, _steps_of_an_application(new))
     book.put_card(new, now)
     return new
 
@@ -625,6 +678,7 @@ def cancel(book, now: int, card_number: str, reason: str, ground: int) -> Card:
 
 def _cancel_one(book, now: int, target: Card, reason: str, ground: int) -> None:
     target.state, target.temp_loss_until = State.CANCELLED, 0
+    book.put_steps(target.card_number, [])  # nothing is owed on a cancelled card
     book.put_card(target, now)
     book.put_card_text(target.card_number, "note", reason)
     book.put_card_text(target.card_number, "ground", CancelGround(ground).name)

@@ -158,3 +158,15 @@ class StreamStalled(YikatongError):
     """A server stream's caller took no message for stream_stall_seconds_max."""
 
     reason = "STREAM_STALLED"
+
+
+class CalendarMissing(YikatongError):
+    """A period reaches into a year for which no working-day calendar is shipped."""
+
+    reason = "CALENDAR_MISSING"
+
+    def __init__(self, year: int):
+        super().__init__(f"no working-day calendar for {year} (yikatong/calendar/{year}.toml, "
+                         "from the State Council General Office's notice for that year): a "
+                         "deadline in it cannot be computed, and is never guessed")
+        self.year = year

@@ -312,6 +312,18 @@ class Change:
 
 
 @dataclasses.dataclass
+class Step:
+    """An open step of a card's procedure and when the law wants it done (SPEC.md section 6):
+    `due_at` is the end instant, or 0 with `missing_year` when it reaches into a year without
+    a working-day calendar."""
+
+    step: str  # "verification", "issue", "replacement"
+    rule: str  # "SH-10"
+    due_at: int
+    missing_year: int = 0
+
+
+@dataclasses.dataclass
 class HolderChange:
     """GZ-20: a held value replaced, kept with who, when and why (never overwritten
     silently). A field filled from an application (it was empty) is one too."""
