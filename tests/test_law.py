@@ -475,6 +475,25 @@ def test_a_deadline_in_a_year_without_a_calendar_is_an_error_naming_the_year(srv
                                   "2027.toml")
 
 
+def test_yikatong_due_lists_a_stopped_servers_open_steps_with_their_rules(tmp_path):
+    import subprocess
+    import sys
+
+    from yikatong.server.harness import ROOT, ServerProcess
+
+    srv = ServerProcess(tmp_path, "--clock", "manual", "--clock-start", START)
+    try:
+        card = apply(srv, 44).card_number  # due 25 September 2026: long past by the system clock
+    finally:
+        srv.stop()
+    out = subprocess.run([sys.executable, "-m", "yikatong", "due", "--data-dir", srv.data_dir,
+                          "--within", "3"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        f"{card} verification SH-10   due 2026-09-25T00:00:00+08:00  OVERDUE",
+        "1 step overdue or due within 3 days"]
+
+
 @pytest.mark.parametrize("reported", ["2027-03-02T00:00:00", "2027-03-02T23:59:59"])
 def test_sh_18b_a_temporary_loss_reported_on_2_march_freezes_to_24_00_on_7_march(
         srv, reported):
