@@ -30,7 +30,7 @@ def sample(pid: int, data_dir: str) -> dict:
     with open(f"/proc/{pid}/status") as f:
         status = {line.split(":")[0]: line.split()[1] for line in f if line.startswith("Rss")}
     fds = len(os.listdir(f"/proc/{pid}/fd"))
-    env = lmdb.open(os.path.join(data_dir, "lmdb"), readonly=True, max_dbs=16, lock=True)
+    env = lmdb.open(os.path.join(data_dir, "lmdb"), readonly=True, max_dbs=32, lock=True)
     readers = [line for line in env.readers().splitlines()[1:] if line.strip()
                and line.split()[0] == str(pid)]
     env.close()

@@ -32,6 +32,7 @@ from yikatong.model import (
     Changed,
     ChangeKind,
     Channel,
+    CreditRecord,
     Eligibility,
     Flag,
     HolderInfo,
@@ -679,7 +680,8 @@ class Holders:
             return pb.HolderRecord(holder=holder_message(info), history=[
                 pb.HolderChange(field=c.field, old_value=c.old_value, new_value=c.new_value,
                                 time=c.time, client_id=c.client_id, method=c.method,
-                                reason=c.reason) for c in history])
+                                reason=c.reason) for c in history],
+                credit_records=[credit_message(r) for r in book.credit_records(holder_id)])
         answer = await self.core.write(read)
         if answer is None:  # audited as refused; nothing said of what is held
             if key == "card_number":
@@ -706,6 +708,43 @@ class Holders:
             return pb.HolderRecord(holder=holder_message(info, fields)).SerializeToString()
         return pb.HolderRecord.FromString(await self.core.write_once(
             "CorrectHolder", client, request.request_id, request, op))
+
+
+    async def RecordCredit(self, request, client: Client):
+        validate.request_id(request.request_id)
+        key = request.WhichOneof("key")
+        if key == "card_number":
+            validate.card_number(request.card_number)
+        elif key == "ssn":
+            cards.validate_ssn(request.ssn, "ssn")
+        else:
+            raise InvalidArgument("key", "name the holder: card_number or ssn")
+        validate.enum(request.ground, pb.CreditGround, "ground")
+        evidence = validate.text(request.evidence_ref, "evidence_ref")
+        if not evidence.strip():
+            raise InvalidArgument("evidence_ref", "is required: the case file or decision the "
+                                  "record rests on")
+
+        def op(book, now, _) -> bytes:
+            ssn = request.ssn
+            if key == "card_number":
+                rec = book.card(request.card_number)
+                if rec is None:
+                    raise CardNotFound(request.card_number)
+                ssn = book.holder_ssn(rec.holder_id) or ""
+            _, record = cards.record_credit(book, now, ssn, request.ground, evidence,
+                                            request.serious, client.id)
+            book.append_audit(now, client.id, client.role.name, "Holders.RecordCredit",
+                              request.card_number, purpose=evidence, holder=mask(ssn))
+            return credit_message(record).SerializeToString()
+        return pb.CreditRecord.FromString(await self.core.write_once(
+            "RecordCredit", client, request.request_id, request, op))
+
+
+def credit_message(r: CreditRecord) -> pb.CreditRecord:
+    return pb.CreditRecord(rule=r.rule, ground=r.ground, evidence_ref=r.evidence_ref,
+                           serious=r.serious, time=r.time, client_id=r.client_id,
+                           points_barred_until=r.points_barred_until)
 
 
 # --------------------------------------------------------------------- Audit

@@ -11,6 +11,7 @@ import time
 
 import grpc
 
+from yikatong import config
 from yikatong.model import Role
 from yikatong.v1 import yikatong_pb2_grpc as rpc
 
@@ -131,7 +132,8 @@ def store_digest(data_dir: str) -> str:
     """A digest of every key and value in a store, read beside a running server."""
     import lmdb
 
-    env = lmdb.open(os.path.join(data_dir, "lmdb"), readonly=True, max_dbs=16, lock=True)
+    env = lmdb.open(os.path.join(data_dir, "lmdb"), readonly=True, max_dbs=config.lmdb_max_dbs,
+                    lock=True)
     h = hashlib.sha256()
     with env.begin() as txn:
         names = [k for k, _ in txn.cursor()]
@@ -147,7 +149,8 @@ def card_numbers(data_dir: str) -> list[str]:
     """Every card number in a store (read-only, beside a running server)."""
     import lmdb
 
-    env = lmdb.open(os.path.join(data_dir, "lmdb"), readonly=True, max_dbs=16, lock=True)
+    env = lmdb.open(os.path.join(data_dir, "lmdb"), readonly=True, max_dbs=config.lmdb_max_dbs,
+                    lock=True)
     with env.begin() as txn:
         db = env.open_db(b"cards", txn=txn, create=False)
         numbers = [bytes(k).decode() for k in txn.cursor(db=db).iternext(values=False)]

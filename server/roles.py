@@ -65,6 +65,8 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "Holders.GetHolder": PII_READERS,
     "Holders.CorrectHolder": frozenset({Role.CARD_AGENCY, Role.COMMUNITY_OUTLET,
                                         Role.ONLINE_PLATFORM}),
+    # SH-26 ("the relevant departments", public security), RC-29 (public security, HRSS)
+    "Holders.RecordCredit": frozenset({Role.CARD_AGENCY, Role.HRSS, Role.PUBLIC_SECURITY}),
     "Audit.Export": frozenset({Role.AUDITOR}),
     "Audit.Verify": frozenset({Role.AUDITOR}),
     "Admin.AdvanceClock": frozenset({Role.ADMIN}),

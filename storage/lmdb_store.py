@@ -50,6 +50,7 @@ from yikatong.model import (
     Change,
     Changed,
     ChangeKind,
+    CreditRecord,
     HolderChange,
     HolderInfo,
     Step,
@@ -367,6 +368,7 @@ class Dbs:
         self.residences = env.open_db(b"residences")  # u64 holder_id + u32 n -> i64 since + UTF-8
         self.holder_ssn = env.open_db(b"holder_ssn")  # u64 holder_id -> ssn (ASCII)
         self.steps = env.open_db(b"steps")  # card number -> its open steps and their ends
+        self.credit = env.open_db(b"credit")  # u64 holder_id + u32 n -> credit record
         # GZ-20: earlier values of a holder's fields
         self.holder_history = env.open_db(b"holder_history")  # u64 holder_id + u32 n -> record
         self.change_seq = 0  # the last sequence handed out: read in each write (_begin_write)
@@ -539,6 +541,16 @@ class Book:
         n = sum(1 for _ in self._prefixed(self.dbs.holder_history, _U64.pack(holder_id)))
         self.txn.put(_U64.pack(holder_id) + n.to_bytes(4, "big"),
                      records.encode_holder_change(change), db=self.dbs.holder_history)
+
+    def credit_records(self, holder_id: int) -> list[CreditRecord]:
+        """SH-26, RC-29: the holder's dishonesty records, oldest first."""
+        return [records.decode_credit(v)
+                for _, v in self._prefixed(self.dbs.credit, _U64.pack(holder_id))]
+
+    def add_credit_record(self, holder_id: int, record: CreditRecord) -> None:
+        n = sum(1 for _ in self._prefixed(self.dbs.credit, _U64.pack(holder_id)))
+        self.txn.put(_U64.pack(holder_id) + n.to_bytes(4, "big"), records.encode_credit(record),
+                     db=self.dbs.credit)
 
     def _prefixed(self, db, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         with self.txn.cursor(db=db) as cur:

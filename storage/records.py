@@ -40,6 +40,7 @@ from yikatong.model import (
     Card,
     Change,
     Changed,
+    CreditRecord,
     HolderChange,
     HolderInfo,
     Pack,
@@ -422,3 +423,24 @@ def decode_steps(value) -> list[Step]:
         raise CorruptRecord(f"steps record of {len(value)} bytes")
     return [Step(_text("step", step, "ascii"), _text("rule", rule, "ascii"), due, year)
             for step, rule, due, year in _STEP.iter_unpack(value)]
+
+
+# ---------------------------------------------------------------------------- credit records
+
+_CREDIT_HEAD = struct.Struct("<BBBqq")  # version, ground, serious, time, points_barred_until
+_CREDIT_TEXTS = ("rule", "evidence_ref", "client_id")
+
+
+def encode_credit(r: CreditRecord) -> bytes:
+    return _pack_texts(_CREDIT_HEAD.pack(1, r.ground, r.serious, r.time, r.points_barred_until),
+                       (r.rule, r.evidence_ref, r.client_id))
+
+
+def decode_credit(value) -> CreditRecord:
+    value = bytes(value)
+    if len(value) < _CREDIT_HEAD.size or value[0] != 1:
+        raise CorruptRecord(f"credit record of {len(value)} bytes")
+    _, ground, serious, time, barred = _CREDIT_HEAD.unpack_from(value)
+    rule, evidence, client_id = _unpack_texts(value, _CREDIT_HEAD.size, _CREDIT_TEXTS,
+                                              "credit record")
+    return CreditRecord(rule, ground, evidence, bool(serious), time, client_id, barred)

@@ -79,6 +79,10 @@ CASES = [
     ("Holders", "CorrectHolder", pb.CorrectHolderRequest(
         request_id="", holder=holder(), reason="typo"), "CARD_AGENCY", IA, "request_id:"),
     ("Audit", "Export", b"\x08\xff", "AUDITOR", IA, "request:"),
+    ("Holders", "RecordCredit", pb.RecordCreditRequest(
+        request_id="c", card_number=CARD, ground=9, evidence_ref="x"), "HRSS", IA, "ground:"),
+    ("Holders", "RecordCredit", pb.RecordCreditRequest(
+        request_id="c", ground=1, evidence_ref="x"), "HRSS", IA, "key:"),
     ("Deadlines", "ListDue", pb.ListDueRequest(within_days=4000), "CARD_AGENCY", IA,
      "within_days:"),
     ("ResidenceCard", "Renew", pb.RenewRequest(request_id="r", card_number=""),

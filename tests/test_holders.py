@@ -6,6 +6,7 @@ import pytest
 from test_audit import export
 from test_e2e import START, holder, new_active_card, rid
 
+from yikatong.clock import parse_time
 from yikatong.model import PII_FIELDS
 from yikatong.server.harness import ServerProcess, metadata
 from yikatong.v1 import yikatong_pb2 as pb
@@ -127,6 +128,52 @@ def test_planted_values_are_in_the_history_and_a_correction_repairs_them(srv):
     assert apply(srv, "BANK_OUTLET", 5, pack=pb.PACK_BJ, phone="13800000005").state == \
         pb.CARD_STATE_APPLIED
     assert any(e.method == "Holders.CorrectHolder" for e in export(srv))
+
+
+def record_credit(srv, role="PUBLIC_SECURITY", **fields):
+    return srv.holders.RecordCredit(pb.RecordCreditRequest(request_id=rid(), **fields),
+                                    metadata=metadata(role))
+
+
+def test_sh_26_lending_a_card_is_a_credit_record_read_with_the_holder(srv):
+    """SH-26: "the information about the dishonesty shall be recorded": on the holder, with
+    who recorded it, when, and the evidence; read back only with the holder's information
+    (a stated purpose, audited)."""
+    card = new_active_card(srv, 6)
+    record = record_credit(srv, card_number=card, ground=pb.CREDIT_GROUND_LENDING_CARD,
+                           evidence_ref="黄浦公安 2026-0412")
+    assert (record.rule, record.client_id, record.serious, record.points_barred_until) == (
+        "SH-26", "public_security", False, 0)
+    read = srv.holders.GetHolder(pb.GetHolderRequest(card_number=card, purpose="case 0412"),
+                                 metadata=metadata("CARD_AGENCY"))
+    assert list(read.credit_records) == [record]
+    serious = error_of(record_credit, srv, card_number=card, ground=pb.CREDIT_GROUND_FRAUD,
+                       evidence_ref="x", serious=True)
+    assert serious.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert serious.details().startswith("serious: only a forgery of documents (RC-29)")
+    no_evidence = error_of(record_credit, srv, card_number=card,
+                           ground=pb.CREDIT_GROUND_FRAUD, evidence_ref=" ")
+    assert no_evidence.details().startswith("evidence_ref: is required")
+    gate = error_of(record_credit, srv, "TRANSIT_GATE", card_number=card,
+                    ground=pb.CREDIT_GROUND_FRAUD, evidence_ref="x")
+    assert gate.code() == grpc.StatusCode.PERMISSION_DENIED
+    events = [(e.method, e.purpose) for e in export(srv) if e.method == "Holders.RecordCredit"]
+    assert events == [("Holders.RecordCredit", "黄浦公安 2026-0412")]
+
+
+def test_rc_29_a_serious_forgery_bars_points_applications_for_3_years(srv):
+    """RC-29: "In serious cases, they shall not apply for points within three years": marked
+    serious, the record bars points applications to 24:00 of the corresponding day three years
+    on (recorded 24 November 2026: to 24:00 on 24 November 2029)."""
+    new_active_card(srv, 7)
+    record = record_credit(srv, "HRSS", ssn=holder(7).ssn,
+                           ground=pb.CREDIT_GROUND_FORGED_DOCUMENTS,
+                           evidence_ref="人社 2026-77", serious=True)
+    assert record.rule == "RC-29" and record.serious
+    assert record.points_barred_until == parse_time("2029-11-25T00:00:00+08:00")
+    missing = error_of(record_credit, srv, ssn=holder(98).ssn,
+                       ground=pb.CREDIT_GROUND_FORGED_DOCUMENTS, evidence_ref="x")
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_authorization_status_and_feed_messages_carry_no_pii():

@@ -23,6 +23,8 @@ API_TABLE = {
     "CardStatus.WatchChanges": STATUS,
     "Holders.GetHolder": {"CARD_AGENCY", "HRSS", "PUBLIC_SECURITY", "COMMUNITY_OUTLET"},
     "Holders.CorrectHolder": {"CARD_AGENCY", "COMMUNITY_OUTLET", "ONLINE_PLATFORM"},
+    # API.md gives no row: SH-26's "relevant departments" and public security, RC-29's HRSS
+    "Holders.RecordCredit": {"CARD_AGENCY", "HRSS", "PUBLIC_SECURITY"},
     "Audit.Export": {"AUDITOR"}, "Audit.Verify": {"AUDITOR"},
     "ResidenceCard.Renew": {"CARD_AGENCY", "PUBLIC_SECURITY", "COMMUNITY_OUTLET"},
     "ResidenceCard.ChangeInformation": {"CARD_AGENCY", "PUBLIC_SECURITY", "COMMUNITY_OUTLET"},

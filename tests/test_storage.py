@@ -182,7 +182,8 @@ def test_the_domain_enums_are_the_wire_enums():
                                                        "ACCOUNT_KIND_"),
              (model.ReplaceReason, pb.ReplaceReason, "REPLACE_REASON_"),
              (model.ResidenceBasis, pb.ResidenceBasis, "RESIDENCE_BASIS_"),
-             (model.TransferStatus, pb.TransferStatus, "TRANSFER_STATUS_")]
+             (model.TransferStatus, pb.TransferStatus, "TRANSFER_STATUS_"),
+             (model.CreditGround, pb.CreditGround, "CREDIT_GROUND_")]
     for ours, wire, prefix in pairs:
         assert {prefix + m.name: m.value for m in ours} == {
             k: v for k, v in wire.items() if v != 0}, ours

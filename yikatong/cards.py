@@ -30,6 +30,8 @@ from yikatong.model import (
     CancelGround,
     Card,
     Channel,
+    CreditGround,
+    CreditRecord,
     Eligibility,
     Flag,
     HolderChange,
@@ -726,3 +728,25 @@ def correct_holder(book, now: int, given: HolderInfo, reason: str, client_id: st
             book.add_residence(holder_id, now if residence_since is None else residence_since,
                                merged.residence_address)
     return holder_id, merged, changed
+
+
+_CREDIT_RULES = {CreditGround.LENDING_CARD: "SH-26", CreditGround.FRAUD: "SH-26",
+                 CreditGround.FORGED_CARD: "SH-26", CreditGround.FORGED_DOCUMENTS: "RC-29"}
+
+
+def record_credit(book, now: int, ssn: str, ground: int, evidence_ref: str, serious: bool,
+                  client_id: str) -> tuple[int, CreditRecord]:
+    """SH-26, RC-29: a dishonesty record on the holder, kept for ever with who recorded it,
+    when and on what evidence. A serious RC-29 forgery bars points applications for 3 years
+    (to 24:00 of the corresponding day, SPEC.md section 6); seriousness is RC-29's alone."""
+    rule = _CREDIT_RULES[CreditGround(ground)]
+    if serious and rule != "RC-29":
+        raise InvalidArgument("serious", "only a forgery of documents (RC-29) is marked serious")
+    found = book.holder(ssn)
+    if found is None:
+        raise HolderNotFound("no holder with that ssn")
+    holder_id, _ = found
+    record = CreditRecord(rule, ground, evidence_ref, serious, now, client_id,
+                          end_of_years(now, 3) if serious else 0)
+    book.add_credit_record(holder_id, record)
+    return holder_id, record

@@ -40,7 +40,7 @@ streams_per_connection_max = 128  # concurrent calls on one connection
 
 # ---- storage
 lmdb_map_size = 8 * 1024**3  # bytes of address space; grows on disk only as used
-lmdb_max_dbs = 16
+lmdb_max_dbs = 32
 lmdb_max_readers = 512
 writer_group_max = 512  # commands folded into one write transaction (one fsync)
 # Commands waiting for the writer; more are refused RESOURCE_EXHAUSTED, never queued without

@@ -311,6 +311,29 @@ class Change:
     what: int = 0  # Changed
 
 
+class CreditGround(enum.IntEnum):
+    """SH-26 (a card lent, got or used by fraud, forged) and RC-29 (forged documents)."""
+
+    LENDING_CARD = 1
+    FRAUD = 2
+    FORGED_CARD = 3
+    FORGED_DOCUMENTS = 4
+
+
+@dataclasses.dataclass
+class CreditRecord:
+    """A dishonesty record on a holder (SH-26, RC-29): who recorded it, when, on what
+    evidence; a serious RC-29 case bars points applications for 3 years."""
+
+    rule: str
+    ground: int  # CreditGround
+    evidence_ref: str
+    serious: bool
+    time: int
+    client_id: str
+    points_barred_until: int = 0
+
+
 @dataclasses.dataclass
 class Step:
     """An open step of a card's procedure and when the law wants it done (SPEC.md section 6):
