@@ -127,6 +127,46 @@ def test_sh_11_a_reapplication_goes_through_verification_again(srv):
     assert gz.state == pb.CARD_STATE_VERIFIED  # GZ-25: issued within 12 working days
 
 
+def test_gz_24_a_defaced_card_or_changed_information_is_renewed_at_a_bank_outlet(srv):
+    """GZ-24: renewal for a defaced or unreadable card, or changed basic information: a new
+    card, the old one superseded when it is issued; GZ-23/GZ-24 at a bank outlet or online,
+    not at a community outlet."""
+    for n, why in ((49, pb.REPLACE_REASON_DAMAGED), (50, pb.REPLACE_REASON_INFO_CHANGED)):
+        card = active(srv, n, pb.PACK_GZ)
+        denied = refused(srv, "Replace", "COMMUNITY_OUTLET", card_number=card, reason=why)
+        assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+        new = call(srv, "Replace", "BANK_OUTLET", card_number=card, reason=why)
+        call(srv, "Issue", "CARD_AGENCY", card_number=new.card_number)
+        assert call(srv, "GetCard", "BANK_OUTLET", card_number=card).state == \
+            pb.CARD_STATE_SUPERSEDED
+        assert reason(srv, card) == "CARD_SUPERSEDED"
+
+
+def test_rc_15_a_lost_residence_card_is_reissued_and_the_old_one_superseded(srv):
+    """RC-15: a damaged or lost card is replaced at the community service centre; the old
+    card is superseded once the new one is issued (the new one keeps the validity)."""
+    card = active(srv, 51, pb.PACK_RC)
+    call(srv, "ReportLoss", "COMMUNITY_OUTLET", card_number=card)
+    new = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=card,
+               reason=pb.REPLACE_REASON_LOST)
+    call(srv, "Issue", "PUBLIC_SECURITY", card_number=new.card_number, issuing_organ=ORGAN)
+    assert reason(srv, card, pb.CHANNEL_SERVICE) == "CARD_SUPERSEDED"
+    assert reason(srv, new.card_number, pb.CHANNEL_SERVICE) == "UNSPECIFIED"
+    issued_new = call(srv, "GetCard", "CARD_AGENCY", card_number=new.card_number)
+    assert issued_new.valid_until == call(srv, "GetCard", "CARD_AGENCY",
+                                          card_number=card).valid_until
+
+
+def test_bj_7_a_beijing_bank_outlet_locks_and_unlocks_an_application(srv):
+    """BJ-7 (as GZ-6): application locking and unlocking are bank services: locked, the
+    channel declines APPLICATION_LOCKED; unlocked, it is served again."""
+    card = active(srv, 52, pb.PACK_BJ)
+    call(srv, "LockApplication", "BANK_OUTLET", card_number=card, channel=pb.CHANNEL_MEDICAL)
+    assert reason(srv, card) == "APPLICATION_LOCKED"
+    call(srv, "UnlockApplication", "BANK_OUTLET", card_number=card, channel=pb.CHANNEL_MEDICAL)
+    assert reason(srv, card) == "UNSPECIFIED"
+
+
 # ---------------------------------------------------------------- cancellation
 
 def test_gz_26_death_stops_every_card_of_the_holder_in_the_pack(srv):
@@ -461,6 +501,44 @@ def test_gz_10_working_days_skip_the_national_day_holiday_and_count_its_make_up_
     assert (rc, "issue", "RC-12", "2026-10-28T00:00:00+08:00", False) in due(srv, 30)
     call(srv, "Verify", "CARD_AGENCY", card_number=card, approved=False, reason="photo")
     assert [i[0] for i in due(srv, 30)] == [rc]  # a rejection owes nothing more
+
+
+def test_sh_23a_gz_25_a_replacement_is_due_in_15_days_or_12_working_days(srv):
+    """SH-23a: a replacement or renewal made within 15 days of receiving it (no verification
+    again); GZ-25: within 12 working days. Received Monday 21 September 2026 at 15:00: SH by
+    24:00 on 6 October, a holiday, so to 24:00 of the next working day, Thursday 8 October
+    (Civil Code art. 203); GZ past the Mid-Autumn and National Day holidays, counting the
+    make-up Saturday 10 October, to 24:00 on Wednesday 14 October. A Shanghai
+    re-application (SH-22) goes through SH-10 again."""
+    sh = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=active(srv, 45),
+              reason=pb.REPLACE_REASON_DAMAGED).card_number
+    gz = call(srv, "Replace", "BANK_OUTLET", card_number=active(srv, 46, pb.PACK_GZ),
+              reason=pb.REPLACE_REASON_DAMAGED).card_number
+    again = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=active(srv, 47),
+                 reason=pb.REPLACE_REASON_INFO_CHANGED).card_number
+    assert due(srv, 30) == [
+        (again, "verification", "SH-10", "2026-09-25T00:00:00+08:00", False),
+        (sh, "replacement", "SH-23a", "2026-10-09T00:00:00+08:00", False),
+        (gz, "replacement", "GZ-25", "2026-10-15T00:00:00+08:00", False)]
+    set_clock(srv, "2026-10-09T00:00:00+08:00")
+    assert [i[0] for i in due(srv) if i[4]] == [again, sh]
+    call(srv, "Issue", "CARD_AGENCY", card_number=sh)
+    assert [i[0] for i in due(srv) if i[4]] == [again]
+
+
+def test_sh_27_every_step_overdue_is_listed_for_the_agency_and_hrss_only(srv):
+    """SH-27(2): unjustified delay is a breach of duty: what is overdue is listed, to the
+    card agency and HRSS (API.md), not to an outlet."""
+    card = apply(srv, 48).card_number
+    set_clock(srv, "2026-10-01T00:00:00+08:00")
+    for role in ("CARD_AGENCY", "HRSS"):
+        answer = rpc.DeadlinesStub(srv.channel).ListDue(pb.ListDueRequest(),
+                                                        metadata=srv.md(role))
+        assert [(i.card_number, i.rule, i.overdue) for i in answer.items] == [
+            (card, "SH-10", True)]
+    outlet = error_of(rpc.DeadlinesStub(srv.channel).ListDue, pb.ListDueRequest(),
+                      metadata=srv.md("COMMUNITY_OUTLET"))
+    assert outlet.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_a_deadline_in_a_year_without_a_calendar_is_an_error_naming_the_year(srv):

@@ -302,7 +302,7 @@ def verify(book, now: int, card_number: str, approved: bool, reason: str,
     if approved:
         rec.state = State.VERIFIED
         steps = [s for s in book.steps_of(card_number) if s.step != "verification"]
-        if rec.pack == Pack.SH and not rec.replaces:  # SH-11: made and issued within 30 days
+        if rec.pack == Pack.SH:  # SH-11 (a re-application too): made and issued in 30 days
             steps.append(_step("issue", "SH-11", lambda: end_of_days_for_an_act(now, 30)))
         book.put_steps(card_number, steps)
     else:
@@ -432,10 +432,10 @@ def _steps_of_an_application(rec: Card) -> list[Step]:
     GZ-10, SH-23a, GZ-25, RC-12): the clock starts at `applied_at`."""
     t = rec.applied_at
     if rec.pack == Pack.SH:
-        steps = [_step("verification", "SH-10", lambda: end_of_working_days(t, 3))]
-        if rec.replaces:  # SH-23a: a replacement within 15 days of receiving it
-            steps.append(_step("replacement", "SH-23a", lambda: end_of_days_for_an_act(t, 15)))
-        return steps
+        if rec.state == State.VERIFIED:  # a replacement or renewal: no verification (SH-23a)
+            return [_step("replacement", "SH-23a", lambda: end_of_days_for_an_act(t, 15))]
+        # a first application, or a re-application (SH-22): SH-10, then SH-11
+        return [_step("verification", "SH-10", lambda: end_of_working_days(t, 3))]
     if rec.pack == Pack.RC:
         return [_step("issue", "RC-12", lambda: end_of_working_days(t, 15))]
     if rec.replaces:  # GZ-25 (BJ follows GZ)
