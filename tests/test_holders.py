@@ -1,6 +1,8 @@
 """Personal information (SPEC.md section 7, GZ-9b, GZ-20): read for a stated purpose by the
 roles API.md allows, corrected with every old value kept, never learned through Apply by a
 role that may not read it, and never in an authorization, status or feed answer."""
+import time
+
 import grpc
 import pytest
 from test_audit import export
@@ -174,6 +176,44 @@ def test_rc_29_a_serious_forgery_bars_points_applications_for_3_years(srv):
     missing = error_of(record_credit, srv, ssn=holder(98).ssn,
                        ground=pb.CREDIT_GROUND_FORGED_DOCUMENTS, evidence_ref="x")
     assert missing.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_sh_4_gz_17_bj_4_the_personal_information_kept_is_given_back_whole(srv):
+    """SH-4, GZ-17, BJ-4: name, gender, ethnicity, nationality, date of birth, photo (its
+    hash), address and postcode, phone, occupation are kept with the card application, and
+    a reader with a purpose gets every one back."""
+    fields = dict(name="欧阳明日", gender="M", ethnicity="汉", nationality="CN",
+                  birth_date="1985-03-15", photo_sha256="ab" * 32, address="上海市黄浦区1号",
+                  postcode="200001", phone="13800000008", occupation="engineer")
+    card = new_active_card(srv, 8, **fields)
+    held = srv.holders.GetHolder(pb.GetHolderRequest(card_number=card, purpose="audit 8"),
+                                 metadata=metadata("CARD_AGENCY")).holder
+    assert {f: getattr(held, f) for f in fields} == fields
+
+
+def test_sh_25_gz_16_bj_11_rc_26_personal_information_is_confidential(srv):
+    """SH-25, GZ-16, BJ-11, RC-26: no disclosure, no unlawful inquiry. A card's status and
+    an authorization name nothing of the holder; reading the holder needs a role allowed to
+    and a purpose, and leaves an audit event either way."""
+    card = new_active_card(srv, 9, name="上官秋月")
+    status = srv.status.GetStatus(pb.GetStatusRequest(card_number=card),
+                                  metadata=metadata("BANK_SWITCH"))
+    assert "上官秋月" not in str(status) and holder(9).ssn not in str(status)
+    for role in ("BANK_SWITCH", "TRANSIT_GATE", "ONLINE_PLATFORM", "BANK_OUTLET"):
+        e = error_of(srv.holders.GetHolder, pb.GetHolderRequest(card_number=card, purpose="?"),
+                     metadata=metadata(role))
+        assert e.code() == grpc.StatusCode.PERMISSION_DENIED, role
+    e = error_of(srv.holders.GetHolder, pb.GetHolderRequest(card_number=card),
+                 metadata=metadata("PUBLIC_SECURITY"))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT  # no purpose, no read
+    srv.holders.GetHolder(pb.GetHolderRequest(card_number=card, purpose="case 9"),
+                          metadata=metadata("PUBLIC_SECURITY"))
+    time.sleep(1.5)  # refused reads are written once a second
+    outcomes = sorted((e.role, e.outcome) for e in export(srv)
+                      if e.method == "Holders.GetHolder")
+    assert ("PUBLIC_SECURITY", "OK") in outcomes
+    assert {r for r, o in outcomes if o == "PERMISSION_DENIED"} == {
+        "BANK_SWITCH", "TRANSIT_GATE", "ONLINE_PLATFORM", "BANK_OUTLET"}
 
 
 def test_authorization_status_and_feed_messages_carry_no_pii():

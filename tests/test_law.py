@@ -167,6 +167,31 @@ def test_bj_7_a_beijing_bank_outlet_locks_and_unlocks_an_application(srv):
     assert reason(srv, card) == "UNSPECIFIED"
 
 
+def test_gz_9_a_guangzhou_application_names_a_mobile_phone_and_an_occupation(srv):
+    """GZ-9: occupation and mobile phone are part of a Guangzhou application (and BJ's, which
+    follows it); a Shanghai one does without."""
+    for missing in ("phone", "occupation"):
+        e = error_of(apply, srv, 53, pb.PACK_GZ, holder=holder(53, pb.PACK_GZ, **{missing: ""}))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.details().startswith(f"holder.{missing}")
+    assert apply(srv, 54, holder=holder(54, pb.PACK_SH, phone="", occupation="")).state == \
+        pb.CARD_STATE_APPLIED
+
+
+def test_rc_6_a_residence_card_holder_has_both_addresses_kept(srv):
+    """RC-6, RC-7: the holder's household-registration address and Shanghai residence
+    address are part of the Residence Card; without either the application is refused."""
+    for missing in ("household_address", "residence_address"):
+        e = error_of(apply, srv, 55, pb.PACK_RC, holder=holder(55, pb.PACK_RC, **{missing: ""}))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.details().startswith(f"holder.{missing}")
+    card = apply(srv, 56, pb.PACK_RC).card_number
+    held = rpc.HoldersStub(srv.channel).GetHolder(pb.GetHolderRequest(
+        card_number=card, purpose="RC-6 check"), metadata=srv.md("PUBLIC_SECURITY")).holder
+    assert (held.household_address, held.residence_address) == ("湖北省武汉市江汉区",
+                                                                 "上海市黄浦区")
+
+
 # ---------------------------------------------------------------- cancellation
 
 def test_gz_26_death_stops_every_card_of_the_holder_in_the_pack(srv):
