@@ -192,6 +192,45 @@ def test_rc_6_a_residence_card_holder_has_both_addresses_kept(srv):
                                                                  "上海市黄浦区")
 
 
+def test_sh_29_an_overseas_person_insured_in_shanghai_may_apply(srv):
+    """SH-8 with SH-29: household registration in Shanghai, or insured in Shanghai, overseas
+    persons insured there included; neither is refused naming SH-8."""
+    overseas = holder(57, pb.PACK_SH, nationality="FR", household_registered=False,
+                      insured=True)
+    assert apply(srv, 57, holder=overseas).state == pb.CARD_STATE_APPLIED
+    neither = holder(58, pb.PACK_SH, nationality="FR", household_registered=False,
+                     insured=False)
+    e = error_of(apply, srv, 58, holder=neither)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and error_info(e).reason == "SH-8"
+
+
+def money(srv, method, role, **fields):
+    return getattr(srv.ledger, method)(getattr(pb, method + "Request")(**fields),
+                                       metadata=srv.md(role))
+
+
+def test_sh_5_gz_13_benefits_credited_are_drawn_and_a_lost_gz_card_stops_settlement(srv):
+    """SH-5, GZ-13: the card carries the holder's accounts: benefits credited wait on it to
+    be drawn at a benefit counter (no more than credited: INSUFFICIENT_FUNDS); GZ-13 counts
+    the financial account among the settlement accounts a loss report suspends (GZ-21)."""
+    card = active(srv, 59, pb.PACK_GZ)
+    money(srv, "Transfer", "HRSS", transfer_id=rid(), debit=pb.AccountRef(operator="op:benefit"),
+          credit=pb.AccountRef(holder=pb.HolderAccountRef(
+              card_number=card, kind=pb.ACCOUNT_KIND_BENEFIT)), amount_fen=50_000)
+
+    def draw(fen):
+        return srv.authorization.Authorize(pb.AuthorizeRequest(
+            request_id=rid(), card_number=card, channel=pb.CHANNEL_BENEFIT, amount_fen=fen,
+            terminal_id="counter-1"), metadata=srv.md("BENEFIT_COUNTER"))
+    assert draw(50_001).reason == pb.DECLINE_REASON_INSUFFICIENT_FUNDS
+    drawn = draw(50_000)
+    assert drawn.decision == pb.DECISION_APPROVED and drawn.available_fen == 0
+    call(srv, "OpenFinancial", "BANK_OUTLET", card_number=card, bank="ICBC")
+    assert reason(srv, card, pb.CHANNEL_FINANCIAL) == "UNSPECIFIED"
+    call(srv, "ReportLoss", "BANK_OUTLET", card_number=card)
+    assert reason(srv, card, pb.CHANNEL_FINANCIAL) == "CARD_LOST"
+
+
 # ---------------------------------------------------------------- cancellation
 
 def test_gz_26_death_stops_every_card_of_the_holder_in_the_pack(srv):
