@@ -345,7 +345,16 @@ def card_message(book, rec: Card, now: int) -> pb.Card:
         received_at=rec.received_at,
         issuing_organ=book.card_text(rec.card_number, "organ") if rec.pack == Pack.RC else "",
         cancel_ground=_cancel_ground(book, rec),
+        fee_fen=_fee(book, rec),
     )
+
+
+def _fee(book, rec: Card) -> int:
+    """What making this card again cost the holder (SH-24, GZ-27, RC-33), 0 for a first."""
+    if not rec.replaces:
+        return 0
+    fee = book.transfer(f"fee:{rec.card_number}")
+    return fee.amount if fee is not None else 0
 
 
 def _cancel_ground(book, rec: Card) -> int:
@@ -451,7 +460,7 @@ class Lifecycle(CardWrites):
         validate.bank(request.service_bank, "service_bank", required=False)
         return await self._card_op("Replace", request, client, cards.replace, request.reason,
                                    request.instant, client.role, request.service_bank,
-                                   self.core.banks)
+                                   self.core.banks, request.quality_fault)
 
     async def Cancel(self, request, client: Client):
         validate.text(request.reason, "reason", required=True)

@@ -231,6 +231,52 @@ def test_sh_5_gz_13_benefits_credited_are_drawn_and_a_lost_gz_card_stops_settlem
     assert reason(srv, card, pb.CHANNEL_FINANCIAL) == "CARD_LOST"
 
 
+def test_sh_24_a_shanghai_card_made_again_is_free(srv):
+    """SH-24: making, replacing and renewing a Shanghai card costs the holder nothing."""
+    card = active(srv, 60)
+    call(srv, "ReportLoss", "COMMUNITY_OUTLET", card_number=card)
+    new = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=card,
+               reason=pb.REPLACE_REASON_LOST)
+    assert new.fee_fen == 0
+    assert apply(srv, 61).fee_fen == 0
+
+
+def test_gz_27_a_quality_fault_within_a_year_of_receipt_is_replaced_free(srv):
+    """GZ-27: the first card is free, and so is the replacement of a card unusable through a
+    quality fault within one year of its receipt (GZ-12: activation at the outlet, here 21
+    September 2026 at 15:00, so to 24:00 on 21 September 2027); otherwise the configured
+    cost, recorded as owed in the replacement's own transaction."""
+    card = active(srv, 62, pb.PACK_GZ)
+    assert call(srv, "GetCard", "BANK_OUTLET", card_number=card).fee_fen == 0  # the first
+    set_clock(srv, "2027-09-21T23:59:59+08:00")
+    free = call(srv, "Replace", "BANK_OUTLET", card_number=card,
+                reason=pb.REPLACE_REASON_DAMAGED, quality_fault=True)
+    assert free.fee_fen == 0
+    late = active(srv, 63, pb.PACK_GZ)  # received now: a year from 2027-09-21 23:59:59
+    set_clock(srv, "2028-09-22T00:00:00+08:00")
+    paid = call(srv, "Replace", "BANK_OUTLET", card_number=late,
+                reason=pb.REPLACE_REASON_DAMAGED, quality_fault=True)
+    assert paid.fee_fen == 2000
+    holders_fault = call(srv, "Replace", "BANK_OUTLET", card_number=active(srv, 64, pb.PACK_GZ),
+                         reason=pb.REPLACE_REASON_DAMAGED)
+    assert holders_fault.fee_fen == 2000
+    sh = error_of(call, srv, "Replace", "COMMUNITY_OUTLET", card_number=active(srv, 65),
+                  reason=pb.REPLACE_REASON_DAMAGED, quality_fault=True)
+    assert sh.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert sh.details().startswith("quality_fault:")
+
+
+def test_rc_33_a_residence_card_made_again_carries_the_fee(srv):
+    """RC-33: a replacement carries the configured fee; the first card is free."""
+    card = active(srv, 66, pb.PACK_RC)
+    assert call(srv, "GetCard", "CARD_AGENCY", card_number=card).fee_fen == 0
+    call(srv, "ReportLoss", "COMMUNITY_OUTLET", card_number=card)
+    new = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=card,
+               reason=pb.REPLACE_REASON_LOST)
+    assert new.fee_fen == 2000
+    assert call(srv, "GetCard", "CARD_AGENCY", card_number=new.card_number).fee_fen == 2000
+
+
 # ---------------------------------------------------------------- cancellation
 
 def test_gz_26_death_stops_every_card_of_the_holder_in_the_pack(srv):

@@ -11,7 +11,7 @@ may act; every gRPC call passes its caller's role.
 import datetime as dt
 import re
 
-from yikatong import config
+from yikatong import config, ledger
 from yikatong.calendar import end_of_days_for_an_act, end_of_working_days
 from yikatong.clock import end_of_days, end_of_years, law_date, start_of_day
 from yikatong.errors import (
@@ -43,6 +43,7 @@ from yikatong.model import (
     Role,
     State,
     Step,
+    operator_account_key,
 )
 
 LOCKABLE_CHANNELS = (Channel.TRANSIT, Channel.MEDICAL, Channel.BENEFIT, Channel.FINANCIAL,
@@ -580,7 +581,7 @@ def cancel_bank_loss(book, now: int, card_number: str) -> Card:
 
 def replace(book, now: int, card_number: str, reason: int, instant: bool,
             role: Role | None = None, service_bank: str = "",
-            banks: IssuingBanks | None = None) -> Card:
+            banks: IssuingBanks | None = None, quality_fault: bool = False) -> Card:
     """SH-19b (after formal loss), SH-21 (renewal), SH-22 (re-application); GZ-23, GZ-24;
     RC-15. Returns the new card: a re-application in Shanghai starts APPLIED (SH-10 and SH-11
     again); every other starts VERIFIED (the holder is known), or ISSUED when made on the spot
@@ -624,6 +625,7 @@ def replace(book, now: int, card_number: str, reason: int, instant: bool,
         holder_id=old.holder_id, applied_at=now, flags=flags, points=old.points,
         valid_until=old.valid_until, replaces=old.card_number, service_bank=bank,
     )
+    _charge_fee(book, now, old, new, reason, quality_fault)
     old.set(Flag.REPLACEMENT_APPLIED)
     old.replaced_by = new.card_number
     book.put_card(old, now)
@@ -633,6 +635,33 @@ def replace(book, now: int, card_number: str, reason: int, instant: bool,
         book.put_steps(new.card_number, _steps_of_an_application(new))
     book.put_card(new, now)
     return new
+
+
+def replacement_fee(old: Card, reason: int, quality_fault: bool, now: int) -> tuple[int, str]:
+    """(fen, rule): SH-24 free; GZ-27 (BJ alike) free for a card unusable through a quality
+    fault within a year of its receipt (GZ-12), else the configured cost; RC-33 the configured
+    cost (a first card is always free: this is only for cards made again)."""
+    rule = _rule(old.pack, "SH-24", "GZ-27", "RC-33")
+    received = old.received_at or old.issued_at
+    if (old.pack in (Pack.GZ, Pack.BJ) and reason == ReplaceReason.DAMAGED and quality_fault
+            and received and now < end_of_years(received, 1)):
+        return 0, rule
+    return config.replacement_fee_fen[Pack(old.pack)], rule
+
+
+def _charge_fee(book, now: int, old: Card, new: Card, reason: int, quality_fault: bool) -> None:
+    """The fee is recorded as owed, in this transaction: a transfer `fee:<new card>` from
+    `op:fees-owed` (what holders owe the agency, collected at the counter) to `op:fees`. No
+    holder account pays it: medical insurance funds and benefits may not, and a holder's
+    purse is not the counter's till; nor is a replacement refused for want of it."""
+    if quality_fault and old.pack not in (Pack.GZ, Pack.BJ):
+        raise InvalidArgument("quality_fault", "is GZ-27's (Guangzhou and Beijing cards)")
+    fee, _ = replacement_fee(old, reason, quality_fault, now)
+    if fee:
+        ledger.create(book, now, f"fee:{new.card_number}",
+                      operator_account_key(config.fee_owed_account),
+                      operator_account_key(config.fee_account), fee,
+                      card_number=new.card_number)
 
 
 _GROUNDS = {

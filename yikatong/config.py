@@ -75,6 +75,13 @@ service_points_required = {
     "RC_POINTS_HUKOU_TRANSFER": 120,
 }
 
+# SH-24, GZ-27, RC-33: what a card made again costs the holder (fen), recorded as owed in the
+# replacement's transaction (yikatong.cards._charge_fee). SH-24: free. EXAMPLE VALUES for GZ,
+# BJ and RC, NOT THE OFFICIAL ONES: the real costs are set by the price authorities.
+replacement_fee_fen = {Pack.SH: 0, Pack.GZ: 2000, Pack.BJ: 2000, Pack.RC: 2000}
+fee_account = "op:fees"
+fee_owed_account = "op:fees-owed"
+
 # Card-number prefixes per pack (the rest is a 10-digit sequence).
 pack_card_prefix = {Pack.SH: "31", Pack.GZ: "44", Pack.BJ: "11", Pack.RC: "90"}
 
