@@ -178,6 +178,22 @@ def test_gz_9_a_guangzhou_application_names_a_mobile_phone_and_an_occupation(srv
         pb.CARD_STATE_APPLIED
 
 
+def test_rc_10_incomplete_documents_are_named_at_once_and_a_complete_one_is_received(srv):
+    """RC-10: an applicant whose documents are incomplete is told at once what is missing,
+    all of it, not one item per visit; a complete application is received (its card number
+    and the moment of receipt are the receipt, from which RC-12's 15 working days run)."""
+    bare = holder(67, pb.PACK_RC, name="", household_address="", residence_address="")
+    e = error_of(apply, srv, 67, pb.PACK_RC, holder=bare)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == ("holder.name: is required for this application and not held for "
+                           "this holder; missing too: holder.household_address, "
+                           "holder.residence_address")
+    received = apply(srv, 67, pb.PACK_RC)
+    assert received.state == pb.CARD_STATE_APPLIED
+    assert received.applied_at == clocks.parse_time(START)
+    assert (received.card_number, "issue", "RC-12") in [i[:3] for i in due(srv, 60)]
+
+
 def test_rc_6_a_residence_card_holder_has_both_addresses_kept(srv):
     """RC-6, RC-7: the holder's household-registration address and Shanghai residence
     address are part of the Residence Card; without either the application is refused."""

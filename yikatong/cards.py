@@ -223,10 +223,11 @@ def merge_holder(pack: int, given: HolderInfo, held: HolderInfo | None,
         required += ["phone", "occupation"]
     if pack == Pack.RC:  # RC-7: the card records both addresses
         required += ["household_address", "residence_address"]
-    for f in required:
-        if not getattr(merged, f):
-            raise InvalidArgument(f"holder.{f}", "is required for this application and not "
-                                  "held for this holder")
+    missing = [f"holder.{f}" for f in required if not getattr(merged, f)]
+    if missing:  # RC-10: what is missing is told at once, all of it
+        raise InvalidArgument(missing[0], "is required for this application and not held for "
+                              "this holder" + (f"; missing too: {', '.join(missing[1:])}"
+                                               if missing[1:] else ""))
     return merged
 
 
