@@ -661,27 +661,17 @@ class Holders:
         self.core = core
 
     async def GetHolder(self, request, client: Client):
-        key = request.WhichOneof("key")
-        if key == "card_number":
-            validate.card_number(request.card_number)
-        elif key == "ssn":
-            cards.validate_ssn(request.ssn, "ssn")
-        else:
-            raise InvalidArgument("key", "name the holder: card_number or ssn")
-        purpose = validate.text(request.purpose, "purpose")
-        if not purpose.strip():
-            raise InvalidArgument("purpose", "is required: why the personal information is read")
+        key = _holder_key(request)
+        purpose = _stated(request.purpose, "purpose", "why the personal information is read")
         clock = self.core.clock
 
         def read(book):
             now = clock.now()
-            number, ssn = request.card_number, request.ssn
-            if key == "card_number":
-                rec = book.card(number)
-                ssn = book.holder_ssn(rec.holder_id) if rec is not None else None
+            ssn = _ssn_of(book, request, key)
             found = book.holder(ssn) if ssn else None
-            book.append_audit(now, client.id, client.role.name, "Holders.GetHolder", number,
-                              purpose, "OK" if found else "NOT_FOUND", holder=mask(ssn or ""))
+            book.append_audit(now, client.id, client.role.name, "Holders.GetHolder",
+                              request.card_number, purpose, "OK" if found else "NOT_FOUND",
+                              holder=mask(ssn or ""))
             if found is None:
                 return None
             holder_id, info = found
@@ -700,9 +690,7 @@ class Holders:
 
     async def CorrectHolder(self, request, client: Client):
         validate.request_id(request.request_id)
-        reason = validate.text(request.reason, "reason")
-        if not reason.strip():
-            raise InvalidArgument("reason", "is required: why the information is corrected")
+        reason = _stated(request.reason, "reason", "why the information is corrected")
         given = validate_holder(request.holder)
         if not any(getattr(given, f) for f in PII_FIELDS):
             raise InvalidArgument("holder", "names no field to correct")
@@ -718,29 +706,17 @@ class Holders:
         return pb.HolderRecord.FromString(await self.core.write_once(
             "CorrectHolder", client, request.request_id, request, op))
 
-
     async def RecordCredit(self, request, client: Client):
         validate.request_id(request.request_id)
-        key = request.WhichOneof("key")
-        if key == "card_number":
-            validate.card_number(request.card_number)
-        elif key == "ssn":
-            cards.validate_ssn(request.ssn, "ssn")
-        else:
-            raise InvalidArgument("key", "name the holder: card_number or ssn")
+        key = _holder_key(request)
         validate.enum(request.ground, pb.CreditGround, "ground")
-        evidence = validate.text(request.evidence_ref, "evidence_ref")
-        if not evidence.strip():
-            raise InvalidArgument("evidence_ref", "is required: the case file or decision the "
-                                  "record rests on")
+        evidence = _stated(request.evidence_ref, "evidence_ref",
+                           "the case file or decision the record rests on")
 
         def op(book, now, _) -> bytes:
-            ssn = request.ssn
-            if key == "card_number":
-                rec = book.card(request.card_number)
-                if rec is None:
-                    raise CardNotFound(request.card_number)
-                ssn = book.holder_ssn(rec.holder_id) or ""
+            ssn = _ssn_of(book, request, key)
+            if ssn is None:
+                raise CardNotFound(request.card_number)
             _, record = cards.record_credit(book, now, ssn, request.ground, evidence,
                                             request.serious, client.id)
             book.append_audit(now, client.id, client.role.name, "Holders.RecordCredit",
@@ -748,6 +724,35 @@ class Holders:
             return credit_message(record).SerializeToString()
         return pb.CreditRecord.FromString(await self.core.write_once(
             "RecordCredit", client, request.request_id, request, op))
+
+
+def _holder_key(request) -> str:
+    """Which of `card_number` and `ssn` a Holders request names, validated."""
+    key = request.WhichOneof("key")
+    if key == "card_number":
+        validate.card_number(request.card_number)
+    elif key == "ssn":
+        cards.validate_ssn(request.ssn, "ssn")
+    else:
+        raise InvalidArgument("key", "name the holder: card_number or ssn")
+    return key
+
+
+def _ssn_of(book, request, key: str) -> str | None:
+    """The holder's ssn, from the request or through its card (None: no such card; "": a
+    card whose holder has no record)."""
+    if key == "ssn":
+        return request.ssn
+    rec = book.card(request.card_number)
+    return None if rec is None else book.holder_ssn(rec.holder_id) or ""
+
+
+def _stated(value: str, field: str, why: str) -> str:
+    """A free text the call must state (a purpose, a reason, evidence): not blank."""
+    text = validate.text(value, field)
+    if not text.strip():
+        raise InvalidArgument(field, f"is required: {why}")
+    return text
 
 
 def credit_message(r: CreditRecord) -> pb.CreditRecord:
