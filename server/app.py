@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection as grpc_reflection
 
-from yikatong import authorize, cards, config, fastpath, ledger
+from yikatong import authorize, cards, config, fastpath, ledger, points
 from yikatong import clock as clocks
 from yikatong.errors import (
     CardNotFound,
@@ -39,6 +39,8 @@ from yikatong.model import (
     IssuingBanks,
     Pack,
     Phase,
+    Proxy,
+    ProxyRelation,
     State,
     TransferStatus,
     holder_account_key,
@@ -249,7 +251,7 @@ class CardStatus:
         self.core = core
 
     def _status(self, book, number: str, now: int) -> pb.CardStatusResponse:
-        raw = book.card_bytes(number)  # read once: decided on, then decoded
+        raw = book.use_bytes(number)  # read once: decided on, then decoded
         if raw is None:
             return pb.CardStatusResponse(card_number=number, found=False,
                                          reason=pb.DECLINE_REASON_CARD_NOT_FOUND)
@@ -312,6 +314,7 @@ class CardStatus:
                     replacement_changed=bool(what & Changed.REPLACEMENT),
                     balance_changed=bool(what & Changed.BALANCE),
                     validity_changed=bool(what & Changed.VALIDITY),
+                    points_changed=bool(what & Changed.POINTS),
                     transit_reason=reason, transit_reason_until=until))
                 if len(out) >= config.watch_batch_max:
                     break
@@ -346,7 +349,14 @@ def card_message(book, rec: Card, now: int) -> pb.Card:
         issuing_organ=book.card_text(rec.card_number, "organ") if rec.pack == Pack.RC else "",
         cancel_ground=_cancel_ground(book, rec),
         fee_fen=_fee(book, rec),
+        photo=rec.has(Flag.PHOTO),
+        applied_by_proxy=_proxy_relation(book, rec),
     )
+
+
+def _proxy_relation(book, rec: Card) -> int:
+    text = book.card_text(rec.card_number, "proxy") if rec.pack == Pack.RC else ""
+    return ProxyRelation[text.split(" ", 1)[0]] if text else 0
 
 
 def _fee(book, rec: Card) -> int:
@@ -362,6 +372,15 @@ def _cancel_ground(book, rec: Card) -> int:
         return 0
     name = book.card_text(rec.card_number, "ground")
     return CancelGround[name] if name else 0
+
+
+def validate_proxy(p: pb.Proxy) -> Proxy:
+    """RC-8: the proxy's own identity document, name, relation and ground."""
+    cards.validate_ssn(p.ssn, "proxy.ssn")
+    validate.text(p.name, "proxy.name", required=True)
+    validate.enum(p.relation, pb.ProxyRelation, "proxy.relation")
+    validate.enum(p.ground, pb.ProxyGround, "proxy.ground")
+    return Proxy(p.ssn, p.name, p.relation, p.ground)
 
 
 def validate_holder(h: pb.Holder) -> HolderInfo:
@@ -412,6 +431,7 @@ class Lifecycle(CardWrites):
         validate.bank(request.service_bank, "service_bank", required=request.pack == Pack.GZ)
         validate.enum(request.residence_basis, pb.ResidenceBasis, "residence_basis",
                       allow_unspecified=True)
+        proxy = validate_proxy(request.proxy) if request.HasField("proxy") else None
         h = request.holder
         eligibility = Eligibility(h.household_registered, h.insured, h.entitled_public_services,
                                   request.residence_registered_since, request.residence_basis)
@@ -419,12 +439,13 @@ class Lifecycle(CardWrites):
             book, now, pack=request.pack, holder=holder, eligibility=eligibility,
             with_transit=request.with_transit, service_bank=request.service_bank,
             instant=request.instant, role=client.role, banks=self.core.banks,
-            client_id=client.id, reveal=client.role in PII_READERS))
+            client_id=client.id, reveal=client.role in PII_READERS, proxy=proxy))
 
     async def Verify(self, request, client: Client):
         validate.text(request.reason, "reason")
+        validate.text(request.special_circumstances, "special_circumstances")
         return await self._card_op("Verify", request, client, cards.verify, request.approved,
-                                   request.reason, client.role)
+                                   request.reason, client.role, request.special_circumstances)
 
     async def Issue(self, request, client: Client):
         validate.text(request.issuing_organ, "issuing_organ")
@@ -487,6 +508,19 @@ class Lifecycle(CardWrites):
             if rec is None:
                 raise CardNotFound(request.card_number)
             return card_message(book, rec, now)
+
+    async def IssueElectronic(self, request, client: Client):
+        validate.request_id(request.request_id)
+        validate.card_number(request.card_number)
+
+        def op(book, now, _) -> bytes:
+            number, rec = cards.issue_electronic(book, now, request.card_number)
+            book.append_audit(now, client.id, client.role.name, "Lifecycle.IssueElectronic",
+                              rec.card_number)
+            return pb.ElectronicCard(number=number, card_number=rec.card_number,
+                                     pack=rec.pack).SerializeToString()
+        return pb.ElectronicCard.FromString(await self.core.write_once(
+            "IssueElectronic", client, request.request_id, request, op))
 
 
 # --------------------------------------------------------------------- Ledger
@@ -625,6 +659,75 @@ class ResidenceCard(CardWrites):
         return pb.ChangeInformationResponse.FromString(await self.core.write_once(
             "ChangeInformation", client, request.request_id, request, op))
 
+    # RC-20 to RC-23, RC-29, RC-30: points (yikatong.points), on the table in force
+    async def ApplyPoints(self, request, client: Client):
+        validate.request_id(request.request_id)
+        validate.card_number(request.card_number)
+        validate.enum(request.filer, pb.PointsFiler, "filer")
+        if request.employer or request.filer == pb.POINTS_FILER_EMPLOYER:
+            points.validate_employer(request.employer)
+        evidence = _stated(request.evidence_ref, "evidence_ref", "the document proofs (RC-23)")
+        if not request.claims:
+            raise InvalidArgument("claims", "an application claims at least one indicator")
+        if len(request.claims) > 64:
+            raise InvalidArgument("claims", "at most 64 claims")
+        for i, c in enumerate(request.claims):
+            validate.text(c.indicator, f"claims[{i}].indicator", required=True)
+            validate.text(c.value, f"claims[{i}].value", required=True)
+        table = points.in_force()
+
+        def op(book, now, _) -> bytes:
+            holder_id, _record = points.apply(book, now, table, request.card_number,
+                                              request.filer, request.employer, request.claims,
+                                              evidence, client.id)
+            return self._points_answer(book, now, table, holder_id, "ResidenceCard.ApplyPoints",
+                                       request.card_number, evidence, client)
+        return pb.PointsRecord.FromString(await self.core.write_once(
+            "ApplyPoints", client, request.request_id, request, op))
+
+    async def DecidePoints(self, request, client: Client):
+        validate.request_id(request.request_id)
+        validate.card_number(request.card_number)
+        validate.text(request.reason, "reason")
+        table = points.in_force()
+
+        def op(book, now, _) -> bytes:
+            holder_id, _record = points.decide(book, now, table, request.card_number,
+                                               request.approved, request.reason, client.id)
+            return self._points_answer(book, now, table, holder_id,
+                                       "ResidenceCard.DecidePoints", request.card_number,
+                                       request.reason, client)
+        return pb.PointsRecord.FromString(await self.core.write_once(
+            "DecidePoints", client, request.request_id, request, op))
+
+    async def GetPoints(self, request, client: Client):
+        """A read of the holder's points and credit bars: in the writer, audited first."""
+        validate.card_number(request.card_number)
+        table, clock = points.in_force(), self.core.clock
+
+        def read(book):
+            now = clock.now()
+            rec = book.card(request.card_number)
+            if rec is None:
+                book.append_audit(now, client.id, client.role.name, "ResidenceCard.GetPoints",
+                                  request.card_number, outcome="NOT_FOUND")
+                return None
+            return self._points_answer(book, now, table, rec.holder_id,
+                                       "ResidenceCard.GetPoints", request.card_number, "",
+                                       client)
+        answer = await self.core.write(read)
+        if answer is None:
+            raise CardNotFound(request.card_number)
+        return pb.PointsRecord.FromString(answer)
+
+    @staticmethod
+    def _points_answer(book, now: int, table, holder_id: int, method: str, card_number: str,
+                       purpose: str, client: Client) -> bytes:
+        ssn = book.holder_ssn(holder_id) or ""
+        book.append_audit(now, client.id, client.role.name, method, card_number, purpose,
+                          holder=mask(ssn))
+        return points.view(book, now, table, holder_id).SerializeToString()
+
 
 # --------------------------------------------------------------------- Deadlines
 
@@ -708,17 +811,31 @@ class Holders:
 
     async def RecordCredit(self, request, client: Client):
         validate.request_id(request.request_id)
-        key = _holder_key(request)
         validate.enum(request.ground, pb.CreditGround, "ground")
         evidence = _stated(request.evidence_ref, "evidence_ref",
                            "the case file or decision the record rests on")
+        if request.WhichOneof("key") == "employer":
+            points.validate_employer(request.employer)
+
+            def employer_op(book, now, _) -> bytes:
+                record = cards.record_employer_credit(
+                    book, now, request.employer, request.ground, evidence, request.serious,
+                    request.fine_fen, client.id)
+                book.append_audit(now, client.id, client.role.name, "Holders.RecordCredit",
+                                  purpose=f"employer {request.employer}: {evidence}")
+                message = credit_message(record)
+                message.employer = request.employer
+                return message.SerializeToString()
+            return pb.CreditRecord.FromString(await self.core.write_once(
+                "RecordCredit", client, request.request_id, request, employer_op))
+        key = _holder_key(request)
 
         def op(book, now, _) -> bytes:
             ssn = _ssn_of(book, request, key)
             if ssn is None:
                 raise CardNotFound(request.card_number)
             _, record = cards.record_credit(book, now, ssn, request.ground, evidence,
-                                            request.serious, client.id)
+                                            request.serious, client.id, request.fine_fen)
             book.append_audit(now, client.id, client.role.name, "Holders.RecordCredit",
                               request.card_number, purpose=evidence, holder=mask(ssn))
             return credit_message(record).SerializeToString()
@@ -758,7 +875,7 @@ def _stated(value: str, field: str, why: str) -> str:
 def credit_message(r: CreditRecord) -> pb.CreditRecord:
     return pb.CreditRecord(rule=r.rule, ground=r.ground, evidence_ref=r.evidence_ref,
                            serious=r.serious, time=r.time, client_id=r.client_id,
-                           points_barred_until=r.points_barred_until)
+                           points_barred_until=r.points_barred_until, fine_fen=r.fine_fen)
 
 
 # --------------------------------------------------------------------- Audit

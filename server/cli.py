@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     s.add_argument("--issuing-banks", metavar="FILE",
                    help="GZ-9c: TOML with `version` and `banks`, the issuing banks a GZ or BJ "
                         "card may name; without it the check is off")
+    s.add_argument("--points-table", metavar="FILE",
+                   help="RC-20 to RC-22: the Residence Card points indicator table in force "
+                        "(TOML); without it the shipped EXAMPLE table, not the official one")
     s.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP there (off by default); with "
                         "--workers, one scrape sums every worker")
@@ -177,7 +180,7 @@ def _serve(args, metrics) -> int:
     import uvloop
 
     from yikatong import clock as clocks
-    from yikatong import ledger
+    from yikatong import ledger, points
     from yikatong.errors import StoreUnavailable
     from yikatong.server import demo, log
     from yikatong.server.app import SHUTDOWN_GRACE_SECONDS
@@ -235,8 +238,10 @@ def _serve(args, metrics) -> int:
         return _fail(str(error))
     try:
         banks = _issuing_banks(args.issuing_banks) if args.issuing_banks else None
+        table = points.load(args.points_table)
     except ValueError as error:
         return _fail(str(error))
+    points.use(table)  # before any worker is forked
     problem = _probe_listen(args.listen)
     if problem:
         return _fail(f"cannot listen on {args.listen}: {problem}")
@@ -271,6 +276,8 @@ def _serve(args, metrics) -> int:
         print("yikatong: issuing-bank check (GZ-9c) " + (
             f"on: list version {banks.version}, {len(banks.names)} banks" if banks else
             "off: no --issuing-banks list configured"), flush=True)
+        print(f"yikatong: points table (RC-22) version {table.version}"
+              + (", an EXAMPLE, not the official values" if table.example else ""), flush=True)
         print(f"yikatong: serving on {args.listen} ({'mTLS' if tls else 'plaintext'}; "
               f"{workers} worker{'s' if workers > 1 else ''}; data dir {args.data_dir}, clock "
               f"{args.clock} at {clocks.format_time(clock.now())})", flush=True)

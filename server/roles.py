@@ -55,11 +55,16 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "Lifecycle.LockApplication": _BANK,
     "Lifecycle.UnlockApplication": _BANK,
     "Lifecycle.GetCard": _APPLY | {Role.SERVICE_HOTLINE, Role.CARD_AGENCY},
+    "Lifecycle.IssueElectronic": _APPLY,  # SH-31, GZ-35
     "Ledger.Transfer": _MONEY,
     "Ledger.Reverse": _MONEY,
     "Ledger.GetBalances": TERMINALS | OUTLETS | {Role.ONLINE_PLATFORM},
     "ResidenceCard.Renew": _RESIDENCE,
     "ResidenceCard.ChangeInformation": _RESIDENCE,
+    # RC-22, RC-23: points are the human resources and social security department's
+    "ResidenceCard.ApplyPoints": frozenset({Role.HRSS}),
+    "ResidenceCard.DecidePoints": frozenset({Role.HRSS}),
+    "ResidenceCard.GetPoints": frozenset({Role.HRSS}),
     "Deadlines.ListDue": frozenset({Role.CARD_AGENCY, Role.HRSS}),
     # SPEC.md section 7: personal information is read for a stated purpose by these only
     "Holders.GetHolder": PII_READERS,

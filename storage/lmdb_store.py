@@ -371,6 +371,13 @@ class Dbs:
         self.credit = env.open_db(b"credit")  # u64 holder_id + u32 n -> credit record
         # GZ-20: earlier values of a holder's fields
         self.holder_history = env.open_db(b"holder_history")  # u64 holder_id + u32 n -> record
+        # RC-20 to RC-23: a holder's points, the API's PointsRecord message
+        self.points = env.open_db(b"points")  # u64 holder_id -> PointsRecord
+        # RC-29: an employer's credit records: unified social credit code + u32 n -> record
+        self.employer_credit = env.open_db(b"employer_credit")
+        # SH-31, GZ-35: electronic card number (ASCII, 18 digits) -> u64 holder_id + u8 pack,
+        # and u64 holder_id + u8 pack -> number (9-byte keys never equal 18-byte ones)
+        self.ecards = env.open_db(b"ecards")
         self.change_seq = 0  # the last sequence handed out: read in each write (_begin_write)
         # append-only audit trail, hash-chained: u64 sequence -> audit event
         self.audit = env.open_db(b"audit")
@@ -391,9 +398,21 @@ class Book:
     def card_bytes(self, card_number: str) -> bytes | None:
         return self.txn.get(card_number.encode("ascii"), db=self.dbs.cards)
 
-    def card_with_holder(self, card_number: str) -> tuple[bytes | None, int | None]:
-        """The stored record's bytes and its holder id (None: no card, or not a valid record)."""
-        value = self.card_bytes(card_number)
+    def use_bytes(self, number: str) -> bytes | None:
+        """The record a use of `number` is decided on: the card's own; for an electronic card
+        (SH-31, GZ-35: same effect, follows the physical card) its holder's current card's."""
+        if len(number) != config.ecard_number_digits:
+            return self.txn.get(number.encode("ascii"), db=self.dbs.cards)
+        value = self.txn.get(number.encode("ascii"), db=self.dbs.ecards)
+        if value is None:
+            return None
+        current = self.txn.get(value[:9], db=self.dbs.holder_cards)  # holder id + pack
+        return None if current is None else self.txn.get(current, db=self.dbs.cards)
+
+    def card_with_holder(self, number: str) -> tuple[bytes | None, int | None]:
+        """The record a use of `number` is decided on and its holder id (None: no card, or
+        not a valid record)."""
+        value = self.use_bytes(number)
         return value, records.holder_id_of(value)
 
     def card(self, card_number: str) -> Card | None:
@@ -404,14 +423,15 @@ class Book:
         key = card.card_number.encode("ascii")
         old = self.txn.get(key, db=self.dbs.cards)
         what = int(Changed.STATE | Changed.LOCKS | Changed.FUNCTIONS | Changed.REPLACEMENT
-                   | Changed.VALIDITY)
+                   | Changed.VALIDITY | Changed.POINTS)
         if old is not None:
             was = records.decode_card(card.card_number, old)
             what = ((Changed.STATE if was.state != card.state else 0)
                     | (Changed.LOCKS if was.lock_mask != card.lock_mask else 0)
                     | (Changed.FUNCTIONS if was.flags != card.flags else 0)
                     | (Changed.REPLACEMENT if was.replaced_by != card.replaced_by else 0)
-                    | (Changed.VALIDITY if was.valid_until != card.valid_until else 0))
+                    | (Changed.VALIDITY if was.valid_until != card.valid_until else 0)
+                    | (Changed.POINTS if was.points != card.points else 0))
         self.txn.put(key, records.encode_card(card), db=self.dbs.cards)
         self.append_change(ChangeKind.CARD, now, card.card_number, card.holder_id, card.state,
                            card.flags, card.lock_mask, what=what)
@@ -433,8 +453,10 @@ class Book:
             yield bytes(key).decode("ascii"), records.decode_steps(value)
 
     # A card's texts, kept beside the hot record: "note" (why it was rejected or cancelled),
-    # "ground" (CancelGround name), "organ" (RC-7: the organ that issued a Residence Card).
-    CARD_TEXTS = ("note", "ground", "organ")
+    # "ground" (CancelGround name), "organ" (RC-7: the organ that issued a Residence Card),
+    # "special" (RC-12: why it takes up to 30 working days), "proxy" (RC-8: who applied on
+    # the holder's behalf: relation, ground, name and identity number).
+    CARD_TEXTS = ("note", "ground", "organ", "special", "proxy")
 
     def card_text(self, card_number: str, kind: str) -> str:
         assert kind in self.CARD_TEXTS, kind
@@ -551,6 +573,38 @@ class Book:
         n = sum(1 for _ in self._prefixed(self.dbs.credit, _U64.pack(holder_id)))
         self.txn.put(_U64.pack(holder_id) + n.to_bytes(4, "big"), records.encode_credit(record),
                      db=self.dbs.credit)
+
+    def employer_credit_records(self, employer: str) -> list[CreditRecord]:
+        """RC-29: an employer's records (forged documents in its staff's applications)."""
+        return [records.decode_credit(v)
+                for _, v in self._prefixed(self.dbs.employer_credit, employer.encode("ascii"))]
+
+    def add_employer_credit(self, employer: str, record: CreditRecord) -> None:
+        key = employer.encode("ascii")
+        n = sum(1 for _ in self._prefixed(self.dbs.employer_credit, key))
+        self.txn.put(key + n.to_bytes(4, "big"), records.encode_credit(record),
+                     db=self.dbs.employer_credit)
+
+    # ---- RC-20 to RC-23: a holder's points
+    def points(self, holder_id: int):
+        """The holder's PointsRecord (yikatong.points), None if there is none."""
+        value = self.txn.get(_U64.pack(holder_id), db=self.dbs.points)
+        return None if value is None else records.decode_points(value)
+
+    def put_points(self, holder_id: int, record) -> None:
+        self.txn.put(_U64.pack(holder_id), records.encode_points(record), db=self.dbs.points)
+
+    # ---- SH-31, GZ-35: electronic cards
+    def ecard_of(self, holder_id: int, pack: int) -> str | None:
+        """The holder's electronic card of a pack, if one was issued."""
+        value = self.txn.get(_U64.pack(holder_id) + bytes((pack,)), db=self.dbs.ecards)
+        return None if value is None else bytes(value).decode("ascii")
+
+    def put_ecard(self, number: str, holder_id: int, pack: int) -> None:
+        """Both ways: number -> holder id + pack (a key of holder_cards), and back."""
+        key = _U64.pack(holder_id) + bytes((pack,))
+        self.txn.put(number.encode("ascii"), key, db=self.dbs.ecards)
+        self.txn.put(key, number.encode("ascii"), db=self.dbs.ecards)
 
     def _prefixed(self, db, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         with self.txn.cursor(db=db) as cur:

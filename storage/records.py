@@ -403,6 +403,25 @@ def decode_holder_change(value) -> HolderChange:
     return HolderChange(time, *texts)
 
 
+def encode_points(record) -> bytes:
+    """A holder's points (yikatong.v1.PointsRecord), version byte + the message."""
+    return b"\x01" + record.SerializeToString(deterministic=True)
+
+
+def decode_points(value):
+    from google.protobuf.message import DecodeError
+
+    from yikatong.v1 import yikatong_pb2 as pb
+
+    value = bytes(value)
+    if not value or value[0] != 1:
+        raise CorruptRecord(f"points record of {len(value)} bytes")
+    try:
+        return pb.PointsRecord.FromString(value[1:])
+    except DecodeError as e:
+        raise CorruptRecord(f"points record: {e}") from None
+
+
 # ---------------------------------------------------------------------------- open steps
 
 _STEP = struct.Struct("<16s8sqH")  # step, rule, due_at, missing_year
@@ -427,20 +446,28 @@ def decode_steps(value) -> list[Step]:
 
 # ---------------------------------------------------------------------------- credit records
 
-_CREDIT_HEAD = struct.Struct("<BBBqq")  # version, ground, serious, time, points_barred_until
+# version, ground, serious, time, points_barred_until; version 2 adds fine_fen
+_CREDIT_HEAD = struct.Struct("<BBBqq")
+_CREDIT_FINE = struct.Struct("<q")
 _CREDIT_TEXTS = ("rule", "evidence_ref", "client_id")
 
 
 def encode_credit(r: CreditRecord) -> bytes:
-    return _pack_texts(_CREDIT_HEAD.pack(1, r.ground, r.serious, r.time, r.points_barred_until),
+    head = _pack(_CREDIT_HEAD, "credit", 2, r.ground, r.serious, r.time, r.points_barred_until)
+    return _pack_texts(head + _pack(_CREDIT_FINE, "credit", r.fine_fen),
                        (r.rule, r.evidence_ref, r.client_id))
 
 
 def decode_credit(value) -> CreditRecord:
     value = bytes(value)
-    if len(value) < _CREDIT_HEAD.size or value[0] != 1:
+    if len(value) < _CREDIT_HEAD.size or value[0] not in (1, 2):
         raise CorruptRecord(f"credit record of {len(value)} bytes")
-    _, ground, serious, time, barred = _CREDIT_HEAD.unpack_from(value)
-    rule, evidence, client_id = _unpack_texts(value, _CREDIT_HEAD.size, _CREDIT_TEXTS,
-                                              "credit record")
-    return CreditRecord(rule, ground, evidence, bool(serious), time, client_id, barred)
+    version, ground, serious, time, barred = _CREDIT_HEAD.unpack_from(value)
+    at, fine = _CREDIT_HEAD.size, 0
+    if version == 2:
+        if len(value) < at + _CREDIT_FINE.size:
+            raise CorruptRecord(f"credit record of {len(value)} bytes")
+        (fine,) = _CREDIT_FINE.unpack_from(value, at)
+        at += _CREDIT_FINE.size
+    rule, evidence, client_id = _unpack_texts(value, at, _CREDIT_TEXTS, "credit record")
+    return CreditRecord(rule, ground, evidence, bool(serious), time, client_id, barred, fine)

@@ -2,9 +2,12 @@
 plain in-memory model of the rules. After every step, the decision for every card on every
 channel equals the model's; and (liveness) every holder still entitled can still reach an
 ACTIVE card by some sequence of allowed commands, which a rule then walks on the real system.
+Residence Cards also expire and are renewed (RC-14: the clock sometimes moves a year, or to a
+second around a card's renewal window or expiry), and file changes of information (RC-13).
 Runs in-process against the domain layer on each fast-path twin and, shorter, against the real
 gRPC server."""
 import copy
+import datetime as dt
 import uuid
 
 import grpc
@@ -15,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from yikatong import cards, config
 from yikatong import clock as clocks
-from yikatong.errors import YikatongError
+from yikatong.errors import InvalidTransition, YikatongError
 from yikatong.fastpath import _authorize_py
 from yikatong.model import (
     FINAL_STATES,
@@ -29,6 +32,7 @@ from yikatong.model import (
     State,
 )
 from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 try:
     from yikatong.fastpath import _authorize_c
@@ -40,7 +44,7 @@ DAY = 86400
 ORGAN = "上海市公安局黄浦分局"
 OPS = ("verify_ok", "verify_no", "issue", "activate", "temp_loss", "loss", "cancel_loss",
        "open_financial", "bank_loss", "cancel_bank_loss", "replace_lost", "replace_damaged",
-       "replace_info", "cancel_death", "withdraw", "lock", "unlock")
+       "replace_info", "cancel_death", "withdraw", "lock", "unlock", "renew")
 
 
 class ModelCard:
@@ -51,11 +55,26 @@ class ModelCard:
         self.temp_until = 0
         self.replaced_by = ""
         self.locks = set()
+        self.valid_until = 0  # RC-14: set when an RC card is first issued, 0 = no end
 
     def effective(self, now):
         if self.state == State.TEMP_LOSS and now >= self.temp_until:
             return State.ACTIVE
         return self.state
+
+    def lapsed(self, now):
+        """RC-14: a Residence Card not renewed in time is suspended from 24:00 of its last
+        day."""
+        return self.pack == Pack.RC and self.valid_until != 0 and now >= self.valid_until
+
+    def usable(self, now):
+        return self.effective(now) == State.ACTIVE and not self.lapsed(now)
+
+
+def renewal_opens(valid_until: int) -> int:
+    """RC-14, DECISIONS.md: 00:00 of the day 30 days before the expiry date (the last day of
+    validity, the day before the instant `valid_until`)."""
+    return clocks.start_of_day(clocks.law_date(valid_until - 1) - dt.timedelta(days=30))
 
 
 def model_decision(c: ModelCard | None, channel: int, now: int) -> int:
@@ -76,6 +95,8 @@ def model_decision(c: ModelCard | None, channel: int, now: int) -> int:
         return 7
     if state == State.TEMP_LOSS and not fin:
         return 8
+    if c.lapsed(now):
+        return 9
     if channel in c.locks:
         return 10
     if (channel == Channel.TRANSIT and not c.transit) or (fin and not c.financial):
@@ -94,6 +115,8 @@ class InProcess:
     def __init__(self, store, impl):
         self.store, self.impl = store, impl
         self.policy = impl.Policy(config.generation_retired_at)
+        self.valid_until = 0  # of the card the last allowed operation returned
+        self.refusal = ""  # the last refusal: its kind(message)
 
     def apply(self, now, pack, holder, instant):
         info = HolderInfo(ssn_of(holder), name="n", birth_date="1980-01-01", phone="1",
@@ -122,12 +145,25 @@ class InProcess:
             "withdraw": (cards.cancel, ("withdrawn", CancelGround.APPLICATION_WITHDRAWN)),
             "lock": (cards.lock_application, (channel, True)),
             "unlock": (cards.lock_application, (channel, False)),
+            "renew": (cards.renew, ()),
         }[name]
         try:
             rec = self.store.write(lambda book: fn(book, now, number, *args))
-        except YikatongError:
+        except YikatongError as e:
+            self.refusal = f"{type(e).__name__}({e})"
             return None
+        self.valid_until = rec.valid_until
         return rec.card_number
+
+    def change_information(self, now, number, address, changed_on):
+        """RC-13: (due, late), or None if refused for the card's pack or state."""
+        given = HolderInfo("", residence_address=address)
+        try:
+            _, due, late = self.store.write(lambda book: cards.change_information(
+                book, now, number, given, changed_on, "model"))
+        except InvalidTransition:
+            return None
+        return due, late
 
     def decide(self, number, channel, now):
         with self.store.read() as txn:
@@ -160,6 +196,7 @@ class OverGrpc:
             "reason": "withdrawn", "ground": pb.CANCEL_GROUND_APPLICATION_WITHDRAWN}),
         "lock": ("LockApplication", "BANK_OUTLET", {}),
         "unlock": ("UnlockApplication", "BANK_OUTLET", {}),
+        "renew": ("Renew", "COMMUNITY_OUTLET", {}),  # RC-14: at the community service centre
     }
     CHANNEL_ROLE = {1: "TRANSIT_GATE", 2: "MEDICAL_TERMINAL", 3: "BENEFIT_COUNTER",
                     4: "BANK_SWITCH", 5: "COMMUNITY_OUTLET", 6: "BANK_SWITCH"}
@@ -169,6 +206,9 @@ class OverGrpc:
 
     def __init__(self, server):
         self.s = server
+        self.residence = rpc.ResidenceCardStub(server.channel)
+        self.valid_until = 0
+        self.refusal = ""
 
     def apply(self, now, pack, holder, instant):
         h = pb.Holder(ssn=ssn_of(holder), name="n", phone="1", occupation="o",
@@ -199,11 +239,27 @@ class OverGrpc:
             fields = {"issuing_organ": ORGAN}
         request = getattr(pb, method + "Request")(request_id=uuid.uuid4().hex,
                                                   card_number=number, **fields)
+        service = self.residence if name == "renew" else self.s.lifecycle
         try:
-            return getattr(self.s.lifecycle, method)(request, metadata=self.s.md(role)).card_number
+            card = getattr(service, method)(request, metadata=self.s.md(role))
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e.details()
+            self.refusal = f"{e.code().name}({e.details()})"
+            return None
+        self.valid_until = card.valid_until
+        return card.card_number
+
+    def change_information(self, now, number, address, changed_on):
+        try:
+            answer = self.residence.ChangeInformation(pb.ChangeInformationRequest(
+                request_id=uuid.uuid4().hex, card_number=number,
+                holder=pb.Holder(residence_address=address), changed_on=changed_on),
+                metadata=self.s.md("COMMUNITY_OUTLET"))
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e.details()
             return None
+        assert answer.card.card_number == number
+        return answer.due_at, answer.late
 
     def decide(self, number, channel, now):
         return self.s.authorization.Authorize(pb.AuthorizeRequest(
@@ -242,7 +298,7 @@ def expect(cards_: dict, name: str, c: ModelCard, channel: int, now: int):
                 cards_[c.replaces].replaced_by = ""
         return go
     if name == "issue" and s == State.VERIFIED:
-        return lambda: issue(cards_, c)
+        return lambda: issue(cards_, c, now)
     if name == "activate" and s == State.ISSUED and not rc:
         return to(State.ACTIVE)
     if name == "temp_loss" and sh and s == State.ACTIVE:
@@ -288,25 +344,38 @@ def expect(cards_: dict, name: str, c: ModelCard, channel: int, now: int):
         def go():
             (c.locks.discard if name == "unlock" else c.locks.add)(channel)
         return go
+    # RC-14: a card in force or suspended for want of renewal, from 30 days before expiry (a
+    # lost one is reissued under RC-15). In time, the next year follows on from the old end;
+    # lapsed, it is in force again at once, for a year from today.
+    if name == "renew" and rc and s == State.ACTIVE and now >= renewal_opens(c.valid_until):
+        def go():
+            c.valid_until = clocks.end_of_years(
+                c.valid_until - 1 if now < c.valid_until else now, 1)
+        return go
     return None
 
 
-def issue(cards_: dict, c: ModelCard) -> None:
+def issue(cards_: dict, c: ModelCard, now: int) -> None:
     c.state = State.ACTIVE if c.pack == Pack.RC else State.ISSUED
+    if c.pack == Pack.RC and not c.valid_until:  # RC-14: one year from its issue
+        c.valid_until = clocks.end_of_years(now, 1)
     if c.replaces:
         cards_[c.replaces].state = State.SUPERSEDED
 
 
-def replaced(cards_: dict, name: str, c: ModelCard, number: str, new_number: str) -> None:
+def replaced(cards_: dict, name: str, c: ModelCard, number: str, new_number: str,
+             now: int) -> None:
     instant = name == "replace_damaged" and c.pack != Pack.RC
     # SH-22: a Shanghai re-application goes through verification again
     first = State.APPLIED if name == "replace_info" and c.pack == Pack.SH else State.VERIFIED
     new = ModelCard(c.pack, c.holder, first, replaces=number)
     new.transit, new.financial = c.transit, c.financial
+    # a replacement carries the original's validity as it is when applied for (cards.replace)
+    new.valid_until = c.valid_until
     c.replaced_by = new_number
     cards_[new_number] = new
     if instant:
-        issue(cards_, new)
+        issue(cards_, new, now)
 
 
 def can_apply(cards_: dict, holder: int, pack: int, now: int) -> bool:
@@ -315,13 +384,13 @@ def can_apply(cards_: dict, holder: int, pack: int, now: int) -> bool:
 
 def path_to_active(cards_: dict, holder: int, pack: int, now: int, depth: int = 6):
     """A shortest sequence of commands the model allows that gives the holder an ACTIVE card
-    of the pack: [(name, card number or None for an application)], or None."""
+    of the pack, in force (RC-14: renewed if it lapsed): [(name, card number or None for an
+    application)], or None."""
     frontier = [(cards_, [])]
     for _ in range(depth + 1):
         following = []
         for state, path in frontier:
-            if any(c.effective(now) == State.ACTIVE for c in holder_cards(state, holder, pack,
-                                                                             now)):
+            if any(c.usable(now) for c in holder_cards(state, holder, pack, now)):
                 return path
             if can_apply(state, holder, pack, now):
                 nxt = copy.deepcopy(state)
@@ -338,7 +407,7 @@ def path_to_active(cards_: dict, holder: int, pack: int, now: int, depth: int = 
                     nxt = copy.deepcopy(state)
                     go = expect(nxt, name, nxt[number], Channel.MEDICAL, now)
                     if go == "replace":
-                        replaced(nxt, name, nxt[number], number, f"new{len(path)}")
+                        replaced(nxt, name, nxt[number], number, f"new{len(path)}", now)
                     else:
                         go()
                     following.append((nxt, path + [(name, number)]))
@@ -357,6 +426,7 @@ class LifecycleModel(RuleBasedStateMachine):
         self.holders = 0
         self.last = ""
         self.unentitled: set[tuple[int, int]] = set()  # (holder, pack) cancelled for death
+        self.moves = 0  # RC-13: each filing moves the holder to a new address
 
     def teardown(self):
         self.cleanup()
@@ -388,14 +458,22 @@ class LifecycleModel(RuleBasedStateMachine):
         got = self.backend.op(self.now, name, number, c.pack, channel)
         assert (got is None) == (go is None), (name, Pack(c.pack).name,
                                                State(c.effective(self.now)).name)
+        if go is None and name == "renew" and c.pack == Pack.RC \
+                and c.effective(self.now) == State.ACTIVE:  # RC-14: says when it opens
+            opens = clocks.law_date(renewal_opens(c.valid_until)).isoformat()
+            assert self.backend.refusal.startswith(("Refused(RC-14: ", "FAILED_PRECONDITION(")) \
+                and f"renewal opens on {opens}" in self.backend.refusal, self.backend.refusal
         if go == "replace":
-            replaced(self.cards, name, c, number, got)
+            replaced(self.cards, name, c, number, got, self.now)
         elif go is not None:
             if name == "cancel_death":
                 self.unentitled.add((c.holder, c.pack))
             go()
         if c.state == State.TEMP_LOSS and c.effective(self.now) == State.ACTIVE:
             c.state = State.ACTIVE
+        if got is not None:  # the card the call answered with: its validity, to the second
+            assert self.backend.valid_until == self.cards[got].valid_until, (
+                name, got, self.backend.valid_until, self.cards[got].valid_until)
         return got
 
     @precondition(lambda self: self.cards)
@@ -414,10 +492,43 @@ class LifecycleModel(RuleBasedStateMachine):
         name = data.draw(st.sampled_from(allowed if allowed and steer else OPS))
         self._operate(name, number, channel)
 
-    @rule(seconds=st.sampled_from((1, 3600, DAY, 5 * DAY - 1, 5 * DAY, 6 * DAY)))
+    @rule(seconds=st.sampled_from((1, 3600, DAY, 5 * DAY - 1, 5 * DAY, 6 * DAY, 300 * DAY)))
     def tick(self, seconds):
         self.now += seconds
         self.backend.tick(seconds)
+
+    @precondition(lambda self: any(c.valid_until > self.now for c in self.cards.values()))
+    @rule(data=st.data(), expiry=st.booleans(), before=st.booleans())
+    def to_the_edge_of_validity(self, data, expiry, before):
+        """RC-14: to the last second before, or the first of, a Residence Card's renewal
+        window or its suspension."""
+        number = data.draw(st.sampled_from(sorted(
+            n for n, c in self.cards.items() if c.valid_until > self.now)))
+        c = self.cards[number]
+        edge = (c.valid_until if expiry else renewal_opens(c.valid_until)) - before
+        if edge > self.now:
+            self.tick(edge - self.now)
+
+    @precondition(lambda self: self.cards)
+    @rule(data=st.data(), residence=st.booleans(),
+          days_ago=st.sampled_from((0, 1, 29, 30, 31, 45)))
+    def change_information(self, data, residence, days_ago):
+        """RC-13: a Residence Card holder files a change within 30 days of it (to 24:00 of
+        the 30th day after it); a late filing is taken and marked late. Only on a Residence
+        Card in force or lost (a lapsed one is still ACTIVE)."""
+        rc = sorted(n for n, c in self.cards.items() if c.pack == Pack.RC)
+        number = data.draw(st.sampled_from(rc if residence and rc else sorted(self.cards)))
+        c = self.cards[number]
+        allowed = c.pack == Pack.RC and c.effective(self.now) in (State.ACTIVE, State.LOST)
+        changed = clocks.law_date(self.now) - dt.timedelta(days=days_ago)
+        self.moves += 1
+        got = self.backend.change_information(self.now, number, f"上海市黄浦区{self.moves}号",
+                                              changed.isoformat())
+        assert (got is not None) == allowed, (Pack(c.pack).name, State(c.state).name)
+        if got is not None:
+            due, late = got
+            assert due == clocks.start_of_day(changed + dt.timedelta(days=31)), (changed, due)
+            assert late == (days_ago > 30), (days_ago, clocks.format_time(self.now), due)
 
     def _entitled(self):
         return sorted({(c.holder, c.pack) for c in self.cards.values()} - self.unentitled)

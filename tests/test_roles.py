@@ -46,6 +46,11 @@ API_TABLE = {
 # API.md gives no row for reading a card (GetCard): the outlets, the platform, the hotline
 # and the agency that act on cards read them (docs/DECISIONS.md).
 API_TABLE["Lifecycle.GetCard"] = APPLY | {"SERVICE_HOTLINE", "CARD_AGENCY"}
+# "ResidenceCard.* ... (points: HRSS)": the points methods are HRSS's (RC-22, RC-23)
+API_TABLE.update(dict.fromkeys(("ResidenceCard.ApplyPoints", "ResidenceCard.DecidePoints",
+                                "ResidenceCard.GetPoints"), {"HRSS"}))
+# API.md gives no row for the electronic card (SH-31, GZ-35): where cards are applied for
+API_TABLE["Lifecycle.IssueElectronic"] = APPLY
 CHANNELS = {pb.CHANNEL_TRANSIT: {"TRANSIT_GATE"}, pb.CHANNEL_MEDICAL: {"MEDICAL_TERMINAL"},
             pb.CHANNEL_BENEFIT: {"BENEFIT_COUNTER"}, pb.CHANNEL_FINANCIAL: {"BANK_SWITCH"},
             pb.CHANNEL_SERVICE: {"COMMUNITY_OUTLET", "HRSS", "PUBLIC_SECURITY"},

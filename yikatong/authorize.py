@@ -5,20 +5,21 @@ record's bytes): no write, no wait for the writer. With money it runs in the wri
 debited (or held, posted, voided) and remembered under the request id in one transaction, so a
 replay returns the first answer and moves nothing twice.
 """
-from yikatong import config, fastpath, ledger
+from yikatong import config, fastpath, ledger, points
 from yikatong.errors import CorruptRecord, InvalidArgument
 from yikatong.model import Channel, Phase, Reason, holder_account_key, operator_account_key
 
 
 def points_required(channel: int, service_code: str) -> int:
-    """RC-20: the points a SERVICE code needs (0 for every other use)."""
-    return config.service_points_required.get(service_code, 0) if channel == Channel.SERVICE else 0
+    """RC-17, RC-18, RC-20: the points a SERVICE code needs of a Residence Card, on the
+    indicator table in force (0 for every other use)."""
+    return points.in_force().points_required(service_code) if channel == Channel.SERVICE else 0
 
 
 def without_money(policy, book, card_number: str, channel: int, service_code: str,
                   now: int) -> int:
     """The decision for a use that moves no money: APPROVED (0) or the decline reason."""
-    return on_record(policy, book.card_bytes(card_number), card_number, channel, service_code,
+    return on_record(policy, book.use_bytes(card_number), card_number, channel, service_code,
                      now)
 
 

@@ -38,6 +38,9 @@ from yikatong.model import (
     HolderInfo,
     IssuingBanks,
     Pack,
+    Proxy,
+    ProxyGround,
+    ProxyRelation,
     ReplaceReason,
     ResidenceBasis,
     Role,
@@ -233,7 +236,8 @@ def merge_holder(pack: int, given: HolderInfo, held: HolderInfo | None,
 
 def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibility,
           with_transit: bool, service_bank: str, instant: bool, role: Role | None = None,
-          banks: IssuingBanks | None = None, client_id: str = "", reveal: bool = True) -> Card:
+          banks: IssuingBanks | None = None, client_id: str = "", reveal: bool = True,
+          proxy: Proxy | None = None) -> Card:
     """SH-9/GZ-7/GZ-9/RC-8: record an application from an eligible person (SH-8, GZ-4, BJ-8,
     RC-9), reusing the personal information already held (GZ-9b). A held field that was
     empty and is filled by this application is kept in the holder's history (GZ-20), so a
@@ -278,6 +282,8 @@ def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibi
                         now, f, getattr(held, f), getattr(merged, f), client_id,
                         "Lifecycle.Apply", "filled from an application (GZ-9b)"))
             book.put_holder(holder_id, merged)
+    if proxy is not None:
+        check_proxy(pack, proxy, merged, now)
     if merged.residence_address != held_residence:  # RC-13: the history starts here
         book.add_residence(holder_id, now, merged.residence_address)
     seq = book.next_seq(b"card_number")
@@ -288,6 +294,10 @@ def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibi
     )
     rec.set(Flag.TRANSIT, with_transit)
     book.set_current_card(holder_id, pack, rec.card_number)
+    if proxy is not None:
+        book.put_card_text(rec.card_number, "proxy", " ".join((
+            ProxyRelation(proxy.relation).name, ProxyGround(proxy.ground).name, proxy.ssn,
+            proxy.name)))
     if instant:  # GZ-10b: made on the spot
         _issue(book, rec, now)
     else:
@@ -296,16 +306,58 @@ def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibi
     return rec
 
 
+def age_reached(birth_date: str, years: int) -> int:
+    """The instant a person born on `birth_date` is `years` full years old (周岁): 24:00 of
+    that birthday, the day of birth not being counted (SPEC.md section 6)."""
+    return end_of_years(start_of_day(parse_date("holder.birth_date", birth_date)), years)
+
+
+# RC-8's grounds, as ages: under 16 until the instant of 16 full years; the elderly from 60
+ELDERLY_AGE = 60
+
+
+def check_proxy(pack: int, proxy: Proxy, holder: HolderInfo, now: int) -> None:
+    """RC-8: minors under 16, the elderly with mobility problems and disabled persons may
+    apply through a guardian or close relative, who shows their own identity document."""
+    if pack != Pack.RC:
+        raise InvalidArgument("proxy", "is RC-8's: an application on another's behalf is for a "
+                              "Residence Card")
+    if proxy.ssn == holder.ssn:
+        raise InvalidArgument("proxy.ssn", "is the holder's own; leave proxy empty")
+    if proxy.ground == ProxyGround.MINOR_UNDER_16:
+        sixteen = age_reached(holder.birth_date, 16)
+        if now >= sixteen:
+            raise Refused("RC-8", "the holder is 16 or over (since "
+                          f"{law_date(sixteen).isoformat()}): applies in person, or on "
+                          "another RC-8 ground")
+    elif proxy.ground == ProxyGround.ELDERLY_MOBILITY:
+        sixty = age_reached(holder.birth_date, ELDERLY_AGE)
+        if now < sixty:
+            raise Refused("RC-8", f"the holder is under {ELDERLY_AGE} (until "
+                          f"{law_date(sixty).isoformat()}): not among the elderly")
+
+
 def verify(book, now: int, card_number: str, approved: bool, reason: str,
-           role: Role | None = None) -> Card:
+           role: Role | None = None, special_circumstances: str = "") -> Card:
+    """SH-10, GZ-10, RC-11. RC-12: where special circumstances keep a Residence Card from
+    being made within 15 working days of acceptance, the verifier says why, and its issue is
+    due within 30."""
     rec = load(book, card_number, now)
     _check_agency("Verify", rec, role)
     _require(rec, (State.APPLIED,), "Verify", _rule(rec.pack, "SH-10", "GZ-10", "RC-11"))
+    if special_circumstances and (rec.pack != Pack.RC or not approved):
+        raise InvalidArgument("special_circumstances", "is RC-12's: for a Residence Card "
+                              "application that is approved")
     if approved:
         rec.state = State.VERIFIED
         steps = [s for s in book.steps_of(card_number) if s.step != "verification"]
         if rec.pack == Pack.SH:  # SH-11 (a re-application too): made and issued in 30 days
-            steps.append(_step("issue", "SH-11", lambda: end_of_days_for_an_act(now, 30)))
+            steps.append(deadline("issue", "SH-11", lambda: end_of_days_for_an_act(now, 30)))
+        if special_circumstances:  # RC-12: at most 30 working days from acceptance
+            steps = [s for s in steps if s.rule != "RC-12"]
+            steps.append(deadline("issue", "RC-12",
+                                  lambda: end_of_working_days(rec.applied_at, 30)))
+            book.put_card_text(card_number, "special", special_circumstances)
         book.put_steps(card_number, steps)
     else:
         book.put_steps(card_number, [])
@@ -330,9 +382,17 @@ def _free_original(book, now: int, rec: Card) -> None:
             book.put_card(original, now)
 
 
+POINTS_STEP = "points decision"  # RC-23 (yikatong.points): moves with the current card
+PHOTO_STEP = "photo card"  # SH-22b
+
+
 def _issue(book, rec: Card, now: int) -> None:
     rec.issued_at = now
-    book.put_steps(rec.card_number, [])  # every step of its making is done
+    steps = _photo(book, rec)  # every step of its making is done
+    if rec.replaces:  # an open points application follows the holder's current card
+        steps += [s for s in book.steps_of(rec.replaces) if s.step == POINTS_STEP]
+        book.put_steps(rec.replaces, [])
+    book.put_steps(rec.card_number, steps)
     if rec.pack == Pack.RC:
         # RC has no activation step: issued is in force. RC-14: valid one year, to 24:00 of
         # the corresponding day (SPEC.md section 6).
@@ -346,6 +406,23 @@ def _issue(book, rec: Card, now: int) -> None:
         old.state, old.temp_loss_until = State.SUPERSEDED, 0
         book.put_card(old, now)
         book.set_current_card(rec.holder_id, rec.pack, rec.card_number)
+
+
+def _photo(book, rec: Card) -> list[Step]:
+    """The card is made with the holder's photo when one is held (SH-4, GZ-17, BJ-4).
+    SH-22b: "a child who has reached 7 full years shall exchange for a card printed with a
+    photo": a Shanghai card made without one owes that from the 7th birthday (a Deadlines
+    item, closed when the card is superseded)."""
+    ssn = book.holder_ssn(rec.holder_id)
+    found = book.holder(ssn) if ssn else None
+    if found is not None and found[1].photo_sha256:
+        rec.set(Flag.PHOTO)
+        return []
+    if rec.pack == Pack.SH and found is not None and found[1].birth_date:
+        seven = age_reached(found[1].birth_date, 7)
+        if rec.issued_at < seven:  # a child's card (an older holder's application has one)
+            return [Step(PHOTO_STEP, "SH-22b", seven)]
+    return []
 
 
 def issue(book, now: int, card_number: str, role: Role | None = None,
@@ -420,7 +497,7 @@ def report_temporary_loss(book, now: int, card_number: str, role: Role | None = 
     return rec
 
 
-def _step(step: str, rule: str, end) -> Step:
+def deadline(step: str, rule: str, end) -> Step:
     """A step due at `end()`; one whose end reaches into a year without a working-day
     calendar is kept with that year instead of a guessed end."""
     try:
@@ -435,14 +512,14 @@ def _steps_of_an_application(rec: Card) -> list[Step]:
     t = rec.applied_at
     if rec.pack == Pack.SH:
         if rec.state == State.VERIFIED:  # a replacement or renewal: no verification (SH-23a)
-            return [_step("replacement", "SH-23a", lambda: end_of_days_for_an_act(t, 15))]
+            return [deadline("replacement", "SH-23a", lambda: end_of_days_for_an_act(t, 15))]
         # a first application, or a re-application (SH-22): SH-10, then SH-11
-        return [_step("verification", "SH-10", lambda: end_of_working_days(t, 3))]
+        return [deadline("verification", "SH-10", lambda: end_of_working_days(t, 3))]
     if rec.pack == Pack.RC:
-        return [_step("issue", "RC-12", lambda: end_of_working_days(t, 15))]
+        return [deadline("issue", "RC-12", lambda: end_of_working_days(t, 15))]
     if rec.replaces:  # GZ-25 (BJ follows GZ)
-        return [_step("replacement", "GZ-25", lambda: end_of_working_days(t, 12))]
-    return [_step("issue", "GZ-10", lambda: end_of_working_days(t, 12))]
+        return [deadline("replacement", "GZ-25", lambda: end_of_working_days(t, 12))]
+    return [deadline("issue", "GZ-10", lambda: end_of_working_days(t, 12))]
 
 
 def due(book, now: int, within_days: int) -> list[tuple[str, Step]]:
@@ -765,13 +842,16 @@ _CREDIT_RULES = {CreditGround.LENDING_CARD: "SH-26", CreditGround.FRAUD: "SH-26"
 
 
 def record_credit(book, now: int, ssn: str, ground: int, evidence_ref: str, serious: bool,
-                  client_id: str) -> tuple[int, CreditRecord]:
+                  client_id: str, fine_fen: int = 0) -> tuple[int, CreditRecord]:
     """SH-26, RC-29: a dishonesty record on the holder, kept for ever with who recorded it,
     when and on what evidence. A serious RC-29 forgery bars points applications for 3 years
     (to 24:00 of the corresponding day, SPEC.md section 6); seriousness is RC-29's alone."""
     rule = _CREDIT_RULES[CreditGround(ground)]
     if serious and rule != "RC-29":
         raise InvalidArgument("serious", "only a forgery of documents (RC-29) is marked serious")
+    if fine_fen:
+        raise InvalidArgument("fine_fen", "RC-29's fine is an employer's; a holder's record has "
+                              "none")
     found = book.holder(ssn)
     if found is None:
         raise HolderNotFound("no holder with that ssn")
@@ -780,3 +860,49 @@ def record_credit(book, now: int, ssn: str, ground: int, evidence_ref: str, seri
                           end_of_years(now, 3) if serious else 0)
     book.add_credit_record(holder_id, record)
     return holder_id, record
+
+
+# RC-29: "a fine of not less than 30,000 yuan but not more than 50,000 yuan"
+EMPLOYER_FINE_FEN = (3_000_000, 5_000_000)
+
+
+def record_employer_credit(book, now: int, employer: str, ground: int, evidence_ref: str,
+                           serious: bool, fine_fen: int, client_id: str) -> CreditRecord:
+    """RC-29: a work unit that forged documents in its staff's points applications is fined
+    30,000 to 50,000 yuan and recorded; in serious cases it may not apply for its staff for 3
+    years (to 24:00 of the corresponding day)."""
+    if ground != CreditGround.FORGED_DOCUMENTS:
+        raise InvalidArgument("ground", "an employer's record is for forged documents in its "
+                              "staff's points applications (RC-29): CREDIT_GROUND_FORGED_DOCUMENTS")
+    low, high = EMPLOYER_FINE_FEN
+    if not low <= fine_fen <= high:
+        raise InvalidArgument("fine_fen", f"RC-29 fines a work unit {low // 100:,} to "
+                              f"{high // 100:,} yuan: {low} to {high} fen")
+    record = CreditRecord("RC-29", ground, evidence_ref, serious, now, client_id,
+                          end_of_years(now, 3) if serious else 0, fine_fen)
+    book.add_employer_credit(employer, record)
+    return record
+
+
+def issue_electronic(book, now: int, card_number: str) -> tuple[str, Card]:
+    """SH-31, GZ-35: the holder's electronic social security card, bound to their current
+    physical card of the pack (a decision on its number is that card's, whatever card that
+    is later: yikatong.storage Book.use_bytes). One per holder and pack: asked again, the same.
+    Returns (its number, the physical card)."""
+    rec = load(book, card_number, now)
+    rule = _rule(rec.pack, "SH-31", "GZ-35", "SH-31")
+    if rec.pack == Pack.RC:
+        raise InvalidTransition(State(rec.state).name, "IssueElectronic", "SH-31",
+                                "the Residence Card has no electronic social security card")
+    if book.current_card(rec.holder_id, rec.pack) != card_number:
+        raise InvalidTransition(State(rec.state).name, "IssueElectronic", rule,
+                                "an electronic card is bound to the holder's current card")
+    _require(rec, (State.ISSUED, State.ACTIVE), "IssueElectronic", rule,
+             "an electronic card is bound to an issued card in use")
+    number = book.ecard_of(rec.holder_id, rec.pack)
+    if number is None:
+        seq = book.next_seq(b"ecard_number")
+        number = f"{config.pack_card_prefix[Pack(rec.pack)]}9{seq:015d}"
+        assert len(number) == config.ecard_number_digits
+        book.put_ecard(number, rec.holder_id, rec.pack)
+    return number, rec

@@ -68,12 +68,6 @@ law_utc_offset_seconds = 8 * 3600
 # 2020-12-31 (00:00 Shanghai time). Cards issued now carry model.GENERATION_CURRENT.
 generation_retired_at = {1: 1609344000}
 
-# RC-20: SERVICE codes gated by Residence Card points and the points they need.
-# EXAMPLE VALUES, NOT THE OFFICIAL ONES: the real standard value is set by the municipality.
-service_points_required = {
-    "RC_POINTS_SCHOOL_ENTRY": 120,
-    "RC_POINTS_HUKOU_TRANSFER": 120,
-}
 
 # SH-24, GZ-27, RC-33: what a card made again costs the holder (fen), recorded as owed in the
 # replacement's transaction (yikatong.cards._charge_fee). SH-24: free. EXAMPLE VALUES for GZ,
@@ -84,6 +78,9 @@ fee_owed_account = "op:fees-owed"
 
 # Card-number prefixes per pack (the rest is a 10-digit sequence).
 pack_card_prefix = {Pack.SH: "31", Pack.GZ: "44", Pack.BJ: "11", Pack.RC: "90"}
+# SH-31, GZ-35: an electronic card's number: the pack's prefix, "9", a 15-digit sequence (a
+# physical card's has 12 digits, so the two never meet).
+ecard_number_digits = 18
 
 # ---- money (integer fen)
 amount_fen_max = 10**11  # one transfer: 1 billion yuan; keeps every sum far from int64's end

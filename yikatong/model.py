@@ -47,6 +47,7 @@ class Flag(enum.IntFlag):
     FINANCIAL_OPEN = 2  # SH-14
     FINANCIAL_FROZEN = 4  # a bank loss report stands (SH-20)
     REPLACEMENT_APPLIED = 8  # a replacement was applied for (GZ-22)
+    PHOTO = 16  # made with the holder's photo on it (SH-22b)
 
 
 class Reason(enum.IntEnum):
@@ -93,6 +94,31 @@ class ResidenceBasis(enum.IntEnum):
     EMPLOYMENT = 1
     RESIDENCE = 2
     STUDY = 3
+
+
+class ProxyRelation(enum.IntEnum):
+    """RC-8: who applies on the holder's behalf."""
+
+    GUARDIAN = 1
+    CLOSE_RELATIVE = 2
+
+
+class ProxyGround(enum.IntEnum):
+    """RC-8: why someone else applies."""
+
+    MINOR_UNDER_16 = 1
+    ELDERLY_MOBILITY = 2  # the elderly (60 or over, Elderly Rights Law art. 2), mobility problems
+    DISABLED = 3
+
+
+@dataclasses.dataclass
+class Proxy:
+    """RC-8: a guardian or close relative applying, with their own identity document."""
+
+    ssn: str
+    name: str
+    relation: int  # ProxyRelation
+    ground: int  # ProxyGround
 
 
 class Role(enum.IntEnum):
@@ -157,6 +183,7 @@ class Changed(enum.IntFlag):
     REPLACEMENT = 8
     BALANCE = 16
     VALIDITY = 32  # RC-14: a Residence Card renewed
+    POINTS = 64  # RC-23: the holder's points score in force
 
 
 # ---------------------------------------------------------------------------- cards
@@ -311,6 +338,24 @@ class Change:
     what: int = 0  # Changed
 
 
+# RC-17 (basic public services) and RC-18 (conveniences): the SERVICE codes a Residence Card
+# in force entitles its holder to, with no points needed; each with its rule. Points-gated
+# services are the indicator table's (yikatong.points); any other code is NOT_ENTITLED.
+RC_ENTITLEMENTS = {
+    "RC_COMPULSORY_EDUCATION": "RC-17(1)",
+    "RC_PUBLIC_EMPLOYMENT": "RC-17(2)",
+    "RC_PUBLIC_HEALTH": "RC-17(3)",  # basic public health and family planning services
+    "RC_CULTURE_SPORTS": "RC-17(4)",
+    "RC_LEGAL_AID": "RC-17(5)",
+    "RC_EXIT_ENTRY_PERMIT": "RC-18(1)",
+    "RC_ID_CARD_REPLACEMENT": "RC-18(2)",
+    "RC_VEHICLE_REGISTRATION": "RC-18(3)",
+    "RC_DRIVING_LICENCE": "RC-18(4)",
+    "RC_PROFESSIONAL_EXAMS": "RC-18(5)",
+    "RC_CHILDBIRTH_REGISTRATION": "RC-18(6)",
+}
+
+
 class CreditGround(enum.IntEnum):
     """SH-26 (a card lent, got or used by fraud, forged) and RC-29 (forged documents)."""
 
@@ -332,6 +377,7 @@ class CreditRecord:
     time: int
     client_id: str
     points_barred_until: int = 0
+    fine_fen: int = 0  # RC-29, an employer's record: the fine imposed
 
 
 @dataclasses.dataclass
