@@ -26,11 +26,12 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/yikatong
 	ln -s $(CURDIR)/yikatong/*.py $(CURDIR)/yikatong/v1 $(CURDIR)/yikatong/calendar \
+		$(CURDIR)/yikatong/points \
 		$(TYPECHECK)/yikatong/
 	ln -s $(CURDIR)/storage $(TYPECHECK)/yikatong/storage
 	ln -s $(CURDIR)/fastpath $(TYPECHECK)/yikatong/fastpath
 	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
-		-p yikatong.storage -p yikatong.calendar -m yikatong.model -m yikatong.cards -m yikatong.ledger \
+		-p yikatong.storage -p yikatong.calendar -p yikatong.points -m yikatong.model -m yikatong.cards -m yikatong.ledger \
 		-m yikatong.authorize -m yikatong.errors -m yikatong.config -m yikatong.clock
 
 # A bounded run (about 5 minutes on 2 cores); results in bench/results/<date>/summary.md.

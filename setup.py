@@ -49,10 +49,10 @@ class build_ext(_build_ext):
 setup(
     package_dir={"yikatong": "yikatong", "yikatong.server": "server",
                  "yikatong.storage": "storage", "yikatong.fastpath": "fastpath"},
-    packages=["yikatong", "yikatong.v1", "yikatong.calendar", "yikatong.server",
+    packages=["yikatong", "yikatong.v1", "yikatong.calendar", "yikatong.points", "yikatong.server",
               "yikatong.storage", "yikatong.fastpath"],
     package_data={"yikatong.fastpath": ["*.pyx", "*.pyi"], "yikatong.v1": ["*.pyi"],
-                  "yikatong.calendar": ["*.toml"]},
+                  "yikatong.calendar": ["*.toml"], "yikatong.points": ["*.toml"]},
     ext_modules=[Extension(
         "yikatong.fastpath._authorize_c",
         ["fastpath/_authorize_c.pyx"],

@@ -118,9 +118,9 @@ class InProcess:
         self.valid_until = 0  # of the card the last allowed operation returned
         self.refusal = ""  # the last refusal: its kind(message)
 
-    def apply(self, now, pack, holder, instant):
+    def apply(self, now, pack, holder, instant, address):
         info = HolderInfo(ssn_of(holder), name="n", birth_date="1980-01-01", phone="1",
-                          occupation="o", household_address="h", residence_address="r")
+                          occupation="o", household_address="h", residence_address=address)
         eligible = Eligibility(True, True, True, "2020-01-01", 1)
         return self.store.write(lambda book: cards.apply(
             book, now, pack=pack, holder=info, eligibility=eligible,
@@ -210,11 +210,11 @@ class OverGrpc:
         self.valid_until = 0
         self.refusal = ""
 
-    def apply(self, now, pack, holder, instant):
+    def apply(self, now, pack, holder, instant, address):
         h = pb.Holder(ssn=ssn_of(holder), name="n", phone="1", occupation="o",
                       birth_date="1980-01-01", household_registered=True, insured=True,
                       entitled_public_services=True, household_address="h",
-                      residence_address="r")
+                      residence_address=address)
         try:
             return self.s.lifecycle.Apply(pb.ApplyRequest(
                 request_id=uuid.uuid4().hex, pack=pack, holder=h, with_transit=pack != Pack.RC,
@@ -427,6 +427,7 @@ class LifecycleModel(RuleBasedStateMachine):
         self.last = ""
         self.unentitled: set[tuple[int, int]] = set()  # (holder, pack) cancelled for death
         self.moves = 0  # RC-13: each filing moves the holder to a new address
+        self.address: dict[int, str] = {}  # holder -> the residence address held
 
     def teardown(self):
         self.cleanup()
@@ -435,7 +436,9 @@ class LifecycleModel(RuleBasedStateMachine):
         blocked = not can_apply(self.cards, holder, pack, self.now) or (
             instant and pack == Pack.SH)  # SH-23b: a first SH application is never instant
         try:
-            number = self.backend.apply(self.now, pack, holder, instant)
+            # GZ-20: the information held (after RC-13 filings) is given again unchanged
+            number = self.backend.apply(self.now, pack, holder, instant,
+                                        self.address.get(holder, "r"))
         except YikatongError:
             number = None
         assert (number is None) == blocked, (Pack(pack).name, instant)
@@ -526,6 +529,7 @@ class LifecycleModel(RuleBasedStateMachine):
                                               changed.isoformat())
         assert (got is not None) == allowed, (Pack(c.pack).name, State(c.state).name)
         if got is not None:
+            self.address[c.holder] = f"上海市黄浦区{self.moves}号"
             due, late = got
             assert due == clocks.start_of_day(changed + dt.timedelta(days=31)), (changed, due)
             assert late == (days_ago > 30), (days_ago, clocks.format_time(self.now), due)

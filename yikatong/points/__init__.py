@@ -266,7 +266,7 @@ def apply(book, now: int, table: Table, card_number: str, filer: int, employer: 
     step = cards.deadline(STEP, "RC-23", lambda: end_of_working_days(now, 20))
     record = record or pb.PointsRecord()
     record.open_application.CopyFrom(pb.PointsApplication(
-        card_number=card_number, filer=filer, employer=employer, claims=claims,
+        card_number=card_number, filer=pb.PointsFiler.Name(filer), employer=employer, claims=claims,
         evidence_ref=evidence_ref, accepted_at=now, due_at=step.due_at, client_id=client_id))
     book.put_points(rec.holder_id, record)
     book.put_steps(card_number, [*book.steps_of(card_number), step])
