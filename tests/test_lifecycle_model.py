@@ -501,16 +501,18 @@ class LifecycleModel(RuleBasedStateMachine):
         self.backend.tick(seconds)
 
     @precondition(lambda self: any(c.valid_until > self.now for c in self.cards.values()))
-    @rule(data=st.data(), expiry=st.booleans(), before=st.booleans())
-    def to_the_edge_of_validity(self, data, expiry, before):
+    @rule(data=st.data(), expiry=st.booleans(), before=st.booleans(), renew=st.booleans())
+    def to_the_edge_of_validity(self, data, expiry, before, renew):
         """RC-14: to the last second before, or the first of, a Residence Card's renewal
-        window or its suspension."""
+        window or its suspension; there, maybe, renew it."""
         number = data.draw(st.sampled_from(sorted(
             n for n, c in self.cards.items() if c.valid_until > self.now)))
         c = self.cards[number]
         edge = (c.valid_until if expiry else renewal_opens(c.valid_until)) - before
         if edge > self.now:
             self.tick(edge - self.now)
+        if renew:
+            self._operate("renew", number, Channel.MEDICAL)
 
     @precondition(lambda self: self.cards)
     @rule(data=st.data(), residence=st.booleans(),
