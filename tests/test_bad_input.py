@@ -32,6 +32,14 @@ def holder(**kw):
     return pb.Holder(**fields)
 
 
+def points(**kw):
+    fields = dict(request_id="p1", card_number=CARD, filer=pb.POINTS_FILER_EMPLOYER,
+                  employer="91350100M000100Y43", evidence_ref="HR-1",
+                  claims=[pb.PointsClaim(indicator="education", value="master")])
+    fields.update(kw)
+    return pb.ApplyPointsRequest(**fields)
+
+
 # (service, method, request or raw bytes, role, code, message prefix)
 CASES = [
     ("Authorization", "Authorize", auth(card_number=""), "TRANSIT_GATE", IA, "card_number:"),
@@ -97,6 +105,31 @@ CASES = [
         holder=pb.Holder(phone="\x00")), "COMMUNITY_OUTLET", IA, "holder.phone:"),
     ("CardStatus", "GetStatusBatch", pb.GetStatusBatchRequest(card_numbers=["1", "x"]),
      "BANK_SWITCH", IA, "card_numbers[1]:"),
+    ("ResidenceCard", "ApplyPoints", points(card_number=""), "HRSS", IA, "card_number:"),
+    ("ResidenceCard", "ApplyPoints", points(filer=0), "HRSS", IA, "filer:"),
+    ("ResidenceCard", "ApplyPoints", points(employer="91350100M000100Y44"), "HRSS", IA,
+     "employer: check character"),
+    ("ResidenceCard", "ApplyPoints", points(evidence_ref=" "), "HRSS", IA, "evidence_ref:"),
+    ("ResidenceCard", "ApplyPoints", points(claims=[]), "HRSS", IA, "claims:"),
+    ("ResidenceCard", "ApplyPoints", points(claims=[pb.PointsClaim(indicator="age")]), "HRSS",
+     IA, "claims[0].value:"),
+    ("ResidenceCard", "ApplyPoints", points(), "HRSS", FP,  # not a Residence Card
+     "ApplyPoints is not allowed on a card in state ACTIVE (RC-20)"),
+    ("ResidenceCard", "DecidePoints", pb.DecidePointsRequest(request_id="d", card_number=CARD),
+     "HRSS", FP, "RC-23"),
+    ("ResidenceCard", "DecidePoints", pb.DecidePointsRequest(request_id="", card_number=CARD),
+     "HRSS", IA, "request_id:"),
+    ("ResidenceCard", "GetPoints", pb.GetPointsRequest(card_number=LONG), "HRSS", IA,
+     "card_number:"),
+    ("Lifecycle", "IssueElectronic", pb.IssueElectronicRequest(request_id="e", card_number=""),
+     "ONLINE_PLATFORM", IA, "card_number:"),
+    ("Lifecycle", "IssueElectronic", pb.IssueElectronicRequest(request_id="", card_number=CARD),
+     "ONLINE_PLATFORM", IA, "request_id:"),
+    ("Lifecycle", "Apply", pb.ApplyRequest(request_id="a", pack=pb.PACK_RC, holder=holder(),
+                                           proxy=pb.Proxy(ssn="1", name="x")),
+     "COMMUNITY_OUTLET", IA, "proxy.ssn:"),
+    ("Holders", "RecordCredit", pb.RecordCreditRequest(
+        request_id="c", employer="x", ground=4, evidence_ref="x"), "HRSS", IA, "employer:"),
     ("Lifecycle", "Apply", pb.ApplyRequest(request_id="a", pack=9, holder=holder()),
      "ONLINE_PLATFORM", IA, "pack:"),
     ("Lifecycle", "Apply", pb.ApplyRequest(request_id="a", pack=pb.PACK_SH, holder=holder(

@@ -221,9 +221,9 @@ def check_may_apply(record: pb.PointsRecord | None, holder_bar: int, employer_ba
     """RC-23: one open application per holder; RC-29: not while the holder is barred, nor
     filed by a barred employer (the holder may still file at HRSS, RC-30)."""
     if record is not None and record.HasField("open_application"):
-        raise InvalidTransition("open", "ApplyPoints", "RC-23", "an application filed "
-                                f"{law_date(record.open_application.accepted_at).isoformat()} "
-                                "is waiting for its decision")
+        raise Refused("RC-23", "an application filed on "
+                      f"{law_date(record.open_application.accepted_at).isoformat()} is "
+                      "waiting for its decision")
     if holder_bar:
         raise Refused("RC-29", "a serious forgery bars this holder's points applications to "
                       f"24:00 of {law_date(holder_bar - 1).isoformat()}")
@@ -245,11 +245,13 @@ def _holder_card(book, now: int, card_number: str, operation: str):
     if rec.pack != Pack.RC:
         raise InvalidTransition(State(rec.state).name, operation, "RC-20",
                                 "points are for Residence Card holders")
-    if rec.state != State.ACTIVE or now >= rec.valid_until:
-        raise InvalidTransition(State(rec.state).name if rec.state != State.ACTIVE
-                                else "NOT_RENEWED", operation, "RC-20",
-                                "needs a Residence Card in force (a lapsed one is renewed "
-                                "first, RC-14)")
+    if rec.state != State.ACTIVE:
+        raise InvalidTransition(State(rec.state).name, operation, "RC-20",
+                                "needs a Residence Card in force")
+    if now >= rec.valid_until:
+        raise Refused("RC-14", f"card {card_number} lapsed on "
+                      f"{law_date(rec.valid_until - 1).isoformat()}: renewed first, it is in "
+                      "force again at once")
     return rec
 
 
@@ -282,8 +284,7 @@ def decide(book, now: int, table: Table, card_number: str, approved: bool, reaso
         raise CardNotFound(card_number)
     record = book.points(rec.holder_id)
     if record is None or not record.HasField("open_application"):
-        raise InvalidTransition("none open", "DecidePoints", "RC-23",
-                                "the holder has no points application waiting")
+        raise Refused("RC-23", "the holder has no points application waiting for a decision")
     application = record.open_application
     decision = pb.PointsDecision(approved=approved, table_version=table.version,
                                  decided_at=now, client_id=client_id, reason=reason)
