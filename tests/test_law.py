@@ -629,6 +629,21 @@ def test_gz_10_working_days_skip_the_national_day_holiday_and_count_its_make_up_
     assert [i[0] for i in due(srv, 30)] == [rc]  # a rejection owes nothing more
 
 
+def test_gz_10_working_days_skip_the_spring_festival_to_the_second(tmp_path):
+    """The 2026 Spring Festival: 15 to 23 February are holidays, Saturdays 14 and 28 February
+    make-up working days (the State Council's notice for 2026). Accepted on Thursday 12
+    February: the 12 working days are 13, 14, 24 to 28 February and 2 to 6 March, so the issue
+    is overdue from 00:00 on 7 March, not a second before."""
+    with running(tmp_path, "--clock", "manual", "--clock-start",
+                 "2026-02-12T10:00:00+08:00") as srv:
+        card = apply(srv, 43, pb.PACK_GZ).card_number
+        step = (card, "issue", "GZ-10", "2026-03-07T00:00:00+08:00")
+        set_clock(srv, "2026-03-06T23:59:59+08:00")
+        assert due(srv, 1) == [step + (False,)]
+        set_clock(srv, "2026-03-07T00:00:00+08:00")
+        assert due(srv, 0) == [step + (True,)]
+
+
 def test_sh_23a_gz_25_a_replacement_is_due_in_15_days_or_12_working_days(srv):
     """SH-23a: a replacement or renewal made within 15 days of receiving it (no verification
     again); GZ-25: within 12 working days. Received Monday 21 September 2026 at 15:00: SH by
