@@ -106,3 +106,310 @@ def decide(Policy policy, record, int channel, int64_t now, int points_required,
         return -1
     return c_decide(policy, &view[0], view.shape[0], channel, now, points_required, amount,
                     available)
+
+
+# ---------------------------------------------------------------------------- the wire path
+#
+# Status-only authorizations and status batches from the request's wire bytes to the
+# response's, with no protobuf object in between (server/app.py registers these methods with
+# bytes in and out). A request is taken here only when it is plainly valid and moves no money:
+# every string ASCII and printable (card numbers digits), every known field in its own wire
+# type, the channel one the caller's role may use, no money field set, a batch of 1 to
+# batch_size_max. Anything else returns None, and the Python path (the reference) decodes it,
+# validates it and answers or refuses it, so every error and its message is the Python path's.
+# The answer for a request taken here is byte for byte what the Python path would serialize.
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.stdint cimport uint32_t, uint64_t
+
+cdef enum:
+    ID_MAX = 64  # config.request_id_bytes_max
+    CARD_MAX = 20  # config.card_number_length_max
+    ECARD_DIGITS = 18  # config.ecard_number_digits
+    CH_MEDICAL = 2
+    CHANNEL_MAX = 6
+    REASONS = 15  # server.metrics.REASONS: APPROVED and the 14 declines
+
+
+cdef uint64_t TAG_MAX = 0xffffffff  # the largest tag: field number 2**29 - 1
+
+
+cdef struct Req:
+    const uint8_t* rid
+    Py_ssize_t rid_n
+    const uint8_t* card
+    Py_ssize_t card_n
+    const uint8_t* code
+    Py_ssize_t code_n
+    int channel
+
+
+cdef inline Py_ssize_t _varint(const uint8_t* p, Py_ssize_t i, Py_ssize_t end,
+                               uint64_t* out) noexcept nogil:
+    """The varint at p[i]: the index after it, or -1 (cut short, or longer than 10 bytes)."""
+    cdef uint64_t v = 0
+    cdef int shift = 0
+    cdef uint8_t b
+    while i < end and shift < 70:
+        b = p[i]
+        i += 1
+        v |= (<uint64_t>(b & 0x7f)) << shift
+        if not (b & 0x80):
+            out[0] = v
+            return i
+        shift += 7
+    return -1
+
+
+cdef inline Py_ssize_t _skip(const uint8_t* p, Py_ssize_t i, Py_ssize_t end,
+                             int wire_type) noexcept nogil:
+    """Past an unknown field's value, as protobuf skips it: the index after, or -1."""
+    cdef uint64_t n
+    if wire_type == 0:
+        return _varint(p, i, end, &n)
+    if wire_type == 1:
+        return i + 8 if i + 8 <= end else -1
+    if wire_type == 5:
+        return i + 4 if i + 4 <= end else -1
+    if wire_type == 2:
+        i = _varint(p, i, end, &n)
+        if i < 0 or n > <uint64_t>(end - i):
+            return -1
+        return i + <Py_ssize_t>n
+    return -1  # groups (3, 4) and the undefined 6, 7: the Python path says what is wrong
+
+
+cdef inline bint _ascii(const uint8_t* s, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k
+    for k in range(n):
+        if s[k] & 0x80:
+            return False
+    return True
+
+
+cdef inline bint _printable(const uint8_t* s, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k
+    for k in range(n):
+        if s[k] < 0x20 or s[k] > 0x7e:
+            return False
+    return True
+
+
+cdef inline bint _digits(const uint8_t* s, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k
+    if n < 1 or n > CARD_MAX:
+        return False
+    for k in range(n):
+        if s[k] < 0x30 or s[k] > 0x39:
+            return False
+    return True
+
+
+cdef bint _request(const uint8_t* p, Py_ssize_t i, Py_ssize_t end, Req* r,
+                   uint32_t channels) noexcept nogil:
+    """One AuthorizeRequest in p[i:end], into `r`: True when it is plainly valid, moves no
+    money and its channel is one of `channels` (bit 1 << channel)."""
+    cdef uint64_t key, v, n
+    cdef int field, wire_type
+    cdef const uint8_t* term = NULL
+    cdef Py_ssize_t term_n = 0
+    r.rid, r.rid_n, r.card, r.card_n, r.code, r.code_n, r.channel = NULL, 0, NULL, 0, NULL, 0, 0
+    while i < end:
+        i = _varint(p, i, end, &key)
+        if i < 0 or key > TAG_MAX:
+            return False
+        field, wire_type = <int>(key >> 3), <int>(key & 7)
+        if field == 0:
+            return False
+        if field in (1, 2, 5, 6, 8, 9):  # strings: the last one wins, as in protobuf
+            if wire_type != 2:
+                return False
+            i = _varint(p, i, end, &n)
+            if i < 0 or n > <uint64_t>(end - i) or not _ascii(p + i, <Py_ssize_t>n):
+                return False  # protobuf checks every occurrence's UTF-8, not only the last
+            if field == 1:
+                r.rid, r.rid_n = p + i, <Py_ssize_t>n
+            elif field == 2:
+                r.card, r.card_n = p + i, <Py_ssize_t>n
+            elif field == 5:
+                term, term_n = p + i, <Py_ssize_t>n
+            elif field == 9:
+                r.code, r.code_n = p + i, <Py_ssize_t>n
+            elif n:  # payee_account (6), hold_request_id (8): money
+                return False
+            i += <Py_ssize_t>n
+        elif field in (3, 4, 7, 10):  # channel; amount_fen, phase, hold_timeout_seconds
+            if wire_type != 0:
+                return False
+            i = _varint(p, i, end, &v)
+            if i < 0:
+                return False
+            if field == 3:
+                if v < 1 or v > CHANNEL_MAX:
+                    return False
+                r.channel = <int>v
+            elif v:
+                return False
+        else:
+            i = _skip(p, i, end, wire_type)
+            if i < 0:
+                return False
+    return (0 < r.rid_n <= ID_MAX and _printable(r.rid, r.rid_n) and _digits(r.card, r.card_n)
+            and r.channel != 0 and (channels >> r.channel) & 1
+            and term_n <= ID_MAX and _printable(term, term_n)
+            and r.code_n <= ID_MAX and _printable(r.code, r.code_n))
+
+
+cdef inline Py_ssize_t _put_varint(uint8_t* out, Py_ssize_t o, uint64_t v) noexcept nogil:
+    while v >= 0x80:
+        out[o] = <uint8_t>(v | 0x80)
+        v >>= 7
+        o += 1
+    out[o] = <uint8_t>v
+    return o + 1
+
+
+cdef inline Py_ssize_t _put_string(uint8_t* out, Py_ssize_t o, int field, const uint8_t* s,
+                                   Py_ssize_t n) noexcept nogil:
+    if n == 0:
+        return o
+    out[o] = <uint8_t>((field << 3) | 2)
+    o = _put_varint(out, o + 1, <uint64_t>n)
+    memcpy(out + o, s, n)
+    return o + n
+
+
+cdef inline Py_ssize_t _put_answer(uint8_t* out, Py_ssize_t o, Req* r, int reason) noexcept nogil:
+    """An AuthorizeResponse: request_id, decision, reason (none on an approval)."""
+    o = _put_string(out, o, 1, r.rid, r.rid_n)
+    out[o] = 0x10
+    out[o + 1] = 1 if reason == 0 else 2
+    o += 2
+    if reason:
+        out[o] = 0x18
+        out[o + 1] = <uint8_t>reason
+        o += 2
+    return o
+
+
+cdef object _record(object get, const uint8_t* number, Py_ssize_t n, object cards,
+                    object ecards, object holder_cards):
+    """The record a use of `number` is decided on (Book.use_bytes): the card's own, or for
+    an electronic card its holder's current card's."""
+    cdef bytes key = PyBytes_FromStringAndSize(<const char*>number, n)
+    if n != ECARD_DIGITS:
+        return get(key, None, cards)
+    found = get(key, None, ecards)
+    if found is None:
+        return None
+    current = get(bytes(found[:9]), None, holder_cards)
+    return None if current is None else get(bytes(current), None, cards)
+
+
+cdef object _decide_all(Policy policy, const uint8_t* p, Req* reqs, Py_ssize_t count,
+                        bint batch, object get, object cards, object ecards,
+                        object holder_cards, int64_t now, object points_required,
+                        object tally):
+    cdef Py_ssize_t k, o = 0, size = 16
+    cdef int reason, need
+    cdef int counts[(CHANNEL_MAX + 1) * REASONS]
+    cdef uint8_t* out
+    cdef uint8_t inner[ID_MAX + 16]
+    cdef Py_ssize_t inner_n
+    cdef const uint8_t* rec
+    for k in range(count):
+        size += reqs[k].rid_n + 16
+    out = <uint8_t*>PyMem_Malloc(size)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        for k in range((CHANNEL_MAX + 1) * REASONS):
+            counts[k] = 0
+        for k in range(count):
+            record = _record(get, reqs[k].card, reqs[k].card_n, cards, ecards, holder_cards)
+            need = 0
+            if reqs[k].channel == CH_SERVICE:
+                need = points_required(PyBytes_FromStringAndSize(
+                    <const char*>reqs[k].code, reqs[k].code_n).decode("ascii"))
+            if record is None:
+                reason = 1
+            else:
+                reason = c_decide(policy, <const uint8_t*>PyBytes_AS_STRING(record),
+                                  PyBytes_GET_SIZE(record), reqs[k].channel, now, need, 0, 0)
+                if reason < 0:
+                    return None  # a corrupt record: the Python path refuses it
+            counts[reqs[k].channel * REASONS + reason] += 1
+            if batch:
+                inner_n = _put_answer(inner, 0, &reqs[k], reason)
+                out[o] = 0x0a
+                o = _put_varint(out, o + 1, <uint64_t>inner_n)
+                memcpy(out + o, inner, inner_n)
+                o += inner_n
+            else:
+                o = _put_answer(out, o, &reqs[k], reason)
+        for k in range((CHANNEL_MAX + 1) * REASONS):
+            if counts[k]:
+                tally[k] += counts[k]
+        return PyBytes_FromStringAndSize(<const char*>out, o)
+    finally:
+        PyMem_Free(out)
+
+
+def authorize_wire(Policy policy, bytes raw, bint batch, object get, object cards,
+                   object ecards, object holder_cards, int64_t now, uint32_t channels,
+                   object points_required, object tally, Py_ssize_t batch_max):
+    """An AuthorizeBatchRequest (`batch`) or an AuthorizeRequest, as wire bytes, answered as
+    the AuthorizeBatchResponse or AuthorizeResponse wire bytes; None when the Python path
+    must take it. `get` is the read transaction's get(key, default, db); `channels` the
+    caller's role's channels (bit 1 << channel); `tally` gets each decision counted at
+    [channel * 15 + reason]; `points_required(service_code)` the RC-20 gate."""
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(raw), i = 0, count = 0, start
+    cdef uint64_t key, n
+    cdef Req one
+    cdef Req* reqs
+    if len(tally) != (CHANNEL_MAX + 1) * REASONS:
+        raise ValueError("tally must have a count per channel and reason")
+    if not batch:
+        if not _request(p, 0, end, &one, channels):
+            return None
+        return _decide_all(policy, p, &one, 1, False, get, cards, ecards, holder_cards, now,
+                           points_required, tally)
+    while i < end:  # count the requests, and refuse what is not plainly a batch
+        i = _varint(p, i, end, &key)
+        if i < 0 or key > TAG_MAX or (key >> 3) == 0:
+            return None
+        if key == 0x0a:
+            i = _varint(p, i, end, &n)
+            if i < 0 or n > <uint64_t>(end - i):
+                return None
+            i += <Py_ssize_t>n
+            count += 1
+        elif (key >> 3) == 1:
+            return None
+        else:
+            i = _skip(p, i, end, <int>(key & 7))
+            if i < 0:
+                return None
+    if count < 1 or count > batch_max:
+        return None
+    reqs = <Req*>PyMem_Malloc(count * sizeof(Req))
+    if reqs == NULL:
+        raise MemoryError()
+    try:
+        i, count = 0, 0
+        while i < end:
+            i = _varint(p, i, end, &key)
+            if key == 0x0a:
+                i = _varint(p, i, end, &n)
+                start, i = i, i + <Py_ssize_t>n
+                if not _request(p, start, i, &reqs[count], channels):
+                    return None
+                count += 1
+            else:
+                i = _skip(p, i, end, <int>(key & 7))
+        return _decide_all(policy, p, reqs, count, True, get, cards, ecards, holder_cards, now,
+                           points_required, tally)
+    finally:
+        PyMem_Free(reqs)

@@ -158,12 +158,19 @@ def register(server, servicers, clients, message_module, table=roles.METHOD_ROLE
             wrap = _streaming if m.server_streaming else _unary
             handler_type = (grpc.stream_stream_rpc_method_handler if m.server_streaming else
                             grpc.stream_unary_rpc_method_handler)
+            raw = m.name in getattr(servicer, "RAW_METHODS", ())  # bytes in, bytes or message out
             handlers[m.name] = handler_type(
                 wrap(name, table[name], clients, behaviour, m.client_streaming, limits),
-                request_deserializer=errors.decoder(getattr(message_module, m.input_type.name)),
-                response_serializer=getattr(message_module, m.output_type.name).SerializeToString)
+                request_deserializer=None if raw else
+                errors.decoder(getattr(message_module, m.input_type.name)),
+                response_serializer=_raw_or_message if raw else
+                getattr(message_module, m.output_type.name).SerializeToString)
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _raw_or_message(response) -> bytes:
+    return response if type(response) is bytes else response.SerializeToString()
 
 
 def _admit(call, allowed, clients, context, limits: Limits) -> None:
