@@ -18,7 +18,9 @@ else:
 COMPILED = impl is not _authorize_py
 Policy = impl.Policy
 decide = impl.decide
-# The wire path of status-only authorizations (compiled only; None: the Python path alone)
+# The wire paths of status-only authorizations and status batches (compiled only; None:
+# the Python path alone)
 authorize_wire = getattr(impl, "authorize_wire", None)
+status_wire = getattr(impl, "status_wire", None)
 APPROVED = _authorize_py.APPROVED
 CORRUPT = _authorize_py.CORRUPT

@@ -413,3 +413,127 @@ def authorize_wire(Policy policy, bytes raw, bint batch, object get, object card
                            points_required, tally)
     finally:
         PyMem_Free(reqs)
+
+
+cdef enum:
+    OFF_REPLACED_BY = 64  # storage/records.py
+    OFF_REPLACES = 84
+    OFF_BANK = 104
+    BANK_BYTES = 32
+    ACTIVE = 5
+
+
+cdef inline Py_ssize_t _stripped(const uint8_t* s, Py_ssize_t n) noexcept nogil:
+    """The length of a NUL-padded text field without its trailing NULs."""
+    while n > 0 and s[n - 1] == 0:
+        n -= 1
+    return n
+
+
+cdef Py_ssize_t _put_status(uint8_t* out, Py_ssize_t o, const uint8_t* number, Py_ssize_t n,
+                            object record, Policy policy, int64_t now):
+    """A CardStatusResponse as CardStatus._status makes it; -1 when the Python path must
+    answer (a record it would refuse as corrupt)."""
+    cdef const uint8_t* rec
+    cdef int reason
+    cdef Py_ssize_t k, replaced_n
+    cdef uint8_t state
+    o = _put_string(out, o, 1, number, n)
+    if record is None:
+        out[o] = 0x28
+        out[o + 1] = 1  # CARD_NOT_FOUND; found false
+        return o + 2
+    rec = <const uint8_t*>PyBytes_AS_STRING(record)
+    reason = c_decide(policy, rec, PyBytes_GET_SIZE(record), CH_MEDICAL, now, 0, 0, 0)
+    if reason < 0:
+        return -1
+    replaced_n = _stripped(rec + OFF_REPLACED_BY, CARD_MAX)
+    if not _ascii(rec + OFF_REPLACED_BY, replaced_n) \
+            or not _ascii(rec + OFF_REPLACES, _stripped(rec + OFF_REPLACES, CARD_MAX)):
+        return -1
+    k = _stripped(rec + OFF_BANK, BANK_BYTES)
+    if not _ascii(rec + OFF_BANK, k):
+        try:  # a bank's name in Chinese: decodable, as records.decode_card requires
+            PyBytes_FromStringAndSize(<const char*>(rec + OFF_BANK), k).decode("utf-8")
+        except UnicodeDecodeError:
+            return -1
+    state = rec[2]
+    if state == TEMP_LOSS and now >= _i64(rec + 8):  # cards.effective_state: lapsed (SH-18b)
+        state = ACTIVE
+    out[o] = 0x10
+    out[o + 1] = 1
+    out[o + 2] = 0x18
+    out[o + 3] = rec[1]
+    out[o + 4] = 0x20
+    out[o + 5] = state
+    o += 6
+    if reason:
+        out[o] = 0x28
+        out[o + 1] = <uint8_t>reason
+        o += 2
+    if rec[3] & FLAG_TRANSIT:
+        out[o] = 0x30
+        out[o + 1] = 1
+        o += 2
+    if rec[3] & FLAG_FINANCIAL_OPEN:
+        out[o] = 0x38
+        out[o + 1] = 1
+        o += 2
+    if rec[3] & FLAG_FINANCIAL_FROZEN:
+        out[o] = 0x40
+        out[o + 1] = 1
+        o += 2
+    return _put_string(out, o, 9, rec + OFF_REPLACED_BY, replaced_n)
+
+
+def status_wire(Policy policy, bytes raw, object get, object cards, object ecards,
+                object holder_cards, int64_t now, Py_ssize_t batch_max):
+    """A GetStatusBatchRequest's wire bytes answered as the GetStatusBatchResponse's, or
+    None when the Python path must take it (see authorize_wire)."""
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(raw), i = 0, count = 0, o = 0, size = 0
+    cdef Py_ssize_t inner_n, at
+    cdef uint64_t key, n
+    cdef uint8_t inner[CARD_MAX + 64]
+    cdef uint8_t* out
+    while i < end:  # every entry plainly a card number; unknown fields skipped
+        i = _varint(p, i, end, &key)
+        if i < 0 or key > TAG_MAX or (key >> 3) == 0:
+            return None
+        if key == 0x0a:
+            i = _varint(p, i, end, &n)
+            if i < 0 or n > <uint64_t>(end - i) or not _digits(p + i, <Py_ssize_t>n):
+                return None
+            i += <Py_ssize_t>n
+            count += 1
+        elif (key >> 3) == 1:
+            return None
+        else:
+            i = _skip(p, i, end, <int>(key & 7))
+            if i < 0:
+                return None
+    if count < 1 or count > batch_max:
+        return None
+    out = <uint8_t*>PyMem_Malloc(count * (CARD_MAX + 64) + 16)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        i = 0
+        while i < end:
+            i = _varint(p, i, end, &key)
+            if key != 0x0a:
+                i = _skip(p, i, end, <int>(key & 7))
+                continue
+            i = _varint(p, i, end, &n)
+            at, i = i, i + <Py_ssize_t>n
+            record = _record(get, p + at, <Py_ssize_t>n, cards, ecards, holder_cards)
+            inner_n = _put_status(inner, 0, p + at, <Py_ssize_t>n, record, policy, now)
+            if inner_n < 0:
+                return None
+            out[o] = 0x0a
+            o = _put_varint(out, o + 1, <uint64_t>inner_n)
+            memcpy(out + o, inner, inner_n)
+            o += inner_n
+        return PyBytes_FromStringAndSize(<const char*>out, o)
+    finally:
+        PyMem_Free(out)

@@ -293,6 +293,8 @@ def decode(message_class, raw: bytes):
 # --------------------------------------------------------------------- CardStatus
 
 class CardStatus:
+    RAW_METHODS = ("GetStatusBatch",) if fastpath.status_wire else ()  # as Authorization's
+
     def __init__(self, core: Core):
         self.core = core
 
@@ -367,6 +369,15 @@ class CardStatus:
         return out
 
     async def GetStatusBatch(self, request, client: Client):
+        if type(request) is bytes:
+            store = self.core.store
+            with store.read() as txn:
+                answer = fastpath.status_wire(
+                    self.core.policy, request, txn.get, store.dbs.cards, store.dbs.ecards,
+                    store.dbs.holder_cards, self.core.clock.now(), config.batch_size_max)
+            if answer is not None:
+                return answer
+            request = decode(pb.GetStatusBatchRequest, request)
         validate.batch(request.card_numbers, "card_numbers")
         for i, number in enumerate(request.card_numbers):
             validate.card_number(number, f"card_numbers[{i}]")

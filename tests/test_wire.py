@@ -52,7 +52,8 @@ def world(tmp_path_factory):
                         points=rng.choice([0, 119, 120, 65535]),
                         temp_loss_until=NOW + rng.choice([-1, 0, 1, 86400]),
                         valid_until=rng.choice([0, NOW, NOW + 1, NOW - 1]),
-                        holder_id=n + 1, replaced_by=rng.choice(["", "310000009999"]))
+                        holder_id=n + 1, replaced_by=rng.choice(["", "310000009999"]),
+                        service_bank=rng.choice(["", "ICBC", "中国工商银行"]))
             book.txn.put(number.encode(), records.encode_card(card), db=book.dbs.cards)
             book.set_current_card(n + 1, card.pack, number)
             numbers.append(number)
@@ -60,7 +61,10 @@ def world(tmp_path_factory):
                 ecard = f"{number[:2]}9{n:015d}"
                 book.put_ecard(ecard, n + 1, card.pack)
                 numbers.append(ecard)
-        for number, value in (("310000000500", b"\x02" * 10), ("310000000501", b"\x09" * 136)):
+        bad_bank = bytearray(records.encode_card(Card("310000000502", Pack.GZ, State.ACTIVE)))
+        bad_bank[records.SIZE - 1] = 0xff  # the service bank's last byte: not UTF-8
+        for number, value in (("310000000500", b"\x02" * 10), ("310000000501", b"\x09" * 136),
+                              ("310000000502", bytes(bad_bank))):
             book.txn.put(number.encode(), value, db=book.dbs.cards)  # corrupt: never decided on
             numbers.append(number)
     store.write(fill)
@@ -231,7 +235,7 @@ def test_plainly_valid_status_batches_are_the_wire_paths(world):
     for role in ROLES:
         channels = [c for c in Channel if app.CHANNEL_MASKS[role] >> c & 1]
         batch = pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
-            request_id=f"r{i}", card_number=rng.choice(numbers[:-2]), channel=rng.choice(
+            request_id=f"r{i}", card_number=rng.choice(numbers[:-3]), channel=rng.choice(
                 channels), terminal_id="gate-1", service_code=rng.choice(CODES[:5]))
             for i in range(config.batch_size_max)])
         assert check(servicer, batch.SerializeToString(), True, role)
@@ -255,3 +259,52 @@ def test_the_wire_path_counts_its_decisions_in_the_metrics(world):
                      Client("c", Role.MEDICAL_TERMINAL)) is not None
     i = Channel.MEDICAL * REASONS + pb.DECLINE_REASON_CARD_NOT_FOUND
     assert metrics.decisions[i] == before[i] + 1
+
+
+@st.composite
+def status_batches(draw, numbers):
+    parts = []
+    for _ in range(draw(st.integers(0, 6))):
+        number = rarely(draw, draw(st.sampled_from(numbers)), [
+            "", "31abc", "9" * 21, "310000999999", "３１", "9" * 18, "1", "\x80"])
+        parts.append(mangle(draw, b"\x0a" + varint(len(number.encode())) + number.encode()))
+    return mangle(draw, b"".join(parts))
+
+
+def check_status(servicer, raw: bytes) -> bool:
+    client = Client("c", Role.BANK_SWITCH)
+    store = servicer.core.store
+    with store.read() as txn:
+        answer = fastpath.status_wire(servicer.core.policy, raw, txn.get, store.dbs.cards,
+                                      store.dbs.ecards, store.dbs.holder_cards, NOW,
+                                      config.batch_size_max)
+    if currently_in_test_context():
+        event("wire path" if answer is not None else "python path")
+    if answer is None:
+        return False
+    try:
+        expected = ("ok", run(servicer.GetStatusBatch(
+            app.decode(pb.GetStatusBatchRequest, raw), client)).SerializeToString())
+    except YikatongError as error:
+        expected = ("refused", str(error))
+    assert expected == ("ok", answer), raw
+    return True
+
+
+@EXAMPLES
+@given(data=st.data())
+def test_a_status_batch_the_wire_path_answers_is_answered_as_the_python_path_would(
+        world, data):
+    servicer, numbers = world
+    check_status(app.CardStatus(servicer.core), data.draw(status_batches(numbers)))
+
+
+def test_plainly_valid_status_batches_of_every_card_are_the_wire_paths(world):
+    servicer, numbers = world
+    statuses = app.CardStatus(servicer.core)
+    cards = [n for n in numbers if n not in ("310000000500", "310000000501", "310000000502")]
+    batch = pb.GetStatusBatchRequest(card_numbers=cards + ["310099999999"])
+    assert check_status(statuses, batch.SerializeToString())
+    for corrupt in ("310000000500", "310000000501", "310000000502"):  # 502: its bank's name
+        batch = pb.GetStatusBatchRequest(card_numbers=["310000000001", corrupt])
+        assert not check_status(statuses, batch.SerializeToString())
