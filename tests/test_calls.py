@@ -17,8 +17,8 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from yikatong import authorize, config
 from yikatong import clock as clocks
+from yikatong import config, points
 from yikatong.errors import WriterBusy, WriterDown
 from yikatong.model import Role
 from yikatong.server import app
@@ -159,7 +159,7 @@ def test_an_unexpected_exception_is_logged_with_a_reference_and_answered_interna
     def broken(*args, **kwargs):
         raise KeyError("secret-internal-detail")
 
-    monkeypatch.setattr(authorize, "without_money", broken)
+    monkeypatch.setattr(points, "in_force", broken)  # consulted by every authorization path
     caplog.set_level(logging.ERROR, logger="yikatong.server")
     with in_process(tmp_path) as s:
         with pytest.raises(grpc.RpcError) as caught:
