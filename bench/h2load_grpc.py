@@ -1,9 +1,11 @@
-"""Unary gRPC load from h2load (Debian's nghttp2-client, C, one thread): the client costs little
-CPU and shares no code with ours. Every call sends the same body, one gRPC length-prefixed
-message. h2load counts HTTP 200 as success even when grpc-status is not 0, so the answer is
-checked twice: once before, with nghttp (same package) on the same request, for grpc-status 0
-and the response message; and after every run, from the bytes of DATA h2load received, which
-must be the expected response for each call (a gRPC error carries no message)."""
+"""gRPC load from h2load (Debian's nghttp2-client, C, one thread): the client costs little
+CPU and shares no code with ours. Every call sends the same body: one gRPC length-prefixed
+message (a unary call), or several (a client stream sent whole, then closed: AuthorizeStream
+with 10 messages of 100 requests is one call). h2load counts HTTP 200 as success even when
+grpc-status is not 0, so the answer is checked twice: once before, with nghttp (same package)
+on the same request, for grpc-status 0 and the response's messages; and after every run, from
+the bytes of DATA h2load received, which must be the expected response for each call (a gRPC
+error carries no message)."""
 import os
 import re
 import resource
@@ -42,16 +44,17 @@ class Run:
     server_cpu: float = 0.0  # the same of the server, when the caller measures it
 
 
-class Unary:
-    """One method, one request message, sent as `authorization: Bearer <token>`."""
+class Call:
+    """One method, its request message(s), sent as `authorization: Bearer <token>`."""
 
-    def __init__(self, method: str, message: bytes, token: str, workdir: str):
+    def __init__(self, method: str, messages: list[bytes], token: str, workdir: str,
+                 name: str = "body"):
         install()
         self.method = method
-        self.body = os.path.join(workdir, "body.bin")
+        self.body = os.path.join(workdir, f"{name}.bin")
         with open(self.body, "wb") as f:
-            f.write(frame(message))
-        self.log = os.path.join(workdir, "h2load.log")
+            f.write(b"".join(map(frame, messages)))
+        self.log = os.path.join(workdir, f"{name}-h2load.log")
         self.headers = ["-H", "content-type: application/grpc", "-H", "te: trailers",
                         "-H", f"authorization: Bearer {token}"]
 
@@ -59,7 +62,8 @@ class Unary:
         return f"http://{address}{self.method}"
 
     def call(self, address: str) -> bytes:
-        """One call with nghttp: the response message, after checking grpc-status is 0."""
+        """One call with nghttp: the response's bytes (every gRPC frame of it, as sent),
+        after checking grpc-status is 0."""
         args = ["nghttp", "-d", self.body, *self.headers, self.url(address)]
         verbose = subprocess.run([args[0], "-v", *args[1:]], capture_output=True, check=True,
                                  timeout=30).stdout
@@ -68,10 +72,13 @@ class Unary:
             message = re.findall(rb"grpc-message: (.*)", verbose)
             raise RuntimeError(f"{address}{self.method}: grpc-status {status} {message}")
         body = subprocess.run(args, capture_output=True, check=True, timeout=30).stdout
-        flag, length = struct.unpack(">BI", body[:5])
-        if flag != 0 or len(body) != 5 + length:
-            raise RuntimeError(f"{address}{self.method}: not one gRPC message: {body!r}")
-        return body[5:]
+        at = 0
+        while at < len(body):
+            flag, length = struct.unpack(">BI", body[at:at + 5])
+            if flag != 0 or at + 5 + length > len(body):
+                raise RuntimeError(f"{address}{self.method}: not gRPC messages: {body!r}")
+            at += 5 + length
+        return body
 
     def command(self, address: str, seconds: float, connections: int, streams: int) -> list[str]:
         return ["h2load", "-D", f"{round(seconds * 1000)}ms", "-c", str(connections),
@@ -80,7 +87,7 @@ class Unary:
 
     def run(self, address: str, seconds: float, connections: int, streams: int,
             response: bytes) -> Run:
-        """`response`: the message every call must be answered with (see `call`)."""
+        """`response`: the bytes every call must be answered with (see `call`)."""
         if os.path.exists(self.log):
             os.remove(self.log)  # h2load appends to it
         before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
@@ -95,7 +102,7 @@ class Unary:
         if out.returncode != 0 or not (finished and counts and data):
             raise RuntimeError(f"h2load failed:\n{text}\n{out.stderr}")
         _, started, done, succeeded, failed, errored, timeouts = map(int, counts.groups())
-        size = len(frame(response))
+        size = len(response)
         if not (done and succeeded == done and failed == errored == timeouts == 0
                 and done * size <= int(data[1]) <= started * size):
             raise RuntimeError(f"h2load: not every call answered with the {size}-byte "

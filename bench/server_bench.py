@@ -1,27 +1,27 @@
 """Server throughput over gRPC on loopback, side by side in one run; status-only checks
-(CHANNEL_STATUS, no money) on the demo data set, every server its own process(es):
+(CHANNEL_STATUS, no money) on the demo data set, every server its own process(es): ours
+(`yikatong serve --workers N`) beside the bare grpc.aio echo server (bench/echo_server.py
+--workers N: the cost of gRPC itself, constant approvals, no identity, no validation, no
+store) with the same process count, for each N of --workers, for two calls:
 
-- unary Authorize: ours (`yikatong serve --workers N`) beside the bare grpc.aio echo server
-  (bench/echo_server.py --workers N: the cost of gRPC itself) with the same process count, for
-  each N of --workers. The load comes from h2load (bench/h2load_grpc.py: C, one thread, little
-  client CPU, none of our code), every call the same request, checked to be answered;
-- AuthorizeStream (100 per message) on ours with one worker, from a grpc.aio client in this
-  process (h2load cannot keep a stream open), against unary.
+- unary Authorize, every call the same request;
+- AuthorizeStream, every call 10 messages of 100 requests on demo cards (1,000 decisions),
+  sent whole and closed, answered with 10 messages.
 
-Runs are interleaved, so drift hits all alike; each figure is the median of --repeat runs of
---seconds each, latencies the median run's. "CPU" is CPU time over wall time (1.0 = one core)
-of the server's processes and of h2load.
+The load comes from h2load (bench/h2load_grpc.py: C, one thread, little client CPU, none of
+our code); every call's answer is checked to be the bytes the server answered first (ours:
+its decisions, which a grpc.aio client confirms; the echo: all approved). Runs are
+interleaved, so drift hits all alike; each figure is the median of --repeat runs of --seconds
+each, latencies the median run's. "CPU" is CPU time over wall time (1.0 = one core) of the
+server's processes and of h2load.
 
     .venv/bin/python bench/server_bench.py [--seconds 5] [--repeat 3] [--workers 1,2]
 """
 import argparse
-import asyncio
 import contextlib
 import os
 import platform
-import random
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,16 +29,16 @@ import threading
 import time
 
 import grpc
-from h2load_grpc import Unary, median_run
+from h2load_grpc import Call, frame, median_run
 
 from yikatong.server.harness import ServerProcess, card_numbers, free_address, metadata, token
 from yikatong.v1 import yikatong_pb2 as pb
-from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MD = metadata("BANK_SWITCH", "demo")
 TOKEN = token("BANK_SWITCH", "demo")
 AUTHORIZE = "/yikatong.v1.Authorization/Authorize"
+STREAM = "/yikatong.v1.Authorization/AuthorizeStream"
 
 
 def start(args: list[str], ready: str) -> subprocess.Popen:
@@ -90,38 +90,17 @@ def approved(server: ServerProcess, cards: list[str]) -> tuple[pb.AuthorizeReque
     raise RuntimeError("no demo card is APPROVED for a status check")
 
 
-async def stream(address: str, cards: list[str], seconds: float, streams: int, per: int,
-                 depth: int) -> float:
-    rng = random.Random(1)
-    batches = [pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
-        request_id=f"s{b}-{i}", card_number=rng.choice(cards), channel=pb.CHANNEL_STATUS)
-        for i in range(per)]) for b in range(64)]
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = rpc.AuthorizationStub(channel)
-        done = 0
-        deadline = time.perf_counter() + seconds
+def stream_batches(cards: list[str], messages: int, per: int) -> list[pb.AuthorizeBatchRequest]:
+    step = max(1, len(cards) // (messages * per))
+    return [pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
+        request_id=f"s{m}-{i}", card_number=cards[(m * per + i) * step % len(cards)],
+        channel=pb.CHANNEL_STATUS) for i in range(per)]) for m in range(messages)]
 
-        async def one(k):
-            nonlocal done
-            call = stub.AuthorizeStream(metadata=MD)
-            sent = in_flight = 0
-            for _ in range(depth):  # keep `depth` messages in flight
-                await call.write(batches[sent % len(batches)])
-                sent += 1
-                in_flight += 1
-            while in_flight:
-                reply = await call.read()
-                in_flight -= 1
-                done += len(reply.responses)
-                if time.perf_counter() < deadline:
-                    await call.write(batches[sent % len(batches)])
-                    sent += 1
-                    in_flight += 1
-            await call.done_writing()
-            assert await call.code() == grpc.StatusCode.OK
-        t = time.perf_counter()
-        await asyncio.gather(*(one(k) for k in range(streams)))
-        return done / (time.perf_counter() - t)
+
+def stream_answer(server: ServerProcess, batches) -> bytes:
+    """What a grpc.aio client gets for the stream, as the frames h2load must receive."""
+    replies = server.authorization.AuthorizeStream(iter(batches), metadata=MD)
+    return b"".join(frame(r.SerializeToString()) for r in replies)
 
 
 def main() -> int:
@@ -132,83 +111,95 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=32,
                    help="h2load -c (SO_REUSEPORT spreads connections, not calls)")
     p.add_argument("--in-flight", type=int, default=2, help="h2load -m: calls per connection")
-    p.add_argument("--streams", type=int, default=2)
-    p.add_argument("--per-message", type=int, default=100)
-    p.add_argument("--depth", type=int, default=4, help="messages in flight per stream")
+    p.add_argument("--messages", type=int, default=10, help="AuthorizeStream: per call")
+    p.add_argument("--per-message", type=int, default=100, help="AuthorizeStream: requests")
+    p.add_argument("--calls", default="unary,stream", help="which of unary,stream to run")
     args = p.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
-    h2load = (args.seconds, args.connections, args.in_flight)
+    kinds = args.calls.split(",")
+    load = (args.seconds, args.connections, args.in_flight)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        targets = {}  # (server, processes) -> (address, pid, the answer to expect)
+        targets = {}  # (call, server, processes) -> (address, pid, the answer to expect)
         for n in counts:
             workdir = os.path.join(tmp, f"workers-{n}")
             os.mkdir(workdir)
             server = ServerProcess(workdir, "--demo", "--workers", str(n), clients=False)
             stack.callback(server.stop)
             if n == counts[0]:
-                first, cards = server, card_numbers(server.data_dir)
+                cards = card_numbers(server.data_dir)
                 request, answer = approved(server, cards)
-                unary = Unary(AUTHORIZE, request.SerializeToString(), TOKEN, tmp)
-            elif approved(server, [request.card_number])[1] != answer:
+                batches = stream_batches(cards, args.messages, args.per_message)
+                streamed = stream_answer(server, batches)
+                calls = {"unary": Call(AUTHORIZE, [request.SerializeToString()], TOKEN, tmp,
+                                       "unary"),
+                         "stream": Call(STREAM, [b.SerializeToString() for b in batches], TOKEN,
+                                        tmp, "stream")}
+            elif (approved(server, [request.card_number])[1] != answer
+                  or stream_answer(server, batches) != streamed):
                 raise RuntimeError(f"--workers {n} answers differently")
-            targets["ours", n] = (server.address, server.proc.pid, answer)
             echo = start(["bench/echo_server.py", address := free_address(), "--workers",
                           str(n)], "echo: serving on")
             stack.callback(stop, echo)
-            targets["bare", n] = (address, echo.pid, pb.AuthorizeResponse(
-                request_id=request.request_id, decision=pb.DECISION_APPROVED).SerializeToString())
-        for address, _, expected in targets.values():  # the exact request h2load sends
-            if unary.call(address) != expected:
-                raise RuntimeError(f"{address}: not the expected answer over HTTP/2")
-            unary.run(address, min(1.0, args.seconds), *h2load[1:], expected)  # warm-up
+            bare_stream = b"".join(frame(pb.AuthorizeBatchResponse(responses=[
+                pb.AuthorizeResponse(request_id=q.request_id, decision=pb.DECISION_APPROVED)
+                for q in b.requests]).SerializeToString()) for b in batches)
+            bare_unary = frame(pb.AuthorizeResponse(request_id=request.request_id,
+                                                    decision=pb.DECISION_APPROVED)
+                               .SerializeToString())
+            for kind in kinds:
+                targets[kind, "ours", n] = (server.address, server.proc.pid,
+                                            frame(answer) if kind == "unary" else streamed)
+                targets[kind, "bare", n] = (address, echo.pid,
+                                            bare_unary if kind == "unary" else bare_stream)
+        for (kind, _, _), (address, _, expected) in targets.items():  # h2load's exact call
+            if calls[kind].call(address) != expected:
+                raise RuntimeError(f"{address}: not the expected {kind} answer over HTTP/2")
+            calls[kind].run(address, min(1.0, args.seconds), *load[1:], expected)  # warm-up
         runs = {key: [] for key in targets}
         others = []  # cores used by anything but the server and h2load: a busy machine shows
-        stream_rates = []
         for _ in range(args.repeat):
             for key, (address, pid, expected) in targets.items():
                 cpu, machine, t = cpu_seconds(pid), machine_cpu_seconds(), time.perf_counter()
-                run = unary.run(address, *h2load, expected)
+                run = calls[key[0]].run(address, *load, expected)
                 wall = time.perf_counter() - t
                 run.server_cpu = (cpu_seconds(pid) - cpu) / wall
                 others.append((machine_cpu_seconds() - machine) / wall - run.server_cpu
                               - run.client_cpu)
                 runs[key].append(run)
-            stream_rates.append(asyncio.run(stream(first.address, cards, args.seconds,
-                                                   args.streams, args.per_message,
-                                                   args.depth)))
-        command = shlex.join(unary.command("HOST:PORT", *h2load)).replace(tmp + "/", "")
+        commands = {kind: shlex.join(c.command("HOST:PORT", *load)).replace(tmp + "/", "")
+                    for kind, c in calls.items() if kind in kinds}
     best = {key: median_run(r) for key, r in runs.items()}
-    print(f"# server over loopback, unary Authorize from h2load, status-only decisions, "
-          f"{len(cards):,} demo cards; median of {args.repeat} x {args.seconds:g} s; "
-          f"{os.cpu_count()} cores shared by servers and client; Python "
-          f"{platform.python_version()}, grpcio {grpc.__version__}; anything else used at most "
-          f"{max(0.0, *others):.2f} core during a unary run")
-    print("| server | processes | calls/s | p50 ms | p99 ms | server CPU | calls per server "
-          "CPU-s | h2load CPU | ours / bare |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for (name, n) in sorted(best, key=lambda key: (key[1], key[0] == "ours")):
-        run = best[name, n]
+    per_call = {"unary": 1, "stream": args.messages * args.per_message}
+    print(f"# server over loopback, load from h2load, status-only decisions, {len(cards):,} demo "
+          f"cards; median of {args.repeat} x {args.seconds:g} s; {os.cpu_count()} cores shared "
+          f"by servers and client; Python {platform.python_version()}, grpcio "
+          f"{grpc.__version__}; anything else used at most {max(0.0, *others):.2f} core "
+          "during a run")
+    print("| call | server | processes | calls/s | decisions/s | p50 ms | p99 ms | server CPU | "
+          "decisions per server CPU-s | h2load CPU | ours / bare |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for (kind, name, n) in sorted(best, key=lambda k: (kinds.index(k[0]), k[2], k[1] == "ours")):
+        run = best[kind, name, n]
         label = "Yikatong `serve --workers N`" if name == "ours" else "bare grpc.aio echo"
-        ratio = f"{run.rate / best['bare', n].rate:.2f}x" if name == "ours" else ""
-        print(f"| {label} | {n} | {run.rate:,.0f} | {run.p50:.2f} | {run.p99:.2f} | "
-              f"{run.server_cpu:.2f} | {run.rate / run.server_cpu:,.0f} | {run.client_cpu:.2f} | "
-              f"{ratio} |")
+        call = ("unary Authorize" if kind == "unary" else
+                f"AuthorizeStream {args.messages}x{args.per_message}")
+        ratio = f"**{run.rate / best[kind, 'bare', n].rate:.2f}x**" if name == "ours" else ""
+        decisions = run.rate * per_call[kind]
+        print(f"| {call} | {label} | {n} | {run.rate:,.0f} | {decisions:,.0f} | {run.p50:.2f} | "
+              f"{run.p99:.2f} | {run.server_cpu:.2f} | {decisions / run.server_cpu:,.0f} | "
+              f"{run.client_cpu:.2f} | {ratio} |")
     if len(counts) > 1:
         a, b = counts[0], counts[-1]
-        print(f"\nscaling {b} processes / {a}: Yikatong "
-              f"{best['ours', b].rate / best['ours', a].rate:.2f}x, bare echo "
-              f"{best['bare', b].rate / best['bare', a].rate:.2f}x")
-    stream_rate = statistics.median(stream_rates)
-    ours1 = best["ours", counts[0]].rate
-    print(f"\n| call (Yikatong, {counts[0]} process) | decisions/s | ratio |\n"
-          "| --- | ---: | ---: |")
-    print(f"| unary Authorize, h2load above | {ours1:,.0f} | |")
-    print(f"| AuthorizeStream, {args.per_message} per message, {args.streams} streams x "
-          f"{args.depth} in flight, grpc.aio client in the benchmark's process | "
-          f"{stream_rate:,.0f} | {stream_rate / ours1:.1f}x of unary |")
-    print(f"\nh2load, every unary run (body.bin: one gRPC message, AuthorizeRequest "
+        for kind in kinds:
+            print(f"\nscaling of {kind}, {b} processes / {a}: Yikatong "
+                  f"{best[kind, 'ours', b].rate / best[kind, 'ours', a].rate:.2f}x, bare echo "
+                  f"{best[kind, 'bare', b].rate / best[kind, 'bare', a].rate:.2f}x")
+    print(f"\nh2load, every run (unary.bin: one gRPC message, AuthorizeRequest "
           f"request_id={request.request_id!r} card_number={request.card_number!r} "
-          f"channel=CHANNEL_STATUS, answered APPROVED, checked):\n\n    {command}")
+          f"channel=CHANNEL_STATUS, answered APPROVED; stream.bin: {args.messages} messages of "
+          f"{args.per_message}; every answer checked):\n")
+    for command in commands.values():
+        print(f"    {command}")
     return 0
 
 
