@@ -70,6 +70,11 @@ class ModelCard:
     def usable(self, now):
         return self.effective(now) == State.ACTIVE and not self.lapsed(now)
 
+    def clone(self):
+        other = copy.copy(self)
+        other.locks = set(self.locks)
+        return other
+
 
 def renewal_opens(valid_until: int) -> int:
     """RC-14, DECISIONS.md: 00:00 of the day 30 days before the expiry date (the last day of
@@ -370,7 +375,8 @@ def replaced(cards_: dict, name: str, c: ModelCard, number: str, new_number: str
     first = State.APPLIED if name == "replace_info" and c.pack == Pack.SH else State.VERIFIED
     new = ModelCard(c.pack, c.holder, first, replaces=number)
     new.transit, new.financial = c.transit, c.financial
-    # a replacement carries the original's validity as it is when applied for (cards.replace)
+    # a replacement carries the original's validity as it is when applied for (cards.replace
+    # copies it then: a renewal of the original while the new card is made is not carried)
     new.valid_until = c.valid_until
     c.replaced_by = new_number
     cards_[new_number] = new
@@ -382,29 +388,33 @@ def can_apply(cards_: dict, holder: int, pack: int, now: int) -> bool:
     return not holder_cards(cards_, holder, pack, now)
 
 
+def cloned(cards_: dict) -> dict:
+    return {number: c.clone() for number, c in cards_.items()}
+
+
 def path_to_active(cards_: dict, holder: int, pack: int, now: int, depth: int = 6):
     """A shortest sequence of commands the model allows that gives the holder an ACTIVE card
     of the pack, in force (RC-14: renewed if it lapsed): [(name, card number or None for an
-    application)], or None."""
-    frontier = [(cards_, [])]
+    application)], or None. Every command touches only the holder's cards of the pack, so
+    only those are searched (and copied)."""
+    mine = {n: c for n, c in cards_.items() if c.holder == holder and c.pack == pack}
+    frontier = [(mine, [])]
     for _ in range(depth + 1):
         following = []
         for state, path in frontier:
             if any(c.usable(now) for c in holder_cards(state, holder, pack, now)):
                 return path
             if can_apply(state, holder, pack, now):
-                nxt = copy.deepcopy(state)
+                nxt = cloned(state)
                 nxt[f"new{len(path)}"] = ModelCard(pack, holder, State.APPLIED)
                 following.append((nxt, path + [("apply", None)]))
             for number, c in state.items():
-                if c.holder != holder or c.pack != pack:
-                    continue
                 for name in OPS:
                     if name in ("cancel_death", "withdraw", "lock", "unlock", "verify_no"):
                         continue  # never on the way to an active card
                     if expect(state, name, c, Channel.MEDICAL, now) is None:
                         continue
-                    nxt = copy.deepcopy(state)
+                    nxt = cloned(state)
                     go = expect(nxt, name, nxt[number], Channel.MEDICAL, now)
                     if go == "replace":
                         replaced(nxt, name, nxt[number], number, f"new{len(path)}", now)
@@ -527,11 +537,11 @@ class LifecycleModel(RuleBasedStateMachine):
         allowed = c.pack == Pack.RC and c.effective(self.now) in (State.ACTIVE, State.LOST)
         changed = clocks.law_date(self.now) - dt.timedelta(days=days_ago)
         self.moves += 1
-        got = self.backend.change_information(self.now, number, f"上海市黄浦区{self.moves}号",
-                                              changed.isoformat())
+        address = f"上海市黄浦区{self.moves}号"
+        got = self.backend.change_information(self.now, number, address, changed.isoformat())
         assert (got is not None) == allowed, (Pack(c.pack).name, State(c.state).name)
         if got is not None:
-            self.address[c.holder] = f"上海市黄浦区{self.moves}号"
+            self.address[c.holder] = address
             due, late = got
             assert due == clocks.start_of_day(changed + dt.timedelta(days=31)), (changed, due)
             assert late == (days_ago > 30), (days_ago, clocks.format_time(self.now), due)
