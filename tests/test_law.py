@@ -550,26 +550,34 @@ def change(srv, card, changed_on, **holder):
         metadata=srv.md("COMMUNITY_OUTLET"))
 
 
-@pytest.mark.parametrize("filed, late", [("2027-03-31T23:59:59", False),
-                                         ("2027-04-01T00:00:00", True)])
+@pytest.mark.parametrize("moved, filed, due_at, late", [
+    ("2026-09-01", "2026-10-01T23:59:59", "2026-10-09T00:00:00", False),
+    ("2026-09-01", "2026-10-08T23:59:59", "2026-10-09T00:00:00", False),
+    ("2026-09-01", "2026-10-09T00:00:00", "2026-10-09T00:00:00", True),
+    ("2026-09-21", "2026-10-21T23:59:59", "2026-10-22T00:00:00", False),
+    ("2026-09-21", "2026-10-22T00:00:00", "2026-10-22T00:00:00", True)])
 def test_rc_13_a_change_is_filed_within_30_days_and_a_late_one_is_recorded_late(
-        srv, filed, late):
-    """RC-13: a change of residence address "must be filed within 30 days". Moved on 1 March
-    2027: due by 24:00 on 31 March; filed a second later it is taken, and recorded late. The
-    new address joins the residence history from the day of the move."""
+        srv, moved, filed, due_at, late):
+    """RC-13: a change of residence address "must be filed within 30 days", to 24:00 of the
+    30th day after it; a last day in a holiday moves to the next working day (Civil Code art.
+    203): moved on 1 September 2026, the 30th day is 1 October, in the National Day week, so
+    the filing is due by 24:00 on Thursday 8 October. Moved on 21 September: due by 24:00 on
+    Wednesday 21 October. Filed a second later it is taken, and recorded late. The new
+    address joins the residence history from the day of the move."""
     card = active(srv, 37, pb.PACK_RC)
     set_clock(srv, filed + "+08:00")
-    answer = change(srv, card, "2027-03-01", residence_address="上海市徐汇区漕溪北路1号")
+    answer = change(srv, card, moved, residence_address="上海市徐汇区漕溪北路1号")
     assert answer.late is late
-    assert answer.due_at == clocks.parse_time("2027-04-01T00:00:00+08:00")
+    assert answer.due_at == clocks.parse_time(due_at + "+08:00")
     holders = rpc.HoldersStub(srv.channel)
     record = holders.GetHolder(pb.GetHolderRequest(card_number=card, purpose="RC-13 check",
                                                    with_history=True),
                                metadata=srv.md("CARD_AGENCY"))
     assert record.holder.residence_address == "上海市徐汇区漕溪北路1号"
+    moved_on = moved
     (moved,) = [c for c in record.history if c.field == "residence_address"]
     assert moved.method == "ResidenceCard.ChangeInformation"
-    assert moved.reason.startswith("RC-13: changed on 2027-03-01, filed "
+    assert moved.reason.startswith(f"RC-13: changed on {moved_on}, filed "
                                    + ("late" if late else "in time"))
 
 

@@ -18,7 +18,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from yikatong import cards, config
 from yikatong import clock as clocks
-from yikatong.errors import InvalidTransition, YikatongError
+from yikatong.calendar import end_of_days_for_an_act
+from yikatong.errors import CalendarMissing, InvalidTransition, YikatongError
 from yikatong.fastpath import _authorize_py
 from yikatong.model import (
     FINAL_STATES,
@@ -166,7 +167,7 @@ class InProcess:
         try:
             _, due, late = self.store.write(lambda book: cards.change_information(
                 book, now, number, given, changed_on, "model"))
-        except InvalidTransition:
+        except (InvalidTransition, CalendarMissing):  # the pack, the state; a year's calendar
             return None
         return due, late
 
@@ -365,6 +366,8 @@ def issue(cards_: dict, c: ModelCard, now: int) -> None:
     if c.pack == Pack.RC and not c.valid_until:  # RC-14: one year from its issue
         c.valid_until = clocks.end_of_years(now, 1)
     if c.replaces:
+        if c.pack == Pack.RC:  # RC-14: the original's validity as it is now (renewed or not)
+            c.valid_until = cards_[c.replaces].valid_until
         cards_[c.replaces].state = State.SUPERSEDED
 
 
@@ -375,8 +378,8 @@ def replaced(cards_: dict, name: str, c: ModelCard, number: str, new_number: str
     first = State.APPLIED if name == "replace_info" and c.pack == Pack.SH else State.VERIFIED
     new = ModelCard(c.pack, c.holder, first, replaces=number)
     new.transit, new.financial = c.transit, c.financial
-    # a replacement carries the original's validity as it is when applied for (cards.replace
-    # copies it then: a renewal of the original while the new card is made is not carried)
+    # a replacement carries the original's validity; a renewal of the original while the
+    # new card is made is carried over when it is issued (issue)
     new.valid_until = c.valid_until
     c.replaced_by = new_number
     cards_[new_number] = new
@@ -534,8 +537,13 @@ class LifecycleModel(RuleBasedStateMachine):
         rc = sorted(n for n, c in self.cards.items() if c.pack == Pack.RC)
         number = data.draw(st.sampled_from(rc if residence and rc else sorted(self.cards)))
         c = self.cards[number]
-        allowed = c.pack == Pack.RC and c.effective(self.now) in (State.ACTIVE, State.LOST)
         changed = clocks.law_date(self.now) - dt.timedelta(days=days_ago)
+        try:  # to 24:00 of the 30th day, or of the next working day (Civil Code art. 203)
+            due_at = end_of_days_for_an_act(clocks.start_of_day(changed), 30)
+        except CalendarMissing:  # a year without its calendar: refused, never guessed
+            due_at = None
+        allowed = (c.pack == Pack.RC and c.effective(self.now) in (State.ACTIVE, State.LOST)
+                   and due_at is not None)
         self.moves += 1
         address = f"上海市黄浦区{self.moves}号"
         got = self.backend.change_information(self.now, number, address, changed.isoformat())
@@ -543,8 +551,8 @@ class LifecycleModel(RuleBasedStateMachine):
         if got is not None:
             self.address[c.holder] = address
             due, late = got
-            assert due == clocks.start_of_day(changed + dt.timedelta(days=31)), (changed, due)
-            assert late == (days_ago > 30), (days_ago, clocks.format_time(self.now), due)
+            assert due == due_at, (changed, due)
+            assert late == (self.now >= due_at), (days_ago, clocks.format_time(self.now), due)
 
     def _entitled(self):
         return sorted({(c.holder, c.pack) for c in self.cards.values()} - self.unentitled)

@@ -115,6 +115,21 @@ def test_rc_17_rc_18_entitlements_end_to_end_through_renewal(srv):
     assert service(srv, card, "RC_LEGAL_AID") == "UNSPECIFIED"
 
 
+def test_rc_14_a_renewal_while_a_replacement_is_made_carries_to_the_new_card(srv):
+    """Art. 14: renewed "once a year". Renewed on 22 August 2027 while its replacement
+    (art. 15) is being made, the card's new year (to 24:00 on 21 September 2028) is the new
+    card's when it is issued: the holder does not renew twice."""
+    card = active(srv, 14, pb.PACK_RC)
+    set_clock(srv, "2027-08-22T01:00:00+08:00")
+    new = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=card,
+               reason=pb.REPLACE_REASON_DAMAGED).card_number
+    assert renew(srv, card).valid_until == T("2028-09-22T00:00:00+08:00")
+    issued = call(srv, "Issue", "PUBLIC_SECURITY", card_number=new, issuing_organ="上海市公安局")
+    assert issued.valid_until == T("2028-09-22T00:00:00+08:00")
+    set_clock(srv, "2027-09-22T00:00:00+08:00")
+    assert service(srv, new, "RC_LEGAL_AID") == "UNSPECIFIED"
+
+
 # ---------------------------------------------------------------- RC-20 to RC-23, RC-30
 
 def test_rc_20_the_standard_value_unlocks_the_points_services_to_the_point(srv):

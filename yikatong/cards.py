@@ -403,6 +403,8 @@ def _issue(book, rec: Card, now: int) -> None:
         rec.state = State.ISSUED
     if rec.replaces:  # SH-23c: the original is invalid for ever once the new card is issued
         old = book.card(rec.replaces)
+        if rec.pack == Pack.RC:  # RC-14: a renewal of the original while this was made holds
+            rec.valid_until = old.valid_until
         old.state, old.temp_loss_until = State.SUPERSEDED, 0
         book.put_card(old, now)
         book.set_current_card(rec.holder_id, rec.pack, rec.card_number)
@@ -571,7 +573,8 @@ def renew(book, now: int, card_number: str) -> Card:
 def change_information(book, now: int, card_number: str, given: HolderInfo, changed_on: str,
                        client_id: str) -> tuple[Card, int, bool]:
     """RC-13: a change of the Shanghai residence address or other registered information is
-    filed within 30 days of the change (to 24:00 of the 30th day after it). A late filing is
+    filed within 30 days of the change (to 24:00 of the 30th day after it, or of the next
+    working day when that one is a rest day, Civil Code art. 203). A late filing is
     taken and recorded as late. Every value replaced is kept in the holder's history (GZ-20's
     way), the residence address's history gets the new one from the day it changed. Returns
     (the card, when the filing was due, whether it was late)."""
@@ -583,7 +586,7 @@ def change_information(book, now: int, card_number: str, given: HolderInfo, chan
     changed = start_of_day(parse_date("changed_on", changed_on))
     if changed > now:
         raise InvalidArgument("changed_on", "is in the future")
-    due = end_of_days(changed, 30)
+    due = end_of_days_for_an_act(changed, 30)  # a rest day's end moves on (Civil Code 203)
     late = now >= due
     ssn = book.holder_ssn(rec.holder_id)
     if ssn is None:
