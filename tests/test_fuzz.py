@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from yikatong import cards
+from yikatong import cards, fastpath
 from yikatong.errors import CorruptRecord, InvalidArgument, InvalidTransition, NotEligible
 from yikatong.fastpath import _authorize_py as ref
 from yikatong.model import Card, Eligibility, Flag, Pack, State
@@ -124,3 +124,35 @@ def test_a_corrupt_record_in_lmdb_is_reported_not_decided(tmp_path):
                 call()
             assert e.value.code() == grpc.StatusCode.DATA_LOSS
             assert "310000000001" in e.value.details()
+
+
+_RECORD = r.encode_card(Card("310000000001", Pack.RC, State.ACTIVE, flags=Flag.TRANSIT,
+                             valid_until=1, points=7))
+
+
+def _get(key, default, db):
+    """Every lookup finds something: a card, an electronic card's holder, a current card."""
+    return {12: _RECORD, 18: b"\x00" * 8 + b"\x04"}.get(len(key), b"310000000001")
+
+
+@pytest.mark.skipif(fastpath.authorize_wire is None, reason="the wire path is compiled only")
+@FUZZ
+@given(raw=message_bytes(pb.AuthorizeRequest) | st.binary(max_size=3000), batch=st.booleans(),
+       framed=st.booleans())
+def test_the_wire_reader_takes_any_bytes_without_a_crash(raw, batch, framed):
+    """Random, damaged and valid requests to the Cython wire reader (authorize_wire,
+    status_wire): an answer or None (the Python path's), never a crash or a read past the
+    buffer. `make fuzz-asan` runs this under AddressSanitizer."""
+    if framed:  # inside a batch: field 1, its length (true or not), the bytes
+        raw = b"\x0a" + bytes([len(raw) % 128]) + raw
+    tally = [0] * 105
+    policy = fastpath.Policy({1: 1})
+    answer = fastpath.authorize_wire(policy, raw, batch, _get, 0, 1, 2, 1_800_000_000, 0xffff,
+                                     lambda code: 120, tally, 1000)
+    assert answer is None or type(answer) is bytes
+    if answer is not None:  # what it answers is a valid response for every request
+        cls = pb.AuthorizeBatchResponse if batch else pb.AuthorizeResponse
+        cls.FromString(answer)
+    status = fastpath.status_wire(policy, raw, _get, 0, 1, 2, 1_800_000_000, 1000)
+    if status is not None:
+        pb.GetStatusBatchResponse.FromString(status)
