@@ -89,3 +89,10 @@ def test_server_bench_runs_h2load_against_ours_and_the_bare_server_at_each_worke
                           for call in ("unary Authorize", "AuthorizeStream 10x100")}
     assert all(rate > 0 for rate in rates.values())
     assert "h2load -D 500ms -c 32" in out.stdout and "stream.bin" in out.stdout
+
+
+def test_wire_bench_compares_the_wire_path_with_the_python_path():
+    out = subprocess.run([sys.executable, "bench/wire_bench.py", "--rounds", "5"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "wire path" in out.stdout and "Cursor.getmulti" in out.stdout
