@@ -293,6 +293,32 @@ cdef inline Py_ssize_t _put_answer(uint8_t* out, Py_ssize_t o, Req* r, int reaso
     return o
 
 
+cdef Py_ssize_t _entries(const uint8_t* p, Py_ssize_t end, bint card_numbers) noexcept nogil:
+    """How many field-1 entries a batch holds (AuthorizeBatchRequest.requests,
+    GetStatusBatchRequest.card_numbers, each a card number when `card_numbers`), unknown
+    fields skipped; -1 when it is not plainly such a batch."""
+    cdef Py_ssize_t i = 0, count = 0
+    cdef uint64_t key, n
+    while i < end:
+        i = _varint(p, i, end, &key)
+        if i < 0 or key > TAG_MAX or (key >> 3) == 0:
+            return -1
+        if key == 0x0a:
+            i = _varint(p, i, end, &n)
+            if i < 0 or n > <uint64_t>(end - i) \
+                    or (card_numbers and not _digits(p + i, <Py_ssize_t>n)):
+                return -1
+            i += <Py_ssize_t>n
+            count += 1
+        elif (key >> 3) == 1:
+            return -1
+        else:
+            i = _skip(p, i, end, <int>(key & 7))
+            if i < 0:
+                return -1
+    return count
+
+
 cdef object _record(object get, const uint8_t* number, Py_ssize_t n, object cards,
                     object ecards, object holder_cards):
     """The record a use of `number` is decided on (Book.use_bytes): the card's own, or for
@@ -376,22 +402,7 @@ def authorize_wire(Policy policy, bytes raw, bint batch, object get, object card
             return None
         return _decide_all(policy, p, &one, 1, False, get, cards, ecards, holder_cards, now,
                            points_required, tally)
-    while i < end:  # count the requests, and refuse what is not plainly a batch
-        i = _varint(p, i, end, &key)
-        if i < 0 or key > TAG_MAX or (key >> 3) == 0:
-            return None
-        if key == 0x0a:
-            i = _varint(p, i, end, &n)
-            if i < 0 or n > <uint64_t>(end - i):
-                return None
-            i += <Py_ssize_t>n
-            count += 1
-        elif (key >> 3) == 1:
-            return None
-        else:
-            i = _skip(p, i, end, <int>(key & 7))
-            if i < 0:
-                return None
+    count = _entries(p, end, False)
     if count < 1 or count > batch_max:
         return None
     reqs = <Req*>PyMem_Malloc(count * sizeof(Req))
@@ -496,22 +507,7 @@ def status_wire(Policy policy, bytes raw, object get, object cards, object ecard
     cdef uint64_t key, n
     cdef uint8_t inner[CARD_MAX + 64]
     cdef uint8_t* out
-    while i < end:  # every entry plainly a card number; unknown fields skipped
-        i = _varint(p, i, end, &key)
-        if i < 0 or key > TAG_MAX or (key >> 3) == 0:
-            return None
-        if key == 0x0a:
-            i = _varint(p, i, end, &n)
-            if i < 0 or n > <uint64_t>(end - i) or not _digits(p + i, <Py_ssize_t>n):
-                return None
-            i += <Py_ssize_t>n
-            count += 1
-        elif (key >> 3) == 1:
-            return None
-        else:
-            i = _skip(p, i, end, <int>(key & 7))
-            if i < 0:
-                return None
+    count = _entries(p, end, True)
     if count < 1 or count > batch_max:
         return None
     out = <uint8_t*>PyMem_Malloc(count * (CARD_MAX + 64) + 16)
