@@ -96,3 +96,13 @@ def test_wire_bench_compares_the_wire_path_with_the_python_path():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "wire path" in out.stdout and "Cursor.getmulti" in out.stdout
+
+
+def test_nats_bench_times_fenced_appends_at_both_sync_settings():
+    out = subprocess.run([sys.executable, "bench/nats_bench.py", "--appends", "20",
+                          "--sizes", "512"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 2m") or
+            line.startswith("| always")]
+    assert len(rows) == 2
