@@ -162,6 +162,14 @@ cdef inline Py_ssize_t _varint(const uint8_t* p, Py_ssize_t i, Py_ssize_t end,
     return -1
 
 
+cdef inline Py_ssize_t _varint32(const uint8_t* p, Py_ssize_t i, Py_ssize_t end,
+                                 uint64_t* out) noexcept nogil:
+    """A tag or a length: a varint of at most 5 bytes, as protobuf reads them (a longer one
+    is corrupt wire format to it, so -1 here: the Python path says so)."""
+    cdef Py_ssize_t after = _varint(p, i, end, out)
+    return after if after - i <= 5 else -1
+
+
 cdef inline Py_ssize_t _skip(const uint8_t* p, Py_ssize_t i, Py_ssize_t end,
                              int wire_type) noexcept nogil:
     """Past an unknown field's value, as protobuf skips it: the index after, or -1."""
@@ -173,7 +181,7 @@ cdef inline Py_ssize_t _skip(const uint8_t* p, Py_ssize_t i, Py_ssize_t end,
     if wire_type == 5:
         return i + 4 if i + 4 <= end else -1
     if wire_type == 2:
-        i = _varint(p, i, end, &n)
+        i = _varint32(p, i, end, &n)
         if i < 0 or n > <uint64_t>(end - i):
             return -1
         return i + <Py_ssize_t>n
@@ -216,7 +224,7 @@ cdef bint _request(const uint8_t* p, Py_ssize_t i, Py_ssize_t end, Req* r,
     cdef Py_ssize_t term_n = 0
     r.rid, r.rid_n, r.card, r.card_n, r.code, r.code_n, r.channel = NULL, 0, NULL, 0, NULL, 0, 0
     while i < end:
-        i = _varint(p, i, end, &key)
+        i = _varint32(p, i, end, &key)
         if i < 0 or key > TAG_MAX:
             return False
         field, wire_type = <int>(key >> 3), <int>(key & 7)
@@ -225,7 +233,7 @@ cdef bint _request(const uint8_t* p, Py_ssize_t i, Py_ssize_t end, Req* r,
         if field in (1, 2, 5, 6, 8, 9):  # strings: the last one wins, as in protobuf
             if wire_type != 2:
                 return False
-            i = _varint(p, i, end, &n)
+            i = _varint32(p, i, end, &n)
             if i < 0 or n > <uint64_t>(end - i) or not _ascii(p + i, <Py_ssize_t>n):
                 return False  # protobuf checks every occurrence's UTF-8, not only the last
             if field == 1:
@@ -300,11 +308,11 @@ cdef Py_ssize_t _entries(const uint8_t* p, Py_ssize_t end, bint card_numbers) no
     cdef Py_ssize_t i = 0, count = 0
     cdef uint64_t key, n
     while i < end:
-        i = _varint(p, i, end, &key)
+        i = _varint32(p, i, end, &key)
         if i < 0 or key > TAG_MAX or (key >> 3) == 0:
             return -1
         if key == 0x0a:
-            i = _varint(p, i, end, &n)
+            i = _varint32(p, i, end, &n)
             if i < 0 or n > <uint64_t>(end - i) \
                     or (card_numbers and not _digits(p + i, <Py_ssize_t>n)):
                 return -1
@@ -411,9 +419,9 @@ def authorize_wire(Policy policy, bytes raw, bint batch, object get, object card
     try:
         i, count = 0, 0
         while i < end:
-            i = _varint(p, i, end, &key)
+            i = _varint32(p, i, end, &key)
             if key == 0x0a:
-                i = _varint(p, i, end, &n)
+                i = _varint32(p, i, end, &n)
                 start, i = i, i + <Py_ssize_t>n
                 if not _request(p, start, i, &reqs[count], channels):
                     return None
@@ -516,11 +524,11 @@ def status_wire(Policy policy, bytes raw, object get, object cards, object ecard
     try:
         i = 0
         while i < end:
-            i = _varint(p, i, end, &key)
+            i = _varint32(p, i, end, &key)
             if key != 0x0a:
                 i = _skip(p, i, end, <int>(key & 7))
                 continue
-            i = _varint(p, i, end, &n)
+            i = _varint32(p, i, end, &n)
             at, i = i, i + <Py_ssize_t>n
             record = _record(get, p + at, <Py_ssize_t>n, cards, ecards, holder_cards)
             inner_n = _put_status(inner, 0, p + at, <Py_ssize_t>n, record, policy, now)

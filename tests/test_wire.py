@@ -140,6 +140,16 @@ def varint(n: int) -> bytes:
             return bytes(out)
 
 
+def overlong(n: int, extra: int) -> bytes:
+    """`n` as a varint padded with `extra` bytes that add nothing: a non-canonical encoding,
+    which protobuf reads up to 10 bytes for a value, up to 5 for a tag or a length."""
+    out = bytearray(varint(n))
+    if extra:
+        out[-1] |= 0x80
+        out += b"\x80" * (extra - 1) + b"\x00"
+    return bytes(out)
+
+
 @st.composite
 def noise(draw):
     """What a newer client, a broken one or an attacker may add: unknown fields of every
@@ -150,8 +160,10 @@ def noise(draw):
     body = {0: varint(draw(st.sampled_from([0, 1, 300, 2**63, 2**64 - 1]))),
             1: bytes(8), 5: bytes(4),
             2: varint(3) + b"abc"}.get(wire_type, b"")
+    padded = (overlong((field << 3) | 2, draw(st.integers(0, 6)))
+              + overlong(3, draw(st.integers(0, 6))) + b"abc")
     return draw(st.sampled_from([tag + body, tag, b"\x80" * 10 + b"\x00", b"\xff" * 11,
-                                 tag + b"\x80\x80\x00", b"\x00"]))
+                                 tag + b"\x80\x80\x00", b"\x00", padded]))
 
 
 def mangle(draw, data: bytes) -> bytes:
@@ -225,6 +237,22 @@ def test_random_bytes_never_crash_the_wire_reader(world, raw, batch):
     read past the buffer (the reader checks every length against the end)."""
     servicer, _ = world
     check(servicer, raw, batch, Role.CARD_AGENCY)
+
+
+@pytest.mark.parametrize("extra", range(0, 7))
+def test_an_overlong_tag_or_length_is_read_as_protobuf_reads_it(world, extra):
+    """Protobuf reads a tag or a length of at most 5 bytes (a longer one is corrupt wire
+    format), a value of up to 10: the wire path takes exactly what it takes."""
+    servicer, _ = world
+    card = b"310000000001"
+    for raw in (overlong(0x0a, extra) + overlong(2, 0) + b"r1" + b"\x12\x0c" + card
+                + b"\x18\x02",  # request_id's tag padded
+                b"\x0a" + overlong(2, extra) + b"r1\x12\x0c" + card + b"\x18\x02",  # its length
+                b"\x0a\x02r1\x12\x0c" + card + b"\x18" + overlong(2, extra)):  # a value
+        answered = check(servicer, raw, False, Role.MEDICAL_TERMINAL)
+        assert answered == (extra <= 4 or raw.endswith(overlong(2, extra)) and extra <= 9)
+    batch = b"\x0a" + overlong(12, extra) + card
+    assert check_status(app.CardStatus(servicer.core), batch) == (extra <= 4)
 
 
 def test_plainly_valid_status_batches_are_the_wire_paths(world):
