@@ -21,6 +21,7 @@ from yikatong.errors import (
     HolderNotFound,
     InvalidArgument,
     InvalidTransition,
+    PermissionDenied,
     YikatongError,
 )
 from yikatong.model import (
@@ -758,23 +759,27 @@ class ResidenceCard(CardWrites):
             "DecidePoints", client, request.request_id, request, op))
 
     async def GetPoints(self, request, client: Client):
-        """A read of the holder's points and credit bars: in the writer, audited first."""
+        """A read of the holder's points and credit bars, for a stated purpose: in the
+        writer, audited (granted or refused) before anything leaves."""
         validate.card_number(request.card_number)
+        purpose = _stated(request.purpose, "purpose", "why the holder's points are read")
         table, clock = points.in_force(), self.core.clock
 
         def read(book):
             now = clock.now()
-            rec = book.card(request.card_number)
-            if rec is None:
+            try:
+                rec = points.residence_card(book, request.card_number, "GetPoints")
+            except YikatongError as refused:
                 book.append_audit(now, client.id, client.role.name, "ResidenceCard.GetPoints",
-                                  request.card_number, outcome="NOT_FOUND")
-                return None
+                                  request.card_number, purpose,
+                                  errors.status_of(refused).name)
+                return refused
             return self._points_answer(book, now, table, rec.holder_id,
-                                       "ResidenceCard.GetPoints", request.card_number, "",
+                                       "ResidenceCard.GetPoints", request.card_number, purpose,
                                        client)
         answer = await self.core.write(read)
-        if answer is None:
-            raise CardNotFound(request.card_number)
+        if isinstance(answer, YikatongError):
+            raise answer
         return pb.PointsRecord.FromString(answer)
 
     @staticmethod
@@ -872,6 +877,10 @@ class Holders:
         evidence = _stated(request.evidence_ref, "evidence_ref",
                            "the case file or decision the record rests on")
         if request.WhichOneof("key") == "employer":
+            if client.role != Role.HRSS:  # art. 29 para. 2
+                raise PermissionDenied("RC-29: a work unit's fine is imposed by the human "
+                                       "resources and social security department (HRSS)",
+                                       reason="RC-29")
             points.validate_employer(request.employer)
 
             def employer_op(book, now, _) -> bytes:
@@ -886,6 +895,11 @@ class Holders:
             return pb.CreditRecord.FromString(await self.core.write_once(
                 "RecordCredit", client, request.request_id, request, employer_op))
         key = _holder_key(request)
+        if (request.ground == pb.CREDIT_GROUND_FORGED_DOCUMENTS
+                and client.role not in (Role.PUBLIC_SECURITY, Role.HRSS)):  # art. 29 para. 1
+            raise PermissionDenied("RC-29: forged documents in a Residence Card or points "
+                                   "application are recorded by public security or HRSS",
+                                   reason="RC-29")
 
         def op(book, now, _) -> bytes:
             ssn = _ssn_of(book, request, key)

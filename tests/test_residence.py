@@ -73,8 +73,8 @@ def decide_points(srv, card, approved=True, why=""):
         metadata=srv.md("HRSS"))
 
 
-def get_points(srv, card):
-    return srv.residence.GetPoints(pb.GetPointsRequest(card_number=card),
+def get_points(srv, card, purpose="points review"):
+    return srv.residence.GetPoints(pb.GetPointsRequest(card_number=card, purpose=purpose),
                                    metadata=srv.md("HRSS"))
 
 
@@ -93,7 +93,7 @@ def test_rc_17_rc_18_entitlements_end_to_end_through_renewal(srv):
     from its expiry second (issued 21 September 2026: valid to 24:00 on 21 September 2027);
     renewal opens 30 days before the expiry date, not a second earlier; renewed, approved."""
     card = active(srv, 1, pb.PACK_RC)
-    assert len(RC_ENTITLEMENTS) == 11  # RC-17 (1) to (5), RC-18 (1) to (6)
+    assert len(RC_ENTITLEMENTS) == 14  # RC-17's three rights, (1) to (5); RC-18 (1) to (6)
     for code in RC_ENTITLEMENTS:
         assert service(srv, card, code) == "UNSPECIFIED", code
     assert service(srv, card, "") == "UNSPECIFIED"  # identification only
@@ -334,15 +334,64 @@ def test_rc_29_a_forging_employer_is_fined_and_in_serious_cases_barred(srv):
 
 
 def test_points_are_hrss_and_read_as_personal_information(srv):
+    """Points and credit bars are read by HRSS for a stated purpose, every read audited; of
+    a Residence Card holder only (a social security card names no points)."""
     card = active(srv, 13, pb.PACK_RC)
     for role in ("COMMUNITY_OUTLET", "CARD_AGENCY", "TRANSIT_GATE"):
-        e = error_of(srv.residence.GetPoints, pb.GetPointsRequest(card_number=card),
+        e = error_of(srv.residence.GetPoints, pb.GetPointsRequest(card_number=card,
+                                                                  purpose="x"),
                      metadata=srv.md(role))
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED
-    get_points(srv, card)
-    events = rpc.AuditStub(srv.channel).Export(pb.ExportRequest(), metadata=srv.md("AUDITOR"))
-    assert any(e.method == "ResidenceCard.GetPoints" and e.card_number == card
-               and e.holder.endswith(holder(13, pb.PACK_RC).ssn[-4:]) for e in events)
+    assert error_of(get_points, srv, card, " ").details().startswith("purpose: is required")
+    get_points(srv, card, "review of case 13")
+    sh = active(srv, 14)
+    not_rc = error_of(get_points, srv, sh, "fishing")
+    assert not_rc.code() == grpc.StatusCode.FAILED_PRECONDITION and "RC-20" in not_rc.details()
+    events = [(e.card_number, e.purpose, e.outcome) for e in rpc.AuditStub(srv.channel).Export(
+        pb.ExportRequest(), metadata=srv.md("AUDITOR")) if e.method == "ResidenceCard.GetPoints"]
+    assert events == [(card, "review of case 13", "OK"),
+                      (sh, "fishing", "FAILED_PRECONDITION")]
+
+
+def test_rc_20_a_score_decided_while_a_card_is_made_or_before_a_new_one_is_carried(srv):
+    """The score is the holder's: decided while a replacement is being made (RC-15), the new
+    card has it when issued; after a cancellation (RC-16) a new card has it from its
+    application (art. 31: points need not be applied for again). Decided through a social
+    security card of the same holder: refused (RC-20)."""
+    card = active(srv, 15, pb.PACK_RC)
+    new = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=card,
+               reason=pb.REPLACE_REASON_DAMAGED).card_number
+    apply_points(srv, card, education="doctorate", age="18-45")
+    sh = active(srv, 15)  # the same person's Shanghai social security card
+    e = error_of(decide_points, srv, sh)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "RC-20" in e.details()
+    assert decide_points(srv, card).points == 140
+    call(srv, "Issue", "PUBLIC_SECURITY", card_number=new, issuing_organ="上海市公安局")
+    assert service(srv, new, "RC_POINTS_SCHOOL_ENTRY") == "UNSPECIFIED"
+    call(srv, "Cancel", "PUBLIC_SECURITY", card_number=new, reason="moved away",
+         ground=pb.CANCEL_GROUND_ENTITLEMENT_ENDED)
+    again = apply(srv, 15, pb.PACK_RC).card_number
+    call(srv, "Verify", "PUBLIC_SECURITY", card_number=again, approved=True)
+    call(srv, "Issue", "PUBLIC_SECURITY", card_number=again, issuing_organ="上海市公安局")
+    assert service(srv, again, "RC_POINTS_SCHOOL_ENTRY") == "UNSPECIFIED"
+
+
+def test_rc_29_who_records_a_forgery_and_a_fine(srv):
+    """Art. 29: a forging individual is punished by public security, a forging unit fined by
+    HRSS: the card agency records neither; only HRSS imposes the unit's fine."""
+    card = active(srv, 16, pb.PACK_RC)
+    holders = rpc.HoldersStub(srv.channel)
+    for role, key in (("CARD_AGENCY", {"card_number": card}),
+                      ("CARD_AGENCY", {"employer": EMPLOYER}),
+                      ("PUBLIC_SECURITY", {"employer": EMPLOYER})):
+        e = error_of(holders.RecordCredit, pb.RecordCreditRequest(
+            request_id=rid(), ground=pb.CREDIT_GROUND_FORGED_DOCUMENTS, evidence_ref="x",
+            fine_fen=3_000_000 if "employer" in key else 0, **key), metadata=srv.md(role))
+        assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "RC-29" in e.details(), role
+    recorded = holders.RecordCredit(pb.RecordCreditRequest(
+        request_id=rid(), card_number=card, ground=pb.CREDIT_GROUND_FORGED_DOCUMENTS,
+        evidence_ref="PSB-1"), metadata=srv.md("PUBLIC_SECURITY"))
+    assert recorded.rule == "RC-29"
 
 
 # ---------------------------------------------------------------- RC-8, RC-12
@@ -404,6 +453,12 @@ def test_rc_12_special_circumstances_allow_up_to_30_working_days(srv):
     sh = apply(srv, 32).card_number
     e = refused(srv, sh, special_circumstances="busy")
     assert e.details().startswith("special_circumstances: is RC-12's")
+    late = apply(srv, 33, pb.PACK_RC).card_number
+    set_clock(srv, "2026-10-20T00:00:00+08:00")  # the 15 working days are over
+    e = error_of(call, srv, "Verify", "PUBLIC_SECURITY", card_number=late, approved=True,
+                 special_circumstances="stated after the fact")
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "ended at 24:00 of 2026-10-19" in e.details()
 
 
 def refused(srv, card, **fields):

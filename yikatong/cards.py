@@ -204,6 +204,13 @@ def check_eligibility(pack: int, who: Eligibility, now: int) -> None:
                               "or continuous study (residence_basis)")
 
 
+def _points_in_force(book, holder_id: int, pack: int) -> int:
+    """RC-20: a holder's score in force, as the card record holds it (0 to 65,535): a new
+    Residence Card carries it (art. 31: points need not be applied for again)."""
+    record = book.points(holder_id) if pack == Pack.RC else None
+    return max(0, min(record.points, 65535)) if record is not None else 0
+
+
 def merge_holder(pack: int, given: HolderInfo, held: HolderInfo | None,
                  reveal: bool = True) -> HolderInfo:
     """GZ-9b: information already held is not asked for again (an empty field takes the held
@@ -290,7 +297,7 @@ def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibi
     rec = Card(
         card_number=f"{config.pack_card_prefix[Pack(pack)]}{seq:010d}",
         pack=pack, state=State.APPLIED, holder_id=holder_id, applied_at=now,
-        service_bank=service_bank,
+        service_bank=service_bank, points=_points_in_force(book, holder_id, pack),
     )
     rec.set(Flag.TRANSIT, with_transit)
     book.set_current_card(holder_id, pack, rec.card_number)
@@ -354,6 +361,11 @@ def verify(book, now: int, card_number: str, approved: bool, reason: str,
         if rec.pack == Pack.SH:  # SH-11 (a re-application too): made and issued in 30 days
             steps.append(deadline("issue", "SH-11", lambda: end_of_days_for_an_act(now, 30)))
         if special_circumstances:  # RC-12: at most 30 working days from acceptance
+            for s in steps:
+                if s.rule == "RC-12" and s.due_at and s.due_at <= now:
+                    raise Refused("RC-12", "the 15 working days ended at 24:00 of "
+                                  f"{law_date(s.due_at - 1).isoformat()}: special "
+                                  "circumstances are stated before the card is late")
             steps = [s for s in steps if s.rule != "RC-12"]
             steps.append(deadline("issue", "RC-12",
                                   lambda: end_of_working_days(rec.applied_at, 30)))
@@ -403,8 +415,9 @@ def _issue(book, rec: Card, now: int) -> None:
         rec.state = State.ISSUED
     if rec.replaces:  # SH-23c: the original is invalid for ever once the new card is issued
         old = book.card(rec.replaces)
-        if rec.pack == Pack.RC:  # RC-14: a renewal of the original while this was made holds
-            rec.valid_until = old.valid_until
+        if rec.pack == Pack.RC:  # RC-14, RC-20: a renewal or a points decision on the
+            # original while this card was made holds for it too
+            rec.valid_until, rec.points = old.valid_until, old.points
         old.state, old.temp_loss_until = State.SUPERSEDED, 0
         book.put_card(old, now)
         book.set_current_card(rec.holder_id, rec.pack, rec.card_number)

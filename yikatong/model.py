@@ -340,8 +340,15 @@ class Change:
 
 # RC-17 (basic public services) and RC-18 (conveniences): the SERVICE codes a Residence Card
 # in force entitles its holder to, with no points needed; each with its rule. Points-gated
-# services are the indicator table's (yikatong.points); any other code is NOT_ENTITLED.
+# services are the indicator table's (yikatong.points); any other code is NOT_ENTITLED. The
+# "other" services and conveniences of 17(6) and 18(7) join this list as the State and the
+# Municipality publish them (art. 19).
 RC_ENTITLEMENTS = {
+    # art. 17's opening words: "rights of employment, participating in social insurance,
+    # paying and depositing, withdrawing and using the housing provident funds"
+    "RC_EMPLOYMENT": "RC-17",
+    "RC_SOCIAL_INSURANCE": "RC-17",
+    "RC_HOUSING_PROVIDENT_FUND": "RC-17",
     "RC_COMPULSORY_EDUCATION": "RC-17(1)",
     "RC_PUBLIC_EMPLOYMENT": "RC-17(2)",
     "RC_PUBLIC_HEALTH": "RC-17(3)",  # basic public health and family planning services

@@ -241,10 +241,7 @@ def clamp(points: int) -> int:
 def _holder_card(book, now: int, card_number: str, operation: str):
     """The holder's Residence Card, in force (RC-20: points are for holders residing and
     working here; a card suspended for want of renewal is renewed first, RC-14)."""
-    rec = cards.load(book, card_number, now)
-    if rec.pack != Pack.RC:
-        raise InvalidTransition(State(rec.state).name, operation, "RC-20",
-                                "points are for Residence Card holders")
+    rec = residence_card(book, card_number, operation)
     if rec.state != State.ACTIVE:
         raise InvalidTransition(State(rec.state).name, operation, "RC-20",
                                 "needs a Residence Card in force")
@@ -279,9 +276,7 @@ def decide(book, now: int, table: Table, card_number: str, approved: bool, reaso
            client_id: str) -> tuple[int, pb.PointsRecord]:
     """RC-23: score the holder's open application on the table in force, or refuse it. An
     approved score becomes the score in force, on the holder's current card too."""
-    rec = book.card(card_number)
-    if rec is None:
-        raise CardNotFound(card_number)
+    rec = residence_card(book, card_number, "DecidePoints")
     record = book.points(rec.holder_id)
     if record is None or not record.HasField("open_application"):
         raise Refused("RC-23", "the holder has no points application waiting for a decision")
@@ -311,6 +306,18 @@ def decide(book, now: int, table: Table, card_number: str, approved: bool, reaso
         if number:
             book.put_steps(number, [s for s in book.steps_of(number) if s.step != STEP])
     return rec.holder_id, record
+
+
+def residence_card(book, card_number: str, operation: str):
+    """A Residence Card of the holder whose points are meant (RC-20: points are for Residence
+    Card holders; a social security card of the same person names no points)."""
+    rec = book.card(card_number)
+    if rec is None:
+        raise CardNotFound(card_number)
+    if rec.pack != Pack.RC:
+        raise InvalidTransition(State(rec.state).name, operation, "RC-20",
+                                "points are for Residence Card holders")
+    return rec
 
 
 def view(book, now: int, table: Table, holder_id: int) -> pb.PointsRecord:
