@@ -38,6 +38,7 @@ from yikatong import config
 from yikatong.errors import (
     CorruptRecord,
     IdReused,
+    ReplicationGap,
     StoreFull,
     StoreUnavailable,
     WriterBusy,
@@ -63,6 +64,7 @@ _U64 = struct.Struct(">Q")  # big-endian so LMDB's key order is numeric order
 _I64 = struct.Struct("<q")
 _TOTALS = struct.Struct("<qqqq")
 _TOTALS_KEY = b"ledger:totals"
+_LOG_SEQ_KEY = b"replication:log_seq"  # the replicated log's last sequence held here
 _STOP = object()
 DIR_MODE, FILE_MODE = 0o700, 0o600
 
@@ -110,18 +112,23 @@ class Store:
     def __init__(self, data_dir: str, *, map_size: int = config.lmdb_map_size,
                  periodic: Command | None = None, check_command: Command | None = None,
                  group_max: int = config.writer_group_max,
-                 queue_max: int = config.writer_queue_max, lock: bool = True):
+                 queue_max: int = config.writer_queue_max, lock: bool = True,
+                 replicate: Callable[[bytes], None] | None = None):
         """`lock=False`: the caller holds the data dir's lock (lock_data_dir), as the parent
         of `--workers` does for the worker processes that share the data dir on purpose.
         `periodic(book)` runs in a group of its own when the writer has been idle for
         `config.writer_idle_seconds`, and at least that often under load (the hold sweep);
         `check_command(book)` runs at the end of every group before it commits (invariants,
-        in tests and debug runs)."""
+        in tests and debug runs). `replicate(record)` gets each group that wrote anything as
+        one replication record (every put and delete, in order, with the group's log
+        sequence, the next after the store's) before the group commits, in the writer; if
+        it raises, nothing of the group is committed and every caller gets the error."""
         self.data_dir = data_dir
         self._group_max = group_max  # 1 = one fsync per command (the benchmark's baseline)
         self._queue_max = queue_max
         self._periodic = periodic
         self._check_command = check_command
+        self._replicate = replicate
         self.periodic_failures = 0  # in a row; reset by a success
         self.periodic_failures_total = 0
         self.writer_error: BaseException | None = None
@@ -255,8 +262,10 @@ class Store:
         assert self._periodic is not None
         was_healthy = self.healthy
         try:
+            journal: list | None = [] if self._replicate is not None else None
             with self._begin_write() as txn:
-                self._periodic(Book(txn, self.dbs))
+                self._periodic(Book(txn, self.dbs, journal))
+                self._publish(txn, journal)
         except Exception as error:  # noqa: BLE001 - logged and counted, never swallowed
             self.periodic_failures += 1
             self.periodic_failures_total += 1
@@ -280,13 +289,15 @@ class Store:
             return
         started = time.perf_counter()
         outcomes: list[tuple[concurrent.futures.Future, Any, BaseException | None]] = []
+        journal: list | None = [] if self._replicate is not None else None
         try:
             with self._begin_write() as txn:
                 for command, future in group:
                     child = self.env.begin(write=True, parent=txn)
                     heads = self.dbs.change_seq, self.dbs.audit_head
+                    mine: list | None = [] if journal is not None else None
                     try:
-                        result = command(Book(child, self.dbs))
+                        result = command(Book(child, self.dbs, mine))
                     except Exception as e:  # noqa: BLE001 - handed to the caller
                         child.abort()
                         # the audit chain goes on from the last event that stays
@@ -295,8 +306,11 @@ class Store:
                     else:
                         child.commit()
                         outcomes.append((future, result, None))
+                        if mine:
+                            journal.extend(mine)  # type: ignore[union-attr]
                 if self._check_command is not None:
                     self._check_command(Book(txn, self.dbs))
+                self._publish(txn, journal)
         except Exception as e:  # noqa: BLE001 - the whole group failed to commit
             for _, future in group:
                 future.set_exception(self._full(e))
@@ -312,6 +326,16 @@ class Store:
                 future.set_exception(error)
         if self.on_commit is not None:
             self.on_commit(len(group), time.perf_counter() - started)
+
+    def _publish(self, txn, journal: list | None) -> None:
+        """A group that wrote anything is one replication record, handed to `replicate`
+        before the group commits; its log sequence is recorded with the data."""
+        if journal:
+            book = Book(txn, self.dbs)
+            seq = book.log_sequence() + 1
+            book.set_log_sequence(seq)
+            assert self._replicate is not None
+            self._replicate(records.encode_journal(seq, journal))
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
@@ -351,36 +375,47 @@ class Store:
 
 
 class Dbs:
+    """The named databases of one environment. A replication record names each by its name
+    (`name_of`), so adding one never renumbers another."""
+
     def __init__(self, env):
-        self.cards = env.open_db(b"cards")  # card number (ASCII) -> card record
-        self.holders = env.open_db(b"holders")  # ssn (ASCII) -> u64 holder_id + Holder proto
-        self.holder_cards = env.open_db(b"holder_cards")  # u64 holder_id + u8 pack -> card
-        self.requests = env.open_db(b"requests")  # request id -> 32-byte fingerprint + answer
-        self.notes = env.open_db(b"notes")  # "<kind>:<card number>" -> UTF-8 text
-        self.meta = env.open_db(b"meta")  # name -> u64 counter
-        self.accounts = env.open_db(b"accounts")  # account key -> account record
-        self.transfers = env.open_db(b"transfers")  # transfer id -> transfer record
+        self.name_of: dict[Any, bytes] = {}
+        self.by_name: dict[bytes, Any] = {}
+
+        def db(name: bytes):
+            handle = env.open_db(name)
+            self.name_of[handle], self.by_name[name] = name, handle
+            return handle
+
+        self.cards = db(b"cards")  # card number (ASCII) -> card record
+        self.holders = db(b"holders")  # ssn (ASCII) -> u64 holder_id + Holder proto
+        self.holder_cards = db(b"holder_cards")  # u64 holder_id + u8 pack -> card
+        self.requests = db(b"requests")  # request id -> 32-byte fingerprint + answer
+        self.notes = db(b"notes")  # "<kind>:<card number>" -> UTF-8 text
+        self.meta = db(b"meta")  # name -> u64 counter
+        self.accounts = db(b"accounts")  # account key -> account record
+        self.transfers = db(b"transfers")  # transfer id -> transfer record
         # open holds, two ways: for the sweep, and per debited account for the lazy check
-        self.holds_by_timeout = env.open_db(b"holds_by_timeout")  # u64 timeout + id -> b""
-        self.holds_by_account = env.open_db(b"holds_by_account")  # key40 + u64 timeout + id -> i64
-        self.changes = env.open_db(b"changes")  # u64 sequence -> change record
+        self.holds_by_timeout = db(b"holds_by_timeout")  # u64 timeout + id -> b""
+        self.holds_by_account = db(b"holds_by_account")  # key40 + u64 timeout + id -> i64
+        self.changes = db(b"changes")  # u64 sequence -> change record
         # RC-13: a holder's Shanghai residence addresses, oldest first
-        self.residences = env.open_db(b"residences")  # u64 holder_id + u32 n -> i64 since + UTF-8
-        self.holder_ssn = env.open_db(b"holder_ssn")  # u64 holder_id -> ssn (ASCII)
-        self.steps = env.open_db(b"steps")  # card number -> its open steps and their ends
-        self.credit = env.open_db(b"credit")  # u64 holder_id + u32 n -> credit record
+        self.residences = db(b"residences")  # u64 holder_id + u32 n -> i64 since + UTF-8
+        self.holder_ssn = db(b"holder_ssn")  # u64 holder_id -> ssn (ASCII)
+        self.steps = db(b"steps")  # card number -> its open steps and their ends
+        self.credit = db(b"credit")  # u64 holder_id + u32 n -> credit record
         # GZ-20: earlier values of a holder's fields
-        self.holder_history = env.open_db(b"holder_history")  # u64 holder_id + u32 n -> record
+        self.holder_history = db(b"holder_history")  # u64 holder_id + u32 n -> record
         # RC-20 to RC-23: a holder's points, the API's PointsRecord message
-        self.points = env.open_db(b"points")  # u64 holder_id -> PointsRecord
+        self.points = db(b"points")  # u64 holder_id -> PointsRecord
         # RC-29: an employer's credit records: unified social credit code + u32 n -> record
-        self.employer_credit = env.open_db(b"employer_credit")
+        self.employer_credit = db(b"employer_credit")
         # SH-31, GZ-35: electronic card number (ASCII, 18 digits) -> u64 holder_id + u8 pack,
         # and u64 holder_id + u8 pack -> number (9-byte keys never equal 18-byte ones)
-        self.ecards = env.open_db(b"ecards")
+        self.ecards = db(b"ecards")
         self.change_seq = 0  # the last sequence handed out: read in each write (_begin_write)
         # append-only audit trail, hash-chained: u64 sequence -> audit event
-        self.audit = env.open_db(b"audit")
+        self.audit = db(b"audit")
         self.audit_head: tuple[int, bytes] = (0, bytes(32))  # (sequence, hash), as change_seq
 
 
@@ -388,11 +423,59 @@ class Book:
     """Typed access to the databases inside one transaction: the only way the domain reads
     and writes the store."""
 
-    __slots__ = ("txn", "dbs")
+    __slots__ = ("txn", "dbs", "journal")
 
-    def __init__(self, txn, dbs: Dbs):
+    def __init__(self, txn, dbs: Dbs, journal: list | None = None):
+        """`journal`: every put and delete this book makes is appended to it, in order, as
+        (database name, key, value, or None for a delete): a commit group's replication
+        record (Store's `replicate`)."""
         self.txn = txn
         self.dbs = dbs
+        self.journal = journal
+
+    def _put(self, key: bytes, value: bytes, db, append: bool = False,
+             overwrite: bool = True) -> bool:
+        done = self.txn.put(key, value, db=db, append=append, overwrite=overwrite)
+        if done and self.journal is not None:
+            self.journal.append((self.dbs.name_of[db], bytes(key), bytes(value)))
+        return done
+
+    def _delete(self, key: bytes, db) -> bool:
+        done = self.txn.delete(key, db=db)
+        if done and self.journal is not None:
+            self.journal.append((self.dbs.name_of[db], bytes(key), None))
+        return done
+
+    def apply_journal(self, record: bytes) -> bool:
+        """A follower's step: the puts and deletes of the leader's commit group with log
+        sequence `seq`, in order, with `seq` as the last one applied, in this transaction.
+        False (nothing done) for a record applied before; ReplicationGap for one that
+        skips ahead."""
+        seq, ops = records.decode_journal(record)
+        last = self.log_sequence()
+        if seq <= last:
+            return False
+        if seq != last + 1:
+            raise ReplicationGap(f"replication record {seq} after {last}: {last + 1} is missing")
+        for name, key, value in ops:
+            db = self.dbs.by_name.get(name)
+            if db is None:
+                raise CorruptRecord(f"replication record {seq} names database {name!r}, which "
+                                    "this store does not have")
+            if value is None:
+                self.txn.delete(key, db=db)
+            else:
+                self.txn.put(key, value, db=db)
+        self.set_log_sequence(seq)
+        return True
+
+    def log_sequence(self) -> int:
+        """The replicated log's last sequence this store holds (0: none)."""
+        value = self.txn.get(_LOG_SEQ_KEY, db=self.dbs.meta)
+        return 0 if value is None else _U64.unpack(value)[0]
+
+    def set_log_sequence(self, seq: int) -> None:
+        self.txn.put(_LOG_SEQ_KEY, _U64.pack(seq), db=self.dbs.meta)
 
     # ---- cards
     def card_bytes(self, card_number: str) -> bytes | None:
@@ -432,7 +515,7 @@ class Book:
                     | (Changed.REPLACEMENT if was.replaced_by != card.replaced_by else 0)
                     | (Changed.VALIDITY if was.valid_until != card.valid_until else 0)
                     | (Changed.POINTS if was.points != card.points else 0))
-        self.txn.put(key, records.encode_card(card), db=self.dbs.cards)
+        self._put(key, records.encode_card(card), db=self.dbs.cards)
         self.append_change(ChangeKind.CARD, now, card.card_number, card.holder_id, card.state,
                            card.flags, card.lock_mask, what=what)
 
@@ -444,9 +527,9 @@ class Book:
     def put_steps(self, card_number: str, steps: list[Step]) -> None:
         key = card_number.encode("ascii")
         if steps:
-            self.txn.put(key, records.encode_steps(steps), db=self.dbs.steps)
+            self._put(key, records.encode_steps(steps), db=self.dbs.steps)
         else:
-            self.txn.delete(key, db=self.dbs.steps)
+            self._delete(key, db=self.dbs.steps)
 
     def open_steps(self) -> Iterator[tuple[str, list[Step]]]:
         for key, value in self.txn.cursor(db=self.dbs.steps):
@@ -465,7 +548,7 @@ class Book:
 
     def put_card_text(self, card_number: str, kind: str, text: str) -> None:
         assert kind in self.CARD_TEXTS, kind
-        self.txn.put(f"{kind}:{card_number}".encode("ascii"), text.encode("utf-8"),
+        self._put(f"{kind}:{card_number}".encode("ascii"), text.encode("utf-8"),
                      db=self.dbs.notes)
 
     def card_count(self) -> int:
@@ -480,7 +563,7 @@ class Book:
         value = records.encode_change(kind, time, card_number, holder_id, state, flags,
                                       lock_mask, transfer_id, amount, what)
         self.dbs.change_seq = seq = self.dbs.change_seq + 1
-        self.txn.put(_U64.pack(seq), value, db=self.dbs.changes, append=True)
+        self._put(_U64.pack(seq), value, db=self.dbs.changes, append=True)
         return seq
 
     def changes(self, after: int = 0) -> Iterator[tuple[int, Change]]:
@@ -504,7 +587,7 @@ class Book:
         body = records.audit_body(seq, time, count, client_id, role, method, card_number,
                                   purpose, outcome, holder)
         digest = audit_hash(prev, body)
-        self.txn.put(_U64.pack(seq), records.encode_audit(AUDIT_ALGORITHM, prev, digest, body),
+        self._put(_U64.pack(seq), records.encode_audit(AUDIT_ALGORITHM, prev, digest, body),
                      db=self.dbs.audit, append=True)
         self.dbs.audit_head = (seq, digest)
         return seq
@@ -546,9 +629,9 @@ class Book:
         return None if value is None else records.decode_holder(ssn, value)
 
     def put_holder(self, holder_id: int, info: HolderInfo) -> None:
-        self.txn.put(info.ssn.encode("ascii"), records.encode_holder(holder_id, info),
+        self._put(info.ssn.encode("ascii"), records.encode_holder(holder_id, info),
                      db=self.dbs.holders)
-        self.txn.put(_U64.pack(holder_id), info.ssn.encode("ascii"), db=self.dbs.holder_ssn)
+        self._put(_U64.pack(holder_id), info.ssn.encode("ascii"), db=self.dbs.holder_ssn)
 
     def holder_ssn(self, holder_id: int) -> str | None:
         value = self.txn.get(_U64.pack(holder_id), db=self.dbs.holder_ssn)
@@ -561,7 +644,7 @@ class Book:
 
     def add_holder_change(self, holder_id: int, change: HolderChange) -> None:
         n = sum(1 for _ in self._prefixed(self.dbs.holder_history, _U64.pack(holder_id)))
-        self.txn.put(_U64.pack(holder_id) + n.to_bytes(4, "big"),
+        self._put(_U64.pack(holder_id) + n.to_bytes(4, "big"),
                      records.encode_holder_change(change), db=self.dbs.holder_history)
 
     def credit_records(self, holder_id: int) -> list[CreditRecord]:
@@ -571,7 +654,7 @@ class Book:
 
     def add_credit_record(self, holder_id: int, record: CreditRecord) -> None:
         n = sum(1 for _ in self._prefixed(self.dbs.credit, _U64.pack(holder_id)))
-        self.txn.put(_U64.pack(holder_id) + n.to_bytes(4, "big"), records.encode_credit(record),
+        self._put(_U64.pack(holder_id) + n.to_bytes(4, "big"), records.encode_credit(record),
                      db=self.dbs.credit)
 
     def employer_credit_records(self, employer: str) -> list[CreditRecord]:
@@ -582,7 +665,7 @@ class Book:
     def add_employer_credit(self, employer: str, record: CreditRecord) -> None:
         key = employer.encode("ascii")
         n = sum(1 for _ in self._prefixed(self.dbs.employer_credit, key))
-        self.txn.put(key + n.to_bytes(4, "big"), records.encode_credit(record),
+        self._put(key + n.to_bytes(4, "big"), records.encode_credit(record),
                      db=self.dbs.employer_credit)
 
     # ---- RC-20 to RC-23: a holder's points
@@ -592,7 +675,7 @@ class Book:
         return None if value is None else records.decode_points(value)
 
     def put_points(self, holder_id: int, record) -> None:
-        self.txn.put(_U64.pack(holder_id), records.encode_points(record), db=self.dbs.points)
+        self._put(_U64.pack(holder_id), records.encode_points(record), db=self.dbs.points)
 
     # ---- SH-31, GZ-35: electronic cards
     def ecard_of(self, holder_id: int, pack: int) -> str | None:
@@ -603,8 +686,8 @@ class Book:
     def put_ecard(self, number: str, holder_id: int, pack: int) -> None:
         """Both ways: number -> holder id + pack (a key of holder_cards), and back."""
         key = _U64.pack(holder_id) + bytes((pack,))
-        self.txn.put(number.encode("ascii"), key, db=self.dbs.ecards)
-        self.txn.put(key, number.encode("ascii"), db=self.dbs.ecards)
+        self._put(number.encode("ascii"), key, db=self.dbs.ecards)
+        self._put(key, number.encode("ascii"), db=self.dbs.ecards)
 
     def _prefixed(self, db, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         with self.txn.cursor(db=db) as cur:
@@ -628,7 +711,7 @@ class Book:
 
     def add_residence(self, holder_id: int, since: int, address: str) -> None:
         n = len(self.residences(holder_id))
-        self.txn.put(_U64.pack(holder_id) + n.to_bytes(4, "big"),
+        self._put(_U64.pack(holder_id) + n.to_bytes(4, "big"),
                      _I64.pack(since) + address.encode("utf-8"), db=self.dbs.residences)
 
     def current_card(self, holder_id: int, pack: int) -> str | None:
@@ -636,14 +719,14 @@ class Book:
         return None if value is None else bytes(value).decode("ascii")
 
     def set_current_card(self, holder_id: int, pack: int, card_number: str) -> None:
-        self.txn.put(_U64.pack(holder_id) + bytes((pack,)), card_number.encode("ascii"),
+        self._put(_U64.pack(holder_id) + bytes((pack,)), card_number.encode("ascii"),
                      db=self.dbs.holder_cards)
 
     # ---- counters
     def next_seq(self, name: bytes) -> int:
         value = self.txn.get(name, db=self.dbs.meta)
         n = (_U64.unpack(value)[0] if value is not None else 0) + 1
-        self.txn.put(name, _U64.pack(n), db=self.dbs.meta)
+        self._put(name, _U64.pack(n), db=self.dbs.meta)
         return n
 
     def meta(self, name: bytes) -> bytes | None:
@@ -651,7 +734,7 @@ class Book:
         return None if value is None else bytes(value)
 
     def put_meta(self, name: bytes, value: bytes) -> None:
-        self.txn.put(name, value, db=self.dbs.meta)
+        self._put(name, value, db=self.dbs.meta)
 
     # ---- idempotency: request id -> (fingerprint of the request, the first answer)
     def replay(self, request_id: str, fingerprint: bytes) -> bytes | None:
@@ -666,7 +749,7 @@ class Book:
 
     def remember(self, request_id: str, fingerprint: bytes, answer: bytes) -> None:
         assert len(fingerprint) == 32
-        self.txn.put(request_id.encode("utf-8"), fingerprint + answer, db=self.dbs.requests)
+        self._put(request_id.encode("utf-8"), fingerprint + answer, db=self.dbs.requests)
 
     def once(self, request_id: str, fingerprint: bytes, produce: Callable[[], bytes]) -> bytes:
         """The first answer to `request_id`, or `produce()`'s, remembered in this transaction."""
@@ -682,7 +765,7 @@ class Book:
         return Account() if value is None else records.decode_account(value)
 
     def put_account(self, key: bytes, account: Account) -> None:
-        self.txn.put(key, records.encode_account(account), db=self.dbs.accounts)
+        self._put(key, records.encode_account(account), db=self.dbs.accounts)
 
     def accounts(self) -> Iterator[tuple[bytes, Account]]:
         for key, value in self.txn.cursor(db=self.dbs.accounts):
@@ -698,7 +781,7 @@ class Book:
         """Add one movement (both sides) to the running totals; returns them."""
         dp, dpost, cp, cpost = self.ledger_totals()
         totals = (dp + pending, dpost + posted, cp + pending, cpost + posted)
-        self.txn.put(_TOTALS_KEY, _TOTALS.pack(*totals), db=self.dbs.meta)
+        self._put(_TOTALS_KEY, _TOTALS.pack(*totals), db=self.dbs.meta)
         return totals
 
     # ---- transfers
@@ -708,20 +791,20 @@ class Book:
 
     def put_transfer(self, transfer_id: str, t: Transfer, *, new: bool = False) -> bool:
         """Store a transfer; False (nothing written) if `new` and the id exists."""
-        return self.txn.put(transfer_id.encode("utf-8"), records.encode_transfer(t),
+        return self._put(transfer_id.encode("utf-8"), records.encode_transfer(t),
                             db=self.dbs.transfers, overwrite=not new)
 
     # ---- open holds, indexed by timeout (for the sweep) and by debited account
     def add_hold(self, transfer_id: str, t: Transfer) -> None:
-        self.txn.put(_U64.pack(t.timeout_at) + transfer_id.encode("utf-8"), b"",
+        self._put(_U64.pack(t.timeout_at) + transfer_id.encode("utf-8"), b"",
                      db=self.dbs.holds_by_timeout)
-        self.txn.put(_held_key(t.debit, t.timeout_at, transfer_id), _I64.pack(t.amount),
+        self._put(_held_key(t.debit, t.timeout_at, transfer_id), _I64.pack(t.amount),
                      db=self.dbs.holds_by_account)
 
     def drop_hold(self, transfer_id: str, t: Transfer) -> None:
-        self.txn.delete(_U64.pack(t.timeout_at) + transfer_id.encode("utf-8"),
+        self._delete(_U64.pack(t.timeout_at) + transfer_id.encode("utf-8"),
                         db=self.dbs.holds_by_timeout)
-        self.txn.delete(_held_key(t.debit, t.timeout_at, transfer_id),
+        self._delete(_held_key(t.debit, t.timeout_at, transfer_id),
                         db=self.dbs.holds_by_account)
 
     def holds(self, key: bytes) -> list[tuple[int, str, int]]:

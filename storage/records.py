@@ -471,3 +471,57 @@ def decode_credit(value) -> CreditRecord:
         at += _CREDIT_FINE.size
     rule, evidence, client_id = _unpack_texts(value, at, _CREDIT_TEXTS, "credit record")
     return CreditRecord(rule, ground, evidence, bool(serious), time, client_id, barred, fine)
+
+
+# ---------------------------------------------------------------------------- replication
+
+# A commit group's replication record (storage.lmdb_store Book.journal): version, the log
+# sequence, the number of operations; then each: database name, key, value (a delete has
+# the value length 0xFFFFFFFF and no value).
+_JOURNAL_HEAD = struct.Struct("<BQI")
+_JOURNAL_NAME = struct.Struct("<B")
+_JOURNAL_LEN = struct.Struct("<I")
+_DELETED = 0xFFFFFFFF
+
+
+def encode_journal(seq: int, ops) -> bytes:
+    out = [_JOURNAL_HEAD.pack(1, seq, len(ops))]
+    for name, key, value in ops:
+        out += [_JOURNAL_NAME.pack(len(name)), name, _JOURNAL_LEN.pack(len(key)), key,
+                _JOURNAL_LEN.pack(_DELETED if value is None else len(value))]
+        if value is not None:
+            out.append(value)
+    return b"".join(out)
+
+
+def decode_journal(record) -> tuple[int, list[tuple[bytes, bytes, bytes | None]]]:
+    """(log sequence, [(database name, key, value or None for a delete)]), or CorruptRecord."""
+    record = bytes(record)
+
+    def take(at: int, n: int) -> bytes:
+        if at + n > len(record):
+            raise CorruptRecord(f"replication record of {len(record)} bytes is cut")
+        return record[at:at + n]
+
+    try:
+        version, seq, count = _JOURNAL_HEAD.unpack_from(record)
+        if version != 1:
+            raise CorruptRecord(f"replication record version {version}")
+        at, ops = _JOURNAL_HEAD.size, []
+        for _ in range(count):
+            (n,) = _JOURNAL_NAME.unpack_from(record, at)
+            name = take(at + 1, n)
+            at += 1 + n
+            (n,) = _JOURNAL_LEN.unpack_from(record, at)
+            key = take(at + 4, n)
+            at += 4 + n
+            (n,) = _JOURNAL_LEN.unpack_from(record, at)
+            at += 4
+            value = None if n == _DELETED else take(at, n)
+            at += 0 if value is None else n
+            ops.append((name, key, value))
+    except struct.error:
+        raise CorruptRecord(f"replication record of {len(record)} bytes is cut") from None
+    if at != len(record):
+        raise CorruptRecord(f"replication record has {len(record) - at} bytes too many")
+    return seq, ops

@@ -160,6 +160,12 @@ class StreamStalled(YikatongError):
     reason = "STREAM_STALLED"
 
 
+class ReplicationGap(YikatongError):
+    """A replication record that does not follow the last one applied: one is missing."""
+
+    reason = "REPLICATION_GAP"
+
+
 class CalendarMissing(YikatongError):
     """A period reaches into a year for which no working-day calendar is shipped."""
 

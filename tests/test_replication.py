@@ -1,0 +1,112 @@
+"""A commit group as one replication record (issue 18, storage level): every put and delete
+of the group's write transaction, in order, with the group's log sequence, handed over
+before the group commits; a follower store that applies the records in order holds the same
+bytes, records the last sequence it applied in the same transaction as the data, and never
+applies one twice or one that skips ahead. No NATS here: the records are kept in a list."""
+import hashlib
+
+import pytest
+
+from yikatong import clock as clocks
+from yikatong import ledger
+from yikatong.errors import CorruptRecord, ReplicationGap
+from yikatong.model import operator_account_key
+from yikatong.server import demo
+from yikatong.server.harness import wait_until
+from yikatong.storage import records
+from yikatong.storage.lmdb_store import Store
+
+NOW = clocks.parse_time("2026-11-25T12:00:00+08:00")
+
+
+@pytest.fixture
+def pair(tmp_path):
+    log: list[bytes] = []
+    leader = Store(str(tmp_path / "leader"), map_size=256 * 1024**2, replicate=log.append,
+                   periodic=lambda book: ledger.expire_holds(book, NOW + 7200))
+    follower = Store(str(tmp_path / "follower"), map_size=256 * 1024**2)
+    yield leader, follower, log
+    leader.close()
+    follower.close()
+
+
+def digest(store: Store) -> str:
+    """Every key and value of every database of an open store (as harness.store_digest, in
+    this process)."""
+    h = hashlib.sha256()
+    with store.read() as txn:
+        for name in sorted(store.dbs.by_name):
+            for k, v in txn.cursor(db=store.dbs.by_name[name]):
+                h.update(name + b"\0" + k + b"\0" + v)
+    return h.hexdigest()
+
+
+def apply_all(follower: Store, log: list[bytes]) -> list[bool]:
+    return [follower.write(lambda book, r=r: book.apply_journal(r)) for r in log]
+
+
+def test_a_follower_that_applies_every_record_holds_the_same_bytes(pair):
+    leader, follower, log = pair
+    demo.load(leader, NOW)  # thousands of cards, holders, accounts, changes, audit events
+    topup, fee = operator_account_key("op:topup"), operator_account_key("op:fees")
+
+    def moves(book):  # a hold placed and a transfer: deletes come when the hold expires
+        ledger.create(book, NOW, "t1", topup, fee, 500)
+        ledger.create(book, NOW, "h1", fee, topup, 200, pending=True, timeout=60)
+    leader.write(moves)
+    leader.write(lambda book: None)  # a group that writes nothing is no record
+    assert [records.decode_journal(r)[0] for r in log] == list(range(1, len(log) + 1))
+    # the hold sweep runs in a group of its own once the writer is idle; its deletes too
+    assert wait_until(lambda: any(value is None for r in log
+                                  for _, _, value in records.decode_journal(r)[1]), 10)
+    assert all(apply_all(follower, log))
+    assert digest(follower) == digest(leader)
+    with follower.read() as txn:
+        assert follower.book(txn).log_sequence() == len(log)
+
+
+def test_a_record_applied_twice_changes_nothing_and_one_that_skips_ahead_is_refused(pair):
+    leader, follower, log = pair
+    for i in range(3):
+        leader.write(lambda book, i=i: book.put_meta(f"k{i}".encode(), b"v"))
+    assert apply_all(follower, log[:2]) == [True, True]
+    before = digest(follower)
+    assert follower.write(lambda book: book.apply_journal(log[0])) is False
+    assert digest(follower) == before
+    leader.write(lambda book: book.put_meta(b"k3", b"v"))
+    with pytest.raises(ReplicationGap, match="replication record 4 after 2: 3 is missing"):
+        follower.write(lambda book: book.apply_journal(log[3]))
+    assert apply_all(follower, log[2:]) == [True, True]
+    assert digest(follower) == digest(leader)
+
+
+def test_a_group_whose_record_is_not_taken_is_not_committed(tmp_path):
+    """`replicate` refusing (the log would not take it: a fenced publish) fails every
+    command of the group and commits nothing, the log sequence included."""
+    taken: list[bytes] = []
+    refuse = [True]
+
+    def replicate(record: bytes) -> None:
+        if refuse[0]:
+            raise OSError("the log refused the record")
+        taken.append(record)
+    store = Store(str(tmp_path / "s"), replicate=replicate)
+    try:
+        with pytest.raises(OSError, match="refused"):
+            store.write(lambda book: book.put_meta(b"a", b"1"))
+        with store.read() as txn:
+            book = store.book(txn)
+            assert book.meta(b"a") is None and book.log_sequence() == 0
+        refuse[0] = False
+        store.write(lambda book: book.put_meta(b"a", b"2"))
+        assert [records.decode_journal(r) for r in taken] == [(1, [(b"meta", b"a", b"2")])]
+    finally:
+        store.close()
+
+
+def test_a_cut_or_padded_record_is_corrupt():
+    record = records.encode_journal(7, [(b"meta", b"k", b"v"), (b"cards", b"1", None)])
+    assert records.decode_journal(record) == (7, [(b"meta", b"k", b"v"), (b"cards", b"1", None)])
+    for bad in (record[:-1], record + b"\0", record[:5], b"\x02" + record[1:]):
+        with pytest.raises(CorruptRecord):
+            records.decode_journal(bad)
