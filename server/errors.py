@@ -35,6 +35,9 @@ _CODES = (
     (e.RequestLate, grpc.StatusCode.DEADLINE_EXCEEDED),
     (e.WriterDown, grpc.StatusCode.UNAVAILABLE),
     (e.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (e.Fenced, grpc.StatusCode.UNAVAILABLE),  # another node writes: ask it
+    (e.LogUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (e.ReplicationGap, grpc.StatusCode.DATA_LOSS),
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 )

@@ -494,6 +494,11 @@ def encode_journal(seq: int, ops) -> bytes:
     return b"".join(out)
 
 
+def journal_sequence(record: bytes) -> int:
+    """The log sequence of a replication record, from its head alone."""
+    return _JOURNAL_HEAD.unpack_from(record)[1]
+
+
 def decode_journal(record) -> tuple[int, list[tuple[bytes, bytes, bytes | None]]]:
     """(log sequence, [(database name, key, value or None for a delete)]), or CorruptRecord."""
     record = bytes(record)

@@ -10,7 +10,7 @@ import nats
 import pytest
 from nats.js.errors import APIError, NoStreamResponseError
 
-from yikatong.server.harness import NatsCluster
+from yikatong.server.harness import NatsCluster, wait_until
 
 EXPECTED = "Nats-Expected-Last-Sequence"
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-sequence check
@@ -62,3 +62,57 @@ def test_a_fenced_append_survives_one_node_of_three(cluster):
 
     elected = asyncio.run(main())
     assert elected < 20  # bounded: the next append after the leader's death
+
+
+def test_a_leader_s_groups_reach_a_follower_and_a_stale_writer_is_fenced(cluster, tmp_path):
+    """Each commit group is appended to the log before it commits: a follower store reading
+    the log converges to the leader's bytes; a store that is behind the log and tries to
+    write is fenced and commits nothing; with one log node of three dead, the leader still
+    writes and the follower still follows."""
+    from test_replication import digest
+
+    from yikatong.errors import Fenced
+    from yikatong.storage.lmdb_store import Store
+    from yikatong.storage.replication import Follower, Log
+
+    leader_log, follower_log, stale_log = (Log(cluster.urls) for _ in range(3))
+    leader = Store(str(tmp_path / "leader"), replicate=leader_log.append)
+    follower_store = Store(str(tmp_path / "follower"))
+    stale = Store(str(tmp_path / "stale"), replicate=stale_log.append)
+    follower = Follower(follower_store, follower_log)
+    try:
+        for i in range(50):
+            leader.write(lambda book, i=i: book.put_meta(f"k{i}".encode(), b"v" * i))
+        assert wait_until(lambda: follower.applied == 50, 20), follower.error
+        assert digest(follower_store) == digest(leader)
+        with pytest.raises(Fenced, match="moved past sequence 0"):
+            stale.write(lambda book: book.put_meta(b"mine", b"x"))
+        with stale.read() as txn:
+            assert stale.book(txn).meta(b"mine") is None
+        cluster.kill(0)
+        started = time.monotonic()
+        for i in range(50, 60):
+            write_until(leader, lambda book, i=i: book.put_meta(f"k{i}".encode(), b"w"), 20)
+        assert time.monotonic() - started < 30
+        assert wait_until(lambda: follower.applied == 60, 20), follower.error
+        assert digest(follower_store) == digest(leader)
+    finally:
+        follower.stop()
+        for store in (leader, follower_store, stale):
+            store.close()
+        for log in (leader_log, follower_log, stale_log):
+            log.close()
+
+
+def write_until(store, command, seconds: float):
+    """A write retried while the log elects a new leader for the stream (LogUnavailable:
+    nothing was committed, so a retry is safe)."""
+    from yikatong.errors import LogUnavailable
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return store.write(command)
+        except LogUnavailable:
+            if time.monotonic() > deadline:
+                raise

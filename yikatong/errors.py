@@ -160,6 +160,18 @@ class StreamStalled(YikatongError):
     reason = "STREAM_STALLED"
 
 
+class Fenced(YikatongError):
+    """The replicated log moved on without this node: it is not the writer (issue 18)."""
+
+    reason = "FENCED"
+
+
+class LogUnavailable(YikatongError):
+    """The replicated log did not take or give a record in time."""
+
+    reason = "LOG_UNAVAILABLE"
+
+
 class ReplicationGap(YikatongError):
     """A replication record that does not follow the last one applied: one is missing."""
 

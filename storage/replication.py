@@ -1,0 +1,144 @@
+"""The replicated log (issue 18): a NATS JetStream stream whose every message is one commit
+group's replication record (records.encode_journal), stream sequence = log sequence.
+
+The writer appends a group before it commits locally, naming the sequence it believes the
+log ends at (`Nats-Expected-Last-Sequence`): JetStream takes it only if no one else appended
+since, so a node that is no longer the writer can never append (fencing by the log itself),
+and its group is not committed. JetStream acknowledges once a quorum of the stream's
+replicas holds the record. A follower reads the log from the sequence after its own and
+applies each record in order, the sequence with the data, in one transaction.
+
+nats-py is asyncio and the store's writer is a thread, so a `Log` runs its own event loop
+in a thread of its own; the writer waits on it for each append.
+"""
+import asyncio
+import threading
+
+import nats
+import nats.errors
+import nats.js.errors
+
+from yikatong.errors import Fenced, LogUnavailable
+from yikatong.storage import records
+
+STREAM = "YIKATONG"
+SUBJECT = "yikatong.log"
+EXPECTED = "Nats-Expected-Last-Sequence"
+WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-sequence check
+_UNREACHABLE = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                nats.js.errors.NoStreamResponseError, nats.errors.ConnectionClosedError)
+
+
+class Log:
+    """A connection to the replicated log. `urls`: the NATS servers; the stream is made with
+    `replicas` replicas if it does not exist."""
+
+    def __init__(self, urls: list[str], replicas: int = 3, timeout: float = 5.0):
+        self.timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="yikatong-log",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            self._run(self._connect(urls, replicas), timeout * 4)
+        except Exception:
+            self.close()
+            raise
+
+    def _run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(
+            timeout or self.timeout * 2)
+
+    async def _connect(self, urls: list[str], replicas: int) -> None:
+        self._nc = await nats.connect(servers=urls, max_reconnect_attempts=-1,
+                                      reconnect_time_wait=0.2, connect_timeout=self.timeout)
+        self._js = self._nc.jetstream(timeout=self.timeout)
+        deadline = self._loop.time() + self.timeout * 4
+        while True:  # a new cluster elects its meta leader first
+            try:
+                await self._js.add_stream(name=STREAM, subjects=[SUBJECT], num_replicas=replicas)
+                return
+            except _UNREACHABLE:
+                if self._loop.time() > deadline:
+                    raise LogUnavailable("the replicated log's stream cannot be made or "
+                                         "found") from None
+                await asyncio.sleep(0.1)
+
+    def append(self, record: bytes) -> None:
+        """Store(replicate=...): the group's record appended after the sequence before its
+        own, or Fenced (the log moved on: this node is not the writer) or LogUnavailable; in
+        both cases the group is not committed."""
+        seq = records.journal_sequence(record)
+        try:
+            ack = self._run(self._js.publish(SUBJECT, record, headers={EXPECTED: str(seq - 1)},
+                                             timeout=self.timeout))
+        except nats.js.errors.APIError as error:
+            if error.err_code == WRONG_LAST_SEQUENCE:
+                raise Fenced(f"the replicated log has moved past sequence {seq - 1}: this node "
+                             "is not the writer; nothing was committed") from None
+            raise LogUnavailable(f"the replicated log refused record {seq}: {error}") from None
+        except _UNREACHABLE:
+            raise LogUnavailable(f"the replicated log did not acknowledge record {seq} in "
+                                 f"{self.timeout:g} s; nothing was committed") from None
+        if ack.seq != seq:
+            raise Fenced(f"the replicated log put record {seq} at {ack.seq}")
+
+    def read(self, seq: int) -> bytes | None:
+        """Record `seq`, None if the log does not reach it yet."""
+        try:
+            message = self._run(self._js.get_msg(STREAM, seq))
+        except nats.js.errors.NotFoundError:
+            return None
+        except _UNREACHABLE:
+            raise LogUnavailable(f"the replicated log did not answer for record {seq}") from None
+        return message.data
+
+    def last_sequence(self) -> int:
+        return self._run(self._js.stream_info(STREAM)).state.last_seq
+
+    def close(self) -> None:
+        nc = getattr(self, "_nc", None)
+        if nc is not None:
+            try:
+                self._run(nc.close())
+            except Exception:  # noqa: BLE001 - closing a connection that is already gone
+                pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+class Follower:
+    """Applies the log to a store, in order, from the sequence after the store's own, in a
+    thread of its own, until stopped. `applied` is the last sequence applied."""
+
+    def __init__(self, store, log: Log, poll_seconds: float = 0.005):
+        self.store, self.log, self.poll_seconds = store, log, poll_seconds
+        with store.read() as txn:
+            self.applied = store.book(txn).log_sequence()
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="yikatong-follower", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                record = self.log.read(self.applied + 1)
+            except LogUnavailable:
+                self._stop.wait(self.poll_seconds * 20)
+                continue
+            if record is None:
+                self._stop.wait(self.poll_seconds)
+                continue
+            try:
+                self.store.write(lambda book, r=record: book.apply_journal(r))
+            except BaseException as error:  # noqa: BLE001 - kept for whoever watches it
+                self.error = error
+                return
+            self.applied += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
