@@ -128,7 +128,7 @@ class Store:
         self._queue_max = queue_max
         self._periodic = periodic
         self._check_command = check_command
-        self._replicate = replicate
+        self.replicate = replicate
         self.periodic_failures = 0  # in a row; reset by a success
         self.periodic_failures_total = 0
         self.writer_error: BaseException | None = None
@@ -262,10 +262,11 @@ class Store:
         assert self._periodic is not None
         was_healthy = self.healthy
         try:
-            journal: list | None = [] if self._replicate is not None else None
+            replicate = self.replicate
+            journal: list | None = [] if replicate is not None else None
             with self._begin_write() as txn:
                 self._periodic(Book(txn, self.dbs, journal))
-                self._publish(txn, journal)
+                self._publish(txn, journal, replicate)
         except Exception as error:  # noqa: BLE001 - logged and counted, never swallowed
             self.periodic_failures += 1
             self.periodic_failures_total += 1
@@ -289,7 +290,8 @@ class Store:
             return
         started = time.perf_counter()
         outcomes: list[tuple[concurrent.futures.Future, Any, BaseException | None]] = []
-        journal: list | None = [] if self._replicate is not None else None
+        replicate = self.replicate  # the same for the whole group
+        journal: list | None = [] if replicate is not None else None
         try:
             with self._begin_write() as txn:
                 for command, future in group:
@@ -310,7 +312,7 @@ class Store:
                             journal.extend(mine)  # type: ignore[union-attr]
                 if self._check_command is not None:
                     self._check_command(Book(txn, self.dbs))
-                self._publish(txn, journal)
+                self._publish(txn, journal, replicate)
         except Exception as e:  # noqa: BLE001 - the whole group failed to commit
             for _, future in group:
                 future.set_exception(self._full(e))
@@ -327,15 +329,14 @@ class Store:
         if self.on_commit is not None:
             self.on_commit(len(group), time.perf_counter() - started)
 
-    def _publish(self, txn, journal: list | None) -> None:
+    def _publish(self, txn, journal: list | None, replicate) -> None:
         """A group that wrote anything is one replication record, handed to `replicate`
         before the group commits; its log sequence is recorded with the data."""
         if journal:
             book = Book(txn, self.dbs)
             seq = book.log_sequence() + 1
             book.set_log_sequence(seq)
-            assert self._replicate is not None
-            self._replicate(records.encode_journal(seq, journal))
+            replicate(records.encode_journal(seq, journal))
 
     def queue_depth(self) -> int:
         return self._queue.qsize()

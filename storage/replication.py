@@ -142,3 +142,131 @@ class Follower:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+LEASE_BUCKET = "YIKATONG_LEASE"
+LEASE_KEY = "writer"
+
+
+class Lease:
+    """The write lease: one key in a JetStream key-value bucket whose entries live `ttl`
+    seconds unless renewed. Taken with create (only if no one holds it), renewed with a
+    compare-and-set on the revision this node last wrote: a node whose lease lapsed and was
+    taken by another cannot renew it."""
+
+    def __init__(self, log: Log, node_id: str, address: str, ttl: float, replicas: int = 3):
+        self.log, self.ttl = log, ttl
+        self.value = f"{node_id} {address}".encode()
+        self.revision = 0
+        self.kv = log._run(self._bucket(replicas), ttl * 10)
+
+    async def _bucket(self, replicas: int):
+        deadline = self.log._loop.time() + self.ttl * 10
+        while True:
+            try:
+                return await self.log._js.create_key_value(
+                    bucket=LEASE_BUCKET, ttl=self.ttl, history=1, replicas=replicas)
+            except _UNREACHABLE:
+                if self.log._loop.time() > deadline:
+                    raise LogUnavailable("the lease bucket cannot be made or found") from None
+                await asyncio.sleep(0.1)
+
+    def holder(self) -> tuple[str, str] | None:
+        """(node id, address) of the writer, None when no one holds the lease."""
+        try:
+            entry = self.log._run(self.kv.get(LEASE_KEY))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        node, _, address = (entry.value or b"").decode().partition(" ")
+        return (node, address) if node else None
+
+    def take(self) -> bool:
+        try:
+            self.revision = self.log._run(self.kv.create(LEASE_KEY, self.value))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
+
+    def renew(self) -> bool:
+        try:
+            self.revision = self.log._run(self.kv.update(LEASE_KEY, self.value,
+                                                         last=self.revision))
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+            return False
+        return True
+
+
+class Node:
+    """One node of a replicated store: `store`, the log at `urls`, the lease. A follower
+    applies the log; when the lease lapses and it has applied the whole log, it takes the
+    lease and becomes the writer. The writer appends each commit group to the log before it
+    commits (a write on a follower is refused, naming the writer) and renews the lease every
+    ttl/4; a writer that cannot renew goes back to following. A writer fenced by the log
+    (another appended since) catches up from the log before it writes again."""
+
+    def __init__(self, store, urls: list[str], node_id: str, address: str, ttl: float = 2.0):
+        self.store, self.node_id, self.ttl = store, node_id, ttl
+        self.log = Log(urls)
+        self.lease = Lease(self.log, node_id, address, ttl)
+        self.leading = False
+        self.follower: Follower | None = Follower(store, self.log)
+        store.replicate = self._append
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="yikatong-node", daemon=True)
+        self._thread.start()
+
+    def _append(self, record: bytes) -> None:
+        if not self.leading:
+            writer = self.lease.holder()
+            raise Fenced("this node is not the writer" + (
+                f"; the writer is {writer[0]} at {writer[1]}" if writer else
+                "; no node holds the write lease yet"))
+        self.log.append(record)
+
+    def _applied(self) -> int:
+        with self.store.read() as txn:
+            return self.store.book(txn).log_sequence()
+
+    def _catch_up(self) -> None:
+        """Apply what the log holds beyond this store (after a fenced append, or before
+        taking the lease)."""
+        while (record := self.log.read(self._applied() + 1)) is not None:
+            self.store.write(lambda book, r=record: book.apply_journal(r))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            if self._paused.is_set():
+                continue
+            try:
+                if self.leading:
+                    if not self.lease.renew():
+                        self.leading = False
+                        self.follower = Follower(self.store, self.log)
+                    elif self._applied() < self.log.last_sequence():
+                        self._catch_up()
+                elif self.lease.holder() is None:
+                    if self.follower is not None:
+                        self.follower.stop()
+                        self.follower = None
+                    self._catch_up()
+                    if self.lease.take():
+                        self.leading = True
+                    else:
+                        self.follower = Follower(self.store, self.log)
+            except LogUnavailable:
+                continue
+
+    def pause(self, paused: bool = True) -> None:
+        """Stop (or resume) renewing and watching the lease: a stalled process, in tests."""
+        if paused:
+            self._paused.set()
+        else:
+            self._paused.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self.follower is not None:
+            self.follower.stop()
+        self.log.close()

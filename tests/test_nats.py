@@ -42,7 +42,12 @@ def test_a_fenced_append_survives_one_node_of_three(cluster):
         nc = await nats.connect(servers=cluster.urls, max_reconnect_attempts=-1,
                                 reconnect_time_wait=0.2)
         js = nc.jetstream()
-        await js.add_stream(name="YK", subjects=["yk.log"], num_replicas=3)
+        for _ in range(100):  # a new cluster elects its meta leader first
+            try:
+                await js.add_stream(name="YK", subjects=["yk.log"], num_replicas=3)
+                break
+            except (TimeoutError, nats.errors.TimeoutError):
+                await asyncio.sleep(0.1)
         assert await publish_until(js, b"group 1", 0, 10) == 1
         assert await publish_until(js, b"group 2", 1, 10) == 2
         with pytest.raises(APIError) as stale:  # a writer that believes the log ends at 1
@@ -116,3 +121,55 @@ def write_until(store, command, seconds: float):
         except LogUnavailable:
             if time.monotonic() > deadline:
                 raise
+
+
+def test_the_write_lease_moves_when_its_holder_stalls_and_the_old_writer_follows(
+        cluster, tmp_path):
+    """Three nodes: one takes the write lease and writes, the others follow and refuse
+    writes naming it. The writer stalls (renews nothing): within the lease's time another
+    node that has applied the whole log takes it and writes. The old writer, back, cannot
+    renew, follows again, and refuses writes; every node ends with the same bytes."""
+    from test_replication import digest
+
+    from yikatong.errors import Fenced
+    from yikatong.storage.lmdb_store import Store
+    from yikatong.storage.replication import Node
+
+    stores = [Store(str(tmp_path / f"node{i}")) for i in range(3)]
+    nodes = [Node(store, cluster.urls, f"node{i}", f"127.0.0.1:{7000 + i}", ttl=2.0)
+             for i, store in enumerate(stores)]
+    try:
+        assert wait_until(lambda: sum(n.leading for n in nodes) == 1, 30)
+        (first,) = [n for n in nodes if n.leading]
+        for i in range(20):
+            first.store.write(lambda book, i=i: book.put_meta(f"a{i}".encode(), b"1"))
+        other = next(n for n in nodes if n is not first)
+        refused = error_of_write(other.store)
+        assert f"the writer is {first.node_id} at 127.0.0.1:" in str(refused)
+        first.pause()
+        started = time.monotonic()
+        assert wait_until(lambda: any(n.leading for n in nodes if n is not first), 30)
+        took = time.monotonic() - started
+        (second,) = [n for n in nodes if n.leading and n is not first]
+        for i in range(20):
+            write_until(second.store, lambda book, i=i: book.put_meta(f"b{i}".encode(), b"2"),
+                        10)
+        first.pause(False)
+        assert wait_until(lambda: not first.leading, 10)
+        with pytest.raises(Fenced):
+            first.store.write(lambda book: book.put_meta(b"late", b"x"))
+        assert wait_until(lambda: len({digest(s) for s in stores}) == 1, 20)
+        assert took < 2.0 * 4  # the lease's time and an election, well within
+    finally:
+        for node in nodes:
+            node.stop()
+        for store in stores:
+            store.close()
+
+
+def error_of_write(store):
+    from yikatong.errors import Fenced
+
+    with pytest.raises(Fenced) as refused:
+        store.write(lambda book: book.put_meta(b"follower", b"x"))
+    return refused.value
