@@ -55,6 +55,14 @@ def main(argv=None) -> int:
     s.add_argument("--issuing-banks", metavar="FILE",
                    help="GZ-9c: TOML with `version` and `banks`, the issuing banks a GZ or BJ "
                         "card may name; without it the check is off")
+    s.add_argument("--replicate", metavar="NATS_URLS",
+                   help="issue 18: a node of a replicated store on the NATS JetStream cluster "
+                        "at these comma-separated nats:// URLs (docs/SCALE.md); needs "
+                        "--node-id, one worker, no --demo")
+    s.add_argument("--node-id", help="with --replicate: this node's name in the cluster")
+    s.add_argument("--advertise", metavar="HOST:PORT",
+                   help="with --replicate: the address other nodes name for writes here "
+                        "(default: --listen)")
     s.add_argument("--points-table", metavar="FILE",
                    help="RC-20 to RC-22: the Residence Card points indicator table in force "
                         "(TOML); without it the shipped EXAMPLE table, not the official one")
@@ -202,6 +210,11 @@ def _serve(args, metrics) -> int:
     workers = args.workers or os.cpu_count() or 1
     if not 1 <= workers <= config.workers_max:
         return _fail(f"--workers must be 0 (one per core) to {config.workers_max}")
+    if args.replicate and (not args.node_id or workers != 1 or args.demo):
+        return _fail("--replicate needs --node-id, --workers 1 and no --demo (a demo set "
+                     "loaded on one node would not be on the others)")
+    if (args.node_id or args.advertise) and not args.replicate:
+        return _fail("--node-id and --advertise are for --replicate")
     if not 0 <= args.drain_seconds <= 3600:
         return _fail("--drain-seconds must be 0 to 3600")
     tls = None
@@ -246,9 +259,12 @@ def _serve(args, metrics) -> int:
     if problem:
         return _fail(f"cannot listen on {args.listen}: {problem}")
 
+    node = None  # with --replicate: the store's place in the cluster (storage.replication)
+
     def open_store() -> Store:
         def sweep_expired_holds(book):
-            ledger.expire_holds(book, clock.now())
+            if node is None or node.leading:  # a follower gets the writer's sweep
+                ledger.expire_holds(book, clock.now())
 
         # the data dir's lock is held here, for every worker (lock_data_dir below)
         return Store(args.data_dir, map_size=args.map_size_mib * 2**20, lock=False,
@@ -286,10 +302,19 @@ def _serve(args, metrics) -> int:
 
     def run(on_ready) -> int:
         """One server process: its own LMDB environment and gRPC server."""
+        nonlocal node
         try:
             store = open_store()
         except StoreUnavailable as error:
             return _fail(str(error))
+        if args.replicate:
+            from yikatong.storage.replication import Node
+            try:
+                node = Node(store, args.replicate.split(","), args.node_id,
+                            args.advertise or args.listen, config.lease_seconds)
+            except Exception as error:  # noqa: BLE001 - cannot reach the log: one line
+                store.close()
+                return _fail(f"--replicate {args.replicate}: {error}")
         try:
             uvloop.run(run_server(store, clock, clients, args.listen, on_ready=on_ready,
                                   concurrent_rpcs_max=args.max_concurrent_rpcs, banks=banks,
@@ -301,6 +326,8 @@ def _serve(args, metrics) -> int:
         except (OSError, TableError) as error:
             return _fail(str(error))
         finally:
+            if node is not None:
+                node.stop()
             store.close()
         return 0
 

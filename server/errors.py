@@ -71,6 +71,8 @@ def rich(code: grpc.StatusCode, message: str, reason: str, field: str = "",
 def trailers_of(error: e.YikatongError, code: grpc.StatusCode) -> tuple[tuple[str, bytes], ...]:
     if isinstance(error, e.InvalidArgument):
         return rich(code, str(error), error.reason, error.field, error.description)
+    if isinstance(error, e.Fenced) and error.writer:  # where to send the write instead
+        return rich(code, str(error), error.reason, writer=error.writer)
     return rich(code, str(error), error.reason)
 
 

@@ -12,6 +12,7 @@ nats-py is asyncio and the store's writer is a thread, so a `Log` runs its own e
 in a thread of its own; the writer waits on it for each append.
 """
 import asyncio
+import logging
 import threading
 
 import nats
@@ -21,6 +22,7 @@ import nats.js.errors
 from yikatong.errors import Fenced, LogUnavailable
 from yikatong.storage import records
 
+log = logging.getLogger("yikatong.replication")
 STREAM = "YIKATONG"
 SUBJECT = "yikatong.log"
 EXPECTED = "Nats-Expected-Last-Sequence"
@@ -136,6 +138,8 @@ class Follower:
                 self.store.write(lambda book, r=record: book.apply_journal(r))
             except BaseException as error:  # noqa: BLE001 - kept for whoever watches it
                 self.error = error
+                log.error("the follower stopped at record %d", self.applied + 1,
+                          exc_info=error)
                 return
             self.applied += 1
 
@@ -221,7 +225,7 @@ class Node:
             writer = self.lease.holder()
             raise Fenced("this node is not the writer" + (
                 f"; the writer is {writer[0]} at {writer[1]}" if writer else
-                "; no node holds the write lease yet"))
+                "; no node holds the write lease yet"), writer[1] if writer else "")
         self.log.append(record)
 
     def _applied(self) -> int:
@@ -239,23 +243,24 @@ class Node:
             if self._paused.is_set():
                 continue
             try:
-                if self.leading:
-                    if not self.lease.renew():
-                        self.leading = False
-                        self.follower = Follower(self.store, self.log)
-                    elif self._applied() < self.log.last_sequence():
-                        self._catch_up()
-                elif self.lease.holder() is None:
-                    if self.follower is not None:
-                        self.follower.stop()
-                        self.follower = None
-                    self._catch_up()
-                    if self.lease.take():
-                        self.leading = True
-                    else:
-                        self.follower = Follower(self.store, self.log)
+                self._step()
             except LogUnavailable:
-                continue
+                pass
+            if not self.leading and self.follower is None:  # whatever failed on the way
+                self.follower = Follower(self.store, self.log)
+
+    def _step(self) -> None:
+        if self.leading:
+            if not self.lease.renew():
+                self.leading = False
+            elif self._applied() < self.log.last_sequence():
+                self._catch_up()  # fenced: another appended while this one stalled
+        elif self.lease.holder() is None:
+            if self.follower is not None:
+                self.follower.stop()
+                self.follower = None
+            self._catch_up()
+            self.leading = self.lease.take()
 
     def pause(self, paused: bool = True) -> None:
         """Stop (or resume) renewing and watching the lease: a stalled process, in tests."""

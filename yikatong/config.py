@@ -26,6 +26,9 @@ refusal_keys_max = 1000
 watch_poll_seconds = 0.005
 watch_batch_max = 256
 
+# ---- replication (issue 18, docs/SCALE.md)
+lease_seconds = 3.0  # the write lease lapses this long after its last renewal
+
 # ---- processes
 workers_max = 64  # --workers (0: one per core)
 drain_seconds = 5.0  # after SIGTERM: health NOT_SERVING but still answering, this long

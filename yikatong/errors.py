@@ -161,9 +161,14 @@ class StreamStalled(YikatongError):
 
 
 class Fenced(YikatongError):
-    """The replicated log moved on without this node: it is not the writer (issue 18)."""
+    """The replicated log moved on without this node, or it does not hold the write lease:
+    it is not the writer (issue 18). `writer`: the writer's address, when known."""
 
     reason = "FENCED"
+
+    def __init__(self, message: str, writer: str = ""):
+        super().__init__(message)
+        self.writer = writer
 
 
 class LogUnavailable(YikatongError):

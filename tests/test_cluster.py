@@ -1,0 +1,135 @@
+"""Issue 18 end to end: three `yikatong serve --replicate` nodes on a 3-node NATS JetStream
+cluster, every process started and stopped by the test on loopback ports. One node holds the
+write lease and takes writes; the others serve reads from the log and refuse writes with
+UNAVAILABLE naming the writer. SIGKILL the writer under debits: another node takes over
+within a bounded time, every acknowledged debit is there exactly once, the balance is exact;
+the old writer, restarted, rejoins as a follower and every node ends with the same bytes."""
+import time
+import uuid
+
+import grpc
+import pytest
+from test_calls import error_info
+from test_e2e import new_active_card
+
+from yikatong.server.harness import NatsCluster, ServerProcess, store_digest, wait_until
+from yikatong.v1 import yikatong_pb2 as pb
+
+TAKEOVER_SECONDS_MAX = 20  # the lease (3 s), its expiry, the catch-up and an election
+
+
+def start(tmp_path, cluster, i: int, address: str | None = None) -> ServerProcess:
+    workdir = tmp_path / f"node{i}"
+    workdir.mkdir(exist_ok=True)
+    return ServerProcess(workdir, "--replicate", ",".join(cluster.urls), "--node-id",
+                         f"node{i}", address=address, data_dir=str(workdir / "data"))
+
+
+def top_up(srv, card: str, fen: int):
+    return srv.ledger.Transfer(pb.TransferRequest(
+        transfer_id=uuid.uuid4().hex, debit=pb.AccountRef(operator="op:topup"),
+        credit=pb.AccountRef(holder=pb.HolderAccountRef(card_number=card,
+                                                        kind=pb.ACCOUNT_KIND_TRANSIT)),
+        amount_fen=fen), metadata=srv.md("CARD_AGENCY"), timeout=10)
+
+
+def debit(srv, card: str, request_id: str):
+    return srv.authorization.Authorize(pb.AuthorizeRequest(
+        request_id=request_id, card_number=card, channel=pb.CHANNEL_TRANSIT, amount_fen=100,
+        terminal_id="gate-1"), metadata=srv.md("TRANSIT_GATE"), timeout=10)
+
+
+def probe(srv):
+    """A write that changes nothing of a holder: 1 fen between two operator accounts."""
+    return srv.ledger.Transfer(pb.TransferRequest(
+        transfer_id=uuid.uuid4().hex, debit=pb.AccountRef(operator="op:probe-a"),
+        credit=pb.AccountRef(operator="op:probe-b"), amount_fen=1),
+        metadata=srv.md("CARD_AGENCY"), timeout=10)
+
+
+def writer_of(nodes) -> ServerProcess | None:
+    """The node that takes a write now (a follower answers UNAVAILABLE)."""
+    for node in nodes:
+        try:
+            probe(node)
+            return node
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+    return None
+
+
+def balance(srv, card: str) -> int | None:
+    """The card's transit purse as this node has it (None: the card has not reached it)."""
+    try:
+        answer = srv.ledger.GetBalances(pb.GetBalancesRequest(card_number=card),
+                                        metadata=srv.md("TRANSIT_GATE"), timeout=10)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+    return next(b.posted_fen for b in answer.balances if b.kind == pb.ACCOUNT_KIND_TRANSIT)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = NatsCluster(tmp_path)
+    yield c
+    c.stop()
+
+
+def test_three_nodes_one_writer_failover_and_rejoin(cluster, tmp_path):
+    nodes = [start(tmp_path, cluster, i) for i in range(3)]
+    try:
+        assert wait_until(lambda: writer_of(nodes) is not None, 30)
+        writer = writer_of(nodes)
+        followers = [n for n in nodes if n is not writer]
+        with pytest.raises(grpc.RpcError) as refused:
+            probe(followers[0])
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(refused.value).metadata["writer"] == writer.address
+        card = new_active_card(writer, 1)
+        top_up(writer, card, 100_000)
+        acked = {}
+        for i in range(30):
+            rid = f"d{i}"
+            acked[rid] = debit(writer, card, rid).SerializeToString()
+        for follower in followers:  # reads follow the log
+            assert wait_until(lambda f=follower: balance(f, card) == 100_000 - 3_000, 20)
+        writer.kill()  # SIGKILL, mid-run
+        started = time.monotonic()
+        survivors = followers
+        new_writer = None
+        i = 30
+        while time.monotonic() - started < TAKEOVER_SECONDS_MAX + 10:
+            rid = f"d{i}"
+            for node in survivors:
+                try:
+                    acked[rid] = debit(node, card, rid).SerializeToString()
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+                    continue
+                new_writer = new_writer or node
+                i += 1
+                break
+            else:
+                time.sleep(0.2)
+            if len(acked) >= 45:
+                break
+        took = time.monotonic() - started
+        assert new_writer is not None and len(acked) >= 45, took
+        assert took < TAKEOVER_SECONDS_MAX + 10
+        for rid, answer in acked.items():  # each acknowledged debit is there, once
+            assert debit(new_writer, card, rid).SerializeToString() == answer
+        assert balance(new_writer, card) == 100_000 - 100 * len(acked)
+        old = start(tmp_path, cluster, nodes.index(writer), address=writer.address)
+        nodes[nodes.index(writer)] = old
+        assert wait_until(lambda: balance(old, card) == 100_000 - 100 * len(acked), 30)
+        with pytest.raises(grpc.RpcError) as again:
+            probe(old)
+        assert again.value.code() == grpc.StatusCode.UNAVAILABLE
+        # every node, caught up, holds the same bytes (the log's, in the log's order)
+        assert wait_until(lambda: len({store_digest(n.data_dir) for n in nodes}) == 1, 30)
+    finally:
+        for node in nodes:
+            if node.proc.poll() is None:
+                node.stop()
