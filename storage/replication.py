@@ -12,6 +12,7 @@ nats-py is asyncio and the store's writer is a thread, so a `Log` runs its own e
 in a thread of its own; the writer waits on it for each append.
 """
 import asyncio
+import concurrent.futures
 import logging
 import threading
 
@@ -43,6 +44,10 @@ class Log:
         self._thread.start()
         try:
             self._run(self._connect(urls, replicas), timeout * 4)
+        except concurrent.futures.TimeoutError:
+            self.close()
+            raise LogUnavailable(f"no NATS server of {', '.join(urls)} answered within "
+                                 f"{timeout * 4:g} s") from None
         except Exception:
             self.close()
             raise
@@ -52,8 +57,12 @@ class Log:
             timeout or self.timeout * 2)
 
     async def _connect(self, urls: list[str], replicas: int) -> None:
+        async def quiet(error: Exception) -> None:  # nats-py logs a traceback per attempt
+            log.debug("replicated log connection: %s", error)
+
         self._nc = await nats.connect(servers=urls, max_reconnect_attempts=-1,
-                                      reconnect_time_wait=0.2, connect_timeout=self.timeout)
+                                      reconnect_time_wait=0.2, connect_timeout=self.timeout,
+                                      error_cb=quiet)
         self._js = self._nc.jetstream(timeout=self.timeout)
         deadline = self._loop.time() + self.timeout * 4
         while True:  # a new cluster elects its meta leader first
@@ -105,7 +114,11 @@ class Log:
                 self._run(nc.close())
             except Exception:  # noqa: BLE001 - closing a connection that is already gone
                 pass
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        def stop() -> None:
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+            self._loop.call_soon(self._loop.stop)  # after the cancellations have run
+        self._loop.call_soon_threadsafe(stop)
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self._loop.close()

@@ -4,6 +4,8 @@ write lease and takes writes; the others serve reads from the log and refuse wri
 UNAVAILABLE naming the writer. SIGKILL the writer under debits: another node takes over
 within a bounded time, every acknowledged debit is there exactly once, the balance is exact;
 the old writer, restarted, rejoins as a follower and every node ends with the same bytes."""
+import subprocess
+import sys
 import time
 import uuid
 
@@ -12,7 +14,7 @@ import pytest
 from test_calls import error_info
 from test_e2e import new_active_card
 
-from yikatong.server.harness import NatsCluster, ServerProcess, store_digest, wait_until
+from yikatong.server.harness import ROOT, NatsCluster, ServerProcess, store_digest, wait_until
 from yikatong.v1 import yikatong_pb2 as pb
 
 TAKEOVER_SECONDS_MAX = 20  # the lease (3 s), its expiry, the catch-up and an election
@@ -133,3 +135,21 @@ def test_three_nodes_one_writer_failover_and_rejoin(cluster, tmp_path):
         for node in nodes:
             if node.proc.poll() is None:
                 node.stop()
+
+
+def test_replicate_refuses_to_start_without_what_it_needs(tmp_path):
+    """One line and exit 2: no node id, more than one worker, the demo set, or no NATS
+    server answering (`--replicate` on a port nothing listens on)."""
+    base = [sys.executable, "-m", "yikatong", "serve", "--data-dir", str(tmp_path / "d"),
+            "--listen", "127.0.0.1:0"]
+    for extra, says in (
+            (["--replicate", "nats://127.0.0.1:1"], "--replicate needs --node-id"),
+            (["--replicate", "nats://127.0.0.1:1", "--node-id", "a", "--workers", "2"],
+             "--replicate needs --node-id, --workers 1"),
+            (["--node-id", "a"], "--node-id and --advertise are for --replicate"),
+            (["--replicate", "nats://127.0.0.1:1", "--node-id", "a"],
+             "no NATS server of nats://127.0.0.1:1 answered within")):
+        out = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True,
+                             timeout=90)
+        assert out.returncode == 2, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and says in out.stderr, out.stderr
