@@ -68,7 +68,10 @@ class Log:
         while True:  # a new cluster elects its meta leader first
             try:
                 await self._js.add_stream(name=STREAM, subjects=[SUBJECT], num_replicas=replicas)
-                return
+                info = await self._js.stream_info(STREAM)
+                if info.cluster is None or info.cluster.leader:  # its replicas elected one
+                    return
+                await asyncio.sleep(0.1)
             except _UNREACHABLE:
                 if self._loop.time() > deadline:
                     raise LogUnavailable("the replicated log's stream cannot be made or "
@@ -200,8 +203,8 @@ class Lease:
     def take(self) -> bool:
         try:
             self.revision = self.log._run(self.kv.create(LEASE_KEY, self.value))
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+            return False  # held (or lapsing right now: nats-py reads it back to tell)
         return True
 
     def renew(self) -> bool:
@@ -259,6 +262,8 @@ class Node:
                 self._step()
             except LogUnavailable:
                 pass
+            except Exception:  # noqa: BLE001 - the node goes on; the next tick tries again
+                log.exception("node %s: a step of the lease failed", self.node_id)
             if not self.leading and self.follower is None:  # whatever failed on the way
                 self.follower = Follower(self.store, self.log)
 
