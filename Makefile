@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LISTEN ?= 127.0.0.1:50051
 DATA ?= .data/demo
 
-.PHONY: run test lint bench crash-loop soak fuzz-asan clean
+.PHONY: run test lint bench crash-loop crash-loop-cluster soak fuzz-asan clean
 
 # Exact versions from constraints.txt (the package metadata gives ranges).
 $(BIN)/.installed: pyproject.toml setup.py constraints.txt fastpath/_authorize_c.pyx $(wildcard proto/yikatong/v1/*.proto)
@@ -42,6 +42,11 @@ bench: $(BIN)/.installed
 # 1,000 SIGKILLs under load (about 20 minutes); CI runs 50 of them in `make test`.
 crash-loop: $(BIN)/.installed
 	$(BIN)/python bench/crash_loop.py --kills 1000
+
+# 100 SIGKILLs of the writer of a 3-node replicated store on a 3-node JetStream cluster
+# (issue 18; about 15 minutes); CI runs 3 of them in `make test`.
+crash-loop-cluster: $(BIN)/.installed
+	$(BIN)/python bench/crash_loop_cluster.py --kills 100
 
 # The Locust mix for 10 minutes: RSS, descriptors and LMDB readers must not grow.
 soak: $(BIN)/.installed

@@ -37,6 +37,7 @@ import lmdb
 from yikatong import config
 from yikatong.errors import (
     CorruptRecord,
+    Fenced,
     IdReused,
     ReplicationGap,
     StoreFull,
@@ -113,7 +114,8 @@ class Store:
                  periodic: Command | None = None, check_command: Command | None = None,
                  group_max: int = config.writer_group_max,
                  queue_max: int = config.writer_queue_max, lock: bool = True,
-                 replicate: Callable[[bytes], None] | None = None):
+                 replicate: Callable[[bytes], None] | None = None,
+                 check_writer: Callable[[], None] | None = None):
         """`lock=False`: the caller holds the data dir's lock (lock_data_dir), as the parent
         of `--workers` does for the worker processes that share the data dir on purpose.
         `periodic(book)` runs in a group of its own when the writer has been idle for
@@ -122,13 +124,18 @@ class Store:
         in tests and debug runs). `replicate(record)` gets each group that wrote anything as
         one replication record (every put and delete, in order, with the group's log
         sequence, the next after the store's) before the group commits, in the writer; if
-        it raises, nothing of the group is committed and every caller gets the error."""
+        it raises, nothing of the group is committed and every caller gets the error.
+        `check_writer()` raises (errors.Fenced) when this store may not write now (a
+        follower): then each command that would write is refused on its own, so a group
+        that also applies the log, or answers a replayed request, is not failed by it; the
+        periodic job is not run."""
         self.data_dir = data_dir
         self._group_max = group_max  # 1 = one fsync per command (the benchmark's baseline)
         self._queue_max = queue_max
         self._periodic = periodic
         self._check_command = check_command
         self.replicate = replicate
+        self.check_writer = check_writer
         self.periodic_failures = 0  # in a row; reset by a success
         self.periodic_failures_total = 0
         self.writer_error: BaseException | None = None
@@ -261,6 +268,11 @@ class Store:
         after periodic_failures_max in a row the store is unhealthy until one succeeds."""
         assert self._periodic is not None
         was_healthy = self.healthy
+        if self.check_writer is not None:
+            try:
+                self.check_writer()
+            except Fenced:
+                return  # a follower: the writer's job, which reaches here through the log
         try:
             replicate = self.replicate
             journal: list | None = [] if replicate is not None else None
@@ -300,6 +312,8 @@ class Store:
                     mine: list | None = [] if journal is not None else None
                     try:
                         result = command(Book(child, self.dbs, mine))
+                        if mine and self.check_writer is not None:
+                            self.check_writer()  # a follower refuses this write, no other
                     except Exception as e:  # noqa: BLE001 - handed to the caller
                         child.abort()
                         # the audit chain goes on from the last event that stays

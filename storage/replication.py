@@ -152,11 +152,14 @@ class Follower:
                 continue
             try:
                 self.store.write(lambda book, r=record: book.apply_journal(r))
-            except BaseException as error:  # noqa: BLE001 - kept for whoever watches it
+            except Exception as error:  # noqa: BLE001 - kept, logged, tried again
+                if self.error is None or repr(error) != repr(self.error):
+                    log.error("the follower cannot apply record %d; trying again every "
+                              "second", self.applied + 1, exc_info=error)
                 self.error = error
-                log.error("the follower stopped at record %d", self.applied + 1,
-                          exc_info=error)
-                return
+                self._stop.wait(1.0)
+                continue
+            self.error = None
             self.applied += 1
 
     def stop(self) -> None:
@@ -197,6 +200,8 @@ class Lease:
             entry = self.log._run(self.kv.get(LEASE_KEY))
         except nats.js.errors.KeyNotFoundError:
             return None
+        except (*_UNREACHABLE, concurrent.futures.TimeoutError):
+            raise LogUnavailable("the lease bucket did not answer") from None
         node, _, address = (entry.value or b"").decode().partition(" ")
         return (node, address) if node else None
 
@@ -225,23 +230,32 @@ class Node:
     (another appended since) catches up from the log before it writes again."""
 
     def __init__(self, store, urls: list[str], node_id: str, address: str, ttl: float = 2.0):
-        self.store, self.node_id, self.ttl = store, node_id, ttl
+        self.store, self.node_id, self.address, self.ttl = store, node_id, address, ttl
         self.log = Log(urls)
         self.lease = Lease(self.log, node_id, address, ttl)
         self.leading = False
+        self.writer: tuple[str, str] | None = self.lease.holder()  # as of the last tick
         self.follower: Follower | None = Follower(store, self.log)
-        store.replicate = self._append
+        store.replicate, store.check_writer = self._append, self._check_writer
         self._stop = threading.Event()
         self._paused = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="yikatong-node", daemon=True)
         self._thread.start()
 
-    def _append(self, record: bytes) -> None:
+    def _check_writer(self) -> None:
         if not self.leading:
-            writer = self.lease.holder()
+            if self.writer is None:  # none as of the last tick: ask (one lookup, then kept)
+                try:
+                    self.writer = self.lease.holder()
+                except LogUnavailable:
+                    pass
+            writer = self.writer
             raise Fenced("this node is not the writer" + (
                 f"; the writer is {writer[0]} at {writer[1]}" if writer else
                 "; no node holds the write lease yet"), writer[1] if writer else "")
+
+    def _append(self, record: bytes) -> None:
+        self._check_writer()
         self.log.append(record)
 
     def _applied(self) -> int:
@@ -273,12 +287,16 @@ class Node:
                 self.leading = False
             elif self._applied() < self.log.last_sequence():
                 self._catch_up()  # fenced: another appended while this one stalled
-        elif self.lease.holder() is None:
+            return
+        self.writer = self.lease.holder()
+        if self.writer is None:
             if self.follower is not None:
                 self.follower.stop()
                 self.follower = None
             self._catch_up()
             self.leading = self.lease.take()
+            if self.leading:
+                self.writer = (self.node_id, self.address)
 
     def pause(self, paused: bool = True) -> None:
         """Stop (or resume) renewing and watching the lease: a stalled process, in tests."""

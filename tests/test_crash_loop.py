@@ -19,3 +19,12 @@ def test_50_sigkills_lose_nothing_and_apply_nothing_twice(tmp_path):
     assert out["twice"] == 0  # and replaying moves nothing
     assert out["purses_off"] == 0  # every attempted id applied exactly once in the end
     assert out["unaudited"] == 0  # every acknowledged change has its audit event
+
+
+@pytest.mark.slow
+def test_the_replicated_crash_loop_loses_nothing_across_3_writer_kills(tmp_path):
+    """The cluster variant, bounded (`make crash-loop-cluster` runs 100 kills): the writer
+    SIGKILLed three times under fares; the checks are the loop's own assertions."""
+    from crash_loop_cluster import crash_loop as cluster_crash_loop
+    out = cluster_crash_loop(3, seed=3, workdir=str(tmp_path))
+    assert out.startswith("3 kills of the writer"), out

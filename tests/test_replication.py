@@ -4,12 +4,14 @@ before the group commits; a follower store that applies the records in order hol
 bytes, records the last sequence it applied in the same transaction as the data, and never
 applies one twice or one that skips ahead. No NATS here: the records are kept in a list."""
 import hashlib
+import threading
+import time
 
 import pytest
 
 from yikatong import clock as clocks
-from yikatong import ledger
-from yikatong.errors import CorruptRecord, ReplicationGap
+from yikatong import config, ledger
+from yikatong.errors import CorruptRecord, Fenced, ReplicationGap
 from yikatong.model import operator_account_key
 from yikatong.server import demo
 from yikatong.server.harness import wait_until
@@ -100,6 +102,44 @@ def test_a_group_whose_record_is_not_taken_is_not_committed(tmp_path):
         refuse[0] = False
         store.write(lambda book: book.put_meta(b"a", b"2"))
         assert [records.decode_journal(r) for r in taken] == [(1, [(b"meta", b"a", b"2")])]
+    finally:
+        store.close()
+
+
+def test_a_follower_refuses_each_write_alone_and_still_applies_the_log(tmp_path, monkeypatch):
+    """On a follower (`check_writer` raises Fenced) a client's write in the same commit
+    group as a record of the log is refused on its own: the record is applied, a command
+    that only reads is answered, nothing is published; the periodic job (the hold sweep,
+    the writer's to do) does not run there."""
+    monkeypatch.setattr(config, "writer_idle_seconds", 0.02)
+    published: list[bytes] = []
+    swept: list[int] = []
+
+    def check_writer() -> None:
+        raise Fenced("this node is not the writer; the writer is n1 at 10.0.0.1:50051",
+                     "10.0.0.1:50051")
+    store = Store(str(tmp_path / "f"), replicate=published.append, check_writer=check_writer,
+                  periodic=lambda book: swept.append(1) or book.put_meta(b"swept", b"1"))
+    try:
+        gate, started = threading.Event(), threading.Event()
+        blocker = store.submit(lambda book: started.set() or gate.wait(10))
+        assert started.wait(10)  # the writer is busy: the next three make one group
+        record = records.encode_journal(1, [(b"meta", b"from-the-writer", b"1")])
+        applied = store.submit(lambda book: book.apply_journal(record))
+        write = store.submit(lambda book: book.put_meta(b"mine", b"1"))
+        read = store.submit(lambda book: book.meta(b"from-the-writer"))
+        gate.set()
+        blocker.result(10)
+        assert applied.result(10) is True
+        with pytest.raises(Fenced, match="the writer is n1 at 10.0.0.1:50051"):
+            write.result(10)
+        assert read.result(10) == b"1"
+        time.sleep(0.3)  # fifteen idle periods
+        with store.read() as txn:
+            book = store.book(txn)
+            assert book.log_sequence() == 1 and book.meta(b"mine") is None
+            assert book.meta(b"swept") is None
+        assert published == [] and swept == []
     finally:
         store.close()
 

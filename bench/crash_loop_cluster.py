@@ -1,0 +1,173 @@
+"""Crash loop of a replicated store (issue 18): three `yikatong serve --replicate` nodes on a
+3-node NATS JetStream cluster. Clients send fares (Authorize TRANSIT with money), each with a
+unique request id, to whichever node takes writes (a follower says UNAVAILABLE: they try
+the next). After a random moment the writer is SIGKILLed and restarted on its data dir; a
+follower takes the write lease meanwhile. After every kill:
+  - a node takes writes again within the bound (`--takeover-max`);
+  - every acknowledged fare replayed on the new writer returns its first answer.
+At the end every attempted id is replayed once more (an unacknowledged one is applied now,
+or was before), each purse must equal its opening balance less 1 fen per attempted fare,
+exactly, on every node, and every node must hold the same bytes.
+
+    .venv/bin/python bench/crash_loop_cluster.py [--kills 100] [--seed 1]
+"""
+import argparse
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import grpc
+
+from yikatong.server.harness import NatsCluster, ServerProcess, store_digest, wait_until
+from yikatong.v1 import yikatong_pb2 as pb
+
+OPENING = 10**9
+CARDS = 20
+
+
+def fare(node: ServerProcess, card: str, request_id: str) -> bytes:
+    return node.authorization.Authorize(pb.AuthorizeRequest(
+        request_id=request_id, card_number=card, channel=pb.CHANNEL_TRANSIT, amount_fen=1,
+        terminal_id="gate-1"), metadata=node.md("TRANSIT_GATE"), timeout=5).SerializeToString()
+
+
+def writer_of(nodes: list[ServerProcess]) -> ServerProcess | None:
+    for node in nodes:
+        if node.proc.poll() is not None:
+            continue
+        try:
+            node.ledger.Transfer(pb.TransferRequest(
+                transfer_id=uuid.uuid4().hex, debit=pb.AccountRef(operator="op:probe-a"),
+                credit=pb.AccountRef(operator="op:probe-b"), amount_fen=1),
+                metadata=node.md("CARD_AGENCY"), timeout=5)
+            return node
+        except grpc.RpcError:
+            continue
+    return None
+
+
+def purse(node: ServerProcess, card: str) -> int:
+    answer = node.ledger.GetBalances(pb.GetBalancesRequest(card_number=card),
+                                     metadata=node.md("TRANSIT_GATE"), timeout=10)
+    return next(b.posted_fen for b in answer.balances if b.kind == pb.ACCOUNT_KIND_TRANSIT)
+
+
+def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20) -> str:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
+    from test_e2e import new_active_card
+
+    rng = random.Random(seed)
+    cluster = NatsCluster(workdir)
+    nodes: list[ServerProcess] = []
+
+    def start(i: int, address: str | None = None) -> ServerProcess:
+        node_dir = os.path.join(workdir, f"node{i}")
+        os.makedirs(node_dir, exist_ok=True)
+        return ServerProcess(node_dir, "--replicate", ",".join(cluster.urls), "--node-id",
+                             f"node{i}", address=address,
+                             data_dir=os.path.join(node_dir, "data"))
+    try:
+        nodes = [start(i) for i in range(3)]
+        assert wait_until(lambda: writer_of(nodes) is not None, 60), "no writer"
+        writer = writer_of(nodes)
+        cards = [new_active_card(writer, n) for n in range(1, CARDS + 1)]
+        for card in cards:
+            writer.ledger.Transfer(pb.TransferRequest(
+                transfer_id=f"open-{card}", debit=pb.AccountRef(operator="op:topup"),
+                credit=pb.AccountRef(holder=pb.HolderAccountRef(
+                    card_number=card, kind=pb.ACCOUNT_KIND_TRANSIT)), amount_fen=OPENING),
+                metadata=writer.md("CARD_AGENCY"), timeout=10)
+        attempted: dict[str, str] = {}
+        acked: dict[str, bytes] = {}
+        lock = threading.Lock()
+        takeovers = []
+        for k in range(kills):
+            stop = threading.Event()
+
+            def client(cid: int, stop=stop, k=k):
+                n = 0
+                while not stop.is_set():
+                    rid, card = f"k{k}-c{cid}-{n}", rng.choice(cards)
+                    n += 1
+                    with lock:
+                        attempted[rid] = card
+                    for node in list(nodes):
+                        if node.proc.poll() is not None:
+                            continue
+                        try:
+                            answer = fare(node, card, rid)
+                        except (grpc.RpcError, ValueError):  # ValueError: a killed node's
+                            continue                          # channel is closed
+                        with lock:
+                            acked[rid] = answer
+                        break
+                    else:  # no node took it (a takeover under way): not a tight loop
+                        time.sleep(0.05)
+            threads = [threading.Thread(target=client, args=(c,)) for c in range(3)]
+            for t in threads:
+                t.start()
+            time.sleep(rng.uniform(0.2, 1.5))
+            victim = writer_of(nodes)
+            if victim is not None:
+                victim.kill()
+                started = time.monotonic()
+                assert wait_until(lambda: writer_of(nodes) is not None, takeover_max), \
+                    f"kill {k}: no node took writes within {takeover_max} s"
+                takeovers.append(time.monotonic() - started)
+                index = nodes.index(victim)
+                nodes[index] = start(index, victim.address)
+            stop.set()
+            for t in threads:
+                t.join()
+            writer = writer_of(nodes)
+            assert writer is not None
+            for rid, answer in list(acked.items()):
+                assert fare(writer, attempted[rid], rid) == answer, f"kill {k}: {rid} changed"
+        writer = writer_of(nodes)
+        for rid, card in attempted.items():  # every attempted fare, applied once
+            fare(writer, card, rid)
+        spent = {card: 0 for card in cards}
+        for card in attempted.values():
+            spent[card] += 1
+        for node in nodes:
+            for card in cards:
+                assert wait_until(lambda n=node, c=card: purse(n, c) == OPENING - spent[c], 30), \
+                    f"{node.address}: purse of {card} is not {OPENING - spent[card]}"
+        assert wait_until(lambda: len({store_digest(n.data_dir) for n in nodes}) == 1, 30), \
+            "the nodes' stores differ"
+        takeovers.sort()
+        return (f"{kills} kills of the writer, {len(attempted):,} fares attempted, "
+                f"{len(acked):,} acknowledged, every acknowledged one there once, every purse "
+                f"exact on every node, every store identical; takeover median "
+                f"{takeovers[len(takeovers) // 2]:.1f} s, max {takeovers[-1]:.1f} s"
+                if takeovers else f"{kills} kills: no writer was found to kill")
+    finally:
+        for node in nodes:
+            if node.proc.poll() is None:
+                node.stop()
+        cluster.stop()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--kills", type=int, default=100)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--takeover-max", type=float, default=20)
+    args = p.parse_args()
+    tmp = tempfile.mkdtemp(prefix="crash-loop-cluster-")
+    try:
+        print(crash_loop(args.kills, args.seed, tmp, args.takeover_max))
+    except AssertionError as e:
+        print(f"FAILED: {e}; the nodes' logs are kept in {tmp}", file=sys.stderr)
+        return 1
+    shutil.rmtree(tmp)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
