@@ -7,8 +7,12 @@ cores, the nodes, the NATS servers and the client alike.
 
 Each run: 100 debits of 1 fen per message, 4 messages in flight per stream, `--streams`
 streams, `--seconds` long; only approved debits count. Interleaved, median of `--repeat`.
-After the last replicated run, how far behind the followers were: the writer's last log
-sequence against each follower's, and the time until both had it all.
+During each replicated run, replication lag as a reader sees it: every 20 ms a write on the
+writer (its answer names its log sequence), then a read on a follower that asks for that
+sequence (`min_sequence`); the time from the write's answer to the follower's. After the
+last replicated run, how far behind the followers were and the time until both had it all.
+Then reads: status-only AuthorizeStream (the same shape, no money) on a follower against the
+single node, interleaved, median of `--repeat`.
 
     .venv/bin/python bench/replication_bench.py [--seconds 5] [--repeat 3]
 """
@@ -19,6 +23,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -45,12 +50,14 @@ def make_cards(srv: ServerProcess) -> list[str]:
     return cards
 
 
-async def debits(address: str, cards: list[str], seconds: float, streams: int, run: str) -> float:
-    per_stream = int(seconds * 60_000 / 100 / streams) + 8
+async def debits(address: str, cards: list[str], seconds: float, streams: int, run: str,
+                 amount_fen: int = 1) -> float:
+    """Approved decisions/s; `amount_fen=0`: status-only decisions (reads)."""
+    per_stream = int(seconds * (60_000 if amount_fen else 600_000) / 100 / streams) + 8
     batches = [[pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
         request_id=f"{run}-{s}-{b}-{i}", card_number=cards[(b * 100 + i) % len(cards)],
-        channel=pb.CHANNEL_TRANSIT, amount_fen=1, terminal_id="bench") for i in range(100)])
-        for b in range(per_stream)] for s in range(streams)]
+        channel=pb.CHANNEL_TRANSIT, amount_fen=amount_fen, terminal_id="bench")
+        for i in range(100)]) for b in range(per_stream)] for s in range(streams)]
     done = 0
 
     async def one(mine):
@@ -89,6 +96,21 @@ def log_sequence(data_dir: str) -> int:
         value = txn.get(b"replication:log_seq", db=env.open_db(b"meta", txn=txn, create=False))
     env.close()
     return int.from_bytes(value, "big") if value else 0
+
+
+def lag_probe(writer: ServerProcess, follower: ServerProcess, card: str, stop, samples: list):
+    """Until `stop`: a write on the writer, then a follower's read of its record; the time
+    between the two answers, in seconds."""
+    while not stop.wait(0.02):
+        _, call = writer.ledger.Transfer.with_call(pb.TransferRequest(
+            transfer_id=uuid.uuid4().hex, debit=pb.AccountRef(operator="op:probe-a"),
+            credit=pb.AccountRef(operator="op:probe-b"), amount_fen=1),
+            metadata=writer.md("CARD_AGENCY"), timeout=10)
+        acked = time.perf_counter()
+        follower.status.GetStatus(pb.GetStatusRequest(card_number=card), timeout=10, metadata=(
+            *follower.md("TRANSIT_GATE"),
+            ("min_sequence", dict(call.trailing_metadata())["log_sequence"])))
+        samples.append(time.perf_counter() - acked)
 
 
 def writer_of(nodes: list[ServerProcess]) -> ServerProcess:
@@ -133,10 +155,19 @@ def main() -> int:
         targets = {"single node": (single, make_cards(single)),
                    "replicated, 3 nodes": (writer, make_cards(writer))}
         rates: dict[str, list[float]] = {name: [] for name in targets}
+        lags: list[float] = []
         for r in range(args.repeat):
             for name, (srv, cards) in targets.items():
+                stop = threading.Event()
+                probe = threading.Thread(target=lag_probe, args=(
+                    writer, followers[0], cards[0], stop, lags))
+                if srv is writer:
+                    probe.start()
                 rates[name].append(asyncio.run(debits(srv.address, cards, args.seconds,
                                                       args.streams, f"r{r}-{name[0]}")))
+                stop.set()
+                if srv is writer:
+                    probe.join()
         last = log_sequence(writer.data_dir)
         behind = [last - log_sequence(f.data_dir) for f in followers]
         t = time.monotonic()
@@ -144,6 +175,13 @@ def main() -> int:
             time.sleep(0.01)
         caught_up = time.monotonic() - t
         same = len({store_digest(n.data_dir) for n in nodes}) == 1
+        readers = {"single node": (single, targets["single node"][1]),
+                   "a follower": (followers[0], targets["replicated, 3 nodes"][1])}
+        reads: dict[str, list[float]] = {name: [] for name in readers}
+        for r in range(args.repeat):
+            for name, (srv, cards) in readers.items():
+                reads[name].append(asyncio.run(debits(srv.address, cards, args.seconds,
+                                                      args.streams, f"q{r}", amount_fen=0)))
     single_rate = statistics.median(rates["single node"])
     print(f"# durable debits/s through AuthorizeStream (100 per message, {args.streams} streams "
           f"x 4 in flight), median of {args.repeat} x {args.seconds:g} s; {os.cpu_count()} "
@@ -154,6 +192,19 @@ def main() -> int:
         median = statistics.median(values)
         print(f"| {name} | {median:,.0f} | {', '.join(f'{v:,.0f}' for v in values)} | "
               f"{median / single_rate:.2f}x |")
+    lags.sort()
+    print(f"\nreplication lag as a reader sees it, during the replicated runs ({len(lags)} "
+          f"probes: a write's answer on the writer to a follower's answer with its "
+          f"min_sequence): p50 {lags[len(lags) // 2] * 1000:.1f} ms, p99 "
+          f"{lags[int(len(lags) * 0.99)] * 1000:.1f} ms, max {lags[-1] * 1000:.1f} ms")
+    single_reads = statistics.median(reads["single node"])
+    print("\n| status-only decisions/s (AuthorizeStream, no money) | decisions/s | runs | "
+          "against single node |")
+    print("| --- | ---: | --- | ---: |")
+    for name, values in reads.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:,.0f} | {', '.join(f'{v:,.0f}' for v in values)} | "
+              f"{median / single_reads:.2f}x |")
     print(f"\nafter the last run: the writer at log sequence {last:,}, the followers "
           f"{', '.join(str(b) for b in behind)} records behind, all applied {caught_up:.2f} s "
           f"later; every node's store identical: {same}")

@@ -1033,7 +1033,7 @@ SERVICES = (Authorization, CardStatus, Lifecycle, ResidenceCard, Ledger, Deadlin
 
 def build(core: Core, clients: Clients, concurrent_rpcs_max: int = config.concurrent_rpcs_max,
           table=None, reuse_port: bool = False,
-          limits: calls.Limits | None = None):
+          limits: calls.Limits | None = None, node=None):
     """The grpc.aio server with every service registered (not yet bound or started), and its
     health servicer. A role table that does not match the proto raises roles.TableError."""
     # Too many callers: new calls beyond the limit are refused at once (RESOURCE_EXHAUSTED);
@@ -1052,7 +1052,8 @@ def build(core: Core, clients: Clients, concurrent_rpcs_max: int = config.concur
         ("grpc.max_concurrent_streams", config.streams_per_connection_max),
     ])
     kwargs = {} if table is None else {"table": table}
-    calls.register(server, servicers, clients, pb, limits=limits, **kwargs)
+    calls.register(server, servicers, clients, pb, limits=limits,
+                   position=calls.LogPosition(node) if node is not None else None, **kwargs)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer
@@ -1070,8 +1071,9 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
                 stop: asyncio.Event | None = None, banks: IssuingBanks | None = None,
                 tls: tuple[bytes, bytes, bytes] | None = None, reflection: bool = False,
                 drain_seconds: float = config.drain_seconds, reuse_port: bool = False,
-                limits: calls.Limits | None = None) -> None:
-    """`tls` = (key, certificate chain, client CA), PEM: mTLS, a client certificate signed by
+                limits: calls.Limits | None = None, node=None) -> None:
+    """`node`: with --replicate, the store's place in the cluster (storage.replication.Node).
+    `tls` = (key, certificate chain, client CA), PEM: mTLS, a client certificate signed by
     that CA required on every connection (a caller without one never reaches a handler).
     On `stop` (SIGTERM, SIGINT): health NOT_SERVING while still answering for
     `drain_seconds` (load balancers and gates see it before the port closes), then new calls
@@ -1079,7 +1081,7 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     core = Core(store, clock, banks)
     limits = limits or calls.Limits()
     server, health_servicer = build(core, clients, concurrent_rpcs_max, reuse_port=reuse_port,
-                                    limits=limits)
+                                    limits=limits, node=node)
     if reflection:
         service_names = [pb.DESCRIPTOR.services_by_name[cls.__name__].full_name
                          for cls in SERVICES]
@@ -1098,7 +1100,7 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     loop = asyncio.get_running_loop()
     log_module.access.start(loop)
     limits.start(loop)
-    metrics.start(loop, store, lambda: core.feed.watchers)
+    metrics.start(loop, store, lambda: core.feed.watchers, node)
     calls.refusals.start(loop, store, clock)
     await _set_health(health_servicer, store.healthy)
     # The writer reports from its own thread when it dies or its periodic jobs keep failing:

@@ -29,6 +29,7 @@ import grpc
 from yikatong import config
 from yikatong.errors import (
     InvalidArgument,
+    LogBehind,
     PermissionDenied,
     RequestLate,
     StreamStalled,
@@ -141,8 +142,53 @@ class Limits:
         return request
 
 
+class LogPosition:
+    """Read-your-writes on a node of a replicated store (issue 18; `node`:
+    storage.replication.Node). Every answer's trailing metadata carries `log_sequence`: on
+    the writer, the last record of the log committed there when it answered (a write's own
+    record included); on a follower, the last record it had applied when the call's work
+    began (the answer reflects at least that much). A caller that sends `min_sequence: N` in
+    its request metadata (say, a write's `log_sequence`) is answered only once this node has
+    applied record N: it waits up to the call's deadline, at most min_sequence_wait_seconds,
+    then UNAVAILABLE (LOG_BEHIND) naming how far this node is and where the writer is."""
+
+    def __init__(self, node):
+        self.node, self.store = node, node.store
+
+    async def reach(self, context) -> int:
+        """After identity and the request's arrival, before the work: the sequence the
+        work will reflect at least."""
+        wanted = next((v for k, v in context.invocation_metadata() if k == "min_sequence"),
+                      None)
+        if wanted is None:
+            return self.store.applied_sequence
+        if not (wanted.isascii() and wanted.isdigit() and len(wanted) <= 19):
+            raise InvalidArgument("min_sequence", "request metadata min_sequence must be a "
+                                  f"log sequence (a decimal number), not {wanted[:40]!r}")
+        target = int(wanted)
+        if self.store.applied_sequence < target:
+            remaining = context.time_remaining()
+            wait = config.min_sequence_wait_seconds if remaining is None else min(
+                config.min_sequence_wait_seconds, max(0.0, remaining - 0.05))
+            deadline = time.monotonic() + wait
+            while self.store.applied_sequence < target:
+                if time.monotonic() >= deadline:
+                    writer = self.node.writer
+                    raise LogBehind(
+                        f"this node has applied the log to record {self.store.applied_sequence}"
+                        f", not yet {target} (min_sequence), in {wait:.2g} s; ask again, or "
+                        "ask the writer" + (f" ({writer[0]} at {writer[1]})" if writer else ""),
+                        writer[1] if writer else "")
+                await asyncio.sleep(0.001)
+        return self.store.applied_sequence
+
+    def trailer(self, before: int) -> tuple[tuple[str, str], ...]:
+        return (("log_sequence", str(self.store.applied_sequence if self.node.leading
+                                     else before)),)
+
+
 def register(server, servicers, clients, message_module, table=roles.METHOD_ROLES,
-             limits: Limits | None = None) -> None:
+             limits: Limits | None = None, position: LogPosition | None = None) -> None:
     """Register each servicer (named as its proto service) behind the one call path."""
     limits = limits or Limits()
     services = [message_module.DESCRIPTOR.services_by_name[type(s).__name__] for s in servicers]
@@ -160,7 +206,8 @@ def register(server, servicers, clients, message_module, table=roles.METHOD_ROLE
                             grpc.stream_unary_rpc_method_handler)
             raw = m.name in getattr(servicer, "RAW_METHODS", ())  # bytes in, bytes or message out
             handlers[m.name] = handler_type(
-                wrap(name, table[name], clients, behaviour, m.client_streaming, limits),
+                wrap(name, table[name], clients, behaviour, m.client_streaming, limits,
+                     position),
                 request_deserializer=None if raw else
                 errors.decoder(getattr(message_module, m.input_type.name)),
                 response_serializer=_raw_or_message if raw else
@@ -218,14 +265,19 @@ class _Call:
         _log(self.name, self.client, self.code, self.started)
 
 
-def _unary(name, allowed, clients, behaviour, client_streaming, limits):
+def _unary(name, allowed, clients, behaviour, client_streaming, limits, position):
     async def handle(requests, context):
         call = _Call(name)
         try:
             _admit(call, allowed, clients, context, limits)
             try:
                 request = await _request(requests, context, limits, client_streaming)
-                response = await behaviour(request, call.client)
+                if position is None:
+                    response = await behaviour(request, call.client)
+                else:
+                    before = await position.reach(context)
+                    response = await behaviour(request, call.client)
+                    context.set_trailing_metadata(position.trailer(before))
             finally:
                 limits.leave(call.client)
             call.code = "OK"
@@ -239,13 +291,15 @@ def _unary(name, allowed, clients, behaviour, client_streaming, limits):
     return handle
 
 
-def _streaming(name, allowed, clients, behaviour, client_streaming, limits):
+def _streaming(name, allowed, clients, behaviour, client_streaming, limits, position):
     async def handle(requests, context):
         call = _Call(name)
         try:
             _admit(call, allowed, clients, context, limits)
             try:
                 request = await _request(requests, context, limits, client_streaming)
+                if position is not None:  # a stream's trailer: where its first answer stood
+                    context.set_trailing_metadata(position.trailer(await position.reach(context)))
                 last = None
                 async for response in behaviour(request, call.client):
                     await limits.write(context, response, last)

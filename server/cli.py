@@ -1,5 +1,6 @@
 """`yikatong serve` (the server) and a tiny client: `yikatong authorize`, `yikatong status`."""
 import argparse
+import json
 import os
 import sys
 import uuid
@@ -80,6 +81,13 @@ def main(argv=None) -> int:
     a.add_argument("action", choices=("verify",))
     a.add_argument("--data-dir", required=True)
 
+    k = sub.add_parser("cluster", help="a replicated store's nodes (--replicate): the writer, "
+                       "each node's applied sequence and lag")
+    k.add_argument("action", choices=("status",))
+    k.add_argument("--replicate", required=True, metavar="NATS_URLS",
+                   help="the NATS servers of the cluster, as given to serve --replicate")
+    k.add_argument("--json", action="store_true", help="one JSON object, for machines")
+
     for name, helptext in (("authorize", "ask whether a card may be used"),
                            ("status", "read a card's status")):
         c = sub.add_parser(name, help=helptext)
@@ -99,7 +107,33 @@ def main(argv=None) -> int:
         return audit_verify(args.data_dir)
     if args.command == "due":
         return due(args.data_dir, args.within)
+    if args.command == "cluster":
+        return cluster_status(args.replicate.split(","), args.json)
     return client(args)
+
+
+def cluster_status(urls: list[str], as_json: bool) -> int:
+    """The writer, the log's end, and each node's last report. Exit 1 when no node holds
+    the write lease or a node is down (a monitoring check can run this)."""
+    from yikatong.storage import replication
+
+    try:
+        status = replication.cluster_status(urls)
+    except Exception as error:  # noqa: BLE001 - the cluster cannot be read: one line
+        return _fail(f"cluster status: {error}")
+    if as_json:
+        print(json.dumps(status))
+    else:
+        writer = status["writer"]
+        print(f"log: last sequence {status['log_sequence']}; writer: "
+              + (f"{writer['node']} at {writer['address']}" if writer else "none (no lease)"))
+        print(f"{'node':<12} {'address':<22} {'role':<9} {'applied':>9} {'lag':>7}  reported")
+        for n in status["nodes"]:
+            print(f"{n['node']:<12} {n['address']:<22} {n['role']:<9} {n['applied']:>9} "
+                  f"{n['lag']:>7}  {n['reported_seconds_ago']:g} s ago"
+                  + ("  DOWN" if n["down"] else ""))
+    healthy = status["writer"] is not None and not any(n["down"] for n in status["nodes"])
+    return 0 if healthy else 1
 
 
 def due(data_dir: str, within: int) -> int:
@@ -263,8 +297,7 @@ def _serve(args, metrics) -> int:
 
     def open_store() -> Store:
         def sweep_expired_holds(book):
-            if node is None or node.leading:  # a follower gets the writer's sweep
-                ledger.expire_holds(book, clock.now())
+            ledger.expire_holds(book, clock.now())  # on the writer (Store.check_writer)
 
         # the data dir's lock is held here, for every worker (lock_data_dir below)
         return Store(args.data_dir, map_size=args.map_size_mib * 2**20, lock=False,
@@ -319,7 +352,7 @@ def _serve(args, metrics) -> int:
             uvloop.run(run_server(store, clock, clients, args.listen, on_ready=on_ready,
                                   concurrent_rpcs_max=args.max_concurrent_rpcs, banks=banks,
                                   tls=tls, reflection=args.reflection, reuse_port=workers > 1,
-                                  drain_seconds=args.drain_seconds,
+                                  drain_seconds=args.drain_seconds, node=node,
                                   limits=Limits(args.client_calls_max,
                                                 args.request_arrival_seconds,
                                                 args.stream_stall_seconds)))

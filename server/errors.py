@@ -37,6 +37,7 @@ _CODES = (
     (e.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (e.Fenced, grpc.StatusCode.UNAVAILABLE),  # another node writes: ask it
     (e.LogUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (e.LogBehind, grpc.StatusCode.UNAVAILABLE),  # not applied that far yet: wait, or ask the writer
     (e.ReplicationGap, grpc.StatusCode.DATA_LOSS),
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
@@ -71,7 +72,7 @@ def rich(code: grpc.StatusCode, message: str, reason: str, field: str = "",
 def trailers_of(error: e.YikatongError, code: grpc.StatusCode) -> tuple[tuple[str, bytes], ...]:
     if isinstance(error, e.InvalidArgument):
         return rich(code, str(error), error.reason, error.field, error.description)
-    if isinstance(error, e.Fenced) and error.writer:  # where to send the write instead
+    if isinstance(error, (e.Fenced, e.LogBehind)) and error.writer:  # where to go instead
         return rich(code, str(error), error.reason, writer=error.writer)
     return rich(code, str(error), error.reason)
 

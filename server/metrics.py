@@ -56,8 +56,9 @@ class Metrics:
         self.enabled = False
         self.decisions = [0] * ((max(Channel) + 1) * REASONS)  # [channel * REASONS + reason]
 
-    def start(self, loop, store, watchers=lambda: 0) -> None:
-        """In the serving process, once its event loop runs."""
+    def start(self, loop, store, watchers=lambda: 0, node=None) -> None:
+        """In the serving process, once its event loop runs. `node`: with --replicate,
+        the store's place in the cluster (storage.replication.Node)."""
         if _DIR_ENV not in os.environ:
             return
         from prometheus_client import Counter, Gauge, Histogram
@@ -83,6 +84,21 @@ class Metrics:
         self._watchers = Gauge("yikatong_watchers", "Open WatchChanges streams",
                                multiprocess_mode="livesum")
         self._watching = watchers
+        self._node = node
+        if node is not None:
+            self._applied = Gauge("yikatong_replication_applied_sequence", "The last record "
+                                  "of the replicated log applied here", multiprocess_mode="max")
+            self._log_end = Gauge("yikatong_replication_log_sequence", "The replicated log's "
+                                  "last sequence, as of this node's last look (every lease "
+                                  "tick)", multiprocess_mode="max")
+            self._lag = Gauge("yikatong_replication_lag_records", "Records of the log not yet "
+                              "applied here", multiprocess_mode="max")
+            self._leading = Gauge("yikatong_replication_writer", "1 while this node holds the "
+                                  "write lease", multiprocess_mode="max")
+            lag_seconds = Histogram("yikatong_replication_lag_seconds", "From the log taking a "
+                                    "record to this follower applying it",
+                                    buckets=_SECONDS_BUCKETS)
+            node.on_lag = lag_seconds.observe
         self._children: dict[tuple[str, str], tuple] = {}
         self._store = store
         self._loop = loop
@@ -111,6 +127,12 @@ class Metrics:
                                      Reason(i % REASONS).name).inc(n)
         self._queue.set(self._store.queue_depth())
         self._watchers.set(self._watching())
+        if self._node is not None:
+            applied = self._store.applied_sequence
+            self._applied.set(applied)
+            self._log_end.set(self._node.log_end)
+            self._lag.set(max(0, self._node.log_end - applied))
+            self._leading.set(int(self._node.leading))
         used, size = self._store.map_use()
         self._map_used.set(used)
         self._map_size.set(size)
@@ -120,6 +142,8 @@ class Metrics:
         if self.enabled:
             self._timer.cancel()
             self._store.on_commit = None
+            if self._node is not None:
+                self._node.on_lag = None
             self._flush()
             self._timer.cancel()
 

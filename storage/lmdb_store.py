@@ -136,6 +136,9 @@ class Store:
         self._check_command = check_command
         self.replicate = replicate
         self.check_writer = check_writer
+        # the log's last record committed here, kept after each group's commit when this store
+        # is replicated (before its callers are answered: a write's answer includes its record)
+        self.applied_sequence = 0
         self.periodic_failures = 0  # in a row; reset by a success
         self.periodic_failures_total = 0
         self.writer_error: BaseException | None = None
@@ -161,6 +164,7 @@ class Store:
             raise StoreUnavailable(f"cannot open the LMDB store in {data_dir}: {e}") from e
         self.env.reader_check()  # clear reader slots left by dead processes
         self.dbs = Dbs(self.env)
+        self._note_sequence()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._drain_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="lmdb-writer", daemon=True)
@@ -286,6 +290,8 @@ class Store:
                 self._periodic, "__name__", "job"), self.periodic_failures, exc_info=error)
         else:
             self.periodic_failures = 0
+            if self.check_writer is not None:
+                self._note_sequence()
         if self.healthy != was_healthy:
             self._notify_health()
 
@@ -335,6 +341,8 @@ class Store:
             for _, future in group:
                 future.set_exception(WriterDown(f"the store's writer stopped ({e!r})"))
             raise
+        if self.check_writer is not None:
+            self._note_sequence()
         for future, result, error in outcomes:  # durable now: answer the callers
             if error is None:
                 future.set_result(result)
@@ -342,6 +350,10 @@ class Store:
                 future.set_exception(error)
         if self.on_commit is not None:
             self.on_commit(len(group), time.perf_counter() - started)
+
+    def _note_sequence(self) -> None:
+        with self.env.begin() as txn:
+            self.applied_sequence = Book(txn, self.dbs).log_sequence()
 
     def _publish(self, txn, journal: list | None, replicate) -> None:
         """A group that wrote anything is one replication record, handed to `replicate`

@@ -13,8 +13,10 @@ in a thread of its own; the writer waits on it for each append.
 """
 import asyncio
 import concurrent.futures
+import json
 import logging
 import threading
+import time
 
 import nats
 import nats.errors
@@ -97,15 +99,16 @@ class Log:
         if ack.seq != seq:
             raise Fenced(f"the replicated log put record {seq} at {ack.seq}")
 
-    def read(self, seq: int) -> bytes | None:
-        """Record `seq`, None if the log does not reach it yet."""
+    def read(self, seq: int) -> tuple[bytes, float] | None:
+        """Record `seq` and when the log took it (unix seconds), None if the log does not
+        reach it yet."""
         try:
             message = self._run(self._js.get_msg(STREAM, seq))
         except nats.js.errors.NotFoundError:
             return None
         except _UNREACHABLE:
             raise LogUnavailable(f"the replicated log did not answer for record {seq}") from None
-        return message.data
+        return message.data, message.time.timestamp() if message.time else time.time()
 
     def last_sequence(self) -> int:
         return self._run(self._js.stream_info(STREAM)).state.last_seq
@@ -131,8 +134,10 @@ class Follower:
     """Applies the log to a store, in order, from the sequence after the store's own, in a
     thread of its own, until stopped. `applied` is the last sequence applied."""
 
-    def __init__(self, store, log: Log, poll_seconds: float = 0.005):
+    def __init__(self, store, log: Log, poll_seconds: float = 0.005, on_applied=None):
+        """`on_applied(seconds)`: after each record, how long after the log took it."""
         self.store, self.log, self.poll_seconds = store, log, poll_seconds
+        self.on_applied = on_applied
         with store.read() as txn:
             self.applied = store.book(txn).log_sequence()
         self.error: BaseException | None = None
@@ -143,13 +148,14 @@ class Follower:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                record = self.log.read(self.applied + 1)
+                found = self.log.read(self.applied + 1)
             except LogUnavailable:
                 self._stop.wait(self.poll_seconds * 20)
                 continue
-            if record is None:
+            if found is None:
                 self._stop.wait(self.poll_seconds)
                 continue
+            record, taken = found
             try:
                 self.store.write(lambda book, r=record: book.apply_journal(r))
             except Exception as error:  # noqa: BLE001 - kept, logged, tried again
@@ -161,6 +167,8 @@ class Follower:
                 continue
             self.error = None
             self.applied += 1
+            if self.on_applied is not None:
+                self.on_applied(time.time() - taken)
 
     def stop(self) -> None:
         self._stop.set()
@@ -169,6 +177,22 @@ class Follower:
 
 LEASE_BUCKET = "YIKATONG_LEASE"
 LEASE_KEY = "writer"
+NODES_BUCKET = "YIKATONG_NODES"  # each node's report, every tick: `yikatong cluster status`
+
+
+async def _bucket(log: Log, name: str, ttl: float | None, replicas: int, wait: float):
+    """The key-value bucket `name`, made if it does not exist yet (a new cluster elects
+    its meta leader first: retried for `wait` seconds)."""
+    deadline = log._loop.time() + wait
+    while True:
+        try:
+            return await log._js.create_key_value(bucket=name, ttl=ttl, history=1,
+                                                  replicas=replicas)
+        except _UNREACHABLE:
+            if log._loop.time() > deadline:
+                raise LogUnavailable(f"the key-value bucket {name} cannot be made or "
+                                     "found") from None
+            await asyncio.sleep(0.1)
 
 
 class Lease:
@@ -181,18 +205,7 @@ class Lease:
         self.log, self.ttl = log, ttl
         self.value = f"{node_id} {address}".encode()
         self.revision = 0
-        self.kv = log._run(self._bucket(replicas), ttl * 10)
-
-    async def _bucket(self, replicas: int):
-        deadline = self.log._loop.time() + self.ttl * 10
-        while True:
-            try:
-                return await self.log._js.create_key_value(
-                    bucket=LEASE_BUCKET, ttl=self.ttl, history=1, replicas=replicas)
-            except _UNREACHABLE:
-                if self.log._loop.time() > deadline:
-                    raise LogUnavailable("the lease bucket cannot be made or found") from None
-                await asyncio.sleep(0.1)
+        self.kv = log._run(_bucket(log, LEASE_BUCKET, ttl, replicas, ttl * 10), ttl * 10)
 
     def holder(self) -> tuple[str, str] | None:
         """(node id, address) of the writer, None when no one holds the lease."""
@@ -235,12 +248,31 @@ class Node:
         self.lease = Lease(self.log, node_id, address, ttl)
         self.leading = False
         self.writer: tuple[str, str] | None = self.lease.holder()  # as of the last tick
-        self.follower: Follower | None = Follower(store, self.log)
+        self.log_end = self.log.last_sequence()  # as of the last tick
+        self.on_lag = None  # metrics: called with each applied record's lag, in seconds
+        self.reports = self.log._run(_bucket(self.log, NODES_BUCKET, None, 3, ttl * 10),
+                                     ttl * 10)
+        self.follower: Follower | None = self._follow()
         store.replicate, store.check_writer = self._append, self._check_writer
         self._stop = threading.Event()
         self._paused = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="yikatong-node", daemon=True)
         self._thread.start()
+
+    def _follow(self) -> Follower:
+        return Follower(self.store, self.log, on_applied=self._lagged)
+
+    def _lagged(self, seconds: float) -> None:
+        if self.on_lag is not None:
+            self.on_lag(seconds)
+
+    def _report(self) -> None:
+        """Where this node stands, for `yikatong cluster status`, and the log's end, for
+        the lag metrics."""
+        self.log_end = self.log.last_sequence()
+        self.log._run(self.reports.put(self.node_id, json.dumps({
+            "address": self.address, "leading": self.leading,
+            "applied": self.store.applied_sequence, "at": time.time()}).encode()))
 
     def _check_writer(self) -> None:
         if not self.leading:
@@ -265,8 +297,8 @@ class Node:
     def _catch_up(self) -> None:
         """Apply what the log holds beyond this store (after a fenced append, or before
         taking the lease)."""
-        while (record := self.log.read(self._applied() + 1)) is not None:
-            self.store.write(lambda book, r=record: book.apply_journal(r))
+        while (found := self.log.read(self._applied() + 1)) is not None:
+            self.store.write(lambda book, r=found[0]: book.apply_journal(r))
 
     def _watch(self) -> None:
         while not self._stop.wait(self.ttl / 4):
@@ -274,12 +306,13 @@ class Node:
                 continue
             try:
                 self._step()
+                self._report()
             except LogUnavailable:
                 pass
             except Exception:  # noqa: BLE001 - the node goes on; the next tick tries again
                 log.exception("node %s: a step of the lease failed", self.node_id)
             if not self.leading and self.follower is None:  # whatever failed on the way
-                self.follower = Follower(self.store, self.log)
+                self.follower = self._follow()
 
     def _step(self) -> None:
         if self.leading:
@@ -311,3 +344,41 @@ class Node:
         if self.follower is not None:
             self.follower.stop()
         self.log.close()
+
+
+def cluster_status(urls: list[str], stale_seconds: float = 10.0) -> dict:
+    """`yikatong cluster status`: the log's last sequence, the writer (the lease), and each
+    node's last report: its address, role, applied sequence, lag in records, and how long
+    ago it reported (`down` once that is longer than `stale_seconds`)."""
+    log = Log(urls)
+    try:
+        async def read() -> tuple[int, dict, bytes | None]:
+            end = (await log._js.stream_info(STREAM)).state.last_seq
+            reports: dict = {}
+            try:
+                kv = await log._js.key_value(NODES_BUCKET)
+                for key in await kv.keys():
+                    entry = await kv.get(key)
+                    reports[key] = json.loads(entry.value or b"{}")
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+                pass
+            try:
+                lease = await (await log._js.key_value(LEASE_BUCKET)).get(LEASE_KEY)
+                writer = lease.value
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError):
+                writer = None
+            return end, reports, writer
+        end, reports, writer = log._run(read())
+    finally:
+        log.close()
+    now = time.time()
+    node, _, address = (writer or b"").decode().partition(" ")
+    return {"log_sequence": end,
+            "writer": {"node": node, "address": address} if node else None,
+            "nodes": [{"node": name, "address": r.get("address", ""),
+                       "role": "writer" if r.get("leading") else "follower",
+                       "applied": r.get("applied", 0),
+                       "lag": max(0, end - r.get("applied", 0)),
+                       "reported_seconds_ago": round(now - r.get("at", 0), 1),
+                       "down": now - r.get("at", 0) > stale_seconds}
+                      for name, r in sorted(reports.items())]}

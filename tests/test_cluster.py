@@ -4,6 +4,7 @@ write lease and takes writes; the others serve reads from the log and refuse wri
 UNAVAILABLE naming the writer. SIGKILL the writer under debits: another node takes over
 within a bounded time, every acknowledged debit is there exactly once, the balance is exact;
 the old writer, restarted, rejoins as a follower and every node ends with the same bytes."""
+import json
 import subprocess
 import sys
 import time
@@ -13,8 +14,16 @@ import grpc
 import pytest
 from test_calls import error_info
 from test_e2e import new_active_card
+from test_workers import scrape
 
-from yikatong.server.harness import ROOT, NatsCluster, ServerProcess, store_digest, wait_until
+from yikatong.server.harness import (
+    ROOT,
+    NatsCluster,
+    ServerProcess,
+    free_address,
+    store_digest,
+    wait_until,
+)
 from yikatong.v1 import yikatong_pb2 as pb
 
 TAKEOVER_SECONDS_MAX = 20  # the lease (3 s), its expiry, the catch-up and an election
@@ -23,8 +32,19 @@ TAKEOVER_SECONDS_MAX = 20  # the lease (3 s), its expiry, the catch-up and an el
 def start(tmp_path, cluster, i: int, address: str | None = None) -> ServerProcess:
     workdir = tmp_path / f"node{i}"
     workdir.mkdir(exist_ok=True)
-    return ServerProcess(workdir, "--replicate", ",".join(cluster.urls), "--node-id",
-                         f"node{i}", address=address, data_dir=str(workdir / "data"))
+    srv = ServerProcess(workdir, "--replicate", ",".join(cluster.urls), "--node-id",
+                        f"node{i}", "--metrics-listen", (metrics := free_address()),
+                        address=address, data_dir=str(workdir / "data"))
+    srv.metrics = metrics
+    return srv
+
+
+def cluster_status(cluster) -> tuple[int, dict]:
+    out = subprocess.run([sys.executable, "-m", "yikatong", "cluster", "status", "--replicate",
+                          ",".join(cluster.urls), "--json"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout, out.stderr
+    return out.returncode, json.loads(out.stdout)
 
 
 def top_up(srv, card: str, fen: int):
@@ -97,6 +117,51 @@ def test_three_nodes_one_writer_failover_and_rejoin(cluster, tmp_path):
             acked[rid] = debit(writer, card, rid).SerializeToString()
         for follower in followers:  # reads follow the log
             assert wait_until(lambda f=follower: balance(f, card) == 100_000 - 3_000, 20)
+        # read-your-writes: a write's answer names its record of the log; a follower asked
+        # for that record (min_sequence) answers once it holds it, at once here
+        answer, call = writer.authorization.Authorize.with_call(pb.AuthorizeRequest(
+            request_id="ryw", card_number=card, channel=pb.CHANNEL_TRANSIT, amount_fen=100,
+            terminal_id="gate-1"), metadata=writer.md("TRANSIT_GATE"), timeout=10)
+        acked["ryw"] = answer.SerializeToString()
+        seq = int(dict(call.trailing_metadata())["log_sequence"])
+        for follower in followers:
+            read, call = follower.ledger.GetBalances.with_call(
+                pb.GetBalancesRequest(card_number=card), timeout=10,
+                metadata=(*follower.md("TRANSIT_GATE"), ("min_sequence", str(seq))))
+            assert next(b.posted_fen for b in read.balances
+                        if b.kind == pb.ACCOUNT_KIND_TRANSIT) == 100_000 - 3_100
+            assert int(dict(call.trailing_metadata())["log_sequence"]) >= seq
+        ahead = time.monotonic()
+        with pytest.raises(grpc.RpcError) as behind:  # a record the log does not hold yet
+            followers[0].ledger.GetBalances(pb.GetBalancesRequest(card_number=card), timeout=1,
+                                            metadata=(*followers[0].md("TRANSIT_GATE"),
+                                                      ("min_sequence", str(seq + 10**6))))
+        assert behind.value.code() == grpc.StatusCode.UNAVAILABLE, behind.value.details()
+        assert time.monotonic() - ahead < 1.5  # answered within the caller's deadline
+        assert error_info(behind.value).reason == "LOG_BEHIND"
+        assert error_info(behind.value).metadata["writer"] == writer.address
+        with pytest.raises(grpc.RpcError) as bad:
+            followers[0].ledger.GetBalances(pb.GetBalancesRequest(card_number=card), timeout=5,
+                                            metadata=(*followers[0].md("TRANSIT_GATE"),
+                                                      ("min_sequence", "soon")))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "min_sequence" in bad.value.details()
+        # operations: every node's applied sequence and lag, from the nodes' own reports
+        code, status = cluster_status(cluster)
+        assert code == 0 and status["writer"]["address"] == writer.address, status
+        assert wait_until(lambda: all(
+            n["lag"] == 0 and not n["down"] for n in cluster_status(cluster)[1]["nodes"]), 10)
+        code, status = cluster_status(cluster)
+        assert sorted(n["address"] for n in status["nodes"]) == sorted(n.address for n in nodes)
+        assert [n["role"] for n in status["nodes"]].count("writer") == 1
+        assert {n["applied"] for n in status["nodes"]} == {status["log_sequence"]} >= {seq}
+        for follower in followers:  # and their metrics: lag in records and in seconds
+            assert wait_until(lambda f=follower: scrape(f.metrics).get(
+                ("yikatong_replication_applied_sequence", frozenset()), 0) >= seq, 5)
+            sample = scrape(follower.metrics)
+            assert sample[("yikatong_replication_writer", frozenset())] == 0
+            assert sample[("yikatong_replication_lag_seconds_count", frozenset())] >= 30
+        assert scrape(writer.metrics)[("yikatong_replication_writer", frozenset())] == 1
         writer.kill()  # SIGKILL, mid-run
         started = time.monotonic()
         survivors = followers
@@ -115,10 +180,10 @@ def test_three_nodes_one_writer_failover_and_rejoin(cluster, tmp_path):
                 break
             else:
                 time.sleep(0.2)
-            if len(acked) >= 45:
+            if len(acked) >= 46:
                 break
         took = time.monotonic() - started
-        assert new_writer is not None and len(acked) >= 45, took
+        assert new_writer is not None and len(acked) >= 46, took
         assert took < TAKEOVER_SECONDS_MAX + 10
         for rid, answer in acked.items():  # each acknowledged debit is there, once
             assert debit(new_writer, card, rid).SerializeToString() == answer
@@ -131,6 +196,8 @@ def test_three_nodes_one_writer_failover_and_rejoin(cluster, tmp_path):
         assert again.value.code() == grpc.StatusCode.UNAVAILABLE
         # every node, caught up, holds the same bytes (the log's, in the log's order)
         assert wait_until(lambda: len({store_digest(n.data_dir) for n in nodes}) == 1, 30)
+        assert wait_until(lambda: cluster_status(cluster)[1]["writer"]["address"]
+                          == new_writer.address, 10)
     finally:
         for node in nodes:
             if node.proc.poll() is None:

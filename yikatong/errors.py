@@ -171,6 +171,17 @@ class Fenced(YikatongError):
         self.writer = writer
 
 
+class LogBehind(YikatongError):
+    """A read asked for `min_sequence` and this node had not applied the log that far in
+    the time the call allowed. `writer`: the writer's address, when known."""
+
+    reason = "LOG_BEHIND"
+
+    def __init__(self, message: str, writer: str = ""):
+        super().__init__(message)
+        self.writer = writer
+
+
 class LogUnavailable(YikatongError):
     """The replicated log did not take or give a record in time."""
 
