@@ -300,8 +300,10 @@ def _serve(args, metrics) -> int:
             ledger.expire_holds(book, clock.now())  # on the writer (Store.check_writer)
 
         # the data dir's lock is held here, for every worker (lock_data_dir below)
+        # replicated: durable on a quorum of the log's disks before the local commit, which
+        # the log replays after a crash: one local flush per commit, not two (docs/SCALE.md)
         return Store(args.data_dir, map_size=args.map_size_mib * 2**20, lock=False,
-                     periodic=sweep_expired_holds,
+                     periodic=sweep_expired_holds, metasync=not args.replicate,
                      check_command=ledger.check_invariants if CHECK_INVARIANTS else None)
 
     try:

@@ -115,7 +115,7 @@ class Store:
                  group_max: int = config.writer_group_max,
                  queue_max: int = config.writer_queue_max, lock: bool = True,
                  replicate: Callable[[bytes], None] | None = None,
-                 check_writer: Callable[[], None] | None = None):
+                 check_writer: Callable[[], None] | None = None, metasync: bool = True):
         """`lock=False`: the caller holds the data dir's lock (lock_data_dir), as the parent
         of `--workers` does for the worker processes that share the data dir on purpose.
         `periodic(book)` runs in a group of its own when the writer has been idle for
@@ -128,7 +128,10 @@ class Store:
         `check_writer()` raises (errors.Fenced) when this store may not write now (a
         follower): then each command that would write is refused on its own, so a group
         that also applies the log, or answers a replayed request, is not failed by it; the
-        periodic job is not run."""
+        periodic job is not run. `metasync=False`: one flush per commit instead of two (LMDB's
+        NOMETASYNC: a crash of the machine may undo the last commit, never half of one), for
+        a replicated store, whose every commit is on a quorum of the log's disks before it
+        commits here, and whose node replays the log from its last sequence on start."""
         self.data_dir = data_dir
         self._group_max = group_max  # 1 = one fsync per command (the benchmark's baseline)
         self._queue_max = queue_max
@@ -155,7 +158,7 @@ class Store:
         self._lock_fd = lock_data_dir(data_dir) if lock else None
         # Opened here, in the process that uses it (after any fork), never inherited.
         try:
-            self.env = self._open(lmdb_dir, map_size)
+            self.env = self._open(lmdb_dir, map_size, metasync)
             for name in os.listdir(lmdb_dir):
                 os.chmod(os.path.join(lmdb_dir, name), FILE_MODE)
         except (lmdb.Error, OSError) as e:
@@ -171,14 +174,14 @@ class Store:
         self._writer.start()
 
     @staticmethod
-    def _open(path: str, map_size: int):
+    def _open(path: str, map_size: int, metasync: bool):
         return lmdb.open(
             path,
             map_size=map_size,
             max_dbs=config.lmdb_max_dbs,
             max_readers=config.lmdb_max_readers,
             sync=True,
-            metasync=True,
+            metasync=metasync,
             writemap=False,
             readahead=False,  # random card look-ups; readahead only pollutes the page cache
             lock=True,

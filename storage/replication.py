@@ -20,6 +20,7 @@ import time
 
 import nats
 import nats.errors
+import nats.js.api
 import nats.js.errors
 
 from yikatong.errors import Fenced, LogUnavailable
@@ -110,6 +111,44 @@ class Log:
             raise LogUnavailable(f"the replicated log did not answer for record {seq}") from None
         return message.data, message.time.timestamp() if message.time else time.time()
 
+    def subscribe(self, start: int):
+        """An ordered consumer of the log from record `start` on (JetStream pushes the
+        records in order, re-creating itself on a gap), for `take`."""
+        async def subscribe():
+            return await self._js.subscribe(
+                SUBJECT, ordered_consumer=True, config=nats.js.api.ConsumerConfig(
+                    deliver_policy=nats.js.api.DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=start))
+        try:
+            return self._run(subscribe())
+        except (*_UNREACHABLE, concurrent.futures.TimeoutError):
+            raise LogUnavailable(f"the replicated log cannot be followed from {start}") from None
+
+    def take(self, subscription, most: int, wait: float) -> list[tuple[int, bytes, float]]:
+        """(sequence, record, when the log took it) of the next records the subscription
+        holds, at most `most`: the first waited for up to `wait` seconds, the rest only if
+        already here. [] when none came."""
+        async def take():
+            taken = []
+            try:
+                message = await subscription.next_msg(timeout=wait)
+                while True:
+                    meta = message.metadata
+                    taken.append((meta.sequence.stream, message.data,
+                                  meta.timestamp.timestamp()))
+                    if len(taken) >= most or subscription.pending_msgs == 0:
+                        return taken
+                    message = await subscription.next_msg(timeout=wait)
+            except nats.errors.TimeoutError:
+                return taken
+        return self._run(take())
+
+    def unsubscribe(self, subscription) -> None:
+        try:
+            self._run(subscription.unsubscribe())
+        except Exception:  # noqa: BLE001 - a connection that is already gone
+            pass
+
     def last_sequence(self) -> int:
         return self._run(self._js.stream_info(STREAM)).state.last_seq
 
@@ -132,11 +171,13 @@ class Log:
 
 class Follower:
     """Applies the log to a store, in order, from the sequence after the store's own, in a
-    thread of its own, until stopped. `applied` is the last sequence applied."""
+    thread of its own, until stopped. `applied` is the last sequence applied. The records
+    come pushed by an ordered consumer; those already here are handed to the store's writer
+    together, which commits them as one group."""
 
-    def __init__(self, store, log: Log, poll_seconds: float = 0.005, on_applied=None):
+    def __init__(self, store, log: Log, on_applied=None, batch_max: int = 256):
         """`on_applied(seconds)`: after each record, how long after the log took it."""
-        self.store, self.log, self.poll_seconds = store, log, poll_seconds
+        self.store, self.log, self.batch_max = store, log, batch_max
         self.on_applied = on_applied
         with store.read() as txn:
             self.applied = store.book(txn).log_sequence()
@@ -146,29 +187,41 @@ class Follower:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        subscription = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    if subscription is None:
+                        subscription = self.log.subscribe(self.applied + 1)
+                    batch = self.log.take(subscription, self.batch_max, 0.2)
+                except LogUnavailable:
+                    self._stop.wait(0.1)
+                    continue
+                if batch and not self._apply(batch):  # from the last applied one again
+                    self.log.unsubscribe(subscription)
+                    subscription = None
+                    self._stop.wait(1.0)
+        finally:
+            if subscription is not None:
+                self.log.unsubscribe(subscription)
+
+    def _apply(self, batch: list[tuple[int, bytes, float]]) -> bool:
+        futures = [self.store.submit(lambda book, r=record: book.apply_journal(r))
+                   for _, record, _ in batch]
+        for (seq, _, taken), future in zip(batch, futures, strict=True):
             try:
-                found = self.log.read(self.applied + 1)
-            except LogUnavailable:
-                self._stop.wait(self.poll_seconds * 20)
-                continue
-            if found is None:
-                self._stop.wait(self.poll_seconds)
-                continue
-            record, taken = found
-            try:
-                self.store.write(lambda book, r=record: book.apply_journal(r))
+                future.result()
             except Exception as error:  # noqa: BLE001 - kept, logged, tried again
                 if self.error is None or repr(error) != repr(self.error):
                     log.error("the follower cannot apply record %d; trying again every "
-                              "second", self.applied + 1, exc_info=error)
+                              "second", seq, exc_info=error)
                 self.error = error
-                self._stop.wait(1.0)
-                continue
+                return False
             self.error = None
-            self.applied += 1
+            self.applied = max(self.applied, seq)
             if self.on_applied is not None:
                 self.on_applied(time.time() - taken)
+        return True
 
     def stop(self) -> None:
         self._stop.set()

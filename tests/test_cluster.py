@@ -3,7 +3,9 @@ cluster, every process started and stopped by the test on loopback ports. One no
 write lease and takes writes; the others serve reads from the log and refuse writes with
 UNAVAILABLE naming the writer. SIGKILL the writer under debits: another node takes over
 within a bounded time, every acknowledged debit is there exactly once, the balance is exact;
-the old writer, restarted, rejoins as a follower and every node ends with the same bytes."""
+the old writer, restarted, rejoins as a follower and every node ends with the same bytes;
+with one NATS server of three SIGKILLed the cluster keeps serving. On the way: read-your-writes
+(`min_sequence`), `yikatong cluster status` and the replication metrics."""
 import json
 import subprocess
 import sys
@@ -198,6 +200,25 @@ def test_three_nodes_one_writer_failover_and_rejoin(cluster, tmp_path):
         assert wait_until(lambda: len({store_digest(n.data_dir) for n in nodes}) == 1, 30)
         assert wait_until(lambda: cluster_status(cluster)[1]["writer"]["address"]
                           == new_writer.address, 10)
+        # one NATS server of three SIGKILLed: the log keeps a quorum, and the nodes (connected
+        # to all three) go on: debits acknowledged, followers following, one history
+        cluster.kill(0)
+        started, n = time.monotonic(), 0
+        while n < 10 and time.monotonic() - started < TAKEOVER_SECONDS_MAX + 10:
+            for node in nodes:  # the writer, or whichever node took over meanwhile
+                try:
+                    acked[f"n{n}"] = debit(node, card, f"n{n}").SerializeToString()
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+                    continue
+                n += 1
+                break
+            else:
+                time.sleep(0.2)
+        assert n == 10, f"{n} debits acknowledged with one NATS server down"
+        for node in nodes:
+            assert wait_until(lambda n=node: balance(n, card) == 100_000 - 100 * len(acked), 30)
+        assert wait_until(lambda: len({store_digest(n.data_dir) for n in nodes}) == 1, 30)
     finally:
         for node in nodes:
             if node.proc.poll() is None:
