@@ -48,6 +48,7 @@ from yikatong.errors import (
 from yikatong.model import ACCOUNT_KEY_BYTES_MAX as _KEY_WIDTH
 from yikatong.model import (
     Account,
+    AuditEvent,
     Card,
     Change,
     Changed,
@@ -66,6 +67,8 @@ _I64 = struct.Struct("<q")
 _TOTALS = struct.Struct("<qqqq")
 _TOTALS_KEY = b"ledger:totals"
 _LOG_SEQ_KEY = b"replication:log_seq"  # the replicated log's last sequence held here
+# the last followers' audit record taken into the trail (the writer's, replicated with it)
+_INTAKE_SEQ_KEY = b"replication:audit_intake_seq"
 _STOP = object()
 DIR_MODE, FILE_MODE = 0o700, 0o600
 
@@ -139,6 +142,9 @@ class Store:
         self._check_command = check_command
         self.replicate = replicate
         self.check_writer = check_writer
+        # a follower's audit events (a PII read, refused calls): handed to the writer through
+        # the log's intake (storage.replication) before the command's caller is answered
+        self.divert_audit: Callable[[list[AuditEvent]], None] | None = None
         # the log's last record committed here, kept after each group's commit when this store
         # is replicated (before its callers are answered: a write's answer includes its record)
         self.applied_sequence = 0
@@ -321,14 +327,19 @@ class Store:
                     mine: list | None = [] if journal is not None else None
                     try:
                         result = command(Book(child, self.dbs, mine))
-                        if mine and self.check_writer is not None:
-                            self.check_writer()  # a follower refuses this write, no other
+                        diverted = bool(mine) and self.check_writer is not None and \
+                            self._not_here(mine)
                     except Exception as e:  # noqa: BLE001 - handed to the caller
                         child.abort()
                         # the audit chain goes on from the last event that stays
                         self.dbs.change_seq, self.dbs.audit_head = heads
                         outcomes.append((future, None, self._full(e)))
                     else:
+                        if diverted:  # audited by the writer; nothing written here
+                            child.abort()
+                            self.dbs.change_seq, self.dbs.audit_head = heads
+                            outcomes.append((future, result, None))
+                            continue
                         child.commit()
                         outcomes.append((future, result, None))
                         if mine:
@@ -353,6 +364,20 @@ class Store:
                 future.set_exception(error)
         if self.on_commit is not None:
             self.on_commit(len(group), time.perf_counter() - started)
+
+    def _not_here(self, journal: list) -> bool:
+        """A command that would write, on a store that may not (a follower): refused
+        (errors.Fenced), unless all it writes is audit events and they can be handed to the
+        writer (`divert_audit`): then True, once they are in the writer's intake."""
+        assert self.check_writer is not None
+        try:
+            self.check_writer()
+            return False
+        except Fenced:
+            if self.divert_audit is None or any(db != b"audit" for db, _, _ in journal):
+                raise
+        self.divert_audit([records.decode_audit(value) for _, _, value in journal])
+        return True
 
     def _note_sequence(self) -> None:
         with self.env.begin() as txn:
@@ -503,6 +528,24 @@ class Book:
         """The replicated log's last sequence this store holds (0: none)."""
         value = self.txn.get(_LOG_SEQ_KEY, db=self.dbs.meta)
         return 0 if value is None else _U64.unpack(value)[0]
+
+    def intake_sequence(self) -> int:
+        """The last record of the followers' audit intake taken into this trail."""
+        value = self.txn.get(_INTAKE_SEQ_KEY, db=self.dbs.meta)
+        return 0 if value is None else _U64.unpack(value)[0]
+
+    def take_intake(self, seq: int, events: list[AuditEvent]) -> bool:
+        """The writer's step for record `seq` of the followers' audit intake: its events
+        appended to the trail (chained here, as the writer's own), the sequence recorded in
+        the same transaction (and so replicated with them); False for a record taken
+        before."""
+        if seq <= self.intake_sequence():
+            return False
+        for e in events:
+            self.append_audit(e.time, e.client_id, e.role, e.method, e.card_number, e.purpose,
+                              e.outcome, e.count, e.holder)
+        self._put(_INTAKE_SEQ_KEY, _U64.pack(seq), db=self.dbs.meta)
+        return True
 
     def set_log_sequence(self, seq: int) -> None:
         self.txn.put(_LOG_SEQ_KEY, _U64.pack(seq), db=self.dbs.meta)

@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 
 import nats
 import nats.errors
@@ -24,11 +25,17 @@ import nats.js.api
 import nats.js.errors
 
 from yikatong.errors import Fenced, LogUnavailable
+from yikatong.model import AuditEvent
 from yikatong.storage import records
 
 log = logging.getLogger("yikatong.replication")
 STREAM = "YIKATONG"
 SUBJECT = "yikatong.log"
+# followers' audit events (PII reads, refused calls), for the writer to take into the trail
+INTAKE_STREAM = "YIKATONG_AUDIT_INTAKE"
+INTAKE_SUBJECT = "yikatong.audit-intake"
+_INTAKE_FIELDS = ("time", "client_id", "role", "method", "card_number", "purpose", "outcome",
+                  "count", "holder")
 EXPECTED = "Nats-Expected-Last-Sequence"
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-sequence check
 _UNREACHABLE = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
@@ -70,9 +77,11 @@ class Log:
         deadline = self._loop.time() + self.timeout * 4
         while True:  # a new cluster elects its meta leader first
             try:
-                await self._js.add_stream(name=STREAM, subjects=[SUBJECT], num_replicas=replicas)
-                info = await self._js.stream_info(STREAM)
-                if info.cluster is None or info.cluster.leader:  # its replicas elected one
+                for name, subject in ((STREAM, SUBJECT), (INTAKE_STREAM, INTAKE_SUBJECT)):
+                    await self._js.add_stream(name=name, subjects=[subject],
+                                              num_replicas=replicas)
+                infos = [await self._js.stream_info(name) for name in (STREAM, INTAKE_STREAM)]
+                if all(i.cluster is None or i.cluster.leader for i in infos):  # elected
                     return
                 await asyncio.sleep(0.1)
             except _UNREACHABLE:
@@ -111,12 +120,28 @@ class Log:
             raise LogUnavailable(f"the replicated log did not answer for record {seq}") from None
         return message.data, message.time.timestamp() if message.time else time.time()
 
-    def subscribe(self, start: int):
-        """An ordered consumer of the log from record `start` on (JetStream pushes the
-        records in order, re-creating itself on a gap), for `take`."""
+    def hand_over(self, events: list[AuditEvent]) -> None:
+        """A follower's audit events, into the writer's intake (a quorum holds them when
+        this returns), or LogUnavailable."""
+        data = json.dumps([[getattr(e, f) for f in _INTAKE_FIELDS] for e in events]).encode()
+        try:
+            self._run(self._js.publish(INTAKE_SUBJECT, data, timeout=self.timeout,
+                                       headers={"Nats-Msg-Id": uuid.uuid4().hex}))
+        except (nats.js.errors.APIError, *_UNREACHABLE, concurrent.futures.TimeoutError):
+            raise LogUnavailable("the writer's audit intake did not take this node's audit "
+                                 "events; nothing was answered") from None
+
+    @staticmethod
+    def intake_events(data: bytes) -> list[AuditEvent]:
+        return [AuditEvent(0, **dict(zip(_INTAKE_FIELDS, row, strict=True)))
+                for row in json.loads(data)]
+
+    def subscribe(self, start: int, subject: str = SUBJECT):
+        """An ordered consumer of the log (or of the audit intake) from record `start` on
+        (JetStream pushes the records in order, re-creating itself on a gap), for `take`."""
         async def subscribe():
             return await self._js.subscribe(
-                SUBJECT, ordered_consumer=True, config=nats.js.api.ConsumerConfig(
+                subject, ordered_consumer=True, config=nats.js.api.ConsumerConfig(
                     deliver_policy=nats.js.api.DeliverPolicy.BY_START_SEQUENCE,
                     opt_start_seq=start))
         try:
@@ -293,7 +318,12 @@ class Node:
     lease and becomes the writer. The writer appends each commit group to the log before it
     commits (a write on a follower is refused, naming the writer) and renews the lease every
     ttl/4; a writer that cannot renew goes back to following. A writer fenced by the log
-    (another appended since) catches up from the log before it writes again."""
+    (another appended since) catches up from the log before it writes again.
+
+    A follower's own audit events (a read of personal information, refused calls) cannot be
+    written where it is: they go to the audit intake, a stream of their own, before the
+    caller is answered, and the writer takes them into the trail (`_intake`), each intake
+    record once: its sequence is kept in the same transaction as the events."""
 
     def __init__(self, store, urls: list[str], node_id: str, address: str, ttl: float = 2.0):
         self.store, self.node_id, self.address, self.ttl = store, node_id, address, ttl
@@ -307,10 +337,44 @@ class Node:
                                      ttl * 10)
         self.follower: Follower | None = self._follow()
         store.replicate, store.check_writer = self._append, self._check_writer
+        store.divert_audit = self.log.hand_over
         self._stop = threading.Event()
         self._paused = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="yikatong-node", daemon=True)
         self._thread.start()
+        self._intake_thread = threading.Thread(target=self._intake, name="yikatong-intake",
+                                               daemon=True)
+        self._intake_thread.start()
+
+    def _intake(self) -> None:
+        """On the writer: the followers' audit events into the trail, in order."""
+        subscription = None
+        while not self._stop.is_set():
+            try:
+                if not self.leading:
+                    if subscription is not None:
+                        self.log.unsubscribe(subscription)
+                        subscription = None
+                    self._stop.wait(0.1)
+                    continue
+                if subscription is None:
+                    with self.store.read() as txn:
+                        start = self.store.book(txn).intake_sequence() + 1
+                    subscription = self.log.subscribe(start, INTAKE_SUBJECT)
+                batch = self.log.take(subscription, 64, 0.2)
+                if batch:
+                    self.store.write(lambda book, b=batch: [
+                        book.take_intake(seq, Log.intake_events(data)) for seq, data, _ in b])
+            except Exception as error:  # noqa: BLE001 - from the last one taken, again
+                if not isinstance(error, (LogUnavailable, Fenced)):
+                    log.exception("node %s: the audit intake failed; trying again",
+                                  self.node_id)
+                if subscription is not None:
+                    self.log.unsubscribe(subscription)
+                    subscription = None
+                self._stop.wait(0.5)
+        if subscription is not None:
+            self.log.unsubscribe(subscription)
 
     def _follow(self) -> Follower:
         return Follower(self.store, self.log, on_applied=self._lagged)
@@ -394,6 +458,7 @@ class Node:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        self._intake_thread.join(timeout=10)
         if self.follower is not None:
             self.follower.stop()
         self.log.close()

@@ -27,6 +27,7 @@ from yikatong.server.harness import (
     wait_until,
 )
 from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 TAKEOVER_SECONDS_MAX = 20  # the lease (3 s), its expiry, the catch-up and an election
 
@@ -148,6 +149,31 @@ def test_three_nodes_one_writer_failover_and_rejoin(cluster, tmp_path):
                                                       ("min_sequence", "soon")))
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "min_sequence" in bad.value.details()
+        # a follower serves a read of personal information, and a refused call, with their
+        # audit events handed to the writer's trail first (the audit intake)
+        holder = rpc.HoldersStub(followers[0].channel).GetHolder(pb.GetHolderRequest(
+            card_number=card, purpose="claim 2026-7"), metadata=followers[0].md("CARD_AGENCY"),
+            timeout=10)
+        assert holder.holder.ssn
+        with pytest.raises(grpc.RpcError) as denied:
+            rpc.HoldersStub(followers[1].channel).GetHolder(
+                pb.GetHolderRequest(card_number=card, purpose="x"),
+                metadata=followers[1].md("TRANSIT_GATE"), timeout=10)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+        def trail(srv) -> list:
+            return list(rpc.AuditStub(srv.channel).Export(
+                pb.ExportRequest(), metadata=srv.md("AUDITOR"), timeout=10))
+        read = ("Holders.GetHolder", "CARD_AGENCY", card, "claim 2026-7", "OK")
+        assert wait_until(lambda: read in [(e.method, e.role, e.card_number, e.purpose,
+                                            e.outcome) for e in trail(writer)], 10)
+        assert wait_until(lambda: any(e.method == "Holders.GetHolder" and e.role ==
+                                      "TRANSIT_GATE" and e.outcome == "PERMISSION_DENIED"
+                                      for e in trail(writer)), 10)
+        for node in nodes:  # one chain, the same on every node
+            assert wait_until(lambda n=node: len(trail(n)) == len(trail(writer)), 10)
+            assert rpc.AuditStub(node.channel).Verify(pb.VerifyAuditRequest(),
+                                                      metadata=node.md("AUDITOR")).ok
         # operations: every node's applied sequence and lag, from the nodes' own reports
         code, status = cluster_status(cluster)
         assert code == 0 and status["writer"]["address"] == writer.address, status
@@ -156,7 +182,8 @@ def test_three_nodes_one_writer_failover_and_rejoin(cluster, tmp_path):
         code, status = cluster_status(cluster)
         assert sorted(n["address"] for n in status["nodes"]) == sorted(n.address for n in nodes)
         assert [n["role"] for n in status["nodes"]].count("writer") == 1
-        assert {n["applied"] for n in status["nodes"]} == {status["log_sequence"]} >= {seq}
+        assert {n["applied"] for n in status["nodes"]} == {status["log_sequence"]}
+        assert status["log_sequence"] >= seq
         for follower in followers:  # and their metrics: lag in records and in seconds
             assert wait_until(lambda f=follower: scrape(f.metrics).get(
                 ("yikatong_replication_applied_sequence", frozenset()), 0) >= seq, 5)

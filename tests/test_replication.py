@@ -144,6 +144,45 @@ def test_a_follower_refuses_each_write_alone_and_still_applies_the_log(tmp_path,
         store.close()
 
 
+def test_a_followers_audit_events_go_to_the_writer_and_nothing_else_is_written(tmp_path):
+    """A command on a follower whose only writes are audit events (a read of personal
+    information, refused calls) is answered once they are handed over (`divert_audit`),
+    nothing written here; one that also writes anything else is refused as a write. The
+    writer takes a handed-over record into its trail once (`take_intake`)."""
+    handed: list = []
+
+    def check_writer() -> None:
+        raise Fenced("this node is not the writer")
+    follower = Store(str(tmp_path / "f"), replicate=lambda r: None, check_writer=check_writer)
+    writer = Store(str(tmp_path / "w"))
+    try:
+        follower.divert_audit = handed.append
+
+        def pii_read(book):
+            book.append_audit(NOW, "agency-1", "CARD_AGENCY", "Holders.GetHolder", "310000000006",
+                              "claim 7", holder="3101**********1234")
+            return "the holder"
+        assert follower.write(pii_read) == "the holder"
+        with pytest.raises(Fenced):
+            follower.write(lambda book: pii_read(book) and book.put_meta(b"x", b"1"))
+        with follower.read() as txn:
+            assert list(follower.book(txn).audit_records()) == []
+        assert [(e.method, e.purpose, e.holder) for e in handed[0]] == [
+            ("Holders.GetHolder", "claim 7", "3101**********1234")]
+        assert len(handed) == 1
+        assert writer.write(lambda book: book.take_intake(1, handed[0])) is True
+        assert writer.write(lambda book: book.take_intake(1, handed[0])) is False  # once
+        with writer.read() as txn:
+            book = writer.book(txn)
+            events = [records.decode_audit(v) for _, v in book.audit_records()]
+            assert [(e.sequence, e.method, e.client_id) for e in events] == [
+                (1, "Holders.GetHolder", "agency-1")]
+            assert book.verify_audit()[0] and book.intake_sequence() == 1
+    finally:
+        follower.close()
+        writer.close()
+
+
 def test_a_cut_or_padded_record_is_corrupt():
     record = records.encode_journal(7, [(b"meta", b"k", b"v"), (b"cards", b"1", None)])
     assert records.decode_journal(record) == (7, [(b"meta", b"k", b"v"), (b"cards", b"1", None)])
