@@ -327,8 +327,8 @@ class Store:
                     mine: list | None = [] if journal is not None else None
                     try:
                         result = command(Book(child, self.dbs, mine))
-                        diverted = bool(mine) and self.check_writer is not None and \
-                            self._not_here(mine)
+                        diverted = (mine is not None and len(mine) > 0
+                                    and self.check_writer is not None and self._not_here(mine))
                     except Exception as e:  # noqa: BLE001 - handed to the caller
                         child.abort()
                         # the audit chain goes on from the last event that stays
