@@ -170,7 +170,7 @@ class LogPosition:
             remaining = context.time_remaining()
             wait = config.min_sequence_wait_seconds if remaining is None else min(
                 config.min_sequence_wait_seconds, max(0.0, remaining - 0.05))
-            deadline = time.monotonic() + wait
+            deadline, pause = time.monotonic() + wait, 0.001
             while self.store.applied_sequence < target:
                 if time.monotonic() >= deadline:
                     writer = self.node.writer
@@ -179,7 +179,8 @@ class LogPosition:
                         f", not yet {target} (min_sequence), in {wait:.2g} s; ask again, or "
                         "ask the writer" + (f" ({writer[0]} at {writer[1]})" if writer else ""),
                         writer[1] if writer else "")
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.05)  # a caller far ahead costs few wake-ups
         return self.store.applied_sequence
 
     def trailer(self, before: int) -> tuple[tuple[str, str], ...]:

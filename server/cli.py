@@ -223,7 +223,7 @@ def _serve(args, metrics) -> int:
 
     from yikatong import clock as clocks
     from yikatong import ledger, points
-    from yikatong.errors import StoreUnavailable
+    from yikatong.errors import Fenced, StoreUnavailable
     from yikatong.server import demo, log
     from yikatong.server.app import SHUTDOWN_GRACE_SECONDS
     from yikatong.server.app import serve as run_server
@@ -295,6 +295,9 @@ def _serve(args, metrics) -> int:
 
     node = None  # with --replicate: the store's place in the cluster (storage.replication)
 
+    def not_yet_in_the_cluster() -> None:  # until the Node is attached: not even the sweep
+        raise Fenced("this node is joining the cluster; it takes no write yet")
+
     def open_store() -> Store:
         def sweep_expired_holds(book):
             ledger.expire_holds(book, clock.now())  # on the writer (Store.check_writer)
@@ -304,6 +307,7 @@ def _serve(args, metrics) -> int:
         # the log replays after a crash: one local flush per commit, not two (docs/SCALE.md)
         return Store(args.data_dir, map_size=args.map_size_mib * 2**20, lock=False,
                      periodic=sweep_expired_holds, metasync=not args.replicate,
+                     check_writer=not_yet_in_the_cluster if args.replicate else None,
                      check_command=ledger.check_invariants if CHECK_INVARIANTS else None)
 
     try:

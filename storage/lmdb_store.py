@@ -112,6 +112,22 @@ def lock_data_dir(data_dir: str) -> int:
     return fd
 
 
+class ApplyRecord:
+    """The command that applies one record of the replicated log (`Book.apply_journal`).
+    The writer commits these in groups of their own, never with other commands: a command
+    grouped after one would work from counters (the change sequence, the audit chain's head)
+    read before the record wrote past them, and one grouped before it on the writer (catching
+    up) would be published after the record though it saw the state before it."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: bytes):
+        self.record = record
+
+    def __call__(self, book: "Book") -> bool:
+        return book.apply_journal(self.record)
+
+
 class Store:
     def __init__(self, data_dir: str, *, map_size: int = config.lmdb_map_size,
                  periodic: Command | None = None, check_command: Command | None = None,
@@ -175,6 +191,7 @@ class Store:
         self.dbs = Dbs(self.env)
         self._note_sequence()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._carry = None  # the item that ended the last group (a record among commands)
         self._drain_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="lmdb-writer", daemon=True)
         self._writer.start()
@@ -243,7 +260,7 @@ class Store:
         with self._drain_lock:
             while True:
                 try:
-                    item = self._queue.get_nowait()
+                    item, self._carry = self._carry or self._queue.get_nowait(), None
                 except queue.Empty:
                     return
                 if item is not _STOP and item[1].set_running_or_notify_cancel():
@@ -253,7 +270,8 @@ class Store:
         periodic_due = time.monotonic() + config.writer_idle_seconds
         while True:
             try:
-                item = self._queue.get(timeout=config.writer_idle_seconds)
+                item, self._carry = self._carry or self._queue.get(
+                    timeout=config.writer_idle_seconds), None
             except queue.Empty:
                 item = None
             if item is _STOP:
@@ -265,6 +283,7 @@ class Store:
             if item is None:
                 continue
             group = [item]
+            applying = type(item[0]) is ApplyRecord
             while len(group) < self._group_max:
                 try:
                     nxt = self._queue.get_nowait()
@@ -272,6 +291,9 @@ class Store:
                     break
                 if nxt is _STOP:
                     self._queue.put(_STOP)  # finish this group, then stop
+                    break
+                if (type(nxt[0]) is ApplyRecord) is not applying:
+                    self._carry = nxt  # the next group's first
                     break
                 group.append(nxt)
             self._commit_group(group)
@@ -491,6 +513,9 @@ class Book:
     def _put(self, key: bytes, value: bytes, db, append: bool = False,
              overwrite: bool = True) -> bool:
         done = self.txn.put(key, value, db=db, append=append, overwrite=overwrite)
+        if append and not done:  # LMDB says False for a key not after the last: a lost write
+            raise CorruptRecord(f"{self.dbs.name_of[db].decode()} key {bytes(key).hex()} is "
+                                "not after the last; nothing of this command is written")
         if done and self.journal is not None:
             self.journal.append((self.dbs.name_of[db], bytes(key), bytes(value)))
         return done

@@ -27,6 +27,7 @@ import nats.js.errors
 from yikatong.errors import Fenced, LogUnavailable
 from yikatong.model import AuditEvent
 from yikatong.storage import records
+from yikatong.storage.lmdb_store import ApplyRecord
 
 log = logging.getLogger("yikatong.replication")
 STREAM = "YIKATONG"
@@ -219,21 +220,29 @@ class Follower:
                     if subscription is None:
                         subscription = self.log.subscribe(self.applied + 1)
                     batch = self.log.take(subscription, self.batch_max, 0.2)
+                    if not batch or self._apply(batch):
+                        continue
                 except LogUnavailable:
-                    self._stop.wait(0.1)
-                    continue
-                if batch and not self._apply(batch):  # from the last applied one again
+                    pass
+                except Exception:  # noqa: BLE001 - a stream electing its leader, a closed
+                    log.exception("the follower's subscription failed")  # connection...
+                if subscription is not None:  # from the last applied one again
                     self.log.unsubscribe(subscription)
                     subscription = None
-                    self._stop.wait(1.0)
+                self._stop.wait(0.5)
         finally:
             if subscription is not None:
                 self.log.unsubscribe(subscription)
 
     def _apply(self, batch: list[tuple[int, bytes, float]]) -> bool:
-        futures = [self.store.submit(lambda book, r=record: book.apply_journal(r))
-                   for _, record, _ in batch]
-        for (seq, _, taken), future in zip(batch, futures, strict=True):
+        futures = []
+        for seq, record, _ in batch:
+            try:
+                futures.append(self.store.submit(ApplyRecord(record)))
+            except Exception as error:  # noqa: BLE001 - the writer busy or down: again later
+                log.error("the follower cannot hand record %d to the writer: %s", seq, error)
+                break
+        for (seq, _, taken), future in zip(batch, futures, strict=False):
             try:
                 future.result()
             except Exception as error:  # noqa: BLE001 - kept, logged, tried again
@@ -246,7 +255,10 @@ class Follower:
             self.applied = max(self.applied, seq)
             if self.on_applied is not None:
                 self.on_applied(time.time() - taken)
-        return True
+        return len(futures) == len(batch)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop.set()
@@ -301,13 +313,17 @@ class Lease:
             self.revision = self.log._run(self.kv.create(LEASE_KEY, self.value))
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
             return False  # held (or lapsing right now: nats-py reads it back to tell)
+        except (nats.js.errors.APIError, *_UNREACHABLE, concurrent.futures.TimeoutError):
+            return False  # unknown: taken or not, the log fences this node's appends
         return True
 
     def renew(self) -> bool:
+        """False when the lease is not (known to be) renewed: the node stops writing."""
         try:
             self.revision = self.log._run(self.kv.update(LEASE_KEY, self.value,
                                                          last=self.revision))
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError,
+                nats.js.errors.APIError, *_UNREACHABLE, concurrent.futures.TimeoutError):
             return False
         return True
 
@@ -331,6 +347,7 @@ class Node:
         self.lease = Lease(self.log, node_id, address, ttl)
         self.leading = False
         self.writer: tuple[str, str] | None = self.lease.holder()  # as of the last tick
+        self._asked = 0.0  # when a refused write last looked the writer up
         self.log_end = self.log.last_sequence()  # as of the last tick
         self.on_lag = None  # metrics: called with each applied record's lag, in seconds
         self.reports = self.log._run(_bucket(self.log, NODES_BUCKET, None, 3, ttl * 10),
@@ -393,7 +410,8 @@ class Node:
 
     def _check_writer(self) -> None:
         if not self.leading:
-            if self.writer is None:  # none as of the last tick: ask (one lookup, then kept)
+            if self.writer is None and time.monotonic() > self._asked + 0.25:  # none as of
+                self._asked = time.monotonic()  # the last tick: ask, at most 4 times a second
                 try:
                     self.writer = self.lease.holder()
                 except LogUnavailable:
@@ -415,7 +433,7 @@ class Node:
         """Apply what the log holds beyond this store (after a fenced append, or before
         taking the lease)."""
         while (found := self.log.read(self._applied() + 1)) is not None:
-            self.store.write(lambda book, r=found[0]: book.apply_journal(r))
+            self.store.write(ApplyRecord(found[0]))
 
     def _watch(self) -> None:
         while not self._stop.wait(self.ttl / 4):
@@ -428,8 +446,8 @@ class Node:
                 pass
             except Exception:  # noqa: BLE001 - the node goes on; the next tick tries again
                 log.exception("node %s: a step of the lease failed", self.node_id)
-            if not self.leading and self.follower is None:  # whatever failed on the way
-                self.follower = self._follow()
+            if not self.leading and (self.follower is None or not self.follower.alive()):
+                self.follower = self._follow()  # whatever failed on the way
 
     def _step(self) -> None:
         if self.leading:

@@ -108,10 +108,15 @@ def test_three_nodes_one_writer_failover_and_rejoin(cluster, tmp_path):
         assert wait_until(lambda: writer_of(nodes) is not None, 30)
         writer = writer_of(nodes)
         followers = [n for n in nodes if n is not writer]
-        with pytest.raises(grpc.RpcError) as refused:
-            probe(followers[0])
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert error_info(refused.value).metadata["writer"] == writer.address
+
+        def refusal(node) -> grpc.RpcError:
+            with pytest.raises(grpc.RpcError) as refused:
+                probe(node)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            return refused.value
+        # a follower names the writer once it has seen the lease (its next tick, 0.75 s)
+        assert wait_until(lambda: error_info(refusal(followers[0])).metadata.get("writer")
+                          == writer.address, 5)
         card = new_active_card(writer, 1)
         top_up(writer, card, 100_000)
         acked = {}

@@ -16,7 +16,7 @@ from yikatong.model import operator_account_key
 from yikatong.server import demo
 from yikatong.server.harness import wait_until
 from yikatong.storage import records
-from yikatong.storage.lmdb_store import Store
+from yikatong.storage.lmdb_store import ApplyRecord, Store
 
 NOW = clocks.parse_time("2026-11-25T12:00:00+08:00")
 
@@ -107,10 +107,10 @@ def test_a_group_whose_record_is_not_taken_is_not_committed(tmp_path):
 
 
 def test_a_follower_refuses_each_write_alone_and_still_applies_the_log(tmp_path, monkeypatch):
-    """On a follower (`check_writer` raises Fenced) a client's write in the same commit
-    group as a record of the log is refused on its own: the record is applied, a command
-    that only reads is answered, nothing is published; the periodic job (the hold sweep,
-    the writer's to do) does not run there."""
+    """On a follower (`check_writer` raises Fenced) a client's write queued with a record
+    of the log is refused on its own: the record is applied (in a group of its own), a
+    command that only reads is answered and sees it, nothing is published; the periodic job
+    (the hold sweep, the writer's to do) does not run there."""
     monkeypatch.setattr(config, "writer_idle_seconds", 0.02)
     published: list[bytes] = []
     swept: list[int] = []
@@ -125,8 +125,8 @@ def test_a_follower_refuses_each_write_alone_and_still_applies_the_log(tmp_path,
         blocker = store.submit(lambda book: started.set() or gate.wait(10))
         assert started.wait(10)  # the writer is busy: the next three make one group
         record = records.encode_journal(1, [(b"meta", b"from-the-writer", b"1")])
-        applied = store.submit(lambda book: book.apply_journal(record))
         write = store.submit(lambda book: book.put_meta(b"mine", b"1"))
+        applied = store.submit(ApplyRecord(record))  # a group of its own, between the two
         read = store.submit(lambda book: book.meta(b"from-the-writer"))
         gate.set()
         blocker.result(10)
@@ -181,6 +181,37 @@ def test_a_followers_audit_events_go_to_the_writer_and_nothing_else_is_written(t
     finally:
         follower.close()
         writer.close()
+
+
+def test_a_pii_read_queued_behind_a_record_with_audit_events_is_still_audited(tmp_path):
+    """A record of the log that carries audit events, and a follower's PII read queued right
+    behind it: the record commits in a group of its own, so the read's event is chained
+    after the record's (not on counters read before it, where LMDB would refuse the key as
+    not after the last and the event would be lost), and handed over."""
+    log: list[bytes] = []
+    writer = Store(str(tmp_path / "w"), replicate=log.append)
+    handed: list = []
+
+    def check_writer() -> None:
+        raise Fenced("this node is not the writer")
+    follower = Store(str(tmp_path / "f"), replicate=lambda r: None, check_writer=check_writer)
+    follower.divert_audit = handed.append
+    try:
+        writer.write(lambda book: book.append_audit(NOW, "gate-1", "TRANSIT_GATE",
+                                                    "Authorization.Authorize"))
+        gate, started = threading.Event(), threading.Event()
+        blocker = follower.submit(lambda book: started.set() or gate.wait(10))
+        assert started.wait(10)
+        applied = follower.submit(ApplyRecord(log[0]))
+        read = follower.submit(lambda book: book.append_audit(
+            NOW, "agency-1", "CARD_AGENCY", "Holders.GetHolder", purpose="claim 8") and "held")
+        gate.set()
+        blocker.result(10)
+        assert applied.result(10) is True and read.result(10) == "held"
+        assert [(e.sequence, e.method) for e in handed[0]] == [(2, "Holders.GetHolder")]
+    finally:
+        writer.close()
+        follower.close()
 
 
 def test_a_cut_or_padded_record_is_corrupt():
