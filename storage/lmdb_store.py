@@ -341,6 +341,8 @@ class Store:
         outcomes: list[tuple[concurrent.futures.Future, Any, BaseException | None]] = []
         replicate = self.replicate  # the same for the whole group
         journal: list | None = [] if replicate is not None else None
+        handed: list[AuditEvent] = []  # a follower's audit events, handed over once a group
+        diverted_futures = set()
         try:
             with self._begin_write() as txn:
                 for command, future in group:
@@ -360,6 +362,8 @@ class Store:
                         if diverted:  # audited by the writer; nothing written here
                             child.abort()
                             self.dbs.change_seq, self.dbs.audit_head = heads
+                            handed.extend(records.decode_audit(v) for _, _, v in mine or ())
+                            diverted_futures.add(future)
                             outcomes.append((future, result, None))
                             continue
                         child.commit()
@@ -377,6 +381,13 @@ class Store:
             for _, future in group:
                 future.set_exception(WriterDown(f"the store's writer stopped ({e!r})"))
             raise
+        if handed:  # the diverted commands are answered only once the intake holds them
+            try:
+                self.divert_audit(handed)  # type: ignore[misc]
+            except Exception as e:  # noqa: BLE001 - none of them answered but with this
+                failed = self._full(e)
+                outcomes = [(f, None, failed) if f in diverted_futures else (f, r, err)
+                            for f, r, err in outcomes]
         if self.check_writer is not None:
             self._note_sequence()
         for future, result, error in outcomes:  # durable now: answer the callers
@@ -390,7 +401,8 @@ class Store:
     def _not_here(self, journal: list) -> bool:
         """A command that would write, on a store that may not (a follower): refused
         (errors.Fenced), unless all it writes is audit events and they can be handed to the
-        writer (`divert_audit`): then True, once they are in the writer's intake."""
+        writer (`divert_audit`, once for the group, before its callers are answered): then
+        True."""
         assert self.check_writer is not None
         try:
             self.check_writer()
@@ -398,7 +410,6 @@ class Store:
         except Fenced:
             if self.divert_audit is None or any(db != b"audit" for db, _, _ in journal):
                 raise
-        self.divert_audit([records.decode_audit(value) for _, _, value in journal])
         return True
 
     def _note_sequence(self) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from yikatong import clock as clocks
 from yikatong import config, ledger
-from yikatong.errors import CorruptRecord, Fenced, ReplicationGap
+from yikatong.errors import CorruptRecord, Fenced, LogUnavailable, ReplicationGap
 from yikatong.model import operator_account_key
 from yikatong.server import demo
 from yikatong.server.harness import wait_until
@@ -170,6 +170,21 @@ def test_a_followers_audit_events_go_to_the_writer_and_nothing_else_is_written(t
         assert [(e.method, e.purpose, e.holder) for e in handed[0]] == [
             ("Holders.GetHolder", "claim 7", "3101**********1234")]
         assert len(handed) == 1
+        gate, started = threading.Event(), threading.Event()  # two reads in one group:
+        blocker = follower.submit(lambda book: started.set() or gate.wait(10))
+        assert started.wait(10)
+        reads = [follower.submit(pii_read) for _ in range(2)]
+        gate.set()
+        blocker.result(10)
+        assert [r.result(10) for r in reads] == ["the holder"] * 2
+        assert len(handed) == 2 and len(handed[1]) == 2  # handed over together, once
+
+        def intake_down(events):
+            raise LogUnavailable("the writer's audit intake did not take this node's events")
+        follower.divert_audit = intake_down  # nothing leaves unaudited
+        with pytest.raises(LogUnavailable, match="audit intake"):
+            follower.write(pii_read)
+        assert follower.write(lambda book: book.meta(b"x")) is None  # the rest goes on
         assert writer.write(lambda book: book.take_intake(1, handed[0])) is True
         assert writer.write(lambda book: book.take_intake(1, handed[0])) is False  # once
         with writer.read() as txn:
