@@ -144,7 +144,8 @@ class Limits:
 
 class LogPosition:
     """Read-your-writes on a node of a replicated store (issue 18; `node`:
-    storage.replication.Node). Every answer's trailing metadata carries `log_sequence`: on
+    storage.replication.Node). Every answer (not a refusal) carries in its trailing metadata
+    `log_sequence`: on
     the writer, the last record of the log committed there when it answered (a write's own
     record included); on a follower, the last record it had applied when the call's work
     began (the answer reflects at least that much). A caller that sends `min_sequence: N` in
@@ -166,6 +167,9 @@ class LogPosition:
             raise InvalidArgument("min_sequence", "request metadata min_sequence must be a "
                                   f"log sequence (a decimal number), not {wanted[:40]!r}")
         target = int(wanted)
+        if self.node.leading and self.store.applied_sequence < target:  # the log's end here
+            raise LogBehind(f"the log ends at record {self.store.applied_sequence}; there is "
+                            f"no record {target} (min_sequence) yet")
         if self.store.applied_sequence < target:
             remaining = context.time_remaining()
             wait = config.min_sequence_wait_seconds if remaining is None else min(

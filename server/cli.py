@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import re
 import sys
 import uuid
 
@@ -198,6 +199,32 @@ def audit_verify(data_dir: str) -> int:
     return 1
 
 
+NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ADDRESS = re.compile(r"(?P<host>[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):(?P<port>[0-9]{1,5})")
+
+
+def _replication_problem(args) -> str:
+    """--replicate's own flags, checked before anything starts: the node id is a key of the
+    cluster's buckets and a word of the lease; the address is what other nodes hand clients."""
+    from yikatong.storage.replication import shown
+
+    urls = args.replicate.split(",")
+    if not all(u.startswith(("nats://", "tls://")) and len(u) > 7 for u in urls):
+        return ("--replicate takes the cluster's NATS servers as nats://HOST:PORT[,...], not "
+                f"{', '.join(shown(u)[:80] for u in urls)!r}")
+    if not NODE_ID.fullmatch(args.node_id or ""):
+        return "--node-id must be 1 to 64 letters, digits, '-' or '_'"
+    address = args.advertise or args.listen
+    match = ADDRESS.fullmatch(address)
+    if not match or not 0 < int(match["port"]) < 65536:
+        return (f"--advertise must be HOST:PORT, the address other nodes send clients to, not "
+                f"{address[:80]!r}")
+    if match["host"] in ("0.0.0.0", "[::]", "[::0]"):
+        return (f"--listen {address} is every interface: give --advertise HOST:PORT, the "
+                "address other nodes send clients to")
+    return ""
+
+
 def _fail(message: str) -> int:
     print(f"yikatong: {message}", file=sys.stderr)
     return 2
@@ -247,8 +274,12 @@ def _serve(args, metrics) -> int:
     if args.replicate and (not args.node_id or workers != 1 or args.demo):
         return _fail("--replicate needs --node-id, --workers 1 and no --demo (a demo set "
                      "loaded on one node would not be on the others)")
-    if (args.node_id or args.advertise) and not args.replicate:
+    if (args.node_id or args.advertise) and args.replicate is None:
         return _fail("--node-id and --advertise are for --replicate")
+    if args.replicate is not None:
+        problem = _replication_problem(args)
+        if problem:
+            return _fail(problem)
     if not 0 <= args.drain_seconds <= 3600:
         return _fail("--drain-seconds must be 0 to 3600")
     tls = None
@@ -347,13 +378,14 @@ def _serve(args, metrics) -> int:
         except StoreUnavailable as error:
             return _fail(str(error))
         if args.replicate:
-            from yikatong.storage.replication import Node
+            from yikatong.storage.replication import Node, shown
             try:
                 node = Node(store, args.replicate.split(","), args.node_id,
                             args.advertise or args.listen, config.lease_seconds)
             except Exception as error:  # noqa: BLE001 - cannot reach the log: one line
                 store.close()
-                return _fail(f"--replicate {args.replicate}: {error}")
+                return _fail(f"--replicate {','.join(map(shown, args.replicate.split(',')))}: "
+                             f"{error}")
         try:
             uvloop.run(run_server(store, clock, clients, args.listen, on_ready=on_ready,
                                   concurrent_rpcs_max=args.max_concurrent_rpcs, banks=banks,

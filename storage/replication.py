@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -43,12 +44,19 @@ _UNREACHABLE = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoResponders
                 nats.js.errors.NoStreamResponseError, nats.errors.ConnectionClosedError)
 
 
+def shown(url: str) -> str:
+    """A NATS URL for a message or a log line: any user:password in it masked."""
+    return re.sub(r"//[^/@]*@", "//***@", url)
+
+
 class Log:
     """A connection to the replicated log. `urls`: the NATS servers; the stream is made with
     `replicas` replicas if it does not exist."""
 
-    def __init__(self, urls: list[str], replicas: int = 3, timeout: float = 5.0):
-        self.timeout = timeout
+    def __init__(self, urls: list[str], replicas: int = 3, timeout: float = 5.0,
+                 create: bool = True):
+        """`create=False`: only an existing log (a reader such as `cluster status`)."""
+        self.timeout, self.create = timeout, create
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="yikatong-log",
                                         daemon=True)
@@ -57,7 +65,7 @@ class Log:
             self._run(self._connect(urls, replicas), timeout * 4)
         except concurrent.futures.TimeoutError:
             self.close()
-            raise LogUnavailable(f"no NATS server of {', '.join(urls)} answered within "
+            raise LogUnavailable(f"no NATS server of {', '.join(map(shown, urls))} answered within "
                                  f"{timeout * 4:g} s") from None
         except Exception:
             self.close()
@@ -79,8 +87,9 @@ class Log:
         while True:  # a new cluster elects its meta leader first
             try:
                 for name, subject in ((STREAM, SUBJECT), (INTAKE_STREAM, INTAKE_SUBJECT)):
-                    await self._js.add_stream(name=name, subjects=[subject],
-                                              num_replicas=replicas)
+                    if self.create:
+                        await self._js.add_stream(name=name, subjects=[subject],
+                                                  num_replicas=replicas)
                 infos = [await self._js.stream_info(name) for name in (STREAM, INTAKE_STREAM)]
                 if all(i.cluster is None or i.cluster.leader for i in infos):  # elected
                     return
@@ -352,6 +361,12 @@ class Node:
         self.on_lag = None  # metrics: called with each applied record's lag, in seconds
         self.reports = self.log._run(_bucket(self.log, NODES_BUCKET, None, 3, ttl * 10),
                                      ttl * 10)
+        other = self._reported(node_id)
+        if other and other.get("address") != address and time.time() - other.get("at", 0) \
+                < ttl * 4:
+            self.log.close()
+            raise Fenced(f"node id {node_id} is in use: the node at {other.get('address')} "
+                         f"reported under it {time.time() - other.get('at', 0):.1f} s ago")
         self.follower: Follower | None = self._follow()
         store.replicate, store.check_writer = self._append, self._check_writer
         store.divert_audit = self.log.hand_over
@@ -392,6 +407,13 @@ class Node:
                 self._stop.wait(0.5)
         if subscription is not None:
             self.log.unsubscribe(subscription)
+
+    def _reported(self, node_id: str) -> dict | None:
+        try:
+            entry = self.log._run(self.reports.get(node_id))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return json.loads(entry.value or b"{}")
 
     def _follow(self) -> Follower:
         return Follower(self.store, self.log, on_applied=self._lagged)
@@ -453,6 +475,7 @@ class Node:
         if self.leading:
             if not self.lease.renew():
                 self.leading = False
+                log.info("node %s: the write lease is lost; following", self.node_id)
             elif self._applied() < self.log.last_sequence():
                 self._catch_up()  # fenced: another appended while this one stalled
             return
@@ -465,6 +488,8 @@ class Node:
             self.leading = self.lease.take()
             if self.leading:
                 self.writer = (self.node_id, self.address)
+                log.info("node %s: holds the write lease from log sequence %d; writing",
+                         self.node_id, self._applied())
 
     def pause(self, paused: bool = True) -> None:
         """Stop (or resume) renewing and watching the lease: a stalled process, in tests."""
@@ -486,7 +511,11 @@ def cluster_status(urls: list[str], stale_seconds: float = 10.0) -> dict:
     """`yikatong cluster status`: the log's last sequence, the writer (the lease), and each
     node's last report: its address, role, applied sequence, lag in records, and how long
     ago it reported (`down` once that is longer than `stale_seconds`)."""
-    log = Log(urls)
+    try:
+        log = Log(urls, create=False)
+    except nats.js.errors.NotFoundError:
+        raise LogUnavailable("no replicated store on this NATS cluster (no stream "
+                             f"{STREAM}): no node has started on it") from None
     try:
         async def read() -> tuple[int, dict, bytes | None]:
             end = (await log._js.stream_info(STREAM)).state.last_seq

@@ -154,6 +154,19 @@ def test_three_nodes_one_writer_failover_and_rejoin(cluster, tmp_path):
                                                       ("min_sequence", "soon")))
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "min_sequence" in bad.value.details()
+        ahead = time.monotonic()  # the writer knows where the log ends: no wait there
+        with pytest.raises(grpc.RpcError) as beyond:
+            writer.ledger.GetBalances(pb.GetBalancesRequest(card_number=card), timeout=10,
+                                      metadata=(*writer.md("TRANSIT_GATE"),
+                                                ("min_sequence", str(seq + 10**6))))
+        assert beyond.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "the log ends at record" in beyond.value.details()
+        assert time.monotonic() - ahead < 1
+        # a second node under a node id in use does not start
+        (tmp_path / "twin").mkdir()
+        with pytest.raises(RuntimeError, match="node id node1 is in use"):
+            ServerProcess(tmp_path / "twin", "--replicate", ",".join(cluster.urls),
+                          "--node-id", "node1", data_dir=str(tmp_path / "twin" / "data"))
         # a follower serves a read of personal information, and a refused call, with their
         # audit events handed to the writer's trail first (the audit intake)
         holder = rpc.HoldersStub(followers[0].channel).GetHolder(pb.GetHolderRequest(
@@ -257,19 +270,44 @@ def test_three_nodes_one_writer_failover_and_rejoin(cluster, tmp_path):
                 node.stop()
 
 
+def test_cluster_status_of_a_cluster_no_node_started_on_makes_nothing(cluster):
+    out = subprocess.run([sys.executable, "-m", "yikatong", "cluster", "status", "--replicate",
+                          ",".join(cluster.urls)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "no replicated store on this NATS cluster" in out.stderr
+    again = subprocess.run([sys.executable, "-m", "yikatong", "cluster", "status",
+                            "--replicate", ",".join(cluster.urls)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert again.stderr == out.stderr  # the first made no stream either
+
+
 def test_replicate_refuses_to_start_without_what_it_needs(tmp_path):
-    """One line and exit 2: no node id, more than one worker, the demo set, or no NATS
-    server answering (`--replicate` on a port nothing listens on)."""
+    """One line and exit 2: no node id, more than one worker, the demo set, a node id that
+    cannot be a key of the cluster's buckets, an address other nodes could not hand to a
+    client, a URL that is not NATS's, or no NATS server answering (`--replicate` on a port
+    nothing listens on); a password in a URL is never printed back."""
     base = [sys.executable, "-m", "yikatong", "serve", "--data-dir", str(tmp_path / "d"),
-            "--listen", "127.0.0.1:0"]
+            "--listen", free_address()]
+    nats = ["--replicate", "nats://127.0.0.1:1"]
     for extra, says in (
-            (["--replicate", "nats://127.0.0.1:1"], "--replicate needs --node-id"),
-            (["--replicate", "nats://127.0.0.1:1", "--node-id", "a", "--workers", "2"],
+            (nats, "--replicate needs --node-id"),
+            (nats + ["--node-id", "a", "--workers", "2"],
              "--replicate needs --node-id, --workers 1"),
             (["--node-id", "a"], "--node-id and --advertise are for --replicate"),
-            (["--replicate", "nats://127.0.0.1:1", "--node-id", "a"],
-             "no NATS server of nats://127.0.0.1:1 answered within")):
+            (nats + ["--node-id", "a b"], "--node-id must be 1 to 64 letters, digits"),
+            (nats + ["--node-id", "n" * 10240], "--node-id must be 1 to 64 letters, digits"),
+            (nats + ["--node-id", "x.>"], "--node-id must be 1 to 64 letters, digits"),
+            (nats + ["--node-id", "a", "--advertise", "not an address"],
+             "--advertise must be HOST:PORT"),
+            (nats + ["--node-id", "a", "--listen", "0.0.0.0:5000"],
+             "is every interface: give --advertise HOST:PORT"),
+            (["--replicate", "ftp://127.0.0.1:1", "--node-id", "a"],
+             "--replicate takes the cluster's NATS servers as nats://HOST:PORT"),
+            (["--replicate", "nats://ops:s3cret@127.0.0.1:1", "--node-id", "a"],
+             "no NATS server of nats://***@127.0.0.1:1 answered within"),
+            (nats + ["--node-id", "a"], "no NATS server of nats://127.0.0.1:1 answered within")):
         out = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True,
                              timeout=90)
         assert out.returncode == 2, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and says in out.stderr, out.stderr
+        assert "s3cret" not in out.stderr + out.stdout
