@@ -71,7 +71,7 @@ def setup(server: Server, n_cards: int) -> list[str]:
     for i in range(n_cards):
         first17 = f"31010119800101{i:03d}"
         h = pb.Holder(ssn=first17 + ssn_check_digit(first17), name="测试",
-                      birth_date="1980-01-01", insured=True)
+                      birth_date="1980-01-01", insured=True, photo_sha256="ab" * 32)
         c = server.lifecycle.Apply(pb.ApplyRequest(request_id=f"apply-{i}", pack=pb.PACK_SH,
                                                    holder=h, with_transit=True),
                                    metadata=md("COMMUNITY_OUTLET"))

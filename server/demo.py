@@ -56,7 +56,8 @@ def _holder(rng, pack, i) -> HolderInfo:
     return HolderInfo(ssn=ssn, name=rng.choice(_SURNAMES) + rng.choice(_GIVEN) + rng.choice(_GIVEN),
                       gender=rng.choice(("M", "F")), birth_date=birth, nationality="CN",
                       phone=f"13{rng.randint(0, 999_999_999):09d}", address=f"demo address {i}",
-                      occupation="demo", household_address=f"demo home {i}" if rc else "",
+                      occupation="demo", photo_sha256=hashlib.sha256(ssn.encode()).hexdigest(),
+                      household_address=f"demo home {i}" if rc else "",
                       residence_address=f"demo Shanghai address {i}" if rc else "")
 
 

@@ -27,7 +27,7 @@ def auth(**kw):
 
 def holder(**kw):
     fields = dict(ssn="31010119800101001" + ssn_check_digit("31010119800101001"), name="x",
-                  birth_date="1980-01-01", insured=True)
+                  birth_date="1980-01-01", insured=True, photo_sha256="ab" * 32)
     fields.update(kw)
     return pb.Holder(**fields)
 

@@ -1,4 +1,5 @@
 """End to end: the real server as a subprocess, a manual clock, real gRPC calls."""
+import hashlib
 import signal
 import subprocess
 import sys
@@ -31,10 +32,15 @@ def ssn(n: int, region="310101") -> str:
     return first17 + cards.ssn_check_digit(first17)
 
 
+def photo(ssn: str) -> str:
+    """A holder's photo as the card system holds it: a content hash (SH-10, SH-22b)."""
+    return hashlib.sha256(ssn.encode()).hexdigest()
+
+
 def holder(n: int, **kw) -> pb.Holder:
     fields = dict(ssn=ssn(n), name="王芳", gender="F", birth_date="1985-03-15",
                   nationality="CN", phone="13800000000", address="上海市黄浦区",
-                  occupation="teacher")
+                  occupation="teacher", photo_sha256=photo(ssn(n)))
     fields.update(kw)
     return pb.Holder(**fields)
 

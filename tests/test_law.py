@@ -38,7 +38,7 @@ def rid() -> str:
 def holder(n: int, pack: int, **kw) -> pb.Holder:
     fields = dict(ssn=ssn(n, REGION[pack]), name="李娜", gender="F", birth_date="1985-03-15",
                   phone="13900000000", occupation="nurse", household_registered=True,
-                  insured=True, entitled_public_services=True)
+                  insured=True, entitled_public_services=True, photo_sha256="cd" * 32)
     if pack == pb.PACK_RC:
         fields.update(household_address="湖北省武汉市江汉区", residence_address="上海市黄浦区")
     fields.update(kw)

@@ -126,7 +126,8 @@ class InProcess:
 
     def apply(self, now, pack, holder, instant, address):
         info = HolderInfo(ssn_of(holder), name="n", birth_date="1980-01-01", phone="1",
-                          occupation="o", household_address="h", residence_address=address)
+                          occupation="o", household_address="h", residence_address=address,
+                          photo_sha256="ab" * 32)
         eligible = Eligibility(True, True, True, "2020-01-01", 1)
         return self.store.write(lambda book: cards.apply(
             book, now, pack=pack, holder=info, eligibility=eligible,
@@ -220,7 +221,7 @@ class OverGrpc:
         h = pb.Holder(ssn=ssn_of(holder), name="n", phone="1", occupation="o",
                       birth_date="1980-01-01", household_registered=True, insured=True,
                       entitled_public_services=True, household_address="h",
-                      residence_address=address)
+                      residence_address=address, photo_sha256="ab" * 32)
         try:
             return self.s.lifecycle.Apply(pb.ApplyRequest(
                 request_id=uuid.uuid4().hex, pack=pack, holder=h, with_transit=pack != Pack.RC,

@@ -546,6 +546,28 @@ def test_sh_22b_a_childs_card_without_a_photo_is_flagged_on_the_7th_birthday(srv
     assert [i for i in due(srv, 3660) if i[2] == "SH-22b"] == []  # superseded: closed
 
 
+def test_sh_10_sh_22b_the_photo_is_checked_at_application_from_7_full_years(srv):
+    """SH-10 (art. 10): the outlet checks the applicant's name, nationality, ethnicity,
+    gender and photo (现场核对…相片); SH-22b: from 7 full years a Shanghai card bears a
+    photo. At 15:00 on 21 September 2026 a child born on 21 September 2019 is not yet 7 (that
+    is 24:00 tonight): applied without a photo, the card is flagged from then; one born a
+    day earlier is 7, and an application without a photo names what is missing."""
+    six = apply(srv, 70, holder=holder(70, pb.PACK_SH, birth_date="2019-09-21",
+                                       photo_sha256=""))
+    call(srv, "Verify", "CARD_AGENCY", card_number=six.card_number, approved=True)
+    assert not call(srv, "Issue", "CARD_AGENCY", card_number=six.card_number).photo
+    assert (six.card_number, "photo card", "SH-22b", "2026-09-22T00:00:00+08:00", False) \
+        in due(srv, 1)
+    with pytest.raises(grpc.RpcError) as refused:
+        apply(srv, 71, holder=holder(71, pb.PACK_SH, birth_date="2019-09-20",
+                                     photo_sha256=""))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith("holder.photo_sha256: is required")
+    seven = apply(srv, 72, holder=holder(72, pb.PACK_SH, birth_date="2019-09-20"))
+    call(srv, "Verify", "CARD_AGENCY", card_number=seven.card_number, approved=True)
+    assert call(srv, "Issue", "CARD_AGENCY", card_number=seven.card_number).photo
+
+
 @pytest.mark.parametrize("pack", [pb.PACK_SH, pb.PACK_GZ, pb.PACK_BJ])
 def test_sh_4_gz_17_bj_4_the_card_records_the_holders_information(srv, pack):
     """SH-4: "the cardholder's name, photo, social security number, card number and other

@@ -212,11 +212,12 @@ def _points_in_force(book, holder_id: int, pack: int) -> int:
 
 
 def merge_holder(pack: int, given: HolderInfo, held: HolderInfo | None,
-                 reveal: bool = True) -> HolderInfo:
+                 reveal: bool = True, now: int | None = None) -> HolderInfo:
     """GZ-9b: information already held is not asked for again (an empty field takes the held
     value). GZ-20: a held value is never silently overwritten by a different one. What the
-    pack's application needs is checked on the merged information. `reveal` False (a role
-    that may not read PII): a refusal does not say which held value differs."""
+    pack's application needs is checked on the merged information (as of `now`, for what
+    depends on the holder's age). `reveal` False (a role that may not read PII): a refusal
+    does not say which held value differs."""
     merged = HolderInfo(given.ssn, **{f: getattr(given, f) for f in PII_FIELDS})
     if held is not None:
         for f in PII_FIELDS:
@@ -233,6 +234,11 @@ def merge_holder(pack: int, given: HolderInfo, held: HolderInfo | None,
         required += ["phone", "occupation"]
     if pack == Pack.RC:  # RC-7: the card records both addresses
         required += ["household_address", "residence_address"]
+    if pack == Pack.SH and now is not None and merged.birth_date and \
+            now >= age_reached(merged.birth_date, 7):
+        # SH-10: the outlet checks the applicant's photo (art. 10, 现场核对…相片); SH-22b: from
+        # 7 full years a Shanghai card is printed with one. A younger child's may be without.
+        required.append("photo_sha256")
     missing = [f"holder.{f}" for f in required if not getattr(merged, f)]
     if missing:  # RC-10: what is missing is told at once, all of it
         raise InvalidArgument(missing[0], "is required for this application and not held for "
@@ -264,12 +270,12 @@ def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibi
     held_residence = ""
     if found is None:
         holder_id = book.next_seq(b"holder_id")
-        merged = merge_holder(pack, holder, None)
+        merged = merge_holder(pack, holder, None, now=now)
         book.put_holder(holder_id, merged)
     else:
         holder_id, held = found
         held_residence = held.residence_address
-        merged = merge_holder(pack, holder, held, reveal)
+        merged = merge_holder(pack, holder, held, reveal, now)
         current = book.current_card(holder_id, pack)
         if current is not None:
             cur = load(book, current, now)
@@ -434,9 +440,9 @@ def _photo(book, rec: Card) -> list[Step]:
         rec.set(Flag.PHOTO)
         return []
     if rec.pack == Pack.SH and found is not None and found[1].birth_date:
-        seven = age_reached(found[1].birth_date, 7)
-        if rec.issued_at < seven:  # a child's card (an older holder's application has one)
-            return [Step(PHOTO_STEP, "SH-22b", seven)]
+        # a child's card; or one made again for a holder past 7 who still has no photo held
+        # (a replacement of a child's card): owed since the 7th birthday, overdue at once
+        return [Step(PHOTO_STEP, "SH-22b", age_reached(found[1].birth_date, 7))]
     return []
 
 
