@@ -48,6 +48,9 @@ def supervise(n: int, run_worker: Callable[[Callable[[], None]], int],
             code = 70
             try:
                 os.close(ready_r)
+                # stopped before it serves (a SIGTERM while a replacement starts): nothing is
+                # in flight, so that is a clean stop, until the server's own handler is set
+                signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
                 _die_with_parent(parent)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
                 code = run_worker(lambda: os.write(ready_w, bytes((slot,))))

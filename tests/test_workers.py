@@ -78,6 +78,16 @@ def pay_until_answered(address: str, card: str, rid: str, fen: int) -> pb.Author
                 raise
 
 
+def test_a_sigterm_while_a_replacement_worker_starts_is_a_clean_stop(srv):
+    """The supervisor starts a worker again at once; a SIGTERM that reaches the new one
+    before it serves (it has nothing in flight) still ends the server with 0, not with the
+    worker's death by the signal (a race CI once hit)."""
+    victim = sorted(worker_pids(srv))[0]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: len(worker_pids(srv) - {victim}) == 2, 10)
+    assert srv.stop() == 0  # the replacement is still importing: SIGTERM reaches it early
+
+
 def test_writes_from_both_workers_land_once_and_a_killed_worker_is_replaced(srv):
     card = new_active_card(srv, 2)
     top_up(srv, card, 100_000)
