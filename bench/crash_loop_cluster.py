@@ -20,11 +20,16 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 
 import grpc
 
-from yikatong.server.harness import NatsCluster, ServerProcess, store_digest, wait_until
+from yikatong.server.harness import (
+    NatsCluster,
+    ServerProcess,
+    store_digest,
+    wait_until,
+    writer_of,
+)
 from yikatong.v1 import yikatong_pb2 as pb
 
 OPENING = 10**9
@@ -35,21 +40,6 @@ def fare(node: ServerProcess, card: str, request_id: str) -> bytes:
     return node.authorization.Authorize(pb.AuthorizeRequest(
         request_id=request_id, card_number=card, channel=pb.CHANNEL_TRANSIT, amount_fen=1,
         terminal_id="gate-1"), metadata=node.md("TRANSIT_GATE"), timeout=5).SerializeToString()
-
-
-def writer_of(nodes: list[ServerProcess]) -> ServerProcess | None:
-    for node in nodes:
-        if node.proc.poll() is not None:
-            continue
-        try:
-            node.ledger.Transfer(pb.TransferRequest(
-                transfer_id=uuid.uuid4().hex, debit=pb.AccountRef(operator="op:probe-a"),
-                credit=pb.AccountRef(operator="op:probe-b"), amount_fen=1),
-                metadata=node.md("CARD_AGENCY"), timeout=5)
-            return node
-        except grpc.RpcError:
-            continue
-    return None
 
 
 def purse(node: ServerProcess, card: str) -> int:

@@ -29,7 +29,14 @@ import uuid
 
 import grpc
 
-from yikatong.server.harness import NatsCluster, ServerProcess, metadata, store_digest
+from yikatong.server.harness import (
+    NatsCluster,
+    ServerProcess,
+    metadata,
+    store_digest,
+    wait_until,
+    writer_of,
+)
 from yikatong.v1 import yikatong_pb2 as pb
 from yikatong.v1 import yikatong_pb2_grpc as rpc
 
@@ -113,22 +120,6 @@ def lag_probe(writer: ServerProcess, follower: ServerProcess, card: str, stop, s
         samples.append(time.perf_counter() - acked)
 
 
-def writer_of(nodes: list[ServerProcess]) -> ServerProcess:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        for node in nodes:
-            try:
-                node.ledger.Transfer(pb.TransferRequest(
-                    transfer_id=uuid.uuid4().hex, debit=pb.AccountRef(operator="op:probe-a"),
-                    credit=pb.AccountRef(operator="op:probe-b"), amount_fen=1),
-                    metadata=node.md("CARD_AGENCY"), timeout=10)
-                return node
-            except grpc.RpcError:
-                continue
-        time.sleep(0.2)
-    raise RuntimeError("no node took the write lease")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seconds", type=float, default=5)
@@ -150,6 +141,8 @@ def main() -> int:
                                  f"node{i}")
             stack.callback(node.stop)
             nodes.append(node)
+        if not wait_until(lambda: writer_of(nodes) is not None, 60):
+            raise RuntimeError("no node took the write lease")
         writer = writer_of(nodes)
         followers = [n for n in nodes if n is not writer]
         targets = {"single node": (single, make_cards(single)),

@@ -145,13 +145,13 @@ class Limits:
 class LogPosition:
     """Read-your-writes on a node of a replicated store (issue 18; `node`:
     storage.replication.Node). Every answer (not a refusal) carries in its trailing metadata
-    `log_sequence`: on
-    the writer, the last record of the log committed there when it answered (a write's own
-    record included); on a follower, the last record it had applied when the call's work
-    began (the answer reflects at least that much). A caller that sends `min_sequence: N` in
-    its request metadata (say, a write's `log_sequence`) is answered only once this node has
-    applied record N: it waits up to the call's deadline, at most min_sequence_wait_seconds,
-    then UNAVAILABLE (LOG_BEHIND) naming how far this node is and where the writer is."""
+    `log_sequence`: on the writer, the last record of the log committed there when it
+    answered (a write's own record included); on a follower, the last record it had applied
+    when the call's work began (the answer reflects at least that much). A caller that sends
+    `min_sequence: N` in its request metadata (say, a write's `log_sequence`) is answered
+    only once this node has applied record N: it waits up to the call's deadline, at most
+    min_sequence_wait_seconds, then UNAVAILABLE (LOG_BEHIND) naming how far this node is
+    and where the writer is."""
 
     def __init__(self, node):
         self.node, self.store = node, node.store

@@ -8,11 +8,13 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import grpc
 
 from yikatong import config
 from yikatong.model import Role
+from yikatong.v1 import yikatong_pb2 as pb
 from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,6 +176,23 @@ def wait_until(predicate, timeout=10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def writer_of(nodes: list["ServerProcess"]) -> "ServerProcess | None":
+    """Of a replicated store's running nodes, the one that takes a write now (a 1-fen
+    transfer between two operator accounts, no holder's money), None while none does."""
+    for node in nodes:
+        if node.proc.poll() is not None:
+            continue
+        try:
+            node.ledger.Transfer(pb.TransferRequest(
+                transfer_id=uuid.uuid4().hex, debit=pb.AccountRef(operator="op:probe-a"),
+                credit=pb.AccountRef(operator="op:probe-b"), amount_fen=1),
+                metadata=node.md("CARD_AGENCY"), timeout=10)
+            return node
+        except grpc.RpcError:
+            continue
+    return None
 
 
 class NatsCluster:

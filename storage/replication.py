@@ -447,14 +447,10 @@ class Node:
         self._check_writer()
         self.log.append(record)
 
-    def _applied(self) -> int:
-        with self.store.read() as txn:
-            return self.store.book(txn).log_sequence()
-
     def _catch_up(self) -> None:
         """Apply what the log holds beyond this store (after a fenced append, or before
         taking the lease)."""
-        while (found := self.log.read(self._applied() + 1)) is not None:
+        while (found := self.log.read(self.store.applied_sequence + 1)) is not None:
             self.store.write(ApplyRecord(found[0]))
 
     def _watch(self) -> None:
@@ -476,7 +472,7 @@ class Node:
             if not self.lease.renew():
                 self.leading = False
                 log.info("node %s: the write lease is lost; following", self.node_id)
-            elif self._applied() < self.log.last_sequence():
+            elif self.store.applied_sequence < self.log.last_sequence():
                 self._catch_up()  # fenced: another appended while this one stalled
             return
         self.writer = self.lease.holder()
@@ -489,7 +485,7 @@ class Node:
             if self.leading:
                 self.writer = (self.node_id, self.address)
                 log.info("node %s: holds the write lease from log sequence %d; writing",
-                         self.node_id, self._applied())
+                         self.node_id, self.store.applied_sequence)
 
     def pause(self, paused: bool = True) -> None:
         """Stop (or resume) renewing and watching the lease: a stalled process, in tests."""

@@ -195,9 +195,13 @@ def test_three_nodes_one_writer_failover_and_rejoin(cluster, tmp_path):
         # operations: every node's applied sequence and lag, from the nodes' own reports
         code, status = cluster_status(cluster)
         assert code == 0 and status["writer"]["address"] == writer.address, status
-        assert wait_until(lambda: all(
-            n["lag"] == 0 and not n["down"] for n in cluster_status(cluster)[1]["nodes"]), 10)
-        code, status = cluster_status(cluster)
+        seen: list = []  # one report where every node has caught up, asserted on whole
+
+        def caught_up() -> bool:
+            seen[:] = [cluster_status(cluster)[1]]
+            return all(n["lag"] == 0 and not n["down"] for n in seen[0]["nodes"])
+        assert wait_until(caught_up, 10)
+        status = seen[0]
         assert sorted(n["address"] for n in status["nodes"]) == sorted(n.address for n in nodes)
         assert [n["role"] for n in status["nodes"]].count("writer") == 1
         assert {n["applied"] for n in status["nodes"]} == {status["log_sequence"]}
