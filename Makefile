@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LISTEN ?= 127.0.0.1:50051
 DATA ?= .data/demo
 
-.PHONY: run test lint bench crash-loop crash-loop-cluster soak fuzz-asan clean
+.PHONY: run test test-tools lint bench crash-loop crash-loop-cluster soak fuzz-asan clean
 
 # Exact versions from constraints.txt (the package metadata gives ranges).
 $(BIN)/.installed: pyproject.toml setup.py constraints.txt fastpath/_authorize_c.pyx $(wildcard proto/yikatong/v1/*.proto)
@@ -17,8 +17,16 @@ run: $(BIN)/.installed
 	$(BIN)/yikatong serve --demo --data-dir $(DATA) --listen $(LISTEN)
 
 # CI sets nothing else: the compiled fast path must load, or the run fails.
-test: $(BIN)/.installed
+test: $(BIN)/.installed test-tools
 	YIKATONG_REQUIRE_EXTENSIONS=1 $(BIN)/pytest
+
+# promtool and Prometheus for tests/test_operations.py: Debian's `prometheus` package, unless
+# both are on the PATH already (sudo when not root).
+test-tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
 
 # ruff (pyflakes, pycodestyle, import order, bugbear) everywhere; mypy on the domain and storage.
 TYPECHECK := build/typecheck
