@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -142,3 +143,15 @@ def test_the_systemd_unit_reloads_with_sighup_and_keeps_files_owner_only(tmp_pat
         said = [line for line in (done.stdout + done.stderr).splitlines()
                 if "yikatong.service" in line]
         assert done.returncode == 0 and not said, done.stdout + done.stderr
+
+
+def test_the_sizing_script_measures_a_debit_near_what_docs_operations_says():
+    """docs/OPERATIONS.md's figures come from bench/sizing.py (about 890 bytes a debit):
+    a small run must land near them, or the document needs the new figures."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "sizing.py"),
+                           "--unary", "300", "--streamed", "1000", "--cards", "200"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    each = [int(row.split("|")[4].replace(",", "")) for row in done.stdout.splitlines()
+            if row.startswith("| debit")]
+    assert len(each) == 2 and all(600 <= n <= 1200 for n in each), done.stdout
