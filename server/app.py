@@ -712,8 +712,9 @@ class ResidenceCard(CardWrites):
                                                       request.changed_on, client.id)
             book.append_audit(now, client.id, client.role.name,
                               "ResidenceCard.ChangeInformation", rec.card_number)
-            return pb.ChangeInformationResponse(card=card_message(book, rec, now), due_at=due,
-                                                late=late).SerializeToString()
+            return pb.ChangeInformationResponse(card=card_message(book, rec, now), due_at=due.at,
+                                                late=late, provisional=due.provisional
+                                                ).SerializeToString()
         return pb.ChangeInformationResponse.FromString(await self.core.write_once(
             "ChangeInformation", client, request.request_id, request, op))
 
@@ -807,8 +808,10 @@ def list_due(store: Store, now: int, within_days: int) -> pb.ListDueResponse:
     with store.read() as txn:
         found = cards.due(store.book(txn), now, within_days)
     return pb.ListDueResponse(items=[
-        pb.DueItem(card_number=card, step=s.step, rule=s.rule, due_at=s.due_at,
-                   overdue=s.due_at <= now) for card, s in found])
+        pb.DueItem(card_number=card, problem=f"steps not readable: {s}") if isinstance(s, Exception)
+        else pb.DueItem(card_number=card, step=s.step, rule=s.rule, due_at=s.due_at,
+                        overdue=s.due_at <= now, provisional=s.provisional)
+        for card, s in found])
 
 
 # --------------------------------------------------------------------- Holders
@@ -1071,10 +1074,12 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
                 stop: asyncio.Event | None = None, banks: IssuingBanks | None = None,
                 tls: tuple[bytes, bytes, bytes] | None = None, reflection: bool = False,
                 drain_seconds: float = config.drain_seconds, reuse_port: bool = False,
-                limits: calls.Limits | None = None, node=None) -> None:
+                limits: calls.Limits | None = None, node=None, reloads=None) -> None:
     """`node`: with --replicate, the store's place in the cluster (storage.replication.Node).
-    `tls` = (key, certificate chain, client CA), PEM: mTLS, a client certificate signed by
-    that CA required on every connection (a caller without one never reaches a handler).
+    `tls` = (key, certificate chain, client CA), PEM, or reload.ServerCertificates (the same,
+    replaceable on SIGHUP): mTLS, a client certificate signed by that CA required on every
+    connection (a caller without one never reaches a handler). `reloads`: a
+    reload.Registry, run on SIGHUP once this serves.
     On `stop` (SIGTERM, SIGINT): health NOT_SERVING while still answering for
     `drain_seconds` (load balancers and gates see it before the port closes), then new calls
     are refused and calls in flight get SHUTDOWN_GRACE_SECONDS to finish."""
@@ -1091,9 +1096,10 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
         if tls is None:
             server.add_insecure_port(listen)
         else:
-            key, chain, ca = tls
-            server.add_secure_port(listen, grpc.ssl_server_credentials(
-                [(key, chain)], root_certificates=ca, require_client_auth=True))
+            server.add_secure_port(listen, tls.credentials() if hasattr(tls, "credentials")
+                                   else grpc.ssl_server_credentials(
+                                       [(tls[0], tls[1])], root_certificates=tls[2],
+                                       require_client_auth=True))
     except RuntimeError as error:
         raise OSError(f"cannot listen on {listen}: {error}") from None
     await server.start()
@@ -1111,6 +1117,8 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    if reloads is not None:
+        reloads.serving(loop, core)  # SIGHUP reloads from now on (server/reload.py)
     if on_ready is not None:
         on_ready()
     await stop.wait()

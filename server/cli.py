@@ -16,7 +16,10 @@ CHANNELS = ("transit", "medical", "benefit", "financial", "service", "status")
 
 
 def main(argv=None) -> int:
+    from yikatong import __version__
+
     parser = argparse.ArgumentParser(prog="yikatong", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"yikatong {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the server")
@@ -25,6 +28,9 @@ def main(argv=None) -> int:
     s.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT")
     s.add_argument("--workers", type=int, default=1,
                    help="server processes sharing the port and data dir (0: one per core)")
+    s.add_argument("--calendar-dir", metavar="DIR", default="",
+                   help="the State Council's yearly holiday notices as YEAR.toml files, over the "
+                        "shipped ones (read at start and on SIGHUP)")
     s.add_argument("--drain-seconds", type=float, default=config.drain_seconds,
                    help="after SIGTERM, health says NOT_SERVING while calls are still answered "
                         "for this long, then the port closes")
@@ -73,10 +79,23 @@ def main(argv=None) -> int:
                         "--workers, one scrape sums every worker")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="JSON lines on stderr; info logs one line per call")
+    s.add_argument("--migrate", action="store_true",
+                   help="a data dir of an older store format is migrated first, as `yikatong "
+                        "migrate` does (without it, the server refuses to start on one)")
+
+    m = sub.add_parser("migrate", help="bring a stopped server's data dir to this release's "
+                       "store format (a compacted copy of it kept first)")
+    m.add_argument("--data-dir", required=True)
+    m.add_argument("--map-size-mib", type=int, default=config.lmdb_map_size // 2**20,
+                   help="LMDB map size while migrating (as serve's)")
+    # a worker started anew by the --workers supervisor (server/workers.py), never by hand
+    s.add_argument("--worker-of", metavar="SPEC", help=argparse.SUPPRESS)
 
     d = sub.add_parser("due", help="open steps overdue or due soon (a stopped server's too)")
     d.add_argument("--data-dir", required=True)
     d.add_argument("--within", type=int, default=3, metavar="DAYS")
+    d.add_argument("--calendar-dir", metavar="DIR", default="",
+                   help="YEAR.toml holiday notices over the shipped ones (as serve's)")
 
     a = sub.add_parser("audit", help="the audit trail of a data dir (a stopped server's too)")
     a.add_argument("action", choices=("verify",))
@@ -103,11 +122,14 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "serve":
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # a new worker's, as given
         return serve(args)
     if args.command == "audit":
         return audit_verify(args.data_dir)
+    if args.command == "migrate":
+        return migrate_store(args.data_dir, args.map_size_mib)
     if args.command == "due":
-        return due(args.data_dir, args.within)
+        return due(args.data_dir, args.within, args.calendar_dir)
     if args.command == "cluster":
         return cluster_status(args.replicate.split(","), args.json)
     return client(args)
@@ -137,17 +159,21 @@ def cluster_status(urls: list[str], as_json: bool) -> int:
     return 0 if healthy else 1
 
 
-def due(data_dir: str, within: int) -> int:
+def due(data_dir: str, within: int, calendar_dir: str = "") -> int:
     """Every open step overdue or due within `within` days, one line each, with its rule."""
-    from yikatong import cards
+    from yikatong import calendar, cards
     from yikatong import clock as clocks
-    from yikatong.errors import CalendarMissing, StoreUnavailable
+    from yikatong.errors import StoreUnavailable
     from yikatong.storage.lmdb_store import Store
 
     if not os.path.exists(os.path.join(data_dir, "lmdb", "data.mdb")):
         return _fail(f"no store in {data_dir}")
     if not 0 <= within <= 3660:
         return _fail("--within must be 0 to 3660 days")
+    try:
+        calendar.use(calendar.load(calendar_dir), calendar_dir)
+    except calendar.CalendarFileError as error:
+        return _fail(str(error))
     try:
         store = Store(data_dir, lock=False)  # reads only; beside a running server too
     except StoreUnavailable as error:
@@ -156,15 +182,24 @@ def due(data_dir: str, within: int) -> int:
     try:
         with store.read() as txn:
             items = cards.due(store.book(txn), now, within)
-    except CalendarMissing as error:
-        return _fail(str(error))
     finally:
         store.close()
+    problems = 0
     for card, s in items:
+        if isinstance(s, Exception):
+            problems += 1
+            print(f"{card} could not be counted: {s}")
+            continue
         print(f"{card} {s.step:<12} {s.rule:<7} due {clocks.format_time(s.due_at)}"
-              + ("  OVERDUE" if s.due_at <= now else ""))
-    print(f"{len(items)} step{'s' if len(items) != 1 else ''} overdue or due within {within} days")
-    return 0
+              + ("  OVERDUE" if s.due_at <= now else "")
+              + ("  (provisional: its year's notice is not installed)" if s.provisional else ""))
+    steps = len(items) - problems
+    print(f"{steps} step{'s' if steps != 1 else ''} overdue or due within {within} days")
+    missing = calendar.missing_next_year(now)
+    if missing:
+        print(f"warning: no official calendar for {missing} (the State Council's notice): its "
+              f"ends are counted provisionally; install {missing}.toml in --calendar-dir")
+    return 1 if problems else 0
 
 
 def audit_verify(data_dir: str) -> int:
@@ -174,6 +209,8 @@ def audit_verify(data_dir: str) -> int:
 
     import lmdb
 
+    from yikatong.errors import StoreFormat
+    from yikatong.storage import migrate
     from yikatong.storage.lmdb_store import Book
 
     path = os.path.join(data_dir, "lmdb")
@@ -183,6 +220,11 @@ def audit_verify(data_dir: str) -> int:
         env = lmdb.open(path, readonly=True, max_dbs=config.lmdb_max_dbs, lock=True)
     except lmdb.Error as error:
         return _fail(f"cannot open the store in {data_dir}: {error}")
+    try:
+        migrate.check_format(env, data_dir, write=False)
+    except StoreFormat as error:
+        env.close()
+        return _fail(str(error))
     try:
         with env.begin() as txn:
             try:
@@ -197,6 +239,30 @@ def audit_verify(data_dir: str) -> int:
         return 0
     print(f"audit trail of {data_dir}: broken at sequence {bad}: {problem}")
     return 1
+
+
+def migrate_store(data_dir: str, map_size_mib: int) -> int:
+    """`yikatong migrate`: the data dir taken (refused beside a running server), then
+    storage.migrate, which says what it kept, converted and verified."""
+    from yikatong.errors import StoreUnavailable
+    from yikatong.storage import migrate
+    from yikatong.storage.lmdb_store import lock_data_dir
+
+    if not os.path.exists(os.path.join(data_dir, "lmdb", "data.mdb")):
+        return _fail(f"no store in {data_dir}")
+    if map_size_mib < 1:
+        return _fail("--map-size-mib must be at least 1")
+    try:
+        lock = lock_data_dir(data_dir)
+    except StoreUnavailable as error:
+        return _fail(str(error))
+    try:
+        migrate.migrate(data_dir, map_size=map_size_mib * 2**20)
+    except StoreUnavailable as error:
+        return _fail(str(error))
+    finally:
+        os.close(lock)
+    return 0
 
 
 NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -233,7 +299,7 @@ def _fail(message: str) -> int:
 def serve(args) -> int:
     from yikatong.server import metrics
 
-    if args.metrics_listen:
+    if args.metrics_listen and not args.worker_of:  # a worker has its parent's directory
         problem = _probe_listen(args.metrics_listen)
         if problem:
             return _fail(f"cannot listen on {args.metrics_listen} (--metrics-listen): {problem}")
@@ -248,10 +314,10 @@ def serve(args) -> int:
 def _serve(args, metrics) -> int:
     import uvloop
 
+    from yikatong import calendar, cards, ledger, points
     from yikatong import clock as clocks
-    from yikatong import ledger, points
     from yikatong.errors import Fenced, StoreUnavailable
-    from yikatong.server import demo, log
+    from yikatong.server import demo, log, reload
     from yikatong.server.app import SHUTDOWN_GRACE_SECONDS
     from yikatong.server.app import serve as run_server
     from yikatong.server.calls import Limits
@@ -261,6 +327,16 @@ def _serve(args, metrics) -> int:
     from yikatong.storage.lmdb_store import Store, lock_data_dir
 
     log.setup(args.log_level)
+    worker = None  # a worker started anew by the --workers supervisor (server/workers.py)
+    if args.worker_of:
+        from yikatong.server.workers import WorkerOf
+        try:
+            worker = WorkerOf.parse(args.worker_of)
+        except ValueError as error:
+            return _fail(str(error))
+        worker.begin()
+    else:
+        reload.before_serving()  # SIGHUP while starting: reloaded once it serves
 
     if min(args.map_size_mib, args.max_concurrent_rpcs, args.client_calls_max) < 1:
         return _fail("--map-size-mib, --max-concurrent-rpcs and --client-calls-max must be at "
@@ -306,6 +382,8 @@ def _serve(args, metrics) -> int:
             clock = clocks.SystemClock()
     except ValueError as error:
         return _fail(f"--clock-start {args.clock_start!r}: {error}")
+    if worker is not None and args.clock == "manual":  # its siblings' one clock
+        clock = clocks.ManualClock.attach(worker.fds["clock"])
     clients = Clients()
     try:
         if args.clients:
@@ -320,7 +398,11 @@ def _serve(args, metrics) -> int:
     except ValueError as error:
         return _fail(str(error))
     points.use(table)  # before any worker is forked
-    problem = _probe_listen(args.listen)
+    try:
+        calendar.use(calendar.load(args.calendar_dir), args.calendar_dir)
+    except calendar.CalendarFileError as error:
+        return _fail(str(error))
+    problem = _probe_listen(args.listen) if worker is None else ""  # a worker's siblings hold it
     if problem:
         return _fail(f"cannot listen on {args.listen}: {problem}")
 
@@ -342,26 +424,42 @@ def _serve(args, metrics) -> int:
                      check_command=ledger.check_invariants if CHECK_INVARIANTS else None)
 
     try:
-        lock = lock_data_dir(args.data_dir)  # held for the server's life, by every worker
+        # held for the server's life, by every worker (a worker started anew inherits it)
+        lock = lock_data_dir(args.data_dir) if worker is None else worker.fds["lock"]
+        if args.migrate and os.path.exists(os.path.join(args.data_dir, "lmdb", "data.mdb")):
+            from yikatong.storage import migrate
+            migrate.migrate(args.data_dir, map_size=args.map_size_mib * 2**20,
+                            say=lambda line: print(f"yikatong: {line}", flush=True))
         showcase = []
         store = open_store()  # opened (and the demo loaded) before any worker exists, closed
+        store_format = store.format
         try:
-            if args.demo:
+            if args.demo and worker is None:
                 demo.load(store, clock.now())
                 showcase = demo.showcase(store, args.listen)
+            if not args.replicate:  # a replicated node's writer counts its own (on reload)
+                log.recounted(store.write(cards.recount))
         finally:
             store.close()
     except (StoreUnavailable, ValueError) as error:
         return _fail(str(error))
 
     def ready():
+        missing = calendar.missing_next_year(clock.now())
         log.started(version=_version(), listen=args.listen, workers=workers,
+                    calendar=calendar.official_years(), calendar_missing=missing or None,
                     tls=tls is not None, reflection=args.reflection,
                     data_dir=os.path.abspath(args.data_dir), map_size_mib=args.map_size_mib,
+                    store_format=store_format,
                     clock=args.clock, metrics=args.metrics_listen or "off")
         print("yikatong: issuing-bank check (GZ-9c) " + (
             f"on: list version {banks.version}, {len(banks.names)} banks" if banks else
             "off: no --issuing-banks list configured"), flush=True)
+        print("yikatong: working-day calendar: official "
+              + ", ".join(map(str, calendar.official_years()))
+              + (f"; WARNING: no official calendar for {missing}: its ends are counted "
+                 f"provisionally until {missing}.toml is installed in --calendar-dir" if missing
+                 else ""), flush=True)
         print(f"yikatong: points table (RC-22) version {table.version}"
               + (", an EXAMPLE, not the official values" if table.example else ""), flush=True)
         print(f"yikatong: serving on {args.listen} ({'mTLS' if tls else 'plaintext'}; "
@@ -386,10 +484,13 @@ def _serve(args, metrics) -> int:
                 store.close()
                 return _fail(f"--replicate {','.join(map(shown, args.replicate.split(',')))}: "
                              f"{error}")
+        certs = reload.ServerCertificates(*tls) if tls else None  # grpc objects: after fork
         try:
             uvloop.run(run_server(store, clock, clients, args.listen, on_ready=on_ready,
                                   concurrent_rpcs_max=args.max_concurrent_rpcs, banks=banks,
-                                  tls=tls, reflection=args.reflection, reuse_port=workers > 1,
+                                  tls=certs, reflection=args.reflection,
+                                  reuse_port=workers > 1 or worker is not None,
+                                  reloads=reload.server_parts(args, clients, certs, store),
                                   drain_seconds=args.drain_seconds, node=node,
                                   limits=Limits(args.client_calls_max,
                                                 args.request_arrival_seconds,
@@ -408,13 +509,19 @@ def _serve(args, metrics) -> int:
         ready()
 
     try:
+        if worker is not None:
+            return run(worker.ready)
         if workers == 1:
             code = run(serving)
         else:  # the parent serves the metrics, once every worker is forked and ready
+            # a worker started anew: this command in a fresh interpreter, with the lock and
+            # the manual clock's shared memory
             code = supervise(workers, run, serving,
                              stop_seconds=args.drain_seconds + SHUTDOWN_GRACE_SECONDS + 5,
                              on_ended=metrics.process_ended if args.metrics_listen
-                             else lambda pid: None)
+                             else lambda pid: None,
+                             command=[sys.executable, "-m", "yikatong", *args.argv],
+                             fds={"lock": lock, **({"clock": clock.fd} if clock.manual else {})})
     finally:
         os.close(lock)
     if code == 0:
@@ -423,12 +530,9 @@ def _serve(args, metrics) -> int:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from yikatong import __version__
 
-    try:
-        return version("yikatong")
-    except PackageNotFoundError:
-        return "unknown"
+    return __version__
 
 
 def _issuing_banks(path: str):

@@ -23,7 +23,6 @@ _CODES = (
     (e.TransferNotFound, grpc.StatusCode.NOT_FOUND),
     (e.NotEligible, grpc.StatusCode.FAILED_PRECONDITION),
     (e.Refused, grpc.StatusCode.FAILED_PRECONDITION),
-    (e.CalendarMissing, grpc.StatusCode.FAILED_PRECONDITION),
     (e.InvalidTransition, grpc.StatusCode.FAILED_PRECONDITION),
     (e.TransferRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (e.IdReused, grpc.StatusCode.ALREADY_EXISTS),

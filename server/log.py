@@ -115,3 +115,15 @@ def setup(level: str = "info") -> None:
 def started(**fields) -> None:
     """The start-up line: what this server is and how it serves."""
     logging.getLogger("yikatong.server").info("started", extra={"fields": fields})
+
+
+def recounted(changed) -> None:
+    """The steps counted again on the calendar now installed (yikatong.cards.recount): one
+    line each, saying how its end moved."""
+    from yikatong.clock import format_time
+
+    for card, before, after in changed:
+        logging.getLogger("yikatong.server").info("step recounted", extra={"fields": {
+            "card": card, "rule": after.rule, "step": after.step,
+            "from": format_time(before.due_at), "to": format_time(after.due_at),
+            "provisional": after.provisional}})

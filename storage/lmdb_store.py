@@ -59,7 +59,7 @@ from yikatong.model import (
     Step,
     Transfer,
 )
-from yikatong.storage import records
+from yikatong.storage import migrate, records
 
 log = logging.getLogger("yikatong.storage")
 _U64 = struct.Struct(">Q")  # big-endian so LMDB's key order is numeric order
@@ -188,6 +188,15 @@ class Store:
                 os.close(self._lock_fd)
             raise StoreUnavailable(f"cannot open the LMDB store in {data_dir}: {e}") from e
         self.env.reader_check()  # clear reader slots left by dead processes
+        try:  # before any database is opened (which would create format 2's in an older one)
+            self.format = migrate.check_format(self.env, data_dir)
+        except (StoreUnavailable, lmdb.Error) as e:
+            self.env.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            if isinstance(e, StoreUnavailable):
+                raise
+            raise StoreUnavailable(f"cannot read the store format in {data_dir}: {e}") from e
         self.dbs = Dbs(self.env)
         self._note_sequence()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -640,9 +649,15 @@ class Book:
         else:
             self._delete(key, db=self.dbs.steps)
 
-    def open_steps(self) -> Iterator[tuple[str, list[Step]]]:
+    def open_steps(self) -> Iterator[tuple[str, list[Step] | CorruptRecord]]:
+        """Every card's open steps; a record that cannot be read is yielded as its error, so
+        one bad record never hides the others."""
         for key, value in self.txn.cursor(db=self.dbs.steps):
-            yield bytes(key).decode("ascii"), records.decode_steps(value)
+            card_number = bytes(key).decode("ascii", "replace")
+            try:
+                yield card_number, records.decode_steps(value)
+            except CorruptRecord as e:
+                yield card_number, e
 
     # A card's texts, kept beside the hot record: "note" (why it was rejected or cancelled),
     # "ground" (CancelGround name), "organ" (RC-7: the organ that issued a Residence Card),

@@ -424,24 +424,40 @@ def decode_points(value):
 
 # ---------------------------------------------------------------------------- open steps
 
-_STEP = struct.Struct("<16s8sqH")  # step, rule, due_at, missing_year
+# A card's open steps: version, then per step: step, rule, due_at, kind, start, n, provisional.
+# Version 2 (store format 3) keeps how each end was counted, so that a provisional one is
+# counted again when its year's notice is installed; the steps of format 2 had no version
+# byte, 34 bytes a step (step, rule, due_at, and the missing calendar year if due_at was 0).
+STEPS_VERSION = 2
+_STEP = struct.Struct("<16s8sqBqHB")
+STEP_V1 = struct.Struct("<16s8sqH")
 
 
 def encode_steps(steps: list[Step]) -> bytes:
     try:
-        return b"".join(_STEP.pack(_fixed("step", s.step, 16, "ascii"),
-                                   _fixed("rule", s.rule, 8, "ascii"), s.due_at, s.missing_year)
-                        for s in steps)
+        return bytes((STEPS_VERSION,)) + b"".join(
+            _STEP.pack(_fixed("step", s.step, 16, "ascii"), _fixed("rule", s.rule, 8, "ascii"),
+                       s.due_at, s.kind, s.start, s.n, s.provisional) for s in steps)
     except struct.error as e:
         raise InvalidRecord(f"steps record: {e}") from None
 
 
 def decode_steps(value) -> list[Step]:
     value = bytes(value)
-    if len(value) % _STEP.size:
-        raise CorruptRecord(f"steps record of {len(value)} bytes")
-    return [Step(_text("step", step, "ascii"), _text("rule", rule, "ascii"), due, year)
-            for step, rule, due, year in _STEP.iter_unpack(value)]
+    if not value or value[0] != STEPS_VERSION or (len(value) - 1) % _STEP.size:
+        raise CorruptRecord(f"steps record of {len(value)} bytes / version {value[0:1]!r}")
+    return [Step(_text("step", step, "ascii"), _text("rule", rule, "ascii"), due, kind, start,
+                 n, bool(provisional))
+            for step, rule, due, kind, start, n, provisional in _STEP.iter_unpack(value[1:])]
+
+
+def decode_steps_v1(value) -> list[tuple[str, str, int, int]]:
+    """Format 2's steps: (step, rule, due_at, missing_year), for the migration."""
+    value = bytes(value)
+    if len(value) % STEP_V1.size:
+        raise CorruptRecord(f"steps record (version 1) of {len(value)} bytes")
+    return [(_text("step", step, "ascii"), _text("rule", rule, "ascii"), due, year)
+            for step, rule, due, year in STEP_V1.iter_unpack(value)]
 
 
 # ---------------------------------------------------------------------------- credit records

@@ -18,8 +18,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from yikatong import cards, config
 from yikatong import clock as clocks
-from yikatong.calendar import end_of_days_for_an_act
-from yikatong.errors import CalendarMissing, InvalidTransition, YikatongError
+from yikatong.calendar import End, end_of_days_for_an_act
+from yikatong.errors import InvalidTransition, YikatongError
 from yikatong.fastpath import _authorize_py
 from yikatong.model import (
     FINAL_STATES,
@@ -168,7 +168,7 @@ class InProcess:
         try:
             _, due, late = self.store.write(lambda book: cards.change_information(
                 book, now, number, given, changed_on, "model"))
-        except (InvalidTransition, CalendarMissing):  # the pack, the state; a year's calendar
+        except InvalidTransition:  # the pack, the state
             return None
         return due, late
 
@@ -266,7 +266,7 @@ class OverGrpc:
             assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e.details()
             return None
         assert answer.card.card_number == number
-        return answer.due_at, answer.late
+        return End(answer.due_at, answer.provisional), answer.late
 
     def decide(self, number, channel, now):
         return self.s.authorization.Authorize(pb.AuthorizeRequest(
@@ -539,12 +539,10 @@ class LifecycleModel(RuleBasedStateMachine):
         number = data.draw(st.sampled_from(rc if residence and rc else sorted(self.cards)))
         c = self.cards[number]
         changed = clocks.law_date(self.now) - dt.timedelta(days=days_ago)
-        try:  # to 24:00 of the 30th day, or of the next working day (Civil Code art. 203)
-            due_at = end_of_days_for_an_act(clocks.start_of_day(changed), 30)
-        except CalendarMissing:  # a year without its calendar: refused, never guessed
-            due_at = None
-        allowed = (c.pack == Pack.RC and c.effective(self.now) in (State.ACTIVE, State.LOST)
-                   and due_at is not None)
+        # to 24:00 of the 30th day, or of the next working day (Civil Code art. 203); a year
+        # without its notice counted provisionally, and late only past any official end
+        due_at = end_of_days_for_an_act(clocks.start_of_day(changed), 30)
+        allowed = c.pack == Pack.RC and c.effective(self.now) in (State.ACTIVE, State.LOST)
         self.moves += 1
         address = f"上海市黄浦区{self.moves}号"
         got = self.backend.change_information(self.now, number, address, changed.isoformat())
@@ -553,7 +551,9 @@ class LifecycleModel(RuleBasedStateMachine):
             self.address[c.holder] = address
             due, late = got
             assert due == due_at, (changed, due)
-            assert late == (self.now >= due_at), (days_ago, clocks.format_time(self.now), due)
+            margin = cards.PROVISIONAL_MARGIN_DAYS * 86400 if due_at.provisional else 0
+            assert late == (self.now >= due_at.at + margin), (
+                days_ago, clocks.format_time(self.now), due)
 
     def _entitled(self):
         return sorted({(c.holder, c.pack) for c in self.cards.values()} - self.unentitled)

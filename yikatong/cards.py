@@ -11,11 +11,10 @@ may act; every gRPC call passes its caller's role.
 import datetime as dt
 import re
 
-from yikatong import config, ledger
-from yikatong.calendar import end_of_days_for_an_act, end_of_working_days
+from yikatong import calendar, config, ledger
+from yikatong.calendar import DAYS_FOR_AN_ACT, WORKING_DAYS
 from yikatong.clock import end_of_days, end_of_years, law_date, start_of_day
 from yikatong.errors import (
-    CalendarMissing,
     CardNotFound,
     HolderNotFound,
     InvalidArgument,
@@ -365,7 +364,7 @@ def verify(book, now: int, card_number: str, approved: bool, reason: str,
         rec.state = State.VERIFIED
         steps = [s for s in book.steps_of(card_number) if s.step != "verification"]
         if rec.pack == Pack.SH:  # SH-11 (a re-application too): made and issued in 30 days
-            steps.append(deadline("issue", "SH-11", lambda: end_of_days_for_an_act(now, 30)))
+            steps.append(deadline("issue", "SH-11", DAYS_FOR_AN_ACT, now, 30))
         if special_circumstances:  # RC-12: at most 30 working days from acceptance
             for s in steps:
                 if s.rule == "RC-12" and s.due_at and s.due_at <= now:
@@ -373,8 +372,7 @@ def verify(book, now: int, card_number: str, approved: bool, reason: str,
                                   f"{law_date(s.due_at - 1).isoformat()}: special "
                                   "circumstances are stated before the card is late")
             steps = [s for s in steps if s.rule != "RC-12"]
-            steps.append(deadline("issue", "RC-12",
-                                  lambda: end_of_working_days(rec.applied_at, 30)))
+            steps.append(deadline("issue", "RC-12", WORKING_DAYS, rec.applied_at, 30))
             book.put_card_text(card_number, "special", special_circumstances)
         book.put_steps(card_number, steps)
     else:
@@ -518,13 +516,46 @@ def report_temporary_loss(book, now: int, card_number: str, role: Role | None = 
     return rec
 
 
-def deadline(step: str, rule: str, end) -> Step:
-    """A step due at `end()`; one whose end reaches into a year without a working-day
-    calendar is kept with that year instead of a guessed end."""
-    try:
-        return Step(step, rule, end())
-    except CalendarMissing as missing:
-        return Step(step, rule, 0, missing.year)
+# The longest run of rest days a State Council notice has set (Spring Festival 2026: 15 to 23
+# February, 9 days), and a day more: no official count ends later than a provisional one by more.
+PROVISIONAL_MARGIN_DAYS = 10
+
+
+def deadline(step: str, rule: str, kind: int, start: int, n: int) -> Step:
+    """A step due at the end of `n` days or working days (`kind`) from `start`, kept with how
+    it was counted: one counted through a year without its notice is provisional, and
+    `recount` counts it again when that year's file is installed."""
+    end = calendar.count(kind, start, n)
+    return Step(step, rule, end.at, kind, start, n, end.provisional)
+
+
+def recount(book) -> list[tuple[str, Step, Step]]:
+    """Count every provisional step again on the calendar now installed (at start and on a
+    reload of the calendar files); returns (card, before, after) for each one changed: its
+    end moved, or it is no longer provisional."""
+    changed = []
+    for card_number, steps in list(book.open_steps()):
+        if isinstance(steps, Exception) or not any(s.provisional for s in steps):
+            continue  # an unreadable record is ListDue's to report
+        new = [deadline(s.step, s.rule, s.kind, s.start, s.n) if s.provisional else s
+               for s in steps]
+        if new != steps:
+            book.put_steps(card_number, new)
+            changed += [(card_number, a, b) for a, b in zip(steps, new, strict=True) if a != b]
+            for s in new:
+                if s.rule == "RC-23":  # the points application shows its end too
+                    _recount_points_application(book, card_number, calendar.End(
+                        s.due_at, s.provisional))
+    return changed
+
+
+def _recount_points_application(book, card_number: str, due_at: calendar.End) -> None:
+    rec = book.card(card_number)
+    record = book.points(rec.holder_id) if rec is not None else None
+    if record is not None and record.HasField("open_application"):
+        record.open_application.due_at = due_at.at
+        record.open_application.due_provisional = due_at.provisional
+        book.put_points(rec.holder_id, record)
 
 
 def _steps_of_an_application(rec: Card) -> list[Step]:
@@ -533,29 +564,31 @@ def _steps_of_an_application(rec: Card) -> list[Step]:
     t = rec.applied_at
     if rec.pack == Pack.SH:
         if rec.state == State.VERIFIED:  # a replacement or renewal: no verification (SH-23a)
-            return [deadline("replacement", "SH-23a", lambda: end_of_days_for_an_act(t, 15))]
+            return [deadline("replacement", "SH-23a", DAYS_FOR_AN_ACT, t, 15)]
         # a first application, or a re-application (SH-22): SH-10, then SH-11
-        return [deadline("verification", "SH-10", lambda: end_of_working_days(t, 3))]
+        return [deadline("verification", "SH-10", WORKING_DAYS, t, 3)]
     if rec.pack == Pack.RC:
-        return [deadline("issue", "RC-12", lambda: end_of_working_days(t, 15))]
+        return [deadline("issue", "RC-12", WORKING_DAYS, t, 15)]
     if rec.replaces:  # GZ-25 (BJ follows GZ)
-        return [deadline("replacement", "GZ-25", lambda: end_of_working_days(t, 12))]
-    return [deadline("issue", "GZ-10", lambda: end_of_working_days(t, 12))]
+        return [deadline("replacement", "GZ-25", WORKING_DAYS, t, 12)]
+    return [deadline("issue", "GZ-10", WORKING_DAYS, t, 12)]
 
 
 def due(book, now: int, within_days: int) -> list[tuple[str, Step]]:
     """Deadlines.ListDue: every open step overdue or due within `within_days` days, soonest
-    first (SH-27(2): unjustified delay is a breach of duty); CalendarMissing if any step's end
-    could not be computed for want of a year's calendar."""
+    first (SH-27(2): unjustified delay is a breach of duty). An end counted provisionally
+    (a year without its notice) is listed, marked so; a card whose steps cannot be read is
+    listed with the error instead of a Step (first), and never stops the listing."""
     horizon = now + within_days * 86400
-    out = []
+    out: list = []
     for card_number, steps in book.open_steps():
+        if isinstance(steps, Exception):  # listed as a problem: the rest are still listed
+            out.append((card_number, steps))
+            continue
         for s in steps:
-            if s.missing_year:
-                raise CalendarMissing(s.missing_year)
             if s.due_at <= horizon:
                 out.append((card_number, s))
-    return sorted(out, key=lambda item: (item[1].due_at, item[0]))
+    return sorted(out, key=lambda item: (getattr(item[1], "due_at", 0), item[0]))
 
 
 def renewal_opens(valid_until: int) -> int:
@@ -590,13 +623,18 @@ def renew(book, now: int, card_number: str) -> Card:
 
 
 def change_information(book, now: int, card_number: str, given: HolderInfo, changed_on: str,
-                       client_id: str) -> tuple[Card, int, bool]:
+                       client_id: str) -> tuple[Card, calendar.End, bool]:
     """RC-13: a change of the Shanghai residence address or other registered information is
     filed within 30 days of the change (to 24:00 of the 30th day after it, or of the next
     working day when that one is a rest day, Civil Code art. 203). A late filing is
     taken and recorded as late. Every value replaced is kept in the holder's history (GZ-20's
     way), the residence address's history gets the new one from the day it changed. Returns
-    (the card, when the filing was due, whether it was late)."""
+    (the card, when the filing was due, whether it was late).
+
+    A holder's filing is judged late only on the official count (SPEC.md section 6): where
+    the end was counted through a year without its notice, a filing after it is late only
+    once it is past any end that year's notice could set, the longest run of official rest
+    days (PROVISIONAL_MARGIN_DAYS) after the provisional one."""
     rec = load(book, card_number, now)
     if rec.pack != Pack.RC:
         raise InvalidTransition(State(rec.state).name, "ChangeInformation", "RC-13",
@@ -605,14 +643,15 @@ def change_information(book, now: int, card_number: str, given: HolderInfo, chan
     changed = start_of_day(parse_date("changed_on", changed_on))
     if changed > now:
         raise InvalidArgument("changed_on", "is in the future")
-    due = end_of_days_for_an_act(changed, 30)  # a rest day's end moves on (Civil Code 203)
-    late = now >= due
+    due = calendar.end_of_days_for_an_act(changed, 30)  # a rest day's end moves on (art. 203)
+    late = now >= due.at + (PROVISIONAL_MARGIN_DAYS * 86400 if due.provisional else 0)
     ssn = book.holder_ssn(rec.holder_id)
     if ssn is None:
         raise HolderNotFound(f"no holder record for card {card_number}")
     reason = (f"RC-13: changed on {changed_on}, filed "
               + ("late (due by 24:00 of " if late else "in time (due by 24:00 of ")
-              + f"{law_date(due - 1).isoformat()})")
+              + f"{law_date(due.at - 1).isoformat()}"
+              + (", counted provisionally)" if due.provisional else ")"))
     _, info, fields = correct_holder(book, now, HolderInfo(ssn, **{
         f: getattr(given, f) for f in PII_FIELDS}), reason, client_id,
         "ResidenceCard.ChangeInformation", residence_since=changed)

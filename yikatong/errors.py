@@ -130,6 +130,14 @@ class StoreUnavailable(YikatongError):
     reason = "STORE_UNAVAILABLE"
 
 
+class StoreFormat(StoreUnavailable):
+    """The data dir's store format is not the one this release serves: an older one is
+    migrated first (`yikatong migrate`), a newer one needs a newer release
+    (yikatong.storage.migrate); or a migration could not be done (nothing changed)."""
+
+    reason = "STORE_FORMAT"
+
+
 class WriterBusy(YikatongError):
     """The writer's queue is at writer_queue_max: refused now rather than queued without end."""
 
@@ -192,15 +200,3 @@ class ReplicationGap(YikatongError):
     """A replication record that does not follow the last one applied: one is missing."""
 
     reason = "REPLICATION_GAP"
-
-
-class CalendarMissing(YikatongError):
-    """A period reaches into a year for which no working-day calendar is shipped."""
-
-    reason = "CALENDAR_MISSING"
-
-    def __init__(self, year: int):
-        super().__init__(f"no working-day calendar for {year} (yikatong/calendar/{year}.toml, "
-                         "from the State Council General Office's notice for that year): a "
-                         "deadline in it cannot be computed, and is never guessed")
-        self.year = year

@@ -390,13 +390,18 @@ class CreditRecord:
 @dataclasses.dataclass
 class Step:
     """An open step of a card's procedure and when the law wants it done (SPEC.md section 6):
-    `due_at` is the end instant, or 0 with `missing_year` when it reaches into a year without
-    a working-day calendar."""
+    `due_at` is the end instant, `provisional` when a day of a year without its official
+    calendar was counted to find it; `kind`, `start` and `n` say how to count it again
+    (yikatong.calendar.count) once that year's notice is installed. A step with `kind` 0 has a
+    fixed end (a birthday)."""
 
     step: str  # "verification", "issue", "replacement"
     rule: str  # "SH-10"
     due_at: int
-    missing_year: int = 0
+    kind: int = 0  # yikatong.calendar.WORKING_DAYS or DAYS_FOR_AN_ACT
+    start: int = 0  # the event the period counts from
+    n: int = 0  # days or working days
+    provisional: bool = False
 
 
 @dataclasses.dataclass

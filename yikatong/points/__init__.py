@@ -22,7 +22,7 @@ import tomllib
 from importlib import resources
 
 from yikatong import cards
-from yikatong.calendar import end_of_working_days
+from yikatong.calendar import WORKING_DAYS
 from yikatong.clock import law_date
 from yikatong.errors import CardNotFound, InvalidArgument, InvalidTransition, Refused
 from yikatong.model import RC_ENTITLEMENTS, Pack, State
@@ -262,11 +262,12 @@ def apply(book, now: int, table: Table, card_number: str, filer: int, employer: 
     check_may_apply(record, barred_until(book.credit_records(rec.holder_id), now),
                     barred_until(book.employer_credit_records(employer), now) if employer
                     else 0, filer, employer)
-    step = cards.deadline(STEP, "RC-23", lambda: end_of_working_days(now, 20))
+    step = cards.deadline(STEP, "RC-23", WORKING_DAYS, now, 20)
     record = record or pb.PointsRecord()
     record.open_application.CopyFrom(pb.PointsApplication(
         card_number=card_number, filer=pb.PointsFiler.Name(filer), employer=employer, claims=claims,
-        evidence_ref=evidence_ref, accepted_at=now, due_at=step.due_at, client_id=client_id))
+        evidence_ref=evidence_ref, accepted_at=now, due_at=step.due_at, client_id=client_id,
+        due_provisional=step.provisional))
     book.put_points(rec.holder_id, record)
     book.put_steps(card_number, [*book.steps_of(card_number), step])
     return rec.holder_id, record
