@@ -1106,7 +1106,8 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     loop = asyncio.get_running_loop()
     log_module.access.start(loop)
     limits.start(loop)
-    metrics.start(loop, store, lambda: core.feed.watchers, node)
+    metrics.start(loop, store, lambda: core.feed.watchers, node, clock)
+    calls.on_data_loss = lambda: store.note("corrupt_record", True)
     calls.refusals.start(loop, store, clock)
     await _set_health(health_servicer, store.healthy)
     # The writer reports from its own thread when it dies or its periodic jobs keep failing:

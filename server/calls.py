@@ -23,6 +23,7 @@ import collections
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import grpc
 
@@ -389,7 +390,14 @@ def _refusal(name: str, error: Exception) -> tuple[grpc.StatusCode, str, tuple]:
     return status, message, errors.rich(status, message, "INTERNAL", reference=reference)
 
 
+# Called when a call is answered DATA_LOSS (a record read is corrupt): the server makes its
+# health NOT_SERVING (Store.note), so an operator and a load balancer see it.
+on_data_loss: Callable[[], None] | None = None
+
+
 def _log(name: str, client, code, started: float) -> None:
+    if code == "DATA_LOSS" and on_data_loss is not None:
+        on_data_loss()
     seconds = time.perf_counter() - started
     if access.enabled:
         access.call(name, client.id if client else "", client.role.name if client else "",

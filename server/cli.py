@@ -46,7 +46,12 @@ def main(argv=None) -> int:
     s.add_argument("--clock-start", help="ISO-8601 start of the manual clock (default: now)")
     s.add_argument("--demo", action="store_true", help="load the demo data set and demo clients")
     s.add_argument("--map-size-mib", type=int, default=config.lmdb_map_size // 2**20,
-                   help="LMDB map size: the most the store may hold (grows on disk as used)")
+                   help="LMDB map size at start (grows on disk as used)")
+    s.add_argument("--map-size-max-mib", "--map-size-max", type=int,
+                   default=config.lmdb_map_size_max // 2**20,
+                   help="the writer doubles the map when it is 80%% full, up to this")
+    s.add_argument("--map-high-water", type=float, default=config.lmdb_map_high_water,
+                   help="health NOT_SERVING when this fraction of --map-size-max-mib is used")
     s.add_argument("--max-concurrent-rpcs", type=int, default=config.concurrent_rpcs_max,
                    help="calls in progress at once; more are refused RESOURCE_EXHAUSTED")
     s.add_argument("--client-calls-max", type=int, default=config.client_calls_max,
@@ -341,6 +346,9 @@ def _serve(args, metrics) -> int:
     if min(args.map_size_mib, args.max_concurrent_rpcs, args.client_calls_max) < 1:
         return _fail("--map-size-mib, --max-concurrent-rpcs and --client-calls-max must be at "
                      "least 1")
+    if args.map_size_max_mib < args.map_size_mib or not 0 < args.map_high_water <= 1:
+        return _fail("--map-size-max-mib must be at least --map-size-mib, and "
+                     "--map-high-water above 0 and at most 1")
     if not (0 < args.request_arrival_seconds <= 3600 and 0 < args.stream_stall_seconds <= 3600):
         return _fail("--request-arrival-seconds and --stream-stall-seconds must be above 0 and "
                      "at most 3600")
@@ -419,6 +427,7 @@ def _serve(args, metrics) -> int:
         # replicated: durable on a quorum of the log's disks before the local commit, which
         # the log replays after a crash: one local flush per commit, not two (docs/SCALE.md)
         return Store(args.data_dir, map_size=args.map_size_mib * 2**20, lock=False,
+                     map_size_max=args.map_size_max_mib * 2**20, high_water=args.map_high_water,
                      periodic=sweep_expired_holds, metasync=not args.replicate,
                      check_writer=not_yet_in_the_cluster if args.replicate else None,
                      check_command=ledger.check_invariants if CHECK_INVARIANTS else None)

@@ -13,6 +13,7 @@ streamed batch makes 100 of them per message.
 import os
 import shutil
 import tempfile
+import time
 
 from yikatong.model import Channel, Reason
 
@@ -56,9 +57,10 @@ class Metrics:
         self.enabled = False
         self.decisions = [0] * ((max(Channel) + 1) * REASONS)  # [channel * REASONS + reason]
 
-    def start(self, loop, store, watchers=lambda: 0, node=None) -> None:
+    def start(self, loop, store, watchers=lambda: 0, node=None, clock=None) -> None:
         """In the serving process, once its event loop runs. `node`: with --replicate,
-        the store's place in the cluster (storage.replication.Node)."""
+        the store's place in the cluster (storage.replication.Node); `clock`: the server's
+        (the calendar's warning from 1 November)."""
         if _DIR_ENV not in os.environ:
             return
         from prometheus_client import Counter, Gauge, Histogram
@@ -83,6 +85,24 @@ class Metrics:
                                "store may hold)", multiprocess_mode="max")
         self._watchers = Gauge("yikatong_watchers", "Open WatchChanges streams",
                                multiprocess_mode="livesum")
+        from yikatong import __version__
+
+        Gauge("yikatong_build_info", "The running release", ["version"],
+              multiprocess_mode="livemax").labels(__version__).set(1)
+        self._serving = Gauge("yikatong_health_serving", "1 while health says SERVING (0 if "
+                              "any worker does not)", multiprocess_mode="livemin")
+        self._reason = Gauge("yikatong_not_serving_reason", "1 while this reason keeps health "
+                             "NOT_SERVING", ["reason"], multiprocess_mode="livemax")
+        self._free = Gauge("yikatong_data_dir_free_bytes", "Free bytes on the data dir's "
+                           "file system", multiprocess_mode="livemin")
+        self._next_year = Gauge("yikatong_calendar_next_year_official", "1 when next year's "
+                                "State Council notice is installed, or before 1 November",
+                                multiprocess_mode="livemin")
+        self._provisional = Gauge("yikatong_calendar_provisional_steps", "Open steps whose "
+                                  "end is counted provisionally (no notice for its year)",
+                                  multiprocess_mode="livemax")
+        self._clock = clock
+        self._slow_due = 0.0
         self._watching = watchers
         self._node = node
         if node is not None:
@@ -136,7 +156,29 @@ class Metrics:
         used, size = self._store.map_use()
         self._map_used.set(used)
         self._map_size.set(size)
+        store = self._store
+        self._serving.set(int(store.healthy))
+        for reason in REASONS_NOT_SERVING:
+            self._reason.labels(reason).set(int(reason in store.not_serving
+                                                or (reason == "writer_down"
+                                                    and store.writer_error is not None)))
+        now = time.monotonic()
+        if now >= self._slow_due:  # a scan of the open steps and a statvfs: every 30 s
+            self._slow_due = now + 30
+            fs = os.statvfs(store.data_dir)
+            self._free.set(fs.f_bavail * fs.f_frsize)
+            self._calendar()
         self._timer = self._loop.call_later(FLUSH_SECONDS, self._flush)
+
+    def _calendar(self) -> None:
+        from yikatong import calendar
+
+        if self._clock is not None:
+            self._next_year.set(int(not calendar.missing_next_year(self._clock.now())))
+        with self._store.read() as txn:
+            self._provisional.set(sum(
+                sum(s.provisional for s in steps) for _, steps in
+                self._store.book(txn).open_steps() if not isinstance(steps, Exception)))
 
     def stop(self) -> None:
         if self.enabled:
@@ -149,6 +191,7 @@ class Metrics:
 
 
 REASONS = max(Reason) + 1
+REASONS_NOT_SERVING = ("map_full", "corrupt_record", "writer_down")
 _SECONDS_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
                     2.5, 5, 10)
 _GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)

@@ -21,6 +21,7 @@ The data dir holds personal information: it is created owner-only (0700, files 0
 the umask, and an existing one is narrowed to that at open.
 """
 import concurrent.futures
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -128,8 +129,82 @@ class ApplyRecord:
         return book.apply_journal(self.record)
 
 
+class _Readers:
+    """Read transactions of this process, and the map's resize, which may run only while none
+    is open (LMDB: mdb_env_set_mapsize): a resize waits for the open ones to end (bounded) and
+    holds new ones back meanwhile, for the few microseconds it takes."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._open = 0
+        self._resizing = False
+
+    def enter(self) -> None:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._open += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._open -= 1
+            if not self._open:
+                self._cond.notify_all()
+
+    def exclusive(self, fn: Callable[[], None], timeout: float) -> bool:
+        """Run `fn` with no read transaction open; False if they did not end in `timeout`."""
+        with self._cond:
+            while self._resizing:  # another thread's resize: it is done when this returns
+                self._cond.wait()
+            self._resizing = True
+            try:
+                if not self._cond.wait_for(lambda: not self._open, timeout):
+                    return False
+                fn()
+                return True
+            finally:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+class _Read:
+    """`with store.read() as txn`: a read transaction, counted for the map's resize."""
+
+    __slots__ = ("_store", "_txn")
+
+    def __init__(self, store: "Store"):
+        self._store = store
+
+    def __enter__(self) -> lmdb.Transaction:
+        store = self._store
+        store._readers.enter()
+        try:
+            self._txn = store.env.begin(write=False)
+        except lmdb.MapResizedError:  # another worker grew the map: take its size, again
+            store._readers.leave()
+            store._adopt_map_size()
+            store._readers.enter()
+            try:
+                self._txn = store.env.begin(write=False)
+            except BaseException:
+                store._readers.leave()
+                raise
+        except BaseException:
+            store._readers.leave()
+            raise
+        return self._txn
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._txn.abort()
+        finally:
+            self._store._readers.leave()
+
+
 class Store:
     def __init__(self, data_dir: str, *, map_size: int = config.lmdb_map_size,
+                 map_size_max: int = config.lmdb_map_size_max,
+                 high_water: float = config.lmdb_map_high_water,
                  periodic: Command | None = None, check_command: Command | None = None,
                  group_max: int = config.writer_group_max,
                  queue_max: int = config.writer_queue_max, lock: bool = True,
@@ -152,6 +227,12 @@ class Store:
         a replicated store, whose every commit is on a quorum of the log's disks before it
         commits here, and whose node replays the log from its last sequence on start."""
         self.data_dir = data_dir
+        self.map_size_max = max(map_size, map_size_max)
+        self.high_water = high_water
+        # why health says NOT_SERVING besides the writer: "map_full" (past the high-water mark
+        # of map_size_max), "corrupt_record" (a read answered DATA_LOSS; until a restart)
+        self.not_serving: set[str] = set()
+        self._readers = _Readers()
         self._group_max = group_max  # 1 = one fsync per command (the benchmark's baseline)
         self._queue_max = queue_max
         self._periodic = periodic
@@ -222,12 +303,40 @@ class Store:
 
     @property
     def healthy(self) -> bool:
-        return (self.writer_error is None
+        return (self.writer_error is None and not self.not_serving
                 and self.periodic_failures < config.periodic_failures_max)
 
-    # ---- reads: any thread, never blocked by the writer
-    def read(self) -> lmdb.Transaction:
-        return self.env.begin(write=False)
+    def note(self, reason: str, holds: bool) -> None:
+        """A reason for health NOT_SERVING found (`holds`) or gone; health follows."""
+        if (reason in self.not_serving) != holds:
+            was = self.healthy
+            (self.not_serving.add if holds else self.not_serving.discard)(reason)
+            log.log(logging.ERROR if holds else logging.INFO, "health: %s %s", reason,
+                    "holds: NOT_SERVING" if holds else "cleared")
+            if self.healthy != was:
+                self._notify_health()
+
+    # ---- reads: any thread, never blocked by the writer (but for the map's resize)
+    def read(self) -> _Read:
+        return _Read(self)
+
+    def _adopt_map_size(self) -> None:
+        """Another process grew the map: take its size (0: the size in the file)."""
+        self._readers.exclusive(lambda: self.env.set_mapsize(0), timeout=5.0)
+
+    def _grow_map(self) -> None:
+        """In the writer, before a write transaction: double the map once it is
+        `config.lmdb_map_grow_at` full, up to map_size_max (logged each time); NOT_SERVING
+        past the high-water mark of map_size_max, when it can grow no more."""
+        used, size = self.map_use()
+        if used >= config.lmdb_map_grow_at * size and size < self.map_size_max:
+            new = min(self.map_size_max, size * 2)
+            if self._readers.exclusive(lambda: self.env.set_mapsize(new), timeout=1.0):
+                log.warning("the LMDB map grew from %d to %d MiB (%d MiB in use; at most %d "
+                            "MiB, --map-size-max-mib)", size >> 20, new >> 20, used >> 20,
+                            self.map_size_max >> 20)
+                size = new
+        self.note("map_full", used >= self.high_water * self.map_size_max)
 
     def book(self, txn) -> "Book":
         return Book(txn, self.dbs)
@@ -422,7 +531,7 @@ class Store:
         return True
 
     def _note_sequence(self) -> None:
-        with self.env.begin() as txn:
+        with self.read() as txn:
             self.applied_sequence = Book(txn, self.dbs).log_sequence()
 
     def _publish(self, txn, journal: list | None, replicate) -> None:
@@ -442,18 +551,33 @@ class Store:
         info = self.env.info()
         return (info["last_pgno"] + 1) * self.env.stat()["psize"], info["map_size"]
 
+    @contextlib.contextmanager
     def _begin_write(self):
         """A write transaction, with the change sequence read inside it: LMDB lets one
         write transaction at a time into the environment, across every process (`--workers`),
         so the last key of the change log is the truth, and no two writers hand out a sequence
-        twice. A command that rolls back leaves a gap, which readers of the log skip."""
-        txn = self.env.begin(write=True)
-        with txn.cursor(db=self.dbs.changes) as cur:
-            self.dbs.change_seq = _U64.unpack(cur.key())[0] if cur.last() else 0
-        with txn.cursor(db=self.dbs.audit) as cur:  # the audit chain's head, likewise
-            self.dbs.audit_head = ((_U64.unpack(cur.key())[0], records.split_audit(cur.value())[2])
-                                   if cur.last() else (0, bytes(32)))
-        return txn
+        twice. A command that rolls back leaves a gap, which readers of the log skip. Counted
+        with the readers: no resize while it is open."""
+        self._grow_map()
+        self._readers.enter()
+        try:
+            try:
+                txn = self.env.begin(write=True)
+            except lmdb.MapResizedError:  # another worker grew the map
+                self._readers.leave()
+                self._adopt_map_size()
+                self._readers.enter()
+                txn = self.env.begin(write=True)
+            with txn:  # committed at the end of the block, aborted on an exception
+                with txn.cursor(db=self.dbs.changes) as cur:
+                    self.dbs.change_seq = _U64.unpack(cur.key())[0] if cur.last() else 0
+                with txn.cursor(db=self.dbs.audit) as cur:  # the audit chain's head, likewise
+                    self.dbs.audit_head = ((_U64.unpack(cur.key())[0],
+                                            records.split_audit(cur.value())[2])
+                                           if cur.last() else (0, bytes(32)))
+                yield txn
+        finally:
+            self._readers.leave()
 
     def _full(self, error: BaseException) -> BaseException:
         if isinstance(error, lmdb.MapFullError):

@@ -46,6 +46,11 @@ streams_per_connection_max = 128  # concurrent calls on one connection
 
 # ---- storage
 lmdb_map_size = 8 * 1024**3  # bytes of address space; grows on disk only as used
+# The writer doubles the map when it is this full, up to lmdb_map_size_max (--map-size-max-mib)
+lmdb_map_grow_at = 0.8
+lmdb_map_size_max = 1024**4
+# health NOT_SERVING when this much of lmdb_map_size_max is used (--map-high-water)
+lmdb_map_high_water = 0.9
 lmdb_max_dbs = 32
 lmdb_max_readers = 512
 writer_group_max = 512  # commands folded into one write transaction (one fsync)
