@@ -81,8 +81,10 @@ class Metrics:
                             multiprocess_mode="livesum")
         self._map_used = Gauge("yikatong_lmdb_map_used_bytes", "LMDB pages in use, in bytes",
                                multiprocess_mode="max")
-        self._map_size = Gauge("yikatong_lmdb_map_size_bytes", "LMDB map size (the most the "
-                               "store may hold)", multiprocess_mode="max")
+        self._map_size = Gauge("yikatong_lmdb_map_size_bytes", "LMDB map size now (the writer "
+                               "doubles it at 80% used)", multiprocess_mode="max")
+        Gauge("yikatong_lmdb_map_size_max_bytes", "The most the LMDB map may grow to "
+              "(--map-size-max-mib)", multiprocess_mode="max").set(store.map_size_max)
         self._watchers = Gauge("yikatong_watchers", "Open WatchChanges streams",
                                multiprocess_mode="livesum")
         from yikatong import __version__
@@ -191,7 +193,7 @@ class Metrics:
 
 
 REASONS = max(Reason) + 1
-REASONS_NOT_SERVING = ("map_full", "corrupt_record", "writer_down")
+REASONS_NOT_SERVING = ("map_full", "disk_full", "corrupt_record", "writer_down")
 _SECONDS_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
                     2.5, 5, 10)
 _GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)

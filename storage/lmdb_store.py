@@ -230,9 +230,11 @@ class Store:
         self.map_size_max = max(map_size, map_size_max)
         self.high_water = high_water
         # why health says NOT_SERVING besides the writer: "map_full" (past the high-water mark
-        # of map_size_max), "corrupt_record" (a read answered DATA_LOSS; until a restart)
+        # of map_size_max), "disk_full" (past it of the data dir's file system),
+        # "corrupt_record" (a read answered DATA_LOSS; until a restart)
         self.not_serving: set[str] = set()
         self._readers = _Readers()
+        self._disk_checked = -1e9
         self._group_max = group_max  # 1 = one fsync per command (the benchmark's baseline)
         self._queue_max = queue_max
         self._periodic = periodic
@@ -337,6 +339,11 @@ class Store:
                             self.map_size_max >> 20)
                 size = new
         self.note("map_full", used >= self.high_water * self.map_size_max)
+        now = time.monotonic()
+        if now >= self._disk_checked + 10:  # the map is address space; the disk is the limit
+            self._disk_checked = now
+            fs = os.statvfs(self.data_dir)
+            self.note("disk_full", fs.f_bavail < (1 - self.high_water) * fs.f_blocks)
 
     def book(self, txn) -> "Book":
         return Book(txn, self.dbs)

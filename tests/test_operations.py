@@ -122,7 +122,7 @@ def test_a_real_prometheus_scrapes_the_server_and_evaluates_every_rule(prometheu
     for rule in seen["after"].values():
         assert rule["health"] == "ok" and not rule.get("lastError"), rule
     # the store's two gauges meet in the ratio the store alerts use: labels match, 0 < x < 1
-    ratio = query(prometheus, "yikatong_lmdb_map_used_bytes / yikatong_lmdb_map_size_bytes")
+    ratio = query(prometheus, "yikatong_lmdb_map_used_bytes / yikatong_lmdb_map_size_max_bytes")
     assert len(ratio) == 1 and 0 < float(ratio[0]["value"][1]) < 1, ratio
     assert query(prometheus, 'ALERTS{alertstate="firing"}') == []  # a fresh server: none
 
