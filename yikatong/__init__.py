@@ -1,2 +1,7 @@
 """Yikatong: card transaction and state server. Domain rules live in this package;
 `yikatong.v1` holds the protobuf/gRPC modules the build generates from proto/."""
+
+# The one place the release is named: pyproject.toml reads it (setuptools' dynamic version),
+# `yikatong --version` prints it, the start-up line logs it, a data dir records it
+# (storage/migrate.py). 0.2.0: the first release that records its store format.
+__version__ = "0.2.0"

@@ -1,0 +1,462 @@
+"""Store formats and the migrations between them.
+
+A data dir records the format of its records and the release that wrote it, in the `meta`
+database: `format` (ASCII digits) and `written_by` ("yikatong 0.2.0"). The store opens only a
+store of the format it serves (`check_format`, called where `Store` opens the environment):
+an older one is refused with one line naming the command that migrates it, a newer one with
+one line saying no migration goes back. `migrate` (`yikatong migrate --data-dir DIR`,
+`yikatong serve --migrate`) brings an older store to `FORMAT`.
+
+The formats:
+
+- 1: the release of 24 November 2026 (commit 6b43753, called 0.1.0). 11 databases; card
+  records of 128 bytes (version 1, `temp_loss_at` where format 2 has the end instant
+  `temp_loss_until`, no `received_at`); account records of version 1; transfer records of
+  version 1 without the role that made them; change records of 93 bytes with no version byte
+  (card number, state, transfer id, amount: no kind, time, holder or what changed); notes keyed
+  by the bare card number; no holder_ssn index, no open steps, no audit trail.
+- 2: the release of 6 December 2026 (commit 5ab1cc2, also called 0.1.0; the first to be told
+  0.2.0's format). It did not record its format either: a store without the `format` key is
+  told by its content (`stored_format`).
+
+Adding a format: bump `FORMAT`, add `MIGRATIONS[FORMAT - 1]` (a function of the write
+transaction that converts every record of the old layout and returns what it did, with the
+old and new layouts spelled out in it, never read from `records`, which moves on), and a
+fixture data dir of the old format made by tests/fixtures/make_fixtures.py, with what the
+release that wrote it answered (tests/test_migrate.py runs every fixture).
+
+A migration is deterministic (no clock, no random): every node of a replicated store, migrated
+while stopped, ends with the same bytes.
+"""
+import datetime as _dt
+import os
+import struct
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import lmdb
+
+from yikatong import __version__, config
+from yikatong.errors import CorruptRecord, StoreFormat
+from yikatong.storage import records
+
+FORMAT = 2  # the format this release serves
+FORMAT_KEY, WRITTEN_BY_KEY = b"format", b"written_by"
+WRITTEN_BY = f"yikatong {__version__}"
+UNRECORDED = "a release that did not record it"
+_BATCH = 10_000  # records read per cursor walk; the writes of a batch follow it
+
+
+# ---------------------------------------------------------------------------- at open
+
+def stored_format(env) -> tuple[int | None, str | None]:
+    """(format, written_by) of a store: as recorded in `meta`, else told by content with
+    written_by None. (None, None) for a store that holds nothing yet."""
+    with env.begin() as txn:
+        names = _names(txn)
+        meta = _db(env, txn, b"meta", names)
+        value = txn.get(FORMAT_KEY, db=meta) if meta is not None else None
+        if value is not None:
+            by = txn.get(WRITTEN_BY_KEY, db=meta)
+            try:
+                found = int(bytes(value).decode("ascii"))
+            except ValueError:
+                raise StoreFormat(f"the store's meta `format` is {bytes(value)!r}, not a "
+                                  "format number") from None
+            return found, bytes(by).decode("utf-8", "replace") if by is not None else UNRECORDED
+        return _by_content(env, txn, names), None
+
+
+def check_format(env, data_dir: str, write: bool = True) -> int:
+    """The store's format if this release serves it; StoreFormat, in one line naming what to
+    do, if not. `write`: a store that holds nothing yet, or a format-2 store written before
+    formats were recorded, gets `format` and `written_by` now."""
+    found, by = stored_format(env)
+    if found is not None and found != FORMAT:
+        raise StoreFormat(refusal(data_dir, found, by))
+    if by is None and write:
+        with env.begin(write=True) as txn:
+            meta = env.open_db(b"meta", txn=txn)
+            txn.put(FORMAT_KEY, str(FORMAT).encode("ascii"), db=meta)
+            txn.put(WRITTEN_BY_KEY, WRITTEN_BY.encode("utf-8"), db=meta)
+    return FORMAT
+
+
+def refusal(data_dir: str, found: int, by: str | None) -> str:
+    written = f"written by {by or UNRECORDED}"
+    if found < FORMAT:
+        return (f"data dir {data_dir} is store format {found} ({written}); yikatong "
+                f"{__version__} serves format {FORMAT}: run `yikatong migrate --data-dir "
+                f"{data_dir}` first (or start with `yikatong serve --migrate`)")
+    return (f"data dir {data_dir} is store format {found} ({written}); yikatong {__version__} "
+            f"serves format {FORMAT} and no migration goes back: run the release that wrote "
+            "it, or a later one")
+
+
+def _names(txn) -> set[bytes]:
+    """The named databases of an environment (the keys of its main database)."""
+    return {bytes(k) for k in txn.cursor().iternext(values=False)}
+
+
+def _db(env, txn, name: bytes, names: set[bytes]):
+    return env.open_db(name, txn=txn, create=False) if name in names else None
+
+
+def _first(txn, db) -> bytes | None:
+    if db is None:
+        return None
+    with txn.cursor(db=db) as cur:
+        return bytes(cur.value()) if cur.first() else None
+
+
+def _by_content(env, txn, names: set[bytes]) -> int | None:
+    """A store that did not record its format: format 1 or 2 by its records, None if it holds
+    none. The change log comes first: it is append-only and every card or transfer written
+    added to it, so its first record is as old as the store (a format-1 store that a format-2
+    server opened and wrote to still begins with format 1's)."""
+    dbs = {n: env.open_db(n, txn=txn, create=False) for n in names}
+    if not any(txn.stat(db)["entries"] for db in dbs.values()):
+        return None
+    change = _first(txn, dbs.get(b"changes"))
+    if change is not None:
+        if len(change) == _CHANGE_1.size:
+            return 1
+        if len(change) in (113, _CHANGE_2.size) and change[0] in (1, 2):
+            return 2  # format 2 reads both change record versions
+        raise StoreFormat(f"the store's first change record is {len(change)} bytes: not of "
+                          f"format 1 or 2, and it did not record its format")
+    card = _first(txn, dbs.get(b"cards"))
+    if card is not None:
+        if len(card) in (_CARD_1.size, _CARD_2.size):
+            return 1 if len(card) == _CARD_1.size else 2
+        raise StoreFormat(f"the store's first card record is {len(card)} bytes: not of format "
+                          "1 or 2, and it did not record its format")
+    return 1 if names <= _FORMAT_1_DBS else 2
+
+
+# ---------------------------------------------------------------------------- migrate
+
+def migrate(data_dir: str, *, map_size: int = config.lmdb_map_size,
+            say: Callable[[str], None] = print) -> dict[str, dict[str, int]]:
+    """Bring the store in `data_dir` to FORMAT: a compacted copy of it kept first (the way
+    back), the audit trail verified, every record converted in one write transaction and
+    checked by this release's decoders before it commits, then `format` and `written_by`
+    set, the audit trail verified again. The caller holds the data dir (lock_data_dir): no
+    server runs on it. Returns {"<from>-><to>": {what: count}}; {} when already current.
+    StoreFormat (nothing changed) when it cannot."""
+    from yikatong.storage.lmdb_store import Store
+
+    lmdb_dir = os.path.join(data_dir, "lmdb")
+    env = Store._open(lmdb_dir, map_size, True)
+    try:
+        return _migrate(env, data_dir, say)
+    except lmdb.MapFullError:
+        raise StoreFormat(f"the migration of {data_dir} needs a larger map than "
+                          f"{map_size // 2**20} MiB (--map-size-mib); nothing was "
+                          "changed") from None
+    finally:
+        env.close()
+
+
+def _migrate(env, data_dir: str, say) -> dict[str, dict[str, int]]:
+    found, by = stored_format(env)
+    if found is None or found == FORMAT:
+        say(f"data dir {data_dir} is already store format {FORMAT} (written by "
+            f"{by or UNRECORDED}): nothing to migrate")
+        return {}
+    if found > FORMAT:
+        raise StoreFormat(refusal(data_dir, found, by))
+    say(f"migrating data dir {data_dir} from store format {found} (written by "
+        f"{by or UNRECORDED}) to {FORMAT}")
+    say("  audit trail before: " + _verify_audit(env, data_dir, found))
+    copy = _keep_copy(env, data_dir, found)
+    size = os.path.getsize(os.path.join(copy, "lmdb", "data.mdb"))
+    say(f"  kept a compacted copy of the store as it was, a data dir of its own: {copy} "
+        f"({size} bytes); to roll back, stop the server and run the release that wrote it on "
+        f"that copy (or move its lmdb/ in place of {os.path.join(data_dir, 'lmdb')})")
+    done: dict[str, dict[str, int]] = {}
+    try:
+        with env.begin(write=True) as txn:
+            for step in range(found, FORMAT):
+                done[f"{step}->{step + 1}"] = MIGRATIONS[step](env, txn)
+            _check(env, txn)
+            meta = env.open_db(b"meta", txn=txn)
+            txn.put(FORMAT_KEY, str(FORMAT).encode("ascii"), db=meta)
+            txn.put(WRITTEN_BY_KEY, WRITTEN_BY.encode("utf-8"), db=meta)
+    except (CorruptRecord, struct.error, UnicodeError) as error:
+        raise StoreFormat(f"the migration of {data_dir} stopped, nothing was changed: "
+                          f"{error}") from None
+    for step, counts in done.items():
+        say(f"  format {step}: " + ", ".join(f"{what} {n}" for what, n in counts.items()))
+    for step, counts in done.items():
+        for what, note in NOTES.get(step, {}).items():
+            if not what or counts.get(what):
+                say(f"  note: {note}")
+    after = _verify_audit(env, data_dir, FORMAT)
+    say(f"  audit trail after: {after}")
+    say(f"data dir {data_dir} is now store format {FORMAT} (written by {WRITTEN_BY})")
+    return done
+
+
+def _verify_audit(env, data_dir: str, found: int) -> str:
+    from yikatong.storage.lmdb_store import Book
+
+    with env.begin() as txn:
+        audit = _db(env, txn, b"audit", _names(txn))
+        if audit is None:
+            return f"none (format {found} kept no audit trail)"
+        ok, events, bad, problem = Book(txn, SimpleNamespace(audit=audit)).verify_audit()
+    if not ok:
+        raise StoreFormat(f"the audit trail of {data_dir} is broken at event {bad}: {problem}; "
+                          "not migrating (see `yikatong audit verify`)")
+    return f"{events} events, every link holds"
+
+
+def _keep_copy(env, data_dir: str, found: int) -> str:
+    """A compacted copy of the store (LMDB's own copy: a consistent snapshot), laid out as a
+    data dir of its own, DIR/pre-migrate-<format>-<UTC time>/lmdb/data.mdb; owner-only (0700,
+    0600): it holds personal information."""
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = os.path.join(data_dir, f"pre-migrate-{found}-{stamp}")
+    for d in (path, os.path.join(path, "lmdb")):
+        os.makedirs(d, mode=0o700)
+        os.chmod(d, 0o700)
+    env.copy(os.path.join(path, "lmdb"), compact=True)
+    for name in os.listdir(os.path.join(path, "lmdb")):
+        os.chmod(os.path.join(path, "lmdb", name), 0o600)
+    return path
+
+
+def _rewrite(txn, db, convert: Callable[[bytes, bytes], bytes | None]) -> tuple[int, int]:
+    """convert(key, value) for every record of `db`: the new value, or None to keep it.
+    Read in batches, each written after its walk (a cursor never walks what is being
+    written). (converted, kept)."""
+    converted = kept = 0
+    after = None
+    while True:
+        batch = []
+        with txn.cursor(db=db) as cur:
+            more = cur.set_range(after + b"\0") if after is not None else cur.first()
+            while more and len(batch) < _BATCH:
+                batch.append((bytes(cur.key()), bytes(cur.value())))
+                more = cur.next()
+        for key, value in batch:
+            new = convert(key, value)
+            if new is None:
+                kept += 1
+            else:
+                txn.put(key, new, db=db)
+                converted += 1
+        if len(batch) < _BATCH:
+            return converted, kept
+        after = batch[-1][0]
+
+
+def _check(env, txn) -> None:
+    """Every converted record read back by this release's own decoders, before the commit
+    (TIGER_STYLE: assert right after writing): CorruptRecord rolls the migration back."""
+    from yikatong.storage.lmdb_store import Book
+
+    names = _names(txn)
+    decoders = {
+        b"cards": lambda k, v: records.decode_card(k.decode("ascii"), v),
+        b"holders": lambda k, v: records.decode_holder(k.decode("ascii"), v),
+        b"accounts": lambda k, v: records.decode_account(v),
+        b"transfers": lambda k, v: records.decode_transfer(v),
+        b"changes": lambda k, v: records.decode_change(v),
+        b"steps": lambda k, v: records.decode_steps(v),
+        b"notes": lambda k, v: _check_note(k, Book.CARD_TEXTS),
+    }
+    for name, decode in decoders.items():
+        db = _db(env, txn, name, names)
+        if db is None:
+            continue
+        for key, value in txn.cursor(db=db):
+            try:
+                decode(bytes(key), bytes(value))
+            except (CorruptRecord, UnicodeError) as error:
+                raise CorruptRecord(f"{name.decode()} record {bytes(key)[:24]!r} does not "
+                                    f"read back: {error}") from None
+
+
+def _check_note(key: bytes, kinds) -> None:
+    kind, sep, card = key.decode("ascii").partition(":")
+    if not sep or kind not in kinds or not card:
+        raise CorruptRecord(f"note key {key!r} is not <kind>:<card number>")
+
+
+# ---------------------------------------------------------------------------- 1 -> 2
+
+_FORMAT_1_DBS = frozenset((b"cards", b"holders", b"holder_cards", b"requests", b"notes",
+                           b"meta", b"accounts", b"transfers", b"holds_by_timeout",
+                           b"holds_by_account", b"changes"))
+_FORMAT_2_NEW_DBS = frozenset((b"residences", b"holder_ssn", b"steps", b"credit",
+                               b"holder_history", b"points", b"employer_credit", b"ecards",
+                               b"audit"))
+# The layouts, as each format wrote them (frozen here: records.py moves on).
+_CARD_1 = struct.Struct("<BBBBBBHqqQqqq20s20s32s")  # ... temp_loss_at ... no received_at
+_CARD_2 = struct.Struct("<BBBBBBHqqQqqqq20s20s32s")  # ... temp_loss_until ... received_at
+_TRANSFER_1 = struct.Struct("<BBBBqqqq40s40s64s32s")  # version kind status channel amount ...
+_TRANSFER_2 = struct.Struct("<BBBBBqqqq40s40s64s32s")  # ... channel role amount ...
+_CHANGE_1 = struct.Struct("<20sB64sq")  # card number, state, transfer id, amount
+_CHANGE_2 = struct.Struct("<BBBBBBqQq20s64s")  # version kind state flags locks what time ...
+_ACCOUNT_SIZE = 33
+assert (_CARD_1.size, _CARD_2.size, _CHANGE_1.size, _CHANGE_2.size) == (128, 136, 93, 114)
+assert (_TRANSFER_1.size, _TRANSFER_2.size) == (212, 213)
+_TEMP_LOSS, _APPLIED, _VERIFIED = 6, 1, 2  # model.State
+_PENDING = 2  # TransferKind.PENDING, TransferStatus.PENDING
+_CARD_KIND, _TRANSFER_KIND = 1, 2  # ChangeKind
+_BALANCE, _ALL_BUT_BALANCE = 16, 127 - 16  # Changed
+# Format 1 let exactly one role use each money channel (its server/clients.py CHANNEL_ROLES):
+# TRANSIT by TRANSIT_GATE, MEDICAL by MEDICAL_TERMINAL, BENEFIT by BENEFIT_COUNTER (model.Role
+# 1, 2, 3). Ledger.Transfer (channel 0) was open to three roles and did not record which.
+_ROLE_OF_CHANNEL = {1: 1, 2: 2, 3: 3}
+_TEMP_LOSS_SECONDS = 5 * 86400  # format 1's config.temp_loss_valid_seconds (SH-18b)
+_U64 = struct.Struct(">Q")
+
+
+def _card_1_to_2(key: bytes, value: bytes) -> bytes | None:
+    """Format 1 kept when a temporary loss was reported, and lapsed it 5 x 24 hours later;
+    format 2 keeps the instant it lapses: that same instant, so the card answers as it did.
+    (Format 2 counts a new report to 24:00 of the fifth day, SH-18b as SPEC.md section 6
+    counts periods; a migration carries over what was decided and told, it does not decide
+    again: docs/DECISIONS.md.) A Residence Card's valid_until likewise stays as it was.
+    received_at (GZ-12) was not kept: 0, as format 2 has it for a card never activated (a
+    fee then counts from issued_at)."""
+    if len(value) == _CARD_2.size and value[0] == 2:
+        return None
+    if len(value) != _CARD_1.size or value[0] != 1:
+        raise CorruptRecord(f"card record {key!r} of {len(value)} bytes, version "
+                            f"{value[:1]!r}: neither format 1's nor format 2's")
+    (_, pack, state, flags, generation, locks, points, temp_loss_at, valid_until, holder,
+     applied, issued, loss, replaced_by, replaces, bank) = _CARD_1.unpack(value)
+    until = temp_loss_at + _TEMP_LOSS_SECONDS if state == _TEMP_LOSS and temp_loss_at else 0
+    return _CARD_2.pack(2, pack, state, flags, generation, locks, points, until, valid_until,
+                        holder, applied, issued, loss, 0, replaced_by, replaces, bank)
+
+
+def _account_1_to_2(key: bytes, value: bytes) -> bytes | None:
+    if len(value) != _ACCOUNT_SIZE or value[0] not in (1, 2):
+        raise CorruptRecord(f"account record {key!r} of {len(value)} bytes")
+    return None if value[0] == 2 else b"\x02" + value[1:]
+
+
+def _transfer_1_to_2(key: bytes, value: bytes) -> bytes | None:
+    if len(value) == _TRANSFER_2.size and value[0] == 2:
+        return None
+    if len(value) != _TRANSFER_1.size or value[0] != 1:
+        raise CorruptRecord(f"transfer record {key!r} of {len(value)} bytes")
+    (_, kind, status, channel, amount, created, timeout, resolved, debit, credit, ref,
+     fingerprint) = _TRANSFER_1.unpack(value)
+    return _TRANSFER_2.pack(2, kind, status, channel, _ROLE_OF_CHANNEL.get(channel, 0), amount,
+                            created, timeout, resolved, debit, credit, ref, fingerprint)
+
+
+def _holder_of_transfer(txn, transfers, transfer_id: bytes) -> int:
+    """The holder whose account a transfer moved (the debit's, else the credit's), as format 2's
+    ledger names it in the change log; 0 for operators only."""
+    value = txn.get(transfer_id, db=transfers)
+    if value is None:
+        raise CorruptRecord(f"change record names transfer {transfer_id!r}, which is not stored")
+    at = 5 if value[0] == 2 else 4  # the debit key follows the fixed fields
+    at += 32
+    debit, credit = bytes(value[at:at + 40]), bytes(value[at + 40:at + 80])
+    for key in (debit, credit):
+        if key[:1] == b"h":
+            return _U64.unpack_from(key, 1)[0]
+    return 0
+
+
+def _from_1(env, txn) -> dict[str, int]:
+    """Format 1 -> 2. Change sequence numbers stay; each change record gets format 2's fields:
+    kind (a transfer id says TRANSFER), the holder (of the card, or of the transfer's holder
+    account), flags and locks (the card's own for its last change, which wrote the card as it
+    is; not known for earlier ones: 0), what changed (format 1 did not say: BALANCE for a
+    transfer, everything else for a card, as format 2 reads an unversioned-what record) and
+    time 0 (format 1 did not keep it). Requests stay as they are: format 2 binds a request id
+    to the client that sent it, which format 1 did not keep, so a pre-upgrade id replayed is
+    ID_REUSED, never done twice."""
+    # every database of format 2, made here (empty) so the store is whole when it commits
+    dbs = {name: env.open_db(name, txn=txn)
+           for name in sorted(_FORMAT_1_DBS | _FORMAT_2_NEW_DBS)}
+    cards, transfers = dbs[b"cards"], dbs[b"transfers"]
+    counts: dict[str, int] = {}
+
+    # changes first: they read the cards' holders, flags and locks (same offsets in both)
+    last_of: dict[bytes, int] = {}  # card -> the sequence of its last change
+    with txn.cursor(db=dbs[b"changes"]) as cur:
+        for key, value in cur:
+            if len(value) == _CHANGE_1.size:
+                card = bytes(value[:20]).rstrip(b"\0")
+                if card and not bytes(value[21:85]).rstrip(b"\0"):
+                    last_of[card] = _U64.unpack(key)[0]
+
+    def change(key: bytes, value: bytes) -> bytes | None:
+        if len(value) in (113, _CHANGE_2.size) and value[0] in (1, 2):
+            return None
+        if len(value) != _CHANGE_1.size:
+            raise CorruptRecord(f"change record {_U64.unpack(key)[0]} of {len(value)} bytes")
+        card, state, transfer_id, amount = _CHANGE_1.unpack(value)
+        card, transfer_id = card.rstrip(b"\0"), transfer_id.rstrip(b"\0")
+        if transfer_id:
+            return _CHANGE_2.pack(2, _TRANSFER_KIND, state, 0, 0, _BALANCE, 0,
+                                  _holder_of_transfer(txn, transfers, transfer_id), amount,
+                                  card, transfer_id)
+        record = txn.get(card, db=cards)
+        if record is None:
+            raise CorruptRecord(f"change record {_U64.unpack(key)[0]} names card {card!r}, "
+                                "which is not stored")
+        holder = struct.unpack_from("<Q", record, 24)[0]
+        flags, locks = ((record[3], record[5]) if last_of.get(card) == _U64.unpack(key)[0]
+                        else (0, 0))
+        return _CHANGE_2.pack(2, _CARD_KIND, state, flags, locks, _ALL_BUT_BALANCE, 0, holder,
+                              amount, card, b"")
+
+    counts["changes converted"] = _rewrite(txn, dbs[b"changes"], change)[0]
+    counts["cards converted"] = _rewrite(txn, cards, _card_1_to_2)[0]
+    counts["accounts converted"] = _rewrite(txn, dbs[b"accounts"], _account_1_to_2)[0]
+    counts["transfers converted"] = _rewrite(txn, transfers, _transfer_1_to_2)[0]
+
+    # notes: "<card>" -> "note:<card>" (why a card was rejected or cancelled)
+    old_notes = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=dbs[b"notes"])
+                 if b":" not in bytes(k)]
+    for key, value in old_notes:
+        txn.delete(key, db=dbs[b"notes"])
+        txn.put(b"note:" + key, value, db=dbs[b"notes"])
+    counts["notes renamed"] = len(old_notes)
+
+    # holder_ssn: holder id -> identity number, the index format 2 keeps beside holders
+    added = 0
+    for key, value in txn.cursor(db=dbs[b"holders"]):
+        if txn.put(bytes(value[:8]), bytes(key), db=dbs[b"holder_ssn"], overwrite=False):
+            added += 1
+    counts["holder_ssn added"] = added
+
+    counts["requests kept"] = txn.stat(dbs[b"requests"])["entries"]
+    counts["holders kept"] = txn.stat(dbs[b"holders"])["entries"]
+    # what format 1 did not keep, counted for the operator (NOTES says what follows)
+    counts["open holds with no role"] = sum(
+        1 for _, v in txn.cursor(db=transfers)
+        if v[1] == _PENDING and v[2] == _PENDING and v[3] == 0)
+    counts["cards in progress with no steps"] = sum(
+        1 for _, v in txn.cursor(db=cards) if v[2] in (_APPLIED, _VERIFIED))
+    return counts
+
+
+# from_format -> the function converting every record of it, in the migration's transaction
+MIGRATIONS: dict[int, Callable[..., dict[str, int]]] = {1: _from_1}
+# what a migration could not carry over, said to the operator after it: {count: note}, said
+# when that count is not 0 ("": always)
+NOTES: dict[str, dict[str, str]] = {
+    "1->2": {
+        "open holds with no role": "open holds with no role were placed through "
+        "Ledger.Transfer, whose caller's role format 1 did not keep: no caller can post or "
+        "void them now; each is released at its timeout",
+        "cards in progress with no steps": "format 1 kept no deadlines, nor when a card was "
+        "verified: Deadlines.ListDue and `yikatong due` do not list the cards in progress",
+        "": "format 1's change records carry time 0 (it was not kept); a request id sent "
+        "before the upgrade and sent again is ID_REUSED (format 1 did not keep which client "
+        "sent it), never done twice",
+    },
+}
+assert set(MIGRATIONS) == set(range(1, FORMAT)), "every older format has its migration"
