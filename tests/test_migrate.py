@@ -23,7 +23,8 @@ from yikatong.storage import migrate, records
 from yikatong.storage.lmdb_store import Store
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-OLDER = sorted(range(1, migrate.FORMAT))  # every format a migration starts from
+FORMATS = sorted(int(n[len("format"):]) for n in os.listdir(FIXTURES) if n.startswith("format"))
+OLDER = [f for f in FORMATS if f < migrate.FORMAT]  # every format a migration starts from
 _spec = importlib.util.spec_from_file_location("record_answers",
                                                os.path.join(FIXTURES, "record_answers.py"))
 ask = importlib.util.module_from_spec(_spec)
@@ -76,6 +77,10 @@ def test_one_version_everywhere():
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "yikatong.__version__"}
 
 
+def test_every_older_format_has_its_migration_and_its_fixture():
+    assert set(migrate.MIGRATIONS) == set(OLDER) == set(range(1, migrate.FORMAT))
+
+
 def test_a_new_store_records_its_format_and_writer(tmp_path):
     store = Store(str(tmp_path / "d"), map_size=16 * 2**20)
     assert store.format == migrate.FORMAT
@@ -105,14 +110,16 @@ def test_an_older_format_is_refused_at_open_in_one_line(tmp_path, fmt):
     assert store_digest(data_dir) == before  # nothing written: not even format 2's databases
 
 
-@pytest.mark.parametrize("fmt", OLDER)
-def test_migrated_store_answers_what_its_release_answered(tmp_path, fmt):
+def upgraded(tmp_path, fmt: int) -> str:
+    """A copy of format<fmt>'s data dir as today's release serves it: migrated by `yikatong
+    migrate` when older (its copy kept, owner-only), as it is when current."""
     data_dir = fixture(tmp_path, fmt)
-    was = answers(fmt)
     done = yikatong("migrate", "--data-dir", data_dir)
     assert done.returncode == 0, done.stderr
+    if fmt == migrate.FORMAT:
+        assert "nothing to migrate" in done.stdout
+        return data_dir
     assert f"is now store format {migrate.FORMAT}" in done.stdout
-    assert "cards converted 16" in done.stdout and "changes converted 77" in done.stdout
     copies = [n for n in os.listdir(data_dir) if n.startswith(f"pre-migrate-{fmt}-")]
     assert len(copies) == 1  # the way back, owner-only: it holds personal information
     copy = os.path.join(data_dir, copies[0])
@@ -120,7 +127,11 @@ def test_migrated_store_answers_what_its_release_answered(tmp_path, fmt):
     assert os.stat(os.path.join(copy, "lmdb")).st_mode & 0o777 == 0o700
     assert os.stat(os.path.join(copy, "lmdb", "data.mdb")).st_mode & 0o777 == 0o600
     assert store_digest(copy) == store_digest(fixture(tmp_path / "as-shipped", fmt))
+    return data_dir
 
+
+def ask_today(tmp_path, data_dir: str, was: dict) -> tuple[dict, dict]:
+    """Today's server on `data_dir` at the fixture's clock: every question, then again."""
     server = serve(tmp_path, data_dir, was["clock_start"])
     try:
         numbers = ask.card_numbers(data_dir)
@@ -128,36 +139,76 @@ def test_migrated_store_answers_what_its_release_answered(tmp_path, fmt):
         again = ask.ask(server.address, numbers, feed=False)  # after the replay
     finally:
         assert server.stop() == 0
+    return now, again
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_answers_what_its_release_answered(tmp_path, fmt):
+    data_dir = upgraded(tmp_path, fmt)
+    was = answers(fmt)
+    now, again = ask_today(tmp_path, data_dir, was)
+    numbers = sorted(was["status"])
     for what, message in (("status", "CardStatusResponse"), ("card", "Card"),
                           ("balances", "GetBalancesResponse")):
-        fields = set(was["fields"][message])
+        fields = set(was["fields"][message])  # what that release's answer had
         for number in numbers:
             for answered in (now, again):
                 assert {k: v for k, v in answered[what][number].items() if k in fields} \
                     == was[what][number], (what, number)
     assert now["authorize"] == was["authorize"]
     # a request id answered before the upgrade is never done again (the balances above are
-    # the same after it); format 1 did not keep which client sent it, so it is refused
+    # the same after it): format 1 did not keep which client sent it, so it is refused
     assert was["replay"]["status"] == "TRANSFER_STATUS_POSTED"
-    assert now["replay"] == again["replay"] == {"error": "ALREADY_EXISTS"}
-    feed = now["changes"]
+    assert now["replay"] == again["replay"] == (
+        {"error": "ALREADY_EXISTS"} if fmt == 1 else was["replay"])
     assert yikatong("audit", "verify", "--data-dir", data_dir).returncode == 0
+    held = meta(data_dir)  # recorded now, by whichever opened it
+    assert held[b"format"] == str(migrate.FORMAT).encode()
+    assert held[b"written_by"] == f"yikatong {__version__}".encode()
+    if fmt >= 2:  # the change feed and the audit trail, as that release served them
+        assert now["changes"] == was["changes"]
+        assert now["audit"] == was["audit"]
+        return
+    # format 1 had no change feed: today's serves its stored log, under the same sequences
+    stored, feed = was["changes_stored"], now["changes"]
+    assert [int(e["sequence"]) for e in feed] == [c["sequence"] for c in stored]
+    for event, change in zip(feed, stored, strict=True):
+        assert event.get("card_number", "") == change["card_number"]
+        if change["transfer_id"]:
+            assert event.get("balance_changed") is True
+        else:
+            assert event["state"] == _state_name(change["state"])
+            assert event.get("state_changed") is True
+    store = Store(data_dir, map_size=16 * 2**20)
+    with store.read() as txn:
+        kept = [(seq, c.transfer_id, c.amount) for seq, c in store.book(txn).changes()]
+    store.close()
+    assert kept == [(c["sequence"], c["transfer_id"], c["amount"]) for c in stored]
+    assert now["audit"] == {"ok": True}  # a trail begun empty by the migration
 
-    if fmt == 1:  # no change feed then: today's serves the stored log, same sequences
-        stored = was["changes_stored"]
-        assert [int(e["sequence"]) for e in feed] == [c["sequence"] for c in stored]
-        for event, change in zip(feed, stored, strict=True):
-            assert event.get("card_number", "") == change["card_number"]
-            if change["transfer_id"]:
-                assert event.get("balance_changed") is True
-            else:
-                assert event["state"] == _state_name(change["state"])
-                assert event.get("state_changed") is True
-        store = Store(data_dir, map_size=16 * 2**20)
-        with store.read() as txn:
-            kept = [(seq, c.transfer_id, c.amount) for seq, c in store.book(txn).changes()]
-        store.close()
-        assert kept == [(c["sequence"], c["transfer_id"], c["amount"]) for c in stored]
+
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=pytest.mark.xfail(
+    strict=True, reason="7a2bdd1 gave the steps record a version byte without a new store "
+    "format: format 2's steps are unreadable until format 3 and its migration land"))
+    if f == 2 else f for f in FORMATS if f >= 2])
+def test_every_format_lists_the_deadlines_its_release_listed(tmp_path, fmt):
+    data_dir = upgraded(tmp_path, fmt)
+    was = answers(fmt)
+    now, _ = ask_today(tmp_path, data_dir, was)
+    assert now["due"] == was["due"]
+
+
+def test_format_1_migration_says_what_it_converted(tmp_path):
+    data_dir = fixture(tmp_path, 1)
+    done = yikatong("migrate", "--data-dir", data_dir)
+    assert done.returncode == 0, done.stderr
+    for said in ("audit trail before: none (format 1 kept no audit trail)",
+                 "changes converted 77", "cards converted 16", "accounts converted 7",
+                 "transfers converted 11", "notes renamed 2", "holder_ssn added 14",
+                 "requests kept 3", "open holds with no role 1",
+                 "cards in progress with no steps 2",
+                 "audit trail after: 0 events, every link holds"):
+        assert said in done.stdout, said
 
 
 def _state_name(state: int) -> str:
