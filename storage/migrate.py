@@ -15,9 +15,10 @@ The formats:
   version 1 without the role that made them; change records of 93 bytes with no version byte
   (card number, state, transfer id, amount: no kind, time, holder or what changed); notes keyed
   by the bare card number; no holder_ssn index, no open steps, no audit trail.
-- 2: the release of 6 December 2026 (commit 5ab1cc2, also called 0.1.0; the first to be told
-  0.2.0's format). It did not record its format either: a store without the `format` key is
-  told by its content (`stored_format`).
+- 2: the release of 6 December 2026 (commit 5ab1cc2, also called 0.1.0), and 0.2.0, the
+  first release to record it. A store without the `format` key is told by its content
+  (`stored_format`). Development builds between the two releases wrote mixtures of both
+  layouts; a record of neither stops a migration, naming it, with nothing changed.
 
 Adding a format: bump `FORMAT`, add `MIGRATIONS[FORMAT - 1]` (a function of the write
 transaction that converts every record of the old layout and returns what it did, with the
@@ -111,24 +112,25 @@ def _first(txn, db) -> bytes | None:
 
 def _by_content(env, txn, names: set[bytes]) -> int | None:
     """A store that did not record its format: format 1 or 2 by its records, None if it holds
-    none. The change log comes first: it is append-only and every card or transfer written
-    added to it, so its first record is as old as the store (a format-1 store that a format-2
-    server opened and wrote to still begins with format 1's)."""
+    none. Format 1 if its first change record or its first card is format 1's: the change log
+    is append-only and every card or transfer written added to it, so its first record is as
+    old as the store (a format-1 store that a format-2 server opened and wrote to still begins
+    with format 1's), and format 2 could not rewrite a format-1 card (DATA_LOSS)."""
     dbs = {n: env.open_db(n, txn=txn, create=False) for n in names}
     if not any(txn.stat(db)["entries"] for db in dbs.values()):
         return None
-    change = _first(txn, dbs.get(b"changes"))
+    change, card = _first(txn, dbs.get(b"changes")), _first(txn, dbs.get(b"cards"))
+    if (change is not None and len(change) == _CHANGE_1.size
+            or card is not None and len(card) == _CARD_1.size):
+        return 1
     if change is not None:
-        if len(change) == _CHANGE_1.size:
-            return 1
         if len(change) in (113, _CHANGE_2.size) and change[0] in (1, 2):
             return 2  # format 2 reads both change record versions
         raise StoreFormat(f"the store's first change record is {len(change)} bytes: not of "
                           f"format 1 or 2, and it did not record its format")
-    card = _first(txn, dbs.get(b"cards"))
     if card is not None:
-        if len(card) in (_CARD_1.size, _CARD_2.size):
-            return 1 if len(card) == _CARD_1.size else 2
+        if len(card) == _CARD_2.size:
+            return 2
         raise StoreFormat(f"the store's first card record is {len(card)} bytes: not of format "
                           "1 or 2, and it did not record its format")
     return 1 if names <= _FORMAT_1_DBS else 2
