@@ -188,10 +188,10 @@ def _migrate(env, data_dir: str, say) -> dict[str, dict[str, int]]:
     except (CorruptRecord, struct.error, UnicodeError) as error:
         raise StoreFormat(f"the migration of {data_dir} stopped, nothing was changed: "
                           f"{error}") from None
-    for step, counts in done.items():
-        say(f"  format {step}: " + ", ".join(f"{what} {n}" for what, n in counts.items()))
-    for step, counts in done.items():
-        for what, note in NOTES.get(step, {}).items():
+    for name, counts in done.items():
+        say(f"  format {name}: " + ", ".join(f"{what} {n}" for what, n in counts.items()))
+    for name, counts in done.items():
+        for what, note in NOTES.get(name, {}).items():
             if not what or counts.get(what):
                 say(f"  note: {note}")
     after = _verify_audit(env, data_dir, FORMAT)
@@ -207,7 +207,9 @@ def _verify_audit(env, data_dir: str, found: int) -> str:
         audit = _db(env, txn, b"audit", _names(txn))
         if audit is None:
             return f"none (format {found} kept no audit trail)"
-        ok, events, bad, problem = Book(txn, SimpleNamespace(audit=audit)).verify_audit()
+        # the chain alone: Book reads nothing but dbs.audit for it (as `yikatong audit verify`)
+        book = Book(txn, SimpleNamespace(audit=audit))  # type: ignore[arg-type]
+        ok, events, bad, problem = book.verify_audit()
     if not ok:
         raise StoreFormat(f"the audit trail of {data_dir} is broken at event {bad}: {problem}; "
                           "not migrating (see `yikatong audit verify`)")
@@ -236,7 +238,7 @@ def _rewrite(txn, db, convert: Callable[[bytes, bytes], bytes | None]) -> tuple[
     converted = kept = 0
     after = None
     while True:
-        batch = []
+        batch: list[tuple[bytes, bytes]] = []
         with txn.cursor(db=db) as cur:
             more = cur.set_range(after + b"\0") if after is not None else cur.first()
             while more and len(batch) < _BATCH:
