@@ -38,10 +38,12 @@ from types import SimpleNamespace
 import lmdb
 
 from yikatong import __version__, config
+from yikatong.calendar import DAYS_FOR_AN_ACT, WORKING_DAYS
 from yikatong.errors import CorruptRecord, StoreFormat
+from yikatong.model import State, Step
 from yikatong.storage import records
 
-FORMAT = 2  # the format this release serves
+FORMAT = 3  # the format this release serves
 FORMAT_KEY, WRITTEN_BY_KEY = b"format", b"written_by"
 WRITTEN_BY = f"yikatong {__version__}"
 UNRECORDED = "a release that did not record it"
@@ -447,8 +449,84 @@ def _from_1(env, txn) -> dict[str, int]:
     return counts
 
 
+# The periods of format 2's steps, by rule: (kind of count, days, what it counts from).
+_PERIODS = {"SH-10": (WORKING_DAYS, 3, "applied"), "SH-23a": (DAYS_FOR_AN_ACT, 15, "applied"),
+            "GZ-10": (WORKING_DAYS, 12, "applied"), "GZ-25": (WORKING_DAYS, 12, "applied"),
+            "RC-12": (WORKING_DAYS, 15, "applied"), "SH-11": (DAYS_FOR_AN_ACT, 30, "verified"),
+            "RC-23": (WORKING_DAYS, 20, "points")}
+
+
+def _from_2(env, txn) -> dict[str, int]:
+    """Format 2 -> 3: each card's open steps keep how their end was counted (SPEC.md section
+    6), so that one counted through a year without its notice is counted again when the
+    notice is installed. A format-2 step counted on official years keeps its end, fixed
+    (kind 0: never counted again). One whose year had no file (due_at 0, the year kept) is
+    counted now, provisionally where a year still has no file, from its start: the card's
+    application (SH-10, SH-23a, GZ-10, GZ-25, RC-12: 30 working days where special
+    circumstances were stated), its verification as the change log has it (SH-11), or the
+    points application's acceptance (RC-23). Stores made by builds that already wrote this
+    layout under format 2 are left as they are."""
+    from yikatong.calendar import count
+
+    steps_db, cards_db = env.open_db(b"steps", txn=txn), env.open_db(b"cards", txn=txn)
+    notes_db, points_db = env.open_db(b"notes", txn=txn), env.open_db(b"points", txn=txn)
+    verified: dict[str, int] = {}  # card -> when it was last verified (SH-11's start)
+
+    def verified_at(card: str) -> int:
+        if not verified:
+            for _, value in txn.cursor(db=env.open_db(b"changes", txn=txn)):
+                change = records.decode_change(value)
+                if change.state == State.VERIFIED and change.card_number:
+                    verified[change.card_number] = change.time
+            verified.setdefault("", 0)
+        return verified.get(card, 0)
+
+    def start_of(card: str, rule: str, since: str) -> int:
+        value = txn.get(card.encode("ascii"), db=cards_db)
+        if value is None:
+            raise CorruptRecord(f"steps of card {card}, which is not stored")
+        rec = records.decode_card(card, value)
+        if since == "applied":
+            return rec.applied_at
+        if since == "verified":
+            return verified_at(card) or rec.applied_at
+        points = txn.get(_U64.pack(rec.holder_id), db=points_db)
+        record = records.decode_points(points) if points is not None else None
+        if record is None or not record.HasField("open_application"):
+            raise CorruptRecord(f"an RC-23 step of card {card} with no points application")
+        return record.open_application.accepted_at
+
+    counted = [0, 0]  # steps counted now, of them provisional
+
+    def convert(key: bytes, value: bytes) -> bytes | None:
+        if value and value[0] == records.STEPS_VERSION and len(value) % 2:
+            records.decode_steps(value)  # the new layout already (odd: 1 + 44n bytes)
+            return None
+        card, steps = bytes(key).decode("ascii"), []
+        for step, rule, due_at, missing_year in records.decode_steps_v1(value):
+            if due_at or not missing_year:  # counted on official years: fixed
+                steps.append(Step(step, rule, due_at))
+                continue
+            if rule not in _PERIODS:
+                raise CorruptRecord(f"a step of card {card} under rule {rule}, uncounted, "
+                                    "that no period is known for")
+            kind, n, since = _PERIODS[rule]
+            if rule == "RC-12" and txn.get(f"special:{card}".encode("ascii"), db=notes_db):
+                n = 30
+            start = start_of(card, rule, since)
+            end = count(kind, start, n)
+            steps.append(Step(step, rule, end.at, kind, start, n, end.provisional))
+            counted[0] += 1
+            counted[1] += end.provisional
+        return records.encode_steps(steps)
+
+    counts = {"steps converted": _rewrite(txn, steps_db, convert)[0]}
+    counts["steps counted now"], counts["of them provisional"] = counted
+    return counts
+
+
 # from_format -> the function converting every record of it, in the migration's transaction
-MIGRATIONS: dict[int, Callable[..., dict[str, int]]] = {1: _from_1}
+MIGRATIONS: dict[int, Callable[..., dict[str, int]]] = {1: _from_1, 2: _from_2}
 # what a migration could not carry over, said to the operator after it: {count: note}, said
 # when that count is not 0 ("": always)
 NOTES: dict[str, dict[str, str]] = {

@@ -187,10 +187,7 @@ def test_every_format_answers_what_its_release_answered(tmp_path, fmt):
     assert now["audit"] == {"ok": True}  # a trail begun empty by the migration
 
 
-@pytest.mark.parametrize("fmt", [pytest.param(f, marks=pytest.mark.xfail(
-    strict=True, reason="7a2bdd1 gave the steps record a version byte without a new store "
-    "format: format 2's steps are unreadable until format 3 and its migration land"))
-    if f == 2 else f for f in FORMATS if f >= 2])
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f >= 2])
 def test_every_format_lists_the_deadlines_its_release_listed(tmp_path, fmt):
     data_dir = upgraded(tmp_path, fmt)
     was = answers(fmt)
@@ -329,3 +326,36 @@ def test_a_newer_format_is_refused_and_never_migrated(tmp_path):
         assert (done.returncode, done.stderr) == (2, f"yikatong: {line}\n"), args
     assert store_digest(data_dir) == before
     assert not [n for n in os.listdir(data_dir) if n.startswith("pre-migrate")]
+
+
+def test_format_2_steps_whose_year_had_no_calendar_are_counted_by_the_migration(tmp_path):
+    """Format 2 kept a step whose end reached a year without its notice as due_at 0 and the
+    year: format 3 counts it from its start (here GZ-10's 12 working days from the
+    application), provisionally where a year still has no notice; a step counted on official
+    years keeps its end, fixed (kind 0)."""
+    from yikatong import calendar
+
+    data_dir = fixture(tmp_path, 2)
+    env = lmdb.open(os.path.join(data_dir, "lmdb"), max_dbs=config.lmdb_max_dbs)
+    with env.begin(write=True) as txn:
+        steps, cards = (env.open_db(n, txn=txn, create=False) for n in (b"steps", b"cards"))
+        txn.put(b"110000000003", records.STEP_V1.pack(b"issue", b"GZ-10", 0, 2027), db=steps)
+        applied_at = records.decode_card("110000000003", txn.get(b"110000000003", db=cards)
+                                         ).applied_at
+        kept = records.decode_steps_v1(txn.get(b"440000000015", db=steps))
+    env.close()
+    done = yikatong("migrate", "--data-dir", data_dir)
+    assert done.returncode == 0, done.stderr
+    assert "steps counted now 1" in done.stdout
+    store = Store(data_dir)
+    try:
+        with store.read() as txn:
+            book = store.book(txn)
+            (counted,) = book.steps_of("110000000003")
+            (fixed,) = book.steps_of("440000000015")
+    finally:
+        store.close()
+    end = calendar.end_of_working_days(applied_at, 12)
+    assert (counted.due_at, counted.provisional) == end
+    assert (counted.kind, counted.start, counted.n) == (calendar.WORKING_DAYS, applied_at, 12)
+    assert (fixed.step, fixed.rule, fixed.due_at, fixed.kind) == (*kept[0][:3], 0)
