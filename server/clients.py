@@ -59,18 +59,31 @@ class Clients:
         if cert_cn is not None:
             self._by_cert_cn[cert_cn] = client
 
+    def count(self) -> int:
+        """Identities known: tokens and certificate names."""
+        return len(self._by_token_sha256) + len(self._by_cert_cn)
+
     def load(self, path: str) -> None:
         try:
             with open(path, "rb") as f:
                 doc = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise ValueError(f"clients file {path}: {error}") from error
+        entries = doc.get("client", [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"clients file {path}: each client is a [[client]] table")
         try:
-            for entry in doc.get("client", []):
+            for entry in entries:
                 self.add(entry.get("id", "?"), entry.get("role", ""), entry.get("token_sha256"),
                          entry.get("cert_cn"))
         except ValueError as error:
             raise ValueError(f"clients file {path}: {error}") from None
+
+    def take(self, other: "Clients") -> str:
+        """SIGHUP (server/reload.py): `other`'s clients from now on, all at once. Calls
+        already admitted keep the client they were admitted as."""
+        self._by_token_sha256, self._by_cert_cn = other._by_token_sha256, other._by_cert_cn
+        return f"{other.count()} identities"
 
     def identify(self, metadata, context=None) -> Client:
         """The bearer token's client; without a token, the client certificate's (mTLS)."""
@@ -91,3 +104,17 @@ class Clients:
                 raise Unauthenticated("the client certificate's common name is not a known "
                                       "client")
         raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
+
+
+def reread(path: str, add_more=None) -> Clients:
+    """SIGHUP: the clients file read again and checked whole (`add_more(clients)`: the demo
+    clients, under --demo). A file that names no client at all is refused (a file caught
+    half-written would refuse every caller)."""
+    clients = Clients()
+    clients.load(path)
+    if not clients.count():
+        raise ValueError(f"clients file {path}: no [[client]] in it; every caller would be "
+                         "refused")
+    if add_more is not None:
+        add_more(clients)
+    return clients

@@ -40,6 +40,22 @@ class ManualClock:
         self._thread_lock = threading.Lock()
         _NOW.pack_into(self._shared, 0, check_time(int(start)))
 
+    @classmethod
+    def attach(cls, fd: int) -> "ManualClock":
+        """The clock another process made, by its shared memory's descriptor (`fd`,
+        inherited): a worker started anew by exec (server/workers.py) moves and reads the one
+        clock its siblings do."""
+        clock = cls.__new__(cls)
+        clock._fd = fd
+        clock._shared = mmap.mmap(fd, _NOW.size)
+        clock._thread_lock = threading.Lock()
+        return clock
+
+    @property
+    def fd(self) -> int:
+        """The shared memory's descriptor, for `attach` in another process."""
+        return self._fd
+
     def now(self) -> int:
         return _NOW.unpack_from(self._shared)[0]
 
