@@ -589,9 +589,11 @@ class Store:
     def _full(self, error: BaseException) -> BaseException:
         if isinstance(error, lmdb.MapFullError):
             size = self.env.info()["map_size"] // 2**20
-            return StoreFull(f"the store is full (LMDB map_size {size} MiB reached); nothing was "
-                             f"written. Restart the server with a larger --map-size-mib "
-                             f"(e.g. {size * 2}); reads keep working meanwhile")
+            return StoreFull(f"the store is full (LMDB map_size {size} MiB reached, the most "
+                             f"is {self.map_size_max >> 20} MiB); nothing was written. Restart "
+                             f"the server with a larger --map-size-max-mib (e.g. "
+                             f"{max(size, self.map_size_max >> 20) * 2}); reads keep working "
+                             "meanwhile")
         return error
 
     def close(self) -> None:

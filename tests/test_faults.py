@@ -17,7 +17,7 @@ from yikatong.v1 import yikatong_pb2 as pb
 
 def test_map_full_refuses_writes_with_how_to_grow_and_reads_go_on(tmp_path):
     with running(tmp_path, "--clock", "manual", "--clock-start", START,
-                 "--map-size-mib", "1") as s:
+                 "--map-size-mib", "1", "--map-size-max-mib", "1") as s:
         card = new_active_card(s, 30)
         top_up(s, card, 10**9)
         md = s.md("TRANSIT_GATE")
@@ -29,7 +29,7 @@ def test_map_full_refuses_writes_with_how_to_grow_and_reads_go_on(tmp_path):
                 s.authorization.AuthorizeBatch(batch, metadata=md)
             except grpc.RpcError as e:
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "--map-size-mib" in e.details()
+                assert "--map-size-max-mib" in e.details()
                 break
         else:
             pytest.fail("a 1 MiB store never filled")
