@@ -435,7 +435,9 @@ def _serve(args, metrics) -> int:
     try:
         # held for the server's life, by every worker (a worker started anew inherits it)
         lock = lock_data_dir(args.data_dir) if worker is None else worker.fds["lock"]
-        if args.migrate and os.path.exists(os.path.join(args.data_dir, "lmdb", "data.mdb")):
+        # a worker started anew never migrates: its siblings serve the store as it is
+        if args.migrate and worker is None and os.path.exists(
+                os.path.join(args.data_dir, "lmdb", "data.mdb")):
             from yikatong.storage import migrate
             migrate.migrate(args.data_dir, map_size=args.map_size_mib * 2**20,
                             say=lambda line: print(f"yikatong: {line}", flush=True))

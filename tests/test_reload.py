@@ -360,6 +360,30 @@ def test_banks_and_points_files_reload_and_a_bad_one_is_kept_while_the_others_re
         assert srv.stop() == 0
 
 
+def test_a_years_calendar_file_installed_is_taken_on_sighup_by_every_worker(tmp_path):
+    """Issue 23 item 1's --calendar-dir, read again on SIGHUP: a bad file is kept out (one
+    line per worker, naming it), a good one becomes the official year."""
+    calendar_dir = tmp_path / "calendar"
+    calendar_dir.mkdir()
+    srv = ServerProcess(tmp_path, "--workers", "2", "--calendar-dir", str(calendar_dir))
+    try:
+        (calendar_dir / "2027.toml").write_text('notice = "test"\nholidays = ["2026-10-01"]\n'
+                                                'workdays = []\n')
+        srv.proc.send_signal(signal.SIGHUP)
+        assert reloaded(srv, 2)
+        bad = log_lines(srv, "reload: calendar files")
+        assert len(bad) == 2 and all("2027.toml: 2026-10-01 is not in 2027" in line["problem"]
+                                     for line in bad)
+        (calendar_dir / "2027.toml").write_text(
+            'notice = "test"\nholidays = ["2027-01-01", "2027-10-01"]\nworkdays = []\n')
+        srv.proc.send_signal(signal.SIGHUP)
+        assert reloaded(srv, 4)
+        assert [line["parts"]["calendar files"] for line in log_lines(srv, "reloaded")][2:] == \
+            ["reloaded: new official years [2027]"] * 2
+    finally:
+        assert srv.stop() == 0
+
+
 # --------------------------------------------------------------------- TLS
 
 def served_certificate(address: str, ca_pem: bytes, client: tuple[bytes, bytes],
