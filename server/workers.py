@@ -140,7 +140,11 @@ class _Supervisor:
         for (pid,) in _READY.iter_unpack(data[:whole]):
             if pid in self.workers:  # not one that has ended since
                 self.ready.add(pid)
-                self.retry.pop(self.workers[pid].slot, None)
+                slot = self.workers[pid].slot
+                if self.announced and (self.incoming is None or pid != self.incoming[1]):
+                    log.info("worker %d (pid %d) serves", slot, pid,
+                             extra={"fields": {"worker": slot, "pid": pid}})
+                self.retry.pop(slot, None)
         self.unread = data[whole:]
 
     # ----------------------------------------------------------------- starting workers

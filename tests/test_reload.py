@@ -65,6 +65,9 @@ def refused(address: str, md) -> grpc.StatusCode | None:
 RETRY = json.dumps({"methodConfig": [{"name": [{}], "retryPolicy": {
     "maxAttempts": 5, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}}]})
+# a new channel whose first connection was reset tries again in 0.1 s, not gRPC's 1 s: within
+# the retries above
+RECONNECT = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100))
 
 
 class Probe(threading.Thread):
@@ -81,7 +84,7 @@ class Probe(threading.Thread):
     def channel(self) -> grpc.Channel:
         options = [("grpc.use_local_subchannel_pool", 1)]
         if self.retry:
-            options += [("grpc.enable_retries", 1), ("grpc.service_config", RETRY)]
+            options += [("grpc.enable_retries", 1), ("grpc.service_config", RETRY), *RECONNECT]
         return grpc.insecure_channel(self.address, options=options)
 
     def run(self) -> None:
@@ -251,6 +254,36 @@ def test_a_sigterm_during_a_rolling_restart_stops_every_worker_cleanly(tmp_path)
         code = srv.stop(sig_timeout=30)
     assert code == 0
     assert "yikatong: stopped" in srv.output()
+
+
+def test_a_replacement_that_cannot_start_is_tried_again_while_the_other_worker_serves(
+        tmp_path):
+    """A worker that dies is replaced by one started anew, which reads the files as they are
+    now: a clients file left broken keeps it from starting. The server does not stop while
+    another worker serves; it tries again (1 s, 2 s, ...) until the file is mended."""
+    clients = tmp_path / "clients.toml"
+    write_clients(str(clients))
+    good = clients.read_text()
+    srv = ServerProcess(tmp_path, "--workers", "2", "--clients", str(clients), clients=False)
+    try:
+        clients.write_text("[[client]\n")
+        first = worker_pids(srv)
+        victim = sorted(first)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: "could not start (exit 2); trying again in 1 s"
+                          in srv.output(), 30), srv.output()
+        for _ in range(4):
+            assert not status(srv.address, metadata(GATE)).found
+        assert srv.proc.poll() is None
+        clients.write_text(good)
+        assert wait_until(lambda: [line for line in log_lines(srv, "worker ")
+                                   if line["msg"].endswith(" serves")], 30)
+        (back,) = [line["pid"] for line in log_lines(srv, "worker ")
+                   if line["msg"].endswith(" serves")]
+        assert worker_pids(srv) == first - {victim} | {back}
+        assert not status(srv.address, metadata(GATE)).found
+    finally:
+        assert srv.stop() == 0
 
 
 def write_tokens(path, entries: dict[str, str]) -> None:
