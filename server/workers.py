@@ -220,13 +220,16 @@ class _Supervisor:
                 "rolling restart: old worker %d (pid %d) drained and stopped (exit %s)",
                 slot, pid, code, extra={"fields": {"worker": slot, "pid": pid, "exit": code}})
             return None
-        if self.incoming is not None and pid == self.incoming[1] and not served:
-            log.error("rolling restart stopped: the new worker %d (pid %d) could not start "
-                      "(exit %s; its reason is above); the old one, pid %d, keeps serving",
-                      slot, pid, code, self.incoming[0],
-                      extra={"fields": {"worker": slot, "pid": pid, "exit": code}})
+        if self.incoming is not None and pid == self.incoming[1]:
+            old = self.incoming[0]
             self.stop_rolling()
-            return None
+            if old:  # it still serves the slot
+                log.error("rolling restart stopped: the new worker %d (pid %d) ended (exit %s; "
+                          "its reason is above) before it took over; the old one, pid %d, "
+                          "keeps serving", slot, pid, code, old,
+                          extra={"fields": {"worker": slot, "pid": pid, "exit": code}})
+                return None
+            # the old one is gone too: the slot is empty, replaced as below
         if not self.announced:
             log.error("worker %d (pid %d) could not start (exit %s); stopping the server",
                       slot, pid, code)
