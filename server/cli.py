@@ -531,6 +531,8 @@ def _serve(args, metrics) -> int:
                              stop_seconds=args.drain_seconds + SHUTDOWN_GRACE_SECONDS + 5,
                              on_ended=metrics.process_ended if args.metrics_listen
                              else lambda pid: None,
+                             on_restart=metrics.worker_restarted if args.metrics_listen
+                             else lambda: None,
                              command=[sys.executable, "-m", "yikatong", *args.argv],
                              fds={"lock": lock, **({"clock": clock.fd} if clock.manual else {})})
     finally:

@@ -43,6 +43,20 @@ def serve(listen: str) -> None:
     start_http_server(int(port), addr=host.strip("[]"), registry=registry)
 
 
+_restarts = None
+
+
+def worker_restarted() -> None:
+    """In the parent of --workers: a worker that served ended by itself and is replaced."""
+    global _restarts
+    from prometheus_client import Counter
+
+    if _restarts is None:
+        _restarts = Counter("yikatong_worker_restarts", "Workers that ended by themselves "
+                            "and were replaced (a rolling restart's are not counted)")
+    _restarts.inc()
+
+
 def process_ended(pid: int) -> None:
     from prometheus_client import multiprocess
 

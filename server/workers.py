@@ -58,14 +58,18 @@ class _Worker:
 def supervise(n: int, run_worker: Callable[[Callable[[], None]], int],
               on_ready: Callable[[], None], stop_seconds: float,
               on_ended: Callable[[int], None] = lambda pid: None,
+              on_restart: Callable[[], None] = lambda: None,
               command: list[str] | None = None, fds: dict[str, int] | None = None) -> int:
     """Run `run_worker(ready)` in each of `n` forked worker processes (it returns an exit
     code and calls `ready()` once it serves); `on_ready()` once all n serve; `on_ended(pid)`
-    after a worker has ended. `command`: the argument vector that starts one worker anew
-    (`--worker-of SPEC` is appended; `fds`, named descriptors it inherits, are in SPEC);
+    after a worker has ended; `on_restart()` when one that served ended by itself and is
+    replaced (not a rolling restart's drain). `command`: the argument vector that starts one
+    worker anew (`--worker-of SPEC` is appended; `fds`, named descriptors it inherits, are in SPEC);
     without it, replacements are forked and SIGUSR2 is refused. Returns the exit code."""
-    return _Supervisor(n, run_worker, on_ready, stop_seconds, on_ended, command,
-                       fds or {}).run()
+    supervisor = _Supervisor(n, run_worker, on_ready, stop_seconds, on_ended, command,
+                             fds or {})
+    supervisor.on_restart = on_restart
+    return supervisor.run()
 
 
 class _Supervisor:
@@ -238,6 +242,7 @@ class _Supervisor:
         if self.incoming is not None and pid == self.incoming[0]:
             # the old one died by itself while its replacement starts: that one takes over
             self.restarts += 1
+            self.on_restart()
             self.incoming = (0, *self.incoming[1:])  # nothing left to drain
             log.warning("worker %d (pid %d) ended (exit %s) while its replacement starts",
                         slot, pid, code, extra={"fields": {"worker": slot, "pid": pid,
@@ -253,6 +258,7 @@ class _Supervisor:
             self.later(slot, f"(pid {pid}) could not start (exit {code})")
             return None
         self.restarts += 1
+        self.on_restart()
         log.warning("worker %d (pid %d) ended (exit %s); starting another", slot, pid, code,
                     extra={"fields": {"worker": slot, "pid": pid, "exit": code,
                                       "restarts": self.restarts}})

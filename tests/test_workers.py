@@ -355,3 +355,26 @@ def test_both_workers_serve_every_method(srv):
     assert not wrong, wrong
     assert wait_until(lambda: {pid for name in table for pid in answering_pids(srv, name)}
                       == worker_pids(srv))
+
+
+def test_a_worker_restart_is_counted_for_the_operators_alert(tmp_path):
+    """yikatong_worker_restarts_total (deploy/prometheus/alerts.yml: YikatongWorkerRestarts):
+    a worker killed is counted once, in the parent, beside the workers' own metrics."""
+    import urllib.request
+
+    from yikatong.server.harness import free_address
+
+    address = free_address()
+    srv = ServerProcess(tmp_path, "--workers", "2", "--metrics-listen", address)
+    try:
+        def restarts() -> list[str]:
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
+                return [line for line in r.read().decode().splitlines()
+                        if line.startswith("yikatong_worker_restarts_total")]
+
+        assert restarts() == []
+        victim = sorted(worker_pids(srv))[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: restarts() == ["yikatong_worker_restarts_total 1.0"], 15)
+    finally:
+        assert srv.stop() == 0
