@@ -8,7 +8,7 @@ import sys
 
 import lmdb
 import pytest
-from test_law import apply, call, change, due, set_clock
+from test_law import active, apply, call, change, due, set_clock
 
 from yikatong import calendar
 from yikatong import clock as clocks
@@ -80,9 +80,7 @@ def test_rc_13_a_filing_at_todays_date_is_taken_with_a_provisional_end(tmp_path)
     with running(tmp_path, "--clock", "manual", "--clock-start", "2026-09-21T15:00:00+08:00"
                  ) as srv:
         srv.residence = rpc.ResidenceCardStub(srv.channel)
-        card = apply(srv, 50, pb.PACK_RC).card_number
-        call(srv, "Verify", "CARD_AGENCY", card_number=card, approved=True)
-        call(srv, "Issue", "CARD_AGENCY", card_number=card, issuing_organ="上海市公安局黄浦分局")
+        card = active(srv, 50, pb.PACK_RC)
         set_clock(srv, TODAY)
         answer = change(srv, card, "2026-12-05", residence_address="上海市徐汇区漕溪北路1号")
         assert (answer.due_at, answer.late, answer.provisional) == (
@@ -95,9 +93,7 @@ def test_a_filing_is_judged_late_only_on_the_official_count(tmp_path):
     with running(tmp_path, "--clock", "manual", "--clock-start", "2026-09-21T15:00:00+08:00"
                  ) as srv:
         srv.residence = rpc.ResidenceCardStub(srv.channel)
-        card = apply(srv, 51, pb.PACK_RC).card_number
-        call(srv, "Verify", "CARD_AGENCY", card_number=card, approved=True)
-        call(srv, "Issue", "CARD_AGENCY", card_number=card, issuing_organ="上海市公安局黄浦分局")
+        card = active(srv, 51, pb.PACK_RC)
         set_clock(srv, "2027-01-05T00:00:00+08:00")  # due 24:00 on 4 January, provisionally
         answer = change(srv, card, "2026-12-05", residence_address="上海市徐汇区漕溪北路2号")
         assert (answer.late, answer.provisional) == (False, True)
