@@ -70,11 +70,15 @@ def setup(server: Server, n_cards: int) -> list[str]:
     cards = []
     for i in range(n_cards):
         first17 = f"31010119800101{i:03d}"
+        # Guangzhou cards: application locks are a bank service there (GZ-6), not in Shanghai
         h = pb.Holder(ssn=first17 + ssn_check_digit(first17), name="测试",
-                      birth_date="1980-01-01", insured=True, photo_sha256="ab" * 32)
-        c = server.lifecycle.Apply(pb.ApplyRequest(request_id=f"apply-{i}", pack=pb.PACK_SH,
-                                                   holder=h, with_transit=True),
-                                   metadata=md("COMMUNITY_OUTLET"))
+                      birth_date="1980-01-01", insured=True, entitled_public_services=True,
+                      photo_sha256="ab" * 32, phone="13900000000", occupation="clerk",
+                      address="广州市越秀区府前路1号")
+        c = server.lifecycle.Apply(pb.ApplyRequest(request_id=f"apply-{i}", pack=pb.PACK_GZ,
+                                                   holder=h, with_transit=True,
+                                                   service_bank="ICBC"),
+                                   metadata=md("BANK_OUTLET"))  # GZ-7
         for step, request in (("Verify", pb.VerifyRequest(request_id=f"verify-{i}",
                                                           card_number=c.card_number,
                                                           approved=True)),

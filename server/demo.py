@@ -81,6 +81,8 @@ def _make(book, rng, i: int, now: int):
         target = "LOST" if target != "RETIRED_GENERATION" else "ACTIVE"
     if pack != Pack.RC and target == "RC_EXPIRED":
         target = "ACTIVE"
+    if pack in (Pack.SH, Pack.RC) and target == "LOCKED":  # GZ-6, BJ-7: a bank service there
+        target = "ACTIVE"
     t = now - 300 * DAY if target != "RC_EXPIRED" else now - 400 * DAY
     holder = _holder(rng, pack, i)
     while book.holder(holder.ssn) is not None:  # an ID number drawn twice: draw another

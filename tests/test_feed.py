@@ -127,7 +127,7 @@ def test_a_watcher_sees_every_change_of_every_worker_once_in_order_and_resumes(s
 
 
 def test_live_changes_committed_by_either_worker_reach_a_watcher_on_either(srv):
-    card = new_active_card(srv, 2)
+    card = new_active_card(srv, 2, pb.PACK_GZ)  # GZ-6: locks are a Guangzhou bank's service
     watchers = [Watcher(srv.address) for _ in range(6)]  # spread over both workers
     try:
         for w in watchers:

@@ -347,7 +347,9 @@ def expect(cards_: dict, name: str, c: ModelCard, channel: int, now: int):
             if c.replaces:
                 cards_[c.replaces].replaced_by = ""
         return go
-    if name in ("lock", "unlock") and not final and (channel in c.locks) == (name == "unlock"):
+    # GZ-6, BJ-7: application locks are a bank service of Guangzhou and Beijing cards only
+    if name in ("lock", "unlock") and c.pack in (Pack.GZ, Pack.BJ) and not final \
+            and (channel in c.locks) == (name == "unlock"):
         def go():
             (c.locks.discard if name == "unlock" else c.locks.add)(channel)
         return go

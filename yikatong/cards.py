@@ -855,11 +855,22 @@ def _cancel_one(book, now: int, target: Card, reason: str, ground: int) -> None:
 
 
 def lock_application(book, now: int, card_number: str, channel: int, locked: bool) -> Card:
-    """GZ-6/BJ-7: application locking and unlocking, per channel."""
+    """GZ-6/BJ-7: application locking and unlocking, per channel: a service of Guangzhou's
+    issuing banks and Beijing's cooperative banks, on their cards only. A Shanghai card's
+    service bank has none (SH-7, SH-14, SH-20), and a Residence Card's uses are its holder's
+    by RC-17 and RC-18. A lock an earlier release let stand on such a card may be lifted."""
     if channel not in LOCKABLE_CHANNELS:
         raise InvalidArgument("channel", "must be TRANSIT, MEDICAL, BENEFIT, FINANCIAL or SERVICE")
     rec = load(book, card_number, now)
     op = "LockApplication" if locked else "UnlockApplication"
+    if rec.pack not in (Pack.GZ, Pack.BJ) and (locked or not rec.lock_mask & (1 << channel)):
+        if rec.pack == Pack.RC:
+            raise Refused("RC-17", f"{op}: a Residence Card's services are its holder's by "
+                          "RC-17 and RC-18; no bank locks them (application locks are a bank "
+                          "service of GZ-6 and BJ-7)")
+        raise Refused("GZ-6", f"{op}: application locking is a service of Guangzhou's issuing "
+                      "banks and Beijing's cooperative banks (GZ-6, BJ-7); a Shanghai card's "
+                      "service bank has none")
     if rec.state in FINAL_STATES:
         raise InvalidTransition(State(rec.state).name, op, "GZ-6", "the state is final")
     bit = 1 << channel
