@@ -26,6 +26,7 @@ cdef enum:
     FLAG_TRANSIT = 1
     FLAG_FINANCIAL_OPEN = 2
     FLAG_FINANCIAL_FROZEN = 4
+    FLAG_UNACTIVATED = 32
 
 APPROVED = 0
 CORRUPT = -1
@@ -68,7 +69,8 @@ cdef int c_decide(Policy policy, const uint8_t* rec, Py_ssize_t n, int channel, 
         return 4
     if state == APPLIED or state == VERIFIED or state == REJECTED:
         return 5
-    if state == ISSUED and not financial:
+    if not financial and (state == ISSUED or (state == TEMP_LOSS and (flags & FLAG_UNACTIVATED)
+                                               and now >= _i64(rec + 8))):
         return 6
     if state == LOST and (not financial or pack == PACK_GZ or pack == PACK_BJ):
         return 7
@@ -478,7 +480,7 @@ cdef Py_ssize_t _put_status(uint8_t* out, Py_ssize_t o, const uint8_t* number, P
             return -1
     state = rec[2]
     if state == TEMP_LOSS and now >= _i64(rec + 8):  # cards.effective_state: lapsed (SH-18b)
-        state = ACTIVE
+        state = ISSUED if rec[3] & FLAG_UNACTIVATED else ACTIVE
     out[o] = 0x10
     out[o + 1] = 1
     out[o + 2] = 0x18

@@ -22,8 +22,8 @@ _SUPERSEDED, _CANCELLED, _ISSUED, _LOST, _TEMP_LOSS = map(int, (
     State.SUPERSEDED, State.CANCELLED, State.ISSUED, State.LOST, State.TEMP_LOSS))
 _NOT_ISSUED = frozenset(map(int, (State.APPLIED, State.VERIFIED, State.REJECTED)))
 _TRANSIT, _FINANCIAL, _SERVICE = int(Channel.TRANSIT), int(Channel.FINANCIAL), int(Channel.SERVICE)
-_FLAG_TRANSIT, _FLAG_FIN_OPEN, _FLAG_FIN_FROZEN = map(int, (
-    Flag.TRANSIT, Flag.FINANCIAL_OPEN, Flag.FINANCIAL_FROZEN))
+_FLAG_TRANSIT, _FLAG_FIN_OPEN, _FLAG_FIN_FROZEN, _FLAG_UNACTIVATED = map(int, (
+    Flag.TRANSIT, Flag.FINANCIAL_OPEN, Flag.FINANCIAL_FROZEN, Flag.UNACTIVATED))
 _RC = int(Pack.RC)
 _LOSS_STOPS_FINANCIAL = frozenset(map(int, (Pack.GZ, Pack.BJ)))
 
@@ -55,7 +55,7 @@ def decide(policy: Policy, record, channel: int, now: int, points_required: int,
         return GENERATION_RETIRED
     if card.state in _NOT_ISSUED:
         return CARD_NOT_ISSUED
-    if card.state == _ISSUED and not financial:  # SH-12
+    if not financial and (card.state == _ISSUED or lapsed_unactivated(card, now)):  # SH-12
         return CARD_NOT_ACTIVATED
     if card.state == _LOST and (not financial or loss_stops_financial(card)):
         return CARD_LOST
@@ -87,6 +87,13 @@ def frozen(card: HotCard, now: int) -> bool:
     """SH-18b: frozen until the instant its 5 days end (24:00 Shanghai of the fifth day after
     the report, stored when it was made), then restored by itself."""
     return now < card.temp_loss_until
+
+
+def lapsed_unactivated(card: HotCard, now: int) -> bool:
+    """SH-18b on a card reported lost before it was ever activated (SH-17): its lapsed
+    temporary loss restores it to what it was, issued and not activated (SH-12)."""
+    return (card.state == _TEMP_LOSS and bool(card.flags & _FLAG_UNACTIVATED)
+            and not frozen(card, now))
 
 
 def loss_stops_financial(card: HotCard) -> bool:

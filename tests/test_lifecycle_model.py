@@ -57,11 +57,17 @@ class ModelCard:
         self.replaced_by = ""
         self.locks = set()
         self.valid_until = 0  # RC-14: set when an RC card is first issued, 0 = no end
+        self.unactivated = False  # reported lost while ISSUED (SH-17, GZ-21)
 
     def effective(self, now):
         if self.state == State.TEMP_LOSS and now >= self.temp_until:
-            return State.ACTIVE
+            return self.restored()
         return self.state
+
+    def restored(self):
+        """SH-18b, SH-19a, GZ-22: a loss ends in the state before it, ISSUED for a card
+        never activated."""
+        return State.ISSUED if self.unactivated else State.ACTIVE
 
     def lapsed(self, now):
         """RC-14: a Residence Card not renewed in time is suspended from 24:00 of its last
@@ -308,16 +314,24 @@ def expect(cards_: dict, name: str, c: ModelCard, channel: int, now: int):
         return lambda: issue(cards_, c, now)
     if name == "activate" and s == State.ISSUED and not rc:
         return to(State.ACTIVE)
-    if name == "temp_loss" and sh and s == State.ACTIVE:
+    # SH-17, SH-18, GZ-21: a card issued and not yet activated is reported lost too
+    if name == "temp_loss" and sh and s in (State.ISSUED, State.ACTIVE):
         def go():
             c.state, c.temp_until = State.TEMP_LOSS, clocks.end_of_days(now, 5)
+            c.unactivated = s == State.ISSUED
         return go
-    if name == "loss" and (s == State.ACTIVE or (sh and s == State.TEMP_LOSS)):
-        return to(State.LOST)
+    if name == "loss" and (s in (State.ISSUED, State.ACTIVE) or (sh and s == State.TEMP_LOSS)):
+        def go():
+            if s != State.TEMP_LOSS:
+                c.unactivated = s == State.ISSUED
+            c.state = State.LOST
+        return go
     if name == "cancel_loss" and ((sh and s in (State.TEMP_LOSS, State.LOST))
                                   or (c.pack in (Pack.GZ, Pack.BJ) and s == State.LOST
                                       and not pending)):
-        return to(State.ACTIVE)
+        def go():
+            c.state, c.unactivated = c.restored(), False
+        return go
     if (name == "open_financial" and not rc and s in (State.ISSUED, State.ACTIVE)
             and not c.financial):
         def go():
@@ -488,8 +502,8 @@ class LifecycleModel(RuleBasedStateMachine):
             if name == "cancel_death":
                 self.unentitled.add((c.holder, c.pack))
             go()
-        if c.state == State.TEMP_LOSS and c.effective(self.now) == State.ACTIVE:
-            c.state = State.ACTIVE
+        if c.state == State.TEMP_LOSS and c.effective(self.now) != State.TEMP_LOSS:
+            c.state, c.unactivated = c.effective(self.now), False
         if got is not None:  # the card the call answered with: its validity, to the second
             assert self.backend.valid_until == self.cards[got].valid_until, (
                 name, got, self.backend.valid_until, self.cards[got].valid_until)

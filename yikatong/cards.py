@@ -81,10 +81,17 @@ def parse_date(field: str, text: str) -> dt.date:
 
 
 def effective_state(rec: Card, now: int) -> int:
-    """The state as the law sees it at `now`: a lapsed temporary loss is ACTIVE (SH-18b)."""
+    """The state as the law sees it at `now`: a lapsed temporary loss is ACTIVE (SH-18b), or
+    ISSUED for a card reported lost before it was ever activated (Flag.UNACTIVATED)."""
     if rec.state == State.TEMP_LOSS and now >= rec.temp_loss_until:
-        return State.ACTIVE
+        return _restored(rec)
     return rec.state
+
+
+def _restored(rec: Card) -> int:
+    """What a loss report ends in (SH-18b lapse, SH-19a, GZ-22): the functions as they were
+    before it, so a card never activated is ISSUED again, not ACTIVE (SH-12)."""
+    return State.ISSUED if rec.has(Flag.UNACTIVATED) else State.ACTIVE
 
 
 def load(book, card_number: str, now: int) -> Card:
@@ -93,7 +100,8 @@ def load(book, card_number: str, now: int) -> Card:
     if rec is None:
         raise CardNotFound(card_number)
     if effective_state(rec, now) != rec.state:
-        rec.state, rec.temp_loss_until = State.ACTIVE, 0
+        rec.state, rec.temp_loss_until = _restored(rec), 0
+        rec.set(Flag.UNACTIVATED, False)
     return rec
 
 
@@ -502,14 +510,16 @@ def open_financial(book, now: int, card_number: str, bank: str) -> Card:
 
 def report_temporary_loss(book, now: int, card_number: str, role: Role | None = None) -> Card:
     """SH-18a: frozen at once; SH-18b: for 5 days counted as SPEC.md section 6 says, to
-    24:00 of the fifth day after the report, an instant stored now."""
+    24:00 of the fifth day after the report, an instant stored now. SH-17: a lost card is
+    reported lost whether or not it was activated; one never activated lapses to ISSUED."""
     rec = load(book, card_number, now)
     if rec.pack != Pack.SH:
         raise InvalidTransition(State(rec.state).name, "ReportTemporaryLoss",
                                 _rule(rec.pack, "SH-18a", "GZ-21", "RC-15b"),
                                 "this pack has no temporary loss report; use ReportLoss")
     check_channel("ReportTemporaryLoss", rec.pack, role)
-    _require(rec, (State.ACTIVE,), "ReportTemporaryLoss", "SH-18a")
+    _require(rec, (State.ISSUED, State.ACTIVE), "ReportTemporaryLoss", "SH-18a")
+    rec.set(Flag.UNACTIVATED, rec.state == State.ISSUED)
     rec.state, rec.loss_reported_at = State.TEMP_LOSS, now
     rec.temp_loss_until = end_of_days(now, config.temp_loss_valid_days)
     book.put_card(rec, now)
@@ -661,14 +671,19 @@ def change_information(book, now: int, card_number: str, given: HolderInfo, chan
 
 
 def report_loss(book, now: int, card_number: str, role: Role | None = None) -> Card:
+    """SH-18c, GZ-21, RC-15b: a formal loss report, directly or within a temporary one's 5
+    days. SH-17, GZ-21: "社会保障卡遗失的": a card issued and not yet activated (one lost in
+    the post) is reported lost too, and stops as any lost card does (GZ: FINANCIAL too)."""
     rec = load(book, card_number, now)
     check_channel("ReportLoss", rec.pack, role)
     if rec.pack == Pack.SH:
-        _require(rec, (State.ACTIVE, State.TEMP_LOSS), "ReportLoss", "SH-18c")
+        _require(rec, (State.ISSUED, State.ACTIVE, State.TEMP_LOSS), "ReportLoss", "SH-18c")
     else:
-        _require(rec, (State.ACTIVE,), "ReportLoss", _rule(rec.pack, "SH-18c", "GZ-21", "RC-15b"))
-    if rec.state == State.ACTIVE:
+        _require(rec, (State.ISSUED, State.ACTIVE), "ReportLoss",
+                 _rule(rec.pack, "SH-18c", "GZ-21", "RC-15b"))
+    if rec.state in (State.ISSUED, State.ACTIVE):
         rec.loss_reported_at = now
+        rec.set(Flag.UNACTIVATED, rec.state == State.ISSUED)
     rec.state, rec.temp_loss_until = State.LOST, 0
     book.put_card(rec, now)
     return rec
@@ -688,7 +703,10 @@ def cancel_loss(book, now: int, card_number: str, role: Role | None = None) -> C
         if rec.has(Flag.REPLACEMENT_APPLIED):
             raise InvalidTransition(State(rec.state).name, "CancelLoss", rule,
                                     f"a replacement ({rec.replaced_by}) was already applied for")
-    rec.state, rec.temp_loss_until = State.ACTIVE, 0
+    # SH-19a "社会保障功能即时恢复", GZ-22 "resume normal use": as they were before the
+    # loss, so a card never activated is ISSUED again (SH-12's activation is still owed)
+    rec.state, rec.temp_loss_until = _restored(rec), 0
+    rec.set(Flag.UNACTIVATED, False)
     book.put_card(rec, now)
     return rec
 

@@ -48,6 +48,9 @@ class Flag(enum.IntFlag):
     FINANCIAL_FROZEN = 4  # a bank loss report stands (SH-20)
     REPLACEMENT_APPLIED = 8  # a replacement was applied for (GZ-22)
     PHOTO = 16  # made with the holder's photo on it (SH-22b)
+    # lost before it was ever activated (SH-17, SH-18, GZ-21: a lost card is a lost card):
+    # its loss, cancelled or lapsed, ends in ISSUED, never ACTIVE (SH-19a, SH-18b, GZ-22)
+    UNACTIVATED = 32
 
 
 class Reason(enum.IntEnum):

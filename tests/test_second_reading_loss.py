@@ -1,0 +1,128 @@
+"""Issue 24, second reading: loss, replacement and renewal as the seeds say, each through the
+gRPC method its caller uses and at the rule's edges (STYLE.md section 9): a card lost before
+it was activated (SH-17, SH-18, GZ-21), a lost Residence Card renewed in its window (RC-14),
+year-long limits ending on a rest day (Civil Code art. 203), RC-9's six months to the second,
+and the holder's basic needs during a replacement (GZ-28)."""
+import grpc
+import pytest
+from test_calls import error_info
+from test_law import START, call, issued, reason, refused, set_clock
+
+from yikatong.server.harness import running
+from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
+
+
+@pytest.fixture
+def srv(tmp_path):
+    with running(tmp_path, "--clock", "manual", "--clock-start", START) as s:
+        s.residence = rpc.ResidenceCardStub(s.channel)
+        yield s
+
+
+def state(srv, card) -> int:
+    return call(srv, "GetCard", "CARD_AGENCY", card_number=card).state
+
+
+def status_state(srv, card) -> int:
+    """CardStatus as a gate or bank switch reads it, one card and in a batch (the wire path)."""
+    one = srv.status.GetStatus(pb.GetStatusRequest(card_number=card),
+                               metadata=srv.md("BANK_SWITCH"))
+    batch = srv.status.GetStatusBatch(pb.GetStatusBatchRequest(card_numbers=[card]),
+                                      metadata=srv.md("BANK_SWITCH")).statuses[0]
+    assert (one.state, one.reason) == (batch.state, batch.reason)
+    return one.state
+
+
+# ---------------------------------------------------------------- item 1: lost before activation
+
+def test_sh_18c_sh_17_a_card_issued_not_yet_activated_is_reported_lost_and_replaced(srv):
+    """SH-17 "社会保障卡遗失的，持卡人应当及时办理挂失手续"; SH-18 "通过网上服务平台或者持有效
+    身份证件到社区受理网点办理正式挂失……社会保障功能停止使用": a lost card is a lost card,
+    activated or not. SH-19 "找回原卡的……解除挂失，社会保障功能即时恢复": restored as it was,
+    issued and not activated; "无法找回原卡的……办理补领手续": a lost issued card is replaced."""
+    card = issued(srv, 901)
+    assert reason(srv, card) == "CARD_NOT_ACTIVATED"
+    lost = call(srv, "ReportLoss", "ONLINE_PLATFORM", card_number=card)
+    assert lost.state == pb.CARD_STATE_LOST and lost.loss_reported_at
+    assert reason(srv, card) == "CARD_LOST"
+    # nobody activates a lost card (the finder least of all)
+    e = refused(srv, "Activate", "COMMUNITY_OUTLET", card_number=card)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and error_info(e).reason == "SH-12"
+    found = call(srv, "CancelLoss", "COMMUNITY_OUTLET", card_number=card)
+    assert found.state == pb.CARD_STATE_ISSUED  # never activated: not ACTIVE
+    assert reason(srv, card) == "CARD_NOT_ACTIVATED"
+    assert status_state(srv, card) == pb.CARD_STATE_ISSUED
+    call(srv, "ReportLoss", "COMMUNITY_OUTLET", card_number=card)
+    new = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=card,
+               reason=pb.REPLACE_REASON_LOST)
+    call(srv, "Issue", "CARD_AGENCY", card_number=new.card_number)
+    assert state(srv, card) == pb.CARD_STATE_SUPERSEDED
+    assert state(srv, new.card_number) == pb.CARD_STATE_ISSUED
+    call(srv, "Activate", "COMMUNITY_OUTLET", card_number=new.card_number)
+    assert reason(srv, new.card_number) == "UNSPECIFIED"
+
+
+def test_gz_21_a_card_lost_in_the_post_stops_its_financial_account(srv):
+    """GZ-21 "If a cardholder loses his/her social security card, he/she may go through the
+    loss registration formalities through the online service platform, the government service
+    hotline or the bank's customer service hotline or an outlet of the social security card
+    issuing bank ... the settlement account of the social security card will be suspended":
+    a card issued and never received (lost in the post) whose financial account is open is
+    registered lost, and FINANCIAL declines CARD_LOST. GZ-22: deregistered at the bank outlet,
+    it "resumes normal use": issued, not activated. GZ-23: or a new card is applied for."""
+    card = issued(srv, 902, pb.PACK_GZ)
+    call(srv, "OpenFinancial", "BANK_OUTLET", card_number=card, bank="ICBC")
+    assert reason(srv, card, pb.CHANNEL_FINANCIAL) == "UNSPECIFIED"
+    lost = call(srv, "ReportLoss", "SERVICE_HOTLINE", card_number=card)
+    assert lost.state == pb.CARD_STATE_LOST
+    assert reason(srv, card, pb.CHANNEL_FINANCIAL) == "CARD_LOST"
+    assert reason(srv, card) == "CARD_LOST"
+    e = refused(srv, "CancelLoss", "ONLINE_PLATFORM", card_number=card)
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED and error_info(e).reason == "GZ-22"
+    back = call(srv, "CancelLoss", "BANK_OUTLET", card_number=card)
+    assert back.state == pb.CARD_STATE_ISSUED
+    assert reason(srv, card, pb.CHANNEL_FINANCIAL) == "UNSPECIFIED"
+    assert reason(srv, card) == "CARD_NOT_ACTIVATED"
+    call(srv, "ReportLoss", "BANK_OUTLET", card_number=card)
+    new = call(srv, "Replace", "BANK_OUTLET", card_number=card, reason=pb.REPLACE_REASON_LOST)
+    assert new.state == pb.CARD_STATE_VERIFIED
+    e = refused(srv, "CancelLoss", "BANK_OUTLET", card_number=card)  # GZ-22: not once applied
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_sh_18b_a_temporary_loss_of_a_card_never_activated_lapses_to_issued(srv):
+    """SH-18 "持卡人在临时挂失有效期内未办理正式挂失的，有效期届满后社会保障功能自动恢复":
+    restored as they were; a card issued and never activated (SH-12) is issued again when
+    the 5 days end (reported at 15:00 on 21 September: to 24:00 on 26 September), not
+    ACTIVE. Frozen to the last second before; SH-19a's cancellation alike."""
+    card = issued(srv, 903)
+    frozen = call(srv, "ReportTemporaryLoss", "SERVICE_HOTLINE", card_number=card)
+    assert frozen.state == pb.CARD_STATE_TEMP_LOSS
+    assert reason(srv, card) == "CARD_FROZEN"
+    e = refused(srv, "Activate", "ONLINE_PLATFORM", card_number=card)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+    set_clock(srv, "2026-09-26T23:59:59+08:00")
+    assert reason(srv, card) == "CARD_FROZEN"
+    assert status_state(srv, card) == pb.CARD_STATE_TEMP_LOSS
+    set_clock(srv, "2026-09-27T00:00:00+08:00")
+    assert reason(srv, card) == "CARD_NOT_ACTIVATED"
+    assert reason(srv, card, pb.CHANNEL_FINANCIAL) == "FUNCTION_NOT_OPEN"
+    assert status_state(srv, card) == pb.CARD_STATE_ISSUED
+    assert state(srv, card) == pb.CARD_STATE_ISSUED
+    assert call(srv, "Activate", "ONLINE_PLATFORM", card_number=card).state == \
+        pb.CARD_STATE_ACTIVE
+    assert reason(srv, card) == "UNSPECIFIED"
+    # SH-19a: a temporary loss of a card never activated, cancelled, is ISSUED again
+    other = issued(srv, 904)
+    call(srv, "ReportTemporaryLoss", "ONLINE_PLATFORM", card_number=other)
+    assert call(srv, "CancelLoss", "ONLINE_PLATFORM", card_number=other).state == \
+        pb.CARD_STATE_ISSUED
+    assert reason(srv, other) == "CARD_NOT_ACTIVATED"
+    # and one activated is ACTIVE again, as before
+    assert call(srv, "Activate", "ONLINE_PLATFORM", card_number=other).state == \
+        pb.CARD_STATE_ACTIVE
+    call(srv, "ReportTemporaryLoss", "ONLINE_PLATFORM", card_number=other)
+    assert call(srv, "CancelLoss", "ONLINE_PLATFORM", card_number=other).state == \
+        pb.CARD_STATE_ACTIVE
+
