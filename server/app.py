@@ -486,7 +486,8 @@ class Lifecycle(CardWrites):
     async def Apply(self, request, client: Client):
         validate.enum(request.pack, pb.Pack, "pack")
         holder = validate_holder(request.holder)
-        validate.bank(request.service_bank, "service_bank", required=request.pack == Pack.GZ)
+        # GZ-9's issuing bank is named missing with the rest (cards.application_missing)
+        validate.bank(request.service_bank, "service_bank", required=False)
         validate.enum(request.residence_basis, pb.ResidenceBasis, "residence_basis",
                       allow_unspecified=True)
         proxy = validate_proxy(request.proxy) if request.HasField("proxy") else None

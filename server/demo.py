@@ -56,6 +56,7 @@ def _holder(rng, pack, i) -> HolderInfo:
     return HolderInfo(ssn=ssn, name=rng.choice(_SURNAMES) + rng.choice(_GIVEN) + rng.choice(_GIVEN),
                       gender=rng.choice(("M", "F")), birth_date=birth, nationality="CN",
                       phone=f"13{rng.randint(0, 999_999_999):09d}", address=f"demo address {i}",
+                      ethnicity="汉族", postcode="200001",  # SH-9 (no draw: the demo set stays)
                       occupation="demo", photo_sha256=hashlib.sha256(ssn.encode()).hexdigest(),
                       household_address=f"demo home {i}" if rc else "",
                       residence_address=f"demo Shanghai address {i}" if rc else "")

@@ -40,6 +40,7 @@ def photo(ssn: str) -> str:
 def holder(n: int, **kw) -> pb.Holder:
     fields = dict(ssn=ssn(n), name="王芳", gender="F", birth_date="1985-03-15",
                   nationality="CN", phone="13800000000", address="上海市黄浦区",
+                  ethnicity="汉族", postcode="200001",  # SH-9: a complete application
                   occupation="teacher", photo_sha256=photo(ssn(n)))
     fields.update(kw)
     return pb.Holder(**fields)

@@ -38,7 +38,9 @@ def rid() -> str:
 def holder(n: int, pack: int, **kw) -> pb.Holder:
     fields = dict(ssn=ssn(n, REGION[pack]), name="李娜", gender="F", birth_date="1985-03-15",
                   phone="13900000000", occupation="nurse", household_registered=True,
-                  insured=True, entitled_public_services=True, photo_sha256="cd" * 32)
+                  insured=True, entitled_public_services=True, photo_sha256="cd" * 32,
+                  nationality="CN", ethnicity="汉族", address="上海市黄浦区中山东一路1号",
+                  postcode="200002")  # SH-9, GZ-9, RC-7: a complete application
     if pack == pb.PACK_RC:
         fields.update(household_address="湖北省武汉市江汉区", residence_address="上海市黄浦区")
     fields.update(kw)

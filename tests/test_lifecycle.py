@@ -56,7 +56,9 @@ class World:
     def apply(self, pack=Pack.SH, n=1, instant=False, transit=True):
         holder = HolderInfo(ssn(n), name="张三", birth_date="1990-01-01", phone="13800000000",
                             occupation="teacher", household_address="湖北省武汉市",
-                            residence_address="上海市黄浦区", photo_sha256="ab" * 32)
+                            residence_address="上海市黄浦区", photo_sha256="ab" * 32,
+                            gender="M", nationality="CN", ethnicity="汉族",  # SH-9, RC-7
+                            address="上海市黄浦区1号", postcode="200001")
         return self.do(cards.apply, pack=pack, holder=holder, eligibility=ELIGIBLE,
                        with_transit=transit, service_bank="ICBC", instant=instant)
 

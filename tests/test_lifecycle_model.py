@@ -43,6 +43,9 @@ except ImportError:  # test_fastpath says whether that is allowed
 T0 = 1_790_000_000
 DAY = 86400
 ORGAN = "上海市公安局黄浦分局"
+# SH-9, GZ-9, RC-7: what every application records besides the fields each model varies
+COMPLETE = dict(gender="F", nationality="CN", ethnicity="汉族", address="上海市黄浦区1号",
+                postcode="200001")
 OPS = ("verify_ok", "verify_no", "issue", "activate", "temp_loss", "loss", "cancel_loss",
        "open_financial", "bank_loss", "cancel_bank_loss", "replace_lost", "replace_damaged",
        "replace_info", "cancel_death", "withdraw", "lock", "unlock", "renew")
@@ -133,7 +136,7 @@ class InProcess:
     def apply(self, now, pack, holder, instant, address):
         info = HolderInfo(ssn_of(holder), name="n", birth_date="1980-01-01", phone="1",
                           occupation="o", household_address="h", residence_address=address,
-                          photo_sha256="ab" * 32)
+                          photo_sha256="ab" * 32, **COMPLETE)
         eligible = Eligibility(True, True, True, "2020-01-01", 1)
         return self.store.write(lambda book: cards.apply(
             book, now, pack=pack, holder=info, eligibility=eligible,
@@ -227,7 +230,7 @@ class OverGrpc:
         h = pb.Holder(ssn=ssn_of(holder), name="n", phone="1", occupation="o",
                       birth_date="1980-01-01", household_registered=True, insured=True,
                       entitled_public_services=True, household_address="h",
-                      residence_address=address, photo_sha256="ab" * 32)
+                      residence_address=address, photo_sha256="ab" * 32, **COMPLETE)
         try:
             return self.s.lifecycle.Apply(pb.ApplyRequest(
                 request_id=uuid.uuid4().hex, pack=pack, holder=h, with_transit=pack != Pack.RC,

@@ -218,13 +218,46 @@ def _points_in_force(book, holder_id: int, pack: int) -> int:
     return max(0, min(record.points, 65535)) if record is not None else 0
 
 
+# What each article makes the outlet record at application (API.md `Apply`), in the order
+# a refusal names them. SH-9: "交验本人有效身份证件，现场核对本人姓名、国籍、民族、性别、相片等信息，
+# 并提供通讯地址、邮政编码" (the photo from 7 full years: below). GZ-9: "valid identity document,
+# photo, occupation, mobile phone number, mailing address", and the issuing bank. RC-7: "name,
+# sex, nationality, date of birth, citizen ID number, recent photo, permanent registered
+# residential address, residential address". BJ's Measures name none (BJ-17 leaves it to
+# implementation rules): the identity document's name and date of birth.
+APPLICATION_RECORDS: dict[Pack, tuple[str, ...]] = {
+    Pack.SH: ("name", "birth_date", "gender", "nationality", "ethnicity", "address",
+              "postcode"),
+    Pack.GZ: ("name", "birth_date", "phone", "occupation", "photo_sha256", "address"),
+    Pack.BJ: ("name", "birth_date"),
+    Pack.RC: ("name", "birth_date", "household_address", "residence_address", "gender",
+              "nationality", "photo_sha256"),
+}
+
+
+def application_missing(pack: int, service_bank: str, who: Eligibility) -> list[str]:
+    """The items of an application itself (not the holder's information) that are missing:
+    GZ-9's issuing bank; RC-9's residence registration and its basis (the document proofs)."""
+    missing = []
+    if pack == Pack.GZ and not service_bank:
+        missing.append("service_bank")
+    if pack == Pack.RC:
+        if not who.residence_registered_since:
+            missing.append("residence_registered_since")
+        if not who.residence_basis:
+            missing.append("residence_basis")
+    return missing
+
+
 def merge_holder(pack: int, given: HolderInfo, held: HolderInfo | None,
-                 reveal: bool = True, now: int | None = None) -> HolderInfo:
+                 reveal: bool = True, now: int | None = None,
+                 also_missing: list[str] | None = None) -> HolderInfo:
     """GZ-9b: information already held is not asked for again (an empty field takes the held
     value). GZ-20: a held value is never silently overwritten by a different one. What the
     pack's application needs is checked on the merged information (as of `now`, for what
-    depends on the holder's age). `reveal` False (a role that may not read PII): a refusal
-    does not say which held value differs."""
+    depends on the holder's age), with the application's own missing items (`also_missing`):
+    every one named in one refusal (RC-10). `reveal` False (a role that may not read PII): a
+    refusal does not say which held value differs."""
     merged = HolderInfo(given.ssn, **{f: getattr(given, f) for f in PII_FIELDS})
     if held is not None:
         for f in PII_FIELDS:
@@ -236,17 +269,14 @@ def merge_holder(pack: int, given: HolderInfo, held: HolderInfo | None,
                     f"holder.{f} differs from the information held" if reveal else
                     "the personal information given differs from the information held")
                     + "; file a correction (Holders.CorrectHolder) instead")
-    required = ["name", "birth_date"]
-    if pack == Pack.GZ:  # GZ-9: occupation and mobile phone are part of the application
-        required += ["phone", "occupation"]
-    if pack == Pack.RC:  # RC-7: the card records both addresses
-        required += ["household_address", "residence_address"]
+    required = list(APPLICATION_RECORDS[Pack(pack)])
     if pack == Pack.SH and now is not None and merged.birth_date and \
             now >= age_reached(merged.birth_date, 7):
-        # SH-10: the outlet checks the applicant's photo (art. 10, 现场核对…相片); SH-22b: from
+        # SH-9: the outlet checks the applicant's photo (art. 9, 现场核对…相片); SH-22b: from
         # 7 full years a Shanghai card is printed with one. A younger child's may be without.
         required.append("photo_sha256")
     missing = [f"holder.{f}" for f in required if not getattr(merged, f)]
+    missing += also_missing or []
     if missing:  # RC-10: what is missing is told at once, all of it
         raise InvalidArgument(missing[0], "is required for this application and not held for "
                               "this holder" + (f"; missing too: {', '.join(missing[1:])}"
@@ -271,18 +301,20 @@ def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibi
             raise Refused("SH-23b", "a first Shanghai application is never made on the spot; "
                           "instant issue is for replacement and renewal (急需补领、换领)")
         _check_instant("Apply", pack, role)
+    found = book.holder(holder.ssn)
+    # RC-10 (and good service everywhere): completeness first, every missing item in one
+    # refusal, before eligibility is judged
+    merged = merge_holder(pack, holder, found[1] if found is not None else None, reveal, now,
+                          application_missing(pack, service_bank, eligibility))
     check_eligibility(pack, eligibility, now)
     check_bank(pack, service_bank, banks, "service_bank")
-    found = book.holder(holder.ssn)
     held_residence = ""
     if found is None:
         holder_id = book.next_seq(b"holder_id")
-        merged = merge_holder(pack, holder, None, now=now)
         book.put_holder(holder_id, merged)
     else:
         holder_id, held = found
         held_residence = held.residence_address
-        merged = merge_holder(pack, holder, held, reveal, now)
         current = book.current_card(holder_id, pack)
         if current is not None:
             cur = load(book, current, now)

@@ -1,0 +1,103 @@
+"""Issue 24, second reading: what an application must hold (SH-9, GZ-9, RC-7, RC-10), fees for
+cards never made (GZ-27, RC-33), credit records on the wrongdoer (SH-26), a holder's own
+points application (RC-30) and RC-12's special circumstances stated after verification. Each
+through the gRPC method its caller uses (STYLE.md section 9); the articles' own words are
+quoted."""
+import grpc
+import pytest
+from test_law import OUTLET, START, apply, holder
+from test_money_e2e import error_of
+
+from yikatong.server.harness import running
+from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
+
+
+@pytest.fixture
+def srv(tmp_path):
+    with running(tmp_path, "--clock", "manual", "--clock-start", START) as s:
+        s.residence = rpc.ResidenceCardStub(s.channel)
+        yield s
+
+
+MISSING = "is required for this application and not held for this holder"
+
+
+def named(e: grpc.RpcError) -> list[str]:
+    """Every item a refusal names as missing, in order."""
+    first, _, rest = e.details().partition(": ")
+    assert rest.startswith(MISSING), e.details()
+    _, _, more = rest.partition("; missing too: ")
+    return [first] + (more.split(", ") if more else [])
+
+
+# ---------------------------------------------------------------- SH-9, GZ-9, RC-7, RC-10
+
+def test_sh_9_the_outlet_records_nationality_ethnicity_gender_address_and_postcode(srv):
+    """SH-9: "申请人申领社会保障卡时，应当交验本人有效身份证件，现场核对本人姓名、国籍、民族、性别、
+    相片等信息，并提供通讯地址、邮政编码等信息". Every item missing is named in one refusal, before
+    eligibility is judged: an applicant neither registered nor insured in Shanghai (SH-8) who
+    left them out learns first what is missing, all of it."""
+    bare = holder(201, pb.PACK_SH, nationality="", ethnicity="", gender="", address="",
+                  postcode="", photo_sha256="", household_registered=False, insured=False)
+    e = error_of(apply, srv, 201, holder=bare)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named(e) == ["holder.gender", "holder.nationality", "holder.ethnicity",
+                        "holder.address", "holder.postcode", "holder.photo_sha256"]
+    ineligible = holder(201, pb.PACK_SH, household_registered=False, insured=False)
+    e = error_of(apply, srv, 201, holder=ineligible)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "SH-8" in e.details()
+    for role in ("COMMUNITY_OUTLET", "BANK_OUTLET", "ONLINE_PLATFORM"):  # each channel alike
+        e = error_of(apply, srv, 202, holder=holder(202, pb.PACK_SH, postcode=""), role=role)
+        assert named(e) == ["holder.postcode"]
+    assert apply(srv, 202).state == pb.CARD_STATE_APPLIED
+
+
+def test_gz_9_photo_mailing_address_and_issuing_bank_named_at_once(srv):
+    """GZ-9: "the applicant shall provide his/her valid identity document, photo, occupation,
+    mobile phone number, mailing address and other information, and determine the social
+    security card issuing bank": a Guangzhou card is not made without them, and every one
+    missing is named in one refusal (not the bank first, then the rest on the next visit)."""
+    bare = holder(203, pb.PACK_GZ, photo_sha256="", address="", phone="",
+                  household_registered=False, entitled_public_services=False)
+    e = error_of(apply, srv, 203, pb.PACK_GZ, holder=bare, service_bank="")
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named(e) == ["holder.phone", "holder.photo_sha256", "holder.address", "service_bank"]
+    assert apply(srv, 203, pb.PACK_GZ).state == pb.CARD_STATE_APPLIED
+
+
+def test_gz_9b_what_is_held_completes_an_application(srv):
+    """GZ-9: "shall not require applicants to repeatedly provide those effective information":
+    a holder whose photo and mailing address are held need not give them again; one of whom
+    nothing is held is told everything missing."""
+    first = holder(204, pb.PACK_SH)
+    apply(srv, 204, holder=first)
+    bare = pb.Holder(ssn=first.ssn, household_registered=True)
+    card = apply(srv, 204, pb.PACK_GZ, holder=bare, role="ONLINE_PLATFORM")
+    assert card.state == pb.CARD_STATE_APPLIED
+    stranger = pb.Holder(ssn=holder(205, pb.PACK_GZ).ssn, household_registered=True)
+    e = error_of(apply, srv, 205, pb.PACK_GZ, holder=stranger, role="ONLINE_PLATFORM")
+    assert named(e) == ["holder.name", "holder.birth_date", "holder.phone", "holder.occupation",
+                        "holder.photo_sha256", "holder.address"]
+
+
+def test_rc_7_a_residence_card_records_sex_nationality_and_photo(srv):
+    """RC-7: "The contents recorded in the Residence Card include such information as the name,
+    sex, nationality, date of birth, citizen ID number, recent photo, permanent registered
+    residential address, residential address"; RC-10: "if not complete, they shall inform the
+    applicants at once of the contents to be completed" (the registration and its basis, RC-9's
+    proofs, too), before eligibility is judged."""
+    bare = holder(206, pb.PACK_RC, gender="", nationality="", photo_sha256="")
+    e = error_of(apply, srv, 206, pb.PACK_RC, holder=bare, residence_registered_since="",
+                 residence_basis=pb.RESIDENCE_BASIS_UNSPECIFIED)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named(e) == ["holder.gender", "holder.nationality", "holder.photo_sha256",
+                        "residence_registered_since", "residence_basis"]
+    e = error_of(apply, srv, 206, pb.PACK_RC, holder=bare,
+                 residence_registered_since="2026-09-01")  # registered 20 days ago
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named(e) == ["holder.gender", "holder.nationality", "holder.photo_sha256"]
+    e = error_of(apply, srv, 206, pb.PACK_RC, residence_registered_since="2026-09-01")
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "RC-9" in e.details()
+    card = apply(srv, 206, pb.PACK_RC, role=OUTLET[pb.PACK_RC])
+    assert card.state == pb.CARD_STATE_APPLIED
