@@ -61,6 +61,7 @@ class ModelCard:
         self.locks = set()
         self.valid_until = 0  # RC-14: set when an RC card is first issued, 0 = no end
         self.unactivated = False  # reported lost while ISSUED (SH-17, GZ-21)
+        self.applied_at = 0  # of a replacement (RC-14 on a reissue)
 
     def effective(self, now):
         if self.state == State.TEMP_LOSS and now >= self.temp_until:
@@ -370,10 +371,11 @@ def expect(cards_: dict, name: str, c: ModelCard, channel: int, now: int):
         def go():
             (c.locks.discard if name == "unlock" else c.locks.add)(channel)
         return go
-    # RC-14: a card in force or suspended for want of renewal, from 30 days before expiry (a
-    # lost one is reissued under RC-15). In time, the next year follows on from the old end;
-    # lapsed, it is in force again at once, for a year from today.
-    if name == "renew" and rc and s == State.ACTIVE and now >= renewal_opens(c.valid_until):
+    # RC-14: a card in force, suspended for want of renewal, or lost (its renewal carries to
+    # the reissue), from 30 days before expiry. In time, the next year follows on from the
+    # old end; lapsed, it is in force again at once, for a year from today.
+    if name == "renew" and rc and s in (State.ACTIVE, State.LOST) \
+            and now >= renewal_opens(c.valid_until):
         def go():
             c.valid_until = clocks.end_of_years(
                 c.valid_until - 1 if now < c.valid_until else now, 1)
@@ -387,7 +389,10 @@ def issue(cards_: dict, c: ModelCard, now: int) -> None:
         c.valid_until = clocks.end_of_years(now, 1)
     if c.replaces:
         if c.pack == Pack.RC:  # RC-14: the original's validity as it is now (renewed or not)
-            c.valid_until = cards_[c.replaces].valid_until
+            old = cards_[c.replaces].valid_until
+            c.valid_until = old
+            if old <= now:  # never issued lapsed: on from the old end if applied before it
+                c.valid_until = clocks.end_of_years(old - 1 if c.applied_at < old else now, 1)
         cards_[c.replaces].state = State.SUPERSEDED
 
 
@@ -397,6 +402,7 @@ def replaced(cards_: dict, name: str, c: ModelCard, number: str, new_number: str
     # SH-22: a Shanghai re-application goes through verification again
     first = State.APPLIED if name == "replace_info" and c.pack == Pack.SH else State.VERIFIED
     new = ModelCard(c.pack, c.holder, first, replaces=number)
+    new.applied_at = now
     new.transit, new.financial = c.transit, c.financial
     # a replacement carries the original's validity; a renewal of the original while the
     # new card is made is carried over when it is issued (issue)

@@ -6,8 +6,10 @@ and the holder's basic needs during a replacement (GZ-28)."""
 import grpc
 import pytest
 from test_calls import error_info
-from test_law import START, call, issued, reason, refused, set_clock
+from test_law import ORGAN, START, call, issued, reason, refused, rid, set_clock
+from test_money_e2e import error_of
 
+from yikatong import clock as clocks
 from yikatong.server.harness import running
 from yikatong.v1 import yikatong_pb2 as pb
 from yikatong.v1 import yikatong_pb2_grpc as rpc
@@ -126,3 +128,86 @@ def test_sh_18b_a_temporary_loss_of_a_card_never_activated_lapses_to_issued(srv)
     assert call(srv, "CancelLoss", "ONLINE_PLATFORM", card_number=other).state == \
         pb.CARD_STATE_ACTIVE
 
+
+
+# ---------------------------------------------------------------- item 3: a lost Residence Card
+
+def lost_rc(srv, n) -> str:
+    """A Residence Card issued at START (15:00 on 21 September 2026, valid to 24:00 on 21
+    September 2027: renewal opens on 22 August 2027), reported lost at the community centre."""
+    card = issued(srv, n, pb.PACK_RC)
+    assert call(srv, "GetCard", "CARD_AGENCY", card_number=card).valid_until == \
+        clocks.parse_time("2027-09-22T00:00:00+08:00")
+    return card
+
+
+def valid_until(srv, card) -> str:
+    at = call(srv, "GetCard", "CARD_AGENCY", card_number=card).valid_until
+    return clocks.format_time(at)
+
+
+def test_rc_14_a_lost_residence_card_is_renewed_in_its_window_and_the_renewal_carries(srv):
+    """RC-14 "The Residence Card shall be renewed once a year. The Card holder shall go
+    through the formalities at the community service centers for renewal 30 days before the
+    expiry date"; RC-15 "When the Residence Card is ... lost, the Card holder shall go through
+    the formalities for ... loss reporting and reissuance": a holder whose card is lost in its
+    renewal window renews it (from 00:00 on 22 August 2027, not a second before), and the
+    renewal carries to the reissued card."""
+    card = lost_rc(srv, 911)
+    set_clock(srv, "2027-08-21T23:59:59+08:00")
+    call(srv, "ReportLoss", "COMMUNITY_OUTLET", card_number=card)
+    new = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=card,
+               reason=pb.REPLACE_REASON_LOST).card_number
+    early = error_of(srv.residence.Renew, pb.RenewRequest(request_id=rid(), card_number=card),
+                     metadata=srv.md("COMMUNITY_OUTLET"))
+    assert early.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "renewal opens on 2027-08-22" in early.details()
+    set_clock(srv, "2027-08-22T00:00:00+08:00")
+    renewed = srv.residence.Renew(pb.RenewRequest(request_id=rid(), card_number=card),
+                                  metadata=srv.md("COMMUNITY_OUTLET"))
+    assert renewed.state == pb.CARD_STATE_LOST  # lost until reissued (RC-15b)
+    assert renewed.valid_until == clocks.parse_time("2028-09-22T00:00:00+08:00")
+    assert reason(srv, card, pb.CHANNEL_SERVICE) == "CARD_LOST"
+    set_clock(srv, "2027-09-25T10:00:00+08:00")  # issued after the old year's end
+    call(srv, "Issue", "PUBLIC_SECURITY", card_number=new, issuing_organ=ORGAN)
+    assert valid_until(srv, new) == "2028-09-22T00:00:00+08:00"
+    assert reason(srv, new, pb.CHANNEL_SERVICE) == "UNSPECIFIED"
+
+
+def test_rc_14_rc_15_a_reissued_card_is_never_issued_already_lapsed(srv):
+    """RC-14 "If the Card holder fails to go through the formalities for renewal within the
+    time limit, the Residence Card will be suspended": a holder who applied for the reissue
+    before the card expired did not fail to; the reissue made after the expiry runs on a
+    year from it (to 24:00 on 21 September 2028), not issued already suspended. Issued to the
+    last second of the old year, it keeps the old end (and is renewed as any card)."""
+    first, second = lost_rc(srv, 912), lost_rc(srv, 913)
+    set_clock(srv, "2027-09-10T09:00:00+08:00")  # in the window, not renewed
+    reissues = []
+    for card in (first, second):
+        call(srv, "ReportLoss", "COMMUNITY_OUTLET", card_number=card)
+        reissues.append(call(srv, "Replace", "COMMUNITY_OUTLET", card_number=card,
+                             reason=pb.REPLACE_REASON_LOST).card_number)
+    set_clock(srv, "2027-09-21T23:59:59+08:00")
+    call(srv, "Issue", "PUBLIC_SECURITY", card_number=reissues[0], issuing_organ=ORGAN)
+    assert valid_until(srv, reissues[0]) == "2027-09-22T00:00:00+08:00"
+    set_clock(srv, "2027-09-22T00:00:00+08:00")
+    assert reason(srv, reissues[0], pb.CHANNEL_SERVICE) == "RC_NOT_RENEWED"
+    call(srv, "Issue", "PUBLIC_SECURITY", card_number=reissues[1], issuing_organ=ORGAN)
+    assert valid_until(srv, reissues[1]) == "2028-09-22T00:00:00+08:00"
+    assert reason(srv, reissues[1], pb.CHANNEL_SERVICE) == "UNSPECIFIED"
+
+
+def test_rc_15_a_reissue_applied_for_after_the_card_lapsed_is_in_force_from_its_issue(srv):
+    """RC-14 "it will be resumed when the Card is duly renewed": a card lost after it lapsed
+    is reissued at the community service centre; the new card is in force for a year from
+    its issue (as a lapsed card renewed), not issued already suspended."""
+    card = lost_rc(srv, 914)
+    set_clock(srv, "2027-10-12T09:00:00+08:00")
+    assert reason(srv, card, pb.CHANNEL_SERVICE) == "RC_NOT_RENEWED"
+    call(srv, "ReportLoss", "COMMUNITY_OUTLET", card_number=card)
+    new = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=card,
+               reason=pb.REPLACE_REASON_LOST).card_number
+    set_clock(srv, "2027-10-20T09:00:00+08:00")
+    call(srv, "Issue", "PUBLIC_SECURITY", card_number=new, issuing_organ=ORGAN)
+    assert valid_until(srv, new) == "2028-10-21T00:00:00+08:00"
+    assert reason(srv, new, pb.CHANNEL_SERVICE) == "UNSPECIFIED"

@@ -454,17 +454,37 @@ def _issue(book, rec: Card, now: int) -> None:
         # the corresponding day (SPEC.md section 6).
         rec.state = State.ACTIVE
         if not rec.valid_until:
-            rec.valid_until = end_of_years(now, config.rc_valid_years)
+            rec.valid_until = rc_year_end(now)
     else:
         rec.state = State.ISSUED
     if rec.replaces:  # SH-23c: the original is invalid for ever once the new card is issued
         old = book.card(rec.replaces)
         if rec.pack == Pack.RC:  # RC-14, RC-20: a renewal or a points decision on the
             # original while this card was made holds for it too
-            rec.valid_until, rec.points = old.valid_until, old.points
+            rec.valid_until, rec.points = reissued_validity(old, rec, now), old.points
         old.state, old.temp_loss_until = State.SUPERSEDED, 0
         book.put_card(old, now)
         book.set_current_card(rec.holder_id, rec.pack, rec.card_number)
+
+
+def rc_year_end(t: int) -> int:
+    """RC-14: a Residence Card's year from `t`, to 24:00 of the corresponding day (SPEC.md
+    section 6): issued on 21 September 2026, valid to 24:00 on 21 September 2027."""
+    return end_of_years(t, config.rc_valid_years)
+
+
+def reissued_validity(old: Card, new: Card, now: int) -> int:
+    """RC-14 on a card reissued or replaced under RC-15: the original's validity as it is now
+    (renewed while the new card was made, lost or not, or not renewed), but never one that
+    issues the new card already lapsed: a reissue applied for before the original expired
+    runs on for the next year from its expiry (the holder is not suspended for the time the
+    card took to make); one applied for after it had lapsed is in force for a year from its
+    issue, as a lapsed card renewed at the same community service centre (DECISIONS.md)."""
+    if old.valid_until > now or not old.valid_until:
+        return old.valid_until
+    if new.applied_at < old.valid_until:
+        return rc_year_end(old.valid_until - 1)
+    return rc_year_end(now)
 
 
 def _photo(book, rec: Card) -> list[Step]:
@@ -649,17 +669,19 @@ def renew(book, now: int, card_number: str) -> Card:
     if rec.pack != Pack.RC:
         raise InvalidTransition(State(rec.state).name, "Renew", "RC-14",
                                 "only a Residence Card is renewed")
-    _require(rec, (State.ACTIVE,), "Renew", "RC-14",
-             "a card in force or suspended for want of renewal is renewed; a lost one is "
-             "reissued (RC-15)")
+    # RC-14 with RC-15: a lost card is renewed in its window too (the holder reported the
+    # loss and asks for the reissue at the same centre): its renewal carries to the reissued
+    # card when that is issued (_issue), as a renewal during any replacement does
+    _require(rec, (State.ACTIVE, State.LOST), "Renew", "RC-14",
+             "a card in force, suspended for want of renewal, or lost is renewed")
     opens = renewal_opens(rec.valid_until)
     if now < opens:
         raise Refused("RC-14", f"renewal opens on {law_date(opens).isoformat()}, 30 days "
                       f"before the card expires on {law_date(rec.valid_until - 1).isoformat()}")
     if now < rec.valid_until:  # in time: the next year follows on
-        rec.valid_until = end_of_years(rec.valid_until - 1, config.rc_valid_years)
+        rec.valid_until = rc_year_end(rec.valid_until - 1)
     else:  # lapsed: resumes now, for a year from today
-        rec.valid_until = end_of_years(now, config.rc_valid_years)
+        rec.valid_until = rc_year_end(now)
     book.put_card(rec, now)
     return rec
 
