@@ -512,7 +512,7 @@ class Lifecycle(CardWrites):
                                    request.issuing_organ)
 
     async def Activate(self, request, client: Client):
-        return await self._card_op("Activate", request, client, cards.activate)
+        return await self._card_op("Activate", request, client, cards.activate, client.role)
 
     async def OpenFinancial(self, request, client: Client):
         validate.bank(request.bank, "bank", required=True)
@@ -546,7 +546,7 @@ class Lifecycle(CardWrites):
         validate.text(request.reason, "reason", required=True)
         validate.enum(request.ground, pb.CancelGround, "ground")
         return await self._card_op("Cancel", request, client, cards.cancel, request.reason,
-                                   request.ground)
+                                   request.ground, client.role)
 
     async def LockApplication(self, request, client: Client):
         validate.enum(request.channel, pb.Channel, "channel")
@@ -573,7 +573,7 @@ class Lifecycle(CardWrites):
         validate.card_number(request.card_number)
 
         def op(book, now, _) -> bytes:
-            number, rec = cards.issue_electronic(book, now, request.card_number)
+            number, rec = cards.issue_electronic(book, now, request.card_number, client.role)
             book.append_audit(now, client.id, client.role.name, "Lifecycle.IssueElectronic",
                               rec.card_number)
             return pb.ElectronicCard(number=number, card_number=rec.card_number,

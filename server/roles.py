@@ -16,7 +16,9 @@ _APPLY = frozenset({Role.COMMUNITY_OUTLET, Role.BANK_OUTLET, Role.ONLINE_PLATFOR
 _BANK = frozenset({Role.BANK_OUTLET, Role.BANK_SWITCH})
 _STATUS = TERMINALS | OUTLETS | {Role.BANK_SWITCH, Role.CARD_AGENCY}
 _MONEY = frozenset({Role.CARD_AGENCY, Role.HRSS, Role.BANK_SWITCH})
-_RESIDENCE = frozenset({Role.CARD_AGENCY, Role.PUBLIC_SECURITY, Role.COMMUNITY_OUTLET})
+# RC-3, RC-13, RC-14: the community service centre, for public security; the card agency
+# takes no act on a Residence Card
+_RESIDENCE = frozenset({Role.PUBLIC_SECURITY, Role.COMMUNITY_OUTLET})
 # who may read a holder's personal information (Holders.GetHolder); to any other role an
 # answer names no held value and no card number of a holder (Apply, CorrectHolder)
 PII_READERS = frozenset({Role.CARD_AGENCY, Role.HRSS, Role.PUBLIC_SECURITY,
@@ -42,7 +44,8 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "Lifecycle.Apply": _APPLY,
     "Lifecycle.Replace": _APPLY,
     "Lifecycle.CancelLoss": _APPLY,
-    # PUBLIC_SECURITY for Residence Cards only (yikatong.cards)
+    # PUBLIC_SECURITY for Residence Cards, and alone for them (RC-11, RC-12, RC-16):
+    # yikatong.cards refuses the others per pack
     "Lifecycle.Verify": frozenset({Role.CARD_AGENCY, Role.PUBLIC_SECURITY}),
     "Lifecycle.Issue": frozenset({Role.CARD_AGENCY, Role.PUBLIC_SECURITY}),
     "Lifecycle.Cancel": frozenset({Role.CARD_AGENCY, Role.HRSS, Role.PUBLIC_SECURITY}),

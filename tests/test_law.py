@@ -69,10 +69,16 @@ def refused(srv, method, role, **fields) -> grpc.RpcError:
     return error_of(call, srv, method, role, **fields)
 
 
+# who verifies and issues a card of each pack: the card agency; a Residence Card, public
+# security alone (RC-11, RC-12)
+AGENCY = {pb.PACK_SH: "CARD_AGENCY", pb.PACK_GZ: "CARD_AGENCY", pb.PACK_BJ: "CARD_AGENCY",
+          pb.PACK_RC: "PUBLIC_SECURITY"}
+
+
 def issued(srv, n, pack=pb.PACK_SH) -> str:
     card = apply(srv, n, pack).card_number
-    call(srv, "Verify", "CARD_AGENCY", card_number=card, approved=True)
-    call(srv, "Issue", "CARD_AGENCY", card_number=card,
+    call(srv, "Verify", AGENCY[pack], card_number=card, approved=True)
+    call(srv, "Issue", AGENCY[pack], card_number=card,
          issuing_organ=ORGAN if pack == pb.PACK_RC else "")
     return card
 
@@ -303,7 +309,8 @@ def test_gz_26_death_stops_every_card_of_the_holder_in_the_pack(srv):
     card = active(srv, 6, pb.PACK_GZ)
     call(srv, "ReportLoss", "BANK_OUTLET", card_number=card)
     new = call(srv, "Replace", "BANK_OUTLET", card_number=card, reason=pb.REPLACE_REASON_LOST)
-    call(srv, "Cancel", "PUBLIC_SECURITY", card_number=new.card_number, reason="死亡注销户口",
+    # public security cancels the household registration; the agency stops the card (API.md)
+    call(srv, "Cancel", "CARD_AGENCY", card_number=new.card_number, reason="死亡注销户口",
          ground=pb.CANCEL_GROUND_DEATH)
     assert reason(srv, card) == reason(srv, new.card_number) == "CARD_CANCELLED"
     assert call(srv, "GetCard", "CARD_AGENCY", card_number=card).cancel_ground == \
@@ -515,7 +522,7 @@ def test_rc_14_renewal_opens_30_days_before_the_expiry_date(srv):
     set_clock(srv, "2027-08-22T00:00:00+08:00")
     renewed = renew(srv, card)
     assert renewed.valid_until == clocks.parse_time("2028-09-22T00:00:00+08:00")
-    again = error_of(renew, srv, card, "CARD_AGENCY")  # once a year: the next window is 2028's
+    again = error_of(renew, srv, card, "PUBLIC_SECURITY")  # once a year: the next is 2028's
     assert again.details().startswith("RC-14: renewal opens on 2028-08-22")
 
 

@@ -245,6 +245,8 @@ class OverGrpc:
 
     def op(self, now, name, number, pack, channel):
         method, role, fields = self.METHODS[name]
+        if pack == Pack.RC and method in ("Verify", "Issue", "Cancel"):
+            role = "PUBLIC_SECURITY"  # RC-11, RC-12, RC-16: theirs alone
         if role is None:
             role = "ONLINE_PLATFORM" if pack == Pack.SH and name != "replace_damaged" \
                 else self.OUTLET[pack]

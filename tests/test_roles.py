@@ -26,8 +26,8 @@ API_TABLE = {
     # API.md gives no row: SH-26's "relevant departments" and public security, RC-29's HRSS
     "Holders.RecordCredit": {"CARD_AGENCY", "HRSS", "PUBLIC_SECURITY"},
     "Audit.Export": {"AUDITOR"}, "Audit.Verify": {"AUDITOR"},
-    "ResidenceCard.Renew": {"CARD_AGENCY", "PUBLIC_SECURITY", "COMMUNITY_OUTLET"},
-    "ResidenceCard.ChangeInformation": {"CARD_AGENCY", "PUBLIC_SECURITY", "COMMUNITY_OUTLET"},
+    "ResidenceCard.Renew": {"COMMUNITY_OUTLET", "PUBLIC_SECURITY"},
+    "ResidenceCard.ChangeInformation": {"COMMUNITY_OUTLET", "PUBLIC_SECURITY"},
     "Deadlines.ListDue": {"CARD_AGENCY", "HRSS"},
     "Lifecycle.Apply": APPLY, "Lifecycle.Replace": APPLY, "Lifecycle.CancelLoss": APPLY,
     "Lifecycle.Verify": {"CARD_AGENCY", "PUBLIC_SECURITY"},  # PUBLIC_SECURITY: RC cards

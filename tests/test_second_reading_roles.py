@@ -77,3 +77,86 @@ def test_gz_6_application_locks_are_a_bank_service_of_guangzhou_and_beijing_only
         call(srv, "UnlockApplication", "BANK_OUTLET", card_number=card,
              channel=pb.CHANNEL_MEDICAL)
         assert reason(srv, card) == "UNSPECIFIED"
+
+
+# ---------------------------------------------------------------- item 7: who acts on which card
+
+def test_rc_11_rc_12_rc_16_verification_issue_and_cancellation_are_public_security_alone(srv):
+    """RC-11: "The public security departments shall make information comparison for the
+    application documents"; RC-12: "The Residence Card shall be signed and issued by the
+    public security departments"; RC-16: "The public security departments shall cancel the
+    Residence Card". Not the card agency (it had verified and issued them), not HRSS (it had
+    cancelled them)."""
+    card = applied(srv, 111, pb.PACK_RC)
+    e = refused(srv, "Verify", "CARD_AGENCY", card_number=card, approved=True)
+    assert (e.code(), error_info(e).reason) == (PD, "RC-11"), e.details()
+    call(srv, "Verify", "PUBLIC_SECURITY", card_number=card, approved=True)
+    e = refused(srv, "Issue", "CARD_AGENCY", card_number=card, issuing_organ=ORGAN)
+    assert (e.code(), error_info(e).reason) == (PD, "RC-12"), e.details()
+    assert call(srv, "Issue", "PUBLIC_SECURITY", card_number=card,
+                issuing_organ=ORGAN).state == pb.CARD_STATE_ACTIVE
+    for role in ("CARD_AGENCY", "HRSS"):
+        e = refused(srv, "Cancel", role, card_number=card, reason="落户上海",
+                    ground=pb.CANCEL_GROUND_PERMANENT_RESIDENCY)
+        assert (e.code(), error_info(e).reason) == (PD, "RC-16"), (role, e.details())
+    assert service(srv, card) == "UNSPECIFIED"
+    assert call(srv, "Cancel", "PUBLIC_SECURITY", card_number=card, reason="落户上海",
+                ground=pb.CANCEL_GROUND_PERMANENT_RESIDENCY).state == pb.CARD_STATE_CANCELLED
+    # and public security takes none of these acts on a social security card (API.md)
+    sh = applied(srv, 112)
+    for method, fields in (("Verify", {"approved": True}), ("Issue", {}),
+                           ("Cancel", {"reason": "died", "ground": pb.CANCEL_GROUND_DEATH})):
+        e = refused(srv, method, "PUBLIC_SECURITY", card_number=sh, **fields)
+        assert e.code() == PD, (method, e.details())
+        if method == "Verify":
+            call(srv, "Verify", "CARD_AGENCY", card_number=sh, approved=True)
+
+
+def test_rc_3_the_residence_card_is_public_securitys_with_the_community_centres(srv):
+    """RC-3: "The public security departments shall be responsible for the residence
+    registration and the administration related to the Residence Card ... The community
+    service centers ... shall, with the authorization of the public security departments,
+    undertake the specific work of residence registration and the handling of Residence
+    Card." The card agency takes no act on a Residence Card: it neither renews it (RC-14) nor
+    files its changes (RC-13); the community centre and public security do."""
+    card = active(srv, 113, pb.PACK_RC)
+    renew = pb.RenewRequest(request_id="r", card_number=card)
+    change = pb.ChangeInformationRequest(request_id="c", card_number=card,
+                                         holder=pb.Holder(residence_address="上海市徐汇区"),
+                                         changed_on="2026-09-20")
+    for role in ("CARD_AGENCY", "HRSS", "ONLINE_PLATFORM", "BANK_OUTLET"):
+        for method, request in (("Renew", renew), ("ChangeInformation", change)):
+            with pytest.raises(grpc.RpcError) as e:
+                getattr(srv.residence, method)(request, metadata=srv.md(role))
+            assert e.value.code() == PD, (role, method)
+    filed = srv.residence.ChangeInformation(change, metadata=srv.md("COMMUNITY_OUTLET"))
+    assert filed.card.card_number == card and not filed.late
+    again = pb.ChangeInformationRequest(request_id="p", card_number=card,
+                                        holder=pb.Holder(residence_address="上海市静安区"),
+                                        changed_on="2026-09-21")
+    assert srv.residence.ChangeInformation(again, metadata=srv.md("PUBLIC_SECURITY")).card \
+        .card_number == card
+
+
+@pytest.mark.parametrize("pack", [pb.PACK_GZ, pb.PACK_BJ])
+def test_gz_7_a_community_outlet_takes_no_act_on_a_guangzhou_card(srv, pack):
+    """GZ-7: "Applicants may apply for social security cards on the network service platform
+    or at the outlets of social security card issuing banks"; GZ-6: the issuing banks
+    provide "activation"; GZ-23 the same two for a new card. A Guangzhou card is not handled
+    at a Shanghai-style community outlet for any act: not activated there (nor by a hotline),
+    nor its electronic card issued there (GZ-35); Beijing follows Guangzhou."""
+    card = issued(srv, 114, pack)
+    for role in ("COMMUNITY_OUTLET", "SERVICE_HOTLINE"):
+        e = refused(srv, "Activate", role, card_number=card)
+        assert (e.code(), error_info(e).reason) == (PD, "GZ-7"), (role, e.details())
+    assert call(srv, "Activate", "BANK_OUTLET", card_number=card).state == pb.CARD_STATE_ACTIVE
+    e = refused(srv, "IssueElectronic", "COMMUNITY_OUTLET", card_number=card)
+    assert (e.code(), error_info(e).reason) == (PD, "GZ-7"), e.details()
+    for role in ("BANK_OUTLET", "ONLINE_PLATFORM"):
+        assert call(srv, "IssueElectronic", role, card_number=card).card_number == card
+    # a Shanghai card is activated at a community outlet or by the hotline (SH-12)
+    for n, role in ((115, "COMMUNITY_OUTLET"), (116, "SERVICE_HOTLINE")):
+        assert call(srv, "Activate", role, card_number=issued(srv, n)).state == \
+            pb.CARD_STATE_ACTIVE
+    assert call(srv, "IssueElectronic", "COMMUNITY_OUTLET", card_number=active(srv, 117)) \
+        .card_number

@@ -139,14 +139,26 @@ _CHANNELS: dict[tuple[str, Pack], tuple[str, frozenset[Role]]] = {
     ("CancelLoss", Pack.SH): ("SH-19a", frozenset({_ONLINE, _COMMUNITY})),
     ("CancelLoss", Pack.GZ): ("GZ-22", frozenset({_BANK})),
     ("CancelLoss", Pack.BJ): ("GZ-22", frozenset({_BANK})),
+    # GZ-7, GZ-23 (and GZ-6's bank services): a Guangzhou or Beijing card is handled online
+    # or at the issuing bank's outlet for every act, not only its application and reissue
+    ("Activate", Pack.GZ): ("GZ-7", frozenset({_ONLINE, _BANK})),
+    ("Activate", Pack.BJ): ("GZ-7", frozenset({_ONLINE, _BANK})),
+    ("IssueElectronic", Pack.GZ): ("GZ-7", frozenset({_ONLINE, _BANK})),
+    ("IssueElectronic", Pack.BJ): ("GZ-7", frozenset({_ONLINE, _BANK})),
+    # RC-3, RC-11, RC-12, RC-16: information comparison, issue and cancellation of a Residence
+    # Card are the public security organ's alone
+    ("Verify", Pack.RC): ("RC-11", frozenset({Role.PUBLIC_SECURITY})),
+    ("Issue", Pack.RC): ("RC-12", frozenset({Role.PUBLIC_SECURITY})),
+    ("Cancel", Pack.RC): ("RC-16", frozenset({Role.PUBLIC_SECURITY})),
 }
 # SH-23b: Shanghai's on-the-spot issue is for replacement and renewal only ("急需补领、换领"),
 # at community or bank outlets; GZ-10b and GZ-25: a first card, a reissue or a renewal at the
 # issuing bank's instant outlet. The Residence Card has none.
 _INSTANT = {Pack.SH: ("SH-23b", frozenset({_COMMUNITY, _BANK})),
             Pack.GZ: ("GZ-10b", frozenset({_BANK})), Pack.BJ: ("GZ-10b", frozenset({_BANK}))}
-# API.md: Verify and Issue are the card agency's; of Residence Cards the public security
-# organ's too (RC-11, RC-12). The role table lets PUBLIC_SECURITY call them at all.
+# API.md: Verify, Issue and Cancel are the card agency's (Cancel HRSS's too); of Residence
+# Cards the public security organ's alone (RC-11, RC-12, RC-16: `_CHANNELS`). The role table
+# lets PUBLIC_SECURITY call them at all.
 _PUBLIC_SECURITY_PACKS = frozenset({Pack.RC})
 
 
@@ -174,7 +186,9 @@ def _check_instant(operation: str, pack: int, role: Role | None) -> None:
 def _check_agency(operation: str, rec: Card, role: Role | None) -> None:
     if role == Role.PUBLIC_SECURITY and rec.pack not in _PUBLIC_SECURITY_PACKS:
         raise PermissionDenied(f"{operation} of a {Pack(rec.pack).name} card is the card "
-                               "agency's; PUBLIC_SECURITY verifies and issues Residence Cards")
+                               "agency's; PUBLIC_SECURITY verifies, issues and cancels "
+                               "Residence Cards")
+    check_channel(operation, rec.pack, role)
 
 
 def check_bank(pack: int, bank: str, banks: IssuingBanks | None, field: str) -> None:
@@ -521,13 +535,15 @@ def issue(book, now: int, card_number: str, role: Role | None = None,
     return rec
 
 
-def activate(book, now: int, card_number: str) -> Card:
+def activate(book, now: int, card_number: str, role: Role | None = None) -> Card:
     """SH-12: activation opens the social security functions. GZ-12: the day the holder
-    receives the card is recorded (GZ-27's free year counts from it)."""
+    receives the card is recorded (GZ-27's free year counts from it). GZ-6, GZ-7: a
+    Guangzhou or Beijing card online or at the issuing bank's outlet."""
     rec = load(book, card_number, now)
     if rec.pack == Pack.RC:
         raise InvalidTransition(State(rec.state).name, "Activate", "RC-12",
                                 "a Residence Card is in force once issued")
+    check_channel("Activate", rec.pack, role)
     _require(rec, (State.ISSUED,), "Activate", "SH-12")
     rec.state = State.ACTIVE
     rec.received_at = now
@@ -884,12 +900,15 @@ _GROUNDS = {
 _GROUNDS[Pack.GZ] = _GROUNDS[Pack.BJ] = _GROUNDS[Pack.SH]
 
 
-def cancel(book, now: int, card_number: str, reason: str, ground: int) -> Card:
+def cancel(book, now: int, card_number: str, reason: str, ground: int,
+           role: Role | None = None) -> Card:
     """GZ-26, RC-16. For death or loss of entitlement (and RC-16's other grounds) every card
     of the holder in the pack stops: the current one and a replacement in the making. A
     withdrawn application cancels only the card not yet issued, and an original card whose
-    replacement is withdrawn may be replaced again (and used, if it was usable)."""
+    replacement is withdrawn may be replaced again (and used, if it was usable). A Residence
+    Card is cancelled by public security alone (RC-16)."""
     rec = load(book, card_number, now)
+    _check_agency("Cancel", rec, role)
     rule = _rule(rec.pack, "GZ-26", "GZ-26", "RC-16")
     if ground not in _GROUNDS[Pack(rec.pack)]:
         names = ", ".join(f"CANCEL_GROUND_{g.name}" for g in sorted(_GROUNDS[Pack(rec.pack)]))
@@ -1028,7 +1047,8 @@ def record_employer_credit(book, now: int, employer: str, ground: int, evidence_
     return record
 
 
-def issue_electronic(book, now: int, card_number: str) -> tuple[str, Card]:
+def issue_electronic(book, now: int, card_number: str,
+                     role: Role | None = None) -> tuple[str, Card]:
     """SH-31, GZ-35: the holder's electronic social security card, bound to their current
     physical card of the pack (a decision on its number is that card's, whatever card that
     is later: yikatong.storage Book.use_bytes). One per holder and pack: asked again, the same.
@@ -1038,6 +1058,7 @@ def issue_electronic(book, now: int, card_number: str) -> tuple[str, Card]:
     if rec.pack == Pack.RC:
         raise InvalidTransition(State(rec.state).name, "IssueElectronic", "SH-31",
                                 "the Residence Card has no electronic social security card")
+    check_channel("IssueElectronic", rec.pack, role)  # GZ-7: where a GZ card is handled
     if book.current_card(rec.holder_id, rec.pack) != card_number:
         raise InvalidTransition(State(rec.state).name, "IssueElectronic", rule,
                                 "an electronic card is bound to the holder's current card")
