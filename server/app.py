@@ -421,8 +421,11 @@ def _fee(book, rec: Card) -> int:
     """What making this card again cost the holder (SH-24, GZ-27, RC-33), 0 for a first."""
     if not rec.replaces:
         return 0
-    fee = book.transfer(f"fee:{rec.card_number}")
-    return fee.amount if fee is not None else 0
+    fee = book.transfer(f"fee:{rec.card_number}")  # less what was reversed (GZ-27, RC-33)
+    return fee.amount - fee.resolved if fee is not None else 0
+
+
+_FEE_RULE = {Pack.SH: "SH-24", Pack.GZ: "GZ-27", Pack.BJ: "BJ via GZ-27", Pack.RC: "RC-33"}
 
 
 def _cancel_ground(book, rec: Card) -> int:
@@ -470,6 +473,11 @@ class CardWrites:
             rec = op(book, now)
             book.append_audit(now, client.id, client.role.name, f"{self.service}.{method}",
                               rec.card_number)
+            if method in ("Verify", "Cancel"):  # GZ-27, RC-33: a card never made owes nothing
+                for number in cards.fees_reversed(book, now, rec):
+                    book.append_audit(now, client.id, client.role.name, "Ledger.Reverse", number,
+                                      f"fee:{number} reversed: the card was never made "
+                                      f"({_FEE_RULE[book.card(number).pack]})")
             return card_message(book, rec, now).SerializeToString()
         answer = await self.core.write_once(method, client, request.request_id, request, produce)
         return pb.Card.FromString(answer)

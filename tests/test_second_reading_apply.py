@@ -5,7 +5,7 @@ through the gRPC method its caller uses (STYLE.md section 9); the articles' own 
 quoted."""
 import grpc
 import pytest
-from test_law import OUTLET, START, apply, holder
+from test_law import OUTLET, START, active, apply, call, holder
 from test_money_e2e import error_of
 
 from yikatong.server.harness import running
@@ -101,3 +101,60 @@ def test_rc_7_a_residence_card_records_sex_nationality_and_photo(srv):
     assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "RC-9" in e.details()
     card = apply(srv, 206, pb.PACK_RC, role=OUTLET[pb.PACK_RC])
     assert card.state == pb.CARD_STATE_APPLIED
+
+
+# ---------------------------------------------------------------- GZ-27, RC-33
+
+def fee_events(srv, card: str) -> list[pb.AuditEvent]:
+    """The audit events of a fee reversed on `card` (GZ-27, RC-33)."""
+    events = rpc.AuditStub(srv.channel).Export(pb.ExportRequest(from_sequence=0),
+                                               metadata=srv.md("AUDITOR"))
+    return [e for e in events if e.method == "Ledger.Reverse" and e.card_number == card]
+
+
+def test_gz_27_a_withdrawn_replacement_owes_no_fee(srv):
+    """GZ-27: "An applicant shall pay the cost of a social security card": a cost is owed for
+    a card made. A replacement withdrawn before it is made owes nothing: the fee recorded at
+    its application is reversed in the same transaction, and audited; the replacement applied
+    for again owes its own fee, once."""
+    card = active(srv, 207, pb.PACK_GZ)
+    new = call(srv, "Replace", "BANK_OUTLET", card_number=card, reason=pb.REPLACE_REASON_DAMAGED)
+    assert new.fee_fen == 2000 and not fee_events(srv, new.card_number)
+    withdrawn = call(srv, "Cancel", "CARD_AGENCY", card_number=new.card_number,
+                     reason="the holder found the card readable after all",
+                     ground=pb.CANCEL_GROUND_APPLICATION_WITHDRAWN)
+    assert withdrawn.state == pb.CARD_STATE_CANCELLED and withdrawn.fee_fen == 0
+    assert call(srv, "GetCard", "BANK_OUTLET", card_number=new.card_number).fee_fen == 0
+    [event] = fee_events(srv, new.card_number)
+    assert event.client_id and event.role == "CARD_AGENCY" and "GZ-27" in event.purpose
+    again = call(srv, "Replace", "BANK_OUTLET", card_number=card, reason=pb.REPLACE_REASON_DAMAGED)
+    assert again.fee_fen == 2000
+    issued = call(srv, "Issue", "CARD_AGENCY", card_number=again.card_number)
+    assert issued.fee_fen == 2000 and not fee_events(srv, again.card_number)
+
+
+def test_gz_27_a_replacement_cancelled_before_it_is_made_owes_no_fee(srv):
+    """GZ-26 with GZ-27: a holder who dies while a replacement is being made is charged for no
+    card: every card of the pack stops, and the replacement never made owes nothing."""
+    card = active(srv, 208, pb.PACK_GZ)
+    new = call(srv, "Replace", "BANK_OUTLET", card_number=card, reason=pb.REPLACE_REASON_DAMAGED)
+    call(srv, "Cancel", "CARD_AGENCY", card_number=card, reason="death registered",
+         ground=pb.CANCEL_GROUND_DEATH)
+    gone = call(srv, "GetCard", "BANK_OUTLET", card_number=new.card_number)
+    assert gone.state == pb.CARD_STATE_CANCELLED and gone.fee_fen == 0
+    assert len(fee_events(srv, new.card_number)) == 1
+
+
+def test_rc_33_a_withdrawn_reissue_of_a_residence_card_owes_no_fee(srv):
+    """RC-33: "Fees are needed for the replacement and reissuance of the Residence Card": for
+    a card reissued. A reissue withdrawn before it is made owes nothing."""
+    card = active(srv, 209, pb.PACK_RC)
+    call(srv, "ReportLoss", "COMMUNITY_OUTLET", card_number=card)
+    new = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=card, reason=pb.REPLACE_REASON_LOST)
+    assert new.fee_fen == 2000
+    withdrawn = call(srv, "Cancel", "PUBLIC_SECURITY", card_number=new.card_number,
+                     reason="withdrawn at the holder's request",
+                     ground=pb.CANCEL_GROUND_APPLICATION_WITHDRAWN)
+    assert withdrawn.fee_fen == 0
+    [event] = fee_events(srv, new.card_number)
+    assert event.role == "PUBLIC_SECURITY" and "RC-33" in event.purpose

@@ -443,7 +443,9 @@ def verify(book, now: int, card_number: str, approved: bool, reason: str,
 
 def _free_original(book, now: int, rec: Card) -> None:
     """A replacement that will never be issued (rejected, withdrawn): its original may be
-    replaced again (and, GZ-22, deregistered), so the holder is never stuck."""
+    replaced again (and, GZ-22, deregistered), so the holder is never stuck; and it owes no
+    fee (GZ-27, RC-33)."""
+    _reverse_fee(book, now, rec)
     if rec.replaces:
         original = book.card(rec.replaces)
         if original is not None and original.replaced_by == rec.card_number:
@@ -891,6 +893,28 @@ def _charge_fee(book, now: int, old: Card, new: Card, reason: int, quality_fault
                       card_number=new.card_number)
 
 
+FEE_REVERSED = "fee-reversed:"  # + card number: the reversal of `fee:<card>`
+
+
+def _reverse_fee(book, now: int, rec: Card) -> None:
+    """GZ-27 ("shall pay the cost of a social security card"), RC-33 ("fees are needed for
+    the replacement and reissuance"): the cost is owed for a card made. A replacement
+    rejected, withdrawn or cancelled before it is made owes nothing: what is left of the fee
+    recorded at its application is reversed here, in the same transaction as the act."""
+    fee = ledger.get(book, f"fee:{rec.card_number}")
+    if fee is not None and fee.resolved < fee.amount:
+        ledger.reverse(book, now, FEE_REVERSED + rec.card_number, f"fee:{rec.card_number}",
+                       card_number=rec.card_number)
+
+
+def fees_reversed(book, now: int, rec: Card) -> list[str]:
+    """The cards (`rec`, and the replacement it names) whose fee was reversed at `now`: the
+    call that did it audits each (server/app.py)."""
+    numbers = dict.fromkeys(n for n in (rec.card_number, rec.replaced_by) if n)
+    return [n for n in numbers
+            if (t := ledger.get(book, FEE_REVERSED + n)) is not None and t.created_at == now]
+
+
 _GROUNDS = {
     # GZ-26 (SH and BJ alike): death, or no longer entitled; not a move of registration alone
     Pack.SH: frozenset({CancelGround.DEATH, CancelGround.ENTITLEMENT_ENDED,
@@ -938,6 +962,8 @@ def cancel(book, now: int, card_number: str, reason: str, ground: int,
 
 
 def _cancel_one(book, now: int, target: Card, reason: str, ground: int) -> None:
+    if target.state in (State.APPLIED, State.VERIFIED):  # never made: owes no fee
+        _reverse_fee(book, now, target)
     target.state, target.temp_loss_until = State.CANCELLED, 0
     book.put_steps(target.card_number, [])  # nothing is owed on a cancelled card
     book.put_card(target, now)

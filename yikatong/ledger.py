@@ -217,8 +217,9 @@ def resolve(book, now: int, transfer_id: str, pending_id: str, *, post: bool, am
 
 
 def reverse(book, now: int, reversal_id: str, original_id: str, amount: int = 0, *,
-            role: int = 0, fingerprint: bytes = _ZERO_FP) -> Transfer:
-    """Move back up to what a posted transfer moved, summed over all its reversals."""
+            role: int = 0, fingerprint: bytes = _ZERO_FP, card_number: str = "") -> Transfer:
+    """Move back up to what a posted transfer moved, summed over all its reversals.
+    `card_number` names the card the reversal is for, if any (a fee's: GZ-27, RC-33)."""
     original = get(book, original_id)
     if original is None:
         raise TransferNotFound(original_id)
@@ -239,7 +240,7 @@ def reverse(book, now: int, reversal_id: str, original_id: str, amount: int = 0,
     t = Transfer(TransferKind.REVERSAL, TransferStatus.POSTED, amount, original.credit,
                  original.debit, original_id, fingerprint, now, channel=original.channel,
                  role=role)
-    _put(book, now, reversal_id, t, "", new=True)
+    _put(book, now, reversal_id, t, card_number, new=True)
     return t
 
 
