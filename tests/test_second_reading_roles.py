@@ -160,3 +160,30 @@ def test_gz_7_a_community_outlet_takes_no_act_on_a_guangzhou_card(srv, pack):
             pb.CARD_STATE_ACTIVE
     assert call(srv, "IssueElectronic", "COMMUNITY_OUTLET", card_number=active(srv, 117)) \
         .card_number
+
+
+# ---------------------------------------------------------------- item 11: RC refusals cite RC
+
+def test_rc_13_an_rc_applicant_whose_information_differs_is_told_to_file_the_change(srv):
+    """RC-13: "In the event that the residence address and other registered information have
+    changed, the Card holder shall go through the formalities of information changes at the
+    community service center". A Residence Card applicant whose information differs from what
+    is held (here, from a Shanghai card) is refused citing the Residence Card's own rule, not
+    Guangzhou's GZ-20; a Guangzhou applicant still gets GZ-20. (An RC lock refusal cites RC-17:
+    test_gz_6_application_locks_are_a_bank_service_of_guangzhou_and_beijing_only.)"""
+    active(srv, 121)  # the holder's information is held from a Shanghai card
+    given = holder(121, pb.PACK_RC, **{**FULL, "name": "李娜娜",
+                                       "ssn": holder(121, pb.PACK_SH).ssn})
+    e = refused_apply(srv, 121, pb.PACK_RC, given)
+    assert (e.code(), error_info(e).reason) == (FP, "RC-13"), e.details()
+    assert "holder.name differs" in e.details() and "GZ-20" not in e.details()
+    active(srv, 122, pb.PACK_GZ)
+    e = refused_apply(srv, 122, pb.PACK_BJ, holder(122, pb.PACK_BJ, **{
+        **FULL, "name": "王五", "ssn": holder(122, pb.PACK_GZ).ssn}))
+    assert (e.code(), error_info(e).reason) == (FP, "GZ-20"), e.details()
+
+
+def refused_apply(srv, n, pack, given) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        apply(srv, n, pack, holder=given)
+    return e.value

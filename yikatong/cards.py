@@ -279,7 +279,8 @@ def merge_holder(pack: int, given: HolderInfo, held: HolderInfo | None,
             if not mine:
                 setattr(merged, f, theirs)
             elif theirs and mine != theirs:
-                raise InvalidTransition("held", "Apply", "GZ-20", (
+                # RC-13: a Residence Card holder's changed information is filed as a change
+                raise InvalidTransition("held", "Apply", "RC-13" if pack == Pack.RC else "GZ-20", (
                     f"holder.{f} differs from the information held" if reveal else
                     "the personal information given differs from the information held")
                     + "; file a correction (Holders.CorrectHolder) instead")
