@@ -539,16 +539,23 @@ def test_rc_14_a_card_not_renewed_is_suspended_and_resumes_when_renewed(srv):
     assert reason(srv, card, pb.CHANNEL_SERVICE) == "UNSPECIFIED"
 
 
-def test_rc_14_only_a_residence_card_in_force_or_lapsed_is_renewed(srv):
+def test_rc_14_only_a_residence_card_in_force_lapsed_or_lost_is_renewed(srv):
+    """RC-14 with RC-15: a lost card is renewed in its window, its renewal carrying to the
+    reissue (test_second_reading_loss); once the reissue is issued the original is superseded
+    and never renewed."""
     sh = active(srv, 34)
     not_rc = error_of(renew, srv, sh)
     assert not_rc.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "only a Residence Card is renewed" in not_rc.details()
     lost = active(srv, 35, pb.PACK_RC)
     call(srv, "ReportLoss", "COMMUNITY_OUTLET", card_number=lost)
+    new = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=lost,
+               reason=pb.REPLACE_REASON_LOST).card_number
+    call(srv, "Issue", "PUBLIC_SECURITY", card_number=new, issuing_organ=ORGAN)
     set_clock(srv, "2027-09-01T00:00:00+08:00")
     e = error_of(renew, srv, lost)
     assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "RC-14" in e.details()
+    assert "SUPERSEDED" in e.details()
     gate = error_of(renew, srv, active(srv, 36, pb.PACK_RC), "TRANSIT_GATE")
     assert gate.code() == grpc.StatusCode.PERMISSION_DENIED
 
