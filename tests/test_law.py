@@ -530,12 +530,14 @@ def test_rc_14_a_card_not_renewed_is_suspended_and_resumes_when_renewed(srv):
     """Art. 14: "If the Card holder fails to go through the formalities for renewal within
     the time limit, the Residence Card will be suspended; and it will be resumed when the Card
     is duly renewed." Renewed on 3 October 2027, after it lapsed: in force again at once, for
-    a year from that day (to 24:00 on 3 October 2028)."""
+    a year from that day: 3 October 2028 is a National Day rest day, and so is 4 October
+    (counted provisionally: no notice for 2028), so to 24:00 on 5 October 2028, the next
+    working day (Civil Code art. 203, SPEC.md section 6)."""
     card = active(srv, 33, pb.PACK_RC)
     set_clock(srv, "2027-10-03T10:00:00+08:00")
     assert reason(srv, card, pb.CHANNEL_SERVICE) == "RC_NOT_RENEWED"
     renewed = renew(srv, card, "PUBLIC_SECURITY")
-    assert renewed.valid_until == clocks.parse_time("2028-10-04T00:00:00+08:00")
+    assert renewed.valid_until == clocks.parse_time("2028-10-06T00:00:00+08:00")
     assert reason(srv, card, pb.CHANNEL_SERVICE) == "UNSPECIFIED"
 
 

@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from yikatong import cards, config
 from yikatong import clock as clocks
-from yikatong.calendar import End, end_of_days_for_an_act
+from yikatong.calendar import End, end_of_days_for_an_act, end_of_years_for_an_act, is_working_day
 from yikatong.errors import InvalidTransition, YikatongError
 from yikatong.fastpath import _authorize_py
 from yikatong.model import (
@@ -89,8 +89,18 @@ class ModelCard:
 
 def renewal_opens(valid_until: int) -> int:
     """RC-14, DECISIONS.md: 00:00 of the day 30 days before the expiry date (the last day of
-    validity, the day before the instant `valid_until`)."""
-    return clocks.start_of_day(clocks.law_date(valid_until - 1) - dt.timedelta(days=30))
+    validity, the day before the instant `valid_until`), or before the first of the rest days
+    just before it (art. 203 may have moved the last day over them, not the window's start)."""
+    day = clocks.law_date(valid_until - 1)
+    while not is_working_day(day - dt.timedelta(days=1)):
+        day -= dt.timedelta(days=1)
+    return clocks.start_of_day(day - dt.timedelta(days=30))
+
+
+def year_end(t: int) -> int:
+    """RC-14: a year from `t`, to 24:00 of the corresponding day or, if that is a rest day,
+    of the next working day (Civil Code art. 203, SPEC.md section 6); provisional ends kept."""
+    return end_of_years_for_an_act(t, 1).at
 
 
 def model_decision(c: ModelCard | None, channel: int, now: int) -> int:
@@ -379,8 +389,7 @@ def expect(cards_: dict, name: str, c: ModelCard, channel: int, now: int):
     if name == "renew" and rc and s in (State.ACTIVE, State.LOST) \
             and now >= renewal_opens(c.valid_until):
         def go():
-            c.valid_until = clocks.end_of_years(
-                c.valid_until - 1 if now < c.valid_until else now, 1)
+            c.valid_until = year_end(c.valid_until - 1 if now < c.valid_until else now)
         return go
     return None
 
@@ -388,13 +397,13 @@ def expect(cards_: dict, name: str, c: ModelCard, channel: int, now: int):
 def issue(cards_: dict, c: ModelCard, now: int) -> None:
     c.state = State.ACTIVE if c.pack == Pack.RC else State.ISSUED
     if c.pack == Pack.RC and not c.valid_until:  # RC-14: one year from its issue
-        c.valid_until = clocks.end_of_years(now, 1)
+        c.valid_until = year_end(now)
     if c.replaces:
         if c.pack == Pack.RC:  # RC-14: the original's validity as it is now (renewed or not)
             old = cards_[c.replaces].valid_until
             c.valid_until = old
             if old <= now:  # never issued lapsed: on from the old end if applied before it
-                c.valid_until = clocks.end_of_years(old - 1 if c.applied_at < old else now, 1)
+                c.valid_until = year_end(old - 1 if c.applied_at < old else now)
         cards_[c.replaces].state = State.SUPERSEDED
 
 

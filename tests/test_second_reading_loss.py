@@ -211,3 +211,55 @@ def test_rc_15_a_reissue_applied_for_after_the_card_lapsed_is_in_force_from_its_
     call(srv, "Issue", "PUBLIC_SECURITY", card_number=new, issuing_organ=ORGAN)
     assert valid_until(srv, new) == "2028-10-21T00:00:00+08:00"
     assert reason(srv, new, pb.CHANNEL_SERVICE) == "UNSPECIFIED"
+
+
+# ------------------------------------------- item 5: year-long limits ending on a rest day
+
+def test_rc_14_a_year_ending_on_a_holiday_runs_to_24_00_of_the_next_working_day(srv):
+    """SPEC.md section 6, Civil Code art. 203 ("期间的最后一日是法定休假日的，以法定休假日结束
+    的次日为期间的最后一日"): RC-14's year limits the holder's act, renewal at a community
+    service centre. Issued on 1 October 2026, its year ends on 1 October 2027, National Day;
+    1 to 5 October 2027 are rest days (counted provisionally, 2027 has no notice installed),
+    so it stays in force to 24:00 on 6 October 2027, not suspended on 2 October. The renewal
+    window still opens 30 days before 1 October (1 September); renewed in time, the next year
+    runs on from the end the card had (to 24:00 on 6 October 2028)."""
+    set_clock(srv, "2026-10-01T10:00:00+08:00")
+    card, renewed = issued(srv, 921, pb.PACK_RC), issued(srv, 922, pb.PACK_RC)
+    assert valid_until(srv, card) == "2027-10-07T00:00:00+08:00"
+    set_clock(srv, "2027-08-31T23:59:59+08:00")
+    early = error_of(srv.residence.Renew, pb.RenewRequest(request_id=rid(), card_number=renewed),
+                     metadata=srv.md("COMMUNITY_OUTLET"))
+    assert early.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert early.details() == ("RC-14: renewal opens on 2027-09-01, 30 days before the card "
+                               "expires on 2027-10-01 (a rest day: it stays in force to 24:00 "
+                               "on 2027-10-06, the next working day)")
+    set_clock(srv, "2027-09-01T00:00:00+08:00")
+    assert srv.residence.Renew(pb.RenewRequest(request_id=rid(), card_number=renewed),
+                               metadata=srv.md("COMMUNITY_OUTLET")).valid_until == \
+        clocks.parse_time("2028-10-07T00:00:00+08:00")
+    set_clock(srv, "2027-10-02T00:00:00+08:00")
+    assert reason(srv, card, pb.CHANNEL_SERVICE) == "UNSPECIFIED"
+    set_clock(srv, "2027-10-06T23:59:59+08:00")
+    assert reason(srv, card, pb.CHANNEL_SERVICE) == "UNSPECIFIED"
+    set_clock(srv, "2027-10-07T00:00:00+08:00")
+    assert reason(srv, card, pb.CHANNEL_SERVICE) == "RC_NOT_RENEWED"
+    assert reason(srv, renewed, pb.CHANNEL_SERVICE) == "UNSPECIFIED"
+
+
+def test_gz_27_the_free_year_after_receipt_ending_on_a_rest_day_runs_to_the_next_working_day(
+        srv):
+    """GZ-27 "Those who replace social security cards that cannot be used due to quality
+    problems within 1 year after receiving the cards" are exempted from the cost; the year
+    limits the holder's act (SPEC.md section 6, art. 203). Received on 5 October 2026: the
+    year's last day, 5 October 2027, is a rest day (provisionally: 1 to 5 October), so the
+    replacement is free to 24:00 on 6 October 2027, and charged from the next second."""
+    free, paid = issued(srv, 923, pb.PACK_GZ), issued(srv, 924, pb.PACK_GZ)
+    set_clock(srv, "2026-10-05T10:00:00+08:00")
+    for card in (free, paid):
+        call(srv, "Activate", "BANK_OUTLET", card_number=card)  # GZ-12: received
+    set_clock(srv, "2027-10-06T23:59:59+08:00")
+    assert call(srv, "Replace", "BANK_OUTLET", card_number=free,
+                reason=pb.REPLACE_REASON_DAMAGED, quality_fault=True).fee_fen == 0
+    set_clock(srv, "2027-10-07T00:00:00+08:00")
+    assert call(srv, "Replace", "BANK_OUTLET", card_number=paid,
+                reason=pb.REPLACE_REASON_DAMAGED, quality_fault=True).fee_fen == 2000

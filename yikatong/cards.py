@@ -486,8 +486,11 @@ def _issue(book, rec: Card, now: int) -> None:
 
 def rc_year_end(t: int) -> int:
     """RC-14: a Residence Card's year from `t`, to 24:00 of the corresponding day (SPEC.md
-    section 6): issued on 21 September 2026, valid to 24:00 on 21 September 2027."""
-    return end_of_years(t, config.rc_valid_years)
+    section 6): issued on 21 September 2026, valid to 24:00 on 21 September 2027. A year that
+    ends on a rest day runs to 24:00 of the next working day (art. 203: the holder renews it
+    at a community service centre, open then). One stored instant: an end counted through a
+    year without its notice is the provisional count, kept (DECISIONS.md)."""
+    return calendar.end_of_years_for_an_act(t, config.rc_valid_years).at
 
 
 def reissued_validity(old: Card, new: Card, now: int) -> int:
@@ -675,8 +678,13 @@ def due(book, now: int, within_days: int) -> list[tuple[str, Step]]:
 def renewal_opens(valid_until: int) -> int:
     """RC-14: renewal is done from 30 days before the expiry date, the last day of validity
     (the day before `valid_until`, which is 24:00 of it): 00:00 of that day less 30 days. A
-    card valid to 24:00 on 21 September 2027 may be renewed from 22 August 2027."""
+    card valid to 24:00 on 21 September 2027 may be renewed from 22 August 2027. Art. 203
+    moves a last day that is a rest day to the next working day, not the window's start: it
+    opens 30 days before the first of the rest days just before the last day (the earliest
+    day the year can have ended on), never later than it would have opened unmoved."""
     expiry_date = law_date(valid_until - 1)
+    while not calendar.is_working_day(expiry_date - dt.timedelta(days=1)):
+        expiry_date -= dt.timedelta(days=1)
     return start_of_day(expiry_date - dt.timedelta(days=30))
 
 
@@ -695,8 +703,11 @@ def renew(book, now: int, card_number: str) -> Card:
              "a card in force, suspended for want of renewal, or lost is renewed")
     opens = renewal_opens(rec.valid_until)
     if now < opens:
+        ends, last = law_date(opens) + dt.timedelta(days=30), law_date(rec.valid_until - 1)
         raise Refused("RC-14", f"renewal opens on {law_date(opens).isoformat()}, 30 days "
-                      f"before the card expires on {law_date(rec.valid_until - 1).isoformat()}")
+                      f"before the card expires on {ends.isoformat()}" + (
+                          "" if ends == last else " (a rest day: it stays in force to 24:00 "
+                          f"on {last.isoformat()}, the next working day)"))
     if now < rec.valid_until:  # in time: the next year follows on
         rec.valid_until = rc_year_end(rec.valid_until - 1)
     else:  # lapsed: resumes now, for a year from today
@@ -874,7 +885,9 @@ def replacement_fee(old: Card, reason: int, quality_fault: bool, now: int) -> tu
     rule = _rule(old.pack, "SH-24", "GZ-27", "RC-33")
     received = old.received_at or old.issued_at
     if (old.pack in (Pack.GZ, Pack.BJ) and reason == ReplaceReason.DAMAGED and quality_fault
-            and received and now < end_of_years(received, 1)):
+            and received and now < calendar.end_of_years_for_an_act(received, 1).at):
+        # GZ-27's year after receipt limits the holder's act: a last day that is a rest day
+        # runs to 24:00 of the next working day (art. 203, SPEC.md section 6)
         return 0, rule
     return config.replacement_fee_fen[Pack(old.pack)], rule
 

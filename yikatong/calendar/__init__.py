@@ -20,7 +20,7 @@ from functools import cache
 from importlib import resources
 from typing import NamedTuple
 
-from yikatong.clock import end_of_days, law_date, start_of_day
+from yikatong.clock import end_of_days, end_of_years, law_date, start_of_day
 
 _DAY = dt.timedelta(days=1)
 WARN_FROM = (11, 1)  # from 1 November, next year's missing notice is warned of
@@ -174,6 +174,18 @@ def end_of_days_for_an_act(t: int, n: int) -> End:
     """The end of `n` days from an event at `t`, for an act: 24:00 of the n-th day, or of the
     next working day if that one is a rest day (Civil Code art. 203)."""
     last = law_date(end_of_days(t, n) - 1)
+    while not is_working_day(last):
+        last += _DAY
+    return _end(t, last)
+
+
+def end_of_years_for_an_act(t: int, n: int) -> End:
+    """The end of `n` years from an event at `t` that limit a holder's act (RC-14's year of
+    validity, in which the card is renewed; GZ-27's free year after receipt): 24:00 of the
+    corresponding day (art. 202), or of the next working day if that one is a rest day (art.
+    203, SPEC.md section 6). A Residence Card issued on 1 October 2026 is in force to 24:00
+    of the first working day after the National Day holiday of 2027."""
+    last = law_date(end_of_years(t, n) - 1)
     while not is_working_day(last):
         last += _DAY
     return _end(t, last)
