@@ -907,6 +907,8 @@ class Holders:
             return pb.CreditRecord.FromString(await self.core.write_once(
                 "RecordCredit", client, request.request_id, request, employer_op))
         key = _holder_key(request)
+        if request.victim_card_number:  # SH-26: the other person's card, in fraud
+            validate.card_number(request.victim_card_number, "victim_card_number")
         if (request.ground == pb.CREDIT_GROUND_FORGED_DOCUMENTS
                 and client.role not in (Role.PUBLIC_SECURITY, Role.HRSS)):  # art. 29 para. 1
             raise PermissionDenied("RC-29: forged documents in a Residence Card or points "
@@ -917,8 +919,10 @@ class Holders:
             ssn = _ssn_of(book, request, key)
             if ssn is None:
                 raise CardNotFound(request.card_number)
-            _, record = cards.record_credit(book, now, ssn, request.ground, evidence,
-                                            request.serious, client.id, request.fine_fen)
+            _, record = cards.record_credit(
+                book, now, ssn, request.ground, evidence, request.serious, client.id,
+                request.fine_fen, card_number=request.card_number if key == "card_number" else "",
+                victim_card_number=request.victim_card_number, illegal_gain=request.illegal_gain)
             book.append_audit(now, client.id, client.role.name, "Holders.RecordCredit",
                               request.card_number, purpose=evidence, holder=mask(ssn))
             return credit_message(record).SerializeToString()
@@ -958,7 +962,9 @@ def _stated(value: str, field: str, why: str) -> str:
 def credit_message(r: CreditRecord) -> pb.CreditRecord:
     return pb.CreditRecord(rule=r.rule, ground=r.ground, evidence_ref=r.evidence_ref,
                            serious=r.serious, time=r.time, client_id=r.client_id,
-                           points_barred_until=r.points_barred_until, fine_fen=r.fine_fen)
+                           points_barred_until=r.points_barred_until, fine_fen=r.fine_fen,
+                           # SH-26's first paragraph is recorded for illegal gain alone
+                           illegal_gain=r.rule == "SH-26" and r.ground in cards.SH_26_FOR_GAIN)
 
 
 # --------------------------------------------------------------------- Audit

@@ -143,7 +143,7 @@ def test_sh_26_lending_a_card_is_a_credit_record_read_with_the_holder(srv):
     (a stated purpose, audited)."""
     card = new_active_card(srv, 6)
     record = record_credit(srv, card_number=card, ground=pb.CREDIT_GROUND_LENDING_CARD,
-                           evidence_ref="黄浦公安 2026-0412")
+                           evidence_ref="黄浦公安 2026-0412", illegal_gain=True)  # 牟取非法利益
     assert (record.rule, record.client_id, record.serious, record.points_barred_until) == (
         "SH-26", "public_security", False, 0)
     read = srv.holders.GetHolder(pb.GetHolderRequest(card_number=card, purpose="case 0412"),

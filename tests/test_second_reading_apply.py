@@ -5,7 +5,7 @@ through the gRPC method its caller uses (STYLE.md section 9); the articles' own 
 quoted."""
 import grpc
 import pytest
-from test_law import OUTLET, START, active, apply, call, holder
+from test_law import OUTLET, START, active, apply, call, holder, rid
 from test_money_e2e import error_of
 
 from yikatong.server.harness import running
@@ -17,6 +17,7 @@ from yikatong.v1 import yikatong_pb2_grpc as rpc
 def srv(tmp_path):
     with running(tmp_path, "--clock", "manual", "--clock-start", START) as s:
         s.residence = rpc.ResidenceCardStub(s.channel)
+        s.holders = rpc.HoldersStub(s.channel)
         yield s
 
 
@@ -158,3 +159,74 @@ def test_rc_33_a_withdrawn_reissue_of_a_residence_card_owes_no_fee(srv):
     assert withdrawn.fee_fen == 0
     [event] = fee_events(srv, new.card_number)
     assert event.role == "PUBLIC_SECURITY" and "RC-33" in event.purpose
+
+
+# ---------------------------------------------------------------- SH-26
+
+def credit(srv, role="PUBLIC_SECURITY", **fields):
+    return srv.holders.RecordCredit(pb.RecordCreditRequest(request_id=rid(), **fields),
+                                    metadata=srv.md(role))
+
+
+def credit_records(srv, card: str) -> list[pb.CreditRecord]:
+    return list(srv.holders.GetHolder(pb.GetHolderRequest(card_number=card, purpose="SH-26"),
+                                      metadata=srv.md("CARD_AGENCY")).credit_records)
+
+
+def test_sh_26_fraud_goes_on_the_wrongdoer_never_on_the_card_s_holder(srv):
+    """SH-26: "冒领、冒用、盗用他人社会保障卡，牟取非法利益的 … 有关失信信息纳入本市公共信用信息服务平台":
+    the record is the one who fraudulently claimed, used or stole another's card. Named by the
+    card's number, the fraud would land on its holder, who is the victim: refused; the
+    wrongdoer is named by ssn and the card used beside it."""
+    victim = active(srv, 210)
+    wrongdoer = holder(211, pb.PACK_SH).ssn
+    active(srv, 211)
+    e = error_of(credit, srv, card_number=victim, ground=pb.CREDIT_GROUND_FRAUD,
+                 evidence_ref="黄浦公安 2026-0501", illegal_gain=True)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "victim" in e.details()
+    assert credit_records(srv, victim) == []
+    own = error_of(credit, srv, ssn=holder(210, pb.PACK_SH).ssn, ground=pb.CREDIT_GROUND_FRAUD,
+                   victim_card_number=victim, evidence_ref="x", illegal_gain=True)
+    assert own.code() == grpc.StatusCode.INVALID_ARGUMENT  # one's own card is not another's
+    record = credit(srv, ssn=wrongdoer, ground=pb.CREDIT_GROUND_FRAUD, victim_card_number=victim,
+                    evidence_ref="黄浦公安 2026-0501", illegal_gain=True)
+    assert record.rule == "SH-26" and record.illegal_gain
+    assert credit_records(srv, victim) == []
+    wrongdoers = srv.holders.GetHolder(pb.GetHolderRequest(ssn=wrongdoer, purpose="SH-26"),
+                                       metadata=srv.md("CARD_AGENCY")).credit_records
+    assert list(wrongdoers) == [record]
+
+
+def test_sh_26_requires_illegal_gain(srv):
+    """SH-26, first paragraph: "出借、转让本人社会保障卡 … 牟取非法利益的": lending one's own card
+    is recorded when done for illegal gain, and the record states it; lent without it, no
+    record."""
+    card = active(srv, 212)
+    e = error_of(credit, srv, card_number=card, ground=pb.CREDIT_GROUND_LENDING_CARD,
+                 evidence_ref="x")
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "SH-26" in e.details()
+    assert "牟取非法利益" in e.details() and credit_records(srv, card) == []
+    record = credit(srv, card_number=card, ground=pb.CREDIT_GROUND_LENDING_CARD,
+                    evidence_ref="x", illegal_gain=True)
+    assert record.illegal_gain and credit_records(srv, card) == [record]
+
+
+def test_sh_26_is_shanghai_s_and_never_recorded_on_a_guangzhou_or_beijing_holder(srv):
+    """SH-26 is an article of the Shanghai Measures: a Guangzhou, Beijing or Residence Card's
+    holder is not recorded under it, whether named by card or by ssn, nor is fraud with a card
+    of another pack."""
+    for n, pack in ((213, pb.PACK_GZ), (214, pb.PACK_BJ), (215, pb.PACK_RC)):
+        card = active(srv, n, pack)
+        for ground in (pb.CREDIT_GROUND_LENDING_CARD, pb.CREDIT_GROUND_FORGED_CARD):
+            e = error_of(credit, srv, card_number=card, ground=ground, evidence_ref="x",
+                         illegal_gain=True)
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "SH-26" in e.details()
+        e = error_of(credit, srv, ssn=holder(n, pack).ssn, ground=pb.CREDIT_GROUND_LENDING_CARD,
+                     evidence_ref="x", illegal_gain=True)
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "SH-26" in e.details()
+        active(srv, 216 + n, pb.PACK_SH)
+        e = error_of(credit, srv, ssn=holder(216 + n, pb.PACK_SH).ssn,
+                     ground=pb.CREDIT_GROUND_FRAUD, victim_card_number=card, evidence_ref="x",
+                     illegal_gain=True)
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "SH-26" in e.details()
+        assert credit_records(srv, card) == []

@@ -1045,24 +1045,83 @@ _CREDIT_RULES = {CreditGround.LENDING_CARD: "SH-26", CreditGround.FRAUD: "SH-26"
 
 
 def record_credit(book, now: int, ssn: str, ground: int, evidence_ref: str, serious: bool,
-                  client_id: str, fine_fen: int = 0) -> tuple[int, CreditRecord]:
-    """SH-26, RC-29: a dishonesty record on the holder, kept for ever with who recorded it,
-    when and on what evidence. A serious RC-29 forgery bars points applications for 3 years
-    (to 24:00 of the corresponding day, SPEC.md section 6); seriousness is RC-29's alone."""
+                  client_id: str, fine_fen: int = 0, *, card_number: str = "",
+                  victim_card_number: str = "",
+                  illegal_gain: bool = False) -> tuple[int, CreditRecord]:
+    """SH-26, RC-29: a dishonesty record on the wrongdoer (`ssn`, or the holder of
+    `card_number`), kept for ever with who recorded it, when and on what evidence. A serious
+    RC-29 forgery bars points applications for 3 years (to 24:00 of the corresponding day,
+    SPEC.md section 6); seriousness is RC-29's alone."""
     rule = _CREDIT_RULES[CreditGround(ground)]
     if serious and rule != "RC-29":
         raise InvalidArgument("serious", "only a forgery of documents (RC-29) is marked serious")
     if fine_fen:
         raise InvalidArgument("fine_fen", "RC-29's fine is an employer's; a holder's record has "
                               "none")
+    if rule != "SH-26" and (illegal_gain or victim_card_number):
+        raise InvalidArgument("illegal_gain" if illegal_gain else "victim_card_number",
+                              "is SH-26's")
     found = book.holder(ssn)
     if found is None:
         raise HolderNotFound("no holder with that ssn")
     holder_id, _ = found
+    if rule == "SH-26":
+        _check_sh_26(book, holder_id, ground, card_number, victim_card_number, illegal_gain)
     record = CreditRecord(rule, ground, evidence_ref, serious, now, client_id,
                           end_of_years(now, 3) if serious else 0)
     book.add_credit_record(holder_id, record)
     return holder_id, record
+
+
+# SH-26's first paragraph: "出借、转让本人社会保障卡，冒领、冒用、盗用他人社会保障卡，牟取非法利益的"
+SH_26_FOR_GAIN = frozenset({CreditGround.LENDING_CARD, CreditGround.FRAUD})
+
+
+def _not_shanghai(what: str, pack: int) -> Refused:
+    return Refused("SH-26", f"SH-26 is an article of the Shanghai Measures: {what} is a "
+                   f"{Pack(pack).name} card, not a Shanghai social security card")
+
+
+def _check_sh_26(book, holder_id: int, ground: int, card_number: str, victim_card_number: str,
+                 illegal_gain: bool) -> None:
+    """SH-26 puts the record on the wrongdoer: the holder who lends or transfers their own
+    card (LENDING_CARD, named by card or ssn), the person who fraudulently claims, uses or
+    steals another's (FRAUD: named by ssn, the card in `victim_card_number`, whose holder is
+    the victim), the one who forges, alters or trades cards (FORGED_CARD, second paragraph).
+    The first paragraph's acts are recorded when done for illegal gain. A Shanghai card's
+    acts only: not a Guangzhou, Beijing or Residence Card's."""
+    if ground in SH_26_FOR_GAIN and not illegal_gain:
+        raise Refused("SH-26", "a card lent or transferred, or another's claimed, used or "
+                      "stolen, is recorded when done for illegal gain (牟取非法利益): state "
+                      "illegal_gain, on the evidence")
+    if ground == CreditGround.FRAUD:
+        if card_number:
+            raise InvalidArgument("card_number", "fraud is recorded on the person who claimed, "
+                                  "used or stole another's card, not on the card's holder, who "
+                                  "is the victim: name the wrongdoer by ssn and the card in "
+                                  "victim_card_number (SH-26)")
+        if not victim_card_number:
+            raise InvalidArgument("victim_card_number", "is required for fraud: the other "
+                                  "person's card claimed, used or stolen (SH-26)")
+        victim = book.card(victim_card_number)
+        if victim is None:
+            raise CardNotFound(victim_card_number)
+        if victim.pack != Pack.SH:
+            raise _not_shanghai("the card used", victim.pack)
+        if victim.holder_id == holder_id:
+            raise InvalidArgument("victim_card_number", "is the wrongdoer's own card: lending "
+                                  "or transferring one's own card is "
+                                  "CREDIT_GROUND_LENDING_CARD (SH-26)")
+        return
+    if victim_card_number:
+        raise InvalidArgument("victim_card_number", "is for CREDIT_GROUND_FRAUD (SH-26)")
+    if card_number:
+        rec = book.card(card_number)
+        if rec is not None and rec.pack != Pack.SH:
+            raise _not_shanghai(f"card {card_number}", rec.pack)
+    elif ground == CreditGround.LENDING_CARD and book.current_card(holder_id, Pack.SH) is None:
+        raise Refused("SH-26", "SH-26 is an article of the Shanghai Measures: this person "
+                      "holds no Shanghai social security card to lend or transfer")
 
 
 # RC-29: "a fine of not less than 30,000 yuan but not more than 50,000 yuan"
