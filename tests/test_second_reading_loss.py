@@ -6,7 +6,7 @@ and the holder's basic needs during a replacement (GZ-28)."""
 import grpc
 import pytest
 from test_calls import error_info
-from test_law import ORGAN, START, call, issued, reason, refused, rid, set_clock
+from test_law import ORGAN, START, apply, call, issued, reason, refused, rid, set_clock
 from test_money_e2e import error_of
 
 from yikatong import clock as clocks
@@ -263,3 +263,25 @@ def test_gz_27_the_free_year_after_receipt_ending_on_a_rest_day_runs_to_the_next
     set_clock(srv, "2027-10-07T00:00:00+08:00")
     assert call(srv, "Replace", "BANK_OUTLET", card_number=paid,
                 reason=pb.REPLACE_REASON_DAMAGED, quality_fault=True).fee_fen == 2000
+
+
+# ---------------------------------------------------------------- item 10: RC-9's six months
+
+def test_rc_9_six_months_of_residence_are_complete_at_24_00_of_the_corresponding_day(srv):
+    """RC-9 "registered for residence in this Municipality over six months" (居住登记满6个月:
+    the number itself included, SPEC.md section 6); the day of registration is not counted
+    (Civil Code art. 201), so registered on 21 March 2026 the six months are complete at 24:00
+    on 21 September 2026: refused at 15:00 and at 23:59:59 that day, accepted at 00:00 on 22
+    September. Registered on 20 March, accepted at 15:00 on 21 September."""
+    def applying(n, since):
+        return apply(srv, n, pb.PACK_RC, residence_registered_since=since)
+
+    early = error_of(applying, 931, "2026-03-21")
+    assert early.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(early).reason == "RC-9"
+    assert "complete at 24:00 on 2026-09-21" in early.details()
+    assert applying(932, "2026-03-20").state == pb.CARD_STATE_APPLIED
+    set_clock(srv, "2026-09-21T23:59:59+08:00")
+    assert error_info(error_of(applying, 931, "2026-03-21")).reason == "RC-9"
+    set_clock(srv, "2026-09-22T00:00:00+08:00")
+    assert applying(931, "2026-03-21").state == pb.CARD_STATE_APPLIED

@@ -13,7 +13,7 @@ import re
 
 from yikatong import calendar, config, ledger
 from yikatong.calendar import DAYS_FOR_AN_ACT, WORKING_DAYS
-from yikatong.clock import end_of_days, end_of_years, law_date, start_of_day
+from yikatong.clock import end_of_days, end_of_months, end_of_years, law_date, start_of_day
 from yikatong.errors import (
     CardNotFound,
     HolderNotFound,
@@ -214,12 +214,14 @@ def check_eligibility(pack: int, who: Eligibility, now: int) -> None:
                           "services there (old-age care, disability aid, education)")
     if pack == Pack.RC:
         since = parse_date("residence_registered_since", who.residence_registered_since)
-        today = law_date(now)
-        months = ((today.year - since.year) * 12 + today.month - since.month
-                  - (today.day < since.day))
-        if months < config.rc_residence_months_min:
+        # SPEC.md section 6: the day of registration is not counted, and "满6个月" is complete
+        # at 24:00 of the corresponding day six months on (registered on 21 March: from 00:00
+        # on 22 September), not at its start
+        complete = end_of_months(start_of_day(since), config.rc_residence_months_min)
+        if now < complete:
             raise NotEligible("RC-9", "residence must have been registered in Shanghai for "
-                              "more than 6 months")
+                              f"6 months or more (registered on {since.isoformat()}: complete "
+                              f"at 24:00 on {law_date(complete - 1).isoformat()})")
         if who.residence_basis not in tuple(ResidenceBasis):
             raise NotEligible("RC-9", "needs legal stable employment, legal stable residence "
                               "or continuous study (residence_basis)")

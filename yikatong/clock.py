@@ -132,6 +132,19 @@ def end_of_days(t: int, days: int) -> int:
     return start_of_day(law_date(t) + _dt.timedelta(days=days + 1))
 
 
+def end_of_months(t: int, months: int) -> int:
+    """The end of a period of `months` months from an event at `t` (art. 202: the last day is
+    the corresponding day of the last month, or that month's last day if it has none): 24:00
+    of it. RC-9: residence registered on 21 March, 6 months are complete at 24:00 on 21
+    September ("满6个月")."""
+    d = law_date(t)
+    year, month = divmod(d.month - 1 + months, 12)
+    year, month = d.year + year, month + 1
+    days_in_month = (_dt.date(year + month // 12, month % 12 + 1, 1) - _dt.timedelta(days=1)).day
+    last = _dt.date(year, month, min(d.day, days_in_month))
+    return start_of_day(last + _dt.timedelta(days=1))
+
+
 def end_of_years(t: int, years: int) -> int:
     """The end of a period of `years` years from an event at `t` (art. 202: the last day is
     the corresponding day of the last year, or that month's last day if it has none): 24:00 of
