@@ -732,6 +732,8 @@ class ResidenceCard(CardWrites):
         validate.request_id(request.request_id)
         validate.card_number(request.card_number)
         validate.enum(request.filer, pb.PointsFiler, "filer")
+        validate.enum(request.employer_default, pb.EmployerDefault, "employer_default",
+                      allow_unspecified=True)
         if request.employer or request.filer == pb.POINTS_FILER_EMPLOYER:
             points.validate_employer(request.employer)
         evidence = _stated(request.evidence_ref, "evidence_ref", "the document proofs (RC-23)")
@@ -747,7 +749,7 @@ class ResidenceCard(CardWrites):
         def op(book, now, _) -> bytes:
             holder_id, _record = points.apply(book, now, table, request.card_number,
                                               request.filer, request.employer, request.claims,
-                                              evidence, client.id)
+                                              evidence, client.id, request.employer_default)
             return self._points_answer(book, now, table, holder_id, "ResidenceCard.ApplyPoints",
                                        request.card_number, evidence, client)
         return pb.PointsRecord.FromString(await self.core.write_once(

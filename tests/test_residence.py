@@ -62,9 +62,12 @@ def claims(**values) -> list[pb.PointsClaim]:
 
 
 def apply_points(srv, card, filer=pb.POINTS_FILER_EMPLOYER, employer=EMPLOYER, **values):
+    # RC-30: a holder filing says what the employer did (here: failed to file)
+    default = pb.EMPLOYER_DEFAULT_FAILED_TO_FILE if filer == pb.POINTS_FILER_HOLDER else 0
     return srv.residence.ApplyPoints(pb.ApplyPointsRequest(
         request_id=rid(), card_number=card, filer=filer, employer=employer,
-        claims=claims(**values), evidence_ref="HR-2026-0001"), metadata=srv.md("HRSS"))
+        employer_default=default, claims=claims(**values), evidence_ref="HR-2026-0001"),
+        metadata=srv.md("HRSS"))
 
 
 def decide_points(srv, card, approved=True, why=""):
@@ -184,8 +187,7 @@ def test_rc_30_the_holder_files_at_hrss_when_the_employer_will_not(srv):
     points for them, [the holders] may apply themselves at the human resources and social
     security departments": the same application, the same 20 working days."""
     card = active(srv, 6, pb.PACK_RC)
-    filed = apply_points(srv, card, filer=pb.POINTS_FILER_HOLDER, employer="",
-                         education="bachelor")
+    filed = apply_points(srv, card, filer=pb.POINTS_FILER_HOLDER, education="bachelor")
     assert filed.open_application.filer == pb.POINTS_FILER_HOLDER
     assert filed.open_application.due_at == T("2026-10-27T00:00:00+08:00")
     no_employer = error_of(apply_points, srv, active(srv, 7, pb.PACK_RC), employer="",

@@ -230,3 +230,41 @@ def test_sh_26_is_shanghai_s_and_never_recorded_on_a_guangzhou_or_beijing_holder
                      illegal_gain=True)
         assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "SH-26" in e.details()
         assert credit_records(srv, card) == []
+
+
+# ---------------------------------------------------------------- RC-30
+
+EMPLOYER = "91350100M000100Y43"  # a unified social credit code with a valid check character
+
+
+def own_points(srv, card, **fields):
+    return srv.residence.ApplyPoints(pb.ApplyPointsRequest(
+        request_id=rid(), card_number=card, filer=pb.POINTS_FILER_HOLDER,
+        claims=[pb.PointsClaim(indicator="education", value="bachelor")],
+        evidence_ref="HR-2026-0030", **fields), metadata=srv.md("HRSS"))
+
+
+def test_rc_30_a_holder_files_naming_the_employer_that_refused_or_failed(srv):
+    """RC-30: "The Card holders, when their units refuse without justified reasons or fail to
+    apply for the points for them, may apply themselves at the human resources and social
+    security departments, and [they] shall order their work units to make correction or
+    directly accept their application": the holder's own application names the work unit and
+    says whether it refused or failed to file; without them it is refused, both named at once."""
+    card = active(srv, 220, pb.PACK_RC)
+    e = error_of(own_points, srv, card)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details().startswith("employer: ") and "employer_default" in e.details()
+    e = error_of(own_points, srv, card, employer=EMPLOYER)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details().startswith("employer_default: ")
+    e = error_of(srv.residence.ApplyPoints, pb.ApplyPointsRequest(
+        request_id=rid(), card_number=card, filer=pb.POINTS_FILER_EMPLOYER, employer=EMPLOYER,
+        employer_default=pb.EMPLOYER_DEFAULT_REFUSED, evidence_ref="x",
+        claims=[pb.PointsClaim(indicator="education", value="bachelor")]),
+        metadata=srv.md("HRSS"))
+    assert e.details().startswith("employer_default: ")  # the employer filing defaults nothing
+    filed = own_points(srv, card, employer=EMPLOYER,
+                       employer_default=pb.EMPLOYER_DEFAULT_FAILED_TO_FILE)
+    application = filed.open_application
+    assert (application.filer, application.employer, application.employer_default) == (
+        pb.POINTS_FILER_HOLDER, EMPLOYER, pb.EMPLOYER_DEFAULT_FAILED_TO_FILE)

@@ -252,10 +252,31 @@ def _holder_card(book, now: int, card_number: str, operation: str):
     return rec
 
 
+def check_filer(filer: int, employer: str, employer_default: int) -> None:
+    """RC-23: the employer files for its staff. RC-30: the holder files at HRSS "when their
+    units refuse without justified reasons or fail to apply": the holder names that work unit
+    and says which it did (both missing: both named at once)."""
+    if filer != pb.POINTS_FILER_HOLDER:
+        if employer_default:
+            raise InvalidArgument("employer_default", "is RC-30's: for a holder filing because "
+                                  "the employer refused or failed to (POINTS_FILER_HOLDER)")
+        return
+    missing = ([] if employer else ["employer"]) + ([] if employer_default in (
+        pb.EMPLOYER_DEFAULT_REFUSED, pb.EMPLOYER_DEFAULT_FAILED_TO_FILE) else ["employer_default"])
+    if missing:
+        raise InvalidArgument(missing[0], "is required: RC-30 is for a holder whose employer "
+                              "refused without justification (EMPLOYER_DEFAULT_REFUSED) or "
+                              "failed to file (EMPLOYER_DEFAULT_FAILED_TO_FILE): name the "
+                              "employer and what it did" + (
+                                  f"; missing too: {missing[1]}" if missing[1:] else ""))
+
+
 def apply(book, now: int, table: Table, card_number: str, filer: int, employer: str,
-          claims, evidence_ref: str, client_id: str) -> tuple[int, pb.PointsRecord]:
+          claims, evidence_ref: str, client_id: str,
+          employer_default: int = 0) -> tuple[int, pb.PointsRecord]:
     """RC-23, RC-30: accept an application; its decision is due within 20 working days.
     Returns (holder id, the holder's points record)."""
+    check_filer(filer, employer, employer_default)
     rec = _holder_card(book, now, card_number, "ApplyPoints")
     table.check_claims(claims)
     record = book.points(rec.holder_id)
@@ -267,7 +288,7 @@ def apply(book, now: int, table: Table, card_number: str, filer: int, employer: 
     record.open_application.CopyFrom(pb.PointsApplication(
         card_number=card_number, filer=pb.PointsFiler.Name(filer), employer=employer, claims=claims,
         evidence_ref=evidence_ref, accepted_at=now, due_at=step.due_at, client_id=client_id,
-        due_provisional=step.provisional))
+        due_provisional=step.provisional, employer_default=employer_default))
     book.put_points(rec.holder_id, record)
     book.put_steps(card_number, [*book.steps_of(card_number), step])
     return rec.holder_id, record
