@@ -6,7 +6,19 @@ and the holder's basic needs during a replacement (GZ-28)."""
 import grpc
 import pytest
 from test_calls import error_info
-from test_law import ORGAN, START, apply, call, issued, reason, refused, rid, set_clock
+from test_law import (
+    ORGAN,
+    START,
+    active,
+    apply,
+    call,
+    issued,
+    money,
+    reason,
+    refused,
+    rid,
+    set_clock,
+)
 from test_money_e2e import error_of
 
 from yikatong import clock as clocks
@@ -285,3 +297,44 @@ def test_rc_9_six_months_of_residence_are_complete_at_24_00_of_the_corresponding
     assert error_info(error_of(applying, 931, "2026-03-21")).reason == "RC-9"
     set_clock(srv, "2026-09-22T00:00:00+08:00")
     assert applying(931, "2026-03-21").state == pb.CARD_STATE_APPLIED
+
+
+# ---------------------------------------------------------------- GZ-28: basic needs
+
+def test_gz_28_basic_needs_are_met_while_a_card_is_replaced(srv):
+    """GZ-28 "During the period when a cardholder replaces or regains a social security card,
+    the social security card application agency shall take effective measures to ensure the
+    basic needs of the cardholder for relevant public service benefits can be met"; GZ-25
+    "If a cardholder is in urgent need ... he/she may apply for the card reissue or
+    replacement at the instant card making outlet"; GZ-35: the electronic card has the
+    physical card's effect, and follows the holder's current card (SPEC.md section 1).
+    What the server does (DECISIONS.md): a lost card's electronic card declines CARD_LOST
+    until the new card is issued; made on the spot, the new card is current at once, and the
+    electronic card and the holder's medical account follow it as soon as it is received. A
+    card renewed (defaced, unreadable) stays in use, with its electronic card, while the new
+    one is made."""
+    lost = active(srv, 941, pb.PACK_GZ)
+    e = srv.lifecycle.IssueElectronic(pb.IssueElectronicRequest(
+        request_id=rid(), card_number=lost), metadata=srv.md("ONLINE_PLATFORM")).number
+    money(srv, "Transfer", "HRSS", transfer_id=rid(), debit=pb.AccountRef(operator="op:medical"),
+          credit=pb.AccountRef(holder=pb.HolderAccountRef(
+              card_number=lost, kind=pb.ACCOUNT_KIND_MEDICAL)), amount_fen=10_000)
+    call(srv, "ReportLoss", "SERVICE_HOTLINE", card_number=lost)
+    assert reason(srv, e) == "CARD_LOST"
+    new = call(srv, "Replace", "BANK_OUTLET", card_number=lost, reason=pb.REPLACE_REASON_LOST,
+               instant=True)
+    assert new.state == pb.CARD_STATE_ISSUED  # made on the spot (GZ-25, GZ-10b)
+    call(srv, "Activate", "BANK_OUTLET", card_number=new.card_number)  # received (GZ-12)
+    settled = srv.authorization.Authorize(pb.AuthorizeRequest(
+        request_id=rid(), card_number=e, channel=pb.CHANNEL_MEDICAL, amount_fen=2_500,
+        terminal_id="hospital-1"), metadata=srv.md("MEDICAL_TERMINAL"))
+    assert settled.decision == pb.DECISION_APPROVED and settled.available_fen == 7_500
+    assert reason(srv, lost) == "CARD_SUPERSEDED"
+
+    defaced = active(srv, 942, pb.PACK_GZ)
+    e2 = srv.lifecycle.IssueElectronic(pb.IssueElectronicRequest(
+        request_id=rid(), card_number=defaced), metadata=srv.md("ONLINE_PLATFORM")).number
+    renewal = call(srv, "Replace", "BANK_OUTLET", card_number=defaced,
+                   reason=pb.REPLACE_REASON_DAMAGED)
+    assert renewal.state == pb.CARD_STATE_VERIFIED  # made within 12 working days (GZ-25)
+    assert reason(srv, defaced) == "UNSPECIFIED" and reason(srv, e2) == "UNSPECIFIED"
