@@ -704,6 +704,12 @@ class ResidenceCard(CardWrites):
     async def Renew(self, request, client: Client):
         return await self._card_op("Renew", request, client, cards.renew)
 
+    async def StateSpecialCircumstances(self, request, client: Client):
+        validate.text(request.special_circumstances, "special_circumstances")
+        return await self._card_op("StateSpecialCircumstances", request, client,
+                                   cards.state_special_circumstances,
+                                   request.special_circumstances, client.role)
+
     async def ChangeInformation(self, request, client: Client):
         validate.request_id(request.request_id)
         validate.card_number(request.card_number)

@@ -63,6 +63,8 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "Ledger.Reverse": _MONEY,
     "Ledger.GetBalances": TERMINALS | OUTLETS | {Role.ONLINE_PLATFORM},
     "ResidenceCard.Renew": _RESIDENCE,
+    # RC-12: the public security organ makes the card and states why it is late
+    "ResidenceCard.StateSpecialCircumstances": frozenset({Role.PUBLIC_SECURITY}),
     "ResidenceCard.ChangeInformation": _RESIDENCE,
     # RC-22, RC-23: points are the human resources and social security department's
     "ResidenceCard.ApplyPoints": frozenset({Role.HRSS}),

@@ -97,6 +97,11 @@ CASES = [
      "COMMUNITY_OUTLET", IA, "card_number:"),
     ("ResidenceCard", "Renew", pb.RenewRequest(request_id="", card_number=CARD),
      "COMMUNITY_OUTLET", IA, "request_id:"),
+    ("ResidenceCard", "StateSpecialCircumstances", pb.StateSpecialCircumstancesRequest(
+        request_id="s", card_number=""), "PUBLIC_SECURITY", IA, "card_number:"),
+    ("ResidenceCard", "StateSpecialCircumstances", pb.StateSpecialCircumstancesRequest(
+        request_id="s", card_number=CARD, special_circumstances="\x00"), "PUBLIC_SECURITY", IA,
+     "special_circumstances:"),
     ("ResidenceCard", "ChangeInformation", pb.ChangeInformationRequest(
         request_id="r", card_number=CARD, changed_on="yesterday"), "COMMUNITY_OUTLET", IA,
      "changed_on:"),

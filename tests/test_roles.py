@@ -28,6 +28,8 @@ API_TABLE = {
     "Audit.Export": {"AUDITOR"}, "Audit.Verify": {"AUDITOR"},
     "ResidenceCard.Renew": {"COMMUNITY_OUTLET", "PUBLIC_SECURITY"},
     "ResidenceCard.ChangeInformation": {"COMMUNITY_OUTLET", "PUBLIC_SECURITY"},
+    # API.md gives no row: RC-12, the public security organ that makes the card
+    "ResidenceCard.StateSpecialCircumstances": {"PUBLIC_SECURITY"},
     "Deadlines.ListDue": {"CARD_AGENCY", "HRSS"},
     "Lifecycle.Apply": APPLY, "Lifecycle.Replace": APPLY, "Lifecycle.CancelLoss": APPLY,
     "Lifecycle.Verify": {"CARD_AGENCY", "PUBLIC_SECURITY"},  # PUBLIC_SECURITY: RC cards

@@ -5,7 +5,7 @@ through the gRPC method its caller uses (STYLE.md section 9); the articles' own 
 quoted."""
 import grpc
 import pytest
-from test_law import OUTLET, START, active, apply, call, holder, rid
+from test_law import OUTLET, START, active, apply, call, due, holder, rid, set_clock
 from test_money_e2e import error_of
 
 from yikatong.server.harness import running
@@ -268,3 +268,43 @@ def test_rc_30_a_holder_files_naming_the_employer_that_refused_or_failed(srv):
     application = filed.open_application
     assert (application.filer, application.employer, application.employer_default) == (
         pb.POINTS_FILER_HOLDER, EMPLOYER, pb.EMPLOYER_DEFAULT_FAILED_TO_FILE)
+
+
+# ---------------------------------------------------------------- RC-12
+
+def special(srv, card, text="the household registration is being checked in Hubei",
+            role="PUBLIC_SECURITY"):
+    return srv.residence.StateSpecialCircumstances(pb.StateSpecialCircumstancesRequest(
+        request_id=rid(), card_number=card, special_circumstances=text), metadata=srv.md(role))
+
+
+def test_rc_12_special_circumstances_are_stated_after_verification_too(srv):
+    """RC-12: "If the Residence Card cannot be made on schedule due to the special
+    circumstances, the time limit for the making of the Residence Card shall not exceed 30
+    working days": the circumstances may arise after the application was verified, and are
+    stated then, up to the 15th working day. Accepted Monday 21 September 2026: 15 working days
+    end at 24:00 on 19 October, 30 at 24:00 on 9 November."""
+    card, late = (apply(srv, n, pb.PACK_RC).card_number for n in (221, 222))
+    call(srv, "Verify", "PUBLIC_SECURITY", card_number=late, approved=True)
+    e = error_of(special, srv, card)  # not yet verified: Verify states them
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "RC-12" in e.details()
+    call(srv, "Verify", "PUBLIC_SECURITY", card_number=card, approved=True)
+    assert [i[1:4] for i in due(srv, 60) if i[0] == card] == [
+        ("issue", "RC-12", "2026-10-20T00:00:00+08:00")]
+    denied = error_of(special, srv, card, role="COMMUNITY_OUTLET")
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+    blank = error_of(special, srv, card, text=" ")
+    assert blank.details().startswith("special_circumstances: is required")
+    set_clock(srv, "2026-10-19T23:59:59+08:00")  # the last second of the 15th working day
+    stated = special(srv, card)
+    assert stated.state == pb.CARD_STATE_VERIFIED
+    assert [i[1:4] for i in due(srv, 60) if i[0] == card] == [
+        ("issue", "RC-12", "2026-11-10T00:00:00+08:00")]
+    set_clock(srv, "2026-10-20T00:00:00+08:00")  # the first second after it
+    e = error_of(special, srv, late)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "ended at 24:00 of 2026-10-19" in e.details()
+    sh = apply(srv, 223).card_number
+    call(srv, "Verify", "CARD_AGENCY", card_number=sh, approved=True)
+    e = error_of(special, srv, sh)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "RC-12" in e.details()

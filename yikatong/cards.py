@@ -422,15 +422,8 @@ def verify(book, now: int, card_number: str, approved: bool, reason: str,
         steps = [s for s in book.steps_of(card_number) if s.step != "verification"]
         if rec.pack == Pack.SH:  # SH-11 (a re-application too): made and issued in 30 days
             steps.append(deadline("issue", "SH-11", DAYS_FOR_AN_ACT, now, 30))
-        if special_circumstances:  # RC-12: at most 30 working days from acceptance
-            for s in steps:
-                if s.rule == "RC-12" and s.due_at and s.due_at <= now:
-                    raise Refused("RC-12", "the 15 working days ended at 24:00 of "
-                                  f"{law_date(s.due_at - 1).isoformat()}: special "
-                                  "circumstances are stated before the card is late")
-            steps = [s for s in steps if s.rule != "RC-12"]
-            steps.append(deadline("issue", "RC-12", WORKING_DAYS, rec.applied_at, 30))
-            book.put_card_text(card_number, "special", special_circumstances)
+        if special_circumstances:
+            steps = _special(book, now, rec, special_circumstances, steps)
         book.put_steps(card_number, steps)
     else:
         book.put_steps(card_number, [])
@@ -440,6 +433,41 @@ def verify(book, now: int, card_number: str, approved: bool, reason: str,
         rec.state = State.REJECTED
         book.put_card_text(card_number, "note", reason)
         _free_original(book, now, rec)
+    book.put_card(rec, now)
+    return rec
+
+
+def _special(book, now: int, rec: Card, text: str, steps: list[Step]) -> list[Step]:
+    """RC-12: special circumstances stated up to the 15th working day's end move the card's
+    issue to at most 30 working days from acceptance; `steps` with the issue step moved."""
+    for s in steps:
+        if s.rule == "RC-12" and s.due_at and s.due_at <= now:
+            raise Refused("RC-12", "the 15 working days ended at 24:00 of "
+                          f"{law_date(s.due_at - 1).isoformat()}: special "
+                          "circumstances are stated before the card is late")
+    book.put_card_text(rec.card_number, "special", text)
+    return [s for s in steps if s.rule != "RC-12"] + [
+        deadline("issue", "RC-12", WORKING_DAYS, rec.applied_at, 30)]
+
+
+def state_special_circumstances(book, now: int, card_number: str, text: str,
+                                role: Role | None = None) -> Card:
+    """RC-12: "If the Residence Card cannot be made on schedule due to the special
+    circumstances, the time limit ... shall not exceed 30 working days": circumstances that
+    arise after verification are stated then, by public security, before the card is made."""
+    rec = load(book, card_number, now)
+    if rec.pack != Pack.RC:
+        raise InvalidTransition(State(rec.state).name, "StateSpecialCircumstances", "RC-12",
+                                "special circumstances are a Residence Card's")
+    _check_agency("StateSpecialCircumstances", rec, role)
+    _require(rec, (State.VERIFIED,), "StateSpecialCircumstances", "RC-12",
+             "stated after verification and before issue; at verification, with Verify")
+    if not text.strip():
+        raise InvalidArgument("special_circumstances", "is required: why the card cannot be "
+                              "made within 15 working days (RC-12)")
+    if book.card_text(card_number, "special"):
+        raise Refused("RC-12", "special circumstances were already stated for this card")
+    book.put_steps(card_number, _special(book, now, rec, text, book.steps_of(card_number)))
     book.put_card(rec, now)
     return rec
 
