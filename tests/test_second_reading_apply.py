@@ -174,10 +174,10 @@ def credit_records(srv, card: str) -> list[pb.CreditRecord]:
 
 
 def test_sh_26_fraud_goes_on_the_wrongdoer_never_on_the_card_s_holder(srv):
-    """SH-26: "冒领、冒用、盗用他人社会保障卡，牟取非法利益的 … 有关失信信息纳入本市公共信用信息服务平台":
-    the record is the one who fraudulently claimed, used or stole another's card. Named by the
-    card's number, the fraud would land on its holder, who is the victim: refused; the
-    wrongdoer is named by ssn and the card used beside it."""
+    """SH-26: "冒领、冒用、盗用他人社会保障卡，牟取非法利益的 … 有关失信信息纳入本市公共信用
+    信息服务平台": the record goes on the one who fraudulently claimed, used or stole
+    another's card. Named by the card's number, the fraud would land on its holder, who is the
+    victim: refused; the wrongdoer is named by ssn and the card used beside it."""
     victim = active(srv, 210)
     wrongdoer = holder(211, pb.PACK_SH).ssn
     active(srv, 211)

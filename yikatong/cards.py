@@ -235,12 +235,12 @@ def _points_in_force(book, holder_id: int, pack: int) -> int:
 
 
 # What each article makes the outlet record at application (API.md `Apply`), in the order
-# a refusal names them. SH-9: "交验本人有效身份证件，现场核对本人姓名、国籍、民族、性别、相片等信息，
-# 并提供通讯地址、邮政编码" (the photo from 7 full years: below). GZ-9: "valid identity document,
-# photo, occupation, mobile phone number, mailing address", and the issuing bank. RC-7: "name,
-# sex, nationality, date of birth, citizen ID number, recent photo, permanent registered
-# residential address, residential address". BJ's Measures name none (BJ-17 leaves it to
-# implementation rules): the identity document's name and date of birth.
+# a refusal names them. SH-9: "交验本人有效身份证件，现场核对本人姓名、国籍、民族、性别、
+# 相片等信息，并提供通讯地址、邮政编码" (the photo from 7 full years: below). GZ-9: "valid
+# identity document, photo, occupation, mobile phone number, mailing address", and the
+# issuing bank. RC-7: "name, sex, nationality, date of birth, citizen ID number, recent photo,
+# permanent registered residential address, residential address". BJ's Measures name none
+# (BJ-17 leaves it to implementation rules): the identity document's name and date of birth.
 APPLICATION_RECORDS: dict[Pack, tuple[str, ...]] = {
     Pack.SH: ("name", "birth_date", "gender", "nationality", "ethnicity", "address",
               "postcode"),
@@ -1103,7 +1103,8 @@ def record_credit(book, now: int, ssn: str, ground: int, evidence_ref: str, seri
     return holder_id, record
 
 
-# SH-26's first paragraph: "出借、转让本人社会保障卡，冒领、冒用、盗用他人社会保障卡，牟取非法利益的"
+# SH-26's first paragraph: "出借、转让本人社会保障卡，冒领、冒用、盗用他人社会保障卡，
+# 牟取非法利益的"
 SH_26_FOR_GAIN = frozenset({CreditGround.LENDING_CARD, CreditGround.FRAUD})
 
 
