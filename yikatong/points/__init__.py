@@ -288,7 +288,8 @@ def apply(book, now: int, table: Table, card_number: str, filer: int, employer: 
     record.open_application.CopyFrom(pb.PointsApplication(
         card_number=card_number, filer=pb.PointsFiler.Name(filer), employer=employer, claims=claims,
         evidence_ref=evidence_ref, accepted_at=now, due_at=step.due_at, client_id=client_id,
-        due_provisional=step.provisional, employer_default=employer_default))
+        due_provisional=step.provisional,
+        employer_default=pb.EmployerDefault.Name(employer_default)))
     book.put_points(rec.holder_id, record)
     book.put_steps(card_number, [*book.steps_of(card_number), step])
     return rec.holder_id, record
