@@ -51,7 +51,8 @@ cdef inline int64_t _i64(const uint8_t* p) noexcept nogil:
 
 
 cdef int c_decide(Policy policy, const uint8_t* rec, Py_ssize_t n, int channel, int64_t now,
-                  int points_required, int64_t amount, int64_t available) noexcept:
+                  int points_required, int64_t amount, int64_t available,
+                  int64_t bank_loss_until) noexcept:
     if n != RECORD_SIZE or rec[0] != RECORD_VERSION or rec[1] < 1 or rec[1] > 4 \
             or rec[2] < 1 or rec[2] > 9:
         return -1
@@ -84,7 +85,8 @@ cdef int c_decide(Policy policy, const uint8_t* rec, Py_ssize_t n, int channel, 
         return 11
     if financial and not (flags & FLAG_FINANCIAL_OPEN):
         return 11
-    if financial and (flags & FLAG_FINANCIAL_FROZEN):
+    if financial and (flags & FLAG_FINANCIAL_FROZEN) \
+            and (bank_loss_until == 0 or now < bank_loss_until):  # SH-20
         return 12
     if channel == CH_SERVICE and pack == PACK_RC \
             and <int>(rec[6] | (rec[7] << 8)) < points_required:
@@ -95,19 +97,19 @@ cdef int c_decide(Policy policy, const uint8_t* rec, Py_ssize_t n, int channel, 
 
 
 def decide(Policy policy, record, int channel, int64_t now, int points_required,
-           int64_t amount=0, int64_t available=0):
+           int64_t amount=0, int64_t available=0, int64_t bank_loss_until=0):
     """See _authorize_py.decide."""
     if record is None:
         return 1
     cdef const uint8_t[::1] view
     if isinstance(record, bytes):
         return c_decide(policy, <const uint8_t*><char*>record, len(<bytes>record), channel,
-                        now, points_required, amount, available)
+                        now, points_required, amount, available, bank_loss_until)
     view = record
     if view.shape[0] == 0:
         return -1
     return c_decide(policy, &view[0], view.shape[0], channel, now, points_required, amount,
-                    available)
+                    available, bank_loss_until)
 
 
 # ---------------------------------------------------------------------------- the wire path
@@ -343,10 +345,26 @@ cdef object _record(object get, const uint8_t* number, Py_ssize_t n, object card
     return None if current is None else get(bytes(current), None, cards)
 
 
+cdef object _bank_loss_end(object get, const uint8_t* number, Py_ssize_t n, object ecards,
+                           object holder_cards, object bank_losses):
+    """SH-20: the stored end of the bank loss report on the card a use of `number` is decided
+    on (Book.bank_loss_end), as its raw value; None when none is stored (it stands until
+    cancelled). Read only on the rare path: FINANCIAL on a card whose report flag is set."""
+    key = PyBytes_FromStringAndSize(<const char*>number, n)
+    if n == ECARD_DIGITS:
+        found = get(key, None, ecards)
+        if found is None:
+            return None
+        key = get(bytes(found[:9]), None, holder_cards)
+        if key is None:
+            return None
+    return get(bytes(key), None, bank_losses)
+
+
 cdef object _decide_all(Policy policy, const uint8_t* p, Req* reqs, Py_ssize_t count,
                         bint batch, object get, object cards, object ecards,
                         object holder_cards, int64_t now, object points_required,
-                        object tally):
+                        object tally, object bank_losses):
     cdef Py_ssize_t k, o = 0, size = 16
     cdef int reason, need
     cdef int counts[(CHANNEL_MAX + 1) * REASONS]
@@ -372,9 +390,21 @@ cdef object _decide_all(Policy policy, const uint8_t* p, Req* reqs, Py_ssize_t c
                 reason = 1
             else:
                 reason = c_decide(policy, <const uint8_t*>PyBytes_AS_STRING(record),
-                                  PyBytes_GET_SIZE(record), reqs[k].channel, now, need, 0, 0)
+                                  PyBytes_GET_SIZE(record), reqs[k].channel, now, need, 0, 0,
+                                  0)
                 if reason < 0:
                     return None  # a corrupt record: the Python path refuses it
+                if reason == 12 and bank_losses is not None:  # SH-20: has it lapsed?
+                    end = _bank_loss_end(get, reqs[k].card, reqs[k].card_n, ecards,
+                                         holder_cards, bank_losses)
+                    if end is not None:
+                        end = bytes(end)
+                        if len(end) != 8:
+                            return None  # corrupt: the Python path refuses it
+                        reason = c_decide(policy, <const uint8_t*>PyBytes_AS_STRING(record),
+                                          PyBytes_GET_SIZE(record), reqs[k].channel, now,
+                                          need, 0, 0,
+                                          _i64(<const uint8_t*>PyBytes_AS_STRING(end)))
             counts[reqs[k].channel * REASONS + reason] += 1
             if batch:
                 inner_n = _put_answer(inner, 0, &reqs[k], reason)
@@ -394,12 +424,14 @@ cdef object _decide_all(Policy policy, const uint8_t* p, Req* reqs, Py_ssize_t c
 
 def authorize_wire(Policy policy, bytes raw, bint batch, object get, object cards,
                    object ecards, object holder_cards, int64_t now, uint32_t channels,
-                   object points_required, object tally, Py_ssize_t batch_max):
+                   object points_required, object tally, Py_ssize_t batch_max,
+                   object bank_losses=None):
     """An AuthorizeBatchRequest (`batch`) or an AuthorizeRequest, as wire bytes, answered as
     the AuthorizeBatchResponse or AuthorizeResponse wire bytes; None when the Python path
     must take it. `get` is the read transaction's get(key, default, db); `channels` the
     caller's role's channels (bit 1 << channel); `tally` gets each decision counted at
-    [channel * 15 + reason]; `points_required(service_code)` the RC-20 gate."""
+    [channel * 15 + reason]; `points_required(service_code)` the RC-20 gate; `bank_losses`
+    the database of SH-20's stored ends (None: every bank loss report stands)."""
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(raw)
     cdef Py_ssize_t end = PyBytes_GET_SIZE(raw), i = 0, count = 0, start
     cdef uint64_t key, n
@@ -411,7 +443,7 @@ def authorize_wire(Policy policy, bytes raw, bint batch, object get, object card
         if not _request(p, 0, end, &one, channels):
             return None
         return _decide_all(policy, p, &one, 1, False, get, cards, ecards, holder_cards, now,
-                           points_required, tally)
+                           points_required, tally, bank_losses)
     count = _entries(p, end, False)
     if count < 1 or count > batch_max:
         return None
@@ -431,7 +463,7 @@ def authorize_wire(Policy policy, bytes raw, bint batch, object get, object card
             else:
                 i = _skip(p, i, end, <int>(key & 7))
         return _decide_all(policy, p, reqs, count, True, get, cards, ecards, holder_cards, now,
-                           points_required, tally)
+                           points_required, tally, bank_losses)
     finally:
         PyMem_Free(reqs)
 
@@ -452,20 +484,22 @@ cdef inline Py_ssize_t _stripped(const uint8_t* s, Py_ssize_t n) noexcept nogil:
 
 
 cdef Py_ssize_t _put_status(uint8_t* out, Py_ssize_t o, const uint8_t* number, Py_ssize_t n,
-                            object record, Policy policy, int64_t now):
+                            object record, Policy policy, int64_t now, object get,
+                            object ecards, object holder_cards, object bank_losses):
     """A CardStatusResponse as CardStatus._status makes it; -1 when the Python path must
     answer (a record it would refuse as corrupt)."""
     cdef const uint8_t* rec
     cdef int reason
     cdef Py_ssize_t k, replaced_n
     cdef uint8_t state
+    cdef bint frozen
     o = _put_string(out, o, 1, number, n)
     if record is None:
         out[o] = 0x28
         out[o + 1] = 1  # CARD_NOT_FOUND; found false
         return o + 2
     rec = <const uint8_t*>PyBytes_AS_STRING(record)
-    reason = c_decide(policy, rec, PyBytes_GET_SIZE(record), CH_MEDICAL, now, 0, 0, 0)
+    reason = c_decide(policy, rec, PyBytes_GET_SIZE(record), CH_MEDICAL, now, 0, 0, 0, 0)
     if reason < 0:
         return -1
     replaced_n = _stripped(rec + OFF_REPLACED_BY, CARD_MAX)
@@ -500,7 +534,15 @@ cdef Py_ssize_t _put_status(uint8_t* out, Py_ssize_t o, const uint8_t* number, P
         out[o] = 0x38
         out[o + 1] = 1
         o += 2
-    if rec[3] & FLAG_FINANCIAL_FROZEN:
+    frozen = rec[3] & FLAG_FINANCIAL_FROZEN
+    if frozen and bank_losses is not None:  # SH-20: cards.financial_frozen (lapsed?)
+        end = _bank_loss_end(get, number, n, ecards, holder_cards, bank_losses)
+        if end is not None:
+            end = bytes(end)
+            if len(end) != 8:
+                return -1
+            frozen = now < _i64(<const uint8_t*>PyBytes_AS_STRING(end))
+    if frozen:
         out[o] = 0x40
         out[o + 1] = 1
         o += 2
@@ -508,7 +550,8 @@ cdef Py_ssize_t _put_status(uint8_t* out, Py_ssize_t o, const uint8_t* number, P
 
 
 def status_wire(Policy policy, bytes raw, object get, object cards, object ecards,
-                object holder_cards, int64_t now, Py_ssize_t batch_max):
+                object holder_cards, int64_t now, Py_ssize_t batch_max,
+                object bank_losses=None):
     """A GetStatusBatchRequest's wire bytes answered as the GetStatusBatchResponse's, or
     None when the Python path must take it (see authorize_wire)."""
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(raw)
@@ -533,7 +576,8 @@ def status_wire(Policy policy, bytes raw, object get, object cards, object ecard
             i = _varint32(p, i, end, &n)
             at, i = i, i + <Py_ssize_t>n
             record = _record(get, p + at, <Py_ssize_t>n, cards, ecards, holder_cards)
-            inner_n = _put_status(inner, 0, p + at, <Py_ssize_t>n, record, policy, now)
+            inner_n = _put_status(inner, 0, p + at, <Py_ssize_t>n, record, policy, now, get,
+                                  ecards, holder_cards, bank_losses)
             if inner_n < 0:
                 return None
             out[o] = 0x0a

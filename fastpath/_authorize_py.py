@@ -1,8 +1,10 @@
 """The authorization decision, SPEC.md section 4, in plain Python: the readable reference.
 
-`decide(policy, record, channel, now, points_required, amount, available)` takes the raw card
-record bytes as stored in LMDB (None if there is no such card), the fen asked for (`amount`,
-0 = no money) and the fen available in the account it would debit, and returns the decline
+`decide(policy, record, channel, now, points_required, amount, available, bank_loss_until)`
+takes the raw card record bytes as stored in LMDB (None if there is no such card), the fen
+asked for (`amount`, 0 = no money), the fen available in the account it would debit and the
+stored end of the card's bank loss report (0: none stored, it stands until cancelled; the
+caller reads it only when a first decision said FINANCIAL_FROZEN), and returns the decline
 reason (model.Reason, the values of yikatong.v1.DeclineReason), APPROVED (0), or CORRUPT (-1)
 for a record that must not be decided on. The first rule that fails wins, in the table's
 order. The Cython twin (_authorize_c.pyx) must give the same answer for every input; tests
@@ -39,7 +41,7 @@ class Policy:
 
 
 def decide(policy: Policy, record, channel: int, now: int, points_required: int,
-           amount: int = 0, available: int = 0) -> int:
+           amount: int = 0, available: int = 0, bank_loss_until: int = 0) -> int:
     if record is None:
         return CARD_NOT_FOUND
     try:
@@ -69,8 +71,8 @@ def decide(policy: Policy, record, channel: int, now: int, points_required: int,
         return FUNCTION_NOT_OPEN
     if financial and not card.flags & _FLAG_FIN_OPEN:  # SH-14
         return FUNCTION_NOT_OPEN
-    if financial and card.flags & _FLAG_FIN_FROZEN:  # SH-20
-        return FINANCIAL_FROZEN
+    if financial and card.flags & _FLAG_FIN_FROZEN and bank_loss_stands(bank_loss_until, now):
+        return FINANCIAL_FROZEN  # SH-20
     if channel == _SERVICE and card.pack == _RC and card.points < points_required:
         return NOT_ENTITLED  # RC-20
     if amount > available:  # a debit larger than the balance less holds
@@ -87,6 +89,12 @@ def frozen(card: HotCard, now: int) -> bool:
     """SH-18b: frozen until the instant its 5 days end (24:00 Shanghai of the fifth day after
     the report, stored when it was made), then restored by itself."""
     return now < card.temp_loss_until
+
+
+def bank_loss_stands(until: int, now: int) -> bool:
+    """SH-20: a bank loss report stands until cancelled (no end stored), or by its bank's rules
+    until the instant its days end (24:00 of the last, stored when it was made)."""
+    return until == 0 or now < until
 
 
 def lapsed_unactivated(card: HotCard, now: int) -> bool:

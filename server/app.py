@@ -165,7 +165,8 @@ class Authorization:
             return fastpath.authorize_wire(
                 self.core.policy, raw, batch, txn.get, store.dbs.cards, store.dbs.ecards,
                 store.dbs.holder_cards, self.core.clock.now(), CHANNEL_MASKS[client.role],
-                points.in_force().points_required, metrics.decisions, config.batch_size_max)
+                points.in_force().points_required, metrics.decisions, config.batch_size_max,
+                store.dbs.bank_losses)
 
     @staticmethod
     def _check(client: Client, req) -> None:
@@ -311,7 +312,7 @@ class CardStatus:
             state=cards.effective_state(rec, now), reason=reason,
             transit_function=rec.has(Flag.TRANSIT),
             financial_open=rec.has(Flag.FINANCIAL_OPEN),
-            financial_frozen=rec.has(Flag.FINANCIAL_FROZEN),
+            financial_frozen=cards.financial_frozen(book, rec, now),  # as status_wire
             replaced_by=rec.replaced_by,
         )
 
@@ -375,7 +376,8 @@ class CardStatus:
             with store.read() as txn:
                 answer = fastpath.status_wire(
                     self.core.policy, request, txn.get, store.dbs.cards, store.dbs.ecards,
-                    store.dbs.holder_cards, self.core.clock.now(), config.batch_size_max)
+                    store.dbs.holder_cards, self.core.clock.now(), config.batch_size_max,
+                    store.dbs.bank_losses)
             if answer is not None:
                 return answer
             request = decode(pb.GetStatusBatchRequest, request)
@@ -395,7 +397,7 @@ def card_message(book, rec: Card, now: int) -> pb.Card:
     return pb.Card(
         card_number=rec.card_number, pack=rec.pack, state=cards.effective_state(rec, now),
         transit_function=rec.has(Flag.TRANSIT), financial_open=rec.has(Flag.FINANCIAL_OPEN),
-        financial_frozen=rec.has(Flag.FINANCIAL_FROZEN), service_bank=rec.service_bank,
+        financial_frozen=cards.financial_frozen(book, rec, now), service_bank=rec.service_bank,
         generation=rec.generation, replaced_by=rec.replaced_by, replaces=rec.replaces,
         applied_at=rec.applied_at, issued_at=rec.issued_at,
         loss_reported_at=rec.loss_reported_at, valid_until=rec.valid_until,
@@ -538,10 +540,12 @@ class Lifecycle(CardWrites):
         return await self._card_op("CancelLoss", request, client, cards.cancel_loss, client.role)
 
     async def ReportBankLoss(self, request, client: Client):
-        return await self._card_op("ReportBankLoss", request, client, cards.report_bank_loss)
+        return await self._card_op("ReportBankLoss", request, client, cards.report_bank_loss,
+                                   client.role, self.core.banks)
 
     async def CancelBankLoss(self, request, client: Client):
-        return await self._card_op("CancelBankLoss", request, client, cards.cancel_bank_loss)
+        return await self._card_op("CancelBankLoss", request, client, cards.cancel_bank_loss,
+                                   client.role, self.core.banks)
 
     async def Replace(self, request, client: Client):
         validate.enum(request.reason, pb.ReplaceReason, "reason")

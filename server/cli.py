@@ -67,7 +67,9 @@ def main(argv=None) -> int:
                         "RESOURCE_EXHAUSTED (WatchChanges names where to resume)")
     s.add_argument("--issuing-banks", metavar="FILE",
                    help="GZ-9c: TOML with `version` and `banks`, the issuing banks a GZ or BJ "
-                        "card may name; without it the check is off")
+                        "card may name; without it the check is off. SH-20: each service "
+                        "bank's loss rules, [bank_loss.\"NAME\"] with loss_valid_days and "
+                        "cancelled_by (README)")
     s.add_argument("--replicate", metavar="NATS_URLS",
                    help="issue 18: a node of a replicated store on the NATS JetStream cluster "
                         "at these comma-separated nats:// URLs (docs/SCALE.md); needs "
@@ -465,7 +467,8 @@ def _serve(args, metrics) -> int:
                     clock=args.clock, metrics=args.metrics_listen or "off")
         print("yikatong: issuing-bank check (GZ-9c) " + (
             f"on: list version {banks.version}, {len(banks.names)} banks" if banks else
-            "off: no --issuing-banks list configured"), flush=True)
+            "off: no --issuing-banks list configured")
+            + "; " + cards.bank_loss_rules_said(banks), flush=True)
         print("yikatong: working-day calendar: official "
               + ", ".join(map(str, calendar.official_years()))
               + (f"; WARNING: no official calendar for {missing}: its ends are counted "
@@ -564,7 +567,48 @@ def _issuing_banks(path: str):
             or not all(isinstance(n, str) and 0 < len(n.encode()) <= 32 for n in names):
         raise ValueError(f"issuing-banks file {path}: needs version = \"...\" and banks = "
                          "[\"...\", ...] (names of at most 32 bytes)")
-    return IssuingBanks(version, frozenset(names))
+    try:
+        rules = _bank_loss_rules(doc.get("bank_loss", {}))
+    except ValueError as error:
+        raise ValueError(f"issuing-banks file {path}: {error}") from None
+    return IssuingBanks(version, frozenset(names), rules)
+
+
+def _bank_loss_rules(table) -> dict:
+    """SH-20: `[bank_loss."NAME"]` tables, one per service bank with rules of its own:
+    `loss_valid_days` (0 or absent: the report stands until cancelled; N: it lapses at 24:00
+    of the N-th day after it) and `cancelled_by` (BANK_OUTLET, BANK_SWITCH or both; absent:
+    both; empty: only the lapse ends it). ValueError naming the entry and what is wrong."""
+    from yikatong.model import BankLossRules, Role
+
+    if not isinstance(table, dict):
+        raise ValueError('bank_loss must be tables [bank_loss."NAME"], one per bank')
+    rules = {}
+    for name, entry in table.items():
+        where = f"bank_loss.{name}"
+        if not 0 < len(name.encode()) <= 32:
+            raise ValueError(f"{where}: a bank's name is 1 to 32 bytes")
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: must be a table (loss_valid_days, cancelled_by)")
+        unknown = sorted(set(entry) - {"loss_valid_days", "cancelled_by"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key {', '.join(unknown)} (known: "
+                             "loss_valid_days, cancelled_by)")
+        days = entry.get("loss_valid_days", 0)
+        if type(days) is not int or not 0 <= days <= config.bank_loss_valid_days_max:
+            raise ValueError(f"{where}: loss_valid_days must be a whole number of days from 0 "
+                             "(the report stands until cancelled) to "
+                             f"{config.bank_loss_valid_days_max}, not {days!r}")
+        by = entry.get("cancelled_by", ["BANK_OUTLET", "BANK_SWITCH"])
+        if not isinstance(by, list) or len(set(map(str, by))) != len(by) \
+                or not set(map(str, by)) <= {"BANK_OUTLET", "BANK_SWITCH"}:
+            raise ValueError(f"{where}: cancelled_by must list BANK_OUTLET, BANK_SWITCH or both "
+                             f"(the bank roles of API.md), not {by!r}")
+        if not by and not days:
+            raise ValueError(f"{where}: cancelled_by is empty and loss_valid_days 0: the report "
+                             "would stand for ever")
+        rules[name] = BankLossRules(days, frozenset(Role[r] for r in by))
+    return rules
 
 
 def _probe_listen(listen: str) -> str:

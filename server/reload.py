@@ -133,7 +133,7 @@ def server_parts(args, clients, certs: "ServerCertificates | None", store) -> Re
     process: `clients` (server/clients.py) and `certs` are swapped in place; the issuing
     banks go to the Core once it serves; the points table and the calendar are the domain's
     (module state, per process)."""
-    from yikatong import points
+    from yikatong import cards, points
     from yikatong.server import clients as clients_file
     from yikatong.server import demo
     from yikatong.server.cli import _issuing_banks
@@ -149,7 +149,8 @@ def server_parts(args, clients, certs: "ServerCertificates | None", store) -> Re
     if args.issuing_banks:
         def banks(value) -> str:
             reloads.core.banks = value
-            return f"version {value.version}, {len(value.names)} banks"
+            rules = f"; {cards.bank_loss_rules_said(value)}" if value.loss_rules else ""
+            return f"version {value.version}, {len(value.names)} banks{rules}"
         reloads.add("issuing banks", args.issuing_banks,
                     lambda: _issuing_banks(args.issuing_banks), banks)
     if args.points_table:

@@ -643,6 +643,9 @@ class Dbs:
         # SH-31, GZ-35: electronic card number (ASCII, 18 digits) -> u64 holder_id + u8 pack,
         # and u64 holder_id + u8 pack -> number (9-byte keys never equal 18-byte ones)
         self.ecards = db(b"ecards")
+        # SH-20: card number (ASCII) -> i64 LE end of its bank loss report, by its bank's
+        # rules (config: loss_valid_days); none, or no such database: until cancelled
+        self.bank_losses = db(b"bank_losses")
         self.change_seq = 0  # the last sequence handed out: read in each write (_begin_write)
         # append-only audit trail, hash-chained: u64 sequence -> audit event
         self.audit = db(b"audit")
@@ -769,6 +772,28 @@ class Book:
         self._put(key, records.encode_card(card), db=self.dbs.cards)
         self.append_change(ChangeKind.CARD, now, card.card_number, card.holder_id, card.state,
                            card.flags, card.lock_mask, what=what)
+
+    # ---- SH-20: when a bank loss report lapses, by its bank's rules (0: until cancelled)
+    def bank_loss_end(self, number: str) -> int:
+        """The stored end of the bank loss report on the card a use of `number` is decided
+        on (as use_bytes: an electronic card's is its holder's current card's); 0 for none."""
+        key: bytes | None = number.encode("ascii")
+        if len(number) == config.ecard_number_digits:
+            value = self.txn.get(key, db=self.dbs.ecards)
+            key = None if value is None else self.txn.get(value[:9], db=self.dbs.holder_cards)
+        value = None if key is None else self.txn.get(key, db=self.dbs.bank_losses)
+        if value is None:
+            return 0
+        if len(value) != _I64.size:
+            raise CorruptRecord(f"bank loss end of card {number} is {len(value)} bytes, not 8")
+        return _I64.unpack(value)[0]
+
+    def put_bank_loss_end(self, card_number: str, end: int) -> None:
+        key = card_number.encode("ascii")
+        if end:
+            self._put(key, _I64.pack(end), db=self.dbs.bank_losses)
+        else:
+            self._delete(key, db=self.dbs.bank_losses)
 
     # ---- open steps of a card's procedure, with when each is due (SPEC.md section 6)
     def steps_of(self, card_number: str) -> list[Step]:

@@ -20,13 +20,20 @@ def without_money(policy, book, card_number: str, channel: int, service_code: st
                   now: int) -> int:
     """The decision for a use that moves no money: APPROVED (0) or the decline reason."""
     return on_record(policy, book.use_bytes(card_number), card_number, channel, service_code,
-                     now)
+                     now, book)
 
 
 def on_record(policy, record, card_number: str, channel: int, service_code: str,
-              now: int) -> int:
-    """The same decision on a card record already read (None: no such card)."""
-    reason = fastpath.decide(policy, record, channel, now, points_required(channel, service_code))
+              now: int, book=None) -> int:
+    """The same decision on a card record already read (None: no such card). With the `book`
+    it was read from, a bank loss report whose bank's days are over no longer freezes
+    (SH-20; without it, as every caller but FINANCIAL's, the flag alone is asked)."""
+    need = points_required(channel, service_code)
+    reason = fastpath.decide(policy, record, channel, now, need)
+    if reason == Reason.FINANCIAL_FROZEN and book is not None:  # rare: read its end
+        end = book.bank_loss_end(card_number)
+        if end:
+            reason = fastpath.decide(policy, record, channel, now, need, 0, 0, end)
     if reason == fastpath.CORRUPT:
         raise CorruptRecord(f"card record {card_number} is corrupt; not deciding on it")
     return reason

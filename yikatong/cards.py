@@ -13,7 +13,14 @@ import re
 
 from yikatong import calendar, config, ledger
 from yikatong.calendar import DAYS_FOR_AN_ACT, WORKING_DAYS
-from yikatong.clock import end_of_days, end_of_months, end_of_years, law_date, start_of_day
+from yikatong.clock import (
+    end_of_days,
+    end_of_months,
+    end_of_years,
+    format_time,
+    law_date,
+    start_of_day,
+)
 from yikatong.errors import (
     CardNotFound,
     HolderNotFound,
@@ -26,6 +33,7 @@ from yikatong.errors import (
 from yikatong.model import (
     FINAL_STATES,
     PII_FIELDS,
+    BankLossRules,
     CancelGround,
     Card,
     Channel,
@@ -825,25 +833,90 @@ def cancel_loss(book, now: int, card_number: str, role: Role | None = None) -> C
     return rec
 
 
-def report_bank_loss(book, now: int, card_number: str) -> Card:
+_BANK_LOSS_DEFAULT = BankLossRules()
+
+
+def bank_loss_rules(banks: IssuingBanks | None, bank: str) -> BankLossRules:
+    """SH-20: the rules of the service bank `bank` for its loss reports, as configured; a bank
+    with none configured (or no file): the report stands until cancelled, by either bank
+    role (API.md)."""
+    return banks.loss_rules.get(bank, _BANK_LOSS_DEFAULT) if banks is not None \
+        else _BANK_LOSS_DEFAULT
+
+
+def _roles(roles) -> str:
+    return " or ".join(sorted(Role(r).name for r in roles))
+
+
+def bank_loss_rules_said(banks: IssuingBanks | None) -> str:
+    """The start-up and reload line's words for SH-20's rules, every configured bank named."""
+    def said(r: BankLossRules) -> str:
+        by = _roles(r.cancelled_by)
+        if not r.valid_days:
+            return f"stand until cancelled by {by}"
+        return (f"lapse at 24:00 of the {_ordinal(r.valid_days)} day after the report, "
+                + (f"cancelled by {by}" if by else "never cancelled before"))
+
+    rules = banks.loss_rules if banks is not None else {}
+    parts = [f"{name}'s {said(rules[name])}" for name in sorted(rules)]
+    parts.append(("any other bank's " if parts else "")
+                 + f"stand until cancelled by {_roles(_BANK_LOSS_DEFAULT.cancelled_by)}")
+    return "bank loss reports (SH-20)" + (": " if len(parts) > 1 else " ") + "; ".join(parts)
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def financial_frozen(book, rec: Card, now: int) -> bool:
+    """SH-20: a bank loss report stands on the card at `now`: reported and not cancelled, and
+    its bank's days (stored when it was made) not over."""
+    if not rec.has(Flag.FINANCIAL_FROZEN):
+        return False
+    end = book.bank_loss_end(rec.card_number)
+    return end == 0 or now < end
+
+
+def report_bank_loss(book, now: int, card_number: str, role: Role | None = None,
+                     banks: IssuingBanks | None = None) -> Card:
+    """SH-20: the financial function's own loss report, at the bank (frozen for FINANCIAL
+    only); valid as the service bank's rules say: until cancelled, or to 24:00 of its N-th
+    day after the report (counted as SPEC.md section 6 says), an instant stored now."""
     rec = load(book, card_number, now)
     if not rec.has(Flag.FINANCIAL_OPEN) or rec.state in FINAL_STATES:
         raise InvalidTransition(State(rec.state).name, "ReportBankLoss", "SH-20",
                                 "the financial function is not open")
-    if rec.has(Flag.FINANCIAL_FROZEN):
+    if financial_frozen(book, rec, now):
         raise InvalidTransition(State(rec.state).name, "ReportBankLoss", "SH-20",
                                 "a bank loss report already stands")
+    days = bank_loss_rules(banks, rec.service_bank).valid_days
     rec.set(Flag.FINANCIAL_FROZEN)
+    book.put_bank_loss_end(card_number, end_of_days(now, days) if days else 0)
     book.put_card(rec, now)
     return rec
 
 
-def cancel_bank_loss(book, now: int, card_number: str) -> Card:
+def cancel_bank_loss(book, now: int, card_number: str, role: Role | None = None,
+                     banks: IssuingBanks | None = None) -> Card:
+    """SH-20: cancelled by whom the service bank's rules say; a report whose days are over no
+    longer stands, and there is nothing to cancel."""
     rec = load(book, card_number, now)
     if not rec.has(Flag.FINANCIAL_FROZEN) or rec.state in FINAL_STATES:
         raise InvalidTransition(State(rec.state).name, "CancelBankLoss", "SH-20",
                                 "no bank loss report stands")
+    rules = bank_loss_rules(banks, rec.service_bank)
+    if role is not None and role not in rules.cancelled_by:
+        by = (f"is cancelled by {_roles(rules.cancelled_by)}" if rules.cancelled_by
+              else "is not cancelled: it lapses")
+        raise PermissionDenied(f"a bank loss report at {rec.service_bank} {by} by that bank's "
+                               f"rules, not by {Role(role).name} (SH-20)", reason="SH-20")
+    if not financial_frozen(book, rec, now):
+        end = format_time(book.bank_loss_end(card_number))
+        raise InvalidTransition(State(rec.state).name, "CancelBankLoss", "SH-20",
+                                f"no bank loss report stands: it lapsed at {end} by "
+                                f"{rec.service_bank}'s rules")
     rec.set(Flag.FINANCIAL_FROZEN, False)
+    book.put_bank_loss_end(card_number, 0)
     book.put_card(rec, now)
     return rec
 

@@ -68,6 +68,9 @@ time_max = 7_258_089_600  # 2200-01-01T00:00:00+08:00
 
 # ---- law
 temp_loss_valid_days = 5  # SH-18b: a temporary loss report is valid 5 days (SPEC.md section 6)
+# SH-20: the longest validity a bank's loss rules may give its reports (the file is refused
+# beyond it: a typo of days for something else would freeze a card for years)
+bank_loss_valid_days_max = 3660
 rc_valid_years = 1  # RC-14
 rc_residence_months_min = 6  # RC-9
 

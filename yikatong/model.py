@@ -261,12 +261,24 @@ class Eligibility:
 
 
 @dataclasses.dataclass(frozen=True)
+class BankLossRules:
+    """SH-20: a service bank's own rules for the loss reports made to it (挂失有效期、解除挂失:
+    "由相关服务银行确定"), as the issuing-banks file configures them. A bank with none
+    configured keeps these: the report stands until cancelled, by either bank role."""
+
+    valid_days: int = 0  # 0: until cancelled; N: lapses at 24:00 of the N-th day after it
+    cancelled_by: frozenset[Role] = frozenset({Role.BANK_OUTLET, Role.BANK_SWITCH})
+
+
+@dataclasses.dataclass(frozen=True)
 class IssuingBanks:
     """GZ-9c: the issuing banks the HRSS department publishes (GZ-9, GZ-6, BJ-7), as
-    configured: a versioned list."""
+    configured: a versioned list; and SH-20: each service bank's loss rules, by its name (a
+    Shanghai card's service bank need not be on the list)."""
 
     version: str
     names: frozenset[str]
+    loss_rules: dict[str, BankLossRules] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- money
