@@ -58,22 +58,41 @@ def by_python(srv, card) -> str:
     return pb.DeclineReason.Name(answer.reason).removeprefix("DECLINE_REASON_")
 
 
+def frozen_as_told(srv, numbers) -> list[bool]:
+    """CardStatus's financial_frozen: the batch (the compiled wire path's) and one by one."""
+    md = srv.md("BANK_SWITCH")
+    batch = srv.status.GetStatusBatch(pb.GetStatusBatchRequest(card_numbers=numbers),
+                                      metadata=md).statuses
+    one = [srv.status.GetStatus(pb.GetStatusRequest(card_number=n), metadata=md)
+           for n in numbers]
+    assert [s.financial_frozen for s in batch] == [s.financial_frozen for s in one]
+    return [s.financial_frozen for s in batch]
+
+
 @pytest.mark.parametrize("reported", ["2026-10-12T00:00:00", "2026-10-12T23:59:59"])
 def test_sh_20_a_bank_loss_lapses_at_24_00_of_the_banks_last_day(srv, reported):
     """ICBC's rules: a loss report valid 3 days. Reported at any hour of 12 October, counted
     as SPEC.md section 6 counts days (the day of the report not counted): FINANCIAL is
     declined FINANCIAL_FROZEN to 23:59:59 on 15 October and approved from 24:00, at that
-    second, on both paths, no job having run."""
+    second, on both paths and on the electronic card (SH-31: same effect), no job having
+    run; the card's status says the report stands, then that it does not."""
     card = with_financial(srv, 1, "ICBC")
+    ecard = srv.lifecycle.IssueElectronic(pb.IssueElectronicRequest(
+        request_id=rid(), card_number=card), metadata=srv.md("ONLINE_PLATFORM")).number
     set_clock(srv, reported + "+08:00")
     assert call(srv, "ReportBankLoss", "BANK_SWITCH", card_number=card).financial_frozen
     set_clock(srv, "2026-10-15T23:59:59+08:00")
-    assert reason(srv, card, pb.CHANNEL_FINANCIAL) == "FINANCIAL_FROZEN"
-    assert by_python(srv, card) == "FINANCIAL_FROZEN"
-    assert reason(srv, card) == "UNSPECIFIED"  # the social security functions never froze
+    for number in (card, ecard):
+        assert reason(srv, number, pb.CHANNEL_FINANCIAL) == "FINANCIAL_FROZEN"
+        assert by_python(srv, number) == "FINANCIAL_FROZEN"
+        assert reason(srv, number) == "UNSPECIFIED"  # the social security functions run on
+    assert frozen_as_told(srv, [card, ecard]) == [True, True]
     set_clock(srv, "2026-10-16T00:00:00+08:00")
-    assert reason(srv, card, pb.CHANNEL_FINANCIAL) == "UNSPECIFIED"
-    assert by_python(srv, card) == "UNSPECIFIED"
+    for number in (card, ecard):
+        assert reason(srv, number, pb.CHANNEL_FINANCIAL) == "UNSPECIFIED"
+        assert by_python(srv, number) == "UNSPECIFIED"
+    assert frozen_as_told(srv, [card, ecard]) == [False, False]
+    assert not call(srv, "GetCard", "CARD_AGENCY", card_number=card).financial_frozen
 
 
 def test_sh_20_a_bank_without_rules_keeps_the_report_until_it_is_cancelled(srv):
