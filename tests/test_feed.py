@@ -163,8 +163,10 @@ def test_a_watcher_that_stops_reading_is_ended_with_where_to_resume(tmp_path):
         for _ in range(20):
             channel = grpc.insecure_channel(srv.address, options=(
                 ("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0)))
+            # a deadline, so that a stream the server never ends fails the test, not CI's
+            # hour (under heavy load one such hang was seen: issue 25's first finding)
             stream = rpc.CardStatusStub(channel).WatchChanges(
-                pb.WatchChangesRequest(), metadata=metadata("BANK_SWITCH", "demo"))
+                pb.WatchChangesRequest(), metadata=metadata("BANK_SWITCH", "demo"), timeout=120)
             next(stream)
             channels.append(channel)
             streams.append(stream)
