@@ -6,7 +6,17 @@ own words are quoted."""
 import grpc
 import pytest
 from test_calls import error_info
-from test_law import ORGAN, OUTLET, START, apply, call, holder, reason, refused
+from test_law import (
+    ORGAN,
+    START,
+    active,
+    apply,
+    call,
+    holder,
+    issued,
+    reason,
+    refused,
+)
 
 from yikatong.server.harness import running
 from yikatong.v1 import yikatong_pb2 as pb
@@ -26,9 +36,6 @@ def service(srv, card) -> str:
     return reason(srv, card, pb.CHANNEL_SERVICE)
 
 
-# the agency that verifies and issues each pack's cards (API.md; RC-11, RC-12)
-AGENCY = {pb.PACK_SH: "CARD_AGENCY", pb.PACK_GZ: "CARD_AGENCY", pb.PACK_BJ: "CARD_AGENCY",
-          pb.PACK_RC: "PUBLIC_SECURITY"}
 # everything any pack's application records (SH-9, GZ-9, RC-7)
 FULL = dict(gender="F", nationality="中国", ethnicity="汉族", address="上海市黄浦区中山南路1号",
             postcode="200010")
@@ -36,21 +43,6 @@ FULL = dict(gender="F", nationality="中国", ethnicity="汉族", address="上�
 
 def applied(srv, n, pack=pb.PACK_SH, role=None) -> str:
     return apply(srv, n, pack, role, holder=holder(n, pack, **FULL)).card_number
-
-
-def issued(srv, n, pack=pb.PACK_SH) -> str:
-    card = applied(srv, n, pack)
-    call(srv, "Verify", AGENCY[pack], card_number=card, approved=True)
-    call(srv, "Issue", AGENCY[pack], card_number=card,
-         issuing_organ=ORGAN if pack == pb.PACK_RC else "")
-    return card
-
-
-def active(srv, n, pack=pb.PACK_SH) -> str:
-    card = issued(srv, n, pack)
-    if pack != pb.PACK_RC:  # RC: in force once issued
-        call(srv, "Activate", OUTLET[pack], card_number=card)
-    return card
 
 
 # ---------------------------------------------------------------- item 2: application locks
