@@ -130,41 +130,50 @@ class ApplyRecord:
 
 
 class _Readers:
-    """Read transactions of this process, and the map's resize, which may run only while none
-    is open (LMDB: mdb_env_set_mapsize): a resize waits for the open ones to end (bounded) and
-    holds new ones back meanwhile, for the few microseconds it takes."""
+    """Transactions open in this process, and the map's resize, which may run only while none
+    is (LMDB: mdb_env_set_mapsize). A transaction pays one uncontended lock to be counted; a
+    resize holds new ones back, waits (bounded) for the open ones to end, and runs."""
 
     def __init__(self):
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._open = 0
         self._resizing = False
+        self._resized = threading.Event()
 
     def enter(self) -> None:
-        with self._cond:
-            while self._resizing:
-                self._cond.wait()
-            self._open += 1
+        while True:
+            with self._lock:
+                if not self._resizing:
+                    self._open += 1
+                    return
+            self._resized.wait()
 
     def leave(self) -> None:
-        with self._cond:
+        with self._lock:
             self._open -= 1
-            if not self._open:
-                self._cond.notify_all()
 
     def exclusive(self, fn: Callable[[], None], timeout: float) -> bool:
-        """Run `fn` with no read transaction open; False if they did not end in `timeout`."""
-        with self._cond:
-            while self._resizing:  # another thread's resize: it is done when this returns
-                self._cond.wait()
+        """Run `fn` with no transaction open; False if the open ones did not end in
+        `timeout`."""
+        with self._lock:
+            if self._resizing:  # another thread's resize: it is done when this returns
+                return False
             self._resizing = True
-            try:
-                if not self._cond.wait_for(lambda: not self._open, timeout):
+            self._resized.clear()
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                with self._lock:
+                    if not self._open:
+                        fn()
+                        return True
+                if time.monotonic() >= deadline:
                     return False
-                fn()
-                return True
-            finally:
+                time.sleep(0.0005)
+        finally:
+            with self._lock:
                 self._resizing = False
-                self._cond.notify_all()
+            self._resized.set()
 
 
 class _Read:
@@ -176,22 +185,7 @@ class _Read:
         self._store = store
 
     def __enter__(self) -> lmdb.Transaction:
-        store = self._store
-        store._readers.enter()
-        try:
-            self._txn = store.env.begin(write=False)
-        except lmdb.MapResizedError:  # another worker grew the map: take its size, again
-            store._readers.leave()
-            store._adopt_map_size()
-            store._readers.enter()
-            try:
-                self._txn = store.env.begin(write=False)
-            except BaseException:
-                store._readers.leave()
-                raise
-        except BaseException:
-            store._readers.leave()
-            raise
+        self._txn = self._store._begin(write=False)
         return self._txn
 
     def __exit__(self, *exc) -> None:
@@ -321,6 +315,25 @@ class Store:
     # ---- reads: any thread, never blocked by the writer (but for the map's resize)
     def read(self) -> _Read:
         return _Read(self)
+
+    def _begin(self, write: bool) -> lmdb.Transaction:
+        """A transaction counted with this process's open ones (`_Readers`): the caller
+        leaves them once it has ended it. A map grown by another worker is taken first."""
+        self._readers.enter()
+        try:
+            return self.env.begin(write=write)
+        except lmdb.MapResizedError:  # another worker grew the map: take its size, again
+            self._readers.leave()
+            self._adopt_map_size()
+            self._readers.enter()
+            try:
+                return self.env.begin(write=write)
+            except BaseException:
+                self._readers.leave()
+                raise
+        except BaseException:
+            self._readers.leave()
+            raise
 
     def _adopt_map_size(self) -> None:
         """Another process grew the map: take its size (0: the size in the file)."""
@@ -566,15 +579,8 @@ class Store:
         twice. A command that rolls back leaves a gap, which readers of the log skip. Counted
         with the readers: no resize while it is open."""
         self._grow_map()
-        self._readers.enter()
+        txn = self._begin(write=True)
         try:
-            try:
-                txn = self.env.begin(write=True)
-            except lmdb.MapResizedError:  # another worker grew the map
-                self._readers.leave()
-                self._adopt_map_size()
-                self._readers.enter()
-                txn = self.env.begin(write=True)
             with txn:  # committed at the end of the block, aborted on an exception
                 with txn.cursor(db=self.dbs.changes) as cur:
                     self.dbs.change_seq = _U64.unpack(cur.key())[0] if cur.last() else 0
