@@ -29,6 +29,7 @@ import grpc
 
 from yikatong import config
 from yikatong.errors import (
+    CorruptRecord,
     InvalidArgument,
     LogBehind,
     PermissionDenied,
@@ -263,6 +264,8 @@ class _Call:
     async def refuse(self, context, error: Exception) -> None:
         status, message, trailers = _refusal(self.name, error)
         self.code = status.name
+        if isinstance(error, CorruptRecord) and on_data_loss is not None:
+            on_data_loss()  # a record read is corrupt: health NOT_SERVING (Store.note)
         if status in _AUDITED:
             refusals.add(self.client, self.name, status.name)
         await context.abort(status, message, trailing_metadata=trailers)
@@ -390,14 +393,12 @@ def _refusal(name: str, error: Exception) -> tuple[grpc.StatusCode, str, tuple]:
     return status, message, errors.rich(status, message, "INTERNAL", reference=reference)
 
 
-# Called when a call is answered DATA_LOSS (a record read is corrupt): the server makes its
-# health NOT_SERVING (Store.note), so an operator and a load balancer see it.
+# Called when a call is refused for a corrupt record it read (DATA_LOSS): the server makes
+# its health NOT_SERVING (Store.note), so an operator and a load balancer see it.
 on_data_loss: Callable[[], None] | None = None
 
 
 def _log(name: str, client, code, started: float) -> None:
-    if code == "DATA_LOSS" and on_data_loss is not None:
-        on_data_loss()
     seconds = time.perf_counter() - started
     if access.enabled:
         access.call(name, client.id if client else "", client.role.name if client else "",

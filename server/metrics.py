@@ -183,7 +183,8 @@ class Metrics:
             self._slow_due = now + 30
             fs = os.statvfs(store.data_dir)
             self._free.set(fs.f_bavail * fs.f_frsize)
-            self._calendar()
+            # a scan of the open steps: off the event loop, in the executor
+            self._loop.run_in_executor(None, self._calendar)
         self._timer = self._loop.call_later(FLUSH_SECONDS, self._flush)
 
     def _calendar(self) -> None:
@@ -202,6 +203,7 @@ class Metrics:
             self._store.on_commit = None
             if self._node is not None:
                 self._node.on_lag = None
+            self._slow_due = float("inf")  # no executor job as the server stops
             self._flush()
             self._timer.cancel()
 
