@@ -178,7 +178,7 @@ def due(data_dir: str, within: int, calendar_dir: str = "") -> int:
     if not 0 <= within <= 3660:
         return _fail("--within must be 0 to 3660 days")
     try:
-        calendar.use(calendar.load(calendar_dir), calendar_dir)
+        calendar.use(calendar.load(calendar_dir))
     except calendar.CalendarFileError as error:
         return _fail(str(error))
     try:
@@ -409,7 +409,7 @@ def _serve(args, metrics) -> int:
         return _fail(str(error))
     points.use(table)  # before any worker is forked
     try:
-        calendar.use(calendar.load(args.calendar_dir), args.calendar_dir)
+        calendar.use(calendar.load(args.calendar_dir))
     except calendar.CalendarFileError as error:
         return _fail(str(error))
     problem = _probe_listen(args.listen) if worker is None else ""  # a worker's siblings hold it

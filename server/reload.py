@@ -163,11 +163,11 @@ def server_parts(args, clients, certs: "ServerCertificates | None", store) -> Re
         from yikatong import calendar
         reloads.add("calendar files", args.calendar_dir,
                     lambda: calendar.load(args.calendar_dir),
-                    lambda years: _calendar(calendar, years, args.calendar_dir, store))
+                    lambda years: _calendar(calendar, years, store))
     return reloads
 
 
-def _calendar(calendar, years, calendar_dir: str, store) -> str:
+def _calendar(calendar, years, store) -> str:
     """The calendar files in use from now on; the stored ends counted provisionally are
     counted again (in the writer, not waited for here: every worker asks, the first does it;
     of a replicated store's nodes, the writer)."""
@@ -175,7 +175,7 @@ def _calendar(calendar, years, calendar_dir: str, store) -> str:
     from yikatong.errors import Fenced
     from yikatong.server import log as log_module
 
-    new = calendar.use(years, calendar_dir)
+    new = calendar.use(years)
 
     def done(future) -> None:
         try:

@@ -29,13 +29,6 @@ workdays = ["2027-01-09"]
 """
 
 
-@pytest.fixture
-def official_calendar():
-    """The shipped calendar, put back after a test that installs another."""
-    yield
-    calendar.use(calendar.load())
-
-
 def test_a_year_without_its_notice_is_counted_from_the_statutory_holidays():
     """全国年节及纪念日放假办法 (2024): 2027's Spring Festival is lunar New Year's Eve and the
     1st to 3rd days (5 to 8 February) with two weekdays off for the weekend days among them (9

@@ -45,7 +45,6 @@ Year = tuple[frozenset[dt.date], frozenset[dt.date]]  # (holidays, make-up worki
 
 _lock = threading.Lock()
 _official: dict[int, Year] = {}  # every installed year: shipped, then the operator's
-_calendar_dir = ""
 
 
 def parse_year(year: int, text: str, name: str) -> Year:
@@ -105,21 +104,14 @@ def load(calendar_dir: str = "") -> dict[int, Year]:
     return years
 
 
-def use(years: dict[int, Year], calendar_dir: str = "") -> list[int]:
+def use(years: dict[int, Year]) -> list[int]:
     """Count with `years` from now on (as `load` made them). Returns the years that became
     official."""
-    global _official, _calendar_dir
+    global _official
     with _lock:
         new = sorted(set(years) - set(_official))
-        _official, _calendar_dir = dict(years), calendar_dir
+        _official = dict(years)
     return new
-
-
-def reload(calendar_dir: str | None = None) -> list[int]:
-    """Read the calendar files again (the shipped ones and `calendar_dir`, by default the
-    one in use); CalendarFileError and the old calendar kept if any file is bad."""
-    directory = _calendar_dir if calendar_dir is None else calendar_dir
-    return use(load(directory), directory)
 
 
 def official_years() -> list[int]:
