@@ -15,10 +15,15 @@ The formats:
   version 1 without the role that made them; change records of 93 bytes with no version byte
   (card number, state, transfer id, amount: no kind, time, holder or what changed); notes keyed
   by the bare card number; no holder_ssn index, no open steps, no audit trail.
-- 2: the release of 6 December 2026 (commit 5ab1cc2, also called 0.1.0), and 0.2.0, the
-  first release to record it. A store without the `format` key is told by its content
-  (`stored_format`). Development builds between the two releases wrote mixtures of both
-  layouts; a record of neither stops a migration, naming it, with nothing changed.
+- 2: the release of 6 December 2026 (commit 5ab1cc2, also called 0.1.0). A store without the
+  `format` key is told by its content (`stored_format`). Development builds between the two
+  releases wrote mixtures of both layouts; a record of neither stops a migration, naming it,
+  with nothing changed.
+- 3: 0.2.0, the first release to record its format. Open steps keep how each end was counted
+  (a version byte, then step, rule, due_at, kind, start, days, provisional); the card flag
+  UNACTIVATED (32: lost before it was activated, SH-17) and the `bank_losses` database (SH-20:
+  a bank loss report's stored end; none: it stands until cancelled, format 2's meaning) are
+  new in it, neither read differently from what format 2 held.
 
 Adding a format: bump `FORMAT`, add `MIGRATIONS[FORMAT - 1]` (a function of the write
 transaction that converts every record of the old layout and returns what it did, with the
@@ -40,8 +45,9 @@ import lmdb
 from yikatong import __version__, config
 from yikatong.calendar import DAYS_FOR_AN_ACT, WORKING_DAYS
 from yikatong.errors import CorruptRecord, StoreFormat
-from yikatong.model import State, Step
+from yikatong.model import State
 from yikatong.storage import records
+from yikatong.v1 import yikatong_pb2 as pb
 
 FORMAT = 3  # the format this release serves
 FORMAT_KEY, WRITTEN_BY_KEY = b"format", b"written_by"
@@ -306,6 +312,11 @@ _TRANSFER_1 = struct.Struct("<BBBBqqqq40s40s64s32s")  # version kind status chan
 _TRANSFER_2 = struct.Struct("<BBBBBqqqq40s40s64s32s")  # ... channel role amount ...
 _CHANGE_1 = struct.Struct("<20sB64sq")  # card number, state, transfer id, amount
 _CHANGE_2 = struct.Struct("<BBBBBBqQq20s64s")  # version kind state flags locks what time ...
+_CHANGE_2_V1 = struct.Struct("<BBBBBqQq20s64s")  # format 2's change version 1: no `what`
+# open steps: format 2's step, rule, due_at, the year without a calendar if due_at is 0;
+# format 3's, after a version byte: step, rule, due_at, kind, start, n, provisional
+_STEP_2 = struct.Struct("<16s8sqH")
+_STEPS_3_VERSION, _STEP_3 = 2, struct.Struct("<16s8sqBqHB")
 _ACCOUNT_SIZE = 33
 assert (_CARD_1.size, _CARD_2.size, _CHANGE_1.size, _CHANGE_2.size) == (128, 136, 93, 114)
 assert (_TRANSFER_1.size, _TRANSFER_2.size) == (212, 213)
@@ -470,55 +481,65 @@ def _from_2(env, txn) -> dict[str, int]:
 
     steps_db, cards_db = env.open_db(b"steps", txn=txn), env.open_db(b"cards", txn=txn)
     notes_db, points_db = env.open_db(b"notes", txn=txn), env.open_db(b"points", txn=txn)
-    verified: dict[str, int] = {}  # card -> when it was last verified (SH-11's start)
+    verified: dict[bytes, int] = {}  # card -> when it was last verified (SH-11's start)
 
-    def verified_at(card: str) -> int:
+    def verified_at(card: bytes) -> int:
         if not verified:
             for _, value in txn.cursor(db=env.open_db(b"changes", txn=txn)):
-                change = records.decode_change(value)
-                if change.state == State.VERIFIED and change.card_number:
-                    verified[change.card_number] = change.time
-            verified.setdefault("", 0)
+                if len(value) == _CHANGE_2.size and value[0] == 2:
+                    fields = _CHANGE_2.unpack(value)
+                    state, time, number = fields[2], fields[6], fields[9]
+                elif len(value) == _CHANGE_2_V1.size and value[0] == 1:
+                    fields = _CHANGE_2_V1.unpack(value)
+                    state, time, number = fields[2], fields[5], fields[8]
+                else:
+                    raise CorruptRecord(f"a change record of {len(value)} bytes in format 2")
+                if state == State.VERIFIED and number.rstrip(b"\0"):
+                    verified[number.rstrip(b"\0")] = time
+            verified.setdefault(b"", 0)
         return verified.get(card, 0)
 
-    def start_of(card: str, rule: str, since: str) -> int:
-        value = txn.get(card.encode("ascii"), db=cards_db)
-        if value is None:
-            raise CorruptRecord(f"steps of card {card}, which is not stored")
-        rec = records.decode_card(card, value)
+    def start_of(card: bytes, rule: str, since: str) -> int:
+        value = txn.get(card, db=cards_db)
+        if value is None or len(value) != _CARD_2.size:
+            raise CorruptRecord(f"steps of card {card!r}, whose card record is not format 2's")
+        fields = _CARD_2.unpack(value)
+        holder_id, applied_at = fields[9], fields[10]
         if since == "applied":
-            return rec.applied_at
+            return applied_at
         if since == "verified":
-            return verified_at(card) or rec.applied_at
-        points = txn.get(_U64.pack(rec.holder_id), db=points_db)
-        record = records.decode_points(points) if points is not None else None
+            return verified_at(card) or applied_at
+        points = txn.get(_U64.pack(holder_id), db=points_db)
+        record = pb.PointsRecord.FromString(bytes(points)[1:]) if points is not None else None
         if record is None or not record.HasField("open_application"):
-            raise CorruptRecord(f"an RC-23 step of card {card} with no points application")
+            raise CorruptRecord(f"an RC-23 step of card {card!r} with no points application")
         return record.open_application.accepted_at
 
     counted = [0, 0]  # steps counted now, of them provisional
 
     def convert(key: bytes, value: bytes) -> bytes | None:
-        if value and value[0] == records.STEPS_VERSION and len(value) % 2:
-            records.decode_steps(value)  # the new layout already (odd: 1 + 44n bytes)
-            return None
-        card, steps = bytes(key).decode("ascii"), []
-        for step, rule, due_at, missing_year in records.decode_steps_v1(value):
-            if due_at or not missing_year:  # counted on official years: fixed
-                steps.append(Step(step, rule, due_at))
+        if value and value[0] == _STEPS_3_VERSION and (len(value) - 1) % _STEP_3.size == 0:
+            return None  # the new layout already (odd: 1 + 44n bytes; format 2's are 34n)
+        if len(value) % _STEP_2.size:
+            raise CorruptRecord(f"steps of card {key!r}: {len(value)} bytes")
+        steps = []
+        for step, rule_bytes, due_at, missing_year in _STEP_2.iter_unpack(value):
+            rule = rule_bytes.rstrip(b"\0").decode("ascii")
+            if due_at or not missing_year:  # counted on official years: fixed (kind 0)
+                steps.append(_STEP_3.pack(step, rule_bytes, due_at, 0, 0, 0, False))
                 continue
             if rule not in _PERIODS:
-                raise CorruptRecord(f"a step of card {card} under rule {rule}, uncounted, "
+                raise CorruptRecord(f"a step of card {key!r} under rule {rule}, uncounted, "
                                     "that no period is known for")
             kind, n, since = _PERIODS[rule]
-            if rule == "RC-12" and txn.get(f"special:{card}".encode("ascii"), db=notes_db):
+            if rule == "RC-12" and txn.get(b"special:" + key, db=notes_db):
                 n = 30
-            start = start_of(card, rule, since)
+            start = start_of(key, rule, since)
             end = count(kind, start, n)
-            steps.append(Step(step, rule, end.at, kind, start, n, end.provisional))
+            steps.append(_STEP_3.pack(step, rule_bytes, end.at, kind, start, n, end.provisional))
             counted[0] += 1
             counted[1] += end.provisional
-        return records.encode_steps(steps)
+        return bytes((_STEPS_3_VERSION,)) + b"".join(steps)
 
     counts = {"steps converted": _rewrite(txn, steps_db, convert)[0]}
     counts["steps counted now"], counts["of them provisional"] = counted

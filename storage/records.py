@@ -430,7 +430,6 @@ def decode_points(value):
 # byte, 34 bytes a step (step, rule, due_at, and the missing calendar year if due_at was 0).
 STEPS_VERSION = 2
 _STEP = struct.Struct("<16s8sqBqHB")
-STEP_V1 = struct.Struct("<16s8sqH")
 
 
 def encode_steps(steps: list[Step]) -> bytes:
@@ -449,15 +448,6 @@ def decode_steps(value) -> list[Step]:
     return [Step(_text("step", step, "ascii"), _text("rule", rule, "ascii"), due, kind, start,
                  n, bool(provisional))
             for step, rule, due, kind, start, n, provisional in _STEP.iter_unpack(value[1:])]
-
-
-def decode_steps_v1(value) -> list[tuple[str, str, int, int]]:
-    """Format 2's steps: (step, rule, due_at, missing_year), for the migration."""
-    value = bytes(value)
-    if len(value) % STEP_V1.size:
-        raise CorruptRecord(f"steps record (version 1) of {len(value)} bytes")
-    return [(_text("step", step, "ascii"), _text("rule", rule, "ascii"), due, year)
-            for step, rule, due, year in STEP_V1.iter_unpack(value)]
 
 
 # ---------------------------------------------------------------------------- credit records

@@ -335,14 +335,16 @@ def test_format_2_steps_whose_year_had_no_calendar_are_counted_by_the_migration(
     years keeps its end, fixed (kind 0)."""
     from yikatong import calendar
 
+    STEP_2 = struct.Struct("<16s8sqH")  # format 2's open step, as it wrote them
     data_dir = fixture(tmp_path, 2)
     env = lmdb.open(os.path.join(data_dir, "lmdb"), max_dbs=config.lmdb_max_dbs)
     with env.begin(write=True) as txn:
         steps, cards = (env.open_db(n, txn=txn, create=False) for n in (b"steps", b"cards"))
-        txn.put(b"110000000003", records.STEP_V1.pack(b"issue", b"GZ-10", 0, 2027), db=steps)
+        txn.put(b"110000000003", STEP_2.pack(b"issue", b"GZ-10", 0, 2027), db=steps)
         applied_at = records.decode_card("110000000003", txn.get(b"110000000003", db=cards)
                                          ).applied_at
-        kept = records.decode_steps_v1(txn.get(b"440000000015", db=steps))
+        kept = [(s.rstrip(b"\0").decode(), r.rstrip(b"\0").decode(), due, year)
+                for s, r, due, year in STEP_2.iter_unpack(txn.get(b"440000000015", db=steps))]
     env.close()
     done = yikatong("migrate", "--data-dir", data_dir)
     assert done.returncode == 0, done.stderr
