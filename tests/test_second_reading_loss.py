@@ -4,11 +4,10 @@ it was activated (SH-17, SH-18, GZ-21), a lost Residence Card renewed in its win
 year-long limits ending on a rest day (Civil Code art. 203), RC-9's six months to the second,
 and the holder's basic needs during a replacement (GZ-28)."""
 import grpc
-import pytest
+import test_law
 from test_calls import error_info
 from test_law import (
     ORGAN,
-    START,
     active,
     apply,
     call,
@@ -22,16 +21,9 @@ from test_law import (
 from test_money_e2e import error_of
 
 from yikatong import clock as clocks
-from yikatong.server.harness import running
 from yikatong.v1 import yikatong_pb2 as pb
-from yikatong.v1 import yikatong_pb2_grpc as rpc
 
-
-@pytest.fixture
-def srv(tmp_path):
-    with running(tmp_path, "--clock", "manual", "--clock-start", START) as s:
-        s.residence = rpc.ResidenceCardStub(s.channel)
-        yield s
+srv = test_law.srv  # the server on the manual clock at START, with its ResidenceCard stub
 
 
 def state(srv, card) -> int:

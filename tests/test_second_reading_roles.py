@@ -5,10 +5,10 @@ RC-11, ...). Each through the gRPC method its caller uses (STYLE.md section 9); 
 own words are quoted."""
 import grpc
 import pytest
+import test_law
 from test_calls import error_info
 from test_law import (
     ORGAN,
-    START,
     active,
     apply,
     call,
@@ -18,18 +18,12 @@ from test_law import (
     refused,
 )
 
-from yikatong.server.harness import running
 from yikatong.v1 import yikatong_pb2 as pb
-from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 FP, PD = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED
 
 
-@pytest.fixture
-def srv(tmp_path):
-    with running(tmp_path, "--clock", "manual", "--clock-start", START) as s:
-        s.residence = rpc.ResidenceCardStub(s.channel)
-        yield s
+srv = test_law.srv  # the server on the manual clock at START, with its ResidenceCard stub
 
 
 def service(srv, card) -> str:
