@@ -27,7 +27,14 @@ async def appends(urls: list[str], count: int, size: int) -> list[float]:
     nc = await nats.connect(servers=urls)
     js = nc.jetstream()
     name = f"BENCH{size}"
-    await js.add_stream(name=name, subjects=[f"bench.{size}"], num_replicas=3)
+    for attempt in range(60):  # a cluster just started may still be electing its meta leader
+        try:
+            await js.add_stream(name=name, subjects=[f"bench.{size}"], num_replicas=3)
+            break
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            if attempt == 59:
+                raise
+            await asyncio.sleep(0.5)
     record = os.urandom(size)
     for _ in range(100):  # the new stream's replicas elect a leader first
         try:

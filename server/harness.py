@@ -4,6 +4,7 @@ and the real server as a subprocess (`python -m yikatong serve`), its output in 
 import contextlib
 import hashlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -30,10 +31,38 @@ def metadata(role: str, prefix: str = "test-token") -> tuple[tuple[str, str], ..
     return (("authorization", f"Bearer {token(role, prefix)}"),)
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, below the kernel's ephemeral range and never handed out
+    before by this process. A port the kernel picks (bind to 0) is an ephemeral one: between
+    this check and the listener's bind, any outgoing connection (a NATS route dialling its
+    peers) may take it as its local port, and the listener dies with "address already in
+    use". Below the range, only another listener can take it."""
+    low = min(_ephemeral_low(), 32768)
+    base = 10000 if low > 11000 else 1024
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(base, low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {base}-{low}")
 
 
 def free_address() -> str:
