@@ -50,6 +50,7 @@ setup(
     package_dir={"yikatong": "yikatong", "yikatong.server": "server",
                  "yikatong.storage": "storage", "yikatong.fastpath": "fastpath"},
     packages=["yikatong", "yikatong.v1", "yikatong.calendar", "yikatong.points", "yikatong.server",
+              "yikatong.server.services",
               "yikatong.storage", "yikatong.fastpath"],
     package_data={"yikatong.fastpath": ["*.pyx", "*.pyi"], "yikatong.v1": ["*.pyi"],
                   "yikatong.calendar": ["*.toml"], "yikatong.points": ["*.toml"]},

@@ -33,8 +33,9 @@ from yikatong.model import (
     holder_account_key,
     operator_account_key,
 )
-from yikatong.server.app import Authorization, Core
 from yikatong.server.clients import Client
+from yikatong.server.core import Core
+from yikatong.server.services.authorization import Authorization
 from yikatong.storage.lmdb_store import Book, Store
 from yikatong.v1 import yikatong_pb2 as pb
 

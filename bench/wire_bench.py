@@ -14,8 +14,10 @@ import timeit
 
 from yikatong import clock as clocks
 from yikatong.model import Role
-from yikatong.server import app, demo
+from yikatong.server import demo
 from yikatong.server.clients import Client
+from yikatong.server.core import Core
+from yikatong.server.services.authorization import Authorization
 from yikatong.storage.lmdb_store import Store
 from yikatong.v1 import yikatong_pb2 as pb
 
@@ -55,7 +57,7 @@ def main() -> int:
             multi = per_round(lambda: cursor.getmulti(keys))
             ordered = sorted(keys)
             multi_sorted = per_round(lambda: cursor.getmulti(ordered))
-        servicer = app.Authorization(app.Core(store, clocks.SystemClock()))
+        servicer = Authorization(Core(store, clocks.SystemClock()))
         client = Client("bench", Role.BANK_SWITCH)
         request = pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
             request_id=f"r{i}", card_number=k.decode(), channel=pb.CHANNEL_STATUS)

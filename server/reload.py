@@ -58,7 +58,7 @@ class Registry:
 
     def __init__(self):
         self.parts: list[Part] = []
-        self.core = None  # the serving process's app.Core, once it serves (`serving`)
+        self.core = None  # the serving process's server.core.Core, once it serves (`serving`)
         self._task: asyncio.Task | None = None
         self._again = False
 

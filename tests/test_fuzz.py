@@ -10,9 +10,10 @@ from yikatong.errors import CorruptRecord, InvalidArgument, InvalidTransition, N
 from yikatong.fastpath import _authorize_py as ref
 from yikatong.model import Card, Eligibility, Flag, Pack, State
 from yikatong.server import validate
-from yikatong.server.app import Ledger, validate_holder
 from yikatong.server.errors import Undecodable, decoder
 from yikatong.server.harness import running
+from yikatong.server.services.ledger import Ledger
+from yikatong.server.services.lifecycle import validate_holder
 from yikatong.storage import records as r
 from yikatong.storage.lmdb_store import Store
 from yikatong.v1 import yikatong_pb2 as pb

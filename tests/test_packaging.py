@@ -39,7 +39,8 @@ def test_the_sdist_builds_a_wheel_that_installs_into_a_fresh_venv_and_serves_the
     (wheel,) = dist.glob("yikatong-*.whl")
     with zipfile.ZipFile(wheel) as z:
         files = set(z.namelist())
-    for module in ("yikatong/server/app.py", "yikatong/storage/lmdb_store.py",
+    for module in ("yikatong/server/app.py", "yikatong/server/services/ledger.py",
+                   "yikatong/storage/lmdb_store.py",
                    "yikatong/v1/yikatong_pb2.py", "yikatong/v1/yikatong_pb2_grpc.py"):
         assert module in files, module
     assert any(f.startswith("yikatong/fastpath/_authorize_c") and f.endswith(".so")

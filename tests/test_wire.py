@@ -13,8 +13,10 @@ from yikatong import clock as clocks
 from yikatong import config, fastpath
 from yikatong.errors import YikatongError
 from yikatong.model import RC_ENTITLEMENTS, Card, Channel, Flag, Pack, Role, State
-from yikatong.server import app
 from yikatong.server.clients import Client
+from yikatong.server.core import Core, decode
+from yikatong.server.services.authorization import CHANNEL_MASKS, Authorization
+from yikatong.server.services.card_status import CardStatus
 from yikatong.storage import records
 from yikatong.storage.lmdb_store import Store
 from yikatong.v1 import yikatong_pb2 as pb
@@ -68,7 +70,7 @@ def world(tmp_path_factory):
             book.txn.put(number.encode(), value, db=book.dbs.cards)  # corrupt: never decided on
             numbers.append(number)
     store.write(fill)
-    servicer = app.Authorization(app.Core(store, FixedClock()))
+    servicer = Authorization(Core(store, FixedClock()))
     yield servicer, numbers
     store.close()
 
@@ -86,12 +88,12 @@ def python_path(servicer, raw: bytes, batch: bool, client: Client):
     """("ok", response bytes) or ("refused", message), as the Python path answers."""
     try:
         if batch:
-            request = app.decode(pb.AuthorizeBatchRequest, raw)
+            request = decode(pb.AuthorizeBatchRequest, raw)
             if any(q.amount_fen or q.phase for q in request.requests):
                 return ("money", "")
             answer = run(servicer.AuthorizeBatch(request, client))
         else:
-            request = app.decode(pb.AuthorizeRequest, raw)
+            request = decode(pb.AuthorizeRequest, raw)
             if request.amount_fen or request.phase:
                 return ("money", "")
             answer = run(servicer.Authorize(request, client))
@@ -116,7 +118,7 @@ def rarely(draw, usual, unusual):
 @st.composite
 def requests(draw, numbers, role):
     money = draw(st.integers(0, 19)) == 0
-    allowed = [c for c in Channel if app.CHANNEL_MASKS[role] >> c & 1]
+    allowed = [c for c in Channel if CHANNEL_MASKS[role] >> c & 1]
     return pb.AuthorizeRequest(
         request_id=rarely(draw, draw(st.sampled_from(["r1", "x" * 64, "a b"])), TEXTS),
         card_number=rarely(draw, draw(st.sampled_from(numbers)), [
@@ -252,7 +254,7 @@ def test_an_overlong_tag_or_length_is_read_as_protobuf_reads_it(world, extra):
         answered = check(servicer, raw, False, Role.MEDICAL_TERMINAL)
         assert answered == (extra <= 4 or raw.endswith(overlong(2, extra)) and extra <= 9)
     batch = b"\x0a" + overlong(12, extra) + card
-    assert check_status(app.CardStatus(servicer.core), batch) == (extra <= 4)
+    assert check_status(CardStatus(servicer.core), batch) == (extra <= 4)
 
 
 def test_plainly_valid_status_batches_are_the_wire_paths(world):
@@ -261,7 +263,7 @@ def test_plainly_valid_status_batches_are_the_wire_paths(world):
     servicer, numbers = world
     rng = random.Random(7)
     for role in ROLES:
-        channels = [c for c in Channel if app.CHANNEL_MASKS[role] >> c & 1]
+        channels = [c for c in Channel if CHANNEL_MASKS[role] >> c & 1]
         batch = pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
             request_id=f"r{i}", card_number=rng.choice(numbers[:-3]), channel=rng.choice(
                 channels), terminal_id="gate-1", service_code=rng.choice(CODES[:5]))
@@ -312,7 +314,7 @@ def check_status(servicer, raw: bytes) -> bool:
         return False
     try:
         expected = ("ok", run(servicer.GetStatusBatch(
-            app.decode(pb.GetStatusBatchRequest, raw), client)).SerializeToString())
+            decode(pb.GetStatusBatchRequest, raw), client)).SerializeToString())
     except YikatongError as error:
         expected = ("refused", str(error))
     assert expected == ("ok", answer), raw
@@ -324,12 +326,12 @@ def check_status(servicer, raw: bytes) -> bool:
 def test_a_status_batch_the_wire_path_answers_is_answered_as_the_python_path_would(
         world, data):
     servicer, numbers = world
-    check_status(app.CardStatus(servicer.core), data.draw(status_batches(numbers)))
+    check_status(CardStatus(servicer.core), data.draw(status_batches(numbers)))
 
 
 def test_plainly_valid_status_batches_of_every_card_are_the_wire_paths(world):
     servicer, numbers = world
-    statuses = app.CardStatus(servicer.core)
+    statuses = CardStatus(servicer.core)
     cards = [n for n in numbers if n not in ("310000000500", "310000000501", "310000000502")]
     batch = pb.GetStatusBatchRequest(card_numbers=cards + ["310099999999"])
     assert check_status(statuses, batch.SerializeToString())

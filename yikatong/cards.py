@@ -1026,7 +1026,7 @@ def _reverse_fee(book, now: int, rec: Card) -> None:
 
 def fees_reversed(book, now: int, rec: Card) -> list[str]:
     """The cards (`rec`, and the replacement it names) whose fee was reversed at `now`: the
-    call that did it audits each (server/app.py)."""
+    call that did it audits each (server/services/)."""
     numbers = dict.fromkeys(n for n in (rec.card_number, rec.replaced_by) if n)
     return [n for n in numbers
             if (t := ledger.get(book, FEE_REVERSED + n)) is not None and t.created_at == now]

@@ -1,0 +1,105 @@
+"""What every servicer shares: the core (store, clock, fast-path policy, change feed), the
+fingerprint a request id is bound to, and the decoding of requests the wire path left to
+Python."""
+import asyncio
+import contextlib
+import hashlib
+
+from yikatong import config, fastpath
+from yikatong.model import (
+    IssuingBanks,
+)
+from yikatong.server import errors
+from yikatong.server.clients import Client
+from yikatong.server.errors import Undecodable
+from yikatong.storage.lmdb_store import Store
+from yikatong.v1 import yikatong_pb2 as pb
+
+_APPROVED, _DECLINED = pb.DECISION_APPROVED, pb.DECISION_DECLINED
+
+
+class Core:
+    """What every servicer shares: the store, the clock, the fast path's policy."""
+
+    def __init__(self, store: Store, clock, banks: IssuingBanks | None = None):
+        self.store = store
+        self.clock = clock
+        self.banks = banks  # GZ-9c; None: no list configured, the check is off
+        self.policy = fastpath.Policy(config.generation_retired_at)
+        self.feed = Feed(store)
+
+    async def write(self, command):
+        """Run `command(book)` in the writer; answered after its commit."""
+        return await asyncio.wrap_future(self.store.submit(command))
+
+    async def write_once(self, method: str, client: Client, request_id: str, request,
+                         op) -> bytes:
+        """Run `op(book, now, fingerprint) -> answer bytes` in the writer, once per id: a
+        replay gets the first answer; the same id with other fields is ID_REUSED. One id
+        space for every write (lifecycle request ids, transfer ids, Authorize request ids)."""
+        fp = fingerprint(method, client, request)
+        clock = self.clock
+        return await self.write(
+            lambda book: book.once(request_id, fp, lambda: op(book, clock.now(), fp)))
+
+
+class Feed:
+    """What the change feed's watchers on this worker wait on: the last committed change
+    sequence, looked for every config.watch_poll_seconds while anyone watches (whichever
+    worker committed it: the store is the one place they all see), and one event that
+    wakes every watcher when it moves."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.watchers = 0
+        self.head = 0
+        self._moved = asyncio.Event()
+        self._poller: asyncio.Task | None = None
+
+    @contextlib.contextmanager
+    def watching(self):
+        self.watchers += 1
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+        try:
+            yield
+        finally:
+            self.watchers -= 1
+
+    async def beyond(self, sequence: int) -> None:
+        """Return once a change after `sequence` is committed."""
+        while self.head <= sequence:
+            await self._moved.wait()
+
+    async def _poll(self) -> None:
+        try:
+            while self.watchers:
+                with self.store.read() as txn:
+                    head = self.store.book(txn).last_change()
+                if head != self.head:
+                    self.head = head
+                    moved, self._moved = self._moved, asyncio.Event()
+                    moved.set()
+                await asyncio.sleep(config.watch_poll_seconds)
+        finally:
+            self._poller = None
+
+
+def fingerprint(method: str, client: Client, request) -> bytes:
+    """What a request id is bound to: the client that sent it, the method, and every field of
+    the request the server understands (unknown fields, which a newer client may send, are
+    not part of it). Another client replaying the id is ID_REUSED: it never sees the answer
+    (nor skips the checks of who may act that the first call passed)."""
+    request.DiscardUnknownFields()
+    return hashlib.sha256(f"{client.id}\0{method}\0".encode()
+                          + request.SerializeToString(deterministic=True)).digest()
+
+
+
+def decode(message_class, raw: bytes):
+    """A request the wire path left to Python: decoded, or INVALID_ARGUMENT as calls.py
+    says of any undecodable request."""
+    request = errors.decoder(message_class)(raw)
+    if type(request) is Undecodable:
+        raise request.error()
+    return request

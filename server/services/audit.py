@@ -1,0 +1,48 @@
+"""The Audit service (API.md)."""
+import asyncio
+
+from yikatong import config
+from yikatong.model import (
+    AuditEvent,
+)
+from yikatong.server.clients import Client
+from yikatong.server.core import Core
+from yikatong.storage import records
+from yikatong.v1 import yikatong_pb2 as pb
+
+
+class Audit:
+    """The audit trail, to AUDITOR only: exported in order, verified link by link."""
+
+    def __init__(self, core: Core):
+        self.core = core
+
+    async def Export(self, request, client: Client):
+        after = request.from_sequence
+        while True:
+            with self.core.store.read() as txn:
+                batch = []
+                for _, value in self.core.store.book(txn).audit_records(after):
+                    batch.append(audit_message(records.decode_audit(value)))
+                    if len(batch) >= config.watch_batch_max:
+                        break
+            if not batch:
+                return
+            for event in batch:
+                yield event
+            after = batch[-1].sequence
+
+    async def Verify(self, request, client: Client):
+        def verify():
+            with self.core.store.read() as txn:
+                return self.core.store.book(txn).verify_audit()
+        ok, events, bad, problem = await asyncio.to_thread(verify)
+        return pb.VerifyAuditResponse(ok=ok, events=events, first_bad_sequence=bad,
+                                      problem=problem)
+
+
+def audit_message(e: AuditEvent) -> pb.AuditEvent:
+    return pb.AuditEvent(sequence=e.sequence, time=e.time, client_id=e.client_id, role=e.role,
+                         method=e.method, card_number=e.card_number, purpose=e.purpose,
+                         outcome=e.outcome, prev_hash=e.prev_hash.hex(), hash=e.hash.hex(),
+                         algorithm=e.algorithm, count=e.count, holder=e.holder)

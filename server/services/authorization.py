@@ -1,0 +1,155 @@
+"""The Authorization service (API.md)."""
+from yikatong import authorize, config, fastpath, points
+from yikatong.errors import (
+    YikatongError,
+)
+from yikatong.model import (
+    Role,
+)
+from yikatong.server import validate
+from yikatong.server.clients import Client
+from yikatong.server.core import _APPROVED, _DECLINED, Core, decode, fingerprint
+from yikatong.server.errors import with_prefix
+from yikatong.server.metrics import REASONS, metrics
+from yikatong.server.roles import CHANNEL_ROLES, require_channel
+from yikatong.v1 import yikatong_pb2 as pb
+
+
+class Authorization:
+    """Decisions without money are pure reads (no write, no wait for the writer); a replayed
+    request id gets the answer for the card as it is now. Decisions with money run in the
+    writer (yikatong.authorize.with_money): a replay returns the first answer and moves
+    nothing."""
+
+    # Registered bytes in, bytes out (server/calls.py) when the compiled wire path is there:
+    # a plainly valid status-only request is answered from its wire bytes by Cython
+    # (fastpath authorize_wire); anything else is decoded and taken by the Python path below.
+    RAW_METHODS = ("Authorize", "AuthorizeBatch", "AuthorizeStream") \
+        if fastpath.authorize_wire else ()
+
+    def __init__(self, core: Core):
+        self.core = core
+
+    def _wire(self, raw: bytes, client: Client, batch: bool) -> bytes | None:
+        """The wire path's answer, or None: the Python path takes it."""
+        store = self.core.store
+        with store.read() as txn:
+            return fastpath.authorize_wire(
+                self.core.policy, raw, batch, txn.get, store.dbs.cards, store.dbs.ecards,
+                store.dbs.holder_cards, self.core.clock.now(), CHANNEL_MASKS[client.role],
+                points.in_force().points_required, metrics.decisions, config.batch_size_max,
+                store.dbs.bank_losses)
+
+    @staticmethod
+    def _check(client: Client, req) -> None:
+        validate.authorize_request(req)
+        require_channel(client.role, req.channel)
+
+    async def _answer(self, client: Client, requests, method: str) -> pb.AuthorizeBatchResponse:
+        """Check every request, then answer in order: decisions without money at once from
+        one read transaction, those with money through the writer in one command, so that
+        decisions within one batch see each other's debits."""
+        validate.batch(requests, "requests")
+        check = self._check
+        for i, q in enumerate(requests):
+            try:
+                check(client, q)
+            except YikatongError as error:
+                raise with_prefix(error, f"requests[{i}].") from None
+        now = self.core.clock.now()
+        out = pb.AuthorizeBatchResponse()
+        add = out.responses.add
+        money = []
+        policy, decide, tally = self.core.policy, authorize.without_money, metrics.decisions
+        with self.core.store.read() as txn:
+            book = self.core.store.book(txn)
+            for i, q in enumerate(requests):
+                if q.amount_fen or q.phase:
+                    money.append((i, q))
+                    add()
+                else:
+                    reason = decide(policy, book, q.card_number, q.channel, q.service_code, now)
+                    add(request_id=q.request_id, reason=reason,
+                        decision=_APPROVED if reason == 0 else _DECLINED)
+                    tally[q.channel * REASONS + reason] += 1
+        if money:
+            answers = await self.core.write(self.money_command(money, client, method, True))
+            for (i, q), answer in zip(money, answers, strict=True):
+                response = out.responses[i]
+                response.ParseFromString(answer)
+                tally[q.channel * REASONS + response.reason] += 1
+        return out
+
+    def money_command(self, money, client: Client, method: str, field_prefix: bool = False):
+        """The writer command for [(index, request)] that move money: each decided, debited
+        and remembered under its request id, in order, in one transaction; a debit that
+        moved money has its audit event there too."""
+        fingerprints = [fingerprint("Authorize", client, q) for _, q in money]
+        clock, policy, role = self.core.clock, self.core.policy, client.role
+        client_id, role_name = client.id, role.name
+
+        def decide(book, q, fp) -> bytes:
+            now = clock.now()
+            reason, left = authorize.with_money(  # positional: once per debit, on the hot path
+                policy, book, now, q.request_id, q.card_number, q.channel, q.amount_fen,
+                q.phase, q.hold_request_id, q.payee_account, q.hold_timeout_seconds, role, fp)
+            if reason == 0:
+                book.append_audit(now, client_id, role_name, method, q.card_number)
+            return pb.AuthorizeResponse(
+                request_id=q.request_id, available_fen=left, reason=reason,
+                decision=_APPROVED if reason == 0 else _DECLINED).SerializeToString()
+
+        def command(book):
+            out = []
+            for (i, q), fp in zip(money, fingerprints, strict=True):
+                try:
+                    out.append(book.once(q.request_id, fp, lambda q=q, fp=fp: decide(book, q, fp)))
+                except YikatongError as error:
+                    raise (with_prefix(error, f"requests[{i}].") if field_prefix else error) \
+                        from None
+            return out
+        return command
+
+    async def Authorize(self, request, client: Client):
+        if type(request) is bytes:
+            answer = self._wire(request, client, False)
+            if answer is not None:
+                return answer
+            request = decode(pb.AuthorizeRequest, request)
+        self._check(client, request)
+        if request.amount_fen or request.phase:
+            answer = await self.core.write(self.money_command([(0, request)], client,
+                                                              "Authorization.Authorize"))
+            response = pb.AuthorizeResponse.FromString(answer[0])
+            metrics.decisions[request.channel * REASONS + response.reason] += 1
+            return response
+        with self.core.store.read() as txn:
+            reason = authorize.without_money(
+                self.core.policy, self.core.store.book(txn), request.card_number,
+                request.channel, request.service_code, self.core.clock.now())
+        metrics.decisions[request.channel * REASONS + reason] += 1
+        return pb.AuthorizeResponse(request_id=request.request_id, reason=reason,
+                                    decision=_APPROVED if reason == 0 else _DECLINED)
+
+    async def AuthorizeBatch(self, request, client: Client):
+        if type(request) is bytes:
+            answer = self._wire(request, client, True)
+            if answer is not None:
+                return answer
+            request = decode(pb.AuthorizeBatchRequest, request)
+        return await self._answer(client, request.requests, "Authorization.AuthorizeBatch")
+
+    async def AuthorizeStream(self, requests, client: Client):
+        async for batch in requests:
+            if type(batch) is bytes:
+                answer = self._wire(batch, client, True)
+                if answer is not None:
+                    yield answer
+                    continue
+                batch = decode(pb.AuthorizeBatchRequest, batch)
+            yield await self._answer(client, batch.requests, "Authorization.AuthorizeStream")
+
+
+# the channels each role may authorize, as the wire path takes them (bit 1 << channel)
+CHANNEL_MASKS = {role: sum(1 << ch for ch, roles in CHANNEL_ROLES.items() if role in roles)
+                 for role in Role}

@@ -1,0 +1,111 @@
+"""The CardStatus service (API.md)."""
+from yikatong import authorize, cards, config, fastpath
+from yikatong.model import (
+    Changed,
+    ChangeKind,
+    Channel,
+    Flag,
+    Pack,
+)
+from yikatong.server import validate
+from yikatong.server.clients import Client
+from yikatong.server.core import Core, decode
+from yikatong.storage import records
+from yikatong.v1 import yikatong_pb2 as pb
+
+
+class CardStatus:
+    RAW_METHODS = ("GetStatusBatch",) if fastpath.status_wire else ()  # as Authorization's
+
+    def __init__(self, core: Core):
+        self.core = core
+
+    def _status(self, book, number: str, now: int) -> pb.CardStatusResponse:
+        raw = book.use_bytes(number)  # read once: decided on, then decoded
+        if raw is None:
+            return pb.CardStatusResponse(card_number=number, found=False,
+                                         reason=pb.DECLINE_REASON_CARD_NOT_FOUND)
+        reason = authorize.on_record(self.core.policy, raw, number, Channel.MEDICAL, "", now)
+        rec = records.decode_card(number, raw)  # CorruptRecord (DATA_LOSS): not served
+        return pb.CardStatusResponse(
+            card_number=number, found=True, pack=rec.pack,
+            state=cards.effective_state(rec, now), reason=reason,
+            transit_function=rec.has(Flag.TRANSIT),
+            financial_open=rec.has(Flag.FINANCIAL_OPEN),
+            financial_frozen=cards.financial_frozen(book, rec, now),  # as status_wire
+            replaced_by=rec.replaced_by,
+        )
+
+    async def GetStatus(self, request, client: Client):
+        validate.card_number(request.card_number)
+        with self.core.store.read() as txn:
+            return self._status(self.core.store.book(txn), request.card_number,
+                                self.core.clock.now())
+
+    async def WatchChanges(self, request, client: Client):
+        """History from LMDB, then live: each batch read in a read transaction closed before
+        anything is sent, so a slow watcher holds no transaction and no buffer of ours (a
+        stalled one is ended by calls.Limits.write, naming where to resume)."""
+        feed, after = self.core.feed, request.from_sequence
+        with feed.watching():
+            while True:
+                events = self._changes(after)
+                if not events:
+                    await feed.beyond(after)
+                    continue
+                for event in events:
+                    yield event
+                after = events[-1].sequence
+
+    def _changes(self, after: int) -> list[pb.ChangeEvent]:
+        now, policy = self.core.clock.now(), self.core.policy
+        out: list[pb.ChangeEvent] = []
+        with self.core.store.read() as txn:
+            book = self.core.store.book(txn)
+            for seq, change in book.changes(after):
+                raw = book.card_bytes(change.card_number) if change.card_number else None
+                reason, until, state = pb.DECLINE_REASON_CARD_NOT_FOUND, 0, change.state
+                if raw is not None:
+                    reason = authorize.on_record(policy, raw, change.card_number,
+                                                 Channel.TRANSIT, "", now)
+                    rec = records.decode_card(change.card_number, raw)
+                    if change.kind != ChangeKind.CARD:
+                        state = cards.effective_state(rec, now)
+                    if reason == pb.DECLINE_REASON_CARD_FROZEN:
+                        until = rec.temp_loss_until  # SH-18b: the report lapses then
+                    elif reason == 0 and rec.pack == Pack.RC:
+                        until = rec.valid_until  # RC-14
+                what = change.what
+                out.append(pb.ChangeEvent(
+                    sequence=seq, card_number=change.card_number, state=state,
+                    time=change.time, state_changed=bool(what & Changed.STATE),
+                    locks_changed=bool(what & Changed.LOCKS),
+                    functions_changed=bool(what & Changed.FUNCTIONS),
+                    replacement_changed=bool(what & Changed.REPLACEMENT),
+                    balance_changed=bool(what & Changed.BALANCE),
+                    validity_changed=bool(what & Changed.VALIDITY),
+                    points_changed=bool(what & Changed.POINTS),
+                    transit_reason=reason, transit_reason_until=until))
+                if len(out) >= config.watch_batch_max:
+                    break
+        return out
+
+    async def GetStatusBatch(self, request, client: Client):
+        if type(request) is bytes:
+            store = self.core.store
+            with store.read() as txn:
+                answer = fastpath.status_wire(
+                    self.core.policy, request, txn.get, store.dbs.cards, store.dbs.ecards,
+                    store.dbs.holder_cards, self.core.clock.now(), config.batch_size_max,
+                    store.dbs.bank_losses)
+            if answer is not None:
+                return answer
+            request = decode(pb.GetStatusBatchRequest, request)
+        validate.batch(request.card_numbers, "card_numbers")
+        for i, number in enumerate(request.card_numbers):
+            validate.card_number(number, f"card_numbers[{i}]")
+        now = self.core.clock.now()
+        with self.core.store.read() as txn:
+            book = self.core.store.book(txn)
+            return pb.GetStatusBatchResponse(
+                statuses=[self._status(book, n, now) for n in request.card_numbers])

@@ -1,0 +1,163 @@
+"""The Holders service (API.md)."""
+from yikatong import cards, points
+from yikatong.errors import (
+    CardNotFound,
+    HolderNotFound,
+    InvalidArgument,
+    PermissionDenied,
+)
+from yikatong.model import (
+    PII_FIELDS,
+    CreditRecord,
+    HolderInfo,
+    Role,
+    mask,
+)
+from yikatong.server import validate
+from yikatong.server.clients import Client
+from yikatong.server.core import Core
+from yikatong.server.roles import PII_READERS
+from yikatong.server.services.lifecycle import validate_holder
+from yikatong.v1 import yikatong_pb2 as pb
+
+
+def holder_message(info: HolderInfo, fields=PII_FIELDS) -> pb.Holder:
+    return pb.Holder(ssn=info.ssn, **{f: getattr(info, f) for f in fields})
+
+
+class Holders:
+    """Personal information for a stated purpose (SPEC.md section 7). A read is done in the
+    writer, so its audit event is committed before the holder's information leaves; a read
+    refused for want of a holder is audited too (as every refused call is, calls.Refusals)."""
+
+    def __init__(self, core: Core):
+        self.core = core
+
+    async def GetHolder(self, request, client: Client):
+        key = _holder_key(request)
+        purpose = stated(request.purpose, "purpose", "why the personal information is read")
+        clock = self.core.clock
+
+        def read(book):
+            now = clock.now()
+            ssn = _ssn_of(book, request, key)
+            found = book.holder(ssn) if ssn else None
+            book.append_audit(now, client.id, client.role.name, "Holders.GetHolder",
+                              request.card_number, purpose, "OK" if found else "NOT_FOUND",
+                              holder=mask(ssn or ""))
+            if found is None:
+                return None
+            holder_id, info = found
+            history = book.holder_history(holder_id) if request.with_history else []
+            return pb.HolderRecord(holder=holder_message(info), history=[
+                pb.HolderChange(field=c.field, old_value=c.old_value, new_value=c.new_value,
+                                time=c.time, client_id=c.client_id, method=c.method,
+                                reason=c.reason) for c in history],
+                credit_records=[credit_message(r) for r in book.credit_records(holder_id)])
+        answer = await self.core.write(read)
+        if answer is None:  # audited as refused; nothing said of what is held
+            if key == "card_number":
+                raise CardNotFound(request.card_number)
+            raise HolderNotFound("no holder with that ssn")
+        return answer
+
+    async def CorrectHolder(self, request, client: Client):
+        validate.request_id(request.request_id)
+        reason = stated(request.reason, "reason", "why the information is corrected")
+        given = validate_holder(request.holder)
+        if not any(getattr(given, f) for f in PII_FIELDS):
+            raise InvalidArgument("holder", "names no field to correct")
+        reveal = client.role in PII_READERS
+
+        def op(book, now, _) -> bytes:
+            _, info, changed = cards.correct_holder(book, now, given, reason, client.id)
+            book.append_audit(now, client.id, client.role.name, "Holders.CorrectHolder",
+                              purpose=reason, holder=mask(info.ssn))
+            # a role that may not read PII learns nothing beyond what it sent
+            fields = PII_FIELDS if reveal else [f for f in PII_FIELDS if getattr(given, f)]
+            return pb.HolderRecord(holder=holder_message(info, fields)).SerializeToString()
+        return pb.HolderRecord.FromString(await self.core.write_once(
+            "CorrectHolder", client, request.request_id, request, op))
+
+    async def RecordCredit(self, request, client: Client):
+        validate.request_id(request.request_id)
+        validate.enum(request.ground, pb.CreditGround, "ground")
+        evidence = stated(request.evidence_ref, "evidence_ref",
+                           "the case file or decision the record rests on")
+        if request.WhichOneof("key") == "employer":
+            if client.role != Role.HRSS:  # art. 29 para. 2
+                raise PermissionDenied("RC-29: a work unit's fine is imposed by the human "
+                                       "resources and social security department (HRSS)",
+                                       reason="RC-29")
+            points.validate_employer(request.employer)
+
+            def employer_op(book, now, _) -> bytes:
+                record = cards.record_employer_credit(
+                    book, now, request.employer, request.ground, evidence, request.serious,
+                    request.fine_fen, client.id)
+                book.append_audit(now, client.id, client.role.name, "Holders.RecordCredit",
+                                  purpose=f"employer {request.employer}: {evidence}")
+                message = credit_message(record)
+                message.employer = request.employer
+                return message.SerializeToString()
+            return pb.CreditRecord.FromString(await self.core.write_once(
+                "RecordCredit", client, request.request_id, request, employer_op))
+        key = _holder_key(request)
+        if request.victim_card_number:  # SH-26: the other person's card, in fraud
+            validate.card_number(request.victim_card_number, "victim_card_number")
+        if (request.ground == pb.CREDIT_GROUND_FORGED_DOCUMENTS
+                and client.role not in (Role.PUBLIC_SECURITY, Role.HRSS)):  # art. 29 para. 1
+            raise PermissionDenied("RC-29: forged documents in a Residence Card or points "
+                                   "application are recorded by public security or HRSS",
+                                   reason="RC-29")
+
+        def op(book, now, _) -> bytes:
+            ssn = _ssn_of(book, request, key)
+            if ssn is None:
+                raise CardNotFound(request.card_number)
+            _, record = cards.record_credit(
+                book, now, ssn, request.ground, evidence, request.serious, client.id,
+                request.fine_fen, card_number=request.card_number if key == "card_number" else "",
+                victim_card_number=request.victim_card_number, illegal_gain=request.illegal_gain)
+            book.append_audit(now, client.id, client.role.name, "Holders.RecordCredit",
+                              request.card_number, purpose=evidence, holder=mask(ssn))
+            return credit_message(record).SerializeToString()
+        return pb.CreditRecord.FromString(await self.core.write_once(
+            "RecordCredit", client, request.request_id, request, op))
+
+
+def _holder_key(request) -> str:
+    """Which of `card_number` and `ssn` a Holders request names, validated."""
+    key = request.WhichOneof("key")
+    if key == "card_number":
+        validate.card_number(request.card_number)
+    elif key == "ssn":
+        cards.validate_ssn(request.ssn, "ssn")
+    else:
+        raise InvalidArgument("key", "name the holder: card_number or ssn")
+    return key
+
+
+def _ssn_of(book, request, key: str) -> str | None:
+    """The holder's ssn, from the request or through its card (None: no such card; "": a
+    card whose holder has no record)."""
+    if key == "ssn":
+        return request.ssn
+    rec = book.card(request.card_number)
+    return None if rec is None else book.holder_ssn(rec.holder_id) or ""
+
+
+def stated(value: str, field: str, why: str) -> str:
+    """A free text the call must state (a purpose, a reason, evidence): not blank."""
+    text = validate.text(value, field)
+    if not text.strip():
+        raise InvalidArgument(field, f"is required: {why}")
+    return text
+
+
+def credit_message(r: CreditRecord) -> pb.CreditRecord:
+    return pb.CreditRecord(rule=r.rule, ground=r.ground, evidence_ref=r.evidence_ref,
+                           serious=r.serious, time=r.time, client_id=r.client_id,
+                           points_barred_until=r.points_barred_until, fine_fen=r.fine_fen,
+                           # SH-26's first paragraph is recorded for illegal gain alone
+                           illegal_gain=r.rule == "SH-26" and r.ground in cards.SH_26_FOR_GAIN)

@@ -1,0 +1,120 @@
+"""The Ledger service (API.md)."""
+from yikatong import ledger
+from yikatong.errors import (
+    CardNotFound,
+    InvalidArgument,
+)
+from yikatong.model import (
+    Phase,
+    TransferStatus,
+    holder_account_key,
+    operator_account_key,
+)
+from yikatong.server import validate
+from yikatong.server.clients import Client
+from yikatong.server.core import Core
+from yikatong.v1 import yikatong_pb2 as pb
+
+
+def transfer_answer(transfer_id: str, t) -> bytes:
+    return pb.TransferResponse(transfer_id=transfer_id, status=t.status, amount_fen=t.amount,
+                               timeout_at=t.timeout_at).SerializeToString()
+
+
+assert all(pb.TransferStatus.Value(f"TRANSFER_STATUS_{s.name}") == s for s in TransferStatus)
+
+
+def _holder_of(book, card_number: str) -> int:
+    rec = book.card(card_number)
+    if rec is None:
+        raise CardNotFound(card_number)
+    return rec.holder_id
+
+
+class Ledger:
+    def __init__(self, core: Core):
+        self.core = core
+
+    @staticmethod
+    def _account_ref(ref, field: str):
+        """Validate an AccountRef at the edge; returns (book -> account key, card number)."""
+        which = ref.WhichOneof("account")
+        if which == "operator":
+            key = operator_account_key(validate.operator(ref.operator, f"{field}.operator"))
+            return (lambda book: key), ""
+        if which != "holder":
+            raise InvalidArgument(field, "is required: a holder account or an operator account")
+        number = validate.card_number(ref.holder.card_number, f"{field}.holder.card_number")
+        kind = validate.enum(ref.holder.kind, pb.AccountKind, f"{field}.holder.kind")
+        return (lambda book: holder_account_key(_holder_of(book, number), kind)), number
+
+    async def Transfer(self, request, client: Client):
+        tid = validate.request_id(request.transfer_id, "transfer_id")
+        validate.enum(request.phase, pb.Phase, "phase", allow_unspecified=True)
+        validate.timeout(request.timeout_seconds, "timeout_seconds")
+        role = client.role
+        if request.phase in (Phase.POST, Phase.VOID):
+            pending_id = validate.request_id(request.pending_id, "pending_id")
+            if request.HasField("debit") or request.HasField("credit"):
+                raise InvalidArgument("debit", "a post or void names only pending_id")
+            if request.phase == Phase.VOID and request.amount_fen:
+                raise InvalidArgument("amount_fen", "a void moves no money; send 0")
+            validate.amount(request.amount_fen, "amount_fen", zero_ok=True)
+
+            def op(book, now, fingerprint):
+                answer = transfer_answer(tid, ledger.resolve(
+                    book, now, tid, pending_id, post=request.phase == Phase.POST,
+                    amount=request.amount_fen, role=role, fingerprint=fingerprint))
+                book.append_audit(now, client.id, role.name, "Ledger.Transfer")
+                return answer
+        else:
+            if request.pending_id:
+                raise InvalidArgument("pending_id", "is only for PHASE_POST/PHASE_VOID")
+            if request.timeout_seconds and request.phase != Phase.HOLD:
+                raise InvalidArgument("timeout_seconds", "is only for PHASE_HOLD")
+            if request.phase == Phase.HOLD and not request.timeout_seconds:
+                raise InvalidArgument("timeout_seconds", "a hold needs a timeout")
+            debit, debit_card = self._account_ref(request.debit, "debit")
+            credit, credit_card = self._account_ref(request.credit, "credit")
+            amount = validate.amount(request.amount_fen, "amount_fen", zero_ok=False)
+
+            def op(book, now, fingerprint):
+                answer = transfer_answer(tid, ledger.create(
+                    book, now, tid, debit(book), credit(book), amount,
+                    pending=request.phase == Phase.HOLD, timeout=request.timeout_seconds,
+                    role=role, card_number=debit_card or credit_card, fingerprint=fingerprint))
+                book.append_audit(now, client.id, role.name, "Ledger.Transfer",
+                                  debit_card or credit_card)
+                return answer
+        return pb.TransferResponse.FromString(
+            await self.core.write_once("Transfer", client, tid, request, op))
+
+    async def Reverse(self, request, client: Client):
+        original = validate.request_id(request.transfer_id, "transfer_id")
+        rid = validate.request_id(request.reversal_id, "reversal_id")
+        validate.amount(request.amount_fen, "amount_fen", zero_ok=True)
+        role = client.role
+
+        def op(book, now, fingerprint):
+            answer = transfer_answer(rid, ledger.reverse(book, now, rid, original,
+                                                         request.amount_fen, role=role,
+                                                         fingerprint=fingerprint))
+            book.append_audit(now, client.id, role.name, "Ledger.Reverse")
+            return answer
+        return pb.TransferResponse.FromString(
+            await self.core.write_once("Reverse", client, rid, request, op))
+
+    async def GetBalances(self, request, client: Client):
+        validate.card_number(request.card_number)
+        now = self.core.clock.now()
+        with self.core.store.read() as txn:
+            book = self.core.store.book(txn)
+            holder_id = _holder_of(book, request.card_number)
+            out = []
+            for kind in (pb.ACCOUNT_KIND_MEDICAL, pb.ACCOUNT_KIND_TRANSIT, pb.ACCOUNT_KIND_BENEFIT):
+                key = holder_account_key(holder_id, kind)
+                a = book.account(key)
+                pending = a.debits_pending - ledger.expired_held(book, key, now)
+                out.append(pb.Balance(kind=kind, posted_fen=a.posted, pending_fen=pending,
+                                      available_fen=a.posted - pending))
+        return pb.GetBalancesResponse(balances=out)
