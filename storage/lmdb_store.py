@@ -59,6 +59,8 @@ from yikatong.model import (
     HolderInfo,
     Step,
     Transfer,
+    bounded,
+    mask_text,
 )
 from yikatong.storage import migrate, records
 
@@ -872,6 +874,10 @@ class Book:
                      count: int = 1, holder: str = "") -> int:
         seq, prev = self.dbs.audit_head
         seq += 1
+        # issue 25: an identity or phone number in a free text is masked before it is hashed
+        # in (the trail is read by auditors, who need whose file, not the number), and the
+        # text is bounded; events written before are not rewritten (the chain holds them)
+        purpose = bounded(mask_text(purpose), config.audit_text_length_max)
         body = records.audit_body(seq, time, count, client_id, role, method, card_number,
                                   purpose, outcome, holder)
         digest = audit_hash(prev, body)

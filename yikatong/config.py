@@ -21,6 +21,9 @@ stream_stall_seconds_max = 10.0
 # Refused calls are audited once a second, per client, method and status (a flood is counted,
 # not written line by line); at most this many such keys a second.
 refusal_keys_max = 1000
+# An audit event's free text (purpose, reason, evidence), masked, is cut to this many characters
+# (a text field is at most text_field_length_max; a service may prefix it).
+audit_text_length_max = 400
 # The change feed: each worker looks for changes committed by any worker this often while
 # someone watches, and reads at most this many events per read transaction.
 watch_poll_seconds = 0.005

@@ -443,6 +443,48 @@ def mask(text: str) -> str:
     return _ID_NUMBER.sub(lambda m: m[1] + "*" * 10 + m[3], text)
 
 
+# What a free text (a purpose, a reason, evidence) may hold of a person, found by shape. Digits
+# are ASCII or full-width (a Chinese input method types ０-９); a number is never inside a longer
+# run of letters and digits (a card number of 12 digits, a transfer id stay whole). Groups may
+# be split by one space or hyphen, as people write them.
+_D = "[0-9\uff10-\uff19]"
+_SEP = "[ \\-]?"
+_EDGE_L, _EDGE_R = "(?<![0-9A-Za-z\uff10-\uff19])", "(?![0-9A-Za-z\uff10-\uff19])"
+_FREE_TEXT_PII = [
+    # resident identity number, 18 characters (GB 11643), the last a digit or X
+    re.compile(f"{_EDGE_L}({_D}{{4}})({_D}{{2}}{_SEP}{_D}{{8}}{_SEP})"
+               f"({_D}{{3}}(?:{_D}|[Xx\uff38\uff58])){_EDGE_R}"),
+    # the first-generation identity number, 15 digits
+    re.compile(f"{_EDGE_L}({_D}{{4}})({_D}{{2}}{_SEP}{_D}{{5}})({_D}{_SEP}{_D}{{3}}){_EDGE_R}"),
+    # a mobile number (11 digits from 1), with +86 / 86 before it or not
+    re.compile(f"{_EDGE_L}((?:\\+?86{_SEP})?[1\uff11]{_D}{{2}})({_SEP}{_D}{{4}}{_SEP})"
+               f"({_D}{{4}}){_EDGE_R}"),
+    # a landline with its area code (010, 021, 0755, ...): 7 or 8 digits after it
+    re.compile(f"{_EDGE_L}([0\uff10]{_D}{{2,3}}{_SEP})({_D}{{3,4}})({_D}{{4}}){_EDGE_R}"),
+    # a passport number (E or G and 8 digits; EA and 7 digits)
+    re.compile(f"{_EDGE_L}([EGeg][A-Za-z]?)({_D}{{3,4}})({_D}{{4}}){_EDGE_R}"),
+]
+_HIDDEN = re.compile(f"{_D}")  # the separators stay
+
+
+def mask_text(text: str) -> str:
+    """`text` with every identity number, phone number and passport number hidden but its
+    ends, in `mask`'s style: "call from 310101198711090032 王伟 13800138000" ->
+    "call from 3101**********0032 王伟 138****8000". Names are left: they cannot be told from
+    other words (docs/DECISIONS.md, issue 25)."""
+    for pattern in _FREE_TEXT_PII:
+        text = pattern.sub(lambda m: m[1] + _HIDDEN.sub("*", m[2]) + m[3], text)
+    return text
+
+
+def bounded(text: str, length_max: int) -> str:
+    """`text`, cut to `length_max` characters with a note of how many were cut."""
+    if len(text) <= length_max:
+        return text
+    note = f"... ({len(text) - length_max} more characters)"
+    return text[:max(0, length_max - len(note))] + note
+
+
 @dataclasses.dataclass
 class AuditEvent:
     """One entry of the audit trail (SPEC.md section 7): who, when, what, why, outcome;
