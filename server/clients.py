@@ -28,6 +28,7 @@ class Clients:
     def __init__(self):
         self._by_token_sha256: dict[str, Client] = {}
         self._by_cert_cn: dict[str, Client] = {}
+        self._ids: set[str] = set()
 
     def add(self, client_id: str, role: str, token_sha256: str | None = None,
             cert_cn: str | None = None) -> None:
@@ -37,6 +38,9 @@ class Clients:
             raise ValueError(f"client {client_id}: unknown role {role!r}")
         if token_sha256 is None and cert_cn is None:
             raise ValueError(f"client {client_id} has no identity: give token_sha256 or cert_cn")
+        if client_id in self._ids:  # one id, one credential: the log, audit and limits say who
+            raise ValueError(f"client id {client_id} is named by two entries; each client "
+                             "needs an id of its own")
         if len(self._by_token_sha256) + len(self._by_cert_cn) >= config.clients_max:
             raise ValueError(f"more than {config.clients_max} clients")
         client = Client(client_id, Role[role])
@@ -58,6 +62,7 @@ class Clients:
             self._by_token_sha256[token_sha256] = client
         if cert_cn is not None:
             self._by_cert_cn[cert_cn] = client
+        self._ids.add(client_id)
 
     def count(self) -> int:
         """Identities known: tokens and certificate names."""
@@ -83,14 +88,19 @@ class Clients:
         """SIGHUP (server/reload.py): `other`'s clients from now on, all at once. Calls
         already admitted keep the client they were admitted as."""
         self._by_token_sha256, self._by_cert_cn = other._by_token_sha256, other._by_cert_cn
+        self._ids = other._ids
         return f"{other.count()} identities"
 
     def identify(self, metadata, context=None) -> Client:
         """The bearer token's client; without a token, the client certificate's (mTLS)."""
         for key, value in metadata:
             if key == "authorization":
-                if value.startswith("Bearer "):
-                    digest = hashlib.sha256(value[7:].encode()).hexdigest()
+                # RFC 7235 section 2.1: the scheme is case-insensitive, then one or more
+                # spaces; the token (RFC 6750) is compared exactly
+                scheme, _, token = value.partition(" ")
+                token = token.lstrip(" ")
+                if scheme.lower() == "bearer" and token:
+                    digest = hashlib.sha256(token.encode()).hexdigest()
                     client = self._by_token_sha256.get(digest)
                     if client is not None:
                         return client

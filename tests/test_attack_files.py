@@ -1,0 +1,98 @@
+"""Issue 25, findings 8, 9, 10 and 12 (the scheme): what the server and `yikatong audit verify`
+do with a damaged store, bad configuration files, two clients under one id, and the bearer
+scheme in any case. Real servers and the real CLI; every wait bounded."""
+import hashlib
+import signal
+import subprocess
+import sys
+
+import grpc
+from test_reload import log_lines, reloaded
+
+from yikatong.server.harness import ROOT, ServerProcess, free_address, token
+from yikatong.v1 import yikatong_pb2 as pb
+
+GATE = "TRANSIT_GATE"
+CARD = "310000000001"  # not in the store: a cheap read, answered OK with found=False
+
+
+def yikatong(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "yikatong", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def serve_refused(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """`yikatong serve` that must refuse to start: its exit, with stderr's one line."""
+    done = yikatong("serve", "--data-dir", str(tmp_path / "data"), "--listen", free_address(),
+                    *args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    return done
+
+
+def status_code(srv, authorization: str) -> grpc.StatusCode:
+    try:
+        srv.status.GetStatus(pb.GetStatusRequest(card_number=CARD),
+                             metadata=(("authorization", authorization),), timeout=10)
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def entry(client_id: str, role: str, secret: str) -> str:
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    return f'[[client]]\nid = "{client_id}"\nrole = "{role}"\ntoken_sha256 = "{digest}"\n\n'
+
+
+# ---------------------------------------------------------------- finding 12: the scheme
+
+def test_the_bearer_scheme_is_case_insensitive_and_the_token_exact(tmp_path):
+    """RFC 7235 section 2.1: "It uses a case-insensitive token as a means to identify the
+    authentication scheme, followed by additional information" (credentials = auth-scheme
+    [ 1*SP ( token68 / #auth-param ) ]); RFC 6750 names the scheme `Bearer`."""
+    srv = ServerProcess(tmp_path)
+    try:
+        secret = token(GATE)
+        for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+            assert status_code(srv, f"{scheme} {secret}") == grpc.StatusCode.OK, scheme
+        assert status_code(srv, f"Bearer  {secret}") == grpc.StatusCode.OK  # 1*SP
+        for wrong in (f"Bearer {secret.upper()}", f"Bearer {secret} ", f"Basic {secret}",
+                      f"Bearer{secret}", "Bearer ", f"Bearerx {secret}"):
+            assert status_code(srv, wrong) == grpc.StatusCode.UNAUTHENTICATED, wrong
+    finally:
+        srv.stop()
+
+
+# ---------------------------------------------------------------- finding 10: one id, one client
+
+def test_two_clients_under_one_id_are_refused_at_start_naming_it(tmp_path):
+    clients = tmp_path / "clients.toml"
+    clients.write_text(entry("gate-7", "TRANSIT_GATE", "s1") + entry("bank", "BANK_SWITCH", "s2")
+                       + entry("gate-7", "CARD_AGENCY", "s3"))
+    done = serve_refused(tmp_path, "--clients", str(clients))
+    assert "client id gate-7 is named by two entries" in done.stderr
+    assert not (tmp_path / "data").exists()  # refused before the store was touched
+
+
+def test_one_token_for_two_clients_is_refused_at_start(tmp_path):
+    clients = tmp_path / "clients.toml"
+    clients.write_text(entry("gate-7", "TRANSIT_GATE", "same") + entry("agency", "CARD_AGENCY",
+                                                                       "same"))
+    done = serve_refused(tmp_path, "--clients", str(clients))
+    assert "client agency: token_sha256 is already the token of client gate-7" in done.stderr
+
+
+def test_two_clients_under_one_id_are_refused_on_reload_and_the_old_file_kept(tmp_path):
+    srv = ServerProcess(tmp_path)
+    try:
+        path = tmp_path / "clients.toml"
+        path.write_text(path.read_text() + entry("transit_gate", "CARD_AGENCY", "other"))
+        srv.proc.send_signal(signal.SIGHUP)
+        assert reloaded(srv, 1)
+        [line] = log_lines(srv, "reload: clients file")
+        assert "client id transit_gate is named by two entries" in line["problem"]
+        assert status_code(srv, f"Bearer {token(GATE)}") == grpc.StatusCode.OK
+        assert status_code(srv, "Bearer other") == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        srv.stop()
