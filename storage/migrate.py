@@ -189,7 +189,7 @@ def _migrate(env, data_dir: str, say) -> dict[str, dict[str, int]]:
         with env.begin(write=True) as txn:
             for step in range(found, FORMAT):
                 done[f"{step}->{step + 1}"] = MIGRATIONS[step](env, txn)
-            _check(env, txn)
+            check_records(env, txn)
             meta = env.open_db(b"meta", txn=txn)
             txn.put(FORMAT_KEY, str(FORMAT).encode("ascii"), db=meta)
             txn.put(WRITTEN_BY_KEY, WRITTEN_BY.encode("utf-8"), db=meta)
@@ -264,9 +264,10 @@ def _rewrite(txn, db, convert: Callable[[bytes, bytes], bytes | None]) -> tuple[
         after = batch[-1][0]
 
 
-def _check(env, txn) -> None:
-    """Every converted record read back by this release's own decoders, before the commit
-    (TIGER_STYLE: assert right after writing): CorruptRecord rolls the migration back."""
+def check_records(env, txn) -> None:
+    """Every record read back by this release's own decoders: after a migration, before its
+    commit (TIGER_STYLE: assert right after writing: CorruptRecord rolls it back), and in a
+    backup before it is called done (storage/backup.py)."""
     from yikatong.storage.lmdb_store import Book
 
     names = _names(txn)
