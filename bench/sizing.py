@@ -94,13 +94,13 @@ async def unary(address: str, cards: list[str], n: int, inflight: int = 64) -> i
     return approved
 
 
-async def streamed(address: str, cards: list[str], n: int) -> int:
+async def streamed(address: str, cards: list[str], n: int, prefix: str = "batch") -> int:
     approved = 0
     async with grpc.aio.insecure_channel(address, options=LOCAL) as channel:
         call = rpc.AuthorizationStub(channel).AuthorizeStream(metadata=GATE)
         for i in range(0, n, 100):
             await call.write(pb.AuthorizeBatchRequest(
-                requests=[fare("batch", k, cards) for k in range(i, min(n, i + 100))]))
+                requests=[fare(prefix, k, cards) for k in range(i, min(n, i + 100))]))
             reply = await call.read()
             approved += sum(r.decision == pb.DECISION_APPROVED for r in reply.responses)
         await call.done_writing()

@@ -114,3 +114,12 @@ def test_replication_bench_compares_replicated_with_single_node_debits():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "| replicated, 3 nodes |" in out.stdout and "identical: True" in out.stdout
+
+
+def test_backup_bench_times_backup_and_restore_under_write_load():
+    out = subprocess.run([sys.executable, "bench/backup_bench.py", "--gigabytes", "0.01",
+                          "--cards", "50"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "| backup under write load" in out.stdout and "| restore" in out.stdout
+    assert "taken and verified" in out.stdout
