@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     b.add_argument("--verify", metavar="PATH", help="check the backup at PATH, copy nothing")
     r = sub.add_parser("restore", help="a new data dir from a backup, once it verifies")
     r.add_argument("--from", dest="source", required=True, metavar="PATH")
-    r.add_argument("--data-dir", required=True, help="the new data dir (absent or empty)")
+    r.add_argument("--data-dir", required=True, help="the new data dir (holding no store)")
 
     k = sub.add_parser("cluster", help="a replicated store's nodes (--replicate): the writer, "
                        "each node's applied sequence and lag")

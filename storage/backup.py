@@ -64,6 +64,19 @@ def take(data_dir: str, to: str, now: _dt.datetime | None = None) -> Manifest:
     source = os.path.join(data_dir, "lmdb")
     if not os.path.exists(os.path.join(source, "data.mdb")):
         raise BackupError(f"no store in {data_dir}")
+    try:
+        env = lmdb.open(source, readonly=True, max_dbs=config.lmdb_max_dbs, lock=True)
+    except lmdb.Error as error:
+        raise BackupError(f"cannot open the store in {data_dir}: {error}") from None
+    try:
+        return take_env(env, to, now)
+    finally:
+        env.close()
+
+
+def take_env(env, to: str, now: _dt.datetime | None = None) -> Manifest:
+    """take() of an open environment (a running Store's own `env`: LMDB forbids opening one
+    twice in a process)."""
     if os.path.lexists(to):
         raise BackupError(f"{to} exists: a backup goes to a new path")
     parent = os.path.dirname(os.path.abspath(to))
@@ -72,13 +85,9 @@ def take(data_dir: str, to: str, now: _dt.datetime | None = None) -> Manifest:
     partial = f"{to}.partial"
     shutil.rmtree(partial, ignore_errors=True)  # one left by a backup that was killed
     try:
-        env = lmdb.open(source, readonly=True, max_dbs=config.lmdb_max_dbs, lock=True)
-    except lmdb.Error as error:
-        raise BackupError(f"cannot open the store in {data_dir}: {error}") from None
-    try:
         found, _ = migrate.stored_format(env)
         if found != migrate.FORMAT:
-            raise BackupError(f"the store in {data_dir} is format {found}; this release "
+            raise BackupError(f"the store in {env.path()} is format {found}; this release "
                               f"backs up format {migrate.FORMAT} (`yikatong migrate` first)")
         for d in (partial, os.path.join(partial, "lmdb")):
             os.mkdir(d, DIR_MODE)
@@ -91,19 +100,13 @@ def take(data_dir: str, to: str, now: _dt.datetime | None = None) -> Manifest:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except (lmdb.Error, OSError) as error:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise BackupError(f"cannot copy the store in {data_dir}: {error}") from None
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        env.close()
-    try:
         manifest = _read(copy, now or _dt.datetime.now(_dt.UTC))
         _write_manifest(partial, manifest)
         os.rename(partial, to)
         _fsync_dir(parent)
+    except (lmdb.Error, OSError) as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise BackupError(f"cannot copy the store in {env.path()}: {error}") from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -140,12 +143,15 @@ def verify(path: str) -> Manifest:
 
 
 def restore(path: str, data_dir: str) -> Manifest:
-    """Lay out the backup at `path` as the new data dir `data_dir` (which must not exist or
-    be empty), once it verifies."""
+    """Lay out the backup at `path` as the store of `data_dir` (which holds none yet), once
+    it verifies."""
     manifest = verify(path)
-    if os.path.exists(data_dir) and (not os.path.isdir(data_dir) or os.listdir(data_dir)):
-        raise BackupError(f"{data_dir} exists and is not empty: restore makes a new data dir")
     lmdb_dir = os.path.join(data_dir, "lmdb")
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise BackupError(f"{data_dir} is not a directory")
+    if os.path.exists(os.path.join(lmdb_dir, "data.mdb")):
+        raise BackupError(f"{data_dir} holds a store: restore never overwrites one (move it "
+                          "aside, or restore into a new data dir)")
     try:
         for d in (data_dir, lmdb_dir):
             os.makedirs(d, DIR_MODE, exist_ok=True)
