@@ -414,11 +414,13 @@ def _serve(args, metrics) -> int:
     if args.tls_cert or args.tls_key or args.tls_ca:
         if not (args.tls_cert and args.tls_key and args.tls_ca):
             return _fail("--tls-cert, --tls-key and --tls-ca go together")
+        from yikatong.config_file import read_bytes
         try:
-            tls = tuple(open(path, "rb").read() for path in (args.tls_key, args.tls_cert,
-                                                               args.tls_ca))
-        except OSError as error:
-            return _fail(f"cannot read {error.filename}: {error.strerror}")
+            tls = tuple(read_bytes(path, f"{flag} {path}") for flag, path in (
+                ("--tls-key", args.tls_key), ("--tls-cert", args.tls_cert),
+                ("--tls-ca", args.tls_ca)))
+        except ValueError as error:
+            return _fail(str(error))
         for flag, pem, marker in (("--tls-key", tls[0], b"PRIVATE KEY-----"),
                                   ("--tls-cert", tls[1], b"-----BEGIN CERTIFICATE-----"),
                                   ("--tls-ca", tls[2], b"-----BEGIN CERTIFICATE-----")):
@@ -595,15 +597,10 @@ def _version() -> str:
 
 def _issuing_banks(path: str):
     """GZ-9c: the published list of issuing banks, versioned."""
-    import tomllib
-
+    from yikatong.config_file import read_toml
     from yikatong.model import IssuingBanks
 
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as error:
-        raise ValueError(f"issuing-banks file {path}: {error}") from None
+    doc = read_toml(path, f"issuing-banks file {path}")
     version, names = doc.get("version"), doc.get("banks")
     if not isinstance(version, str) or not version or not isinstance(names, list) or not names \
             or not all(isinstance(n, str) and 0 < len(n.encode()) <= 32 for n in names):

@@ -3,9 +3,8 @@
 import dataclasses
 import hashlib
 import re
-import tomllib
 
-from yikatong import config
+from yikatong import config, config_file
 from yikatong.errors import Unauthenticated
 from yikatong.model import Role
 
@@ -69,11 +68,7 @@ class Clients:
         return len(self._by_token_sha256) + len(self._by_cert_cn)
 
     def load(self, path: str) -> None:
-        try:
-            with open(path, "rb") as f:
-                doc = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            raise ValueError(f"clients file {path}: {error}") from error
+        doc = config_file.read_toml(path, f"clients file {path}")
         entries = doc.get("client", [])
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise ValueError(f"clients file {path}: each client is a [[client]] table")

@@ -28,6 +28,8 @@ from typing import Any
 
 import grpc
 
+from yikatong import config_file
+
 log = logging.getLogger("yikatong.server")
 
 # A SIGHUP that arrives before the event loop serves (the process is still starting): noted
@@ -201,11 +203,7 @@ def load_tls(key_path: str, cert_path: str, ca_path: str) -> tuple[bytes, bytes,
     files = {}
     for flag, path in (("--tls-key", key_path), ("--tls-cert", cert_path),
                        ("--tls-ca", ca_path)):
-        try:
-            with open(path, "rb") as f:
-                files[flag] = f.read()
-        except OSError as error:
-            raise ValueError(f"{flag} {path}: {error.strerror}") from None
+        files[flag] = config_file.read_bytes(path, f"{flag} {path}")
     for flag, marker in (("--tls-key", b"PRIVATE KEY-----"),
                          ("--tls-cert", b"-----BEGIN CERTIFICATE-----"),
                          ("--tls-ca", b"-----BEGIN CERTIFICATE-----")):

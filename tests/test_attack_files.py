@@ -2,13 +2,16 @@
 do with a damaged store, bad configuration files, two clients under one id, and the bearer
 scheme in any case. Real servers and the real CLI; every wait bounded."""
 import hashlib
+import os
 import signal
 import subprocess
 import sys
 
 import grpc
+import pytest
 from test_reload import log_lines, reloaded
 
+from yikatong import config
 from yikatong.server.harness import ROOT, ServerProcess, free_address, token
 from yikatong.v1 import yikatong_pb2 as pb
 
@@ -94,5 +97,104 @@ def test_two_clients_under_one_id_are_refused_on_reload_and_the_old_file_kept(tm
         assert "client id transit_gate is named by two entries" in line["problem"]
         assert status_code(srv, f"Bearer {token(GATE)}") == grpc.StatusCode.OK
         assert status_code(srv, "Bearer other") == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        srv.stop()
+
+
+# ---------------------------------------------------------------- finding 9: configuration files
+
+DEEP = "x = " + "[" * 5000 + "]" * 5000 + "\n"  # past the TOML parser's recursion
+EXAMPLE_POINTS = os.path.join(ROOT, "yikatong", "points", "example.toml")
+
+
+def fifo(tmp_path) -> str:
+    path = str(tmp_path / "fifo.toml")
+    os.mkfifo(path)
+    return path
+
+
+def big(tmp_path) -> str:
+    path = tmp_path / "big.toml"
+    path.write_text("# " + "x" * config.config_file_bytes_max + "\n")
+    return str(path)
+
+
+def text(tmp_path, name: str, content: str | bytes) -> str:
+    path = tmp_path / name
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return str(path)
+
+
+def calendar_dir(tmp_path, content: str) -> str:
+    os.mkdir(tmp_path / "calendar")
+    text(tmp_path / "calendar", "2027.toml", content)
+    return str(tmp_path / "calendar")
+
+
+# (flag, a function of tmp_path giving its argument, what the one line says)
+BAD_FILES = {
+    "clients-wrong-shape": ("--clients", lambda t: text(t, "c.toml", 'client = "x"\n'),
+                            "each client is a [[client]] table"),
+    "clients-deep": ("--clients", lambda t: text(t, "c.toml", DEEP),
+                     "nested too deeply to read"),
+    "banks-deep": ("--issuing-banks", lambda t: text(t, "b.toml", DEEP),
+                   "nested too deeply to read"),
+    "points-deep": ("--points-table", lambda t: text(t, "p.toml", DEEP),
+                    "nested too deeply to read"),
+    "calendar-deep": ("--calendar-dir", lambda t: calendar_dir(t, DEEP),
+                      "2027.toml: arrays or tables nested too deeply to read"),
+    "points-dev-zero": ("--points-table", lambda t: "/dev/zero",
+                        "points table /dev/zero: is a device, FIFO or socket, not a regular file"),
+    "clients-dev-zero": ("--clients", lambda t: "/dev/zero",
+                         "clients file /dev/zero: is a device, FIFO or socket"),
+    "banks-fifo": ("--issuing-banks", fifo, "is a device, FIFO or socket, not a regular file"),
+    "points-directory": ("--points-table", lambda t: str(t), "is a directory"),
+    "clients-too-big": ("--clients", big, f"{config.config_file_bytes_max + 3} bytes; a "
+                        f"configuration file has at most {config.config_file_bytes_max}"),
+    "banks-not-utf8": ("--issuing-banks", lambda t: text(t, "b.toml", b'version = "\xff"\n'),
+                       "not UTF-8 (byte 11)"),
+    "points-services-wrong-shape": (
+        "--points-table", lambda t: text(t, "p.toml", 'version = "1"\nstandard_value = 5\n'
+                                         'services = "x"\n'),
+        "services must be a table"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_a_bad_configuration_file_is_one_line_and_exit_2(tmp_path, case):
+    """A wrong shape, arrays nested 5,000 deep, a device or FIFO (never read: /dev/zero
+    would be read for ever), a directory, more than 4 MiB, not UTF-8: one line, exit 2,
+    before the data dir is touched."""
+    flag, argument, said = BAD_FILES[case]
+    done = serve_refused(tmp_path, flag, argument(tmp_path))
+    assert said in done.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_bad_tls_files_are_one_line_and_exit_2(tmp_path):
+    done = serve_refused(tmp_path, "--tls-key", "/dev/zero", "--tls-cert", "/dev/zero",
+                         "--tls-ca", "/dev/zero")
+    assert "--tls-key /dev/zero: is a device, FIFO or socket, not a regular file" in done.stderr
+
+
+def test_a_bad_file_on_reload_is_one_log_line_and_the_one_in_use_kept(tmp_path):
+    """SIGHUP with the points table nested 5,000 deep and the clients file now a link to
+    /dev/zero: each is refused in one line, and the server goes on with what it had."""
+    with open(EXAMPLE_POINTS) as f:
+        points = text(tmp_path, "points.toml", f.read())
+    srv = ServerProcess(tmp_path, "--points-table", points)
+    try:
+        text(tmp_path, "points.toml", DEEP)
+        clients = tmp_path / "clients.toml"
+        os.rename(clients, tmp_path / "clients.kept")
+        os.symlink("/dev/zero", clients)
+        srv.proc.send_signal(signal.SIGHUP)
+        assert reloaded(srv, 1)
+        [line] = log_lines(srv, "reload: points table")
+        assert line["problem"].endswith("arrays or tables nested too deeply to read")
+        [line] = log_lines(srv, "reload: clients file")
+        assert line["problem"].endswith("is a device, FIFO or socket, not a regular file")
+        assert "Traceback" not in srv.output()
+        assert status_code(srv, f"Bearer {token(GATE)}") == grpc.StatusCode.OK
     finally:
         srv.stop()

@@ -8,6 +8,10 @@ text_field_length_max = 200  # names, addresses, reasons, bank names
 batch_size_max = 1000  # AuthorizeBatch / AuthorizeStream / GetStatusBatch entries per message
 message_size_max = 4 * 1024 * 1024  # bytes, gRPC receive limit
 clients_max = 10_000  # entries in a clients file
+# Configuration files (clients, points table, calendar, issuing banks, TLS PEM): regular
+# files of at most this many bytes, read once (yikatong/config_file.py). A clients file of
+# clients_max entries with every field at its longest is about 2.6 MB.
+config_file_bytes_max = 4 * 1024 * 1024
 concurrent_rpcs_max = 4096  # calls in progress at once; more are refused RESOURCE_EXHAUSTED
 # Calls one client (token or certificate) may have in progress on one worker; more are
 # refused RESOURCE_EXHAUSTED, so one client cannot take every slot of concurrent_rpcs_max.

@@ -15,11 +15,11 @@ deadline in days whose last day is a rest day ends at 24:00 of the next working 
 import datetime as dt
 import os
 import threading
-import tomllib
 from functools import cache
 from importlib import resources
 from typing import NamedTuple
 
+from yikatong import config_file
 from yikatong.clock import end_of_days, end_of_years, law_date, start_of_day
 
 _DAY = dt.timedelta(days=1)
@@ -51,14 +51,16 @@ def parse_year(year: int, text: str, name: str) -> Year:
     """A year's file checked whole: TOML with `notice`, `holidays`, `workdays`, every date
     in `year`, no day both a holiday and a working day. CalendarFileError naming the file."""
     try:
-        doc = tomllib.loads(text)
+        doc = config_file.parse_toml(text, name)
         if not isinstance(doc.get("notice"), str) or not doc["notice"].strip():
             raise CalendarFileError("names no notice (notice = \"...\")")
         days = {k: frozenset(dt.date.fromisoformat(d) for d in doc[k])
                 for k in ("holidays", "workdays")}
     except CalendarFileError as e:
         raise CalendarFileError(f"{name}: {e}") from None
-    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
+    except config_file.ConfigFileError as e:
+        raise CalendarFileError(str(e)) from None
+    except (KeyError, TypeError, ValueError) as e:
         raise CalendarFileError(f"{name}: {type(e).__name__}: {e}") from None
     wrong = sorted(d for v in days.values() for d in v if d.year != year)
     if wrong:
@@ -82,11 +84,14 @@ def _read_dir(files) -> dict[int, Year]:
 
 
 def _read_text(path: str) -> str:
+    name = os.path.basename(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CalendarFileError(f"{os.path.basename(path)}: {e}") from None
+        data = config_file.read_bytes(path, name)
+        return data.decode("utf-8")
+    except config_file.ConfigFileError as e:
+        raise CalendarFileError(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise CalendarFileError(f"{name}: not UTF-8 (byte {e.start})") from None
 
 
 def load(calendar_dir: str = "") -> dict[int, Year]:

@@ -18,10 +18,9 @@ The records are the API's own messages (PointsRecord), stored whole per holder.
 """
 import dataclasses
 import re
-import tomllib
 from importlib import resources
 
-from yikatong import cards
+from yikatong import cards, config_file
 from yikatong.calendar import WORKING_DAYS
 from yikatong.clock import law_date
 from yikatong.errors import CardNotFound, InvalidArgument, InvalidTransition, Refused
@@ -129,19 +128,23 @@ def load(path: str | None = None) -> Table:
     try:
         if path is None:
             text = resources.files(__package__).joinpath("example.toml").read_text("utf-8")
+            doc = config_file.parse_toml(text, f"points table {where}")
         else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        doc = tomllib.loads(text)
+            doc = config_file.read_toml(path, f"points table {where}")
         return _table(doc)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise ValueError(f"points table {where}: {error}") from None
     except _Bad as error:
         raise ValueError(f"points table {where}: {error}") from None
 
 
 class _Bad(Exception):
     pass
+
+
+def _tables(doc: dict, key: str) -> dict:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise _Bad(f"{key} must be a table ([{key}])")
+    return value
 
 
 def _int(value, what: str, low: int, high: int) -> int:
@@ -159,13 +162,13 @@ def _table(doc: dict) -> Table:
         raise _Bad("example must be true or false")
     standard = _int(doc.get("standard_value"), "standard_value", 0, POINTS_MAX)
     services = {}
-    for code, need in doc.get("services", {}).items():
+    for code, need in _tables(doc, "services").items():
         if not _CODE.fullmatch(code) or code in RC_ENTITLEMENTS:
             raise _Bad(f"services.{code}: a code is A-Z, 0-9 and _ and not an entitlement "
                        "every holder has (RC-17, RC-18)")
         services[code] = _int(need, f"services.{code}", 0, POINTS_MAX)
     indicators = {}
-    for name, spec in doc.get("indicators", {}).items():
+    for name, spec in _tables(doc, "indicators").items():
         if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
             raise _Bad(f"indicators.{name}: kind must be one of {', '.join(KINDS)}")
         kind, levels = spec["kind"], spec.get("levels", {})
