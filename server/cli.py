@@ -75,6 +75,14 @@ def main(argv=None) -> int:
                         "at these comma-separated nats:// URLs (docs/SCALE.md); needs "
                         "--node-id, one worker, no --demo")
     s.add_argument("--node-id", help="with --replicate: this node's name in the cluster")
+    s.add_argument("--snapshot-every", metavar="RECORDS,HOURS", default="1000000,24h",
+                   help="with --replicate: a snapshot of the store into the JetStream object "
+                        "store once this many log records or hours passed since the last "
+                        "(either may be left out; 'off': none), taken by a follower when one "
+                        "is up (default: %(default)s)")
+    s.add_argument("--snapshots-keep", type=int, default=2, metavar="N",
+                   help="with --replicate: snapshots kept; the log is purged below the oldest "
+                        "(default: %(default)s)")
     s.add_argument("--advertise", metavar="HOST:PORT",
                    help="with --replicate: the address other nodes name for writes here "
                         "(default: --listen)")
@@ -114,8 +122,12 @@ def main(argv=None) -> int:
     b.add_argument("--to", metavar="PATH", help="a new directory for the backup")
     b.add_argument("--verify", metavar="PATH", help="check the backup at PATH, copy nothing")
     r = sub.add_parser("restore", help="a new data dir from a backup, once it verifies")
-    r.add_argument("--from", dest="source", required=True, metavar="PATH")
+    r.add_argument("--from", dest="source", metavar="PATH", help="a backup's path")
     r.add_argument("--data-dir", required=True, help="the new data dir (holding no store)")
+    r.add_argument("--replicate", metavar="NATS_URLS",
+                   help="from a replicated store's snapshots and log instead of --from")
+    r.add_argument("--to-sequence", type=int, metavar="N",
+                   help="with --replicate: the state as of this log sequence")
 
     k = sub.add_parser("cluster", help="a replicated store's nodes (--replicate): the writer, "
                        "each node's applied sequence and lag")
@@ -159,6 +171,24 @@ def backup(args) -> int:
     one line for anything else that stops it."""
     from yikatong.storage import backup as backups
 
+    if args.command == "restore" and bool(args.source) == bool(args.replicate):
+        return _fail("restore takes --from PATH, or --replicate NATS_URLS --to-sequence N")
+    if args.command == "restore" and args.replicate:
+        if args.to_sequence is None:
+            return _fail("restore --replicate needs --to-sequence N")
+        from yikatong.errors import YikatongError
+        from yikatong.storage import snapshots
+
+        try:
+            base, applied = snapshots.restore_to(args.replicate.split(","), args.to_sequence,
+                                                 args.data_dir)
+        except (backups.BackupError, YikatongError) as error:
+            print(f"yikatong: {error}", file=sys.stderr)
+            return 1 if isinstance(error, backups.Unverified) else 2
+        print(f"restored the replicated store as of log sequence {args.to_sequence:,} into "
+              f"{args.data_dir}: " + (f"snapshot {base:,}" if base else "no snapshot") +
+              f", then {applied:,} log records")
+        return 0
     try:
         if args.command == "restore":
             m = backups.restore(args.source, args.data_dir)
@@ -334,10 +364,41 @@ def _replication_problem(args) -> str:
     if not match or not 0 < int(match["port"]) < 65536:
         return (f"--advertise must be HOST:PORT, the address other nodes send clients to, not "
                 f"{address[:80]!r}")
+    try:
+        snapshot_policy(args)
+    except ValueError as error:
+        return str(error)
     if match["host"] in ("0.0.0.0", "[::]", "[::0]"):
         return (f"--listen {address} is every interface: give --advertise HOST:PORT, the "
                 "address other nodes send clients to")
     return ""
+
+
+def snapshot_policy(args):
+    """--snapshot-every and --snapshots-keep as a snapshots.Policy (None: 'off'); ValueError
+    naming what is wrong."""
+    from yikatong.storage.snapshots import Policy
+
+    if args.snapshot_every.strip().lower() == "off":
+        return None
+    policy = Policy(keep=args.snapshots_keep)
+    for part in args.snapshot_every.split(","):
+        part = part.strip().lower()
+        try:
+            if part.endswith("h"):
+                policy.every_seconds = float(part[:-1]) * 3600
+                valid = 0 < policy.every_seconds <= 3600 * 24 * 366
+            else:
+                policy.every_records = int(part)
+                valid = policy.every_records > 0
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ValueError(f"--snapshot-every takes RECORDS, HOURSh or both (1000000,24h), "
+                             f"or off; not {args.snapshot_every[:40]!r}")
+    if not 1 <= args.snapshots_keep <= 100:
+        raise ValueError("--snapshots-keep must be 1 to 100")
+    return policy
 
 
 def _fail(message: str) -> int:
@@ -487,6 +548,20 @@ def _serve(args, metrics) -> int:
             from yikatong.storage import migrate
             migrate.migrate(args.data_dir, map_size=args.map_size_mib * 2**20,
                             say=lambda line: print(f"yikatong: {line}", flush=True))
+        if args.replicate and worker is None:
+            from yikatong.storage import snapshots
+            snapshots.clean_staging(args.data_dir)  # left by a node killed while staging
+            if not os.path.exists(os.path.join(args.data_dir, "lmdb", "data.mdb")):
+                from yikatong.storage.replication import Log, shown
+                try:  # a new node, or a wiped one: the newest snapshot, then the log's tail
+                    log_ = Log(args.replicate.split(","))
+                    try:
+                        snapshots.bootstrap(log_, args.data_dir, args.data_dir)
+                    finally:
+                        log_.close()
+                except Exception as error:  # noqa: BLE001 - the log or a snapshot: one line
+                    return _fail(f"--replicate {','.join(map(shown, args.replicate.split(',')))}"
+                                 f": cannot start from the newest snapshot: {error}")
         showcase = []
         store = open_store()  # opened (and the demo loaded) before any worker exists, closed
         store_format = store.format
@@ -537,7 +612,8 @@ def _serve(args, metrics) -> int:
             from yikatong.storage.replication import Node, shown
             try:
                 node = Node(store, args.replicate.split(","), args.node_id,
-                            args.advertise or args.listen, config.lease_seconds)
+                            args.advertise or args.listen, config.lease_seconds,
+                            snapshots=snapshot_policy(args), work=args.data_dir)
             except Exception as error:  # noqa: BLE001 - cannot reach the log: one line
                 store.close()
                 return _fail(f"--replicate {','.join(map(shown, args.replicate.split(',')))}: "

@@ -74,9 +74,10 @@ def take(data_dir: str, to: str, now: _dt.datetime | None = None) -> Manifest:
         env.close()
 
 
-def take_env(env, to: str, now: _dt.datetime | None = None) -> Manifest:
+def take_env(env, to: str, now: _dt.datetime | None = None, read=None) -> Manifest:
     """take() of an open environment (a running Store's own `env`: LMDB forbids opening one
-    twice in a process)."""
+    twice in a process). `read()`: the read transaction to copy in (a Store's `read`, which
+    holds its map still while the copy runs); env.begin by default."""
     if os.path.lexists(to):
         raise BackupError(f"{to} exists: a backup goes to a new path")
     parent = os.path.dirname(os.path.abspath(to))
@@ -96,7 +97,8 @@ def take_env(env, to: str, now: _dt.datetime | None = None) -> Manifest:
         # created owner-only before LMDB writes a byte into it (LMDB's own would be 0644)
         fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
-            env.copyfd(fd, compact=True)
+            with (read or env.begin)() as txn:
+                env.copyfd(fd, compact=True, txn=txn)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -25,7 +25,7 @@ import nats.errors
 import nats.js.api
 import nats.js.errors
 
-from yikatong.errors import Fenced, LogUnavailable
+from yikatong.errors import Fenced, LogUnavailable, ReplicationGap
 from yikatong.model import AuditEvent
 from yikatong.storage import records
 from yikatong.storage.lmdb_store import ApplyRecord
@@ -350,9 +350,21 @@ class Node:
     caller is answered, and the writer takes them into the trail (`_intake`), each intake
     record once: its sequence is kept in the same transaction as the events."""
 
-    def __init__(self, store, urls: list[str], node_id: str, address: str, ttl: float = 2.0):
+    def __init__(self, store, urls: list[str], node_id: str, address: str, ttl: float = 2.0,
+                 snapshots=None, work: str = ""):
+        """`snapshots`: a storage.snapshots.Policy (None: this node takes none), staged in
+        `work` (a directory on the data dir's file system)."""
+        from yikatong.storage import snapshots as snapshot_module
+
         self.store, self.node_id, self.address, self.ttl = store, node_id, address, ttl
         self.log = Log(urls)
+        first = snapshot_module.first_sequence(self.log)
+        if store.applied_sequence + 1 < first:
+            self.log.close()
+            raise ReplicationGap(
+                f"this node's store ends at log sequence {store.applied_sequence} and the log "
+                f"keeps records from {first} on (older ones are in snapshots): move the data "
+                "dir aside and start the node again to rebuild it from the newest snapshot")
         self.lease = Lease(self.log, node_id, address, ttl)
         self.leading = False
         self.writer: tuple[str, str] | None = self.lease.holder()  # as of the last tick
@@ -367,6 +379,7 @@ class Node:
             self.log.close()
             raise Fenced(f"node id {node_id} is in use: the node at {other.get('address')} "
                          f"reported under it {time.time() - other.get('at', 0):.1f} s ago")
+        self.taker = snapshot_module.Taker(self, snapshots, work) if snapshots else None
         self.follower: Follower | None = self._follow()
         store.replicate, store.check_writer = self._append, self._check_writer
         store.divert_audit = self.log.hand_over
@@ -415,6 +428,28 @@ class Node:
             return None
         return json.loads(entry.value or b"{}")
 
+    def reports_up(self) -> list[dict]:
+        """The last report of each node that reported within four lease ticks, with its
+        `node` id."""
+        async def read() -> list[dict]:
+            try:
+                keys = await self.reports.keys()
+            except nats.js.errors.NoKeysError:
+                return []
+            out = []
+            for key in keys:
+                entry = await self.reports.get(key)
+                out.append({**json.loads(entry.value or b"{}"), "node": key})
+            return out
+        now = time.time()
+        return [r for r in self.log._run(read()) if now - r.get("at", 0) < self.ttl * 4]
+
+    def _snapshot_is_mine(self) -> bool:
+        """A follower that is up takes the snapshots (the first by node id); the writer
+        only when it is alone."""
+        followers = sorted(r["node"] for r in self.reports_up() if not r.get("leading"))
+        return followers[0] == self.node_id if followers else self.leading
+
     def _follow(self) -> Follower:
         return Follower(self.store, self.log, on_applied=self._lagged)
 
@@ -460,6 +495,8 @@ class Node:
             try:
                 self._step()
                 self._report()
+                if self.taker is not None:
+                    self.taker.tick(self._snapshot_is_mine())
             except LogUnavailable:
                 pass
             except Exception:  # noqa: BLE001 - the node goes on; the next tick tries again
@@ -498,6 +535,8 @@ class Node:
         self._stop.set()
         self._thread.join(timeout=10)
         self._intake_thread.join(timeout=10)
+        if self.taker is not None:
+            self.taker.stop()
         if self.follower is not None:
             self.follower.stop()
         self.log.close()

@@ -1,0 +1,303 @@
+"""Snapshots of a replicated store in the JetStream object store (issue 26).
+
+A snapshot is a backup (storage/backup.py: LMDB's compacted copy, verified, with its
+manifest) of one node's store at some log sequence, put in the object store bucket
+YIKATONG_SNAPSHOTS as the object `snapshot-<log sequence, 20 digits>`, its manifest as the
+object's description. With snapshots, the log need not keep every record since the first:
+a node that starts with no store (new, or its disk wiped) lays out the newest snapshot and
+applies the log's tail; `yikatong restore --replicate` rebuilds the state as of any log
+sequence a snapshot and the log still cover.
+
+Who takes one (Node, every tick): a follower when one is up (the first by node id: it
+spends its own disk and CPU, not the writer's), the writer when it is alone; once its store
+is `every_records` past the newest snapshot, or `every_seconds` after it. Then the oldest
+beyond `keep` are deleted and the log is purged below the oldest kept snapshot, never below
+a record a node that is up still has to apply.
+"""
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+import nats.errors
+import nats.js.api
+import nats.js.errors
+
+from yikatong.errors import LogUnavailable
+from yikatong.storage import backup
+
+log = logging.getLogger("yikatong.snapshots")
+BUCKET = "YIKATONG_SNAPSHOTS"
+PREFIX = "snapshot-"
+_UNREACHABLE = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                nats.errors.ConnectionClosedError, concurrent.futures.TimeoutError)
+
+
+def name_of(sequence: int) -> str:
+    return f"{PREFIX}{sequence:020d}"
+
+
+class Snapshots:
+    """The snapshot bucket, through a replication.Log's connection."""
+
+    def __init__(self, log_, replicas: int = 3, timeout: float = 60.0):
+        self.log, self.timeout = log_, timeout
+        self.obs = self._run(self._bucket(replicas), 30)
+
+    def _run(self, coro, timeout: float | None = None):
+        try:
+            return self.log._run(coro, timeout or self.timeout)
+        except _UNREACHABLE:
+            raise LogUnavailable(f"the snapshot bucket {BUCKET} did not answer") from None
+
+    async def _bucket(self, replicas: int):
+        js = self.log._js
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            try:
+                try:
+                    return await js.object_store(BUCKET)
+                except nats.js.errors.BucketNotFoundError:
+                    return await js.create_object_store(BUCKET, nats.js.api.ObjectStoreConfig(
+                        description="yikatong: snapshots of the replicated store",
+                        replicas=replicas))
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    def list(self) -> list[backup.Manifest]:
+        """Every snapshot's manifest, oldest first."""
+        async def listed():
+            try:
+                return await self.obs.list(ignore_deletes=True)
+            except nats.js.errors.NotFoundError:
+                return []
+        out = []
+        for info in self._run(listed()):
+            if info.deleted or not (info.name or "").startswith(PREFIX):
+                continue
+            try:
+                out.append(backup.Manifest(**json.loads(info.description or "")))
+            except (ValueError, TypeError):
+                log.error("snapshot %s has no readable manifest; ignored", info.name)
+        return sorted(out, key=lambda m: m.log_sequence)
+
+    def put(self, path: str, manifest: backup.Manifest) -> None:
+        """The backup at `path` (backup.take_env's layout) as the snapshot at its sequence."""
+        name = name_of(manifest.log_sequence)
+
+        async def put():
+            with open(os.path.join(path, "lmdb", "data.mdb"), "rb") as f:
+                await self.obs.put(name, f, meta=nats.js.api.ObjectMeta(
+                    name=name, description=json.dumps(dataclasses.asdict(manifest),
+                                                      sort_keys=True)))
+        self._run(put())
+
+    def fetch(self, manifest: backup.Manifest, to: str) -> backup.Manifest:
+        """The snapshot of `manifest` laid out as a backup at `to` (a new path), verified
+        (backup.verify: the bytes the manifest hashed, every record, the ledger, the audit
+        chain); backup.Unverified if it does not."""
+        os.mkdir(to, backup.DIR_MODE)
+        os.mkdir(os.path.join(to, "lmdb"), backup.DIR_MODE)
+        fd = os.open(os.path.join(to, "lmdb", "data.mdb"), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                     backup.FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            self._run(self.obs.get(name_of(manifest.log_sequence), writeinto=f))
+        fd = os.open(os.path.join(to, backup.MANIFEST), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                     backup.FILE_MODE)
+        with os.fdopen(fd, "w") as f:
+            json.dump(dataclasses.asdict(manifest), f)
+        return backup.verify(to)
+
+    def delete(self, manifest: backup.Manifest) -> None:
+        self._run(self.obs.delete(name_of(manifest.log_sequence)))
+
+
+def purge_log(log_, below: int) -> None:
+    """Drop the log's records up to and including `below` (a snapshot holds them)."""
+    from yikatong.storage.replication import STREAM
+
+    async def purge():
+        await log_._js.purge_stream(STREAM, seq=below + 1)
+    log_._run(purge())
+
+
+def first_sequence(log_) -> int:
+    """The log's first record still kept (last + 1 when it keeps none)."""
+    from yikatong.storage.replication import STREAM
+
+    state = log_._run(log_._js.stream_info(STREAM)).state
+    return state.first_seq if state.messages else state.last_seq + 1
+
+
+def bootstrap(log_, data_dir: str, work: str) -> backup.Manifest | None:
+    """A node starting with no store: the newest snapshot laid out as its store (verified
+    first; an older one if the newest does not verify). None when there is no snapshot
+    (the log from record 1 builds the store)."""
+    snapshots = Snapshots(log_)
+    for manifest in reversed(snapshots.list()):
+        staging = tempfile.mkdtemp(prefix="snapshot-", dir=work)
+        shutil.rmtree(staging)
+        try:
+            started = time.monotonic()
+            snapshots.fetch(manifest, staging)
+            backup.restore(staging, data_dir)
+            log.info("store laid out from snapshot %s in %.1f s",
+                     name_of(manifest.log_sequence), time.monotonic() - started,
+                     extra={"fields": {"log_sequence": manifest.log_sequence}})
+            return manifest
+        except backup.Unverified as error:
+            log.error("snapshot %s does not verify (%s); trying an older one",
+                      name_of(manifest.log_sequence), error)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return None
+
+
+@dataclasses.dataclass
+class Policy:
+    every_records: int = 0  # 0: not by count
+    every_seconds: float = 0  # 0: not by time
+    keep: int = 2
+
+
+class Taker:
+    """A node's snapshots: `tick()` each lease tick, from the node's own thread; the copy and
+    the upload run in a thread of their own, one at a time."""
+
+    def __init__(self, node, policy: Policy, work: str):
+        self.node, self.policy, self.work = node, policy, work
+        self.snapshots = Snapshots(node.log)
+        self.newest = (self.snapshots.list() or [None])[-1]
+        self.newest_at = time.time()
+        self.taken = 0
+        self.last_error = ""
+        self._running: concurrent.futures.Future | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "yikatong-snapshot")
+
+    def due(self) -> bool:
+        applied = self.node.store.applied_sequence
+        since = self.newest.log_sequence if self.newest else 0
+        if applied <= since:
+            return False
+        if self.policy.every_records and applied - since >= self.policy.every_records:
+            return True
+        return bool(self.policy.every_seconds) and \
+            time.time() - self.newest_at >= self.policy.every_seconds
+
+    def tick(self, mine: bool) -> None:
+        """`mine`: this node is the one to take snapshots now."""
+        if self._running is not None and not self._running.done():
+            return
+        if mine and self.due():
+            self._running = self._pool.submit(self.take)
+
+    def take(self) -> backup.Manifest | None:
+        store = self.node.store
+        path = os.path.join(self.work, f"snapshot-{os.getpid()}-{time.monotonic_ns()}")
+        try:
+            started = time.monotonic()
+            manifest = backup.take_env(store.env, path, read=store.read)
+            self.snapshots.put(path, manifest)
+            self.newest, self.newest_at, self.taken = manifest, time.time(), self.taken + 1
+            log.info("snapshot %s taken in %.1f s", name_of(manifest.log_sequence),
+                     time.monotonic() - started,
+                     extra={"fields": {"bytes": manifest.data_bytes}})
+            self.prune()
+            self.last_error = ""
+            return manifest
+        except Exception as error:  # noqa: BLE001 - logged; the next tick tries again
+            self.last_error = str(error)
+            log.error("a snapshot failed: %s", error)
+            return None
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def prune(self) -> None:
+        """Keep the newest `keep`; purge the log below the oldest kept, but never past a
+        record a node that is up has yet to apply."""
+        kept = self.snapshots.list()
+        for old in kept[:-self.policy.keep] if self.policy.keep else []:
+            self.snapshots.delete(old)
+        kept = kept[-self.policy.keep:] if self.policy.keep else kept
+        if not kept:
+            return
+        floor = kept[0].log_sequence
+        for report in self.node.reports_up():
+            floor = min(floor, report.get("applied", 0))
+        if floor > 0:
+            purge_log(self.node.log, floor)
+
+    def stop(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def restore_to(urls: list[str], sequence: int, data_dir: str) -> tuple[int, int]:
+    """`yikatong restore --replicate URLS --to-sequence N --data-dir NEW`: the store as of log
+    sequence N in `data_dir` (holding no store): the newest snapshot at or before N, then the
+    log's records after it up to N. (the snapshot's sequence, 0 for none; records applied).
+    backup.BackupError when the snapshots and the log do not cover N."""
+    from yikatong.storage.lmdb_store import Book, Store
+    from yikatong.storage.replication import Log
+
+    log_ = Log(urls, create=False)
+    try:
+        last, first = log_.last_sequence(), first_sequence(log_)
+        if not 0 < sequence <= last:
+            raise backup.BackupError(f"--to-sequence {sequence}: the log's records are "
+                                     f"numbered 1 to {last}")
+        snapshots = Snapshots(log_)
+        base = ([m for m in snapshots.list() if m.log_sequence <= sequence] or [None])[-1]
+        start = (base.log_sequence if base else 0) + 1
+        if start < first:
+            raise backup.BackupError(
+                f"sequence {sequence} is not covered: the newest snapshot at or before it ends "
+                f"at {start - 1} and the log keeps records from {first} on")
+        if os.path.exists(os.path.join(data_dir, "lmdb", "data.mdb")):
+            raise backup.BackupError(f"{data_dir} holds a store: restore never overwrites one")
+        if base is not None:
+            os.makedirs(data_dir, backup.DIR_MODE, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix="snapshot-", dir=data_dir)
+            shutil.rmtree(staging)
+            try:
+                snapshots.fetch(base, staging)
+                backup.restore(staging, data_dir)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        store = Store(data_dir)
+        try:
+            seq = start
+            while seq <= sequence:
+                batch = []
+                while seq <= sequence and len(batch) < 256:
+                    found = log_.read(seq)
+                    if found is None:
+                        raise backup.BackupError(f"log record {seq} is gone from the log")
+                    batch.append(found[0])
+                    seq += 1
+
+                def apply(book: Book, batch=batch) -> None:
+                    for record in batch:
+                        book.apply_journal(record)
+                store.write(apply)
+        finally:
+            store.close()
+        return (base.log_sequence if base else 0), sequence - start + 1
+    finally:
+        log_.close()
+
+
+def clean_staging(data_dir: str) -> None:
+    """Staging directories (`snapshot-*` in the data dir) left by a node killed while it
+    took or fetched a snapshot: each a copy of every holder's data."""
+    if not os.path.isdir(data_dir):
+        return
+    for name in os.listdir(data_dir):
+        if name.startswith("snapshot-"):
+            shutil.rmtree(os.path.join(data_dir, name), ignore_errors=True)
