@@ -14,6 +14,7 @@ from test_e2e import START, new_active_card
 from test_money_e2e import balances, pay, top_up
 
 from yikatong.server.harness import ROOT, ServerProcess, running
+from yikatong.storage import migrate
 from yikatong.v1 import yikatong_pb2 as pb
 
 
@@ -67,7 +68,7 @@ def test_a_backup_under_write_load_restores_every_debit_acknowledged_before_it(t
     assert {m for _, m in modes(backup)} <= {0o700, 0o600}, modes(backup)
     with open(os.path.join(backup, "manifest.json")) as f:
         manifest = json.load(f)
-    assert manifest["format"] == 3 and manifest["records"]["cards"] >= 1
+    assert manifest["format"] == migrate.FORMAT and manifest["records"]["cards"] >= 1
     assert manifest["audit_events"] > 0 and len(manifest["audit_head"]) == 64
 
     done = yikatong("restore", "--from", backup, "--data-dir", restored)
