@@ -146,3 +146,33 @@ def test_restore_to_the_log_sequence_before_a_bad_write(cluster, tmp_path):
                              "--data-dir", str(tmp_path / "r2")], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert beyond.returncode == 2 and "numbered 1 to" in beyond.stderr
+
+
+def test_a_single_node_on_the_log_loses_nothing_acknowledged_when_its_disk_dies(cluster,
+                                                                                 tmp_path):
+    """The log as the continuous backup of one node: every debit acknowledged, up to the
+    one before the disk died, is there after a restart on an empty disk, and a gate's retry
+    of any of them gets its first answer (never charged twice)."""
+    every = ("--snapshot-every", "20", "--snapshots-keep", "1")
+    node = start(tmp_path, cluster, 0, *every)
+    try:
+        assert wait_until(lambda: writer_of([node]) is not None, 30)
+        card = new_active_card(node, 4)
+        top_up(node, card, 100_000)
+        answers = {f"s{i}": debit(node, card, f"s{i}").SerializeToString() for i in range(50)}
+        assert wait_until(lambda: in_log(cluster)[0], 30)  # the writer, alone, took one
+        for i in range(50, 60):  # after the snapshot: only in the log
+            answers[f"s{i}"] = debit(node, card, f"s{i}").SerializeToString()
+        node.proc.kill()
+        node.proc.wait()
+        node.stop()
+        shutil.rmtree(node.data_dir)
+        node = start(tmp_path, cluster, 0, *every, address=node.address)
+        assert "laid out from snapshot" in node.output()
+        assert wait_until(lambda: writer_of([node]) is not None, 30)
+        assert balance(node, card) == 100_000 - 60 * 100
+        for rid, first in answers.items():  # retried: the first answer, nothing charged
+            assert debit(node, card, rid).SerializeToString() == first
+        assert balance(node, card) == 100_000 - 60 * 100
+    finally:
+        node.stop()
