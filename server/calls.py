@@ -267,7 +267,11 @@ class _Call:
         if isinstance(error, CorruptRecord) and on_data_loss is not None:
             on_data_loss()  # a record read is corrupt: health NOT_SERVING (Store.note)
         if status in _AUDITED:
-            refusals.add(self.client, self.name, status.name)
+            refusals.add(self.client, self.name, status.name, _reason_code(self.name, error))
+        elif self.name in roles.AUDITED_WHATEVER_OUTCOME and not getattr(error, "audited", False):
+            # issue 25: a call touching personal information is audited however it ends (a
+            # handler that audited its refusal with the holder says so: `audited`)
+            refusals.add(self.client, self.name, status.name, _reason_code(self.name, error))
         await context.abort(status, message, trailing_metadata=trailers)
 
     def log(self) -> None:
@@ -335,13 +339,17 @@ class Refusals:
     its `count`; at most refusal_keys_max keys a second, the rest counted under client `*`."""
 
     def __init__(self):
-        self.counts: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+        self.counts: collections.Counter[tuple[str, str, str, str, str]] = \
+            collections.Counter()
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, client, method: str, code: str) -> None:
-        key = (client.id, client.role.name, method, code) if client else ("", "", method, code)
+    def add(self, client, method: str, code: str, reason: str = "") -> None:
+        """`reason`: what the event's purpose says of why (a code and a field, never a text
+        the caller sent)."""
+        key = ((client.id, client.role.name, method, code, reason) if client else
+               ("", "", method, code, reason))
         if key not in self.counts and len(self.counts) >= config.refusal_keys_max:
-            key = ("*", "", "*", code)
+            key = ("*", "", "*", code, "")
         self.counts[key] += 1
 
     def start(self, loop, store, clock) -> None:
@@ -357,8 +365,9 @@ class Refusals:
         now = clock.now()
 
         def command(book):
-            for (client_id, role, method, code), n in counts.items():
-                book.append_audit(now, client_id, role, method, outcome=code, count=n)
+            for (client_id, role, method, code, reason), n in counts.items():
+                book.append_audit(now, client_id, role, method, purpose=reason, outcome=code,
+                                  count=n)
         try:
             future = store.submit(command)
         except YikatongError as error:  # the writer is busy or down: kept for the next try
@@ -375,6 +384,17 @@ class Refusals:
 
 
 refusals = Refusals()
+
+
+def _reason_code(name: str, error: Exception) -> str:
+    """Why a call touching personal information was refused, for its audit event: the
+    refusal's stable reason and the field it names (`refused: INVALID_FIELD ssn`); nothing
+    the caller sent. Other calls' refusal events say nothing here, as before."""
+    if name not in roles.AUDITED_WHATEVER_OUTCOME:
+        return ""
+    reason = error.reason if isinstance(error, YikatongError) else "INTERNAL"
+    field = getattr(error, "field", "") if isinstance(error, InvalidArgument) else ""
+    return f"refused: {reason}" + (f" {field}" if field else "")
 
 
 def _refusal(name: str, error: Exception) -> tuple[grpc.StatusCode, str, tuple]:

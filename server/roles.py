@@ -23,6 +23,11 @@ _RESIDENCE = frozenset({Role.PUBLIC_SECURITY, Role.COMMUNITY_OUTLET})
 # answer names no held value and no card number of a holder (Apply, CorrectHolder)
 PII_READERS = frozenset({Role.CARD_AGENCY, Role.HRSS, Role.PUBLIC_SECURITY,
                          Role.COMMUNITY_OUTLET})
+# the calls that touch a holder's personal information: each is audited whatever its outcome
+# (granted, refused, not found, malformed: issue 25), where other calls' refusals are audited
+# only when PERMISSION_DENIED or UNAUTHENTICATED (server/calls.py)
+AUDITED_WHATEVER_OUTCOME = frozenset({"Holders.GetHolder", "Holders.CorrectHolder",
+                                      "Holders.RecordCredit", "ResidenceCard.GetPoints"})
 
 CHANNEL_ROLES = {
     Channel.TRANSIT: frozenset({Role.TRANSIT_GATE}),

@@ -5,6 +5,7 @@ from yikatong.errors import (
     HolderNotFound,
     InvalidArgument,
     PermissionDenied,
+    YikatongError,
 )
 from yikatong.model import (
     PII_FIELDS,
@@ -13,7 +14,7 @@ from yikatong.model import (
     Role,
     mask,
 )
-from yikatong.server import validate
+from yikatong.server import errors, validate
 from yikatong.server.clients import Client
 from yikatong.server.core import Core
 from yikatong.server.roles import PII_READERS
@@ -27,11 +28,35 @@ def holder_message(info: HolderInfo, fields=PII_FIELDS) -> pb.Holder:
 
 class Holders:
     """Personal information for a stated purpose (SPEC.md section 7). A read is done in the
-    writer, so its audit event is committed before the holder's information leaves; a read
-    refused for want of a holder is audited too (as every refused call is, calls.Refusals)."""
+    writer, so its audit event is committed before the holder's information leaves. Every
+    call here is audited whatever its outcome (issue 25): granted, or refused by the domain
+    (not found, a rule), here with the holder masked, before the answer leaves; refused as
+    malformed or by the call path, by calls.Refusals (roles.AUDITED_WHATEVER_OUTCOME)."""
 
     def __init__(self, core: Core):
         self.core = core
+
+    async def _audited(self, client: Client, method: str, card_number: str, text: str,
+                       ssn: str, work):
+        """`await work()`; a refusal it raises is audited first, in its own transaction
+        (the refused one rolled back), and marked so (`audited`) for calls.py."""
+        try:
+            return await work()
+        except YikatongError as refused:
+            if getattr(refused, "audited", False):
+                raise
+            clock, code = self.core.clock, errors.status_of(refused).name
+
+            def audit(book):
+                book.append_audit(clock.now(), client.id, client.role.name, method,
+                                  card_number, text, code, holder=mask(ssn))
+            try:
+                await self.core.write(audit)
+            except YikatongError:
+                pass  # the writer is busy or down: calls.Refusals counts it, and retries
+            else:
+                refused.audited = True  # type: ignore[attr-defined]
+            raise
 
     async def GetHolder(self, request, client: Client):
         key = _holder_key(request)
@@ -56,28 +81,53 @@ class Holders:
                 credit_records=[credit_message(r) for r in book.credit_records(holder_id)])
         answer = await self.core.write(read)
         if answer is None:  # audited as refused; nothing said of what is held
-            if key == "card_number":
-                raise CardNotFound(request.card_number)
-            raise HolderNotFound("no holder with that ssn")
+            missing: YikatongError = (CardNotFound(request.card_number) if key == "card_number"
+                                      else HolderNotFound("no holder with that ssn"))
+            missing.audited = True  # type: ignore[attr-defined]
+            raise missing
         return answer
 
     async def CorrectHolder(self, request, client: Client):
+        """GZ-20. A role that may not read PII (ONLINE_PLATFORM) names the holder's card too,
+        and is answered alike whether or not the ssn and the card name one holder: what it
+        sent, nothing held; only when they do is anything corrected (issue 25: 1,000 guessed
+        ssns told which one was held, and overwrote its postcode). The audit trail says which
+        (OK or NOT_FOUND)."""
         validate.request_id(request.request_id)
         reason = stated(request.reason, "reason", "why the information is corrected")
         given = validate_holder(request.holder)
         if not any(getattr(given, f) for f in PII_FIELDS):
             raise InvalidArgument("holder", "names no field to correct")
         reveal = client.role in PII_READERS
+        if request.card_number or not reveal:
+            validate.card_number(request.card_number)
+        # a role that may not read PII learns nothing beyond what it sent
+        sent = pb.HolderRecord(holder=holder_message(
+            given, [f for f in PII_FIELDS if getattr(given, f)])).SerializeToString()
 
         def op(book, now, _) -> bytes:
+            found = book.holder(given.ssn)
+            if found is not None and request.card_number:
+                card = book.card(request.card_number)
+                if card is None or card.holder_id != found[0]:
+                    found = None
+            if found is None:
+                if reveal:
+                    raise HolderNotFound("no holder with that ssn" + (
+                        " and card_number" if request.card_number else ""))
+                book.append_audit(now, client.id, client.role.name, "Holders.CorrectHolder",
+                                  request.card_number, reason, "NOT_FOUND",
+                                  holder=mask(given.ssn))
+                return sent  # as if corrected: the answer tells no guess from a holder
             _, info, changed = cards.correct_holder(book, now, given, reason, client.id)
             book.append_audit(now, client.id, client.role.name, "Holders.CorrectHolder",
-                              purpose=reason, holder=mask(info.ssn))
-            # a role that may not read PII learns nothing beyond what it sent
-            fields = PII_FIELDS if reveal else [f for f in PII_FIELDS if getattr(given, f)]
-            return pb.HolderRecord(holder=holder_message(info, fields)).SerializeToString()
-        return pb.HolderRecord.FromString(await self.core.write_once(
-            "CorrectHolder", client, request.request_id, request, op))
+                              request.card_number, reason, holder=mask(info.ssn))
+            return pb.HolderRecord(holder=holder_message(info)).SerializeToString() \
+                if reveal else sent
+        return pb.HolderRecord.FromString(await self._audited(
+            client, "Holders.CorrectHolder", request.card_number, reason, given.ssn,
+            lambda: self.core.write_once("CorrectHolder", client, request.request_id, request,
+                                         op)))
 
     async def RecordCredit(self, request, client: Client):
         validate.request_id(request.request_id)
@@ -100,8 +150,10 @@ class Holders:
                 message = credit_message(record)
                 message.employer = request.employer
                 return message.SerializeToString()
-            return pb.CreditRecord.FromString(await self.core.write_once(
-                "RecordCredit", client, request.request_id, request, employer_op))
+            return pb.CreditRecord.FromString(await self._audited(
+                client, "Holders.RecordCredit", "", f"employer {request.employer}: {evidence}",
+                "", lambda: self.core.write_once("RecordCredit", client, request.request_id,
+                                                 request, employer_op)))
         key = _holder_key(request)
         if request.victim_card_number:  # SH-26: the other person's card, in fraud
             validate.card_number(request.victim_card_number, "victim_card_number")
@@ -122,8 +174,11 @@ class Holders:
             book.append_audit(now, client.id, client.role.name, "Holders.RecordCredit",
                               request.card_number, purpose=evidence, holder=mask(ssn))
             return credit_message(record).SerializeToString()
-        return pb.CreditRecord.FromString(await self.core.write_once(
-            "RecordCredit", client, request.request_id, request, op))
+        return pb.CreditRecord.FromString(await self._audited(
+            client, "Holders.RecordCredit", request.card_number, evidence,
+            request.ssn if key == "ssn" else "",
+            lambda: self.core.write_once("RecordCredit", client, request.request_id, request,
+                                         op)))
 
 
 def _holder_key(request) -> str:

@@ -115,6 +115,7 @@ class ResidenceCard(CardWrites):
                                        client)
         answer = await self.core.write(read)
         if isinstance(answer, YikatongError):
+            answer.audited = True  # type: ignore[attr-defined]  # for calls.py: see read()
             raise answer
         return pb.PointsRecord.FromString(answer)
 
