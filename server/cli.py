@@ -112,7 +112,11 @@ def main(argv=None) -> int:
     d.add_argument("--calendar-dir", metavar="DIR", default="",
                    help="YEAR.toml holiday notices over the shipped ones (as serve's)")
 
-    a = sub.add_parser("audit", help="the audit trail of a data dir (a stopped server's too)")
+    a = sub.add_parser("audit", help="the audit trail of a data dir (a stopped server's too)",
+                       description="verify: walk the data dir's hash-chained audit trail. Exit "
+                       "codes: 0 every link holds; 1 the chain is broken (the first bad event "
+                       "is named); 2 no store, or not this release's format; 3 the store cannot "
+                       "be read (a damaged page, a file cut short: named).")
     a.add_argument("action", choices=("verify",))
     a.add_argument("--data-dir", required=True)
 
@@ -281,36 +285,47 @@ def due(data_dir: str, within: int, calendar_dir: str = "") -> int:
     return 1 if problems else 0
 
 
+AUDIT_UNREADABLE = 3  # `yikatong audit verify`: the store cannot be read (1: chain broken)
+
+
 def audit_verify(data_dir: str) -> int:
     """Walk the audit chain of a data dir read-only (beside a running server, or after it
-    stopped): 0 and a count if every link holds, 1 and the first bad sequence if not."""
+    stopped): 0 and a count if every link holds, 1 and the first bad sequence if not, 3 if
+    the store cannot be read (a damaged page, a file cut short), 2 for no store."""
     from types import SimpleNamespace
 
     import lmdb
 
-    from yikatong.errors import StoreFormat
+    from yikatong.errors import StoreFormat, StoreUnreadable
     from yikatong.storage import migrate
-    from yikatong.storage.lmdb_store import Book
+    from yikatong.storage.lmdb_store import LMDB_DAMAGE, Book, check_data_file
+
+    def unreadable(problem) -> int:
+        print(f"yikatong: the store in {data_dir} cannot be read: {problem}", file=sys.stderr)
+        return AUDIT_UNREADABLE
 
     path = os.path.join(data_dir, "lmdb")
     if not os.path.exists(os.path.join(path, "data.mdb")):
         return _fail(f"no store in {data_dir}")
     try:
+        check_data_file(path)  # before LMDB maps it: a file cut short would be a SIGBUS
         env = lmdb.open(path, readonly=True, max_dbs=config.lmdb_max_dbs, lock=True)
-    except lmdb.Error as error:
-        return _fail(f"cannot open the store in {data_dir}: {error}")
+    except (StoreUnreadable, lmdb.Error) as error:
+        return unreadable(error)
     try:
-        migrate.check_format(env, data_dir, write=False)
-    except StoreFormat as error:
-        env.close()
-        return _fail(str(error))
-    try:
+        try:
+            migrate.check_format(env, data_dir, write=False)
+        except StoreFormat as error:
+            return _fail(str(error))
         with env.begin() as txn:
             try:
                 audit = env.open_db(b"audit", txn=txn, create=False)
             except lmdb.NotFoundError:
                 return _fail(f"no audit trail in {data_dir}")
-            ok, events, bad, problem = Book(txn, SimpleNamespace(audit=audit)).verify_audit()
+            ok, events, bad, problem = Book(txn, SimpleNamespace(audit=audit)).verify_audit(
+                os.path.join(path, "data.mdb"))
+    except (StoreUnreadable, *LMDB_DAMAGE) as error:
+        return unreadable(error)
     finally:
         env.close()
     if ok:

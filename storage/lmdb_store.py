@@ -43,6 +43,7 @@ from yikatong.errors import (
     ReplicationGap,
     StoreFull,
     StoreUnavailable,
+    StoreUnreadable,
     WriterBusy,
     WriterDown,
 )
@@ -113,6 +114,133 @@ def lock_data_dir(data_dir: str) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+# LMDB's own layout (mdb.c, 64-bit), read before LMDB maps a file or walks a tree: a file cut
+# short or a damaged page is said in words instead of a SIGBUS or an abort (issue 25, finding 8)
+_PAGE_HEADER = struct.Struct("=QHHHH")  # pgno, pad, flags, lower, upper
+_NODE = struct.Struct("=HHHH")  # data size (lo, hi) or child page (lo, hi, flags), flags, ksize
+_META_BYTES = 152  # page header, magic, version, address, map size, two databases, last page, txn
+_P_BRANCH, _P_LEAF, _P_OVERFLOW, _P_META = 0x01, 0x02, 0x04, 0x08
+_F_BIGDATA = 0x01
+_P_INVALID = 2**64 - 1
+# what LMDB raises reading a damaged page or file
+LMDB_DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadValsizeError,
+               lmdb.InvalidError, lmdb.PanicError, lmdb.DiskError, lmdb.BadTxnError,
+               lmdb.VersionMismatchError)
+
+
+def _meta(fd: int, offset: int) -> tuple[int, int, int] | None:
+    """(transaction id, last page, page size) of the meta page at `offset`; None if it is not
+    one."""
+    raw = os.pread(fd, _META_BYTES, offset)
+    if len(raw) < _META_BYTES or not _PAGE_HEADER.unpack_from(raw)[2] & _P_META:
+        return None
+    magic, version, psize = struct.unpack_from("=II", raw, 16) + struct.unpack_from("=I", raw, 40)
+    if magic != 0xBEEFC0DE or version != 1:
+        return None
+    last, txnid = struct.unpack_from("=QQ", raw, 136)
+    return txnid, last, psize
+
+
+def check_data_file(lmdb_dir: str) -> None:
+    """StoreUnreadable if `lmdb_dir`'s data.mdb is shorter than its newer meta page says
+    (its last page + 1, times its page size): LMDB would map it, and the first read past the
+    end would kill the process (SIGBUS). No file, an empty one or one whose meta pages are not
+    LMDB's: left to LMDB (a new store; or LMDB refuses it)."""
+    path = os.path.join(lmdb_dir, "data.mdb")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StoreUnreadable(f"cannot read {path}: {e.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        first = _meta(fd, 0)
+        if first is None or first[2] not in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536):
+            return
+        second = _meta(fd, first[2])
+        if second is None:
+            return
+        txnid, last, psize = max(first, second)
+    finally:
+        os.close(fd)
+    need = (last + 1) * psize
+    if size < need:
+        raise StoreUnreadable(
+            f"{path} is {size} bytes but its last transaction ({txnid}) needs {need} "
+            f"({last + 1} pages of {psize}): the file is cut short; not opened (restore it "
+            "from a backup)")
+
+
+def check_tree(txn: lmdb.Transaction, data_file: str, name: bytes) -> None:
+    """StoreUnreadable naming the first damaged page of database `name`'s B-tree as `txn`
+    sees it, read from `data_file` with pread (never the map: a page past the file's end is
+    said, not a SIGBUS). LMDB trusts its pages, and a damaged one (zeros, garbage) can make
+    it abort the process or read out of bounds. The open transaction keeps its snapshot's
+    pages from being reused while this walks them."""
+    record = txn.get(name)  # the database's record in the main database (MDB_db)
+    what = f"the {name.decode()} database"
+    if record is None:
+        return
+    if len(record) != 48:
+        raise StoreUnreadable(f"{what}'s record in the main database is {len(record)} bytes, "
+                              "not 48")
+    depth = struct.unpack_from("=H", record, 6)[0]
+    root = struct.unpack_from("=Q", record, 40)[0]
+    if root == _P_INVALID:
+        return  # empty
+    fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        psize = struct.unpack_from("=I", os.pread(fd, 44, 0).ljust(44, b"\0"), 40)[0]
+        if psize < 512:
+            raise StoreUnreadable(f"{data_file}: its first meta page is damaged")
+        pages, seen, todo = size // psize, set(), [(root, depth)]
+        while todo:
+            pgno, level = todo.pop()
+            where = f"{what}'s page {pgno}"
+            if not 2 <= pgno < pages:
+                raise StoreUnreadable(f"{where} is past the end of {data_file} ({size} bytes)")
+            if pgno in seen or level < 1:
+                raise StoreUnreadable(f"{where} is reached twice or too deep: a branch page "
+                                      "above it is damaged")
+            seen.add(pgno)
+            page = os.pread(fd, psize, pgno * psize)
+            number, _, flags, lower, upper = _PAGE_HEADER.unpack_from(page)
+            kind = _P_LEAF if level == 1 else _P_BRANCH
+            if number != pgno or flags & (_P_BRANCH | _P_LEAF | _P_OVERFLOW | _P_META) != kind \
+                    or not 16 < lower <= upper <= psize or lower % 2:
+                raise StoreUnreadable(f"{where} is damaged: its header says page {number}, "
+                                      f"flags {flags:#x}, bounds {lower}-{upper}, where a "
+                                      f"{'leaf' if level == 1 else 'branch'} page belongs")
+            for i in range((lower - 16) // 2):
+                at = struct.unpack_from("=H", page, 16 + 2 * i)[0]
+                if not upper <= at <= psize - _NODE.size:
+                    raise StoreUnreadable(f"{where} is damaged: entry {i} lies outside it")
+                lo, hi, node_flags, ksize = _NODE.unpack_from(page, at)
+                data = at + _NODE.size + ksize
+                if level > 1:
+                    end = data
+                    todo.append((lo | hi << 16 | node_flags << 32, level - 1))
+                elif node_flags & _F_BIGDATA:
+                    end = data + 8
+                    if end <= psize:
+                        first = struct.unpack_from("=Q", page, data)[0]
+                        count = (15 + (lo | hi << 16)) // psize + 1
+                        head = os.pread(fd, 16, first * psize) if 2 <= first < pages else b""
+                        if first + count > pages or len(head) < 16 \
+                                or _PAGE_HEADER.unpack(head)[0] != first \
+                                or not _PAGE_HEADER.unpack(head)[2] & _P_OVERFLOW:
+                            raise StoreUnreadable(f"{where}: entry {i}'s value (overflow page "
+                                                  f"{first}) is damaged or past the end")
+                else:
+                    end = data + (lo | hi << 16)
+                if end > psize:
+                    raise StoreUnreadable(f"{where} is damaged: entry {i} runs past its end")
+    finally:
+        os.close(fd)
 
 
 class ApplyRecord:
@@ -262,9 +390,11 @@ class Store:
             self.env = self._open(lmdb_dir, map_size, metasync)
             for name in os.listdir(lmdb_dir):
                 os.chmod(os.path.join(lmdb_dir, name), FILE_MODE)
-        except (lmdb.Error, OSError) as e:
+        except (lmdb.Error, OSError, StoreUnreadable) as e:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
+            if isinstance(e, StoreUnreadable):
+                raise
             raise StoreUnavailable(f"cannot open the LMDB store in {data_dir}: {e}") from e
         self.env.reader_check()  # clear reader slots left by dead processes
         try:  # before any database is opened (which would create format 2's in an older one)
@@ -286,6 +416,7 @@ class Store:
 
     @staticmethod
     def _open(path: str, map_size: int, metasync: bool):
+        check_data_file(path)  # a file cut short: refused here, not a SIGBUS later
         return lmdb.open(
             path,
             map_size=map_size,
@@ -886,28 +1017,37 @@ class Book:
         self.dbs.audit_head = (seq, digest)
         return seq
 
-    def verify_audit(self) -> tuple[bool, int, int, str]:
+    def verify_audit(self, data_file: str = "") -> tuple[bool, int, int, str]:
         """Walk the chain: (ok, events, first bad sequence, what is wrong with it). An edited
         event fails its own hash; a deleted one leaves a gap; an event moved or replaced breaks
         the next one's prev_hash. (Cutting events off the end is what a chain alone cannot
-        show: compare `events` with an export kept elsewhere.)"""
+        show: compare `events` with an export kept elsewhere.)
+        `data_file` (the store's data.mdb): the audit database's pages are checked in it
+        first (check_tree). A store that cannot be read there (a damaged page, a file cut
+        short) raises StoreUnreadable naming the database and the last event read."""
+        if data_file:
+            check_tree(self.txn, data_file, b"audit")
         seq, prev_hash, n = 0, bytes(32), 0
-        for key, value in self.audit_records():
-            n += 1
-            if key != seq + 1:
-                return False, n, seq + 1, f"event {seq + 1} is missing (next is {key})"
-            try:
-                algorithm, prev, digest, body = records.split_audit(value)
-                event = records.decode_audit(value)
-            except CorruptRecord as error:
-                return False, n, key, str(error)
-            if event.sequence != key:
-                return False, n, key, f"event {key} says it is {event.sequence}"
-            if prev != prev_hash:
-                return False, n, key, f"event {key}'s prev_hash is not event {seq}'s hash"
-            if audit_hash(prev, body, algorithm) != digest:
-                return False, n, key, f"event {key}'s hash does not match its fields"
-            seq, prev_hash = key, digest
+        try:
+            for key, value in self.audit_records():
+                n += 1
+                if key != seq + 1:
+                    return False, n, seq + 1, f"event {seq + 1} is missing (next is {key})"
+                try:
+                    algorithm, prev, digest, body = records.split_audit(value)
+                    event = records.decode_audit(value)
+                except CorruptRecord as error:
+                    return False, n, key, str(error)
+                if event.sequence != key:
+                    return False, n, key, f"event {key} says it is {event.sequence}"
+                if prev != prev_hash:
+                    return False, n, key, f"event {key}'s prev_hash is not event {seq}'s hash"
+                if audit_hash(prev, body, algorithm) != digest:
+                    return False, n, key, f"event {key}'s hash does not match its fields"
+                seq, prev_hash = key, digest
+        except LMDB_DAMAGE as error:
+            raise StoreUnreadable(f"the audit database cannot be read after event {seq}: "
+                                  f"{error}", after=seq) from None
         return True, n, 0, ""
 
     def audit_records(self, after: int = 0) -> Iterator[tuple[int, bytes]]:

@@ -3,19 +3,27 @@ do with a damaged store, bad configuration files, two clients under one id, and 
 scheme in any case. Real servers and the real CLI; every wait bounded."""
 import hashlib
 import os
+import random
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_reload import log_lines, reloaded
 
 from yikatong import config
+from yikatong.server import harness
 from yikatong.server.harness import ROOT, ServerProcess, free_address, token
 from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 GATE = "TRANSIT_GATE"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 CARD = "310000000001"  # not in the store: a cheap read, answered OK with found=False
 
 
@@ -198,3 +206,130 @@ def test_a_bad_file_on_reload_is_one_log_line_and_the_one_in_use_kept(tmp_path):
         assert status_code(srv, f"Bearer {token(GATE)}") == grpc.StatusCode.OK
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------- finding 8: a damaged store
+
+def audit_leaves(data_dir) -> list[int]:
+    """The audit database's leaf pages in key order, found by reading LMDB's layout (mdb.c,
+    64-bit) from data.mdb: the newer meta page's main database root, the `audit` record in
+    it, and that tree."""
+    with open(os.path.join(data_dir, "lmdb", "data.mdb"), "rb") as f:
+        data = f.read()
+    psize = struct.unpack_from("<I", data, 40)[0]
+    newer = max((struct.unpack_from("<Q", data, m * psize + 144)[0], m) for m in (0, 1))[1]
+    main_root = struct.unpack_from("<Q", data, newer * psize + 128)[0]
+
+    def nodes(pgno):
+        page = data[pgno * psize:(pgno + 1) * psize]
+        flags, lower = struct.unpack_from("<HH", page, 10)
+        for i in range((lower - 16) // 2):
+            at = struct.unpack_from("<H", page, 16 + 2 * i)[0]
+            lo, hi, node_flags, ksize = struct.unpack_from("<HHHH", page, at)
+            yield flags, lo | hi << 16 | node_flags << 32, page[at + 8:at + 8 + ksize], \
+                page[at + 8 + ksize:at + 8 + ksize + 48]
+
+    def leaves(pgno):
+        found = list(nodes(pgno))
+        if found and found[0][0] & 1:  # a branch page
+            return [leaf for _, child, _, _ in found for leaf in leaves(child & (2**48 - 1))]
+        return [pgno]
+
+    for leaf in leaves(main_root):
+        for _, _, key, value in nodes(leaf):
+            if key == b"audit":
+                return leaves(struct.unpack_from("<Q", value, 40)[0])
+    raise AssertionError("no audit database")
+
+
+@pytest.fixture(scope="module")
+def trail(tmp_path_factory):
+    """A stopped server's data dir with an audit trail over several pages (4 events a
+    card)."""
+    from test_e2e import START, new_active_card
+
+    work = tmp_path_factory.mktemp("trail")
+    srv = ServerProcess(work, "--clock", "manual", "--clock-start", START)
+    try:
+        for k in range(60):
+            new_active_card(srv, k)
+    finally:
+        assert srv.stop() == 0
+    assert len(audit_leaves(srv.data_dir)) >= 5
+    return srv.data_dir
+
+
+def damaged(trail, tmp_path, garbage: bytes) -> tuple[str, int]:
+    """A copy of `trail` with a leaf of the audit trail in the middle overwritten."""
+    copy = str(tmp_path / "damaged")
+    shutil.copytree(trail, copy)
+    leaves = audit_leaves(copy)
+    page = leaves[len(leaves) // 2]
+    with open(os.path.join(copy, "lmdb", "data.mdb"), "r+b") as f:
+        f.seek(page * 4096)
+        f.write(garbage)
+    return copy, page
+
+
+def cut_short(trail, tmp_path) -> str:
+    copy = str(tmp_path / "cut")
+    shutil.copytree(trail, copy)
+    path = os.path.join(copy, "lmdb", "data.mdb")
+    os.truncate(path, os.path.getsize(path) // 2)
+    return copy
+
+
+@pytest.mark.parametrize("garbage", ["zeros", "random"])
+def test_audit_verify_names_a_damaged_page_and_exits_3(trail, tmp_path, garbage):
+    """A page of zeros (LMDB aborted the process on it) or of random bytes (a traceback):
+    one line naming the page, exit 3, "cannot be read" (1 is a broken chain)."""
+    copy, page = damaged(trail, tmp_path, bytes(4096) if garbage == "zeros" else
+                         random.Random(25).randbytes(4096))
+    done = yikatong("audit", "verify", "--data-dir", copy)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert done.stderr.startswith(f"yikatong: the store in {copy} cannot be read: the audit "
+                                  f"database's page {page} is damaged")
+    assert len(done.stderr.splitlines()) == 1 and not done.stdout
+
+
+def test_audit_verify_of_a_store_cut_short_exits_3_not_sigbus(trail, tmp_path):
+    copy = cut_short(trail, tmp_path)
+    done = yikatong("audit", "verify", "--data-dir", copy)
+    assert done.returncode == 3, done.stdout + done.stderr
+    size = os.path.getsize(os.path.join(copy, "lmdb", "data.mdb"))
+    assert f"data.mdb is {size} bytes but its last transaction" in done.stderr
+    assert done.stderr.strip().endswith("the file is cut short; not opened (restore it from "
+                                        "a backup)")
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_the_server_refuses_to_start_on_a_store_cut_short(trail, tmp_path):
+    copy = cut_short(trail, tmp_path)
+    done = yikatong("serve", "--data-dir", copy, "--listen", free_address(),
+                    "--drain-seconds", "0")
+    assert done.returncode == 2, done.stdout + done.stderr  # not -7 (SIGBUS)
+    [line] = [t for t in done.stderr.splitlines() if not t.startswith("{")]
+    assert line.startswith("yikatong: ") and "the file is cut short; not opened" in line
+    assert "Traceback" not in done.stderr
+
+
+def test_audit_verify_over_grpc_answers_a_damaged_page_and_health_turns_not_serving(
+        trail, tmp_path):
+    """Audit.Verify answers ok=false naming the page (it was INTERNAL, or the server
+    aborted on a page of zeros), and health says NOT_SERVING: a corrupt store."""
+    copy, page = damaged(trail, tmp_path, bytes(4096))
+    srv = ServerProcess(tmp_path, data_dir=copy)
+    try:
+        health = health_pb2_grpc.HealthStub(srv.channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
+        verdict = rpc.AuditStub(srv.channel).Verify(pb.VerifyAuditRequest(),
+                                                    metadata=harness.metadata("AUDITOR"),
+                                                    timeout=30)
+        assert not verdict.ok and verdict.first_bad_sequence == 1 and verdict.events == 0
+        assert verdict.problem.startswith(f"the store cannot be read: the audit database's "
+                                          f"page {page} is damaged")
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == NOT_SERVING
+        assert status_code(srv, f"Bearer {token(GATE)}") == grpc.StatusCode.OK  # still answers
+        assert "Traceback" not in srv.output()
+    finally:
+        assert srv.stop() == 0

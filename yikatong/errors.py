@@ -138,6 +138,18 @@ class StoreFormat(StoreUnavailable):
     reason = "STORE_FORMAT"
 
 
+class StoreUnreadable(StoreUnavailable):
+    """LMDB's own file cannot be read: shorter than its meta page says (cut short), or a
+    page of a database damaged. The message names the file or database and where; `after`:
+    the last event (or record) read whole before it, when something was read in order."""
+
+    reason = "STORE_UNREADABLE"
+
+    def __init__(self, message: str, after: int = 0):
+        super().__init__(message)
+        self.after = after
+
+
 class WriterBusy(YikatongError):
     """The writer's queue is at writer_queue_max: refused now rather than queued without end."""
 

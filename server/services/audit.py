@@ -1,7 +1,9 @@
 """The Audit service (API.md)."""
 import asyncio
+import os
 
 from yikatong import config
+from yikatong.errors import StoreUnreadable
 from yikatong.model import (
     AuditEvent,
 )
@@ -33,10 +35,18 @@ class Audit:
             after = batch[-1].sequence
 
     async def Verify(self, request, client: Client):
+        store = self.core.store
+
         def verify():
-            with self.core.store.read() as txn:
-                return self.core.store.book(txn).verify_audit()
-        ok, events, bad, problem = await asyncio.to_thread(verify)
+            with store.read() as txn:  # the pages checked in the file first (issue 25, 8)
+                return store.book(txn).verify_audit(os.path.join(store.env.path(), "data.mdb"))
+        try:
+            ok, events, bad, problem = await asyncio.to_thread(verify)
+        except StoreUnreadable as error:  # the store itself is damaged: said, not INTERNAL
+            store.note("corrupt_record", True)  # health NOT_SERVING until a restart
+            return pb.VerifyAuditResponse(ok=False, events=error.after,
+                                          first_bad_sequence=error.after + 1,
+                                          problem=f"the store cannot be read: {error}")
         return pb.VerifyAuditResponse(ok=ok, events=events, first_bad_sequence=bad,
                                       problem=problem)
 
