@@ -25,6 +25,7 @@ import nats.errors
 import nats.js.api
 import nats.js.errors
 
+from yikatong import config
 from yikatong.errors import Fenced, LogUnavailable, ReplicationGap
 from yikatong.model import AuditEvent
 from yikatong.storage import records
@@ -42,6 +43,24 @@ EXPECTED = "Nats-Expected-Last-Sequence"
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-sequence check
 _UNREACHABLE = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
                 nats.js.errors.NoStreamResponseError, nats.errors.ConnectionClosedError)
+
+
+def starting(what: str, call, bound: float | None = None):
+    """call(), tried again while a cluster started at the same moment makes its streams and
+    buckets and elects their leaders (timeouts and "unavailable" answers, not only servers
+    out of reach), for up to config.cluster_start_seconds; then LogUnavailable naming
+    `what`."""
+    bound = config.cluster_start_seconds if bound is None else bound
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            return call()
+        except (*_UNREACHABLE, nats.js.errors.ServiceUnavailableError,
+                concurrent.futures.TimeoutError, LogUnavailable) as error:
+            if time.monotonic() > deadline:
+                raise LogUnavailable(f"{what} did not answer within {bound:g} s "
+                                     f"({error or type(error).__name__})") from None
+            time.sleep(0.25)
 
 
 def shown(url: str) -> str:
@@ -94,7 +113,7 @@ class Log:
                 if all(i.cluster is None or i.cluster.leader for i in infos):  # elected
                     return
                 await asyncio.sleep(0.1)
-            except _UNREACHABLE:
+            except (*_UNREACHABLE, nats.js.errors.ServiceUnavailableError):
                 if self._loop.time() > deadline:
                     raise LogUnavailable("the replicated log's stream cannot be made or "
                                          "found") from None
@@ -358,31 +377,11 @@ class Node:
 
         self.store, self.node_id, self.address, self.ttl = store, node_id, address, ttl
         self.log = Log(urls)
-        first = snapshot_module.first_sequence(self.log)
-        if store.applied_sequence + 1 < first:
+        try:
+            self._join(store, node_id, address, ttl, snapshots, work, snapshot_module)
+        except BaseException:
             self.log.close()
-            raise ReplicationGap(
-                f"this node's store ends at log sequence {store.applied_sequence} and the log "
-                f"keeps records from {first} on (older ones are in snapshots): move the data "
-                "dir aside and start the node again to rebuild it from the newest snapshot")
-        self.lease = Lease(self.log, node_id, address, ttl)
-        self.leading = False
-        self.writer: tuple[str, str] | None = self.lease.holder()  # as of the last tick
-        self._asked = 0.0  # when a refused write last looked the writer up
-        self.log_end = self.log.last_sequence()  # as of the last tick
-        self.on_lag = None  # metrics: called with each applied record's lag, in seconds
-        self.reports = self.log._run(_bucket(self.log, NODES_BUCKET, None, 3, ttl * 10),
-                                     ttl * 10)
-        other = self._reported(node_id)
-        if other and other.get("address") != address and time.time() - other.get("at", 0) \
-                < ttl * 4:
-            self.log.close()
-            raise Fenced(f"node id {node_id} is in use: the node at {other.get('address')} "
-                         f"reported under it {time.time() - other.get('at', 0):.1f} s ago")
-        self.taker = snapshot_module.Taker(self, snapshots, work) if snapshots else None
-        self.follower: Follower | None = self._follow()
-        store.replicate, store.check_writer = self._append, self._check_writer
-        store.divert_audit = self.log.hand_over
+            raise
         self._stop = threading.Event()
         self._paused = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="yikatong-node", daemon=True)
@@ -390,6 +389,35 @@ class Node:
         self._intake_thread = threading.Thread(target=self._intake, name="yikatong-intake",
                                                daemon=True)
         self._intake_thread.start()
+
+    def _join(self, store, node_id, address, ttl, snapshots, work, snapshot_module) -> None:
+        """Everything a node reads and makes in the cluster before it serves, each step
+        retried while a cluster started with it comes up (`starting`)."""
+        first = starting("the replicated log", lambda: snapshot_module.first_sequence(self.log))
+        if store.applied_sequence + 1 < first:
+            raise ReplicationGap(
+                f"this node's store ends at log sequence {store.applied_sequence} and the log "
+                f"keeps records from {first} on (older ones are in snapshots): move the data "
+                "dir aside and start the node again to rebuild it from the newest snapshot")
+        self.lease = starting("the lease bucket", lambda: Lease(self.log, node_id, address, ttl))
+        self.leading = False
+        # as of the last tick
+        self.writer: tuple[str, str] | None = starting("the lease bucket", self.lease.holder)
+        self._asked = 0.0  # when a refused write last looked the writer up
+        self.log_end = starting("the replicated log", self.log.last_sequence)  # as of the last tick
+        self.on_lag = None  # metrics: called with each applied record's lag, in seconds
+        self.reports = starting("the nodes bucket", lambda: self.log._run(
+            _bucket(self.log, NODES_BUCKET, None, 3, ttl * 10), ttl * 10))
+        other = starting("the nodes bucket", lambda: self._reported(node_id))
+        if other and other.get("address") != address and time.time() - other.get("at", 0) \
+                < ttl * 4:
+            raise Fenced(f"node id {node_id} is in use: the node at {other.get('address')} "
+                         f"reported under it {time.time() - other.get('at', 0):.1f} s ago")
+        self.taker = starting("the snapshot bucket", lambda: snapshot_module.Taker(
+            self, snapshots, work)) if snapshots else None
+        self.follower: Follower | None = self._follow()
+        store.replicate, store.check_writer = self._append, self._check_writer
+        store.divert_audit = self.log.hand_over
 
     def _intake(self) -> None:
         """On the writer: the followers' audit events into the trail, in order."""

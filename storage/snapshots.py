@@ -140,8 +140,10 @@ def bootstrap(log_, data_dir: str, work: str) -> backup.Manifest | None:
     """A node starting with no store: the newest snapshot laid out as its store (verified
     first; an older one if the newest does not verify). None when there is no snapshot
     (the log from record 1 builds the store)."""
-    snapshots = Snapshots(log_)
-    for manifest in reversed(snapshots.list()):
+    from yikatong.storage.replication import starting
+
+    snapshots = starting("the snapshot bucket", lambda: Snapshots(log_))
+    for manifest in reversed(starting("the snapshot bucket", snapshots.list)):
         staging = tempfile.mkdtemp(prefix="snapshot-", dir=work)
         shutil.rmtree(staging)
         try:

@@ -315,3 +315,36 @@ def test_replicate_refuses_to_start_without_what_it_needs(tmp_path):
         assert out.returncode == 2, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and says in out.stderr, out.stderr
         assert "s3cret" not in out.stderr + out.stdout
+
+
+def test_three_nodes_started_at_once_on_a_fresh_cluster_all_come_up(cluster, tmp_path):
+    """A power cut and the rack restarts: every node starts at the same moment, while the
+    new cluster makes its streams and buckets and elects their leaders (issue 27). Each
+    waits for it (config.cluster_start_seconds) instead of giving up; one becomes the
+    writer."""
+    import threading
+
+    started: list = [None] * 3
+
+    def go(i: int) -> None:
+        try:
+            started[i] = start(tmp_path, cluster, i)
+        except RuntimeError as error:
+            started[i] = error
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    nodes = [n for n in started if isinstance(n, ServerProcess)]
+    try:
+        assert len(nodes) == 3, [str(n)[-300:] for n in started if not isinstance(n, ServerProcess)]
+        assert wait_until(lambda: writer_of(nodes) is not None, 30)
+        writer = writer_of(nodes)
+        card = new_active_card(writer, 9)
+        top_up(writer, card, 1_000)
+        assert wait_until(lambda: all(balance(n, card) == 1_000 for n in nodes), 20)
+    finally:
+        for n in nodes:
+            n.stop()

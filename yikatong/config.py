@@ -35,6 +35,9 @@ watch_batch_max = 256
 
 # ---- replication (issue 18, docs/SCALE.md)
 lease_seconds = 3.0  # the write lease lapses this long after its last renewal
+# a node's start waits this long for a cluster started with it (streams, buckets, leaders
+# being elected) before it gives up in one line
+cluster_start_seconds = 20.0
 # a read with min_sequence waits at most this long (and never past its deadline) for the
 # follower to apply the log that far, then UNAVAILABLE (LOG_BEHIND)
 min_sequence_wait_seconds = 5.0
