@@ -99,6 +99,7 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
                                        require_client_auth=True))
     except RuntimeError as error:
         raise OSError(f"cannot listen on {listen}: {error}") from None
+    calls.track_calls(asyncio.get_running_loop())  # before any call's task is made
     await server.start()
     loop = asyncio.get_running_loop()
     log_module.access.start(loop)

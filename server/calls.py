@@ -10,8 +10,8 @@ it as soon as a call's headers are in, before any request message is read. In or
    before anything else is looked at, so a caller without an identity holds nothing;
 2. may that role call this method (server/roles.py): PERMISSION_DENIED; has this client
    already client_calls_max calls in progress here: RESOURCE_EXHAUSTED (Limits);
-3. did the request message arrive in time (DEADLINE_EXCEEDED), and is it a message at all
-   (corrupt wire format, bad UTF-8): INVALID_ARGUMENT;
+3. did the request message (a stream's first) arrive in time (DEADLINE_EXCEEDED), and is it
+   a message at all (corrupt wire format, bad UTF-8): INVALID_ARGUMENT;
 4. the handler, `behaviour(request, client)`, which validates its fields and does the work;
 5. a refusal (`YikatongError`) becomes its status with a rich status (server/errors.py); an
    unexpected exception is logged with its traceback and a reference, and the caller gets
@@ -23,6 +23,7 @@ import collections
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 
 import grpc
@@ -50,27 +51,72 @@ _HANDLER = {(False, False): grpc.unary_unary_rpc_method_handler,
             (True, True): grpc.stream_stream_rpc_method_handler}
 
 
+# grpc.aio runs each call in two tasks: an outer one (grpc's `_schedule_rpc_coro`) that holds
+# the call's server slot (maximum_concurrent_rpcs) until the core says the call is closed, and
+# the handler's task, which the outer one creates (`_handle_exceptions`). grpc.aio gives a
+# server no way to cancel a call (RST_STREAM): an abort only queues a status, which waits
+# behind data the peer's flow-control window refuses, so a peer that stopped reading held its
+# slot for ever (issue 25, finding 1). A call's outer task, once known, is what (1) tells
+# when the call has really finished (its client's share is given back then, as grpc gives
+# back the slot) and (2) ends it for good: cancelling both tasks drops the last reference to
+# the call, and grpc_call_unref cancels a call not yet closed (RST_STREAM to the peer).
+# This leans on grpc.aio internals (grpcio 1.85's aio/server.pyx.pxi): the factory below is
+# the only place that knows them, and tests/test_attack_streams.py fails if they change.
+_outer_of: "weakref.WeakKeyDictionary[asyncio.Task, asyncio.Task]" = weakref.WeakKeyDictionary()
+
+
+def track_calls(loop) -> None:
+    """Install the task factory that records each call's outer task (before server.start)."""
+    if loop.get_task_factory() is not None:
+        return  # someone else's factory: calls are given back as their handler ends
+
+    def factory(loop, coro, **kwargs):
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        if getattr(coro, "__name__", "") == "_handle_exceptions":  # a call's handler task
+            outer = asyncio.current_task(loop)
+            if outer is not None:
+                _outer_of[task] = outer
+        return task
+    loop.set_task_factory(factory)
+
+
+def _cancel_call(handler: asyncio.Task, outer: asyncio.Task) -> None:
+    """End a call for good (RST_STREAM), whatever the peer reads: see _outer_of."""
+    if not outer.done():
+        outer.cancel()
+    if not handler.done():
+        handler.cancel()
+
+
 class Limits:
     """What one client may hold on this worker: at most `client_calls_max` calls in progress,
-    a unary call's request message must arrive within `arrival_seconds` of its headers, and
-    each message of a server stream must be taken within `stall_seconds`.
+    counted until each has really finished (its stream closed, not only its status queued),
+    a call's first request message must arrive within `arrival_seconds` of its headers (a
+    stream's too), and each message of a server stream must be taken within `stall_seconds`;
+    a stream ended for that gets `end_grace_seconds` to take its status, then it is cancelled.
     Every handler is registered request-streaming (the wire is the same for the caller), so it
     runs as soon as the headers are in and reads the one request itself, against this clock;
     one timer per worker ends the calls still waiting (no timer per call)."""
 
     def __init__(self, client_calls_max: int = config.client_calls_max,
                  arrival_seconds: float = config.request_arrival_seconds_max,
-                 stall_seconds: float = config.stream_stall_seconds_max):
+                 stall_seconds: float = config.stream_stall_seconds_max,
+                 end_grace_seconds: float = config.stream_end_grace_seconds_max):
         self.client_calls_max = client_calls_max
         self.arrival_seconds = arrival_seconds
         self.stall_seconds = stall_seconds
+        self.end_grace_seconds = end_grace_seconds
         self.calls: collections.Counter[str] = collections.Counter()  # client id -> in progress
         self._waiting: dict[asyncio.Task, float] = {}  # task -> when its request is late
         self._late: set[asyncio.Task] = set()
+        # handler task -> (its call's outer task, when the call is cancelled if not closed):
+        # calls that have ended (answered, refused, or their status queued) but not closed
+        self._ending: dict[asyncio.Task, tuple[asyncio.Task, float]] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self, loop) -> None:
-        period = min(1.0, self.arrival_seconds / 4, self.stall_seconds / 4)
+        period = min(1.0, self.arrival_seconds / 4, self.stall_seconds / 4,
+                     self.end_grace_seconds / 4)
 
         def sweep():
             now = time.monotonic()
@@ -79,6 +125,10 @@ class Limits:
                     del self._waiting[task]
                     self._late.add(task)
                     task.cancel()
+            for task, (outer, cancel_at) in list(self._ending.items()):
+                if cancel_at <= now:
+                    del self._ending[task]
+                    _cancel_call(task, outer)
             self._timer = loop.call_later(period, sweep)
         self._timer = loop.call_later(period, sweep)
 
@@ -86,11 +136,31 @@ class Limits:
         if self._timer is not None:
             self._timer.cancel()
 
-    def enter(self, client) -> None:
+    def enter(self, client) -> bool:
+        """Count the call in; True when it is counted out by itself once it has really
+        finished (its outer task known), False when the caller must `leave`."""
         if self.calls[client.id] >= self.client_calls_max:
             raise TooManyCalls(f"client {client.id} already has {self.client_calls_max} calls "
                                "in progress (client_calls_max); retry when some have ended")
         self.calls[client.id] += 1
+        task = asyncio.current_task()
+        outer = _outer_of.get(task)
+        if outer is None:
+            return False
+
+        def finished(_outer, client=client, task=task):
+            self._ending.pop(task, None)
+            self.leave(client)
+        outer.add_done_callback(finished)
+        return True
+
+    def ended(self, task: asyncio.Task) -> None:
+        """The call has ended here (its handler returned, or it queued its last status): it
+        closes within end_grace_seconds, or is cancelled (RST_STREAM). Calls counted out by
+        Limits.enter only."""
+        outer = _outer_of.get(task)
+        if outer is not None and not outer.done() and task not in self._ending:
+            self._ending[task] = (outer, time.monotonic() + self.end_grace_seconds)
 
     def leave(self, client) -> None:
         left = self.calls[client.id] - 1
@@ -113,6 +183,9 @@ class Limits:
                 raise
             self._late.discard(task)
             task.uncancel()
+            # the status queued next waits behind the message the peer refuses: it gets
+            # end_grace_seconds to take it, then the call is cancelled (RST_STREAM)
+            self.ended(task)
             where = getattr(last, "sequence", None)
             raise StreamStalled(
                 f"the caller took no message for {self.stall_seconds:g} s "
@@ -125,6 +198,14 @@ class Limits:
 
     async def read_one(self, context):
         """The call's one request message, or RequestLate / INVALID_ARGUMENT."""
+        request = await self.read_first(context)
+        if request is grpc.aio.EOF:
+            raise InvalidArgument("request", "the call ended without its request message")
+        return request
+
+    async def read_first(self, context):
+        """The call's first request message (a stream's too), or EOF, or RequestLate: a
+        caller that sends headers and then nothing holds its slot arrival_seconds at most."""
         task = asyncio.current_task()
         assert task is not None
         self._waiting[task] = time.monotonic() + self.arrival_seconds
@@ -139,8 +220,6 @@ class Limits:
                               "of the call's headers (request_arrival_seconds_max)") from None
         finally:
             self._waiting.pop(task, None)
-        if request is grpc.aio.EOF:
-            raise InvalidArgument("request", "the call ended without its request message")
         return request
 
 
@@ -227,26 +306,31 @@ def _raw_or_message(response) -> bytes:
     return response if type(response) is bytes else response.SerializeToString()
 
 
-def _admit(call, allowed, clients, context, limits: Limits) -> None:
+def _admit(call, allowed, clients, context, limits: Limits) -> bool:
     """Steps 1 and 2, and the client's share of the worker: `call.client`, counted in (a
     refusal names the client it refused, for the log and the audit trail)."""
     call.client = clients.identify(context.invocation_metadata(), context)
     if call.client.role not in allowed:
         raise PermissionDenied(f"role {call.client.role.name} may not call {call.name}")
-    limits.enter(call.client)
+    return limits.enter(call.client)
 
 
 async def _request(requests, context, limits: Limits, client_streaming: bool):
     """Step 3: the request (one message, in time) or the stream of them, decoded."""
-    if client_streaming:
-        return _decoded(requests)
+    if client_streaming:  # its first message is awaited here, against the arrival limit
+        return _decoded(await limits.read_first(context), requests)
     request = await limits.read_one(context)
     if type(request) is Undecodable:
         raise request.error()
     return request
 
 
-async def _decoded(requests):
+async def _decoded(first, requests):
+    if first is grpc.aio.EOF:
+        return
+    if type(first) is Undecodable:
+        raise first.error()
+    yield first
     async for request in requests:
         if type(request) is Undecodable:
             raise request.error()
@@ -280,9 +364,9 @@ class _Call:
 
 def _unary(name, allowed, clients, behaviour, client_streaming, limits, position):
     async def handle(requests, context):
-        call = _Call(name)
+        call, counted_out = _Call(name), False
         try:
-            _admit(call, allowed, clients, context, limits)
+            counted_out = _admit(call, allowed, clients, context, limits)
             try:
                 request = await _request(requests, context, limits, client_streaming)
                 if position is None:
@@ -292,7 +376,8 @@ def _unary(name, allowed, clients, behaviour, client_streaming, limits, position
                     response = await behaviour(request, call.client)
                     context.set_trailing_metadata(position.trailer(before))
             finally:
-                limits.leave(call.client)
+                if not counted_out:
+                    limits.leave(call.client)
             call.code = "OK"
             return response
         except grpc.aio.AbortError:
@@ -301,14 +386,16 @@ def _unary(name, allowed, clients, behaviour, client_streaming, limits, position
             await call.refuse(context, error)
         finally:
             call.log()
+            if counted_out:
+                limits.ended(asyncio.current_task())
     return handle
 
 
 def _streaming(name, allowed, clients, behaviour, client_streaming, limits, position):
     async def handle(requests, context):
-        call = _Call(name)
+        call, counted_out = _Call(name), False
         try:
-            _admit(call, allowed, clients, context, limits)
+            counted_out = _admit(call, allowed, clients, context, limits)
             try:
                 request = await _request(requests, context, limits, client_streaming)
                 if position is not None:  # a stream's trailer: where its first answer stood
@@ -318,7 +405,8 @@ def _streaming(name, allowed, clients, behaviour, client_streaming, limits, posi
                     await limits.write(context, response, last)
                     last = response
             finally:
-                limits.leave(call.client)
+                if not counted_out:
+                    limits.leave(call.client)
             call.code = "OK"
         except grpc.aio.AbortError:
             raise
@@ -326,6 +414,8 @@ def _streaming(name, allowed, clients, behaviour, client_streaming, limits, posi
             await call.refuse(context, error)
         finally:
             call.log()
+            if counted_out:
+                limits.ended(asyncio.current_task())
     return handle
 
 

@@ -65,6 +65,10 @@ def main(argv=None) -> int:
                    default=config.stream_stall_seconds_max,
                    help="a stream's caller that takes no message this long is ended "
                         "RESOURCE_EXHAUSTED (WatchChanges names where to resume)")
+    s.add_argument("--stream-end-grace-seconds", type=float,
+                   default=config.stream_end_grace_seconds_max,
+                   help="a stream so ended that has not taken its status this long after is "
+                        "cancelled (RST_STREAM), giving back its slot")
     s.add_argument("--issuing-banks", metavar="FILE",
                    help="GZ-9c: TOML with `version` and `banks`, the issuing banks a GZ or BJ "
                         "card may name; without it the check is off. SH-20: each service "
@@ -469,9 +473,10 @@ def _serve(args, metrics) -> int:
     if args.map_size_max_mib < args.map_size_mib or not 0 < args.map_high_water <= 1:
         return _fail("--map-size-max-mib must be at least --map-size-mib, and "
                      "--map-high-water above 0 and at most 1")
-    if not (0 < args.request_arrival_seconds <= 3600 and 0 < args.stream_stall_seconds <= 3600):
-        return _fail("--request-arrival-seconds and --stream-stall-seconds must be above 0 and "
-                     "at most 3600")
+    if not (0 < args.request_arrival_seconds <= 3600 and 0 < args.stream_stall_seconds <= 3600
+            and 0 < args.stream_end_grace_seconds <= 3600):
+        return _fail("--request-arrival-seconds, --stream-stall-seconds and "
+                     "--stream-end-grace-seconds must be above 0 and at most 3600")
     workers = args.workers or os.cpu_count() or 1
     if not 1 <= workers <= config.workers_max:
         return _fail(f"--workers must be 0 (one per core) to {config.workers_max}")
@@ -643,7 +648,8 @@ def _serve(args, metrics) -> int:
                                   drain_seconds=args.drain_seconds, node=node,
                                   limits=Limits(args.client_calls_max,
                                                 args.request_arrival_seconds,
-                                                args.stream_stall_seconds)))
+                                                args.stream_stall_seconds,
+                                                args.stream_end_grace_seconds)))
         except (OSError, TableError) as error:
             return _fail(str(error))
         finally:

@@ -22,6 +22,9 @@ request_arrival_seconds_max = 10.0
 # A server stream (WatchChanges, AuthorizeStream, Audit.Export) whose caller takes no message
 # for this long is ended RESOURCE_EXHAUSTED: it holds its slot and nothing else.
 stream_stall_seconds_max = 10.0
+# A stream so ended gets this long to take its status (which waits behind the message it
+# refused); then it is cancelled (RST_STREAM) and gives back its slot and its client's share.
+stream_end_grace_seconds_max = 10.0
 # Refused calls are audited once a second, per client, method and status (a flood is counted,
 # not written line by line); at most this many such keys a second.
 refusal_keys_max = 1000

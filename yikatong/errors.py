@@ -180,6 +180,13 @@ class StreamStalled(YikatongError):
     reason = "STREAM_STALLED"
 
 
+class PastTheEnd(YikatongError):
+    """A position asked for lies past the end of a log (the change feed's, the audit
+    trail's): the message names the end."""
+
+    reason = "PAST_THE_END"
+
+
 class Fenced(YikatongError):
     """The replicated log moved on without this node, or it does not hold the write lease:
     it is not the writer (issue 18). `writer`: the writer's address, when known."""

@@ -3,7 +3,7 @@ import asyncio
 import os
 
 from yikatong import config
-from yikatong.errors import StoreUnreadable
+from yikatong.errors import PastTheEnd, StoreUnreadable
 from yikatong.model import (
     AuditEvent,
 )
@@ -21,6 +21,11 @@ class Audit:
 
     async def Export(self, request, client: Client):
         after = request.from_sequence
+        with self.core.store.read() as txn:
+            end = _audit_end(self.core.store.book(txn))
+        if after > end:
+            raise PastTheEnd(f"from_sequence {after} is past the audit trail's end: the last "
+                             f"event is {end}")
         while True:
             with self.core.store.read() as txn:
                 batch = []
@@ -49,6 +54,12 @@ class Audit:
                                           problem=f"the store cannot be read: {error}")
         return pb.VerifyAuditResponse(ok=ok, events=events, first_bad_sequence=bad,
                                       problem=problem)
+
+
+def _audit_end(book) -> int:
+    """The sequence of the trail's last event (0: none)."""
+    with book.txn.cursor(db=book.dbs.audit) as cur:
+        return int.from_bytes(cur.key(), "big") if cur.last() else 0
 
 
 def audit_message(e: AuditEvent) -> pb.AuditEvent:

@@ -1,5 +1,6 @@
 """The CardStatus service (API.md)."""
 from yikatong import authorize, cards, config, fastpath
+from yikatong.errors import PastTheEnd
 from yikatong.model import (
     Changed,
     ChangeKind,
@@ -47,6 +48,11 @@ class CardStatus:
         anything is sent, so a slow watcher holds no transaction and no buffer of ours (a
         stalled one is ended by calls.Limits.write, naming where to resume)."""
         feed, after = self.core.feed, request.from_sequence
+        with self.core.store.read() as txn:
+            end = self.core.store.book(txn).last_change()
+        if after > end:  # from the end itself: only changes to come
+            raise PastTheEnd(f"from_sequence {after} is past the change feed's end: the last "
+                             f"change is {end}; watch from {end} for the changes to come")
         with feed.watching():
             while True:
                 events = self._changes(after)
