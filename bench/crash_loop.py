@@ -31,6 +31,7 @@ from yikatong.server.harness import ServerProcess, free_address, metadata, write
 from yikatong.storage import records
 from yikatong.storage.lmdb_store import Store
 from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 OPENING = 10**9  # fen per purse: fares never decline, so the exact sum is known
 START = "2026-11-24T09:00:00+08:00"
@@ -52,8 +53,8 @@ class Server(ServerProcess):
     def call(self, op):
         """op = (method name, request, role) -> response"""
         method, request, role = op
-        stub = {"Transfer": self.ledger, "Authorize": self.authorization}.get(method,
-                                                                              self.lifecycle)
+        stub = {"Transfer": self.ledger, "Authorize": self.authorization,
+                "CorrectHolder": rpc.HoldersStub(self.channel)}.get(method, self.lifecycle)
         return getattr(stub, method)(request, metadata=md(role), timeout=10)
 
     def purses(self, cards):
@@ -65,13 +66,17 @@ class Server(ServerProcess):
         return out
 
 
-def setup(server: Server, n_cards: int) -> list[str]:
+def ssn(i: int) -> str:
     from yikatong.cards import ssn_check_digit
+    first17 = f"31010119800101{i:03d}"
+    return first17 + ssn_check_digit(first17)
+
+
+def setup(server: Server, n_cards: int) -> list[str]:
     cards = []
     for i in range(n_cards):
-        first17 = f"31010119800101{i:03d}"
         # Guangzhou cards: application locks are a bank service there (GZ-6), not in Shanghai
-        h = pb.Holder(ssn=first17 + ssn_check_digit(first17), name="测试",
+        h = pb.Holder(ssn=ssn(i), name="测试",
                       birth_date="1980-01-01", insured=True, entitled_public_services=True,
                       photo_sha256="ab" * 32, phone="13900000000", occupation="clerk",
                       address="广州市越秀区府前路1号")
@@ -110,6 +115,11 @@ def make_op(rng: random.Random, cards: list[str], uid: str):
         return ("Authorize", pb.AuthorizeRequest(request_id=uid, card_number=c,
                                                  channel=pb.CHANNEL_TRANSIT,
                                                  amount_fen=rng.randint(1, 999)), "TRANSIT_GATE")
+    if roll < 0.9:  # personal information sealed (issue 25): the holder, its history, the answer
+        return ("CorrectHolder", pb.CorrectHolderRequest(
+            request_id=uid, holder=pb.Holder(ssn=ssn(cards.index(c)),
+                                             phone=f"139{rng.randint(0, 10**8 - 1):08d}"),
+            reason="crash loop"), "CARD_AGENCY")
     method = rng.choice(("LockApplication", "UnlockApplication"))
     return (method, getattr(pb, method + "Request")(request_id=uid, card_number=c,
                                                     channel=pb.CHANNEL_SERVICE), "BANK_OUTLET")
@@ -117,7 +127,8 @@ def make_op(rng: random.Random, cards: list[str], uid: str):
 
 AUDITED_AS = {"Transfer": "Ledger.Transfer", "Authorize": "Authorization.Authorize",
               "LockApplication": "Lifecycle.LockApplication",
-              "UnlockApplication": "Lifecycle.UnlockApplication"}
+              "UnlockApplication": "Lifecycle.UnlockApplication",
+              "CorrectHolder": "Holders.CorrectHolder"}
 
 
 def check_store(data_dir: str, attempted: dict, acked: dict) -> int:
@@ -139,7 +150,7 @@ def check_store(data_dir: str, attempted: dict, acked: dict) -> int:
     for uid in acked:
         method, request, _ = attempted[uid]
         card = (request.credit.holder.card_number if method == "Transfer"
-                else request.card_number)
+                else "" if method == "CorrectHolder" else request.card_number)
         wanted[(AUDITED_AS[method], card)] += 1
     return sum(max(0, n - events[key]) for key, n in wanted.items())
 

@@ -45,6 +45,11 @@ def main(argv=None) -> int:
     s.add_argument("--clock", choices=("system", "manual"), default="system")
     s.add_argument("--clock-start", help="ISO-8601 start of the manual clock (default: now)")
     s.add_argument("--demo", action="store_true", help="load the demo data set and demo clients")
+    s.add_argument("--pii-key-file", metavar="FILE",
+                   help="the keys that seal holders' personal information (TOML, owner-only, "
+                        "outside the data dir; docs/OPERATIONS.md). Without it authorizations "
+                        "are served and PII reads and writes refused (FAILED_PRECONDITION); "
+                        "with --demo, a demo key file beside the data dir is made and used")
     s.add_argument("--map-size-mib", type=int, default=config.lmdb_map_size // 2**20,
                    help="LMDB map size at start (grows on disk as used)")
     s.add_argument("--map-size-max-mib", "--map-size-max", type=int,
@@ -107,6 +112,15 @@ def main(argv=None) -> int:
     m.add_argument("--data-dir", required=True)
     m.add_argument("--map-size-mib", type=int, default=config.lmdb_map_size // 2**20,
                    help="LMDB map size while migrating (as serve's)")
+    m.add_argument("--pii-key-file", metavar="FILE",
+                   help="the key file (as serve's): format 4 seals holders' personal "
+                        "information, so a migration from an older one needs it")
+    pk = sub.add_parser("pii", help="holders' sealed personal information in a stopped "
+                        "server's data dir: which key sealed how much (status), or seal "
+                        "everything with the current key now (rotate)")
+    pk.add_argument("action", choices=("status", "rotate"))
+    pk.add_argument("--data-dir", required=True)
+    pk.add_argument("--pii-key-file", metavar="FILE", help="required for rotate")
     # a worker started anew by the --workers supervisor (server/workers.py), never by hand
     s.add_argument("--worker-of", metavar="SPEC", help=argparse.SUPPRESS)
 
@@ -163,7 +177,9 @@ def main(argv=None) -> int:
     if args.command == "audit":
         return audit_verify(args.data_dir)
     if args.command == "migrate":
-        return migrate_store(args.data_dir, args.map_size_mib)
+        return migrate_store(args.data_dir, args.map_size_mib, args.pii_key_file)
+    if args.command == "pii":
+        return pii_command(args.action, args.data_dir, args.pii_key_file)
     if args.command == "due":
         return due(args.data_dir, args.within, args.calendar_dir)
     if args.command in ("backup", "restore"):
@@ -339,7 +355,100 @@ def audit_verify(data_dir: str) -> int:
     return 1
 
 
-def migrate_store(data_dir: str, map_size_mib: int) -> int:
+def pii_keys(path: str | None, data_dir: str):
+    """The key ring of --pii-key-file (None without it); KeyFileError in one line."""
+    from yikatong.storage import pii
+
+    return None if path is None else pii.KeyRing.load(path, data_dir)
+
+
+def demo_pii_keys(data_dir: str) -> str:
+    """`serve --demo` without --pii-key-file: a demo key file beside the data dir (outside it,
+    owner-only), made once and used again; its first line says it is a demo's."""
+    from yikatong.storage import pii
+
+    path = os.path.abspath(data_dir).rstrip(os.sep) + ".demo-pii-keys.toml"
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        pii.write_key_file(path, pii.new_key_file_text(
+            "DEMO KEYS, made by `yikatong serve --demo` for the demo data set in "
+            f"{data_dir}.\nNever for real personal information: production passes its own "
+            "--pii-key-file."))
+    return path
+
+
+def _pii_rotation(store, ring):
+    """The background rotation of this server process, with its progress as a metric."""
+    import logging
+
+    from prometheus_client import Gauge
+
+    from yikatong.storage import pii
+
+    global _PII_LEFT
+    if _PII_LEFT is None:
+        _PII_LEFT = Gauge("yikatong_pii_values_under_old_keys", "Sealed values of holders' "
+                          "personal information not yet sealed with the current key (the "
+                          "background rotation's work left)", multiprocess_mode="livemax")
+    with store.read() as txn:
+        counts = store.book(txn).pii_key_counts()
+    return pii.Rotation(ring, counts, logging.getLogger("yikatong.pii"), _PII_LEFT.set)
+
+
+_PII_LEFT = None
+
+
+def pii_command(action: str, data_dir: str, key_file: str | None) -> int:
+    """`yikatong pii status|rotate`: on a stopped server's data dir (its lock taken)."""
+    from yikatong.errors import StoreUnavailable
+    from yikatong.storage import pii
+    from yikatong.storage.lmdb_store import Store, lock_data_dir
+
+    if not os.path.exists(os.path.join(data_dir, "lmdb", "data.mdb")):
+        return _fail(f"no store in {data_dir}")
+    if action == "rotate" and key_file is None:
+        return _fail("pii rotate needs --pii-key-file")
+    try:
+        ring = pii_keys(key_file, data_dir)
+        lock = lock_data_dir(data_dir)
+    except (pii.KeyFileError, StoreUnavailable) as error:
+        return _fail(str(error))
+    try:
+        store = Store(data_dir, lock=False, pii_keys=ring)
+    except StoreUnavailable as error:
+        os.close(lock)
+        return _fail(str(error))
+    try:
+        if action == "rotate":
+            done, erased = store.write(lambda book: pii.reseal_all(book))
+            print(f"sealed {done} values again with key {ring.current!r}"
+                  + (f"; {erased} sealed with keys the key file no longer holds (erased) "
+                     "left as they are" if erased else ""))
+        with store.read() as txn:
+            counts = store.book(txn).pii_key_counts()
+        print(f"{data_dir}: index key {store.dbs.pii_index or '(none recorded)'}; sealed "
+              "values by key: " + (", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+                                   or "none"))
+        if ring is not None:
+            old = sorted(k for k in counts if k != ring.current and k in ring.keys)
+            gone = sorted(k for k in counts if k not in ring.keys)
+            if old:
+                print(f"keys still in use besides the current {ring.current!r}: "
+                      f"{', '.join(old)} (run `yikatong pii rotate`, or serve: it rotates "
+                      "in the background)")
+            else:
+                print(f"every readable value is sealed with the current key {ring.current!r}"
+                      + ("; any other key may be removed from the key file" if
+                         len(ring.keys) > 1 else ""))
+            if gone:
+                print(f"erased (their key is not in the key file): {', '.join(gone)}")
+    finally:
+        store.close()
+        os.close(lock)
+    return 0
+
+
+def migrate_store(data_dir: str, map_size_mib: int, key_file: str | None = None) -> int:
     """`yikatong migrate`: the data dir taken (refused beside a running server), then
     storage.migrate, which says what it kept, converted and verified."""
     from yikatong.errors import StoreUnavailable
@@ -350,12 +459,14 @@ def migrate_store(data_dir: str, map_size_mib: int) -> int:
         return _fail(f"no store in {data_dir}")
     if map_size_mib < 1:
         return _fail("--map-size-mib must be at least 1")
+    from yikatong.storage import pii
     try:
+        ring = pii_keys(key_file, data_dir)
         lock = lock_data_dir(data_dir)
-    except StoreUnavailable as error:
+    except (StoreUnavailable, pii.KeyFileError) as error:
         return _fail(str(error))
     try:
-        migrate.migrate(data_dir, map_size=map_size_mib * 2**20)
+        migrate.migrate(data_dir, map_size=map_size_mib * 2**20, pii_keys=ring)
     except StoreUnavailable as error:
         return _fail(str(error))
     finally:
@@ -537,6 +648,15 @@ def _serve(args, metrics) -> int:
         calendar.use(calendar.load(args.calendar_dir))
     except calendar.CalendarFileError as error:
         return _fail(str(error))
+    from yikatong.storage import pii
+    key_file = args.pii_key_file
+    try:
+        if key_file is None and args.demo:
+            key_file = demo_pii_keys(args.data_dir)
+        ring = pii_keys(key_file, args.data_dir)
+    except (pii.KeyFileError, OSError) as error:
+        return _fail(str(error))
+    rotation = None  # the background PII rotation of this process (storage/pii.py)
     problem = _probe_listen(args.listen) if worker is None else ""  # a worker's siblings hold it
     if problem:
         return _fail(f"cannot listen on {args.listen}: {problem}")
@@ -549,6 +669,8 @@ def _serve(args, metrics) -> int:
     def open_store() -> Store:
         def sweep_expired_holds(book):
             ledger.expire_holds(book, clock.now())  # on the writer (Store.check_writer)
+            if rotation is not None:
+                rotation.step(book)
 
         # the data dir's lock is held here, for every worker (lock_data_dir below)
         # replicated: durable on a quorum of the log's disks before the local commit, which
@@ -557,7 +679,8 @@ def _serve(args, metrics) -> int:
                      map_size_max=args.map_size_max_mib * 2**20, high_water=args.map_high_water,
                      periodic=sweep_expired_holds, metasync=not args.replicate,
                      check_writer=not_yet_in_the_cluster if args.replicate else None,
-                     check_command=ledger.check_invariants if CHECK_INVARIANTS else None)
+                     check_command=ledger.check_invariants if CHECK_INVARIANTS else None,
+                     pii_keys=ring)
 
     try:
         # held for the server's life, by every worker (a worker started anew inherits it)
@@ -567,7 +690,8 @@ def _serve(args, metrics) -> int:
                 os.path.join(args.data_dir, "lmdb", "data.mdb")):
             from yikatong.storage import migrate
             migrate.migrate(args.data_dir, map_size=args.map_size_mib * 2**20,
-                            say=lambda line: print(f"yikatong: {line}", flush=True))
+                            say=lambda line: print(f"yikatong: {line}", flush=True),
+                            pii_keys=ring)
         if args.replicate and worker is None:
             from yikatong.storage import snapshots
             snapshots.clean_staging(args.data_dir)  # left by a node killed while staging
@@ -613,6 +737,12 @@ def _serve(args, metrics) -> int:
               + (f"; WARNING: no official calendar for {missing}: its ends are counted "
                  f"provisionally until {missing}.toml is installed in --calendar-dir" if missing
                  else ""), flush=True)
+        print("yikatong: personal information " + (
+            f"sealed with key {ring.current!r} of {key_file}"
+            + (" (DEMO KEYS, made for the demo data set)" if key_file != args.pii_key_file
+               else "") if ring is not None else
+            "WARNING: no --pii-key-file: authorizations are served, holders' personal "
+            "information is refused (FAILED_PRECONDITION)"), flush=True)
         print(f"yikatong: points table (RC-22) version {table.version}"
               + (", an EXAMPLE, not the official values" if table.example else ""), flush=True)
         print(f"yikatong: serving on {args.listen} ({'mTLS' if tls else 'plaintext'}; "
@@ -623,11 +753,13 @@ def _serve(args, metrics) -> int:
 
     def run(on_ready) -> int:
         """One server process: its own LMDB environment and gRPC server."""
-        nonlocal node
+        nonlocal node, rotation
         try:
             store = open_store()
         except StoreUnavailable as error:
             return _fail(str(error))
+        if ring is not None and not args.replicate:  # a follower's values come in the log
+            rotation = _pii_rotation(store, ring)
         if args.replicate:
             from yikatong.storage.replication import Node, shown
             try:

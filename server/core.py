@@ -39,8 +39,15 @@ class Core:
         space for every write (lifecycle request ids, transfer ids, Authorize request ids)."""
         fp = fingerprint(method, client, request)
         clock = self.clock
+        if method in SEALED_ANSWERS:  # stored sealed, as the holder's record (storage/pii.py)
+            return await self.write(lambda book: book.once_sealed(
+                request_id, fp, lambda: op(book, clock.now(), fp)))
         return await self.write(
             lambda book: book.once(request_id, fp, lambda: op(book, clock.now(), fp)))
+
+
+# the writes whose answer holds a holder's personal information (CorrectHolder's HolderRecord)
+SEALED_ANSWERS = frozenset({"CorrectHolder"})
 
 
 class Feed:

@@ -31,6 +31,33 @@ def metadata(role: str, prefix: str = "test-token") -> tuple[tuple[str, str], ..
     return (("authorization", f"Bearer {token(role, prefix)}"),)
 
 
+# The PII key file of the tests and benchmarks (storage/pii.py): fixed, so a data dir one
+# server (or a test in its own process: tests/conftest.py) wrote is read by the next.
+PII_TEST_KEYS = """# TEST KEYS: never for real personal information
+current = "test-1"
+index = "test-index"
+
+[keys]
+test-1 = "00112233445566778899aabbccddeeff"
+
+[index_keys]
+test-index = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+"""
+
+
+def write_pii_keys(path: str, text: str = PII_TEST_KEYS) -> str:
+    """`text` as an owner-only key file at `path` (replaced at once if it is there: a server
+    started before keeps reading a whole file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
 def _ephemeral_low() -> int:
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -81,10 +108,12 @@ def write_clients(path: str, prefix: str = "test-token") -> str:
 
 class ServerProcess:
     """`python -m yikatong serve` on a free loopback port. `clients=True` writes a clients
-    file with `token(role)` for every role; pass `--clients FILE` in `extra` otherwise."""
+    file with `token(role)` for every role; pass `--clients FILE` in `extra` otherwise.
+    `pii=True` passes the tests' PII key file (PII_TEST_KEYS) unless `extra` names one."""
 
     def __init__(self, workdir, *extra: str, clients: bool = True, env=None, data_dir=None,
-                 address: str | None = None, ready_timeout: float = 60, credentials=None):
+                 address: str | None = None, ready_timeout: float = 60, credentials=None,
+                 pii: bool = True):
         """`credentials`: grpc.ChannelCredentials for a server under mTLS (its certificate
         is for the name "localhost")."""
         workdir = str(workdir)
@@ -102,6 +131,8 @@ class ServerProcess:
             args += ["--drain-seconds", "0"]
         if clients:
             args += ["--clients", write_clients(os.path.join(workdir, "clients.toml"))]
+        if pii and "--pii-key-file" not in extra:
+            args += ["--pii-key-file", write_pii_keys(os.path.join(workdir, "pii-keys.toml"))]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})

@@ -63,7 +63,7 @@ from yikatong.model import (
     bounded,
     mask_text,
 )
-from yikatong.storage import migrate, records
+from yikatong.storage import migrate, pii, records
 
 log = logging.getLogger("yikatong.storage")
 _U64 = struct.Struct(">Q")  # big-endian so LMDB's key order is numeric order
@@ -333,7 +333,8 @@ class Store:
                  group_max: int = config.writer_group_max,
                  queue_max: int = config.writer_queue_max, lock: bool = True,
                  replicate: Callable[[bytes], None] | None = None,
-                 check_writer: Callable[[], None] | None = None, metasync: bool = True):
+                 check_writer: Callable[[], None] | None = None, metasync: bool = True,
+                 pii_keys: "pii.KeyRing | None | str" = "in_process"):
         """`lock=False`: the caller holds the data dir's lock (lock_data_dir), as the parent
         of `--workers` does for the worker processes that share the data dir on purpose.
         `periodic(book)` runs in a group of its own when the writer has been idle for
@@ -349,7 +350,10 @@ class Store:
         periodic job is not run. `metasync=False`: one flush per commit instead of two (LMDB's
         NOMETASYNC: a crash of the machine may undo the last commit, never half of one), for
         a replicated store, whose every commit is on a quorum of the log's disks before it
-        commits here, and whose node replays the log from its last sequence on start."""
+        commits here, and whose node replays the log from its last sequence on start.
+        `pii_keys`: the key ring that seals holders' personal information (storage/pii.py);
+        None: none loaded (PII reads and writes refused, naming the key); by default
+        `pii.in_process` (tests and tools in one process; None in the server)."""
         self.data_dir = data_dir
         self.map_size_max = max(map_size, map_size_max)
         self.high_water = high_water
@@ -407,6 +411,14 @@ class Store:
                 raise
             raise StoreUnavailable(f"cannot read the store format in {data_dir}: {e}") from e
         self.dbs = Dbs(self.env)
+        self.dbs.pii = pii.in_process if pii_keys == "in_process" else pii_keys  # type: ignore
+        try:  # the index key must be the one the store's holders are indexed with
+            self.dbs.pii_index = _pii_index(self.env, self.dbs, data_dir)
+        except StoreUnavailable:
+            self.env.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            raise
         self._note_sequence()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._carry = None  # the item that ended the last group (a record among commands)
@@ -743,6 +755,30 @@ class Store:
             os.close(self._lock_fd)
 
 
+def _pii_index(env, dbs: "Dbs", data_dir: str) -> str:
+    """The id of the index key the store's holders are keyed by (meta `pii:index`: the id and
+    an HMAC of a fixed text under it), recorded by the first key ring that opens it;
+    StoreUnavailable if the loaded ring's index key is another (its look-ups would miss every
+    holder, and Apply would make a second holder of each)."""
+    ring = dbs.pii
+    with env.begin(write=ring is not None) as txn:
+        value = txn.get(pii.META_INDEX, db=dbs.meta)
+        if value is None:
+            if ring is None:
+                return ""
+            txn.put(pii.META_INDEX, ring.index_id.encode("ascii") + b"\0" + ring.index_check(),
+                    db=dbs.meta)
+            return ring.index_id
+        recorded, _, check = bytes(value).partition(b"\0")
+        index_id = recorded.decode("ascii", "replace")
+        if ring is not None and (ring.index_id != index_id or ring.index_check() != check):
+            raise StoreUnavailable(
+                f"{ring.source or 'the PII key file'}: its index key {ring.index_id!r} is not "
+                f"the one the holders of {data_dir} are indexed with ({index_id!r}); start with "
+                "the key file that holds it")
+        return index_id
+
+
 class Dbs:
     """The named databases of one environment. A replication record names each by its name
     (`name_of`), so adding one never renumbers another."""
@@ -789,6 +825,10 @@ class Dbs:
         # append-only audit trail, hash-chained: u64 sequence -> audit event
         self.audit = db(b"audit")
         self.audit_head: tuple[int, bytes] = (0, bytes(32))  # (sequence, hash), as change_seq
+        # holders' personal information is sealed with these keys (storage/pii.py; None: not
+        # loaded), and indexed with the index key recorded in meta under this id
+        self.pii: pii.KeyRing | None = None
+        self.pii_index = ""
 
 
 class Book:
@@ -963,14 +1003,32 @@ class Book:
     CARD_TEXTS = ("note", "ground", "organ", "special", "proxy")
 
     def card_text(self, card_number: str, kind: str) -> str:
+        """A proxy's note is its relation and ground in clear (GetCard says the relation) and
+        the proxy's identity number and name sealed: without the key, the clear part."""
         assert kind in self.CARD_TEXTS, kind
-        value = self.txn.get(f"{kind}:{card_number}".encode("ascii"), db=self.dbs.notes)
-        return "" if value is None else bytes(value).decode("utf-8")
+        key = f"{kind}:{card_number}".encode("ascii")
+        value = self.txn.get(key, db=self.dbs.notes)
+        if value is None:
+            return ""
+        value = bytes(value)
+        if kind != "proxy" or b"\0" not in value:
+            return value.decode("utf-8")
+        clear, _, sealed = value.partition(b"\0")
+        try:
+            return " ".join((clear.decode("utf-8"),
+                             self._unseal(self.dbs.notes, key, sealed).decode("utf-8")))
+        except (pii.PiiKeyMissing, pii.PiiErased):
+            return clear.decode("utf-8")
 
     def put_card_text(self, card_number: str, kind: str, text: str) -> None:
         assert kind in self.CARD_TEXTS, kind
-        self._put(f"{kind}:{card_number}".encode("ascii"), text.encode("utf-8"),
-                     db=self.dbs.notes)
+        key = f"{kind}:{card_number}".encode("ascii")
+        value = text.encode("utf-8")
+        if kind == "proxy":  # "RELATION GROUND ssn name": the person sealed
+            relation, ground, person = text.split(" ", 2)
+            value = (f"{relation} {ground}".encode("utf-8") + b"\0"
+                     + self._seal(self.dbs.notes, key, person.encode("utf-8")))
+        self._put(key, value, db=self.dbs.notes)
 
     def card_count(self) -> int:
         return self.txn.stat(self.dbs.cards)["entries"]
@@ -1057,29 +1115,137 @@ class Book:
                 for k, v in cur:
                     yield _U64.unpack(k)[0], bytes(v)
 
-    # ---- holders
+    # ---- holders: their personal information sealed (storage/pii.py), each value with its
+    # database and key as associated data; the holders keyed by HMAC-SM3 of the identity
+    # number, never the number
+    def _index(self, ssn: str) -> bytes:
+        ring = self.dbs.pii
+        if ring is None:
+            raise pii.PiiKeyMissing(self.dbs.pii_index or "(none recorded)",
+                                    "the holder index (a look-up by identity number)")
+        return ring.index(ssn)
+
+    def _seal(self, db, key: bytes, plain: bytes, deterministic: bool = False) -> bytes:
+        ring = self.dbs.pii
+        if ring is None:
+            raise pii.PiiKeyMissing(self.dbs.pii_index or "(none recorded)",
+                                    "a holder's personal information (a write)")
+        return ring.seal(self.dbs.name_of[db] + b"\0" + key, plain, deterministic)
+
+    def _unseal(self, db, key: bytes, sealed) -> bytes:
+        ring = self.dbs.pii
+        if ring is None:
+            raise pii.PiiKeyMissing(pii.key_id_of(sealed))
+        return ring.open(self.dbs.name_of[db] + b"\0" + bytes(key), bytes(sealed))
+
     def holder(self, ssn: str) -> tuple[int, HolderInfo] | None:
-        value = self.txn.get(ssn.encode("ascii"), db=self.dbs.holders)
-        return None if value is None else records.decode_holder(ssn, value)
+        key = self._index(ssn)
+        value = self.txn.get(key, db=self.dbs.holders)
+        return None if value is None else records.decode_holder(
+            ssn, value, lambda sealed: self._unseal(self.dbs.holders, key, sealed))
 
     def put_holder(self, holder_id: int, info: HolderInfo) -> None:
-        self._put(info.ssn.encode("ascii"), records.encode_holder(holder_id, info),
-                     db=self.dbs.holders)
-        self._put(_U64.pack(holder_id), info.ssn.encode("ascii"), db=self.dbs.holder_ssn)
+        key = self._index(info.ssn)
+        self._put(key, records.encode_holder(
+            holder_id, info, lambda plain: self._seal(self.dbs.holders, key, plain)),
+            db=self.dbs.holders)
+        self._put(_U64.pack(holder_id), key, db=self.dbs.holder_ssn)
 
     def holder_ssn(self, holder_id: int) -> str | None:
-        value = self.txn.get(_U64.pack(holder_id), db=self.dbs.holder_ssn)
-        return None if value is None else bytes(value).decode("ascii")
+        """The holder's identity number, read from its sealed record (the key needed)."""
+        key = self.txn.get(_U64.pack(holder_id), db=self.dbs.holder_ssn)
+        value = None if key is None else self.txn.get(key, db=self.dbs.holders)
+        if value is None:
+            return None
+        key = bytes(key)
+        return records.decode_holder(
+            None, value, lambda sealed: self._unseal(self.dbs.holders, key, sealed))[1].ssn
 
     def holder_history(self, holder_id: int) -> list[HolderChange]:
         """GZ-20: every earlier value of the holder's fields, oldest first."""
-        return [records.decode_holder_change(v)
-                for _, v in self._prefixed(self.dbs.holder_history, _U64.pack(holder_id))]
+        return [records.decode_holder_change(self._unseal(self.dbs.holder_history, k, v))
+                for k, v in self._prefixed(self.dbs.holder_history, _U64.pack(holder_id))]
 
     def add_holder_change(self, holder_id: int, change: HolderChange) -> None:
         n = sum(1 for _ in self._prefixed(self.dbs.holder_history, _U64.pack(holder_id)))
-        self._put(_U64.pack(holder_id) + n.to_bytes(4, "big"),
-                     records.encode_holder_change(change), db=self.dbs.holder_history)
+        key = _U64.pack(holder_id) + n.to_bytes(4, "big")
+        self._put(key, self._seal(self.dbs.holder_history, key,
+                                  records.encode_holder_change(change)),
+                  db=self.dbs.holder_history)
+
+    # the databases whose values are sealed, and where the sealed part of a value starts
+    # (holders: after the u64 holder id; notes: after the clear part and a NUL, proxies only)
+    # requests: after the fingerprint, answers that hold PII only (once_sealed; a protobuf
+    # answer never begins with byte 1, pii.SEALED_VERSION)
+    SEALED = ((b"holders", 8), (b"holder_history", 0), (b"residences", 0), (b"notes", -1),
+              (b"requests", -1))
+
+    def _sealed_part(self, name: bytes, at: int, key: bytes, value: bytes) -> int | None:
+        if at >= 0:
+            return at
+        if name == b"requests":
+            return 32 if value[32:33] == bytes((pii.SEALED_VERSION,)) else None
+        if not key.startswith(b"proxy:") or b"\0" not in value:
+            return None
+        return value.index(b"\0") + 1
+
+    def sealed_records(self, start: tuple[int, bytes | None] = (0, None)
+                       ) -> Iterator[tuple[int, bytes, bytes, int]]:
+        """(database number in SEALED, key, value, where its sealed part starts) of every
+        sealed value from `start` (database number, the key after which to go on)."""
+        for n in range(start[0], len(self.SEALED)):
+            name, at = self.SEALED[n]
+            after = start[1] if n == start[0] else None
+            with self.txn.cursor(db=self.dbs.by_name[name]) as cur:
+                more = cur.set_range(after + b"\0") if after is not None else cur.first()
+                while more:
+                    key, value = bytes(cur.key()), bytes(cur.value())
+                    begins = self._sealed_part(name, at, key, value)
+                    if begins is not None:
+                        yield n, key, value, begins
+                    more = cur.next()
+
+    def pii_key_counts(self) -> dict[str, int]:
+        """How many sealed values each key id sealed (rotation: the old key's count goes to 0,
+        then it may be removed from the key file)."""
+        counts: dict[str, int] = {}
+        for _, _, value, at in self.sealed_records():
+            key_id = pii.key_id_of(value[at:])
+            counts[key_id] = counts.get(key_id, 0) + 1
+        return counts
+
+    def reseal(self, start: tuple[int, bytes | None], visit_max: int, reseal_max: int,
+               deterministic: bool = False) -> tuple[tuple[int, bytes | None] | None, int, int]:
+        """Rotation's step: from `start`, every value sealed with a key other than the current
+        one sealed again with the current one, up to `reseal_max` of them and `visit_max`
+        values looked at. (where to go on, None at the end; resealed; erased: sealed with a
+        key the ring no longer holds, left as they are). `deterministic`: nonces as a
+        migration's (pii.KeyRing.seal), for a stopped store that every node rotates alike."""
+        ring = self.dbs.pii
+        if ring is None:
+            raise pii.PiiKeyMissing(self.dbs.pii_index or "(none recorded)", "rotation")
+        done = erased = visited = 0
+        todo = []
+        walk = self.sealed_records(start)
+        for n, key, value, at in walk:
+            visited += 1
+            key_id = pii.key_id_of(value[at:])
+            if key_id != ring.current:
+                if key_id not in ring.keys:
+                    erased += 1
+                else:
+                    todo.append((n, key, value, at))
+            if visited >= visit_max or len(todo) >= reseal_max:
+                break
+        else:
+            n, key = -1, None  # the end
+        walk.close()  # its cursor, before the writes
+        for m, k, value, at in todo:
+            db = self.dbs.by_name[self.SEALED[m][0]]
+            self._put(k, value[:at] + self._seal(db, k, self._unseal(db, k, value[at:]),
+                                                 deterministic), db=db)
+            done += 1
+        return (None if n < 0 else (n, key)), done, erased
 
     def credit_records(self, holder_id: int) -> list[CreditRecord]:
         """SH-26, RC-29: the holder's dishonesty records, oldest first."""
@@ -1140,13 +1306,16 @@ class Book:
                 for k, v in cur:
                     if k[:8] != prefix:
                         break
+                    v = self._unseal(self.dbs.residences, k, v)
                     out.append((_I64.unpack_from(v)[0], bytes(v[8:]).decode("utf-8")))
         return out
 
     def add_residence(self, holder_id: int, since: int, address: str) -> None:
-        n = len(self.residences(holder_id))
-        self._put(_U64.pack(holder_id) + n.to_bytes(4, "big"),
-                     _I64.pack(since) + address.encode("utf-8"), db=self.dbs.residences)
+        n = sum(1 for _ in self._prefixed(self.dbs.residences, _U64.pack(holder_id)))
+        key = _U64.pack(holder_id) + n.to_bytes(4, "big")
+        self._put(key, self._seal(self.dbs.residences, key,
+                                  _I64.pack(since) + address.encode("utf-8")),
+                  db=self.dbs.residences)
 
     def current_card(self, holder_id: int, pack: int) -> str | None:
         value = self.txn.get(_U64.pack(holder_id) + bytes((pack,)), db=self.dbs.holder_cards)
@@ -1184,6 +1353,21 @@ class Book:
     def remember(self, request_id: str, fingerprint: bytes, answer: bytes) -> None:
         assert len(fingerprint) == 32
         self._put(request_id.encode("utf-8"), fingerprint + answer, db=self.dbs.requests)
+
+    def once_sealed(self, request_id: str, fingerprint: bytes,
+                    produce: Callable[[], bytes]) -> bytes:
+        """`once`, the answer stored sealed: for an answer that holds a holder's personal
+        information (a replay needs the key). A clear answer stored by store format 3 is
+        given back as it is."""
+        key = request_id.encode("utf-8")
+        answer = self.replay(request_id, fingerprint)
+        if answer is not None:
+            if answer[:1] != bytes((pii.SEALED_VERSION,)):
+                return answer
+            return self._unseal(self.dbs.requests, key, answer)
+        answer = produce()
+        self.remember(request_id, fingerprint, self._seal(self.dbs.requests, key, answer))
+        return answer
 
     def once(self, request_id: str, fingerprint: bytes, produce: Callable[[], bytes]) -> bytes:
         """The first answer to `request_id`, or `produce()`'s, remembered in this transaction."""

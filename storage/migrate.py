@@ -24,6 +24,14 @@ The formats:
   UNACTIVATED (32: lost before it was activated, SH-17) and the `bank_losses` database (SH-20:
   a bank loss report's stored end; none: it stands until cancelled, format 2's meaning) are
   new in it, neither read differently from what format 2 held.
+- 4: 0.3.0. Holders' personal information sealed (issue 25; storage/pii.py): `holders` keyed by the
+  HMAC-SM3 of the identity number under the index key (format 3: the number itself), its
+  value the u64 holder id and the Holder message sealed with SM4-GCM; `holder_ssn` maps a
+  holder id to that HMAC (format 3: to the number); `holder_history` (GZ-20) and `residences`
+  (RC-13) values sealed whole; an RC-8 proxy note keeps its relation and ground in clear and
+  seals the proxy's identity number and name after a NUL; meta `pii:index` names the index
+  key. Migrating to it needs the key file (`--pii-key-file`); the migrated store is compacted
+  so that no page of data.mdb keeps the clear text (the pre-migrate copy does: delete it).
 
 Adding a format: bump `FORMAT`, add `MIGRATIONS[FORMAT - 1]` (a function of the write
 transaction that converts every record of the old layout and returns what it did, with the
@@ -46,10 +54,10 @@ from yikatong import __version__, config
 from yikatong.calendar import DAYS_FOR_AN_ACT, WORKING_DAYS
 from yikatong.errors import CorruptRecord, StoreFormat
 from yikatong.model import State
-from yikatong.storage import records
+from yikatong.storage import pii, records
 from yikatong.v1 import yikatong_pb2 as pb
 
-FORMAT = 3  # the format this release serves
+FORMAT = 4  # the format this release serves
 FORMAT_KEY, WRITTEN_BY_KEY = b"format", b"written_by"
 WRITTEN_BY = f"yikatong {__version__}"
 UNRECORDED = "a release that did not record it"
@@ -96,7 +104,8 @@ def refusal(data_dir: str, found: int, by: str | None) -> str:
     if found < FORMAT:
         return (f"data dir {data_dir} is store format {found} ({written}); yikatong "
                 f"{__version__} serves format {FORMAT}: run `yikatong migrate --data-dir "
-                f"{data_dir}` first (or start with `yikatong serve --migrate`)")
+                f"{data_dir}" + (" --pii-key-file FILE" if found < 4 else "") + "` first (or "
+                "start with `yikatong serve --migrate`)")
     return (f"data dir {data_dir} is store format {found} ({written}); yikatong {__version__} "
             f"serves format {FORMAT} and no migration goes back: run the release that wrote "
             "it, or a later one")
@@ -147,7 +156,8 @@ def _by_content(env, txn, names: set[bytes]) -> int | None:
 # ---------------------------------------------------------------------------- migrate
 
 def migrate(data_dir: str, *, map_size: int = config.lmdb_map_size,
-            say: Callable[[str], None] = print) -> dict[str, dict[str, int]]:
+            say: Callable[[str], None] = print,
+            pii_keys: "pii.KeyRing | None | str" = "in_process") -> dict[str, dict[str, int]]:
     """Bring the store in `data_dir` to FORMAT: a compacted copy of it kept first (the way
     back), the audit trail verified, every record converted in one write transaction and
     checked by this release's decoders before it commits, then `format` and `written_by`
@@ -157,18 +167,42 @@ def migrate(data_dir: str, *, map_size: int = config.lmdb_map_size,
     from yikatong.storage.lmdb_store import Store
 
     lmdb_dir = os.path.join(data_dir, "lmdb")
+    ring = pii.in_process if pii_keys == "in_process" else pii_keys
     env = Store._open(lmdb_dir, map_size, True)
+    compacted = ""
     try:
-        return _migrate(env, data_dir, say)
+        done = _migrate(env, data_dir, say, ring)  # type: ignore[arg-type]
+        if "3->4" in done:  # the clear text is in freed pages until the file is rewritten
+            compacted = _compacted_copy(env, data_dir)
+        return done
     except lmdb.MapFullError:
         raise StoreFormat(f"the migration of {data_dir} needs a larger map than "
                           f"{map_size // 2**20} MiB (--map-size-mib); nothing was "
                           "changed") from None
     finally:
         env.close()
+        if compacted:
+            os.replace(os.path.join(compacted, "data.mdb"), os.path.join(lmdb_dir, "data.mdb"))
+            os.rmdir(compacted)
+            say(f"  compacted {os.path.join(lmdb_dir, 'data.mdb')}: no page of it keeps "
+                "personal information in clear (the pre-migrate copy does: delete it once the "
+                "migrated store serves)")
 
 
-def _migrate(env, data_dir: str, say) -> dict[str, dict[str, int]]:
+def _compacted_copy(env, data_dir: str) -> str:
+    """LMDB's compacting copy of the migrated store, beside it (owner-only)."""
+    path = os.path.join(data_dir, "lmdb.compacting")
+    if os.path.exists(path):
+        for name in os.listdir(path):
+            os.remove(os.path.join(path, name))
+        os.rmdir(path)
+    os.makedirs(path, mode=0o700)
+    env.copy(path, compact=True)
+    os.chmod(os.path.join(path, "data.mdb"), 0o600)
+    return path
+
+
+def _migrate(env, data_dir: str, say, ring: "pii.KeyRing | None") -> dict[str, dict[str, int]]:
     found, by = stored_format(env)
     if found is None or found == FORMAT:
         say(f"data dir {data_dir} is already store format {FORMAT} (written by "
@@ -176,6 +210,10 @@ def _migrate(env, data_dir: str, say) -> dict[str, dict[str, int]]:
         return {}
     if found > FORMAT:
         raise StoreFormat(refusal(data_dir, found, by))
+    if found < 4 and ring is None:
+        raise StoreFormat(f"the migration of {data_dir} to store format 4 seals the holders' "
+                          "personal information: give the key file (yikatong migrate "
+                          f"--data-dir {data_dir} --pii-key-file FILE); nothing was changed")
     say(f"migrating data dir {data_dir} from store format {found} (written by "
         f"{by or UNRECORDED}) to {FORMAT}")
     say("  audit trail before: " + _verify_audit(env, data_dir, found))
@@ -188,7 +226,7 @@ def _migrate(env, data_dir: str, say) -> dict[str, dict[str, int]]:
     try:
         with env.begin(write=True) as txn:
             for step in range(found, FORMAT):
-                done[f"{step}->{step + 1}"] = MIGRATIONS[step](env, txn)
+                done[f"{step}->{step + 1}"] = MIGRATIONS[step](env, txn, ring)
             check_records(env, txn)
             meta = env.open_db(b"meta", txn=txn)
             txn.put(FORMAT_KEY, str(FORMAT).encode("ascii"), db=meta)
@@ -273,7 +311,7 @@ def check_records(env, txn) -> None:
     names = _names(txn)
     decoders = {
         b"cards": lambda k, v: records.decode_card(k.decode("ascii"), v),
-        b"holders": lambda k, v: records.decode_holder(k.decode("ascii"), v),
+        b"holders": _check_holder,
         b"accounts": lambda k, v: records.decode_account(v),
         b"transfers": lambda k, v: records.decode_transfer(v),
         b"changes": lambda k, v: records.decode_change(v),
@@ -290,6 +328,14 @@ def check_records(env, txn) -> None:
             except (CorruptRecord, UnicodeError) as error:
                 raise CorruptRecord(f"{name.decode()} record {bytes(key)[:24]!r} does not "
                                     f"read back: {error}") from None
+
+
+def _check_holder(key: bytes, value: bytes) -> None:
+    """Format 4's holder record, as far as it reads without the key: an HMAC-SM3 for a key,
+    a holder id and a sealed value."""
+    if len(key) != pii.INDEX_BYTES or len(value) <= 8:
+        raise CorruptRecord(f"a holder record of key {len(key)} / value {len(value)} bytes")
+    pii.split(value[8:])
 
 
 def _check_note(key: bytes, kinds) -> None:
@@ -385,7 +431,7 @@ def _holder_of_transfer(txn, transfers, transfer_id: bytes) -> int:
     return 0
 
 
-def _from_1(env, txn) -> dict[str, int]:
+def _from_1(env, txn, ring=None) -> dict[str, int]:
     """Format 1 -> 2. Change sequence numbers stay; each change record gets format 2's fields:
     kind (a transfer id says TRANSFER), the holder (of the card, or of the transfer's holder
     account), flags and locks (the card's own for its last change, which wrote the card as it
@@ -468,7 +514,7 @@ _PERIODS = {"SH-10": (WORKING_DAYS, 3, "applied"), "SH-23a": (DAYS_FOR_AN_ACT, 1
             "RC-23": (WORKING_DAYS, 20, "points")}
 
 
-def _from_2(env, txn) -> dict[str, int]:
+def _from_2(env, txn, ring=None) -> dict[str, int]:
     """Format 2 -> 3: each card's open steps keep how their end was counted (SPEC.md section
     6), so that one counted through a year without its notice is counted again when the
     notice is installed. A format-2 step counted on official years keeps its end, fixed
@@ -548,7 +594,57 @@ def _from_2(env, txn) -> dict[str, int]:
 
 
 # from_format -> the function converting every record of it, in the migration's transaction
-MIGRATIONS: dict[int, Callable[..., dict[str, int]]] = {1: _from_1, 2: _from_2}
+def _from_3(env, txn, ring) -> dict[str, int]:
+    """Format 3 -> 4: every holder's personal information sealed (storage/pii.py): holders
+    re-keyed by the HMAC of their identity number, holder_ssn pointing at that HMAC, the
+    history, residence and proxy values sealed, the index key recorded in meta."""
+    holders, holder_ssn = env.open_db(b"holders", txn=txn), env.open_db(b"holder_ssn", txn=txn)
+    counts = {"holders sealed": 0}
+    after: bytes | None = None
+    while True:  # format 3's keys are identity numbers (18 ASCII); format 4's 32-byte HMACs
+        batch: list[tuple[bytes, bytes]] = []
+        with txn.cursor(db=holders) as cur:
+            more = cur.set_range(after + b"\0") if after is not None else cur.first()
+            while more and len(batch) < _BATCH:
+                if len(cur.key()) != pii.INDEX_BYTES:
+                    batch.append((bytes(cur.key()), bytes(cur.value())))
+                more = cur.next()
+        for old_key, value in batch:
+            if len(value) <= 8:
+                raise CorruptRecord(f"a holder record of {len(value)} bytes")
+            key = ring.index(old_key.decode("ascii"))
+            txn.delete(old_key, db=holders)
+            txn.put(key, value[:8] + ring.seal(b"holders\0" + key, value[8:], True), db=holders)
+            txn.put(value[:8], key, db=holder_ssn)
+            counts["holders sealed"] += 1
+        if len(batch) < _BATCH:
+            break
+        after = batch[-1][0]
+    left = sum(1 for _, v in txn.cursor(db=holder_ssn) if len(v) != pii.INDEX_BYTES)
+    if left:
+        raise CorruptRecord(f"{left} holder_ssn entries name no holder record")
+
+    def sealed(name: bytes):
+        return lambda key, value: ring.seal(name + b"\0" + key, value, True)
+
+    for name in (b"holder_history", b"residences"):
+        counts[f"{name.decode()} sealed"] = _rewrite(txn, env.open_db(name, txn=txn),
+                                                     sealed(name))[0]
+
+    def proxy(key: bytes, value: bytes) -> bytes | None:
+        if not key.startswith(b"proxy:"):
+            return None
+        relation, ground, person = value.decode("utf-8").split(" ", 2)
+        return (f"{relation} {ground}".encode("utf-8") + b"\0"
+                + ring.seal(b"notes\0" + key, person.encode("utf-8"), True))
+
+    counts["proxy notes sealed"] = _rewrite(txn, env.open_db(b"notes", txn=txn), proxy)[0]
+    txn.put(pii.META_INDEX, ring.index_id.encode("ascii") + b"\0" + ring.index_check(),
+            db=env.open_db(b"meta", txn=txn))
+    return counts
+
+
+MIGRATIONS: dict[int, Callable[..., dict[str, int]]] = {1: _from_1, 2: _from_2, 3: _from_3}
 # what a migration could not carry over, said to the operator after it: {count: note}, said
 # when that count is not 0 ("": always)
 NOTES: dict[str, dict[str, str]] = {

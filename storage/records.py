@@ -179,25 +179,34 @@ def holder_id_of(value) -> int | None:
 
 # ---------------------------------------------------------------------------- holders
 
-def encode_holder(holder_id: int, info: HolderInfo) -> bytes:
-    """u64 holder id (big-endian) + the PII as a yikatong.v1.Holder message."""
+def encode_holder(holder_id: int, info: HolderInfo,
+                  seal: typing.Callable[[bytes], bytes]) -> bytes:
+    """u64 holder id (big-endian) + the PII as a yikatong.v1.Holder message, sealed (store
+    format 4: storage/pii.py; the record's key is the HMAC of the identity number)."""
     from yikatong.v1 import yikatong_pb2 as pb
 
-    return _U64.pack(holder_id) + pb.Holder(**vars(info)).SerializeToString(deterministic=True)
+    return _U64.pack(holder_id) + seal(
+        pb.Holder(**vars(info)).SerializeToString(deterministic=True))
 
 
-def decode_holder(ssn: str, value) -> tuple[int, HolderInfo]:
+def decode_holder(ssn: str | None, value, unseal: typing.Callable[[bytes], bytes]
+                  ) -> tuple[int, HolderInfo]:
+    """`ssn`: the identity number looked up (None: reached by holder id), which the record
+    must hold."""
     from google.protobuf.message import DecodeError
 
     from yikatong.v1 import yikatong_pb2 as pb
 
     value = bytes(value)
+    if len(value) < 8:
+        raise CorruptRecord(f"holder record of {len(value)} bytes")
     try:
-        message = pb.Holder.FromString(value[8:])
+        message = pb.Holder.FromString(unseal(value[8:]))
     except DecodeError as e:
-        raise CorruptRecord(f"holder record {ssn[:4]}***: {e}") from None
-    if len(value) < 8 or message.ssn != ssn:
-        raise CorruptRecord(f"holder record {ssn[:4]}*** does not belong to its key")
+        raise CorruptRecord(f"holder record {_U64.unpack_from(value)[0]}: {e}") from None
+    if ssn is not None and message.ssn != ssn:
+        raise CorruptRecord(f"holder record {_U64.unpack_from(value)[0]} does not belong to "
+                            "its key")
     fields = {f: getattr(message, f) for f in HolderInfo.__dataclass_fields__}
     return _U64.unpack_from(value)[0], HolderInfo(**fields)
 

@@ -7,6 +7,12 @@ import pytest
 os.environ["YIKATONG_CHECK_INVARIANTS"] = "1"
 
 from yikatong.fastpath import _authorize_py
+from yikatong.server.harness import PII_TEST_KEYS
+from yikatong.storage import pii
+
+# A store a test opens in its own process seals PII with the keys its servers get
+# (server/harness.py passes them as --pii-key-file)
+pii.in_process = pii.KeyRing.parse(PII_TEST_KEYS, "the tests' PII keys")
 
 try:
     from yikatong.fastpath import _authorize_c

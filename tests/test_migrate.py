@@ -18,7 +18,7 @@ import pytest
 
 from yikatong import __version__, config
 from yikatong.errors import StoreFormat
-from yikatong.server.harness import ROOT, ServerProcess, store_digest
+from yikatong.server.harness import ROOT, ServerProcess, store_digest, write_pii_keys
 from yikatong.storage import migrate, records
 from yikatong.storage.lmdb_store import Store
 
@@ -45,7 +45,18 @@ def answers(fmt: int) -> dict:
         return json.load(f)
 
 
+PII_KEYS = ""  # the tests' PII key file (format 4 seals PII: a migration to it needs it)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _pii_keys(tmp_path_factory):
+    global PII_KEYS
+    PII_KEYS = write_pii_keys(str(tmp_path_factory.mktemp("keys") / "pii-keys.toml"))
+
+
 def yikatong(*args: str) -> subprocess.CompletedProcess:
+    if args[0] == "migrate":
+        args += ("--pii-key-file", PII_KEYS)
     return subprocess.run([sys.executable, "-m", "yikatong", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
@@ -69,7 +80,7 @@ def meta(data_dir: str) -> dict[bytes, bytes]:
 
 def test_one_version_everywhere():
     """`yikatong --version` and the package metadata read yikatong/__init__.py's."""
-    assert __version__ == "0.2.0"
+    assert __version__ == "0.3.0"
     assert yikatong("--version").stdout.strip() == f"yikatong {__version__}"
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)

@@ -3,5 +3,6 @@
 
 # The one place the release is named: pyproject.toml reads it (setuptools' dynamic version),
 # `yikatong --version` prints it, the start-up line logs it, a data dir records it
-# (storage/migrate.py). 0.2.0: the first release that records its store format.
-__version__ = "0.2.0"
+# (storage/migrate.py). 0.2.0: the first release that records its store format; 0.3.0: store
+# format 4, holders' personal information sealed (issue 25).
+__version__ = "0.3.0"
