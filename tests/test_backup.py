@@ -14,6 +14,7 @@ from test_e2e import START, new_active_card
 from test_money_e2e import balances, pay, top_up
 
 from yikatong.server.harness import ROOT, ServerProcess, running
+from yikatong.storage import backup as backups
 from yikatong.storage import migrate
 from yikatong.v1 import yikatong_pb2 as pb
 
@@ -187,3 +188,50 @@ def test_backup_and_restore_say_in_one_line_what_stops_them(tmp_path):
         assert yikatong("backup", "--data-dir", srv.data_dir, "--to", backup).returncode == 0
         refused = yikatong("restore", "--from", backup, "--data-dir", srv.data_dir)
     assert refused.returncode == 2 and "holds a store" in refused.stderr
+
+
+def test_a_backup_or_restore_killed_midway_leaves_nothing_that_passes_for_one(tmp_path):
+    """SIGKILL `yikatong backup` and `yikatong restore` at points along their way: what is at
+    the backup's path either verifies or is refused, the source store still verifies, and
+    a restore killed midway leaves no store where it was going (the next one completes)."""
+    import random
+
+    rng = random.Random(7)
+    with running(_dir(tmp_path, "a"), "--demo") as srv:
+        for n in range(6):
+            to = str(tmp_path / f"b{n}")
+            proc = subprocess.Popen([sys.executable, "-m", "yikatong", "backup", "--data-dir",
+                                     srv.data_dir, "--to", to], cwd=ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.2, 1.2))
+            proc.kill()
+            proc.wait()
+            if os.path.exists(to):  # it finished before the kill: a whole backup
+                assert yikatong("backup", "--verify", to).returncode == 0
+            else:
+                refused = yikatong("backup", "--verify", to)
+                assert refused.returncode == 1
+            # a new backup to the same path is taken whole (a partial one is cleared)
+            if not os.path.exists(to):
+                assert yikatong("backup", "--data-dir", srv.data_dir, "--to", to).returncode \
+                    == 0
+        assert yikatong("audit", "verify", "--data-dir", srv.data_dir).returncode == 0
+    backup = str(tmp_path / "b0")
+    for n in range(4):
+        target = str(tmp_path / f"r{n}")
+        proc = subprocess.Popen([sys.executable, "-m", "yikatong", "restore", "--from", backup,
+                                 "--data-dir", target], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.2, 1.0))
+        proc.kill()
+        proc.wait()
+        store = os.path.join(target, "lmdb", "data.mdb")
+        finished = os.path.exists(store)
+        if finished:  # the whole store, as backed up
+            assert backups._hash(store)[1] == backups.verify(backup).data_sha256
+        done = yikatong("restore", "--from", backup, "--data-dir", target)
+        if finished:
+            assert done.returncode == 2 and "holds a store" in done.stderr
+        else:
+            assert done.returncode == 0, done.stderr
+        assert yikatong("audit", "verify", "--data-dir", target).returncode == 0
