@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 from types import SimpleNamespace
+from typing import Any
 
 import lmdb
 
@@ -194,8 +195,8 @@ def _read(copy: str, now: _dt.datetime | None) -> Manifest:
             migrate.check_records(env, txn)
             from yikatong.storage.lmdb_store import Book
 
-            book = Book(txn, SimpleNamespace(**{n.decode(): db for n, db in dbs.items()},
-                                             audit_head=(0, bytes(32))))
+            book = Book(txn, SimpleNamespace(  # type: ignore[arg-type]
+                **{n.decode(): db for n, db in dbs.items()}, audit_head=(0, bytes(32))))
             try:
                 ledger.check_invariants(book)
             except AssertionError as error:
@@ -207,7 +208,7 @@ def _read(copy: str, now: _dt.datetime | None) -> Manifest:
             head = bytes(32)
             for _, last in book.audit_records(max(events - 1, 0)):
                 head = records.split_audit(last)[2]
-            manifest = dict(
+            manifest: dict[str, Any] = dict(
                 format=found, written_by=f"yikatong {__version__}",
                 taken_at=(now or _dt.datetime.now(_dt.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 change_sequence=book.last_change() if b"changes" in dbs else 0,

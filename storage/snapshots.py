@@ -176,7 +176,8 @@ class Taker:
     def __init__(self, node, policy: Policy, work: str):
         self.node, self.policy, self.work = node, policy, work
         self.snapshots = Snapshots(node.log)
-        self.newest = (self.snapshots.list() or [None])[-1]
+        kept = self.snapshots.list()
+        self.newest: backup.Manifest | None = kept[-1] if kept else None
         self.newest_at = time.time()
         self.taken = 0
         self.last_error = ""
@@ -255,7 +256,8 @@ def restore_to(urls: list[str], sequence: int, data_dir: str) -> tuple[int, int]
             raise backup.BackupError(f"--to-sequence {sequence}: the log's records are "
                                      f"numbered 1 to {last}")
         snapshots = Snapshots(log_)
-        base = ([m for m in snapshots.list() if m.log_sequence <= sequence] or [None])[-1]
+        covering = [m for m in snapshots.list() if m.log_sequence <= sequence]
+        base = covering[-1] if covering else None
         start = (base.log_sequence if base else 0) + 1
         if start < first:
             raise backup.BackupError(
@@ -276,7 +278,7 @@ def restore_to(urls: list[str], sequence: int, data_dir: str) -> tuple[int, int]
         try:
             seq = start
             while seq <= sequence:
-                batch = []
+                batch: list[bytes] = []
                 while seq <= sequence and len(batch) < 256:
                     found = log_.read(seq)
                     if found is None:
