@@ -377,7 +377,7 @@ def demo_pii_keys(data_dir: str) -> str:
     return path
 
 
-def _pii_rotation(store, ring):
+def _pii_rotation(ring):
     """The background rotation of this server process, with its progress as a metric."""
     import logging
 
@@ -385,17 +385,23 @@ def _pii_rotation(store, ring):
 
     from yikatong.storage import pii
 
-    global _PII_LEFT
-    if _PII_LEFT is None:
-        _PII_LEFT = Gauge("yikatong_pii_values_under_old_keys", "Sealed values of holders' "
-                          "personal information not yet sealed with the current key (the "
-                          "background rotation's work left)", multiprocess_mode="livemax")
-    with store.read() as txn:
-        counts = store.book(txn).pii_key_counts()
-    return pii.Rotation(ring, counts, logging.getLogger("yikatong.pii"), _PII_LEFT.set)
+    global _PII_GAUGES
+    if _PII_GAUGES is None:
+        _PII_GAUGES = (
+            Gauge("yikatong_pii_rotation_resealed", "Values of holders' personal information "
+                  "this process's background rotation has sealed with the current key",
+                  multiprocess_mode="livesum"),
+            Gauge("yikatong_pii_rotation_running", "1 while a background rotation of the PII "
+                  "keys has values left to look at", multiprocess_mode="livemax"))
+    resealed, running = _PII_GAUGES
+
+    def progress(done: int, on: bool) -> None:
+        resealed.set(done)
+        running.set(int(on))
+    return pii.Rotation(ring, logging.getLogger("yikatong.pii"), progress)
 
 
-_PII_LEFT = None
+_PII_GAUGES = None
 
 
 def pii_command(action: str, data_dir: str, key_file: str | None) -> int:
@@ -759,7 +765,7 @@ def _serve(args, metrics) -> int:
         except StoreUnavailable as error:
             return _fail(str(error))
         if ring is not None and not args.replicate:  # a follower's values come in the log
-            rotation = _pii_rotation(store, ring)
+            rotation = _pii_rotation(ring)
         if args.replicate:
             from yikatong.storage.replication import Node, shown
             try:

@@ -242,7 +242,7 @@ def test_rotation_seals_everything_again_in_the_background_then_the_old_key_goes
     try:
         assert wait_until(lambda: "PII rotation done" in srv.output(), timeout=30), \
             srv.output()[-3000:]
-        assert re.search(r"PII rotation: \d+ values sealed with keys test-1 are sealed again",
+        assert re.search(r"PII rotation: values sealed with keys test-1 are sealed again",
                          srv.output())
         assert get_holder(srv, card_number=cards[0]).holder.phone == "13700000000"
     finally:
