@@ -30,7 +30,7 @@ import queue
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import lmdb
@@ -1188,7 +1188,7 @@ class Book:
         return value.index(b"\0") + 1
 
     def sealed_records(self, start: tuple[int, bytes | None] = (0, None)
-                       ) -> Iterator[tuple[int, bytes, bytes, int]]:
+                       ) -> Generator[tuple[int, bytes, bytes, int], None, None]:
         """(database number in SEALED, key, value, where its sealed part starts) of every
         sealed value from `start` (database number, the key after which to go on)."""
         for n in range(start[0], len(self.SEALED)):
