@@ -99,8 +99,21 @@ def main(argv=None) -> int:
                    help="RC-20 to RC-22: the Residence Card points indicator table in force "
                         "(TOML); without it the shipped EXAMPLE table, not the official one")
     s.add_argument("--metrics-listen", metavar="HOST:PORT",
-                   help="serve Prometheus metrics over HTTP there (off by default); with "
-                        "--workers, one scrape sums every worker")
+                   help="serve Prometheus metrics over HTTP there (off by default), from a "
+                        "process of its own; with --workers, one scrape sums every worker")
+    s.add_argument("--metrics-tls-cert", metavar="PEM",
+                   help="serve the metrics over HTTPS with this certificate chain (with "
+                        "--metrics-tls-key; both read again on SIGHUP)")
+    s.add_argument("--metrics-tls-key", metavar="PEM", help="the metrics certificate's key")
+    s.add_argument("--metrics-auth", metavar="FILE",
+                   help="only scrapers named in this TOML file may scrape: [[scraper]] entries "
+                        "with id and either username + password_sha256 (basic auth) or "
+                        "token_sha256 (bearer); read again on SIGHUP")
+    s.add_argument("--metrics-read-seconds", type=float, default=config.metrics_read_seconds_max,
+                   help="a metrics connection that has not sent its whole request this long "
+                        "after connecting is dropped")
+    s.add_argument("--metrics-connections-max", type=int, default=config.metrics_connections_max,
+                   help="metrics connections open at once; beyond it a new one is closed at once")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="JSON lines on stderr; info logs one line per call")
     s.add_argument("--migrate", action="store_true",
@@ -546,15 +559,47 @@ def serve(args) -> int:
     from yikatong.server import metrics
 
     if args.metrics_listen and not args.worker_of:  # a worker has its parent's directory
-        problem = _probe_listen(args.metrics_listen)
+        problem = _probe_listen(args.metrics_listen) or _metrics_problem(args)
         if problem:
-            return _fail(f"cannot listen on {args.metrics_listen} (--metrics-listen): {problem}")
-        values = metrics.prepare()  # before prometheus-client is imported, by any process
-        try:
-            return _serve(args, metrics)
-        finally:
-            metrics.remove(values)
+            return _fail(f"cannot serve metrics on {args.metrics_listen} (--metrics-listen): "
+                         f"{problem}")
+        metrics.prepare(args.data_dir)  # before prometheus-client is imported, by any process
+    elif not args.metrics_listen and (args.metrics_tls_cert or args.metrics_tls_key
+                                      or args.metrics_auth):
+        return _fail("--metrics-tls-cert, --metrics-tls-key and --metrics-auth need "
+                     "--metrics-listen")
     return _serve(args, metrics)
+
+
+def _metrics_reload(reloads, exporter, args):
+    """One worker: SIGHUP is passed to the metrics endpoint's process too (the supervisor
+    passes it under --workers), which reads its certificate, key and credentials again and
+    logs its own line."""
+    if exporter is not None and (args.metrics_tls_cert or args.metrics_auth):
+        reloads.add("metrics endpoint (its own reload line follows)",
+                    args.metrics_auth or args.metrics_tls_cert, exporter.hup)
+    return reloads
+
+
+def _metrics_problem(args) -> str:
+    """What is wrong with the metrics endpoint's flags and files ('' if nothing), checked
+    before anything starts, as its process will read them."""
+    from yikatong.server import exporter
+
+    if not 0 < args.metrics_read_seconds <= 60:
+        return "--metrics-read-seconds must be above 0 and at most 60"
+    if not 1 <= args.metrics_connections_max <= 10_000:
+        return "--metrics-connections-max must be 1 to 10000"
+    if bool(args.metrics_tls_cert) != bool(args.metrics_tls_key):
+        return "--metrics-tls-cert and --metrics-tls-key go together"
+    try:
+        if args.metrics_tls_cert:
+            exporter.load_tls(args.metrics_tls_cert, args.metrics_tls_key)
+        if args.metrics_auth:
+            exporter.load_auth(args.metrics_auth)
+    except ValueError as error:
+        return str(error)
+    return ""
 
 
 def _serve(args, metrics) -> int:
@@ -782,7 +827,9 @@ def _serve(args, metrics) -> int:
                                   concurrent_rpcs_max=args.max_concurrent_rpcs, banks=banks,
                                   tls=certs, reflection=args.reflection,
                                   reuse_port=workers > 1 or worker is not None,
-                                  reloads=reload.server_parts(args, clients, certs, store),
+                                  reloads=_metrics_reload(
+                                      reload.server_parts(args, clients, certs, store),
+                                      exporter if workers == 1 else None, args),
                                   drain_seconds=args.drain_seconds, node=node,
                                   limits=Limits(args.client_calls_max,
                                                 args.request_arrival_seconds,
@@ -797,16 +844,25 @@ def _serve(args, metrics) -> int:
         return 0
 
     def serving():
-        if args.metrics_listen:
-            metrics.serve(args.metrics_listen)
+        if exporter is not None:
+            exporter.wait_ready()  # so a scrape right after the ready line is answered
         ready()
 
+    # the metrics endpoint: a process of its own (server/exporter.py), kept by this process
+    # (one worker) or by the supervisor (--workers N); its values under the data dir, emptied
+    # now that the lock is held (a killed server's are never served)
+    exporter = metrics.Exporter(args) if args.metrics_listen and worker is None else None
+    values = metrics.prepare(args.data_dir) if exporter is not None else ""
     try:
         if worker is not None:
             return run(worker.ready)
+        if exporter is not None:
+            metrics.clean(values)
         if workers == 1:
+            if exporter is not None:
+                exporter.keep()
             code = run(serving)
-        else:  # the parent serves the metrics, once every worker is forked and ready
+        else:  # the parent keeps the metrics endpoint, once every worker is forked
             # a worker started anew: this command in a fresh interpreter, with the lock and
             # the manual clock's shared memory
             code = supervise(workers, run, serving,
@@ -816,8 +872,12 @@ def _serve(args, metrics) -> int:
                              on_restart=metrics.worker_restarted if args.metrics_listen
                              else lambda: None,
                              command=[sys.executable, "-m", "yikatong", *args.argv],
-                             fds={"lock": lock, **({"clock": clock.fd} if clock.manual else {})})
+                             fds={"lock": lock, **({"clock": clock.fd} if clock.manual else {})},
+                             companion=exporter)
     finally:
+        if exporter is not None:
+            exporter.stop()
+            metrics.remove(values)
         os.close(lock)
     if code == 0:
         print("yikatong: stopped", flush=True)

@@ -1,46 +1,206 @@
 """Prometheus metrics, on `--metrics-listen HOST:PORT` (off by default).
 
-Always prometheus-client's multiprocess mode: every process writes its values to files in one
-directory made for this run (PROMETHEUS_MULTIPROC_DIR, set before prometheus_client is first
-imported), and the endpoint sums them. So one scrape shows every worker; a worker that dies
-leaves its counters behind (not lost), and its replacement writes files of its own (not
-doubled); its live gauges are dropped (`process_ended`).
+Always prometheus-client's multiprocess mode: every serving process writes its values to files
+in `metrics/` under the data dir (PROMETHEUS_MULTIPROC_DIR, set before prometheus_client is
+first imported), emptied at every start once the data dir's lock is held, so values a killed
+server left behind are never served, and removed at a clean stop. The endpoint is a process of
+its own (server/exporter.py, started and restarted by `Exporter` below) that sums the files on
+each scrape: so one scrape shows every worker, and no scraper holds a gRPC worker's descriptors
+or threads. A worker that dies leaves its counters behind (not lost), and its replacement
+writes files of its own (not doubled); its live gauges are dropped (`process_ended`).
 
 The call path pays little: a call is two bound-child updates (counter, histogram). Decisions
 are tallied in a plain list per process and added to their counter once a second, since a
 streamed batch makes 100 of them per message.
 """
+import logging
 import os
+import select
 import shutil
-import tempfile
+import signal
+import subprocess
+import sys
+import threading
 import time
 
 from yikatong.model import Channel, Reason
 
 _DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FLUSH_SECONDS = 1.0
+DIR_NAME = "metrics"  # under the data dir
+READY_SECONDS_MAX = 20.0  # the endpoint process says it listens within this, or is logged
+RESTART_SECONDS_MAX = 30.0  # the longest pause before the endpoint process is started again
+log = logging.getLogger("yikatong.server")
 
 
-def prepare() -> str:
-    """Make this run's value directory and point prometheus-client at it: call before the
-    first import of this module's users (the server). Returns the directory."""
-    path = tempfile.mkdtemp(prefix="yikatong-metrics-")
+def prepare(data_dir: str) -> str:
+    """Point prometheus-client at this data dir's value directory: call before the first
+    import of this module's users (the server). Nothing is written yet (`clean`, once the
+    data dir's lock is held). Returns the directory."""
+    path = os.path.join(os.path.abspath(data_dir), DIR_NAME)
     os.environ[_DIR_ENV] = path
     return path
+
+
+def clean(path: str) -> None:
+    """With the data dir's lock held, before any process writes a value: whatever a server
+    killed without a clean stop left there is gone, and the directory is owner-only."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.mkdir(path, 0o700)
 
 
 def remove(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def serve(listen: str) -> None:
-    """The HTTP endpoint (a daemon thread), summing every process's values."""
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+class Exporter:
+    """The metrics endpoint's process (server/exporter.py), kept running by the process that
+    starts it: the only process of one worker (`keep`, a thread waiting on it) or the parent of
+    --workers N (the supervisor reaps it: `ended`, and starts it again: `poll`). It ending never
+    touches gRPC: it is logged, counted (`yikatong_metrics_endpoint_restarts`) and started again
+    after a pause (1 s, doubling up to 30 s while it keeps dying within a minute)."""
 
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    host, _, port = listen.rpartition(":")
-    start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    def __init__(self, args):
+        self.argv = [sys.executable, "-m", "yikatong.server.exporter",
+                     "--listen", args.metrics_listen,
+                     "--read-seconds", str(args.metrics_read_seconds),
+                     "--connections-max", str(args.metrics_connections_max),
+                     "--log-level", args.log_level]
+        if args.metrics_tls_cert:
+            self.argv += ["--tls-cert", os.path.abspath(args.metrics_tls_cert),
+                          "--tls-key", os.path.abspath(args.metrics_tls_key)]
+        if args.metrics_auth:
+            self.argv += ["--auth", os.path.abspath(args.metrics_auth)]
+        self.proc: subprocess.Popen | None = None
+        self.ready = threading.Event()
+        self.stopping = threading.Event()
+        self.started = 0.0
+        self.pause = 1.0
+        self.due: float | None = None
+        self._ready_r = -1
+        self._thread: threading.Thread | None = None
+        self._restarts = None
+        self._lock = threading.Lock()  # a spawn and a stop: one at a time
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    def spawn(self) -> None:
+        with self._lock:
+            if not self.stopping.is_set():
+                self._spawn()
+
+    def _spawn(self) -> None:
+        read, write = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [*self.argv, "--ready-fd", str(write), "--parent", str(os.getpid())],
+                pass_fds=(write,), stdin=subprocess.DEVNULL)
+        except OSError as error:
+            os.close(read)
+            log.error("metrics endpoint could not be started: %s", error)
+            self.proc = None
+            self._later()
+            return
+        finally:
+            os.close(write)
+        if self._ready_r >= 0:
+            os.close(self._ready_r)
+        self._ready_r = read
+        self.started = time.monotonic()
+
+    def wait_ready(self, seconds: float = READY_SECONDS_MAX) -> bool:
+        """Until the endpoint listens (True), ends, or `seconds` pass."""
+        if self._thread is not None:
+            return self.ready.wait(seconds)
+        if self._ready_r < 0:
+            return False
+        ready, _, _ = select.select([self._ready_r], [], [], seconds)
+        said = os.read(self._ready_r, 1) if ready else b""
+        if not said:
+            log.error("metrics endpoint (pid %d) did not start listening within %.0f s",
+                      self.pid, seconds)
+        return bool(said)
+
+    def ended(self, pid: int, code: int) -> bool:
+        """A child has ended (reaped by the supervisor): True if it was this endpoint."""
+        if self.proc is None or pid != self.proc.pid:
+            return False
+        self.proc.returncode = code  # reaped already: Popen must not wait for it
+        if not self.stopping.is_set():
+            self._count()
+            self._later(f"(pid {pid}) ended (exit {code})")
+        return True
+
+    def _later(self, why: str = "could not be started") -> None:
+        if time.monotonic() - self.started > 60:
+            self.pause = 1.0
+        pause, self.pause = self.pause, min(self.pause * 2, RESTART_SECONDS_MAX)
+        self.due = time.monotonic() + pause
+        log.error("metrics endpoint %s; gRPC is not affected; starting it again in %.0f s",
+                  why, pause, extra={"fields": {"retry_seconds": pause}})
+
+    def _count(self) -> None:
+        from prometheus_client import Counter
+
+        if self._restarts is None:
+            self._restarts = Counter("yikatong_metrics_endpoint_restarts", "Times the metrics "
+                                     "endpoint's process ended by itself and was started again")
+        self._restarts.inc()
+
+    def poll(self) -> None:
+        """The supervisor's loop: start the endpoint again once its pause is over."""
+        if self.due is not None and time.monotonic() >= self.due \
+                and not self.stopping.is_set():
+            self.due = None
+            self.spawn()
+
+    def keep(self) -> None:
+        """One worker: a thread starts the endpoint and waits on it, again and again (the
+        process spawned from it ends with it, PR_SET_PDEATHSIG, so it lives until `stop`)."""
+        def run() -> None:
+            while not self.stopping.is_set():
+                self.proc = None
+                self.spawn()
+                if self.proc is not None:
+                    ready, _, _ = select.select([self._ready_r], [], [], READY_SECONDS_MAX)
+                    if ready and os.read(self._ready_r, 1):
+                        self.ready.set()
+                    code = self.proc.wait()
+                    if self.stopping.is_set():
+                        return
+                    self._count()
+                    self._later(f"(pid {self.proc.pid}) ended (exit {code})")
+                if self.due is None:  # stopped before it was started
+                    return
+                self.stopping.wait(max(0.0, self.due - time.monotonic()))
+                self.due = None
+
+        self._thread = threading.Thread(target=run, name="metrics-endpoint", daemon=True)
+        self._thread.start()
+
+    def hup(self) -> None:
+        """SIGHUP: the endpoint reads its certificate, key and credentials again."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self, seconds: float = 5.0) -> None:
+        with self._lock:
+            self.stopping.set()
+            proc = self.proc
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                proc.wait(seconds)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._thread is not None:
+            self._thread.join(seconds)
+        if self._ready_r >= 0:
+            os.close(self._ready_r)
+            self._ready_r = -1
 
 
 _restarts = None

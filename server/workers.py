@@ -59,16 +59,21 @@ def supervise(n: int, run_worker: Callable[[Callable[[], None]], int],
               on_ready: Callable[[], None], stop_seconds: float,
               on_ended: Callable[[int], None] = lambda pid: None,
               on_restart: Callable[[], None] = lambda: None,
-              command: list[str] | None = None, fds: dict[str, int] | None = None) -> int:
+              command: list[str] | None = None, fds: dict[str, int] | None = None,
+              companion=None) -> int:
     """Run `run_worker(ready)` in each of `n` forked worker processes (it returns an exit
     code and calls `ready()` once it serves); `on_ready()` once all n serve; `on_ended(pid)`
     after a worker has ended; `on_restart()` when one that served ended by itself and is
     replaced (not a rolling restart's drain). `command`: the argument vector that starts one
     worker anew (`--worker-of SPEC` is appended; `fds`, named descriptors it inherits, are in SPEC);
-    without it, replacements are forked and SIGUSR2 is refused. Returns the exit code."""
+    without it, replacements are forked and SIGUSR2 is refused. `companion`: a process kept
+    beside the workers (the metrics endpoint, server/metrics.py `Exporter`): started once the
+    workers are forked, passed SIGHUP, reaped here and started again when it ends (`spawn`,
+    `hup`, `ended(pid, code)`, `poll()`). Returns the exit code."""
     supervisor = _Supervisor(n, run_worker, on_ready, stop_seconds, on_ended, command,
                              fds or {})
     supervisor.on_restart = on_restart
+    supervisor.companion = companion
     return supervisor.run()
 
 
@@ -93,6 +98,7 @@ class _Supervisor:
         self.to_replace: list[int] = []  # old pids, in slot order
         self.incoming: tuple[int, int, float] | None = None  # (old pid, new pid, give up at)
         self.outgoing: tuple[int, float] | None = None  # (old pid draining, kill at)
+        self.companion = None  # kept beside the workers (supervise)
 
     # ----------------------------------------------------------------- the loop
 
@@ -103,6 +109,8 @@ class _Supervisor:
                 os.set_inheritable(fd, True)
         for slot in range(self.n):
             self.fork(slot)
+        if self.companion is not None:  # after the forks: no worker holds anything of it
+            self.companion.spawn()
         while True:
             info = signal.sigtimedwait(_SIGNALS, 0.05)
             self.take_ready()
@@ -115,6 +123,8 @@ class _Supervisor:
                     return code
             self.roll()
             self.start_due()
+            if self.companion is not None:
+                self.companion.poll()
 
     def on_signal(self, signo: int) -> int | None:
         if signo in (signal.SIGTERM, signal.SIGINT):
@@ -124,12 +134,16 @@ class _Supervisor:
         if signo == signal.SIGHUP:
             for pid in self.workers:
                 _signal(pid, signal.SIGHUP)
+            if self.companion is not None:
+                self.companion.hup()
             log.info("reload: SIGHUP passed to %d workers", len(self.workers),
                      extra={"fields": {"pids": sorted(self.workers)}})
         elif signo == signal.SIGUSR2:
             self.start_rolling()
         else:
             for pid, code in _reap():
+                if self.companion is not None and self.companion.ended(pid, code):
+                    continue
                 stopped = self.ended(pid, code)
                 if stopped is not None:
                     return stopped

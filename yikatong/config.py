@@ -49,6 +49,10 @@ min_sequence_wait_seconds = 5.0
 workers_max = 64  # --workers (0: one per core)
 drain_seconds = 5.0  # after SIGTERM: health NOT_SERVING but still answering, this long
 
+# ---- the metrics endpoint (server/exporter.py, a process of its own)
+metrics_read_seconds_max = 5.0  # to send a whole request (and TLS handshake) after connecting
+metrics_connections_max = 64  # open at once; beyond it a new connection is closed at once
+
 # ---- connections (grpc's keep_alive example): every connection has a bounded life
 connection_idle_seconds_max = 300  # an idle connection is closed (GOAWAY) after this
 connection_age_seconds_max = 3600  # and any connection after this, so clients re-balance
