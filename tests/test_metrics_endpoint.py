@@ -351,6 +351,14 @@ def test_the_metrics_dir_is_under_the_data_dir_and_a_killed_servers_values_are_g
         assert _sample(body, "yikatong_calls_total", method="CardStatus.GetStatus", code="OK") \
             is None
         assert "yikatong_writer_queue_depth" in body
+        # a second server refused on the locked data dir empties nothing of the running one's
+        held = sorted(os.listdir(values))
+        second = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--data-dir",
+                                 again.data_dir, "--listen", free_address(),
+                                 "--metrics-listen", free_address()],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "locked by another running server" in second.stderr
+        assert held and set(held) <= set(os.listdir(values))
     finally:
         assert again.stop() == 0
     assert not os.path.exists(values)  # a clean stop removes it
