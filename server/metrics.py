@@ -81,6 +81,7 @@ class Exporter:
         self._thread: threading.Thread | None = None
         self._restarts = None
         self._lock = threading.Lock()  # a spawn and a stop: one at a time
+        self._renewing = 0  # the pid stopped to be started anew (`renew`)
 
     @property
     def pid(self) -> int:
@@ -128,7 +129,11 @@ class Exporter:
         if self.proc is None or pid != self.proc.pid:
             return False
         self.proc.returncode = code  # reaped already: Popen must not wait for it
-        if not self.stopping.is_set():
+        if pid == self._renewing:
+            self._renewing = 0
+            log.info("rolling restart: the metrics endpoint (pid %d) stopped; started anew", pid)
+            self.spawn()
+        elif not self.stopping.is_set():
             self._count()
             self._later(f"(pid {pid}) ended (exit {code})")
         return True
@@ -179,6 +184,15 @@ class Exporter:
 
         self._thread = threading.Thread(target=run, name="metrics-endpoint", daemon=True)
         self._thread.start()
+
+    def renew(self) -> None:
+        """The supervisor's rolling restart, once every worker is new: the endpoint is started
+        anew too, on the code installed now (stopped first, as it holds the port: a scrape in
+        the half second between is refused, and Prometheus tries again at its next)."""
+        if self.proc is not None and self.proc.returncode is None \
+                and not self.stopping.is_set():
+            self._renewing = self.proc.pid
+            self.proc.send_signal(signal.SIGTERM)
 
     def hup(self) -> None:
         """SIGHUP: the endpoint reads its certificate, key and credentials again."""

@@ -69,7 +69,8 @@ def supervise(n: int, run_worker: Callable[[Callable[[], None]], int],
     without it, replacements are forked and SIGUSR2 is refused. `companion`: a process kept
     beside the workers (the metrics endpoint, server/metrics.py `Exporter`): started once the
     workers are forked, passed SIGHUP, reaped here and started again when it ends (`spawn`,
-    `hup`, `ended(pid, code)`, `poll()`). Returns the exit code."""
+    `hup`, `ended(pid, code)`, `poll()`; `renew()` at the end of a rolling restart). Returns
+    the exit code."""
     supervisor = _Supervisor(n, run_worker, on_ready, stop_seconds, on_ended, command,
                              fds or {})
     supervisor.on_restart = on_restart
@@ -349,6 +350,8 @@ class _Supervisor:
         self.rolling = False
         log.info("rolling restart done: every worker was started anew",
                  extra={"fields": {"pids": sorted(self.workers)}})
+        if self.companion is not None:  # and the metrics endpoint, on the code installed now
+            self.companion.renew()
 
 
 # --------------------------------------------------------------------- in a worker

@@ -307,6 +307,26 @@ def test_the_endpoint_dying_leaves_grpc_serving_and_is_started_again(tmp_path):
     _wait(lambda: not _alive(again), 10, "the endpoint stopped with the server")
 
 
+def test_a_rolling_restart_starts_the_endpoint_anew_too(tmp_path):
+    """SIGUSR2 under --workers is an upgrade onto the code installed now: the endpoint is
+    started anew after the workers, not counted as a death."""
+    metrics = free_address()
+    srv = ServerProcess(tmp_path, "--workers", "2", "--metrics-listen", metrics)
+    try:
+        (before,) = _endpoint_pids(srv.proc.pid)
+        srv.proc.send_signal(signal.SIGUSR2)
+        _wait(lambda: "rolling restart done" in srv.output(), 90, "the rolling restart done")
+        _wait(lambda: _endpoint_pids(srv.proc.pid) not in ([], [before]), 20,
+              "a new endpoint process")
+        body = _scrape_when_answered(metrics)
+        assert _sample(body, "yikatong_metrics_endpoint_restarts_total") is None
+        assert not _alive(before)
+        assert f"rolling restart: the metrics endpoint (pid {before}) stopped; started anew" \
+            in srv.output()
+    finally:
+        assert srv.stop() == 0
+
+
 def test_one_worker_keeps_its_endpoint_too(tmp_path):
     metrics = free_address()
     srv = ServerProcess(tmp_path, "--metrics-listen", metrics)
