@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LISTEN ?= 127.0.0.1:50051
 DATA ?= .data/demo
 
-.PHONY: run test test-tools lint bench crash-loop crash-loop-cluster soak fuzz-asan clean
+.PHONY: run test test-tools lint bench attack crash-loop crash-loop-cluster soak fuzz-asan clean
 
 # Exact versions from constraints.txt (the package metadata gives ranges).
 $(BIN)/.installed: pyproject.toml setup.py constraints.txt fastpath/_authorize_c.pyx $(wildcard proto/yikatong/v1/*.proto)
@@ -46,6 +46,11 @@ lint: $(BIN)/.installed
 # BENCH_ARGS=--with-postgres adds PostgreSQL to the storage comparison.
 bench: $(BIN)/.installed
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+# Issue 25's stream attacks (headers only, stalled streams, a history flood) against real
+# servers on loopback, and what a bank switch and a medical terminal saw (about 2 minutes).
+attack: $(BIN)/.installed
+	$(BIN)/python bench/attack.py
 
 # 1,000 SIGKILLs under load (about 20 minutes); CI runs 50 of them in `make test`.
 crash-loop: $(BIN)/.installed

@@ -20,7 +20,7 @@ from yikatong.model import (
 from yikatong.server import calls
 from yikatong.server import log as log_module
 from yikatong.server.clients import Clients
-from yikatong.server.core import Core
+from yikatong.server.core import Core, History
 from yikatong.server.metrics import metrics
 from yikatong.server.services import SERVICES
 from yikatong.storage.lmdb_store import Store
@@ -71,7 +71,8 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
                 stop: asyncio.Event | None = None, banks: IssuingBanks | None = None,
                 tls: tuple[bytes, bytes, bytes] | None = None, reflection: bool = False,
                 drain_seconds: float = config.drain_seconds, reuse_port: bool = False,
-                limits: calls.Limits | None = None, node=None, reloads=None) -> None:
+                limits: calls.Limits | None = None, node=None, reloads=None,
+                history: History | None = None) -> None:
     """`node`: with --replicate, the store's place in the cluster (storage.replication.Node).
     `tls` = (key, certificate chain, client CA), PEM, or reload.ServerCertificates (the same,
     replaceable on SIGHUP): mTLS, a client certificate signed by that CA required on every
@@ -81,6 +82,8 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     `drain_seconds` (load balancers and gates see it before the port closes), then new calls
     are refused and calls in flight get SHUTDOWN_GRACE_SECONDS to finish."""
     core = Core(store, clock, banks)
+    if history is not None:  # each client's budget for replaying the feed's history
+        core.feed.history = history
     limits = limits or calls.Limits()
     server, health_servicer = build(core, clients, concurrent_rpcs_max, reuse_port=reuse_port,
                                     limits=limits, node=node)

@@ -74,6 +74,12 @@ def main(argv=None) -> int:
                    default=config.stream_end_grace_seconds_max,
                    help="a stream so ended that has not taken its status this long after is "
                         "cancelled (RST_STREAM), giving back its slot")
+    s.add_argument("--history-replays-max", type=int, default=config.history_replays_max,
+                   help="WatchChanges replaying history (from far behind the head) one client "
+                        "may have at once per worker; more are refused RESOURCE_EXHAUSTED")
+    s.add_argument("--history-events-per-second", type=float,
+                   default=config.history_events_per_second_max,
+                   help="history events a second one client's replays share per worker")
     s.add_argument("--issuing-banks", metavar="FILE",
                    help="GZ-9c: TOML with `version` and `banks`, the issuing banks a GZ or BJ "
                         "card may name; without it the check is off. SH-20: each service "
@@ -613,6 +619,7 @@ def _serve(args, metrics) -> int:
     from yikatong.server.app import serve as run_server
     from yikatong.server.calls import Limits
     from yikatong.server.clients import Clients
+    from yikatong.server.core import History
     from yikatong.server.roles import TableError
     from yikatong.server.workers import supervise
     from yikatong.storage.lmdb_store import Store, lock_data_dir
@@ -639,6 +646,10 @@ def _serve(args, metrics) -> int:
             and 0 < args.stream_end_grace_seconds <= 3600):
         return _fail("--request-arrival-seconds, --stream-stall-seconds and "
                      "--stream-end-grace-seconds must be above 0 and at most 3600")
+    if not (1 <= args.history_replays_max <= 100_000
+            and 1 <= args.history_events_per_second <= 10**9):
+        return _fail("--history-replays-max must be 1 to 100000, and "
+                     "--history-events-per-second 1 to 1000000000")
     workers = args.workers or os.cpu_count() or 1
     if not 1 <= workers <= config.workers_max:
         return _fail(f"--workers must be 0 (one per core) to {config.workers_max}")
@@ -834,7 +845,10 @@ def _serve(args, metrics) -> int:
                                   limits=Limits(args.client_calls_max,
                                                 args.request_arrival_seconds,
                                                 args.stream_stall_seconds,
-                                                args.stream_end_grace_seconds)))
+                                                args.stream_end_grace_seconds),
+                                  history=History(args.history_replays_max,
+                                                  args.history_events_per_second,
+                                                  args.stream_stall_seconds)))
         except (OSError, TableError) as error:
             return _fail(str(error))
         finally:

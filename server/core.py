@@ -2,10 +2,13 @@
 fingerprint a request id is bound to, and the decoding of requests the wire path left to
 Python."""
 import asyncio
+import collections
 import contextlib
 import hashlib
+import time
 
 from yikatong import config, fastpath
+from yikatong.errors import TooManyCalls
 from yikatong.model import (
     IssuingBanks,
 )
@@ -50,14 +53,52 @@ class Core:
 SEALED_ANSWERS = frozenset({"CorrectHolder"})
 
 
+class History:
+    """What one client may spend on this worker replaying the feed's history (issue 25,
+    finding 2): `replays_max` replays at once, and `events_per_second` events among them (a
+    token bucket run into debt: a replay that takes more than is left waits the debt out, so
+    a flood of replays costs the loop that rate at most, whatever their number)."""
+
+    def __init__(self, replays_max: int = config.history_replays_max,
+                 events_per_second: float = config.history_events_per_second_max,
+                 stall_seconds: float = config.stream_stall_seconds_max):
+        self.replays_max, self.rate = replays_max, events_per_second
+        self.stall_seconds = stall_seconds  # how long a lag may stay without shrinking
+        self.replays: collections.Counter[str] = collections.Counter()
+        self._buckets: dict[str, tuple[float, float]] = {}  # client id -> (tokens, when)
+
+    def start(self, client_id: str) -> None:
+        if self.replays[client_id] >= self.replays_max:
+            raise TooManyCalls(f"client {client_id} already has {self.replays_max} history "
+                               "replays in progress (history_replays_max); retry when one "
+                               "has caught up, or watch from nearer the head")
+        self.replays[client_id] += 1
+
+    def end(self, client_id: str) -> None:
+        left = self.replays[client_id] - 1
+        if left:
+            self.replays[client_id] = left
+        else:
+            del self.replays[client_id]
+
+    async def take(self, client_id: str, events: int) -> None:
+        now = time.monotonic()
+        tokens, then = self._buckets.get(client_id, (self.rate, now))
+        tokens = min(self.rate, tokens + (now - then) * self.rate) - events
+        self._buckets[client_id] = (tokens, now)
+        if tokens < 0:
+            await asyncio.sleep(-tokens / self.rate)
+
+
 class Feed:
     """What the change feed's watchers on this worker wait on: the last committed change
     sequence, looked for every config.watch_poll_seconds while anyone watches (whichever
     worker committed it: the store is the one place they all see), and one event that
-    wakes every watcher when it moves."""
+    wakes every watcher when it moves. `history`: each client's budget for replays."""
 
     def __init__(self, store: Store):
         self.store = store
+        self.history = History()
         self.watchers = 0
         self.head = 0
         self._moved = asyncio.Event()

@@ -191,5 +191,38 @@ def test_sequences_past_the_end_are_out_of_range_naming_the_end(tmp_path):
     assert len(refused) == 102
 
 
+def test_history_replays_are_budgeted_per_client(tmp_path):
+    """Finding 2: a client's replays of the feed's history (watchers from far behind the
+    head) are limited at once per worker (--history-replays-max) and share its events a
+    second; a watcher from the head on the same token, and another client's replay, are
+    served as before."""
+    srv = ServerProcess(tmp_path, "--demo", "--history-replays-max", "2",
+                        "--history-events-per-second", "200", clients=False)
+    try:
+        status = rpc.CardStatusStub(srv.channel)
+        replays = [status.WatchChanges(pb.WatchChangesRequest(), metadata=GATE, timeout=30)
+                   for _ in range(2)]
+        assert [next(r).sequence for r in replays] == [1, 1]  # both replaying
+        with pytest.raises(grpc.RpcError) as error:
+            next(status.WatchChanges(pb.WatchChangesRequest(), metadata=GATE, timeout=10))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ("client demo-transit_gate already has 2 history replays in progress "
+                "(history_replays_max)") in error.value.details()
+        assert next(status.WatchChanges(pb.WatchChangesRequest(), metadata=BANK,
+                                        timeout=10)).sequence == 1  # another client's
+        with pytest.raises(grpc.RpcError) as error:
+            list(status.WatchChanges(pb.WatchChangesRequest(from_sequence=2**64 - 1),
+                                     metadata=GATE, timeout=10))
+        head = _end_named(error.value, "change")
+        with pytest.raises(grpc.RpcError) as error:  # live, from the head: not a replay
+            list(status.WatchChanges(pb.WatchChangesRequest(from_sequence=head),
+                                     metadata=GATE, timeout=2))
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for r in replays:
+            r.cancel()
+    finally:
+        srv.stop()
+
+
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])

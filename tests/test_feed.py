@@ -156,7 +156,10 @@ def test_a_watcher_that_stops_reading_is_ended_with_where_to_resume(tmp_path):
     """The demo data set's history (tens of thousands of changes) to watchers that read one
     event and then nothing: each is ended RESOURCE_EXHAUSTED naming the sequence to resume
     after, and the server's memory does not grow with them."""
-    srv = ServerProcess(tmp_path, "--demo", "--stream-stall-seconds", "2", clients=False)
+    # (20 replays at once, unpaced: this is the blocked-write rule, not the replay budget)
+    srv = ServerProcess(tmp_path, "--demo", "--stream-stall-seconds", "2",
+                        "--history-replays-max", "20", "--history-events-per-second", "1e6",
+                        clients=False)
     try:
         before = rss_kib(srv.proc.pid)
         channels, streams = [], []

@@ -35,6 +35,14 @@ audit_text_length_max = 400
 # someone watches, and reads at most this many events per read transaction.
 watch_poll_seconds = 0.005
 watch_batch_max = 256
+# History replays (a watcher from far behind the feed's head), per client and worker: at most
+# this many at once (more are refused RESOURCE_EXHAUSTED), sharing this many events a second
+# (a replay of the demo's 46,000 changes took 3 CPU-seconds of the loop unbudgeted).
+history_replays_max = 4
+history_events_per_second_max = 5000
+# A watcher this many changes or more behind the head whose lag has not shrunk over a whole
+# --stream-stall-seconds is stalled, as one whose write is blocked: ended RESOURCE_EXHAUSTED.
+watch_lag_max = 4 * watch_batch_max
 
 # ---- replication (issue 18, docs/SCALE.md)
 lease_seconds = 3.0  # the write lease lapses this long after its last renewal

@@ -1,6 +1,8 @@
 """The CardStatus service (API.md)."""
+import time
+
 from yikatong import authorize, cards, config, fastpath
-from yikatong.errors import PastTheEnd
+from yikatong.errors import PastTheEnd, StreamStalled
 from yikatong.model import (
     Changed,
     ChangeKind,
@@ -53,15 +55,41 @@ class CardStatus:
         if after > end:  # from the end itself: only changes to come
             raise PastTheEnd(f"from_sequence {after} is past the change feed's end: the last "
                              f"change is {end}; watch from {end} for the changes to come")
-        with feed.watching():
-            while True:
-                events = self._changes(after)
-                if not events:
-                    await feed.beyond(after)
-                    continue
-                for event in events:
-                    yield event
-                after = events[-1].sequence
+        # a replay (from farther behind than watch_lag_max) is budgeted per client; a
+        # watcher whose lag stays that large and does not shrink for a stall period is
+        # stalled, whether or not its writes block (issue 25, finding 2)
+        history, lag_max = feed.history, config.watch_lag_max
+        replaying = end - after >= lag_max
+        if replaying:
+            history.start(client.id)
+        lag_then, judged_at = end - after, time.monotonic() + history.stall_seconds
+        try:
+            with feed.watching():
+                while True:
+                    events = self._changes(after)
+                    if not events:
+                        await feed.beyond(after)
+                        continue
+                    lag = max(feed.head, end) - after
+                    if replaying and lag < lag_max:
+                        replaying = False  # caught up: no longer a replay
+                        history.end(client.id)
+                    if replaying:
+                        await history.take(client.id, len(events))
+                    if time.monotonic() >= judged_at:
+                        if lag >= lag_max and lag >= lag_then:
+                            raise StreamStalled(
+                                f"{lag} changes behind the feed's head and not catching up "
+                                f"for {history.stall_seconds:g} s (watch_lag_max "
+                                f"{lag_max}); resume after sequence {after}")
+                        lag_then = lag
+                        judged_at = time.monotonic() + history.stall_seconds
+                    for event in events:
+                        yield event
+                    after = events[-1].sequence
+        finally:
+            if replaying:
+                history.end(client.id)
 
     def _changes(self, after: int) -> list[pb.ChangeEvent]:
         now, policy = self.core.clock.now(), self.core.policy
