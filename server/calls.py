@@ -310,7 +310,8 @@ def _raw_or_message(response) -> bytes:
 
 def _admit(call, allowed, clients, context, limits: Limits) -> bool:
     """Steps 1 and 2, and the client's share of the worker: `call.client`, counted in (a
-    refusal names the client it refused, for the log and the audit trail)."""
+    refusal names the client it refused, for the log and the audit trail). True: counted
+    out by itself once the call has really finished (Limits.enter)."""
     call.client = clients.identify(context.invocation_metadata(), context)
     if call.client.role not in allowed:
         raise PermissionDenied(f"role {call.client.role.name} may not call {call.name}")
