@@ -173,7 +173,11 @@ def test_a_watcher_that_stops_reading_is_ended_with_where_to_resume(tmp_path):
             next(stream)
             channels.append(channel)
             streams.append(stream)
-        time.sleep(4)  # longer than the stall limit
+        # until the server has ended all 20 (a fixed sleep let a busy machine's server end
+        # some only after the test had read those streams through, un-stalling them)
+        assert wait_until(lambda: srv.output().count(
+            '"method": "CardStatus.WatchChanges", "client": "demo-bank_switch", "role": '
+            '"BANK_SWITCH", "code": "RESOURCE_EXHAUSTED"') >= 20, 90)
         grown = rss_kib(srv.proc.pid) - before
         ended = []
         for stream in streams:
