@@ -57,6 +57,11 @@ def main(argv=None) -> int:
                    help="the writer doubles the map when it is 80%% full, up to this")
     s.add_argument("--map-high-water", type=float, default=config.lmdb_map_high_water,
                    help="health NOT_SERVING when this fraction of --map-size-max-mib is used")
+    s.add_argument("--retain-days", type=float, default=config.retain_days, metavar="N",
+                   help="change and audit events, final transfers and remembered answers "
+                        "older than N days (the server's clock) move from LMDB to the archive "
+                        "(DATA_DIR/archive, `yikatong archive verify`); 0: keep everything "
+                        "in LMDB (default: %(default)s)")
     s.add_argument("--max-concurrent-rpcs", type=int, default=config.concurrent_rpcs_max,
                    help="calls in progress at once; more are refused RESOURCE_EXHAUSTED")
     s.add_argument("--client-calls-max", type=int, default=config.client_calls_max,
@@ -156,6 +161,15 @@ def main(argv=None) -> int:
                        "be read (a damaged page, a file cut short: named).")
     a.add_argument("action", choices=("verify",))
     a.add_argument("--data-dir", required=True)
+    v = sub.add_parser("archive", help="the archive of a data dir: records older than "
+                       "--retain-days (a running server's too)",
+                       description="verify: every segment of DATA_DIR/archive decodes, its hash "
+                       "and its link to the one before hold, it is the store's recorded head, "
+                       "and the audit trail goes on from the archive into the store. Exit "
+                       "codes: 0 all holds; 1 a segment or link is broken (named); 2 no store, "
+                       "or not this release's format; 3 the store cannot be read.")
+    v.add_argument("action", choices=("verify",))
+    v.add_argument("--data-dir", required=True)
 
     b = sub.add_parser("backup", help="a verified copy of a data dir, beside its running "
                        "server (or a stopped one); --verify: check one")
@@ -195,6 +209,8 @@ def main(argv=None) -> int:
         return serve(args)
     if args.command == "audit":
         return audit_verify(args.data_dir)
+    if args.command == "archive":
+        return audit_verify(args.data_dir, archive_too=True)
     if args.command == "migrate":
         return migrate_store(args.data_dir, args.map_size_mib, args.pii_key_file)
     if args.command == "pii":
@@ -327,16 +343,18 @@ def due(data_dir: str, within: int, calendar_dir: str = "") -> int:
 AUDIT_UNREADABLE = 3  # `yikatong audit verify`: the store cannot be read (1: chain broken)
 
 
-def audit_verify(data_dir: str) -> int:
+def audit_verify(data_dir: str, archive_too: bool = False) -> int:
     """Walk the audit chain of a data dir read-only (beside a running server, or after it
-    stopped): 0 and a count if every link holds, 1 and the first bad sequence if not, 3 if
-    the store cannot be read (a damaged page, a file cut short), 2 for no store."""
+    stopped), from its archive's first event into the store: 0 and a count if every link
+    holds, 1 and the first bad sequence if not, 3 if the store cannot be read (a damaged
+    page, a file cut short), 2 for no store. `archive_too` (`yikatong archive verify`): the
+    archive's segments are said first, each checked whole (storage/archive.py verify)."""
     from types import SimpleNamespace
 
     import lmdb
 
-    from yikatong.errors import StoreFormat, StoreUnreadable
-    from yikatong.storage import migrate
+    from yikatong.errors import CorruptRecord, StoreFormat, StoreUnreadable
+    from yikatong.storage import archive, migrate
     from yikatong.storage.lmdb_store import LMDB_DAMAGE, Book, check_data_file
 
     def unreadable(problem) -> int:
@@ -361,13 +379,25 @@ def audit_verify(data_dir: str) -> int:
                 audit = env.open_db(b"audit", txn=txn, create=False)
             except lmdb.NotFoundError:
                 return _fail(f"no audit trail in {data_dir}")
-            ok, events, bad, problem = Book(txn, SimpleNamespace(audit=audit)).verify_audit(
-                os.path.join(path, "data.mdb"))
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            book = Book(txn, SimpleNamespace(audit=audit, meta=meta))  # type: ignore[arg-type]
+            segments, _ = archive.head(book)
+            through = archive.audit_through(book)
+            ok, events, bad, problem = archive.verify_audit(
+                book, archive.archive_dir(data_dir), os.path.join(path, "data.mdb"))
     except (StoreUnreadable, *LMDB_DAMAGE) as error:
         return unreadable(error)
+    except CorruptRecord as error:  # the store's own record of its archive
+        print(f"audit trail of {data_dir}: {error}")
+        return 1
     finally:
         env.close()
+    where = (f"{segments} archive segments (audit events 1 to {through[0]}) and the store"
+             if segments else "the store (nothing archived)")
     if ok:
+        if archive_too:
+            print(f"archive of {data_dir}: {where}: every segment decodes, every hash and "
+                  "link holds")
         print(f"audit trail of {data_dir}: {events} events, every link holds")
         return 0
     print(f"audit trail of {data_dir}: broken at sequence {bad}: {problem}")
@@ -653,6 +683,12 @@ def _serve(args, metrics) -> int:
     workers = args.workers or os.cpu_count() or 1
     if not 1 <= workers <= config.workers_max:
         return _fail(f"--workers must be 0 (one per core) to {config.workers_max}")
+    if not 0 <= args.retain_days <= config.retain_days_max:
+        return _fail(f"--retain-days must be 0 (keep everything in LMDB) to "
+                     f"{config.retain_days_max}")
+    if args.replicate and args.retain_days:
+        return _fail("--replicate keeps every record in LMDB: give --retain-days 0 (a "
+                     "follower has no archive segments; docs/SCALE.md)")
     if args.replicate and (not args.node_id or workers != 1 or args.demo):
         return _fail("--replicate needs --node-id, --workers 1 and no --demo (a demo set "
                      "loaded on one node would not be on the others)")
@@ -733,16 +769,26 @@ def _serve(args, metrics) -> int:
             ledger.expire_holds(book, clock.now())  # on the writer (Store.check_writer)
             if rotation is not None:
                 rotation.step(book)
+            if retain_seconds:  # one segment's worth, in this group (storage/archive.py)
+                moved = archive.move(book, clock.now(), retain_seconds)
+                if moved:
+                    log.archived(**moved)
 
         # the data dir's lock is held here, for every worker (lock_data_dir below)
         # replicated: durable on a quorum of the log's disks before the local commit, which
         # the log replays after a crash: one local flush per commit, not two (docs/SCALE.md)
-        return Store(args.data_dir, map_size=args.map_size_mib * 2**20, lock=False,
-                     map_size_max=args.map_size_max_mib * 2**20, high_water=args.map_high_water,
-                     periodic=sweep_expired_holds, metasync=not args.replicate,
-                     check_writer=not_yet_in_the_cluster if args.replicate else None,
-                     check_command=ledger.check_invariants if CHECK_INVARIANTS else None,
-                     pii_keys=ring)
+        store = Store(args.data_dir, map_size=args.map_size_mib * 2**20, lock=False,
+                      map_size_max=args.map_size_max_mib * 2**20,
+                      high_water=args.map_high_water, periodic=sweep_expired_holds,
+                      metasync=not args.replicate,
+                      check_writer=not_yet_in_the_cluster if args.replicate else None,
+                      check_command=ledger.check_invariants if CHECK_INVARIANTS else None,
+                      pii_keys=ring)
+        store.dbs.now = clock.now  # a remembered answer's time: the server's clock
+        return store
+
+    from yikatong.storage import archive
+    retain_seconds = round(args.retain_days * 86400)
 
     try:
         # held for the server's life, by every worker (a worker started anew inherits it)

@@ -33,6 +33,7 @@ _CODES = (
     (e.StreamStalled, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.RequestLate, grpc.StatusCode.DEADLINE_EXCEEDED),
     (e.PastTheEnd, grpc.StatusCode.OUT_OF_RANGE),
+    (e.Archived, grpc.StatusCode.OUT_OF_RANGE),
     (e.WriterDown, grpc.StatusCode.UNAVAILABLE),
     (e.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (e.Fenced, grpc.StatusCode.UNAVAILABLE),  # another node writes: ask it

@@ -117,6 +117,11 @@ def started(**fields) -> None:
     logging.getLogger("yikatong.server").info("started", extra={"fields": fields})
 
 
+def archived(**fields) -> None:
+    """A segment written to the archive (storage/archive.py move): what it took from LMDB."""
+    logging.getLogger("yikatong.archive").info("archived", extra={"fields": fields})
+
+
 def recounted(changed) -> None:
     """The steps counted again on the calendar now installed (yikatong.cards.recount): one
     line each, saying how its end moved."""

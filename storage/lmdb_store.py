@@ -69,6 +69,7 @@ log = logging.getLogger("yikatong.storage")
 _U64 = struct.Struct(">Q")  # big-endian so LMDB's key order is numeric order
 _I64 = struct.Struct("<q")
 _TOTALS = struct.Struct("<qqqq")
+_REQUEST = struct.Struct("<32sq")  # a remembered answer's head: fingerprint, time (format 5)
 _TOTALS_KEY = b"ledger:totals"
 _LOG_SEQ_KEY = b"replication:log_seq"  # the replicated log's last sequence held here
 # the last followers' audit record taken into the trail (the writer's, replicated with it)
@@ -411,6 +412,7 @@ class Store:
                 raise
             raise StoreUnavailable(f"cannot read the store format in {data_dir}: {e}") from e
         self.dbs = Dbs(self.env)
+        self.dbs.data_dir = data_dir
         self.dbs.pii = pii.in_process if pii_keys == "in_process" else pii_keys  # type: ignore
         try:  # the index key must be the one the store's holders are indexed with
             self.dbs.pii_index = _pii_index(self.env, self.dbs, data_dir)
@@ -825,6 +827,13 @@ class Dbs:
         # append-only audit trail, hash-chained: u64 sequence -> audit event
         self.audit = db(b"audit")
         self.audit_head: tuple[int, bytes] = (0, bytes(32))  # (sequence, hash), as change_seq
+        # store format 5: u64 time + request id -> b"" (the oldest remembered answers first,
+        # for the archive), and 16 bytes of an archived request id's SHA-256 -> u32 LE segment
+        self.requests_by_time = db(b"requests_by_time")
+        self.archived_ids = db(b"archived_ids")
+        self.data_dir = ""  # the archive's segments are in data_dir/archive (storage/archive.py)
+        # the server's clock (a remembered answer's time); the system's until the server sets it
+        self.now: Callable[[], int] = lambda: int(time.time())
         # holders' personal information is sealed with these keys (storage/pii.py; None: not
         # loaded), and indexed with the index key recorded in meta under this id
         self.pii: pii.KeyRing | None = None
@@ -1075,17 +1084,20 @@ class Book:
         self.dbs.audit_head = (seq, digest)
         return seq
 
-    def verify_audit(self, data_file: str = "") -> tuple[bool, int, int, str]:
+    def verify_audit(self, data_file: str = "", start: tuple[int, bytes] = (0, bytes(32))
+                     ) -> tuple[bool, int, int, str]:
         """Walk the chain: (ok, events, first bad sequence, what is wrong with it). An edited
         event fails its own hash; a deleted one leaves a gap; an event moved or replaced breaks
         the next one's prev_hash. (Cutting events off the end is what a chain alone cannot
         show: compare `events` with an export kept elsewhere.)
         `data_file` (the store's data.mdb): the audit database's pages are checked in it
         first (check_tree). A store that cannot be read there (a damaged page, a file cut
-        short) raises StoreUnreadable naming the database and the last event read."""
+        short) raises StoreUnreadable naming the database and the last event read.
+        `start`: the (sequence, hash) of the event before the first one here, the last one
+        archived (storage/archive.py verify_audit walks the archive's first)."""
         if data_file:
             check_tree(self.txn, data_file, b"audit")
-        seq, prev_hash, n = 0, bytes(32), 0
+        (seq, prev_hash), n = start, 0
         try:
             for key, value in self.audit_records():
                 n += 1
@@ -1337,20 +1349,39 @@ class Book:
     def put_meta(self, name: bytes, value: bytes) -> None:
         self._put(name, value, db=self.dbs.meta)
 
-    # ---- idempotency: request id -> (fingerprint of the request, the first answer)
+    # ---- idempotency: request id -> (fingerprint of the request, when, the first answer)
     def replay(self, request_id: str, fingerprint: bytes) -> bytes | None:
-        """The first answer to `request_id`, None if unseen; IdReused if it asked otherwise."""
-        value = self.txn.get(request_id.encode("utf-8"), db=self.dbs.requests)
+        """The first answer to `request_id`, None if unseen; IdReused if it asked otherwise.
+        An id moved to the archive (storage/archive.py) is answered from its segment."""
+        key = request_id.encode("utf-8")
+        value = self.txn.get(key, db=self.dbs.requests)
         if value is None:
-            return None
+            from yikatong.storage import archive
+
+            value = archive.request(self, key)
+            if value is None:
+                return None
         value = bytes(value)
+        if len(value) < _REQUEST.size:
+            raise CorruptRecord(f"remembered answer of {len(value)} bytes")
         if value[:32] != fingerprint:
             raise IdReused(request_id)
-        return value[32:]
+        return value[_REQUEST.size:]
+
+    def archived(self, request_id: str) -> bool:
+        """Whether `request_id` (a transfer's id too) was moved to the archive."""
+        from yikatong.storage import archive
+
+        return self.txn.get(archive.id_digest(request_id.encode("utf-8")),
+                            db=self.dbs.archived_ids) is not None
 
     def remember(self, request_id: str, fingerprint: bytes, answer: bytes) -> None:
+        """Store format 5: the fingerprint, the time (the server's clock), the answer; and the
+        id under its time in requests_by_time (the archive takes the oldest first)."""
         assert len(fingerprint) == 32
-        self._put(request_id.encode("utf-8"), fingerprint + answer, db=self.dbs.requests)
+        key, now = request_id.encode("utf-8"), max(0, self.dbs.now())
+        self._put(key, _REQUEST.pack(fingerprint, now) + answer, db=self.dbs.requests)
+        self._put(_U64.pack(now) + key, b"", db=self.dbs.requests_by_time)
 
     def once_sealed(self, request_id: str, fingerprint: bytes,
                     produce: Callable[[], bytes]) -> bytes:

@@ -32,6 +32,13 @@ The formats:
   seals the proxy's identity number and name after a NUL; meta `pii:index` names the index
   key. Migrating to it needs the key file (`--pii-key-file`); the migrated store is compacted
   so that no page of data.mdb keeps the clear text (the pre-migrate copy does: delete it).
+- 5: 0.4.0. A bounded hot store (issue 26; storage/archive.py): a remembered answer (the
+  `requests` database) keeps its time, fingerprint (32) + i64 LE time + answer (format 4:
+  fingerprint + answer), indexed by it in `requests_by_time` (u64 BE time + request id ->
+  b""); `archived_ids` (16 bytes of an archived id's SHA-256 -> u32 LE segment) and the
+  archive's meta keys (`archive:head`, `archive:changes`, `archive:audit`) are new. The
+  migration gives every answer the store's last recorded time (its newest change or audit
+  event's): deterministic, and no older than the moment the store was last written.
 
 Adding a format: bump `FORMAT`, add `MIGRATIONS[FORMAT - 1]` (a function of the write
 transaction that converts every record of the old layout and returns what it did, with the
@@ -57,7 +64,7 @@ from yikatong.model import State
 from yikatong.storage import pii, records
 from yikatong.v1 import yikatong_pb2 as pb
 
-FORMAT = 4  # the format this release serves
+FORMAT = 5  # the format this release serves
 FORMAT_KEY, WRITTEN_BY_KEY = b"format", b"written_by"
 WRITTEN_BY = f"yikatong {__version__}"
 UNRECORDED = "a release that did not record it"
@@ -317,6 +324,7 @@ def check_records(env, txn) -> None:
         b"changes": lambda k, v: records.decode_change(v),
         b"steps": lambda k, v: records.decode_steps(v),
         b"notes": lambda k, v: _check_note(k, Book.CARD_TEXTS),
+        b"requests": _check_request,
     }
     for name, decode in decoders.items():
         db = _db(env, txn, name, names)
@@ -328,6 +336,12 @@ def check_records(env, txn) -> None:
             except (CorruptRecord, UnicodeError) as error:
                 raise CorruptRecord(f"{name.decode()} record {bytes(key)[:24]!r} does not "
                                     f"read back: {error}") from None
+
+
+def _check_request(key: bytes, value: bytes) -> None:
+    if len(value) < _REQUEST_5.size:
+        raise CorruptRecord(f"a remembered answer of {len(value)} bytes (format 5's are at "
+                            f"least {_REQUEST_5.size})")
 
 
 def _check_holder(key: bytes, value: bytes) -> None:
@@ -644,7 +658,42 @@ def _from_3(env, txn, ring) -> dict[str, int]:
     return counts
 
 
-MIGRATIONS: dict[int, Callable[..., dict[str, int]]] = {1: _from_1, 2: _from_2, 3: _from_3}
+_REQUEST_5 = struct.Struct("<32sq")  # format 5's remembered answer: fingerprint, time; answer
+_AUDIT_HEAD_4 = 66  # format 4's audit event: version, algorithm, prev_hash, hash; then the body
+_AUDIT_TIME_4 = struct.Struct("<Qq")  # the body's sequence and time
+
+
+def _from_4(env, txn, ring=None) -> dict[str, int]:
+    """Format 4 -> 5: every remembered answer gets a time, the store's last recorded one (its
+    newest change or audit event's: format 4 did not keep when an answer was given), and an
+    entry under it in requests_by_time; the archive's databases are made (empty)."""
+    requests = env.open_db(b"requests", txn=txn)
+    by_time = env.open_db(b"requests_by_time", txn=txn)
+    env.open_db(b"archived_ids", txn=txn)
+    last = 0
+    with txn.cursor(db=env.open_db(b"changes", txn=txn)) as cur:
+        if cur.last():
+            value = bytes(cur.value())
+            if len(value) == _CHANGE_2.size and value[0] == 2:
+                last = max(last, struct.unpack_from("<q", value, 6)[0])
+    with txn.cursor(db=env.open_db(b"audit", txn=txn)) as cur:
+        if cur.last():
+            value = bytes(cur.value())
+            if len(value) >= _AUDIT_HEAD_4 + _AUDIT_TIME_4.size:
+                last = max(last, _AUDIT_TIME_4.unpack_from(value, _AUDIT_HEAD_4)[1])
+
+    def convert(key: bytes, value: bytes) -> bytes | None:
+        if len(value) < 32:
+            raise CorruptRecord(f"remembered answer {key[:24]!r} of {len(value)} bytes")
+        txn.put(_U64.pack(last) + key, b"", db=by_time)
+        return value[:32] + struct.pack("<q", last) + value[32:]
+
+    return {"remembered answers timed": _rewrite(txn, requests, convert)[0],
+            "at (unix seconds)": last}
+
+
+MIGRATIONS: dict[int, Callable[..., dict[str, int]]] = {1: _from_1, 2: _from_2, 3: _from_3,
+                                                        4: _from_4}
 # what a migration could not carry over, said to the operator after it: {count: note}, said
 # when that count is not 0 ("": always)
 NOTES: dict[str, dict[str, str]] = {

@@ -80,7 +80,7 @@ def meta(data_dir: str) -> dict[bytes, bytes]:
 
 def test_one_version_everywhere():
     """`yikatong --version` and the package metadata read yikatong/__init__.py's."""
-    assert __version__ == "0.3.0"
+    assert __version__ == "0.4.0"
     assert yikatong("--version").stdout.strip() == f"yikatong {__version__}"
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)

@@ -86,6 +86,18 @@ writer_idle_seconds = 1.0  # an idle writer runs its periodic jobs (the hold swe
 # A periodic job that fails this many times in a row turns health NOT_SERVING.
 periodic_failures_max = 3
 
+# ---- the archive (issue 26; storage/archive.py): records older than --retain-days leave LMDB
+# for segments in data_dir/archive/, in the writer's periodic group. 400 days: every dispute
+# and the year's fund audit are answered from the hot store (docs/DECISIONS.md, "Data
+# lifecycle"); 0 keeps everything hot. The law's record-keeping is the archive's, never deleted.
+retain_days = 400
+retain_days_max = 36_500
+# records of each kind (change events, audit events, transfers, remembered answers) moved into
+# one segment, one segment per periodic group: the writer is held for one segment's work
+archive_batch_max = 2_000
+archive_zstd_level = 9
+archive_segment_bytes_max = 64 * 1024**2  # a segment's records, uncompressed: refused beyond
+
 # ---- time: the manual clock moves only within these (unix seconds, 1970 to 2200), so every
 # deadline computed from it stays far from int64's end and from datetime's year 9999.
 time_min = 0

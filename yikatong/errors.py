@@ -187,6 +187,13 @@ class PastTheEnd(YikatongError):
     reason = "PAST_THE_END"
 
 
+class Archived(YikatongError):
+    """A position asked for lies before what the hot store holds: older records were moved
+    to the archive (--retain-days); the message names the oldest one kept and what to do."""
+
+    reason = "ARCHIVED"
+
+
 class Fenced(YikatongError):
     """The replicated log moved on without this node, or it does not hold the write lease:
     it is not the writer (issue 18). `writer`: the writer's address, when known."""

@@ -13,6 +13,8 @@ A hold is resolved (posted or voided) only by whoever placed it: the same Author
 and the same role (`Transfer.channel`, `Transfer.role`), so a gate cannot void a bank's hold
 on the same purse.
 """
+import typing
+
 from yikatong import config
 from yikatong.errors import TransferNotFound, TransferRefused
 from yikatong.model import (
@@ -188,7 +190,7 @@ def resolve(book, now: int, transfer_id: str, pending_id: str, *, post: bool, am
     for the channel and role that placed it."""
     hold = get(book, pending_id)
     if hold is None:
-        raise TransferNotFound(pending_id)
+        _not_found(book, pending_id)
     if hold.kind != TransferKind.PENDING:
         raise TransferRefused("PENDING_TRANSFER_NOT_PENDING", f"{pending_id!r} is not a hold")
     if hold.channel != channel or hold.role != role:
@@ -222,7 +224,7 @@ def reverse(book, now: int, reversal_id: str, original_id: str, amount: int = 0,
     `card_number` names the card the reversal is for, if any (a fee's: GZ-27, RC-33)."""
     original = get(book, original_id)
     if original is None:
-        raise TransferNotFound(original_id)
+        _not_found(book, original_id)
     if original.kind not in (TransferKind.SINGLE, TransferKind.POST) or original.amount == 0:
         raise TransferRefused("NOT_REVERSIBLE", f"{original_id!r} moved no posted money "
                               "(holds are voided, reversals are not reversed)")
@@ -242,6 +244,16 @@ def reverse(book, now: int, reversal_id: str, original_id: str, amount: int = 0,
                  role=role)
     _put(book, now, reversal_id, t, card_number, new=True)
     return t
+
+
+def _not_found(book, transfer_id: str) -> typing.NoReturn:
+    """TransferNotFound, or for a transfer moved to the archive (older than --retain-days:
+    storage/archive.py) a refusal that says so: it is no longer posted, voided or reversed."""
+    if book.archived(transfer_id):
+        raise TransferRefused("ARCHIVED", f"transfer {transfer_id!r} is older than the "
+                              "retention window (--retain-days) and was moved to the archive: "
+                              "it can no longer be posted, voided or reversed here")
+    raise TransferNotFound(transfer_id)
 
 
 def expire_holds(book, now: int, limit: int = config.hold_sweep_max) -> int:

@@ -9,7 +9,7 @@ from yikatong.model import (
 )
 from yikatong.server.clients import Client
 from yikatong.server.core import Core
-from yikatong.storage import records
+from yikatong.storage import archive, records
 from yikatong.v1 import yikatong_pb2 as pb
 
 
@@ -26,6 +26,22 @@ class Audit:
         if after > end:
             raise PastTheEnd(f"from_sequence {after} is past the audit trail's end: the last "
                              f"event is {end}")
+        with self.core.store.read() as txn:
+            book = self.core.store.book(txn)
+            segments, archived = archive.head(book)[0], archive.audit_through(book)[0]
+        if after < archived:  # the archive's events first: one chain with the store's
+            where = archive.archive_dir(self.core.store.data_dir)
+            n = await asyncio.to_thread(archive.first_holding, where, segments, "audit", after)
+            while n <= segments:
+                segment = await asyncio.to_thread(archive.read, where, n)
+                batch = [audit_message(records.decode_audit(value))
+                         for key, value in segment.records["audit"]
+                         if int.from_bytes(key, "big") > after]
+                for event in batch:
+                    yield event
+                if batch:
+                    after = batch[-1].sequence
+                n += 1
         while True:
             with self.core.store.read() as txn:
                 batch = []
@@ -44,7 +60,9 @@ class Audit:
 
         def verify():
             with store.read() as txn:  # the pages checked in the file first (issue 25, 8)
-                return store.book(txn).verify_audit(os.path.join(store.env.path(), "data.mdb"))
+                # from the archive's first event (its segments) into the store: one chain
+                return archive.verify_audit(store.book(txn), archive.archive_dir(store.data_dir),
+                                            os.path.join(store.env.path(), "data.mdb"))
         try:
             ok, events, bad, problem = await asyncio.to_thread(verify)
         except StoreUnreadable as error:  # the store itself is damaged: said, not INTERNAL

@@ -2,7 +2,7 @@
 import time
 
 from yikatong import authorize, cards, config, fastpath
-from yikatong.errors import PastTheEnd, StreamStalled
+from yikatong.errors import Archived, PastTheEnd, StreamStalled
 from yikatong.model import (
     Changed,
     ChangeKind,
@@ -13,7 +13,7 @@ from yikatong.model import (
 from yikatong.server import validate
 from yikatong.server.clients import Client
 from yikatong.server.core import Core, decode
-from yikatong.storage import records
+from yikatong.storage import archive, records
 from yikatong.v1 import yikatong_pb2 as pb
 
 
@@ -51,7 +51,15 @@ class CardStatus:
         stalled one is ended by calls.Limits.write, naming where to resume)."""
         feed, after = self.core.feed, request.from_sequence
         with self.core.store.read() as txn:
-            end = self.core.store.book(txn).last_change()
+            book = self.core.store.book(txn)
+            end, archived = book.last_change(), archive.changes_through(book)
+            oldest = next(iter(book.changes(archived)), (end, None))[0]
+        if after < archived:  # what follows it is in the archive, not the feed
+            raise Archived(
+                f"from_sequence {after} is older than the change feed holds: changes up to "
+                f"{archived} are archived (older than --retain-days), the oldest kept is "
+                f"{oldest}. Re-sync: GetStatusBatch of your card list, then watch from the "
+                f"head ({end})")
         if after > end:  # from the end itself: only changes to come
             raise PastTheEnd(f"from_sequence {after} is past the change feed's end: the last "
                              f"change is {end}; watch from {end} for the changes to come")

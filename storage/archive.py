@@ -1,0 +1,490 @@
+"""The archive: records older than the retention window, out of LMDB (issue 26, part 3).
+
+`move(book, now, retain_seconds)` runs in the writer's periodic group (the server's
+`--retain-days`): from the oldest on, up to `config.archive_batch_max` of each kind whose time
+is before `now - retain_seconds` leave the hot store for one new segment:
+
+- change events (never the newest: the next sequence is read from it),
+- audit events (never the newest: the chain's head is read from it),
+- transfers in a final state (posted, voided, expired: never an open hold), each when the
+  change event that names it goes,
+- remembered answers (the `requests` database, by `requests_by_time`); for each, a digest of
+  its id stays hot (`archived_ids`: 16 bytes of SHA-256 -> the u32 segment number), so a
+  replay of it is answered from its segment, never done twice.
+
+A segment, data_dir/archive/NNNNNNNNNN.seg (0600 in a 0700 directory), append-only, written
+once and never changed:
+
+    b"YKAR\\x01"            magic and layout version
+    u32 LE                  manifest length
+    manifest                JSON, sorted keys: what it holds (kinds, counts, sequences, times),
+                            `prev_hash` (the segment before's hash), `through` (the last
+                            change and audit sequence archived up to and including it)
+    payload                 one zstd frame: for each kind in KINDS, u32 count, then each
+                            record as u32 key length, key, u32 value length, value (the bytes
+                            LMDB held, read back by storage/records.py's decoders)
+    32 bytes                SHA-256 over everything before it: the segment's hash
+
+Crash-safe: a segment is written to NAME.tmp, fsynced, renamed and its directory fsynced, and
+only then does the LMDB transaction that deletes the moved records and records the archive's
+head (meta `archive:head`: the segment count and the last one's hash) commit. A segment on disk
+beyond the recorded count (a crash between the two) is removed by the next move, which writes
+it again from the records still in the hot store.
+"""
+import bisect
+import hashlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterator
+
+import zstandard
+
+from yikatong import __version__, config
+from yikatong.errors import CorruptRecord
+from yikatong.model import TransferStatus
+from yikatong.storage import records
+
+log = logging.getLogger("yikatong.archive")
+DIR = "archive"
+MAGIC = b"YKAR\x01"
+KINDS = ("changes", "audit", "transfers", "requests")
+HASH_BYTES, DIGEST_BYTES = 32, 16
+DIR_MODE, FILE_MODE = 0o700, 0o600
+_LEN = struct.Struct("<I")
+_U64 = struct.Struct(">Q")
+_TIME = struct.Struct("<q")
+# meta keys of the hot store
+HEAD_KEY = b"archive:head"  # u32 LE segments + the last one's hash
+CHANGES_KEY = b"archive:changes"  # u64 BE: the last change sequence archived
+AUDIT_KEY = b"archive:audit"  # u64 BE + 32 bytes: the last audit event archived, its hash
+_HEAD = struct.Struct("<I32s")
+_AUDIT = struct.Struct(">Q32s")
+_CHANGE_TIME = 6  # offset of the change record's time (records.CHANGE: <BBBBBBq...)
+
+
+def name_of(n: int) -> str:
+    return f"{n:010d}.seg"
+
+
+def path_of(archive_dir: str, n: int) -> str:
+    return os.path.join(archive_dir, name_of(n))
+
+
+def id_digest(request_id: bytes) -> bytes:
+    """What stays hot of an archived request id: 16 bytes of SHA-256 (a collision among a
+    city's ids is 2^-64-unlikely; it would answer one id from the other's segment, whose
+    fingerprint then differs: ID_REUSED, never a second charge)."""
+    return hashlib.sha256(b"yikatong archived id\0" + request_id).digest()[:DIGEST_BYTES]
+
+
+# ---------------------------------------------------------------------------- the hot store's
+
+def head(book) -> tuple[int, bytes]:
+    """(segments the store records, the last one's hash; zeros: none)."""
+    value = book.txn.get(HEAD_KEY, db=book.dbs.meta)
+    if value is None:
+        return 0, bytes(HASH_BYTES)
+    if len(value) != _HEAD.size:
+        raise CorruptRecord(f"meta archive:head is {len(value)} bytes, not {_HEAD.size}")
+    return _HEAD.unpack(value)
+
+
+def changes_through(book) -> int:
+    """The last change sequence archived (0: none)."""
+    value = book.txn.get(CHANGES_KEY, db=book.dbs.meta)
+    return 0 if value is None else _U64.unpack(value)[0]
+
+
+def audit_through(book) -> tuple[int, bytes]:
+    """(sequence, hash) of the last audit event archived; (0, zeros): none."""
+    value = book.txn.get(AUDIT_KEY, db=book.dbs.meta)
+    return (0, bytes(HASH_BYTES)) if value is None else _AUDIT.unpack(value)
+
+
+def archive_dir(data_dir: str) -> str:
+    return os.path.join(data_dir, DIR)
+
+
+# ---------------------------------------------------------------------------- the move
+
+def move(book, now: int, retain_seconds: int, batch_max: int = config.archive_batch_max
+         ) -> dict[str, int] | None:
+    """One segment's worth moved out of the hot store (in the writer's transaction, which
+    commits after the segment is on disk); None if nothing is older than the window."""
+    txn, dbs = book.txn, book.dbs
+    cutoff = now - retain_seconds
+    batches: dict[str, list[tuple[bytes, bytes]]] = {kind: [] for kind in KINDS}
+    times: dict[str, list[int]] = {kind: [] for kind in KINDS}
+    for kind, db in (("changes", dbs.changes), ("audit", dbs.audit)):
+        with txn.cursor(db=db) as cur:
+            if not cur.last():
+                continue
+            newest = bytes(cur.key())
+            more = cur.first()
+            # time 0: not kept (format 1's change events): as old as the next timed one
+            untimed: list[tuple[bytes, bytes]] = []
+            while more and len(batches[kind]) + len(untimed) < batch_max:
+                key, value = bytes(cur.key()), bytes(cur.value())
+                if key == newest:
+                    break
+                time = (records.decode_change(value).time if kind == "changes"
+                        else records.decode_audit(value).time)
+                if time >= cutoff:
+                    break
+                if time == 0:
+                    untimed.append((key, value))
+                else:
+                    batches[kind] += untimed + [(key, value)]
+                    times[kind] += [time] * (len(untimed) + 1)
+                    untimed = []
+                more = cur.next()
+    seen: set[bytes] = set()
+    for _, value in batches["changes"]:
+        change = records.decode_change(value)
+        tid = change.transfer_id.encode("utf-8")
+        if not tid or tid in seen:
+            continue
+        seen.add(tid)
+        stored = txn.get(tid, db=dbs.transfers)
+        if stored is None:
+            continue  # archived with an earlier event of it
+        t = records.decode_transfer(stored)
+        if t.status == TransferStatus.PENDING:
+            continue  # an open hold stays; it goes with the event that resolves it
+        batches["transfers"].append((tid, bytes(stored)))
+        times["transfers"].append(t.created_at)
+    stale: list[bytes] = []
+    with txn.cursor(db=dbs.requests_by_time) as cur:
+        more = cur.first()
+        while more and len(batches["requests"]) < batch_max:
+            key = bytes(cur.key())
+            time = _U64.unpack_from(key)[0]
+            if time >= cutoff:
+                break
+            value = txn.get(key[8:], db=dbs.requests)
+            if value is None:
+                stale.append(key)
+            else:
+                batches["requests"].append((key[8:], bytes(value)))
+                times["requests"].append(time)
+            more = cur.next()
+    for key in stale:
+        book._delete(key, db=dbs.requests_by_time)
+    if not any(batches.values()):
+        return None
+
+    count, prev = head(book)
+    n = count + 1
+    through_changes = (_U64.unpack(batches["changes"][-1][0])[0] if batches["changes"]
+                       else changes_through(book))
+    audit_seq, audit_hash = audit_through(book)
+    if batches["audit"]:
+        audit_seq = _U64.unpack(batches["audit"][-1][0])[0]
+        audit_hash = records.split_audit(batches["audit"][-1][1])[2]
+    manifest = {
+        "segment": n, "prev_hash": prev.hex(), "created_at": now, "retain_seconds":
+        retain_seconds, "written_by": f"yikatong {__version__}", "algorithm": "sha256",
+        "through": {"changes": through_changes, "audit": audit_seq},
+        "audit_last_hash": audit_hash.hex(),
+        "kinds": {kind: _summary(kind, batches[kind], times[kind]) for kind in KINDS},
+    }
+    data, digest = encode(manifest, batches)
+    where = archive_dir(dbs.data_dir)
+    write(where, n, data)
+    # only now, with the segment on disk: the records leave, and the head is recorded
+    for key, _ in batches["changes"]:
+        book._delete(key, db=dbs.changes)
+    for key, _ in batches["audit"]:
+        book._delete(key, db=dbs.audit)
+    for key, _ in batches["transfers"]:
+        book._delete(key, db=dbs.transfers)
+    segment = _LEN.pack(n)
+    for (key, _), time in zip(batches["requests"], times["requests"], strict=True):
+        book._delete(key, db=dbs.requests)
+        book._delete(_U64.pack(time) + key, db=dbs.requests_by_time)
+        book._put(id_digest(key), segment, db=dbs.archived_ids)
+    book._put(HEAD_KEY, _HEAD.pack(n, digest), db=dbs.meta)
+    book._put(CHANGES_KEY, _U64.pack(through_changes), db=dbs.meta)
+    book._put(AUDIT_KEY, _AUDIT.pack(audit_seq, audit_hash), db=dbs.meta)
+    moved = {kind: len(batches[kind]) for kind in KINDS}
+    moved["segment"], moved["bytes"] = n, len(data)
+    return moved
+
+
+def _summary(kind: str, batch: list[tuple[bytes, bytes]], times: list[int]) -> dict:
+    out: dict = {"count": len(batch)}
+    if batch:
+        out["time_min"], out["time_max"] = min(times), max(times)
+        if kind in ("changes", "audit"):
+            out["first"] = _U64.unpack(batch[0][0])[0]
+            out["last"] = _U64.unpack(batch[-1][0])[0]
+    return out
+
+
+def encode(manifest: dict, batches: dict[str, list[tuple[bytes, bytes]]]) -> tuple[bytes, bytes]:
+    raw: list[bytes] = []
+    for kind in KINDS:
+        raw.append(_LEN.pack(len(batches[kind])))
+        for key, value in batches[kind]:
+            raw += [_LEN.pack(len(key)), key, _LEN.pack(len(value)), value]
+    plain = b"".join(raw)
+    manifest["raw_bytes"] = len(plain)
+    payload = zstandard.ZstdCompressor(level=config.archive_zstd_level).compress(plain)
+    manifest["payload_bytes"] = len(payload)
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    body = MAGIC + _LEN.pack(len(text)) + text + payload
+    digest = hashlib.sha256(body).digest()
+    return body + digest, digest
+
+
+def write(where: str, n: int, data: bytes) -> None:
+    """Segment `n` on disk, whole or not at all: a temporary name, fsync, rename, the
+    directory fsynced. Anything at `n` or beyond is a leftover of a move that did not commit
+    (a crash between the rename and the commit): removed first."""
+    os.makedirs(where, mode=DIR_MODE, exist_ok=True)
+    os.chmod(where, DIR_MODE)
+    for name in os.listdir(where):
+        number = name.split(".", 1)[0]
+        if name.endswith(".tmp") or (number.isdigit() and int(number) >= n):
+            os.remove(os.path.join(where, name))
+            log.warning("removed %s from the archive: written by a move that did not commit; "
+                        "written again now", name)
+    final = path_of(where, n)
+    tmp = final + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, final)
+    fd = os.open(where, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- reading
+
+class Segment:
+    __slots__ = ("n", "manifest", "records", "hash")
+
+    def __init__(self, n: int, manifest: dict, recs: dict[str, list[tuple[bytes, bytes]]],
+                 digest: bytes):
+        self.n, self.manifest, self.records, self.hash = n, manifest, recs, digest
+
+
+def _manifest(data: bytes, where: str) -> tuple[dict, int]:
+    if len(data) < len(MAGIC) + 4 + HASH_BYTES or data[:len(MAGIC)] != MAGIC:
+        raise CorruptRecord(f"{where} is not an archive segment ({len(data)} bytes)")
+    (size,) = _LEN.unpack_from(data, len(MAGIC))
+    at = len(MAGIC) + 4
+    if at + size > len(data) - HASH_BYTES:
+        raise CorruptRecord(f"{where}: its manifest runs past its end")
+    try:
+        manifest = json.loads(data[at:at + size].decode("utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError("not an object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptRecord(f"{where}: its manifest does not read: {e}") from None
+    return manifest, at + size
+
+
+def decode(data: bytes, n: int, where: str) -> Segment:
+    """Segment `n` from its bytes: CorruptRecord naming what is wrong unless its hash holds,
+    its manifest reads and says it is `n`, and its payload decodes to what the manifest
+    says."""
+    manifest, at = _manifest(data, where)
+    digest = data[-HASH_BYTES:]
+    if hashlib.sha256(data[:-HASH_BYTES]).digest() != digest:
+        raise CorruptRecord(f"{where}: its hash does not match its content (edited or damaged)")
+    if manifest.get("segment") != n:
+        raise CorruptRecord(f"{where}: its manifest says segment {manifest.get('segment')}")
+    raw_bytes = manifest.get("raw_bytes")
+    if not isinstance(raw_bytes, int) or not 0 <= raw_bytes <= config.archive_segment_bytes_max:
+        raise CorruptRecord(f"{where}: its manifest's raw_bytes is {raw_bytes!r}")
+    try:
+        plain = zstandard.ZstdDecompressor().decompress(data[at:-HASH_BYTES],
+                                                        max_output_size=raw_bytes)
+    except zstandard.ZstdError as e:
+        raise CorruptRecord(f"{where}: its payload does not decompress: {e}") from None
+    if len(plain) != raw_bytes:
+        raise CorruptRecord(f"{where}: its payload is {len(plain)} bytes, its manifest says "
+                            f"{raw_bytes}")
+    recs: dict[str, list[tuple[bytes, bytes]]] = {}
+    pos = 0
+    try:
+        for kind in KINDS:
+            (count,) = _LEN.unpack_from(plain, pos)
+            pos += 4
+            items = []
+            for _ in range(count):
+                (k,) = _LEN.unpack_from(plain, pos)
+                key = plain[pos + 4:pos + 4 + k]
+                pos += 4 + k
+                (v,) = _LEN.unpack_from(plain, pos)
+                value = plain[pos + 4:pos + 4 + v]
+                pos += 4 + v
+                if len(key) != k or len(value) != v:
+                    raise struct.error("cut")
+                items.append((key, value))
+            recs[kind] = items
+            said = manifest.get("kinds", {}).get(kind, {}).get("count")
+            if said != count:
+                raise CorruptRecord(f"{where}: {count} {kind}, its manifest says {said}")
+    except struct.error:
+        raise CorruptRecord(f"{where}: its payload is cut") from None
+    if pos != len(plain):
+        raise CorruptRecord(f"{where}: {len(plain) - pos} bytes after its records")
+    return Segment(n, manifest, recs, digest)
+
+
+def read(where: str, n: int) -> Segment:
+    path = path_of(where, n)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CorruptRecord(f"archive segment {path} is missing") from None
+    except OSError as e:
+        raise CorruptRecord(f"archive segment {path} cannot be read: {e.strerror}") from None
+    return decode(data, n, path)
+
+
+def read_manifest(where: str, n: int) -> dict:
+    """Segment `n`'s manifest alone (its hash is checked when the segment is read)."""
+    path = path_of(where, n)
+    try:
+        with open(path, "rb") as f:
+            head_ = f.read(len(MAGIC) + 4)
+            if len(head_) < len(MAGIC) + 4:
+                raise CorruptRecord(f"archive segment {path} is cut")
+            (size,) = _LEN.unpack_from(head_, len(MAGIC))
+            data = head_ + f.read(min(size, 1 << 20)) + bytes(HASH_BYTES)
+    except FileNotFoundError:
+        raise CorruptRecord(f"archive segment {path} is missing") from None
+    except OSError as e:
+        raise CorruptRecord(f"archive segment {path} cannot be read: {e.strerror}") from None
+    return _manifest(data, path)[0]
+
+
+def request(book, key: bytes) -> bytes | None:
+    """The stored value of an archived request id (fingerprint, time, answer), read from its
+    segment; None if the id was never archived. CorruptRecord (DATA_LOSS: nothing done) if
+    its segment is missing or damaged."""
+    value = book.txn.get(id_digest(key), db=book.dbs.archived_ids)
+    if value is None:
+        return None
+    (n,) = _LEN.unpack(value)
+    for k, v in read(archive_dir(book.dbs.data_dir), n).records["requests"]:
+        if k == key:
+            return v
+    return None  # a digest shared with another id: this one was never archived
+
+
+def first_holding(where: str, count: int, kind: str, after: int) -> int:
+    """The first segment (1..count) holding a `kind` (changes, audit) sequence after `after`;
+    count + 1 if none does. A binary search on each manifest's `through`."""
+    class Through:
+        def __getitem__(self, i: int) -> int:
+            return read_manifest(where, i + 1)["through"][kind]
+
+        def __len__(self) -> int:
+            return count
+
+    return bisect.bisect_right(Through(), after) + 1  # type: ignore[arg-type]
+
+
+def audit_records(where: str, count: int, after: int) -> Iterator[tuple[int, bytes]]:
+    """(sequence, stored bytes) of every archived audit event after `after`, in order."""
+    for n in range(first_holding(where, count, "audit", after), count + 1):
+        for key, value in read(where, n).records["audit"]:
+            seq = _U64.unpack(key)[0]
+            if seq > after:
+                yield seq, value
+
+
+# ---------------------------------------------------------------------------- verifying
+
+def verify(where: str, count: int, last_hash: bytes
+           ) -> tuple[bool, int, str, tuple[int, bytes], int]:
+    """Every segment 1..count: it decodes, its hash holds, it links to the one before, its
+    audit events chain on from the ones before, the last one's hash is `last_hash` (the
+    store's record of it). (ok, the first bad segment or 0, what is wrong, the last audit
+    event's (sequence, hash), audit events walked)."""
+    from yikatong.storage.lmdb_store import audit_hash
+
+    prev, seq, chain, events = bytes(HASH_BYTES), 0, bytes(HASH_BYTES), 0
+    changes = 0
+    for n in range(1, count + 1):
+        try:
+            segment = read(where, n)
+        except CorruptRecord as e:
+            return False, n, str(e), (seq, chain), events
+        m = segment.manifest
+        if m.get("prev_hash") != prev.hex():
+            return False, n, (f"segment {n}'s prev_hash is not segment {n - 1}'s hash (a "
+                              "segment removed, replaced or reordered)"), (seq, chain), events
+        for key, value in segment.records["changes"]:
+            s = _U64.unpack(key)[0]
+            if s <= changes:
+                return False, n, f"segment {n}: change {s} after {changes}", (seq, chain), \
+                    events
+            changes = s
+            records.decode_change(value)
+        for key, value in segment.records["audit"]:
+            s = _U64.unpack(key)[0]
+            try:
+                algorithm, prev_hash, digest, body = records.split_audit(value)
+                event = records.decode_audit(value)
+            except CorruptRecord as e:
+                return False, n, f"segment {n}: audit event {s}: {e}", (seq, chain), events
+            if s != seq + 1 or event.sequence != s:
+                return False, n, f"segment {n}: audit event {seq + 1} is missing (next is " \
+                    f"{s})", (seq, chain), events
+            if prev_hash != chain or audit_hash(prev_hash, body, algorithm) != digest:
+                return False, n, f"segment {n}: audit event {s}'s link or hash does not " \
+                    "hold", (seq, chain), events
+            seq, chain, events = s, digest, events + 1
+        for _, value in segment.records["transfers"]:
+            records.decode_transfer(value)
+        if m.get("through", {}).get("audit") != seq or m.get("audit_last_hash") != chain.hex():
+            return False, n, f"segment {n}'s manifest says the audit trail is archived through " \
+                f"{m.get('through', {}).get('audit')}; its events end at {seq}", \
+                (seq, chain), events
+        prev = segment.hash
+    if prev != last_hash:
+        return False, count, ("the last segment's hash is not the one the store recorded (a "
+                              "segment replaced, or the archive is another store's)"), \
+            (seq, chain), events
+    extra = [name for name in (os.listdir(where) if os.path.isdir(where) else [])
+             if name.endswith(".seg") and name.split(".", 1)[0].isdigit()
+             and int(name.split(".", 1)[0]) > count]
+    if extra:
+        log.info("archive %s: %s beyond the %d recorded (a move that did not commit: the next "
+                 "one removes it)", where, ", ".join(sorted(extra)), count)
+    return True, 0, "", (seq, chain), events
+
+
+def verify_audit(book, where: str, data_file: str = "") -> tuple[bool, int, int, str]:
+    """The audit trail as one chain, archive then hot store: (ok, events, first bad sequence,
+    what is wrong), as Book.verify_audit."""
+    count, last = head(book)
+    recorded = audit_through(book)
+    if count:
+        ok, bad, problem, reached, events = verify(where, count, last)
+        if not ok:
+            return False, events, reached[0] + 1, f"archive segment {bad}: {problem}"
+        if reached != recorded:
+            return False, events, reached[0] + 1, (
+                f"the archive's audit events end at {reached[0]}; the store records "
+                f"{recorded[0]}")
+    else:
+        events = 0
+    ok, hot, bad, problem = book.verify_audit(data_file, start=recorded)
+    return ok, events + hot, bad, problem

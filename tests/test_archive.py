@@ -1,0 +1,336 @@
+"""A hot store that stays bounded (issue 26, part 3): records older than --retain-days move
+from LMDB into hash-chained, compressed archive segments, in the writer's periodic group; a
+replay of an archived request id gets its first answer (never charged twice), the audit trail
+reads as one chain across archive and store, the change feed says where it starts, and a
+damaged archive is named by `yikatong archive verify`. Real servers, the manual clock."""
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import grpc
+import lmdb
+import pytest
+from test_e2e import START, new_active_card
+from test_money_e2e import balances, error_of, pay, top_up
+
+from yikatong import config
+from yikatong.server.harness import ROOT, ServerProcess, metadata, wait_until
+from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
+
+DAY = 86400
+HOT_KINDS = (b"changes", b"audit", b"transfers", b"requests", b"requests_by_time")
+
+
+def serve(tmp_path, *extra: str, data_dir=None) -> ServerProcess:
+    return ServerProcess(tmp_path, "--clock", "manual", "--clock-start", START, *extra,
+                         data_dir=data_dir)
+
+
+def advance(srv, seconds: int) -> None:
+    srv.admin.AdvanceClock(pb.AdvanceClockRequest(seconds=seconds), metadata=srv.md("ADMIN"),
+                           timeout=10)
+
+
+def hot(data_dir: str) -> dict[str, tuple[int, int]]:
+    """(entries, bytes of keys and values) of the databases the archive takes from, read
+    beside the running server."""
+    env = lmdb.open(os.path.join(data_dir, "lmdb"), readonly=True, max_dbs=config.lmdb_max_dbs,
+                    lock=True)
+    out = {}
+    with env.begin() as txn:
+        for name in HOT_KINDS:
+            db = env.open_db(name, txn=txn, create=False)
+            sizes = [len(k) + len(v) for k, v in txn.cursor(db=db)]
+            out[name.decode()] = (len(sizes), sum(sizes))
+    env.close()
+    return out
+
+
+def segments(data_dir: str) -> list[str]:
+    where = os.path.join(data_dir, "archive")
+    return sorted(n for n in os.listdir(where) if n.endswith(".seg")) if os.path.isdir(where) \
+        else []
+
+
+def export(srv, after: int = 0) -> list[pb.AuditEvent]:
+    return list(rpc.AuditStub(srv.channel).Export(pb.ExportRequest(from_sequence=after),
+                                                  metadata=metadata("AUDITOR"), timeout=20))
+
+
+def yikatong(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "yikatong", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def archived_all(srv) -> bool:
+    """The periodic job has taken every debit's records (the newest change and audit event
+    stay, and the transfer the newest change names: the next sequence and the chain's head
+    are read from them)."""
+    h = hot(srv.data_dir)
+    return h["requests"][0] == 0 and h["transfers"][0] <= 1 and h["changes"][0] <= 1
+
+
+def test_debits_beyond_the_window_move_to_the_archive_and_replay_their_first_answer(tmp_path):
+    srv = serve(tmp_path, "--retain-days", "1")
+    try:
+        card = new_active_card(srv, 1)
+        top_up(srv, card, 100_000, tid="topup-1")
+        firsts = {f"fare-{i}": pay(srv, card, 100 + i, rid=f"fare-{i}") for i in range(30)}
+        assert all(a.decision == pb.DECISION_APPROVED for a in firsts.values())
+        spent = balances(srv, card)
+        before = export(srv)
+        within = hot(srv.data_dir)
+        assert within["requests"][0] >= 31 and within["transfers"][0] == 31
+        time.sleep(1.5)  # a periodic group inside the window: nothing is old enough
+        assert segments(srv.data_dir) == []
+
+        advance(srv, DAY + 60)  # the day's records are older than the window now
+        assert wait_until(lambda: archived_all(srv), 30), hot(srv.data_dir)
+        beyond = hot(srv.data_dir)
+        for kind in ("changes", "audit", "transfers", "requests"):
+            assert beyond[kind][1] < within[kind][1] / 10, (kind, within, beyond)
+        names = segments(srv.data_dir)
+        assert names and names[0] == "0000000001.seg"
+        where = os.path.join(srv.data_dir, "archive")
+        assert os.stat(where).st_mode & 0o777 == 0o700
+        assert all(os.stat(os.path.join(where, n)).st_mode & 0o777 == 0o600 for n in names)
+
+        # a replay of an archived request id: its first answer, nothing charged
+        for rid in ("fare-0", "fare-17"):
+            again = pay(srv, card, 100 + int(rid.split("-")[1]), rid=rid)
+            assert again == firsts[rid]
+        assert balances(srv, card) == spent
+        # the same id with other fields: refused, never done
+        reused = error_of(pay, srv, card, 999, rid="fare-3")
+        assert reused.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "ID_REUSED" in reused.details()
+        assert balances(srv, card) == spent
+        again = top_up(srv, card, 100_000, tid="topup-1")  # Ledger.Transfer's id likewise
+        assert again.status == pb.TRANSFER_STATUS_POSTED and balances(srv, card) == spent
+        # an archived transfer is not reversed here: said, naming the archive
+        refused = error_of(srv.ledger.Reverse, pb.ReverseRequest(
+            transfer_id="topup-1", reversal_id="rev-1"), metadata=srv.md("CARD_AGENCY"))
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "ARCHIVED" in refused.details() and "archive" in refused.details()
+
+        # the audit trail: one chain across archive and store, exported and verified whole
+        after = export(srv)
+        assert after[:len(before)] == before
+        assert [e.sequence for e in after] == list(range(1, len(after) + 1))
+        assert export(srv, 5)[0].sequence == 6
+        verified = rpc.AuditStub(srv.channel).Verify(pb.VerifyAuditRequest(),
+                                                     metadata=metadata("AUDITOR"), timeout=20)
+        assert verified.ok and verified.events == len(after), verified
+
+        # the change feed starts where the store does: OUT_OF_RANGE, naming the oldest kept
+        with pytest.raises(grpc.RpcError) as old:
+            list(srv.status.WatchChanges(pb.WatchChangesRequest(from_sequence=0),
+                                         metadata=srv.md("TRANSIT_GATE"), timeout=10))
+        assert old.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        text = old.value.details()
+        assert "archived" in text and "oldest kept" in text and "GetStatusBatch" in text
+    finally:
+        assert srv.stop() == 0
+    for command in ("audit", "archive"):
+        done = yikatong(command, "verify", "--data-dir", srv.data_dir)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert "every segment decodes" in done.stdout
+
+
+def archived_store(tmp_path) -> str:
+    """A stopped server's data dir whose early records are in the archive (two segments)."""
+    srv = serve(tmp_path, "--retain-days", "1")
+    try:
+        card = new_active_card(srv, 2)
+        top_up(srv, card, 10_000)
+        for i in range(5):
+            pay(srv, card, 10, rid=f"a-{i}")
+        advance(srv, DAY + 60)
+        assert wait_until(lambda: len(segments(srv.data_dir)) == 1, 30)
+        for i in range(5):
+            pay(srv, card, 10, rid=f"b-{i}")
+        advance(srv, DAY + 60)
+        assert wait_until(lambda: len(segments(srv.data_dir)) == 2, 30)
+    finally:
+        assert srv.stop() == 0
+    return srv.data_dir
+
+
+def test_archive_verify_names_an_edited_segment_and_a_removed_one(tmp_path):
+    data_dir = archived_store(tmp_path)
+    assert yikatong("archive", "verify", "--data-dir", data_dir).returncode == 0
+    first = os.path.join(data_dir, "archive", "0000000001.seg")
+    with open(first, "rb") as f:
+        kept = f.read()
+    edited = bytearray(kept)
+    edited[len(edited) // 2] ^= 0x01
+    with open(first, "wb") as f:
+        f.write(edited)
+    done = yikatong("archive", "verify", "--data-dir", data_dir)
+    assert done.returncode == 1 and "0000000001.seg" in done.stdout \
+        and "hash does not match" in done.stdout, done.stdout + done.stderr
+    audit = yikatong("audit", "verify", "--data-dir", data_dir)
+    assert audit.returncode == 1, audit.stdout
+
+    with open(first, "wb") as f:
+        f.write(kept)
+    os.remove(os.path.join(data_dir, "archive", "0000000002.seg"))
+    done = yikatong("archive", "verify", "--data-dir", data_dir)
+    assert done.returncode == 1 and "0000000002.seg is missing" in done.stdout, done.stdout
+
+    os.remove(first)  # the first one gone: the rest no longer links to anything
+    os.rename(os.path.join(data_dir, "lmdb"), os.path.join(data_dir, "kept"))
+    done = yikatong("archive", "verify", "--data-dir", data_dir)
+    assert done.returncode == 2 and "no store" in done.stderr
+
+
+def test_a_segment_the_store_never_recorded_is_removed_and_written_again(tmp_path):
+    """A crash after a segment's rename and before its transaction's commit leaves a file
+    the store does not record: the next move removes it and writes that segment anew."""
+    data_dir = archived_store(tmp_path)
+    where = os.path.join(data_dir, "archive")
+    with open(os.path.join(where, "0000000003.seg"), "wb") as f:
+        f.write(b"YKAR\x01 a segment whose transaction never committed")
+    with open(os.path.join(where, "0000000003.seg.tmp"), "wb") as f:
+        f.write(b"half")
+    assert yikatong("archive", "verify", "--data-dir", data_dir).returncode == 0  # not its own
+    srv = serve(tmp_path, "--retain-days", "1", data_dir=data_dir)
+    try:
+        card = new_active_card(srv, 3)
+        top_up(srv, card, 1000)
+        advance(srv, DAY + 60)
+        assert wait_until(lambda: hot(data_dir)["requests"][0] == 0, 30)
+        assert "removed 0000000003.seg from the archive" in srv.output()
+    finally:
+        assert srv.stop() == 0
+    assert segments(data_dir)[-1] == "0000000003.seg"
+    assert not [n for n in os.listdir(where) if n.endswith(".tmp")]
+    done = yikatong("archive", "verify", "--data-dir", data_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_retain_days_is_checked_at_start(tmp_path):
+    for value in ("-1", "36501"):
+        done = yikatong("serve", "--data-dir", str(tmp_path / "d"), "--retain-days", value)
+        assert done.returncode == 2 and "--retain-days must be" in done.stderr
+        assert "Traceback" not in done.stderr
+    done = yikatong("serve", "--data-dir", str(tmp_path / "d"), "--retain-days", "30",
+                    "--replicate", "nats://127.0.0.1:1", "--node-id", "a")
+    assert done.returncode == 2 and "--retain-days 0" in done.stderr, done.stderr
+
+
+def test_sigkill_while_archiving_loses_no_acknowledged_debit(tmp_path):
+    """Debits under load while the clock runs past a window of about 90 s, the server killed
+    (SIGKILL) three times: the store and the archive verify, and every acknowledged debit is
+    there (its replay answers as first, and nothing is charged by any replay)."""
+    rng = random.Random(26)
+    data_dir = str(tmp_path / "data")
+    srv = serve(tmp_path, "--retain-days", "0.001", data_dir=data_dir)
+    card = new_active_card(srv, 4)
+    top_up(srv, card, 10_000_000)
+    acknowledged: dict[str, int] = {}
+    for _ in range(3):
+        had = len(segments(data_dir))
+        stop = threading.Event()
+
+        def load(srv=srv, stop=stop):
+            while not stop.is_set():
+                rid, fen = uuid.uuid4().hex, rng.randint(1, 50)
+                try:
+                    answer = pay(srv, card, fen, rid=rid)
+                except grpc.RpcError:
+                    continue  # in flight when the server died: not acknowledged
+                if answer.decision == pb.DECISION_APPROVED:
+                    acknowledged[rid] = fen
+
+        def clock(srv=srv, stop=stop):
+            while not stop.wait(0.1):
+                try:
+                    advance(srv, 30)
+                except grpc.RpcError:
+                    return
+
+        threads = [threading.Thread(target=load), threading.Thread(target=load),
+                   threading.Thread(target=clock)]
+        for t in threads:
+            t.start()
+        try:
+            # killed once segments are being written (bounded wait), at a random moment
+            assert wait_until(lambda had=had: len(segments(data_dir)) > had + 1, 30)
+            time.sleep(rng.uniform(0.0, 1.0))
+            srv.kill()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+        srv.close()
+        srv = serve(tmp_path, "--retain-days", "0.001", data_dir=data_dir)
+    try:
+        assert len(acknowledged) > 50 and segments(data_dir)
+        spent = balances(srv, card)
+        for rid, fen in acknowledged.items():
+            again = pay(srv, card, fen, rid=rid)
+            assert again.decision == pb.DECISION_APPROVED, rid
+        assert balances(srv, card) == spent  # nothing acknowledged was lost: no replay charged
+        verified = rpc.AuditStub(srv.channel).Verify(pb.VerifyAuditRequest(),
+                                                     metadata=metadata("AUDITOR"), timeout=30)
+        assert verified.ok, verified
+    finally:
+        assert srv.stop() == 0
+    done = yikatong("archive", "verify", "--data-dir", data_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_answers_migrated_from_format_4_get_a_time_are_archived_and_still_replayed(tmp_path):
+    """Store format 5 keeps when each answer was given; format 4 did not: the migration gives
+    every one the store's last recorded time. Once that is older than the window they are
+    archived, and a replay still gets the first answer."""
+    import json
+    import shutil
+    import struct
+
+    from yikatong.server.harness import write_pii_keys
+
+    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+    data_dir = str(tmp_path / "format4")
+    shutil.copytree(os.path.join(fixtures, "format4"), data_dir,
+                    ignore=shutil.ignore_patterns("answers.json"))
+    os.chmod(data_dir, 0o700)
+    with open(os.path.join(fixtures, "format4", "answers.json")) as f:
+        was = json.load(f)
+    keys = write_pii_keys(str(tmp_path / "keys.toml"))
+    done = yikatong("migrate", "--data-dir", data_dir, "--pii-key-file", keys)
+    assert done.returncode == 0, done.stderr
+    assert "format 4->5: remembered answers timed 3" in done.stdout, done.stdout
+    env = lmdb.open(os.path.join(data_dir, "lmdb"), readonly=True, max_dbs=config.lmdb_max_dbs)
+    with env.begin() as txn:
+        requests = env.open_db(b"requests", txn=txn, create=False)
+        by_time = env.open_db(b"requests_by_time", txn=txn, create=False)
+        times = {struct.unpack_from("<q", v, 32)[0] for _, v in txn.cursor(db=requests)}
+        indexed = [bytes(k) for k in txn.cursor(db=by_time).iternext(values=False)]
+    env.close()
+    assert len(times) == 1 and 0 < times.pop() <= 1796529600  # the fixture's last write
+    assert len(indexed) == 3
+
+    clients = str(tmp_path / "fx.toml")
+    from test_migrate import ask
+
+    ask.write_clients(clients)
+    srv = ServerProcess(tmp_path, "--clients", clients, "--clock", "manual", "--clock-start",
+                        was["clock_start"], "--retain-days", "1", clients=False,
+                        data_dir=data_dir)
+    try:
+        srv.admin.AdvanceClock(pb.AdvanceClockRequest(seconds=2 * DAY), timeout=10,
+                               metadata=(("authorization", "Bearer fixture-admin"),))
+        assert wait_until(lambda: hot(data_dir)["requests"][0] == 0, 30), hot(data_dir)
+        sh = [n for n in ask.card_numbers(data_dir) if n.startswith("31")][:1]
+        replay = ask.ask(srv.address, sh, feed=False)["replay"]
+        assert replay == was["replay"]
+    finally:
+        assert srv.stop() == 0
+    assert yikatong("archive", "verify", "--data-dir", data_dir).returncode == 0
