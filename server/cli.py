@@ -57,11 +57,11 @@ def main(argv=None) -> int:
                    help="the writer doubles the map when it is 80%% full, up to this")
     s.add_argument("--map-high-water", type=float, default=config.lmdb_map_high_water,
                    help="health NOT_SERVING when this fraction of --map-size-max-mib is used")
-    s.add_argument("--retain-days", type=float, default=config.retain_days, metavar="N",
+    s.add_argument("--retain-days", type=float, metavar="N",
                    help="change and audit events, final transfers and remembered answers "
                         "older than N days (the server's clock) move from LMDB to the archive "
-                        "(DATA_DIR/archive, `yikatong archive verify`); 0: keep everything "
-                        "in LMDB (default: %(default)s)")
+                        f"(DATA_DIR/archive, `yikatong archive verify`); 0: keep everything "
+                        f"in LMDB (default: {config.retain_days}; 0 with --replicate)")
     s.add_argument("--max-concurrent-rpcs", type=int, default=config.concurrent_rpcs_max,
                    help="calls in progress at once; more are refused RESOURCE_EXHAUSTED")
     s.add_argument("--client-calls-max", type=int, default=config.client_calls_max,
@@ -269,7 +269,8 @@ def backup(args) -> int:
           f"change sequence {m.change_sequence:,}, log sequence {m.log_sequence:,}, "
           f"{m.audit_events:,} audit events (head {m.audit_head[:16]}...), "
           f"{m.records.get('cards', 0):,} cards, {m.records.get('transfers', 0):,} transfers, "
-          f"{m.data_bytes:,} bytes")
+          f"{m.data_bytes:,} bytes" + (f"; {m.archive_segments:,} archive segments, their "
+                                       "chain verified" if m.archive_segments else ""))
     return 0
 
 
@@ -683,6 +684,8 @@ def _serve(args, metrics) -> int:
     workers = args.workers or os.cpu_count() or 1
     if not 1 <= workers <= config.workers_max:
         return _fail(f"--workers must be 0 (one per core) to {config.workers_max}")
+    if args.retain_days is None:  # a replicated store's followers have no segments
+        args.retain_days = 0 if args.replicate else config.retain_days
     if not 0 <= args.retain_days <= config.retain_days_max:
         return _fail(f"--retain-days must be 0 (keep everything in LMDB) to "
                      f"{config.retain_days_max}")

@@ -6,6 +6,8 @@ one commit), into `to`, a new directory (0700) of owner-only files (0600: it hol
 information). It is verified before it is called done, and a manifest is written beside it:
 
     to/lmdb/data.mdb        the copy, laid out as a data dir of its own
+    to/archive/NNN.seg      the archive's segments the copy records (--retain-days,
+                            storage/archive.py), their chain verified with the copy
     to/manifest.json        what the copy holds (Manifest), last: a backup without one is
                             unfinished
 
@@ -29,7 +31,7 @@ import lmdb
 
 from yikatong import __version__, config, ledger
 from yikatong.errors import CorruptRecord, StoreFormat
-from yikatong.storage import migrate, records
+from yikatong.storage import archive, migrate, records
 
 MANIFEST = "manifest.json"
 DIR_MODE, FILE_MODE = 0o700, 0o600
@@ -56,6 +58,8 @@ class Manifest:
     records: dict[str, int]  # named database -> entries
     data_bytes: int
     data_sha256: str
+    archive_segments: int = 0  # the archive's segments the copy records (storage/archive.py)
+    archive_head: str = ""  # hex hash of the last one ("": none)
 
 
 def take(data_dir: str, to: str, now: _dt.datetime | None = None) -> Manifest:
@@ -103,6 +107,7 @@ def take_env(env, to: str, now: _dt.datetime | None = None, read=None) -> Manife
             os.fsync(fd)
         finally:
             os.close(fd)
+        _copy_archive(env, copy, partial)
         manifest = _read(copy, now or _dt.datetime.now(_dt.UTC))
         _write_manifest(partial, manifest)
         os.rename(partial, to)
@@ -159,6 +164,7 @@ def restore(path: str, data_dir: str) -> Manifest:
         for d in (data_dir, lmdb_dir):
             os.makedirs(d, DIR_MODE, exist_ok=True)
             os.chmod(d, DIR_MODE)
+        _restore_archive(path, data_dir, manifest.archive_segments)
         target = os.path.join(lmdb_dir, "data.mdb")
         partial = target + ".partial"
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
@@ -201,8 +207,11 @@ def _read(copy: str, now: _dt.datetime | None) -> Manifest:
                 ledger.check_invariants(book)
             except AssertionError as error:
                 raise Unverified(f"the copy's ledger does not hold: {error}") from None
-            ok, events, bad, problem = book.verify_audit() if b"audit" in dbs \
-                else (True, 0, 0, "")
+            segments, last = archive.head(book) if b"meta" in dbs else (0, b"")
+            # the archive's chain (its segments beside the copy), then the copy's own
+            ok, events, bad, problem = archive.verify_audit(
+                book, os.path.join(os.path.dirname(os.path.dirname(copy)), archive.DIR)) \
+                if b"audit" in dbs else (True, 0, 0, "")
             if not ok:
                 raise Unverified(f"the copy's audit chain is broken at event {bad}: {problem}")
             head = bytes(32)
@@ -215,7 +224,8 @@ def _read(copy: str, now: _dt.datetime | None) -> Manifest:
                 log_sequence=book.log_sequence() if b"meta" in dbs else 0,
                 audit_events=events, audit_head=head.hex(),
                 ledger_totals=list(book.ledger_totals()) if b"meta" in dbs else [0, 0, 0, 0],
-                records={n.decode(): txn.stat(db)["entries"] for n, db in sorted(dbs.items())})
+                records={n.decode(): txn.stat(db)["entries"] for n, db in sorted(dbs.items())},
+                archive_segments=segments, archive_head=last.hex() if segments else "")
     except (CorruptRecord, StoreFormat, UnicodeError) as error:
         raise Unverified(f"the copy does not read back: {error}") from None
     except lmdb.Error as error:
@@ -224,6 +234,63 @@ def _read(copy: str, now: _dt.datetime | None) -> Manifest:
         env.close()
     size, digest = _hash(copy)
     return Manifest(**manifest, data_bytes=size, data_sha256=digest)
+
+
+def _copy_archive(env, copy: str, partial: str) -> None:
+    """The archive's segments that the copy records (1 to its meta archive:head count), from
+    beside the store into the backup (0700, 0600). Segments are written once and never
+    changed, and the store records one only after it is on disk: every one the copy names is
+    there, whole, whatever the server archives meanwhile."""
+    source = os.path.join(os.path.dirname(os.path.abspath(env.path())), archive.DIR)
+    count = _segments_of(copy)
+    if not count:
+        return
+    target = os.path.join(partial, archive.DIR)
+    os.mkdir(target, DIR_MODE)
+    os.chmod(target, DIR_MODE)
+    for n in range(1, count + 1):
+        _copy_file(archive.path_of(source, n), archive.path_of(target, n))
+    _fsync_dir(target)
+
+
+def _segments_of(copy: str) -> int:
+    env = lmdb.open(os.path.dirname(copy), readonly=True, lock=False, subdir=True,
+                    max_dbs=config.lmdb_max_dbs)
+    try:
+        with env.begin() as txn:
+            try:
+                meta = env.open_db(b"meta", txn=txn, create=False)
+            except lmdb.NotFoundError:
+                return 0
+            value = txn.get(archive.HEAD_KEY, db=meta)
+    finally:
+        env.close()
+    return 0 if value is None else int.from_bytes(bytes(value)[:4], "little")
+
+
+def _copy_file(source: str, target: str) -> None:
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        with open(source, "rb") as src:
+            while chunk := src.read(1 << 20):
+                os.write(fd, chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _restore_archive(path: str, data_dir: str, count: int) -> None:
+    """The backup's segments laid out again in the new data dir's archive (before its
+    data.mdb, which comes last: a restore cut short leaves no store)."""
+    if not count:
+        return
+    target = archive.archive_dir(data_dir)
+    os.makedirs(target, DIR_MODE, exist_ok=True)
+    os.chmod(target, DIR_MODE)
+    for n in range(1, count + 1):
+        _copy_file(archive.path_of(os.path.join(path, archive.DIR), n),
+                   archive.path_of(target, n))
+    _fsync_dir(target)
 
 
 def _write_manifest(path: str, manifest: Manifest) -> None:

@@ -144,6 +144,7 @@ def test_debits_beyond_the_window_move_to_the_archive_and_replay_their_first_ans
 
 def archived_store(tmp_path) -> str:
     """A stopped server's data dir whose early records are in the archive (two segments)."""
+    os.makedirs(tmp_path, exist_ok=True)
     srv = serve(tmp_path, "--retain-days", "1")
     try:
         card = new_active_card(srv, 2)
@@ -334,3 +335,50 @@ def test_answers_migrated_from_format_4_get_a_time_are_archived_and_still_replay
     finally:
         assert srv.stop() == 0
     assert yikatong("archive", "verify", "--data-dir", data_dir).returncode == 0
+
+
+def test_a_backup_carries_the_archive_and_a_restore_lays_it_out_again(tmp_path):
+    """`yikatong backup` copies the segments its copy records (0600 in 0700), verifies their
+    chain with the copy, and refuses to call a backup with a damaged segment one; `restore`
+    lays them out again, and the restored server replays an archived id's first answer."""
+    data_dir = archived_store(tmp_path / "a")
+    backup = str(tmp_path / "backup")
+    done = yikatong("backup", "--data-dir", data_dir, "--to", backup)
+    assert done.returncode == 0 and "2 archive segments" in done.stdout, done.stderr
+    where = os.path.join(backup, "archive")
+    assert os.stat(where).st_mode & 0o777 == 0o700
+    assert sorted(os.listdir(where)) == ["0000000001.seg", "0000000002.seg"]
+    assert all(os.stat(os.path.join(where, n)).st_mode & 0o777 == 0o600
+               for n in os.listdir(where))
+    assert yikatong("backup", "--verify", backup).returncode == 0
+
+    restored = str(tmp_path / "restored")
+    done = yikatong("restore", "--from", backup, "--data-dir", restored)
+    assert done.returncode == 0, done.stderr
+    assert yikatong("archive", "verify", "--data-dir", restored).returncode == 0
+    os.makedirs(tmp_path / "b")
+    srv = serve(tmp_path / "b", "--retain-days", "1", data_dir=restored)
+    try:
+        card = next(iter(_cards(restored)))
+        before = balances(srv, card)
+        assert pay(srv, card, 10, rid="a-0").decision == pb.DECISION_APPROVED
+        assert balances(srv, card) == before
+    finally:
+        assert srv.stop() == 0
+
+    first = os.path.join(where, "0000000001.seg")
+    with open(first, "r+b") as f:
+        f.seek(40)
+        byte = f.read(1)
+        f.seek(40)
+        f.write(bytes((byte[0] ^ 1,)))
+    done = yikatong("backup", "--verify", backup)
+    assert done.returncode == 1 and "0000000001.seg" in done.stderr, done.stderr
+    done = yikatong("restore", "--from", backup, "--data-dir", str(tmp_path / "again"))
+    assert done.returncode == 1 and not os.path.exists(str(tmp_path / "again" / "lmdb"))
+
+
+def _cards(data_dir: str) -> list[str]:
+    from yikatong.server.harness import card_numbers
+
+    return card_numbers(data_dir)
