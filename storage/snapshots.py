@@ -34,6 +34,7 @@ from yikatong.storage import backup
 log = logging.getLogger("yikatong.snapshots")
 BUCKET = "YIKATONG_SNAPSHOTS"
 PREFIX = "snapshot-"
+PRUNE_SECONDS = 5.0
 _UNREACHABLE = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
                 nats.errors.ConnectionClosedError, concurrent.futures.TimeoutError)
 
@@ -181,6 +182,7 @@ class Taker:
         self.newest_at = time.time()
         self.taken = 0
         self.last_error = ""
+        self._pruned_at = time.monotonic()
         self._running: concurrent.futures.Future | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "yikatong-snapshot")
 
@@ -195,11 +197,23 @@ class Taker:
             time.time() - self.newest_at >= self.policy.every_seconds
 
     def tick(self, mine: bool) -> None:
-        """`mine`: this node is the one to take snapshots now."""
+        """`mine`: this node is the one to take snapshots now. Between snapshots it purges
+        the log again every PRUNE_SECONDS: a node that lagged when the last snapshot was
+        taken held the purge back, and has caught up since."""
         if self._running is not None and not self._running.done():
             return
         if mine and self.due():
             self._running = self._pool.submit(self.take)
+        elif mine and self.newest is not None and \
+                time.monotonic() - self._pruned_at >= PRUNE_SECONDS:
+            self._pruned_at = time.monotonic()
+            self._running = self._pool.submit(self._prune_logged)
+
+    def _prune_logged(self) -> None:
+        try:
+            self.prune()
+        except Exception as error:  # noqa: BLE001 - logged; tried again later
+            log.error("purging the log below the oldest snapshot failed: %s", error)
 
     def take(self) -> backup.Manifest | None:
         store = self.node.store
@@ -234,7 +248,7 @@ class Taker:
         floor = kept[0].log_sequence
         for report in self.node.reports_up():
             floor = min(floor, report.get("applied", 0))
-        if floor > 0:
+        if floor >= first_sequence(self.node.log):  # something left to purge
             purge_log(self.node.log, floor)
 
     def stop(self) -> None:
