@@ -772,10 +772,12 @@ def _serve(args, metrics) -> int:
             ledger.expire_holds(book, clock.now())  # on the writer (Store.check_writer)
             if rotation is not None:
                 rotation.step(book)
-            if retain_seconds:  # one segment's worth, in this group (storage/archive.py)
-                moved = archive.move(book, clock.now(), retain_seconds)
+            if mover is not None:  # one segment's worth, in this group (storage/archive.py)
+                moved = mover.step(book, clock.now())
                 if moved:
                     log.archived(**moved)
+
+        mover = archive.Mover(retain_seconds) if retain_seconds else None
 
         # the data dir's lock is held here, for every worker (lock_data_dir below)
         # replicated: durable on a quorum of the log's disks before the local commit, which
@@ -788,6 +790,8 @@ def _serve(args, metrics) -> int:
                       check_command=ledger.check_invariants if CHECK_INVARIANTS else None,
                       pii_keys=ring)
         store.dbs.now = clock.now  # a remembered answer's time: the server's clock
+        if mover is not None:
+            mover.store = store
         return store
 
     from yikatong.storage import archive

@@ -269,6 +269,40 @@ def write(where: str, n: int, data: bytes) -> None:
         os.close(fd)
 
 
+class Mover:
+    """The periodic job's archive step (`--retain-days`), in a nested transaction of its own:
+    a move that fails (a segment that cannot be written: a full disk, the archive directory's
+    permissions) is logged and rolled back alone, so the hold sweep of the same group still
+    commits; after config.periodic_failures_max in a row the store says "archive_failing"
+    (health NOT_SERVING) until one succeeds."""
+
+    def __init__(self, retain_seconds: int):
+        self.retain_seconds = retain_seconds
+        self.store = None  # set once the store is open (its writer may call step before)
+        self.failures = 0
+
+    def step(self, book, now: int) -> dict[str, int] | None:
+        store = self.store
+        if store is None:
+            return None
+        from yikatong.storage.lmdb_store import Book
+
+        child = store.env.begin(write=True, parent=book.txn)
+        try:
+            moved = move(Book(child, book.dbs, book.journal), now, self.retain_seconds)
+        except Exception as error:  # noqa: BLE001 - logged, counted, said by health
+            child.abort()
+            self.failures += 1
+            log.error("the archive's move failed (%d in a row); the records stay in the hot "
+                      "store", self.failures, exc_info=error)
+            store.note("archive_failing", self.failures >= config.periodic_failures_max)
+            return None
+        child.commit()
+        self.failures = 0
+        store.note("archive_failing", False)
+        return moved
+
+
 # ---------------------------------------------------------------------------- reading
 
 class Segment:

@@ -51,6 +51,15 @@ def hot(data_dir: str) -> dict[str, tuple[int, int]]:
     return out
 
 
+def open_holds(data_dir: str) -> int:
+    env = lmdb.open(os.path.join(data_dir, "lmdb"), readonly=True, max_dbs=config.lmdb_max_dbs,
+                    lock=True)
+    with env.begin() as txn:
+        n = txn.stat(env.open_db(b"holds_by_timeout", txn=txn, create=False))["entries"]
+    env.close()
+    return n
+
+
 def segments(data_dir: str) -> list[str]:
     where = os.path.join(data_dir, "archive")
     return sorted(n for n in os.listdir(where) if n.endswith(".seg")) if os.path.isdir(where) \
@@ -382,3 +391,39 @@ def _cards(data_dir: str) -> list[str]:
     from yikatong.server.harness import card_numbers
 
     return card_numbers(data_dir)
+
+
+def test_an_archive_that_cannot_be_written_stops_no_hold_sweep_and_is_said_by_health(tmp_path):
+    """The move runs in the writer's periodic group beside the hold sweep: a segment that
+    cannot be written (here `archive` is a file, not a directory) rolls back the move alone,
+    the due hold is still released, health turns NOT_SERVING after three failures in a row and
+    SERVING again once a move succeeds."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    data_dir = str(tmp_path / "data")
+    os.makedirs(data_dir, mode=0o700)
+    blocker = os.path.join(data_dir, "archive")
+    with open(blocker, "w") as f:
+        f.write("not a directory")
+    srv = serve(tmp_path, "--retain-days", "1", data_dir=data_dir)
+
+    def health():
+        return health_pb2_grpc.HealthStub(srv.channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5).status
+
+    try:
+        card = new_active_card(srv, 5)
+        top_up(srv, card, 1000)
+        pay(srv, card, 300, rid="hold-1", phase=pb.PHASE_HOLD, hold_timeout_seconds=600)
+        assert balances(srv, card)["TRANSIT"][1] == 300 and open_holds(data_dir) == 1
+        advance(srv, DAY + 60)
+        assert wait_until(lambda: open_holds(data_dir) == 0, 30)  # the sweep committed
+        assert wait_until(lambda: health() == health_pb2.HealthCheckResponse.NOT_SERVING, 30)
+        assert "the archive's move failed (3 in a row)" in srv.output()
+        assert segments(data_dir) == [] and hot(data_dir)["requests"][0] > 0
+        os.remove(blocker)
+        assert wait_until(lambda: health() == health_pb2.HealthCheckResponse.SERVING, 30)
+        assert wait_until(lambda: hot(data_dir)["requests"][0] == 0, 30)
+    finally:
+        assert srv.stop() == 0
+    assert yikatong("archive", "verify", "--data-dir", data_dir).returncode == 0
