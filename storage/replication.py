@@ -45,6 +45,15 @@ _UNREACHABLE = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoResponders
                 nats.js.errors.NoStreamResponseError, nats.errors.ConnectionClosedError)
 
 
+NO_PEERS = 10005  # JetStream: "no suitable peers for placement" (a cluster still forming)
+
+
+def forming(error: BaseException) -> bool:
+    """An answer of a JetStream cluster that is still coming up: worth asking again."""
+    return isinstance(error, nats.js.errors.ServiceUnavailableError) or (
+        isinstance(error, nats.js.errors.APIError) and error.err_code == NO_PEERS)
+
+
 def starting(what: str, call, bound: float | None = None):
     """call(), tried again while a cluster started at the same moment makes its streams and
     buckets and elects their leaders (timeouts and "unavailable" answers, not only servers
@@ -55,8 +64,10 @@ def starting(what: str, call, bound: float | None = None):
     while True:
         try:
             return call()
-        except (*_UNREACHABLE, nats.js.errors.ServiceUnavailableError,
-                concurrent.futures.TimeoutError, LogUnavailable) as error:
+        except (*_UNREACHABLE, nats.js.errors.APIError, concurrent.futures.TimeoutError,
+                LogUnavailable) as error:
+            if isinstance(error, nats.js.errors.APIError) and not forming(error):
+                raise
             if time.monotonic() > deadline:
                 raise LogUnavailable(f"{what} did not answer within {bound:g} s "
                                      f"({error or type(error).__name__})") from None
@@ -113,7 +124,9 @@ class Log:
                 if all(i.cluster is None or i.cluster.leader for i in infos):  # elected
                     return
                 await asyncio.sleep(0.1)
-            except (*_UNREACHABLE, nats.js.errors.ServiceUnavailableError):
+            except (*_UNREACHABLE, nats.js.errors.APIError) as error:
+                if isinstance(error, nats.js.errors.APIError) and not forming(error):
+                    raise
                 if self._loop.time() > deadline:
                     raise LogUnavailable("the replicated log's stream cannot be made or "
                                          "found") from None
@@ -306,7 +319,9 @@ async def _bucket(log: Log, name: str, ttl: float | None, replicas: int, wait: f
         try:
             return await log._js.create_key_value(bucket=name, ttl=ttl, history=1,
                                                   replicas=replicas)
-        except _UNREACHABLE:
+        except (*_UNREACHABLE, nats.js.errors.APIError) as error:
+            if isinstance(error, nats.js.errors.APIError) and not forming(error):
+                raise
             if log._loop.time() > deadline:
                 raise LogUnavailable(f"the key-value bucket {name} cannot be made or "
                                      "found") from None

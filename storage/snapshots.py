@@ -67,7 +67,11 @@ class Snapshots:
                     return await js.create_object_store(BUCKET, nats.js.api.ObjectStoreConfig(
                         description="yikatong: snapshots of the replicated store",
                         replicas=replicas))
-            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            except (nats.errors.TimeoutError, nats.js.errors.APIError) as error:
+                from yikatong.storage.replication import forming
+
+                if isinstance(error, nats.js.errors.APIError) and not forming(error):
+                    raise
                 if asyncio.get_running_loop().time() > deadline:
                     raise
                 await asyncio.sleep(0.2)
