@@ -309,6 +309,16 @@ class Metrics:
                                     "record to this follower applying it",
                                     buckets=_SECONDS_BUCKETS)
             node.on_lag = lag_seconds.observe
+            self._snapshot_seq = Gauge(
+                "yikatong_snapshot_newest_sequence", "The log sequence of the newest snapshot "
+                "in the object store, as this node last looked (0: none)",
+                multiprocess_mode="max")
+            self._snapshot_age = Gauge(
+                "yikatong_snapshot_newest_age_seconds", "Seconds since the newest snapshot was "
+                "taken (0: none)", multiprocess_mode="max")
+            self._snapshot_failing = Gauge(
+                "yikatong_snapshot_failing", "1 while this node's last snapshot failed",
+                multiprocess_mode="max")
         self._children: dict[tuple[str, str], tuple] = {}
         self._store = store
         self._loop = loop
@@ -343,6 +353,12 @@ class Metrics:
             self._log_end.set(self._node.log_end)
             self._lag.set(max(0, self._node.log_end - applied))
             self._leading.set(int(self._node.leading))
+            taker = getattr(self._node, "taker", None)
+            if taker is not None:
+                newest = taker.newest
+                self._snapshot_seq.set(newest.log_sequence if newest else 0)
+                self._snapshot_age.set(time.time() - taker.newest_at if newest else 0)
+                self._snapshot_failing.set(int(bool(taker.last_error)))
         used, size = self._store.map_use()
         self._map_used.set(used)
         self._map_size.set(size)

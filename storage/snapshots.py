@@ -17,6 +17,7 @@ a record a node that is up still has to apply.
 import asyncio
 import concurrent.futures
 import dataclasses
+import datetime as _dt
 import json
 import logging
 import os
@@ -182,8 +183,9 @@ class Taker:
         self.node, self.policy, self.work = node, policy, work
         self.snapshots = Snapshots(node.log)
         kept = self.snapshots.list()
-        self.newest: backup.Manifest | None = kept[-1] if kept else None
-        self.newest_at = time.time()
+        self.newest: backup.Manifest | None = None
+        self.newest_at = time.time()  # when the newest was taken (now, if there is none)
+        self._saw(kept)
         self.taken = 0
         self.last_error = ""
         self._pruned_at = time.monotonic()
@@ -208,16 +210,30 @@ class Taker:
             return
         if mine and self.due():
             self._running = self._pool.submit(self.take)
-        elif mine and self.newest is not None and \
-                time.monotonic() - self._pruned_at >= PRUNE_SECONDS:
+        elif time.monotonic() - self._pruned_at >= PRUNE_SECONDS:
             self._pruned_at = time.monotonic()
-            self._running = self._pool.submit(self._prune_logged)
+            self._running = self._pool.submit(self._look, mine)
 
-    def _prune_logged(self) -> None:
+    def _saw(self, kept: list[backup.Manifest]) -> None:
+        """The newest snapshot in the bucket, whoever took it (due() and the metrics)."""
+        if kept and (self.newest is None or kept[-1].log_sequence > self.newest.log_sequence):
+            self.newest = kept[-1]
+            try:
+                self.newest_at = _dt.datetime.strptime(
+                    self.newest.taken_at, "%Y-%m-%dT%H:%M:%SZ").replace(
+                    tzinfo=_dt.UTC).timestamp()
+            except ValueError:
+                self.newest_at = time.time()
+
+    def _look(self, mine: bool) -> None:
+        """Between snapshots: the bucket looked at again, and (on the node that takes them)
+        the log purged again."""
         try:
-            self.prune()
+            self._saw(self.snapshots.list())
+            if mine and self.newest is not None:
+                self.prune()
         except Exception as error:  # noqa: BLE001 - logged; tried again later
-            log.error("purging the log below the oldest snapshot failed: %s", error)
+            log.error("looking at the snapshots or purging the log failed: %s", error)
 
     def take(self) -> backup.Manifest | None:
         store = self.node.store

@@ -10,8 +10,16 @@ import sys
 import pytest
 from test_cluster import balance, debit, top_up, writer_of
 from test_e2e import new_active_card
+from test_workers import scrape
 
-from yikatong.server.harness import ROOT, NatsCluster, ServerProcess, store_digest, wait_until
+from yikatong.server.harness import (
+    ROOT,
+    NatsCluster,
+    ServerProcess,
+    free_address,
+    store_digest,
+    wait_until,
+)
 from yikatong.storage import snapshots
 from yikatong.storage.replication import Log
 from yikatong.v1 import yikatong_pb2 as pb
@@ -154,13 +162,18 @@ def test_a_single_node_on_the_log_loses_nothing_acknowledged_when_its_disk_dies(
     one before the disk died, is there after a restart on an empty disk, and a gate's retry
     of any of them gets its first answer (never charged twice)."""
     every = ("--snapshot-every", "20", "--snapshots-keep", "1")
-    node = start(tmp_path, cluster, 0, *every)
+    metrics = free_address()
+    node = start(tmp_path, cluster, 0, *every, "--metrics-listen", metrics)
     try:
         assert wait_until(lambda: writer_of([node]) is not None, 30)
         card = new_active_card(node, 4)
         top_up(node, card, 100_000)
         answers = {f"s{i}": debit(node, card, f"s{i}").SerializeToString() for i in range(50)}
         assert wait_until(lambda: in_log(cluster)[0], 30)  # the writer, alone, took one
+        newest = ("yikatong_snapshot_newest_sequence", frozenset())
+        assert wait_until(lambda: scrape(metrics).get(newest) ==
+                          in_log(cluster)[0][-1].log_sequence, 20)
+        assert scrape(metrics)[("yikatong_snapshot_failing", frozenset())] == 0
         for i in range(50, 60):  # after the snapshot: only in the log
             answers[f"s{i}"] = debit(node, card, f"s{i}").SerializeToString()
         node.proc.kill()
