@@ -399,7 +399,8 @@ class Metrics:
 
 
 REASONS = max(Reason) + 1
-REASONS_NOT_SERVING = ("map_full", "disk_full", "corrupt_record", "writer_down")
+REASONS_NOT_SERVING = ("map_full", "disk_full", "corrupt_record", "writer_down",
+                       "archive_failing", "replication_gap")
 _SECONDS_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
                     2.5, 5, 10)
 _GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)

@@ -160,13 +160,26 @@ def restore(path: str, data_dir: str) -> Manifest:
     if os.path.exists(os.path.join(lmdb_dir, "data.mdb")):
         raise BackupError(f"{data_dir} holds a store: restore never overwrites one (move it "
                           "aside, or restore into a new data dir)")
+    kept = archive.archive_dir(data_dir)
+    ours = {os.path.basename(archive.path_of(kept, n)): n
+            for n in range(1, manifest.archive_segments + 1)}
+    for name in os.listdir(kept) if os.path.isdir(kept) else []:
+        if name.endswith(".partial"):  # a copy cut short
+            os.remove(os.path.join(kept, name))
+            continue
+        # only what a restore of this very backup cut short left there is written over
+        n = ours.get(name)
+        if n is None or _hash(os.path.join(kept, name))[1] != _hash(
+                archive.path_of(os.path.join(path, archive.DIR), n))[1]:
+            raise BackupError(f"{data_dir} holds an archive: restore never overwrites one "
+                              "(move it aside with its store)")
+    target = os.path.join(lmdb_dir, "data.mdb")
+    partial = target + ".partial"
     try:
         for d in (data_dir, lmdb_dir):
             os.makedirs(d, DIR_MODE, exist_ok=True)
             os.chmod(d, DIR_MODE)
         _restore_archive(path, data_dir, manifest.archive_segments)
-        target = os.path.join(lmdb_dir, "data.mdb")
-        partial = target + ".partial"
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
             with open(os.path.join(path, "lmdb", "data.mdb"), "rb") as src:
@@ -175,12 +188,17 @@ def restore(path: str, data_dir: str) -> Manifest:
             os.fsync(fd)
         finally:
             os.close(fd)
+        # checked before it becomes the store: a bad copy never stands in a data dir
+        if _hash(partial)[1] != manifest.data_sha256:
+            raise BackupError(f"{target} does not match the backup after copying: disk "
+                              "error? nothing was restored")
         os.rename(partial, target)
         _fsync_dir(lmdb_dir)
     except OSError as error:
         raise BackupError(f"cannot restore into {data_dir}: {error}") from None
-    if (_hash(target)[1]) != manifest.data_sha256:
-        raise BackupError(f"{target} does not match the backup after copying: disk error?")
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     return manifest
 
 
@@ -215,8 +233,8 @@ def _read(copy: str, now: _dt.datetime | None) -> Manifest:
             if not ok:
                 raise Unverified(f"the copy's audit chain is broken at event {bad}: {problem}")
             head = bytes(32)
-            for _, last in book.audit_records(max(events - 1, 0)):
-                head = records.split_audit(last)[2]
+            for _, event in book.audit_records(max(events - 1, 0)):
+                head = records.split_audit(event)[2]
             manifest: dict[str, Any] = dict(
                 format=found, written_by=f"yikatong {__version__}",
                 taken_at=(now or _dt.datetime.now(_dt.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -269,7 +287,10 @@ def _segments_of(copy: str) -> int:
 
 
 def _copy_file(source: str, target: str) -> None:
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    """Copied whole under a temporary name, then renamed: a copy cut short is never taken
+    for the file."""
+    partial = target + ".partial"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         with open(source, "rb") as src:
             while chunk := src.read(1 << 20):
@@ -277,6 +298,7 @@ def _copy_file(source: str, target: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    os.rename(partial, target)
 
 
 def _restore_archive(path: str, data_dir: str, count: int) -> None:

@@ -290,6 +290,11 @@ class Follower:
                 if self.error is None or repr(error) != repr(self.error):
                     log.error("the follower cannot apply record %d; trying again every "
                               "second", seq, exc_info=error)
+                if isinstance(error, ReplicationGap):
+                    # records this store needs are gone from the log (purged below a snapshot
+                    # while this node was away): what it serves grows stale, never current
+                    # again without a rebuild; health says so (move the data dir aside)
+                    self.store.note("replication_gap", True)
                 self.error = error
                 return False
             self.error = None

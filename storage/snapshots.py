@@ -52,10 +52,19 @@ class Snapshots:
         self.obs = self._run(self._bucket(replicas), 30)
 
     def _run(self, coro, timeout: float | None = None):
+        """`coro` on the log's loop, cancelled if it has not finished within `timeout` (an
+        upload or download left running would hold its copy and its disk)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.log._loop)
         try:
-            return self.log._run(coro, timeout or self.timeout)
+            return future.result(timeout or self.timeout)
         except _UNREACHABLE:
+            future.cancel()
             raise LogUnavailable(f"the snapshot bucket {BUCKET} did not answer") from None
+
+    def _moving(self, size: int) -> float:
+        """The time an upload or download of `size` bytes may take: the base timeout, plus
+        a second per 4 MB (a snapshot of a city's store is gigabytes)."""
+        return self.timeout + size / 4e6
 
     async def _bucket(self, replicas: int):
         js = self.log._js
@@ -103,7 +112,7 @@ class Snapshots:
                 await self.obs.put(name, f, meta=nats.js.api.ObjectMeta(
                     name=name, description=json.dumps(dataclasses.asdict(manifest),
                                                       sort_keys=True)))
-        self._run(put())
+        self._run(put(), self._moving(manifest.data_bytes))
 
     def fetch(self, manifest: backup.Manifest, to: str) -> backup.Manifest:
         """The snapshot of `manifest` laid out as a backup at `to` (a new path), verified
@@ -114,7 +123,8 @@ class Snapshots:
         fd = os.open(os.path.join(to, "lmdb", "data.mdb"), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                      backup.FILE_MODE)
         with os.fdopen(fd, "wb") as f:
-            self._run(self.obs.get(name_of(manifest.log_sequence), writeinto=f))
+            self._run(self.obs.get(name_of(manifest.log_sequence), writeinto=f),
+                      self._moving(manifest.data_bytes))
         fd = os.open(os.path.join(to, backup.MANIFEST), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                      backup.FILE_MODE)
         with os.fdopen(fd, "w") as f:
@@ -149,6 +159,7 @@ def bootstrap(log_, data_dir: str, work: str) -> backup.Manifest | None:
     from yikatong.storage.replication import starting
 
     snapshots = starting("the snapshot bucket", lambda: Snapshots(log_))
+    failed = ""
     for manifest in reversed(starting("the snapshot bucket", snapshots.list)):
         staging = tempfile.mkdtemp(prefix="snapshot-", dir=work)
         shutil.rmtree(staging)
@@ -160,11 +171,14 @@ def bootstrap(log_, data_dir: str, work: str) -> backup.Manifest | None:
                      name_of(manifest.log_sequence), time.monotonic() - started,
                      extra={"fields": {"log_sequence": manifest.log_sequence}})
             return manifest
-        except backup.Unverified as error:
-            log.error("snapshot %s does not verify (%s); trying an older one",
-                      name_of(manifest.log_sequence), error)
+        except (backup.BackupError, LogUnavailable, OSError) as error:
+            failed = f"snapshot {name_of(manifest.log_sequence)}: {error}"
+            log.error("%s; trying an older one", failed)
+            shutil.rmtree(os.path.join(data_dir, "lmdb"), ignore_errors=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    if failed:  # snapshots there are, none laid out: no empty store in their place
+        raise LogUnavailable(f"no snapshot could be laid out (the last tried: {failed})")
     return None
 
 

@@ -3,6 +3,7 @@ from LMDB into hash-chained, compressed archive segments, in the writer's period
 replay of an archived request id gets its first answer (never charged twice), the audit trail
 reads as one chain across archive and store, the change feed says where it starts, and a
 damaged archive is named by `yikatong archive verify`. Real servers, the manual clock."""
+import json
 import os
 import random
 import subprocess
@@ -360,6 +361,21 @@ def test_a_backup_carries_the_archive_and_a_restore_lays_it_out_again(tmp_path):
     assert all(os.stat(os.path.join(where, n)).st_mode & 0o777 == 0o600
                for n in os.listdir(where))
     assert yikatong("backup", "--verify", backup).returncode == 0
+    with open(os.path.join(backup, "manifest.json")) as f:
+        manifest = json.load(f)
+    # the manifest names the last segment's hash (not an audit event's bytes)
+    with open(os.path.join(where, "0000000002.seg"), "rb") as f:
+        last_segment = f.read()
+    assert manifest["archive_segments"] == 2 and len(manifest["archive_head"]) == 64
+    assert manifest["archive_head"] == last_segment[-32:].hex()  # its hash ends the file
+
+    # a data dir holding another store's archive is not restored into
+    other = tmp_path / "other"
+    (other / "archive").mkdir(parents=True)
+    (other / "archive" / "0000000001.seg").write_bytes(b"another store's")
+    done = yikatong("restore", "--from", backup, "--data-dir", str(other))
+    assert done.returncode == 2 and "holds an archive" in done.stderr
+    assert (other / "archive" / "0000000001.seg").read_bytes() == b"another store's"
 
     restored = str(tmp_path / "restored")
     done = yikatong("restore", "--from", backup, "--data-dir", restored)

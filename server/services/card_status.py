@@ -104,6 +104,12 @@ class CardStatus:
         out: list[pb.ChangeEvent] = []
         with self.core.store.read() as txn:
             book = self.core.store.book(txn)
+            archived = archive.changes_through(book)
+            if after < archived:  # moved to the archive while this watcher was replaying
+                raise Archived(
+                    f"changes up to {archived} were archived (older than --retain-days) while "
+                    f"this watcher was at {after}. Re-sync: GetStatusBatch of your card list, "
+                    f"then watch from the head ({book.last_change()})")
             for seq, change in book.changes(after):
                 raw = book.card_bytes(change.card_number) if change.card_number else None
                 reason, until, state = pb.DECLINE_REASON_CARD_NOT_FOUND, 0, change.state
