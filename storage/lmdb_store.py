@@ -63,7 +63,7 @@ from yikatong.model import (
     bounded,
     mask_text,
 )
-from yikatong.storage import migrate, pii, records
+from yikatong.storage import archive, migrate, pii, records
 
 log = logging.getLogger("yikatong.storage")
 _U64 = struct.Struct(">Q")  # big-endian so LMDB's key order is numeric order
@@ -1356,8 +1356,6 @@ class Book:
         key = request_id.encode("utf-8")
         value = self.txn.get(key, db=self.dbs.requests)
         if value is None:
-            from yikatong.storage import archive
-
             value = archive.request(self, key)
             if value is None:
                 return None
@@ -1370,8 +1368,6 @@ class Book:
 
     def archived(self, request_id: str) -> bool:
         """Whether `request_id` (a transfer's id too) was moved to the archive."""
-        from yikatong.storage import archive
-
         return self.txn.get(archive.id_digest(request_id.encode("utf-8")),
                             db=self.dbs.archived_ids) is not None
 

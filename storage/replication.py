@@ -102,8 +102,15 @@ class Log:
             raise
 
     def _run(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(
-            timeout or self.timeout * 2)
+        """`coro` on the log's loop, cancelled there if it has not finished within `timeout`
+        (a call left running would go on holding what it holds: a snapshot's copy, a
+        subscription)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout or self.timeout * 2)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
 
     async def _connect(self, urls: list[str], replicas: int) -> None:
         async def quiet(error: Exception) -> None:  # nats-py logs a traceback per attempt

@@ -52,13 +52,10 @@ class Snapshots:
         self.obs = self._run(self._bucket(replicas), 30)
 
     def _run(self, coro, timeout: float | None = None):
-        """`coro` on the log's loop, cancelled if it has not finished within `timeout` (an
-        upload or download left running would hold its copy and its disk)."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.log._loop)
+        """`coro` on the log's loop (Log._run: cancelled when its time runs out)."""
         try:
-            return future.result(timeout or self.timeout)
+            return self.log._run(coro, timeout or self.timeout)
         except _UNREACHABLE:
-            future.cancel()
             raise LogUnavailable(f"the snapshot bucket {BUCKET} did not answer") from None
 
     def _moving(self, size: int) -> float:

@@ -32,11 +32,12 @@ from yikatong.v1 import yikatong_pb2_grpc as rpc
 TAKEOVER_SECONDS_MAX = 20  # the lease (3 s), its expiry, the catch-up and an election
 
 
-def start(tmp_path, cluster, i: int, address: str | None = None) -> ServerProcess:
+def start(tmp_path, cluster, i: int, *extra: str, address: str | None = None) -> ServerProcess:
+    """Node i of a replicated store on `cluster`, its metrics at `.metrics`."""
     workdir = tmp_path / f"node{i}"
     workdir.mkdir(exist_ok=True)
     srv = ServerProcess(workdir, "--replicate", ",".join(cluster.urls), "--node-id",
-                        f"node{i}", "--metrics-listen", (metrics := free_address()),
+                        f"node{i}", "--metrics-listen", (metrics := free_address()), *extra,
                         address=address, data_dir=str(workdir / "data"))
     srv.metrics = metrics
     return srv

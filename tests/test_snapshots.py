@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from test_cluster import balance, debit, top_up, writer_of
+from test_cluster import balance, debit, start, top_up, writer_of
 from test_e2e import new_active_card
 from test_workers import scrape
 
@@ -16,20 +16,12 @@ from yikatong.server.harness import (
     ROOT,
     NatsCluster,
     ServerProcess,
-    free_address,
     store_digest,
     wait_until,
 )
 from yikatong.storage import snapshots
 from yikatong.storage.replication import Log
 from yikatong.v1 import yikatong_pb2 as pb
-
-
-def start(tmp_path, cluster, i: int, *extra: str, address=None) -> ServerProcess:
-    workdir = tmp_path / f"node{i}"
-    workdir.mkdir(exist_ok=True)
-    return ServerProcess(workdir, "--replicate", ",".join(cluster.urls), "--node-id",
-                         f"node{i}", *extra, data_dir=str(workdir / "data"), address=address)
 
 
 def in_log(cluster) -> tuple[list, int, int]:
@@ -162,8 +154,7 @@ def test_a_single_node_on_the_log_loses_nothing_acknowledged_when_its_disk_dies(
     one before the disk died, is there after a restart on an empty disk, and a gate's retry
     of any of them gets its first answer (never charged twice)."""
     every = ("--snapshot-every", "20", "--snapshots-keep", "1")
-    metrics = free_address()
-    node = start(tmp_path, cluster, 0, *every, "--metrics-listen", metrics)
+    node = start(tmp_path, cluster, 0, *every)
     try:
         assert wait_until(lambda: writer_of([node]) is not None, 30)
         card = new_active_card(node, 4)
@@ -171,9 +162,9 @@ def test_a_single_node_on_the_log_loses_nothing_acknowledged_when_its_disk_dies(
         answers = {f"s{i}": debit(node, card, f"s{i}").SerializeToString() for i in range(50)}
         assert wait_until(lambda: in_log(cluster)[0], 30)  # the writer, alone, took one
         newest = ("yikatong_snapshot_newest_sequence", frozenset())
-        assert wait_until(lambda: scrape(metrics).get(newest) ==
+        assert wait_until(lambda: scrape(node.metrics).get(newest) ==
                           in_log(cluster)[0][-1].log_sequence, 20)
-        assert scrape(metrics)[("yikatong_snapshot_failing", frozenset())] == 0
+        assert scrape(node.metrics)[("yikatong_snapshot_failing", frozenset())] == 0
         for i in range(50, 60):  # after the snapshot: only in the log
             answers[f"s{i}"] = debit(node, card, f"s{i}").SerializeToString()
         node.proc.kill()
