@@ -121,9 +121,9 @@ def take_env(env, to: str, now: _dt.datetime | None = None, read=None) -> Manife
     return manifest
 
 
-def verify(path: str) -> Manifest:
-    """The manifest of the backup at `path` if the backup is whole and its records hold;
-    BackupError naming the first thing wrong otherwise."""
+def manifest_of(path: str) -> Manifest:
+    """The manifest the backup at `path` states (Unverified if it has none): what `verify`
+    checks the copy against."""
     try:
         with open(os.path.join(path, MANIFEST)) as f:
             stated = Manifest(**json.load(f))
@@ -132,6 +132,13 @@ def verify(path: str) -> Manifest:
             from None
     except (OSError, ValueError, TypeError) as error:
         raise Unverified(f"{path}/{MANIFEST} is unreadable: {error}") from None
+    return stated
+
+
+def verify(path: str) -> Manifest:
+    """The manifest of the backup at `path` if the backup is whole and its records hold;
+    BackupError naming the first thing wrong otherwise."""
+    stated = manifest_of(path)
     copy = os.path.join(path, "lmdb", "data.mdb")
     if not os.path.isfile(copy):
         raise Unverified(f"{path} has no lmdb/data.mdb")

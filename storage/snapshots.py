@@ -22,6 +22,9 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -201,6 +204,7 @@ class Taker:
         self.last_error = ""
         self._pruned_at = time.monotonic()
         self._running: concurrent.futures.Future | None = None
+        self._child: subprocess.Popen | None = None  # a copy under way (take)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "yikatong-snapshot")
 
     def due(self) -> bool:
@@ -247,11 +251,16 @@ class Taker:
             log.error("looking at the snapshots or purging the log failed: %s", error)
 
     def take(self) -> backup.Manifest | None:
+        """The copy is `yikatong backup` in a child process: a read transaction open in this
+        process for the whole copy (seconds per GB) would hold back the map's growth
+        (mdb_env_set_mapsize waits for every transaction of its process), and every write
+        group meanwhile. The child's transaction keeps the copy's pages, nothing else."""
         store = self.node.store
         path = os.path.join(self.work, f"snapshot-{os.getpid()}-{time.monotonic_ns()}")
         try:
             started = time.monotonic()
-            manifest = backup.take_env(store.env, path, read=store.read)
+            self._copy(store.data_dir, path, self.snapshots._moving(store.map_use()[0]))
+            manifest = backup.manifest_of(path)
             self.snapshots.put(path, manifest)
             self.newest, self.newest_at, self.taken = manifest, time.time(), self.taken + 1
             log.info("snapshot %s taken in %.1f s", name_of(manifest.log_sequence),
@@ -265,7 +274,28 @@ class Taker:
             log.error("a snapshot failed: %s", error)
             return None
         finally:
-            shutil.rmtree(path, ignore_errors=True)
+            for leftover in (path, f"{path}.partial"):  # .partial: a child that was stopped
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def _copy(self, data_dir: str, path: str, timeout: float) -> None:
+        """`yikatong backup --data-dir DATA_DIR --to PATH` (verified before it says done),
+        in a child process that `stop` ends; BackupError with its one line if it fails."""
+        child = subprocess.Popen(
+            [sys.executable, "-m", "yikatong", "backup", "--data-dir", data_dir, "--to", path],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._child = child
+        try:
+            _, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            raise backup.BackupError(f"the copy took more than {timeout:.0f} s") from None
+        finally:
+            self._child = None
+        if child.returncode:
+            lines = err.decode("utf-8", "replace").strip().splitlines()
+            raise backup.BackupError(lines[-1] if lines and child.returncode > 0 else
+                                     f"the copy ended with status {child.returncode}")
 
     def prune(self) -> None:
         """Keep the newest `keep`; purge the log below the oldest kept, but never past a
@@ -283,6 +313,11 @@ class Taker:
             purge_log(self.node.log, floor)
 
     def stop(self) -> None:
+        """A copy under way is ended (a snapshot is only ever a finished one): the node
+        stops at once, not when the copy would have."""
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGKILL)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -291,7 +326,6 @@ def restore_to(urls: list[str], sequence: int, data_dir: str) -> tuple[int, int]
     sequence N in `data_dir` (holding no store): the newest snapshot at or before N, then the
     log's records after it up to N. (the snapshot's sequence, 0 for none; records applied).
     backup.BackupError when the snapshots and the log do not cover N."""
-    from yikatong.storage.lmdb_store import Book, Store
     from yikatong.storage.replication import Log
 
     log_ = Log(urls, create=False)
@@ -310,36 +344,59 @@ def restore_to(urls: list[str], sequence: int, data_dir: str) -> tuple[int, int]
                 f"at {start - 1} and the log keeps records from {first} on")
         if os.path.exists(os.path.join(data_dir, "lmdb", "data.mdb")):
             raise backup.BackupError(f"{data_dir} holds a store: restore never overwrites one")
-        if base is not None:
-            os.makedirs(data_dir, backup.DIR_MODE, exist_ok=True)
-            staging = tempfile.mkdtemp(prefix="snapshot-", dir=data_dir)
-            shutil.rmtree(staging)
-            try:
-                snapshots.fetch(base, staging)
-                backup.restore(staging, data_dir)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        store = Store(data_dir)
+        # built beside it and moved in whole: a restore that fails or is killed leaves no
+        # store in data_dir that passes for the state as of `sequence`
+        building = os.path.abspath(data_dir).rstrip("/") + ".restoring"
+        shutil.rmtree(building, ignore_errors=True)  # one left by a restore that was killed
         try:
-            seq = start
-            while seq <= sequence:
-                batch: list[bytes] = []
-                while seq <= sequence and len(batch) < 256:
-                    found = log_.read(seq)
-                    if found is None:
-                        raise backup.BackupError(f"log record {seq} is gone from the log")
-                    batch.append(found[0])
-                    seq += 1
-
-                def apply(book: Book, batch=batch) -> None:
-                    for record in batch:
-                        book.apply_journal(record)
-                store.write(apply)
+            _build(log_, snapshots, base, start, sequence, building)
+            os.makedirs(data_dir, backup.DIR_MODE, exist_ok=True)
+            names = sorted(set(os.listdir(building)) - {"yikatong.lock", "lmdb"}) + ["lmdb"]
+            for name in names:
+                if os.path.exists(os.path.join(data_dir, name)):
+                    raise backup.BackupError(f"{data_dir} holds {name}: restore never "
+                                             "overwrites one")
+            for name in names:  # the store last: there is none until all of it is there
+                os.rename(os.path.join(building, name), os.path.join(data_dir, name))
         finally:
-            store.close()
+            shutil.rmtree(building, ignore_errors=True)
         return (base.log_sequence if base else 0), sequence - start + 1
     finally:
         log_.close()
+
+
+def _build(log_, snapshots: Snapshots, base, start: int, sequence: int, data_dir: str) -> None:
+    """restore_to's store in `data_dir` (new): the snapshot `base` (None: none), then the
+    log's records `start` to `sequence`."""
+    from yikatong.storage.lmdb_store import Book, Store
+
+    if base is not None:
+        os.makedirs(data_dir, backup.DIR_MODE, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix="snapshot-", dir=data_dir)
+        shutil.rmtree(staging)
+        try:
+            snapshots.fetch(base, staging)
+            backup.restore(staging, data_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    store = Store(data_dir)
+    try:
+        seq = start
+        while seq <= sequence:
+            batch: list[bytes] = []
+            while seq <= sequence and len(batch) < 256:
+                found = log_.read(seq)
+                if found is None:
+                    raise backup.BackupError(f"log record {seq} is gone from the log")
+                batch.append(found[0])
+                seq += 1
+
+            def apply(book: Book, batch=batch) -> None:
+                for record in batch:
+                    book.apply_journal(record)
+            store.write(apply)
+    finally:
+        store.close()
 
 
 def clean_staging(data_dir: str) -> None:

@@ -3,9 +3,11 @@ store, the log purged below them; a node whose disk is wiped starts from the new
 and the log's tail and ends with the same bytes as the others; `yikatong restore --replicate
 --to-sequence N` rebuilds the state as of any covered log sequence. Three `yikatong serve
 --replicate` nodes on a 3-node NATS cluster, all started and stopped by the test."""
+import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from test_cluster import balance, debit, start, top_up, writer_of
@@ -138,6 +140,27 @@ def test_restore_to_the_log_sequence_before_a_bad_write(cluster, tmp_path):
     srv = ServerProcess(workdir, data_dir=restored)
     try:
         # as of the record before the bad debit: the 30 and the good one, not the bad one
+        assert balance(srv, card) == 100_000 - 31 * 100
+    finally:
+        srv.stop()
+    # killed midway (at points along its way): no store that passes for the state as of
+    # the sequence is left where it was going; the next restore completes
+    again = str(tmp_path / "again")
+    argv = [sys.executable, "-m", "yikatong", "restore", "--replicate", ",".join(cluster.urls),
+            "--to-sequence", str(bad - 1), "--data-dir", again]
+    for delay in (0.3, 0.8, 1.3, 1.8):
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.kill()
+        if proc.wait(10) == 0:  # it finished before the kill: a whole store
+            break
+        assert not os.path.exists(os.path.join(again, "lmdb", "data.mdb")), delay
+    if not os.path.exists(os.path.join(again, "lmdb", "data.mdb")):
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    srv = ServerProcess(workdir, data_dir=again)
+    try:
         assert balance(srv, card) == 100_000 - 31 * 100
     finally:
         srv.stop()
