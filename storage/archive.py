@@ -32,6 +32,7 @@ beyond the recorded count (a crash between the two) is removed by the next move,
 it again from the records still in the hot store.
 """
 import bisect
+import functools
 import hashlib
 import json
 import logging
@@ -415,10 +416,23 @@ def request(book, key: bytes) -> bytes | None:
     if value is None:
         return None
     (n,) = _LEN.unpack(value)
-    for k, v in read(archive_dir(book.dbs.data_dir), n).records["requests"]:
-        if k == key:
-            return v
-    return None  # a digest shared with another id: this one was never archived
+    # a digest shared with another id: this one was never archived (None)
+    where = archive_dir(book.dbs.data_dir)
+    try:
+        st = os.stat(path_of(where, n))
+    except OSError:
+        st = None  # read() says what is wrong
+    return _requests_of(where, n, st and (st.st_ino, st.st_size, st.st_mtime_ns)).get(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _requests_of(where: str, n: int, _file: tuple | None) -> dict[bytes, bytes]:
+    """Segment n's remembered answers by request id. A segment does not change once its
+    transaction commits, so the few read last are kept (by the file's identity too: one
+    written again after a crash is read again): retries of archived ids (a gate's backlog,
+    or someone replaying old ids on purpose) do not make the writer decompress a segment
+    each."""
+    return dict(read(where, n).records["requests"])
 
 
 def first_holding(where: str, count: int, kind: str, after: int) -> int:
