@@ -37,6 +37,7 @@ SUBJECT = "yikatong.log"
 # followers' audit events (PII reads, refused calls), for the writer to take into the trail
 INTAKE_STREAM = "YIKATONG_AUDIT_INTAKE"
 INTAKE_SUBJECT = "yikatong.audit-intake"
+INTAKE_PURGE_SECONDS = 5.0
 _INTAKE_FIELDS = ("time", "client_id", "role", "method", "card_number", "purpose", "outcome",
                   "count", "holder")
 EXPECTED = "Nats-Expected-Last-Sequence"
@@ -157,6 +158,18 @@ class Log:
                                  f"{self.timeout:g} s; nothing was committed") from None
         if ack.seq != seq:
             raise Fenced(f"the replicated log put record {seq} at {ack.seq}")
+
+    def purge(self, below: int, stream: str = STREAM) -> None:
+        """Drop `stream`'s records up to and including `below` (kept elsewhere now: the log's
+        in a snapshot, the intake's in the trail)."""
+        async def purge():
+            await self._js.purge_stream(stream, seq=below + 1)
+        self._run(purge())
+
+    def first_sequence(self, stream: str = STREAM) -> int:
+        """`stream`'s first record still kept (last + 1 when it keeps none)."""
+        state = self._run(self._js.stream_info(stream)).state
+        return state.first_seq if state.messages else state.last_seq + 1
 
     def read(self, seq: int) -> tuple[bytes, float] | None:
         """Record `seq` and when the log took it (unix seconds), None if the log does not
@@ -420,7 +433,7 @@ class Node:
     def _join(self, store, node_id, address, ttl, snapshots, work, snapshot_module) -> None:
         """Everything a node reads and makes in the cluster before it serves, each step
         retried while a cluster started with it comes up (`starting`)."""
-        first = starting("the replicated log", lambda: snapshot_module.first_sequence(self.log))
+        first = starting("the replicated log", lambda: self.log.first_sequence())
         if store.applied_sequence + 1 < first:
             raise ReplicationGap(
                 f"this node's store ends at log sequence {store.applied_sequence} and the log "
@@ -447,8 +460,11 @@ class Node:
         store.divert_audit = self.log.hand_over
 
     def _intake(self) -> None:
-        """On the writer: the followers' audit events into the trail, in order."""
+        """On the writer: the followers' audit events into the trail, in order; the intake
+        purged of those taken, at most every INTAKE_PURGE_SECONDS."""
         subscription = None
+        taken = purged = 0
+        purge_at = time.monotonic()
         while not self._stop.is_set():
             try:
                 if not self.leading:
@@ -465,6 +481,12 @@ class Node:
                 if batch:
                     self.store.write(lambda book, b=batch: [
                         book.take_intake(seq, Log.intake_events(data)) for seq, data, _ in b])
+                    taken = batch[-1][0]
+                if taken > purged and time.monotonic() >= purge_at:
+                    # in the trail now, on the log's quorum: the intake need not keep them
+                    # (a writer taking over resumes from its own store's intake sequence)
+                    self.log.purge(taken, INTAKE_STREAM)
+                    purged, purge_at = taken, time.monotonic() + INTAKE_PURGE_SECONDS
             except Exception as error:  # noqa: BLE001 - from the last one taken, again
                 if not isinstance(error, (LogUnavailable, Fenced)):
                     log.exception("node %s: the audit intake failed; trying again",

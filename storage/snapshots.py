@@ -135,23 +135,6 @@ class Snapshots:
         self._run(self.obs.delete(name_of(manifest.log_sequence)))
 
 
-def purge_log(log_, below: int) -> None:
-    """Drop the log's records up to and including `below` (a snapshot holds them)."""
-    from yikatong.storage.replication import STREAM
-
-    async def purge():
-        await log_._js.purge_stream(STREAM, seq=below + 1)
-    log_._run(purge())
-
-
-def first_sequence(log_) -> int:
-    """The log's first record still kept (last + 1 when it keeps none)."""
-    from yikatong.storage.replication import STREAM
-
-    state = log_._run(log_._js.stream_info(STREAM)).state
-    return state.first_seq if state.messages else state.last_seq + 1
-
-
 def bootstrap(log_, data_dir: str, work: str) -> backup.Manifest | None:
     """A node starting with no store: the newest snapshot laid out as its store (verified
     first; an older one if the newest does not verify). None when there is no snapshot
@@ -309,8 +292,8 @@ class Taker:
         floor = kept[0].log_sequence
         for report in self.node.reports_up():
             floor = min(floor, report.get("applied", 0))
-        if floor >= first_sequence(self.node.log):  # something left to purge
-            purge_log(self.node.log, floor)
+        if floor >= self.node.log.first_sequence():  # something left to purge
+            self.node.log.purge(floor)
 
     def stop(self) -> None:
         """A copy under way is ended (a snapshot is only ever a finished one): the node
@@ -330,7 +313,7 @@ def restore_to(urls: list[str], sequence: int, data_dir: str) -> tuple[int, int]
 
     log_ = Log(urls, create=False)
     try:
-        last, first = log_.last_sequence(), first_sequence(log_)
+        last, first = log_.last_sequence(), log_.first_sequence()
         if not 0 < sequence <= last:
             raise backup.BackupError(f"--to-sequence {sequence}: the log's records are "
                                      f"numbered 1 to {last}")

@@ -26,6 +26,7 @@ from yikatong.server.harness import (
     store_digest,
     wait_until,
 )
+from yikatong.storage.replication import INTAKE_STREAM, Log
 from yikatong.v1 import yikatong_pb2 as pb
 from yikatong.v1 import yikatong_pb2_grpc as rpc
 
@@ -189,6 +190,12 @@ def test_three_nodes_one_writer_failover_and_rejoin(cluster, tmp_path):
         assert wait_until(lambda: any(e.method == "Holders.GetHolder" and e.role ==
                                       "TRANSIT_GATE" and e.outcome == "PERMISSION_DENIED"
                                       for e in trail(writer)), 10)
+        intake = Log(cluster.urls, create=False)
+        try:  # in the trail now: the intake keeps none of them (purged every 5 s)
+            assert wait_until(lambda: intake.first_sequence(INTAKE_STREAM) > 1 and intake._run(
+                intake._js.stream_info(INTAKE_STREAM)).state.messages == 0, 20)
+        finally:
+            intake.close()
         for node in nodes:  # one chain, the same on every node
             assert wait_until(lambda n=node: len(trail(n)) == len(trail(writer)), 10)
             assert rpc.AuditStub(node.channel).Verify(pb.VerifyAuditRequest(),

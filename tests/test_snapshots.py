@@ -30,7 +30,7 @@ def in_log(cluster) -> tuple[list, int, int]:
     """(snapshot manifests, the log's first kept sequence, its last)."""
     log = Log(cluster.urls, create=False)
     try:
-        return (snapshots.Snapshots(log).list(), snapshots.first_sequence(log),
+        return (snapshots.Snapshots(log).list(), log.first_sequence(),
                 log.last_sequence())
     finally:
         log.close()
