@@ -103,6 +103,11 @@ def main(argv=None) -> int:
     s.add_argument("--snapshots-keep", type=int, default=2, metavar="N",
                    help="with --replicate: snapshots kept; the log is purged below the oldest "
                         "(default: %(default)s)")
+    s.add_argument("--log-purge-margin", type=int, default=config.log_purge_margin_records,
+                   metavar="RECORDS",
+                   help="with --replicate: log records kept below the oldest kept snapshot and "
+                        "the slowest node up (a node whose power was cut may come back a "
+                        "commit or so behind what it reported) (default: %(default)s)")
     s.add_argument("--advertise", metavar="HOST:PORT",
                    help="with --replicate: the address other nodes name for writes here "
                         "(default: --listen)")
@@ -567,7 +572,7 @@ def snapshot_policy(args):
 
     if args.snapshot_every.strip().lower() == "off":
         return None
-    policy = Policy(keep=args.snapshots_keep)
+    policy = Policy(keep=args.snapshots_keep, margin=args.log_purge_margin)
     for part in args.snapshot_every.split(","):
         part = part.strip().lower()
         try:
@@ -584,6 +589,8 @@ def snapshot_policy(args):
                              f"or off; not {args.snapshot_every[:40]!r}")
     if not 1 <= args.snapshots_keep <= 100:
         raise ValueError("--snapshots-keep must be 1 to 100")
+    if not 0 <= args.log_purge_margin <= 10**9:
+        raise ValueError("--log-purge-margin must be 0 to 1000000000 records")
     return policy
 
 

@@ -32,6 +32,7 @@ import nats.errors
 import nats.js.api
 import nats.js.errors
 
+from yikatong import config
 from yikatong.errors import LogUnavailable
 from yikatong.storage import backup
 
@@ -170,6 +171,7 @@ class Policy:
     every_records: int = 0  # 0: not by count
     every_seconds: float = 0  # 0: not by time
     keep: int = 2
+    margin: int = config.log_purge_margin_records  # records kept below the purge floor
 
 
 class Taker:
@@ -282,7 +284,8 @@ class Taker:
 
     def prune(self) -> None:
         """Keep the newest `keep`; purge the log below the oldest kept, but never past a
-        record a node that is up has yet to apply."""
+        record a node that is up has yet to apply, less the policy's margin (a
+        node whose power was cut may come back a commit or so before what it reported)."""
         kept = self.snapshots.list()
         for old in kept[:-self.policy.keep] if self.policy.keep else []:
             self.snapshots.delete(old)
@@ -292,6 +295,7 @@ class Taker:
         floor = kept[0].log_sequence
         for report in self.node.reports_up():
             floor = min(floor, report.get("applied", 0))
+        floor -= self.policy.margin
         if floor >= self.node.log.first_sequence():  # something left to purge
             self.node.log.purge(floor)
 

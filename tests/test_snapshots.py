@@ -51,7 +51,7 @@ def cluster(tmp_path):
 
 
 def test_a_wiped_follower_starts_from_the_newest_snapshot_and_the_log_tail(cluster, tmp_path):
-    every = ("--snapshot-every", "25", "--snapshots-keep", "1")
+    every = ("--snapshot-every", "25", "--snapshots-keep", "1", "--log-purge-margin", "5")
     nodes = [start(tmp_path, cluster, i, *every) for i in range(3)]
     try:
         assert wait_until(lambda: writer_of(nodes) is not None, 30)
@@ -66,7 +66,8 @@ def test_a_wiped_follower_starts_from_the_newest_snapshot_and_the_log_tail(clust
                  n.output()]
         assert taken and writer not in taken
         kept, first, _ = in_log(cluster)
-        assert len(kept) == 1 and first <= kept[0].log_sequence + 1
+        # and the margin below it (a node whose power was cut comes back a commit behind)
+        assert len(kept) == 1 and first <= kept[0].log_sequence + 1 - 5
 
         # the disk of a follower dies: its data dir is gone; it starts again from nothing
         wiped = next(n for n in nodes if n is not writer)
@@ -89,7 +90,7 @@ def test_a_wiped_follower_starts_from_the_newest_snapshot_and_the_log_tail(clust
 
 
 def test_a_follower_behind_the_purged_log_is_refused_in_one_line(cluster, tmp_path):
-    every = ("--snapshot-every", "10", "--snapshots-keep", "1")
+    every = ("--snapshot-every", "10", "--snapshots-keep", "1", "--log-purge-margin", "0")
     nodes = [start(tmp_path, cluster, i, *every) for i in range(3)]
     try:
         assert wait_until(lambda: writer_of(nodes) is not None, 30)
@@ -176,7 +177,7 @@ def test_a_single_node_on_the_log_loses_nothing_acknowledged_when_its_disk_dies(
     """The log as the continuous backup of one node: every debit acknowledged, up to the
     one before the disk died, is there after a restart on an empty disk, and a gate's retry
     of any of them gets its first answer (never charged twice)."""
-    every = ("--snapshot-every", "20", "--snapshots-keep", "1")
+    every = ("--snapshot-every", "20", "--snapshots-keep", "1", "--log-purge-margin", "0")
     node = start(tmp_path, cluster, 0, *every)
     try:
         assert wait_until(lambda: writer_of([node]) is not None, 30)

@@ -49,6 +49,10 @@ lease_seconds = 3.0  # the write lease lapses this long after its last renewal
 # a node's start waits this long for a cluster started with it (streams, buckets, leaders
 # being elected) before it gives up in one line
 cluster_start_seconds = 20.0
+# records kept below the purge floor (the oldest kept snapshot, the slowest node up): a
+# replicated node's commit is flushed without its meta page (NOMETASYNC), so a power cut
+# may undo its last commits; it replays them from the log, which must still hold them
+log_purge_margin_records = 1000
 # a read with min_sequence waits at most this long (and never past its deadline) for the
 # follower to apply the log that far, then UNAVAILABLE (LOG_BEHIND)
 min_sequence_wait_seconds = 5.0
