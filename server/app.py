@@ -72,7 +72,7 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
                 tls: tuple[bytes, bytes, bytes] | None = None, reflection: bool = False,
                 drain_seconds: float = config.drain_seconds, reuse_port: bool = False,
                 limits: calls.Limits | None = None, node=None, reloads=None,
-                history: History | None = None) -> None:
+                history: History | None = None, signing=None) -> None:
     """`node`: with --replicate, the store's place in the cluster (storage.replication.Node).
     `tls` = (key, certificate chain, client CA), PEM, or reload.ServerCertificates (the same,
     replaceable on SIGHUP): mTLS, a client certificate signed by that CA required on every
@@ -82,6 +82,7 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     `drain_seconds` (load balancers and gates see it before the port closes), then new calls
     are refused and calls in flight get SHUTDOWN_GRACE_SECONDS to finish."""
     core = Core(store, clock, banks)
+    core.signing = signing  # issue 28: server.signing.Signing (--signing-key-file) or None
     if history is not None:  # each client's budget for replaying the feed's history
         core.feed.history = history
     limits = limits or calls.Limits()
@@ -107,7 +108,7 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     loop = asyncio.get_running_loop()
     log_module.access.start(loop)
     limits.start(loop)
-    metrics.start(loop, store, lambda: core.feed.watchers, node, clock)
+    metrics.start(loop, store, lambda: core.feed.watchers, node, clock, clients)
     calls.on_data_loss = lambda: store.note("corrupt_record", True)
     calls.refusals.start(loop, store, clock)
     await _set_health(health_servicer, store.healthy)

@@ -50,6 +50,11 @@ def main(argv=None) -> int:
                         "outside the data dir; docs/OPERATIONS.md). Without it authorizations "
                         "are served and PII reads and writes refused (FAILED_PRECONDITION); "
                         "with --demo, a demo key file beside the data dir is made and used")
+    s.add_argument("--signing-key-file", metavar="FILE",
+                   help="issue 28: the Ed25519 key that signs WatchChanges events (when the "
+                        "watcher asks) and GetDenyList pages, and the earlier public keys "
+                        "still published (TOML, owner-only, outside the data dir; `yikatong "
+                        "signing new`; read again on SIGHUP). Without it nothing is signed")
     s.add_argument("--map-size-mib", type=int, default=config.lmdb_map_size // 2**20,
                    help="LMDB map size at start (grows on disk as used)")
     s.add_argument("--map-size-max-mib", "--map-size-max", type=int,
@@ -153,6 +158,25 @@ def main(argv=None) -> int:
     # a worker started anew by the --workers supervisor (server/workers.py), never by hand
     s.add_argument("--worker-of", metavar="SPEC", help=argparse.SUPPRESS)
 
+    g = sub.add_parser("signing", help="the key file of --signing-key-file: make one "
+                       "(new), put a new key in it keeping the old public key published for a "
+                       "window (rotate), or print its public keys (show)")
+    g.add_argument("action", choices=("new", "rotate", "show"))
+    g.add_argument("--key-file", required=True, metavar="FILE")
+    g.add_argument("--window-hours", type=float, default=24.0,
+                   help="rotate: how long the old key stays published (default: %(default)s)")
+    gt = sub.add_parser("gates", help="each gate's acknowledged change sequence, its lag and "
+                        "age (a running or stopped server's data dir); exit 1 if any is stale")
+    gt.add_argument("--data-dir", required=True)
+    gt.add_argument("--clients", metavar="FILE",
+                    help="the clients file: its TRANSIT_GATE clients that never acknowledged "
+                         "are listed too (stale)")
+    gt.add_argument("--stale-after", type=int, default=config.gate_stale_seconds,
+                    metavar="SECONDS", help="an acknowledgement older than this is stale "
+                    "(default: %(default)s)")
+    gt.add_argument("--now", metavar="ISO-8601",
+                    help="the time to judge ages at (default: the system clock; give the "
+                         "server's own under --clock manual)")
     d = sub.add_parser("due", help="open steps overdue or due soon (a stopped server's too)")
     d.add_argument("--data-dir", required=True)
     d.add_argument("--within", type=int, default=3, metavar="DAYS")
@@ -220,6 +244,10 @@ def main(argv=None) -> int:
         return migrate_store(args.data_dir, args.map_size_mib, args.pii_key_file)
     if args.command == "pii":
         return pii_command(args.action, args.data_dir, args.pii_key_file)
+    if args.command == "signing":
+        return signing_command(args.action, args.key_file, args.window_hours)
+    if args.command == "gates":
+        return gates(args.data_dir, args.clients, args.stale_after, args.now)
     if args.command == "due":
         return due(args.data_dir, args.within, args.calendar_dir)
     if args.command in ("backup", "restore"):
@@ -344,6 +372,99 @@ def due(data_dir: str, within: int, calendar_dir: str = "") -> int:
         print(f"warning: no official calendar for {missing} (the State Council's notice): its "
               f"ends are counted provisionally; install {missing}.toml in --calendar-dir")
     return 1 if problems else 0
+
+
+def signing_command(action: str, path: str, window_hours: float) -> int:
+    """`yikatong signing new|rotate|show --key-file F` (issue 28)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from yikatong import clock as clocks
+    from yikatong.server import signing
+
+    if action == "new":
+        try:
+            signing.write_new(path, signing.key_file_text(Ed25519PrivateKey.generate(), []))
+        except OSError as error:
+            return _fail(f"--key-file {path}: {error.strerror} (a key file is never "
+                         "overwritten: rotate puts a new key in one)")
+        action = "show"
+    try:
+        keys = signing.Signing.load(path)
+    except signing.KeyFileError as error:
+        return _fail(str(error).replace("--signing-key-file", "--key-file"))
+    now = clocks.SystemClock().now()
+    if action == "rotate":
+        if not 0 < window_hours <= 24 * 90:
+            return _fail("--window-hours must be above 0 and at most 2160 (90 days)")
+        earlier = [(pub, until) for pub, until in keys.previous if until > now]
+        earlier = [(keys.public, now + int(window_hours * 3600)), *earlier]
+        earlier = earlier[:signing.PREVIOUS_MAX]
+        try:
+            signing.replace(path, signing.key_file_text(Ed25519PrivateKey.generate(), earlier))
+        except OSError as error:
+            return _fail(f"--key-file {path}: {error.strerror}")
+        keys = signing.Signing.load(path)
+        print(f"rotated: signing with a new key; the old key "
+              f"{signing.key_id(earlier[0][0])} stays published until "
+              f"{clocks.format_time(earlier[0][1])}. Now reload the server (SIGHUP, "
+              "systemctl reload yikatong)")
+    for kid, pub, until in keys.published(now):
+        print(f"{kid}  ed25519  {pub.hex()}  "
+              + ("current" if not until else f"published until {clocks.format_time(until)}"))
+    return 0
+
+
+def gates(data_dir: str, clients_path: str | None, stale_after: int, now_text: str | None
+          ) -> int:
+    """Each gate's acknowledged sequence, lag and age, one line each; 1 if any is stale."""
+    from yikatong import clock as clocks
+    from yikatong.errors import StoreUnavailable
+    from yikatong.model import Role
+    from yikatong.server.clients import Clients
+    from yikatong.storage.lmdb_store import Store
+
+    if not os.path.exists(os.path.join(data_dir, "lmdb", "data.mdb")):
+        return _fail(f"no store in {data_dir}")
+    if stale_after < 1:
+        return _fail("--stale-after must be at least 1 second")
+    try:
+        now = clocks.parse_time(now_text) if now_text else clocks.SystemClock().now()
+    except ValueError:
+        return _fail(f"--now {now_text!r} is not ISO-8601")
+    expected: set[str] = set()
+    if clients_path:
+        known = Clients()
+        try:
+            known.load(clients_path)
+        except ValueError as error:
+            return _fail(str(error))
+        expected = {c.id for c in known.all() if c.role == Role.TRANSIT_GATE}
+    try:
+        store = Store(data_dir, lock=False)  # reads only; beside a running server too
+    except StoreUnavailable as error:
+        return _fail(str(error))
+    try:
+        with store.read() as txn:
+            book = store.book(txn)
+            head, acks = book.last_change(), {g: (s, t) for g, s, t in book.gate_acks()}
+    finally:
+        store.close()
+    stale = 0
+    print(f"change feed head {head}; stale after {stale_after} s; as of "
+          f"{clocks.format_time(now)}")
+    for gate in sorted(expected | acks.keys()):
+        if gate not in acks:
+            stale += 1
+            print(f"{gate}  never acknowledged  STALE")
+            continue
+        seq, at = acks[gate]
+        age = now - at
+        late = age > stale_after
+        stale += late
+        print(f"{gate}  sequence {seq}  lag {max(0, head - seq)}  age {age} s  "
+              f"(at {clocks.format_time(at)})" + ("  STALE" if late else ""))
+    print(f"{len(expected | acks.keys())} gates, {stale} stale")
+    return 1 if stale else 0
 
 
 AUDIT_UNREADABLE = 3  # `yikatong audit verify`: the store cannot be read (1: chain broken)
@@ -752,6 +873,13 @@ def _serve(args, metrics) -> int:
     except ValueError as error:
         return _fail(str(error))
     points.use(table)  # before any worker is forked
+    keys = None  # issue 28: the signing key, checked before anything serves
+    if args.signing_key_file:
+        from yikatong.server import signing
+        try:
+            keys = signing.Signing.load(args.signing_key_file, args.data_dir)
+        except signing.KeyFileError as error:
+            return _fail(str(error))
     try:
         calendar.use(calendar.load(args.calendar_dir))
     except calendar.CalendarFileError as error:
@@ -896,6 +1024,7 @@ def _serve(args, metrics) -> int:
         try:
             uvloop.run(run_server(store, clock, clients, args.listen, on_ready=on_ready,
                                   concurrent_rpcs_max=args.max_concurrent_rpcs, banks=banks,
+                                  signing=keys,
                                   tls=certs, reflection=args.reflection,
                                   reuse_port=workers > 1 or worker is not None,
                                   reloads=_metrics_reload(

@@ -67,6 +67,11 @@ class Clients:
         """Identities known: tokens and certificate names."""
         return len(self._by_token_sha256) + len(self._by_cert_cn)
 
+    def all(self) -> list[Client]:
+        """Every client, once each (one may have both a token and a certificate)."""
+        return list({c.id: c for c in (*self._by_token_sha256.values(),
+                                       *self._by_cert_cn.values())}.values())
+
     def load(self, path: str) -> None:
         doc = config_file.read_toml(path, f"clients file {path}")
         entries = doc.get("client", [])

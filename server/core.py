@@ -30,6 +30,7 @@ class Core:
         self.banks = banks  # GZ-9c; None: no list configured, the check is off
         self.policy = fastpath.Policy(config.generation_retired_at)
         self.feed = Feed(store)
+        self.signing = None  # issue 28: server.signing.Signing, --signing-key-file
 
     async def write(self, command):
         """Run `command(book)` in the writer; answered after its commit."""

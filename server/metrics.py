@@ -27,6 +27,7 @@ from yikatong.model import Channel, Reason
 
 _DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FLUSH_SECONDS = 1.0
+GATES_SECONDS = 5.0  # each gate's acknowledgement age is looked at this often
 DIR_NAME = "metrics"  # under the data dir
 READY_SECONDS_MAX = 20.0  # the endpoint process says it listens within this, or is logged
 RESTART_SECONDS_MAX = 30.0  # the longest pause before the endpoint process is started again
@@ -245,10 +246,12 @@ class Metrics:
         self.enabled = False
         self.decisions = [0] * ((max(Channel) + 1) * REASONS)  # [channel * REASONS + reason]
 
-    def start(self, loop, store, watchers=lambda: 0, node=None, clock=None) -> None:
+    def start(self, loop, store, watchers=lambda: 0, node=None, clock=None,
+              clients=None) -> None:
         """In the serving process, once its event loop runs. `node`: with --replicate,
         the store's place in the cluster (storage.replication.Node); `clock`: the server's
-        (the calendar's warning from 1 November)."""
+        (the calendar's warning from 1 November); `clients`: the clients file's
+        (server/clients.py), whose TRANSIT_GATE clients get a gate's metrics (issue 28)."""
         if _DIR_ENV not in os.environ:
             return
         from prometheus_client import Counter, Gauge, Histogram
@@ -291,6 +294,16 @@ class Metrics:
         self._provisional = Gauge("yikatong_calendar_provisional_steps", "Open steps whose "
                                   "end is counted provisionally (no notice for its year)",
                                   multiprocess_mode="livemax")
+        # issue 28: one series per TRANSIT_GATE client of the clients file (bounded by it)
+        self._gate_age = Gauge("yikatong_gate_ack_age_seconds", "Seconds (the server's clock) "
+                               "since the gate last acknowledged the change sequence it "
+                               "applied; +Inf: never", ["gate"], multiprocess_mode="livemax")
+        self._gate_lag = Gauge("yikatong_gate_ack_lag_changes", "Changes of the feed after "
+                               "the one the gate last acknowledged; +Inf: never",
+                               ["gate"], multiprocess_mode="livemax")
+        self._gates: set[str] = set()
+        self._clients = clients
+        self._gates_due = 0.0
         self._clock = clock
         self._slow_due = 0.0
         self._watching = watchers
@@ -369,6 +382,9 @@ class Metrics:
                                                 or (reason == "writer_down"
                                                     and store.writer_error is not None)))
         now = time.monotonic()
+        if now >= self._gates_due and self._clients is not None and self._clock is not None:
+            self._gates_due = now + GATES_SECONDS  # a read of the gates' acks, off the loop
+            self._loop.run_in_executor(None, self._gate_acks)
         if now >= self._slow_due:  # a scan of the open steps and a statvfs: every 30 s
             self._slow_due = now + 30
             fs = os.statvfs(store.data_dir)
@@ -387,6 +403,25 @@ class Metrics:
                 sum(s.provisional for s in steps) for _, steps in
                 self._store.book(txn).open_steps() if not isinstance(steps, Exception)))
 
+    def _gate_acks(self) -> None:
+        from yikatong.model import Role
+
+        gates = {c.id for c in self._clients.all() if c.role == Role.TRANSIT_GATE}
+        with self._store.read() as txn:
+            book = self._store.book(txn)
+            head = book.last_change()
+            acks = {g: (s, t) for g, s, t in book.gate_acks() if g in gates}
+        now = self._clock.now()
+        for gate in gates:
+            seq, at = acks.get(gate, (None, None))
+            self._gate_age.labels(gate).set(float("inf") if at is None else max(0, now - at))
+            self._gate_lag.labels(gate).set(float("inf") if seq is None
+                                            else max(0, head - seq))
+        for gate in self._gates - gates:  # left the clients file: a series that never alerts
+            self._gate_age.labels(gate).set(float("nan"))
+            self._gate_lag.labels(gate).set(float("nan"))
+        self._gates = gates
+
     def stop(self) -> None:
         if self.enabled:
             self._timer.cancel()
@@ -394,6 +429,7 @@ class Metrics:
             if self._node is not None:
                 self._node.on_lag = None
             self._slow_due = float("inf")  # no executor job as the server stops
+            self._gates_due = float("inf")
             self._flush()
             self._timer.cancel()
 

@@ -155,6 +155,14 @@ def server_parts(args, clients, certs: "ServerCertificates | None", store) -> Re
             return f"version {value.version}, {len(value.names)} banks{rules}"
         reloads.add("issuing banks", args.issuing_banks,
                     lambda: _issuing_banks(args.issuing_banks), banks)
+    if getattr(args, "signing_key_file", None):
+        from yikatong.server import signing
+
+        def signer(value) -> str:
+            reloads.core.signing = value
+            return value.describe()
+        reloads.add("signing key file", args.signing_key_file,
+                    lambda: signing.Signing.load(args.signing_key_file, args.data_dir), signer)
     if args.points_table:
         def table(value) -> str:
             points.use(value)

@@ -46,6 +46,11 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "CardStatus.GetStatus": _STATUS,
     "CardStatus.GetStatusBatch": _STATUS,
     "CardStatus.WatchChanges": _STATUS,
+    # issue 28: the signed deny list and its keys, for whoever may watch the feed; only a
+    # gate acknowledges what it applied (`yikatong gates` lists TRANSIT_GATE clients)
+    "CardStatus.GetDenyList": _STATUS,
+    "CardStatus.GetSigningKeys": _STATUS,
+    "CardStatus.AcknowledgeChanges": frozenset({Role.TRANSIT_GATE}),
     "Lifecycle.Apply": _APPLY,
     "Lifecycle.Replace": _APPLY,
     "Lifecycle.CancelLoss": _APPLY,

@@ -74,6 +74,8 @@ _TOTALS_KEY = b"ledger:totals"
 _LOG_SEQ_KEY = b"replication:log_seq"  # the replicated log's last sequence held here
 # the last followers' audit record taken into the trail (the writer's, replicated with it)
 _INTAKE_SEQ_KEY = b"replication:audit_intake_seq"
+_GATE_ACK = b"gate_ack:"  # + client id: (sequence, time) the gate acknowledged
+_GATE_ACK_VALUE = struct.Struct("<Qq")
 _STOP = object()
 DIR_MODE, FILE_MODE = 0o700, 0o600
 
@@ -1039,6 +1041,16 @@ class Book:
                      + self._seal(self.dbs.notes, key, person.encode("utf-8")))
         self._put(key, value, db=self.dbs.notes)
 
+    def cards_after(self, after: str) -> Iterator[tuple[str, bytes]]:
+        """(card number, record bytes) of every card after `after` ("": all), in order."""
+        with self.txn.cursor(db=self.dbs.cards) as cur:
+            key = after.encode("ascii")
+            if not cur.set_range(key):
+                return
+            for k, v in cur:
+                if k != key:
+                    yield bytes(k).decode("ascii"), v
+
     def card_count(self) -> int:
         return self.txn.stat(self.dbs.cards)["entries"]
 
@@ -1348,6 +1360,22 @@ class Book:
 
     def put_meta(self, name: bytes, value: bytes) -> None:
         self._put(name, value, db=self.dbs.meta)
+
+    # ---- issue 28: each gate's acknowledged change sequence, in meta under `gate_ack:ID`
+    # (additive keys: a release that knows none of them ignores them; no format change)
+    def gate_ack(self, client_id: str) -> tuple[int, int] | None:
+        """(sequence, time) the gate last acknowledged, or None."""
+        value = self.txn.get(_GATE_ACK + client_id.encode("utf-8"), db=self.dbs.meta)
+        return None if value is None else _GATE_ACK_VALUE.unpack(value)
+
+    def put_gate_ack(self, client_id: str, sequence: int, time: int) -> None:
+        self._put(_GATE_ACK + client_id.encode("utf-8"), _GATE_ACK_VALUE.pack(sequence, time),
+                  db=self.dbs.meta)
+
+    def gate_acks(self) -> Iterator[tuple[str, int, int]]:
+        """(client id, sequence, time) of every gate that acknowledged, by id."""
+        for k, v in self._prefixed(self.dbs.meta, _GATE_ACK):
+            yield (bytes(k[len(_GATE_ACK):]).decode("utf-8"), *_GATE_ACK_VALUE.unpack(v))
 
     # ---- idempotency: request id -> (fingerprint of the request, when, the first answer)
     def replay(self, request_id: str, fingerprint: bytes) -> bytes | None:

@@ -43,6 +43,14 @@ history_events_per_second_max = 5000
 # A watcher this many changes or more behind the head whose lag has not shrunk over a whole
 # --stream-stall-seconds is stalled, as one whose write is blocked: ended RESOURCE_EXHAUSTED.
 watch_lag_max = 4 * watch_batch_max
+# issue 28: a deny-list page holds at most this many entries (GetDenyList page_size; 0 asks
+# for the default) and reads at most deny_list_scan_max cards, so one page holds the event
+# loop for a bounded time whatever the city's size
+deny_list_page_default = 1000
+deny_list_page_max = 10_000
+deny_list_scan_max = 10_000
+# `yikatong gates` and the alert: a gate whose last acknowledgement is older is stale
+gate_stale_seconds = 300
 
 # ---- replication (issue 18, docs/SCALE.md)
 lease_seconds = 3.0  # the write lease lapses this long after its last renewal

@@ -2,7 +2,7 @@
 import time
 
 from yikatong import authorize, cards, config, fastpath
-from yikatong.errors import Archived, PastTheEnd, StreamStalled
+from yikatong.errors import Archived, InvalidArgument, PastTheEnd, Refused, StreamStalled
 from yikatong.model import (
     Changed,
     ChangeKind,
@@ -50,6 +50,7 @@ class CardStatus:
         anything is sent, so a slow watcher holds no transaction and no buffer of ours (a
         stalled one is ended by calls.Limits.write, naming where to resume)."""
         feed, after = self.core.feed, request.from_sequence
+        signing = self._signing("signed WatchChanges") if request.signed else None
         with self.core.store.read() as txn:
             book = self.core.store.book(txn)
             end, archived = book.last_change(), archive.changes_through(book)
@@ -92,6 +93,10 @@ class CardStatus:
                                 f"{lag_max}); resume after sequence {after}")
                         lag_then = lag
                         judged_at = time.monotonic() + history.stall_seconds
+                    if request.signed:  # the key as of this batch (a SIGHUP may rotate it)
+                        signing = self.core.signing or signing
+                        for event in events:
+                            signing.sign_event(event)
                     for event in events:
                         yield event
                     after = events[-1].sequence
@@ -137,6 +142,73 @@ class CardStatus:
                 if len(out) >= config.watch_batch_max:
                     break
         return out
+
+    def _signing(self, what: str):
+        signing = self.core.signing
+        if signing is None:
+            raise Refused("NO_SIGNING_KEY", f"{what}: the server has no signing key "
+                          "(--signing-key-file); ask its operator")
+        return signing
+
+    async def GetSigningKeys(self, request, client: Client):
+        signing = self.core.signing
+        if signing is None:
+            return pb.GetSigningKeysResponse()
+        return pb.GetSigningKeysResponse(keys=[
+            pb.SigningKey(key_id=kid, algorithm=pb.SIGNATURE_ALGORITHM_ED25519, public_key=pub,
+                          current=not until, until=until)
+            for kid, pub, until in signing.published(self.core.clock.now())])
+
+    async def GetDenyList(self, request, client: Client):
+        """One page: every card after `after_card_number` a TRANSIT tap is refused on now,
+        up to page_size entries or deny_list_scan_max cards read, in one read transaction,
+        signed whole."""
+        signing = self._signing("GetDenyList")
+        after = request.after_card_number
+        if after:
+            validate.card_number(after, "after_card_number")
+        size = request.page_size or config.deny_list_page_default
+        if size > config.deny_list_page_max:
+            raise InvalidArgument("page_size", f"is {size}; at most "
+                                  f"{config.deny_list_page_max} (0: the default, "
+                                  f"{config.deny_list_page_default})")
+        now, policy = self.core.clock.now(), self.core.policy
+        page = pb.GetDenyListResponse(time=now, after_card_number=after,
+                                      through_card_number=after, complete=True)
+        entries, scanned = page.entries, 0
+        with self.core.store.read() as txn:
+            book = self.core.store.book(txn)
+            page.sequence = book.last_change()
+            for number, raw in book.cards_after(after):
+                if scanned >= config.deny_list_scan_max or len(entries) >= size:
+                    page.complete = False
+                    break
+                scanned += 1
+                page.through_card_number = number
+                reason = authorize.on_record(policy, raw, number, Channel.TRANSIT, "", now)
+                if reason:
+                    until = 0
+                    if reason == pb.DECLINE_REASON_CARD_FROZEN:
+                        until = records.decode_card(number, raw).temp_loss_until  # SH-18b
+                    entries.add(card_number=number, reason=reason, until=until)
+        signing.sign_page(page)
+        return page
+
+    async def AcknowledgeChanges(self, request, client: Client):
+        """A gate's word that it applied the feed through `sequence`: stored (one small
+        write, group-committed by the writer) with the server's clock."""
+        sequence, gate, clock = request.sequence, client.id, self.core.clock
+
+        def store(book):
+            head = book.last_change()  # inside the write: what every worker has committed
+            if sequence > head:
+                raise PastTheEnd(f"sequence {sequence} is past the change feed's end: the last "
+                                 f"change is {head}; acknowledge only what you applied")
+            now = clock.now()
+            book.put_gate_ack(gate, sequence, now)
+            return pb.AcknowledgeChangesResponse(sequence=sequence, head=head, time=now)
+
+        return await self.core.write(store)
 
     async def GetStatusBatch(self, request, client: Client):
         if type(request) is bytes:
