@@ -20,13 +20,15 @@ run: $(BIN)/.installed
 test: $(BIN)/.installed test-tools
 	YIKATONG_REQUIRE_EXTENSIONS=1 $(BIN)/pytest
 
-# promtool and Prometheus for tests/test_operations.py: Debian's `prometheus` package, unless
-# both are on the PATH already (sudo when not root).
+# promtool and Prometheus for tests/test_operations.py: Debian's `prometheus` package, and
+# Node for tests/test_gates.py (examples/gate_verify.js): Debian's `nodejs`, unless each is on
+# the PATH already (sudo when not root).
 test-tools:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
+		&& { command -v node >/dev/null || command -v nodejs >/dev/null; } || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -q && \
-		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus nodejs; }
 
 # ruff (pyflakes, pycodestyle, import order, bugbear) everywhere; mypy on the domain and storage.
 TYPECHECK := build/typecheck

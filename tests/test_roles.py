@@ -21,6 +21,9 @@ MONEY = {"CARD_AGENCY", "HRSS", "BANK_SWITCH"}
 API_TABLE = {
     "CardStatus.GetStatus": STATUS, "CardStatus.GetStatusBatch": STATUS,
     "CardStatus.WatchChanges": STATUS,
+    # issue 28 (API.md gives no row): whoever may watch; only a gate acknowledges
+    "CardStatus.GetDenyList": STATUS, "CardStatus.GetSigningKeys": STATUS,
+    "CardStatus.AcknowledgeChanges": {"TRANSIT_GATE"},
     "Holders.GetHolder": {"CARD_AGENCY", "HRSS", "PUBLIC_SECURITY", "COMMUNITY_OUTLET"},
     "Holders.CorrectHolder": {"CARD_AGENCY", "COMMUNITY_OUTLET", "ONLINE_PLATFORM"},
     # API.md gives no row: SH-26's "relevant departments" and public security, RC-29's HRSS

@@ -163,7 +163,6 @@ class CardStatus:
         """One page: every card after `after_card_number` a TRANSIT tap is refused on now,
         up to page_size entries or deny_list_scan_max cards read, in one read transaction,
         signed whole."""
-        signing = self._signing("GetDenyList")
         after = request.after_card_number
         if after:
             validate.card_number(after, "after_card_number")
@@ -172,6 +171,7 @@ class CardStatus:
             raise InvalidArgument("page_size", f"is {size}; at most "
                                   f"{config.deny_list_page_max} (0: the default, "
                                   f"{config.deny_list_page_default})")
+        signing = self._signing("GetDenyList")
         now, policy = self.core.clock.now(), self.core.policy
         page = pb.GetDenyListResponse(time=now, after_card_number=after,
                                       through_card_number=after, complete=True)
