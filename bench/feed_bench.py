@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +35,7 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def feed(address: str, cards: list[str], head: int, watchers: int, writes: int,
-               interval: float):
+               interval: float, signed: bool = False):
     sent: dict[str, float] = {}  # card -> when its top-up was sent
     delays: list[float] = []
     ready = asyncio.Event()
@@ -43,8 +44,8 @@ async def feed(address: str, cards: list[str], head: int, watchers: int, writes:
     async def watch():
         async with grpc.aio.insecure_channel(address, options=LOCAL) as channel:
             stream = rpc.CardStatusStub(channel).WatchChanges(
-                pb.WatchChangesRequest(from_sequence=head), metadata=metadata("BANK_SWITCH",
-                                                                               "demo"))
+                pb.WatchChangesRequest(from_sequence=head, signed=signed),
+                metadata=metadata("BANK_SWITCH", "demo"))
             caught_up[0] += 1
             if caught_up[0] == watchers:
                 ready.set()
@@ -68,7 +69,7 @@ async def feed(address: str, cards: list[str], head: int, watchers: int, writes:
             card = cards[k % len(cards)]
             sent[card] = time.perf_counter()
             await ledger.Transfer(pb.TransferRequest(
-                transfer_id=f"feed-{k}", debit=pb.AccountRef(operator="op:topup"),
+                transfer_id=f"feed-{int(signed)}-{k}", debit=pb.AccountRef(operator="op:topup"),
                 credit=pb.AccountRef(holder=pb.HolderAccountRef(
                     card_number=card, kind=pb.ACCOUNT_KIND_TRANSIT)), amount_fen=1),
                 metadata=metadata("CARD_AGENCY", "demo"))
@@ -135,32 +136,44 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=4)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        server = ServerProcess(tmp, "--demo", "--workers", str(args.workers), clients=False)
+        # issue 28: the server has a signing key; watchers unsigned, then signed, side by side
+        key_file = os.path.join(tmp, "signing.toml")
+        subprocess.run([sys.executable, "-m", "yikatong", "signing", "new", "--key-file",
+                        key_file], check=True, capture_output=True)
+        server = ServerProcess(tmp, "--demo", "--workers", str(args.workers),
+                               "--signing-key-file", key_file, clients=False)
+        runs = {}
         try:
             cards = card_numbers(server.data_dir)
-            env = lmdb.open(os.path.join(server.data_dir, "lmdb"), readonly=True, max_dbs=32)
-            with env.begin() as txn, txn.cursor(db=env.open_db(b"changes", txn=txn,
-                                                               create=False)) as cur:
-                head = int.from_bytes(cur.key(), "big") if cur.last() else 0
-            env.close()
             active = [c for c in cards if c.startswith("31")][:500]
-            delays, latency = asyncio.run(feed(server.address, active, head, args.watchers,
-                                               args.writes, args.interval))
+            for signed in (False, True):
+                env = lmdb.open(os.path.join(server.data_dir, "lmdb"), readonly=True,
+                                max_dbs=32)
+                with env.begin() as txn, txn.cursor(db=env.open_db(b"changes", txn=txn,
+                                                                   create=False)) as cur:
+                    head = int.from_bytes(cur.key(), "big") if cur.last() else 0
+                env.close()
+                runs[signed] = asyncio.run(feed(server.address, active, head, args.watchers,
+                                                args.writes, args.interval, signed))
             asyncio.run(fund(server.address, active))
             rate = asyncio.run(debits(server.address, active, args.debit_seconds, args.streams))
         finally:
             server.stop()
-    ms = [d * 1000 for d in delays]
-    lat = [d * 1000 for d in latency]
     print(f"# change feed, --workers {args.workers}, {args.watchers} watchers, {args.writes} "
           f"top-ups {args.interval * 1000:.0f} ms apart; {os.cpu_count()} cores shared by "
           f"server and client; Python {platform.python_version()}")
     print("| measure | p50 ms | p99 ms | max ms | samples |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    print(f"| write sent -> event at a watcher (upper bound of commit -> delivery) | "
-          f"{percentile(ms, .5):.1f} | {percentile(ms, .99):.1f} | {max(ms):.1f} | {len(ms):,} |")
-    print(f"| write sent -> write answered (durable) | {percentile(lat, .5):.1f} | "
-          f"{percentile(lat, .99):.1f} | {max(lat):.1f} | {len(lat):,} |")
+    for signed, (delays, latency) in runs.items():
+        ms = [d * 1000 for d in delays]
+        lat = [d * 1000 for d in latency]
+        said = "signed (Ed25519 per event, per watcher)" if signed else "unsigned"
+        print(f"| {said}: write sent -> event at a watcher (upper bound of commit -> "
+              f"delivery) | {percentile(ms, .5):.1f} | {percentile(ms, .99):.1f} | "
+              f"{max(ms):.1f} | {len(ms):,} |")
+        print(f"| {said}: write sent -> write answered (durable) | "
+              f"{percentile(lat, .5):.1f} | {percentile(lat, .99):.1f} | {max(lat):.1f} | "
+              f"{len(lat):,} |")
     print(f"\n| durable debits/s through AuthorizeStream (100 per message, {args.streams} "
           f"streams x 4 in flight, feed and audit trail on) | {rate:,.0f} |")
     return 0

@@ -4,6 +4,8 @@ verified by the vendors' examples (examples/gate_verify.py, examples/gate_verify
 public key alone, a tampered one refused; a key rotated by SIGHUP, both keys published for the
 window; gates' acknowledgements, and a gate that stops acknowledging listed stale by
 `yikatong gates` and the metric once the configured age has passed (the manual clock)."""
+import base64
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +22,6 @@ from test_workers import scrape
 from yikatong import clock as clocks
 from yikatong.server.harness import ROOT, ServerProcess, free_address, metadata, wait_until
 from yikatong.v1 import yikatong_pb2 as pb
-from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 GATE = "TRANSIT_GATE"
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -165,9 +166,8 @@ def test_the_deny_list_pages_verify_chain_and_a_tampered_page_is_refused(signed_
                                         use_integers_for_enums=True)
     dropped = {**as_dict, "entries": []}  # a card taken off the list
     assert all(v.startswith("REFUSED") for v in verified(tmp_path, "page", dropped, public))
-    dropped["entries_sha256"] = json_format.MessageToDict(
-        pb.GetDenyListResponse(entries_sha256=__import__("hashlib").sha256(b"").digest()),
-        preserving_proto_field_name=True)["entries_sha256"]  # and its digest made to match
+    dropped["entries_sha256"] = base64.b64encode(hashlib.sha256(b"").digest()).decode()
+    # and its digest made to match: the signature still refuses it
     assert all(v.startswith("REFUSED") for v in verified(tmp_path, "page", dropped, public))
     skipped = {**as_dict, "through_card_number": "9" * 12}  # a range claimed covered
     assert all(v.startswith("REFUSED") for v in verified(tmp_path, "page", skipped, public))
