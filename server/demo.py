@@ -64,8 +64,9 @@ def _holder(rng, pack, i) -> HolderInfo:
 
 def _eligible(pack: int, t: int) -> Eligibility:
     """Every demo holder may apply: registered and insured where they apply; RC holders have
-    lived in Shanghai for years, for work."""
-    return Eligibility(household_registered=True, insured=True, entitled_public_services=True,
+    lived in Shanghai for years, for work, registered elsewhere (RC-9)."""
+    return Eligibility(household_registered=pack != Pack.RC, insured=True,
+                       entitled_public_services=True,
                        residence_registered_since="2015-01-01",
                        residence_basis=1 if pack == Pack.RC else 0)
 

@@ -41,8 +41,9 @@ def holder(n: int, pack: int, **kw) -> pb.Holder:
                   insured=True, entitled_public_services=True, photo_sha256="cd" * 32,
                   nationality="CN", ethnicity="汉族", address="上海市黄浦区中山东一路1号",
                   postcode="200002")  # SH-9, GZ-9, RC-7: a complete application
-    if pack == pb.PACK_RC:
-        fields.update(household_address="湖北省武汉市江汉区", residence_address="上海市黄浦区")
+    if pack == pb.PACK_RC:  # RC-9: a migrant, registered outside Shanghai
+        fields.update(household_address="湖北省武汉市江汉区", residence_address="上海市黄浦区",
+                      household_registered=False)
     fields.update(kw)
     return pb.Holder(**fields)
 

@@ -28,8 +28,9 @@ from yikatong.model import (
 T0 = 1_790_000_000  # 2026-09-21 22:13:20 in Shanghai
 DAY = 86400
 ORGAN = "上海市公安局黄浦分局"
-# Eligible for every pack: registered, insured, entitled; RC residence since long ago, working.
-ELIGIBLE = Eligibility(True, True, True, "2020-01-01", 1)
+# Eligible for every pack: insured, entitled; registered outside Shanghai (RC-9: a migrant);
+# RC residence since long ago, working.
+ELIGIBLE = Eligibility(False, True, True, "2020-01-01", 1)
 
 
 def eligibility(household=False, insured=False, entitled=False, since="", basis=0):

@@ -148,7 +148,7 @@ class InProcess:
         info = HolderInfo(ssn_of(holder), name="n", birth_date="1980-01-01", phone="1",
                           occupation="o", household_address="h", residence_address=address,
                           photo_sha256="ab" * 32, **COMPLETE)
-        eligible = Eligibility(True, True, True, "2020-01-01", 1)
+        eligible = Eligibility(False, True, True, "2020-01-01", 1)  # RC-9: a migrant
         return self.store.write(lambda book: cards.apply(
             book, now, pack=pack, holder=info, eligibility=eligible,
             with_transit=pack != Pack.RC, service_bank="B", instant=instant)).card_number
@@ -239,7 +239,7 @@ class OverGrpc:
 
     def apply(self, now, pack, holder, instant, address):
         h = pb.Holder(ssn=ssn_of(holder), name="n", phone="1", occupation="o",
-                      birth_date="1980-01-01", household_registered=True, insured=True,
+                      birth_date="1980-01-01", household_registered=False, insured=True,
                       entitled_public_services=True, household_address="h",
                       residence_address=address, photo_sha256="ab" * 32, **COMPLETE)
         try:

@@ -209,8 +209,32 @@ def check_bank(pack: int, bank: str, banks: IssuingBanks | None, field: str) -> 
 
 # ------------------------------------------------------------------ application
 
-def check_eligibility(pack: int, who: Eligibility, now: int) -> None:
-    """SH-8, GZ-4, BJ-8, RC-9: may this person apply for a card of this pack at all?"""
+# RC-1, RC-5, RC-9: the Residence Card is for "Chinese mainland migrants to Shanghai"; RC-32:
+# foreigners, stateless persons and residents of Hong Kong, Macao and Taiwan follow the State's
+# own rules. The application's identity number tells some of them: a residence permit of Hong
+# Kong, Macao or Taiwan residents bears the address code 810000, 820000 or 830000 (港澳台居民
+# 居住证申领发放办法, 2018), a foreigner's permanent residence ID card (2023) begins with 9.
+_NOT_MAINLAND = {"81": "a Hong Kong resident's residence permit",
+                 "82": "a Macao resident's residence permit",
+                 "83": "a Taiwan resident's residence permit",
+                 "9": "a foreigner's permanent residence ID card"}
+# RC-7 records the nationality; these spellings say Chinese (compared without case or spaces).
+_CHINESE = frozenset({"CN", "CHN", "156", "中国", "中华人民共和国", "中国籍", "CHINA", "CHINESE",
+                      "PRC", "P.R.C.", "P.R.CHINA", "PEOPLE'SREPUBLICOFCHINA"})
+
+
+def _in_shanghai(address: str) -> bool:
+    """A permanent registered address (户籍地址) in Shanghai."""
+    return address.startswith("上海") or address.strip().lower().startswith("shanghai")
+
+
+def check_eligibility(pack: int, who: Eligibility, now: int,
+                      holder: HolderInfo | None = None) -> None:
+    """SH-8, GZ-4, BJ-8, RC-9: may this person apply for a card of this pack at all? `holder`
+    is the application's personal information as merged with what is held (RC-9, RC-32 read
+    its identity number, nationality and registered address)."""
+    if pack == Pack.RC:
+        _check_mainland_migrant(who, holder)
     if pack == Pack.SH and not (who.household_registered or who.insured):
         raise NotEligible("SH-8", "needs household registration in Shanghai or social "
                           "insurance in Shanghai (SH-29 for overseas persons)")
@@ -233,6 +257,35 @@ def check_eligibility(pack: int, who: Eligibility, now: int) -> None:
         if who.residence_basis not in tuple(ResidenceBasis):
             raise NotEligible("RC-9", "needs legal stable employment, legal stable residence "
                               "or continuous study (residence_basis)")
+
+
+def _check_mainland_migrant(who: Eligibility, holder: HolderInfo | None) -> None:
+    """RC-9 (and RC-16(3), which cancels the card of a holder who registers permanent
+    residency in Shanghai): a person with household registration in Shanghai holds no
+    Residence Card; RC-32: neither do foreigners, stateless persons and residents of Hong Kong,
+    Macao and Taiwan, so far as the application tells them."""
+    if who.household_registered:
+        raise NotEligible("RC-9", "the Residence Card is for migrants from outside Shanghai; "
+                          "an applicant with household registration in Shanghai holds none "
+                          "(household_registered; RC-16(3))")
+    if holder is None:
+        return
+    if _in_shanghai(holder.household_address):
+        raise NotEligible("RC-9", "the Residence Card is for migrants from outside Shanghai; "
+                          "the permanent registered address (household_address) is in "
+                          "Shanghai (RC-16(3))")
+    for prefix, document in _NOT_MAINLAND.items():
+        if holder.ssn.startswith(prefix):
+            raise NotEligible("RC-32", f"the identity number is {document}; the Residence "
+                              "Card is for Chinese mainland migrants, and foreigners and "
+                              "residents of Hong Kong, Macao and Taiwan follow the State's "
+                              "own rules")
+    spelled = "".join(holder.nationality.split()).upper()
+    if spelled not in _CHINESE:
+        raise NotEligible("RC-32", f"nationality {holder.nationality!r} is not Chinese (say "
+                          "CN, CHN or 中国); the Residence Card is for Chinese mainland "
+                          "migrants, and foreigners and stateless persons follow the State's "
+                          "own rules")
 
 
 def _points_in_force(book, holder_id: int, pack: int) -> int:
@@ -331,7 +384,7 @@ def apply(book, now: int, *, pack: int, holder: HolderInfo, eligibility: Eligibi
     # refusal, before eligibility is judged
     merged = merge_holder(pack, holder, found[1] if found is not None else None, reveal, now,
                           application_missing(pack, service_bank, eligibility))
-    check_eligibility(pack, eligibility, now)
+    check_eligibility(pack, eligibility, now, merged)
     check_bank(pack, service_bank, banks, "service_bank")
     held_residence = ""
     if found is None:
