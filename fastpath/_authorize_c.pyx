@@ -88,9 +88,9 @@ cdef int c_decide(Policy policy, const uint8_t* rec, Py_ssize_t n, int channel, 
     if financial and (flags & FLAG_FINANCIAL_FROZEN) \
             and (bank_loss_until == 0 or now < bank_loss_until):  # SH-20
         return 12
-    if channel == CH_SERVICE and pack == PACK_RC \
-            and <int>(rec[6] | (rec[7] << 8)) < points_required:
-        return 13
+    if channel == CH_SERVICE and points_required \
+            and (pack != PACK_RC or <int>(rec[6] | (rec[7] << 8)) < points_required):
+        return 13  # RC-20
     if amount > available:
         return 14
     return 0

@@ -73,8 +73,9 @@ def decide(policy: Policy, record, channel: int, now: int, points_required: int,
         return FUNCTION_NOT_OPEN
     if financial and card.flags & _FLAG_FIN_FROZEN and bank_loss_stands(bank_loss_until, now):
         return FINANCIAL_FROZEN  # SH-20
-    if channel == _SERVICE and card.pack == _RC and card.points < points_required:
-        return NOT_ENTITLED  # RC-20
+    if channel == _SERVICE and points_required and (card.pack != _RC
+                                                    or card.points < points_required):
+        return NOT_ENTITLED  # RC-20: the points are a Residence Card's; no other card has any
     if amount > available:  # a debit larger than the balance less holds
         return INSUFFICIENT_FUNDS
     return APPROVED

@@ -144,7 +144,9 @@ def test_rc_20_points_gated_service(impl):
     rec = card(pack=Pack.RC, flags=0, points=119)
     assert decide(impl, rec, Channel.SERVICE, points=120) == ref.NOT_ENTITLED
     assert decide(impl, rec, Channel.SERVICE, points=119) == ref.APPROVED
-    assert decide(impl, card(points=0), Channel.SERVICE, points=120) == ref.APPROVED  # RC only
+    # RC-20: the points are a Residence Card's; a social security card has none to show
+    assert decide(impl, card(points=0), Channel.SERVICE, points=120) == ref.NOT_ENTITLED
+    assert decide(impl, card(points=0), Channel.SERVICE, points=0) == ref.APPROVED
 
 
 def test_reason_14_insufficient_funds_against_the_available_balance(impl):

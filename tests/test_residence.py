@@ -102,8 +102,8 @@ def test_rc_17_rc_18_entitlements_end_to_end_through_renewal(srv):
     assert service(srv, card, "") == "UNSPECIFIED"  # identification only
     assert service(srv, card, "RC_HOUSING_LOTTERY") == "NOT_ENTITLED"  # not an entitlement
     assert service(srv, card, "RC_POINTS_SCHOOL_ENTRY") == "NOT_ENTITLED"  # no points yet
-    sh = active(srv, 2)  # a Shanghai social security card is not gated by RC points
-    assert service(srv, sh, "RC_POINTS_SCHOOL_ENTRY") == "UNSPECIFIED"
+    sh = active(srv, 2)  # RC-20: a Shanghai social security card shows no RC points
+    assert service(srv, sh, "RC_POINTS_SCHOOL_ENTRY") == "NOT_ENTITLED"
 
     set_clock(srv, "2027-08-21T23:59:59+08:00")
     early = error_of(renew, srv, card)

@@ -8,9 +8,12 @@ import pytest
 import test_law
 from test_calls import error_info
 from test_e2e import ssn
-from test_law import apply, holder
+from test_law import AGENCY, ORGAN, OUTLET, apply, call, holder, rid
 from test_money_e2e import error_of
 
+from yikatong.fastpath import _authorize_py as ref
+from yikatong.model import Card, Channel, Pack, State
+from yikatong.storage import records as r
 from yikatong.v1 import yikatong_pb2 as pb
 
 srv = test_law.srv  # the server on the manual clock at START (2026-09-21 15:00 Shanghai)
@@ -74,3 +77,53 @@ def test_rc_32_a_foreign_national_gets_no_residence_card(srv):
     assert apply(srv, 330, pb.PACK_SH, holder=holder(
         330, pb.PACK_SH, nationality="FR", household_registered=False,
         ssn=ssn(330, "915156"))).state == pb.CARD_STATE_APPLIED
+
+
+# ---------------------------------------------------------------- item 2: points-gated services
+
+def service(srv, card, code, batch=False) -> str:
+    request = pb.AuthorizeRequest(request_id=rid(), card_number=card,
+                                  channel=pb.CHANNEL_SERVICE, service_code=code)
+    md = srv.md("COMMUNITY_OUTLET")
+    if batch:  # the wire path takes a batch as a batch
+        answer = srv.authorization.AuthorizeBatch(pb.AuthorizeBatchRequest(
+            requests=[request]), metadata=md).responses[0]
+    else:
+        answer = srv.authorization.Authorize(request, metadata=md)
+    return pb.DeclineReason.Name(answer.reason).removeprefix("DECLINE_REASON_")
+
+
+def active_card(srv, n, pack, **kw) -> str:
+    card = apply(srv, n, pack, holder=holder(n, pack, **kw)).card_number
+    call(srv, "Verify", AGENCY[pack], card_number=card, approved=True)
+    call(srv, "Issue", AGENCY[pack], card_number=card,
+         issuing_organ=ORGAN if pack == pb.PACK_RC else "")
+    if pack != pb.PACK_RC:
+        call(srv, "Activate", OUTLET[pack], card_number=card)
+    return card
+
+
+def test_rc_20_a_points_gated_service_is_not_entitled_on_a_card_that_is_no_residence_card(srv):
+    """RC-20 "The Card holders may, when their points reach the standard value, enjoy the
+    corresponding public service": the points belong to a Residence Card; a Shanghai,
+    Guangzhou or Beijing social security card carries none, so a points-gated SERVICE code
+    (and a code no table knows) is NOT_ENTITLED on it, one request or in a batch. RC-17 and
+    RC-18's entitlements and plain identification stay as they were."""
+    for n, pack in enumerate((pb.PACK_SH, pb.PACK_GZ, pb.PACK_BJ)):
+        card = active_card(srv, 340 + n, pack)
+        for batch in (False, True):
+            assert service(srv, card, "RC_POINTS_SCHOOL_ENTRY", batch) == "NOT_ENTITLED"
+            assert service(srv, card, "RC_HOUSING_LOTTERY", batch) == "NOT_ENTITLED"
+            assert service(srv, card, "", batch) == "UNSPECIFIED"
+
+
+@pytest.mark.parametrize("pack", [Pack.SH, Pack.GZ, Pack.BJ])
+def test_rc_20_points_gate_on_both_twins(impl, pack):
+    """The table's row 13 on the record itself, both implementations: a gated code needs a
+    Residence Card whose points reach it; an ungated one (0) needs nothing."""
+    policy = impl.Policy({})
+    rec = r.encode_card(Card("1", pack, State.ACTIVE, 0, points=0))
+    assert impl.decide(policy, rec, Channel.SERVICE, 0, 120) == ref.NOT_ENTITLED
+    assert impl.decide(policy, rec, Channel.SERVICE, 0, 0) == ref.APPROVED
+    rc = r.encode_card(Card("1", Pack.RC, State.ACTIVE, 0, points=120))
+    assert impl.decide(policy, rc, Channel.SERVICE, 0, 120) == ref.APPROVED
