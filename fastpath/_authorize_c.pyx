@@ -21,6 +21,8 @@ cdef enum:
     SUPERSEDED = 8
     CANCELLED = 9
     CH_TRANSIT = 1
+    CH_MEDICAL = 2
+    CH_BENEFIT = 3
     CH_FINANCIAL = 4
     CH_SERVICE = 5
     FLAG_TRANSIT = 1
@@ -85,6 +87,8 @@ cdef int c_decide(Policy policy, const uint8_t* rec, Py_ssize_t n, int channel, 
         return 11
     if financial and not (flags & FLAG_FINANCIAL_OPEN):
         return 11
+    if pack == PACK_RC and (channel == CH_MEDICAL or channel == CH_BENEFIT):
+        return 11  # RC-6
     if financial and (flags & FLAG_FINANCIAL_FROZEN) \
             and (bank_loss_until == 0 or now < bank_loss_until):  # SH-20
         return 12
@@ -131,7 +135,6 @@ cdef enum:
     ID_MAX = 64  # config.request_id_bytes_max
     CARD_MAX = 20  # config.card_number_length_max
     ECARD_DIGITS = 18  # config.ecard_number_digits
-    CH_MEDICAL = 2
     CHANNEL_MAX = 6
     REASONS = 15  # server.metrics.REASONS: APPROVED and the 14 declines
 

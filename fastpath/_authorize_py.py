@@ -24,6 +24,7 @@ _SUPERSEDED, _CANCELLED, _ISSUED, _LOST, _TEMP_LOSS = map(int, (
     State.SUPERSEDED, State.CANCELLED, State.ISSUED, State.LOST, State.TEMP_LOSS))
 _NOT_ISSUED = frozenset(map(int, (State.APPLIED, State.VERIFIED, State.REJECTED)))
 _TRANSIT, _FINANCIAL, _SERVICE = int(Channel.TRANSIT), int(Channel.FINANCIAL), int(Channel.SERVICE)
+_MEDICAL, _BENEFIT = int(Channel.MEDICAL), int(Channel.BENEFIT)
 _FLAG_TRANSIT, _FLAG_FIN_OPEN, _FLAG_FIN_FROZEN, _FLAG_UNACTIVATED = map(int, (
     Flag.TRANSIT, Flag.FINANCIAL_OPEN, Flag.FINANCIAL_FROZEN, Flag.UNACTIVATED))
 _RC = int(Pack.RC)
@@ -71,6 +72,8 @@ def decide(policy: Policy, record, channel: int, now: int, points_required: int,
         return FUNCTION_NOT_OPEN
     if financial and not card.flags & _FLAG_FIN_OPEN:  # SH-14
         return FUNCTION_NOT_OPEN
+    if card.pack == _RC and (channel == _MEDICAL or channel == _BENEFIT):
+        return FUNCTION_NOT_OPEN  # RC-6: a Residence Card carries no medical or benefit account
     if financial and card.flags & _FLAG_FIN_FROZEN and bank_loss_stands(bank_loss_until, now):
         return FINANCIAL_FROZEN  # SH-20
     if channel == _SERVICE and points_required and (card.pack != _RC

@@ -127,6 +127,8 @@ def model_decision(c: ModelCard | None, channel: int, now: int) -> int:
         return 10
     if (channel == Channel.TRANSIT and not c.transit) or (fin and not c.financial):
         return 11
+    if c.pack == Pack.RC and channel in (Channel.MEDICAL, Channel.BENEFIT):
+        return 11  # RC-6: a Residence Card carries no medical or benefit account
     if fin and c.frozen:
         return 12
     return 0

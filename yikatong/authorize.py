@@ -5,9 +5,16 @@ record's bytes): no write, no wait for the writer. With money it runs in the wri
 debited (or held, posted, voided) and remembered under the request id in one transaction, so a
 replay returns the first answer and moves nothing twice.
 """
-from yikatong import config, fastpath, ledger, points
+from yikatong import cards, config, fastpath, ledger, points
 from yikatong.errors import CorruptRecord, InvalidArgument
 from yikatong.model import Channel, Phase, Reason, holder_account_key, operator_account_key
+from yikatong.storage.records import hot
+
+# The accounts a loss report or a death stops (cards.account_stopped), and the answers of the
+# table that leave the card itself usable for them: its rows 3, 7 and 8 speak for the account
+# ahead of a lock (row 10) and the funds (row 14).
+_STOPPABLE = frozenset({Channel.MEDICAL, Channel.BENEFIT})
+_CARD_USABLE = frozenset({Reason.APPROVED, Reason.APPLICATION_LOCKED, Reason.INSUFFICIENT_FUNDS})
 
 
 def points_required(channel: int, service_code: str) -> int:
@@ -63,6 +70,8 @@ def with_money(policy, book, now: int, request_id: str, card_number: str, channe
     reason = fastpath.decide(policy, record, channel, now, 0, amount, left)
     if reason == fastpath.CORRUPT:
         raise CorruptRecord(f"card record {card_number} is corrupt")
+    if channel in _STOPPABLE and reason in _CARD_USABLE:  # the holder's other cards
+        reason = cards.account_stopped(book, holder_id, now, hot(record).pack)[0] or reason
     if reason == Reason.APPROVED:
         assert debit is not None
         ledger.create(book, now, request_id, debit, operator_account_key(payee or default_payee),

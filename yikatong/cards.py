@@ -48,6 +48,7 @@ from yikatong.model import (
     Proxy,
     ProxyGround,
     ProxyRelation,
+    Reason,
     ReplaceReason,
     ResidenceBasis,
     Role,
@@ -972,6 +973,48 @@ def cancel_bank_loss(book, now: int, card_number: str, role: Role | None = None,
     book.put_bank_loss_end(card_number, 0)
     book.put_card(rec, now)
     return rec
+
+
+# ------------------------------------------------------------------ the holder's accounts
+
+# The cards that carry the holder's medical and benefit accounts (GZ-2, GZ-13, SH-5): the social
+# security cards. A Residence Card carries none (RC-6: it certifies residence, records
+# information and handles personal affairs; the decision table declines it at MEDICAL and
+# BENEFIT terminals).
+_ACCOUNT_PACKS = (Pack.SH, Pack.GZ, Pack.BJ)
+
+
+def account_stopped(book, holder_id: int, now: int, but_pack: int = 0) -> tuple[int, str]:
+    """GZ-21 ("the settlement account of the social security card will be suspended"; GZ-13:
+    the personal medical-insurance account is one), SH-18 (a loss report stops or freezes the
+    social security functions) and GZ-26 (the holder died): is the holder's MEDICAL or BENEFIT
+    account, one per holder whatever their cards (SPEC.md section 1), stopped by the state of
+    one of their current social security cards? (reason, why): the decline reason that card
+    gets (model.Reason) and words naming its pack and rule; (0, "") when none stops it.
+    `but_pack`: a pack whose current card the caller has already decided on. A card
+    cancelled on another ground (no longer entitled in that city, withdrawn) stops only
+    itself: the holder's other cards reach the accounts. Read only where money leaves the
+    account (a debit), never on a status-only use."""
+    for pack in _ACCOUNT_PACKS:
+        if pack == but_pack:
+            continue
+        number = book.current_card(holder_id, pack)
+        rec = book.card(number) if number is not None else None
+        if rec is None:
+            continue
+        state, name = effective_state(rec, now), Pack(pack).name
+        if state == State.LOST:
+            return Reason.CARD_LOST, (f"the holder's {name} card is reported lost and its "
+                                      f"accounts are suspended "
+                                      f"({_rule(pack, 'SH-18c', 'GZ-21', 'RC-15b')})")
+        if state == State.TEMP_LOSS:
+            return Reason.CARD_FROZEN, (f"the holder's {name} card is reported lost "
+                                        "temporarily and its social security functions are "
+                                        "frozen (SH-18a)")
+        if state == State.CANCELLED and book.card_text(number, "ground") == CancelGround.DEATH.name:
+            return Reason.CARD_CANCELLED, (f"the holder's {name} card is cancelled: the holder "
+                                           f"died ({_rule(pack, 'GZ-26', 'GZ-26', 'RC-16')})")
+    return 0, ""
 
 
 # ------------------------------------------------------------------ replacement, cancellation

@@ -1,13 +1,17 @@
 """The Ledger service (API.md)."""
-from yikatong import ledger
+from yikatong import cards, ledger
 from yikatong.errors import (
     CardNotFound,
     InvalidArgument,
+    TransferRefused,
 )
 from yikatong.model import (
+    AccountKind,
     Phase,
+    Reason,
     TransferStatus,
     holder_account_key,
+    holder_of_account,
     operator_account_key,
 )
 from yikatong.server import validate
@@ -29,6 +33,17 @@ def _holder_of(book, card_number: str) -> int:
     if rec is None:
         raise CardNotFound(card_number)
     return rec.holder_id
+
+
+def _check_debit(book, key: bytes, kind: int, now: int) -> None:
+    """GZ-21, SH-18, GZ-26: money leaves a holder's medical or benefit account only while no
+    current social security card of theirs stops it, the rule Authorize keeps
+    (cards.account_stopped); refused with the reason Authorize gives that card."""
+    if kind in (AccountKind.MEDICAL, AccountKind.BENEFIT):
+        stop, why = cards.account_stopped(book, holder_of_account(key), now)
+        if stop:
+            raise TransferRefused(Reason(stop).name, f"nothing is debited from the holder's "
+                                  f"{AccountKind(kind).name} account: {why}")
 
 
 class Ledger:
@@ -77,10 +92,14 @@ class Ledger:
             debit, debit_card = self._account_ref(request.debit, "debit")
             credit, credit_card = self._account_ref(request.credit, "credit")
             amount = validate.amount(request.amount_fen, "amount_fen", zero_ok=False)
+            debit_kind = request.debit.holder.kind if debit_card else 0
 
             def op(book, now, fingerprint):
+                debit_key = debit(book)
+                if debit_card:
+                    _check_debit(book, debit_key, debit_kind, now)
                 answer = transfer_answer(tid, ledger.create(
-                    book, now, tid, debit(book), credit(book), amount,
+                    book, now, tid, debit_key, credit(book), amount,
                     pending=request.phase == Phase.HOLD, timeout=request.timeout_seconds,
                     role=role, card_number=debit_card or credit_card, fingerprint=fingerprint))
                 book.append_audit(now, client.id, role.name, "Ledger.Transfer",
