@@ -22,5 +22,11 @@ decide = impl.decide
 # the Python path alone)
 authorize_wire = getattr(impl, "authorize_wire", None)
 status_wire = getattr(impl, "status_wire", None)
+# The wire path of authorizations with money (compiled only, as the two above; also off with
+# YIKATONG_NO_WIRE_MONEY=1, which sends them through the Python path, the reference)
+money_wire = None if os.environ.get("YIKATONG_NO_WIRE_MONEY") or authorize_wire is None \
+    else impl.money_wire
+money_answer = impl.money_answer
+money_answers = impl.money_answers
 APPROVED = _authorize_py.APPROVED
 CORRUPT = _authorize_py.CORRUPT

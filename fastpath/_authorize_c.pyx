@@ -590,3 +590,292 @@ def status_wire(Policy policy, bytes raw, object get, object cards, object ecard
         return PyBytes_FromStringAndSize(<const char*>out, o)
     finally:
         PyMem_Free(out)
+
+
+# ------------------------------------------------------------------- the wire path with money
+#
+# Authorizations that move money, from the request's wire bytes to compact commands the
+# writer applies (server/services/authorization.py, `Authorization.debits`: the same domain
+# logic as the Python path, yikatong.authorize.with_money and the Book), each with its request
+# fingerprint computed as server/core.py's `fingerprint` does (the same bytes, so a request id
+# remembered by either path replays on the other). A message is taken here only when every
+# request in it is plainly valid and moves money: every string ASCII and printable, every
+# known field in its own wire type, the channel one the caller's role may use and one that
+# moves money, the money fields as server/validate.py requires them; anything else returns
+# None and the Python path takes the whole message. _authorize_py.money_wire is its twin.
+
+from cpython.unicode cimport PyUnicode_DecodeASCII
+
+cdef enum:
+    PHASE_HOLD = 1
+    PHASE_POST = 2
+    PHASE_VOID = 3
+    OPERATOR_MAX = 39  # config.operator_name_bytes_max
+    NUMBER_MAX = 9  # bytes of a varint taken here: a canonical one up to 2**63 - 1
+
+cdef int64_t AMOUNT_MAX = 100_000_000_000  # config.amount_fen_max
+cdef int64_t TIMEOUT_MAX = 30 * 86400  # config.hold_timeout_seconds_max
+
+
+cdef struct Money:
+    const uint8_t* s[10]  # the string fields by number (1, 2, 5, 6, 8, 9), the last wins
+    Py_ssize_t n[10]
+    int channel
+    int phase
+    int64_t amount
+    int64_t timeout
+
+
+cdef inline bint _operator(const uint8_t* s, Py_ssize_t n) noexcept nogil:
+    """validate.operator's plain case: 'op:<name>', letters, digits, '-', '_', '.', ':'."""
+    cdef Py_ssize_t k
+    cdef uint8_t c
+    if n < 4 or n > OPERATOR_MAX or s[0] != 0x6f or s[1] != 0x70 or s[2] != 0x3a:
+        return False
+    for k in range(3, n):
+        c = s[k]
+        if not ((c >= 0x30 and c <= 0x39) or (c >= 0x41 and c <= 0x5a)
+                or (c >= 0x61 and c <= 0x7a) or c == 0x2d or c == 0x5f or c == 0x2e
+                or c == 0x3a):
+            return False
+    return True
+
+
+cdef bint _money(const uint8_t* p, Py_ssize_t i, Py_ssize_t end, Money* r, uint32_t channels,
+                 uint32_t money_channels) noexcept nogil:
+    """One AuthorizeRequest in p[i:end], into `r`: True when it is plainly valid (as
+    validate.authorize_request and require_channel would pass it) and moves money."""
+    cdef uint64_t key, v, n
+    cdef int field, wire_type, k
+    cdef Py_ssize_t after
+    for k in range(10):
+        r.s[k], r.n[k] = NULL, 0
+    r.channel, r.phase, r.amount, r.timeout = 0, 0, 0, 0
+    while i < end:
+        i = _varint32(p, i, end, &key)
+        if i < 0 or key > TAG_MAX:
+            return False
+        field, wire_type = <int>(key >> 3), <int>(key & 7)
+        if field == 0:
+            return False
+        if field in (1, 2, 5, 6, 8, 9):
+            if wire_type != 2:
+                return False
+            i = _varint32(p, i, end, &n)
+            if i < 0 or n > <uint64_t>(end - i) or not _ascii(p + i, <Py_ssize_t>n):
+                return False
+            r.s[field], r.n[field] = p + i, <Py_ssize_t>n
+            i += <Py_ssize_t>n
+        elif field in (3, 4, 7, 10):
+            if wire_type != 0:
+                return False
+            after = _varint(p, i, end, &v)
+            if after < 0 or after - i > NUMBER_MAX:
+                return False
+            i = after
+            if field == 3:
+                if v < 1 or v > CHANNEL_MAX:
+                    return False
+                r.channel = <int>v
+            elif field == 7:
+                if v > PHASE_VOID:
+                    return False
+                r.phase = <int>v
+            elif field == 4:
+                if v > <uint64_t>AMOUNT_MAX:
+                    return False
+                r.amount = <int64_t>v
+            else:
+                if v > <uint64_t>TIMEOUT_MAX:
+                    return False
+                r.timeout = <int64_t>v
+        else:
+            i = _skip(p, i, end, wire_type)
+            if i < 0:
+                return False
+    if not (0 < r.n[1] <= ID_MAX and _printable(r.s[1], r.n[1]) and _digits(r.s[2], r.n[2])
+            and r.channel != 0 and (channels >> r.channel) & 1
+            and (money_channels >> r.channel) & 1
+            and r.n[5] <= ID_MAX and _printable(r.s[5], r.n[5])
+            and r.n[9] <= ID_MAX and _printable(r.s[9], r.n[9])):
+        return False
+    if r.amount == 0 and r.phase == 0:
+        return False  # moves no money: the status path's, or refused by the Python path
+    if r.timeout and r.phase != PHASE_HOLD:
+        return False
+    if r.n[6] and not _operator(r.s[6], r.n[6]):
+        return False
+    if r.phase == PHASE_POST or r.phase == PHASE_VOID:
+        if not (0 < r.n[8] <= ID_MAX and _printable(r.s[8], r.n[8])):
+            return False
+        if r.phase == PHASE_VOID and r.amount:
+            return False
+    elif r.n[8] or r.amount == 0:
+        return False
+    return True
+
+
+cdef Py_ssize_t _canonical(uint8_t* out, Py_ssize_t o, Money* r) noexcept nogil:
+    """The request as protobuf serializes it deterministically, unknown fields discarded:
+    fields in number order, defaults left out."""
+    o = _put_string(out, o, 1, r.s[1], r.n[1])
+    o = _put_string(out, o, 2, r.s[2], r.n[2])
+    out[o] = 0x18
+    o = _put_varint(out, o + 1, <uint64_t>r.channel)
+    if r.amount:
+        out[o] = 0x20
+        o = _put_varint(out, o + 1, <uint64_t>r.amount)
+    o = _put_string(out, o, 5, r.s[5], r.n[5])
+    o = _put_string(out, o, 6, r.s[6], r.n[6])
+    if r.phase:
+        out[o] = 0x38
+        o = _put_varint(out, o + 1, <uint64_t>r.phase)
+    o = _put_string(out, o, 8, r.s[8], r.n[8])
+    o = _put_string(out, o, 9, r.s[9], r.n[9])
+    if r.timeout:
+        out[o] = 0x50
+        o = _put_varint(out, o + 1, <uint64_t>r.timeout)
+    return o
+
+
+cdef inline str _text(const uint8_t* s, Py_ssize_t n):
+    return PyUnicode_DecodeASCII(<const char*>s, n, NULL) if n else ""
+
+
+cdef object _command(Py_ssize_t index, Money* r, bytes prefix, object sha256):
+    """(index, request_id, card_number, channel, amount_fen, phase, hold_request_id,
+    payee_account, hold_timeout_seconds, fingerprint): Authorization.debits' command."""
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(prefix) + 64, k, o
+    for k in range(10):
+        size += r.n[k]
+    cdef uint8_t* buf = <uint8_t*>PyMem_Malloc(size)
+    if buf == NULL:
+        raise MemoryError()
+    try:
+        o = PyBytes_GET_SIZE(prefix)
+        memcpy(buf, PyBytes_AS_STRING(prefix), o)
+        o = _canonical(buf, o, r)
+        fp = sha256(PyBytes_FromStringAndSize(<const char*>buf, o)).digest()
+    finally:
+        PyMem_Free(buf)
+    return (index, _text(r.s[1], r.n[1]), _text(r.s[2], r.n[2]), r.channel, r.amount,
+            r.phase, _text(r.s[8], r.n[8]), _text(r.s[6], r.n[6]), r.timeout, fp)
+
+
+def money_wire(bytes raw, bint batch, uint32_t channels, uint32_t money_channels,
+               Py_ssize_t batch_max, bytes prefix, object sha256):
+    """An AuthorizeBatchRequest (`batch`) or an AuthorizeRequest, as wire bytes, every request
+    in it moving money: the list of commands (see _command) in order, or None when the Python
+    path must take the message. `channels`: the caller's role's channels, `money_channels`
+    those that move money (bit 1 << channel); `prefix`: the fingerprint's
+    f"{client.id}\\0Authorize\\0" in UTF-8; `sha256`: hashlib.sha256."""
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(raw), i = 0, count = 0, start
+    cdef uint64_t key, n
+    cdef Money one
+    if not batch:
+        if not _money(p, 0, end, &one, channels, money_channels):
+            return None
+        return [_command(0, &one, prefix, sha256)]
+    count = _entries(p, end, False)
+    if count < 1 or count > batch_max:
+        return None
+    out = []
+    while i < end:
+        i = _varint32(p, i, end, &key)
+        if key == 0x0a:
+            i = _varint32(p, i, end, &n)
+            start, i = i, i + <Py_ssize_t>n
+            if not _money(p, start, i, &one, channels, money_channels):
+                return None
+            out.append(_command(len(out), &one, prefix, sha256))
+        else:
+            i = _skip(p, i, end, <int>(key & 7))
+    return out
+
+
+def money_answer(str request_id, int reason, int64_t available):
+    """The AuthorizeResponse's wire bytes for a decision with money, as protobuf serializes
+    pb.AuthorizeResponse(request_id, decision, reason, available_fen)."""
+    cdef bytes rid = request_id.encode("utf-8")
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(rid), o
+    cdef uint8_t* out = <uint8_t*>PyMem_Malloc(n + 32)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        o = _put_string(out, 0, 1, <const uint8_t*>PyBytes_AS_STRING(rid), n)
+        out[o] = 0x10
+        out[o + 1] = 1 if reason == 0 else 2
+        o += 2
+        if reason:
+            out[o] = 0x18
+            o = _put_varint(out, o + 1, <uint64_t>reason)
+        if available:
+            out[o] = 0x20
+            o = _put_varint(out, o + 1, <uint64_t>available)  # two's complement, as int64
+        return PyBytes_FromStringAndSize(<const char*>out, o)
+    finally:
+        PyMem_Free(out)
+
+
+cdef int _reason(const uint8_t* p, Py_ssize_t end) noexcept nogil:
+    """An AuthorizeResponse's reason (field 3; 0 when absent); -1 when it does not parse."""
+    cdef Py_ssize_t i = 0
+    cdef uint64_t key, v
+    cdef int reason = 0
+    while i < end:
+        i = _varint32(p, i, end, &key)
+        if i < 0 or (key >> 3) == 0:
+            return -1
+        if key == 0x18:
+            i = _varint(p, i, end, &v)
+            if i < 0:
+                return -1
+            reason = <int>v if v < REASONS else -1
+        else:
+            i = _skip(p, i, end, <int>(key & 7))
+            if i < 0:
+                return -1
+    return reason
+
+
+def money_answers(list answers, list commands, object tally, bint batch):
+    """The writer's answers (AuthorizeResponse bytes, one per command) as the
+    AuthorizeBatchResponse's wire bytes (`batch`) or the one AuthorizeResponse's, each decision
+    counted in `tally` at [channel * 15 + reason] as the Python path counts them."""
+    cdef Py_ssize_t k, size = 0, o = 0, n
+    cdef int reason, channel
+    cdef int counts[(CHANNEL_MAX + 1) * REASONS]
+    cdef bytes answer
+    cdef uint8_t* out
+    if len(answers) != len(commands):
+        raise ValueError("one answer per command")
+    for k in range((CHANNEL_MAX + 1) * REASONS):
+        counts[k] = 0
+    for k in range(len(answers)):
+        answer = answers[k]
+        n = PyBytes_GET_SIZE(answer)
+        reason = _reason(<const uint8_t*>PyBytes_AS_STRING(answer), n)
+        channel = commands[k][3]
+        if reason < 0 or channel < 1 or channel > CHANNEL_MAX:
+            raise ValueError(f"answer {k} is not an AuthorizeResponse of a known channel")
+        counts[channel * REASONS + reason] += 1
+        size += n + 11
+    for k in range((CHANNEL_MAX + 1) * REASONS):
+        if counts[k]:
+            tally[k] += counts[k]
+    if not batch:
+        return answers[0]
+    out = <uint8_t*>PyMem_Malloc(size + 1)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        for answer in answers:
+            n = PyBytes_GET_SIZE(answer)
+            out[o] = 0x0a
+            o = _put_varint(out, o + 1, <uint64_t>n)
+            memcpy(out + o, PyBytes_AS_STRING(answer), n)
+            o += n
+        return PyBytes_FromStringAndSize(<const char*>out, o)
+    finally:
+        PyMem_Free(out)

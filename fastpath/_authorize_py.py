@@ -113,3 +113,215 @@ def loss_stops_financial(card: HotCard) -> bool:
     financial account, so a GZ (and BJ, which follows GZ) loss also stops FINANCIAL. SH-18
     freezes only the social security functions; its bank side is SH-20's own report."""
     return card.pack in _LOSS_STOPS_FINANCIAL
+
+
+# ------------------------------------------------------------------- the wire path with money
+#
+# The readable twin of _authorize_c.money_wire / money_answer / money_answers: authorizations
+# that move money from the request's wire bytes to the writer's compact commands, each with
+# its fingerprint as server/core.py's `fingerprint` computes it; None whenever the Python path
+# (decode, server/validate.py, the role's channels) must take the message. The server runs the
+# compiled one; tests hold the two to the same result for any bytes.
+
+_ID_MAX, _CARD_MAX, _CHANNEL_MAX, _REASONS = 64, 20, 6, 15
+_PHASE_HOLD, _PHASE_POST, _PHASE_VOID = 1, 2, 3
+_AMOUNT_MAX, _TIMEOUT_MAX, _OPERATOR_MAX = 10**11, 30 * 86400, 39
+_NUMBER_MAX = 9  # bytes of a varint taken here
+_STRINGS, _NUMBERS = frozenset((1, 2, 5, 6, 8, 9)), frozenset((3, 4, 7, 10))
+_OPERATOR_CHARS = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                            b"-_.:")
+
+
+def _varint(p: bytes, i: int, end: int, width: int = 10) -> tuple[int, int]:
+    """(value, index after) of the varint at p[i], at most `width` bytes; (0, -1) if none."""
+    v = shift = 0
+    start = i
+    while i < end and i - start < width:
+        b = p[i]
+        i += 1
+        v |= (b & 0x7f) << shift
+        if not b & 0x80:
+            return v & 0xffffffffffffffff, i
+        shift += 7
+    return 0, -1
+
+
+def _skip(p: bytes, i: int, end: int, wire_type: int) -> int:
+    if wire_type == 0:
+        return _varint(p, i, end)[1]
+    if wire_type in (1, 5):
+        size = 8 if wire_type == 1 else 4
+        return i + size if i + size <= end else -1
+    if wire_type == 2:
+        n, i = _varint(p, i, end, 5)
+        return -1 if i < 0 or n > end - i else i + n
+    return -1
+
+
+def _printable(s: bytes) -> bool:
+    return all(0x20 <= c <= 0x7e for c in s)
+
+
+def _money_request(p: bytes, i: int, end: int, channels: int, money_channels: int):
+    """One AuthorizeRequest in p[i:end] as {field: value}, or None: not plainly valid, or it
+    moves no money."""
+    f: dict[int, object] = {1: b"", 2: b"", 3: 0, 4: 0, 5: b"", 6: b"", 7: 0, 8: b"", 9: b"",
+                            10: 0}
+    while i < end:
+        key, i = _varint(p, i, end, 5)
+        if i < 0 or key > 0xffffffff or key >> 3 == 0:
+            return None
+        field, wire_type = key >> 3, key & 7
+        if field in _STRINGS:
+            if wire_type != 2:
+                return None
+            n, i = _varint(p, i, end, 5)
+            if i < 0 or n > end - i or any(c & 0x80 for c in p[i:i + n]):
+                return None
+            f[field], i = p[i:i + n], i + n
+        elif field in _NUMBERS:
+            if wire_type != 0:
+                return None
+            v, i = _varint(p, i, end, _NUMBER_MAX)
+            if i < 0 or v > {3: _CHANNEL_MAX, 4: _AMOUNT_MAX, 7: _PHASE_VOID,
+                             10: _TIMEOUT_MAX}[field] or (field == 3 and v < 1):
+                return None
+            f[field] = v
+        else:
+            i = _skip(p, i, end, wire_type)
+            if i < 0:
+                return None
+    rid, card, channel, amount, term, payee, phase, hold, code, timeout = (
+        f[k] for k in range(1, 11))
+    if not (0 < len(rid) <= _ID_MAX and _printable(rid)
+            and 0 < len(card) <= _CARD_MAX and card.isdigit()
+            and channel and channels >> channel & 1 and money_channels >> channel & 1
+            and len(term) <= _ID_MAX and _printable(term)
+            and len(code) <= _ID_MAX and _printable(code)):
+        return None
+    if not amount and not phase:
+        return None  # moves no money
+    if timeout and phase != _PHASE_HOLD:
+        return None
+    if payee and not (len(payee) <= _OPERATOR_MAX and payee.startswith(b"op:")
+                      and len(payee) > 3 and all(c in _OPERATOR_CHARS for c in payee[3:])):
+        return None
+    if phase in (_PHASE_POST, _PHASE_VOID):
+        if not (0 < len(hold) <= _ID_MAX and _printable(hold)):
+            return None
+        if phase == _PHASE_VOID and amount:
+            return None
+    elif hold or not amount:
+        return None
+    return f
+
+
+def _put_varint(v: int) -> bytes:
+    v &= 0xffffffffffffffff
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7f) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def _put(field: int, value) -> bytes:
+    """One field as protobuf writes it: nothing for a default value."""
+    if not value:
+        return b""
+    if isinstance(value, bytes):
+        return bytes((field << 3 | 2,)) + _put_varint(len(value)) + value
+    return bytes((field << 3,)) + _put_varint(value)
+
+
+def _command(index: int, f: dict, prefix: bytes, sha256):
+    canonical = b"".join(_put(k, f[k]) for k in range(1, 11))
+    return (index, f[1].decode("ascii"), f[2].decode("ascii"), f[3], f[4], f[7],
+            f[8].decode("ascii"), f[6].decode("ascii"), f[10],
+            sha256(prefix + canonical).digest())
+
+
+def _entries(p: bytes, end: int) -> int:
+    i = count = 0
+    while i < end:
+        key, i = _varint(p, i, end, 5)
+        if i < 0 or key > 0xffffffff or key >> 3 == 0:
+            return -1
+        if key == 0x0a:
+            n, i = _varint(p, i, end, 5)
+            if i < 0 or n > end - i:
+                return -1
+            i += n
+            count += 1
+        elif key >> 3 == 1:
+            return -1
+        else:
+            i = _skip(p, i, end, key & 7)
+            if i < 0:
+                return -1
+    return count
+
+
+def money_wire(raw: bytes, batch: bool, channels: int, money_channels: int, batch_max: int,
+               prefix: bytes, sha256):
+    """See _authorize_c.money_wire."""
+    end = len(raw)
+    if not batch:
+        f = _money_request(raw, 0, end, channels, money_channels)
+        return None if f is None else [_command(0, f, prefix, sha256)]
+    count = _entries(raw, end)
+    if count < 1 or count > batch_max:
+        return None
+    out = []
+    i = 0
+    while i < end:
+        key, i = _varint(raw, i, end, 5)
+        if key == 0x0a:
+            n, i = _varint(raw, i, end, 5)
+            f = _money_request(raw, i, i + n, channels, money_channels)
+            if f is None:
+                return None
+            out.append(_command(len(out), f, prefix, sha256))
+            i += n
+        else:
+            i = _skip(raw, i, end, key & 7)
+    return out
+
+
+def money_answer(request_id: str, reason: int, available: int) -> bytes:
+    """See _authorize_c.money_answer."""
+    return (_put(1, request_id.encode("utf-8")) + bytes((0x10, 1 if reason == 0 else 2))
+            + _put(3, reason) + _put(4, available))
+
+
+def _reason(answer: bytes) -> int:
+    i, end, reason = 0, len(answer), 0
+    while i < end:
+        key, i = _varint(answer, i, end, 5)
+        if i < 0 or key >> 3 == 0:
+            return -1
+        if key == 0x18:
+            v, i = _varint(answer, i, end)
+            if i < 0:
+                return -1
+            reason = v if v < _REASONS else -1
+        else:
+            i = _skip(answer, i, end, key & 7)
+            if i < 0:
+                return -1
+    return reason
+
+
+def money_answers(answers: list, commands: list, tally, batch: bool) -> bytes:
+    """See _authorize_c.money_answers."""
+    if len(answers) != len(commands):
+        raise ValueError("one answer per command")
+    for k, (answer, command) in enumerate(zip(answers, commands, strict=True)):
+        reason, channel = _reason(answer), command[3]
+        if reason < 0 or not 1 <= channel <= _CHANNEL_MAX:
+            raise ValueError(f"answer {k} is not an AuthorizeResponse of a known channel")
+        tally[channel * _REASONS + reason] += 1
+    if not batch:
+        return answers[0]
+    return b"".join(b"\x0a" + _put_varint(len(a)) + a for a in answers)

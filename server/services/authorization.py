@@ -1,4 +1,6 @@
 """The Authorization service (API.md)."""
+import hashlib
+
 from yikatong import authorize, config, fastpath, points
 from yikatong.errors import (
     YikatongError,
@@ -84,37 +86,63 @@ class Authorization:
         """The writer command for [(index, request)] that move money: each decided, debited
         and remembered under its request id, in order, in one transaction; a debit that
         moved money has its audit event there too."""
-        fingerprints = [fingerprint("Authorize", client, q) for _, q in money]
+        return self.debits([
+            (i, q.request_id, q.card_number, q.channel, q.amount_fen, q.phase, q.hold_request_id,
+             q.payee_account, q.hold_timeout_seconds, fingerprint("Authorize", client, q))
+            for i, q in money], client, method, field_prefix, _answer_message)
+
+    def debits(self, commands, client: Client, method: str, field_prefix: bool = False,
+               answer=fastpath.money_answer):
+        """`money_command` of compact commands, as the Python path makes them from requests
+        and the wire path from wire bytes (fastpath money_wire): (index, request_id,
+        card_number, channel, amount_fen, phase, hold_request_id, payee_account,
+        hold_timeout_seconds, fingerprint) each; `answer(request_id, reason, available_fen)`
+        the AuthorizeResponse's bytes."""
         clock, policy, role = self.core.clock, self.core.policy, client.role
         client_id, role_name = client.id, role.name
-
-        def decide(book, q, fp) -> bytes:
-            now = clock.now()
-            reason, left = authorize.with_money(  # positional: once per debit, on the hot path
-                policy, book, now, q.request_id, q.card_number, q.channel, q.amount_fen,
-                q.phase, q.hold_request_id, q.payee_account, q.hold_timeout_seconds, role, fp)
-            if reason == 0:
-                book.append_audit(now, client_id, role_name, method, q.card_number)
-            return pb.AuthorizeResponse(
-                request_id=q.request_id, available_fen=left, reason=reason,
-                decision=_APPROVED if reason == 0 else _DECLINED).SerializeToString()
+        with_money = authorize.with_money
 
         def command(book):
+            def decide(c) -> bytes:
+                now = clock.now()
+                reason, left = with_money(  # positional: once per debit, on the hot path
+                    policy, book, now, c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], role,
+                    c[9])
+                if reason == 0:
+                    book.append_audit(now, client_id, role_name, method, c[2])
+                return answer(c[1], reason, left)
+
             out = []
-            for (i, q), fp in zip(money, fingerprints, strict=True):
+            once = book.once
+            for c in commands:
                 try:
-                    out.append(book.once(q.request_id, fp, lambda q=q, fp=fp: decide(book, q, fp)))
+                    out.append(once(c[1], c[9], lambda c=c: decide(c)))
                 except YikatongError as error:
-                    raise (with_prefix(error, f"requests[{i}].") if field_prefix else error) \
-                        from None
+                    raise (with_prefix(error, f"requests[{c[0]}].") if field_prefix
+                           else error) from None
             return out
         return command
+
+    def _money_wire(self, raw: bytes, client: Client, batch: bool, method: str):
+        """The writer command and its compact commands for a message of requests that all
+        move money, from its wire bytes; None: the Python path takes it."""
+        commands = fastpath.money_wire(
+            raw, batch, CHANNEL_MASKS[client.role], MONEY_CHANNELS, config.batch_size_max,
+            f"{client.id}\0Authorize\0".encode(), hashlib.sha256)
+        if commands is None:
+            return None
+        return commands, self.debits(commands, client, method, batch)
 
     async def Authorize(self, request, client: Client):
         if type(request) is bytes:
             answer = self._wire(request, client, False)
             if answer is not None:
                 return answer
+            if fastpath.money_wire is not None:
+                money = self._money_wire(request, client, False, "Authorization.Authorize")
+                if money is not None:
+                    return fastpath.money_answers(await self.core.write(money[1]), money[0],
+                                                  metrics.decisions, False)
             request = decode(pb.AuthorizeRequest, request)
         self._check(client, request)
         if request.amount_fen or request.phase:
@@ -136,6 +164,11 @@ class Authorization:
             answer = self._wire(request, client, True)
             if answer is not None:
                 return answer
+            if fastpath.money_wire is not None:
+                money = self._money_wire(request, client, True, "Authorization.AuthorizeBatch")
+                if money is not None:
+                    return fastpath.money_answers(await self.core.write(money[1]), money[0],
+                                                  metrics.decisions, True)
             request = decode(pb.AuthorizeBatchRequest, request)
         return await self._answer(client, request.requests, "Authorization.AuthorizeBatch")
 
@@ -146,6 +179,12 @@ class Authorization:
                 if answer is not None:
                     yield answer
                     continue
+                if fastpath.money_wire is not None:
+                    money = self._money_wire(batch, client, True, "Authorization.AuthorizeStream")
+                    if money is not None:
+                        yield fastpath.money_answers(await self.core.write(money[1]), money[0],
+                                                     metrics.decisions, True)
+                        continue
                 batch = decode(pb.AuthorizeBatchRequest, batch)
             yield await self._answer(client, batch.requests, "Authorization.AuthorizeStream")
 
@@ -153,3 +192,13 @@ class Authorization:
 # the channels each role may authorize, as the wire path takes them (bit 1 << channel)
 CHANNEL_MASKS = {role: sum(1 << ch for ch, roles in CHANNEL_ROLES.items() if role in roles)
                  for role in Role}
+# the channels that move money (validate._money_fields), as the wire path takes them
+MONEY_CHANNELS = sum(1 << ch for ch in config.channel_money)
+
+
+def _answer_message(request_id: str, reason: int, available: int) -> bytes:
+    """The Python path's AuthorizeResponse bytes, made by protobuf (the reference the wire
+    path's money_answer is held to)."""
+    return pb.AuthorizeResponse(request_id=request_id, available_fen=available, reason=reason,
+                                decision=_APPROVED if reason == 0 else _DECLINED
+                                ).SerializeToString()
