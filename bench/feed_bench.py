@@ -90,13 +90,16 @@ async def fund(address: str, cards: list[str]) -> None:
                 metadata=metadata("CARD_AGENCY", "demo")) for card in cards[i:i + 64]))
 
 
-async def debits(address: str, cards: list[str], seconds: float, streams: int) -> float:
+async def debits(address: str, cards: list[str], seconds: float, streams: int,
+                 tag: str = "debit") -> float:
     """Durable debits/s: AuthorizeStream, 100 debits per message, 4 messages in flight per
-    stream; only approved debits (money moved, audited) count. The messages are made before
-    the clock starts, so the client's protobuf work is not on the 2 cores during the run."""
+    stream; only approved debits (money moved, audited) count; request ids start with `tag`
+    (a new one for each run on the same server, or its debits are replays). The messages are
+    made before the clock starts, so the client's protobuf work is not on the 2 cores during
+    the run."""
     per_stream = int(seconds * 60_000 / 100 / streams) + 8
     batches = [[pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
-        request_id=f"debit-{s}-{b}-{i}", card_number=cards[(b * 100 + i) % len(cards)],
+        request_id=f"{tag}-{s}-{b}-{i}", card_number=cards[(b * 100 + i) % len(cards)],
         channel=pb.CHANNEL_TRANSIT, amount_fen=1, terminal_id="bench") for i in range(100)])
         for b in range(per_stream)] for s in range(streams)]
     done = 0

@@ -6,8 +6,10 @@ command as concurrent unary calls would be, with --inflight outstanding at a tim
 means its future resolved, which happens only after the LMDB commit (sync=True: fsync).
 Mode `group`: the writer folds all waiting commands into one transaction (up to
 writer_group_max). Mode `group, 100 per command`: the same, with the debits arriving 100 to a
-command as AuthorizeStream/AuthorizeBatch deliver them. Mode `fsync-each`: group_max=1, one
-transaction and one fsync per debit.
+command as AuthorizeStream/AuthorizeBatch deliver them; `group100-wire`: the same messages as
+wire bytes, made into the writer's commands by the wire path (fastpath money_wire: parse and
+fingerprint in Cython, issue 27 item 3) instead of from decoded requests. Mode `fsync-each`:
+group_max=1, one transaction and one fsync per debit.
 
     .venv/bin/python bench/ledger_bench.py [--debits 20000] [--holders 10000] [--repeat 3]
 """
@@ -54,15 +56,19 @@ def setup(path: str, holders: int, group_max: int):
     return store
 
 
-def run(store, requests, inflight: int, per_command: int) -> float:
+def run(store, requests, inflight: int, per_command: int, wire: list | None = None) -> float:
     auth = Authorization(Core(store, clocks.ManualClock(1_790_000_000)))
     gate = Client("bench-gate", Role.TRANSIT_GATE)
     pending = collections.deque()
     t = time.perf_counter()
     for i in range(0, len(requests), per_command):
-        chunk = list(enumerate(requests[i:i + per_command]))
-        pending.append(store.submit(auth.money_command(chunk, gate,
-                                                       "Authorization.AuthorizeStream")))
+        if wire:  # the same requests as an AuthorizeBatchRequest's wire bytes
+            pending.append(store.submit(auth._money_wire(
+                wire[i // per_command], gate, True, "Authorization.AuthorizeStream")[1]))
+        else:
+            chunk = list(enumerate(requests[i:i + per_command]))
+            pending.append(store.submit(auth.money_command(chunk, gate,
+                                                           "Authorization.AuthorizeStream")))
         if len(pending) * per_command >= inflight:
             pending.popleft().result()
     while pending:
@@ -82,6 +88,7 @@ def main() -> int:
     rng = random.Random(3)
     modes = (("group", config.writer_group_max, args.debits, 1),
              ("group100", config.writer_group_max, args.debits, 100),
+             ("group100-wire", config.writer_group_max, args.debits, 100),
              ("group100-no-trail", config.writer_group_max, args.debits, 100),
              ("fsync-each", 1, args.fsync_each_debits, 1))
     samples = collections.defaultdict(list)
@@ -93,7 +100,10 @@ def main() -> int:
                 channel=pb.CHANNEL_TRANSIT, amount_fen=200) for i in range(n)]
             with tempfile.TemporaryDirectory() as tmp, audit_trail(mode != "group100-no-trail"):
                 store = setup(tmp, args.holders, group_max)
-                secs = run(store, requests, args.inflight, per_command)
+                wire = None if mode != "group100-wire" else [  # as they come off the wire
+                    pb.AuthorizeBatchRequest(requests=requests[k:k + per_command])
+                    .SerializeToString() for k in range(0, n, per_command)]
+                secs = run(store, requests, args.inflight, per_command, wire)
                 with store.read() as txn:  # every debit landed, exactly once
                     a = store.book(txn).account(operator_account_key("op:transit"))
                     assert a.credits_posted == 200 * n, a
@@ -113,6 +123,8 @@ def main() -> int:
           f"{rates['group']:,.0f} | {rates['group'] / base:.1f}x |")
     print(f"| group commit, 100 per command (AuthorizeStream) | {args.debits:,} | "
           f"{rates['group100']:,.0f} | {rates['group100'] / base:.1f}x |")
+    print(f"| the same from wire bytes (fastpath money_wire) | {args.debits:,} | "
+          f"{rates['group100-wire']:,.0f} | {rates['group100-wire'] / base:.1f}x |")
     print(f"| the same without the audit trail (its append skipped) | {args.debits:,} | "
           f"{rates['group100-no-trail']:,.0f} | {rates['group100-no-trail'] / base:.1f}x |")
     print(f"\nThe audit trail (an SM3-chained event per debit, same transaction) costs "

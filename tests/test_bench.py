@@ -98,6 +98,14 @@ def test_wire_bench_compares_the_wire_path_with_the_python_path():
     assert "wire path" in out.stdout and "Cursor.getmulti" in out.stdout
 
 
+def test_money_wire_bench_compares_debits_from_wire_bytes_with_the_python_path():
+    out = subprocess.run([sys.executable, "bench/money_wire_bench.py", "--seconds", "0.3",
+                          "--repeat", "1", "--unary", "4"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "| wire / Python |" in out.stdout and "event loop's thread" in out.stdout
+
+
 def test_nats_bench_times_fenced_appends_at_both_sync_settings():
     out = subprocess.run([sys.executable, "bench/nats_bench.py", "--appends", "20",
                           "--sizes", "512"], cwd=ROOT, capture_output=True, text=True,
