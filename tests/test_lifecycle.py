@@ -336,7 +336,7 @@ def test_gz_9b_stored_pii_is_reused_and_never_silently_overwritten(w):
     with w.store.read() as txn:
         assert w.store.book(txn).holder(ssn(1))[1].name == "张三"
     changed = HolderInfo(ssn(1), name="李四")
-    with pytest.raises(InvalidTransition, match="GZ-20"):
+    with pytest.raises(InvalidTransition, match="BJ-7"):  # BJ-7: information change
         w.do(cards.apply, pack=Pack.BJ, holder=changed, eligibility=ELIGIBLE,
              with_transit=False, service_bank="", instant=False)
 

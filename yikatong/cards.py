@@ -119,10 +119,12 @@ def _require(rec: Card, allowed, operation: str, rule: str, detail: str = "") ->
         raise InvalidTransition(State(rec.state).name, operation, rule, detail)
 
 
-def _rule(pack: int, sh: str, gz: str, rc: str) -> str:
+def _rule(pack: int, sh: str, gz: str, rc: str, bj: str = "") -> str:
     """The rule id for a pack: BJ's Measures leave loss and replacement to implementation
-    rules and follow Guangzhou's procedure; a Residence Card cites its own Procedures."""
-    return {Pack.SH: sh, Pack.GZ: gz, Pack.BJ: f"BJ via {gz}", Pack.RC: rc}[Pack(pack)]
+    rules and follow Guangzhou's procedure (`bj`: where a Beijing article names the act
+    itself); a Residence Card cites its own Procedures. A refusal never cites another city's
+    rule as the card's own."""
+    return {Pack.SH: sh, Pack.GZ: gz, Pack.BJ: bj or f"BJ via {gz}", Pack.RC: rc}[Pack(pack)]
 
 
 # ------------------------------------------------------------------ who may act, per pack
@@ -135,25 +137,25 @@ _ONLINE, _COMMUNITY, _BANK = Role.ONLINE_PLATFORM, Role.COMMUNITY_OUTLET, Role.B
 # community service centre.
 _CHANNELS: dict[tuple[str, Pack], tuple[str, frozenset[Role]]] = {
     ("Apply", Pack.GZ): ("GZ-7", frozenset({_ONLINE, _BANK})),
-    ("Apply", Pack.BJ): ("GZ-7", frozenset({_ONLINE, _BANK})),
+    ("Apply", Pack.BJ): ("BJ via GZ-7", frozenset({_ONLINE, _BANK})),
     ("Apply", Pack.RC): ("RC-8", frozenset({_COMMUNITY})),
     ("Replace", Pack.GZ): ("GZ-23", frozenset({_ONLINE, _BANK})),
-    ("Replace", Pack.BJ): ("GZ-23", frozenset({_ONLINE, _BANK})),
+    ("Replace", Pack.BJ): ("BJ via GZ-23", frozenset({_ONLINE, _BANK})),
     ("Replace", Pack.RC): ("RC-15", frozenset({_COMMUNITY})),
     ("ReportTemporaryLoss", Pack.SH): ("SH-18a", frozenset({Role.SERVICE_HOTLINE, _ONLINE})),
     ("ReportLoss", Pack.SH): ("SH-18c", frozenset({_ONLINE, _COMMUNITY})),
     ("ReportLoss", Pack.GZ): ("GZ-21", frozenset({_ONLINE, Role.SERVICE_HOTLINE, _BANK})),
-    ("ReportLoss", Pack.BJ): ("GZ-21", frozenset({_ONLINE, Role.SERVICE_HOTLINE, _BANK})),
+    ("ReportLoss", Pack.BJ): ("BJ via GZ-21", frozenset({_ONLINE, Role.SERVICE_HOTLINE, _BANK})),
     ("ReportLoss", Pack.RC): ("RC-15b", frozenset({_COMMUNITY})),
     ("CancelLoss", Pack.SH): ("SH-19a", frozenset({_ONLINE, _COMMUNITY})),
     ("CancelLoss", Pack.GZ): ("GZ-22", frozenset({_BANK})),
-    ("CancelLoss", Pack.BJ): ("GZ-22", frozenset({_BANK})),
+    ("CancelLoss", Pack.BJ): ("BJ via GZ-22", frozenset({_BANK})),
     # GZ-7, GZ-23 (and GZ-6's bank services): a Guangzhou or Beijing card is handled online
     # or at the issuing bank's outlet for every act, not only its application and reissue
     ("Activate", Pack.GZ): ("GZ-7", frozenset({_ONLINE, _BANK})),
-    ("Activate", Pack.BJ): ("GZ-7", frozenset({_ONLINE, _BANK})),
+    ("Activate", Pack.BJ): ("BJ via GZ-7", frozenset({_ONLINE, _BANK})),
     ("IssueElectronic", Pack.GZ): ("GZ-7", frozenset({_ONLINE, _BANK})),
-    ("IssueElectronic", Pack.BJ): ("GZ-7", frozenset({_ONLINE, _BANK})),
+    ("IssueElectronic", Pack.BJ): ("BJ via GZ-7", frozenset({_ONLINE, _BANK})),
     # RC-3, RC-11, RC-12, RC-16: information comparison, issue and cancellation of a Residence
     # Card are the public security organ's alone
     ("Verify", Pack.RC): ("RC-11", frozenset({Role.PUBLIC_SECURITY})),
@@ -164,7 +166,7 @@ _CHANNELS: dict[tuple[str, Pack], tuple[str, frozenset[Role]]] = {
 # at community or bank outlets; GZ-10b and GZ-25: a first card, a reissue or a renewal at the
 # issuing bank's instant outlet. The Residence Card has none.
 _INSTANT = {Pack.SH: ("SH-23b", frozenset({_COMMUNITY, _BANK})),
-            Pack.GZ: ("GZ-10b", frozenset({_BANK})), Pack.BJ: ("GZ-10b", frozenset({_BANK}))}
+            Pack.GZ: ("GZ-10b", frozenset({_BANK})), Pack.BJ: ("BJ via GZ-10b", frozenset({_BANK}))}
 # API.md: Verify, Issue and Cancel are the card agency's (Cancel HRSS's too); of Residence
 # Cards the public security organ's alone (RC-11, RC-12, RC-16: `_CHANNELS`). The role table
 # lets PUBLIC_SECURITY call them at all.
@@ -344,7 +346,10 @@ def merge_holder(pack: int, given: HolderInfo, held: HolderInfo | None,
                 setattr(merged, f, theirs)
             elif theirs and mine != theirs:
                 # RC-13: a Residence Card holder's changed information is filed as a change
-                raise InvalidTransition("held", "Apply", "RC-13" if pack == Pack.RC else "GZ-20", (
+                # SH-9: what the outlet checked against the identity document and the
+                # applicant confirmed; GZ-20, BJ-7: a correction or information change
+                raise InvalidTransition("held", "Apply", _rule(pack, "SH-9", "GZ-20", "RC-13",
+                                                               "BJ-7"), (
                     f"holder.{f} differs from the information held" if reveal else
                     "the personal information given differs from the information held")
                     + "; file a correction (Holders.CorrectHolder) instead")
@@ -642,7 +647,8 @@ def activate(book, now: int, card_number: str, role: Role | None = None) -> Card
         raise InvalidTransition(State(rec.state).name, "Activate", "RC-12",
                                 "a Residence Card is in force once issued")
     check_channel("Activate", rec.pack, role)
-    _require(rec, (State.ISSUED,), "Activate", "SH-12")
+    _require(rec, (State.ISSUED,), "Activate",
+             _rule(rec.pack, "SH-12", "GZ-6", "RC-12", "BJ-7"))  # GZ-6, BJ-7: a bank service
     rec.state = State.ACTIVE
     rec.received_at = now
     book.put_card(rec, now)
@@ -656,9 +662,10 @@ def open_financial(book, now: int, card_number: str, bank: str) -> Card:
     if rec.pack == Pack.RC:
         raise InvalidTransition(State(rec.state).name, "OpenFinancial", "RC-17",
                                 "the Residence Card has no financial function")
-    _require(rec, (State.ISSUED, State.ACTIVE), "OpenFinancial", "SH-14")
+    rule = _rule(rec.pack, "SH-14", "GZ-13", "RC-17", "BJ-2")  # GZ-13: the financial account
+    _require(rec, (State.ISSUED, State.ACTIVE), "OpenFinancial", rule)
     if rec.has(Flag.FINANCIAL_OPEN):
-        raise InvalidTransition(State(rec.state).name, "OpenFinancial", "SH-14",
+        raise InvalidTransition(State(rec.state).name, "OpenFinancial", rule,
                                 "the financial function is already open")
     if rec.service_bank and bank != rec.service_bank:
         raise InvalidTransition(
@@ -1146,7 +1153,7 @@ def cancel(book, now: int, card_number: str, reason: str, ground: int,
     Card is cancelled by public security alone (RC-16)."""
     rec = load(book, card_number, now)
     _check_agency("Cancel", rec, role)
-    rule = _rule(rec.pack, "GZ-26", "GZ-26", "RC-16")
+    rule = _rule(rec.pack, "SH-8", "GZ-26", "RC-16")  # SH-8: who holds a Shanghai card
     if ground not in _GROUNDS[Pack(rec.pack)]:
         names = ", ".join(f"CANCEL_GROUND_{g.name}" for g in sorted(_GROUNDS[Pack(rec.pack)]))
         raise InvalidArgument("ground", f"a {Pack(rec.pack).name} card is cancelled on one of "
@@ -1198,14 +1205,15 @@ def lock_application(book, now: int, card_number: str, channel: int, locked: boo
             raise Refused("RC-17", f"{op}: a Residence Card's services are its holder's by "
                           "RC-17 and RC-18; no bank locks them (application locks are a bank "
                           "service of GZ-6 and BJ-7)")
-        raise Refused("GZ-6", f"{op}: application locking is a service of Guangzhou's issuing "
-                      "banks and Beijing's cooperative banks (GZ-6, BJ-7); a Shanghai card's "
-                      "service bank has none")
+        raise Refused("SH-7", f"{op}: a Shanghai card's bank outlets take applications, issue "
+                      "cards, open functions and take loss reports (SH-7); application locking "
+                      "is a service of Guangzhou's and Beijing's banks (GZ-6, BJ-7)")
+    rule = _rule(rec.pack, "SH-7", "GZ-6", "RC-17", "BJ-7")
     if rec.state in FINAL_STATES:
-        raise InvalidTransition(State(rec.state).name, op, "GZ-6", "the state is final")
+        raise InvalidTransition(State(rec.state).name, op, rule, "the state is final")
     bit = 1 << channel
     if bool(rec.lock_mask & bit) == locked:
-        raise InvalidTransition(State(rec.state).name, op, "GZ-6",
+        raise InvalidTransition(State(rec.state).name, op, rule,
                                 "already locked" if locked else "not locked")
     rec.lock_mask = (rec.lock_mask | bit) if locked else (rec.lock_mask & ~bit)
     book.put_card(rec, now)
@@ -1355,7 +1363,7 @@ def issue_electronic(book, now: int, card_number: str,
     rec = load(book, card_number, now)
     rule = _rule(rec.pack, "SH-31", "GZ-35", "SH-31")
     if rec.pack == Pack.RC:
-        raise InvalidTransition(State(rec.state).name, "IssueElectronic", "SH-31",
+        raise InvalidTransition(State(rec.state).name, "IssueElectronic", "RC-6",
                                 "the Residence Card has no electronic social security card")
     check_channel("IssueElectronic", rec.pack, role)  # GZ-7: where a GZ card is handled
     if book.current_card(rec.holder_id, rec.pack) != card_number:

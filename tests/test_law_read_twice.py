@@ -1,0 +1,116 @@
+"""The law read a second time: who, where and which rule. Each answer the law does not allow,
+put right and tested through the gRPC method its caller uses (STYLE.md section 9), with the
+articles' own words quoted: every refusal cites the card's own pack's rule; the banks Beijing
+checks; a loss reported at a Guangzhou or Beijing bank; who verifies a Shanghai application;
+a bank's hotline; a Residence Card's residence address; a mailed card's free year."""
+import grpc
+import test_law
+from test_calls import error_info
+from test_law import (
+    active,
+    apply,
+    call,
+    holder,
+    refused,
+)
+from test_second_reading_roles import FULL, refused_apply
+
+from yikatong.v1 import yikatong_pb2 as pb
+
+FP, PD, IA = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
+              grpc.StatusCode.INVALID_ARGUMENT)
+
+srv = test_law.srv  # the server on the manual clock at START, with its ResidenceCard stub
+
+
+def rule_of(e: grpc.RpcError) -> str:
+    return error_info(e).reason
+
+
+# ---------------------------------------------------------------- item 9: each pack's own rule
+
+def test_sh_9_a_shanghai_applicant_whose_information_differs_is_told_shanghais_rule(srv):
+    """SH-9: "应当交验本人有效身份证件，现场核对本人姓名、国籍、民族、性别、相片等信息……确认后
+    由社区受理网点工作人员将申领信息上传": a Shanghai applicant whose information differs from
+    what is held is refused on Shanghai's article, not Guangzhou's GZ-20; a Beijing one on
+    BJ-7 ("information change" is its cooperative bank's service), a Guangzhou one on GZ-20."""
+    active(srv, 201, pb.PACK_GZ)  # the holder's information is held from a Guangzhou card
+    gz_ssn = holder(201, pb.PACK_GZ).ssn
+    e = refused_apply(srv, 201, pb.PACK_SH, holder(201, pb.PACK_SH, **{
+        **FULL, "name": "李娜娜", "ssn": gz_ssn}))
+    assert (e.code(), rule_of(e)) == (FP, "SH-9"), e.details()
+    assert "GZ-" not in e.details()
+    e = refused_apply(srv, 201, pb.PACK_BJ, holder(201, pb.PACK_BJ, **{
+        **FULL, "name": "李娜娜", "ssn": gz_ssn}))
+    assert (e.code(), rule_of(e)) == (FP, "BJ-7"), e.details()
+    active(srv, 202, pb.PACK_SH)
+    e = refused_apply(srv, 202, pb.PACK_GZ, holder(202, pb.PACK_GZ, **{
+        **FULL, "name": "王五", "ssn": holder(202, pb.PACK_SH).ssn}))
+    assert (e.code(), rule_of(e)) == (FP, "GZ-20"), e.details()
+
+
+def test_gz_6_bj_7_activation_and_the_financial_account_cite_their_own_city(srv):
+    """GZ-6: "issuing banks shall provide such services as application, activation, ...";
+    BJ-7: "The Social Security Card Cooperative Bank is responsible for the application,
+    activation, ..."; GZ-13: "The settlement accounts of social security cards include ...
+    financial accounts"; BJ-2: the card "has the functions of ... financial services". A
+    Guangzhou or Beijing card refused activation or its financial function is not told
+    Shanghai's SH-12 or SH-14; a Shanghai card still is."""
+    for n, pack, activation, financial in ((203, pb.PACK_SH, "SH-12", "SH-14"),
+                                           (204, pb.PACK_GZ, "GZ-6", "GZ-13"),
+                                           (205, pb.PACK_BJ, "BJ-7", "BJ-2")):
+        card = active(srv, n, pack)
+        e = refused(srv, "Activate", test_law.OUTLET[pack], card_number=card)
+        assert (e.code(), rule_of(e)) == (FP, activation), (pack, e.details())
+        call(srv, "OpenFinancial", "BANK_OUTLET", card_number=card, bank="ICBC")
+        e = refused(srv, "OpenFinancial", "BANK_OUTLET", card_number=card, bank="ICBC")
+        assert (e.code(), rule_of(e)) == (FP, financial), (pack, e.details())
+        assert "SH-" not in e.details() or pack == pb.PACK_SH, e.details()
+
+
+def test_sh_7_a_shanghai_card_is_refused_an_application_lock_on_shanghais_rule(srv):
+    """SH-7: "社区受理网点和银行受理网点具体承担社会保障卡的申领受理、发放、功能开通、挂失等工作":
+    a Shanghai bank outlet's work has no application locking (GZ-6 and BJ-7 give it to
+    Guangzhou's and Beijing's banks): refused citing SH-7, not GZ-6."""
+    card = active(srv, 206)
+    e = refused(srv, "LockApplication", "BANK_OUTLET", card_number=card,
+                channel=pb.CHANNEL_MEDICAL)
+    assert (e.code(), rule_of(e)) == (FP, "SH-7"), e.details()
+
+
+def test_sh_8_a_shanghai_card_is_cancelled_on_shanghais_grounds(srv):
+    """SH-8: "本市户籍人员以及依法参加本市社会保险的境内来沪人员，可以申领社会保障卡": a
+    Shanghai card cancelled on a ground it does not admit is told Shanghai's article, not
+    Guangzhou's GZ-26; a Beijing card is told it follows Guangzhou's procedure."""
+    for n, pack, rule in ((207, pb.PACK_SH, "(SH-8)"), (208, pb.PACK_BJ, "(BJ via GZ-26)")):
+        card = active(srv, n, pack)
+        e = refused(srv, "Cancel", "CARD_AGENCY", card_number=card, reason="落户外省",
+                    ground=pb.CANCEL_GROUND_PERMANENT_RESIDENCY)
+        assert e.code() == IA and rule in e.details(), e.details()
+
+
+def test_bj_via_gz_7_a_beijing_channel_refusal_says_beijing_follows_guangzhou(srv):
+    """BJ-17 leaves application and loss procedure to implementation rules: Beijing follows
+    Guangzhou's GZ-7 and GZ-21 (SPEC.md), and a refusal says so ("BJ via GZ-7"), never
+    citing Guangzhou's article as the Beijing card's own."""
+    e = error_of_apply(srv, 209, pb.PACK_BJ, "COMMUNITY_OUTLET")
+    assert (e.code(), rule_of(e)) == (PD, "BJ via GZ-7"), e.details()
+    card = active(srv, 210, pb.PACK_BJ)
+    e = refused(srv, "ReportLoss", "COMMUNITY_OUTLET", card_number=card)
+    assert (e.code(), rule_of(e)) == (PD, "BJ via GZ-21"), e.details()
+
+
+def test_rc_6_a_residence_card_has_no_electronic_card_on_its_own_rule(srv):
+    """RC-6 names the Residence Card's functions, and an electronic social security card is
+    not among them: refused citing the Residence Card's Procedures, not Shanghai's SH-31."""
+    card = active(srv, 211, pb.PACK_RC)
+    e = refused(srv, "IssueElectronic", "COMMUNITY_OUTLET", card_number=card)
+    assert (e.code(), rule_of(e)) == (FP, "RC-6"), e.details()
+
+
+def error_of_apply(srv, n, pack, role) -> grpc.RpcError:
+    try:
+        apply(srv, n, pack, role, holder=holder(n, pack, **FULL))
+    except grpc.RpcError as e:
+        return e
+    raise AssertionError("applied")
