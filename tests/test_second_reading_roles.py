@@ -156,7 +156,8 @@ def test_rc_13_an_rc_applicant_whose_information_differs_is_told_to_file_the_cha
     changed, the Card holder shall go through the formalities of information changes at the
     community service center". A Residence Card applicant whose information differs from what
     is held (here, from a Shanghai card) is refused citing the Residence Card's own rule, not
-    Guangzhou's GZ-20; a Beijing applicant gets BJ-7 (test_law_read_twice). (An RC lock refusal cites RC-17:
+    Guangzhou's GZ-20; a Beijing applicant gets BJ-7 (test_law_read_twice). (An RC
+    lock refusal cites RC-17:
     test_gz_6_application_locks_are_a_bank_service_of_guangzhou_and_beijing_only.)"""
     active(srv, 121)  # the holder's information is held from a Shanghai card
     given = holder(121, pb.PACK_RC, **{**FULL, "name": "李娜娜",
