@@ -981,7 +981,8 @@ def _serve(args, metrics) -> int:
         print("yikatong: issuing-bank check (GZ-9c) " + (
             f"on: list version {banks.version}, {len(banks.names)} banks" if banks else
             "off: no --issuing-banks list configured")
-            + "; " + cards.bank_loss_rules_said(banks), flush=True)
+            + "; " + cards.bank_loss_rules_said(banks) + "; " + cards.beijing_banks_said(banks),
+            flush=True)
         print("yikatong: working-day calendar: official "
               + ", ".join(map(str, calendar.official_years()))
               + (f"; WARNING: no official calendar for {missing}: its ends are counted "
@@ -1094,7 +1095,8 @@ def _version() -> str:
 
 
 def _issuing_banks(path: str):
-    """GZ-9c: the published list of issuing banks, versioned."""
+    """GZ-9c: the published list of issuing banks, versioned; BJ-7: Beijing's own, in
+    `[beijing]`."""
     from yikatong.config_file import read_toml
     from yikatong.model import IssuingBanks
 
@@ -1108,7 +1110,18 @@ def _issuing_banks(path: str):
         rules = _bank_loss_rules(doc.get("bank_loss", {}))
     except ValueError as error:
         raise ValueError(f"issuing-banks file {path}: {error}") from None
-    return IssuingBanks(version, frozenset(names), rules)
+    beijing = doc.get("beijing")  # BJ-7: Beijing's own catalogue of cooperative banks
+    if beijing is not None:
+        bj = beijing if isinstance(beijing, dict) else {}
+        bj_names = bj.get("banks")
+        if set(bj) != {"version", "banks"} or not isinstance(bj["version"], str) \
+                or not bj["version"] or not isinstance(bj_names, list) or not bj_names \
+                or not all(isinstance(n, str) and 0 < len(n.encode()) <= 32 for n in bj_names):
+            raise ValueError(f"issuing-banks file {path}: [beijing] needs version = \"...\" "
+                             "and banks = [\"...\", ...] (names of at most 32 bytes), nothing "
+                             "else")
+        beijing = IssuingBanks(bj["version"], frozenset(bj_names))
+    return IssuingBanks(version, frozenset(names), rules, beijing)
 
 
 def _bank_loss_rules(table) -> dict:

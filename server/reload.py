@@ -152,7 +152,10 @@ def server_parts(args, clients, certs: "ServerCertificates | None", store) -> Re
         def banks(value) -> str:
             reloads.core.banks = value
             rules = f"; {cards.bank_loss_rules_said(value)}" if value.loss_rules else ""
-            return f"version {value.version}, {len(value.names)} banks{rules}"
+            bj = value.beijing  # BJ-7: Beijing's own list
+            return (f"version {value.version}, {len(value.names)} banks" + (
+                f"; Beijing's (BJ-7) version {bj.version}, {len(bj.names)} banks"
+                if bj is not None else "") + rules)
         reloads.add("issuing banks", args.issuing_banks,
                     lambda: _issuing_banks(args.issuing_banks), banks)
     if getattr(args, "signing_key_file", None):

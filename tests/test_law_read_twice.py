@@ -3,6 +3,9 @@ put right and tested through the gRPC method its caller uses (STYLE.md section 9
 articles' own words quoted: every refusal cites the card's own pack's rule; the banks Beijing
 checks; a loss reported at a Guangzhou or Beijing bank; who verifies a Shanghai application;
 a bank's hotline; a Residence Card's residence address; a mailed card's free year."""
+import subprocess
+import sys
+
 import grpc
 import test_law
 from test_calls import error_info
@@ -13,8 +16,10 @@ from test_law import (
     holder,
     refused,
 )
+from test_money_e2e import error_of
 from test_second_reading_roles import FULL, refused_apply
 
+from yikatong.server.harness import ROOT, running
 from yikatong.v1 import yikatong_pb2 as pb
 
 FP, PD, IA = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
@@ -114,3 +119,52 @@ def error_of_apply(srv, n, pack, role) -> grpc.RpcError:
     except grpc.RpcError as e:
         return e
     raise AssertionError("applied")
+
+
+# ---------------------------------------------------------------- item 6: Beijing's own banks
+
+def test_bj_7_a_beijing_card_is_checked_against_beijings_catalogue_not_guangzhous(tmp_path):
+    """BJ-7: "The catalogue of social security card cooperative banks is announced to the
+    public by the municipal human resources and social security department" (Beijing's); GZ-9:
+    "from the list of social security card issuing banks published by Guangzhou Municipal
+    Human Resources and Social Security Bureau". A Beijing application naming a Beijing
+    cooperative bank that is not on Guangzhou's list was refused GZ-9c; with no Beijing
+    catalogue configured Beijing's check is off (and start-up says so); with one, a bank off
+    it is refused BJ-7, and a Guangzhou card is still held to Guangzhou's list alone."""
+    banks = tmp_path / "banks.toml"
+    banks.write_text('version = "2026-01"\nbanks = ["ICBC", "GZRCB"]\n')
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    with running(tmp_path / "a", "--issuing-banks", str(banks)) as s:
+        assert "Beijing's cooperative-bank check (BJ-7) off: no [beijing] list" in s.output()
+        assert apply(s, 221, pb.PACK_BJ, service_bank="BJRCB").service_bank == "BJRCB"
+        e = error_of(apply, s, 222, pb.PACK_GZ, service_bank="BJRCB")
+        assert (e.code(), rule_of(e)) == (FP, "GZ-9c"), e.details()
+    banks.write_text('version = "2026-01"\nbanks = ["ICBC", "GZRCB"]\n\n'
+                     '[beijing]\nversion = "2026-03"\nbanks = ["ICBC", "BJRCB"]\n')
+    with running(tmp_path / "b", "--issuing-banks", str(banks)) as s:
+        assert ("Beijing's cooperative-bank check (BJ-7) on: list version 2026-03, 2 banks"
+                in s.output())
+        assert apply(s, 223, pb.PACK_BJ, service_bank="BJRCB").service_bank == "BJRCB"
+        e = error_of(apply, s, 224, pb.PACK_BJ, service_bank="GZRCB")
+        assert (e.code(), rule_of(e)) == (FP, "BJ-7"), e.details()
+        assert "Beijing's catalogue" in e.details() and "GZ-" not in e.details()
+        e = error_of(apply, s, 225, pb.PACK_GZ, service_bank="BJRCB")
+        assert (e.code(), rule_of(e)) == (FP, "GZ-9c"), e.details()
+        # a re-application to another bank (GZ-24(3)) is held to Beijing's catalogue too
+        card = active(s, 226, pb.PACK_BJ)
+        e = refused(s, "Replace", "BANK_OUTLET", card_number=card,
+                    reason=pb.REPLACE_REASON_INFO_CHANGED, service_bank="GZRCB")
+        assert (e.code(), rule_of(e)) == (FP, "BJ-7"), e.details()
+
+
+def test_bj_7_a_malformed_beijing_catalogue_stops_the_start(tmp_path):
+    """The catalogue is configuration an operator writes: a [beijing] table without its
+    version or banks is refused at start in one line, not read as "no check"."""
+    banks = tmp_path / "banks.toml"
+    banks.write_text('version = "1"\nbanks = ["ICBC"]\n\n[beijing]\nbanks = []\n')
+    proc = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--data-dir",
+                           str(tmp_path / "d"), "--issuing-banks", str(banks), "--listen",
+                           "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"yikatong: issuing-banks file {banks}: [beijing] needs "
+                                  "version"), proc.stderr

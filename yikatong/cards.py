@@ -203,11 +203,24 @@ def _check_agency(operation: str, rec: Card, role: Role | None) -> None:
 
 
 def check_bank(pack: int, bank: str, banks: IssuingBanks | None, field: str) -> None:
-    """GZ-9c: a Guangzhou or Beijing card's issuing bank is on the published list (when one is
-    configured; with none the check is off, and start-up says so)."""
-    if banks is not None and pack in (Pack.GZ, Pack.BJ) and bank not in banks.names:
-        raise Refused("GZ-9c", f"{field} {bank!r} is not on the issuing-bank list "
-                      f"(version {banks.version}): one of {', '.join(sorted(banks.names))}")
+    """GZ-9c: a Guangzhou card's issuing bank is on the list Guangzhou's HRSS bureau publishes;
+    BJ-7: a Beijing card's cooperative bank on Beijing's own catalogue (each when configured;
+    with none that city's check is off, and start-up says so)."""
+    rule, listed, whose = "GZ-9c", banks, "Guangzhou's issuing-bank list"
+    if pack == Pack.BJ:
+        rule, listed = "BJ-7", banks.beijing if banks is not None else None
+        whose = "Beijing's catalogue of cooperative banks"
+    if listed is not None and pack in (Pack.GZ, Pack.BJ) and bank not in listed.names:
+        raise Refused(rule, f"{field} {bank!r} is not on {whose} (version {listed.version}): "
+                      f"one of {', '.join(sorted(listed.names))}")
+
+
+def beijing_banks_said(banks: IssuingBanks | None) -> str:
+    """The start-up line's words for BJ-7's list (Beijing's own, never Guangzhou's)."""
+    bj = banks.beijing if banks is not None else None
+    return "Beijing's cooperative-bank check (BJ-7) " + (
+        f"on: list version {bj.version}, {len(bj.names)} banks" if bj is not None else
+        "off: no [beijing] list in --issuing-banks")
 
 
 # ------------------------------------------------------------------ application

@@ -279,6 +279,10 @@ class IssuingBanks:
     version: str
     names: frozenset[str]
     loss_rules: dict[str, BankLossRules] = dataclasses.field(default_factory=dict)
+    # BJ-7: "The catalogue of social security card cooperative banks is announced to the
+    # public by the municipal human resources and social security department" -- Beijing's
+    # own list (the file's [beijing] table), never Guangzhou's; None: Beijing's check is off
+    beijing: "IssuingBanks | None" = None
 
 
 # ---------------------------------------------------------------------------- money
