@@ -168,3 +168,67 @@ def test_bj_7_a_malformed_beijing_catalogue_stops_the_start(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"yikatong: issuing-banks file {banks}: [beijing] needs "
                                   "version"), proc.stderr
+
+
+# ---------------------------------------------------------------- items 7, 10: GZ-21 at the bank
+
+def bank_loss_answers(srv, card) -> tuple[str, str]:
+    return test_law.reason(srv, card), test_law.reason(srv, card, pb.CHANNEL_FINANCIAL)
+
+
+def test_gz_21_a_loss_reported_at_the_bank_suspends_the_settlement_accounts(srv):
+    """GZ-21: "he/she may go through the loss registration formalities through ... the bank's
+    customer service hotline or an outlet of the social security card issuing bank ... After
+    loss registration, the settlement account of the social security card will be suspended"
+    (GZ-13: "The settlement accounts ... include personal accounts of medical insurance and
+    financial accounts"). ReportBankLoss on a Guangzhou or Beijing card froze only FINANCIAL,
+    as Shanghai's SH-20 does; it is the card's loss registration: LOST, medical and financial
+    alike, with or without the financial function opened. GZ-22: "at an outlet of the social
+    security card issuing bank with his/her valid identity document. After loss
+    deregistration, the social security card will resume normal use"."""
+    for n, pack, cite in ((231, pb.PACK_GZ, "GZ-22"), (232, pb.PACK_BJ, "BJ via GZ-22")):
+        card = active(srv, n, pack)
+        call(srv, "OpenFinancial", "BANK_OUTLET", card_number=card, bank="ICBC")
+        lost = call(srv, "ReportBankLoss", "BANK_OUTLET", card_number=card)
+        assert lost.state == pb.CARD_STATE_LOST and lost.loss_reported_at
+        assert bank_loss_answers(srv, card) == ("CARD_LOST", "CARD_LOST")
+        e = refused(srv, "CancelBankLoss", "BANK_SWITCH", card_number=card)
+        assert (e.code(), rule_of(e)) == (PD, cite), e.details()
+        assert call(srv, "CancelBankLoss", "BANK_OUTLET", card_number=card).state == \
+            pb.CARD_STATE_ACTIVE
+        assert bank_loss_answers(srv, card) == ("UNSPECIFIED", "UNSPECIFIED")
+    # without the financial function: still the card's loss
+    card = active(srv, 233, pb.PACK_GZ)
+    assert call(srv, "ReportBankLoss", "BANK_OUTLET", card_number=card).state == \
+        pb.CARD_STATE_LOST
+    assert test_law.reason(srv, card) == "CARD_LOST"
+    # Shanghai's bank loss is the financial function's alone (SH-20)
+    sh = active(srv, 234)
+    call(srv, "OpenFinancial", "BANK_OUTLET", card_number=sh, bank="ICBC")
+    frozen = call(srv, "ReportBankLoss", "BANK_OUTLET", card_number=sh)
+    assert frozen.state == pb.CARD_STATE_ACTIVE and frozen.financial_frozen
+    assert bank_loss_answers(srv, sh) == ("UNSPECIFIED", "FINANCIAL_FROZEN")
+    # the Residence Card has no financial function, nor a bank loss (RC-17)
+    e = refused(srv, "ReportBankLoss", "BANK_OUTLET", card_number=active(srv, 235, pb.PACK_RC))
+    assert (e.code(), rule_of(e)) == (FP, "RC-17"), e.details()
+
+
+def test_gz_21_the_banks_customer_service_hotline_registers_a_loss_through_its_switch(srv):
+    """GZ-21 names "the bank's customer service hotline" among the channels of loss
+    registration; API.md has no role for it, and the bank's hotline reaches us through the
+    bank's own system, its switch (BANK_SWITCH), by ReportBankLoss: the card is LOST, and is
+    replaced (GZ-23) or deregistered at the bank's outlet (GZ-22) as any lost card. The
+    bank's switch takes no Guangzhou loss by ReportLoss (not among API.md's roles for it)."""
+    card = active(srv, 236, pb.PACK_GZ)
+    e = refused(srv, "ReportLoss", "BANK_SWITCH", card_number=card)
+    assert e.code() == PD, e.details()
+    lost = call(srv, "ReportBankLoss", "BANK_SWITCH", card_number=card)
+    assert lost.state == pb.CARD_STATE_LOST
+    assert bank_loss_answers(srv, card) == ("CARD_LOST", "CARD_LOST")
+    new = call(srv, "Replace", "BANK_OUTLET", card_number=card, reason=pb.REPLACE_REASON_LOST)
+    assert new.state == pb.CARD_STATE_VERIFIED
+    # a Beijing card alike; and a card already lost is not registered lost again
+    bj = active(srv, 237, pb.PACK_BJ)
+    assert call(srv, "ReportBankLoss", "BANK_SWITCH", card_number=bj).state == pb.CARD_STATE_LOST
+    e = refused(srv, "ReportBankLoss", "BANK_SWITCH", card_number=bj)
+    assert (e.code(), rule_of(e)) == (FP, "BJ via GZ-21"), e.details()

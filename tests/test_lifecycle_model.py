@@ -355,11 +355,22 @@ def expect(cards_: dict, name: str, c: ModelCard, channel: int, now: int):
         def go():
             c.financial = True
         return go
-    if name == "bank_loss" and c.financial and not c.frozen and not final:
+    # GZ-21: a loss registered at a Guangzhou or Beijing bank is the card's (LOST); GZ-22:
+    # deregistered at the bank's outlet. A financial-only bank loss is Shanghai's (SH-20).
+    gzbj = c.pack in (Pack.GZ, Pack.BJ)
+    if name == "bank_loss" and gzbj and s in (State.ISSUED, State.ACTIVE):
+        def go():
+            c.unactivated, c.state = s == State.ISSUED, State.LOST
+        return go
+    if name == "cancel_bank_loss" and gzbj and s == State.LOST and not pending:
+        def go():
+            c.state, c.unactivated = c.restored(), False
+        return go
+    if name == "bank_loss" and c.financial and not c.frozen and not final and not gzbj:
         def go():
             c.frozen = True
         return go
-    if name == "cancel_bank_loss" and c.frozen and not final:
+    if name == "cancel_bank_loss" and c.frozen and not final and not gzbj:
         def go():
             c.frozen = False
         return go

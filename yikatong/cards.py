@@ -150,6 +150,14 @@ _CHANNELS: dict[tuple[str, Pack], tuple[str, frozenset[Role]]] = {
     ("CancelLoss", Pack.SH): ("SH-19a", frozenset({_ONLINE, _COMMUNITY})),
     ("CancelLoss", Pack.GZ): ("GZ-22", frozenset({_BANK})),
     ("CancelLoss", Pack.BJ): ("BJ via GZ-22", frozenset({_BANK})),
+    # GZ-21: a loss registered at the issuing bank, at its outlet or by its customer-service
+    # hotline (银行客服热线), which reaches us through the bank's switch (BANK_SWITCH: API.md
+    # has no role of its own for it), is the card's loss registration; GZ-22: deregistered
+    # only at the bank's outlet, with an identity document
+    ("ReportBankLoss", Pack.GZ): ("GZ-21", frozenset({_BANK, Role.BANK_SWITCH})),
+    ("ReportBankLoss", Pack.BJ): ("BJ via GZ-21", frozenset({_BANK, Role.BANK_SWITCH})),
+    ("CancelBankLoss", Pack.GZ): ("GZ-22", frozenset({_BANK})),
+    ("CancelBankLoss", Pack.BJ): ("BJ via GZ-22", frozenset({_BANK})),
     # GZ-7, GZ-23 (and GZ-6's bank services): a Guangzhou or Beijing card is handled online
     # or at the issuing bank's outlet for every act, not only its application and reissue
     ("Activate", Pack.GZ): ("GZ-7", frozenset({_ONLINE, _BANK})),
@@ -955,8 +963,20 @@ def report_bank_loss(book, now: int, card_number: str, role: Role | None = None,
                      banks: IssuingBanks | None = None) -> Card:
     """SH-20: the financial function's own loss report, at the bank (frozen for FINANCIAL
     only); valid as the service bank's rules say: until cancelled, or to 24:00 of its N-th
-    day after the report (counted as SPEC.md section 6 says), an instant stored now."""
+    day after the report (counted as SPEC.md section 6 says), an instant stored now.
+
+    A financial-only loss is Shanghai's. GZ-21: a Guangzhou (and Beijing) card's loss
+    registered at the bank, at its outlet or by its customer-service hotline, "the settlement
+    account of the social security card will be suspended" (GZ-13: the medical and the
+    financial account): the card's loss registration, LOST, whether or not its financial
+    function was opened. The Residence Card has no financial function (RC-17)."""
     rec = load(book, card_number, now)
+    if rec.pack in (Pack.GZ, Pack.BJ):
+        check_channel("ReportBankLoss", rec.pack, role)
+        return report_loss(book, now, card_number)  # the bank's channel, checked above
+    if rec.pack == Pack.RC:
+        raise InvalidTransition(State(rec.state).name, "ReportBankLoss", "RC-17",
+                                "the Residence Card has no financial function")
     if not rec.has(Flag.FINANCIAL_OPEN) or rec.state in FINAL_STATES:
         raise InvalidTransition(State(rec.state).name, "ReportBankLoss", "SH-20",
                                 "the financial function is not open")
@@ -973,8 +993,16 @@ def report_bank_loss(book, now: int, card_number: str, role: Role | None = None,
 def cancel_bank_loss(book, now: int, card_number: str, role: Role | None = None,
                      banks: IssuingBanks | None = None) -> Card:
     """SH-20: cancelled by whom the service bank's rules say; a report whose days are over no
-    longer stands, and there is nothing to cancel."""
+    longer stands, and there is nothing to cancel. GZ-22: a Guangzhou or Beijing card's loss
+    registered at the bank is deregistered at the issuing bank's outlet (a financial-only
+    freeze an earlier release put on such a card is lifted as it was)."""
     rec = load(book, card_number, now)
+    if rec.pack in (Pack.GZ, Pack.BJ) and not rec.has(Flag.FINANCIAL_FROZEN):
+        check_channel("CancelBankLoss", rec.pack, role)
+        return cancel_loss(book, now, card_number)  # the bank's outlet, checked above
+    if rec.pack == Pack.RC:
+        raise InvalidTransition(State(rec.state).name, "CancelBankLoss", "RC-17",
+                                "the Residence Card has no financial function")
     if not rec.has(Flag.FINANCIAL_FROZEN) or rec.state in FINAL_STATES:
         raise InvalidTransition(State(rec.state).name, "CancelBankLoss", "SH-20",
                                 "no bank loss report stands")
