@@ -81,6 +81,8 @@ def _make(book, rng, i: int, now: int):
         target = "ACTIVE"
     if pack != Pack.SH and target in ("TEMP_LOSS", "TEMP_LOSS_LAPSED", "RETIRED_GENERATION"):
         target = "LOST" if target != "RETIRED_GENERATION" else "ACTIVE"
+    if pack in (Pack.GZ, Pack.BJ) and target == "BANK_FROZEN":  # GZ-21: the card's loss
+        target = "LOST"
     if pack != Pack.RC and target == "RC_EXPIRED":
         target = "ACTIVE"
     if pack in (Pack.SH, Pack.RC) and target == "LOCKED":  # GZ-6, BJ-7: a bank service there
