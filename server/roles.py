@@ -54,9 +54,11 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     "Lifecycle.Apply": _APPLY,
     "Lifecycle.Replace": _APPLY,
     "Lifecycle.CancelLoss": _APPLY,
-    # PUBLIC_SECURITY for Residence Cards, and alone for them (RC-11, RC-12, RC-16):
-    # yikatong.cards refuses the others per pack
-    "Lifecycle.Verify": frozenset({Role.CARD_AGENCY, Role.PUBLIC_SECURITY}),
+    # PUBLIC_SECURITY for Residence Cards, and alone for them (RC-11, RC-12, RC-16);
+    # SH-6, SH-10: a Shanghai applicant's identity is public security's to verify, their
+    # insurance HRSS's (medical security's too: API.md has no role for it). yikatong.cards
+    # refuses the others per pack
+    "Lifecycle.Verify": frozenset({Role.CARD_AGENCY, Role.PUBLIC_SECURITY, Role.HRSS}),
     "Lifecycle.Issue": frozenset({Role.CARD_AGENCY, Role.PUBLIC_SECURITY}),
     "Lifecycle.Cancel": frozenset({Role.CARD_AGENCY, Role.HRSS, Role.PUBLIC_SECURITY}),
     "Lifecycle.Activate": _APPLY | {Role.SERVICE_HOTLINE},

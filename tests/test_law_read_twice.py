@@ -21,6 +21,7 @@ from test_second_reading_roles import FULL, refused_apply
 
 from yikatong.server.harness import ROOT, running
 from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 FP, PD, IA = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
               grpc.StatusCode.INVALID_ARGUMENT)
@@ -232,3 +233,60 @@ def test_gz_21_the_banks_customer_service_hotline_registers_a_loss_through_its_s
     assert call(srv, "ReportBankLoss", "BANK_SWITCH", card_number=bj).state == pb.CARD_STATE_LOST
     e = refused(srv, "ReportBankLoss", "BANK_SWITCH", card_number=bj)
     assert (e.code(), rule_of(e)) == (FP, "BJ via GZ-21"), e.details()
+
+
+# ---------------------------------------------------------------- item 5: SH-10's verifiers
+
+def owed(srv, card) -> list[tuple[str, str]]:
+    answer = rpc.DeadlinesStub(srv.channel).ListDue(pb.ListDueRequest(within_days=400),
+                                                   metadata=srv.md("CARD_AGENCY"))
+    return [(i.step, i.rule) for i in answer.items if i.card_number == card]
+
+
+def test_sh_10_public_security_verifies_identity_and_hrss_insurance(srv):
+    """SH-6: "市公安部门……核验社会保障卡申请人的身份信息"; "市人力资源社会保障、医疗保障部门负责
+    核验社会保障卡申请人参加本市社会保险的情况". SH-10: "公安、人力资源社会保障、医疗保障部门在收到
+    申领信息后3个工作日内，分别对申请人的基本信息、参加本市社会保险的情况进行核验。核验通过的，由市
+    社会保障卡服务机构制卡". Public security and HRSS were refused; each now verifies its own
+    part, and the card is verified (and its SH-11 making owed) once both have; either one's
+    failure rejects it. HRSS carries medical security's part (API.md has no role for it)."""
+    card = test_law.apply(srv, 241, holder=holder(241, pb.PACK_SH, **FULL)).card_number
+    first = call(srv, "Verify", "PUBLIC_SECURITY", card_number=card, approved=True)
+    assert first.state == pb.CARD_STATE_APPLIED  # the insurance is still to be verified
+    assert owed(srv, card) == [("verify insurance", "SH-10")]
+    e = refused(srv, "Verify", "PUBLIC_SECURITY", card_number=card, approved=True)
+    assert (e.code(), rule_of(e)) == (FP, "SH-10") and "HRSS is awaited" in e.details()
+    e = refused(srv, "Issue", "CARD_AGENCY", card_number=card)
+    assert e.code() == FP, e.details()  # not made before both parts pass
+    both = call(srv, "Verify", "HRSS", card_number=card, approved=True)
+    assert both.state == pb.CARD_STATE_VERIFIED
+    assert owed(srv, card) == [("issue", "SH-11")]
+    # the other order; and a failure of either part rejects, with the reason told
+    card = test_law.apply(srv, 242, holder=holder(242, pb.PACK_SH, **FULL)).card_number
+    assert call(srv, "Verify", "HRSS", card_number=card, approved=True).state == \
+        pb.CARD_STATE_APPLIED
+    assert owed(srv, card) == [("verify identity", "SH-10")]
+    assert call(srv, "Verify", "PUBLIC_SECURITY", card_number=card,
+                approved=True).state == pb.CARD_STATE_VERIFIED
+    card = test_law.apply(srv, 243, holder=holder(243, pb.PACK_SH, **FULL)).card_number
+    call(srv, "Verify", "PUBLIC_SECURITY", card_number=card, approved=True)
+    no = call(srv, "Verify", "HRSS", card_number=card, approved=False, reason="未参加本市社会保险")
+    assert no.state == pb.CARD_STATE_REJECTED and no.reject_reason == "未参加本市社会保险"
+    assert owed(srv, card) == []
+    # API.md's card agency still records both departments' results at once
+    card = test_law.apply(srv, 244, holder=holder(244, pb.PACK_SH, **FULL)).card_number
+    assert call(srv, "Verify", "CARD_AGENCY", card_number=card, approved=True).state == \
+        pb.CARD_STATE_VERIFIED
+
+
+def test_sh_10_hrss_and_public_security_verify_no_other_packs_application(srv):
+    """SH-10 is Shanghai's: a Guangzhou or Beijing application is verified by the card
+    agency (GZ-10, API.md), a Residence Card's by public security alone (RC-11)."""
+    for n, pack in ((245, pb.PACK_GZ), (246, pb.PACK_BJ)):
+        card = test_law.apply(srv, n, pack, holder=holder(n, pack, **FULL)).card_number
+        for role in ("HRSS", "PUBLIC_SECURITY"):
+            e = refused(srv, "Verify", role, card_number=card, approved=True)
+            assert e.code() == PD, (pack, role, e.details())
+    rc = test_law.apply(srv, 247, pb.PACK_RC, holder=holder(247, pb.PACK_RC, **FULL)).card_number
+    e = refused(srv, "Verify", "HRSS", card_number=rc, approved=True)
+    assert (e.code(), rule_of(e)) == (PD, "RC-11"), e.details()

@@ -35,7 +35,8 @@ API_TABLE = {
     "ResidenceCard.StateSpecialCircumstances": {"PUBLIC_SECURITY"},
     "Deadlines.ListDue": {"CARD_AGENCY", "HRSS"},
     "Lifecycle.Apply": APPLY, "Lifecycle.Replace": APPLY, "Lifecycle.CancelLoss": APPLY,
-    "Lifecycle.Verify": {"CARD_AGENCY", "PUBLIC_SECURITY"},  # PUBLIC_SECURITY: RC cards
+    # PUBLIC_SECURITY: RC cards, and SH identity; HRSS: SH insurance (SH-10)
+    "Lifecycle.Verify": {"CARD_AGENCY", "PUBLIC_SECURITY", "HRSS"},
     "Lifecycle.Issue": {"CARD_AGENCY", "PUBLIC_SECURITY"},
     "Lifecycle.Cancel": {"CARD_AGENCY", "HRSS", "PUBLIC_SECURITY"},
     "Lifecycle.Activate": APPLY | {"SERVICE_HOTLINE"},

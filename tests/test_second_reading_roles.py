@@ -88,8 +88,9 @@ def test_rc_11_rc_12_rc_16_verification_issue_and_cancellation_are_public_securi
     assert service(srv, card) == "UNSPECIFIED"
     assert call(srv, "Cancel", "PUBLIC_SECURITY", card_number=card, reason="落户上海",
                 ground=pb.CANCEL_GROUND_PERMANENT_RESIDENCY).state == pb.CARD_STATE_CANCELLED
-    # and public security takes none of these acts on a social security card (API.md)
-    sh = applied(srv, 112)
+    # and public security takes none of these acts on a Guangzhou card (API.md; of a
+    # Shanghai application it verifies the identity: SH-10, test_law_read_twice)
+    sh = applied(srv, 112, pb.PACK_GZ)
     for method, fields in (("Verify", {"approved": True}), ("Issue", {}),
                            ("Cancel", {"reason": "died", "ground": pb.CANCEL_GROUND_DEATH})):
         e = refused(srv, method, "PUBLIC_SECURITY", card_number=sh, **fields)

@@ -8,6 +8,7 @@ instant its 5 days end, stored when it was made (SH-18b), and a write to such a 
 normalises it. `role=None` (tools, the demo loader, in-process tests) skips the checks of who
 may act; every gRPC call passes its caller's role.
 """
+import dataclasses
 import datetime as dt
 import re
 
@@ -202,12 +203,46 @@ def _check_instant(operation: str, pack: int, role: Role | None) -> None:
                                f"not {Role(role).name} ({rule})", reason=rule)
 
 
+# SH-6, SH-10: "公安、人力资源社会保障、医疗保障部门……分别对申请人的基本信息、参加本市社会保险的
+# 情况进行核验": each verifies its own part of a Shanghai application (medical security has no
+# role in API.md: HRSS carries its part). The card agency, API.md's verifier, records both.
+SH_VERIFIERS = {Role.PUBLIC_SECURITY: "identity", Role.HRSS: "insurance"}
+
+
 def _check_agency(operation: str, rec: Card, role: Role | None) -> None:
+    if operation == "Verify" and rec.pack == Pack.SH and role in SH_VERIFIERS:
+        return
     if role == Role.PUBLIC_SECURITY and rec.pack not in _PUBLIC_SECURITY_PACKS:
         raise PermissionDenied(f"{operation} of a {Pack(rec.pack).name} card is the card "
                                "agency's; PUBLIC_SECURITY verifies, issues and cancels "
-                               "Residence Cards")
+                               "Residence Cards, and verifies a Shanghai applicant's "
+                               "identity (SH-10)")
+    if role == Role.HRSS and operation == "Verify" and rec.pack in (Pack.GZ, Pack.BJ):
+        raise PermissionDenied(f"Verify of a {Pack(rec.pack).name} card is the card agency's; "
+                               "HRSS verifies a Shanghai applicant's insurance (SH-10)")
     check_channel(operation, rec.pack, role)
+
+
+def _sh_part_verified(book, rec: Card, role: Role | None) -> bool:
+    """SH-10: one department's part of a Shanghai verification approved; True when none is
+    left. The part still owed is the open step's name ("verify insurance" once public
+    security has verified the identity), so Deadlines.ListDue says whose it is."""
+    part = SH_VERIFIERS.get(role)  # type: ignore[arg-type]
+    if part is None:  # the card agency (API.md) records both departments' results at once
+        return True
+    steps = book.steps_of(rec.card_number)
+    other = SH_VERIFIERS[Role.HRSS if part == "identity" else Role.PUBLIC_SECURITY]
+    if any(s.step == f"verify {other}" for s in steps):
+        raise InvalidTransition(State(rec.state).name, "Verify", "SH-10", (
+            f"the applicant's {part} is already verified; the {other} verification by "
+            f"{'HRSS' if other == 'insurance' else 'PUBLIC_SECURITY'} is awaited"))
+    if any(s.step == f"verify {part}" for s in steps):
+        return True  # the other part was done: this one was the last
+    step = next((s for s in steps if s.rule == "SH-10"), None) or deadline(
+        "verification", "SH-10", WORKING_DAYS, rec.applied_at, 3)
+    book.put_steps(rec.card_number, [s for s in steps if s.rule != "SH-10"] + [
+        dataclasses.replace(step, step=f"verify {other}")])
+    return False
 
 
 def check_bank(pack: int, bank: str, banks: IssuingBanks | None, field: str) -> None:
@@ -505,9 +540,11 @@ def verify(book, now: int, card_number: str, approved: bool, reason: str,
     if special_circumstances and (rec.pack != Pack.RC or not approved):
         raise InvalidArgument("special_circumstances", "is RC-12's: for a Residence Card "
                               "application that is approved")
+    if approved and rec.pack == Pack.SH and not _sh_part_verified(book, rec, role):
+        return rec  # APPLIED still: the other department's part is owed (its step names it)
     if approved:
         rec.state = State.VERIFIED
-        steps = [s for s in book.steps_of(card_number) if s.step != "verification"]
+        steps = [s for s in book.steps_of(card_number) if s.rule != "SH-10"]
         if rec.pack == Pack.SH:  # SH-11 (a re-application too): made and issued in 30 days
             steps.append(deadline("issue", "SH-11", DAYS_FOR_AN_ACT, now, 30))
         if special_circumstances:
