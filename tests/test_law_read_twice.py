@@ -290,3 +290,43 @@ def test_sh_10_hrss_and_public_security_verify_no_other_packs_application(srv):
     rc = test_law.apply(srv, 247, pb.PACK_RC, holder=holder(247, pb.PACK_RC, **FULL)).card_number
     e = refused(srv, "Verify", "HRSS", card_number=rc, approved=True)
     assert (e.code(), rule_of(e)) == (PD, "RC-11"), e.details()
+
+
+# ---------------------------------------------------------------- item 8: RC-13's registration
+
+def test_rc_13_correct_holder_does_not_register_a_residence_change(srv):
+    """RC-13: "In the event that the residence address and other registered information have
+    changed, the Card holder shall go through the formalities of information changes at the
+    community service center within 30 days". CorrectHolder let the card agency and the
+    online platform change a Residence Card holder's registered residence address, with no
+    record of whether it was registered in time. It is refused (by those roles, as a role
+    that may not register it; at the community centre, pointing to the registration, which
+    records the day of the change and whether it was filed in time)."""
+    card = active(srv, 251, pb.PACK_RC)
+    ssn = holder(251, pb.PACK_RC).ssn
+    holders = rpc.HoldersStub(srv.channel)
+    for role, code in (("CARD_AGENCY", PD), ("ONLINE_PLATFORM", PD), ("COMMUNITY_OUTLET", FP)):
+        try:
+            holders.CorrectHolder(pb.CorrectHolderRequest(
+                request_id=test_law.rid(), card_number=card, reason="搬家",
+                holder=pb.Holder(ssn=ssn, residence_address="上海市徐汇区")),
+                metadata=srv.md(role))
+            raise AssertionError(f"{role} corrected the residence address")
+        except grpc.RpcError as e:
+            assert (e.code(), rule_of(e)) == (code, "RC-13"), (role, e.details())
+            assert "ChangeInformation" in e.details()
+    # the registration at the centre records whether it was in time
+    filed = srv.residence.ChangeInformation(pb.ChangeInformationRequest(
+        request_id=test_law.rid(), card_number=card, changed_on="2026-08-01",
+        holder=pb.Holder(residence_address="上海市徐汇区")), metadata=srv.md("COMMUNITY_OUTLET"))
+    assert filed.late  # changed on 1 August, filed on 21 September: past the 30 days
+    record = holders.GetHolder(pb.GetHolderRequest(card_number=card, purpose="RC-13 check",
+                                                   with_history=True),
+                               metadata=srv.md("COMMUNITY_OUTLET"))
+    assert record.holder.residence_address == "上海市徐汇区"
+    (change,) = [c for c in record.history if c.field == "residence_address"]
+    assert change.method == "ResidenceCard.ChangeInformation" and "filed late" in change.reason
+    # other corrections go on as before
+    holders.CorrectHolder(pb.CorrectHolderRequest(
+        request_id=test_law.rid(), card_number=card, reason="号码变更",
+        holder=pb.Holder(ssn=ssn, phone="13911111111")), metadata=srv.md("CARD_AGENCY"))

@@ -4,6 +4,7 @@ from yikatong.errors import (
     CardNotFound,
     HolderNotFound,
     InvalidArgument,
+    InvalidTransition,
     PermissionDenied,
     YikatongError,
 )
@@ -98,6 +99,8 @@ class Holders:
         given = validate_holder(request.holder)
         if not any(getattr(given, f) for f in PII_FIELDS):
             raise InvalidArgument("holder", "names no field to correct")
+        if given.residence_address:  # refused before any look-up: it says nothing of a holder
+            _residence_is_registered(client.role)
         reveal = client.role in PII_READERS
         if request.card_number or not reveal:
             validate.card_number(request.card_number)
@@ -179,6 +182,21 @@ class Holders:
             request.ssn if key == "ssn" else "",
             lambda: self.core.write_once("RecordCredit", client, request.request_id, request,
                                          op)))
+
+
+def _residence_is_registered(role: Role) -> None:
+    """RC-13: "In the event that the residence address ... ha[s] changed, the Card holder shall
+    go through the formalities of information changes at the community service center within
+    30 days": the Shanghai residence address is registered there (ResidenceCard.
+    ChangeInformation, which records the day it changed and whether the filing was in time),
+    never corrected in passing with no such record."""
+    if role in (Role.COMMUNITY_OUTLET, Role.PUBLIC_SECURITY):
+        raise InvalidTransition("held", "CorrectHolder", "RC-13", (
+            "a change of residence address is registered with ResidenceCard.ChangeInformation "
+            "(changed_on: the day it changed), which records whether it was filed in time"))
+    raise PermissionDenied(f"RC-13: a change of residence address is registered at the "
+                           f"community service centre (ResidenceCard.ChangeInformation), "
+                           f"not by {role.name}", reason="RC-13")
 
 
 def _holder_key(request) -> str:
