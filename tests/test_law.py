@@ -291,6 +291,26 @@ def test_gz_27_a_quality_fault_within_a_year_of_receipt_is_replaced_free(srv):
     assert sh.details().startswith("quality_fault:")
 
 
+def test_gz_27_gz_12_a_mailed_card_never_activated_has_not_begun_its_free_year(srv):
+    """GZ-12, GZ-27: the free year runs from the day the holder receives the card, recorded
+    at activation (API.md has no call that confirms an express delivery). A mailed card
+    never activated has no recorded receipt: its year has not begun, however long ago it
+    was issued, and a quality fault found on it is replaced free; an activated card's year
+    runs from its activation, not from its issue."""
+    mailed = issued(srv, 67, pb.PACK_GZ)  # issued, sent by express, never activated
+    set_clock(srv, "2029-01-10T10:00:00+08:00")
+    free = call(srv, "Replace", "BANK_OUTLET", card_number=mailed,
+                reason=pb.REPLACE_REASON_DAMAGED, quality_fault=True)
+    assert free.fee_fen == 0
+    late = issued(srv, 68, pb.PACK_GZ)
+    set_clock(srv, "2030-06-01T10:00:00+08:00")
+    call(srv, "Activate", "BANK_OUTLET", card_number=late)  # received 17 months after issue
+    set_clock(srv, "2031-05-30T10:00:00+08:00")
+    within = call(srv, "Replace", "BANK_OUTLET", card_number=late,
+                  reason=pb.REPLACE_REASON_DAMAGED, quality_fault=True)
+    assert within.fee_fen == 0
+
+
 def test_rc_33_a_residence_card_made_again_carries_the_fee(srv):
     """RC-33: a replacement carries the configured fee; the first card is free."""
     card = active(srv, 66, pb.PACK_RC)

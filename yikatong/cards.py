@@ -1167,12 +1167,17 @@ def replacement_fee(old: Card, reason: int, quality_fault: bool, now: int) -> tu
     fault within a year of its receipt (GZ-12), else the configured cost; RC-33 the configured
     cost (a first card is always free: this is only for cards made again)."""
     rule = _rule(old.pack, "SH-24", "GZ-27", "RC-33")
-    received = old.received_at or old.issued_at
-    if (old.pack in (Pack.GZ, Pack.BJ) and reason == ReplaceReason.DAMAGED and quality_fault
-            and received and now < calendar.end_of_years_for_an_act(received, 1).at):
-        # GZ-27's year after receipt limits the holder's act: a last day that is a rest day
-        # runs to 24:00 of the next working day (art. 203, SPEC.md section 6)
-        return 0, rule
+    if old.pack in (Pack.GZ, Pack.BJ) and reason == ReplaceReason.DAMAGED and quality_fault:
+        if old.state == State.ISSUED or old.has(Flag.UNACTIVATED):
+            # never activated: no receipt recorded (a mailed card's delivery has no call in
+            # API.md), so its year has not begun (DECISIONS)
+            return 0, rule
+        # receipt is recorded at activation; issue, for a card activated before it was kept
+        received = old.received_at or old.issued_at
+        if received and now < calendar.end_of_years_for_an_act(received, 1).at:
+            # GZ-27's year after receipt limits the holder's act: a last day that is a rest
+            # day runs to 24:00 of the next working day (art. 203, SPEC.md section 6)
+            return 0, rule
     return config.replacement_fee_fen[Pack(old.pack)], rule
 
 
