@@ -137,6 +137,7 @@ cdef enum:
     ECARD_DIGITS = 18  # config.ecard_number_digits
     CHANNEL_MAX = 6
     REASONS = 15  # server.metrics.REASONS: APPROVED and the 14 declines
+    SPLIT = 21  # AuthorizeRequest.split (issue 28 item 2): a split tap is the Python path's
 
 
 cdef uint64_t TAG_MAX = 0xffffffff  # the largest tag: field number 2**29 - 1
@@ -266,6 +267,8 @@ cdef bint _request(const uint8_t* p, Py_ssize_t i, Py_ssize_t end, Req* r,
                 r.channel = <int>v
             elif v:
                 return False
+        elif field == SPLIT:
+            return False
         else:
             i = _skip(p, i, end, wire_type)
             if i < 0:
@@ -689,6 +692,8 @@ cdef bint _money(const uint8_t* p, Py_ssize_t i, Py_ssize_t end, Money* r, uint3
                 if v > <uint64_t>TIMEOUT_MAX:
                     return False
                 r.timeout = <int64_t>v
+        elif field == SPLIT:
+            return False
         else:
             i = _skip(p, i, end, wire_type)
             if i < 0:

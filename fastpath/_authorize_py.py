@@ -127,6 +127,7 @@ _ID_MAX, _CARD_MAX, _CHANNEL_MAX, _REASONS = 64, 20, 6, 15
 _PHASE_HOLD, _PHASE_POST, _PHASE_VOID = 1, 2, 3
 _AMOUNT_MAX, _TIMEOUT_MAX, _OPERATOR_MAX = 10**11, 30 * 86400, 39
 _NUMBER_MAX = 9  # bytes of a varint taken here
+_SPLIT = 21  # AuthorizeRequest.split (issue 28 item 2): a split tap is the Python path's
 _STRINGS, _NUMBERS = frozenset((1, 2, 5, 6, 8, 9)), frozenset((3, 4, 7, 10))
 _OPERATOR_CHARS = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                             b"-_.:")
@@ -187,6 +188,8 @@ def _money_request(p: bytes, i: int, end: int, channels: int, money_channels: in
                              10: _TIMEOUT_MAX}[field] or (field == 3 and v < 1):
                 return None
             f[field] = v
+        elif field == _SPLIT:
+            return None
         else:
             i = _skip(p, i, end, wire_type)
             if i < 0:

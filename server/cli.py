@@ -116,6 +116,11 @@ def main(argv=None) -> int:
     s.add_argument("--advertise", metavar="HOST:PORT",
                    help="with --replicate: the address other nodes name for writes here "
                         "(default: --listen)")
+    s.add_argument("--split-rules", metavar="FILE",
+                   help="issue 28: the operator's rule per channel for a tap the holder asks "
+                        "to split (AuthorizeRequest.split): TOML with version and [split] "
+                        "medical = [\"MEDICAL\", \"TRANSIT\"]; without it no tap splits "
+                        "(docs/OPERATIONS.md, \"One tap, several pots\")")
     s.add_argument("--points-table", metavar="FILE",
                    help="RC-20 to RC-22: the Residence Card points indicator table in force "
                         "(TOML); without it the shipped EXAMPLE table, not the official one")
@@ -770,7 +775,7 @@ def _metrics_problem(args) -> str:
 def _serve(args, metrics) -> int:
     import uvloop
 
-    from yikatong import calendar, cards, ledger, points
+    from yikatong import calendar, cards, ledger, points, pots
     from yikatong import clock as clocks
     from yikatong.errors import Fenced, StoreUnavailable
     from yikatong.server import demo, log, reload
@@ -870,9 +875,11 @@ def _serve(args, metrics) -> int:
     try:
         banks = _issuing_banks(args.issuing_banks) if args.issuing_banks else None
         table = points.load(args.points_table)
+        split_rules = pots.load(args.split_rules) if args.split_rules else pots.SplitRules()
     except ValueError as error:
         return _fail(str(error))
     points.use(table)  # before any worker is forked
+    pots.use(split_rules)
     keys = None  # issue 28: the signing key, checked before anything serves
     if args.signing_key_file:
         from yikatong.server import signing
@@ -983,6 +990,7 @@ def _serve(args, metrics) -> int:
             "off: no --issuing-banks list configured")
             + "; " + cards.bank_loss_rules_said(banks) + "; " + cards.beijing_banks_said(banks),
             flush=True)
+        print("yikatong: split taps: " + pots.in_force().said(), flush=True)
         print("yikatong: working-day calendar: official "
               + ", ".join(map(str, calendar.official_years()))
               + (f"; WARNING: no official calendar for {missing}: its ends are counted "

@@ -172,6 +172,13 @@ def server_parts(args, clients, certs: "ServerCertificates | None", store) -> Re
             return f"version {value.version}"
         reloads.add("points table", args.points_table, lambda: points.load(args.points_table),
                     table)
+    if getattr(args, "split_rules", None):
+        from yikatong import pots
+
+        def split(value) -> str:
+            pots.use(value)
+            return value.said()
+        reloads.add("split rules", args.split_rules, lambda: pots.load(args.split_rules), split)
     if args.calendar_dir:
         from yikatong import calendar
         reloads.add("calendar files", args.calendar_dir,

@@ -79,3 +79,49 @@ def with_money(policy, book, now: int, request_id: str, card_number: str, channe
                       role, card_number, fingerprint, left)
         left -= amount
     return reason, left if debit is not None else 0
+
+
+def with_split(policy, book, now: int, request_id: str, card_number: str, channel: int,
+               amount: int, payee: str, role: int, fingerprint: bytes, kinds: tuple
+               ) -> tuple[int, int, list]:
+    """One tap paid from several of the holder's accounts (issue 28 item 2), in the order of
+    the operator's rule `kinds` (yikatong.pots; the channel's own account first), inside the
+    writer's transaction: every leg or none. Returns (reason, fen available afterwards in the
+    channel's own account, [(kind, fen, leg transfer id, fen available after)]).
+
+    The split changes only what funds mean: the card and the channel's own account are
+    decided exactly as an unsplit tap (`with_money`), so a card, or a medical account stopped
+    by a lost card or a death (cards.account_stopped), declines with the same reason and no
+    other account pays instead. INSUFFICIENT_FUNDS is answered only when all the rule's
+    accounts together do not cover `amount`; then nothing moves. Legs are single-phase
+    transfers `<request_id>#1`, `#2`, ... (only accounts that pay a part)."""
+    record, holder_id = book.card_with_holder(card_number)
+    first = holder_account_key(holder_id, kinds[0]) if holder_id is not None else None
+    left = ledger.settle(book, first, now) if first is not None else 0
+    reason = fastpath.decide(policy, record, channel, now, 0, amount, left)
+    if reason == fastpath.CORRUPT:
+        raise CorruptRecord(f"card record {card_number} is corrupt")
+    if channel in _STOPPABLE and reason in _CARD_USABLE:  # the holder's other cards
+        reason = cards.account_stopped(book, holder_id, now, hot(record).pack)[0] or reason
+    if reason not in (Reason.APPROVED, Reason.INSUFFICIENT_FUNDS):
+        return reason, left if first is not None else 0, []
+    plan, due = [], amount
+    for kind in kinds:
+        key = holder_account_key(holder_id, kind)
+        there = left if key == first else ledger.settle(book, key, now)
+        part = min(there, due)
+        if part > 0:
+            plan.append((kind, key, part, there))
+            due -= part
+        if not due:
+            break
+    if due:
+        return Reason.INSUFFICIENT_FUNDS, left, []
+    credit = operator_account_key(payee or config.channel_money[channel][1])
+    legs = []
+    for n, (kind, key, part, there) in enumerate(plan, 1):
+        leg_id = f"{request_id}#{n}"
+        ledger.create(book, now, leg_id, key, credit, part, False, 0, channel, role,
+                      card_number, fingerprint, there)
+        legs.append((kind, part, leg_id, there - part))
+    return Reason.APPROVED, left - (plan[0][2] if plan[0][1] == first else 0), legs

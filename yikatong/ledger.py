@@ -18,6 +18,7 @@ import typing
 from yikatong import config
 from yikatong.errors import TransferNotFound, TransferRefused
 from yikatong.model import (
+    AccountKind,
     ChangeKind,
     Transfer,
     TransferKind,
@@ -244,6 +245,49 @@ def reverse(book, now: int, reversal_id: str, original_id: str, amount: int = 0,
                  role=role)
     _put(book, now, reversal_id, t, card_number, new=True)
     return t
+
+
+def legs(book, transfer_id: str) -> list[tuple[str, Transfer]]:
+    """A split tap's legs (issue 28 item 2: `<request_id>#1`, `#2`, ..., the order they were
+    charged), or [] when `transfer_id` names a transfer itself or has no legs. A leg is a
+    single-phase debit made by Authorize (its channel is set), one per holder account."""
+    if get(book, transfer_id) is not None:
+        return []
+    out = []
+    for n in range(1, len(AccountKind) + 1):  # at most one leg per holder account
+        t = get(book, f"{transfer_id}#{n}")
+        if t is None or t.kind != _SINGLE or not t.channel or not is_holder_account(t.debit):
+            break
+        out.append((f"{transfer_id}#{n}", t))
+    return out
+
+
+def reverse_legs(book, now: int, reversal_id: str, original_id: str, amount: int = 0, *,
+                 role: int = 0, fingerprint: bytes = _ZERO_FP) -> list[tuple[str, Transfer]]:
+    """Reverse a split tap: its legs undone last first (the purse's part before the medical
+    account's), `amount` (0: all that is left) taken from the last leg first, so that what
+    stays charged is what a tap of the smaller amount would have charged. Each leg's
+    reversal is `<reversal_id>#N` for leg N; all in this transaction or none. Returns the
+    reversals made, in that order."""
+    parts = legs(book, original_id)
+    if not parts:
+        _not_found(book, original_id)
+    left = sum(t.amount - t.resolved for _, t in parts)
+    if amount == 0:
+        amount = left
+    if amount == 0 or amount > left:
+        raise TransferRefused("EXCEEDS_REVERSIBLE_AMOUNT",
+                              f"{amount} fen asked; {left} fen of {original_id!r} is left to "
+                              "reverse")
+    out = []
+    for leg_id, t in reversed(parts):
+        part = min(amount, t.amount - t.resolved)
+        if part:
+            out.append((leg_id, reverse(book, now, f"{reversal_id}#{leg_id.rsplit('#', 1)[1]}",
+                                        leg_id, part, role=role, fingerprint=fingerprint)))
+            amount -= part
+    assert amount == 0
+    return out
 
 
 def _not_found(book, transfer_id: str) -> typing.NoReturn:

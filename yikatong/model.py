@@ -310,6 +310,11 @@ def holder_of_account(key: bytes) -> int:
     return _HOLDER_KEY.unpack(key)[1] if is_holder_account(key) else 0
 
 
+def kind_of_account(key: bytes) -> int:
+    """The AccountKind of a holder account key, 0 for an operator account."""
+    return _HOLDER_KEY.unpack(key)[2] if is_holder_account(key) else 0
+
+
 @dataclasses.dataclass
 class Account:
     """TigerBeetle's four balance columns, in integer fen."""

@@ -1,11 +1,15 @@
 """The Authorization service (API.md)."""
 import hashlib
 
-from yikatong import authorize, config, fastpath, points
+from yikatong import authorize, config, fastpath, points, pots
 from yikatong.errors import (
+    InvalidArgument,
+    Refused,
     YikatongError,
 )
 from yikatong.model import (
+    AccountKind,
+    Channel,
     Role,
 )
 from yikatong.server import validate
@@ -46,6 +50,8 @@ class Authorization:
     def _check(client: Client, req) -> None:
         validate.authorize_request(req)
         require_channel(client.role, req.channel)
+        if req.split:
+            _check_split(req)
 
     async def _answer(self, client: Client, requests, method: str) -> pb.AuthorizeBatchResponse:
         """Check every request, then answer in order: decisions without money at once from
@@ -86,25 +92,44 @@ class Authorization:
         """The writer command for [(index, request)] that move money: each decided, debited
         and remembered under its request id, in order, in one transaction; a debit that
         moved money has its audit event there too."""
-        return self.debits([
+        commands = [
             (i, q.request_id, q.card_number, q.channel, q.amount_fen, q.phase, q.hold_request_id,
              q.payee_account, q.hold_timeout_seconds, fingerprint("Authorize", client, q))
-            for i, q in money], client, method, field_prefix, _answer_message)
+            for i, q in money]
+        if any(q.split for _, q in money):
+            commands = _with_rules(money, commands, field_prefix)
+        return self.debits(commands, client, method, field_prefix, _answer_message)
 
     def debits(self, commands, client: Client, method: str, field_prefix: bool = False,
                answer=fastpath.money_answer):
         """`money_command` of compact commands, as the Python path makes them from requests
         and the wire path from wire bytes (fastpath money_wire): (index, request_id,
         card_number, channel, amount_fen, phase, hold_request_id, payee_account,
-        hold_timeout_seconds, fingerprint) each; `answer(request_id, reason, available_fen)`
+        hold_timeout_seconds, fingerprint) each, and for a split tap (Python path only) the
+        operator's accounts in order as an 11th; `answer(request_id, reason, available_fen)`
         the AuthorizeResponse's bytes."""
         clock, policy, role = self.core.clock, self.core.policy, client.role
         client_id, role_name = client.id, role.name
         with_money = authorize.with_money
 
+        def split(book, now: int, c) -> bytes:
+            reason, left, legs = authorize.with_split(
+                policy, book, now, c[1], c[2], c[3], c[4], c[7], role, c[9], c[10])
+            if reason == 0:  # one audit event for the tap, naming each leg
+                book.append_audit(now, client_id, role_name, method, c[2], purpose="split: " + (
+                    ", ".join(f"{AccountKind(k).name} {fen} fen ({tid})"
+                              for k, fen, tid, _ in legs)))
+            return pb.AuthorizeResponse(
+                request_id=c[1], reason=reason, available_fen=left,
+                decision=_APPROVED if reason == 0 else _DECLINED,
+                legs=[pb.Leg(account=k, amount_fen=fen, transfer_id=tid, available_fen=after)
+                      for k, fen, tid, after in legs]).SerializeToString()
+
         def command(book):
             def decide(c) -> bytes:
                 now = clock.now()
+                if len(c) > 10:  # a split tap (issue 28 item 2)
+                    return split(book, now, c)
                 reason, left = with_money(  # positional: once per debit, on the hot path
                     policy, book, now, c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], role,
                     c[9])
@@ -194,6 +219,39 @@ CHANNEL_MASKS = {role: sum(1 << ch for ch, roles in CHANNEL_ROLES.items() if rol
                  for role in Role}
 # the channels that move money (validate._money_fields), as the wire path takes them
 MONEY_CHANNELS = sum(1 << ch for ch in config.channel_money)
+
+
+def _check_split(req) -> None:
+    """A split tap as docs/DECISIONS.md, "One tap, several pots", admits it."""
+    if req.channel != Channel.MEDICAL:
+        raise InvalidArgument("split", "only CHANNEL_MEDICAL splits: the medical account pays "
+                              "medical expenses only (GZ-13), a fare is paid from the purse "
+                              "(SH-13) and a benefit drawl from the BENEFIT account only")
+    if req.phase:
+        raise InvalidArgument("split", "is single-phase only: a hold is on one account")
+    if not req.amount_fen:
+        raise InvalidArgument("amount_fen", "a split tap needs a positive amount")
+    if len(req.request_id.encode("utf-8")) > config.request_id_bytes_max - 2:
+        raise InvalidArgument("request_id", f"a split tap's request_id has at most "
+                              f"{config.request_id_bytes_max - 2} bytes: its legs are "
+                              "<request_id>#1, #2, ...")
+
+
+def _with_rules(money, commands, field_prefix: bool):
+    """Each split tap's command with the operator's accounts for its channel appended (the
+    rule in force now: yikatong.pots), or FAILED_PRECONDITION when there is none."""
+    rules = pots.in_force().by_channel
+    out = []
+    for (i, q), c in zip(money, commands, strict=True):
+        if q.split:
+            kinds = rules.get(q.channel)
+            if kinds is None:
+                raise Refused("SPLIT_RULES", (f"requests[{i}]: " if field_prefix else "")
+                              + f"no split rule for {Channel(q.channel).name} on this server "
+                              "(the operator's --split-rules file): ask without split")
+            c += (kinds,)
+        out.append(c)
+    return out
 
 
 def _answer_message(request_id: str, reason: int, available: int) -> bytes:

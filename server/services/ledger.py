@@ -1,5 +1,5 @@
 """The Ledger service (API.md)."""
-from yikatong import cards, ledger
+from yikatong import cards, config, ledger
 from yikatong.errors import (
     CardNotFound,
     InvalidArgument,
@@ -12,6 +12,7 @@ from yikatong.model import (
     TransferStatus,
     holder_account_key,
     holder_of_account,
+    kind_of_account,
     operator_account_key,
 )
 from yikatong.server import validate
@@ -44,6 +45,28 @@ def _check_debit(book, key: bytes, kind: int, now: int) -> None:
         if stop:
             raise TransferRefused(Reason(stop).name, f"nothing is debited from the holder's "
                                   f"{AccountKind(kind).name} account: {why}")
+
+
+def _reverse_legs(book, now: int, client: Client, rid: str, original: str, amount: int,
+                  fingerprint: bytes) -> bytes:
+    """Reverse of a split tap's request id (issue 28 item 2): its legs undone last first,
+    in one transaction (ledger.reverse_legs); one answer listing each leg's reversal, one
+    audit event naming them."""
+    if len(rid.encode("utf-8")) > config.request_id_bytes_max - 2:
+        raise InvalidArgument("reversal_id", f"{original!r} is a split tap: the reversal_id of "
+                              f"its legs has at most {config.request_id_bytes_max - 2} bytes "
+                              "(each leg's reversal is <reversal_id>#N)")
+    done = ledger.reverse_legs(book, now, rid, original, amount, role=client.role,
+                               fingerprint=fingerprint)
+    legs = [pb.Leg(account=kind_of_account(t.credit), amount_fen=t.amount,
+                   transfer_id=f"{rid}#{leg_id.rsplit('#', 1)[1]}",
+                   available_fen=ledger.available(book, t.credit, now)) for leg_id, t in done]
+    book.append_audit(now, client.id, client.role.name, "Ledger.Reverse", purpose=(
+        f"split {original}: " + ", ".join(f"{AccountKind(g.account).name} {g.amount_fen} fen "
+                                          f"({g.transfer_id})" for g in legs)))
+    return pb.TransferResponse(transfer_id=rid, status=TransferStatus.POSTED,
+                               amount_fen=sum(g.amount_fen for g in legs),
+                               legs=legs).SerializeToString()
 
 
 class Ledger:
@@ -115,6 +138,9 @@ class Ledger:
         role = client.role
 
         def op(book, now, fingerprint):
+            if ledger.get(book, original) is None and ledger.legs(book, original):
+                return _reverse_legs(book, now, client, rid, original, request.amount_fen,
+                                     fingerprint)
             answer = transfer_answer(rid, ledger.reverse(book, now, rid, original,
                                                          request.amount_fen, role=role,
                                                          fingerprint=fingerprint))
