@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from test_e2e import START, new_active_card
 
 from yikatong import clock as clocks
-from yikatong import config, fastpath, ledger
+from yikatong import config, fastpath, ledger, pots
 from yikatong.errors import YikatongError
 from yikatong.fastpath import _authorize_py
 from yikatong.model import (
@@ -56,6 +56,8 @@ COUNTER = Client("counter-1", Role.BENEFIT_COUNTER)
 SWITCH = Client("switch-1", Role.BANK_SWITCH)
 CLIENTS = [GATE, GATE, GATE, GATE2, CLINIC, COUNTER, SWITCH]
 CARDS = [f"31{h:010d}" for h in range(1, 7)] + ["310000099999", "31abc", ""]
+# issue 28 item 2: split taps are the Python path's; with this rule in force they split
+SPLIT_RULES = pots.parse({"version": "t", "split": {"medical": ["MEDICAL", "TRANSIT"]}}, "t")
 
 
 class FixedClock:
@@ -97,8 +99,10 @@ class Pair:
         self.tmp = tempfile.mkdtemp(prefix="wire-money-")
         self.stores = [make_store(os.path.join(self.tmp, k)) for k in ("wire", "python")]
         self.wire, self.python = (Authorization(Core(s, FixedClock())) for s in self.stores)
+        pots.use(SPLIT_RULES)
 
     def close(self):
+        pots.use(pots.SplitRules())
         for s in self.stores:
             s.close()
         shutil.rmtree(self.tmp)
@@ -270,6 +274,29 @@ def test_a_message_mixing_status_only_and_money_goes_to_the_python_path_whole(pa
     assert dump(pair.stores[0]) == dump(pair.stores[1])
 
 
+def test_a_split_tap_goes_to_the_python_path_whole_and_answers_alike(pair):
+    """Issue 28 item 2: a request carrying AuthorizeRequest.split (field 21), alone, in a
+    batch of plain debits, or without money, is taken by neither twin nor by the status-only
+    wire path; both servers answer it alike (legs and all, or the same refusal) and store
+    alike."""
+    card = "310000000001"
+    split = request("s1", card, Channel.MEDICAL, 1500, split=True)
+    raws = [split.SerializeToString(), batch(request("m1", card, Channel.MEDICAL, 100), split)]
+    for raw, is_batch in zip(raws, (False, True), strict=True):
+        assert not taken(raw, CLINIC, is_batch)
+        assert _authorize_py.money_wire(raw, is_batch, *call_args(CLINIC)) is None
+    answers = both(pair, "Authorize", raws[:1], CLINIC)
+    answer = pb.AuthorizeResponse.FromString(answers[0][1])
+    assert [(g.account, g.amount_fen, g.transfer_id) for g in answer.legs] == [
+        (AccountKind.MEDICAL, 1000, "s1#1"), (AccountKind.TRANSIT, 500, "s1#2")]
+    both(pair, "AuthorizeStream", raws[1:], CLINIC)  # s1 replayed in a batch
+    both(pair, "Authorize", [request("s2", card, Channel.MEDICAL, split=True)
+                             .SerializeToString()], CLINIC)  # no money: refused alike
+    both(pair, "AuthorizeBatch", [batch(request("s3", card, Channel.MEDICAL, 10**6, split=True))],
+         CLINIC)  # more than both accounts hold: declined alike
+    assert dump(pair.stores[0]) == dump(pair.stores[1])
+
+
 def twist(raw: bytes, how: int) -> bytes:
     """The same request as other bytes protobuf reads alike: an unknown field, a field given
     twice (the last wins), an overlong varint, an empty string set explicitly."""
@@ -295,7 +322,8 @@ def money_request(draw, channel=1):
                 hold_timeout_seconds=usually([0, 60] if phase == 1 else [0],
                                              [60, 30 * 86400 + 1]),
                 terminal_id=usually(["", "g1"], ["g\x00"]),
-                service_code=usually(["", "S"], ["x" * 65]))
+                service_code=usually(["", "S"], ["x" * 65]),
+                split=usually([False], [True]))
     return twist(q.SerializeToString(), draw(st.integers(0, 4)))
 
 
