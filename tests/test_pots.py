@@ -218,16 +218,14 @@ def test_the_operators_rule_is_reloaded_on_sighup_and_without_one_no_tap_splits(
     assert wait_until(lambda: "split rules" in srv.output() and "is not used" in srv.output())
     assert settle(srv, card, 100).decision == pb.DECISION_APPROVED  # the rule before
     srv.rules.write_text('version = "2026-12"\n[split]\n')
+    reloads = srv.output().count("reloaded")
     srv.proc.send_signal(signal.SIGHUP)
-
-    def refused() -> bool:
-        try:
-            settle(srv, card, 100)
-        except grpc.RpcError as e:
-            return (e.code() == grpc.StatusCode.FAILED_PRECONDITION
-                    and "--split-rules" in e.details())
-        return False
-    assert wait_until(refused)
+    # once the reload is done (a tap before it would still split and move money)
+    assert wait_until(lambda: srv.output().count("reloaded") > reloads)
+    with pytest.raises(grpc.RpcError) as refused:
+        settle(srv, card, 100)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--split-rules" in refused.value.details()
     assert balances(srv, card)["TRANSIT"][0] == 4900
     assert settle(srv, card, 100, split=False).reason == pb.DECLINE_REASON_INSUFFICIENT_FUNDS
 
