@@ -62,7 +62,6 @@ CHANGES_KEY = b"archive:changes"  # u64 BE: the last change sequence archived
 AUDIT_KEY = b"archive:audit"  # u64 BE + 32 bytes: the last audit event archived, its hash
 _HEAD = struct.Struct("<I32s")
 _AUDIT = struct.Struct(">Q32s")
-_CHANGE_TIME = 6  # offset of the change record's time (records.CHANGE: <BBBBBBq...)
 
 
 def name_of(n: int) -> str:
@@ -183,7 +182,7 @@ def move(book, now: int, retain_seconds: int, batch_max: int = config.archive_ba
     audit_seq, audit_hash = audit_through(book)
     if batches["audit"]:
         audit_seq = _U64.unpack(batches["audit"][-1][0])[0]
-        audit_hash = records.split_audit(batches["audit"][-1][1])[2]
+        audit_hash = records.audit_hash_of(batches["audit"][-1][1])
     manifest = {
         "segment": n, "prev_hash": prev.hex(), "created_at": now, "retain_seconds":
         retain_seconds, "written_by": f"yikatong {__version__}", "algorithm": "sha256",
@@ -488,8 +487,8 @@ def verify(where: str, count: int, last_hash: bytes
         for key, value in segment.records["audit"]:
             s = _U64.unpack(key)[0]
             try:
-                algorithm, prev_hash, digest, body = records.split_audit(value)
-                event = records.decode_audit(value)
+                algorithm, prev_hash, digest, body = records.split_audit(value, chain)
+                event = records.decode_audit(value, chain)
             except CorruptRecord as e:
                 return False, n, f"segment {n}: audit event {s}: {e}", (seq, chain), events
             if s != seq + 1 or event.sequence != s:

@@ -241,7 +241,7 @@ def _read(copy: str, now: _dt.datetime | None) -> Manifest:
                 raise Unverified(f"the copy's audit chain is broken at event {bad}: {problem}")
             head = bytes(32)
             for _, event in book.audit_records(max(events - 1, 0)):
-                head = records.split_audit(event)[2]
+                head = records.audit_hash_of(event)
             manifest: dict[str, Any] = dict(
                 format=found, written_by=f"yikatong {__version__}",
                 taken_at=(now or _dt.datetime.now(_dt.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -91,6 +91,15 @@ except ValueError:  # pragma: no cover - an OpenSSL without SM3
     AUDIT_ALGORITHM = 2
 
 
+def audit_mismatch(value, key: int, before: int) -> str:
+    """What a hash that does not hold says: a version-1 event stored its link (checked
+    apart); a version-2 event's hash covers the event before's hash, not stored in it."""
+    if value[0] == 1:
+        return f"event {key}'s hash does not match its fields"
+    return (f"event {key}'s hash does not match its fields and event {before}'s hash (one of "
+            "the two was changed)")
+
+
 def audit_hash(prev_hash: bytes, body: bytes, algorithm: int = 0) -> bytes:
     h = hashlib.new(records.AUDIT_ALGORITHMS[algorithm or AUDIT_ALGORITHM])
     h.update(prev_hash)
@@ -735,7 +744,7 @@ class Store:
                     self.dbs.change_seq = _U64.unpack(cur.key())[0] if cur.last() else 0
                 with txn.cursor(db=self.dbs.audit) as cur:  # the audit chain's head, likewise
                     self.dbs.audit_head = ((_U64.unpack(cur.key())[0],
-                                            records.split_audit(cur.value())[2])
+                                            records.audit_hash_of(cur.value()))
                                            if cur.last() else (0, bytes(32)))
                 yield txn
         finally:
@@ -1088,11 +1097,12 @@ class Book:
         # in (the trail is read by auditors, who need whose file, not the number), and the
         # text is bounded; events written before are not rewritten (the chain holds them)
         purpose = bounded(mask_text(purpose), config.audit_text_length_max)
-        body = records.audit_body(seq, time, count, client_id, role, method, card_number,
-                                  purpose, outcome, holder)
-        digest = audit_hash(prev, body)
-        self._put(_U64.pack(seq), records.encode_audit(AUDIT_ALGORITHM, prev, digest, body),
-                     db=self.dbs.audit, append=True)
+        texts = (client_id, role, method, card_number, purpose, outcome, holder)
+        digest = audit_hash(prev, records.audit_body(seq, time, count, *texts))
+        # store format 6: stored without prev_hash, role and method as codes (records.py)
+        self._put(_U64.pack(seq), records.encode_audit_event(AUDIT_ALGORITHM, digest, seq, time,
+                                                             count, texts),
+                  db=self.dbs.audit, append=True)
         self.dbs.audit_head = (seq, digest)
         return seq
 
@@ -1116,8 +1126,8 @@ class Book:
                 if key != seq + 1:
                     return False, n, seq + 1, f"event {seq + 1} is missing (next is {key})"
                 try:
-                    algorithm, prev, digest, body = records.split_audit(value)
-                    event = records.decode_audit(value)
+                    algorithm, prev, digest, body = records.split_audit(value, prev_hash)
+                    event = records.decode_audit(value, prev_hash)
                 except CorruptRecord as error:
                     return False, n, key, str(error)
                 if event.sequence != key:
@@ -1125,7 +1135,7 @@ class Book:
                 if prev != prev_hash:
                     return False, n, key, f"event {key}'s prev_hash is not event {seq}'s hash"
                 if audit_hash(prev, body, algorithm) != digest:
-                    return False, n, key, f"event {key}'s hash does not match its fields"
+                    return False, n, key, audit_mismatch(value, key, seq)
                 seq, prev_hash = key, digest
         except LMDB_DAMAGE as error:
             raise StoreUnreadable(f"the audit database cannot be read after event {seq}: "

@@ -39,6 +39,16 @@ The formats:
   archive's meta keys (`archive:head`, `archive:changes`, `archive:audit`) are new. The
   migration gives every answer the store's last recorded time (its newest change or audit
   event's): deterministic, and no older than the moment the store was last written.
+- 6: 0.5.0. Smaller hot records, the same meaning (issue 26; storage/records.py): a transfer
+  record is a 39-byte head (version 3, kind, status, channel, role, amount, created_at,
+  timeout_at, resolved, the two account keys' lengths) then the keys and the reference as long
+  as they are (format 5: version 2, 213 bytes, NUL-padded, with the request's fingerprint,
+  which only the remembered answer keeps now); a change record a 31-byte head (version 3,
+  ..., amount, the card number's length) then the card number and the transfer id (format 5:
+  version 2, 114 bytes, padded to 20 and 64); an audit event (version 2) keeps no prev_hash
+  (the event before's hash) and stores role and method as codes of fixed tables, its hash
+  unchanged (over prev_hash and version 1's canonical body), so old and new events are one
+  chain. Archive segments keep the records as they were written: the decoders read both.
 
 Adding a format: bump `FORMAT`, add `MIGRATIONS[FORMAT - 1]` (a function of the write
 transaction that converts every record of the old layout and returns what it did, with the
@@ -64,7 +74,7 @@ from yikatong.model import State
 from yikatong.storage import pii, records
 from yikatong.v1 import yikatong_pb2 as pb
 
-FORMAT = 5  # the format this release serves
+FORMAT = 6  # the format this release serves
 FORMAT_KEY, WRITTEN_BY_KEY = b"format", b"written_by"
 WRITTEN_BY = f"yikatong {__version__}"
 UNRECORDED = "a release that did not record it"
@@ -692,8 +702,99 @@ def _from_4(env, txn, ring=None) -> dict[str, int]:
             "at (unix seconds)": last}
 
 
+# Format 5's records that format 6 writes smaller, and format 6's, spelled out (records.py
+# moves on; these stay as they were written)
+_TRANSFER_5 = _TRANSFER_2  # version 2: ... debit(40) credit(40) ref_id(64) fingerprint(32)
+_TRANSFER_6 = struct.Struct("<BBBBBqqqqBB")  # version 3, ..., len(debit), len(credit); keys, ref
+_CHANGE_6 = struct.Struct("<BBBBBBqQqB")  # version 3, ..., amount, len(card); card, transfer id
+_AUDIT_5 = struct.Struct("<BB32s32s")  # version 1, algorithm, prev_hash, hash; then the body
+_AUDIT_BODY_5 = struct.Struct("<QqI")  # sequence time count; 7 texts, each u16 LE length + UTF-8
+_AUDIT_6 = struct.Struct("<BB32s")  # version 2, algorithm, hash; then sequence time count, texts
+# format 6's code tables for the audit texts role (the 2nd) and method (the 3rd): 1 + index
+_ROLES_6 = ("TRANSIT_GATE", "MEDICAL_TERMINAL", "BENEFIT_COUNTER", "BANK_SWITCH",
+            "COMMUNITY_OUTLET", "BANK_OUTLET", "ONLINE_PLATFORM", "SERVICE_HOTLINE",
+            "CARD_AGENCY", "PUBLIC_SECURITY", "HRSS", "AUDITOR", "ADMIN")
+_METHODS_6 = (
+    "Authorization.Authorize", "Authorization.AuthorizeBatch", "Authorization.AuthorizeStream",
+    "CardStatus.GetStatus", "CardStatus.GetStatusBatch", "CardStatus.WatchChanges",
+    "Lifecycle.Apply", "Lifecycle.Verify", "Lifecycle.Issue", "Lifecycle.Activate",
+    "Lifecycle.OpenFinancial", "Lifecycle.ReportTemporaryLoss", "Lifecycle.ReportLoss",
+    "Lifecycle.CancelLoss", "Lifecycle.ReportBankLoss", "Lifecycle.CancelBankLoss",
+    "Lifecycle.Replace", "Lifecycle.Cancel", "Lifecycle.LockApplication",
+    "Lifecycle.UnlockApplication", "Lifecycle.GetCard", "Lifecycle.IssueElectronic",
+    "Ledger.Transfer", "Ledger.Reverse", "Ledger.GetBalances", "ResidenceCard.Renew",
+    "ResidenceCard.StateSpecialCircumstances", "ResidenceCard.ChangeInformation",
+    "ResidenceCard.ApplyPoints", "ResidenceCard.DecidePoints", "ResidenceCard.GetPoints",
+    "Deadlines.ListDue", "Holders.GetHolder", "Holders.CorrectHolder", "Holders.RecordCredit",
+    "Audit.Export", "Audit.Verify", "Admin.AdvanceClock", "Admin.SetClock")
+
+
+def _from_5(env, txn, ring=None) -> dict[str, int]:
+    """Format 5 -> 6: smaller hot records, the same meaning. Transfers lose their padding and
+    the request's fingerprint (kept once, with the remembered answer); change events their
+    padding; audit events the previous event's hash (the chain has it: each event's hash is
+    unchanged, over the same canonical body) and their role and method names (codes)."""
+
+    def transfer(key: bytes, value: bytes) -> bytes | None:
+        if len(value) != _TRANSFER_5.size or value[0] != 2:
+            raise CorruptRecord(f"transfer {key[:24]!r} of {len(value)} bytes, not format 5's")
+        (_, kind, status, channel, role, amount, created, timeout, resolved, debit, credit,
+         ref, _fingerprint) = _TRANSFER_5.unpack(value)
+        debit, credit, ref = debit.rstrip(b"\0"), credit.rstrip(b"\0"), ref.rstrip(b"\0")
+        return _TRANSFER_6.pack(3, kind, status, channel, role, amount, created, timeout,
+                                resolved, len(debit), len(credit)) + debit + credit + ref
+
+    def change(key: bytes, value: bytes) -> bytes | None:
+        if len(value) == _CHANGE_2.size and value[0] == 2:
+            (_, kind, state, flags, locks, what, time, holder, amount, card,
+             tid) = _CHANGE_2.unpack(value)
+        elif len(value) == _CHANGE_2_V1.size and value[0] == 1:  # no `what`: as format 5 read it
+            (_, kind, state, flags, locks, time, holder, amount, card,
+             tid) = _CHANGE_2_V1.unpack(value)
+            what = _BALANCE if kind == _TRANSFER_KIND else _ALL_BUT_BALANCE
+        else:
+            raise CorruptRecord(f"change record {_U64.unpack(key)[0]} of {len(value)} bytes, "
+                                "not format 5's")
+        card, tid = card.rstrip(b"\0"), tid.rstrip(b"\0")
+        return _CHANGE_6.pack(3, kind, state, flags, locks, what, time, holder, amount,
+                              len(card)) + card + tid
+
+    codes = ({n: i + 1 for i, n in enumerate(_ROLES_6)},
+             {n: i + 1 for i, n in enumerate(_METHODS_6)})
+
+    def audit(key: bytes, value: bytes) -> bytes | None:
+        if len(value) < _AUDIT_5.size + _AUDIT_BODY_5.size or value[0] != 1:
+            raise CorruptRecord(f"audit event {_U64.unpack(key)[0]} of {len(value)} bytes, not "
+                                "format 5's")
+        _, algorithm, _prev, digest = _AUDIT_5.unpack_from(value)
+        at = _AUDIT_5.size + _AUDIT_BODY_5.size
+        out = [_AUDIT_6.pack(2, algorithm, digest), value[_AUDIT_5.size:at]]
+        for i in range(7):  # client_id role method card_number purpose outcome holder
+            (n,) = struct.unpack_from("<H", value, at)
+            raw = value[at + 2:at + 2 + n]
+            if len(raw) != n:
+                raise CorruptRecord(f"audit event {_U64.unpack(key)[0]} is cut")
+            at += 2 + n
+            if i in (1, 2):
+                code = codes[i - 1].get(raw.decode("utf-8"), 0)
+                out.append(bytes((code,)))
+                if code:
+                    continue
+            out.append((bytes((n,)) if n < 255 else b"\xff" + struct.pack("<H", n)) + raw)
+        if at != len(value):
+            raise CorruptRecord(f"audit event {_U64.unpack(key)[0]} has bytes too many")
+        return b"".join(out)
+
+    return {"transfers made smaller": _rewrite(txn, env.open_db(b"transfers", txn=txn),
+                                               transfer)[0],
+            "change events made smaller": _rewrite(txn, env.open_db(b"changes", txn=txn),
+                                                   change)[0],
+            "audit events made smaller": _rewrite(txn, env.open_db(b"audit", txn=txn),
+                                                  audit)[0]}
+
+
 MIGRATIONS: dict[int, Callable[..., dict[str, int]]] = {1: _from_1, 2: _from_2, 3: _from_3,
-                                                        4: _from_4}
+                                                        4: _from_4, 5: _from_5}
 # what a migration could not carry over, said to the operator after it: {count: note}, said
 # when that count is not 0 ("": always)
 NOTES: dict[str, dict[str, str]] = {

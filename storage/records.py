@@ -235,54 +235,80 @@ def decode_account(value) -> Account:
     return Account(*ACCOUNT.unpack(value)[1:])
 
 
-# Transfers: key = transfer id (UTF-8). Fixed width; ids and account keys NUL-padded.
-# version kind status channel role amount created_at timeout_at resolved debit credit ref_id
-# fingerprint
-TRANSFER = struct.Struct("<BBBBBqqqq40s40s64s32s")
+# Transfers: key = transfer id (UTF-8). Store format 6 (TRANSFER_VERSION 3): a fixed head,
+# then the two account keys and the reference, each as long as it is (no padding, no
+# fingerprint: the request's fingerprint is kept once, with its remembered answer).
+#   version kind status channel role amount created_at timeout_at resolved, u8 len(debit),
+#   u8 len(credit) (39 bytes); then debit, credit, ref_id (UTF-8: the rest)
+# Format 5 and before (version 2, 213 bytes; still read: archive segments keep them):
+#   version kind status channel role amount created_at timeout_at resolved debit(40)
+#   credit(40) ref_id(64) fingerprint(32), NUL-padded
+TRANSFER_VERSION = 3
+TRANSFER = struct.Struct("<BBBBBqqqqBB")
 _TRANSFER_PACK = TRANSFER.pack
+TRANSFER_2 = struct.Struct("<BBBBBqqqq40s40s64s32s")
 _KINDS = (min(TransferKind), max(TransferKind))
 _STATUSES = (min(TransferStatus), max(TransferStatus))
+_NO_FP = bytes(32)
 
 
 def encode_transfer(t: Transfer) -> bytes:
     # one combined test on the way to disk; the detail only when it fails
     if not (_KINDS[0] <= t.kind <= _KINDS[1] and _STATUSES[0] <= t.status <= _STATUSES[1]
             and 0 <= t.amount <= config.amount_fen_max
-            and 0 <= t.resolved <= config.amount_fen_max and len(t.fingerprint) == 32
+            and 0 <= t.resolved <= config.amount_fen_max
             and 0 < len(t.debit) <= ACCOUNT_KEY_BYTES_MAX and not t.debit.endswith(b"\0")
             and 0 < len(t.credit) <= ACCOUNT_KEY_BYTES_MAX and not t.credit.endswith(b"\0")):
         raise InvalidRecord(f"transfer record out of its layout: kind {t.kind}, status "
-                            f"{t.status}, amount {t.amount}, resolved {t.resolved}, fingerprint "
-                            f"{len(t.fingerprint)} bytes, account keys {len(t.debit)} and "
-                            f"{len(t.credit)} bytes (at most {ACCOUNT_KEY_BYTES_MAX})")
+                            f"{t.status}, amount {t.amount}, resolved {t.resolved}, account "
+                            f"keys {len(t.debit)} and {len(t.credit)} bytes (at most "
+                            f"{ACCOUNT_KEY_BYTES_MAX})")
+    ref = _fixed("ref_id", t.ref_id, config.request_id_bytes_max, "utf-8") if t.ref_id else b""
     try:
         return _TRANSFER_PACK(
-            VERSION, t.kind, t.status, t.channel, t.role, t.amount, t.created_at, t.timeout_at,
-            t.resolved, t.debit, t.credit,
-            _fixed("ref_id", t.ref_id, config.request_id_bytes_max, "utf-8") if t.ref_id
-            else b"", t.fingerprint)
+            TRANSFER_VERSION, t.kind, t.status, t.channel, t.role, t.amount, t.created_at,
+            t.timeout_at, t.resolved, len(t.debit), len(t.credit)) + t.debit + t.credit + ref
     except struct.error as e:
         raise InvalidRecord(f"transfer record: {e}") from None
 
 
 def decode_transfer(value) -> Transfer:
-    if len(value) != TRANSFER.size or value[0] != VERSION:
-        raise CorruptRecord(f"transfer record of {len(value)} bytes")
-    (_, kind, status, channel, role, amount, created_at, timeout_at, resolved, debit, credit,
-     ref_id, fingerprint) = TRANSFER.unpack(value)
+    """A transfer record of format 6 (version 3) or before (version 2: its fingerprint too)."""
+    n = len(value)
+    if n >= TRANSFER.size and value[0] == TRANSFER_VERSION:
+        (_, kind, status, channel, role, amount, created_at, timeout_at, resolved, nd,
+         nc) = TRANSFER.unpack_from(value)
+        at = TRANSFER.size
+        if not (0 < nd <= ACCOUNT_KEY_BYTES_MAX and 0 < nc <= ACCOUNT_KEY_BYTES_MAX
+                and at + nd + nc <= n <= at + nd + nc + config.request_id_bytes_max):
+            raise CorruptRecord(f"transfer record of {n} bytes with account keys of {nd} and "
+                                f"{nc}")
+        value = bytes(value)
+        debit, credit = value[at:at + nd], value[at + nd:at + nd + nc]
+        ref_id, fingerprint = _text("ref_id", value[at + nd + nc:], "utf-8"), _NO_FP
+    elif n == TRANSFER_2.size and value[0] == 2:
+        (_, kind, status, channel, role, amount, created_at, timeout_at, resolved, debit,
+         credit, ref, fingerprint) = TRANSFER_2.unpack(value)
+        debit, credit = debit.rstrip(b"\0"), credit.rstrip(b"\0")
+        ref_id = _text("ref_id", ref, "utf-8")
+    else:
+        raise CorruptRecord(f"transfer record of {n} bytes / version {bytes(value[0:1])!r}")
     if not (_KINDS[0] <= kind <= _KINDS[1] and _STATUSES[0] <= status <= _STATUSES[1]):
         raise CorruptRecord(f"transfer record has kind {kind} / status {status}")
-    return Transfer(kind, status, amount, debit.rstrip(b"\0"), credit.rstrip(b"\0"),
-                    _text("ref_id", ref_id, "utf-8"), fingerprint, created_at, timeout_at,
-                    resolved, channel, role)
+    return Transfer(kind, status, amount, debit, credit, ref_id, fingerprint, created_at,
+                    timeout_at, resolved, channel, role)
 
 
 # ---------------------------------------------------------------------------- change log
 
-# version kind state flags lock_mask what time holder_id amount card_number transfer_id
-CHANGE = struct.Struct("<BBBBBBqQq20s64s")
+# Store format 6 (CHANGE_VERSION 3): version kind state flags lock_mask what time holder_id
+# amount, u8 len(card_number) (31 bytes); then the card number (ASCII) and the transfer id
+# (UTF-8: the rest), each as long as it is. Version 2 (format 5 and before; archive segments
+# keep them): the same fields with the card number NUL-padded to 20 and the transfer id to 64.
+CHANGE_VERSION = 3
+CHANGE = struct.Struct("<BBBBBBqQqB")
 _CHANGE_PACK = CHANGE.pack
-CHANGE_VERSION = 2
+_CHANGE_V2 = struct.Struct("<BBBBBBqQq20s64s")
 _CHANGE_V1 = struct.Struct("<BBBBBqQq20s64s")  # before `what`: read as "everything changed"
 
 
@@ -301,21 +327,31 @@ def encode_change(kind: int, time: int, card_number: str, holder_id: int, state:
                             f"{len(card)} bytes, transfer id {len(tid)} bytes")
     try:
         return _CHANGE_PACK(CHANGE_VERSION, kind, state, flags, lock_mask, what, time,
-                            holder_id, amount, card, tid)
+                            holder_id, amount, len(card)) + card + tid
     except struct.error as e:
         raise InvalidRecord(f"change record: {e}") from None
 
 
 def decode_change(value) -> Change:
-    if len(value) == CHANGE.size and value[0] == CHANGE_VERSION:
+    n = len(value)
+    if n >= CHANGE.size and value[0] == CHANGE_VERSION:
+        (_, kind, state, flags, lock_mask, what, time, holder_id, amount, nc) = \
+            CHANGE.unpack_from(value)
+        at = CHANGE.size
+        if not (nc <= CARD_NUMBER_BYTES
+                and at + nc <= n <= at + nc + config.request_id_bytes_max):
+            raise CorruptRecord(f"change record of {n} bytes with a card number of {nc}")
+        value = bytes(value)
+        card, transfer_id = value[at:at + nc], value[at + nc:]
+    elif n == _CHANGE_V2.size and value[0] == 2:
         (_, kind, state, flags, lock_mask, what, time, holder_id, amount, card, transfer_id) = \
-            CHANGE.unpack(value)
-    elif len(value) == _CHANGE_V1.size and value[0] == 1:
+            _CHANGE_V2.unpack(value)
+    elif n == _CHANGE_V1.size and value[0] == 1:
         (_, kind, state, flags, lock_mask, time, holder_id, amount, card, transfer_id) = \
             _CHANGE_V1.unpack(value)
         what = int(Changed.BALANCE) if kind == 2 else int(~Changed.BALANCE & _CHANGED_ALL)
     else:
-        raise CorruptRecord(f"change record of {len(value)} bytes / version {value[0:1]!r}")
+        raise CorruptRecord(f"change record of {n} bytes / version {bytes(value[0:1])!r}")
     return Change(kind, time, _text("card_number", card, "ascii"), holder_id, state, flags,
                   lock_mask, _text("transfer_id", transfer_id, "utf-8"), amount, what)
 
@@ -325,12 +361,12 @@ _CHANGED_ALL = sum(Changed)
 
 # ---------------------------------------------------------------------------- audit trail
 
-# version algorithm prev_hash hash, then the body the hash covers (with prev_hash):
-# sequence time count, then each text as u16 length + UTF-8.
+# Version 1 (store formats 2 to 5): version algorithm prev_hash hash, then the body the hash
+# covers (with prev_hash): sequence time count, then each text as u16 length + UTF-8.
 _AUDIT_HEAD = struct.Struct("<BB32s32s")
 _AUDIT_BODY = struct.Struct("<QqI")
 _U16 = struct.Struct("<H")
-AUDIT_VERSION = 1
+AUDIT_VERSION = 2  # store format 6; version 1 (format 2 to 5) is still read
 AUDIT_TEXTS = ("client_id", "role", "method", "card_number", "purpose", "outcome", "holder")
 # each event's hash; SM3 (GB/T 32905) where this OpenSSL has it
 AUDIT_ALGORITHMS = {1: "sm3", 2: "sha256"}
@@ -367,28 +403,154 @@ def audit_body(sequence: int, time: int, count: int, *texts: str) -> bytes:
     return _pack_texts(_AUDIT_BODY.pack(sequence, time, count), texts)
 
 
+# Store format 6 (AUDIT_VERSION 2): what an event must say and no more. Its hash is the same
+# as version 1's, over the previous event's hash and the canonical body above (`audit_body`),
+# so old and new events are one chain; stored are:
+#   version algorithm hash (34 bytes), sequence time count (20), then the texts in
+#   AUDIT_TEXTS' order, each as a short length (u8; 255: a u16 LE follows) + UTF-8, but
+#   role and method: a code byte (1 + the index in AUDIT_ROLES / AUDIT_METHODS, tables that
+#   only ever grow at their end), 0 for a name not in the table, followed by it as text.
+# The previous event's hash is not stored: it is the event before's `hash` (the reader of a
+# chain carries it: `decode_audit(value, prev_hash)`).
+AUDIT_ROLES = ("TRANSIT_GATE", "MEDICAL_TERMINAL", "BENEFIT_COUNTER", "BANK_SWITCH",
+               "COMMUNITY_OUTLET", "BANK_OUTLET", "ONLINE_PLATFORM", "SERVICE_HOTLINE",
+               "CARD_AGENCY", "PUBLIC_SECURITY", "HRSS", "AUDITOR", "ADMIN")
+AUDIT_METHODS = (
+    "Authorization.Authorize", "Authorization.AuthorizeBatch", "Authorization.AuthorizeStream",
+    "CardStatus.GetStatus", "CardStatus.GetStatusBatch", "CardStatus.WatchChanges",
+    "Lifecycle.Apply", "Lifecycle.Verify", "Lifecycle.Issue", "Lifecycle.Activate",
+    "Lifecycle.OpenFinancial", "Lifecycle.ReportTemporaryLoss", "Lifecycle.ReportLoss",
+    "Lifecycle.CancelLoss", "Lifecycle.ReportBankLoss", "Lifecycle.CancelBankLoss",
+    "Lifecycle.Replace", "Lifecycle.Cancel", "Lifecycle.LockApplication",
+    "Lifecycle.UnlockApplication", "Lifecycle.GetCard", "Lifecycle.IssueElectronic",
+    "Ledger.Transfer", "Ledger.Reverse", "Ledger.GetBalances", "ResidenceCard.Renew",
+    "ResidenceCard.StateSpecialCircumstances", "ResidenceCard.ChangeInformation",
+    "ResidenceCard.ApplyPoints", "ResidenceCard.DecidePoints", "ResidenceCard.GetPoints",
+    "Deadlines.ListDue", "Holders.GetHolder", "Holders.CorrectHolder", "Holders.RecordCredit",
+    "Audit.Export", "Audit.Verify", "Admin.AdvanceClock", "Admin.SetClock")
+_AUDIT_CODES = ({name: i + 1 for i, name in enumerate(AUDIT_ROLES)},
+                {name: i + 1 for i, name in enumerate(AUDIT_METHODS)})
+assert len(AUDIT_ROLES) < 255 and len(AUDIT_METHODS) < 255
+_AUDIT_HEAD_2 = struct.Struct("<BB32s")
+_AUDIT_CODED = {1: 0, 2: 1}  # text index in AUDIT_TEXTS -> its table (role, method)
+
+
+def _short(raw: bytes) -> bytes:
+    n = len(raw)
+    return (bytes((n,)) if n < 255 else b"\xff" + _U16.pack(n)) + raw
+
+
+def encode_audit_event(algorithm: int, hash_: bytes, sequence: int, time: int, count: int,
+                       texts) -> bytes:
+    """The stored form of an event (AUDIT_VERSION 2) whose hash is `hash_`."""
+    out = [_AUDIT_HEAD_2.pack(AUDIT_VERSION, algorithm, hash_),
+           _pack(_AUDIT_BODY, "audit", sequence, time, count)]
+    for i, text in enumerate(texts):
+        table = _AUDIT_CODED.get(i)
+        if table is not None:
+            code = _AUDIT_CODES[table].get(text, 0)
+            out.append(bytes((code,)))
+            if code:
+                continue
+        raw = text.encode("utf-8")
+        if len(raw) > 4096:
+            raise InvalidRecord(f"a text of {len(raw)} bytes in an audit event")
+        out.append(_short(raw))
+    return b"".join(out)
+
+
 def encode_audit(algorithm: int, prev_hash: bytes, hash_: bytes, body: bytes) -> bytes:
-    return _AUDIT_HEAD.pack(AUDIT_VERSION, algorithm, prev_hash, hash_) + body
-
-
-def split_audit(value) -> tuple[int, bytes, bytes, bytes]:
-    """(algorithm, prev_hash, hash, body) of a stored audit event."""
-    value = bytes(value)
-    if len(value) < _AUDIT_HEAD.size + _AUDIT_BODY.size or value[0] != AUDIT_VERSION \
-            or value[1] not in AUDIT_ALGORITHMS:
-        raise CorruptRecord(f"audit event of {len(value)} bytes")
-    _, algorithm, prev_hash, hash_ = _AUDIT_HEAD.unpack_from(value)
-    return algorithm, prev_hash, hash_, value[_AUDIT_HEAD.size:]
-
-
-def decode_audit(value) -> AuditEvent:
-    algorithm, prev_hash, hash_, body = split_audit(value)
+    """An event from its canonical body (`audit_body`): stored as version 2 (the previous
+    hash is implied by the chain)."""
     sequence, time, count = _AUDIT_BODY.unpack_from(body)
     texts = _unpack_texts(body, _AUDIT_BODY.size, AUDIT_TEXTS, f"audit event {sequence}")
+    return encode_audit_event(algorithm, hash_, sequence, time, count, texts)
+
+
+def _audit_2(value: bytes) -> tuple[int, bytes, int, int, int, list[str]]:
+    """(algorithm, hash, sequence, time, count, texts) of a version-2 event."""
+    _, algorithm, hash_ = _AUDIT_HEAD_2.unpack_from(value)
+    at = _AUDIT_HEAD_2.size
+    sequence, time, count = _AUDIT_BODY.unpack_from(value, at)
+    at += _AUDIT_BODY.size
+    what, texts = f"audit event {sequence}", []
+    for i, field in enumerate(AUDIT_TEXTS):
+        table = _AUDIT_CODED.get(i)
+        if table is not None:
+            if at >= len(value):
+                raise CorruptRecord(f"{what}: {field} is cut")
+            code = value[at]
+            at += 1
+            if code:
+                names = AUDIT_METHODS if table else AUDIT_ROLES
+                if code > len(names):
+                    raise CorruptRecord(f"{what}: {field} code {code} is unknown")
+                texts.append(names[code - 1])
+                continue
+        if at >= len(value):
+            raise CorruptRecord(f"{what}: {field} is cut")
+        n, at = value[at], at + 1
+        if n == 255:
+            if at + 2 > len(value):
+                raise CorruptRecord(f"{what}: {field} is cut")
+            (n,), at = _U16.unpack_from(value, at), at + 2
+        if at + n > len(value):
+            raise CorruptRecord(f"{what}: {field} is cut")
+        texts.append(_text(field, value[at:at + n], "utf-8"))
+        at += n
+    if at != len(value):
+        raise CorruptRecord(f"{what}: {len(value) - at} bytes too many")
+    return algorithm, hash_, sequence, time, count, texts
+
+
+def split_audit(value, prev_hash: bytes | None = None) -> tuple[int, bytes, bytes, bytes]:
+    """(algorithm, prev_hash, hash, canonical body) of a stored audit event: what its hash
+    covers. Version 1 keeps its prev_hash; version 2 is given it (`prev_hash`: the event
+    before's hash, as the reader of the chain has it; None: 32 zero bytes)."""
+    value = bytes(value)
+    if len(value) >= _AUDIT_HEAD_2.size + _AUDIT_BODY.size and value[0] == AUDIT_VERSION \
+            and value[1] in AUDIT_ALGORITHMS:
+        algorithm, hash_, sequence, time, count, texts = _audit_2(value)
+        return (algorithm, bytes(32) if prev_hash is None else prev_hash, hash_,
+                audit_body(sequence, time, count, *texts))
+    if len(value) < _AUDIT_HEAD.size + _AUDIT_BODY.size or value[0] != 1 \
+            or value[1] not in AUDIT_ALGORITHMS:
+        raise CorruptRecord(f"audit event of {len(value)} bytes")
+    _, algorithm, stored_prev, hash_ = _AUDIT_HEAD.unpack_from(value)
+    return algorithm, stored_prev, hash_, value[_AUDIT_HEAD.size:]
+
+
+def audit_hash_of(value) -> bytes:
+    """The hash of a stored audit event (either version), without decoding it."""
+    if len(value) < 34 or value[0] not in (1, AUDIT_VERSION):
+        raise CorruptRecord(f"audit event of {len(value)} bytes")
+    return bytes(value[34:66]) if value[0] == 1 else bytes(value[2:34])
+
+
+def decode_audit(value, prev_hash: bytes | None = None) -> AuditEvent:
+    """An audit event; `prev_hash` as split_audit (a version-1 event says its own)."""
+    value = bytes(value)
+    if value[:1] == bytes((AUDIT_VERSION,)) and len(value) >= _AUDIT_HEAD_2.size \
+            + _AUDIT_BODY.size and value[1] in AUDIT_ALGORITHMS:
+        algorithm, hash_, sequence, time, count, texts = _audit_2(value)
+        prev = bytes(32) if prev_hash is None else prev_hash
+    else:
+        algorithm, prev, hash_, body = split_audit(value)
+        sequence, time, count = _AUDIT_BODY.unpack_from(body)
+        texts = _unpack_texts(body, _AUDIT_BODY.size, AUDIT_TEXTS, f"audit event {sequence}")
     client_id, role, method, card_number, purpose, outcome, holder = texts
     return AuditEvent(sequence, time, client_id, role, method, card_number=card_number,
                       purpose=purpose, outcome=outcome, count=count, holder=holder,
-                      algorithm=AUDIT_ALGORITHMS[algorithm], prev_hash=prev_hash, hash=hash_)
+                      algorithm=AUDIT_ALGORITHMS[algorithm], prev_hash=prev, hash=hash_)
+
+
+def audit_chain(values, prev_hash: bytes = bytes(32)):
+    """The events of stored values in sequence order, each with its prev_hash (the one before's
+    hash; `prev_hash`: the hash of the event before the first)."""
+    for value in values:
+        event = decode_audit(value, prev_hash)
+        prev_hash = event.hash
+        yield event
 
 
 # ---------------------------------------------------------------------------- holder history

@@ -14,6 +14,7 @@ from test_e2e import START, call, new_active_card
 from test_money_e2e import pay, top_up
 
 from yikatong.server.harness import ROOT, ServerProcess, metadata, wait_until
+from yikatong.storage import records
 from yikatong.v1 import yikatong_pb2 as pb
 from yikatong.v1 import yikatong_pb2_grpc as rpc
 
@@ -112,13 +113,17 @@ def test_an_edited_or_deleted_event_is_found_naming_its_sequence(srv, tmp_path):
     def flip_one_byte(txn, db):
         key = (6).to_bytes(8, "big")
         value = bytearray(txn.get(key, db=db))
-        value[value.index(b"Lifecycle.") + 10] ^= 0x01  # "Verify" becomes "Werify"
+        at = 34 + 20  # store format 6: version, algorithm, hash; sequence, time, count
+        at += 1 + value[at] + 1  # past client_id and the role's code: the method's code
+        assert value[at] == 1 + records.AUDIT_METHODS.index("Lifecycle.Verify")
+        value[at] += 1  # "Lifecycle.Verify" becomes "Lifecycle.Issue"
         txn.put(key, bytes(value), db=db)
     tamper(edited, flip_one_byte)
     bad = audit_verify(edited)
     assert bad.returncode == 1
     assert bad.stdout.strip() == (f"audit trail of {edited}: broken at sequence 6: "
-                                  "event 6's hash does not match its fields")
+                                  "event 6's hash does not match its fields and event 5's "
+                                  "hash (one of the two was changed)")
 
     cut = tmp_path / "cut"  # a length that runs past the end
     shutil.copytree(srv.data_dir, cut)
@@ -142,17 +147,19 @@ def test_an_edited_or_deleted_event_is_found_naming_its_sequence(srv, tmp_path):
     shutil.copytree(srv.data_dir, replaced)
 
     def rewrite(txn, db):
-        from yikatong.storage import records
         from yikatong.storage.lmdb_store import audit_hash
 
         key = (6).to_bytes(8, "big")  # the second card's Verify
-        algorithm, prev, _, body = records.split_audit(txn.get(key, db=db))
+        before = records.audit_hash_of(txn.get((5).to_bytes(8, "big"), db=db))
+        algorithm, prev, _, body = records.split_audit(txn.get(key, db=db), before)
         assert b"CARD_AGENCY" in body
         body = body.replace(b"CARD_AGENCY", b"CARD_AGENCX")
         txn.put(key, records.encode_audit(algorithm, prev, audit_hash(prev, body), body), db=db)
     tamper(replaced, rewrite)
     bad = audit_verify(replaced)
-    assert "broken at sequence 7: event 7's prev_hash is not event 6's hash" in bad.stdout
+    # (store format 6 keeps no prev_hash in an event: the next event's hash covers it)
+    assert "broken at sequence 7: event 7's hash does not match its fields and event 6's " \
+        "hash" in bad.stdout
 
 
 def test_audit_verify_says_plainly_when_there_is_nothing_to_verify(tmp_path):

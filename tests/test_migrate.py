@@ -80,7 +80,7 @@ def meta(data_dir: str) -> dict[bytes, bytes]:
 
 def test_one_version_everywhere():
     """`yikatong --version` and the package metadata read yikatong/__init__.py's."""
-    assert __version__ == "0.4.0"
+    assert __version__ == "0.5.0"
     assert yikatong("--version").stdout.strip() == f"yikatong {__version__}"
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)
@@ -298,8 +298,8 @@ def test_a_format_1_store_a_format_2_server_wrote_to_migrates_whole(tmp_path):
             env.open_db(name, txn=txn)
         cards, changes = env.open_db(b"cards", txn=txn), env.open_db(b"changes", txn=txn)
         txn.put(b"310000000099", new_card, db=cards)
-        txn.put(struct.pack(">Q", 78), records.encode_change(1, 1, "310000000099", 99, 1),
-                db=changes)
+        txn.put(struct.pack(">Q", 78), migrate._CHANGE_2.pack(  # as format 2 wrote it
+            2, 1, 1, 0, 0, 0, 1, 99, 0, b"310000000099", b""), db=changes)
     env.close()
     with pytest.raises(StoreFormat, match="store format 1"):
         Store(data_dir, map_size=16 * 2**20)

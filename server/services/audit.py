@@ -28,15 +28,22 @@ class Audit:
                              f"event is {end}")
         with self.core.store.read() as txn:
             book = self.core.store.book(txn)
-            segments, archived = archive.head(book)[0], archive.audit_through(book)[0]
+            segments, (archived, archived_hash) = archive.head(book)[0], archive.audit_through(book)
+            # each event's prev_hash is the event before's hash (store format 6 does not keep
+            # it in the event): carried along the walk from the event `after`
+            prev = _hot_hash(book, after, archived, archived_hash)
         if after < archived:  # the archive's events first: one chain with the store's
             where = archive.archive_dir(self.core.store.data_dir)
-            n = await asyncio.to_thread(archive.first_holding, where, segments, "audit", after)
+            n = await asyncio.to_thread(archive.first_holding, where, segments, "audit",
+                                        max(after - 1, 0))
             while n <= segments:
                 segment = await asyncio.to_thread(archive.read, where, n)
-                batch = [audit_message(records.decode_audit(value))
-                         for key, value in segment.records["audit"]
-                         if int.from_bytes(key, "big") > after]
+                batch = []
+                for key, value in segment.records["audit"]:
+                    event = records.decode_audit(value, prev)
+                    prev = event.hash
+                    if int.from_bytes(key, "big") > after:
+                        batch.append(audit_message(event))
                 for event in batch:
                     yield event
                 if batch:
@@ -46,7 +53,9 @@ class Audit:
             with self.core.store.read() as txn:
                 batch = []
                 for _, value in self.core.store.book(txn).audit_records(after):
-                    batch.append(audit_message(records.decode_audit(value)))
+                    event = records.decode_audit(value, prev)
+                    prev = event.hash
+                    batch.append(audit_message(event))
                     if len(batch) >= config.watch_batch_max:
                         break
             if not batch:
@@ -78,6 +87,17 @@ def _audit_end(book) -> int:
     """The sequence of the trail's last event (0: none)."""
     with book.txn.cursor(db=book.dbs.audit) as cur:
         return int.from_bytes(cur.key(), "big") if cur.last() else 0
+
+
+def _hot_hash(book, seq: int, archived: int, archived_hash: bytes) -> bytes:
+    """The hash of event `seq` when it is the last archived one or still hot (32 zero bytes
+    for 0, and for one further in the archive: the archive's walk finds it)."""
+    if seq == 0 or seq < archived:
+        return bytes(32)
+    if seq == archived:
+        return archived_hash
+    value = book.txn.get(seq.to_bytes(8, "big"), db=book.dbs.audit)
+    return bytes(32) if value is None else records.audit_hash_of(value)
 
 
 def audit_message(e: AuditEvent) -> pb.AuditEvent:
