@@ -6,7 +6,7 @@ bytes per debit, measured on a real server (`python -m yikatong serve --demo --c
    periodic job archives all of it (the base: what the debits are measured against).
 2. Debits (Authorize with amount_fen, TRANSIT, 1 fen each, AuthorizeStream 100 a message):
    the hot store's growth divided by the approved debits, within the window (each debit's
-   transfer, remembered answer, its time index, change event and audit event).
+   transfer, remembered answer and its id's entry, change event and audit event).
 3. The clock is moved two days on again; once the periodic job has moved every debit out
    (bounded wait): the hot store's growth over the base per debit, beyond the window (the
    16-byte digest of each archived request id, and what LMDB keeps of the rest), and the
@@ -62,7 +62,7 @@ def hot_left(data_dir: str) -> int:
     try:
         with env.begin() as txn:
             return sum(txn.stat(env.open_db(name, txn=txn, create=False))["entries"]
-                       for name in (b"requests", b"changes", b"audit")) - 2
+                       for name in (b"answers", b"changes", b"audit")) - 2
     finally:
         env.close()
 

@@ -8,9 +8,10 @@ is before `now - retain_seconds` leave the hot store for one new segment:
 - audit events (never the newest: the chain's head is read from it),
 - transfers in a final state (posted, voided, expired: never an open hold), each when the
   change event that names it goes,
-- remembered answers (the `requests` database, by `requests_by_time`); for each, a digest of
-  its id stays hot (`archived_ids`: 16 bytes of SHA-256 -> the u32 segment number), so a
-  replay of it is answered from its segment, never done twice.
+- remembered answers (the `answers` database, oldest first; meta `archive:answers` keeps
+  the last sequence moved, where the next one given goes on from when none is left hot); for
+  each, a digest of its id stays hot (`archived_ids`: 16 bytes of SHA-256 -> the u32 segment
+  number), so a replay of it is answered from its segment, never done twice.
 
 A segment, data_dir/archive/NNNNNNNNNN.seg (0600 in a 0700 directory), append-only, written
 once and never changed:
@@ -60,6 +61,7 @@ _TIME = struct.Struct("<q")
 HEAD_KEY = b"archive:head"  # u32 LE segments + the last one's hash
 CHANGES_KEY = b"archive:changes"  # u64 BE: the last change sequence archived
 AUDIT_KEY = b"archive:audit"  # u64 BE + 32 bytes: the last audit event archived, its hash
+ANSWERS_KEY = b"archive:answers"  # u64 BE: the last remembered answer archived (sequence)
 _HEAD = struct.Struct("<I32s")
 _AUDIT = struct.Struct(">Q32s")
 
@@ -155,23 +157,18 @@ def move(book, now: int, retain_seconds: int, batch_max: int = config.archive_ba
             continue  # an open hold stays; it goes with the event that resolves it
         batches["transfers"].append((tid, bytes(stored)))
         times["transfers"].append(t.created_at)
-    stale: list[bytes] = []
-    with txn.cursor(db=dbs.requests_by_time) as cur:
+    answers: list[bytes] = []  # their sequence keys in `answers`
+    with txn.cursor(db=dbs.answers) as cur:  # store format 6: in the order they were given
         more = cur.first()
         while more and len(batches["requests"]) < batch_max:
-            key = bytes(cur.key())
-            time = _U64.unpack_from(key)[0]
+            key, value = bytes(cur.key()), bytes(cur.value())
+            request_id, _, time, _ = records.decode_answer(value)
             if time >= cutoff:
                 break
-            value = txn.get(key[8:], db=dbs.requests)
-            if value is None:
-                stale.append(key)
-            else:
-                batches["requests"].append((key[8:], bytes(value)))
-                times["requests"].append(time)
+            answers.append(key)
+            batches["requests"].append((request_id, value))
+            times["requests"].append(time)
             more = cur.next()
-    for key in stale:
-        book._delete(key, db=dbs.requests_by_time)
     if not any(batches.values()):
         return None
 
@@ -189,6 +186,9 @@ def move(book, now: int, retain_seconds: int, batch_max: int = config.archive_ba
         "through": {"changes": through_changes, "audit": audit_seq},
         "audit_last_hash": audit_hash.hex(),
         "kinds": {kind: _summary(kind, batches[kind], times[kind]) for kind in KINDS},
+        # store format 6: each request's value is a remembered answer record of this version
+        # (records.decode_answer); none: format 5's (fingerprint, time, answer)
+        "answer_version": records.ANSWER_VERSION,
     }
     data, digest = encode(manifest, batches)
     where = archive_dir(dbs.data_dir)
@@ -201,12 +201,14 @@ def move(book, now: int, retain_seconds: int, batch_max: int = config.archive_ba
     for key, _ in batches["transfers"]:
         book._delete(key, db=dbs.transfers)
     segment = _LEN.pack(n)
-    for (key, _), time in zip(batches["requests"], times["requests"], strict=True):
+    for (key, _), seq in zip(batches["requests"], answers, strict=True):
         book._delete(key, db=dbs.requests)
-        book._delete(_U64.pack(time) + key, db=dbs.requests_by_time)
+        book._delete(seq, db=dbs.answers)
         book._put(id_digest(key), segment, db=dbs.archived_ids)
     book._put(HEAD_KEY, _HEAD.pack(n, digest), db=dbs.meta)
     book._put(CHANGES_KEY, _U64.pack(through_changes), db=dbs.meta)
+    if answers:  # the next sequence goes on from it when every answer is archived
+        book._put(ANSWERS_KEY, answers[-1], db=dbs.meta)
     book._put(AUDIT_KEY, _AUDIT.pack(audit_seq, audit_hash), db=dbs.meta)
     moved = {kind: len(batches[kind]) for kind in KINDS}
     moved["segment"], moved["bytes"] = n, len(data)
@@ -407,10 +409,13 @@ def read_manifest(where: str, n: int) -> dict:
     return _manifest(data, path)[0]
 
 
-def request(book, key: bytes) -> bytes | None:
-    """The stored value of an archived request id (fingerprint, time, answer), read from its
-    segment; None if the id was never archived. CorruptRecord (DATA_LOSS: nothing done) if
-    its segment is missing or damaged."""
+_REQUEST_5 = struct.Struct("<32sq")  # format 5's remembered answer: fingerprint, time; answer
+
+
+def request(book, key: bytes) -> tuple[bytes, bytes] | None:
+    """(the fingerprint kept, the answer) of an archived request id, read from its segment;
+    None if the id was never archived. CorruptRecord (DATA_LOSS: nothing done) if its segment
+    is missing or damaged. Segments written by store format 5 keep the whole fingerprint."""
     value = book.txn.get(id_digest(key), db=book.dbs.archived_ids)
     if value is None:
         return None
@@ -425,13 +430,25 @@ def request(book, key: bytes) -> bytes | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _requests_of(where: str, n: int, _file: tuple | None) -> dict[bytes, bytes]:
-    """Segment n's remembered answers by request id. A segment does not change once its
-    transaction commits, so the few read last are kept (by the file's identity too: one
-    written again after a crash is read again): retries of archived ids (a gate's backlog,
-    or someone replaying old ids on purpose) do not make the writer decompress a segment
-    each."""
-    return dict(read(where, n).records["requests"])
+def _requests_of(where: str, n: int, _file: tuple | None
+                 ) -> dict[bytes, tuple[bytes, bytes]]:
+    """Segment n's remembered answers by request id: (the fingerprint kept, the answer). A
+    segment does not change once its transaction commits, so the few read last are kept (by
+    the file's identity too: one written again after a crash is read again): retries of
+    archived ids (a gate's backlog, or someone replaying old ids on purpose) do not make the
+    writer decompress a segment each."""
+    segment = read(where, n)
+    out = {}
+    for k, v in segment.records["requests"]:
+        if segment.manifest.get("answer_version") is None:  # store format 5's layout
+            if len(v) < _REQUEST_5.size:
+                raise CorruptRecord(f"archive segment {n}: a remembered answer of {len(v)} "
+                                    "bytes")
+            out[k] = v[:32], v[_REQUEST_5.size:]
+        else:
+            _, kept, _, answer = records.decode_answer(v)
+            out[k] = kept, answer
+    return out
 
 
 def first_holding(where: str, count: int, kind: str, after: int) -> int:

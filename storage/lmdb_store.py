@@ -69,7 +69,6 @@ log = logging.getLogger("yikatong.storage")
 _U64 = struct.Struct(">Q")  # big-endian so LMDB's key order is numeric order
 _I64 = struct.Struct("<q")
 _TOTALS = struct.Struct("<qqqq")
-_REQUEST = struct.Struct("<32sq")  # a remembered answer's head: fingerprint, time (format 5)
 _TOTALS_KEY = b"ledger:totals"
 _LOG_SEQ_KEY = b"replication:log_seq"  # the replicated log's last sequence held here
 # the last followers' audit record taken into the trail (the writer's, replicated with it)
@@ -643,7 +642,7 @@ class Store:
             with self._begin_write() as txn:
                 for command, future in group:
                     child = self.env.begin(write=True, parent=txn)
-                    heads = self.dbs.change_seq, self.dbs.audit_head
+                    heads = self.dbs.change_seq, self.dbs.audit_head, self.dbs.answer_seq
                     mine: list | None = [] if journal is not None else None
                     try:
                         result = command(Book(child, self.dbs, mine))
@@ -652,12 +651,12 @@ class Store:
                     except Exception as e:  # noqa: BLE001 - handed to the caller
                         child.abort()
                         # the audit chain goes on from the last event that stays
-                        self.dbs.change_seq, self.dbs.audit_head = heads
+                        self.dbs.change_seq, self.dbs.audit_head, self.dbs.answer_seq = heads
                         outcomes.append((future, None, self._full(e)))
                     else:
                         if diverted:  # audited by the writer; nothing written here
                             child.abort()
-                            self.dbs.change_seq, self.dbs.audit_head = heads
+                            self.dbs.change_seq, self.dbs.audit_head, self.dbs.answer_seq = heads
                             handed.extend(records.decode_audit(v) for _, _, v in mine or ())
                             diverted_futures.add(future)
                             outcomes.append((future, result, None))
@@ -742,6 +741,10 @@ class Store:
             with txn:  # committed at the end of the block, aborted on an exception
                 with txn.cursor(db=self.dbs.changes) as cur:
                     self.dbs.change_seq = _U64.unpack(cur.key())[0] if cur.last() else 0
+                with txn.cursor(db=self.dbs.answers) as cur:  # likewise (every one archived:
+                    last = (cur.key() if cur.last()  # on from the last archived)
+                            else txn.get(archive.ANSWERS_KEY, db=self.dbs.meta))
+                    self.dbs.answer_seq = _U64.unpack(last)[0] if last is not None else 0
                 with txn.cursor(db=self.dbs.audit) as cur:  # the audit chain's head, likewise
                     self.dbs.audit_head = ((_U64.unpack(cur.key())[0],
                                             records.audit_hash_of(cur.value()))
@@ -808,7 +811,7 @@ class Dbs:
         self.cards = db(b"cards")  # card number (ASCII) -> card record
         self.holders = db(b"holders")  # ssn (ASCII) -> u64 holder_id + Holder proto
         self.holder_cards = db(b"holder_cards")  # u64 holder_id + u8 pack -> card
-        self.requests = db(b"requests")  # request id -> 32-byte fingerprint + answer
+        self.requests = db(b"requests")  # request id -> u64 BE sequence in `answers`
         self.notes = db(b"notes")  # "<kind>:<card number>" -> UTF-8 text
         self.meta = db(b"meta")  # name -> u64 counter
         self.accounts = db(b"accounts")  # account key -> account record
@@ -838,9 +841,12 @@ class Dbs:
         # append-only audit trail, hash-chained: u64 sequence -> audit event
         self.audit = db(b"audit")
         self.audit_head: tuple[int, bytes] = (0, bytes(32))  # (sequence, hash), as change_seq
-        # store format 5: u64 time + request id -> b"" (the oldest remembered answers first,
-        # for the archive), and 16 bytes of an archived request id's SHA-256 -> u32 LE segment
-        self.requests_by_time = db(b"requests_by_time")
+        # store format 6: u64 sequence -> remembered answer (records.encode_answer), appended
+        # in order (the archive takes the oldest first); the last one handed out is read in
+        # each write (_begin_write), as change_seq
+        self.answers = db(b"answers")
+        self.answer_seq = 0
+        # 16 bytes of an archived request id's SHA-256 -> u32 LE segment
         self.archived_ids = db(b"archived_ids")
         self.data_dir = ""  # the archive's segments are in data_dir/archive (storage/archive.py)
         # the server's clock (a remembered answer's time); the system's until the server sets it
@@ -1392,17 +1398,24 @@ class Book:
         """The first answer to `request_id`, None if unseen; IdReused if it asked otherwise.
         An id moved to the archive (storage/archive.py) is answered from its segment."""
         key = request_id.encode("utf-8")
-        value = self.txn.get(key, db=self.dbs.requests)
-        if value is None:
-            value = archive.request(self, key)
+        seq = self.txn.get(key, db=self.dbs.requests)
+        if seq is not None:
+            value = self.txn.get(seq, db=self.dbs.answers)
             if value is None:
+                raise CorruptRecord(f"request id {request_id[:24]!r} names remembered answer "
+                                    f"{_U64.unpack(seq)[0]}, which is not stored")
+            stored_id, kept, _, answer = records.decode_answer(value)
+            if stored_id != key:
+                raise CorruptRecord(f"remembered answer {_U64.unpack(seq)[0]} is not request "
+                                    f"id {request_id[:24]!r}'s")
+        else:
+            found = archive.request(self, key)
+            if found is None:
                 return None
-        value = bytes(value)
-        if len(value) < _REQUEST.size:
-            raise CorruptRecord(f"remembered answer of {len(value)} bytes")
-        if value[:32] != fingerprint:
+            kept, answer = found
+        if fingerprint[:len(kept)] != kept:
             raise IdReused(request_id)
-        return value[_REQUEST.size:]
+        return answer
 
     def archived(self, request_id: str) -> bool:
         """Whether `request_id` (a transfer's id too) was moved to the archive."""
@@ -1410,12 +1423,15 @@ class Book:
                             db=self.dbs.archived_ids) is not None
 
     def remember(self, request_id: str, fingerprint: bytes, answer: bytes) -> None:
-        """Store format 5: the fingerprint, the time (the server's clock), the answer; and the
-        id under its time in requests_by_time (the archive takes the oldest first)."""
+        """Store format 6: the answer under the next sequence of `answers` (appended: the
+        oldest first, for the archive), with the id, the time (the server's clock) and the
+        fingerprint's first 16 bytes; `requests` maps the id to that sequence."""
         assert len(fingerprint) == 32
         key, now = request_id.encode("utf-8"), max(0, self.dbs.now())
-        self._put(key, _REQUEST.pack(fingerprint, now) + answer, db=self.dbs.requests)
-        self._put(_U64.pack(now) + key, b"", db=self.dbs.requests_by_time)
+        self.dbs.answer_seq = seq = self.dbs.answer_seq + 1
+        self._put(_U64.pack(seq), records.encode_answer(key, fingerprint, now, answer),
+                  db=self.dbs.answers, append=True)
+        self._put(key, _U64.pack(seq), db=self.dbs.requests)
 
     def once_sealed(self, request_id: str, fingerprint: bytes,
                     produce: Callable[[], bytes]) -> bytes:

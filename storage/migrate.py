@@ -334,7 +334,8 @@ def check_records(env, txn) -> None:
         b"changes": lambda k, v: records.decode_change(v),
         b"steps": lambda k, v: records.decode_steps(v),
         b"notes": lambda k, v: _check_note(k, Book.CARD_TEXTS),
-        b"requests": _check_request,
+        b"requests": lambda k, v: _check_request(txn, _db(env, txn, b"answers", names), k, v),
+        b"answers": lambda k, v: records.decode_answer(v),
     }
     for name, decode in decoders.items():
         db = _db(env, txn, name, names)
@@ -348,10 +349,12 @@ def check_records(env, txn) -> None:
                                     f"read back: {error}") from None
 
 
-def _check_request(key: bytes, value: bytes) -> None:
-    if len(value) < _REQUEST_5.size:
-        raise CorruptRecord(f"a remembered answer of {len(value)} bytes (format 5's are at "
-                            f"least {_REQUEST_5.size})")
+def _check_request(txn, answers, key: bytes, value: bytes) -> None:
+    """Format 6: a request id names the sequence of its remembered answer, which names it."""
+    found = txn.get(value, db=answers) if answers is not None and len(value) == 8 else None
+    if found is None or records.decode_answer(found)[0] != key:
+        raise CorruptRecord(f"request id names no remembered answer of its own ({len(value)} "
+                            "bytes)")
 
 
 def _check_holder(key: bytes, value: bytes) -> None:
@@ -705,11 +708,14 @@ def _from_4(env, txn, ring=None) -> dict[str, int]:
 # Format 5's records that format 6 writes smaller, and format 6's, spelled out (records.py
 # moves on; these stay as they were written)
 _TRANSFER_5 = _TRANSFER_2  # version 2: ... debit(40) credit(40) ref_id(64) fingerprint(32)
-_TRANSFER_6 = struct.Struct("<BBBBBqqqqBB")  # version 3, ..., len(debit), len(credit); keys, ref
+# version 3 kind status channel role has amount created_at len(debit) len(credit); then
+# timeout_at if set (has bit 0), resolved if set (has bit 1), debit, credit, ref_id
+_TRANSFER_6 = struct.Struct("<BBBBBBqqBB")
 _CHANGE_6 = struct.Struct("<BBBBBBqQqB")  # version 3, ..., amount, len(card); card, transfer id
 _AUDIT_5 = struct.Struct("<BB32s32s")  # version 1, algorithm, prev_hash, hash; then the body
 _AUDIT_BODY_5 = struct.Struct("<QqI")  # sequence time count; 7 texts, each u16 LE length + UTF-8
 _AUDIT_6 = struct.Struct("<BB32s")  # version 2, algorithm, hash; then sequence time count, texts
+_ANSWER_6 = struct.Struct("<BqB16s")  # version 1, time, len(id), fingerprint[:16]; id, answer
 # format 6's code tables for the audit texts role (the 2nd) and method (the 3rd): 1 + index
 _ROLES_6 = ("TRANSIT_GATE", "MEDICAL_TERMINAL", "BENEFIT_COUNTER", "BANK_SWITCH",
             "COMMUNITY_OUTLET", "BANK_OUTLET", "ONLINE_PLATFORM", "SERVICE_HOTLINE",
@@ -741,8 +747,11 @@ def _from_5(env, txn, ring=None) -> dict[str, int]:
         (_, kind, status, channel, role, amount, created, timeout, resolved, debit, credit,
          ref, _fingerprint) = _TRANSFER_5.unpack(value)
         debit, credit, ref = debit.rstrip(b"\0"), credit.rstrip(b"\0"), ref.rstrip(b"\0")
-        return _TRANSFER_6.pack(3, kind, status, channel, role, amount, created, timeout,
-                                resolved, len(debit), len(credit)) + debit + credit + ref
+        has = (1 if timeout else 0) | (2 if resolved else 0)
+        return (_TRANSFER_6.pack(3, kind, status, channel, role, has, amount, created,
+                                 len(debit), len(credit))
+                + (struct.pack("<q", timeout) if timeout else b"")
+                + (struct.pack("<q", resolved) if resolved else b"") + debit + credit + ref)
 
     def change(key: bytes, value: bytes) -> bytes | None:
         if len(value) == _CHANGE_2.size and value[0] == 2:
@@ -785,7 +794,47 @@ def _from_5(env, txn, ring=None) -> dict[str, int]:
             raise CorruptRecord(f"audit event {_U64.unpack(key)[0]} has bytes too many")
         return b"".join(out)
 
-    return {"transfers made smaller": _rewrite(txn, env.open_db(b"transfers", txn=txn),
+    # remembered answers: format 5's `requests` (id -> fingerprint, time, answer) and its
+    # `requests_by_time` index become `answers` (u64 BE sequence, in the index's order: time,
+    # then id -> the answer record) and `requests` (id -> that sequence)
+    requests, by_time = env.open_db(b"requests", txn=txn), env.open_db(b"requests_by_time",
+                                                                        txn=txn)
+    answers = env.open_db(b"answers", txn=txn)
+    seq = 0
+
+    def answer(key: bytes, value: bytes, time: int) -> None:
+        nonlocal seq
+        if len(value) < _REQUEST_5.size:
+            raise CorruptRecord(f"remembered answer {key[:24]!r} of {len(value)} bytes")
+        if not 0 < len(key) <= 255:
+            raise CorruptRecord(f"a request id of {len(key)} bytes")
+        seq += 1
+        txn.put(_U64.pack(seq), _ANSWER_6.pack(1, time, len(key), value[:16]) + key
+                + value[_REQUEST_5.size:], db=answers, append=True)
+        txn.put(key, _U64.pack(seq), db=requests)
+
+    after = None
+    while True:  # the index in its order, in batches (a cursor never walks what is written)
+        batch: list[bytes] = []
+        with txn.cursor(db=by_time) as cur:
+            more = cur.set_range(after + b"\0") if after is not None else cur.first()
+            while more and len(batch) < _BATCH:
+                batch.append(bytes(cur.key()))
+                more = cur.next()
+        for key in batch:
+            value = txn.get(key[8:], db=requests)
+            if value is not None and len(value) != 8:  # (8 bytes: converted already)
+                answer(key[8:], bytes(value), _U64.unpack_from(key)[0])
+        if len(batch) < _BATCH:
+            break
+        after = batch[-1]
+    unindexed = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=requests) if len(v) != 8]
+    for key, value in unindexed:  # (none in a store format 5 wrote; by id if there are)
+        answer(key, value, struct.unpack_from("<q", value, 32)[0])
+    txn.drop(by_time, delete=True)
+    counted = {"remembered answers in sequence": seq, "of them not indexed": len(unindexed)}
+
+    return counted | {"transfers made smaller": _rewrite(txn, env.open_db(b"transfers", txn=txn),
                                                transfer)[0],
             "change events made smaller": _rewrite(txn, env.open_db(b"changes", txn=txn),
                                                    change)[0],

@@ -236,16 +236,20 @@ def decode_account(value) -> Account:
 
 
 # Transfers: key = transfer id (UTF-8). Store format 6 (TRANSFER_VERSION 3): a fixed head,
-# then the two account keys and the reference, each as long as it is (no padding, no
-# fingerprint: the request's fingerprint is kept once, with its remembered answer).
-#   version kind status channel role amount created_at timeout_at resolved, u8 len(debit),
-#   u8 len(credit) (39 bytes); then debit, credit, ref_id (UTF-8: the rest)
+# then what is set, as long as it is (no padding; no fingerprint: the request's fingerprint is
+# kept once, with its remembered answer):
+#   version kind status channel role, `has` (bit 0: timeout_at follows, bit 1: resolved
+#   follows), amount created_at (i64), u8 len(debit), u8 len(credit) (24 bytes);
+#   then timeout_at (i64) if set, resolved (i64) if set, debit, credit, ref_id (UTF-8: the
+#   rest). A plain debit (no timeout, nothing resolved, no reference): 24 + its two keys.
 # Format 5 and before (version 2, 213 bytes; still read: archive segments keep them):
 #   version kind status channel role amount created_at timeout_at resolved debit(40)
 #   credit(40) ref_id(64) fingerprint(32), NUL-padded
 TRANSFER_VERSION = 3
-TRANSFER = struct.Struct("<BBBBBqqqqBB")
+TRANSFER = struct.Struct("<BBBBBBqqBB")
 _TRANSFER_PACK = TRANSFER.pack
+_I64 = struct.Struct("<q")
+_HAS_TIMEOUT, _HAS_RESOLVED = 1, 2
 TRANSFER_2 = struct.Struct("<BBBBBqqqq40s40s64s32s")
 _KINDS = (min(TransferKind), max(TransferKind))
 _STATUSES = (min(TransferStatus), max(TransferStatus))
@@ -265,25 +269,36 @@ def encode_transfer(t: Transfer) -> bytes:
                             f"{ACCOUNT_KEY_BYTES_MAX})")
     ref = _fixed("ref_id", t.ref_id, config.request_id_bytes_max, "utf-8") if t.ref_id else b""
     try:
-        return _TRANSFER_PACK(
-            TRANSFER_VERSION, t.kind, t.status, t.channel, t.role, t.amount, t.created_at,
-            t.timeout_at, t.resolved, len(t.debit), len(t.credit)) + t.debit + t.credit + ref
+        has = (_HAS_TIMEOUT if t.timeout_at else 0) | (_HAS_RESOLVED if t.resolved else 0)
+        head = _TRANSFER_PACK(TRANSFER_VERSION, t.kind, t.status, t.channel, t.role, has,
+                              t.amount, t.created_at, len(t.debit), len(t.credit))
+        if has:
+            head += ((_I64.pack(t.timeout_at) if t.timeout_at else b"")
+                     + (_I64.pack(t.resolved) if t.resolved else b""))
     except struct.error as e:
         raise InvalidRecord(f"transfer record: {e}") from None
+    return head + t.debit + t.credit + ref
 
 
 def decode_transfer(value) -> Transfer:
     """A transfer record of format 6 (version 3) or before (version 2: its fingerprint too)."""
     n = len(value)
     if n >= TRANSFER.size and value[0] == TRANSFER_VERSION:
-        (_, kind, status, channel, role, amount, created_at, timeout_at, resolved, nd,
+        (_, kind, status, channel, role, has, amount, created_at, nd,
          nc) = TRANSFER.unpack_from(value)
-        at = TRANSFER.size
+        at, timeout_at, resolved = TRANSFER.size, 0, 0
+        if has & ~(_HAS_TIMEOUT | _HAS_RESOLVED):
+            raise CorruptRecord(f"transfer record says it has {has}")
+        at += 8 * ((has & _HAS_TIMEOUT) + (has >> 1))
         if not (0 < nd <= ACCOUNT_KEY_BYTES_MAX and 0 < nc <= ACCOUNT_KEY_BYTES_MAX
                 and at + nd + nc <= n <= at + nd + nc + config.request_id_bytes_max):
             raise CorruptRecord(f"transfer record of {n} bytes with account keys of {nd} and "
                                 f"{nc}")
         value = bytes(value)
+        if has & _HAS_TIMEOUT:
+            (timeout_at,) = _I64.unpack_from(value, TRANSFER.size)
+        if has & _HAS_RESOLVED:
+            (resolved,) = _I64.unpack_from(value, at - 8)
         debit, credit = value[at:at + nd], value[at + nd:at + nd + nc]
         ref_id, fingerprint = _text("ref_id", value[at + nd + nc:], "utf-8"), _NO_FP
     elif n == TRANSFER_2.size and value[0] == 2:
@@ -297,6 +312,39 @@ def decode_transfer(value) -> Transfer:
         raise CorruptRecord(f"transfer record has kind {kind} / status {status}")
     return Transfer(kind, status, amount, debit, credit, ref_id, fingerprint, created_at,
                     timeout_at, resolved, channel, role)
+
+
+# ---------------------------------------------------------------------------- remembered answers
+
+# Store format 6: a request id's first answer in `answers`, keyed by a u64 BE sequence handed
+# out in order (appended: full pages; the archive takes the oldest first, so no time index),
+# found through `requests` (request id -> that u64 BE sequence):
+#   version (= ANSWER_VERSION), time (i64, the server's clock), u8 len(request id),
+#   fingerprint (its first 16 bytes), then the request id (UTF-8) and the answer (the rest)
+# Format 5 (still in archive segments written by it): `requests` held, per request id, the
+# whole fingerprint (32 bytes), the i64 time and the answer.
+ANSWER_VERSION = 1
+ANSWER = struct.Struct("<BqB16s")
+ANSWER_FINGERPRINT_BYTES = 16
+
+
+def encode_answer(request_id: bytes, fingerprint: bytes, time: int, answer: bytes) -> bytes:
+    if not 0 < len(request_id) <= config.request_id_bytes_max or len(fingerprint) < 16:
+        raise InvalidRecord(f"remembered answer of a request id of {len(request_id)} bytes")
+    return _pack(ANSWER, "remembered answer", ANSWER_VERSION, time, len(request_id),
+                 fingerprint[:ANSWER_FINGERPRINT_BYTES]) + request_id + answer
+
+
+def decode_answer(value) -> tuple[bytes, bytes, int, bytes]:
+    """(request id, fingerprint's first 16 bytes, time, answer) of a remembered answer."""
+    value = bytes(value)
+    if len(value) < ANSWER.size or value[0] != ANSWER_VERSION:
+        raise CorruptRecord(f"remembered answer of {len(value)} bytes / version "
+                            f"{value[0:1]!r}")
+    _, time, n, fingerprint = ANSWER.unpack_from(value)
+    if n == 0 or ANSWER.size + n > len(value):
+        raise CorruptRecord(f"remembered answer of {len(value)} bytes with an id of {n}")
+    return value[ANSWER.size:ANSWER.size + n], fingerprint, time, value[ANSWER.size + n:]
 
 
 # ---------------------------------------------------------------------------- change log

@@ -24,7 +24,7 @@ from yikatong.v1 import yikatong_pb2 as pb
 from yikatong.v1 import yikatong_pb2_grpc as rpc
 
 DAY = 86400
-HOT_KINDS = (b"changes", b"audit", b"transfers", b"requests", b"requests_by_time")
+HOT_KINDS = (b"changes", b"audit", b"transfers", b"requests", b"answers")
 
 
 def serve(tmp_path, *extra: str, data_dir=None) -> ServerProcess:
@@ -318,15 +318,17 @@ def test_answers_migrated_from_format_4_get_a_time_are_archived_and_still_replay
     done = yikatong("migrate", "--data-dir", data_dir, "--pii-key-file", keys)
     assert done.returncode == 0, done.stderr
     assert "format 4->5: remembered answers timed 3" in done.stdout, done.stdout
+    assert "format 5->6: remembered answers in sequence 3" in done.stdout, done.stdout
     env = lmdb.open(os.path.join(data_dir, "lmdb"), readonly=True, max_dbs=config.lmdb_max_dbs)
     with env.begin() as txn:
         requests = env.open_db(b"requests", txn=txn, create=False)
-        by_time = env.open_db(b"requests_by_time", txn=txn, create=False)
-        times = {struct.unpack_from("<q", v, 32)[0] for _, v in txn.cursor(db=requests)}
-        indexed = [bytes(k) for k in txn.cursor(db=by_time).iternext(values=False)]
+        answers = env.open_db(b"answers", txn=txn, create=False)
+        times = {struct.unpack_from("<q", v, 1)[0] for _, v in txn.cursor(db=answers)}
+        indexed = {bytes(k): struct.unpack(">Q", v)[0] for k, v in txn.cursor(db=requests)}
     env.close()
     assert len(times) == 1 and 0 < times.pop() <= 1796529600  # the fixture's last write
-    assert len(indexed) == 3
+    # in the old index's order (time, then id)
+    assert indexed == {b"apply-c3": 1, b"tap-1": 2, b"topup-1": 3}
 
     clients = str(tmp_path / "fx.toml")
     from test_migrate import ask
