@@ -48,7 +48,12 @@ The formats:
   version 2, 114 bytes, padded to 20 and 64); an audit event (version 2) keeps no prev_hash
   (the event before's hash) and stores role and method as codes of fixed tables, its hash
   unchanged (over prev_hash and version 1's canonical body), so old and new events are one
-  chain. Archive segments keep the records as they were written: the decoders read both.
+  chain. A remembered answer moves to `answers` (u64 BE sequence -> version 1, i64 time, the
+  id's length, the fingerprint's first 16 bytes, the id, the answer), appended in order, and
+  `requests` maps the id to that sequence (format 5: the id to fingerprint (32), time and
+  answer, indexed by `requests_by_time`, which is dropped: the migration numbers the answers
+  in its order). Archive segments keep the records as they were written: the decoders read
+  both (a segment's manifest says `answer_version` from format 6 on).
 
 Adding a format: bump `FORMAT`, add `MIGRATIONS[FORMAT - 1]` (a function of the write
 transaction that converts every record of the old layout and returns what it did, with the
