@@ -1103,11 +1103,12 @@ class Book:
         # in (the trail is read by auditors, who need whose file, not the number), and the
         # text is bounded; events written before are not rewritten (the chain holds them)
         purpose = bounded(mask_text(purpose), config.audit_text_length_max)
-        texts = (client_id, role, method, card_number, purpose, outcome, holder)
-        digest = audit_hash(prev, records.audit_body(seq, time, count, *texts))
+        body, tail = records.audit_forms(seq, time, count, (client_id, role, method,
+                                                            card_number, purpose, outcome,
+                                                            holder))
+        digest = audit_hash(prev, body)
         # store format 6: stored without prev_hash, role and method as codes (records.py)
-        self._put(_U64.pack(seq), records.encode_audit_event(AUDIT_ALGORITHM, digest, seq, time,
-                                                             count, texts),
+        self._put(_U64.pack(seq), records.stored_audit(AUDIT_ALGORITHM, digest, tail),
                   db=self.dbs.audit, append=True)
         self.dbs.audit_head = (seq, digest)
         return seq

@@ -483,28 +483,40 @@ _AUDIT_HEAD_2 = struct.Struct("<BB32s")
 _AUDIT_CODED = {1: 0, 2: 1}  # text index in AUDIT_TEXTS -> its table (role, method)
 
 
-def _short(raw: bytes) -> bytes:
-    n = len(raw)
-    return (bytes((n,)) if n < 255 else b"\xff" + _U16.pack(n)) + raw
+_SHORT = tuple(bytes((n,)) for n in range(255))  # a text's one-byte length
+
+
+def audit_forms(sequence: int, time: int, count: int, texts) -> tuple[bytes, bytes]:
+    """(the canonical body the hash covers: `audit_body`, the stored event's tail after its
+    head) of one event, each text encoded once (the writer's path: one per debit)."""
+    head = _pack(_AUDIT_BODY, "audit", sequence, time, count)
+    canonical, stored = [head], [head]
+    roles, methods = _AUDIT_CODES
+    for i, text in enumerate(texts):
+        raw = text.encode("utf-8")
+        n = len(raw)
+        if n > 4096:
+            raise InvalidRecord(f"a text of {n} bytes in an audit event")
+        canonical += (_U16.pack(n), raw)
+        if i == 1 or i == 2:  # role, method: a code where the table has it
+            code = (roles if i == 1 else methods).get(text, 0)
+            stored.append(_SHORT[code])
+            if code:
+                continue
+        stored += (_SHORT[n] if n < 255 else b"\xff" + _U16.pack(n), raw)
+    return b"".join(canonical), b"".join(stored)
 
 
 def encode_audit_event(algorithm: int, hash_: bytes, sequence: int, time: int, count: int,
                        texts) -> bytes:
     """The stored form of an event (AUDIT_VERSION 2) whose hash is `hash_`."""
-    out = [_AUDIT_HEAD_2.pack(AUDIT_VERSION, algorithm, hash_),
-           _pack(_AUDIT_BODY, "audit", sequence, time, count)]
-    for i, text in enumerate(texts):
-        table = _AUDIT_CODED.get(i)
-        if table is not None:
-            code = _AUDIT_CODES[table].get(text, 0)
-            out.append(bytes((code,)))
-            if code:
-                continue
-        raw = text.encode("utf-8")
-        if len(raw) > 4096:
-            raise InvalidRecord(f"a text of {len(raw)} bytes in an audit event")
-        out.append(_short(raw))
-    return b"".join(out)
+    return (_AUDIT_HEAD_2.pack(AUDIT_VERSION, algorithm, hash_)
+            + audit_forms(sequence, time, count, texts)[1])
+
+
+def stored_audit(algorithm: int, hash_: bytes, tail: bytes) -> bytes:
+    """A stored event from its head's fields and `audit_forms`' tail."""
+    return _AUDIT_HEAD_2.pack(AUDIT_VERSION, algorithm, hash_) + tail
 
 
 def encode_audit(algorithm: int, prev_hash: bytes, hash_: bytes, body: bytes) -> bytes:
