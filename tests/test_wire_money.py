@@ -40,6 +40,7 @@ from yikatong.server.harness import running
 from yikatong.server.metrics import metrics
 from yikatong.server.roles import require_channel
 from yikatong.server.services.authorization import CHANNEL_MASKS, MONEY_CHANNELS, Authorization
+from yikatong.storage import records
 from yikatong.storage.lmdb_store import Store
 from yikatong.v1 import yikatong_pb2 as pb
 
@@ -211,10 +212,11 @@ def test_a_request_id_replayed_across_the_two_paths_gets_the_first_answer(pair):
     first = request("r1", "310000000001", amount=300, terminal_id="g7")
     raw = batch(first)
     asyncio.run(answer(auth, "AuthorizeBatch", [raw], GATE, raw=True))
-    with store.read() as txn:
-        stored = bytes(txn.get(b"r1", db=store.dbs.requests))[:32]
+    with store.read() as txn:  # store format 6: the fingerprint's first 16 bytes are kept
+        _, stored, _, _ = records.decode_answer(
+            txn.get(txn.get(b"r1", db=store.dbs.requests), db=store.dbs.answers))
     assert stored == fingerprint("Authorize", GATE, pb.AuthorizeRequest.FromString(
-        first.SerializeToString()))
+        first.SerializeToString()))[:len(stored)] and len(stored) == 16
     replay = asyncio.run(answer(auth, "AuthorizeBatch", [raw], GATE, raw=False))
     again = asyncio.run(answer(auth, "AuthorizeBatch", [raw], GATE, raw=True))
     assert replay == again and replay[0][0] == "ok"
