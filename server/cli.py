@@ -100,6 +100,11 @@ def main(argv=None) -> int:
                         "at these comma-separated nats:// URLs (docs/SCALE.md); needs "
                         "--node-id, one worker, no --demo")
     s.add_argument("--node-id", help="with --replicate: this node's name in the cluster")
+    s.add_argument("--log-in-flight-max", type=int, default=config.log_in_flight_max,
+                   metavar="N",
+                   help="with --replicate: the writer's commit groups whose log records may "
+                        "await the log's acknowledgement at once while it gathers the next "
+                        "(1: one at a time; default: %(default)s)")
     s.add_argument("--snapshot-every", metavar="RECORDS,HOURS", default="1000000,24h",
                    help="with --replicate: a snapshot of the store into the JetStream object "
                         "store once this many log records or hours passed since the last "
@@ -676,6 +681,8 @@ def _replication_problem(args) -> str:
                 f"{', '.join(shown(u)[:80] for u in urls)!r}")
     if not NODE_ID.fullmatch(args.node_id or ""):
         return "--node-id must be 1 to 64 letters, digits, '-' or '_'"
+    if not 1 <= args.log_in_flight_max <= 256:
+        return f"--log-in-flight-max must be 1 to 256, not {args.log_in_flight_max}"
     address = args.advertise or args.listen
     match = ADDRESS.fullmatch(address)
     if not match or not 0 < int(match["port"]) < 65536:
@@ -930,7 +937,7 @@ def _serve(args, metrics) -> int:
                       metasync=not args.replicate,
                       check_writer=not_yet_in_the_cluster if args.replicate else None,
                       check_command=ledger.check_invariants if CHECK_INVARIANTS else None,
-                      pii_keys=ring)
+                      pii_keys=ring, log_in_flight_max=args.log_in_flight_max)
         store.dbs.now = clock.now  # a remembered answer's time: the server's clock
         if mover is not None:
             mover.store = store

@@ -40,6 +40,7 @@ from yikatong.errors import (
     CorruptRecord,
     Fenced,
     IdReused,
+    LogUnavailable,
     ReplicationGap,
     StoreFull,
     StoreUnavailable,
@@ -76,6 +77,12 @@ _INTAKE_SEQ_KEY = b"replication:audit_intake_seq"
 _GATE_ACK = b"gate_ack:"  # + client id: (sequence, time) the gate acknowledged
 _GATE_ACK_VALUE = struct.Struct("<Qq")
 _STOP = object()
+_ACKED = object()  # put by a log acknowledgement's callback: wakes the writer (Store._pipeline)
+
+
+class _Refused(Exception):
+    """Aborts a pipelined transaction: a record in it was refused or a group failed."""
+
 DIR_MODE, FILE_MODE = 0o700, 0o600
 
 Command = Callable[["Book"], Any]
@@ -345,7 +352,8 @@ class Store:
                  queue_max: int = config.writer_queue_max, lock: bool = True,
                  replicate: Callable[[bytes], None] | None = None,
                  check_writer: Callable[[], None] | None = None, metasync: bool = True,
-                 pii_keys: "pii.KeyRing | None | str" = "in_process"):
+                 pii_keys: "pii.KeyRing | None | str" = "in_process",
+                 log_in_flight_max: int = config.log_in_flight_max):
         """`lock=False`: the caller holds the data dir's lock (lock_data_dir), as the parent
         of `--workers` does for the worker processes that share the data dir on purpose.
         `periodic(book)` runs in a group of its own when the writer has been idle for
@@ -364,7 +372,10 @@ class Store:
         commits here, and whose node replays the log from its last sequence on start.
         `pii_keys`: the key ring that seals holders' personal information (storage/pii.py);
         None: none loaded (PII reads and writes refused, naming the key); by default
-        `pii.in_process` (tests and tools in one process; None in the server)."""
+        `pii.in_process` (tests and tools in one process; None in the server).
+        `log_in_flight_max`: with `append` set (a replicated node's writer), how many
+        groups' records may wait for the log's acknowledgement at once while the writer
+        gathers and applies the next groups in the same transaction (`_pipeline`)."""
         self.data_dir = data_dir
         self.map_size_max = max(map_size, map_size_max)
         self.high_water = high_water
@@ -379,6 +390,12 @@ class Store:
         self._periodic = periodic
         self._check_command = check_command
         self.replicate = replicate
+        # append(record, after) -> (the record's id, a future of its acknowledgement): the
+        # log's asynchronous append, `after` the id of the record before it in the same
+        # transaction (None for the first); set by storage.replication.Node
+        self.append: Callable[[bytes, str | None], tuple[str, concurrent.futures.Future]] \
+            | None = None
+        self._in_flight_max = max(1, log_in_flight_max)
         self.check_writer = check_writer
         # a follower's audit events (a PII read, refused calls): handed to the writer through
         # the log's intake (storage.replication) before the command's caller is answered
@@ -558,7 +575,8 @@ class Store:
                     item, self._carry = self._carry or self._queue.get_nowait(), None
                 except queue.Empty:
                     return
-                if item is not _STOP and item[1].set_running_or_notify_cancel():
+                if item is not _STOP and item is not _ACKED and \
+                        item[1].set_running_or_notify_cancel():
                     item[1].set_exception(self._down())
 
     def _write_forever(self) -> None:
@@ -575,23 +593,30 @@ class Store:
                 # when idle, and at least this often under load; in a group of its own
                 self._run_periodic()
                 periodic_due = time.monotonic() + config.writer_idle_seconds
-            if item is None:
+            if item is None or item is _ACKED:
                 continue
-            group = [item]
-            applying = type(item[0]) is ApplyRecord
-            while len(group) < self._group_max:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    self._queue.put(_STOP)  # finish this group, then stop
-                    break
-                if (type(nxt[0]) is ApplyRecord) is not applying:
-                    self._carry = nxt  # the next group's first
-                    break
-                group.append(nxt)
-            self._commit_group(group)
+            self._commit_group(self._gather(item))
+
+    def _gather(self, item) -> list:
+        """A group: `item` and what is queued behind it, up to group_max, records (or
+        commands) only."""
+        group = [item]
+        applying = type(item[0]) is ApplyRecord
+        while len(group) < self._group_max:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _ACKED:
+                continue
+            if nxt is _STOP:
+                self._queue.put(_STOP)  # finish this group, then stop
+                break
+            if (type(nxt[0]) is ApplyRecord) is not applying:
+                self._carry = nxt  # the next group's first
+                break
+            group.append(nxt)
+        return group
 
     def _run_periodic(self) -> None:
         """A periodic job's failure is never silent: logged with its traceback, counted, and
@@ -632,39 +657,15 @@ class Store:
         group = [(c, f) for c, f in group if f.set_running_or_notify_cancel()]
         if not group:
             return
+        if self.append is not None and type(group[0][0]) is not ApplyRecord:
+            self._pipeline(group)
+            return
         started = time.perf_counter()
-        outcomes: list[tuple[concurrent.futures.Future, Any, BaseException | None]] = []
         replicate = self.replicate  # the same for the whole group
         journal: list | None = [] if replicate is not None else None
-        handed: list[AuditEvent] = []  # a follower's audit events, handed over once a group
-        diverted_futures = set()
         try:
             with self._begin_write() as txn:
-                for command, future in group:
-                    child = self.env.begin(write=True, parent=txn)
-                    heads = self.dbs.change_seq, self.dbs.audit_head, self.dbs.answer_seq
-                    mine: list | None = [] if journal is not None else None
-                    try:
-                        result = command(Book(child, self.dbs, mine))
-                        diverted = (mine is not None and len(mine) > 0
-                                    and self.check_writer is not None and self._not_here(mine))
-                    except Exception as e:  # noqa: BLE001 - handed to the caller
-                        child.abort()
-                        # the audit chain goes on from the last event that stays
-                        self.dbs.change_seq, self.dbs.audit_head, self.dbs.answer_seq = heads
-                        outcomes.append((future, None, self._full(e)))
-                    else:
-                        if diverted:  # audited by the writer; nothing written here
-                            child.abort()
-                            self.dbs.change_seq, self.dbs.audit_head, self.dbs.answer_seq = heads
-                            handed.extend(records.decode_audit(v) for _, _, v in mine or ())
-                            diverted_futures.add(future)
-                            outcomes.append((future, result, None))
-                            continue
-                        child.commit()
-                        outcomes.append((future, result, None))
-                        if mine:
-                            journal.extend(mine)  # type: ignore[union-attr]
+                outcomes, handed, diverted_futures = self._apply(txn, group, journal)
                 if self._check_command is not None:
                     self._check_command(Book(txn, self.dbs))
                 self._publish(txn, journal, replicate)
@@ -676,6 +677,49 @@ class Store:
             for _, future in group:
                 future.set_exception(WriterDown(f"the store's writer stopped ({e!r})"))
             raise
+        if self.check_writer is not None:
+            self._note_sequence()
+        self._answer(outcomes, handed, diverted_futures)
+        if self.on_commit is not None:
+            self.on_commit(len(group), time.perf_counter() - started)
+
+    def _apply(self, txn, group, journal: list | None):
+        """Each command of `group` in a child transaction of `txn` (one that raises leaves
+        nothing); what they write appended to `journal`. (outcomes, a follower's audit
+        events to hand over, the futures answered only once they are)."""
+        outcomes: list[tuple[concurrent.futures.Future, Any, BaseException | None]] = []
+        handed: list[AuditEvent] = []  # a follower's audit events, handed over once a group
+        diverted_futures = set()
+        for command, future in group:
+            child = self.env.begin(write=True, parent=txn)
+            heads = self.dbs.change_seq, self.dbs.audit_head, self.dbs.answer_seq
+            mine: list | None = [] if journal is not None else None
+            try:
+                result = command(Book(child, self.dbs, mine))
+                diverted = (mine is not None and len(mine) > 0
+                            and self.check_writer is not None and self._not_here(mine))
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                child.abort()
+                # the audit chain goes on from the last event that stays
+                self.dbs.change_seq, self.dbs.audit_head, self.dbs.answer_seq = heads
+                outcomes.append((future, None, self._full(e)))
+            else:
+                if diverted:  # audited by the writer; nothing written here
+                    child.abort()
+                    self.dbs.change_seq, self.dbs.audit_head, self.dbs.answer_seq = heads
+                    handed.extend(records.decode_audit(v) for _, _, v in mine or ())
+                    diverted_futures.add(future)
+                    outcomes.append((future, result, None))
+                    continue
+                child.commit()
+                outcomes.append((future, result, None))
+                if mine:
+                    journal.extend(mine)  # type: ignore[union-attr]
+        return outcomes, handed, diverted_futures
+
+    def _answer(self, outcomes, handed, diverted_futures) -> None:
+        """A committed group's callers (the diverted ones once the intake holds their
+        events)."""
         if handed:  # the diverted commands are answered only once the intake holds them
             try:
                 self.divert_audit(handed)  # type: ignore[misc]
@@ -683,15 +727,161 @@ class Store:
                 failed = self._full(e)
                 outcomes = [(f, None, failed) if f in diverted_futures else (f, r, err)
                             for f, r, err in outcomes]
-        if self.check_writer is not None:
-            self._note_sequence()
         for future, result, error in outcomes:  # durable now: answer the callers
             if error is None:
                 future.set_result(result)
             else:
                 future.set_exception(error)
-        if self.on_commit is not None:
-            self.on_commit(len(group), time.perf_counter() - started)
+
+    def _pipeline(self, group) -> None:
+        """A replicated writer's transaction (issue 27 item 2, docs/SCALE.md "Gathering
+        while the log answers"): each group is applied and its record handed to `append`
+        at once; while the first record's acknowledgement is outstanding the writer gathers
+        and applies the next groups in the same transaction, each record chained to the one
+        before (`after`), at most `log_in_flight_max` records. Once the first is acknowledged
+        (or the bound is reached) the transaction takes no more; it commits once every record
+        in it is acknowledged, and only then are its callers answered. If a record is
+        refused (fenced, unacknowledged, or its group failed to apply), nothing from it on
+        commits: the transaction is aborted, the records acknowledged before it are applied
+        again from their bytes and committed (they are in the log), their groups answered;
+        every later group's callers get the refusal (UNAVAILABLE: a retry by request id
+        replays or decides anew)."""
+        started = time.perf_counter()
+        # (group, outcomes, handed, diverted, records up to its own, its record's index or -1)
+        groups: list[tuple[list, list, list, set, int, int]] = []
+        flight: list[tuple[bytes, concurrent.futures.Future]] = []  # in order
+        after: str | None = None
+        broken: tuple[int, BaseException] | None = None  # a group that failed to apply
+        good = 0  # leading records acknowledged
+        refusal: BaseException | None = None
+        try:
+            with self._begin_write() as txn:
+                while True:
+                    journal: list = []
+                    own = -1
+                    try:
+                        outcomes, handed, diverted = self._apply(txn, group, journal)
+                        if self._check_command is not None:
+                            self._check_command(Book(txn, self.dbs))
+                        if journal:
+                            book = Book(txn, self.dbs)
+                            seq = book.log_sequence() + 1
+                            book.set_log_sequence(seq)
+                            record = records.encode_journal(seq, journal)
+                            try:
+                                after, future = self.append(record, after)  # type: ignore[misc]
+                            except Exception as e:  # noqa: BLE001 - refused before it left
+                                future = concurrent.futures.Future()
+                                future.set_exception(e)
+                            else:
+                                future.add_done_callback(self._acked)
+                            own = len(flight)
+                            flight.append((record, future))
+                    except Exception as e:  # noqa: BLE001 - this group failed to apply
+                        broken = (len(groups), self._full(e))
+                        groups.append((group, [], [], set(), len(flight), -1))
+                        break
+                    groups.append((group, outcomes, handed, diverted, len(flight), own))
+                    group = self._next_in_flight(flight)
+                    if group is None:
+                        break
+                for _, future in flight:
+                    try:
+                        future.result(timeout=config.log_ack_wait_seconds)
+                    except Exception as e:  # noqa: BLE001 - refused: nothing after commits
+                        refusal = e if not isinstance(e, concurrent.futures.TimeoutError) \
+                            else LogUnavailable("the replicated log did not acknowledge a record "
+                                                f"in {config.log_ack_wait_seconds:g} s")
+                        break
+                    good += 1
+                if broken is not None or refusal is not None:
+                    raise _Refused
+        except _Refused:
+            self._commit_acknowledged(groups, flight, good, broken, refusal)
+            return
+        except Exception as e:  # noqa: BLE001 - the commit failed: nothing of it is here
+            # (its records may be in the log: the node applies them from there)
+            for g, *_ in groups:
+                for _, future in g:
+                    future.set_exception(self._full(e))
+            return
+        except BaseException as e:  # the writer is dying: nobody waits for ever
+            for g, *_ in groups:
+                for _, future in g:
+                    if not future.done():
+                        future.set_exception(WriterDown(f"the store's writer stopped ({e!r})"))
+            raise
+        self._note_sequence()
+        for g, outcomes, handed, diverted, _, _ in groups:
+            self._answer(outcomes, handed, diverted)
+            if self.on_commit is not None:
+                self.on_commit(len(g), time.perf_counter() - started)
+
+    def _acked(self, _future) -> None:
+        self._queue.put(_ACKED)
+
+    def _next_in_flight(self, flight: list) -> list | None:
+        """The next group for the open transaction, gathered while the log answers; None
+        when it takes no more: nothing awaited, the bound reached, the first record answered,
+        a log record to apply next (never grouped with commands), or the writer stopping."""
+        while True:
+            if (not flight or len(flight) >= self._in_flight_max or flight[0][1].done()
+                    or flight[-1][1].done() or self._carry is not None):
+                return None
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                return None
+            if item is _ACKED:
+                continue
+            if item is _STOP:
+                self._queue.put(_STOP)
+                return None
+            if type(item[0]) is ApplyRecord:
+                self._carry = item
+                return None
+            group = [(c, f) for c, f in self._gather(item) if f.set_running_or_notify_cancel()]
+            if group:
+                return group
+
+    def _commit_acknowledged(self, groups, flight, good: int, broken, refusal) -> None:
+        """After a refused record or a group that failed to apply: the records acknowledged
+        before it applied from their bytes and committed, their groups answered; every group
+        from the first that depends on what was refused gets the refusal."""
+        try:
+            if good:
+                with self._begin_write() as txn:
+                    book = Book(txn, self.dbs)
+                    for record, _ in flight[:good]:
+                        book.apply_journal(record)
+        except Exception as e:  # noqa: BLE001 - not committed here; the log holds them
+            refusal, good = self._full(e), 0
+        self._note_sequence()
+        first_refused = flight[good][0] if good < len(flight) else None
+        for i, (g, outcomes, handed, diverted, before, own) in enumerate(groups):
+            if broken is not None and i >= broken[0]:
+                error: BaseException = broken[1] if i == broken[0] else \
+                    self._after_refused(None, None, broken)
+            elif before <= good:  # all it saw is acknowledged and committed
+                self._answer(outcomes, handed, diverted)
+                continue
+            elif own == good and refusal is not None:
+                error = refusal  # the group whose record was refused
+            else:
+                error = self._after_refused(first_refused, refusal, broken)
+            for _, future in g:
+                future.set_exception(error)
+
+    @staticmethod
+    def _after_refused(first_refused: bytes | None, refusal, broken) -> BaseException:
+        seq = records.journal_sequence(first_refused) if first_refused else None
+        why = (f"log record {seq} before it was refused ({refusal})" if seq is not None
+               and refusal is not None else f"a group before it failed ({broken[1]})")
+        message = (f"not committed: {why}; nothing after a refused record commits. Retry with "
+                   "the same request id: it is decided once")
+        if isinstance(refusal, Fenced):
+            return Fenced(message, refusal.writer)
+        return LogUnavailable(message)
 
     def _not_here(self, journal: list) -> bool:
         """A command that would write, on a store that may not (a follower): refused

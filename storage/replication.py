@@ -42,6 +42,10 @@ _INTAKE_FIELDS = ("time", "client_id", "role", "method", "card_number", "purpose
                   "count", "holder")
 EXPECTED = "Nats-Expected-Last-Sequence"
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-sequence check
+# a record in flight names the one before it in the same transaction (issue 27 item 2): taken
+# only if the stream's last message is that very record, not another node's at its sequence
+EXPECTED_ID, RECORD_ID = "Nats-Expected-Last-Msg-Id", "Nats-Msg-Id"
+WRONG_LAST_ID = 10070  # JetStream's error code for a failed expected-last-msg-id check
 _UNREACHABLE = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
                 nats.js.errors.NoStreamResponseError, nats.errors.ConnectionClosedError)
 
@@ -144,19 +148,40 @@ class Log:
         """Store(replicate=...): the group's record appended after the sequence before its
         own, or Fenced (the log moved on: this node is not the writer) or LogUnavailable; in
         both cases the group is not committed."""
-        seq = records.journal_sequence(record)
         try:
-            ack = self._run(self._js.publish(SUBJECT, record, headers={EXPECTED: str(seq - 1)},
-                                             timeout=self.timeout))
+            self._run(self._publish(record, None))
+        except concurrent.futures.TimeoutError:
+            raise LogUnavailable(f"the replicated log did not acknowledge record "
+                                 f"{records.journal_sequence(record)} in time; nothing was "
+                                 "committed") from None
+
+    def append_async(self, record: bytes, after: str | None
+                     ) -> tuple[str, concurrent.futures.Future]:
+        """Store.append: the record handed to the log now, (its id, a future of the log's
+        answer: None, or Fenced or LogUnavailable as `append` raises them). `after`: the id
+        of the record just before it, still unanswered: this one is taken only right after
+        that one (a record before it refused, this one is refused too)."""
+        record_id = uuid.uuid4().hex
+        return record_id, asyncio.run_coroutine_threadsafe(
+            self._publish(record, after, record_id), self._loop)
+
+    async def _publish(self, record: bytes, after: str | None, record_id: str = "") -> None:
+        seq = records.journal_sequence(record)
+        headers = {EXPECTED: str(seq - 1), RECORD_ID: record_id or uuid.uuid4().hex}
+        if after is not None:
+            headers[EXPECTED_ID] = after
+        try:
+            ack = await self._js.publish(SUBJECT, record, headers=headers, timeout=self.timeout)
         except nats.js.errors.APIError as error:
-            if error.err_code == WRONG_LAST_SEQUENCE:
-                raise Fenced(f"the replicated log has moved past sequence {seq - 1}: this node "
-                             "is not the writer; nothing was committed") from None
+            if error.err_code in (WRONG_LAST_SEQUENCE, WRONG_LAST_ID):
+                raise Fenced(f"the replicated log has moved past sequence {seq - 1}"
+                             + (" without this node's record there" if after else "")
+                             + ": this node is not the writer; nothing was committed") from None
             raise LogUnavailable(f"the replicated log refused record {seq}: {error}") from None
         except _UNREACHABLE:
             raise LogUnavailable(f"the replicated log did not acknowledge record {seq} in "
                                  f"{self.timeout:g} s; nothing was committed") from None
-        if ack.seq != seq:
+        if ack.seq != seq or ack.duplicate:
             raise Fenced(f"the replicated log put record {seq} at {ack.seq}")
 
     def purge(self, below: int, stream: str = STREAM) -> None:
@@ -457,6 +482,7 @@ class Node:
             self, snapshots, work)) if snapshots else None
         self.follower: Follower | None = self._follow()
         store.replicate, store.check_writer = self._append, self._check_writer
+        store.append = self._append_async
         store.divert_audit = self.log.hand_over
 
     def _intake(self) -> None:
@@ -558,6 +584,11 @@ class Node:
     def _append(self, record: bytes) -> None:
         self._check_writer()
         self.log.append(record)
+
+    def _append_async(self, record: bytes, after: str | None
+                      ) -> tuple[str, concurrent.futures.Future]:
+        self._check_writer()
+        return self.log.append_async(record, after)
 
     def _catch_up(self) -> None:
         """Apply what the log holds beyond this store (after a fenced append, or before

@@ -64,6 +64,10 @@ log_purge_margin_records = 1000
 # a read with min_sequence waits at most this long (and never past its deadline) for the
 # follower to apply the log that far, then UNAVAILABLE (LOG_BEHIND)
 min_sequence_wait_seconds = 5.0
+# the writer's commit groups whose records may await the log's acknowledgement at once, while
+# it gathers and applies the next ones (serve --log-in-flight-max; issue 27 item 2)
+log_in_flight_max = 8
+log_ack_wait_seconds = 15.0  # at most, for an appended record's answer (the log's own is 5 s)
 
 # ---- processes
 workers_max = 64  # --workers (0: one per core)

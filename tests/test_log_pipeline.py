@@ -1,0 +1,226 @@
+"""Issue 27 item 2: the replicated writer gathers and applies the next commit groups while the
+log answers for the first (`Store._pipeline`), at most `log_in_flight_max` records in flight,
+each chained to the one before it. A refused record: nothing after it commits, its callers
+and theirs are refused, and a retry by request id is decided once. A real 3-node JetStream
+cluster on loopback ports (harness.NatsCluster), started and stopped by each test."""
+import concurrent.futures
+import hashlib
+import struct
+import subprocess
+import sys
+import threading
+
+import pytest
+from test_cluster import balance, start, top_up, writer_of
+from test_e2e import new_active_card
+from test_replication import digest
+
+from yikatong.errors import Fenced
+from yikatong.server.harness import ROOT, NatsCluster, free_address, store_digest, wait_until
+from yikatong.storage import records
+from yikatong.storage.lmdb_store import ApplyRecord, Store
+from yikatong.storage.replication import Follower, Log
+from yikatong.v1 import yikatong_pb2 as pb
+
+_U64 = struct.Struct(">Q")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = NatsCluster(tmp_path)
+    yield c
+    c.stop()
+
+
+def charge(request_id: str):
+    """A debit-like command: the balance (meta key `balance`) less 1, remembered under
+    `request_id` (a second one replays the first answer and charges nothing)."""
+    def command(book):
+        def produce() -> bytes:
+            left = _U64.unpack(book.meta(b"balance") or _U64.pack(1000))[0] - 1
+            book.put_meta(b"balance", _U64.pack(left))
+            return _U64.pack(left)
+        return book.once(request_id, hashlib.sha256(request_id.encode()).digest(), produce)
+    return command
+
+
+def balance_of(store) -> int:
+    with store.read() as txn:
+        return _U64.unpack(store.book(txn).meta(b"balance") or _U64.pack(1000))[0]
+
+
+class Gate:
+    """Store.append in front of a real Log: the log's answers to the records in `hold` are
+    given to the writer only once record `release` has been handed to the log (bounded:
+    20 s), so that the records up to it are in flight together; before record `rival_at`
+    goes out, another writer appends its own record at that sequence."""
+
+    def __init__(self, log: Log, hold: set[int], release: int, rival: Log | None = None,
+                 rival_at: int = 0):
+        self.log, self.hold, self.release = log, hold, release
+        self.rival, self.rival_at = rival, rival_at
+        self.appended: dict[int, str | None] = {}  # sequence -> the id it was chained to
+        self.handed = threading.Condition()
+        self._released = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __call__(self, record: bytes, after: str | None):
+        seq = records.journal_sequence(record)
+        if self.rival is not None and seq == self.rival_at:
+            self.rival.append(records.encode_journal(seq, [(b"meta", b"rival", b"1")]))
+        record_id, future = self.log.append_async(record, after)
+        with self.handed:
+            self.appended[seq] = after
+            self.handed.notify_all()
+        if seq == self.release:
+            self._released.set()
+        if seq not in self.hold:
+            return record_id, future
+        held: concurrent.futures.Future = concurrent.futures.Future()
+
+        def settle():
+            self._released.wait(20)
+            try:
+                held.set_result(future.result(20))
+            except Exception as e:  # noqa: BLE001 - the log's refusal, handed on
+                held.set_exception(e)
+        thread = threading.Thread(target=settle, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return record_id, held
+
+    def wait_appended(self, seq: int) -> None:
+        with self.handed:
+            assert self.handed.wait_for(lambda: seq in self.appended, 20), self.appended
+
+    def join(self) -> None:
+        for thread in self._threads:
+            thread.join(30)
+
+
+def test_groups_gathered_while_the_log_answers_are_chained_and_reach_a_follower(
+        cluster, tmp_path):
+    """Record 1's answer is held back while three more groups are applied in the same
+    transaction and appended, each chained to the one before; once all are acknowledged
+    all commit together and every caller is answered; a follower holds the same bytes,
+    every acknowledged charge in it."""
+    log, follower_log = Log(cluster.urls), Log(cluster.urls)
+    store = Store(str(tmp_path / "writer"), log_in_flight_max=4)
+    follower_store = Store(str(tmp_path / "follower"))
+    gate = Gate(log, hold={1}, release=4)
+    store.append = gate
+    follower = Follower(follower_store, follower_log)
+    try:
+        futures = []
+        for i in range(4):
+            futures.append(store.submit(charge(f"c{i}")))
+            gate.wait_appended(i + 1)
+        assert [f.result(30) for f in futures] == [_U64.pack(999 - i) for i in range(4)]
+        assert gate.appended[1] is None and all(gate.appended[s] for s in (2, 3, 4))
+        assert len({gate.appended[s] for s in (2, 3, 4)}) == 3  # each chained to its own
+        # many at once, from many threads: every answered charge is on the follower
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda i: store.write(charge(f"m{i}")), range(400)))
+        assert sorted(_U64.unpack(a)[0] for a in answers) == list(range(596, 996))
+        with store.read() as txn:
+            last = store.book(txn).log_sequence()
+        assert log.last_sequence() == last
+        assert wait_until(lambda: follower.applied == last, 30), follower.error
+        assert balance_of(follower_store) == 1000 - 404
+        assert digest(follower_store) == digest(store)
+    finally:
+        gate.join()
+        follower.stop()
+        for s in (store, follower_store):
+            s.close()
+        log.close()
+        follower_log.close()
+
+
+def test_nothing_after_a_refused_record_commits_and_retries_charge_once(cluster, tmp_path):
+    """Four groups in flight: record 1 is acknowledged, another writer takes sequence 2
+    before ours goes out, so record 2 is refused (both answers held back until record 4 is
+    out, as a slow log's would be); records 3 and 4, chained to
+    ours, are refused by the log too (never appended after the other writer's record: no
+    fork). Record 1 commits and its caller is answered; the callers of 2, 3 and 4 get Fenced
+    (UNAVAILABLE) and nothing of theirs is in the store. Caught up from the log, their
+    retries by request id are decided once; record 1's retry replays its answer."""
+    log, rival = Log(cluster.urls), Log(cluster.urls)
+    store = Store(str(tmp_path / "writer"), log_in_flight_max=4)
+    gate = Gate(log, hold={1, 2}, release=4, rival=rival, rival_at=2)
+    store.append = gate
+    try:
+        futures = []
+        for i in range(4):
+            futures.append(store.submit(charge(f"c{i}")))
+            gate.wait_appended(i + 1)
+        assert futures[0].result(30) == _U64.pack(999)
+        errors = [f.exception(30) for f in futures[1:]]
+        assert all(isinstance(e, Fenced) for e in errors), errors
+        assert "moved past sequence 1" in str(errors[0])
+        assert all("nothing after a refused record commits" in str(e) for e in errors[1:])
+        assert log.last_sequence() == 2  # the other writer's record, and nothing of ours after
+        assert log.read(2)[0] == records.encode_journal(2, [(b"meta", b"rival", b"1")])
+        with store.read() as txn:
+            book = store.book(txn)
+            assert book.log_sequence() == 1
+            assert [book.replay(f"c{i}", hashlib.sha256(f"c{i}".encode()).digest())
+                    for i in range(4)] == [_U64.pack(999), None, None, None]
+        assert balance_of(store) == 999
+        store.write(ApplyRecord(log.read(2)[0]))  # caught up from the log, as a Node does
+        retried = [store.write(charge(f"c{i}")) for i in range(4)]
+        assert retried == [_U64.pack(n) for n in (999, 998, 997, 996)]
+        assert balance_of(store) == 996  # four charges, each once
+        assert log.last_sequence() == 5
+    finally:
+        gate.join()
+        store.close()
+        log.close()
+        rival.close()
+
+
+def debit_stream(srv, card: str, run: str, messages: int) -> list[pb.AuthorizeBatchResponse]:
+    requests = iter([pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
+        request_id=f"{run}-{m}-{i}", card_number=card, channel=pb.CHANNEL_TRANSIT,
+        amount_fen=1, terminal_id="gate-1") for i in range(10)]) for m in range(messages)])
+    return list(srv.authorization.AuthorizeStream(requests, metadata=srv.md("TRANSIT_GATE"),
+                                                  timeout=60))
+
+
+def test_debits_from_many_streams_with_records_in_flight_reach_a_follower(cluster, tmp_path):
+    """Two `serve --replicate --log-in-flight-max 4` nodes: debits from eight streams at once
+    on the writer, every one approved; the follower holds every acknowledged debit (each
+    purse less exactly its count) and the same bytes as the writer."""
+    nodes = [start(tmp_path, cluster, i, "--log-in-flight-max", "4") for i in range(2)]
+    try:
+        assert wait_until(lambda: writer_of(nodes) is not None, 30)
+        writer = writer_of(nodes)
+        (follower,) = [n for n in nodes if n is not writer]
+        cards = [new_active_card(writer, n) for n in range(1, 5)]
+        for card in cards:
+            top_up(writer, card, 100_000)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda s: debit_stream(writer, cards[s % 4], f"s{s}", 20),
+                                    range(8)))
+        approved = [sum(r.decision == pb.DECISION_APPROVED for m in a for r in m.responses)
+                    for a in answers]
+        assert approved == [200] * 8
+        for card in cards:
+            assert wait_until(lambda c=card: balance(follower, c) == 100_000 - 400, 30)
+        for node in nodes:
+            node.stop()
+        assert store_digest(writer.data_dir) == store_digest(follower.data_dir)
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_log_in_flight_max_out_of_range_is_refused_in_one_line(tmp_path):
+    for value in ("0", "257"):
+        out = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--data-dir",
+                              str(tmp_path / "d"), "--listen", free_address(), "--replicate",
+                              "nats://127.0.0.1:1", "--node-id", "a", "--log-in-flight-max",
+                              value], cwd=ROOT, capture_output=True, text=True, timeout=90)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip().splitlines() == [
+            f"yikatong: --log-in-flight-max must be 1 to 256, not {value}"], out.stderr
