@@ -76,6 +76,8 @@ _LOG_SEQ_KEY = b"replication:log_seq"  # the replicated log's last sequence held
 _INTAKE_SEQ_KEY = b"replication:audit_intake_seq"
 _GATE_ACK = b"gate_ack:"  # + client id: (sequence, time) the gate acknowledged
 _GATE_ACK_VALUE = struct.Struct("<Qq")
+# the newest writer's term among the records applied (storage.replication.TERM)
+_TERM_KEY = b"replication:term"
 _STOP = object()
 _ACKED = object()  # put by a log acknowledgement's callback: wakes the writer (Store._pipeline)
 
@@ -268,13 +270,13 @@ class ApplyRecord:
     read before the record wrote past them, and one grouped before it on the writer (catching
     up) would be published after the record though it saw the state before it."""
 
-    __slots__ = ("record",)
+    __slots__ = ("record", "term")
 
-    def __init__(self, record: bytes):
-        self.record = record
+    def __init__(self, record: bytes, term: int | None = None):
+        self.record, self.term = record, term
 
     def __call__(self, book: "Book") -> bool:
-        return book.apply_journal(self.record)
+        return book.apply_journal(self.record, self.term)
 
 
 class _Readers:
@@ -390,12 +392,13 @@ class Store:
         self._periodic = periodic
         self._check_command = check_command
         self.replicate = replicate
-        # append(record, after) -> (the record's id, a future of its acknowledgement): the
-        # log's asynchronous append, `after` the id of the record before it in the same
-        # transaction (None for the first); set by storage.replication.Node
-        self.append: Callable[[bytes, str | None], tuple[str, concurrent.futures.Future]] \
-            | None = None
+        # append(record) -> a future of its acknowledgement: the log's asynchronous append,
+        # records handed in order reaching the log in order; set by storage.replication.Node
+        self.append: Callable[[bytes], concurrent.futures.Future] | None = None
         self._in_flight_max = max(1, log_in_flight_max)
+        # the writer's term (storage.replication.Node, when it takes the lease): its records
+        # carry it, and its first record of a term writes it into the store (`_TERM_KEY`)
+        self.term = 0
         self.check_writer = check_writer
         # a follower's audit events (a PII read, refused calls): handed to the writer through
         # the log's intake (storage.replication) before the command's caller is answered
@@ -750,7 +753,6 @@ class Store:
         # (group, outcomes, handed, diverted, records up to its own, its record's index or -1)
         groups: list[tuple[list, list, list, set, int, int]] = []
         flight: list[tuple[bytes, concurrent.futures.Future]] = []  # in order
-        after: str | None = None
         broken: tuple[int, BaseException] | None = None  # a group that failed to apply
         good = 0  # leading records acknowledged
         refusal: BaseException | None = None
@@ -765,11 +767,12 @@ class Store:
                             self._check_command(Book(txn, self.dbs))
                         if journal:
                             book = Book(txn, self.dbs)
+                            self._stamp_term(txn, journal)
                             seq = book.log_sequence() + 1
                             book.set_log_sequence(seq)
                             record = records.encode_journal(seq, journal)
                             try:
-                                after, future = self.append(record, after)  # type: ignore[misc]
+                                future = self.append(record)  # type: ignore[misc]
                             except Exception as e:  # noqa: BLE001 - refused before it left
                                 future = concurrent.futures.Future()
                                 future.set_exception(e)
@@ -906,9 +909,21 @@ class Store:
         before the group commits; its log sequence is recorded with the data."""
         if journal:
             book = Book(txn, self.dbs)
+            self._stamp_term(txn, journal)
             seq = book.log_sequence() + 1
             book.set_log_sequence(seq)
             replicate(records.encode_journal(seq, journal))
+
+    def _stamp_term(self, txn, journal: list) -> None:
+        """A new term's first record writes it (replicated with the record): the applier of
+        any later record of an older term knows it is void (`Book.apply_journal`)."""
+        book = Book(txn, self.dbs, journal)
+        known = book.term()
+        if self.term < known:  # its records would be void: another node writes now
+            raise Fenced(f"a newer writer's records are in the log (term {known}, this node's "
+                         f"{self.term}): this node is not the writer; nothing was committed")
+        if self.term > known:
+            book.put_meta(_TERM_KEY, _U64.pack(self.term))
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
@@ -1077,17 +1092,23 @@ class Book:
             self.journal.append((self.dbs.name_of[db], bytes(key), None))
         return done
 
-    def apply_journal(self, record: bytes) -> bool:
+    def apply_journal(self, record: bytes, term: int | None = None) -> bool:
         """A follower's step: the puts and deletes of the leader's commit group with log
         sequence `seq`, in order, with `seq` as the last one applied, in this transaction.
         False (nothing done) for a record applied before; ReplicationGap for one that
-        skips ahead."""
+        skips ahead. A record of a writer's `term` older than the newest one applied is void:
+        only its sequence is taken (a stale writer's record that followed its own refused one
+        into the log after the new writer's: docs/SCALE.md, "Gathering while the log
+        answers"); None: a record from before terms."""
         seq, ops = records.decode_journal(record)
         last = self.log_sequence()
         if seq <= last:
             return False
         if seq != last + 1:
             raise ReplicationGap(f"replication record {seq} after {last}: {last + 1} is missing")
+        if term is not None and term < self.term():
+            self.set_log_sequence(seq)
+            return True
         for name, key, value in ops:
             db = self.dbs.by_name.get(name)
             if db is None:
@@ -1103,6 +1124,11 @@ class Book:
     def log_sequence(self) -> int:
         """The replicated log's last sequence this store holds (0: none)."""
         value = self.txn.get(_LOG_SEQ_KEY, db=self.dbs.meta)
+        return 0 if value is None else _U64.unpack(value)[0]
+
+    def term(self) -> int:
+        """The newest writer's term among the records this store holds (0: none)."""
+        value = self.txn.get(_TERM_KEY, db=self.dbs.meta)
         return 0 if value is None else _U64.unpack(value)[0]
 
     def intake_sequence(self) -> int:

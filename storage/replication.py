@@ -42,10 +42,9 @@ _INTAKE_FIELDS = ("time", "client_id", "role", "method", "card_number", "purpose
                   "count", "holder")
 EXPECTED = "Nats-Expected-Last-Sequence"
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-sequence check
-# a record in flight names the one before it in the same transaction (issue 27 item 2): taken
-# only if the stream's last message is that very record, not another node's at its sequence
-EXPECTED_ID, RECORD_ID = "Nats-Expected-Last-Msg-Id", "Nats-Msg-Id"
-WRONG_LAST_ID = 10070  # JetStream's error code for a failed expected-last-msg-id check
+# the writer's term (the lease's revision when it took it) on every record: a record of an
+# older term than one already in the log is void, applied as nothing (issue 27 item 2)
+TERM = "Yikatong-Term"
 _UNREACHABLE = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
                 nats.js.errors.NoStreamResponseError, nats.errors.ConnectionClosedError)
 
@@ -77,6 +76,12 @@ def starting(what: str, call, bound: float | None = None):
                 raise LogUnavailable(f"{what} did not answer within {bound:g} s "
                                      f"({error or type(error).__name__})") from None
             time.sleep(0.25)
+
+
+def term_of(headers: dict | None) -> int | None:
+    """A record's writer's term (`TERM`), None for a record without one."""
+    value = (headers or {}).get(TERM)
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def shown(url: str) -> str:
@@ -144,44 +149,37 @@ class Log:
                                          "found") from None
                 await asyncio.sleep(0.1)
 
-    def append(self, record: bytes) -> None:
+    def append(self, record: bytes, term: int = 0) -> None:
         """Store(replicate=...): the group's record appended after the sequence before its
         own, or Fenced (the log moved on: this node is not the writer) or LogUnavailable; in
-        both cases the group is not committed."""
+        both cases the group is not committed. `term`: the writer's (`TERM`)."""
         try:
-            self._run(self._publish(record, None))
+            self._run(self._publish(record, term))
         except concurrent.futures.TimeoutError:
             raise LogUnavailable(f"the replicated log did not acknowledge record "
                                  f"{records.journal_sequence(record)} in time; nothing was "
                                  "committed") from None
 
-    def append_async(self, record: bytes, after: str | None
-                     ) -> tuple[str, concurrent.futures.Future]:
-        """Store.append: the record handed to the log now, (its id, a future of the log's
-        answer: None, or Fenced or LogUnavailable as `append` raises them). `after`: the id
-        of the record just before it, still unanswered: this one is taken only right after
-        that one (a record before it refused, this one is refused too)."""
-        record_id = uuid.uuid4().hex
-        return record_id, asyncio.run_coroutine_threadsafe(
-            self._publish(record, after, record_id), self._loop)
+    def append_async(self, record: bytes, term: int) -> concurrent.futures.Future:
+        """Store.append: the record handed to the log now; a future of the log's answer
+        (None, or Fenced or LogUnavailable as `append` raises them). Records handed one after
+        another reach the log in that order."""
+        return asyncio.run_coroutine_threadsafe(self._publish(record, term), self._loop)
 
-    async def _publish(self, record: bytes, after: str | None, record_id: str = "") -> None:
+    async def _publish(self, record: bytes, term: int) -> None:
         seq = records.journal_sequence(record)
-        headers = {EXPECTED: str(seq - 1), RECORD_ID: record_id or uuid.uuid4().hex}
-        if after is not None:
-            headers[EXPECTED_ID] = after
         try:
-            ack = await self._js.publish(SUBJECT, record, headers=headers, timeout=self.timeout)
+            ack = await self._js.publish(SUBJECT, record, timeout=self.timeout, headers={
+                EXPECTED: str(seq - 1), TERM: str(term)})
         except nats.js.errors.APIError as error:
-            if error.err_code in (WRONG_LAST_SEQUENCE, WRONG_LAST_ID):
-                raise Fenced(f"the replicated log has moved past sequence {seq - 1}"
-                             + (" without this node's record there" if after else "")
-                             + ": this node is not the writer; nothing was committed") from None
+            if error.err_code == WRONG_LAST_SEQUENCE:
+                raise Fenced(f"the replicated log has moved past sequence {seq - 1}: this node "
+                             "is not the writer; nothing was committed") from None
             raise LogUnavailable(f"the replicated log refused record {seq}: {error}") from None
         except _UNREACHABLE:
             raise LogUnavailable(f"the replicated log did not acknowledge record {seq} in "
                                  f"{self.timeout:g} s; nothing was committed") from None
-        if ack.seq != seq or ack.duplicate:
+        if ack.seq != seq:
             raise Fenced(f"the replicated log put record {seq} at {ack.seq}")
 
     def purge(self, below: int, stream: str = STREAM) -> None:
@@ -196,16 +194,17 @@ class Log:
         state = self._run(self._js.stream_info(stream)).state
         return state.first_seq if state.messages else state.last_seq + 1
 
-    def read(self, seq: int) -> tuple[bytes, float] | None:
-        """Record `seq` and when the log took it (unix seconds), None if the log does not
-        reach it yet."""
+    def read(self, seq: int) -> tuple[bytes, float, int | None] | None:
+        """Record `seq`, when the log took it (unix seconds) and its writer's term (None: a
+        record from before terms), None if the log does not reach it yet."""
         try:
             message = self._run(self._js.get_msg(STREAM, seq))
         except nats.js.errors.NotFoundError:
             return None
         except _UNREACHABLE:
             raise LogUnavailable(f"the replicated log did not answer for record {seq}") from None
-        return message.data, message.time.timestamp() if message.time else time.time()
+        return (message.data, message.time.timestamp() if message.time else time.time(),
+                term_of(message.headers))
 
     def hand_over(self, events: list[AuditEvent]) -> None:
         """A follower's audit events, into the writer's intake (a quorum holds them when
@@ -236,10 +235,11 @@ class Log:
         except (*_UNREACHABLE, concurrent.futures.TimeoutError):
             raise LogUnavailable(f"the replicated log cannot be followed from {start}") from None
 
-    def take(self, subscription, most: int, wait: float) -> list[tuple[int, bytes, float]]:
-        """(sequence, record, when the log took it) of the next records the subscription
-        holds, at most `most`: the first waited for up to `wait` seconds, the rest only if
-        already here. [] when none came."""
+    def take(self, subscription, most: int, wait: float
+             ) -> list[tuple[int, bytes, float, int | None]]:
+        """(sequence, record, when the log took it, its writer's term) of the next records
+        the subscription holds, at most `most`: the first waited for up to `wait` seconds,
+        the rest only if already here. [] when none came."""
         async def take():
             taken = []
             try:
@@ -247,7 +247,7 @@ class Log:
                 while True:
                     meta = message.metadata
                     taken.append((meta.sequence.stream, message.data,
-                                  meta.timestamp.timestamp()))
+                                  meta.timestamp.timestamp(), term_of(message.headers)))
                     if len(taken) >= most or subscription.pending_msgs == 0:
                         return taken
                     message = await subscription.next_msg(timeout=wait)
@@ -320,15 +320,15 @@ class Follower:
             if subscription is not None:
                 self.log.unsubscribe(subscription)
 
-    def _apply(self, batch: list[tuple[int, bytes, float]]) -> bool:
+    def _apply(self, batch: list[tuple[int, bytes, float, int | None]]) -> bool:
         futures = []
-        for seq, record, _ in batch:
+        for seq, record, _, term in batch:
             try:
-                futures.append(self.store.submit(ApplyRecord(record)))
+                futures.append(self.store.submit(ApplyRecord(record, term)))
             except Exception as error:  # noqa: BLE001 - the writer busy or down: again later
                 log.error("the follower cannot hand record %d to the writer: %s", seq, error)
                 break
-        for (seq, _, taken), future in zip(batch, futures, strict=False):
+        for (seq, _, taken, _), future in zip(batch, futures, strict=False):
             try:
                 future.result()
             except Exception as error:  # noqa: BLE001 - kept, logged, tried again
@@ -506,7 +506,7 @@ class Node:
                 batch = self.log.take(subscription, 64, 0.2)
                 if batch:
                     self.store.write(lambda book, b=batch: [
-                        book.take_intake(seq, Log.intake_events(data)) for seq, data, _ in b])
+                        book.take_intake(seq, Log.intake_events(data)) for seq, data, *_ in b])
                     taken = batch[-1][0]
                 if taken > purged and time.monotonic() >= purge_at:
                     # in the trail now, on the log's quorum: the intake need not keep them
@@ -583,18 +583,17 @@ class Node:
 
     def _append(self, record: bytes) -> None:
         self._check_writer()
-        self.log.append(record)
+        self.log.append(record, self.store.term)
 
-    def _append_async(self, record: bytes, after: str | None
-                      ) -> tuple[str, concurrent.futures.Future]:
+    def _append_async(self, record: bytes) -> concurrent.futures.Future:
         self._check_writer()
-        return self.log.append_async(record, after)
+        return self.log.append_async(record, self.store.term)
 
     def _catch_up(self) -> None:
         """Apply what the log holds beyond this store (after a fenced append, or before
         taking the lease)."""
         while (found := self.log.read(self.store.applied_sequence + 1)) is not None:
-            self.store.write(ApplyRecord(found[0]))
+            self.store.write(ApplyRecord(found[0], found[2]))
 
     def _watch(self) -> None:
         while not self._stop.wait(self.ttl / 4):
@@ -626,7 +625,11 @@ class Node:
                 self.follower.stop()
                 self.follower = None
             self._catch_up()
-            self.leading = self.lease.take()
+            if self.lease.take():
+                with self.store.read() as txn:  # newer than any term in the log: the lease's
+                    known = self.store.book(txn).term()  # revision grows, but a bucket
+                self.store.term = known + self.lease.revision  # made again starts over
+                self.leading = True
             if self.leading:
                 self.writer = (self.node_id, self.address)
                 log.info("node %s: holds the write lease from log sequence %d; writing",

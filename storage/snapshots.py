@@ -370,17 +370,17 @@ def _build(log_, snapshots: Snapshots, base, start: int, sequence: int, data_dir
     try:
         seq = start
         while seq <= sequence:
-            batch: list[bytes] = []
+            batch: list[tuple[bytes, int | None]] = []
             while seq <= sequence and len(batch) < 256:
                 found = log_.read(seq)
                 if found is None:
                     raise backup.BackupError(f"log record {seq} is gone from the log")
-                batch.append(found[0])
+                batch.append((found[0], found[2]))
                 seq += 1
 
             def apply(book: Book, batch=batch) -> None:
-                for record in batch:
-                    book.apply_journal(record)
+                for record, term in batch:
+                    book.apply_journal(record, term)
             store.write(apply)
     finally:
         store.close()

@@ -49,37 +49,52 @@ def balance_of(store) -> int:
         return _U64.unpack(store.book(txn).meta(b"balance") or _U64.pack(1000))[0]
 
 
+TERM = b"replication:term"
+
+
+def rival_record(seq: int, term: int) -> bytes:
+    """Another writer's record at `seq`, the first of its `term` (it writes the term, as
+    Store._stamp_term does)."""
+    return records.encode_journal(seq, [(b"meta", b"rival", b"1"),
+                                        (b"meta", TERM, _U64.pack(term))])
+
+
 class Gate:
     """Store.append in front of a real Log: the log's answers to the records in `hold` are
     given to the writer only once record `release` has been handed to the log (bounded:
-    20 s), so that the records up to it are in flight together; before record `rival_at`
-    goes out, another writer appends its own record at that sequence."""
+    20 s), so that the records up to it are in flight together, as on a slow log; before
+    record `rival_at` goes out, another writer (term `rival_term`) appends its own record at
+    that sequence."""
 
-    def __init__(self, log: Log, hold: set[int], release: int, rival: Log | None = None,
-                 rival_at: int = 0):
-        self.log, self.hold, self.release = log, hold, release
-        self.rival, self.rival_at = rival, rival_at
-        self.appended: dict[int, str | None] = {}  # sequence -> the id it was chained to
+    def __init__(self, store: Store, log: Log, hold: set[int], release: int,
+                 rival: Log | None = None, rival_at: int = 0, rival_term: int = 0):
+        self.store, self.log, self.hold, self.release = store, log, hold, release
+        self.rival, self.rival_at, self.rival_term = rival, rival_at, rival_term
+        self.appended: list[int] = []  # sequences, in the order handed to the log
+        self.sent: dict[int, concurrent.futures.Future] = {}  # the log's own answers
+        self.answered_at: dict[int, list[int]] = {}  # held record -> what was out by then
         self.handed = threading.Condition()
         self._released = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def __call__(self, record: bytes, after: str | None):
+    def __call__(self, record: bytes):
         seq = records.journal_sequence(record)
-        if self.rival is not None and seq == self.rival_at:
-            self.rival.append(records.encode_journal(seq, [(b"meta", b"rival", b"1")]))
-        record_id, future = self.log.append_async(record, after)
+        if self.rival is not None and seq == self.rival_at:  # once the log holds ours before
+            self.sent[seq - 1].result(20)
+            self.rival.append(rival_record(seq, self.rival_term), self.rival_term)
+        future = self.sent[seq] = self.log.append_async(record, self.store.term)
         with self.handed:
-            self.appended[seq] = after
+            self.appended.append(seq)
             self.handed.notify_all()
         if seq == self.release:
             self._released.set()
         if seq not in self.hold:
-            return record_id, future
+            return future
         held: concurrent.futures.Future = concurrent.futures.Future()
 
         def settle():
             self._released.wait(20)
+            self.answered_at[seq] = list(self.appended)
             try:
                 held.set_result(future.result(20))
             except Exception as e:  # noqa: BLE001 - the log's refusal, handed on
@@ -87,7 +102,7 @@ class Gate:
         thread = threading.Thread(target=settle, daemon=True)
         thread.start()
         self._threads.append(thread)
-        return record_id, held
+        return held
 
     def wait_appended(self, seq: int) -> None:
         with self.handed:
@@ -98,16 +113,17 @@ class Gate:
             thread.join(30)
 
 
-def test_groups_gathered_while_the_log_answers_are_chained_and_reach_a_follower(
+def test_groups_gathered_while_the_log_answers_commit_together_and_reach_a_follower(
         cluster, tmp_path):
     """Record 1's answer is held back while three more groups are applied in the same
-    transaction and appended, each chained to the one before; once all are acknowledged
-    all commit together and every caller is answered; a follower holds the same bytes,
-    every acknowledged charge in it."""
+    transaction and handed to the log; once all are acknowledged all commit together and
+    every caller is answered; then many writes at once from many threads. A follower holds
+    the same bytes, every acknowledged charge in it."""
     log, follower_log = Log(cluster.urls), Log(cluster.urls)
     store = Store(str(tmp_path / "writer"), log_in_flight_max=4)
+    store.term = 3
     follower_store = Store(str(tmp_path / "follower"))
-    gate = Gate(log, hold={1}, release=4)
+    gate = Gate(store, log, hold={1}, release=4)
     store.append = gate
     follower = Follower(follower_store, follower_log)
     try:
@@ -116,14 +132,13 @@ def test_groups_gathered_while_the_log_answers_are_chained_and_reach_a_follower(
             futures.append(store.submit(charge(f"c{i}")))
             gate.wait_appended(i + 1)
         assert [f.result(30) for f in futures] == [_U64.pack(999 - i) for i in range(4)]
-        assert gate.appended[1] is None and all(gate.appended[s] for s in (2, 3, 4))
-        assert len({gate.appended[s] for s in (2, 3, 4)}) == 3  # each chained to its own
-        # many at once, from many threads: every answered charge is on the follower
+        assert gate.answered_at[1] == [1, 2, 3, 4]  # four in flight before the first answer
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda i: store.write(charge(f"m{i}")), range(400)))
         assert sorted(_U64.unpack(a)[0] for a in answers) == list(range(596, 996))
         with store.read() as txn:
             last = store.book(txn).log_sequence()
+            assert store.book(txn).term() == 3
         assert log.last_sequence() == last
         assert wait_until(lambda: follower.applied == last, 30), follower.error
         assert balance_of(follower_store) == 1000 - 404
@@ -138,17 +153,21 @@ def test_groups_gathered_while_the_log_answers_are_chained_and_reach_a_follower(
 
 
 def test_nothing_after_a_refused_record_commits_and_retries_charge_once(cluster, tmp_path):
-    """Four groups in flight: record 1 is acknowledged, another writer takes sequence 2
-    before ours goes out, so record 2 is refused (both answers held back until record 4 is
-    out, as a slow log's would be); records 3 and 4, chained to
-    ours, are refused by the log too (never appended after the other writer's record: no
-    fork). Record 1 commits and its caller is answered; the callers of 2, 3 and 4 get Fenced
-    (UNAVAILABLE) and nothing of theirs is in the store. Caught up from the log, their
-    retries by request id are decided once; record 1's retry replays its answer."""
-    log, rival = Log(cluster.urls), Log(cluster.urls)
+    """Four groups in flight (term 3): record 1 is acknowledged; a newer writer (term 7)
+    takes sequence 2 before ours goes out, so record 2 is refused (both answers held back
+    until record 4 is out, as a slow log's would be). Records 3 and 4 follow the newer
+    writer's into the log, but as an older term's they are void: a follower applies them as
+    nothing (no fork). Record 1 commits and its caller is answered; the callers of 2, 3 and
+    4 get Fenced (UNAVAILABLE) and nothing of theirs is in the store. Caught up from the log
+    and writing again under a newer term, their retries by request id are decided once;
+    record 1's retry replays its answer. The follower ends with the writer's bytes."""
+    log, rival, follower_log = Log(cluster.urls), Log(cluster.urls), Log(cluster.urls)
     store = Store(str(tmp_path / "writer"), log_in_flight_max=4)
-    gate = Gate(log, hold={1, 2}, release=4, rival=rival, rival_at=2)
+    store.term = 3
+    follower_store = Store(str(tmp_path / "follower"))
+    gate = Gate(store, log, hold={1, 2}, release=4, rival=rival, rival_at=2, rival_term=7)
     store.append = gate
+    follower = Follower(follower_store, follower_log)
     try:
         futures = []
         for i in range(4):
@@ -159,24 +178,37 @@ def test_nothing_after_a_refused_record_commits_and_retries_charge_once(cluster,
         assert all(isinstance(e, Fenced) for e in errors), errors
         assert "moved past sequence 1" in str(errors[0])
         assert all("nothing after a refused record commits" in str(e) for e in errors[1:])
-        assert log.last_sequence() == 2  # the other writer's record, and nothing of ours after
-        assert log.read(2)[0] == records.encode_journal(2, [(b"meta", b"rival", b"1")])
         with store.read() as txn:
             book = store.book(txn)
             assert book.log_sequence() == 1
             assert [book.replay(f"c{i}", hashlib.sha256(f"c{i}".encode()).digest())
                     for i in range(4)] == [_U64.pack(999), None, None, None]
         assert balance_of(store) == 999
-        store.write(ApplyRecord(log.read(2)[0]))  # caught up from the log, as a Node does
+        # ours at 3 and 4 (their answers not waited for), after the newer writer's 2
+        assert wait_until(lambda: log.last_sequence() == 4, 20)
+        assert wait_until(lambda: follower.applied == 4, 30), follower.error
+        assert balance_of(follower_store) == 999  # 3 and 4 void: charged nothing
+        with follower_store.read() as txn:
+            assert follower_store.book(txn).meta(b"rival") == b"1"
+        for seq in (2, 3, 4):  # caught up from the log, as a Node does
+            record, _, term = log.read(seq)
+            store.write(ApplyRecord(record, term))
+        with pytest.raises(Fenced, match="a newer writer's records are in the log"):
+            store.write(charge("c1"))  # still term 3: it may not write
+        store.term = 8  # the lease taken again
         retried = [store.write(charge(f"c{i}")) for i in range(4)]
         assert retried == [_U64.pack(n) for n in (999, 998, 997, 996)]
         assert balance_of(store) == 996  # four charges, each once
-        assert log.last_sequence() == 5
+        assert log.last_sequence() == 7  # c0's retry wrote nothing: a replay
+        assert wait_until(lambda: follower.applied == 7, 30), follower.error
+        assert digest(follower_store) == digest(store)
     finally:
         gate.join()
-        store.close()
-        log.close()
-        rival.close()
+        follower.stop()
+        for s in (store, follower_store):
+            s.close()
+        for each in (log, rival, follower_log):
+            each.close()
 
 
 def debit_stream(srv, card: str, run: str, messages: int) -> list[pb.AuthorizeBatchResponse]:
