@@ -15,9 +15,11 @@ Then reads: status-only AuthorizeStream (the same shape, no money) on a follower
 single node, interleaved, median of `--repeat`.
 
     .venv/bin/python bench/replication_bench.py [--seconds 5] [--repeat 3]
+        [--log-in-flight-max N]
 """
 import argparse
 import asyncio
+import collections
 import contextlib
 import os
 import statistics
@@ -58,8 +60,9 @@ def make_cards(srv: ServerProcess) -> list[str]:
 
 
 async def debits(address: str, cards: list[str], seconds: float, streams: int, run: str,
-                 amount_fen: int = 1) -> float:
-    """Approved decisions/s; `amount_fen=0`: status-only decisions (reads)."""
+                 amount_fen: int = 1, latencies: list | None = None) -> float:
+    """Approved decisions/s; `amount_fen=0`: status-only decisions (reads). `latencies`:
+    each message's seconds from its sending to its answer (its 100 debits acknowledged)."""
     per_stream = int(seconds * (60_000 if amount_fen else 600_000) / 100 / streams) + 8
     batches = [[pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
         request_id=f"{run}-{s}-{b}-{i}", card_number=cards[(b * 100 + i) % len(cards)],
@@ -73,15 +76,20 @@ async def debits(address: str, cards: list[str], seconds: float, streams: int, r
             call = rpc.AuthorizationStub(channel).AuthorizeStream(
                 metadata=metadata("TRANSIT_GATE"))
             sent = in_flight = 0
+            times: collections.deque = collections.deque()
             for _ in range(4):
+                times.append(time.perf_counter())
                 await call.write(mine[sent])
                 sent += 1
                 in_flight += 1
             while in_flight:
                 reply = await call.read()
+                if latencies is not None:
+                    latencies.append(time.perf_counter() - times.popleft())
                 in_flight -= 1
                 done += sum(r.decision == pb.DECISION_APPROVED for r in reply.responses)
                 if time.perf_counter() < deadline and sent < len(mine):
+                    times.append(time.perf_counter())
                     await call.write(mine[sent])
                     sent += 1
                     in_flight += 1
@@ -125,6 +133,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=5)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--log-in-flight-max", type=int, default=None,
+                   help="the replicated nodes' --log-in-flight-max (default: theirs)")
     args = p.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -138,7 +148,9 @@ def main() -> int:
             workdir = os.path.join(tmp, f"node{i}")
             os.mkdir(workdir)
             node = ServerProcess(workdir, "--replicate", ",".join(cluster.urls), "--node-id",
-                                 f"node{i}")
+                                 f"node{i}", *(("--log-in-flight-max",
+                                                str(args.log_in_flight_max))
+                                               if args.log_in_flight_max else ()))
             stack.callback(node.stop)
             nodes.append(node)
         if not wait_until(lambda: writer_of(nodes) is not None, 60):
@@ -148,6 +160,7 @@ def main() -> int:
         targets = {"single node": (single, make_cards(single)),
                    "replicated, 3 nodes": (writer, make_cards(writer))}
         rates: dict[str, list[float]] = {name: [] for name in targets}
+        waits: dict[str, list[float]] = {name: [] for name in targets}
         lags: list[float] = []
         for r in range(args.repeat):
             for name, (srv, cards) in targets.items():
@@ -157,7 +170,8 @@ def main() -> int:
                 if srv is writer:
                     probe.start()
                 rates[name].append(asyncio.run(debits(srv.address, cards, args.seconds,
-                                                      args.streams, f"r{r}-{name[0]}")))
+                                                      args.streams, f"r{r}-{name[0]}",
+                                                      latencies=waits[name])))
                 stop.set()
                 if srv is writer:
                     probe.join()
@@ -179,12 +193,17 @@ def main() -> int:
     print(f"# durable debits/s through AuthorizeStream (100 per message, {args.streams} streams "
           f"x 4 in flight), median of {args.repeat} x {args.seconds:g} s; {os.cpu_count()} "
           "cores shared by every node, NATS server and the client")
-    print("| server | debits/s | runs | against single node |")
-    print("| --- | ---: | --- | ---: |")
+    print(f"(--log-in-flight-max {args.log_in_flight_max or 'default'}; a debit is "
+          "acknowledged when the answer to its message of 100 arrives: p50/p99 from a "
+          "message's sending to its answer, over every run)")
+    print("| server | debits/s | runs | against single node | acknowledged p50 ms | p99 ms |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
     for name, values in rates.items():
         median = statistics.median(values)
+        w = sorted(waits[name])
         print(f"| {name} | {median:,.0f} | {', '.join(f'{v:,.0f}' for v in values)} | "
-              f"{median / single_rate:.2f}x |")
+              f"{median / single_rate:.2f}x | {w[len(w) // 2] * 1000:.1f} | "
+              f"{w[int(len(w) * 0.99)] * 1000:.1f} |")
     lags.sort()
     print(f"\nreplication lag as a reader sees it, during the replicated runs ({len(lags)} "
           f"probes: a write's answer on the writer to a follower's answer with its "
