@@ -740,8 +740,8 @@ class Store:
         """A replicated writer's transaction (issue 27 item 2, docs/SCALE.md "Gathering
         while the log answers"): each group is applied and its record handed to `append`
         at once; while the first record's acknowledgement is outstanding the writer gathers
-        and applies the next groups in the same transaction, each record chained to the one
-        before (`after`), at most `log_in_flight_max` records. Once the first is acknowledged
+        and applies the next groups in the same transaction, their records handed on in
+        order, at most `log_in_flight_max` records. Once the first is acknowledged
         (or the bound is reached) the transaction takes no more; it commits once every record
         in it is acknowledged, and only then are its callers answered. If a record is
         refused (fenced, unacknowledged, or its group failed to apply), nothing from it on
@@ -804,12 +804,12 @@ class Store:
             return
         except Exception as e:  # noqa: BLE001 - the commit failed: nothing of it is here
             # (its records may be in the log: the node applies them from there)
-            for g, *_ in groups:
+            for g in self._every(groups, group):
                 for _, future in g:
                     future.set_exception(self._full(e))
             return
         except BaseException as e:  # the writer is dying: nobody waits for ever
-            for g, *_ in groups:
+            for g in self._every(groups, group):
                 for _, future in g:
                     if not future.done():
                         future.set_exception(WriterDown(f"the store's writer stopped ({e!r})"))
@@ -819,6 +819,12 @@ class Store:
             self._answer(outcomes, handed, diverted)
             if self.on_commit is not None:
                 self.on_commit(len(g), time.perf_counter() - started)
+
+    @staticmethod
+    def _every(groups: list, group: list) -> list:
+        """Every group of a transaction, the one being applied (or begun) included."""
+        every = [g for g, *_ in groups]
+        return every if any(g is group for g in every) else [*every, group]
 
     def _acked(self, _future) -> None:
         self._queue.put(_ACKED)
