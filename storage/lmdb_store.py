@@ -399,6 +399,9 @@ class Store:
         # the writer's term (storage.replication.Node, when it takes the lease): its records
         # carry it, and its first record of a term writes it into the store (`_TERM_KEY`)
         self.term = 0
+        # a group's record grows past this (bytes, about): the rest of the group's commands go
+        # in the next record (the log takes messages up to its max_payload); None: no bound
+        self.record_bytes_max: int | None = None
         self.check_writer = check_writer
         # a follower's audit events (a PII read, refused calls): handed to the writer through
         # the log's intake (storage.replication) before the command's caller is answered
@@ -668,7 +671,7 @@ class Store:
         journal: list | None = [] if replicate is not None else None
         try:
             with self._begin_write() as txn:
-                outcomes, handed, diverted_futures = self._apply(txn, group, journal)
+                outcomes, handed, diverted_futures, _ = self._apply(txn, group, journal)
                 if self._check_command is not None:
                     self._check_command(Book(txn, self.dbs))
                 self._publish(txn, journal, replicate)
@@ -686,14 +689,18 @@ class Store:
         if self.on_commit is not None:
             self.on_commit(len(group), time.perf_counter() - started)
 
-    def _apply(self, txn, group, journal: list | None):
+    def _apply(self, txn, group, journal: list | None, size_max: int | None = None):
         """Each command of `group` in a child transaction of `txn` (one that raises leaves
         nothing); what they write appended to `journal`. (outcomes, a follower's audit
-        events to hand over, the futures answered only once they are)."""
+        events to hand over, the futures answered only once they are, the commands left for
+        the next record once the journal passed `size_max` bytes)."""
         outcomes: list[tuple[concurrent.futures.Future, Any, BaseException | None]] = []
         handed: list[AuditEvent] = []  # a follower's audit events, handed over once a group
         diverted_futures = set()
-        for command, future in group:
+        size = 0
+        for i, (command, future) in enumerate(group):
+            if size_max is not None and size > size_max:
+                return outcomes, handed, diverted_futures, group[i:]
             child = self.env.begin(write=True, parent=txn)
             heads = self.dbs.change_seq, self.dbs.audit_head, self.dbs.answer_seq
             mine: list | None = [] if journal is not None else None
@@ -718,7 +725,9 @@ class Store:
                 outcomes.append((future, result, None))
                 if mine:
                     journal.extend(mine)  # type: ignore[union-attr]
-        return outcomes, handed, diverted_futures
+                    if size_max is not None:
+                        size += sum(len(k) + len(v or b"") + 16 for _, k, v in mine)
+        return outcomes, handed, diverted_futures, []
 
     def _answer(self, outcomes, handed, diverted_futures) -> None:
         """A committed group's callers (the diverted ones once the intake holds their
@@ -760,9 +769,12 @@ class Store:
             with self._begin_write() as txn:
                 while True:
                     journal: list = []
-                    own = -1
+                    own, rest = -1, []
                     try:
-                        outcomes, handed, diverted = self._apply(txn, group, journal)
+                        outcomes, handed, diverted, rest = self._apply(
+                            txn, group, journal, self.record_bytes_max)
+                        if rest:  # the record is full: they go in the next one
+                            group = group[:len(group) - len(rest)]
                         if self._check_command is not None:
                             self._check_command(Book(txn, self.dbs))
                         if journal:
@@ -782,10 +794,11 @@ class Store:
                             flight.append((record, future))
                     except Exception as e:  # noqa: BLE001 - this group failed to apply
                         broken = (len(groups), self._full(e))
-                        groups.append((group, [], [], set(), len(flight), -1))
+                        groups.append((group + rest, [], [], set(), len(flight), -1))
                         break
                     groups.append((group, outcomes, handed, diverted, len(flight), own))
-                    group = self._next_in_flight(flight)
+                    # a group cut by size goes on in the next record, whatever the bound
+                    group = rest or self._next_in_flight(flight)
                     if group is None:
                         break
                 for _, future in flight:

@@ -179,6 +179,10 @@ class Log:
         except _UNREACHABLE:
             raise LogUnavailable(f"the replicated log did not acknowledge record {seq} in "
                                  f"{self.timeout:g} s; nothing was committed") from None
+        except nats.errors.MaxPayloadError:
+            raise LogUnavailable(f"record {seq} is {len(record):,} bytes, more than the log's "
+                                 f"max_payload ({self._nc.max_payload:,}); nothing was "
+                                 "committed") from None
         if ack.seq != seq:
             raise Fenced(f"the replicated log put record {seq} at {ack.seq}")
 
@@ -483,6 +487,7 @@ class Node:
         self.follower: Follower | None = self._follow()
         store.replicate, store.check_writer = self._append, self._check_writer
         store.append = self._append_async
+        store.record_bytes_max = self.log._nc.max_payload // 2  # a command's writes past it
         store.divert_audit = self.log.hand_over
 
     def _intake(self) -> None:

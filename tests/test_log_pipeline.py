@@ -211,6 +211,38 @@ def test_nothing_after_a_refused_record_commits_and_retries_charge_once(cluster,
             each.close()
 
 
+def test_a_group_past_the_record_size_goes_on_in_the_next_record(cluster, tmp_path):
+    """Commands gathered into one group write more than a record may hold (the log takes
+    messages up to its max_payload; here the bound is lowered to 300 bytes): the group is
+    cut after the command that passed it, the rest go on in the next records of the same
+    transaction, every caller is answered, and a follower holds the same bytes."""
+    log, follower_log = Log(cluster.urls), Log(cluster.urls)
+    store = Store(str(tmp_path / "writer"), log_in_flight_max=2)
+    store.append = lambda record: log.append_async(record, 0)
+    store.record_bytes_max = 300
+    follower_store = Store(str(tmp_path / "follower"))
+    follower = Follower(follower_store, follower_log)
+    busy = threading.Event()
+    try:
+        blocker = store.submit(lambda book: busy.wait(20))  # the writer waits: the rest queue
+        futures = [store.submit(lambda book, i=i: book.put_meta(f"k{i}".encode(), b"v" * 400))
+                   for i in range(5)]
+        busy.set()
+        blocker.result(30)
+        assert [f.result(30) for f in futures] == [None] * 5
+        assert log.last_sequence() == 5  # one record each: each passed the bound alone
+        assert [len(records.decode_journal(log.read(s)[0])[1]) for s in range(1, 6)] == [1] * 5
+        assert wait_until(lambda: follower.applied == 5, 30), follower.error
+        assert digest(follower_store) == digest(store)
+    finally:
+        busy.set()
+        follower.stop()
+        for s in (store, follower_store):
+            s.close()
+        log.close()
+        follower_log.close()
+
+
 def debit_stream(srv, card: str, run: str, messages: int) -> list[pb.AuthorizeBatchResponse]:
     requests = iter([pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
         request_id=f"{run}-{m}-{i}", card_number=card, channel=pb.CHANNEL_TRANSIT,
