@@ -696,7 +696,7 @@ class Store:
         the next record once the journal passed `size_max` bytes)."""
         outcomes: list[tuple[concurrent.futures.Future, Any, BaseException | None]] = []
         handed: list[AuditEvent] = []  # a follower's audit events, handed over once a group
-        diverted_futures = set()
+        diverted_futures: set[concurrent.futures.Future] = set()
         size = 0
         for i, (command, future) in enumerate(group):
             if size_max is not None and size > size_max:
