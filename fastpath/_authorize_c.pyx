@@ -255,7 +255,8 @@ cdef bint _request(const uint8_t* p, Py_ssize_t i, Py_ssize_t end, Req* r,
             elif n:  # payee_account (6), hold_request_id (8): money
                 return False
             i += <Py_ssize_t>n
-        elif field in (3, 4, 7, 10):  # channel; amount_fen, phase, hold_timeout_seconds
+        elif field in (3, 4, 7, 10, 16, 17):  # channel; amount_fen, phase,
+            # hold_timeout_seconds; max_fare_fen, on_timeout (issue 28): money
             if wire_type != 0:
                 return False
             i = _varint(p, i, end, &v)
@@ -669,6 +670,8 @@ cdef bint _money(const uint8_t* p, Py_ssize_t i, Py_ssize_t end, Money* r, uint3
                 return False
             r.s[field], r.n[field] = p + i, <Py_ssize_t>n
             i += <Py_ssize_t>n
+        elif field == 16 or field == 17:  # a journey's tap-in (issue 28): the Python path's
+            return False
         elif field in (3, 4, 7, 10):
             if wire_type != 0:
                 return False

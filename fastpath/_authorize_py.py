@@ -180,6 +180,8 @@ def _money_request(p: bytes, i: int, end: int, channels: int, money_channels: in
             if i < 0 or n > end - i or any(c & 0x80 for c in p[i:i + n]):
                 return None
             f[field], i = p[i:i + n], i + n
+        elif field in (16, 17):  # a journey's tap-in (issue 28): the Python path's
+            return None
         elif field in _NUMBERS:
             if wire_type != 0:
                 return None

@@ -67,6 +67,11 @@ def main(argv=None) -> int:
                         "older than N days (the server's clock) move from LMDB to the archive "
                         f"(DATA_DIR/archive, `yikatong archive verify`); 0: keep everything "
                         f"in LMDB (default: {config.retain_days}; 0 with --replicate)")
+    s.add_argument("--journey-grace-seconds", type=int, default=config.journey_grace_seconds,
+                   help="issue 28: a transit journey settled at its max fare when its tap-in "
+                        "hold timed out is corrected to the real fare by a tap-out within this "
+                        f"many seconds of its timeout (default {config.journey_grace_seconds}; "
+                        f"0 to {config.journey_grace_seconds_max}; 0: never)")
     s.add_argument("--max-concurrent-rpcs", type=int, default=config.concurrent_rpcs_max,
                    help="calls in progress at once; more are refused RESOURCE_EXHAUSTED")
     s.add_argument("--client-calls-max", type=int, default=config.client_calls_max,
@@ -821,6 +826,9 @@ def _serve(args, metrics) -> int:
             and 1 <= args.history_events_per_second <= 10**9):
         return _fail("--history-replays-max must be 1 to 100000, and "
                      "--history-events-per-second 1 to 1000000000")
+    if not 0 <= args.journey_grace_seconds <= config.journey_grace_seconds_max:
+        return _fail(f"--journey-grace-seconds must be 0 to {config.journey_grace_seconds_max}")
+    config.journey_grace_seconds = args.journey_grace_seconds  # before any worker is forked
     workers = args.workers or os.cpu_count() or 1
     if not 1 <= workers <= config.workers_max:
         return _fail(f"--workers must be 0 (one per core) to {config.workers_max}")

@@ -99,7 +99,7 @@ def authorize_request(req, field: str = "") -> None:
     if req.service_code:
         text(req.service_code, field + "service_code", length_max=config.request_id_bytes_max)
     if (req.amount_fen or req.phase or req.hold_timeout_seconds or req.hold_request_id
-            or req.payee_account):
+            or req.payee_account or req.max_fare_fen or req.on_timeout):
         _money_fields(req, field)
 
 
@@ -109,6 +109,8 @@ def _money_fields(req, field: str) -> None:
         raise InvalidArgument(field + "hold_timeout_seconds", "is only for PHASE_HOLD")
     timeout(req.hold_timeout_seconds, field + "hold_timeout_seconds")
     if not req.amount_fen and not req.phase:
+        if req.max_fare_fen or req.on_timeout:
+            _journey_fields(req, field)
         if req.payee_account:
             raise InvalidArgument(field + "payee_account", "is only for requests that move money")
         raise InvalidArgument(field + "hold_request_id", "is only for PHASE_POST/PHASE_VOID")
@@ -126,6 +128,29 @@ def _money_fields(req, field: str) -> None:
             raise InvalidArgument(field + "hold_request_id", "is only for PHASE_POST/PHASE_VOID")
         if not req.amount_fen:
             raise InvalidArgument(field + "amount_fen", "a hold needs a positive amount")
+    if req.max_fare_fen or req.on_timeout:
+        _journey_fields(req, field)
+
+
+def _journey_fields(req, field: str) -> None:
+    """Issue 28: a journey's policy, on a transit tap-in only (docs/DECISIONS.md)."""
+    enum(req.on_timeout, pb.JourneyTimeout, field + "on_timeout", allow_unspecified=True)
+    if req.phase != pb.PHASE_HOLD or req.channel != pb.CHANNEL_TRANSIT:
+        raise InvalidArgument(field + ("on_timeout" if req.on_timeout else "max_fare_fen"),
+                              "is only for a TRANSIT PHASE_HOLD (a tap-in)")
+    if req.on_timeout == pb.JOURNEY_TIMEOUT_SETTLE_MAX_FARE:
+        if not 0 < req.max_fare_fen <= req.amount_fen:
+            raise InvalidArgument(field + "max_fare_fen", f"is {req.max_fare_fen}; "
+                                  "JOURNEY_TIMEOUT_SETTLE_MAX_FARE needs 1 to amount_fen "
+                                  f"({req.amount_fen}): the hold must cover what its timeout "
+                                  "settles")
+    elif req.on_timeout == pb.JOURNEY_TIMEOUT_VOID:
+        if req.max_fare_fen:
+            raise InvalidArgument(field + "max_fare_fen", "is only for "
+                                  "JOURNEY_TIMEOUT_SETTLE_MAX_FARE (a void charges nothing)")
+    else:
+        raise InvalidArgument(field + "on_timeout", "is required with max_fare_fen: "
+                              "JOURNEY_TIMEOUT_SETTLE_MAX_FARE or JOURNEY_TIMEOUT_VOID")
 
 
 def amount(value: int, field: str, *, zero_ok: bool) -> int:

@@ -1061,6 +1061,12 @@ class Dbs:
         # SH-20: card number (ASCII) -> i64 LE end of its bank loss report, by its bank's
         # rules (config: loss_valid_days); none, or no such database: until cancelled
         self.bank_losses = db(b"bank_losses")
+        # issue 28, no journey left open (yikatong/journeys.py): new databases, no record's
+        # layout changed (a release that knows neither leaves them alone: its holds release
+        # at their timeout, as before). Hold id (UTF-8) -> journey record; the debited
+        # account's key -> the hold id of its last journey left open that no tap was told of
+        self.journeys = db(b"journeys")
+        self.journeys_untold = db(b"journeys_untold")
         self.change_seq = 0  # the last sequence handed out: read in each write (_begin_write)
         # append-only audit trail, hash-chained: u64 sequence -> audit event
         self.audit = db(b"audit")
@@ -1628,6 +1634,28 @@ class Book:
         """(client id, sequence, time) of every gate that acknowledged, by id."""
         for k, v in self._prefixed(self.dbs.meta, _GATE_ACK):
             yield (bytes(k[len(_GATE_ACK):]).decode("utf-8"), *_GATE_ACK_VALUE.unpack(v))
+
+    # ---- issue 28: journeys (yikatong/journeys.py encodes the record)
+    def journey(self, hold_id: str) -> bytes | None:
+        value = self.txn.get(hold_id.encode("utf-8"), db=self.dbs.journeys)
+        return None if value is None else bytes(value)
+
+    def put_journey(self, hold_id: str, record: bytes) -> None:
+        self._put(hold_id.encode("utf-8"), record, db=self.dbs.journeys)
+
+    def journey_untold(self, key: bytes, take: bool = False) -> str | None:
+        """The hold id of the account's last journey left open that no tap was told of;
+        `take`: and forget it (it is being told)."""
+        value = self.txn.get(key, db=self.dbs.journeys_untold)
+        if value is None:
+            return None
+        hold_id = bytes(value).decode("utf-8")
+        if take:
+            self._delete(key, db=self.dbs.journeys_untold)
+        return hold_id
+
+    def put_journey_untold(self, key: bytes, hold_id: str) -> None:
+        self._put(key, hold_id.encode("utf-8"), db=self.dbs.journeys_untold)
 
     # ---- idempotency: request id -> (fingerprint of the request, when, the first answer)
     def replay(self, request_id: str, fingerprint: bytes) -> bytes | None:

@@ -267,6 +267,40 @@ def test_bad_fields_are_refused_alike_and_write_nothing(pair, fields, field):
     assert dump(pair.stores[0]) == dump(pair.stores[1])
 
 
+def test_a_journeys_tap_in_and_its_tap_out_go_to_the_python_path_and_answer_alike(pair):
+    """Issue 28: a request naming a journey's max fare or policy is never the wire path's
+    (both twins give it to the Python path whole, even one field set to its default); the
+    journey's later answers (the next tap-in told of it, its correcting tap-out) are the
+    same bytes on both paths, as are the stores."""
+    card = "310000000001"
+    tap_in = request("j1", card, amount=600, phase=pb.PHASE_HOLD, hold_timeout_seconds=60,
+                     max_fare_fen=500, on_timeout=pb.JOURNEY_TIMEOUT_SETTLE_MAX_FARE)
+    void = request("j2", card, amount=100, phase=pb.PHASE_HOLD,
+                   on_timeout=pb.JOURNEY_TIMEOUT_VOID)
+    money = request("m1", card, amount=5).SerializeToString()
+    for raw, is_batch in ((batch(tap_in), True), (batch(void), True),
+                          (tap_in.SerializeToString(), False),
+                          (money + b"\x80\x01\x00", False),  # max_fare_fen = 0, explicitly
+                          (money + b"\x88\x01\x00", False)):  # on_timeout = 0, explicitly
+        for impl in (_authorize_c, _authorize_py):
+            assert impl.money_wire(raw, is_batch, *call_args(GATE)) is None
+    # a status-only request with a journey's field is refused, not answered by the status path
+    status = request("s1", card).SerializeToString()
+    for raw in (status + b"\x80\x01\x05", status + b"\x88\x01\x01"):
+        refused = both(pair, "Authorize", [raw], GATE)
+        assert refused[0][:2] == ("refused", "InvalidArgument"), refused
+    both(pair, "AuthorizeBatch", [batch(tap_in, void)], GATE)
+    for servicer in (pair.wire, pair.python):  # past the journeys' timeout
+        servicer.core.clock = type("Later", (), {"now": lambda self: NOW + 60})()
+    answers = both(pair, "AuthorizeStream", [batch(request("j3", card, amount=10))], GATE)
+    told = pb.AuthorizeBatchResponse.FromString(answers[0][1]).responses[0]
+    assert told.incomplete_journey.hold_request_id == "j1"  # j2's timeout is hours away
+    answers = both(pair, "Authorize", [request("j4", card, amount=200, phase=pb.PHASE_POST,
+                                               hold_request_id="j1").SerializeToString()], GATE)
+    assert pb.AuthorizeResponse.FromString(answers[0][1]).journey_refund_fen == 300
+    assert dump(pair.stores[0]) == dump(pair.stores[1])
+
+
 def test_a_message_mixing_status_only_and_money_goes_to_the_python_path_whole(pair):
     raw = batch(request("m1", "310000000001", amount=5), request("s1", "310000000001"))
     assert not taken(raw, GATE)
@@ -325,7 +359,10 @@ def money_request(draw, channel=1):
                                              [60, 30 * 86400 + 1]),
                 terminal_id=usually(["", "g1"], ["g\x00"]),
                 service_code=usually(["", "S"], ["x" * 65]),
-                split=usually([False], [True]))
+                split=usually([False], [True]),
+                # issue 28: a journey's tap-in, valid or not, is the Python path's whole
+                max_fare_fen=usually([0], [0, 1, 200, -1]),
+                on_timeout=usually([0], [0, 1, 2, 3]))
     return twist(q.SerializeToString(), draw(st.integers(0, 4)))
 
 

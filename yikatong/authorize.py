@@ -5,9 +5,16 @@ record's bytes): no write, no wait for the writer. With money it runs in the wri
 debited (or held, posted, voided) and remembered under the request id in one transaction, so a
 replay returns the first answer and moves nothing twice.
 """
-from yikatong import cards, config, fastpath, ledger, points
+from yikatong import cards, config, fastpath, journeys, ledger, points
 from yikatong.errors import CorruptRecord, InvalidArgument
-from yikatong.model import Channel, Phase, Reason, holder_account_key, operator_account_key
+from yikatong.model import (
+    Channel,
+    Phase,
+    Reason,
+    TransferKind,
+    holder_account_key,
+    operator_account_key,
+)
 from yikatong.storage.records import hot
 
 # The accounts a loss report or a death stops (cards.account_stopped), and the answers of the
@@ -48,9 +55,12 @@ def on_record(policy, record, card_number: str, channel: int, service_code: str,
 
 def with_money(policy, book, now: int, request_id: str, card_number: str, channel: int,
                amount: int, phase: int, hold_request_id: str, payee: str, hold_timeout: int,
-               role: int, fingerprint: bytes) -> tuple[int, int]:
+               role: int, fingerprint: bytes, max_fare: int = 0, on_timeout: int = 0
+               ) -> tuple[int, int, journeys.Told | None]:
     """One decision that moves money, inside the writer's transaction. Returns (reason,
-    fen available afterwards in the debited account, 0 where the card has none)."""
+    fen available afterwards in the debited account, 0 where the card has none, what the
+    answer tells of a journey: issue 28). A TRANSIT hold with `on_timeout` is a journey's
+    tap-in (yikatong/journeys.py)."""
     kind, default_payee, default_timeout = config.channel_money[channel]
     record, holder_id = book.card_with_holder(card_number)
     debit = holder_account_key(holder_id, kind) if holder_id is not None else None
@@ -62,23 +72,36 @@ def with_money(policy, book, now: int, request_id: str, card_number: str, channe
         if hold is None or hold.debit != debit:
             raise InvalidArgument("hold_request_id", f"{hold_request_id!r} is not a hold on card "
                                   f"{card_number}'s {Channel(channel).name} account")
-        ledger.resolve(book, now, request_id, hold_request_id, post=phase == Phase.POST,
-                       amount=amount, channel=channel, role=role, card_number=card_number,
-                       fingerprint=fingerprint)
-        return Reason.APPROVED, ledger.available(book, debit, now)
+        journey = journeys.get(book, hold_request_id) if hold.kind == TransferKind.PENDING \
+            else None
+        told = None
+        if journey is not None:
+            told = journeys.tap_out(book, now, request_id, hold_request_id, hold, journey,
+                                    post=phase == Phase.POST, amount=amount, channel=channel,
+                                    role=role, card_number=card_number, fingerprint=fingerprint)
+        else:
+            ledger.resolve(book, now, request_id, hold_request_id, post=phase == Phase.POST,
+                           amount=amount, channel=channel, role=role, card_number=card_number,
+                           fingerprint=fingerprint)
+        return Reason.APPROVED, ledger.available(book, debit, now), told
     left = ledger.settle(book, debit, now) if debit is not None else 0
     reason = fastpath.decide(policy, record, channel, now, 0, amount, left)
     if reason == fastpath.CORRUPT:
         raise CorruptRecord(f"card record {card_number} is corrupt")
     if channel in _STOPPABLE and reason in _CARD_USABLE:  # the holder's other cards
         reason = cards.account_stopped(book, holder_id, now, hot(record).pack)[0] or reason
+    # issue 28: a transit tap is told of the purse's last journey left open, whatever it gets
+    told = journeys.untold(book, debit) if channel == Channel.TRANSIT and debit is not None \
+        else None
     if reason == Reason.APPROVED:
         assert debit is not None
         ledger.create(book, now, request_id, debit, operator_account_key(payee or default_payee),
                       amount, phase == Phase.HOLD, hold_timeout or default_timeout, channel,
                       role, card_number, fingerprint, left)
+        if on_timeout:
+            journeys.begin(book, request_id, max_fare, on_timeout)
         left -= amount
-    return reason, left if debit is not None else 0
+    return reason, left if debit is not None else 0, told
 
 
 def with_split(policy, book, now: int, request_id: str, card_number: str, channel: int,

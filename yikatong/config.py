@@ -155,6 +155,11 @@ operator_name_bytes_max = 39  # "op:<name>", UTF-8
 holds_per_account_max = 64  # open holds on one account (a purse tapped in at many gates is a bug)
 hold_timeout_seconds_max = 30 * 86400
 hold_sweep_max = 10_000  # holds released by one periodic sweep
+# issue 28: a journey settled at its max fare when its tap-in hold timed out is corrected to
+# the real fare by a tap-out within this many seconds of the settlement (serve
+# --journey-grace-seconds); a day covers a journey's end the operator reconciles overnight
+journey_grace_seconds = 86_400
+journey_grace_seconds_max = 30 * 86_400
 # Channel -> (debited holder account kind, default payee operator, default hold timeout s).
 # TRANSIT: a tap-in holds the maximum fare for a journey; MEDICAL: pre-authorisation.
 channel_money: dict[int, tuple[int, str, int]] = {  # keyed by Channel

@@ -7,7 +7,9 @@ four balance columns is kept and asserted equal after every movement, and holder
 asserted never to go below zero. Holds expire at their timeout's exact second: `available()`
 counts an expired hold as released the moment it expires (lazily); money never moves on an
 account before its due holds are released on disk (`_sweep_account`), and `expire_holds()`
-(run by the writer at least every `writer_idle_seconds`) sweeps the rest.
+(run by the writer at least every `writer_idle_seconds`) sweeps the rest. A transit journey's
+hold (yikatong/journeys.py) is resolved the same way, by its operator's policy: counted as
+settled at its max fare from its timeout's second (`due`), settled on disk by either.
 
 A hold is resolved (posted or voided) only by whoever placed it: the same Authorize channel
 and the same role (`Transfer.channel`, `Transfer.role`), so a gate cannot void a bank's hold
@@ -15,7 +17,7 @@ on the same purse.
 """
 import typing
 
-from yikatong import config
+from yikatong import config, journeys
 from yikatong.errors import TransferNotFound, TransferRefused
 from yikatong.model import (
     AccountKind,
@@ -40,12 +42,32 @@ def expired_held(book, key: bytes, now: int) -> int:
     return sum(fen for timeout_at, _, fen in book.holds(key) if timeout_at <= now)
 
 
+def due(book, key: bytes, now: int) -> tuple[int, int]:
+    """(fen held on `key` by holds past their timeout not yet swept, fen of it their
+    journeys' settlement at the max fare posts): what a read counts as released and posted."""
+    held = fares = 0
+    for timeout_at, pending_id, fen in book.holds(key):
+        if timeout_at <= now:
+            held += fen
+            fares += journeys.due_fare(book, pending_id)
+    return held, fares
+
+
 def available(book, key: bytes, now: int) -> int:
     """Credits less debits less holds still in force at `now`."""
     a = book.account(key)
     left = a.credits_posted - a.debits_posted - a.debits_pending
     # an account holds something only while debits are pending: else no index to walk
-    return left + expired_held(book, key, now) if a.debits_pending else left
+    if a.debits_pending:
+        held, fares = due(book, key, now)
+        return left + held - fares
+    return left
+
+
+def _expire(book, now: int, pending_id: str, hold: Transfer) -> None:
+    """A due hold released, or resolved by its journey's policy (journeys.at_timeout)."""
+    if not journeys.at_timeout(book, now, pending_id, hold):
+        _release(book, now, pending_id, hold, TransferStatus.EXPIRED, 0)
 
 
 def _sweep_account(book, key: bytes, now: int) -> None:
@@ -53,7 +75,7 @@ def _sweep_account(book, key: bytes, now: int) -> None:
     that what `available()` counted as released lazily is released on disk too."""
     for timeout_at, pending_id, _ in book.holds(key):
         if timeout_at <= now:
-            _release(book, now, pending_id, book.transfer(pending_id), TransferStatus.EXPIRED, 0)
+            _expire(book, now, pending_id, book.transfer(pending_id))
 
 
 def _add_totals(book, pending: int, posted: int) -> None:
@@ -304,5 +326,5 @@ def expire_holds(book, now: int, limit: int = config.hold_sweep_max) -> int:
     """Release every hold whose timeout has come (timeout_at <= now). Returns how many."""
     due = book.holds_due(now, limit)
     for pending_id in due:
-        _release(book, now, pending_id, book.transfer(pending_id), TransferStatus.EXPIRED, 0)
+        _expire(book, now, pending_id, book.transfer(pending_id))
     return len(due)

@@ -95,6 +95,7 @@ class Authorization:
         commands = [
             (i, q.request_id, q.card_number, q.channel, q.amount_fen, q.phase, q.hold_request_id,
              q.payee_account, q.hold_timeout_seconds, fingerprint("Authorize", client, q))
+            + ((q.max_fare_fen, q.on_timeout) if q.on_timeout else ())  # issue 28: a journey
             for i, q in money]
         if any(q.split for _, q in money):
             commands = _with_rules(money, commands, field_prefix)
@@ -105,9 +106,11 @@ class Authorization:
         """`money_command` of compact commands, as the Python path makes them from requests
         and the wire path from wire bytes (fastpath money_wire): (index, request_id,
         card_number, channel, amount_fen, phase, hold_request_id, payee_account,
-        hold_timeout_seconds, fingerprint) each, and for a split tap (Python path only) the
-        operator's accounts in order as an 11th; `answer(request_id, reason, available_fen)`
-        the AuthorizeResponse's bytes."""
+        hold_timeout_seconds, fingerprint) each; then, on the Python path only, a split tap's
+        operator's accounts in order as an 11th (issue 28 item 2), or a journey's tap-in's
+        max_fare_fen and on_timeout as an 11th and 12th (item 1; never both: a split is
+        single-phase, a journey a hold); `answer(request_id, reason, available_fen)` the
+        AuthorizeResponse's bytes."""
         clock, policy, role = self.core.clock, self.core.policy, client.role
         client_id, role_name = client.id, role.name
         with_money = authorize.with_money
@@ -128,11 +131,16 @@ class Authorization:
         def command(book):
             def decide(c) -> bytes:
                 now = clock.now()
-                if len(c) > 10:  # a split tap (issue 28 item 2)
+                if len(c) == 11:  # a split tap (issue 28 item 2)
                     return split(book, now, c)
-                reason, left = with_money(  # positional: once per debit, on the hot path
+                reason, left, told = with_money(  # positional: once per debit, on the hot path
                     policy, book, now, c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], role,
-                    c[9])
+                    c[9], *c[10:])
+                if told is not None:  # issue 28: the answer tells of a journey
+                    if reason == 0:
+                        book.append_audit(now, client_id, role_name, method, c[2],
+                                          _journey_purpose(c[6], told))
+                    return answer(c[1], reason, left) + _journey_bytes(told)
                 if reason == 0:
                     book.append_audit(now, client_id, role_name, method, c[2])
                 return answer(c[1], reason, left)
@@ -252,6 +260,25 @@ def _with_rules(money, commands, field_prefix: bool):
             c += (kinds,)
         out.append(c)
     return out
+
+
+def _journey_bytes(told) -> bytes:
+    """The AuthorizeResponse's journey fields (16, 17), as protobuf writes them after fields
+    1-4: appended to the answer's bytes they are the whole message's."""
+    if told.refund is not None:
+        return pb.AuthorizeResponse(journey_refund_fen=told.refund).SerializeToString()
+    return pb.AuthorizeResponse(incomplete_journey=pb.IncompleteJourney(
+        hold_request_id=told.hold_id, outcome=told.outcome, fare_fen=told.fare,
+        settled_at=told.settled_at, correctable_until=told.correctable_until)
+    ).SerializeToString()
+
+
+def _journey_purpose(hold_request_id: str, told) -> str:
+    """The audit event's purpose for an answer that tells of a journey."""
+    if told.refund is not None:
+        return (f"journey correction: tap-out of {hold_request_id}, settled at its max fare; "
+                f"{told.refund} fen back to the card")
+    return f"told of journey {told.hold_id} left open ({told.fare} fen charged)"
 
 
 def _answer_message(request_id: str, reason: int, available: int) -> bytes:

@@ -159,7 +159,10 @@ class Ledger:
             for kind in (pb.ACCOUNT_KIND_MEDICAL, pb.ACCOUNT_KIND_TRANSIT, pb.ACCOUNT_KIND_BENEFIT):
                 key = holder_account_key(holder_id, kind)
                 a = book.account(key)
-                pending = a.debits_pending - ledger.expired_held(book, key, now)
-                out.append(pb.Balance(kind=kind, posted_fen=a.posted, pending_fen=pending,
-                                      available_fen=a.posted - pending))
+                # holds past their timeout: released, a journey's settled at its max fare
+                # (issue 28), from that second, swept or not
+                held, fares = ledger.due(book, key, now)
+                pending, posted = a.debits_pending - held, a.posted - fares
+                out.append(pb.Balance(kind=kind, posted_fen=posted, pending_fen=pending,
+                                      available_fen=posted - pending))
         return pb.GetBalancesResponse(balances=out)
