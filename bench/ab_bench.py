@@ -3,7 +3,8 @@
 once, this tree's and another build's (`--baseline-dir`: a worktree at the commit before,
 with its .venv; its server runs from that directory, so `python -m yikatong` finds that
 tree's package, not this one's), measured in turn --repeat times, medians. Both on the
-default paths (money from wire bytes).
+default paths (money from wire bytes). `--split-rules`: this tree's server runs with a split
+rule in force (issue 28 item 2; it changes nothing for a tap that does not ask to split).
 
     git worktree add --detach /tmp/base BASE_COMMIT && (cd /tmp/base && python3.11 -m venv .venv
         && .venv/bin/pip install -q -e .)
@@ -32,6 +33,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--unary", type=int, default=64, help="unary calls in flight")
+    p.add_argument("--split-rules", action="store_true",
+                   help="this tree's server with a split rule in force (medical, then purse)")
     args = p.parse_args()
     samples: dict[str, dict[str, list[float]]] = {m: {} for m in ("after", "before")}
     with contextlib.ExitStack() as stack:
@@ -46,9 +49,15 @@ def main() -> int:
         servers, cards = {}, {}
         for mode, python in modes:  # both up at once, measured in turn
             tmp = stack.enter_context(tempfile.TemporaryDirectory())
+            extra = ["--demo"]
+            if mode == "after" and args.split_rules:
+                rules = os.path.join(tmp, "split.toml")
+                with open(rules, "w") as f:
+                    f.write('version = "bench"\n[split]\nmedical = ["MEDICAL", "TRANSIT"]\n')
+                extra += ["--split-rules", rules]
             mine, sys.executable = sys.executable, python  # ServerProcess starts sys.executable
             try:
-                servers[mode] = ServerProcess(tmp, "--demo", clients=False)
+                servers[mode] = ServerProcess(tmp, *extra, clients=False)
             finally:
                 sys.executable = mine
             stack.callback(servers[mode].stop)
@@ -79,7 +88,8 @@ def main() -> int:
     print("| build | AuthorizeStream debits/s | server CPU us/debit | unary Authorize "
           "debits/s | server CPU us/debit |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, m in (("after (this tree)", a), ("before (--baseline-dir)", b)):
+    this = "after (this tree" + (", --split-rules in force)" if args.split_rules else ")")
+    for name, m in ((this, a), ("before (--baseline-dir)", b)):
         print(f"| {name} | {m['stream']:,.0f} | {m['stream_us']:.1f} | {m['unary']:,.0f} | "
               f"{m['unary_us']:.1f} |")
     print(f"| after / before | {a['stream'] / b['stream']:.3f}x | "
