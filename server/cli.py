@@ -324,7 +324,8 @@ def backup(args) -> int:
 
 def cluster_status(urls: list[str], as_json: bool) -> int:
     """The writer, the log's end, and each node's last report. Exit 1 when no node holds
-    the write lease or a node is down (a monitoring check can run this)."""
+    the write lease, none has reported, or a node is down (a monitoring check can run
+    this)."""
     from yikatong.storage import replication
 
     try:
@@ -342,7 +343,9 @@ def cluster_status(urls: list[str], as_json: bool) -> int:
             print(f"{n['node']:<12} {n['address']:<22} {n['role']:<9} {n['applied']:>9} "
                   f"{n['lag']:>7}  {n['reported_seconds_ago']:g} s ago"
                   + ("  DOWN" if n["down"] else ""))
-    healthy = status["writer"] is not None and not any(n["down"] for n in status["nodes"])
+    # a writer with no node's report to show is not a healthy cluster (nor one to trust)
+    healthy = status["writer"] is not None and bool(status["nodes"]) \
+        and not any(n["down"] for n in status["nodes"])
     return 0 if healthy else 1
 
 

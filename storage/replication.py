@@ -673,10 +673,17 @@ def cluster_status(urls: list[str], stale_seconds: float = 10.0) -> dict:
             reports: dict = {}
             try:
                 kv = await log._js.key_value(NODES_BUCKET)
-                for key in await kv.keys():
+                for attempt in range(3):  # nats-py's keys() says "no keys" when its watcher
+                    try:  # is slow to start (seen under load): asked again before believed
+                        keys = await kv.keys()
+                        break
+                    except nats.js.errors.NoKeysError:
+                        keys = []
+                        await asyncio.sleep(0.3 * (attempt < 2))
+                for key in keys:
                     entry = await kv.get(key)
                     reports[key] = json.loads(entry.value or b"{}")
-            except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+            except nats.js.errors.BucketNotFoundError:
                 pass
             try:
                 lease = await (await log._js.key_value(LEASE_BUCKET)).get(LEASE_KEY)

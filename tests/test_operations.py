@@ -146,12 +146,18 @@ def test_the_systemd_unit_reloads_with_sighup_and_keeps_files_owner_only(tmp_pat
 
 
 def test_the_sizing_script_measures_a_debit_near_what_docs_operations_says():
-    """docs/OPERATIONS.md's figures come from bench/sizing.py (about 890 bytes a debit):
-    a small run must land near them, or the document needs the new figures."""
+    """docs/OPERATIONS.md's figures come from bench/sizing.py: a small run must land within
+    a quarter of them (a small run's pages are less full), or the document needs the new
+    figures."""
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "sizing.py"),
                            "--unary", "300", "--streamed", "1000", "--cards", "200"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     each = [int(row.split("|")[4].replace(",", "")) for row in done.stdout.splitlines()
             if row.startswith("| debit")]
-    assert len(each) == 2 and all(600 <= n <= 1200 for n in each), done.stdout
+    with open(os.path.join(ROOT, "docs", "OPERATIONS.md")) as f:
+        said = [int(line.rsplit("|", 2)[1].replace(",", "")) for line in f
+                if line.startswith("| a debit")]
+    assert len(said) == 2 and len(each) == 2, (said, done.stdout)
+    assert all(0.75 * s <= n <= 1.25 * s for n, s in zip(each, said, strict=True)), \
+        (said, done.stdout)
