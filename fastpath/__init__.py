@@ -29,4 +29,6 @@ money_wire = None if os.environ.get("YIKATONG_NO_WIRE_MONEY") or authorize_wire 
 money_answer = impl.money_answer
 money_answers = impl.money_answers
 APPROVED = _authorize_py.APPROVED
+RULE_PACK = _authorize_py.RULE_PACK  # issue 28 item 4: the version of what decides a debit
+walk = _authorize_py.walk  # decide, row by row (the readable twin's; the same answers)
 CORRUPT = _authorize_py.CORRUPT

@@ -10,12 +10,24 @@ for a record that must not be decided on. The first rule that fails wins, in the
 order. The Cython twin (_authorize_c.pyx) must give the same answer for every input; tests
 check that.
 """
+import typing
+
 from yikatong.errors import CorruptRecord
 from yikatong.model import Channel, Flag, Pack, Reason, State
 from yikatong.storage.records import HotCard, hot
 
 APPROVED = int(Reason.APPROVED)
 CORRUPT = -1
+# The rule pack (issue 28 item 4): the version of what decides a debit, recorded with every
+# transfer Authorize makes (storage/records.py encode_decision) so that `yikatong explain`
+# can say whether today's rules would answer it differently. It covers this table (decide,
+# walk and their helpers, and the Cython twin: held identical by tests),
+# config.generation_retired_at (the Policy every server runs), with_money's account rule
+# (cards.account_stopped) and the funds row; not the points table or the calendar, which no
+# money-moving decision reads (temp_loss_until is stored on the card when the loss is
+# reported). Bump it, and keep the old table in yikatong/explain.py's PACKS, whenever any of
+# them changes an answer: tests/test_explain.py holds a digest of their code.
+RULE_PACK = 1
 # Plain ints on the hot loop (an enum member is a slower name to look up).
 (CARD_NOT_FOUND, CARD_SUPERSEDED, CARD_CANCELLED, GENERATION_RETIRED, CARD_NOT_ISSUED,
  CARD_NOT_ACTIVATED, CARD_LOST, CARD_FROZEN, RC_NOT_RENEWED, APPLICATION_LOCKED,
@@ -82,6 +94,79 @@ def decide(policy: Policy, record, channel: int, now: int, points_required: int,
     if amount > available:  # a debit larger than the balance less holds
         return INSUFFICIENT_FUNDS
     return APPROVED
+
+
+class Row(typing.NamedTuple):
+    """One row of the table as `walk` passed it: its number, the rule it applies, what it
+    tests, and the answer it gave (None: the row does not apply, the next is asked)."""
+
+    number: int
+    rule: str
+    test: str
+    answer: int | None
+
+
+def walk(policy: Policy, record, channel: int, now: int, points_required: int,
+         amount: int = 0, available: int = 0, bank_loss_until: int = 0):
+    """`decide`, row by row: yields each Row it asks, the last one with its answer (the same
+    as decide's for every input: tests/test_explain.py holds the two identical)."""
+    if record is None:
+        yield Row(1, "", "there is no such card", CARD_NOT_FOUND)
+        return
+    try:
+        card = hot(record)
+    except CorruptRecord:
+        yield Row(0, "", "the card record is not one this table reads", CORRUPT)
+        return
+    yield Row(1, "", "there is no such card", None)
+    financial = channel == _FINANCIAL
+    rows = (
+        (2, "SH-23c", "the card is superseded by its replacement",
+         lambda: card.state == _SUPERSEDED, CARD_SUPERSEDED),
+        (3, "GZ-26, RC-16", "the card is cancelled",
+         lambda: card.state == _CANCELLED, CARD_CANCELLED),
+        (4, "SH-30", f"generation {card.generation} is retired at {now}",
+         lambda: retired(policy, card, now), GENERATION_RETIRED),
+        (5, "SH-10", "the card is not yet issued",
+         lambda: card.state in _NOT_ISSUED, CARD_NOT_ISSUED),
+        (6, "SH-12", "the card is not activated (for a use other than FINANCIAL)",
+         lambda: not financial and (card.state == _ISSUED or lapsed_unactivated(card, now)),
+         CARD_NOT_ACTIVATED),
+        (7, "SH-18, GZ-21", "the card is reported lost (and the loss stops this use)",
+         lambda: card.state == _LOST and (not financial or loss_stops_financial(card)),
+         CARD_LOST),
+        (8, "SH-18b", f"the card is temporarily lost and frozen until "
+         f"{card.temp_loss_until} (now {now})",
+         lambda: card.state == _TEMP_LOSS and not financial and frozen(card, now), CARD_FROZEN),
+        (9, "RC-14", f"a Residence Card valid until {card.valid_until} (now {now})",
+         lambda: card.pack == _RC and card.valid_until and now >= card.valid_until,
+         RC_NOT_RENEWED),
+        (10, "GZ-6", f"the application of channel {channel} is locked",
+         lambda: card.lock_mask & (1 << channel), APPLICATION_LOCKED),
+        (11, "SH-13", "a transit use without the transit function",
+         lambda: channel == _TRANSIT and not card.flags & _FLAG_TRANSIT, FUNCTION_NOT_OPEN),
+        (12, "SH-14", "a financial use without the financial function open",
+         lambda: financial and not card.flags & _FLAG_FIN_OPEN, FUNCTION_NOT_OPEN),
+        (13, "RC-6", "a Residence Card asked for a medical or benefit use",
+         lambda: card.pack == _RC and (channel == _MEDICAL or channel == _BENEFIT),
+         FUNCTION_NOT_OPEN),
+        (14, "SH-20", "a financial use while a bank loss report stands",
+         lambda: financial and card.flags & _FLAG_FIN_FROZEN
+         and bank_loss_stands(bank_loss_until, now), FINANCIAL_FROZEN),
+        (15, "RC-20", f"a service needing {points_required} points (the card has "
+         f"{card.points if card.pack == _RC else 'none'})",
+         lambda: channel == _SERVICE and points_required and (card.pack != _RC
+                                                               or card.points < points_required),
+         NOT_ENTITLED),
+        (16, "", f"{amount} fen asked of {available} fen available",
+         lambda: amount > available, INSUFFICIENT_FUNDS),
+    )
+    for number, rule, test, fails, reason in rows:
+        if fails():
+            yield Row(number, rule, test, reason)
+            return
+        yield Row(number, rule, test, None)
+    yield Row(17, "", "every rule passed", APPROVED)
 
 
 def retired(policy: Policy, card: HotCard, now: int) -> bool:

@@ -192,6 +192,18 @@ def main(argv=None) -> int:
     gt.add_argument("--now", metavar="ISO-8601",
                     help="the time to judge ages at (default: the system clock; give the "
                          "server's own under --clock manual)")
+    e = sub.add_parser("explain", help="a transfer's recorded card decision walked again, rule "
+                       "by rule (a running server's data dir too)",
+                       description="Re-decides the card decision a transfer was made on, with "
+                       "the rule pack and card state recorded with it, row by row, and says what "
+                       "today's rules answer if they are another pack. Exit codes: 0 it "
+                       "re-decides to the recorded answer (or no decision was recorded: said "
+                       "why); 1 the recorded decision does not re-decide; 2 no such transfer, "
+                       "or no store; 3 recorded under a rule pack this release does not keep.")
+    e.add_argument("--data-dir", required=True)
+    e.add_argument("--transfer", required=True, metavar="ID",
+                   help="a transfer id (a request id; a split tap's own id or a leg's)")
+    e.add_argument("--json", action="store_true", help="one JSON object, for machines")
     d = sub.add_parser("due", help="open steps overdue or due soon (a stopped server's too)")
     d.add_argument("--data-dir", required=True)
     d.add_argument("--within", type=int, default=3, metavar="DAYS")
@@ -265,6 +277,8 @@ def main(argv=None) -> int:
         return gates(args.data_dir, args.clients, args.stale_after, args.now)
     if args.command == "due":
         return due(args.data_dir, args.within, args.calendar_dir)
+    if args.command == "explain":
+        return explain_transfer(args.data_dir, args.transfer, args.json)
     if args.command in ("backup", "restore"):
         return backup(args)
     if args.command == "cluster":
@@ -347,6 +361,87 @@ def cluster_status(urls: list[str], as_json: bool) -> int:
     healthy = status["writer"] is not None and bool(status["nodes"]) \
         and not any(n["down"] for n in status["nodes"])
     return 0 if healthy else 1
+
+
+def explain_transfer(data_dir: str, transfer_id: str, as_json: bool = False) -> int:
+    """`yikatong explain`: 0 re-decided to the recorded answer (or nothing recorded, said
+    why), 1 it does not re-decide, 2 no such transfer or no store, 3 an unknown rule pack."""
+
+    from yikatong import clock as clocks
+    from yikatong import explain
+    from yikatong.errors import CorruptRecord, StoreUnavailable
+    from yikatong.storage import archive, records
+    from yikatong.storage.lmdb_store import Store
+
+    if not os.path.exists(os.path.join(data_dir, "lmdb", "data.mdb")):
+        return _fail(f"no store in {data_dir}")
+    if not 0 < len(transfer_id.encode("utf-8")) <= config.request_id_bytes_max:
+        return _fail(f"--transfer must be 1 to {config.request_id_bytes_max} bytes")
+    try:
+        store = Store(data_dir, lock=False)  # reads only; beside a running server too
+    except StoreUnavailable as error:
+        return _fail(str(error))
+    try:
+        with store.read() as txn:
+            book = store.book(txn)
+
+            from_archive: set[str] = set()
+
+            def get(tid: str):
+                t = book.transfer(tid)
+                if t is None:
+                    stored = archive.transfer(book, tid)
+                    if stored is not None:
+                        from_archive.add(tid)
+                        t = records.decode_transfer(stored)
+                return t
+
+            try:
+                out = explain.explain(get, transfer_id)
+                out.archived = (out.decided_by or transfer_id) in from_archive
+            except explain.NotFound:
+                return _fail(f"no transfer {transfer_id!r} in {data_dir} or its archive")
+            except explain.UnknownPack as error:
+                print(f"yikatong: {error}", file=sys.stderr)
+                return 3
+            except CorruptRecord as error:
+                print(f"transfer {transfer_id!r}: the recorded decision does not re-decide: "
+                      f"{error}")
+                return 1
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps(out.as_dict(), sort_keys=True))
+    else:
+        print(f"transfer {out.transfer_id!r} ({out.kind})"
+              + (" from the archive" if out.archived else "")
+              + (f": {out.note}" if out.note else ""))
+        if out.recorded:
+            inputs, card = out.inputs, out.inputs["card"]
+            print(f"decided {clocks.format_time(out.time)} for {out.channel} under rule pack "
+                  f"{out.rule_pack}" + (f" (transfer {out.decided_by!r})"
+                                        if out.decided_by != out.transfer_id else ""))
+            print(f"  card: pack {card['pack']}, state {card['state']}, flags {card['flags']}, "
+                  f"generation {card['generation']}, locks {card['lock_mask']}, temporary loss "
+                  f"until {card['temp_loss_until']}, valid until {card['valid_until']}")
+            print(f"  funds: {inputs['amount_fen']} fen asked of {inputs['available_fen']} fen "
+                  f"available in {inputs['account']}")
+            for row in out.rows:
+                print(f"  row {row['number']:>2} {row['rule']:<16} {row['test']}: "
+                      f"{row['answer'] or 'passes'}")
+            print(f"recorded answer: {out.recorded_answer}")
+            print(f"re-decided answer: {out.redecided_answer}")
+            if out.today_answer:
+                print(f"today's rules (rule pack {out.today_pack}) "
+                      + ("answer the same" if out.today_answer == out.redecided_answer
+                         else f"would answer {out.today_answer}"))
+            else:
+                print(f"today's rules are the recorded rule pack ({out.today_pack})")
+    if out.recorded and not out.same:
+        print(f"transfer {transfer_id!r}: the recorded decision does not re-decide "
+              f"({out.redecided_answer}, recorded {out.recorded_answer})")
+        return 1
+    return 0
 
 
 def due(data_dir: str, within: int, calendar_dir: str = "") -> int:

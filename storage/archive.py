@@ -429,6 +429,21 @@ def request(book, key: bytes) -> tuple[bytes, bytes] | None:
     return _requests_of(where, n, st and (st.st_ino, st.st_size, st.st_mtime_ns)).get(key)
 
 
+def transfer(book, transfer_id: str) -> bytes | None:
+    """The stored bytes of an archived transfer (`yikatong explain`), from the segment its id's
+    digest names; None if it was never archived. CorruptRecord if its segment is missing or
+    damaged."""
+    key = transfer_id.encode("utf-8")
+    value = book.txn.get(id_digest(key), db=book.dbs.archived_ids)
+    if value is None:
+        return None
+    (n,) = _LEN.unpack(value)
+    for k, v in read(archive_dir(book.dbs.data_dir), n).records["transfers"]:
+        if k == key:
+            return v
+    return None  # a digest shared with another id
+
+
 @functools.lru_cache(maxsize=8)
 def _requests_of(where: str, n: int, _file: tuple | None
                  ) -> dict[bytes, tuple[bytes, bytes]]:

@@ -752,7 +752,7 @@ def _from_5(env, txn, ring=None) -> dict[str, int]:
         (_, kind, status, channel, role, amount, created, timeout, resolved, debit, credit,
          ref, _fingerprint) = _TRANSFER_5.unpack(value)
         debit, credit, ref = debit.rstrip(b"\0"), credit.rstrip(b"\0"), ref.rstrip(b"\0")
-        has = (1 if timeout else 0) | (2 if resolved else 0)
+        has = (1 if timeout else 0) | (2 if resolved else 0) | 8  # 8: the wide head
         return (_TRANSFER_6.pack(3, kind, status, channel, role, has, amount, created,
                                  len(debit), len(credit))
                 + (struct.pack("<q", timeout) if timeout else b"")

@@ -239,17 +239,23 @@ def decode_account(value) -> Account:
 # then what is set, as long as it is (no padding; no fingerprint: the request's fingerprint is
 # kept once, with its remembered answer):
 #   version kind status channel role, `has` (bit 0: timeout_at follows, bit 1: resolved
-#   follows), amount created_at (i64), u8 len(debit), u8 len(credit) (24 bytes);
-#   then timeout_at (i64) if set, resolved (i64) if set, debit, credit, ref_id (UTF-8: the
-#   rest). A plain debit (no timeout, nothing resolved, no reference): 24 + its two keys.
+#   follows, bit 2: the decision follows, bit 3: wide), amount created_at (u32 each; i64 when
+#   wide: either does not fit a u32), u8 len(debit), u8 len(credit) (16 bytes; wide: 24);
+#   then timeout_at (i64) if set, resolved (i64) if set, the card decision that made it
+#   (`encode_decision`: Authorize's debits and holds, issue 28 item 4) if recorded, debit,
+#   credit, ref_id (UTF-8: the rest). A plain debit (no timeout, nothing resolved, no
+#   reference): 16 + its decision + its two keys.
 # Format 5 and before (version 2, 213 bytes; still read: archive segments keep them):
 #   version kind status channel role amount created_at timeout_at resolved debit(40)
 #   credit(40) ref_id(64) fingerprint(32), NUL-padded
 TRANSFER_VERSION = 3
-TRANSFER = struct.Struct("<BBBBBBqqBB")
+TRANSFER = struct.Struct("<BBBBBBqqBB")  # wide
 _TRANSFER_PACK = TRANSFER.pack
+TRANSFER_NARROW = struct.Struct("<BBBBBBIIBB")
+_NARROW_PACK = TRANSFER_NARROW.pack
 _I64 = struct.Struct("<q")
-_HAS_TIMEOUT, _HAS_RESOLVED = 1, 2
+_HAS_TIMEOUT, _HAS_RESOLVED, _HAS_DECISION, _WIDE = 1, 2, 4, 8
+_HAS = _HAS_TIMEOUT | _HAS_RESOLVED | _HAS_DECISION | _WIDE
 TRANSFER_2 = struct.Struct("<BBBBBqqqq40s40s64s32s")
 _KINDS = (min(TransferKind), max(TransferKind))
 _STATUSES = (min(TransferStatus), max(TransferStatus))
@@ -262,19 +268,26 @@ def encode_transfer(t: Transfer) -> bytes:
             and 0 <= t.amount <= config.amount_fen_max
             and 0 <= t.resolved <= config.amount_fen_max
             and 0 < len(t.debit) <= ACCOUNT_KEY_BYTES_MAX and not t.debit.endswith(b"\0")
-            and 0 < len(t.credit) <= ACCOUNT_KEY_BYTES_MAX and not t.credit.endswith(b"\0")):
+            and 0 < len(t.credit) <= ACCOUNT_KEY_BYTES_MAX and not t.credit.endswith(b"\0")
+            and len(t.decided) <= DECISION_BYTES_MAX):
         raise InvalidRecord(f"transfer record out of its layout: kind {t.kind}, status "
                             f"{t.status}, amount {t.amount}, resolved {t.resolved}, account "
                             f"keys {len(t.debit)} and {len(t.credit)} bytes (at most "
                             f"{ACCOUNT_KEY_BYTES_MAX})")
     ref = _fixed("ref_id", t.ref_id, config.request_id_bytes_max, "utf-8") if t.ref_id else b""
     try:
-        has = (_HAS_TIMEOUT if t.timeout_at else 0) | (_HAS_RESOLVED if t.resolved else 0)
-        head = _TRANSFER_PACK(TRANSFER_VERSION, t.kind, t.status, t.channel, t.role, has,
-                              t.amount, t.created_at, len(t.debit), len(t.credit))
+        has = ((_HAS_TIMEOUT if t.timeout_at else 0) | (_HAS_RESOLVED if t.resolved else 0)
+               | (_HAS_DECISION if t.decided else 0))
+        if t.amount <= 0xffffffff and 0 <= t.created_at <= 0xffffffff:
+            head = _NARROW_PACK(TRANSFER_VERSION, t.kind, t.status, t.channel, t.role, has,
+                                t.amount, t.created_at, len(t.debit), len(t.credit))
+        else:
+            head = _TRANSFER_PACK(TRANSFER_VERSION, t.kind, t.status, t.channel, t.role,
+                                  has | _WIDE, t.amount, t.created_at, len(t.debit),
+                                  len(t.credit))
         if has:
             head += ((_I64.pack(t.timeout_at) if t.timeout_at else b"")
-                     + (_I64.pack(t.resolved) if t.resolved else b""))
+                     + (_I64.pack(t.resolved) if t.resolved else b"") + t.decided)
     except struct.error as e:
         raise InvalidRecord(f"transfer record: {e}") from None
     return head + t.debit + t.credit + ref
@@ -283,35 +296,140 @@ def encode_transfer(t: Transfer) -> bytes:
 def decode_transfer(value) -> Transfer:
     """A transfer record of format 6 (version 3) or before (version 2: its fingerprint too)."""
     n = len(value)
-    if n >= TRANSFER.size and value[0] == TRANSFER_VERSION:
+    if n >= TRANSFER_NARROW.size and value[0] == TRANSFER_VERSION:
+        layout = TRANSFER if value[5] & _WIDE else TRANSFER_NARROW
+        if n < layout.size:
+            raise CorruptRecord(f"transfer record of {n} bytes")
         (_, kind, status, channel, role, has, amount, created_at, nd,
-         nc) = TRANSFER.unpack_from(value)
-        at, timeout_at, resolved = TRANSFER.size, 0, 0
-        if has & ~(_HAS_TIMEOUT | _HAS_RESOLVED):
+         nc) = layout.unpack_from(value)
+        at, timeout_at, resolved, decided = layout.size, 0, 0, b""
+        if has & ~_HAS:
             raise CorruptRecord(f"transfer record says it has {has}")
-        at += 8 * ((has & _HAS_TIMEOUT) + (has >> 1))
+        at += 8 * ((has & _HAS_TIMEOUT) + (has >> 1 & 1))
+        if has & _HAS_DECISION:
+            end = at + decision_size(value, at)
+            decided, at = bytes(value[at:end]), end
         if not (0 < nd <= ACCOUNT_KEY_BYTES_MAX and 0 < nc <= ACCOUNT_KEY_BYTES_MAX
                 and at + nd + nc <= n <= at + nd + nc + config.request_id_bytes_max):
             raise CorruptRecord(f"transfer record of {n} bytes with account keys of {nd} and "
                                 f"{nc}")
         value = bytes(value)
         if has & _HAS_TIMEOUT:
-            (timeout_at,) = _I64.unpack_from(value, TRANSFER.size)
+            (timeout_at,) = _I64.unpack_from(value, layout.size)
         if has & _HAS_RESOLVED:
-            (resolved,) = _I64.unpack_from(value, at - 8)
+            (resolved,) = _I64.unpack_from(value, layout.size + 8 * (has & _HAS_TIMEOUT))
         debit, credit = value[at:at + nd], value[at + nd:at + nd + nc]
         ref_id, fingerprint = _text("ref_id", value[at + nd + nc:], "utf-8"), _NO_FP
     elif n == TRANSFER_2.size and value[0] == 2:
         (_, kind, status, channel, role, amount, created_at, timeout_at, resolved, debit,
          credit, ref, fingerprint) = TRANSFER_2.unpack(value)
         debit, credit = debit.rstrip(b"\0"), credit.rstrip(b"\0")
-        ref_id = _text("ref_id", ref, "utf-8")
+        ref_id, decided = _text("ref_id", ref, "utf-8"), b""
     else:
         raise CorruptRecord(f"transfer record of {n} bytes / version {bytes(value[0:1])!r}")
     if not (_KINDS[0] <= kind <= _KINDS[1] and _STATUSES[0] <= status <= _STATUSES[1]):
         raise CorruptRecord(f"transfer record has kind {kind} / status {status}")
     return Transfer(kind, status, amount, debit, credit, ref_id, fingerprint, created_at,
-                    timeout_at, resolved, channel, role)
+                    timeout_at, resolved, channel, role, decided)
+
+
+# The card decision a transfer was made on (issue 28 item 4: `yikatong explain`), recorded by
+# Authorize's debits and holds (yikatong.authorize) inside the transfer record, compactly:
+# only what the decision table (fastpath decide) and with_money read for a channel that
+# moves money (TRANSIT, MEDICAL, BENEFIT: never the points, never a bank loss's end):
+#   split << 7 | rule pack (fastpath RULE_PACK when decided, 1 to 127; split: a split tap's
+#   leg), other << 7 | pack << 4 | state (other: the holder's other cards were asked,
+#   cards.account_stopped, and none stopped the account), flags, generation, lock_mask,
+#   then the fen available in the debited account before it (a varint), then
+#   temp_loss_until (i64) only when the state is TEMP_LOSS, valid_until (i64) only for a
+#   Residence Card. The time is the transfer's created_at. A plain debit's: 7 or 8 bytes.
+DECISION = struct.Struct("<BBBBB")
+DECISION_BYTES_MAX = DECISION.size + 10 + 16
+ASKED_OTHER_CARDS, ASKED_SPLIT = 1, 2  # Decision.asked
+_TEMP_LOSS, _RC = int(State.TEMP_LOSS), int(Pack.RC)
+
+
+class Decision(typing.NamedTuple):
+    rule_pack: int
+    card: HotCard  # the hot header as decided on (points: 0, not read when money moves)
+    available: int  # fen available in the debited account before the debit
+    asked: int  # ASKED_* bits
+
+
+def encode_decision(rule_pack: int, record, available: int, asked: int) -> bytes:
+    """The decision's record from the card record's bytes it was decided on (checked by the
+    decision: `hot`), the fen available before and the ASKED_* bits."""
+    state, pack = record[2], record[1]
+    if not 0 < rule_pack < 128:
+        raise InvalidRecord(f"rule pack {rule_pack}")
+    out = bytearray((rule_pack | (asked & ASKED_SPLIT) << 6,
+                     state | pack << 4 | (asked & ASKED_OTHER_CARDS) << 7,
+                     record[3], record[4], record[5]))
+    v = available
+    if v < 0:
+        raise InvalidRecord(f"decision on {available} fen available")
+    while v >= 0x80:
+        out.append(v & 0x7f | 0x80)
+        v >>= 7
+    out.append(v)
+    if state == _TEMP_LOSS:
+        out += record[8:16]
+    if pack == _RC:
+        out += record[16:24]
+    return bytes(out)
+
+
+def decision_size(value, at: int) -> int:
+    """The bytes of the decision recorded at value[at:] (CorruptRecord if it is cut)."""
+    i, end = at + DECISION.size, len(value)
+    if i > end:
+        raise CorruptRecord("transfer record's decision is cut")
+    while i < end and i - at - DECISION.size < 10 and value[i] & 0x80:
+        i += 1
+    i += 1
+    if i - at - DECISION.size > 10:
+        raise CorruptRecord("transfer record's decision has an overlong number")
+    state, pack = value[at + 1] & 0x0f, value[at + 1] >> 4 & 7
+    i += 8 * ((state == _TEMP_LOSS) + (pack == _RC))
+    if i > end:
+        raise CorruptRecord("transfer record's decision is cut")
+    return i - at
+
+
+def decode_decision(raw: bytes) -> Decision:
+    """A recorded decision (`encode_decision`); CorruptRecord if it is not one."""
+    if len(raw) < DECISION.size + 1 or decision_size(raw, 0) != len(raw):
+        raise CorruptRecord(f"a recorded decision of {len(raw)} bytes")
+    rp, ps, flags, generation, lock_mask = DECISION.unpack_from(raw)
+    rule_pack, state, pack = rp & 0x7f, ps & 0x0f, ps >> 4 & 7
+    asked = (ASKED_SPLIT if rp & 0x80 else 0) | (ASKED_OTHER_CARDS if ps & 0x80 else 0)
+    if not (_PACKS[0] <= pack <= _PACKS[1] and _STATES[0] <= state <= _STATES[1]) \
+            or not rule_pack:
+        raise CorruptRecord(f"a recorded decision of pack {pack}, state {state}, rule pack "
+                            f"{rule_pack}")
+    i = DECISION.size
+    available = shift = 0
+    while True:
+        b = raw[i]
+        i += 1
+        available |= (b & 0x7f) << shift
+        shift += 7
+        if not b & 0x80:
+            break
+    temp_loss_until = valid_until = 0
+    if state == _TEMP_LOSS:
+        (temp_loss_until,) = _I64.unpack_from(raw, i)
+        i += 8
+    if pack == _RC:
+        (valid_until,) = _I64.unpack_from(raw, i)
+    return Decision(rule_pack, HotCard(VERSION, pack, state, flags, generation, lock_mask, 0,
+                                       temp_loss_until, valid_until), available, asked)
+
+
+def hot_record(card: HotCard) -> bytes:
+    """A card record whose hot header is `card` (the rest zero): what the decision table
+    reads, to decide again on a recorded decision."""
+    return HOT.pack(*card) + bytes(SIZE - HOT.size)
 
 
 # ---------------------------------------------------------------------------- remembered answers

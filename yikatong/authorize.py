@@ -15,13 +15,16 @@ from yikatong.model import (
     holder_account_key,
     operator_account_key,
 )
-from yikatong.storage.records import hot
+from yikatong.storage.records import ASKED_OTHER_CARDS, ASKED_SPLIT, encode_decision, hot
 
 # The accounts a loss report or a death stops (cards.account_stopped), and the answers of the
 # table that leave the card itself usable for them: its rows 3, 7 and 8 speak for the account
 # ahead of a lock (row 10) and the funds (row 14).
 _STOPPABLE = frozenset({Channel.MEDICAL, Channel.BENEFIT})
 _CARD_USABLE = frozenset({Reason.APPROVED, Reason.APPLICATION_LOCKED, Reason.INSUFFICIENT_FUNDS})
+# issue 28 item 4: what an approved debit's recorded decision says was asked beyond the card
+_ASKED = {c: ASKED_OTHER_CARDS if c in _STOPPABLE else 0 for c in Channel}
+_RULE_PACK = fastpath.RULE_PACK
 
 
 def points_required(channel: int, service_code: str) -> int:
@@ -97,7 +100,8 @@ def with_money(policy, book, now: int, request_id: str, card_number: str, channe
         assert debit is not None
         ledger.create(book, now, request_id, debit, operator_account_key(payee or default_payee),
                       amount, phase == Phase.HOLD, hold_timeout or default_timeout, channel,
-                      role, card_number, fingerprint, left)
+                      role, card_number, fingerprint, left,
+                      encode_decision(_RULE_PACK, record, left, _ASKED[channel]))
         if on_timeout:
             journeys.begin(book, request_id, max_fare, on_timeout)
         left -= amount
@@ -141,10 +145,11 @@ def with_split(policy, book, now: int, request_id: str, card_number: str, channe
     if due:
         return Reason.INSUFFICIENT_FUNDS, left, []
     credit = operator_account_key(payee or config.channel_money[channel][1])
-    legs = []
+    legs, asked = [], _ASKED[channel] | ASKED_SPLIT
     for n, (kind, key, part, there) in enumerate(plan, 1):
         leg_id = f"{request_id}#{n}"
         ledger.create(book, now, leg_id, key, credit, part, False, 0, channel, role,
-                      card_number, fingerprint, there)
+                      card_number, fingerprint, there,
+                      encode_decision(_RULE_PACK, record, there, asked))
         legs.append((kind, part, leg_id, there - part))
     return Reason.APPROVED, left - (plan[0][2] if plan[0][1] == first else 0), legs

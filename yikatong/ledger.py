@@ -169,9 +169,10 @@ def _check_funds(book, debit: bytes, amount: int, now: int, settled: int | None 
 def create(book, now: int, transfer_id: str, debit: bytes, credit: bytes, amount: int,
            pending: bool = False, timeout: int = 0, channel: int = 0, role: int = 0,
            card_number: str = "", fingerprint: bytes = _ZERO_FP,
-           settled: int | None = None) -> Transfer:
+           settled: int | None = None, decided: bytes = b"") -> Transfer:
     """A single-phase transfer, or a pending one (a hold) when `pending`. `channel` and
-    `role` say who made it; `card_number` names the card the request named, if any."""
+    `role` say who made it; `card_number` names the card the request named, if any;
+    `decided` the card decision it was made on (records.encode_decision), if any."""
     if debit == credit:
         raise TransferRefused("ACCOUNTS_MUST_BE_DIFFERENT", "debit and credit are the same account")
     assert 0 < amount <= config.amount_fen_max
@@ -181,12 +182,12 @@ def create(book, now: int, transfer_id: str, debit: bytes, credit: bytes, amount
             raise TransferRefused("HOLDS_PER_ACCOUNT_MAX", f"the account already has "
                                   f"{config.holds_per_account_max} open holds")
         t = Transfer(TransferKind.PENDING, TransferStatus.PENDING, amount, debit, credit, "",
-                     fingerprint, now, now + timeout, 0, channel, role)
+                     fingerprint, now, now + timeout, 0, channel, role, decided)
         _move(book, debit, credit, amount, 0)
         book.add_hold(transfer_id, t)
     else:
         t = Transfer(_SINGLE, _POSTED, amount, debit, credit, "", fingerprint, now,
-                     channel=channel, role=role)
+                     channel=channel, role=role, decided=decided)
         _move(book, debit, credit, 0, amount)
     _put(book, now, transfer_id, t, card_number, new=True)
     return t

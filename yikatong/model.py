@@ -343,6 +343,9 @@ class Transfer:
     resolved: int = 0  # pending: amount posted; posted kinds: amount reversed so far
     channel: int = 0  # the Authorize channel that made it; 0 = Ledger.Transfer
     role: int = 0  # the Role of the client that made it (who may post or void a hold)
+    # issue 28 item 4: the card decision that made it (records.encode_decision), b"": none
+    # recorded (not an Authorize debit, or made before store format 6 recorded them)
+    decided: bytes = b""
 
 
 @dataclasses.dataclass
