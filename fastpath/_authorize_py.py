@@ -37,6 +37,7 @@ _SUPERSEDED, _CANCELLED, _ISSUED, _LOST, _TEMP_LOSS = map(int, (
 _NOT_ISSUED = frozenset(map(int, (State.APPLIED, State.VERIFIED, State.REJECTED)))
 _TRANSIT, _FINANCIAL, _SERVICE = int(Channel.TRANSIT), int(Channel.FINANCIAL), int(Channel.SERVICE)
 _MEDICAL, _BENEFIT = int(Channel.MEDICAL), int(Channel.BENEFIT)
+_CHANNELS = frozenset(map(int, Channel))
 _FLAG_TRANSIT, _FLAG_FIN_OPEN, _FLAG_FIN_FROZEN, _FLAG_UNACTIVATED = map(int, (
     Flag.TRANSIT, Flag.FINANCIAL_OPEN, Flag.FINANCIAL_FROZEN, Flag.UNACTIVATED))
 _RC = int(Pack.RC)
@@ -120,12 +121,15 @@ def walk(policy: Policy, record, channel: int, now: int, points_required: int,
         return
     yield Row(1, "", "there is no such card", None)
     financial = channel == _FINANCIAL
+    moment = policy.retired_at[card.generation]
+    use = Channel(channel).name if channel in _CHANNELS else f"channel {channel}"
     rows = (
         (2, "SH-23c", "the card is superseded by its replacement",
          lambda: card.state == _SUPERSEDED, CARD_SUPERSEDED),
         (3, "GZ-26, RC-16", "the card is cancelled",
          lambda: card.state == _CANCELLED, CARD_CANCELLED),
-        (4, "SH-30", f"generation {card.generation} is retired at {now}",
+        (4, "SH-30", f"generation {card.generation} is retired by {now} (retired from "
+         f"{moment or 'never'})",
          lambda: retired(policy, card, now), GENERATION_RETIRED),
         (5, "SH-10", "the card is not yet issued",
          lambda: card.state in _NOT_ISSUED, CARD_NOT_ISSUED),
@@ -141,7 +145,7 @@ def walk(policy: Policy, record, channel: int, now: int, points_required: int,
         (9, "RC-14", f"a Residence Card valid until {card.valid_until} (now {now})",
          lambda: card.pack == _RC and card.valid_until and now >= card.valid_until,
          RC_NOT_RENEWED),
-        (10, "GZ-6", f"the application of channel {channel} is locked",
+        (10, "GZ-6", f"the {use} application is locked",
          lambda: card.lock_mask & (1 << channel), APPLICATION_LOCKED),
         (11, "SH-13", "a transit use without the transit function",
          lambda: channel == _TRANSIT and not card.flags & _FLAG_TRANSIT, FUNCTION_NOT_OPEN),

@@ -362,21 +362,29 @@ def encode_decision(rule_pack: int, record, available: int, asked: int) -> bytes
     state, pack = record[2], record[1]
     if not 0 < rule_pack < 128:
         raise InvalidRecord(f"rule pack {rule_pack}")
-    out = bytearray((rule_pack | (asked & ASKED_SPLIT) << 6,
-                     state | pack << 4 | (asked & ASKED_OTHER_CARDS) << 7,
-                     record[3], record[4], record[5]))
+    out = [rule_pack | (asked & ASKED_SPLIT) << 6,
+           state | pack << 4 | (asked & ASKED_OTHER_CARDS) << 7, record[3], record[4], record[5]]
     v = available
-    if v < 0:
-        raise InvalidRecord(f"decision on {available} fen available")
-    while v >= 0x80:
-        out.append(v & 0x7f | 0x80)
-        v >>= 7
-    out.append(v)
+    # once per debit: up to 20,971 yuan (three varint bytes) without a loop
+    if 0 <= v < 0x80:
+        out.append(v)
+    elif 0 <= v < 0x4000:
+        out += (v & 0x7f | 0x80, v >> 7)
+    elif 0 <= v < 0x200000:
+        out += (v & 0x7f | 0x80, v >> 7 & 0x7f | 0x80, v >> 14)
+    else:
+        if v < 0:
+            raise InvalidRecord(f"decision on {available} fen available")
+        while v >= 0x80:
+            out.append(v & 0x7f | 0x80)
+            v >>= 7
+        out.append(v)
+    b = bytes(out)
     if state == _TEMP_LOSS:
-        out += record[8:16]
+        b += record[8:16]
     if pack == _RC:
-        out += record[16:24]
-    return bytes(out)
+        b += record[16:24]
+    return b
 
 
 def decision_size(value, at: int) -> int:

@@ -23,7 +23,7 @@ from yikatong.storage.records import ASKED_OTHER_CARDS, ASKED_SPLIT, encode_deci
 _STOPPABLE = frozenset({Channel.MEDICAL, Channel.BENEFIT})
 _CARD_USABLE = frozenset({Reason.APPROVED, Reason.APPLICATION_LOCKED, Reason.INSUFFICIENT_FUNDS})
 # issue 28 item 4: what an approved debit's recorded decision says was asked beyond the card
-_ASKED = {c: ASKED_OTHER_CARDS if c in _STOPPABLE else 0 for c in Channel}
+_ASKED: dict[int, int] = {c: ASKED_OTHER_CARDS if c in _STOPPABLE else 0 for c in Channel}
 _RULE_PACK = fastpath.RULE_PACK
 
 
