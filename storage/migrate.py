@@ -713,9 +713,10 @@ def _from_4(env, txn, ring=None) -> dict[str, int]:
 # Format 5's records that format 6 writes smaller, and format 6's, spelled out (records.py
 # moves on; these stay as they were written)
 _TRANSFER_5 = _TRANSFER_2  # version 2: ... debit(40) credit(40) ref_id(64) fingerprint(32)
-# version 3 kind status channel role has amount created_at len(debit) len(credit); then
-# timeout_at if set (has bit 0), resolved if set (has bit 1), debit, credit, ref_id
-_TRANSFER_6 = struct.Struct("<BBBBBBqqBB")
+# version 3, kind | status << 4, channel | role << 3, has, amount created_at (i64: the wide
+# head, has bit 3), len(debit) len(credit); then timeout_at if set (has bit 0), resolved if
+# set (has bit 1), debit, credit, ref_id
+_TRANSFER_6 = struct.Struct("<BBBBqqBB")
 _CHANGE_6 = struct.Struct("<BBBBBBqQqB")  # version 3, ..., amount, len(card); card, transfer id
 _AUDIT_5 = struct.Struct("<BB32s32s")  # version 1, algorithm, prev_hash, hash; then the body
 _AUDIT_BODY_5 = struct.Struct("<QqI")  # sequence time count; 7 texts, each u16 LE length + UTF-8
@@ -753,8 +754,8 @@ def _from_5(env, txn, ring=None) -> dict[str, int]:
          ref, _fingerprint) = _TRANSFER_5.unpack(value)
         debit, credit, ref = debit.rstrip(b"\0"), credit.rstrip(b"\0"), ref.rstrip(b"\0")
         has = (1 if timeout else 0) | (2 if resolved else 0) | 8  # 8: the wide head
-        return (_TRANSFER_6.pack(3, kind, status, channel, role, has, amount, created,
-                                 len(debit), len(credit))
+        return (_TRANSFER_6.pack(3, kind | status << 4, channel | role << 3, has, amount,
+                                 created, len(debit), len(credit))
                 + (struct.pack("<q", timeout) if timeout else b"")
                 + (struct.pack("<q", resolved) if resolved else b"") + debit + credit + ref)
 

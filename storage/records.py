@@ -238,20 +238,21 @@ def decode_account(value) -> Account:
 # Transfers: key = transfer id (UTF-8). Store format 6 (TRANSFER_VERSION 3): a fixed head,
 # then what is set, as long as it is (no padding; no fingerprint: the request's fingerprint is
 # kept once, with its remembered answer):
-#   version kind status channel role, `has` (bit 0: timeout_at follows, bit 1: resolved
-#   follows, bit 2: the decision follows, bit 3: wide), amount created_at (u32 each; i64 when
-#   wide: either does not fit a u32), u8 len(debit), u8 len(credit) (16 bytes; wide: 24);
+#   version, kind | status << 4, channel | role << 3, `has` (bit 0: timeout_at follows, bit
+#   1: resolved follows, bit 2: the decision follows, bit 3: wide), amount created_at (u32
+#   each; i64 when wide: either does not fit a u32), u8 len(debit), u8 len(credit) (14 bytes;
+#   wide: 22);
 #   then timeout_at (i64) if set, resolved (i64) if set, the card decision that made it
 #   (`encode_decision`: Authorize's debits and holds, issue 28 item 4) if recorded, debit,
 #   credit, ref_id (UTF-8: the rest). A plain debit (no timeout, nothing resolved, no
-#   reference): 16 + its decision + its two keys.
+#   reference): 14 + its decision + its two keys.
 # Format 5 and before (version 2, 213 bytes; still read: archive segments keep them):
 #   version kind status channel role amount created_at timeout_at resolved debit(40)
 #   credit(40) ref_id(64) fingerprint(32), NUL-padded
 TRANSFER_VERSION = 3
-TRANSFER = struct.Struct("<BBBBBBqqBB")  # wide
+TRANSFER = struct.Struct("<BBBBqqBB")  # wide
 _TRANSFER_PACK = TRANSFER.pack
-TRANSFER_NARROW = struct.Struct("<BBBBBBIIBB")
+TRANSFER_NARROW = struct.Struct("<BBBBIIBB")
 _NARROW_PACK = TRANSFER_NARROW.pack
 _I64 = struct.Struct("<q")
 _HAS_TIMEOUT, _HAS_RESOLVED, _HAS_DECISION, _WIDE = 1, 2, 4, 8
@@ -269,9 +270,11 @@ def encode_transfer(t: Transfer) -> bytes:
             and 0 <= t.resolved <= config.amount_fen_max
             and 0 < len(t.debit) <= ACCOUNT_KEY_BYTES_MAX and not t.debit.endswith(b"\0")
             and 0 < len(t.credit) <= ACCOUNT_KEY_BYTES_MAX and not t.credit.endswith(b"\0")
-            and len(t.decided) <= DECISION_BYTES_MAX):
+            and len(t.decided) <= DECISION_BYTES_MAX and 0 <= t.channel <= 7
+            and 0 <= t.role <= 31):
         raise InvalidRecord(f"transfer record out of its layout: kind {t.kind}, status "
-                            f"{t.status}, amount {t.amount}, resolved {t.resolved}, account "
+                            f"{t.status}, channel {t.channel}, role {t.role}, amount "
+                            f"{t.amount}, resolved {t.resolved}, account "
                             f"keys {len(t.debit)} and {len(t.credit)} bytes (at most "
                             f"{ACCOUNT_KEY_BYTES_MAX})")
     ref = _fixed("ref_id", t.ref_id, config.request_id_bytes_max, "utf-8") if t.ref_id else b""
@@ -279,12 +282,13 @@ def encode_transfer(t: Transfer) -> bytes:
         has = ((_HAS_TIMEOUT if t.timeout_at else 0) | (_HAS_RESOLVED if t.resolved else 0)
                | (_HAS_DECISION if t.decided else 0))
         if t.amount <= 0xffffffff and 0 <= t.created_at <= 0xffffffff:
-            head = _NARROW_PACK(TRANSFER_VERSION, t.kind, t.status, t.channel, t.role, has,
-                                t.amount, t.created_at, len(t.debit), len(t.credit))
+            head = _NARROW_PACK(TRANSFER_VERSION, t.kind | t.status << 4,
+                                t.channel | t.role << 3, has, t.amount, t.created_at,
+                                len(t.debit), len(t.credit))
         else:
-            head = _TRANSFER_PACK(TRANSFER_VERSION, t.kind, t.status, t.channel, t.role,
-                                  has | _WIDE, t.amount, t.created_at, len(t.debit),
-                                  len(t.credit))
+            head = _TRANSFER_PACK(TRANSFER_VERSION, t.kind | t.status << 4,
+                                  t.channel | t.role << 3, has | _WIDE, t.amount,
+                                  t.created_at, len(t.debit), len(t.credit))
         if has:
             head += ((_I64.pack(t.timeout_at) if t.timeout_at else b"")
                      + (_I64.pack(t.resolved) if t.resolved else b"") + t.decided)
@@ -297,11 +301,11 @@ def decode_transfer(value) -> Transfer:
     """A transfer record of format 6 (version 3) or before (version 2: its fingerprint too)."""
     n = len(value)
     if n >= TRANSFER_NARROW.size and value[0] == TRANSFER_VERSION:
-        layout = TRANSFER if value[5] & _WIDE else TRANSFER_NARROW
+        layout = TRANSFER if value[3] & _WIDE else TRANSFER_NARROW
         if n < layout.size:
             raise CorruptRecord(f"transfer record of {n} bytes")
-        (_, kind, status, channel, role, has, amount, created_at, nd,
-         nc) = layout.unpack_from(value)
+        (_, ks, cr, has, amount, created_at, nd, nc) = layout.unpack_from(value)
+        kind, status, channel, role = ks & 15, ks >> 4, cr & 7, cr >> 3
         at, timeout_at, resolved, decided = layout.size, 0, 0, b""
         if has & ~_HAS:
             raise CorruptRecord(f"transfer record says it has {has}")
@@ -342,10 +346,11 @@ def decode_transfer(value) -> Transfer:
 #   cards.account_stopped, and none stopped the account), flags, generation, lock_mask,
 #   then the fen available in the debited account before it (a varint), then
 #   temp_loss_until (i64) only when the state is TEMP_LOSS, valid_until (i64) only for a
-#   Residence Card. The time is the transfer's created_at. A plain debit's: 7 or 8 bytes.
+#   Residence Card. The time is the transfer's created_at. A plain debit's: 6 to 8 bytes.
 DECISION = struct.Struct("<BBBBB")
 DECISION_BYTES_MAX = DECISION.size + 10 + 16
 ASKED_OTHER_CARDS, ASKED_SPLIT = 1, 2  # Decision.asked
+RULE_PACK_MAX = 127
 _TEMP_LOSS, _RC = int(State.TEMP_LOSS), int(Pack.RC)
 
 
@@ -358,14 +363,13 @@ class Decision(typing.NamedTuple):
 
 def encode_decision(rule_pack: int, record, available: int, asked: int) -> bytes:
     """The decision's record from the card record's bytes it was decided on (checked by the
-    decision: `hot`), the fen available before and the ASKED_* bits."""
-    state, pack = record[2], record[1]
-    if not 0 < rule_pack < 128:
+    decision: `hot`), the fen available before and the ASKED_* bits. Once per debit: up to
+    20,971 yuan available (three varint bytes) without a loop."""
+    if not 0 < rule_pack <= RULE_PACK_MAX:
         raise InvalidRecord(f"rule pack {rule_pack}")
+    state, pack, v = record[2], record[1], available
     out = [rule_pack | (asked & ASKED_SPLIT) << 6,
            state | pack << 4 | (asked & ASKED_OTHER_CARDS) << 7, record[3], record[4], record[5]]
-    v = available
-    # once per debit: up to 20,971 yuan (three varint bytes) without a loop
     if 0 <= v < 0x80:
         out.append(v)
     elif 0 <= v < 0x4000:
@@ -409,7 +413,7 @@ def decode_decision(raw: bytes) -> Decision:
     if len(raw) < DECISION.size + 1 or decision_size(raw, 0) != len(raw):
         raise CorruptRecord(f"a recorded decision of {len(raw)} bytes")
     rp, ps, flags, generation, lock_mask = DECISION.unpack_from(raw)
-    rule_pack, state, pack = rp & 0x7f, ps & 0x0f, ps >> 4 & 7
+    rule_pack, state, pack = rp & RULE_PACK_MAX, ps & 0x0f, ps >> 4 & 7
     asked = (ASKED_SPLIT if rp & 0x80 else 0) | (ASKED_OTHER_CARDS if ps & 0x80 else 0)
     if not (_PACKS[0] <= pack <= _PACKS[1] and _STATES[0] <= state <= _STATES[1]) \
             or not rule_pack:

@@ -37,7 +37,7 @@ def test_a_transfer_round_trips_and_is_as_long_as_what_it_holds(timeout_at, reso
                  b"oop:transit", ref_id, bytes(32), 1_790_000_000, timeout_at, resolved, 1, 1)
     value = r.encode_transfer(t)
     assert value[0] == r.TRANSFER_VERSION == 3
-    assert len(value) == (16 + 10 + 11 + len(ref_id.encode()) + 8 * bool(timeout_at)
+    assert len(value) == (14 + 10 + 11 + len(ref_id.encode()) + 8 * bool(timeout_at)
                           + 8 * bool(resolved))
     assert r.decode_transfer(value) == t
     # an amount or a time past a u32: the wide head (i64 each), 8 bytes more
@@ -47,11 +47,11 @@ def test_a_transfer_round_trips_and_is_as_long_as_what_it_holds(timeout_at, reso
         assert r.decode_transfer(r.encode_transfer(w)) == w
 
 
-def test_a_plain_debit_is_37_bytes_where_format_5_wrote_213():
+def test_a_plain_debit_is_35_bytes_where_format_5_wrote_213():
     t = Transfer(TransferKind.SINGLE, TransferStatus.POSTED, 1, b"h" + bytes(8) + b"\x02",
                  b"oop:transit", "", hashlib.sha256(b"request").digest(), 1_790_000_000,
                  channel=1, role=1)
-    assert len(r.encode_transfer(t)) == 37 and TRANSFER_5.size == 213
+    assert len(r.encode_transfer(t)) == 35 and TRANSFER_5.size == 213
     # the fingerprint is the remembered answer's to keep, not the transfer's
     assert r.decode_transfer(r.encode_transfer(t)).fingerprint == bytes(32)
 
@@ -72,10 +72,10 @@ def test_a_corrupt_transfer_is_refused():
     good = r.encode_transfer(t)
     for bad in (bytes([9]) + good[1:],  # an unknown version
                 good[:30],  # cut inside the keys
-                good[:5] + bytes([16]) + good[6:],  # an unknown `has` bit (4: decision, 8: wide)
-                good[:14] + bytes([41]) + good[15:],  # a debit key longer than any
+                good[:3] + bytes([16]) + good[4:],  # an unknown `has` bit (4: decision, 8: wide)
+                good[:12] + bytes([41]) + good[13:],  # a debit key longer than any
                 good + b"x" * 65,  # a reference longer than any
-                good[:1] + bytes([99]) + good[2:]):  # an unknown kind
+                good[:1] + bytes([7 | 1 << 4]) + good[2:]):  # an unknown kind
         with pytest.raises(CorruptRecord):
             r.decode_transfer(bad)
     with pytest.raises(InvalidRecord, match="account keys"):
