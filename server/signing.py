@@ -25,7 +25,6 @@ and examples/gate_verify.py say the same; examples/gate_verify.js does it in Nod
 """
 import hashlib
 import os
-import stat
 import tomllib
 
 from cryptography.hazmat.primitives import serialization
@@ -35,8 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from yikatong import clock as clocks
+from yikatong.storage.pii import KeyFileError, read_key_file
 
-KEY_FILE_BYTES_MAX = 64 * 1024
 PREVIOUS_MAX = 8  # public keys of earlier keys a file may publish at once
 
 # the fields of a ChangeEvent, in the order of its canonical bytes (after `key_id`)
@@ -48,10 +47,6 @@ PAGE_FIELDS = ("sequence", "time", "after_card_number", "through_card_number", "
                "entries")
 EVENT_HEADER = "yikatong.v1.ChangeEvent"
 PAGE_HEADER = "yikatong.v1.GetDenyListResponse"
-
-
-class KeyFileError(ValueError):
-    """The signing key file cannot be used: says why, in one line."""
 
 
 def key_id(public_raw: bytes) -> str:
@@ -152,34 +147,10 @@ class Signing:
 
     @classmethod
     def load(cls, path: str, data_dir: str = "") -> "Signing":
-        """The key file at `path`: a regular file, owner-only (0600 or 0400), owned by the
-        user the server runs as, outside `data_dir`. KeyFileError in one line otherwise."""
+        """The key file at `path` (storage.pii.read_key_file: owner-only, a regular file
+        outside `data_dir`). KeyFileError in one line otherwise."""
         where = f"--signing-key-file {path}"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError as error:
-            raise KeyFileError(f"cannot read {where}: {error.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise KeyFileError(f"{where} is not a regular file")
-            if st.st_mode & 0o077:
-                raise KeyFileError(f"{where} is mode {stat.S_IMODE(st.st_mode):04o}: it must "
-                                   "be readable by its owner only (chmod 600 or 400)")
-            if st.st_uid != os.geteuid():
-                raise KeyFileError(f"{where} is not owned by the user the server runs as")
-            if data_dir and _inside(path, data_dir):
-                raise KeyFileError(f"{where} is inside the data dir {data_dir}: keep it apart "
-                                   "(a copy or backup of the data dir must not carry its key)")
-            data = os.read(fd, KEY_FILE_BYTES_MAX + 1)
-        finally:
-            os.close(fd)
-        if len(data) > KEY_FILE_BYTES_MAX:
-            raise KeyFileError(f"{where} is over {KEY_FILE_BYTES_MAX} bytes: not a key file")
-        try:
-            return cls.parse(data.decode("utf-8"), where)
-        except UnicodeDecodeError:
-            raise KeyFileError(f"{where} is not UTF-8 text") from None
+        return cls.parse(read_key_file(path, where, data_dir), where)
 
 
 def _hex32(value, name: str, source: str) -> bytes:
@@ -190,11 +161,6 @@ def _hex32(value, name: str, source: str) -> bytes:
     if len(raw) != 32:
         raise KeyFileError(f"{source}: {name} must be 64 hex digits (32 bytes)")
     return raw
-
-
-def _inside(path: str, directory: str) -> bool:
-    path, directory = os.path.realpath(path), os.path.realpath(directory)
-    return os.path.commonpath([path, directory]) == directory
 
 
 def key_file_text(private: Ed25519PrivateKey, previous: list[tuple[bytes, int]]) -> str:

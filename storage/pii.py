@@ -138,36 +138,9 @@ class KeyRing:
 
     @classmethod
     def load(cls, path: str, data_dir: str = "") -> "KeyRing":
-        """The key file at `path`: owner-only (0600 or 0400), a regular file, outside
-        `data_dir` (a copy of the data dir must not carry its key), at most
-        KEY_FILE_BYTES_MAX bytes. KeyFileError, in one line, otherwise."""
+        """The key file at `path` (`read_key_file`). KeyFileError, in one line, otherwise."""
         where = f"--pii-key-file {path}"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError as error:
-            raise KeyFileError(f"cannot read {where}: {error.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise KeyFileError(f"{where} is not a regular file")
-            if st.st_mode & 0o077:
-                raise KeyFileError(f"{where} is mode {stat.S_IMODE(st.st_mode):04o}: it must "
-                                   "be readable by its owner only (chmod 600 or 400)")
-            if st.st_uid != os.geteuid():
-                raise KeyFileError(f"{where} is not owned by the user the server runs as")
-            if data_dir and _inside(path, data_dir):
-                raise KeyFileError(f"{where} is inside the data dir {data_dir}: keep it apart "
-                                   "(a copy or backup of the data dir must not carry its key)")
-            data = os.read(fd, KEY_FILE_BYTES_MAX + 1)
-        finally:
-            os.close(fd)
-        if len(data) > KEY_FILE_BYTES_MAX:
-            raise KeyFileError(f"{where} is over {KEY_FILE_BYTES_MAX} bytes: not a key file")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise KeyFileError(f"{where} is not UTF-8 text") from None
-        return cls.parse(text, where)
+        return cls.parse(read_key_file(path, where, data_dir), where)
 
     # ---- sealing
     def seal(self, aad: bytes, plaintext: bytes, deterministic: bool = False) -> bytes:
@@ -229,6 +202,38 @@ def split(sealed: bytes) -> tuple[str, bytes, bytes, bytes]:
 
 def key_id_of(sealed: bytes) -> str:
     return split(sealed)[0]
+
+
+def read_key_file(path: str, where: str, data_dir: str = "") -> str:
+    """A key file's text (the PII key ring's, the signing key's): a regular file, owner-only
+    (0600 or 0400), owned by the user the server runs as, outside `data_dir` (a copy of the
+    data dir must not carry its key), at most KEY_FILE_BYTES_MAX bytes of UTF-8.
+    KeyFileError, in one line naming `where`, otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as error:
+        raise KeyFileError(f"cannot read {where}: {error.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"{where} is not a regular file")
+        if st.st_mode & 0o077:
+            raise KeyFileError(f"{where} is mode {stat.S_IMODE(st.st_mode):04o}: it must be "
+                               "readable by its owner only (chmod 600 or 400)")
+        if st.st_uid != os.geteuid():
+            raise KeyFileError(f"{where} is not owned by the user the server runs as")
+        if data_dir and _inside(path, data_dir):
+            raise KeyFileError(f"{where} is inside the data dir {data_dir}: keep it apart (a "
+                               "copy or backup of the data dir must not carry its key)")
+        data = os.read(fd, KEY_FILE_BYTES_MAX + 1)
+    finally:
+        os.close(fd)
+    if len(data) > KEY_FILE_BYTES_MAX:
+        raise KeyFileError(f"{where} is over {KEY_FILE_BYTES_MAX} bytes: not a key file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{where} is not UTF-8 text") from None
 
 
 def _inside(path: str, directory: str) -> bool:
