@@ -496,7 +496,7 @@ def signing_command(action: str, path: str, window_hours: float) -> int:
 
     if action == "new":
         try:
-            signing.write_new(path, signing.key_file_text(Ed25519PrivateKey.generate(), []))
+            signing.write_key_file(path, signing.key_file_text(Ed25519PrivateKey.generate(), []))
         except OSError as error:
             return _fail(f"--key-file {path}: {error.strerror} (a key file is never "
                          "overwritten: rotate puts a new key in one)")

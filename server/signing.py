@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from yikatong import clock as clocks
-from yikatong.storage.pii import KeyFileError, read_key_file
+from yikatong.storage.pii import KeyFileError, read_key_file, write_key_file
 
 PREVIOUS_MAX = 8  # public keys of earlier keys a file may publish at once
 
@@ -174,16 +174,6 @@ def key_file_text(private: Ed25519PrivateKey, previous: list[tuple[bytes, int]])
     return "\n".join(lines) + "\n"
 
 
-def write_new(path: str, text: str) -> None:
-    """`text` to a new owner-only file at `path` (refused if it exists)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode("utf-8"))
-    finally:
-        os.close(fd)
-
-
 def replace(path: str, text: str) -> None:
     """`text` in place of the file at `path`, atomically (a new owner-only file renamed over
     it), so a SIGHUP during the write reads the old file or the new, never half of one."""
@@ -192,5 +182,5 @@ def replace(path: str, text: str) -> None:
         os.unlink(tmp)
     except FileNotFoundError:
         pass
-    write_new(tmp, text)
+    write_key_file(tmp, text)
     os.replace(tmp, path)
