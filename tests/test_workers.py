@@ -259,7 +259,9 @@ def test_one_scrape_sums_the_metrics_of_both_workers(tmp_path):
         # a worker killed: its counts stay, its replacement adds to them, none doubled
         victim = sorted(worker_pids(srv))[0]
         os.kill(victim, signal.SIGKILL)
-        assert wait_until(lambda: len(worker_pids(srv)) == 2 and victim not in worker_pids(srv))
+        # a replacement is a fresh interpreter, started after a pause: slow on a busy machine
+        assert wait_until(lambda: len(worker_pids(srv)) == 2 and victim not in worker_pids(srv),
+                          timeout=30)
         time.sleep(0.5)
         for k in range(16):
             with fresh_channel(srv.address) as channel:
