@@ -1,8 +1,10 @@
 """Crash loop of a replicated store (issue 18): three `yikatong serve --replicate` nodes on a
-3-node NATS JetStream cluster. Clients send fares (Authorize TRANSIT with money), each with a
-unique request id, to whichever node takes writes (a follower says UNAVAILABLE: they try
-the next). After a random moment the writer is SIGKILLed and restarted on its data dir; a
-follower takes the write lease meanwhile. After every kill:
+3-node NATS JetStream cluster, node 0 with `--workers 2` (issue 27: a log keeper and two
+workers; when it is the writer, its keeper, one worker, or the whole node is killed, in
+turn). Clients send fares (Authorize TRANSIT with money), each with a unique request id,
+to whichever node takes writes (a follower says UNAVAILABLE: they try the next). After a
+random moment the writer is SIGKILLed (a whole node is restarted on its data dir); a
+follower, or the node's next log keeper, takes the write lease meanwhile. After every kill:
   - a node takes writes again within the bound (`--takeover-max`);
   - every fare acknowledged in that round, replayed on the new writer, returns its first
     answer.
@@ -48,7 +50,11 @@ def purse(node: ServerProcess, card: str) -> int:
     return next(b.posted_fen for b in answer.balances if b.kind == pb.ACCOUNT_KIND_TRANSIT)
 
 
-def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20) -> str:
+KILLS = ("keeper", "worker", "node")  # of a writer with --workers 2, in turn
+
+
+def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20,
+               workers: int = 2) -> str:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
     from test_e2e import new_active_card
 
@@ -60,8 +66,8 @@ def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20) ->
         node_dir = os.path.join(workdir, f"node{i}")
         os.makedirs(node_dir, exist_ok=True)
         return ServerProcess(node_dir, "--replicate", ",".join(cluster.urls), "--node-id",
-                             f"node{i}", address=address,
-                             data_dir=os.path.join(node_dir, "data"))
+                             f"node{i}", "--workers", str(workers if i == 0 else 1),
+                             address=address, data_dir=os.path.join(node_dir, "data"))
     try:
         nodes = [start(i) for i in range(3)]
         assert wait_until(lambda: writer_of(nodes) is not None, 60), "no writer"
@@ -77,6 +83,7 @@ def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20) ->
         acked: dict[str, bytes] = {}
         lock = threading.Lock()
         takeovers = []
+        killed = {what: 0 for what in KILLS}
         for k in range(kills):
             stop = threading.Event()
 
@@ -105,13 +112,24 @@ def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20) ->
             time.sleep(rng.uniform(0.2, 1.5))
             victim = writer_of(nodes)
             if victim is not None:
-                victim.kill()
+                # node 0's processes: its log keeper, one worker, or all at once, in turn
+                what = KILLS[k % len(KILLS)] if victim is nodes[0] and workers > 1 else "node"
+                if what == "node":
+                    victim.kill()
+                else:
+                    keeper = victim.keeper_pid()
+                    pid = keeper if what == "keeper" else next(
+                        p for p, args in victim.children().items()
+                        if "--keeper-of" not in args and "exporter" not in args)
+                    os.kill(pid, 9)
+                killed[what] += 1
                 started = time.monotonic()
                 assert wait_until(lambda: writer_of(nodes) is not None, takeover_max), \
-                    f"kill {k}: no node took writes within {takeover_max} s"
+                    f"kill {k} ({what}): no node took writes within {takeover_max} s"
                 takeovers.append(time.monotonic() - started)
-                index = nodes.index(victim)
-                nodes[index] = start(index, victim.address)
+                if what == "node":
+                    index = nodes.index(victim)
+                    nodes[index] = start(index, victim.address)
             stop.set()
             for t in threads:
                 t.join()
@@ -133,7 +151,9 @@ def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20) ->
         assert wait_until(lambda: len({store_digest(n.data_dir) for n in nodes}) == 1, 30), \
             "the nodes' stores differ"
         takeovers.sort()
-        return (f"{kills} kills of the writer, {len(attempted):,} fares attempted, "
+        return (f"{kills} kills of the writer ({killed['node']} whole nodes, "
+                f"{killed['keeper']} log keepers and {killed['worker']} workers of a node of "
+                f"{workers}), {len(attempted):,} fares attempted, "
                 f"{len(acked):,} acknowledged, every acknowledged one there once, every purse "
                 f"exact on every node, every store identical; takeover median "
                 f"{takeovers[len(takeovers) // 2]:.1f} s, max {takeovers[-1]:.1f} s"
@@ -150,10 +170,11 @@ def main() -> int:
     p.add_argument("--kills", type=int, default=100)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--takeover-max", type=float, default=20)
+    p.add_argument("--workers", type=int, default=2, help="node 0's (default: %(default)s)")
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="crash-loop-cluster-")
     try:
-        print(crash_loop(args.kills, args.seed, tmp, args.takeover_max))
+        print(crash_loop(args.kills, args.seed, tmp, args.takeover_max, args.workers))
     except AssertionError as e:
         print(f"FAILED: {e}; the nodes' logs are kept in {tmp}", file=sys.stderr)
         return 1

@@ -248,6 +248,8 @@ class LogPosition:
             raise InvalidArgument("min_sequence", "request metadata min_sequence must be a "
                                   f"log sequence (a decimal number), not {wanted[:40]!r}")
         target = int(wanted)
+        if self.store.applied_sequence < target:  # another process of the node applied it?
+            self.node.refresh()
         if self.node.leading and self.store.applied_sequence < target:  # the log's end here
             raise LogBehind(f"the log ends at record {self.store.applied_sequence}; there is "
                             f"no record {target} (min_sequence) yet")
@@ -268,6 +270,7 @@ class LogPosition:
                         writer[1] if writer else "")
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.05)  # a caller far ahead costs few wake-ups
+                self.node.refresh()
         return self.store.applied_sequence
 
     def trailer(self, before: int) -> tuple[tuple[str, str], ...]:

@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     s.add_argument("--replicate", metavar="NATS_URLS",
                    help="issue 18: a node of a replicated store on the NATS JetStream cluster "
                         "at these comma-separated nats:// URLs (docs/SCALE.md); needs "
-                        "--node-id, one worker, no --demo")
+                        "--node-id and no --demo; with --workers N, a log keeper process "
+                        "holds the node's place in the cluster for its workers")
     s.add_argument("--node-id", help="with --replicate: this node's name in the cluster")
     s.add_argument("--log-in-flight-max", type=int, default=config.log_in_flight_max,
                    metavar="N",
@@ -172,6 +173,8 @@ def main(argv=None) -> int:
     pk.add_argument("--pii-key-file", metavar="FILE", help="required for rotate")
     # a worker started anew by the --workers supervisor (server/workers.py), never by hand
     s.add_argument("--worker-of", metavar="SPEC", help=argparse.SUPPRESS)
+    # a replicated node's log keeper, started by the --workers supervisor (server/keeper.py)
+    s.add_argument("--keeper-of", metavar="SPEC", help=argparse.SUPPRESS)
 
     g = sub.add_parser("signing", help="the key file of --signing-key-file: make one "
                        "(new), put a new key in it keeping the old public key published for a "
@@ -838,7 +841,8 @@ def _fail(message: str) -> int:
 def serve(args) -> int:
     from yikatong.server import metrics
 
-    if args.metrics_listen and not args.worker_of:  # a worker has its parent's directory
+    # a worker (or a log keeper) has its parent's directory, and the endpoint is its parent's
+    if args.metrics_listen and not (args.worker_of or args.keeper_of):
         problem = _probe_listen(args.metrics_listen) or _metrics_problem(args)
         if problem:
             return _fail(f"cannot serve metrics on {args.metrics_listen} (--metrics-listen): "
@@ -883,6 +887,9 @@ def _metrics_problem(args) -> str:
 
 
 def _serve(args, metrics) -> int:
+    import signal
+    import threading
+
     import uvloop
 
     from yikatong import calendar, cards, ledger, points, pots
@@ -899,11 +906,13 @@ def _serve(args, metrics) -> int:
     from yikatong.storage.lmdb_store import Store, lock_data_dir
 
     log.setup(args.log_level)
-    worker = None  # a worker started anew by the --workers supervisor (server/workers.py)
-    if args.worker_of:
+    # a worker started anew by the --workers supervisor (server/workers.py), or a replicated
+    # node's log keeper (server/keeper.py): the supervisor's descriptors, its lifetime
+    worker = None
+    if args.worker_of or args.keeper_of:
         from yikatong.server.workers import WorkerOf
         try:
-            worker = WorkerOf.parse(args.worker_of)
+            worker = WorkerOf.parse(args.worker_of or args.keeper_of)
         except ValueError as error:
             return _fail(str(error))
         worker.begin()
@@ -938,9 +947,9 @@ def _serve(args, metrics) -> int:
     if args.replicate and args.retain_days:
         return _fail("--replicate keeps every record in LMDB: give --retain-days 0 (a "
                      "follower has no archive segments; docs/SCALE.md)")
-    if args.replicate and (not args.node_id or workers != 1 or args.demo):
-        return _fail("--replicate needs --node-id, --workers 1 and no --demo (a demo set "
-                     "loaded on one node would not be on the others)")
+    if args.replicate and (not args.node_id or args.demo):
+        return _fail("--replicate needs --node-id and no --demo (a demo set loaded on one "
+                     "node would not be on the others)")
     if (args.node_id or args.advertise) and args.replicate is None:
         return _fail("--node-id and --advertise are for --replicate")
     if args.replicate is not None:
@@ -1022,7 +1031,8 @@ def _serve(args, metrics) -> int:
     def not_yet_in_the_cluster() -> None:  # until the Node is attached: not even the sweep
         raise Fenced("this node is joining the cluster; it takes no write yet")
 
-    def open_store() -> Store:
+    def open_store(periodic: bool = True) -> Store:
+        """`periodic=False`: no hold sweep (a log keeper: its workers sweep)."""
         def sweep_expired_holds(book):
             ledger.expire_holds(book, clock.now())  # on the writer (Store.check_writer)
             if rotation is not None:
@@ -1039,7 +1049,8 @@ def _serve(args, metrics) -> int:
         # the log replays after a crash: one local flush per commit, not two (docs/SCALE.md)
         store = Store(args.data_dir, map_size=args.map_size_mib * 2**20, lock=False,
                       map_size_max=args.map_size_max_mib * 2**20,
-                      high_water=args.map_high_water, periodic=sweep_expired_holds,
+                      high_water=args.map_high_water,
+                      periodic=sweep_expired_holds if periodic else None,
                       metasync=not args.replicate,
                       check_writer=not_yet_in_the_cluster if args.replicate else None,
                       check_command=ledger.check_invariants if CHECK_INVARIANTS else None,
@@ -1132,7 +1143,15 @@ def _serve(args, metrics) -> int:
             return _fail(str(error))
         if ring is not None and not args.replicate:  # a follower's values come in the log
             rotation = _pii_rotation(ring)
-        if args.replicate:
+        if args.replicate and workers > 1:  # the node is the log keeper's (keep_log)
+            from yikatong.storage import keeper
+            try:
+                node = keeper.Link(store, keeper.socket_path(args.data_dir),
+                                   config.keeper_wait_seconds)
+            except Exception as error:  # noqa: BLE001 - no keeper: one line
+                store.close()
+                return _fail(str(error))
+        elif args.replicate:
             from yikatong.storage.replication import Node, shown
             try:
                 node = Node(store, args.replicate.split(","), args.node_id,
@@ -1168,6 +1187,46 @@ def _serve(args, metrics) -> int:
             store.close()
         return 0
 
+    def keep_log() -> int:
+        """The log keeper of a replicated node's workers (storage/keeper.py): the node's
+        lease, log, follower, intake and snapshots, served to the workers on the data dir's
+        socket until SIGTERM (the supervisor's, once the workers have stopped)."""
+        from yikatong.storage import keeper
+        from yikatong.storage.replication import Node, shown
+
+        stop = threading.Event()
+        try:
+            store = open_store(periodic=False)
+        except StoreUnavailable as error:
+            return _fail(str(error))
+        try:
+            node = Node(store, args.replicate.split(","), args.node_id,
+                        args.advertise or args.listen, config.lease_seconds,
+                        snapshots=snapshot_policy(args), work=args.data_dir, take_back=True)
+        except Exception as error:  # noqa: BLE001 - cannot reach the log: one line
+            store.close()
+            return _fail(f"--replicate {','.join(map(shown, args.replicate.split(',')))}: "
+                         f"{error}")
+        node_metrics = None
+        try:
+            server = keeper.Server(node, keeper.socket_path(args.data_dir))
+            if args.metrics_listen:
+                node_metrics = metrics.NodeMetrics(node)
+                node_metrics.keep()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the workers first
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            worker.ready()
+            while not stop.wait(1.0):
+                pass
+            server.close()
+        finally:
+            if node_metrics is not None:
+                node_metrics.stop()
+            node.stop()
+            store.close()
+        return 0
+
     def serving():
         if exporter is not None:
             exporter.wait_ready()  # so a scrape right after the ready line is answered
@@ -1177,8 +1236,11 @@ def _serve(args, metrics) -> int:
     # (one worker) or by the supervisor (--workers N); its values under the data dir, emptied
     # now that the lock is held (a killed server's are never served)
     exporter = metrics.Exporter(args) if args.metrics_listen and worker is None else None
+    log_keeper = None  # with --replicate and --workers N (server/keeper.py)
     values = metrics.prepare(args.data_dir) if exporter is not None else ""
     try:
+        if args.keeper_of:
+            return keep_log()
         if worker is not None:
             return run(worker.ready)
         if exporter is not None:
@@ -1189,17 +1251,24 @@ def _serve(args, metrics) -> int:
             code = run(serving)
         else:  # the parent keeps the metrics endpoint, once every worker is forked
             # a worker started anew: this command in a fresh interpreter, with the lock and
-            # the manual clock's shared memory
+            # the manual clock's shared memory; so is a replicated node's log keeper
+            command = [sys.executable, "-m", "yikatong", *args.argv]
+            fds = {"lock": lock, **({"clock": clock.fd} if clock.manual else {})}
+            if args.replicate:
+                from yikatong.server.keeper import Keeper
+                log_keeper = Keeper(command, fds, on_ended=metrics.process_ended
+                                    if args.metrics_listen else lambda pid: None)
             code = supervise(workers, run, serving,
                              stop_seconds=args.drain_seconds + SHUTDOWN_GRACE_SECONDS + 5,
                              on_ended=metrics.process_ended if args.metrics_listen
                              else lambda pid: None,
                              on_restart=metrics.worker_restarted if args.metrics_listen
                              else lambda: None,
-                             command=[sys.executable, "-m", "yikatong", *args.argv],
-                             fds={"lock": lock, **({"clock": clock.fd} if clock.manual else {})},
-                             companion=exporter)
+                             command=command, fds=fds,
+                             companions=[c for c in (exporter, log_keeper) if c])
     finally:
+        if log_keeper is not None:  # after the workers have drained their writes
+            log_keeper.stop()
         if exporter is not None:
             exporter.stop()
             metrics.remove(values)

@@ -163,10 +163,28 @@ class ServerProcess:
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
+    def children(self) -> dict[int, str]:
+        """{pid: command line} of the server's child processes (--workers N: the workers,
+        the metrics endpoint, a replicated node's log keeper)."""
+        out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self.proc.pid)],
+                             capture_output=True, text=True).stdout
+        return {int(pid): args for pid, _, args in
+                (line.strip().partition(" ") for line in out.splitlines() if line.strip())}
+
+    def keeper_pid(self) -> int | None:
+        """The log keeper's pid (--replicate with --workers N), None while there is none."""
+        return next((pid for pid, args in self.children().items() if "--keeper-of" in args),
+                    None)
+
     def kill(self) -> None:
-        """SIGKILL, as a crash would. The channel stays open for clients still using it;
-        `close()` it once they have stopped."""
+        """SIGKILL, as a crash would: the server and every process of its own (a power cut
+        ends them all). The channel stays open for clients still using it; `close()` it once
+        they have stopped."""
+        children = self.children()
         self.proc.kill()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
         self.proc.wait()
         self._log.close()
 

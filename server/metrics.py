@@ -238,6 +238,67 @@ def process_ended(pid: int) -> None:
     multiprocess.mark_process_dead(pid)
 
 
+class NodeMetrics:
+    """A replicated node's metrics (storage.replication.Node), in the process that holds it:
+    the one process of one worker, or the log keeper of --workers N (`keep`). Live gauges:
+    a keeper that ended and was started again leaves none behind."""
+
+    def __init__(self, node):
+        from prometheus_client import Gauge, Histogram
+
+        self.node = node
+        self._applied = Gauge("yikatong_replication_applied_sequence", "The last record "
+                              "of the replicated log applied here", multiprocess_mode="livemax")
+        self._log_end = Gauge("yikatong_replication_log_sequence", "The replicated log's "
+                              "last sequence, as of this node's last look (every lease "
+                              "tick)", multiprocess_mode="livemax")
+        self._lag = Gauge("yikatong_replication_lag_records", "Records of the log not yet "
+                          "applied here", multiprocess_mode="livemax")
+        self._leading = Gauge("yikatong_replication_writer", "1 while this node holds the "
+                              "write lease", multiprocess_mode="livemax")
+        lag_seconds = Histogram("yikatong_replication_lag_seconds", "From the log taking a "
+                                "record to this follower applying it",
+                                buckets=_SECONDS_BUCKETS)
+        node.on_lag = lag_seconds.observe
+        self._snapshot_seq = Gauge(
+            "yikatong_snapshot_newest_sequence", "The log sequence of the newest snapshot "
+            "in the object store, as this node last looked (0: none)",
+            multiprocess_mode="livemax")
+        self._snapshot_age = Gauge(
+            "yikatong_snapshot_newest_age_seconds", "Seconds since the newest snapshot was "
+            "taken (0: none)", multiprocess_mode="livemax")
+        self._snapshot_failing = Gauge(
+            "yikatong_snapshot_failing", "1 while this node's last snapshot failed",
+            multiprocess_mode="livemax")
+        self._stop = threading.Event()
+
+    def flush(self) -> None:
+        node = self.node
+        applied = node.store.applied_sequence
+        self._applied.set(applied)
+        self._log_end.set(node.log_end)
+        self._lag.set(max(0, node.log_end - applied))
+        self._leading.set(int(node.leading))
+        taker = node.taker
+        if taker is not None:
+            newest = taker.newest
+            self._snapshot_seq.set(newest.log_sequence if newest else 0)
+            self._snapshot_age.set(time.time() - taker.newest_at if newest else 0)
+            self._snapshot_failing.set(int(bool(taker.last_error)))
+
+    def keep(self) -> None:
+        """In the log keeper (no event loop): flushed by a thread of its own until `stop`."""
+        def run() -> None:
+            while not self._stop.wait(FLUSH_SECONDS):
+                self.flush()
+        threading.Thread(target=run, name="node-metrics", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.node.on_lag = None
+        self.flush()
+
+
 class Metrics:
     """One process's metrics. `enabled` False (no --metrics-listen): every update is skipped
     by its caller's check, and prometheus-client is never imported."""
@@ -307,31 +368,8 @@ class Metrics:
         self._clock = clock
         self._slow_due = 0.0
         self._watching = watchers
-        self._node = node
-        if node is not None:
-            self._applied = Gauge("yikatong_replication_applied_sequence", "The last record "
-                                  "of the replicated log applied here", multiprocess_mode="max")
-            self._log_end = Gauge("yikatong_replication_log_sequence", "The replicated log's "
-                                  "last sequence, as of this node's last look (every lease "
-                                  "tick)", multiprocess_mode="max")
-            self._lag = Gauge("yikatong_replication_lag_records", "Records of the log not yet "
-                              "applied here", multiprocess_mode="max")
-            self._leading = Gauge("yikatong_replication_writer", "1 while this node holds the "
-                                  "write lease", multiprocess_mode="max")
-            lag_seconds = Histogram("yikatong_replication_lag_seconds", "From the log taking a "
-                                    "record to this follower applying it",
-                                    buckets=_SECONDS_BUCKETS)
-            node.on_lag = lag_seconds.observe
-            self._snapshot_seq = Gauge(
-                "yikatong_snapshot_newest_sequence", "The log sequence of the newest snapshot "
-                "in the object store, as this node last looked (0: none)",
-                multiprocess_mode="max")
-            self._snapshot_age = Gauge(
-                "yikatong_snapshot_newest_age_seconds", "Seconds since the newest snapshot was "
-                "taken (0: none)", multiprocess_mode="max")
-            self._snapshot_failing = Gauge(
-                "yikatong_snapshot_failing", "1 while this node's last snapshot failed",
-                multiprocess_mode="max")
+        # the node's own metrics where the node is (a worker's Link: in its log keeper)
+        self._node = NodeMetrics(node) if node is not None and not node.remote else None
         self._children: dict[tuple[str, str], tuple] = {}
         self._store = store
         self._loop = loop
@@ -361,17 +399,7 @@ class Metrics:
         self._queue.set(self._store.queue_depth())
         self._watchers.set(self._watching())
         if self._node is not None:
-            applied = self._store.applied_sequence
-            self._applied.set(applied)
-            self._log_end.set(self._node.log_end)
-            self._lag.set(max(0, self._node.log_end - applied))
-            self._leading.set(int(self._node.leading))
-            taker = getattr(self._node, "taker", None)
-            if taker is not None:
-                newest = taker.newest
-                self._snapshot_seq.set(newest.log_sequence if newest else 0)
-                self._snapshot_age.set(time.time() - taker.newest_at if newest else 0)
-                self._snapshot_failing.set(int(bool(taker.last_error)))
+            self._node.flush()
         used, size = self._store.map_use()
         self._map_used.set(used)
         self._map_size.set(size)
@@ -427,7 +455,7 @@ class Metrics:
             self._timer.cancel()
             self._store.on_commit = None
             if self._node is not None:
-                self._node.on_lag = None
+                self._node.stop()
             self._slow_due = float("inf")  # no executor job as the server stops
             self._gates_due = float("inf")
             self._flush()
@@ -436,7 +464,7 @@ class Metrics:
 
 REASONS = max(Reason) + 1
 REASONS_NOT_SERVING = ("map_full", "disk_full", "corrupt_record", "writer_down",
-                       "archive_failing", "replication_gap")
+                       "archive_failing", "replication_gap", "log_keeper_down")
 _SECONDS_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
                     2.5, 5, 10)
 _GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)

@@ -60,21 +60,22 @@ def supervise(n: int, run_worker: Callable[[Callable[[], None]], int],
               on_ended: Callable[[int], None] = lambda pid: None,
               on_restart: Callable[[], None] = lambda: None,
               command: list[str] | None = None, fds: dict[str, int] | None = None,
-              companion=None) -> int:
+              companions=()) -> int:
     """Run `run_worker(ready)` in each of `n` forked worker processes (it returns an exit
     code and calls `ready()` once it serves); `on_ready()` once all n serve; `on_ended(pid)`
     after a worker has ended; `on_restart()` when one that served ended by itself and is
     replaced (not a rolling restart's drain). `command`: the argument vector that starts one
     worker anew (`--worker-of SPEC` is appended; `fds`, named descriptors it inherits, are in SPEC);
-    without it, replacements are forked and SIGUSR2 is refused. `companion`: a process kept
-    beside the workers (the metrics endpoint, server/metrics.py `Exporter`): started once the
-    workers are forked, passed SIGHUP, reaped here and started again when it ends (`spawn`,
-    `hup`, `ended(pid, code)`, `poll()`; `renew()` at the end of a rolling restart). Returns
-    the exit code."""
+    without it, replacements are forked and SIGUSR2 is refused. `companions`: processes kept
+    beside the workers (the metrics endpoint, server/metrics.py `Exporter`; a replicated
+    node's log keeper, server/keeper.py): started once the workers are forked, passed SIGHUP,
+    reaped here and started again when they end (`spawn`, `hup`, `ended(pid, code)`,
+    `poll()`; `renew()` at the end of a rolling restart). One that is `vital` and ends before
+    every worker serves stops the server (its reason is on stderr). Returns the exit code."""
     supervisor = _Supervisor(n, run_worker, on_ready, stop_seconds, on_ended, command,
                              fds or {})
     supervisor.on_restart = on_restart
-    supervisor.companion = companion
+    supervisor.companions = list(companions)
     return supervisor.run()
 
 
@@ -99,7 +100,7 @@ class _Supervisor:
         self.to_replace: list[int] = []  # old pids, in slot order
         self.incoming: tuple[int, int, float] | None = None  # (old pid, new pid, give up at)
         self.outgoing: tuple[int, float] | None = None  # (old pid draining, kill at)
-        self.companion = None  # kept beside the workers (supervise)
+        self.companions: list = []  # kept beside the workers (supervise)
 
     # ----------------------------------------------------------------- the loop
 
@@ -110,8 +111,8 @@ class _Supervisor:
                 os.set_inheritable(fd, True)
         for slot in range(self.n):
             self.fork(slot)
-        if self.companion is not None:  # after the forks: no worker holds anything of it
-            self.companion.spawn()
+        for companion in self.companions:  # after the forks: no worker holds any of theirs
+            companion.spawn()
         while True:
             info = signal.sigtimedwait(_SIGNALS, 0.05)
             self.take_ready()
@@ -124,8 +125,8 @@ class _Supervisor:
                     return code
             self.roll()
             self.start_due()
-            if self.companion is not None:
-                self.companion.poll()
+            for companion in self.companions:
+                companion.poll()
 
     def on_signal(self, signo: int) -> int | None:
         if signo in (signal.SIGTERM, signal.SIGINT):
@@ -135,15 +136,21 @@ class _Supervisor:
         if signo == signal.SIGHUP:
             for pid in self.workers:
                 _signal(pid, signal.SIGHUP)
-            if self.companion is not None:
-                self.companion.hup()
+            for companion in self.companions:
+                companion.hup()
             log.info("reload: SIGHUP passed to %d workers", len(self.workers),
                      extra={"fields": {"pids": sorted(self.workers)}})
         elif signo == signal.SIGUSR2:
             self.start_rolling()
         else:
             for pid, code in _reap():
-                if self.companion is not None and self.companion.ended(pid, code):
+                companion = next((c for c in self.companions if c.ended(pid, code)), None)
+                if companion is not None:
+                    if getattr(companion, "vital", False) and not self.announced:
+                        log.error("%s (pid %d) could not start (exit %s); stopping the server",
+                                  companion.name, pid, code)
+                        _stop(self.workers, self.stop_seconds, self.ready)
+                        return START_FAILED
                     continue
                 stopped = self.ended(pid, code)
                 if stopped is not None:
@@ -350,8 +357,8 @@ class _Supervisor:
         self.rolling = False
         log.info("rolling restart done: every worker was started anew",
                  extra={"fields": {"pids": sorted(self.workers)}})
-        if self.companion is not None:  # and the metrics endpoint, on the code installed now
-            self.companion.renew()
+        for companion in self.companions:  # and its companions, on the code installed now
+            companion.renew()
 
 
 # --------------------------------------------------------------------- in a worker

@@ -454,7 +454,7 @@ class Store:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
             raise
-        self._note_sequence()
+        self.refresh_sequence()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._carry = None  # the item that ended the last group (a record among commands)
         self._drain_lock = threading.Lock()
@@ -648,7 +648,7 @@ class Store:
         else:
             self.periodic_failures = 0
             if self.check_writer is not None:
-                self._note_sequence()
+                self.refresh_sequence()
         if self.healthy != was_healthy:
             self._notify_health()
 
@@ -684,7 +684,7 @@ class Store:
                 future.set_exception(WriterDown(f"the store's writer stopped ({e!r})"))
             raise
         if self.check_writer is not None:
-            self._note_sequence()
+            self.refresh_sequence()
         self._answer(outcomes, handed, diverted_futures)
         if self.on_commit is not None:
             self.on_commit(len(group), time.perf_counter() - started)
@@ -827,7 +827,7 @@ class Store:
                     if not future.done():
                         future.set_exception(WriterDown(f"the store's writer stopped ({e!r})"))
             raise
-        self._note_sequence()
+        self.refresh_sequence()
         for g, outcomes, handed, diverted, _, _ in groups:
             self._answer(outcomes, handed, diverted)
             if self.on_commit is not None:
@@ -878,7 +878,7 @@ class Store:
                         book.apply_journal(record)
         except Exception as e:  # noqa: BLE001 - not committed here; the log holds them
             refusal, good = self._full(e), 0
-        self._note_sequence()
+        self.refresh_sequence()
         first_refused = flight[good][0] if good < len(flight) else None
         for i, (g, outcomes, handed, diverted, before, own) in enumerate(groups):
             if broken is not None and i >= broken[0]:
@@ -919,7 +919,9 @@ class Store:
                 raise
         return True
 
-    def _note_sequence(self) -> None:
+    def refresh_sequence(self) -> None:
+        """`applied_sequence` read again from the store (another process of the node, a
+        worker or its log keeper, may have committed since)."""
         with self.read() as txn:
             self.applied_sequence = Book(txn, self.dbs).log_sequence()
 

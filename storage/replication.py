@@ -49,6 +49,8 @@ _UNREACHABLE = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoResponders
                 nats.js.errors.NoStreamResponseError, nats.errors.ConnectionClosedError)
 
 
+_NOT_TAKEN = ("the writer's audit intake did not take this node's audit events; nothing was "
+              "answered")
 NO_PEERS = 10005  # JetStream: "no suitable peers for placement" (a cluster still forming)
 
 
@@ -82,6 +84,13 @@ def term_of(headers: dict | None) -> int | None:
     """A record's writer's term (`TERM`), None for a record without one."""
     value = (headers or {}).get(TERM)
     return int(value) if value is not None and value.isdigit() else None
+
+
+def not_the_writer(writer: tuple[str, str] | None) -> Fenced:
+    """A write refused on a node that does not hold the lease, naming the one that does."""
+    return Fenced("this node is not the writer" + (
+        f"; the writer is {writer[0]} at {writer[1]}" if writer else
+        "; no node holds the write lease yet"), writer[1] if writer else "")
 
 
 def shown(url: str) -> str:
@@ -213,13 +222,22 @@ class Log:
     def hand_over(self, events: list[AuditEvent]) -> None:
         """A follower's audit events, into the writer's intake (a quorum holds them when
         this returns), or LogUnavailable."""
-        data = json.dumps([[getattr(e, f) for f in _INTAKE_FIELDS] for e in events]).encode()
         try:
-            self._run(self._js.publish(INTAKE_SUBJECT, data, timeout=self.timeout,
-                                       headers={"Nats-Msg-Id": uuid.uuid4().hex}))
-        except (nats.js.errors.APIError, *_UNREACHABLE, concurrent.futures.TimeoutError):
-            raise LogUnavailable("the writer's audit intake did not take this node's audit "
-                                 "events; nothing was answered") from None
+            self._run(self.hand_over_data(self.intake_data(events)))
+        except concurrent.futures.TimeoutError:
+            raise LogUnavailable(_NOT_TAKEN) from None
+
+    async def hand_over_data(self, data: bytes) -> None:
+        """`hand_over` on the log's loop, of events already encoded (`intake_data`)."""
+        try:
+            await self._js.publish(INTAKE_SUBJECT, data, timeout=self.timeout,
+                                   headers={"Nats-Msg-Id": uuid.uuid4().hex})
+        except (nats.js.errors.APIError, *_UNREACHABLE):
+            raise LogUnavailable(_NOT_TAKEN) from None
+
+    @staticmethod
+    def intake_data(events: list[AuditEvent]) -> bytes:
+        return json.dumps([[getattr(e, f) for f in _INTAKE_FIELDS] for e in events]).encode()
 
     @staticmethod
     def intake_events(data: bytes) -> list[AuditEvent]:
@@ -414,6 +432,21 @@ class Lease:
             return False  # unknown: taken or not, the log fences this node's appends
         return True
 
+    def take_back(self) -> bool:
+        """The lease this node's id and address hold still, taken back by a new process of
+        the same node (the log keeper started again after its predecessor ended: that one
+        can renew it no more), without waiting for it to lapse. False if it is not ours."""
+        try:
+            entry = self.log._run(self.kv.get(LEASE_KEY))
+            if entry.value != self.value:
+                return False
+            self.revision = self.log._run(self.kv.update(LEASE_KEY, self.value,
+                                                         last=entry.revision))
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError,
+                nats.js.errors.APIError, *_UNREACHABLE, concurrent.futures.TimeoutError):
+            return False
+        return True
+
     def renew(self) -> bool:
         """False when the lease is not (known to be) renewed: the node stops writing."""
         try:
@@ -438,13 +471,19 @@ class Node:
     caller is answered, and the writer takes them into the trail (`_intake`), each intake
     record once: its sequence is kept in the same transaction as the events."""
 
+    remote = False  # the node itself (storage.keeper.Link: a worker's view of it)
+
     def __init__(self, store, urls: list[str], node_id: str, address: str, ttl: float = 2.0,
-                 snapshots=None, work: str = ""):
+                 snapshots=None, work: str = "", take_back: bool = False):
         """`snapshots`: a storage.snapshots.Policy (None: this node takes none), staged in
-        `work` (a directory on the data dir's file system)."""
+        `work` (a directory on the data dir's file system). `take_back`: a lease held under
+        this node's id and address is taken back at once (`Lease.take_back`), not waited
+        out: the log keeper of `--workers` (storage/keeper.py), the one process of the node
+        that holds it, started again by its supervisor."""
         from yikatong.storage import snapshots as snapshot_module
 
         self.store, self.node_id, self.address, self.ttl = store, node_id, address, ttl
+        self.take_back = take_back
         self.log = Log(urls)
         try:
             self._join(store, node_id, address, ttl, snapshots, work, snapshot_module)
@@ -581,10 +620,10 @@ class Node:
                     self.writer = self.lease.holder()
                 except LogUnavailable:
                     pass
-            writer = self.writer
-            raise Fenced("this node is not the writer" + (
-                f"; the writer is {writer[0]} at {writer[1]}" if writer else
-                "; no node holds the write lease yet"), writer[1] if writer else "")
+            raise not_the_writer(self.writer)
+
+    def refresh(self) -> None:
+        """`store.applied_sequence` as of now (here the store's writer keeps it)."""
 
     def _append(self, record: bytes) -> None:
         self._check_writer()
@@ -617,20 +656,22 @@ class Node:
                 self.follower = self._follow()  # whatever failed on the way
 
     def _step(self) -> None:
+        self.store.refresh_sequence()  # the node's workers commit in processes of their own
         if self.leading:
             if not self.lease.renew():
-                self.leading = False
+                self.leading, self.writer = False, None  # who holds it: asked next tick
                 log.info("node %s: the write lease is lost; following", self.node_id)
             elif self.store.applied_sequence < self.log.last_sequence():
                 self._catch_up()  # fenced: another appended while this one stalled
             return
         self.writer = self.lease.holder()
-        if self.writer is None:
+        mine = self.take_back and self.writer == (self.node_id, self.address)
+        if self.writer is None or mine:
             if self.follower is not None:
                 self.follower.stop()
                 self.follower = None
             self._catch_up()
-            if self.lease.take():
+            if self.lease.take_back() if mine else self.lease.take():
                 with self.store.read() as txn:  # newer than any term in the log: the lease's
                     known = self.store.book(txn).term()  # revision grows, but a bucket
                 self.store.term = known + self.lease.revision  # made again starts over

@@ -295,7 +295,7 @@ def test_cluster_status_of_a_cluster_no_node_started_on_makes_nothing(cluster):
 
 
 def test_replicate_refuses_to_start_without_what_it_needs(tmp_path):
-    """One line and exit 2: no node id, more than one worker, the demo set, a node id that
+    """One line and exit 2: no node id, the demo set, a node id that
     cannot be a key of the cluster's buckets, an address other nodes could not hand to a
     client, a URL that is not NATS's, or no NATS server answering (`--replicate` on a port
     nothing listens on); a password in a URL is never printed back."""
@@ -304,8 +304,7 @@ def test_replicate_refuses_to_start_without_what_it_needs(tmp_path):
     nats = ["--replicate", "nats://127.0.0.1:1"]
     for extra, says in (
             (nats, "--replicate needs --node-id"),
-            (nats + ["--node-id", "a", "--workers", "2"],
-             "--replicate needs --node-id, --workers 1"),
+            (nats + ["--node-id", "a", "--demo"], "--replicate needs --node-id and no --demo"),
             (["--node-id", "a"], "--node-id and --advertise are for --replicate"),
             (nats + ["--node-id", "a b"], "--node-id must be 1 to 64 letters, digits"),
             (nats + ["--node-id", "n" * 10240], "--node-id must be 1 to 64 letters, digits"),

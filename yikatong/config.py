@@ -68,6 +68,10 @@ min_sequence_wait_seconds = 5.0
 # it gathers and applies the next ones (serve --log-in-flight-max; issue 27 item 2)
 log_in_flight_max = 8
 log_ack_wait_seconds = 15.0  # at most, for an appended record's answer (the log's own is 5 s)
+# a worker of a replicated node (--workers N) waits this long for its log keeper's first word
+# before it gives up (the keeper's own start is bounded by cluster_start_seconds and the log's
+# connection timeouts)
+keeper_wait_seconds = 90.0
 
 # ---- processes
 workers_max = 64  # --workers (0: one per core)

@@ -1,0 +1,262 @@
+"""Issue 27 item 1: a replicated node on every core. `serve --replicate --workers 2`: a log
+keeper process holds the node's lease, log, follower and intake (storage/keeper.py); both
+workers serve reads from the node's LMDB and write into it, their records reaching the log
+through the keeper in the order of their commits. Every process started and stopped here,
+on loopback ports, beside a 3-node NATS JetStream cluster."""
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_calls import error_info
+from test_cluster import balance, probe, start, top_up, writer_of
+from test_e2e import new_active_card
+from test_workers import answering_pids, fresh_channel, scrape
+
+from yikatong.server.harness import NatsCluster, store_digest, wait_until
+from yikatong.v1 import yikatong_pb2 as pb
+from yikatong.v1 import yikatong_pb2_grpc as rpc
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = NatsCluster(tmp_path)
+    yield c
+    c.stop()
+
+
+def health(node) -> int:
+    try:
+        return health_pb2_grpc.HealthStub(node.channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5).status
+    except grpc.RpcError:
+        return -1
+
+
+def debits_from_many_connections(node, card: str, prefix: str, count: int,
+                                 channels: int = 6) -> dict[str, bytes]:
+    """`count` debits of 1 fen, spread over `channels` connections (the kernel hands each
+    to one worker), acknowledged answers by request id."""
+    acked: dict[str, bytes] = {}
+    lock = threading.Lock()
+
+    def run(c: int) -> None:
+        channel = fresh_channel(node.address)
+        stub = rpc.AuthorizationStub(channel)
+        try:
+            for n in range(c, count, channels):
+                rid = f"{prefix}-{n}"
+                answer = stub.Authorize(pb.AuthorizeRequest(
+                    request_id=rid, card_number=card, channel=pb.CHANNEL_TRANSIT, amount_fen=1,
+                    terminal_id="gate-1"), metadata=node.md("TRANSIT_GATE"), timeout=20)
+                with lock:
+                    acked[rid] = answer.SerializeToString()
+        finally:
+            channel.close()
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(channels)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return acked
+
+
+def test_a_writer_of_two_workers_appends_both_workers_writes_in_one_order(cluster, tmp_path):
+    """Node 0 (two workers and their keeper) takes the lease and writes; debits from many
+    connections are answered by both workers; every follower applies the same log, and
+    every node ends with the same bytes. A single node and a node of workers agree."""
+    nodes = [start(tmp_path, cluster, 0, "--workers", "2")]
+    try:
+        assert wait_until(lambda: writer_of(nodes) is not None, 30)
+        nodes += [start(tmp_path, cluster, i) for i in (1, 2)]
+        writer = nodes[0]
+        assert writer_of(nodes) is writer
+        keeper = writer.keeper_pid()
+        assert keeper is not None
+        cards = [new_active_card(writer, n) for n in (1, 2)]
+        for card in cards:
+            top_up(writer, card, 10_000)
+        acked = {}
+        for card in cards:
+            acked.update(debits_from_many_connections(writer, card, card[-4:], 200))
+        assert len(acked) == 400
+        pids = set(answering_pids(writer, "Authorization.Authorize"))
+        assert len(pids) == 2 and keeper not in pids, pids  # both workers wrote
+        for node in nodes:
+            for card in cards:
+                assert wait_until(lambda n=node, c=card: balance(n, c) == 10_000 - 200, 20)
+        for rid, answer in acked.items():  # a replay on either worker: the first answer
+            card = cards[0] if rid.startswith(cards[0][-4:]) else cards[1]
+            assert debit_1(writer, card, rid) == answer
+        metrics = scrape(writer.metrics)
+        assert metrics[("yikatong_replication_writer", frozenset())] == 1
+        assert metrics[("yikatong_not_serving_reason",
+                        frozenset({("reason", "log_keeper_down")}))] == 0
+    finally:
+        for node in nodes:
+            node.stop()
+    assert len({store_digest(n.data_dir) for n in nodes}) == 1
+
+
+def debit_1(node, card: str, rid: str) -> bytes:
+    return node.authorization.Authorize(pb.AuthorizeRequest(
+        request_id=rid, card_number=card, channel=pb.CHANNEL_TRANSIT, amount_fen=1,
+        terminal_id="gate-1"), metadata=node.md("TRANSIT_GATE"), timeout=20).SerializeToString()
+
+
+def test_a_follower_of_two_workers_refuses_writes_naming_the_writer_and_reads_its_own(
+        cluster, tmp_path):
+    """Both workers of a following node refuse a write (UNAVAILABLE, the writer named),
+    answer a read once they hold a write's record (min_sequence), and serve a read of
+    personal information, its audit event handed to the writer's trail through the keeper."""
+    nodes = [start(tmp_path, cluster, 1)]
+    try:
+        assert wait_until(lambda: writer_of(nodes) is not None, 30)
+        writer = nodes[0]
+        follower = start(tmp_path, cluster, 0, "--workers", "2")
+        nodes.append(follower)
+        for _ in range(8):  # new connections: the kernel hands them to either worker
+            channel = fresh_channel(follower.address)
+            with pytest.raises(grpc.RpcError) as refused:
+                rpc.LedgerStub(channel).Transfer(pb.TransferRequest(
+                    transfer_id=f"t{_}", debit=pb.AccountRef(operator="op:probe-a"),
+                    credit=pb.AccountRef(operator="op:probe-b"), amount_fen=1),
+                    metadata=follower.md("CARD_AGENCY"), timeout=10)
+            channel.close()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(refused.value).metadata.get("writer") == writer.address
+        card = new_active_card(writer, 3)
+        top_up(writer, card, 5_000)
+        answer, call = writer.authorization.Authorize.with_call(pb.AuthorizeRequest(
+            request_id="ryw", card_number=card, channel=pb.CHANNEL_TRANSIT, amount_fen=100,
+            terminal_id="gate-1"), metadata=writer.md("TRANSIT_GATE"), timeout=10)
+        seq = int(dict(call.trailing_metadata())["log_sequence"])
+        for _ in range(6):
+            channel = fresh_channel(follower.address)
+            read, call = rpc.LedgerStub(channel).GetBalances.with_call(
+                pb.GetBalancesRequest(card_number=card), timeout=10,
+                metadata=(*follower.md("TRANSIT_GATE"), ("min_sequence", str(seq))))
+            channel.close()
+            assert next(b.posted_fen for b in read.balances
+                        if b.kind == pb.ACCOUNT_KIND_TRANSIT) == 4_900
+            assert int(dict(call.trailing_metadata())["log_sequence"]) >= seq
+        holder = rpc.HoldersStub(follower.channel).GetHolder(pb.GetHolderRequest(
+            card_number=card, purpose="claim 2026-9"), metadata=follower.md("CARD_AGENCY"),
+            timeout=10)
+        assert holder.holder.ssn
+        read = ("Holders.GetHolder", card, "claim 2026-9")  # in the writer's trail, and so
+        for node in nodes:  # in the follower's, from the log
+            assert wait_until(lambda n=node: read in [
+                (e.method, e.card_number, e.purpose) for e in rpc.AuditStub(n.channel).Export(
+                    pb.ExportRequest(), metadata=n.md("AUDITOR"), timeout=10)], 20)
+        assert health(follower) == health_pb2.HealthCheckResponse.SERVING
+        metrics = scrape(follower.metrics)  # the keeper's: lag observed, not the writer
+        assert metrics[("yikatong_replication_writer", frozenset())] == 0
+        assert metrics[("yikatong_replication_lag_seconds_count", frozenset())] >= 2
+    finally:
+        for node in nodes:
+            node.stop()
+    assert len({store_digest(n.data_dir) for n in nodes}) == 1
+
+
+def test_a_killed_keeper_loses_nothing_acknowledged_and_its_successor_writes_on(
+        cluster, tmp_path):
+    """SIGKILL the writer's log keeper under debits: the records in flight are refused
+    (nothing committed, the callers retry by request id), the supervisor starts another,
+    which applies what the log holds and takes the node's lease back; every acknowledged
+    debit is there once, every retried one charged once, on every node."""
+    nodes = [start(tmp_path, cluster, 0, "--workers", "2")]
+    try:
+        assert wait_until(lambda: writer_of(nodes) is not None, 30)
+        nodes += [start(tmp_path, cluster, i) for i in (1, 2)]
+        writer = nodes[0]
+        card = new_active_card(writer, 4)
+        top_up(writer, card, 100_000)
+        attempted: list[str] = []
+        acked: dict[str, bytes] = {}
+        stop = threading.Event()
+
+        def client(c: int) -> None:
+            channel = fresh_channel(writer.address)
+            stub = rpc.AuthorizationStub(channel)
+            n = 0
+            while not stop.is_set():
+                rid = f"c{c}-{n}"
+                n += 1
+                attempted.append(rid)
+                try:
+                    acked[rid] = stub.Authorize(pb.AuthorizeRequest(
+                        request_id=rid, card_number=card, channel=pb.CHANNEL_TRANSIT,
+                        amount_fen=1, terminal_id="gate-1"), metadata=writer.md("TRANSIT_GATE"),
+                        timeout=10).SerializeToString()
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+                    time.sleep(0.05)
+            channel.close()
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        keeper = writer.keeper_pid()
+        os.kill(keeper, signal.SIGKILL)
+        assert wait_until(lambda: writer.keeper_pid() not in (None, keeper), 15)
+        took = len(acked)
+        assert wait_until(lambda: len(acked) > took + 20, 30), "no write after the keeper died"
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert f"the log keeper (pid {keeper}) ended" in writer.output()
+        now = writer_of(nodes)
+        assert now is writer  # the lease taken back, not waited out
+        for rid in attempted:  # every one decided once: the acknowledged ones as answered
+            answer = debit_1(now, card, rid)
+            if rid in acked:
+                assert answer == acked[rid], rid
+        for node in nodes:
+            assert wait_until(lambda n=node: balance(n, card) == 100_000 - len(attempted), 20)
+    finally:
+        for node in nodes:
+            node.stop()
+    assert len({store_digest(n.data_dir) for n in nodes}) == 1
+
+
+def test_a_hung_keeper_is_not_serving_and_the_cluster_writes_elsewhere(cluster, tmp_path):
+    """A keeper that stops answering (SIGSTOP) is taken as gone by its workers within
+    storage.keeper.SILENT_SECONDS: health NOT_SERVING (`log_keeper_down`), writes refused;
+    the lease lapses and another node writes. Resumed, the keeper finds it lost the lease:
+    the node serves again as a follower, naming the new writer."""
+    nodes = [start(tmp_path, cluster, 0, "--workers", "2")]
+    try:
+        assert wait_until(lambda: writer_of(nodes) is not None, 30)
+        nodes += [start(tmp_path, cluster, i) for i in (1, 2)]
+        node0 = nodes[0]
+        keeper = node0.keeper_pid()
+        os.kill(keeper, signal.SIGSTOP)
+        try:
+            assert wait_until(lambda: health(node0) == health_pb2.HealthCheckResponse
+                              .NOT_SERVING, 20)
+            with pytest.raises(grpc.RpcError) as refused:
+                probe(node0)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert wait_until(lambda: writer_of(nodes[1:]) is not None, 30)
+        finally:
+            os.kill(keeper, signal.SIGCONT)
+        new = writer_of(nodes[1:])
+        assert wait_until(lambda: health(node0) == health_pb2.HealthCheckResponse.SERVING, 20)
+
+        def named() -> str | None:  # the new writer, once the keeper has seen the lease
+            try:
+                probe(node0)
+            except grpc.RpcError as refused:
+                return error_info(refused).metadata.get("writer")
+            return "node0 wrote"
+        assert wait_until(lambda: named() == new.address, 10), named()
+        card = new_active_card(new, 5)
+        top_up(new, card, 700)
+        assert wait_until(lambda: balance(node0, card) == 700, 20)
+    finally:
+        for node in nodes:
+            node.stop()
