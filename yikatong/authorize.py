@@ -70,11 +70,20 @@ def with_money(policy, book, now: int, request_id: str, card_number: str, channe
     if phase in (Phase.POST, Phase.VOID):
         # A tap-out or void resolves a hold already granted: the hold must be on this card's
         # account for this channel; the card's state is not asked again (a card reported lost
-        # mid-journey still pays the fare it held).
+        # mid-journey still pays the fare it held), but a MEDICAL or BENEFIT account stopped
+        # since is (below).
         hold = ledger.get(book, hold_request_id)
         if hold is None or hold.debit != debit:
             raise InvalidArgument("hold_request_id", f"{hold_request_id!r} is not a hold on card "
                                   f"{card_number}'s {Channel(channel).name} account")
+        if phase == Phase.POST and channel in _STOPPABLE:
+            # GZ-21, SH-18, GZ-26: a capture is money leaving the account, and a hold placed
+            # before the stop is not captured after it (the void releases it); the hold's own
+            # refusals first (cards.debit_stopped)
+            ledger.resolvable(book, now, hold_request_id, channel, role)
+            stop = cards.debit_stopped(book, debit, now)[0]
+            if stop:
+                return stop, ledger.available(book, debit, now), None
         journey = journeys.get(book, hold_request_id) if hold.kind == TransferKind.PENDING \
             else None
         told = None

@@ -34,6 +34,7 @@ from yikatong.errors import (
 from yikatong.model import (
     FINAL_STATES,
     PII_FIELDS,
+    AccountKind,
     BankLossRules,
     CancelGround,
     Card,
@@ -55,6 +56,8 @@ from yikatong.model import (
     Role,
     State,
     Step,
+    holder_of_account,
+    kind_of_account,
     operator_account_key,
 )
 
@@ -1100,6 +1103,20 @@ def account_stopped(book, holder_id: int, now: int, but_pack: int = 0) -> tuple[
             return Reason.CARD_CANCELLED, (f"the holder's {name} card is cancelled: the holder "
                                            f"died ({_rule(pack, 'GZ-26', 'GZ-26', 'RC-16')})")
     return 0, ""
+
+
+_STOPPABLE_KINDS = frozenset({AccountKind.MEDICAL, AccountKind.BENEFIT})
+
+
+def debit_stopped(book, key: bytes, now: int) -> tuple[int, str]:
+    """`account_stopped` for money leaving the account `key` by whatever path: a debit, the
+    post of a hold placed before the stop, a reversal taking a credit back (docs/DECISIONS.md,
+    "Stopped accounts on every path"). (0, "") for an operator account and the TRANSIT purse,
+    which no loss report stops. Money coming in (a credit, a void, a reversal of a payment)
+    is never asked."""
+    if kind_of_account(key) not in _STOPPABLE_KINDS:  # 0 for an operator account
+        return 0, ""
+    return account_stopped(book, holder_of_account(key), now)
 
 
 # ------------------------------------------------------------------ replacement, cancellation

@@ -207,11 +207,10 @@ _STATUS_CODE = {TransferStatus.POSTED: "PENDING_TRANSFER_ALREADY_POSTED",
                 TransferStatus.EXPIRED: "PENDING_TRANSFER_EXPIRED"}
 
 
-def resolve(book, now: int, transfer_id: str, pending_id: str, *, post: bool, amount: int = 0,
-            channel: int = 0, role: int = 0, card_number: str = "",
-            fingerprint: bytes = _ZERO_FP) -> Transfer:
-    """Post (any amount up to the hold; 0 = all of it; the rest is released) or void a hold,
-    for the channel and role that placed it."""
+def resolvable(book, now: int, pending_id: str, channel: int = 0, role: int = 0) -> Transfer:
+    """The hold `pending_id`, still pending and placed by this channel and role; else the
+    refusal `resolve` gives. Asked first by a caller that has a rule of its own for a post
+    (the holder's stopped accounts: cards.debit_stopped)."""
     hold = get(book, pending_id)
     if hold is None:
         _not_found(book, pending_id)
@@ -226,6 +225,15 @@ def resolve(book, now: int, transfer_id: str, pending_id: str, *, post: bool, am
     if hold.status != TransferStatus.PENDING:
         raise TransferRefused(_STATUS_CODE[TransferStatus(hold.status)],
                               f"hold {pending_id!r} is resolved")
+    return hold
+
+
+def resolve(book, now: int, transfer_id: str, pending_id: str, *, post: bool, amount: int = 0,
+            channel: int = 0, role: int = 0, card_number: str = "",
+            fingerprint: bytes = _ZERO_FP) -> Transfer:
+    """Post (any amount up to the hold; 0 = all of it; the rest is released) or void a hold,
+    for the channel and role that placed it."""
+    hold = resolvable(book, now, pending_id, channel, role)
     if not post:
         amount = 0
     elif amount == 0:

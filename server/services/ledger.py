@@ -9,9 +9,9 @@ from yikatong.model import (
     AccountKind,
     Phase,
     Reason,
+    TransferKind,
     TransferStatus,
     holder_account_key,
-    holder_of_account,
     kind_of_account,
     operator_account_key,
 )
@@ -26,6 +26,8 @@ def transfer_answer(transfer_id: str, t) -> bytes:
                                timeout_at=t.timeout_at).SerializeToString()
 
 
+# what ledger.reverse moves back (a hold is voided, a reversal not reversed)
+_REVERSIBLE = (TransferKind.SINGLE, TransferKind.POST)
 assert all(pb.TransferStatus.Value(f"TRANSFER_STATUS_{s.name}") == s for s in TransferStatus)
 
 
@@ -36,15 +38,15 @@ def _holder_of(book, card_number: str) -> int:
     return rec.holder_id
 
 
-def _check_debit(book, key: bytes, kind: int, now: int) -> None:
+def _check_debit(book, key: bytes, now: int) -> None:
     """GZ-21, SH-18, GZ-26: money leaves a holder's medical or benefit account only while no
     current social security card of theirs stops it, the rule Authorize keeps
-    (cards.account_stopped); refused with the reason Authorize gives that card."""
-    if kind in (AccountKind.MEDICAL, AccountKind.BENEFIT):
-        stop, why = cards.account_stopped(book, holder_of_account(key), now)
-        if stop:
-            raise TransferRefused(Reason(stop).name, f"nothing is debited from the holder's "
-                                  f"{AccountKind(kind).name} account: {why}")
+    (cards.debit_stopped): a debit, the post of a hold, a reversal taking a credit back;
+    refused with the reason Authorize gives that card."""
+    stop, why = cards.debit_stopped(book, key, now)
+    if stop:
+        raise TransferRefused(Reason(stop).name, f"nothing is debited from the holder's "
+                              f"{AccountKind(kind_of_account(key)).name} account: {why}")
 
 
 def _reverse_legs(book, now: int, client: Client, rid: str, original: str, amount: int,
@@ -100,6 +102,9 @@ class Ledger:
             validate.amount(request.amount_fen, "amount_fen", zero_ok=True)
 
             def op(book, now, fingerprint):
+                if request.phase == Phase.POST:  # the hold's own refusals first
+                    _check_debit(book, ledger.resolvable(book, now, pending_id, 0, role).debit,
+                                 now)
                 answer = transfer_answer(tid, ledger.resolve(
                     book, now, tid, pending_id, post=request.phase == Phase.POST,
                     amount=request.amount_fen, role=role, fingerprint=fingerprint))
@@ -115,12 +120,11 @@ class Ledger:
             debit, debit_card = self._account_ref(request.debit, "debit")
             credit, credit_card = self._account_ref(request.credit, "credit")
             amount = validate.amount(request.amount_fen, "amount_fen", zero_ok=False)
-            debit_kind = request.debit.holder.kind if debit_card else 0
 
             def op(book, now, fingerprint):
                 debit_key = debit(book)
                 if debit_card:
-                    _check_debit(book, debit_key, debit_kind, now)
+                    _check_debit(book, debit_key, now)
                 answer = transfer_answer(tid, ledger.create(
                     book, now, tid, debit_key, credit(book), amount,
                     pending=request.phase == Phase.HOLD, timeout=request.timeout_seconds,
@@ -138,9 +142,12 @@ class Ledger:
         role = client.role
 
         def op(book, now, fingerprint):
-            if ledger.get(book, original) is None and ledger.legs(book, original):
+            done = ledger.get(book, original)
+            if done is None and ledger.legs(book, original):
                 return _reverse_legs(book, now, client, rid, original, request.amount_fen,
                                      fingerprint)
+            if done is not None and done.kind in _REVERSIBLE and done.resolved < done.amount:
+                _check_debit(book, done.credit, now)  # a credit taken back is a debit
             answer = transfer_answer(rid, ledger.reverse(book, now, rid, original,
                                                          request.amount_fen, role=role,
                                                          fingerprint=fingerprint))
