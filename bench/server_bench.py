@@ -37,6 +37,7 @@ from yikatong.v1 import yikatong_pb2 as pb
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MD = metadata("BANK_SWITCH", "demo")
 TOKEN = token("BANK_SWITCH", "demo")
+CHANNEL = pb.CHANNEL_STATUS  # --channel medical: MEDICAL, asked by a medical terminal
 AUTHORIZE = "/yikatong.v1.Authorization/Authorize"
 STREAM = "/yikatong.v1.Authorization/AuthorizeStream"
 
@@ -83,18 +84,18 @@ def approved(server: ServerProcess, cards: list[str]) -> tuple[pb.AuthorizeReque
     """The first card a real gRPC client sees APPROVED: the request and the answer's bytes."""
     for card in cards:
         request = pb.AuthorizeRequest(request_id="h2load", card_number=card,
-                                      channel=pb.CHANNEL_STATUS)
+                                      channel=CHANNEL)
         reply, call = server.authorization.Authorize.with_call(request, metadata=MD)
         if call.code() == grpc.StatusCode.OK and reply.decision == pb.DECISION_APPROVED:
             return request, reply.SerializeToString()
-    raise RuntimeError("no demo card is APPROVED for a status check")
+    raise RuntimeError(f"no demo card is APPROVED for a {pb.Channel.Name(CHANNEL)} check")
 
 
 def stream_batches(cards: list[str], messages: int, per: int) -> list[pb.AuthorizeBatchRequest]:
     step = max(1, len(cards) // (messages * per))
     return [pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
         request_id=f"s{m}-{i}", card_number=cards[(m * per + i) * step % len(cards)],
-        channel=pb.CHANNEL_STATUS) for i in range(per)]) for m in range(messages)]
+        channel=CHANNEL) for i in range(per)]) for m in range(messages)]
 
 
 def stream_answer(server: ServerProcess, batches) -> bytes:
@@ -114,7 +115,14 @@ def main() -> int:
     p.add_argument("--messages", type=int, default=10, help="AuthorizeStream: per call")
     p.add_argument("--per-message", type=int, default=100, help="AuthorizeStream: requests")
     p.add_argument("--calls", default="unary,stream", help="which of unary,stream to run")
+    p.add_argument("--channel", choices=("status", "medical"), default="status",
+                   help="medical: status-only MEDICAL uses by a medical terminal (a usable "
+                   "card's holder's other cards are asked too)")
     args = p.parse_args()
+    if args.channel == "medical":
+        global MD, TOKEN, CHANNEL
+        MD, TOKEN = metadata("MEDICAL_TERMINAL", "demo"), token("MEDICAL_TERMINAL", "demo")
+        CHANNEL = pb.CHANNEL_MEDICAL
     counts = [int(n) for n in args.workers.split(",")]
     kinds = args.calls.split(",")
     load = (args.seconds, args.connections, args.in_flight)
@@ -196,8 +204,8 @@ def main() -> int:
                   f"{best[kind, 'bare', b].rate / best[kind, 'bare', a].rate:.2f}x")
     print(f"\nh2load, every run (unary.bin: one gRPC message, AuthorizeRequest "
           f"request_id={request.request_id!r} card_number={request.card_number!r} "
-          f"channel=CHANNEL_STATUS, answered APPROVED; stream.bin: {args.messages} messages of "
-          f"{args.per_message}; every answer checked):\n")
+          f"channel={pb.Channel.Name(CHANNEL)}, answered APPROVED; stream.bin: "
+          f"{args.messages} messages of {args.per_message}; every answer checked):\n")
     for command in commands.values():
         print(f"    {command}")
     return 0

@@ -70,11 +70,23 @@ def main() -> int:
         assert servicer._wire(raw, client, True) == python_path(servicer, request, client)
         wire = per_round(lambda: servicer._wire(raw, client, True))
         python = per_round(lambda: python_path(servicer, request, client))
+        # the same cards at MEDICAL: a usable card's holder's other cards are asked too
+        # (docs/DECISIONS.md, "Stopped accounts on every path"), side by side with STATUS
+        medic = Client("bench", Role.MEDICAL_TERMINAL)
+        for q in request.requests:
+            q.channel = pb.CHANNEL_MEDICAL
+        raw_medical = request.SerializeToString()
+        assert servicer._wire(raw_medical, medic, True) == python_path(servicer, request, medic)
+        medical = per_round(lambda: servicer._wire(raw_medical, medic, True))
+        again = per_round(lambda: servicer._wire(raw, client, True))
         store.close()
     print(f"{len(cards):,} demo cards; 100 look-ups in one read transaction: a txn.get each "
           f"{each:.1f} us, Cursor.getmulti {multi:.1f} us ({multi_sorted:.1f} us on sorted keys)")
     print(f"a 100-request status batch: wire path {wire:.1f} us, Python path (decoded message "
           f"in, bytes out) {python:.1f} us: {python / wire:.1f}x")
+    print(f"the same batch at MEDICAL (the holder's other cards asked): wire path {medical:.1f} "
+          f"us, {medical / ((wire + again) / 2):.2f}x STATUS's (STATUS measured before and "
+          f"after: {wire:.1f}, {again:.1f} us)")
     return 0
 
 

@@ -9,6 +9,7 @@ from libc.string cimport memcpy
 cdef enum:
     RECORD_SIZE = 136
     RECORD_VERSION = 2
+    OFF_HOLDER_ID = 24  # storage/records.py
     PACK_GZ = 2
     PACK_BJ = 3
     PACK_RC = 4
@@ -368,12 +369,48 @@ cdef object _bank_loss_end(object get, const uint8_t* number, Py_ssize_t n, obje
     return get(bytes(key), None, bank_losses)
 
 
+cdef int _other_cards(object get, object cards, object holder_cards, const uint8_t* rec,
+                     int64_t now) except -2:
+    """authorize.other_cards (cards.account_stopped) for a card the table left usable at
+    MEDICAL or BENEFIT: the holder's current SH, GZ and BJ cards but its own pack's, in that
+    order; the first lost (7) or frozen (8) one answers, 0 if none. -1: the Python path
+    decides (a cancelled card, whose ground is a text; a record it would refuse)."""
+    cdef uint8_t key[9]
+    cdef uint8_t pack, state
+    cdef int k
+    cdef const uint8_t* other
+    for k in range(8):  # holder_cards keys: the holder id big-endian (records: little)
+        key[k] = rec[OFF_HOLDER_ID + 7 - k]
+    for pack in range(1, 4):  # Pack.SH, GZ, BJ (cards._ACCOUNT_PACKS)
+        if pack == rec[1]:
+            continue
+        key[8] = pack
+        number = get(PyBytes_FromStringAndSize(<const char*>key, 9), None, holder_cards)
+        if number is None:
+            continue
+        record = get(bytes(number), None, cards)
+        if record is None:
+            continue
+        other = <const uint8_t*>PyBytes_AS_STRING(record)
+        if PyBytes_GET_SIZE(record) != RECORD_SIZE or other[0] != RECORD_VERSION \
+                or other[1] < 1 or other[1] > 4 or other[2] < 1 or other[2] > 9:
+            return -1
+        state = other[2]
+        if state == LOST:
+            return 7
+        if state == TEMP_LOSS and now < _i64(other + 8):
+            return 8
+        if state == CANCELLED:
+            return -1
+    return 0
+
+
 cdef object _decide_all(Policy policy, const uint8_t* p, Req* reqs, Py_ssize_t count,
                         bint batch, object get, object cards, object ecards,
                         object holder_cards, int64_t now, object points_required,
                         object tally, object bank_losses):
     cdef Py_ssize_t k, o = 0, size = 16
-    cdef int reason, need
+    cdef int reason, need, stop
     cdef int counts[(CHANNEL_MAX + 1) * REASONS]
     cdef uint8_t* out
     cdef uint8_t inner[ID_MAX + 16]
@@ -412,6 +449,14 @@ cdef object _decide_all(Policy policy, const uint8_t* p, Req* reqs, Py_ssize_t c
                                           PyBytes_GET_SIZE(record), reqs[k].channel, now,
                                           need, 0, 0,
                                           _i64(<const uint8_t*>PyBytes_AS_STRING(end)))
+                if (reason == 0 or reason == 10) and (reqs[k].channel == CH_MEDICAL
+                                                      or reqs[k].channel == CH_BENEFIT):
+                    stop = _other_cards(get, cards, holder_cards,
+                                        <const uint8_t*>PyBytes_AS_STRING(record), now)
+                    if stop < 0:
+                        return None  # the Python path decides
+                    if stop:
+                        reason = stop
             counts[reqs[k].channel * REASONS + reason] += 1
             if batch:
                 inner_n = _put_answer(inner, 0, &reqs[k], reason)
@@ -492,11 +537,12 @@ cdef inline Py_ssize_t _stripped(const uint8_t* s, Py_ssize_t n) noexcept nogil:
 
 cdef Py_ssize_t _put_status(uint8_t* out, Py_ssize_t o, const uint8_t* number, Py_ssize_t n,
                             object record, Policy policy, int64_t now, object get,
-                            object ecards, object holder_cards, object bank_losses):
+                            object ecards, object holder_cards, object bank_losses,
+                            object cards):
     """A CardStatusResponse as CardStatus._status makes it; -1 when the Python path must
     answer (a record it would refuse as corrupt)."""
     cdef const uint8_t* rec
-    cdef int reason
+    cdef int reason, stop
     cdef Py_ssize_t k, replaced_n
     cdef uint8_t state
     cdef bint frozen
@@ -509,6 +555,12 @@ cdef Py_ssize_t _put_status(uint8_t* out, Py_ssize_t o, const uint8_t* number, P
     reason = c_decide(policy, rec, PyBytes_GET_SIZE(record), CH_MEDICAL, now, 0, 0, 0, 0)
     if reason < 0:
         return -1
+    if reason == 0 or reason == 10:  # as a debit: the holder's other cards (authorize)
+        stop = _other_cards(get, cards, holder_cards, rec, now)
+        if stop < 0:
+            return -1
+        if stop:
+            reason = stop
     replaced_n = _stripped(rec + OFF_REPLACED_BY, CARD_MAX)
     if not _ascii(rec + OFF_REPLACED_BY, replaced_n) \
             or not _ascii(rec + OFF_REPLACES, _stripped(rec + OFF_REPLACES, CARD_MAX)):
@@ -584,7 +636,7 @@ def status_wire(Policy policy, bytes raw, object get, object cards, object ecard
             at, i = i, i + <Py_ssize_t>n
             record = _record(get, p + at, <Py_ssize_t>n, cards, ecards, holder_cards)
             inner_n = _put_status(inner, 0, p + at, <Py_ssize_t>n, record, policy, now, get,
-                                  ecards, holder_cards, bank_losses)
+                                  ecards, holder_cards, bank_losses, cards)
             if inner_n < 0:
                 return None
             out[o] = 0x0a

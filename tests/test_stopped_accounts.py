@@ -13,14 +13,27 @@ personal accounts of medical insurance and financial accounts"; SH-18 "挂失后
 ……直接办理正式挂失的,社会保障功能停止使用"; GZ-26 "the social security card application agency shall
 stop the use of his/her social security card" (household registration cancelled on death).
 """
+import random
+
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_calls import error_info
 from test_law import START, call, rid, set_clock
 from test_money_e2e import balances, error_of
 from test_second_reading_accounts import account, credit, two_cards
+from test_wire import EXAMPLES, NOW, FixedClock, batches, check, check_status, singles
 
+from yikatong import cards, fastpath
+from yikatong.model import CancelGround, Card, Channel, Pack, Role, State
+from yikatong.server.clients import Client
+from yikatong.server.core import Core
 from yikatong.server.harness import running
+from yikatong.server.services.authorization import Authorization
+from yikatong.server.services.card_status import CardStatus
+from yikatong.storage import records
+from yikatong.storage.lmdb_store import Store
 from yikatong.v1 import yikatong_pb2 as pb
 
 MEDICAL, BENEFIT = pb.ACCOUNT_KIND_MEDICAL, pb.ACCOUNT_KIND_BENEFIT
@@ -241,3 +254,188 @@ def test_sh_18b_a_hold_is_captured_from_the_first_second_after_the_freeze_ends(s
     assert capture(srv, gz, pre).decision == pb.DECISION_APPROVED
     assert ledger_resolve(srv, held, pb.PHASE_POST).status == pb.TRANSFER_STATUS_POSTED
     assert balances(srv, gz)["MEDICAL"] == (7000, 0, 7000)
+
+
+# ---------------------------------------------------------------- item 2: status-only answers
+
+def status(srv, card, batch=False) -> pb.CardStatusResponse:
+    md = srv.md("MEDICAL_TERMINAL")
+    if batch:  # the wire path takes a status batch (status_wire)
+        return srv.status.GetStatusBatch(pb.GetStatusBatchRequest(card_numbers=[card]),
+                                         metadata=md).statuses[0]
+    return srv.status.GetStatus(pb.GetStatusRequest(card_number=card), metadata=md)
+
+
+def status_only(srv, card, channel) -> list[str]:
+    """A status-only use (amount 0) of `card` at `channel`, every way a terminal asks it: one
+    request and a batch (the wire path's), and a batch beside a debit of another card (the
+    Python path's, which takes such a message whole)."""
+    out = [said(use(srv, card, 0, channel)), said(use(srv, card, 0, channel, batch=True))]
+    mixed = srv.authorization.AuthorizeBatch(pb.AuthorizeBatchRequest(requests=[
+        pb.AuthorizeRequest(request_id=rid(), card_number=card, channel=channel),
+        pb.AuthorizeRequest(request_id=rid(), card_number="319999999999", channel=channel,
+                            amount_fen=1)]), metadata=srv.md(ROLE[channel]))
+    return [*out, said(mixed.responses[0])]
+
+
+@pytest.mark.parametrize(STOP_ARGS, STOPS, ids=STOP_IDS)
+def test_gz_21_sh_18_gz_26_a_status_only_use_answers_what_a_debit_would(
+        srv, n, stop, reason, rule):
+    """A terminal that asks whether the card may be used now (no amount) and then charges it
+    must get one answer for both: while the holder's other card stops the medical and benefit
+    accounts, a status-only MEDICAL or BENEFIT use of their Shanghai card declines with the
+    debit's reason, on the wire path and the Python path alike, and CardStatus.reason (API.md:
+    "what a MEDICAL use would get now") says it too; the card's own state stays ACTIVE, and
+    STATUS and TRANSIT uses, which reach no stopped account, are approved."""
+    gz, sh = two_cards(srv, 470 + n)
+    for channel in (pb.CHANNEL_MEDICAL, pb.CHANNEL_BENEFIT):
+        assert status_only(srv, sh, channel) == ["UNSPECIFIED"] * 3
+    stop(srv, gz, sh)
+    card = sh if reason != "CARD_FROZEN" else gz  # the card that does not stop them itself
+    for channel in (pb.CHANNEL_MEDICAL, pb.CHANNEL_BENEFIT):
+        assert status_only(srv, card, channel) == [reason] * 3
+        assert said(use(srv, card, 100, channel)) == reason  # what the debit gets
+    for batch in (False, True):
+        answer = status(srv, card, batch)
+        assert (answer.state, said(answer)) == (pb.CARD_STATE_ACTIVE, reason)
+    assert said(use(srv, card, 0, pb.CHANNEL_TRANSIT)) == "UNSPECIFIED"
+    assert said(use(srv, card, 0, pb.CHANNEL_TRANSIT, batch=True)) == "UNSPECIFIED"
+
+
+def test_gz_22_gz_26_a_status_only_use_is_approved_again_when_nothing_stops_the_account(srv):
+    """GZ-22: deregistered, the status-only use is approved again at once. GZ-26: a card
+    cancelled because its holder is no longer entitled in Guangzhou stops only itself, so the
+    holder's Shanghai card is approved status-only, as its debit is."""
+    gz, sh = two_cards(srv, 480)
+    call(srv, "ReportLoss", "BANK_OUTLET", card_number=gz)
+    assert status_only(srv, sh, pb.CHANNEL_MEDICAL) == ["CARD_LOST"] * 3
+    call(srv, "CancelLoss", "BANK_OUTLET", card_number=gz)
+    assert status_only(srv, sh, pb.CHANNEL_MEDICAL) == ["UNSPECIFIED"] * 3
+    assert said(status(srv, sh, True)) == "UNSPECIFIED"
+    call(srv, "Cancel", "CARD_AGENCY", card_number=gz, reason="moved away",
+         ground=pb.CANCEL_GROUND_ENTITLEMENT_ENDED)
+    assert status_only(srv, sh, pb.CHANNEL_BENEFIT) == ["UNSPECIFIED"] * 3
+    assert status_only(srv, gz, pb.CHANNEL_BENEFIT) == ["CARD_CANCELLED"] * 3
+
+
+def test_gz_6_gz_21_the_stopped_account_ranks_before_a_lock_status_only_as_on_a_debit(srv):
+    """The account's answer ranks with rows 3, 7 and 8, before a lock (row 10): a Guangzhou
+    card whose MEDICAL application is locked (GZ-6) says CARD_LOST status-only while the
+    holder's Shanghai card stands lost, as its debit does; a card lost itself says so first."""
+    gz, sh = two_cards(srv, 490)
+    call(srv, "LockApplication", "BANK_OUTLET", card_number=gz, channel=pb.CHANNEL_MEDICAL)
+    assert status_only(srv, gz, pb.CHANNEL_MEDICAL) == ["APPLICATION_LOCKED"] * 3
+    call(srv, "ReportLoss", "ONLINE_PLATFORM", card_number=sh)
+    assert status_only(srv, gz, pb.CHANNEL_MEDICAL) == ["CARD_LOST"] * 3
+    assert said(use(srv, gz, 100)) == "CARD_LOST"
+    assert status_only(srv, sh, pb.CHANNEL_MEDICAL) == ["CARD_LOST"] * 3
+
+
+# ---------------------------------------------------------------- item 2: both paths alike
+
+@pytest.fixture(scope="module")
+def holders(tmp_path_factory):
+    """Holders with one to three social security cards (SH, GZ, BJ) and sometimes a Residence
+    Card, in every state (a temporary loss ending around now, cancellations on death and on
+    other grounds), some behind an electronic card; the servicers over it."""
+    store = Store(str(tmp_path_factory.mktemp("stopped") / "data"), map_size=64 * 1024**2)
+    rng = random.Random(20261207)
+    numbers: list[str] = []
+    plain: list[str] = []  # cards of holders none of whose cards is cancelled
+
+    def fill(book):
+        for holder_id in range(1, 151):
+            packs = rng.sample([Pack.SH, Pack.GZ, Pack.BJ, Pack.RC], rng.choice([1, 2, 2, 3, 4]))
+            mine = []
+            for pack in packs:
+                number = f"{'00 31 44 11 90'.split()[pack]}{holder_id:06d}{pack:04d}"
+                state = rng.choice([State.ACTIVE, State.ACTIVE, State.ACTIVE, State.LOST,
+                                    State.TEMP_LOSS, State.CANCELLED, State.ISSUED])
+                card = Card(number, pack, state, lock_mask=rng.choice([0, 0, 0, 1 << 2, 1 << 3]),
+                            temp_loss_until=NOW + rng.choice([-1, 0, 1, 86400]),
+                            holder_id=holder_id)
+                book.txn.put(number.encode(), records.encode_card(card), db=book.dbs.cards)
+                book.set_current_card(holder_id, pack, number)
+                if state == State.CANCELLED:
+                    book.put_card_text(number, "ground", rng.choice(
+                        [CancelGround.DEATH, CancelGround.ENTITLEMENT_ENDED]).name)
+                if rng.random() < 0.2:
+                    ecard = f"{number[:2]}9{holder_id:010d}{pack:05d}"
+                    book.put_ecard(ecard, holder_id, pack)
+                    mine.append(ecard)
+                mine.append(number)
+            numbers.extend(mine)
+            if State.CANCELLED not in (book.card(n).state for n in mine if len(n) == 12):
+                plain.extend(mine)
+    store.write(fill)
+    core = Core(store, FixedClock())
+    yield Authorization(core), CardStatus(core), numbers, plain
+    store.close()
+
+
+ASKERS = [Role.MEDICAL_TERMINAL, Role.BENEFIT_COUNTER, Role.BANK_SWITCH]
+compiled = pytest.mark.skipif(fastpath.authorize_wire is None, reason="YIKATONG_NO_EXTENSIONS: "
+                              "the wire path is compiled only (as tests/test_wire.py)")
+
+
+@compiled
+@EXAMPLES
+@given(data=st.data())
+def test_gz_21_sh_18_gz_26_a_status_only_use_is_answered_alike_on_both_paths(holders, data):
+    """authorize_wire (Cython) against the Python path (authorize.without_money), for any
+    bytes, on holders with several cards: the same answer, or the wire path hands the message
+    to the Python path."""
+    servicer, _, numbers, _ = holders
+    role = data.draw(st.sampled_from(ASKERS))
+    if data.draw(st.booleans()):
+        check(servicer, data.draw(batches(numbers, role)), True, role)
+    else:
+        check(servicer, data.draw(singles(numbers, role)), False, role)
+
+
+@compiled
+@EXAMPLES
+@given(data=st.data())
+def test_gz_21_sh_18_gz_26_card_status_is_answered_alike_on_both_paths(holders, data):
+    """status_wire against CardStatus's Python path, on holders with several cards."""
+    _, statuses, numbers, _ = holders
+    cards = data.draw(st.lists(st.sampled_from(numbers), min_size=1, max_size=6))
+    check_status(statuses, pb.GetStatusBatchRequest(card_numbers=cards).SerializeToString())
+
+
+@compiled
+def test_gz_21_sh_18_status_only_uses_stay_the_wire_paths(holders):
+    """The wire path hands nothing to the Python path for want of a case but one: a holder's
+    other card cancelled (its ground is a text the wire path does not read). Every card of the
+    holders with none cancelled, at MEDICAL and BENEFIT and in CardStatus, is the wire
+    path's, and some of them decline for another card's loss or freeze."""
+    servicer, statuses, _, plain = holders
+    said_by_wire = []
+    for role, channel in ((Role.MEDICAL_TERMINAL, Channel.MEDICAL),
+                          (Role.BENEFIT_COUNTER, Channel.BENEFIT)):
+        for at in range(0, len(plain), 100):
+            batch = pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
+                request_id=f"r{i}", card_number=n, channel=channel)
+                for i, n in enumerate(plain[at:at + 100])])
+            assert check(servicer, batch.SerializeToString(), True, role)
+            said_by_wire += [r.reason for r in pb.AuthorizeBatchResponse.FromString(
+                servicer._wire(batch.SerializeToString(), Client("c", role), True)).responses]
+    for at in range(0, len(plain), 100):
+        assert check_status(statuses, pb.GetStatusBatchRequest(
+            card_numbers=plain[at:at + 100]).SerializeToString())
+    book_says = _other_card_answers(servicer, plain)
+    assert {pb.DECLINE_REASON_CARD_LOST, pb.DECLINE_REASON_CARD_FROZEN} <= book_says
+    assert pb.DECLINE_REASON_CARD_LOST in said_by_wire and 0 in said_by_wire
+
+
+def _other_card_answers(servicer, numbers) -> set:
+    """The reasons the holders' other cards gave (the table said the card itself is usable)."""
+    store, out = servicer.core.store, set()
+    with store.read() as txn:
+        book = store.book(txn)
+        for n in numbers:
+            record = book.use_bytes(n)
+            if fastpath.decide(servicer.core.policy, record, Channel.MEDICAL, NOW, 0) == 0:
+                out.add(cards.account_stopped(book, records.holder_id_of(record), NOW,
+                                              records.hot(record).pack)[0])
+    return out

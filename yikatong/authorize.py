@@ -15,6 +15,7 @@ from yikatong.model import (
     holder_account_key,
     operator_account_key,
 )
+from yikatong.storage import records
 from yikatong.storage.records import ASKED_OTHER_CARDS, ASKED_SPLIT, encode_decision, hot
 
 # The accounts a loss report or a death stops (cards.account_stopped), and the answers of the
@@ -35,9 +36,24 @@ def points_required(channel: int, service_code: str) -> int:
 
 def without_money(policy, book, card_number: str, channel: int, service_code: str,
                   now: int) -> int:
-    """The decision for a use that moves no money: APPROVED (0) or the decline reason."""
-    return on_record(policy, book.use_bytes(card_number), card_number, channel, service_code,
-                     now, book)
+    """The decision for a use that moves no money: APPROVED (0) or the decline reason. At
+    MEDICAL and BENEFIT it is what a debit of the card would get but for the funds: the
+    holder's other cards asked too (`other_cards`)."""
+    record = book.use_bytes(card_number)
+    reason = on_record(policy, record, card_number, channel, service_code, now, book)
+    return other_cards(book, record, channel, now, reason)
+
+
+def other_cards(book, record, channel: int, now: int, reason: int) -> int:
+    """GZ-21, SH-18, GZ-26 on a status-only use (docs/DECISIONS.md, "Stopped accounts on
+    every path"): `reason`, the card's own answer, or where it leaves the card usable at
+    MEDICAL or BENEFIT, the answer the holder's other cards give the account
+    (cards.account_stopped), as `with_money` asks them. The wire path (fastpath
+    authorize_wire, status_wire) asks the same, held equal by tests."""
+    if channel in _STOPPABLE and reason in _CARD_USABLE:
+        return cards.account_stopped(book, records.holder_id_of(record), now,
+                                     hot(record).pack)[0] or reason
+    return reason
 
 
 def on_record(policy, record, card_number: str, channel: int, service_code: str,

@@ -1081,8 +1081,9 @@ def account_stopped(book, holder_id: int, now: int, but_pack: int = 0) -> tuple[
     gets (model.Reason) and words naming its pack and rule; (0, "") when none stops it.
     `but_pack`: a pack whose current card the caller has already decided on. A card
     cancelled on another ground (no longer entitled in that city, withdrawn) stops only
-    itself: the holder's other cards reach the accounts. Read only where money leaves the
-    account (a debit), never on a status-only use."""
+    itself: the holder's other cards reach the accounts. Read where money leaves the account
+    (a debit, a capture, a reversal of a credit: debit_stopped) and on a status-only use at
+    MEDICAL or BENEFIT (authorize.other_cards), which answers what the debit would."""
     for pack in _ACCOUNT_PACKS:
         if pack == but_pack:
             continue

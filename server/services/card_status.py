@@ -29,6 +29,7 @@ class CardStatus:
             return pb.CardStatusResponse(card_number=number, found=False,
                                          reason=pb.DECLINE_REASON_CARD_NOT_FOUND)
         reason = authorize.on_record(self.core.policy, raw, number, Channel.MEDICAL, "", now)
+        reason = authorize.other_cards(book, raw, Channel.MEDICAL, now, reason)  # as a debit
         rec = records.decode_card(number, raw)  # CorruptRecord (DATA_LOSS): not served
         return pb.CardStatusResponse(
             card_number=number, found=True, pack=rec.pack,
