@@ -11,11 +11,16 @@ During each replicated run, replication lag as a reader sees it: every 20 ms a w
 writer (its answer names its log sequence), then a read on a follower that asks for that
 sequence (`min_sequence`); the time from the write's answer to the follower's. After the
 last replicated run, how far behind the followers were and the time until both had it all.
-Then reads: status-only AuthorizeStream (the same shape, no money) on a follower against the
-single node, interleaved, median of `--repeat`.
+Then reads: status-only AuthorizeStream (the same shape, no money, `--streams` x 2 streams)
+on a follower of one worker, on a follower of `--workers` workers (issue 27 item 1: a log
+keeper and N workers), and on the single node, interleaved, median of `--repeat`.
+
+`--workers N` (default 1): the single node, the writer (node 0) and node 2 (a follower) run
+N workers; node 1 runs one. Every stream is a connection of its own (the kernel spreads
+them over a node's workers).
 
     .venv/bin/python bench/replication_bench.py [--seconds 5] [--repeat 3]
-        [--log-in-flight-max N]
+        [--log-in-flight-max N] [--workers N]
 """
 import argparse
 import asyncio
@@ -72,7 +77,8 @@ async def debits(address: str, cards: list[str], seconds: float, streams: int, r
 
     async def one(mine):
         nonlocal done
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with grpc.aio.insecure_channel(address, options=(
+                ("grpc.use_local_subchannel_pool", 1),)) as channel:  # a connection each
             call = rpc.AuthorizationStub(channel).AuthorizeStream(
                 metadata=metadata("TRANSIT_GATE"))
             sent = in_flight = 0
@@ -135,11 +141,14 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--log-in-flight-max", type=int, default=None,
                    help="the replicated nodes' --log-in-flight-max (default: theirs)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="the single node's, the writer's and one follower's (default: 1)")
     args = p.parse_args()
+    workers = ("--workers", str(args.workers))
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         os.mkdir(os.path.join(tmp, "single"))
-        single = ServerProcess(os.path.join(tmp, "single"))
+        single = ServerProcess(os.path.join(tmp, "single"), *workers)
         stack.callback(single.stop)
         cluster = NatsCluster(tmp)
         stack.callback(cluster.stop)
@@ -150,13 +159,14 @@ def main() -> int:
             node = ServerProcess(workdir, "--replicate", ",".join(cluster.urls), "--node-id",
                                  f"node{i}", *(("--log-in-flight-max",
                                                 str(args.log_in_flight_max))
-                                               if args.log_in_flight_max else ()))
+                                               if args.log_in_flight_max else ()),
+                                 *(workers if i != 1 else ()))
             stack.callback(node.stop)
             nodes.append(node)
-        if not wait_until(lambda: writer_of(nodes) is not None, 60):
-            raise RuntimeError("no node took the write lease")
+            if i == 0 and not wait_until(lambda: writer_of(nodes) is not None, 60):
+                raise RuntimeError("no node took the write lease")
         writer = writer_of(nodes)
-        followers = [n for n in nodes if n is not writer]
+        followers = [n for n in nodes if n is not writer]  # node 1, node 2
         targets = {"single node": (single, make_cards(single)),
                    "replicated, 3 nodes": (writer, make_cards(writer))}
         rates: dict[str, list[float]] = {name: [] for name in targets}
@@ -183,17 +193,22 @@ def main() -> int:
         caught_up = time.monotonic() - t
         same = len({store_digest(n.data_dir) for n in nodes}) == 1
         readers = {"single node": (single, targets["single node"][1]),
-                   "a follower": (followers[0], targets["replicated, 3 nodes"][1])}
+                   "a follower, 1 worker": (followers[0], targets["replicated, 3 nodes"][1])}
+        if args.workers > 1:
+            readers[f"a follower, {args.workers} workers"] = (
+                followers[1], targets["replicated, 3 nodes"][1])
         reads: dict[str, list[float]] = {name: [] for name in readers}
         for r in range(args.repeat):
             for name, (srv, cards) in readers.items():
                 reads[name].append(asyncio.run(debits(srv.address, cards, args.seconds,
-                                                      args.streams, f"q{r}", amount_fen=0)))
+                                                      args.streams * 2, f"q{r}",
+                                                      amount_fen=0)))
     single_rate = statistics.median(rates["single node"])
     print(f"# durable debits/s through AuthorizeStream (100 per message, {args.streams} streams "
           f"x 4 in flight), median of {args.repeat} x {args.seconds:g} s; {os.cpu_count()} "
           "cores shared by every node, NATS server and the client")
-    print(f"(--log-in-flight-max {args.log_in_flight_max or 'default'}; a debit is "
+    print(f"(--workers {args.workers} on the single node and the writer; "
+          f"--log-in-flight-max {args.log_in_flight_max or 'default'}; a debit is "
           "acknowledged when the answer to its message of 100 arrives: p50/p99 from a "
           "message's sending to its answer, over every run)")
     print("| server | debits/s | runs | against single node | acknowledged p50 ms | p99 ms |")
@@ -210,8 +225,8 @@ def main() -> int:
           f"min_sequence): p50 {lags[len(lags) // 2] * 1000:.1f} ms, p99 "
           f"{lags[int(len(lags) * 0.99)] * 1000:.1f} ms, max {lags[-1] * 1000:.1f} ms")
     single_reads = statistics.median(reads["single node"])
-    print("\n| status-only decisions/s (AuthorizeStream, no money) | decisions/s | runs | "
-          "against single node |")
+    print(f"\n| status-only decisions/s (AuthorizeStream, no money, {args.streams * 2} streams) "
+          "| decisions/s | runs | against single node |")
     print("| --- | ---: | --- | ---: |")
     for name, values in reads.items():
         median = statistics.median(values)

@@ -260,3 +260,30 @@ def test_a_hung_keeper_is_not_serving_and_the_cluster_writes_elsewhere(cluster, 
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_a_keeper_that_cannot_join_stops_the_server_before_it_serves(cluster, tmp_path):
+    """The keeper's start is the node's join: one that cannot join (here: the node id is in
+    use by a running node at another address) stops the server with exit 2 and its reason,
+    before any worker serves, as a one-process node does."""
+    import subprocess
+    import sys
+
+    from yikatong.server.harness import ROOT, free_address
+
+    nodes = [start(tmp_path, cluster, 0)]
+    try:
+        assert wait_until(lambda: writer_of(nodes) is not None, 30)
+        out = subprocess.run([sys.executable, "-m", "yikatong", "serve", "--data-dir",
+                              str(tmp_path / "twin"), "--listen", free_address(),
+                              "--replicate", ",".join(cluster.urls), "--node-id", "node0",
+                              "--workers", "2"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "node id node0 is in use" in out.stderr
+        assert "the log keeper" in out.stderr and "could not start" in out.stderr
+        assert "serving on" not in out.stdout
+        assert not (tmp_path / "twin" / "keeper.sock").exists()
+    finally:
+        for node in nodes:
+            node.stop()
