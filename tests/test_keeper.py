@@ -287,3 +287,29 @@ def test_a_keeper_that_cannot_join_stops_the_server_before_it_serves(cluster, tm
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_a_rolling_restart_renews_the_workers_and_then_the_keeper(cluster, tmp_path):
+    """SIGUSR2 on a replicated node of 2 workers: each worker started anew and serving
+    before the old one drains, then the keeper, whose successor takes the lease back; the
+    node writes throughout but for the keeper's second, and every debit is decided once."""
+    nodes = [start(tmp_path, cluster, 0, "--workers", "2")]
+    try:
+        assert wait_until(lambda: writer_of(nodes) is not None, 30)
+        node0 = nodes[0]
+        before = node0.children()
+        keeper = node0.keeper_pid()
+        card = new_active_card(node0, 6)
+        top_up(node0, card, 1_000)
+        os.kill(node0.proc.pid, signal.SIGUSR2)
+        assert wait_until(lambda: "rolling restart done" in node0.output(), 60)
+        assert wait_until(lambda: node0.keeper_pid() not in (None, keeper), 20)
+        assert wait_until(lambda: not set(before) & set(node0.children()), 20)  # all new
+        assert "rolling restart: the log keeper" in node0.output()
+        assert wait_until(lambda: writer_of(nodes) is node0, 20)
+        for i in range(10):
+            debit_1(node0, card, f"after-{i}")
+        assert balance(node0, card) == 990
+    finally:
+        for node in nodes:
+            node.stop()
