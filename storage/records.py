@@ -867,33 +867,35 @@ def journal_sequence(record: bytes) -> int:
 
 
 def decode_journal(record) -> tuple[int, list[tuple[bytes, bytes, bytes | None]]]:
-    """(log sequence, [(database name, key, value or None for a delete)]), or CorruptRecord."""
+    """(log sequence, [(database name, key, value or None for a delete)]), or CorruptRecord.
+    Every follower decodes every record: slices taken as they come (a slice past the end is
+    short, never an error), the record's length checked once at the end."""
     record = bytes(record)
-
-    def take(at: int, n: int) -> bytes:
-        if at + n > len(record):
-            raise CorruptRecord(f"replication record of {len(record)} bytes is cut")
-        return record[at:at + n]
-
+    size = len(record)
+    length = _JOURNAL_LEN.unpack_from
     try:
         version, seq, count = _JOURNAL_HEAD.unpack_from(record)
         if version != 1:
             raise CorruptRecord(f"replication record version {version}")
         at, ops = _JOURNAL_HEAD.size, []
+        append = ops.append
         for _ in range(count):
-            (n,) = _JOURNAL_NAME.unpack_from(record, at)
-            name = take(at + 1, n)
-            at += 1 + n
-            (n,) = _JOURNAL_LEN.unpack_from(record, at)
-            key = take(at + 4, n)
-            at += 4 + n
-            (n,) = _JOURNAL_LEN.unpack_from(record, at)
-            at += 4
-            value = None if n == _DELETED else take(at, n)
-            at += 0 if value is None else n
-            ops.append((name, key, value))
-    except struct.error:
-        raise CorruptRecord(f"replication record of {len(record)} bytes is cut") from None
-    if at != len(record):
-        raise CorruptRecord(f"replication record has {len(record) - at} bytes too many")
+            end = at + 1 + record[at]
+            name = record[at + 1:end]
+            (n,) = length(record, end)
+            at = end + 4 + n
+            key = record[end + 4:at]
+            (n,) = length(record, at)
+            if n == _DELETED:
+                at += 4
+                append((name, key, None))
+            else:
+                append((name, key, record[at + 4:at + 4 + n]))
+                at += 4 + n
+    except (struct.error, IndexError):
+        raise CorruptRecord(f"replication record of {size} bytes is cut") from None
+    if at > size:
+        raise CorruptRecord(f"replication record of {size} bytes is cut")
+    if at != size:
+        raise CorruptRecord(f"replication record has {size - at} bytes too many")
     return seq, ops
