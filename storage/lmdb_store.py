@@ -748,9 +748,9 @@ class Store:
     def _pipeline(self, group) -> None:
         """A replicated writer's transaction (issue 27 item 2, docs/SCALE.md "Gathering
         while the log answers"): each group is applied and its record handed to `append`
-        at once; while the first record's acknowledgement is outstanding the writer gathers
+        at once; while its last record's acknowledgement is outstanding the writer gathers
         and applies the next groups in the same transaction, their records handed on in
-        order, at most `log_in_flight_max` records. Once the first is acknowledged
+        order, at most `log_in_flight_max` records. Once every record handed is acknowledged
         (or the bound is reached) the transaction takes no more; it commits once every record
         in it is acknowledged, and only then are its callers answered. If a record is
         refused (fenced, unacknowledged, or its group failed to apply), nothing from it on
@@ -844,10 +844,11 @@ class Store:
 
     def _next_in_flight(self, flight: list) -> list | None:
         """The next group for the open transaction, gathered while the log answers; None
-        when it takes no more: nothing awaited, the bound reached, the first record answered,
-        a log record to apply next (never grouped with commands), or the writer stopping."""
+        when it takes no more: nothing awaited, the bound reached, the last record handed
+        answered (so every one is: the log answers in order), a log record to apply next
+        (never grouped with commands), or the writer stopping."""
         while True:
-            if (not flight or len(flight) >= self._in_flight_max or flight[0][1].done()
+            if (not flight or len(flight) >= self._in_flight_max
                     or flight[-1][1].done() or self._carry is not None):
                 return None
             try:
