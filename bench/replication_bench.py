@@ -13,7 +13,10 @@ sequence (`min_sequence`); the time from the write's answer to the follower's. A
 last replicated run, how far behind the followers were and the time until both had it all.
 Then reads: status-only AuthorizeStream (the same shape, no money, `--streams` x 2 streams)
 on a follower of one worker, on a follower of `--workers` workers (issue 27 item 1: a log
-keeper and N workers), and on the single node, interleaved, median of `--repeat`.
+keeper and N workers), and on the single node, interleaved, median of `--repeat`. For each
+debit run, the CPU each process spent a debit (from /proc): on 2 cores shared by all, the
+cluster's sum is what bounds the replicated rate; the writer's own is what would on
+machines of their own.
 
 `--workers N` (default 1): the single node, the writer (node 0) and node 2 (a follower) run
 N workers; node 1 runs one. Every stream is a connection of its own (the kernel spreads
@@ -28,6 +31,7 @@ import collections
 import contextlib
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -106,6 +110,20 @@ async def debits(address: str, cards: list[str], seconds: float, streams: int, r
     return done / (time.perf_counter() - t)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a process and its children (a node's workers and log
+    keeper) so far, from /proc (Linux)."""
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                              text=True).stdout.split()
+    total = 0
+    for p in (pid, *map(int, children)):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def log_sequence(data_dir: str) -> int:
     import lmdb
 
@@ -170,6 +188,14 @@ def main() -> int:
         targets = {"single node": (single, make_cards(single)),
                    "replicated, 3 nodes": (writer, make_cards(writer))}
         rates: dict[str, list[float]] = {name: [] for name in targets}
+        # where the CPU goes, microseconds a debit: each process (tree) of each setup
+        procs = {"single node": {"the server": [single.proc.pid]},
+                 "replicated, 3 nodes": {
+                     "the writer": [writer.proc.pid],
+                     "the followers": [f.proc.pid for f in followers],
+                     "the NATS servers": [p.pid for p in cluster.procs if p is not None]}}
+        cpu: dict[str, dict[str, list[float]]] = {
+            name: {k: [] for k in [*parts, "the client"]} for name, parts in procs.items()}
         waits: dict[str, list[float]] = {name: [] for name in targets}
         lags: list[float] = []
         for r in range(args.repeat):
@@ -179,9 +205,15 @@ def main() -> int:
                     writer, followers[0], cards[0], stop, lags))
                 if srv is writer:
                     probe.start()
+                before = {k: sum(map(cpu_seconds, pids)) for k, pids in procs[name].items()}
+                client, started = time.process_time(), time.perf_counter()
                 rates[name].append(asyncio.run(debits(srv.address, cards, args.seconds,
                                                       args.streams, f"r{r}-{name[0]}",
                                                       latencies=waits[name])))
+                count = rates[name][-1] * (time.perf_counter() - started)
+                for k, pids in procs[name].items():
+                    cpu[name][k].append((sum(map(cpu_seconds, pids)) - before[k]) / count)
+                cpu[name]["the client"].append((time.process_time() - client) / count)
                 stop.set()
                 if srv is writer:
                     probe.join()
@@ -219,6 +251,12 @@ def main() -> int:
         print(f"| {name} | {median:,.0f} | {', '.join(f'{v:,.0f}' for v in values)} | "
               f"{median / single_rate:.2f}x | {w[len(w) // 2] * 1000:.1f} | "
               f"{w[int(len(w) * 0.99)] * 1000:.1f} |")
+    print("\nCPU a debit (user + system, every thread and child process), medians; the "
+          "client is the debits' share of this script (the lag probe's too when replicated)")
+    for name, parts in cpu.items():
+        print(f"- {name}: " + ", ".join(f"{k} {statistics.median(v) * 1e6:.1f} us"
+                                          for k, v in parts.items())
+              + f"; {sum(statistics.median(v) for v in parts.values()) * 1e6:.1f} us in all")
     lags.sort()
     print(f"\nreplication lag as a reader sees it, during the replicated runs ({len(lags)} "
           f"probes: a write's answer on the writer to a follower's answer with its "

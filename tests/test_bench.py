@@ -118,10 +118,11 @@ def test_nats_bench_times_fenced_appends_at_both_sync_settings():
 
 def test_replication_bench_compares_replicated_with_single_node_debits():
     out = subprocess.run([sys.executable, "bench/replication_bench.py", "--seconds", "0.5",
-                          "--repeat", "1", "--streams", "1"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+                          "--repeat", "1", "--streams", "1", "--workers", "2"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "| replicated, 3 nodes |" in out.stdout and "identical: True" in out.stdout
+    assert "| a follower, 2 workers |" in out.stdout and "the followers " in out.stdout
 
 
 def test_backup_bench_times_backup_and_restore_under_write_load():
