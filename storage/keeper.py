@@ -248,8 +248,10 @@ class Link:
             self._pending[ident] = future
             try:
                 self._sock.sendall(_frame(kind, ident, payload))
-            except OSError:
-                self._pending.pop(ident, None)
+            except OSError:  # gone, or not reading for SILENT_SECONDS: a frame may be cut,
+                self._pending.pop(ident, None)  # so the connection is given up (reader)
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
                 raise LogUnavailable("the node's log keeper went away; nothing was "
                                      "committed") from None
         return future

@@ -76,6 +76,8 @@ def test_a_writer_of_two_workers_appends_both_workers_writes_in_one_order(cluste
         assert writer_of(nodes) is writer
         keeper = writer.keeper_pid()
         assert keeper is not None
+        sock = os.stat(os.path.join(writer.data_dir, "keeper.sock"))  # the server's user only
+        assert sock.st_mode & 0o777 == 0o600 and sock.st_uid == os.getuid()
         cards = [new_active_card(writer, n) for n in (1, 2)]
         for card in cards:
             top_up(writer, card, 10_000)
@@ -313,3 +315,27 @@ def test_a_rolling_restart_renews_the_workers_and_then_the_keeper(cluster, tmp_p
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_the_keepers_socket_is_reached_through_a_data_dir_path_too_long_for_af_unix(tmp_path):
+    """AF_UNIX takes 108 bytes; a data dir deeper than that is reached through
+    /proc/self/fd (each process its own descriptor of the directory)."""
+    import socket
+
+    from yikatong.storage.keeper import SOCKET_NAME, socket_path
+
+    deep = tmp_path / ("d" * 120)
+    deep.mkdir()
+    path = socket_path(str(deep))
+    assert path.startswith("/proc/self/fd/") and len(path) < 100
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(1)
+        assert (deep / SOCKET_NAME).exists()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(socket_path(str(deep)))
+            accepted, _ = server.accept()
+            client.sendall(b"ok")
+            assert accepted.recv(2) == b"ok"
+            accepted.close()
+    assert socket_path(str(tmp_path)) == str(tmp_path / SOCKET_NAME)
