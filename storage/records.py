@@ -877,7 +877,8 @@ def decode_journal(record) -> tuple[int, list[tuple[bytes, bytes, bytes | None]]
         version, seq, count = _JOURNAL_HEAD.unpack_from(record)
         if version != 1:
             raise CorruptRecord(f"replication record version {version}")
-        at, ops = _JOURNAL_HEAD.size, []
+        at = _JOURNAL_HEAD.size
+        ops: list[tuple[bytes, bytes, bytes | None]] = []
         append = ops.append
         for _ in range(count):
             end = at + 1 + record[at]

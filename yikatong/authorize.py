@@ -51,8 +51,9 @@ def other_cards(book, record, channel: int, now: int, reason: int) -> int:
     (cards.account_stopped), as `with_money` asks them. The wire path (fastpath
     authorize_wire, status_wire) asks the same, held equal by tests."""
     if channel in _STOPPABLE and reason in _CARD_USABLE:
-        return cards.account_stopped(book, records.holder_id_of(record), now,
-                                     hot(record).pack)[0] or reason
+        holder = records.holder_id_of(record)  # a usable card's record is a valid one
+        if holder is not None:
+            return cards.account_stopped(book, holder, now, hot(record).pack)[0] or reason
     return reason
 
 
