@@ -111,11 +111,13 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     metrics.start(loop, store, lambda: core.feed.watchers, node, clock, clients)
     calls.on_data_loss = lambda: store.note("corrupt_record", True)
     calls.refusals.start(loop, store, clock)
-    await _set_health(health_servicer, store.healthy)
-    # The writer reports from its own thread when it dies or its periodic jobs keep failing:
-    # health follows at once (NOT_SERVING), and back to SERVING if a job recovers.
+    # The writer reports from its own thread when it dies or its periodic jobs keep failing
+    # (a replicated worker: when its log keeper goes away): health follows at once
+    # (NOT_SERVING), and back to SERVING if a job recovers. Set before the first health is
+    # published, so a change in between is not lost.
     store.on_health = lambda healthy: asyncio.run_coroutine_threadsafe(
         _set_health(health_servicer, healthy), loop)
+    await _set_health(health_servicer, store.healthy)
     if stop is None:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -887,6 +887,7 @@ def _metrics_problem(args) -> str:
 
 
 def _serve(args, metrics) -> int:
+    import logging
     import signal
     import threading
 
@@ -1218,7 +1219,12 @@ def _serve(args, metrics) -> int:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             worker.ready()
             while not stop.wait(1.0):
-                pass
+                if store.writer_error is not None:  # it applies nothing more: started again
+                    logging.getLogger("yikatong.keeper").critical(
+                        "the log keeper's LMDB writer has stopped (%r); ending, for its "
+                        "supervisor to start another", store.writer_error)
+                    server.close()
+                    return 1
             server.close()
         finally:
             if node_metrics is not None:

@@ -112,6 +112,14 @@ class Keeper:
         """After the workers have stopped: SIGTERM, then SIGKILL after `seconds`."""
         self.stopping = True
         if self.pid:
+            try:  # reaped already with the workers (workers._stop): nothing to signal
+                reaped = os.waitpid(self.pid, os.WNOHANG)[0] != 0
+            except ChildProcessError:
+                reaped = True
+            if reaped:
+                self.on_ended(self.pid)
+                self.pid = 0
+        if self.pid:
             _kill(self.pid, signal.SIGTERM)
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:

@@ -52,7 +52,10 @@ OK, FENCED, UNAVAILABLE = range(3)
 FRAME_MAX = 64 << 20  # a record is cut under the log's max_payload (at most 64 MiB in NATS)
 STATE_SECONDS = 1.0  # the keeper's state reaches every worker at least this often
 SILENT_SECONDS = 5.0  # a keeper silent this long is taken as gone (hung)
-_FORWARDED = ("replication_gap",)  # the keeper's health reasons every worker says too
+# the keeper's health reasons every worker says too (a follower's workers write nothing, so
+# never look at the map or the disk themselves)
+_FORWARDED = ("replication_gap", "map_full", "disk_full")
+VERSION = 1  # of the frames: a worker and a keeper of different releases do not talk
 
 
 def socket_path(data_dir: str) -> str:
@@ -86,33 +89,36 @@ class Server:
     async def _start(self):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a predecessor's, killed
-        old = os.umask(0o177)
-        try:
-            server = await asyncio.start_unix_server(self._serve, path=self.path)
-        finally:
-            os.umask(old)
+        server = await asyncio.start_unix_server(self._serve, path=self.path)
+        os.chmod(self.path, 0o600)  # in the owner-only data dir already
         self._tick = self._loop.call_later(0.05, self._push)
         return server
 
     def state(self) -> bytes:
         node, store = self.node, self.node.store
+        writer = node.writer  # this node, not leading (yet): its predecessor's lease
+        if not node.leading and writer == (node.node_id, node.address):
+            writer = None
         return json.dumps({
-            "leading": node.leading, "term": store.term, "writer": node.writer,
+            "version": VERSION, "leading": node.leading, "term": store.term, "writer": writer,
             "applied": store.applied_sequence, "log_end": node.log_end,
             "record_bytes_max": store.record_bytes_max,
-            "not_serving": sorted(r for r in store.not_serving if r in _FORWARDED)}).encode()
+            "not_serving": sorted(set(store.not_serving) & set(_FORWARDED))}).encode()
 
     def _push(self, every: int = int(STATE_SECONDS / 0.05)) -> None:
         """Every 50 ms: the state to every worker if it changed, and at least every second."""
-        count = getattr(self, "_count", 0) + 1
-        self._count = count % every
-        state = self.state()
-        if state != self._sent or self._count == 0:
-            self._sent = state
-            frame = _frame(STATE, 0, state)
-            for peer in list(self._peers):
-                peer.write(frame)
-        self._tick = self._loop.call_later(0.05, self._push)
+        try:
+            self._count = (getattr(self, "_count", 0) + 1) % every
+            state = self.state()
+            if state != self._sent or self._count == 0:
+                self._sent = state
+                frame = _frame(STATE, 0, state)
+                for peer in list(self._peers):
+                    peer.write(frame)
+        except Exception:  # noqa: BLE001 - logged; the workers hear again at the next
+            log.exception("the log keeper could not tell its workers its state")
+        finally:
+            self._tick = self._loop.call_later(0.05, self._push)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -122,9 +128,9 @@ class Server:
             log.error("the log keeper refused a connection from uid %d", uid)
             writer.close()
             return
-        self._peers.add(writer)
-        writer.write(_frame(STATE, 0, self.state()))
         try:
+            self._peers.add(writer)
+            writer.write(_frame(STATE, 0, self.state()))
             while True:
                 size, kind, ident = HEAD.unpack(await reader.readexactly(HEAD.size))
                 if size > FRAME_MAX or kind not in (APPEND, HAND_OVER):
@@ -133,8 +139,7 @@ class Server:
                     return
                 payload = await reader.readexactly(size)
                 # a task each, made in the order they came: they reach the log in that order
-                work = (self._append(payload) if kind == APPEND else
-                        self.node.log.hand_over_data(payload))
+                work = self._append(payload) if kind == APPEND else self._hand_over(payload)
                 task = asyncio.ensure_future(self._answer(writer, ident, work))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -143,6 +148,16 @@ class Server:
         finally:
             self._peers.discard(writer)
             writer.close()
+
+    async def _hand_over(self, payload: bytes) -> None:
+        """A follower's audit events, into the intake once they are known to be events
+        (a record the writer could not take would stop its intake for good)."""
+        try:
+            replication.Log.intake_events(payload)
+        except (ValueError, TypeError) as error:
+            raise LogUnavailable(f"the audit events handed over are not events ({error}); "
+                                 "nothing was answered") from None
+        await self.node.log.hand_over_data(payload)
 
     async def _append(self, payload: bytes) -> None:
         (term,) = _TERM.unpack_from(payload)
@@ -211,6 +226,9 @@ class Link:
                                  f"{wait:g} s (its reason is above)")
 
     def check_writer(self) -> None:
+        if self._sock is None:  # no keeper: whether this node leads is not known, and no
+            raise Fenced("this node's log keeper is not answering (it is started again); "
+                         "nothing was written, retry shortly", "")  # writer is named
         if not self.leading:
             raise replication.not_the_writer(self.writer)
 
@@ -221,7 +239,7 @@ class Link:
 
     def append_async(self, record: bytes) -> concurrent.futures.Future:
         self.check_writer()
-        return self._ask(APPEND, _TERM.pack(self.store.term) + record)
+        return self._ask(APPEND, _TERM.pack(self.store.record_term) + record)
 
     def append(self, record: bytes) -> None:
         self._wait(self.append_async(record))
@@ -259,18 +277,18 @@ class Link:
     def _run(self) -> None:
         while not self._stop.is_set():
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(SILENT_SECONDS)  # a stopped keeper's full backlog: no hang here
             try:
                 sock.connect(self.path)
             except OSError:
                 sock.close()
                 self._stop.wait(0.05)
                 continue
-            sock.settimeout(SILENT_SECONDS)
             with self._send:
                 self._sock = sock
             try:
                 self._read(sock)
-            except (OSError, ValueError) as error:
+            except Exception as error:  # noqa: BLE001 - gone, hung, or not speaking our frames
                 if not self._stop.is_set():
                     log.warning("the node's log keeper went away (%s); writes wait for its "
                                 "successor", error or type(error).__name__)
@@ -286,6 +304,8 @@ class Link:
             buffer += data
             while len(buffer) >= HEAD.size:
                 size, kind, ident = HEAD.unpack_from(buffer)
+                if size > FRAME_MAX:
+                    raise ValueError(f"a frame of {size} bytes from the keeper")
                 if len(buffer) < HEAD.size + size:
                     break
                 payload = bytes(buffer[HEAD.size:HEAD.size + size])
@@ -298,6 +318,9 @@ class Link:
                     raise ValueError(f"a frame of kind {kind} from the keeper")
 
     def _take(self, state: dict) -> None:
+        if state.get("version") != VERSION:
+            raise ValueError(f"the keeper speaks frames of version {state.get('version')}, "
+                             f"this worker {VERSION}: restart the server")
         store = self.store
         store.term = state["term"]
         store.record_bytes_max = state["record_bytes_max"]
@@ -312,17 +335,16 @@ class Link:
         self._heard.set()
 
     def _answered(self, ident: int, payload: bytes) -> None:
+        status, text = payload[0], payload[1:]  # read whole before the future is taken
+        outcome = (None if status == OK else Fenced(*json.loads(text)) if status == FENCED
+                   else LogUnavailable(text.decode(errors="replace")))
         future = self._pending.pop(ident, None)
         if future is None:
             return
-        status, text = payload[0], payload[1:]
-        if status == OK:
+        if outcome is None:
             future.set_result(None)
-        elif status == FENCED:
-            message, writer = json.loads(text)
-            future.set_exception(Fenced(message, writer))
         else:
-            future.set_exception(LogUnavailable(text.decode(errors="replace")))
+            future.set_exception(outcome)
 
     def _lost(self, sock: socket.socket) -> None:
         """Every record in flight refused (its transaction aborts: nothing committed), no
@@ -331,7 +353,7 @@ class Link:
             self._sock = None
             pending, self._pending = self._pending, {}
         sock.close()
-        self.leading = False
+        self.leading, self.writer = False, None
         if not self._stop.is_set():
             self.store.note("log_keeper_down", True)
         for future in pending.values():

@@ -399,6 +399,7 @@ class Store:
         # the writer's term (storage.replication.Node, when it takes the lease): its records
         # carry it, and its first record of a term writes it into the store (`_TERM_KEY`)
         self.term = 0
+        self.record_term = 0  # the term the writer last stamped a record with (_stamp_term)
         # a group's record grows past this (bytes, about): the rest of the group's commands go
         # in the next record (the log takes messages up to its max_payload); None: no bound
         self.record_bytes_max: int | None = None
@@ -940,12 +941,13 @@ class Store:
         """A new term's first record writes it (replicated with the record): the applier of
         any later record of an older term knows it is void (`Book.apply_journal`)."""
         book = Book(txn, self.dbs, journal)
-        known = book.term()
-        if self.term < known:  # its records would be void: another node writes now
+        known, term = book.term(), self.term  # read once: `term` may change meanwhile
+        if term < known:  # its records would be void: another node writes now
             raise Fenced(f"a newer writer's records are in the log (term {known}, this node's "
-                         f"{self.term}): this node is not the writer; nothing was committed")
-        if self.term > known:
-            book.put_meta(_TERM_KEY, _U64.pack(self.term))
+                         f"{term}): this node is not the writer; nothing was committed")
+        if term > known:
+            book.put_meta(_TERM_KEY, _U64.pack(term))
+        self.record_term = term  # the record's header says the term stamped here
 
     def queue_depth(self) -> int:
         return self._queue.qsize()

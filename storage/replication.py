@@ -484,6 +484,7 @@ class Node:
 
         self.store, self.node_id, self.address, self.ttl = store, node_id, address, ttl
         self.take_back = take_back
+        self._applied_before = -1  # the store's sequence at the last tick, as the writer
         self.log = Log(urls)
         try:
             self._join(store, node_id, address, ttl, snapshots, work, snapshot_module)
@@ -627,20 +628,23 @@ class Node:
 
     def _append(self, record: bytes) -> None:
         self._check_writer()
-        self.log.append(record, self.store.term)
+        self.log.append(record, self.store.record_term)
 
     def _append_async(self, record: bytes) -> concurrent.futures.Future:
         self._check_writer()
-        return self.log.append_async(record, self.store.term)
+        return self.log.append_async(record, self.store.record_term)
 
-    def _catch_up(self) -> None:
+    def _catch_up(self, until: int | None = None) -> None:
         """Apply what the log holds beyond this store (after a fenced append, or before
-        taking the lease)."""
-        while (found := self.log.read(self.store.applied_sequence + 1)) is not None:
+        taking the lease), up to record `until` (None: its end)."""
+        while (until is None or self.store.applied_sequence < until) and (
+                found := self.log.read(self.store.applied_sequence + 1)) is not None:
             self.store.write(ApplyRecord(found[0], found[2]))
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.ttl / 4):
+        first = True  # at once after joining (a keeper started again takes the lease back)
+        while first or not self._stop.wait(self.ttl / 4):
+            first = False
             if self._paused.is_set():
                 continue
             try:
@@ -661,8 +665,13 @@ class Node:
             if not self.lease.renew():
                 self.leading, self.writer = False, None  # who holds it: asked next tick
                 log.info("node %s: the write lease is lost; following", self.node_id)
-            elif self.store.applied_sequence < self.log.last_sequence():
-                self._catch_up()  # fenced: another appended while this one stalled
+            elif self.store.applied_sequence < (end := self.log.last_sequence()) and (
+                    not self.take_back or self.store.applied_sequence == self._applied_before):
+                # fenced: another appended while this one stalled; or (a log keeper, whose
+                # workers' records are in the log before their commit) a record whose worker
+                # died before committing it: this store has not moved since the last tick
+                self._catch_up(end)
+            self._applied_before = self.store.applied_sequence
             return
         self.writer = self.lease.holder()
         mine = self.take_back and self.writer == (self.node_id, self.address)
