@@ -17,20 +17,18 @@ import logging
 import os
 import select
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
 
 from yikatong.model import Channel, Reason
+from yikatong.server.workers import Companion
 
 _DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FLUSH_SECONDS = 1.0
 GATES_SECONDS = 5.0  # each gate's acknowledgement age is looked at this often
 DIR_NAME = "metrics"  # under the data dir
 READY_SECONDS_MAX = 20.0  # the endpoint process says it listens within this, or is logged
-RESTART_SECONDS_MAX = 30.0  # the longest pause before the endpoint process is started again
 log = logging.getLogger("yikatong.server")
 
 
@@ -54,14 +52,18 @@ def remove(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-class Exporter:
+class Exporter(Companion):
     """The metrics endpoint's process (server/exporter.py), kept running by the process that
     starts it: the only process of one worker (`keep`, a thread waiting on it) or the parent of
-    --workers N (the supervisor reaps it: `ended`, and starts it again: `poll`). It ending never
-    touches gRPC: it is logged, counted (`yikatong_metrics_endpoint_restarts`) and started again
+    --workers N (a companion of the supervisor: server/workers.py). It ending never touches
+    gRPC: it is logged, counted (`yikatong_metrics_endpoint_restarts`) and started again
     after a pause (1 s, doubling up to 30 s while it keeps dying within a minute)."""
 
+    name = "the metrics endpoint"
+    meanwhile = "gRPC is not affected"
+
     def __init__(self, args):
+        super().__init__()
         self.argv = [sys.executable, "-m", "yikatong.server.exporter",
                      "--listen", args.metrics_listen,
                      "--read-seconds", str(args.metrics_read_seconds),
@@ -72,45 +74,12 @@ class Exporter:
                           "--tls-key", os.path.abspath(args.metrics_tls_key)]
         if args.metrics_auth:
             self.argv += ["--auth", os.path.abspath(args.metrics_auth)]
-        self.proc: subprocess.Popen | None = None
         self.ready = threading.Event()
-        self.stopping = threading.Event()
-        self.started = 0.0
-        self.pause = 1.0
-        self.due: float | None = None
-        self._ready_r = -1
         self._thread: threading.Thread | None = None
         self._restarts = None
-        self._lock = threading.Lock()  # a spawn and a stop: one at a time
-        self._renewing = 0  # the pid stopped to be started anew (`renew`)
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid if self.proc is not None else 0
-
-    def spawn(self) -> None:
-        with self._lock:
-            if not self.stopping.is_set():
-                self._spawn()
-
-    def _spawn(self) -> None:
-        read, write = os.pipe()
-        try:
-            self.proc = subprocess.Popen(
-                [*self.argv, "--ready-fd", str(write), "--parent", str(os.getpid())],
-                pass_fds=(write,), stdin=subprocess.DEVNULL)
-        except OSError as error:
-            os.close(read)
-            log.error("metrics endpoint could not be started: %s", error)
-            self.proc = None
-            self._later()
-            return
-        finally:
-            os.close(write)
-        if self._ready_r >= 0:
-            os.close(self._ready_r)
-        self._ready_r = read
-        self.started = time.monotonic()
+    def command(self, ready_fd: int) -> list[str]:
+        return [*self.argv, "--ready-fd", str(ready_fd), "--parent", str(os.getpid())]
 
     def wait_ready(self, seconds: float = READY_SECONDS_MAX) -> bool:
         """Until the endpoint listens (True), ends, or `seconds` pass."""
@@ -125,42 +94,13 @@ class Exporter:
                       self.pid, seconds)
         return bool(said)
 
-    def ended(self, pid: int, code: int) -> bool:
-        """A child has ended (reaped by the supervisor): True if it was this endpoint."""
-        if self.proc is None or pid != self.proc.pid:
-            return False
-        self.proc.returncode = code  # reaped already: Popen must not wait for it
-        if pid == self._renewing:
-            self._renewing = 0
-            log.info("rolling restart: the metrics endpoint (pid %d) stopped; started anew", pid)
-            self.spawn()
-        elif not self.stopping.is_set():
-            self._count()
-            self._later(f"(pid {pid}) ended (exit {code})")
-        return True
-
-    def _later(self, why: str = "could not be started") -> None:
-        if time.monotonic() - self.started > 60:
-            self.pause = 1.0
-        pause, self.pause = self.pause, min(self.pause * 2, RESTART_SECONDS_MAX)
-        self.due = time.monotonic() + pause
-        log.error("metrics endpoint %s; gRPC is not affected; starting it again in %.0f s",
-                  why, pause, extra={"fields": {"retry_seconds": pause}})
-
-    def _count(self) -> None:
+    def counted(self) -> None:
         from prometheus_client import Counter
 
         if self._restarts is None:
             self._restarts = Counter("yikatong_metrics_endpoint_restarts", "Times the metrics "
                                      "endpoint's process ended by itself and was started again")
         self._restarts.inc()
-
-    def poll(self) -> None:
-        """The supervisor's loop: start the endpoint again once its pause is over."""
-        if self.due is not None and time.monotonic() >= self.due \
-                and not self.stopping.is_set():
-            self.due = None
-            self.spawn()
 
     def keep(self) -> None:
         """One worker: a thread starts the endpoint and waits on it, again and again (the
@@ -176,8 +116,8 @@ class Exporter:
                     code = self.proc.wait()
                     if self.stopping.is_set():
                         return
-                    self._count()
-                    self._later(f"(pid {self.proc.pid}) ended (exit {code})")
+                    self.counted()
+                    self.later(f"(pid {self.proc.pid}) ended (exit {code})")
                 if self.due is None:  # stopped before it was started
                     return
                 self.stopping.wait(max(0.0, self.due - time.monotonic()))
@@ -186,36 +126,10 @@ class Exporter:
         self._thread = threading.Thread(target=run, name="metrics-endpoint", daemon=True)
         self._thread.start()
 
-    def renew(self) -> None:
-        """The supervisor's rolling restart, once every worker is new: the endpoint is started
-        anew too, on the code installed now (stopped first, as it holds the port: a scrape in
-        the half second between is refused, and Prometheus tries again at its next)."""
-        if self.proc is not None and self.proc.returncode is None \
-                and not self.stopping.is_set():
-            self._renewing = self.proc.pid
-            self.proc.send_signal(signal.SIGTERM)
-
-    def hup(self) -> None:
-        """SIGHUP: the endpoint reads its certificate, key and credentials again."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGHUP)
-
     def stop(self, seconds: float = 5.0) -> None:
-        with self._lock:
-            self.stopping.set()
-            proc = self.proc
-        if proc is not None and proc.returncode is None:
-            proc.terminate()
-            try:
-                proc.wait(seconds)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        super().stop(seconds)
         if self._thread is not None:
             self._thread.join(seconds)
-        if self._ready_r >= 0:
-            os.close(self._ready_r)
-            self._ready_r = -1
 
 
 _restarts = None

@@ -33,6 +33,8 @@ import logging
 import os
 import signal
 import struct
+import subprocess
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -359,6 +361,130 @@ class _Supervisor:
                  extra={"fields": {"pids": sorted(self.workers)}})
         for companion in self.companions:  # and its companions, on the code installed now
             companion.renew()
+
+
+# --------------------------------------------------------------------- beside the workers
+
+class Companion:
+    """A process kept beside the workers (`supervise(companions=...)`; the metrics endpoint,
+    server/metrics.py `Exporter`; a replicated node's log keeper, server/keeper.py `Keeper`):
+    started once the workers are forked, reaped by the supervisor (`ended`) and started
+    again (`poll`): after `first_pause` if it had lived `settled` seconds, else after a pause
+    doubling from 1 s up to RETRY_SECONDS_MAX; started anew at the end of a rolling
+    restart (`renew`); passed SIGHUP; stopped last (`stop`). It says it serves by writing to
+    a pipe whose descriptor `command(fd)` puts on its command line; `fds` are inherited too.
+    Subclasses name it, say what its ending means meanwhile, and give its command."""
+
+    name = "a companion"
+    meanwhile = ""  # what its ending means until it is back, for the log line
+    vital = False  # one that ends before every worker serves stops the server
+    first_pause = 1.0
+    settled = 60.0
+
+    def __init__(self, fds=(), on_ended: Callable[[int], None] = lambda pid: None):
+        self.fds, self.on_ended = tuple(fds), on_ended
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.pause = 0.0
+        self.due: float | None = None
+        self.restarts = 0
+        self.stopping = threading.Event()
+        self._ready_r = -1
+        self._renewing = 0  # the pid stopped to be started anew (`renew`)
+        self._lock = threading.Lock()  # a spawn and a stop: one at a time
+
+    def command(self, ready_fd: int) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    def spawn(self) -> None:
+        with self._lock:
+            if self.stopping.is_set():
+                return
+            read, write = os.pipe()
+            try:
+                self.proc = subprocess.Popen(self.command(write), pass_fds=(write, *self.fds),
+                                             stdin=subprocess.DEVNULL)
+            except OSError as error:
+                os.close(read)
+                self.proc = None
+                self.later(f"could not be started ({error})")
+                return
+            finally:
+                os.close(write)
+            if self._ready_r >= 0:
+                os.close(self._ready_r)
+            self._ready_r = read
+            self.started = time.monotonic()
+
+    def ended(self, pid: int, code: int) -> bool:
+        """A child has ended (reaped by the supervisor): True if it was this one."""
+        if self.proc is None or pid != self.proc.pid:
+            return False
+        self.proc.returncode = code  # reaped already: Popen must not wait for it
+        self.on_ended(pid)
+        if pid == self._renewing:
+            self._renewing = 0
+            log.info("rolling restart: %s (pid %d) stopped; started anew", self.name, pid)
+            self.spawn()
+        elif not self.stopping.is_set():
+            self.restarts += 1
+            self.counted()
+            self.later(f"(pid {pid}) ended (exit {code})")
+        return True
+
+    def counted(self) -> None:
+        """After it ended by itself (a metric of it, in a subclass)."""
+
+    def later(self, why: str) -> None:
+        lived = time.monotonic() - self.started
+        self.pause = (self.first_pause if lived > self.settled else
+                      min(max(self.pause * 2, 1.0), RETRY_SECONDS_MAX))
+        self.due = time.monotonic() + self.pause
+        log.error("%s %s; %s; starting it again in %.0f s", self.name, why, self.meanwhile,
+                  self.pause, extra={"fields": {"retry_seconds": self.pause,
+                                                "restarts": self.restarts}})
+
+    def poll(self) -> None:
+        """The supervisor's loop: start it again once its pause is over."""
+        if self.due is not None and time.monotonic() >= self.due \
+                and not self.stopping.is_set():
+            self.due = None
+            self.spawn()
+
+    def renew(self) -> None:
+        """The end of a rolling restart: started anew on the code installed now."""
+        if self.proc is not None and self.proc.returncode is None \
+                and not self.stopping.is_set():
+            self._renewing = self.proc.pid
+            self.proc.send_signal(signal.SIGTERM)
+
+    def hup(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self, seconds: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `seconds` (one reaped already is not signalled:
+        Popen knows it ended)."""
+        with self._lock:
+            self.stopping.set()
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(seconds)
+            except subprocess.TimeoutExpired:
+                log.error("%s (pid %d) did not stop in %.0f s; killed", self.name, proc.pid,
+                          seconds)
+                proc.kill()
+                proc.wait()
+            self.on_ended(proc.pid)
+        if self._ready_r >= 0:
+            os.close(self._ready_r)
+            self._ready_r = -1
 
 
 # --------------------------------------------------------------------- in a worker

@@ -438,20 +438,19 @@ class Lease:
         can renew it no more), without waiting for it to lapse. False if it is not ours."""
         try:
             entry = self.log._run(self.kv.get(LEASE_KEY))
-            if entry.value != self.value:
-                return False
-            self.revision = self.log._run(self.kv.update(LEASE_KEY, self.value,
-                                                         last=entry.revision))
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError,
-                nats.js.errors.APIError, *_UNREACHABLE, concurrent.futures.TimeoutError):
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.APIError, *_UNREACHABLE,
+                concurrent.futures.TimeoutError):
             return False
-        return True
+        return entry.value == self.value and self._update(entry.revision)
 
     def renew(self) -> bool:
         """False when the lease is not (known to be) renewed: the node stops writing."""
+        return self._update(self.revision)
+
+    def _update(self, last: int) -> bool:
+        """Written again if its revision is still `last` (compare-and-set)."""
         try:
-            self.revision = self.log._run(self.kv.update(LEASE_KEY, self.value,
-                                                         last=self.revision))
+            self.revision = self.log._run(self.kv.update(LEASE_KEY, self.value, last=last))
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError,
                 nats.js.errors.APIError, *_UNREACHABLE, concurrent.futures.TimeoutError):
             return False
