@@ -383,6 +383,23 @@ LEASE_KEY = "writer"
 NODES_BUCKET = "YIKATONG_NODES"  # each node's report, every tick: `yikatong cluster status`
 
 
+async def _reports(js, kv) -> dict[str, dict]:
+    """Each node's last report in the nodes bucket (`kv`), read without a consumer: the keys
+    from the bucket stream's subjects, each value by a get. (nats-py's `keys()` leaves an
+    ordered consumer behind on the server for five minutes: every node asking every lease
+    tick ran a NATS cluster out of consumers in four minutes.)"""
+    prefix = f"$KV.{NODES_BUCKET}."
+    info = await js.stream_info(f"KV_{NODES_BUCKET}", subjects_filter=prefix + ">")
+    out = {}
+    for subject in info.state.subjects or {}:
+        try:
+            entry = await kv.get(subject[len(prefix):])
+        except nats.js.errors.KeyNotFoundError:  # deleted (`nats kv del`), or purged
+            continue
+        out[subject[len(prefix):]] = json.loads(entry.value or b"{}")
+    return out
+
+
 async def _bucket(log: Log, name: str, ttl: float | None, replicas: int, wait: float):
     """The key-value bucket `name`, made if it does not exist yet (a new cluster elects
     its meta leader first: retried for `wait` seconds)."""
@@ -578,18 +595,10 @@ class Node:
     def reports_up(self) -> list[dict]:
         """The last report of each node that reported within four lease ticks, with its
         `node` id."""
-        async def read() -> list[dict]:
-            try:
-                keys = await self.reports.keys()
-            except nats.js.errors.NoKeysError:
-                return []
-            out = []
-            for key in keys:
-                entry = await self.reports.get(key)
-                out.append({**json.loads(entry.value or b"{}"), "node": key})
-            return out
         now = time.time()
-        return [r for r in self.log._run(read()) if now - r.get("at", 0) < self.ttl * 4]
+        return [{**r, "node": node} for node, r in
+                self.log._run(_reports(self.log._js, self.reports)).items()
+                if now - r.get("at", 0) < self.ttl * 4]
 
     def _snapshot_is_mine(self) -> bool:
         """A follower that is up takes the snapshots (the first by node id); the writer
@@ -721,18 +730,8 @@ def cluster_status(urls: list[str], stale_seconds: float = 10.0) -> dict:
             end = (await log._js.stream_info(STREAM)).state.last_seq
             reports: dict = {}
             try:
-                kv = await log._js.key_value(NODES_BUCKET)
-                for attempt in range(3):  # nats-py's keys() says "no keys" when its watcher
-                    try:  # is slow to start (seen under load): asked again before believed
-                        keys = await kv.keys()
-                        break
-                    except nats.js.errors.NoKeysError:
-                        keys = []
-                        await asyncio.sleep(0.3 * (attempt < 2))
-                for key in keys:
-                    entry = await kv.get(key)
-                    reports[key] = json.loads(entry.value or b"{}")
-            except nats.js.errors.BucketNotFoundError:
+                reports = await _reports(log._js, await log._js.key_value(NODES_BUCKET))
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
                 pass
             try:
                 lease = await (await log._js.key_value(LEASE_BUCKET)).get(LEASE_KEY)
