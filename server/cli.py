@@ -1087,7 +1087,8 @@ def _serve(args, metrics) -> int:
                         log_.close()
                 except Exception as error:  # noqa: BLE001 - the log or a snapshot: one line
                     return _fail(f"--replicate {','.join(map(shown, args.replicate.split(',')))}"
-                                 f": cannot start from the newest snapshot: {error}")
+                                 f": cannot lay out this node's store from the cluster (the "
+                                 f"newest snapshot and the log's tail): {error}")
         showcase = []
         store = open_store()  # opened (and the demo loaded) before any worker exists, closed
         store_format = store.format
@@ -1262,8 +1263,7 @@ def _serve(args, metrics) -> int:
             fds = {"lock": lock, **({"clock": clock.fd} if clock.manual else {})}
             if args.replicate:
                 from yikatong.server.keeper import Keeper
-                log_keeper = Keeper(command, fds, on_ended=metrics.process_ended
-                                    if args.metrics_listen else lambda pid: None)
+                log_keeper = Keeper(command, fds, metrics=bool(args.metrics_listen))
             code = supervise(workers, run, serving,
                              stop_seconds=args.drain_seconds + SHUTDOWN_GRACE_SECONDS + 5,
                              on_ended=metrics.process_ended if args.metrics_listen

@@ -21,6 +21,12 @@ log = logging.getLogger("yikatong.server")
 _PID = struct.Struct("<i")
 
 
+def _gauges_dropped(pid: int) -> None:
+    from yikatong.server import metrics
+
+    metrics.process_ended(pid)
+
+
 class Keeper(Companion):
     name = "the log keeper"
     meanwhile = "writes wait for its successor"
@@ -30,11 +36,24 @@ class Keeper(Companion):
     first_pause = 0.0
     settled = 1.0
 
-    def __init__(self, command: list[str], fds: dict[str, int], on_ended=lambda pid: None):
+    def __init__(self, command: list[str], fds: dict[str, int], metrics: bool = False):
         """`command`: the argument vector of `serve` as given; `fds`: the descriptors it
-        inherits (`lock`, and `clock` with --clock manual)."""
-        super().__init__(fds.values(), on_ended)
+        inherits (`lock`, and `clock` with --clock manual); `metrics`: with --metrics-listen
+        (its restarts counted, its live gauges dropped when it ends)."""
+        super().__init__(fds.values(), _gauges_dropped if metrics else lambda pid: None)
         self.serve_command, self.named_fds = command, fds
+        self.metrics = metrics
+        self._restarts = None
+
+    def counted(self) -> None:
+        if not self.metrics:
+            return
+        from prometheus_client import Counter
+
+        if self._restarts is None:
+            self._restarts = Counter("yikatong_log_keeper_restarts", "Times a replicated "
+                                     "node's log keeper ended by itself and was started again")
+        self._restarts.inc()
 
     def command(self, ready_fd: int) -> list[str]:
         spec = ",".join((f"parent={os.getpid()}", f"ready={ready_fd}",

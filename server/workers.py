@@ -146,13 +146,16 @@ class _Supervisor:
             self.start_rolling()
         else:
             for pid, code in _reap():
-                companion = next((c for c in self.companions if c.ended(pid, code)), None)
+                companion = next((c for c in self.companions if c.pid == pid), None)
                 if companion is not None:
-                    if getattr(companion, "vital", False) and not self.announced:
+                    if companion.vital and not self.announced:  # not started again: it
+                        companion.stopping.set()  # could not start, and neither will the next
+                        companion.ended(pid, code)
                         log.error("%s (pid %d) could not start (exit %s); stopping the server",
                                   companion.name, pid, code)
                         _stop(self.workers, self.stop_seconds, self.ready)
                         return START_FAILED
+                    companion.ended(pid, code)
                     continue
                 stopped = self.ended(pid, code)
                 if stopped is not None:
@@ -357,7 +360,9 @@ class _Supervisor:
                     self.incoming = (old, new, now + START_SECONDS_MAX)
                 return
         self.rolling = False
-        log.info("rolling restart done: every worker was started anew",
+        log.info("rolling restart done: every worker was started anew"
+                 + (", and now " + " and ".join(c.name for c in self.companions)
+                    if self.companions else ""),
                  extra={"fields": {"pids": sorted(self.workers)}})
         for companion in self.companions:  # and its companions, on the code installed now
             companion.renew()

@@ -211,6 +211,8 @@ def test_a_killed_keeper_loses_nothing_acknowledged_and_its_successor_writes_on(
         for t in threads:
             t.join(timeout=30)
         assert f"the log keeper (pid {keeper}) ended" in writer.output()
+        assert wait_until(lambda: scrape(writer.metrics).get(
+            ("yikatong_log_keeper_restarts_total", frozenset())) == 1, 10)
         now = writer_of(nodes)
         assert now is writer  # the lease taken back, not waited out
         for rid in attempted:  # every one decided once: the acknowledged ones as answered
@@ -284,6 +286,7 @@ def test_a_keeper_that_cannot_join_stops_the_server_before_it_serves(cluster, tm
         assert out.returncode == 2, out.stderr[-2000:]
         assert "node id node0 is in use" in out.stderr
         assert "the log keeper" in out.stderr and "could not start" in out.stderr
+        assert "starting it again" not in out.stderr  # one word: it stops the server
         assert "serving on" not in out.stdout
         assert not (tmp_path / "twin" / "keeper.sock").exists()
     finally:
