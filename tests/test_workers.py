@@ -43,9 +43,11 @@ def worker_pids(srv) -> set[int]:
 
 
 def answering_pids(srv, method: str) -> list[int]:
-    """The pid of every access-log line for `method` so far."""
+    """The pid of every access-log line for `method` so far (whole lines: the last may still
+    be being written by one worker as it is read)."""
+    lines = srv.output().split("\n")[:-1]  # what follows the last newline is not whole yet
     return [line["pid"] for line in map(json.loads, (
-        t for t in srv.output().splitlines() if t.startswith('{"time"') and '"call"' in t))
+        t for t in lines if t.startswith('{"time"') and '"call"' in t))
         if line.get("method") == method]
 
 
