@@ -1232,6 +1232,7 @@ def _serve(args, metrics) -> int:
                 node_metrics.stop()
             node.stop()
             store.close()
+        logging.getLogger("yikatong.keeper").info("the log keeper stopped")
         return 0
 
     def serving():

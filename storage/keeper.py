@@ -97,10 +97,10 @@ class Server:
     def state(self) -> bytes:
         node, store = self.node, self.node.store
         writer = node.writer  # this node, not leading (yet): its predecessor's lease
-        if not node.leading and writer == (node.node_id, node.address):
-            writer = None
+        resuming = not node.leading and writer == (node.node_id, node.address)
         return json.dumps({
-            "version": VERSION, "leading": node.leading, "term": store.term, "writer": writer,
+            "version": VERSION, "leading": node.leading, "term": store.term,
+            "writer": None if resuming else writer, "resuming": resuming,
             "applied": store.applied_sequence, "log_end": node.log_end,
             "record_bytes_max": store.record_bytes_max,
             "not_serving": sorted(set(store.not_serving) & set(_FORWARDED))}).encode()
@@ -205,7 +205,7 @@ class Link:
 
     def __init__(self, store, path: str, wait: float):
         self.store, self.path = store, path
-        self.leading = False
+        self.leading = self.resuming = False
         self.writer: tuple[str, str] | None = None
         self.log_end = 0
         self.on_lag = None  # the keeper observes the lag (its metrics)
@@ -230,6 +230,9 @@ class Link:
             raise Fenced("this node's log keeper is not answering (it is started again); "
                          "nothing was written, retry shortly", "")  # writer is named
         if not self.leading:
+            if self.resuming:
+                raise Fenced("this node's log keeper was started again and is taking the "
+                             "node's write lease back; retry shortly", "")
             raise replication.not_the_writer(self.writer)
 
     def refresh(self) -> None:
@@ -291,7 +294,8 @@ class Link:
             except Exception as error:  # noqa: BLE001 - gone, hung, or not speaking our frames
                 if not self._stop.is_set():
                     log.warning("the node's log keeper went away (%s); writes wait for its "
-                                "successor", error or type(error).__name__)
+                                "successor", error or type(error).__name__,
+                                extra={"fields": {"pid": os.getpid()}})
             finally:
                 self._lost(sock)
 
@@ -328,6 +332,7 @@ class Link:
             store.applied_sequence = state["applied"]
         self.writer = tuple(state["writer"]) if state["writer"] else None
         self.log_end = state["log_end"]
+        self.resuming = state["resuming"]
         self.leading = state["leading"]
         for reason in _FORWARDED:
             store.note(reason, reason in state["not_serving"])
