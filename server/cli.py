@@ -1196,7 +1196,7 @@ def _serve(args, metrics) -> int:
         from yikatong.storage import keeper
         from yikatong.storage.replication import Node, shown
 
-        stop = threading.Event()
+        stop, kept = threading.Event(), threading.Event()
         try:
             store = open_store(periodic=False)
         except StoreUnavailable as error:
@@ -1215,7 +1215,8 @@ def _serve(args, metrics) -> int:
             if args.metrics_listen:
                 node_metrics = metrics.NodeMetrics(node)
                 node_metrics.keep()
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())  # the lease given up
+            signal.signal(signal.SIGUSR1, lambda *_: (kept.set(), stop.set()))  # renewed
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the workers first
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             worker.ready()
@@ -1230,7 +1231,7 @@ def _serve(args, metrics) -> int:
         finally:
             if node_metrics is not None:
                 node_metrics.stop()
-            node.stop()
+            node.stop(release=not kept.is_set())
             store.close()
         logging.getLogger("yikatong.keeper").info("the log keeper stopped")
         return 0

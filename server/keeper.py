@@ -13,6 +13,7 @@ starts it anew at the end.
 """
 import logging
 import os
+import signal
 import struct
 
 from yikatong.server.workers import Companion
@@ -35,6 +36,9 @@ class Keeper(Companion):
     # once; one that ends as it starts (broken code, a bad file) after a growing pause
     first_pause = 0.0
     settled = 1.0
+    # a rolling restart's stop keeps the node's lease for the successor to take back; a
+    # server's stop (SIGTERM) gives it up, for another node to write at once
+    renew_signal = signal.SIGUSR1
 
     def __init__(self, command: list[str], fds: dict[str, int], metrics: bool = False):
         """`command`: the argument vector of `serve` as given; `fds`: the descriptors it

@@ -385,6 +385,7 @@ class Companion:
     vital = False  # one that ends before every worker serves stops the server
     first_pause = 1.0
     settled = 60.0
+    renew_signal = signal.SIGTERM  # how `renew` asks it to stop
 
     def __init__(self, fds=(), on_ended: Callable[[int], None] = lambda pid: None):
         self.fds, self.on_ended = tuple(fds), on_ended
@@ -465,7 +466,7 @@ class Companion:
         if self.proc is not None and self.proc.returncode is None \
                 and not self.stopping.is_set():
             self._renewing = self.proc.pid
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(self.renew_signal)
 
     def hup(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

@@ -464,6 +464,15 @@ class Lease:
         """False when the lease is not (known to be) renewed: the node stops writing."""
         return self._update(self.revision)
 
+    def release(self) -> None:
+        """Given up at a clean stop, if still ours: the next node takes it at its next tick
+        instead of waiting for it to lapse."""
+        try:
+            self.log._run(self.kv.delete(LEASE_KEY, last=self.revision))
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError,
+                *_UNREACHABLE, concurrent.futures.TimeoutError):
+            pass  # not ours any more, or the log away: it lapses
+
     def _update(self, last: int) -> bool:
         """Written again if its revision is still `last` (compare-and-set)."""
         try:
@@ -705,10 +714,17 @@ class Node:
         else:
             self._paused.clear()
 
-    def stop(self) -> None:
+    def stop(self, release: bool = True) -> None:
+        """`release`: a writer gives the lease up (a clean stop: another node writes at its
+        next tick); False: kept, for a successor of this node to take back (a log keeper's
+        rolling restart)."""
         self._stop.set()
         self._thread.join(timeout=10)
         self._intake_thread.join(timeout=10)
+        if self.leading and release:
+            self.leading = False
+            self.lease.release()
+            log.info("node %s: gave the write lease up at its stop", self.node_id)
         if self.taker is not None:
             self.taker.stop()
         if self.follower is not None:

@@ -366,3 +366,32 @@ def test_nodes_read_each_others_reports_without_leaving_nats_consumers(cluster, 
         log.close()
         for node in nodes:
             node.stop()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_writer_stopped_cleanly_gives_the_lease_up_at_once(cluster, tmp_path, workers):
+    """SIGTERM to the writer (one process, or a supervisor of 2 workers and a keeper): once
+    it has stopped, the lease no longer names it (another node writes at its next tick, not
+    after the lease lapses); a keeper's rolling restart keeps it (the test above)."""
+    from yikatong.storage.replication import LEASE_BUCKET, LEASE_KEY, Log
+
+    nodes = [start(tmp_path, cluster, 0, "--workers", workers)]
+    log = Log(cluster.urls, create=False)
+    try:
+        assert wait_until(lambda: writer_of(nodes) is not None, 30)
+        nodes.append(start(tmp_path, cluster, 1))
+        assert nodes[0].stop() == 0
+        assert "gave the write lease up at its stop" in nodes[0].output()
+
+        async def holder():
+            kv = await log._js.key_value(LEASE_BUCKET)
+            try:
+                return (await kv.get(LEASE_KEY)).value
+            except Exception:  # noqa: BLE001 - deleted: no one holds it
+                return None
+        assert log._run(holder()) in (None, f"node1 {nodes[1].address}".encode())
+        assert wait_until(lambda: writer_of(nodes[1:]) is nodes[1], 20)
+    finally:
+        log.close()
+        for node in nodes:
+            node.stop()
