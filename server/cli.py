@@ -1276,7 +1276,7 @@ def _serve(args, metrics) -> int:
                              companions=[c for c in (exporter, log_keeper) if c])
     finally:
         if log_keeper is not None:  # after the workers have drained their writes
-            log_keeper.stop()
+            log_keeper.stop(15.0)  # its node stops its threads and gives the lease up
         if exporter is not None:
             exporter.stop()
             metrics.remove(values)
