@@ -368,14 +368,14 @@ def test_nodes_read_each_others_reports_without_leaving_nats_consumers(cluster, 
             node.stop()
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_writer_stopped_cleanly_gives_the_lease_up_at_once(cluster, tmp_path, workers):
-    """SIGTERM to the writer (one process, or a supervisor of 2 workers and a keeper): once
+def test_a_writer_stopped_cleanly_gives_the_lease_up_at_once(cluster, tmp_path):
+    """SIGTERM to the writer (here a supervisor of 2 workers and a keeper; a one-process node
+    gives it up by the same `Node.stop`): once
     it has stopped, the lease no longer names it (another node writes at its next tick, not
     after the lease lapses); a keeper's rolling restart keeps it (the test above)."""
     from yikatong.storage.replication import LEASE_BUCKET, LEASE_KEY, Log
 
-    nodes = [start(tmp_path, cluster, 0, "--workers", workers)]
+    nodes = [start(tmp_path, cluster, 0, "--workers", "2")]
     log = Log(cluster.urls, create=False)
     try:
         assert wait_until(lambda: writer_of(nodes) is not None, 30)

@@ -62,6 +62,7 @@ class ModelCard:
         self.valid_until = 0  # RC-14: set when an RC card is first issued, 0 = no end
         self.unactivated = False  # reported lost while ISSUED (SH-17, GZ-21)
         self.applied_at = 0  # of a replacement (RC-14 on a reissue)
+        self.died = False  # cancelled on the holder's death (GZ-26)
 
     def effective(self, now):
         if self.state == State.TEMP_LOSS and now >= self.temp_until:
@@ -134,12 +135,39 @@ def model_decision(c: ModelCard | None, channel: int, now: int) -> int:
     return 0
 
 
+def model_other_cards(cards_: dict, c: ModelCard, channel: int, now: int, reason: int) -> int:
+    """GZ-21, SH-18, GZ-26 (docs/DECISIONS.md, "Stopped accounts on every path"): a card usable
+    at MEDICAL or BENEFIT (approved, or locked only there) answers what the holder's account
+    answers: the first of the holder's current SH, GZ, BJ cards (the newest of each pack), its
+    own pack's aside, that is lost (7), temporarily lost (8) or cancelled by death (3)."""
+    if channel not in (Channel.MEDICAL, Channel.BENEFIT) or reason not in (0, 10):
+        return reason
+    for pack in (Pack.SH, Pack.GZ, Pack.BJ):
+        if pack == c.pack:
+            continue
+        current = [o for o in cards_.values() if o.holder == c.holder and o.pack == pack]
+        if not current:
+            continue
+        state = current[-1].effective(now)
+        if state == State.LOST:
+            return 7
+        if state == State.TEMP_LOSS:
+            return 8
+        if state == State.CANCELLED and current[-1].died:
+            return 3
+    return reason
+
+
 def ssn_of(holder: int) -> str:
     first17 = f"310101198001{holder:05d}"
     return first17 + cards.ssn_check_digit(first17)
 
 
 class InProcess:
+    # decides on the card alone (the decision table, both twins); the holder's other cards
+    # are the server's (authorize.other_cards), asked over gRPC
+    holder_accounts = False
+
     def __init__(self, store, impl):
         self.store, self.impl = store, impl
         self.policy = impl.Policy(config.generation_retired_at)
@@ -227,6 +255,7 @@ class OverGrpc:
         "unlock": ("UnlockApplication", "BANK_OUTLET", {}),
         "renew": ("Renew", "COMMUNITY_OUTLET", {}),  # RC-14: at the community service centre
     }
+    holder_accounts = True  # Authorize asks the holder's other cards at MEDICAL, BENEFIT
     CHANNEL_ROLE = {1: "TRANSIT_GATE", 2: "MEDICAL_TERMINAL", 3: "BENEFIT_COUNTER",
                     4: "BANK_SWITCH", 5: "COMMUNITY_OUTLET", 6: "BANK_SWITCH"}
     # who files for each pack where the law names them (SH-18c, GZ-7, GZ-21, GZ-23, RC-15b)
@@ -382,7 +411,7 @@ def expect(cards_: dict, name: str, c: ModelCard, channel: int, now: int):
     if name == "cancel_death" and not final:
         def go():  # GZ-26: every card of the holder in the pack stops
             for other in holder_cards(cards_, c.holder, c.pack, now) + [c]:
-                other.state = State.CANCELLED
+                other.state, other.died = State.CANCELLED, True
         return go
     if name == "withdraw" and s in (State.APPLIED, State.VERIFIED):
         def go():  # only this application; an original may be replaced again
@@ -644,6 +673,8 @@ class LifecycleModel(RuleBasedStateMachine):
         for number, c in self.cards.items():
             for channel in Channel:
                 want = model_decision(c, channel, self.now)
+                if self.backend.holder_accounts:
+                    want = model_other_cards(self.cards, c, channel, self.now, want)
                 got = self.backend.decide(number, channel, self.now)
                 assert got == want, (number, Pack(c.pack).name, State(c.state).name,
                                      channel, got, want)
