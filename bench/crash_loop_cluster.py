@@ -50,7 +50,7 @@ def purse(node: ServerProcess, card: str) -> int:
     return next(b.posted_fen for b in answer.balances if b.kind == pb.ACCOUNT_KIND_TRANSIT)
 
 
-KILLS = ("keeper", "node", "worker")  # of a writer with --workers 2, in turn (see the note)
+KILLS = ("worker", "keeper", "node")  # of a writer with --workers 2, in turn
 
 
 def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20,

@@ -23,9 +23,10 @@ nothing committed, the callers retry by request id) and health says NOT_SERVING
 (`Node(take_back=True)`), after applying what the log holds beyond the store.
 
 Frames, both ways: a head (payload length, kind, id) and the payload. A worker sends APPEND
-(term u64 + the record) and HAND_OVER (a follower's audit events, `Log.intake_data`); the
-keeper answers each by its id with ANSWER (a status byte + a message), and sends STATE (JSON)
-unasked.
+(term u64, 1 if the record is its transaction's first, the record; the keeper's log admits
+it as `Log.admitted` says, the worker's connection its transaction's chain) and HAND_OVER (a
+follower's audit events, `Log.intake_data`); the keeper answers each by its id with ANSWER
+(a status byte + a message), and sends STATE (JSON) unasked.
 """
 import asyncio
 import concurrent.futures
@@ -45,7 +46,7 @@ from yikatong.storage import replication
 log = logging.getLogger("yikatong.keeper")
 SOCKET_NAME = "keeper.sock"  # in the data dir (0700): the server's user alone reaches it
 HEAD = struct.Struct("<IBI")  # payload length, kind, id
-_TERM = struct.Struct("<Q")
+_APPEND = struct.Struct("<QB")  # the record's term; 1: its transaction's first record
 _PEER = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 APPEND, HAND_OVER, ANSWER, STATE = b"AHRS"
 OK, FENCED, UNAVAILABLE = range(3)
@@ -55,7 +56,9 @@ SILENT_SECONDS = 5.0  # a keeper silent this long is taken as gone (hung)
 # the keeper's health reasons every worker says too (a follower's workers write nothing, so
 # never look at the map or the disk themselves)
 _FORWARDED = ("replication_gap", "map_full", "disk_full")
-VERSION = 1  # of the frames: a worker and a keeper of different releases do not talk
+# of the frames (2: APPEND says a transaction's first record): a worker and a keeper of
+# different releases do not talk
+VERSION = 2
 
 
 def socket_path(data_dir: str) -> str:
@@ -139,7 +142,8 @@ class Server:
                     return
                 payload = await reader.readexactly(size)
                 # a task each, made in the order they came: they reach the log in that order
-                work = self._append(payload) if kind == APPEND else self._hand_over(payload)
+                work = self._append(payload, writer) if kind == APPEND else \
+                    self._hand_over(payload)
                 task = asyncio.ensure_future(self._answer(writer, ident, work))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -159,14 +163,16 @@ class Server:
                                  "nothing was answered") from None
         await self.node.log.hand_over_data(payload)
 
-    async def _append(self, payload: bytes) -> None:
-        (term,) = _TERM.unpack_from(payload)
+    async def _append(self, payload: bytes, peer: asyncio.StreamWriter) -> None:
+        """A worker's record, appended as the node's own are (`Log.admitted`): the chain
+        of a transaction is the worker's connection."""
+        term, first = _APPEND.unpack_from(payload)
         if not self.node.leading:
             raise replication.not_the_writer(self.node.writer)
         if term != self.node.store.term:  # stamped before the lease changed hands here
             raise Fenced(f"the record is of term {term}, this node writes in term "
                          f"{self.node.store.term} now; nothing was committed")
-        await self.node.log._publish(payload[_TERM.size:], term)
+        await self.node.log.admitted(payload[_APPEND.size:], term, first == 1, peer)
 
     @staticmethod
     async def _answer(writer: asyncio.StreamWriter, ident: int, work) -> None:
@@ -240,12 +246,12 @@ class Link:
         log, may have committed since this one last did."""
         self.store.refresh_sequence()
 
-    def append_async(self, record: bytes) -> concurrent.futures.Future:
+    def append_async(self, record: bytes, first: bool) -> concurrent.futures.Future:
         self.check_writer()
-        return self._ask(APPEND, _TERM.pack(self.store.record_term) + record)
+        return self._ask(APPEND, _APPEND.pack(self.store.record_term, first) + record)
 
     def append(self, record: bytes) -> None:
-        self._wait(self.append_async(record))
+        self._wait(self.append_async(record, True))
 
     def hand_over(self, events) -> None:
         self._wait(self._ask(HAND_OVER, replication.Log.intake_data(events)))

@@ -392,9 +392,10 @@ class Store:
         self._periodic = periodic
         self._check_command = check_command
         self.replicate = replicate
-        # append(record) -> a future of its acknowledgement: the log's asynchronous append,
-        # records handed in order reaching the log in order; set by storage.replication.Node
-        self.append: Callable[[bytes], concurrent.futures.Future] | None = None
+        # append(record, first: its transaction's first record) -> a future of its
+        # acknowledgement: the log's asynchronous append, records handed in order reaching
+        # the log in order (`Log.admitted`); set by storage.replication.Node
+        self.append: Callable[[bytes, bool], concurrent.futures.Future] | None = None
         self._in_flight_max = max(1, log_in_flight_max)
         # the writer's term (storage.replication.Node, when it takes the lease): its records
         # carry it, and its first record of a term writes it into the store (`_TERM_KEY`)
@@ -784,8 +785,8 @@ class Store:
                             seq = book.log_sequence() + 1
                             book.set_log_sequence(seq)
                             record = records.encode_journal(seq, journal)
-                            try:
-                                future = self.append(record)  # type: ignore[misc]
+                            try:  # the transaction's first record, or built on the last
+                                future = self.append(record, not flight)  # type: ignore[misc]
                             except Exception as e:  # noqa: BLE001 - refused before it left
                                 future = concurrent.futures.Future()
                                 future.set_exception(e)
@@ -802,15 +803,21 @@ class Store:
                     group = rest or self._next_in_flight(flight)
                     if group is None:
                         break
+                # every record answered before the transaction ends (the log admits the
+                # next transaction's first record only then): the first refusal decides
+                deadline = time.monotonic() + config.log_ack_wait_seconds
                 for _, future in flight:
                     try:
-                        future.result(timeout=config.log_ack_wait_seconds)
+                        future.result(timeout=max(0.0, deadline - time.monotonic()))
                     except Exception as e:  # noqa: BLE001 - refused: nothing after commits
-                        refusal = e if not isinstance(e, concurrent.futures.TimeoutError) \
-                            else LogUnavailable("the replicated log did not acknowledge a record "
-                                                f"in {config.log_ack_wait_seconds:g} s")
-                        break
-                    good += 1
+                        if refusal is None:
+                            refusal = e if not isinstance(e, concurrent.futures.TimeoutError) \
+                                else LogUnavailable("the replicated log did not acknowledge a "
+                                                    "record in "
+                                                    f"{config.log_ack_wait_seconds:g} s")
+                        continue
+                    if refusal is None:
+                        good += 1
                 if broken is not None or refusal is not None:
                     raise _Refused
         except _Refused:

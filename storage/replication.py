@@ -10,6 +10,16 @@ applies each record in order, the sequence with the data, in one transaction.
 
 nats-py is asyncio and the store's writer is a thread, so a `Log` runs its own event loop
 in a thread of its own; the writer waits on it for each append.
+
+A transaction's records are appended while the log answers (docs/SCALE.md, "Gathering while
+the log answers"): record s+1 is handed on before record s is answered, built on it. The
+expected last sequence alone cannot tell that the record the log holds at s is the one s+1
+was built on: if another transaction of the same writer (an ended one's record still in
+flight, a worker of the node that died with its records in the log) put its own s there,
+s+1 would be taken on top of it. So the `Log` admits records as chains (`_admit`): a
+transaction's first record only when nothing is unanswered and it follows the log's last
+record exactly; each later record only right after its own transaction's previous one, and
+none after a refusal. Records of another writer are told apart by their term.
 """
 import asyncio
 import concurrent.futures
@@ -106,6 +116,15 @@ class Log:
                  create: bool = True):
         """`create=False`: only an existing log (a reader such as `cluster status`)."""
         self.timeout, self.create = timeout, create
+        # the admission of records (`_admit`), kept on the log's loop: the log's last
+        # sequence as its answers tell it (None: unknown, read again once all are answered),
+        # the records handed on and not yet answered, and (who, sequence) of the last one
+        # admitted: the chain a transaction's next record must follow
+        self._end: int | None = None
+        self._unanswered = 0
+        self._admitted = 0  # records admitted, ever
+        self._chain: tuple[object, int] | None = None
+        self._reading_end: asyncio.Task | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="yikatong-log",
                                         daemon=True)
@@ -148,6 +167,7 @@ class Log:
                                                   num_replicas=replicas)
                 infos = [await self._js.stream_info(name) for name in (STREAM, INTAKE_STREAM)]
                 if all(i.cluster is None or i.cluster.leader for i in infos):  # elected
+                    self._end = infos[0].state.last_seq
                     return
                 await asyncio.sleep(0.1)
             except (*_UNREACHABLE, nats.js.errors.APIError) as error:
@@ -159,21 +179,101 @@ class Log:
                 await asyncio.sleep(0.1)
 
     def append(self, record: bytes, term: int = 0) -> None:
-        """Store(replicate=...): the group's record appended after the sequence before its
-        own, or Fenced (the log moved on: this node is not the writer) or LogUnavailable; in
-        both cases the group is not committed. `term`: the writer's (`TERM`)."""
+        """Store(replicate=...): a transaction of one record, appended after the sequence
+        before its own, or Fenced (the log moved on: this node is not the writer) or
+        LogUnavailable; in both cases the group is not committed. `term`: the writer's
+        (`TERM`)."""
         try:
-            self._run(self._publish(record, term))
+            self._run(self.admitted(record, term, True, None))
         except concurrent.futures.TimeoutError:
             raise LogUnavailable(f"the replicated log did not acknowledge record "
                                  f"{records.journal_sequence(record)} in time; nothing was "
                                  "committed") from None
 
-    def append_async(self, record: bytes, term: int) -> concurrent.futures.Future:
+    def append_async(self, record: bytes, term: int, first: bool = True
+                     ) -> concurrent.futures.Future:
         """Store.append: the record handed to the log now; a future of the log's answer
         (None, or Fenced or LogUnavailable as `append` raises them). Records handed one after
-        another reach the log in that order."""
-        return asyncio.run_coroutine_threadsafe(self._publish(record, term), self._loop)
+        another reach the log in that order. `first`: the first record of its transaction
+        (else it was built on the one handed just before it)."""
+        return asyncio.run_coroutine_threadsafe(self.admitted(record, term, first, None),
+                                                self._loop)
+
+    async def admitted(self, record: bytes, term: int, first: bool, who: object) -> None:
+        """`record` appended if `_admit` lets it in (on the log's loop, before anything is
+        awaited: records reach the log in the order of these calls). `who`: the
+        transaction's writer (a worker's connection to the log keeper; None in a node of
+        one process)."""
+        seq = records.journal_sequence(record)
+        try:
+            self._admit(seq, first, who)
+        except LogUnavailable:
+            if first and self._end is not None and seq > self._end + 1:  # another node
+                self._end = None  # wrote since this one last did: where the log ends, again
+                self._read_end_soon()
+            raise
+        self._unanswered += 1
+        self._admitted += 1
+        try:
+            await self._publish(record, term)
+        except BaseException:
+            self._end, self._chain = None, None  # where the log ends is read again
+            raise
+        else:
+            if self._end is not None:
+                self._end = max(self._end, seq)
+        finally:
+            self._unanswered -= 1
+            self._read_end_soon()
+
+    def _read_end_soon(self) -> None:
+        if self._end is None and self._reading_end is None and not self._unanswered:
+            self._reading_end = asyncio.ensure_future(self._read_end())
+
+    def ends_at(self, end: int) -> None:
+        """Where the log ends, as a node that has just read it to its end knows (before it
+        takes the lease: its first record follows it without a spurious refusal)."""
+        async def set_end() -> None:
+            if not self._unanswered:
+                self._end, self._chain = end, None
+        self._run(set_end())
+
+    def _admit(self, seq: int, first: bool, who: object) -> None:
+        """A transaction's first record only while no record is unanswered and right after
+        the log's last; a later one only right after its transaction's previous record and
+        while nothing of the chain was refused. Refused here: nothing was sent."""
+        if first:
+            if self._unanswered or self._end is None:
+                raise LogUnavailable(f"record {seq} was not sent: records of a transaction "
+                                     "that ended are still awaiting the log's answer, or "
+                                     "where the log ends is being read again; nothing was "
+                                     "committed, retry shortly")
+            if seq != self._end + 1:
+                raise LogUnavailable(
+                    f"record {seq} was not sent: the replicated log ends at {self._end} (a "
+                    "transaction of this node that did not commit left records in it, which "
+                    "this node applies from the log); nothing was committed, retry shortly")
+        elif self._chain != (who, seq - 1):
+            raise LogUnavailable(f"record {seq} was not sent: the record before it in its "
+                                 "transaction was refused; nothing after a refused record "
+                                 "commits")
+        self._chain = (who, seq)
+
+    async def _read_end(self) -> None:
+        """Where the log ends, from the log itself (after a refused or unanswered record,
+        once nothing is unanswered); taken only if no record was admitted meanwhile."""
+        admitted = self._admitted
+        try:
+            end = (await self._js.stream_info(STREAM)).state.last_seq
+        except Exception:  # noqa: BLE001 - out of reach: asked again shortly
+            self._loop.call_later(0.1, self._read_end_soon)
+            return
+        finally:
+            self._reading_end = None
+        if self._end is None and not self._unanswered and self._admitted == admitted:
+            self._end = end
+        else:
+            self._read_end_soon()
 
     async def _publish(self, record: bytes, term: int) -> None:
         seq = records.journal_sequence(record)
@@ -647,9 +747,9 @@ class Node:
         self._check_writer()
         self.log.append(record, self.store.record_term)
 
-    def _append_async(self, record: bytes) -> concurrent.futures.Future:
+    def _append_async(self, record: bytes, first: bool) -> concurrent.futures.Future:
         self._check_writer()
-        return self.log.append_async(record, self.store.record_term)
+        return self.log.append_async(record, self.store.record_term, first)
 
     def _catch_up(self, until: int | None = None) -> None:
         """Apply what the log holds beyond this store (after a fenced append, or before
@@ -697,6 +797,7 @@ class Node:
                 self.follower.stop()
                 self.follower = None
             self._catch_up()
+            self.log.ends_at(self.store.applied_sequence)
             if self.lease.take_back() if mine else self.lease.take():
                 with self.store.read() as txn:  # newer than any term in the log: the lease's
                     known = self.store.book(txn).term()  # revision grows, but a bucket

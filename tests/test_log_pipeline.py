@@ -3,6 +3,7 @@ log answers for the first (`Store._pipeline`), at most `log_in_flight_max` recor
 each chained to the one before it. A refused record: nothing after it commits, its callers
 and theirs are refused, and a retry by request id is decided once. A real 3-node JetStream
 cluster on loopback ports (harness.NatsCluster), started and stopped by each test."""
+import asyncio
 import concurrent.futures
 import hashlib
 import struct
@@ -13,6 +14,7 @@ import threading
 import pytest
 from test_cluster import balance, start, top_up, writer_of
 from test_e2e import new_active_card
+from test_nats import write_until
 from test_replication import digest
 
 from yikatong.errors import Fenced
@@ -62,14 +64,17 @@ def rival_record(seq: int, term: int) -> bytes:
 class Gate:
     """Store.append in front of a real Log: the log's answers to the records in `hold` are
     given to the writer only once record `release` has been handed to the log (bounded:
-    20 s), so that the records up to it are in flight together, as on a slow log; before
-    record `rival_at` goes out, another writer (term `rival_term`) appends its own record at
-    that sequence."""
+    20 s), so that the records up to it are in flight together, as on a slow log. The
+    records in `together` go to the log at once when the last of them is handed (all of them
+    admitted before the log answers the first: a slow network's reordering), and before
+    they go, another writer (term `rival_term`) appends its own record at `rival_at`."""
 
     def __init__(self, store: Store, log: Log, hold: set[int], release: int,
-                 rival: Log | None = None, rival_at: int = 0, rival_term: int = 0):
+                 rival: Log | None = None, rival_at: int = 0, rival_term: int = 0,
+                 together: frozenset[int] = frozenset()):
         self.store, self.log, self.hold, self.release = store, log, hold, release
         self.rival, self.rival_at, self.rival_term = rival, rival_at, rival_term
+        self.together, self._gathered = together, []
         self.appended: list[int] = []  # sequences, in the order handed to the log
         self.sent: dict[int, concurrent.futures.Future] = {}  # the log's own answers
         self.answered_at: dict[int, list[int]] = {}  # held record -> what was out by then
@@ -77,12 +82,15 @@ class Gate:
         self._released = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def __call__(self, record: bytes):
+    def __call__(self, record: bytes, first: bool):
         seq = records.journal_sequence(record)
-        if self.rival is not None and seq == self.rival_at:  # once the log holds ours before
-            self.sent[seq - 1].result(20)
-            self.rival.append(rival_record(seq, self.rival_term), self.rival_term)
-        future = self.sent[seq] = self.log.append_async(record, self.store.term)
+        if seq in self.together:
+            future = self.sent[seq] = concurrent.futures.Future()
+            self._gathered.append((record, first, future))
+            if seq == max(self.together):
+                self._hand_together()
+        else:
+            future = self.sent[seq] = self.log.append_async(record, self.store.term, first)
         with self.handed:
             self.appended.append(seq)
             self.handed.notify_all()
@@ -103,6 +111,21 @@ class Gate:
         thread.start()
         self._threads.append(thread)
         return held
+
+    def _hand_together(self) -> None:
+        if self.rival is not None:  # once the log holds ours before it
+            self.sent[self.rival_at - 1].result(20)
+            self.rival.ends_at(self.rival_at - 1)  # as a node that has just taken the lease
+            self.rival.append(rival_record(self.rival_at, self.rival_term), self.rival_term)
+
+        def start() -> None:  # one callback on the log's loop: admitted one after another
+            for record, first, future in self._gathered:
+                task = asyncio.ensure_future(self.log.admitted(record, self.store.term, first,
+                                                               None))
+                task.add_done_callback(
+                    lambda t, f=future: f.set_exception(t.exception()) if t.exception()
+                    else f.set_result(None))
+        self.log._loop.call_soon_threadsafe(start)
 
     def wait_appended(self, seq: int) -> None:
         with self.handed:
@@ -154,8 +177,9 @@ def test_groups_gathered_while_the_log_answers_commit_together_and_reach_a_follo
 
 def test_nothing_after_a_refused_record_commits_and_retries_charge_once(cluster, tmp_path):
     """Four groups in flight (term 3): record 1 is acknowledged; a newer writer (term 7)
-    takes sequence 2 before ours goes out, so record 2 is refused (both answers held back
-    until record 4 is out, as a slow log's would be). Records 3 and 4 follow the newer
+    takes sequence 2 before ours goes out, so record 2 is refused (record 1's answer held
+    back until record 4 is out, and 2 to 4 handed to the log together, admitted before it
+    answers 2, as over a slow network). Records 3 and 4 follow the newer
     writer's into the log, but as an older term's they are void: a follower applies them as
     nothing (no fork). Record 1 commits and its caller is answered; the callers of 2, 3 and
     4 get Fenced (UNAVAILABLE) and nothing of theirs is in the store. Caught up from the log
@@ -165,7 +189,8 @@ def test_nothing_after_a_refused_record_commits_and_retries_charge_once(cluster,
     store = Store(str(tmp_path / "writer"), log_in_flight_max=4)
     store.term = 3
     follower_store = Store(str(tmp_path / "follower"))
-    gate = Gate(store, log, hold={1, 2}, release=4, rival=rival, rival_at=2, rival_term=7)
+    gate = Gate(store, log, hold={1}, release=4, rival=rival, rival_at=2, rival_term=7,
+                together=frozenset({2, 3, 4}))
     store.append = gate
     follower = Follower(follower_store, follower_log)
     try:
@@ -196,7 +221,8 @@ def test_nothing_after_a_refused_record_commits_and_retries_charge_once(cluster,
         with pytest.raises(Fenced, match="a newer writer's records are in the log"):
             store.write(charge("c1"))  # still term 3: it may not write
         store.term = 8  # the lease taken again
-        retried = [store.write(charge(f"c{i}")) for i in range(4)]
+        # (its first record waits for the log's end to be read again after the refusal)
+        retried = [write_until(store, charge(f"c{i}"), 10) for i in range(4)]
         assert retried == [_U64.pack(n) for n in (999, 998, 997, 996)]
         assert balance_of(store) == 996  # four charges, each once
         assert log.last_sequence() == 7  # c0's retry wrote nothing: a replay
@@ -218,7 +244,7 @@ def test_a_group_past_the_record_size_goes_on_in_the_next_record(cluster, tmp_pa
     transaction, every caller is answered, and a follower holds the same bytes."""
     log, follower_log = Log(cluster.urls), Log(cluster.urls)
     store = Store(str(tmp_path / "writer"), log_in_flight_max=2)
-    store.append = lambda record: log.append_async(record, 0)
+    store.append = lambda record, first: log.append_async(record, 0, first)
     store.record_bytes_max = 300
     follower_store = Store(str(tmp_path / "follower"))
     follower = Follower(follower_store, follower_log)
@@ -241,6 +267,38 @@ def test_a_group_past_the_record_size_goes_on_in_the_next_record(cluster, tmp_pa
             s.close()
         log.close()
         follower_log.close()
+
+
+def test_no_transaction_builds_on_a_record_of_another_that_did_not_commit(cluster):
+    """Two transactions of one writer (the workers of a node, one log keeper: the same term).
+    A's record 1 is in the log but A never commits it (its worker was killed). B, from the
+    store A left (at 0), hands its own 1 and, built on it, 2: the log's expected last
+    sequence would refuse B's 1 and take B's 2 on top of A's 1 (a ledger out of balance
+    on every node). The log admits neither: B's 1 does not follow the log's end, and 2
+    follows a refused record; nothing of B is sent. A first record while another
+    transaction's is unanswered is refused too; once answered, B's next from the log's end
+    goes in."""
+    log = Log(cluster.urls)
+
+    def hand(seq: int, first: bool, who: str) -> concurrent.futures.Future:
+        record = records.encode_journal(seq, [(b"meta", who.encode(), _U64.pack(seq))])
+        return asyncio.run_coroutine_threadsafe(log.admitted(record, 1, first, who), log._loop)
+    try:
+        hand(1, True, "A").result(20)
+        refused = [hand(1, True, "B"), hand(2, False, "B")]
+        assert "the replicated log ends at 1" in str(refused[0].exception(20))
+        assert "the record before it in its transaction was refused" in str(
+            refused[1].exception(20))
+        assert log.last_sequence() == 1
+        assert records.decode_journal(log.read(1)[0])[1] == [(b"meta", b"A", _U64.pack(1))]
+        a2, b2 = hand(2, False, "A"), hand(2, True, "B")  # A's still in flight
+        assert "still awaiting the log's answer" in str(b2.exception(20))
+        assert a2.result(20) is None
+        assert wait_until(lambda: hand(3, True, "B").exception(20) is None, 10)
+        assert log.last_sequence() == 3
+        assert records.decode_journal(log.read(3)[0])[1] == [(b"meta", b"B", _U64.pack(3))]
+    finally:
+        log.close()
 
 
 def debit_stream(srv, card: str, run: str, messages: int) -> list[pb.AuthorizeBatchResponse]:
