@@ -1,6 +1,6 @@
 """Crash loop of a replicated store (issue 18): three `yikatong serve --replicate` nodes on a
 3-node NATS JetStream cluster, node 0 with `--workers 2` (issue 27: a log keeper and two
-workers; when it is the writer, its keeper, one worker, or the whole node is killed, in
+workers; when it is the writer, one worker, its keeper, or the whole node is killed, in
 turn). Clients send fares (Authorize TRANSIT with money), each with a unique request id,
 to whichever node takes writes (a follower says UNAVAILABLE: they try the next). After a
 random moment the writer is SIGKILLed (a whole node is restarted on its data dir); a
@@ -112,7 +112,7 @@ def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20,
             time.sleep(rng.uniform(0.2, 1.5))
             victim = writer_of(nodes)
             if victim is not None:
-                # node 0's processes: its log keeper, one worker, or all at once, in turn
+                # node 0's processes: one worker, its log keeper, or all at once, in turn
                 what = KILLS[k % len(KILLS)] if victim is nodes[0] and workers > 1 else "node"
                 if what == "node":
                     victim.kill()

@@ -22,11 +22,15 @@ nothing committed, the callers retry by request id) and health says NOT_SERVING
 (`log_keeper_down`) until its successor answers; the successor takes the lease back at once
 (`Node(take_back=True)`), after applying what the log holds beyond the store.
 
-Frames, both ways: a head (payload length, kind, id) and the payload. A worker sends APPEND
-(term u64, 1 if the record is its transaction's first, the record; the keeper's log admits
-it as `Log.admitted` says, the worker's connection its transaction's chain) and HAND_OVER (a
+Frames, both ways: a head (payload length, kind, id) and the payload. A worker sends CHAINED
+(term u64, 1 if the record is its transaction's first, the record: the keeper's log admits it
+as `Log.admitted` says, the worker's connection its transaction's chain) and HAND_OVER (a
 follower's audit events, `Log.intake_data`); the keeper answers each by its id with ANSWER
-(a status byte + a message), and sends STATE (JSON) unasked.
+(a status byte + a message), and sends STATE (JSON) unasked. A keeper says `chains` in its
+state; to one that does not (the release before, in a rolling restart, which renews the
+workers first) a worker sends APPEND (term u64 + the record) as that release did, and a
+keeper takes a worker's APPEND as a transaction's first record (safe: a later one is refused
+while the one before it is unanswered).
 """
 import asyncio
 import concurrent.futures
@@ -46,9 +50,10 @@ from yikatong.storage import replication
 log = logging.getLogger("yikatong.keeper")
 SOCKET_NAME = "keeper.sock"  # in the data dir (0700): the server's user alone reaches it
 HEAD = struct.Struct("<IBI")  # payload length, kind, id
-_APPEND = struct.Struct("<QB")  # the record's term; 1: its transaction's first record
+_TERM = struct.Struct("<Q")  # APPEND: the record's term
+_CHAINED = struct.Struct("<QB")  # CHAINED: the record's term; 1: its transaction's first
 _PEER = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
-APPEND, HAND_OVER, ANSWER, STATE = b"AHRS"
+APPEND, HAND_OVER, ANSWER, STATE, CHAINED = b"AHRSC"
 OK, FENCED, UNAVAILABLE = range(3)
 FRAME_MAX = 64 << 20  # a record is cut under the log's max_payload (at most 64 MiB in NATS)
 STATE_SECONDS = 1.0  # the keeper's state reaches every worker at least this often
@@ -56,9 +61,7 @@ SILENT_SECONDS = 5.0  # a keeper silent this long is taken as gone (hung)
 # the keeper's health reasons every worker says too (a follower's workers write nothing, so
 # never look at the map or the disk themselves)
 _FORWARDED = ("replication_gap", "map_full", "disk_full")
-# of the frames (2: APPEND says a transaction's first record): a worker and a keeper of
-# different releases do not talk
-VERSION = 2
+VERSION = 1  # of the frames: a worker and a keeper of different versions do not talk
 
 
 def socket_path(data_dir: str) -> str:
@@ -102,7 +105,7 @@ class Server:
         writer = node.writer  # this node, not leading (yet): its predecessor's lease
         resuming = not node.leading and writer == (node.node_id, node.address)
         return json.dumps({
-            "version": VERSION, "leading": node.leading, "term": store.term,
+            "version": VERSION, "chains": True, "leading": node.leading, "term": store.term,
             "writer": None if resuming else writer, "resuming": resuming,
             "applied": store.applied_sequence, "log_end": node.log_end,
             "record_bytes_max": store.record_bytes_max,
@@ -136,14 +139,14 @@ class Server:
             writer.write(_frame(STATE, 0, self.state()))
             while True:
                 size, kind, ident = HEAD.unpack(await reader.readexactly(HEAD.size))
-                if size > FRAME_MAX or kind not in (APPEND, HAND_OVER):
+                if size > FRAME_MAX or kind not in (APPEND, CHAINED, HAND_OVER):
                     log.error("the log keeper dropped a worker's connection: a frame of kind "
                               "%d and %d bytes", kind, size)
                     return
                 payload = await reader.readexactly(size)
                 # a task each, made in the order they came: they reach the log in that order
-                work = self._append(payload, writer) if kind == APPEND else \
-                    self._hand_over(payload)
+                work = self._hand_over(payload) if kind == HAND_OVER else \
+                    self._append(payload, writer, kind == CHAINED)
                 task = asyncio.ensure_future(self._answer(writer, ident, work))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -163,16 +166,21 @@ class Server:
                                  "nothing was answered") from None
         await self.node.log.hand_over_data(payload)
 
-    async def _append(self, payload: bytes, peer: asyncio.StreamWriter) -> None:
+    async def _append(self, payload: bytes, peer: asyncio.StreamWriter, chained: bool
+                      ) -> None:
         """A worker's record, appended as the node's own are (`Log.admitted`): the chain
         of a transaction is the worker's connection."""
-        term, first = _APPEND.unpack_from(payload)
+        if chained:
+            term, first = _CHAINED.unpack_from(payload)
+            record = payload[_CHAINED.size:]
+        else:  # a worker of the release before: each record taken as a first
+            (term,), first, record = _TERM.unpack_from(payload), 1, payload[_TERM.size:]
         if not self.node.leading:
             raise replication.not_the_writer(self.node.writer)
         if term != self.node.store.term:  # stamped before the lease changed hands here
             raise Fenced(f"the record is of term {term}, this node writes in term "
                          f"{self.node.store.term} now; nothing was committed")
-        await self.node.log.admitted(payload[_APPEND.size:], term, first == 1, peer)
+        await self.node.log.admitted(record, term, first == 1, peer)
 
     @staticmethod
     async def _answer(writer: asyncio.StreamWriter, ident: int, work) -> None:
@@ -212,6 +220,7 @@ class Link:
     def __init__(self, store, path: str, wait: float):
         self.store, self.path = store, path
         self.leading = self.resuming = False
+        self._chains = False  # the keeper takes CHAINED frames (not the release before)
         self.writer: tuple[str, str] | None = None
         self.log_end = 0
         self.on_lag = None  # the keeper observes the lag (its metrics)
@@ -248,7 +257,9 @@ class Link:
 
     def append_async(self, record: bytes, first: bool) -> concurrent.futures.Future:
         self.check_writer()
-        return self._ask(APPEND, _APPEND.pack(self.store.record_term, first) + record)
+        if self._chains:
+            return self._ask(CHAINED, _CHAINED.pack(self.store.record_term, first) + record)
+        return self._ask(APPEND, _TERM.pack(self.store.record_term) + record)
 
     def append(self, record: bytes) -> None:
         self._wait(self.append_async(record, True))
@@ -304,6 +315,7 @@ class Link:
                                 extra={"fields": {"pid": os.getpid()}})
             finally:
                 self._lost(sock)
+            self._stop.wait(0.2)  # not in a spin: a keeper that answers and then drops
 
     def _read(self, sock: socket.socket) -> None:
         buffer = bytearray()
@@ -332,6 +344,7 @@ class Link:
             raise ValueError(f"the keeper speaks frames of version {state.get('version')}, "
                              f"this worker {VERSION}: restart the server")
         store = self.store
+        self._chains = bool(state.get("chains"))
         store.term = state["term"]
         store.record_bytes_max = state["record_bytes_max"]
         if state["applied"] > store.applied_sequence:

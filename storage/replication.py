@@ -14,12 +14,14 @@ in a thread of its own; the writer waits on it for each append.
 A transaction's records are appended while the log answers (docs/SCALE.md, "Gathering while
 the log answers"): record s+1 is handed on before record s is answered, built on it. The
 expected last sequence alone cannot tell that the record the log holds at s is the one s+1
-was built on: if another transaction of the same writer (an ended one's record still in
-flight, a worker of the node that died with its records in the log) put its own s there,
-s+1 would be taken on top of it. So the `Log` admits records as chains (`_admit`): a
-transaction's first record only when nothing is unanswered and it follows the log's last
-record exactly; each later record only right after its own transaction's previous one, and
-none after a refusal. Records of another writer are told apart by their term.
+was built on: if another transaction (an ended one's record still in flight or answered as
+lost and landing late, a worker of the node that died with its records in the log, the
+writer before this one) put its own s there, s+1 would be taken on top of it. So the `Log`
+admits records as chains (`_admit`): a transaction's first record only when nothing is
+unanswered and it follows the log's last record as this node knows it; each later record
+only right after its own transaction's previous one, none after a refusal, and, while the
+log's end is not proven by an acknowledgement of this node's own, only once the first is
+acknowledged.
 """
 import asyncio
 import concurrent.futures
@@ -124,6 +126,10 @@ class Log:
         self._unanswered = 0
         self._admitted = 0  # records admitted, ever
         self._chain: tuple[object, int] | None = None
+        # whether the log's end is proven by this node's own acknowledged record; until it
+        # is, a transaction's later records wait for its first one's answer (`_gate`)
+        self._proven = False
+        self._gate: asyncio.Future | None = None
         self._reading_end: asyncio.Task | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="yikatong-log",
@@ -206,20 +212,30 @@ class Log:
         one process)."""
         seq = records.journal_sequence(record)
         try:
-            self._admit(seq, first, who)
+            gate = self._admit(seq, first, who)
         except LogUnavailable:
             if first and self._end is not None and seq > self._end + 1:  # another node
                 self._end = None  # wrote since this one last did: where the log ends, again
                 self._read_end_soon()
             raise
+        mine = self._gate if first else None  # this chain's, answered with this record
         self._unanswered += 1
         self._admitted += 1
         try:
+            if gate is not None and not (gate.result() if gate.done() else await gate):
+                raise LogUnavailable(f"record {seq} was not sent: the first record of its "
+                                     "transaction was refused; nothing after a refused "
+                                     "record commits")
             await self._publish(record, term)
         except BaseException:
-            self._end, self._chain = None, None  # where the log ends is read again
+            self._end, self._chain, self._proven = None, None, False  # read again
+            if mine is not None:
+                mine.set_result(False)
             raise
         else:
+            self._proven = True
+            if mine is not None:
+                mine.set_result(True)
             if self._end is not None:
                 self._end = max(self._end, seq)
         finally:
@@ -232,17 +248,23 @@ class Log:
 
     def ends_at(self, end: int) -> None:
         """Where the log ends, as a node that has just read it to its end knows (before it
-        takes the lease: its first record follows it without a spurious refusal)."""
+        takes the lease: its first record follows it without a spurious refusal; a record
+        of the writer before it may still land, so the end is not proven)."""
         async def set_end() -> None:
             if not self._unanswered:
-                self._end, self._chain = end, None
+                self._end, self._chain, self._proven = end, None, False
         self._run(set_end())
 
-    def _admit(self, seq: int, first: bool, who: object) -> None:
+    def _admit(self, seq: int, first: bool, who: object) -> asyncio.Future | None:
         """A transaction's first record only while no record is unanswered and right after
         the log's last; a later one only right after its transaction's previous record and
-        while nothing of the chain was refused. Refused here: nothing was sent."""
+        while nothing of the chain was refused. Refused here: nothing was sent. Returns
+        what a later record waits for before it is sent: while the log's end is not proven
+        by an acknowledgement of this node's own (after a refusal, a timeout, a start or a
+        change of writer: a record answered as lost may still land), the answer to its
+        transaction's first record."""
         if first:
+            self._chain = None  # whatever went before: a transaction ended
             if self._unanswered or self._end is None:
                 raise LogUnavailable(f"record {seq} was not sent: records of a transaction "
                                      "that ended are still awaiting the log's answer, or "
@@ -251,13 +273,16 @@ class Log:
             if seq != self._end + 1:
                 raise LogUnavailable(
                     f"record {seq} was not sent: the replicated log ends at {self._end} (a "
-                    "transaction of this node that did not commit left records in it, which "
-                    "this node applies from the log); nothing was committed, retry shortly")
+                    "record this node's store does not hold yet: a transaction that did "
+                    "not commit, or another node's); nothing was committed, retry shortly")
+            self._gate = None if self._proven else self._loop.create_future()
         elif self._chain != (who, seq - 1):
+            self._chain = None
             raise LogUnavailable(f"record {seq} was not sent: the record before it in its "
                                  "transaction was refused; nothing after a refused record "
                                  "commits")
         self._chain = (who, seq)
+        return None if first else self._gate
 
     async def _read_end(self) -> None:
         """Where the log ends, from the log itself (after a refused or unanswered record,

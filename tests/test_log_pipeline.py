@@ -270,33 +270,48 @@ def test_a_group_past_the_record_size_goes_on_in_the_next_record(cluster, tmp_pa
 
 
 def test_no_transaction_builds_on_a_record_of_another_that_did_not_commit(cluster):
-    """Two transactions of one writer (the workers of a node, one log keeper: the same term).
+    """Transactions of one writer (the workers of a node and its log keeper: the same term).
     A's record 1 is in the log but A never commits it (its worker was killed). B, from the
     store A left (at 0), hands its own 1 and, built on it, 2: the log's expected last
     sequence would refuse B's 1 and take B's 2 on top of A's 1 (a ledger out of balance
     on every node). The log admits neither: B's 1 does not follow the log's end, and 2
-    follows a refused record; nothing of B is sent. A first record while another
-    transaction's is unanswered is refused too; once answered, B's next from the log's end
-    goes in."""
+    follows a refused record; nothing of B is sent. The same between two transactions of
+    one worker (A's 2 in the log, not committed; A's next transaction's 2 and 3), and a first
+    record while another transaction's is unanswered is refused. And where the log's end is
+    not proven (it read an end a record answered as lost then passed), a transaction's later
+    record waits for its first one's answer: refused with it, never sent."""
     log = Log(cluster.urls)
 
     def hand(seq: int, first: bool, who: str) -> concurrent.futures.Future:
         record = records.encode_journal(seq, [(b"meta", who.encode(), _U64.pack(seq))])
         return asyncio.run_coroutine_threadsafe(log.admitted(record, 1, first, who), log._loop)
+
+    def holder(seq: int) -> bytes:
+        return records.decode_journal(log.read(seq)[0])[1][0][1]
     try:
         hand(1, True, "A").result(20)
         refused = [hand(1, True, "B"), hand(2, False, "B")]
         assert "the replicated log ends at 1" in str(refused[0].exception(20))
         assert "the record before it in its transaction was refused" in str(
             refused[1].exception(20))
-        assert log.last_sequence() == 1
-        assert records.decode_journal(log.read(1)[0])[1] == [(b"meta", b"A", _U64.pack(1))]
-        a2, b2 = hand(2, False, "A"), hand(2, True, "B")  # A's still in flight
-        assert "still awaiting the log's answer" in str(b2.exception(20))
-        assert a2.result(20) is None
-        assert wait_until(lambda: hand(3, True, "B").exception(20) is None, 10)
-        assert log.last_sequence() == 3
-        assert records.decode_journal(log.read(3)[0])[1] == [(b"meta", b"B", _U64.pack(3))]
+        assert log.last_sequence() == 1 and holder(1) == b"A"
+
+        assert wait_until(lambda: hand(2, True, "A").exception(20) is None, 10)  # not kept
+        again = [hand(2, True, "A"), hand(3, False, "A")]  # A's next, from its store at 1
+        assert "the replicated log ends at 2" in str(again[0].exception(20))
+        assert "refused" in str(again[1].exception(20))
+        assert log.last_sequence() == 2
+
+        a3, b3 = hand(3, True, "A"), hand(3, True, "B")  # A's still in flight
+        assert "still awaiting the log's answer" in str(b3.exception(20))
+        assert a3.result(20) is None and log.last_sequence() == 3
+
+        log.ends_at(2)  # an end read before record 3 landed (answered as lost, then landed)
+        stale = [hand(3, True, "C"), hand(4, False, "C")]
+        assert isinstance(stale[0].exception(20), Fenced)  # the log's own check
+        assert "the first record of its transaction was refused" in str(
+            stale[1].exception(20))
+        assert log.last_sequence() == 3 and holder(3) == b"A"
     finally:
         log.close()
 
