@@ -66,7 +66,8 @@ def main(argv=None) -> int:
                    help="change and audit events, final transfers and remembered answers "
                         "older than N days (the server's clock) move from LMDB to the archive "
                         f"(DATA_DIR/archive, `yikatong archive verify`); 0: keep everything "
-                        f"in LMDB (default: {config.retain_days}; 0 with --replicate)")
+                        f"in LMDB (default: {config.retain_days}; 0 with --replicate: "
+                        "give every node the same N, once every node runs this release)")
     s.add_argument("--journey-grace-seconds", type=int, default=config.journey_grace_seconds,
                    help="issue 28: a transit journey settled at its max fare when its tap-in "
                         "hold timed out is corrected to the real fare by a tap-out within this "
@@ -940,14 +941,11 @@ def _serve(args, metrics) -> int:
     workers = args.workers or os.cpu_count() or 1
     if not 1 <= workers <= config.workers_max:
         return _fail(f"--workers must be 0 (one per core) to {config.workers_max}")
-    if args.retain_days is None:  # a replicated store's followers have no segments
-        args.retain_days = 0 if args.replicate else config.retain_days
+    if args.retain_days is None:  # replicated: an archive is asked for on every node alike
+        args.retain_days = 0 if args.replicate else config.retain_days  # (docs/SCALE.md)
     if not 0 <= args.retain_days <= config.retain_days_max:
         return _fail(f"--retain-days must be 0 (keep everything in LMDB) to "
                      f"{config.retain_days_max}")
-    if args.replicate and args.retain_days:
-        return _fail("--replicate keeps every record in LMDB: give --retain-days 0 (a "
-                     "follower has no archive segments; docs/SCALE.md)")
     if args.replicate and (not args.node_id or args.demo):
         return _fail("--replicate needs --node-id and no --demo (a demo set loaded on one "
                      "node would not be on the others)")

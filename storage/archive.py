@@ -31,6 +31,12 @@ only then does the LMDB transaction that deletes the moved records and records t
 head (meta `archive:head`: the segment count and the last one's hash) commit. A segment on disk
 beyond the recorded count (a crash between the two) is removed by the next move, which writes
 it again from the records still in the hot store.
+
+Replicated (`--replicate`): the writer moves, and the segment's bytes travel in the commit
+group's replication record ahead of its deletes (`SEGMENT_OP`); every node applying the
+record writes the same segment the same way (`write_replicated`, its hash checked) before
+the deletes commit, so every node holds the same archive and a new writer after a failover
+goes on from it. Snapshots carry the segments their store records (storage/snapshots.py).
 """
 import bisect
 import functools
@@ -52,6 +58,9 @@ log = logging.getLogger("yikatong.archive")
 DIR = "archive"
 MAGIC = b"YKAR\x01"
 KINDS = ("changes", "audit", "transfers", "requests")
+# in a replication record: a segment's bytes (key: its file name), written by every node
+# applying the record before its deletes (records.encode_journal's database name)
+SEGMENT_OP = b"archive:segment"
 HASH_BYTES, DIGEST_BYTES = 32, 16
 DIR_MODE, FILE_MODE = 0o700, 0o600
 _LEN = struct.Struct("<I")
@@ -111,10 +120,66 @@ def archive_dir(data_dir: str) -> str:
 
 # ---------------------------------------------------------------------------- the move
 
-def move(book, now: int, retain_seconds: int, batch_max: int = config.archive_batch_max
-         ) -> dict[str, int] | None:
+def move(book, now: int, retain_seconds: int, batch_max: int = config.archive_batch_max,
+         bytes_max: int | None = None) -> dict[str, int] | None:
     """One segment's worth moved out of the hot store (in the writer's transaction, which
-    commits after the segment is on disk); None if nothing is older than the window."""
+    commits after the segment is on disk); None if nothing is older than the window.
+
+    On a replicated writer (`book.journal` kept) the segment's bytes go in the group's
+    replication record too (`SEGMENT_OP`), before the deletes: every node writes the same
+    segment before it applies them (`write_replicated`); `bytes_max` bounds the segment and
+    its deletes (the log's message size): fewer records a kind until they fit."""
+    while True:
+        prepared = _prepare(book, now, retain_seconds, batch_max)
+        if prepared is None:
+            return None
+        size = len(prepared[-2]) + sum(len(k) + 40 for batch in prepared[0].values()
+                                       for k, _ in batch)
+        if bytes_max is None or size <= bytes_max or batch_max == 1:
+            break
+        batch_max //= 2
+    batches, answers, n, through_changes, audit_seq, audit_hash, data, digest = prepared
+    dbs = book.dbs
+    where = archive_dir(dbs.data_dir)
+    write(where, n, data)
+    if book.journal is not None:  # replicated: every node writes it before the deletes
+        book.journal.append((SEGMENT_OP, name_of(n).encode(), data))
+    # only now, with the segment on disk: the records leave, and the head is recorded
+    for key, _ in batches["changes"]:
+        book._delete(key, db=dbs.changes)
+    for key, _ in batches["audit"]:
+        book._delete(key, db=dbs.audit)
+    for key, _ in batches["transfers"]:
+        book._delete(key, db=dbs.transfers)
+    segment = _LEN.pack(n)
+    for (key, _), seq in zip(batches["requests"], answers, strict=True):
+        book._delete(key, db=dbs.requests)
+        book._delete(seq, db=dbs.answers)
+        book._put(id_digest(key), segment, db=dbs.archived_ids)
+    book._put(HEAD_KEY, _HEAD.pack(n, digest), db=dbs.meta)
+    book._put(CHANGES_KEY, _U64.pack(through_changes), db=dbs.meta)
+    if answers:  # the next sequence goes on from it when every answer is archived
+        book._put(ANSWERS_KEY, answers[-1], db=dbs.meta)
+    book._put(AUDIT_KEY, _AUDIT.pack(audit_seq, audit_hash), db=dbs.meta)
+    moved = {kind: len(batches[kind]) for kind in KINDS}
+    moved["segment"], moved["bytes"] = n, len(data)
+    return moved
+
+
+def write_replicated(data_dir: str, name: bytes, data: bytes) -> None:
+    """A node applying a replication record that holds a segment (`SEGMENT_OP`): the same
+    bytes written where its own archive is, whole, before the record's deletes commit."""
+    number = name.decode("ascii", "replace").split(".", 1)[0]
+    if not (number.isdigit() and name == name_of(int(number)).encode()) or \
+            len(data) < len(MAGIC) + 4 + HASH_BYTES or not data.startswith(MAGIC) or \
+            hashlib.sha256(data[:-HASH_BYTES]).digest() != data[-HASH_BYTES:]:
+        raise CorruptRecord(f"the replicated archive segment {name!r} is not a whole segment")
+    write(archive_dir(data_dir), int(number), data)
+
+
+def _prepare(book, now: int, retain_seconds: int, batch_max: int):
+    """The records of one segment and the segment itself; None if nothing is older than
+    the window."""
     txn, dbs = book.txn, book.dbs
     cutoff = now - retain_seconds
     batches: dict[str, list[tuple[bytes, bytes]]] = {kind: [] for kind in KINDS}
@@ -191,28 +256,7 @@ def move(book, now: int, retain_seconds: int, batch_max: int = config.archive_ba
         "answer_version": records.ANSWER_VERSION,
     }
     data, digest = encode(manifest, batches)
-    where = archive_dir(dbs.data_dir)
-    write(where, n, data)
-    # only now, with the segment on disk: the records leave, and the head is recorded
-    for key, _ in batches["changes"]:
-        book._delete(key, db=dbs.changes)
-    for key, _ in batches["audit"]:
-        book._delete(key, db=dbs.audit)
-    for key, _ in batches["transfers"]:
-        book._delete(key, db=dbs.transfers)
-    segment = _LEN.pack(n)
-    for (key, _), seq in zip(batches["requests"], answers, strict=True):
-        book._delete(key, db=dbs.requests)
-        book._delete(seq, db=dbs.answers)
-        book._put(id_digest(key), segment, db=dbs.archived_ids)
-    book._put(HEAD_KEY, _HEAD.pack(n, digest), db=dbs.meta)
-    book._put(CHANGES_KEY, _U64.pack(through_changes), db=dbs.meta)
-    if answers:  # the next sequence goes on from it when every answer is archived
-        book._put(ANSWERS_KEY, answers[-1], db=dbs.meta)
-    book._put(AUDIT_KEY, _AUDIT.pack(audit_seq, audit_hash), db=dbs.meta)
-    moved = {kind: len(batches[kind]) for kind in KINDS}
-    moved["segment"], moved["bytes"] = n, len(data)
-    return moved
+    return batches, answers, n, through_changes, audit_seq, audit_hash, data, digest
 
 
 def _summary(kind: str, batch: list[tuple[bytes, bytes]], times: list[int]) -> dict:
@@ -290,8 +334,10 @@ class Mover:
         from yikatong.storage.lmdb_store import Book
 
         child = store.env.begin(write=True, parent=book.txn)
-        try:
-            moved = move(Book(child, book.dbs, book.journal), now, self.retain_seconds)
+        mine: list | None = [] if book.journal is not None else None  # replicated if it
+        try:                                                           # commits
+            moved = move(Book(child, book.dbs, mine), now, self.retain_seconds,
+                         bytes_max=store.record_bytes_max and store.record_bytes_max // 2)
         except Exception as error:  # noqa: BLE001 - logged, counted, said by health
             child.abort()
             self.failures += 1
@@ -300,6 +346,8 @@ class Mover:
             store.note("archive_failing", self.failures >= config.periodic_failures_max)
             return None
         child.commit()
+        if mine:
+            book.journal.extend(mine)
         self.failures = 0
         store.note("archive_failing", False)
         return moved

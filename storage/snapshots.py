@@ -4,9 +4,10 @@ A snapshot is a backup (storage/backup.py: LMDB's compacted copy, verified, with
 manifest) of one node's store at some log sequence, put in the object store bucket
 YIKATONG_SNAPSHOTS as the object `snapshot-<log sequence, 20 digits>`, its manifest as the
 object's description. With snapshots, the log need not keep every record since the first:
-a node that starts with no store (new, or its disk wiped) lays out the newest snapshot and
-applies the log's tail; `yikatong restore --replicate` rebuilds the state as of any log
-sequence a snapshot and the log still cover.
+a node that starts with no store (new, or its disk wiped) lays out the newest snapshot (with
+the archive's segments it records, objects `archive-NNNNNNNNNN.seg`, each put once) and
+applies the log's tail (whose records carry the segments archived since); `yikatong restore
+--replicate` rebuilds the state as of any log sequence a snapshot and the log still cover.
 
 Who takes one (Node, every tick): a follower when one is up (the first by node id: it
 spends its own disk and CPU, not the writer's), the writer when it is alone; once its store
@@ -34,11 +35,12 @@ import nats.js.errors
 
 from yikatong import config
 from yikatong.errors import LogUnavailable
-from yikatong.storage import backup
+from yikatong.storage import archive, backup
 
 log = logging.getLogger("yikatong.snapshots")
 BUCKET = "YIKATONG_SNAPSHOTS"
 PREFIX = "snapshot-"
+SEGMENT_PREFIX = "archive-"  # + the segment's file name: the archive's segments (--retain-days)
 PRUNE_SECONDS = 5.0
 _UNREACHABLE = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
                 nats.errors.ConnectionClosedError, concurrent.futures.TimeoutError)
@@ -105,8 +107,12 @@ class Snapshots:
         return sorted(out, key=lambda m: m.log_sequence)
 
     def put(self, path: str, manifest: backup.Manifest) -> None:
-        """The backup at `path` (backup.take_env's layout) as the snapshot at its sequence."""
+        """The backup at `path` (backup.take_env's layout) as the snapshot at its sequence:
+        the archive's segments it records first (each an object of its own, put once: a
+        segment never changes), then the copy, its manifest the description."""
         name = name_of(manifest.log_sequence)
+        for n in range(1, manifest.archive_segments + 1):
+            self._put_segment(os.path.join(path, archive.DIR), n)
 
         async def put():
             with open(os.path.join(path, "lmdb", "data.mdb"), "rb") as f:
@@ -114,6 +120,19 @@ class Snapshots:
                     name=name, description=json.dumps(dataclasses.asdict(manifest),
                                                       sort_keys=True)))
         self._run(put(), self._moving(manifest.data_bytes))
+
+    def _put_segment(self, where: str, n: int) -> None:
+        name = SEGMENT_PREFIX + archive.name_of(n)
+
+        async def put():
+            try:
+                await self.obs.get_info(name)
+                return  # put by an earlier snapshot
+            except nats.js.errors.NotFoundError:  # (ObjectNotFoundError, deleted)
+                pass
+            with open(archive.path_of(where, n), "rb") as f:
+                await self.obs.put(name, f)
+        self._run(put(), self._moving(os.path.getsize(archive.path_of(where, n))))
 
     def fetch(self, manifest: backup.Manifest, to: str) -> backup.Manifest:
         """The snapshot of `manifest` laid out as a backup at `to` (a new path), verified
@@ -126,6 +145,13 @@ class Snapshots:
         with os.fdopen(fd, "wb") as f:
             self._run(self.obs.get(name_of(manifest.log_sequence), writeinto=f),
                       self._moving(manifest.data_bytes))
+        if manifest.archive_segments:  # the segments it records: backup.verify checks them
+            os.mkdir(os.path.join(to, archive.DIR), archive.DIR_MODE)
+        for n in range(1, manifest.archive_segments + 1):
+            fd = os.open(archive.path_of(os.path.join(to, archive.DIR), n),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, archive.FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                self._run(self.obs.get(SEGMENT_PREFIX + archive.name_of(n), writeinto=f))
         fd = os.open(os.path.join(to, backup.MANIFEST), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                      backup.FILE_MODE)
         with os.fdopen(fd, "w") as f:

@@ -230,9 +230,6 @@ def test_retain_days_is_checked_at_start(tmp_path):
         done = yikatong("serve", "--data-dir", str(tmp_path / "d"), "--retain-days", value)
         assert done.returncode == 2 and "--retain-days must be" in done.stderr
         assert "Traceback" not in done.stderr
-    done = yikatong("serve", "--data-dir", str(tmp_path / "d"), "--retain-days", "30",
-                    "--replicate", "nats://127.0.0.1:1", "--node-id", "a")
-    assert done.returncode == 2 and "--retain-days 0" in done.stderr, done.stderr
 
 
 def test_sigkill_while_archiving_loses_no_acknowledged_debit(tmp_path):

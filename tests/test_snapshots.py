@@ -4,6 +4,7 @@ and the log's tail and ends with the same bytes as the others; `yikatong restore
 --to-sequence N` rebuilds the state as of any covered log sequence. Three `yikatong serve
 --replicate` nodes on a 3-node NATS cluster, all started and stopped by the test."""
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -206,3 +207,71 @@ def test_a_single_node_on_the_log_loses_nothing_acknowledged_when_its_disk_dies(
         assert balance(node, card) == 100_000 - 60 * 100
     finally:
         node.stop()
+
+
+def test_a_replicated_store_archives_on_every_node_through_a_failover_and_a_snapshot(
+        cluster, tmp_path):
+    """`--retain-days` on a replicated store: the writer moves the records past the window
+    into a segment, which travels in the log ahead of the deletes; every node writes the same
+    segment. After a failover the new writer replays an archived request id from its own
+    archive (its first answer, nothing charged) and archives on, chained to the old writer's
+    segment. A node whose disk died starts from a snapshot that carries the segments. Every
+    node ends with the same archive and store bytes, and `yikatong archive verify` passes on
+    each."""
+    from test_archive import DAY, advance, hot, segments
+    from test_e2e import START
+
+    flags = ("--clock", "manual", "--clock-start", START, "--retain-days", "1",
+             "--snapshot-every", "20", "--snapshots-keep", "1", "--log-purge-margin", "5")
+    nodes = [start(tmp_path, cluster, i, *flags) for i in range(3)]
+
+    def archives(node) -> dict[str, bytes]:
+        where = os.path.join(node.data_dir, "archive")
+        return {n: pathlib.Path(where, n).read_bytes() for n in segments(node.data_dir)}
+    try:
+        assert wait_until(lambda: writer_of(nodes) is not None, 30)
+        writer = writer_of(nodes)
+        card = new_active_card(writer, 1)
+        top_up(writer, card, 1_000_000)
+        firsts = {f"d{i}": debit(writer, card, f"d{i}") for i in range(30)}
+        advance(writer, DAY + 60)  # the writer's clock: its records are past the window
+        assert wait_until(lambda: hot(writer.data_dir)["requests"][0] < 10, 30), \
+            hot(writer.data_dir)
+        assert wait_until(lambda: all(segments(n.data_dir) == ["0000000001.seg"]
+                                      for n in nodes), 30)
+        assert len({tuple(archives(n).items()) for n in nodes}) == 1  # the same bytes
+        for i in range(25):  # a snapshot after the archive's first segment
+            debit(writer, card, f"x{i}")
+        assert wait_until(lambda: in_log(cluster)[0] and
+                          in_log(cluster)[0][-1].archive_segments == 1, 30), in_log(cluster)
+
+        writer.stop()  # a clean stop gives the lease up: another node writes
+        rest = [n for n in nodes if n is not writer]
+        assert wait_until(lambda: writer_of(rest) is not None, 30)
+        second = writer_of(rest)
+        assert debit(second, card, "d7") == firsts["d7"]  # from its own archive
+        assert balance(second, card) == 1_000_000 - 55 * 100
+        for i in range(10):
+            debit(second, card, f"e{i}")
+        advance(second, 3 * DAY)
+        assert wait_until(lambda: all(len(segments(n.data_dir)) >= 2 for n in rest), 30)
+
+        # the old writer's disk dies: it starts from the newest snapshot and the log's tail
+        i = nodes.index(writer)
+        shutil.rmtree(writer.data_dir)
+        nodes[i] = start(tmp_path, cluster, i, *flags, address=writer.address)
+        assert "laid out from snapshot" in nodes[i].output()
+        want = 1_000_000 - 65 * 100
+        assert wait_until(lambda: all(balance(n, card) == want for n in nodes), 30)
+        assert wait_until(lambda: len({tuple(archives(n).items()) for n in nodes}) == 1, 30)
+        assert len(archives(nodes[0])) >= 2
+        assert wait_until(lambda: len({store_digest(n.data_dir) for n in nodes}) == 1, 30)
+    finally:
+        for n in nodes:
+            n.stop()
+    for n in nodes:
+        done = subprocess.run([sys.executable, "-m", "yikatong", "archive", "verify",
+                               "--data-dir", n.data_dir], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"{len(archives(n))} archive segments" in done.stdout, done.stdout
