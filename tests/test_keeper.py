@@ -93,6 +93,7 @@ def test_a_writer_of_two_workers_appends_both_workers_writes_in_one_order(cluste
         for rid, answer in acked.items():  # a replay on either worker: the first answer
             card = cards[0] if rid.startswith(cards[0][-4:]) else cards[1]
             assert debit_1(writer, card, rid) == answer
+        legacy_and_chained_frames_are_admitted_as_chains(writer.data_dir)
         metrics = scrape(writer.metrics)
         assert metrics[("yikatong_replication_writer", frozenset())] == 1
         assert metrics[("yikatong_not_serving_reason",
@@ -101,6 +102,45 @@ def test_a_writer_of_two_workers_appends_both_workers_writes_in_one_order(cluste
         for node in nodes:
             node.stop()
     assert len({store_digest(n.data_dir) for n in nodes}) == 1
+
+
+def legacy_and_chained_frames_are_admitted_as_chains(data_dir: str) -> None:
+    """On the keeper's socket, as a worker: the keeper says it takes chains (frames of
+    version 1 still: a rolling restart renews the workers before the keeper); an APPEND of
+    the release before is taken as a transaction's first record (here one far behind the
+    log: refused, not sent), and a CHAINED later record after it is refused too."""
+    import json
+    import socket
+    import struct
+
+    from yikatong.storage import keeper, records
+
+    def frame(sock) -> tuple[int, bytes]:
+        head = sock.recv(keeper.HEAD.size, socket.MSG_WAITALL)
+        size, kind, ident = keeper.HEAD.unpack(head)
+        return kind, sock.recv(size, socket.MSG_WAITALL) if size else b""
+
+    def answer(sock) -> bytes:
+        while True:
+            kind, payload = frame(sock)
+            if kind == keeper.ANSWER:
+                return payload
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(keeper.socket_path(data_dir))
+        kind, payload = frame(sock)
+        state = json.loads(payload)
+        assert kind == keeper.STATE and state["version"] == 1 and state["chains"] is True
+        old = records.encode_journal(1, [(b"meta", b"legacy", b"1")])
+        sock.sendall(keeper.HEAD.pack(8 + len(old), keeper.APPEND, 1)
+                     + struct.pack("<Q", state["term"]) + old)
+        refused = answer(sock)
+        assert refused[0] == keeper.UNAVAILABLE and b"the replicated log ends at" in refused
+        later = records.encode_journal(2, [(b"meta", b"legacy", b"2")])
+        sock.sendall(keeper.HEAD.pack(9 + len(later), keeper.CHAINED, 2)
+                     + struct.pack("<QB", state["term"], 0) + later)
+        refused = answer(sock)
+        assert refused[0] == keeper.UNAVAILABLE and b"was refused" in refused
 
 
 def debit_1(node, card: str, rid: str) -> bytes:
