@@ -21,7 +21,8 @@ once and never changed:
     manifest                JSON, sorted keys: what it holds (kinds, counts, sequences, times),
                             `prev_hash` (the segment before's hash), `through` (the last
                             change and audit sequence archived up to and including it)
-    payload                 one zstd frame: for each kind in KINDS, u32 count, then each
+    payload                 one zstd frame: for each kind in KINDS (the manifest's
+                            `payload_kinds`; without it the first four), u32 count, then each
                             record as u32 key length, key, u32 value length, value (the bytes
                             LMDB held, read back by storage/records.py's decoders)
     32 bytes                SHA-256 over everything before it: the segment's hash
@@ -57,7 +58,10 @@ from yikatong.storage import records
 log = logging.getLogger("yikatong.archive")
 DIR = "archive"
 MAGIC = b"YKAR\x01"
-KINDS = ("changes", "audit", "transfers", "requests")
+KINDS = ("changes", "audit", "transfers", "requests", "journeys")
+# a segment's payload holds these kinds, in this order, unless its manifest names its own
+# (`payload_kinds`): segments before journeys were archived (2026-12-07) hold the first four
+_KINDS_BEFORE_JOURNEYS = KINDS[:4]
 # in a replication record: a segment's bytes (key: its file name), written by every node
 # applying the record before its deletes (records.encode_journal's database name)
 SEGMENT_OP = b"archive:segment"
@@ -151,6 +155,8 @@ def move(book, now: int, retain_seconds: int, batch_max: int = config.archive_ba
         book._delete(key, db=dbs.audit)
     for key, _ in batches["transfers"]:
         book._delete(key, db=dbs.transfers)
+    for key, _ in batches["journeys"]:
+        book._delete(key, db=dbs.journeys)
     segment = _LEN.pack(n)
     for (key, _), seq in zip(batches["requests"], answers, strict=True):
         book._delete(key, db=dbs.requests)
@@ -222,6 +228,10 @@ def _prepare(book, now: int, retain_seconds: int, batch_max: int):
             continue  # an open hold stays; it goes with the event that resolves it
         batches["transfers"].append((tid, bytes(stored)))
         times["transfers"].append(t.created_at)
+        journey = txn.get(tid, db=dbs.journeys)  # issue 28: a hold's journey goes with it,
+        if journey is not None and txn.get(t.debit, db=dbs.journeys_untold) != tid:  # once
+            batches["journeys"].append((tid, bytes(journey)))  # no tap is still to be told
+            times["journeys"].append(t.created_at)  # of it (journeys.untold forgets it then)
     answers: list[bytes] = []  # their sequence keys in `answers`
     with txn.cursor(db=dbs.answers) as cur:  # store format 6: in the order they were given
         more = cur.first()
@@ -251,6 +261,7 @@ def _prepare(book, now: int, retain_seconds: int, batch_max: int):
         "through": {"changes": through_changes, "audit": audit_seq},
         "audit_last_hash": audit_hash.hex(),
         "kinds": {kind: _summary(kind, batches[kind], times[kind]) for kind in KINDS},
+        "payload_kinds": list(KINDS),
         # store format 6: each request's value is a remembered answer record of this version
         # (records.decode_answer); none: format 5's (fingerprint, time, answer)
         "answer_version": records.ANSWER_VERSION,
@@ -271,7 +282,7 @@ def _summary(kind: str, batch: list[tuple[bytes, bytes]], times: list[int]) -> d
 
 def encode(manifest: dict, batches: dict[str, list[tuple[bytes, bytes]]]) -> tuple[bytes, bytes]:
     raw: list[bytes] = []
-    for kind in KINDS:
+    for kind in manifest.get("payload_kinds", _KINDS_BEFORE_JOURNEYS):  # what it says it holds
         raw.append(_LEN.pack(len(batches[kind])))
         for key, value in batches[kind]:
             raw += [_LEN.pack(len(key)), key, _LEN.pack(len(value)), value]
@@ -403,7 +414,10 @@ def decode(data: bytes, n: int, where: str) -> Segment:
     recs: dict[str, list[tuple[bytes, bytes]]] = {}
     pos = 0
     try:
-        for kind in KINDS:
+        kinds = manifest.get("payload_kinds", list(_KINDS_BEFORE_JOURNEYS))
+        if not isinstance(kinds, list) or any(k not in KINDS for k in kinds):
+            raise CorruptRecord(f"{where}: its manifest's payload_kinds is {kinds!r}")
+        for kind in kinds:
             (count,) = _LEN.unpack_from(plain, pos)
             pos += 4
             items = []
@@ -425,6 +439,8 @@ def decode(data: bytes, n: int, where: str) -> Segment:
         raise CorruptRecord(f"{where}: its payload is cut") from None
     if pos != len(plain):
         raise CorruptRecord(f"{where}: {len(plain) - pos} bytes after its records")
+    for kind in KINDS:  # an older segment's: none of the kinds it predates
+        recs.setdefault(kind, [])
     return Segment(n, manifest, recs, digest)
 
 

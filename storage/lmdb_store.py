@@ -1658,6 +1658,10 @@ class Book:
     def put_journey(self, hold_id: str, record: bytes) -> None:
         self._put(hold_id.encode("utf-8"), record, db=self.dbs.journeys)
 
+    def forget_journey(self, hold_id: str) -> None:
+        """A journey whose hold is archived, once the tap owed its telling was told."""
+        self._delete(hold_id.encode("utf-8"), db=self.dbs.journeys)
+
     def journey_untold(self, key: bytes, take: bool = False) -> str | None:
         """The hold id of the account's last journey left open that no tap was told of;
         `take`: and forget it (it is being told)."""

@@ -442,3 +442,48 @@ def test_an_archive_that_cannot_be_written_stops_no_hold_sweep_and_is_said_by_he
     finally:
         assert srv.stop() == 0
     assert yikatong("archive", "verify", "--data-dir", data_dir).returncode == 0
+
+
+def test_a_journey_goes_to_the_archive_with_its_hold_once_no_tap_is_owed_its_telling(tmp_path):
+    """Issue 28's journey records are archived with their holds (the hot store grew by one
+    per journey for ever): a completed journey's record leaves with its posted hold; a
+    journey settled at its timeout, whose card's next tap is still to be told of it, stays
+    hot (that tap reads it) even once its hold is archived, and is forgotten when told."""
+    from test_journeys import tap_in, tap_out
+
+    from yikatong.storage import archive
+
+    def hot_journeys() -> list[bytes]:
+        env = lmdb.open(os.path.join(srv.data_dir, "lmdb"), readonly=True,
+                        max_dbs=config.lmdb_max_dbs, lock=True)
+        with env.begin() as txn:
+            keys = [bytes(k) for k, _ in txn.cursor(db=env.open_db(b"journeys", txn=txn,
+                                                                   create=False))]
+        env.close()
+        return keys
+
+    srv = serve(tmp_path, "--retain-days", "1")
+    try:
+        done, left = new_active_card(srv, 5), new_active_card(srv, 6)
+        for card in (done, left):
+            top_up(srv, card, 10_000)
+        assert tap_in(srv, done, "in-done").decision == pb.DECISION_APPROVED
+        assert tap_out(srv, done, "out-done", "in-done", 300).decision == pb.DECISION_APPROVED
+        assert tap_in(srv, left, "in-left").decision == pb.DECISION_APPROVED
+        advance(srv, 600)  # the second tap-in's hold times out: settled at its max fare
+        assert balances(srv, left)["TRANSIT"][0] == 10_000 - 600
+        assert sorted(hot_journeys()) == [b"in-done", b"in-left"]
+
+        advance(srv, DAY + 60)
+        assert wait_until(lambda: hot_journeys() == [b"in-left"], 30), hot_journeys()
+        where = os.path.join(srv.data_dir, "archive")
+        archived = {k for n in range(1, len(segments(srv.data_dir)) + 1)
+                    for k, _ in archive.read(where, n).records["journeys"]}
+        assert archived == {b"in-done"}
+        told = pay(srv, left, 10, rid="fare-left")  # told of the journey, which then goes
+        assert told.incomplete_journey.hold_request_id == "in-left"
+        assert hot_journeys() == []
+    finally:
+        assert srv.stop() == 0
+    done_ = yikatong("archive", "verify", "--data-dir", srv.data_dir)
+    assert done_.returncode == 0, done_.stdout + done_.stderr

@@ -143,6 +143,8 @@ def untold(book, key: bytes) -> Told | None:
     j = get(book, hold_id)
     if j is None:
         raise CorruptRecord(f"journey {hold_id!r} named untold has no record")
+    if book.transfer(hold_id) is None:  # its hold archived (storage/archive.py, which keeps
+        book.forget_journey(hold_id)    # a journey still to be told): it goes now
     return Told(hold_id, j.on_timeout, j.fare, j.settled_at,
                 j.settled_at + config.journey_grace_seconds
                 if j.state in (JourneyState.SETTLED, JourneyState.CORRECTED) else 0)
