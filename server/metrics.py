@@ -378,7 +378,8 @@ class Metrics:
 
 REASONS = max(Reason) + 1
 REASONS_NOT_SERVING = ("map_full", "disk_full", "corrupt_record", "writer_down",
-                       "archive_failing", "replication_gap", "log_keeper_down")
+                       "archive_failing", "replication_gap", "replication_stalled",
+                       "log_keeper_down")
 _SECONDS_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
                     2.5, 5, 10)
 _GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)

@@ -51,7 +51,7 @@ from collections.abc import Iterator
 import zstandard
 
 from yikatong import __version__, config
-from yikatong.errors import CorruptRecord
+from yikatong.errors import CorruptRecord, YikatongError
 from yikatong.model import TransferStatus
 from yikatong.storage import records
 
@@ -124,6 +124,10 @@ def archive_dir(data_dir: str) -> str:
 
 # ---------------------------------------------------------------------------- the move
 
+class TooLarge(YikatongError):
+    """A segment of one record of each kind does not fit the replication record's room."""
+
+
 def move(book, now: int, retain_seconds: int, batch_max: int = config.archive_batch_max,
          bytes_max: int | None = None) -> dict[str, int] | None:
     """One segment's worth moved out of the hot store (in the writer's transaction, which
@@ -131,56 +135,83 @@ def move(book, now: int, retain_seconds: int, batch_max: int = config.archive_ba
 
     On a replicated writer (`book.journal` kept) the segment's bytes go in the group's
     replication record too (`SEGMENT_OP`), before the deletes: every node writes the same
-    segment before it applies them (`write_replicated`); `bytes_max` bounds the segment and
-    its deletes (the log's message size): fewer records a kind until they fit."""
+    segment before it applies them (`write_replicated`). `bytes_max`: the room left in that
+    record (the log's message size less what the group holds already), which the segment
+    and its deletes, measured as encoded, must fit: fewer records of each kind until they
+    do; TooLarge if one of each does not."""
     while True:
         prepared = _prepare(book, now, retain_seconds, batch_max)
         if prepared is None:
             return None
-        size = len(prepared[-2]) + sum(len(k) + 40 for batch in prepared[0].values()
-                                       for k, _ in batch)
-        if bytes_max is None or size <= bytes_max or batch_max == 1:
+        batches, answers, n, through_changes, audit_seq, audit_hash, data, digest = prepared
+        ops = _ops(book.dbs, batches, answers, n, through_changes, audit_seq, audit_hash,
+                   digest)
+        if bytes_max is None:
             break
+        size = len(records.encode_journal(0, [(SEGMENT_OP, name_of(n).encode(), data)] + ops))
+        if size <= bytes_max:
+            break
+        if batch_max == 1:
+            raise TooLarge(f"segment {n} of one record of each kind is {size:,} bytes with its "
+                           f"deletes, more than the {bytes_max:,} bytes left in the "
+                           "replication record; the records stay in the hot store")
         batch_max //= 2
-    batches, answers, n, through_changes, audit_seq, audit_hash, data, digest = prepared
     dbs = book.dbs
-    where = archive_dir(dbs.data_dir)
-    write(where, n, data)
+    write(archive_dir(dbs.data_dir), n, data)
     if book.journal is not None:  # replicated: every node writes it before the deletes
         book.journal.append((SEGMENT_OP, name_of(n).encode(), data))
     # only now, with the segment on disk: the records leave, and the head is recorded
-    for key, _ in batches["changes"]:
-        book._delete(key, db=dbs.changes)
-    for key, _ in batches["audit"]:
-        book._delete(key, db=dbs.audit)
-    for key, _ in batches["transfers"]:
-        book._delete(key, db=dbs.transfers)
-    for key, _ in batches["journeys"]:
-        book._delete(key, db=dbs.journeys)
-    segment = _LEN.pack(n)
-    for (key, _), seq in zip(batches["requests"], answers, strict=True):
-        book._delete(key, db=dbs.requests)
-        book._delete(seq, db=dbs.answers)
-        book._put(id_digest(key), segment, db=dbs.archived_ids)
-    book._put(HEAD_KEY, _HEAD.pack(n, digest), db=dbs.meta)
-    book._put(CHANGES_KEY, _U64.pack(through_changes), db=dbs.meta)
-    if answers:  # the next sequence goes on from it when every answer is archived
-        book._put(ANSWERS_KEY, answers[-1], db=dbs.meta)
-    book._put(AUDIT_KEY, _AUDIT.pack(audit_seq, audit_hash), db=dbs.meta)
+    for db, key, value in ops:
+        if value is None:
+            book._delete(key, db=dbs.by_name[db])
+        else:
+            book._put(key, value, db=dbs.by_name[db])
     moved = {kind: len(batches[kind]) for kind in KINDS}
     moved["segment"], moved["bytes"] = n, len(data)
     return moved
 
 
-def write_replicated(data_dir: str, name: bytes, data: bytes) -> None:
-    """A node applying a replication record that holds a segment (`SEGMENT_OP`): the same
-    bytes written where its own archive is, whole, before the record's deletes commit."""
+def _ops(dbs, batches, answers, n, through_changes, audit_seq, audit_hash, digest) -> list:
+    """What a move writes in the hot store, in order: (database name, key, value or None
+    for a delete), as a replication record holds them."""
+    ops: list[tuple[bytes, bytes, bytes | None]] = []
+    for kind, db in (("changes", dbs.changes), ("audit", dbs.audit),
+                     ("transfers", dbs.transfers), ("journeys", dbs.journeys)):
+        name = dbs.name_of[db]
+        ops += [(name, key, None) for key, _ in batches[kind]]
+    segment = _LEN.pack(n)
+    requests, answers_db = dbs.name_of[dbs.requests], dbs.name_of[dbs.answers]
+    ids = dbs.name_of[dbs.archived_ids]
+    for (key, _), seq in zip(batches["requests"], answers, strict=True):
+        ops += [(requests, key, None), (answers_db, seq, None), (ids, id_digest(key), segment)]
+    meta = dbs.name_of[dbs.meta]
+    ops += [(meta, HEAD_KEY, _HEAD.pack(n, digest)),
+            (meta, CHANGES_KEY, _U64.pack(through_changes))]
+    if answers:  # the next sequence goes on from it when every answer is archived
+        ops.append((meta, ANSWERS_KEY, answers[-1]))
+    ops.append((meta, AUDIT_KEY, _AUDIT.pack(audit_seq, audit_hash)))
+    return ops
+
+
+def write_replicated(book, name: bytes, data: bytes) -> None:
+    """A node applying a replication record that holds a segment (`SEGMENT_OP`), in the
+    record's transaction (`book`): the same bytes written where its own archive is, whole,
+    before the record's deletes commit; CorruptRecord (nothing written, nothing removed)
+    unless it is whole and the next of this store's archive (its number and the hash it
+    chains to): a segment already committed is never written over."""
     number = name.decode("ascii", "replace").split(".", 1)[0]
     if not (number.isdigit() and name == name_of(int(number)).encode()) or \
             len(data) < len(MAGIC) + 4 + HASH_BYTES or not data.startswith(MAGIC) or \
             hashlib.sha256(data[:-HASH_BYTES]).digest() != data[-HASH_BYTES:]:
         raise CorruptRecord(f"the replicated archive segment {name!r} is not a whole segment")
-    write(archive_dir(data_dir), int(number), data)
+    count, last = head(book)
+    manifest, _ = _manifest(data, name.decode())
+    if int(number) != count + 1 or manifest.get("segment") != count + 1 or \
+            manifest.get("prev_hash") != last.hex():
+        raise CorruptRecord(f"the replicated archive segment {name.decode()} does not follow "
+                            f"this store's archive (segment {count}, hash {last.hex()[:16]}); "
+                            "nothing of it written")
+    write(archive_dir(book.dbs.data_dir), count + 1, data)
 
 
 def _prepare(book, now: int, retain_seconds: int, batch_max: int):
@@ -302,12 +333,17 @@ def write(where: str, n: int, data: bytes) -> None:
     (a crash between the rename and the commit): removed first."""
     os.makedirs(where, mode=DIR_MODE, exist_ok=True)
     os.chmod(where, DIR_MODE)
-    for name in os.listdir(where):
-        number = name.split(".", 1)[0]
-        if name.endswith(".tmp") or (number.isdigit() and int(number) >= n):
-            os.remove(os.path.join(where, name))
+    m = n  # from n on, while there are any (not a listing of the whole archive)
+    while True:
+        found = [p for p in (path_of(where, m), path_of(where, m) + ".tmp")
+                 if os.path.lexists(p)]
+        if not found:
+            break
+        for path in found:
+            os.remove(path)
             log.warning("removed %s from the archive: written by a move that did not commit; "
-                        "written again now", name)
+                        "written again now", os.path.basename(path))
+        m += 1
     final = path_of(where, n)
     tmp = final + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
@@ -346,9 +382,12 @@ class Mover:
 
         child = store.env.begin(write=True, parent=book.txn)
         mine: list | None = [] if book.journal is not None else None  # replicated if it
-        try:                                                           # commits
+        room = None                                                    # commits
+        if mine is not None and store.record_bytes_max:  # what the group holds already
+            room = store.record_bytes_max - len(records.encode_journal(0, book.journal))
+        try:
             moved = move(Book(child, book.dbs, mine), now, self.retain_seconds,
-                         bytes_max=store.record_bytes_max and store.record_bytes_max // 2)
+                         bytes_max=room)
         except Exception as error:  # noqa: BLE001 - logged, counted, said by health
             child.abort()
             self.failures += 1

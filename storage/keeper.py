@@ -60,7 +60,7 @@ STATE_SECONDS = 1.0  # the keeper's state reaches every worker at least this oft
 SILENT_SECONDS = 5.0  # a keeper silent this long is taken as gone (hung)
 # the keeper's health reasons every worker says too (a follower's workers write nothing, so
 # never look at the map or the disk themselves)
-_FORWARDED = ("replication_gap", "map_full", "disk_full")
+_FORWARDED = ("replication_gap", "replication_stalled", "map_full", "disk_full")
 VERSION = 1  # of the frames: a worker and a keeper of different versions do not talk
 
 

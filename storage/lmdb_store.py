@@ -1149,7 +1149,7 @@ class Book:
         for name, key, value in ops:
             db = self.dbs.by_name.get(name)
             if db is None and name == archive.SEGMENT_OP and value is not None:
-                archive.write_replicated(self.dbs.data_dir, key, value)  # before the deletes
+                archive.write_replicated(self, key, value)  # before the deletes
                 continue
             if db is None:
                 raise CorruptRecord(f"replication record {seq} names database {name!r}, which "

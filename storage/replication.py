@@ -441,6 +441,8 @@ class Follower:
         with store.read() as txn:
             self.applied = store.book(txn).log_sequence()
         self.error: BaseException | None = None
+        self.failures = 0  # in a row, of one record: health NOT_SERVING from
+        # config.periodic_failures_max on (`replication_stalled`: it falls behind for good)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="yikatong-follower", daemon=True)
         self._thread.start()
@@ -487,8 +489,14 @@ class Follower:
                     # while this node was away): what it serves grows stale, never current
                     # again without a rebuild; health says so (move the data dir aside)
                     self.store.note("replication_gap", True)
+                self.failures += 1  # a record it cannot apply (an archive dir it cannot
+                if self.failures >= config.periodic_failures_max:  # write, a release
+                    self.store.note("replication_stalled", True)  # before the writer's)
                 self.error = error
                 return False
+            if self.failures:
+                self.failures = 0
+                self.store.note("replication_stalled", False)
             self.error = None
             self.applied = max(self.applied, seq)
             if self.on_applied is not None:

@@ -16,9 +16,11 @@ beyond `keep` are deleted and the log is purged below the oldest kept snapshot, 
 a record a node that is up still has to apply.
 """
 import asyncio
+import base64
 import concurrent.futures
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -122,17 +124,23 @@ class Snapshots:
         self._run(put(), self._moving(manifest.data_bytes))
 
     def _put_segment(self, where: str, n: int) -> None:
-        name = SEGMENT_PREFIX + archive.name_of(n)
+        """Segment `n` as an object, unless the bucket holds these very bytes already (put
+        by an earlier snapshot: a segment never changes); one whose put was cut, or of
+        another history, is put again."""
+        name, path = SEGMENT_PREFIX + archive.name_of(n), archive.path_of(where, n)
+        with open(path, "rb") as f:
+            data = f.read()
+        digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
 
         async def put():
             try:
-                await self.obs.get_info(name)
-                return  # put by an earlier snapshot
+                info = await self.obs.get_info(name)
+                if info.digest == digest and info.size == len(data):
+                    return
             except nats.js.errors.NotFoundError:  # (ObjectNotFoundError, deleted)
                 pass
-            with open(archive.path_of(where, n), "rb") as f:
-                await self.obs.put(name, f)
-        self._run(put(), self._moving(os.path.getsize(archive.path_of(where, n))))
+            await self.obs.put(name, data)
+        self._run(put(), self._moving(len(data)))
 
     def fetch(self, manifest: backup.Manifest, to: str) -> backup.Manifest:
         """The snapshot of `manifest` laid out as a backup at `to` (a new path), verified
@@ -181,7 +189,7 @@ def bootstrap(log_, data_dir: str, work: str) -> backup.Manifest | None:
                      name_of(manifest.log_sequence), time.monotonic() - started,
                      extra={"fields": {"log_sequence": manifest.log_sequence}})
             return manifest
-        except (backup.BackupError, LogUnavailable, OSError) as error:
+        except (backup.BackupError, LogUnavailable, OSError, nats.errors.Error) as error:
             failed = f"snapshot {name_of(manifest.log_sequence)}: {error}"
             log.error("%s; trying an older one", failed)
             shutil.rmtree(os.path.join(data_dir, "lmdb"), ignore_errors=True)

@@ -487,3 +487,36 @@ def test_a_journey_goes_to_the_archive_with_its_hold_once_no_tap_is_owed_its_tel
         assert srv.stop() == 0
     done_ = yikatong("archive", "verify", "--data-dir", srv.data_dir)
     assert done_.returncode == 0, done_.stdout + done_.stderr
+
+
+def test_a_replicated_segment_and_its_deletes_fit_the_room_left_in_the_record(tmp_path):
+    """On a replicated writer the segment travels in the periodic group's record with its
+    deletes: measured as encoded, they fit the room the group leaves (fewer records of each
+    kind until they do); if one of each cannot, TooLarge and nothing is moved (the Mover
+    counts it: archive_failing), never a record the log refuses for ever."""
+    from yikatong.storage import archive, records
+    from yikatong.storage.lmdb_store import Book, Store
+
+    store = Store(str(tmp_path / "d"))
+    try:
+        def old_events(book):
+            for i in range(400):
+                book.append_audit(1000 + i, "gate-1", "TRANSIT_GATE", "Authorize",
+                                  "3100" + "0" * 8, "x" * 40, "OK", 1, "")
+        store.write(old_events)
+
+        def moved(room):
+            journal: list = []
+            out = store.write(lambda book: archive.move(
+                Book(book.txn, book.dbs, journal), 10**9, 10, bytes_max=room))
+            return out, len(records.encode_journal(0, journal))
+        with pytest.raises(archive.TooLarge):
+            moved(200)
+        assert segments(store.data_dir) == []
+        out, size = moved(6_000)
+        assert 0 < out["audit"] < 399 and size <= 6_000  # fewer, to fit
+        first = out["audit"]
+        out, _ = moved(None)  # a single node's: no bound, the rest (the newest stays)
+        assert out["segment"] == 2 and out["audit"] == 399 - first
+    finally:
+        store.close()

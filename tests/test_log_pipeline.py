@@ -6,6 +6,7 @@ cluster on loopback ports (harness.NatsCluster), started and stopped by each tes
 import asyncio
 import concurrent.futures
 import hashlib
+import os
 import struct
 import subprocess
 import sys
@@ -361,3 +362,29 @@ def test_log_in_flight_max_out_of_range_is_refused_in_one_line(tmp_path):
         assert out.returncode == 2, out.stderr
         assert out.stderr.strip().splitlines() == [
             f"yikatong: --log-in-flight-max must be 1 to 256, not {value}"], out.stderr
+
+
+def test_a_follower_that_cannot_apply_a_record_says_not_serving(cluster, tmp_path):
+    """A record a follower cannot apply (here an archive segment that does not follow its
+    archive; in life an archive dir it cannot write, or a writer of a later release): it
+    tries every second, and from the third failure in a row health says NOT_SERVING
+    (`replication_stalled`: it would fall behind for good, serving ever staler answers);
+    nothing of the record is written, no segment of it either."""
+    from yikatong.storage import archive
+
+    log = Log(cluster.urls)
+    store = Store(str(tmp_path / "follower"))
+    manifest = {"segment": 2, "prev_hash": bytes(32).hex(), "payload_kinds": []}
+    data, _ = archive.encode(manifest, {})
+    log.append(records.encode_journal(1, [(archive.SEGMENT_OP, archive.name_of(2).encode(),
+                                           data), (b"meta", b"k", b"v")]), 0)
+    follower = Follower(store, log)
+    try:
+        assert wait_until(lambda: "replication_stalled" in store.not_serving, 20)
+        assert "does not follow this store's archive" in str(follower.error)
+        assert follower.applied == 0
+        assert not os.path.exists(os.path.join(store.data_dir, "archive"))
+    finally:
+        follower.stop()
+        store.close()
+        log.close()
