@@ -54,7 +54,7 @@ KILLS = ("worker", "keeper", "node")  # of a writer with --workers 2, in turn
 
 
 def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20,
-               workers: int = 2) -> str:
+               workers: int = 2, retain_days: float = 0) -> str:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
     from test_e2e import new_active_card
 
@@ -67,7 +67,8 @@ def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20,
         os.makedirs(node_dir, exist_ok=True)
         return ServerProcess(node_dir, "--replicate", ",".join(cluster.urls), "--node-id",
                              f"node{i}", "--workers", str(workers if i == 0 else 1),
-                             address=address, data_dir=os.path.join(node_dir, "data"))
+                             "--retain-days", str(retain_days), address=address,
+                             data_dir=os.path.join(node_dir, "data"))
     try:
         nodes = [start(i) for i in range(3)]
         assert wait_until(lambda: writer_of(nodes) is not None, 60), "no writer"
@@ -150,12 +151,16 @@ def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20,
                     f"{node.address}: purse of {card} is not {OPENING - spent[card]}"
         assert wait_until(lambda: len({store_digest(n.data_dir) for n in nodes}) == 1, 30), \
             "the nodes' stores differ"
+        archives = [archive_of(n.data_dir) for n in nodes]  # --retain-days: alike on each
+        assert all(a == archives[0] for a in archives), "the nodes' archives differ"
         takeovers.sort()
         return (f"{kills} kills of the writer ({killed['node']} whole nodes, "
                 f"{killed['keeper']} log keepers and {killed['worker']} workers of a node of "
                 f"{workers}), {len(attempted):,} fares attempted, "
                 f"{len(acked):,} acknowledged, every acknowledged one there once, every purse "
-                f"exact on every node, every store identical; takeover median "
+                f"exact on every node, every store identical"
+                + (f", {len(archives[0])} archive segments identical on every node"
+                   if retain_days else "") + "; takeover median "
                 f"{takeovers[len(takeovers) // 2]:.1f} s, max {takeovers[-1]:.1f} s"
                 if takeovers else f"{kills} kills: no writer was found to kill")
     finally:
@@ -165,16 +170,31 @@ def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20,
         cluster.stop()
 
 
+def archive_of(data_dir: str) -> dict[str, bytes]:
+    where = os.path.join(data_dir, "archive")
+    names = sorted(n for n in os.listdir(where) if n.endswith(".seg")) \
+        if os.path.isdir(where) else []
+    out = {}
+    for name in names:
+        with open(os.path.join(where, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--kills", type=int, default=100)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--takeover-max", type=float, default=20)
     p.add_argument("--workers", type=int, default=2, help="node 0's (default: %(default)s)")
+    p.add_argument("--retain-days", type=float, default=0,
+                   help="every node's: records older move to the archive during the loop "
+                        "(e.g. 0.0005: 43 s)")
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="crash-loop-cluster-")
     try:
-        print(crash_loop(args.kills, args.seed, tmp, args.takeover_max, args.workers))
+        print(crash_loop(args.kills, args.seed, tmp, args.takeover_max, args.workers,
+                         args.retain_days))
     except AssertionError as e:
         print(f"FAILED: {e}; the nodes' logs are kept in {tmp}", file=sys.stderr)
         return 1
