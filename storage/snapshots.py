@@ -58,6 +58,9 @@ class Snapshots:
     def __init__(self, log_, replicas: int = 3, timeout: float = 60.0):
         self.log, self.timeout = log_, timeout
         self.obs = self._run(self._bucket(replicas), 30)
+        # segments known to be in the bucket, these very bytes (a committed segment never
+        # changes): not read, hashed and asked about again at every snapshot
+        self._segments_put: set[int] = set()
 
     def _run(self, coro, timeout: float | None = None):
         """`coro` on the log's loop (Log._run: cancelled when its time runs out)."""
@@ -114,7 +117,9 @@ class Snapshots:
         segment never changes), then the copy, its manifest the description."""
         name = name_of(manifest.log_sequence)
         for n in range(1, manifest.archive_segments + 1):
-            self._put_segment(os.path.join(path, archive.DIR), n)
+            if n not in self._segments_put:  # this process put it, or saw it there, before
+                self._put_segment(os.path.join(path, archive.DIR), n)
+                self._segments_put.add(n)
 
         async def put():
             with open(os.path.join(path, "lmdb", "data.mdb"), "rb") as f:
@@ -168,6 +173,14 @@ class Snapshots:
 
     def delete(self, manifest: backup.Manifest) -> None:
         self._run(self.obs.delete(name_of(manifest.log_sequence)))
+
+
+def _bytes_in(directory: str) -> int:
+    try:
+        with os.scandir(directory) as entries:
+            return sum(e.stat().st_size for e in entries if e.is_file())
+    except FileNotFoundError:
+        return 0
 
 
 def bootstrap(log_, data_dir: str, work: str) -> backup.Manifest | None:
@@ -278,7 +291,8 @@ class Taker:
         path = os.path.join(self.work, f"snapshot-{os.getpid()}-{time.monotonic_ns()}")
         try:
             started = time.monotonic()
-            self._copy(store.data_dir, path, self.snapshots._moving(store.map_use()[0]))
+            self._copy(store.data_dir, path, self.snapshots._moving(  # the archive too
+                store.map_use()[0] + _bytes_in(archive.archive_dir(store.data_dir))))
             manifest = backup.manifest_of(path)
             self.snapshots.put(path, manifest)
             self.newest, self.newest_at, self.taken = manifest, time.time(), self.taken + 1
