@@ -45,6 +45,7 @@ from yikatong.server.harness import (
     ServerProcess,
     metadata,
     store_digest,
+    token,
     wait_until,
     writer_of,
 )
@@ -110,6 +111,23 @@ async def debits(address: str, cards: list[str], seconds: float, streams: int, r
     return done / (time.perf_counter() - t)
 
 
+def h2load_reads(srv: ServerProcess, cards: list[str], tmp: str, name: str):
+    """An h2load call of status-only AuthorizeStream (10 messages of 100 decisions) on
+    `srv`, and the answer every call must get (checked first with nghttp)."""
+    from h2load_grpc import Call
+
+    batches = [pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
+        request_id=f"r-{b}-{i}", card_number=cards[(b * 100 + i) % len(cards)],
+        channel=pb.CHANNEL_TRANSIT, terminal_id="bench") for i in range(100)])
+        for b in range(10)]
+    call = Call("/yikatong.v1.Authorization/AuthorizeStream",
+                [b.SerializeToString() for b in batches], token("TRANSIT_GATE"), tmp,
+                name.replace(" ", "-").replace(",", ""))
+    expected = call.call(srv.address)
+    call.run(srv.address, 1.0, 32, 2, expected)  # warm-up
+    return call, expected
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU seconds of a process and its children (a node's workers and log
     keeper) so far, from /proc (Linux)."""
@@ -157,6 +175,10 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=5)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--reads-client", choices=("grpc", "h2load"), default="grpc",
+                   help="the status-only reads' client: this script's grpc.aio (one Python "
+                        "process, a core at about 500,000 decisions/s) or h2load (C, one "
+                        "thread; bench/h2load_grpc.py)")
     p.add_argument("--log-in-flight-max", type=int, default=None,
                    help="the replicated nodes' --log-in-flight-max (default: theirs)")
     p.add_argument("--workers", type=int, default=1,
@@ -230,8 +252,16 @@ def main() -> int:
             readers[f"a follower, {args.workers} workers"] = (
                 followers[1], targets["replicated, 3 nodes"][1])
         reads: dict[str, list[float]] = {name: [] for name in readers}
+        if args.reads_client == "h2load":  # C, one thread: the client is not the bound
+            reads_calls = {name: h2load_reads(srv, cards, tmp, name)
+                           for name, (srv, cards) in readers.items()}
         for r in range(args.repeat):
             for name, (srv, cards) in readers.items():
+                if args.reads_client == "h2load":
+                    call, expected = reads_calls[name]
+                    reads[name].append(call.run(srv.address, args.seconds, 32, 2,
+                                                expected).rate * 1000)
+                    continue
                 reads[name].append(asyncio.run(debits(srv.address, cards, args.seconds,
                                                       args.streams * 2, f"q{r}",
                                                       amount_fen=0)))
@@ -263,7 +293,9 @@ def main() -> int:
           f"min_sequence): p50 {lags[len(lags) // 2] * 1000:.1f} ms, p99 "
           f"{lags[int(len(lags) * 0.99)] * 1000:.1f} ms, max {lags[-1] * 1000:.1f} ms")
     single_reads = statistics.median(reads["single node"])
-    print(f"\n| status-only decisions/s (AuthorizeStream, no money, {args.streams * 2} streams) "
+    client = ("h2load, 32 connections x 2 calls of 10 messages of 100" if args.reads_client
+              == "h2load" else f"this script, {args.streams * 2} streams")
+    print(f"\n| status-only decisions/s (AuthorizeStream, no money; {client}) "
           "| decisions/s | runs | against single node |")
     print("| --- | ---: | --- | ---: |")
     for name, values in reads.items():
