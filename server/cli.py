@@ -66,8 +66,9 @@ def main(argv=None) -> int:
                    help="change and audit events, final transfers and remembered answers "
                         "older than N days (the server's clock) move from LMDB to the archive "
                         f"(DATA_DIR/archive, `yikatong archive verify`); 0: keep everything "
-                        f"in LMDB (default: {config.retain_days}; 0 with --replicate: "
-                        "give every node the same N, once every node runs this release)")
+                        f"in LMDB (default: {config.retain_days}; 0 with --replicate, where "
+                        "the writer's own N is used: give every node the same N, once every "
+                        "node runs this release)")
     s.add_argument("--journey-grace-seconds", type=int, default=config.journey_grace_seconds,
                    help="issue 28: a transit journey settled at its max fare when its tap-in "
                         "hold timed out is corrected to the real fare by a tap-out within this "
@@ -356,11 +357,16 @@ def cluster_status(urls: list[str], as_json: bool) -> int:
         writer = status["writer"]
         print(f"log: last sequence {status['log_sequence']}; writer: "
               + (f"{writer['node']} at {writer['address']}" if writer else "none (no lease)"))
-        print(f"{'node':<12} {'address':<22} {'role':<9} {'applied':>9} {'lag':>7}  reported")
+        print(f"{'node':<12} {'address':<22} {'role':<9} {'applied':>9} {'lag':>7} "
+              f"{'retain':>7}  reported")
         for n in status["nodes"]:
+            retain = "?" if n["retain_days"] is None else f"{n['retain_days']:g}d"
             print(f"{n['node']:<12} {n['address']:<22} {n['role']:<9} {n['applied']:>9} "
-                  f"{n['lag']:>7}  {n['reported_seconds_ago']:g} s ago"
+                  f"{n['lag']:>7} {retain:>7}  {n['reported_seconds_ago']:g} s ago"
                   + ("  DOWN" if n["down"] else ""))
+        if len({n["retain_days"] for n in status["nodes"]}) > 1:
+            print("the nodes' --retain-days differ: only the writer's is used, so what is "
+                  "archived changes with the writer; give every node the same")
     # a writer with no node's report to show is not a healthy cluster (nor one to trust)
     healthy = status["writer"] is not None and bool(status["nodes"]) \
         and not any(n["down"] for n in status["nodes"])
@@ -943,9 +949,10 @@ def _serve(args, metrics) -> int:
         return _fail(f"--workers must be 0 (one per core) to {config.workers_max}")
     if args.retain_days is None:  # replicated: an archive is asked for on every node alike
         args.retain_days = 0 if args.replicate else config.retain_days  # (docs/SCALE.md)
-    if not 0 <= args.retain_days <= config.retain_days_max:
-        return _fail(f"--retain-days must be 0 (keep everything in LMDB) to "
-                     f"{config.retain_days_max}")
+    if not 0 <= args.retain_days <= config.retain_days_max or \
+            0 < args.retain_days * 86400 < 1:  # rounds to 0 s: nothing would be archived
+        return _fail(f"--retain-days must be 0 (keep everything in LMDB) or one second "
+                     f"(0.0000116) to {config.retain_days_max}")
     if args.replicate and (not args.node_id or args.demo):
         return _fail("--replicate needs --node-id and no --demo (a demo set loaded on one "
                      "node would not be on the others)")
@@ -1096,6 +1103,13 @@ def _serve(args, metrics) -> int:
                 showcase = demo.showcase(store, args.listen)
             if not args.replicate:  # a replicated node's writer counts its own (on reload)
                 log.recounted(store.write(cards.recount))
+            with store.read() as txn:
+                segments = archive.head(store.book(txn))[0]
+            if segments and not retain_seconds and worker is None:
+                logging.getLogger("yikatong").warning(
+                    "this store's archive holds %d segments but --retain-days is 0: while "
+                    "this node writes, nothing more is archived (give it the --retain-days "
+                    "it had, on every node of a cluster)", segments)
         finally:
             store.close()
     except (StoreUnavailable, ValueError) as error:
@@ -1156,7 +1170,8 @@ def _serve(args, metrics) -> int:
             try:
                 node = Node(store, args.replicate.split(","), args.node_id,
                             args.advertise or args.listen, config.lease_seconds,
-                            snapshots=snapshot_policy(args), work=args.data_dir)
+                            snapshots=snapshot_policy(args), work=args.data_dir,
+                            retain_days=args.retain_days)
             except Exception as error:  # noqa: BLE001 - cannot reach the log: one line
                 store.close()
                 return _fail(f"--replicate {','.join(map(shown, args.replicate.split(',')))}: "
@@ -1202,7 +1217,8 @@ def _serve(args, metrics) -> int:
         try:
             node = Node(store, args.replicate.split(","), args.node_id,
                         args.advertise or args.listen, config.lease_seconds,
-                        snapshots=snapshot_policy(args), work=args.data_dir, take_back=True)
+                        snapshots=snapshot_policy(args), work=args.data_dir, take_back=True,
+                        retain_days=args.retain_days)
         except Exception as error:  # noqa: BLE001 - cannot reach the log: one line
             store.close()
             return _fail(f"--replicate {','.join(map(shown, args.replicate.split(',')))}: "

@@ -212,6 +212,8 @@ def write_replicated(book, name: bytes, data: bytes) -> None:
                             f"this store's archive (segment {count}, hash {last.hex()[:16]}); "
                             "nothing of it written")
     write(archive_dir(book.dbs.data_dir), count + 1, data)
+    log.info("archive segment %s written from the replicated log", name.decode(),
+             extra={"fields": {"segment": count + 1, "bytes": len(data)}})
 
 
 def _prepare(book, now: int, retain_seconds: int, batch_max: int):
@@ -373,6 +375,7 @@ class Mover:
         self.retain_seconds = retain_seconds
         self.store = None  # set once the store is open (its writer may call step before)
         self.failures = 0
+        self._last_error = ""
 
     def step(self, book, now: int) -> dict[str, int] | None:
         store = self.store
@@ -391,14 +394,17 @@ class Mover:
         except Exception as error:  # noqa: BLE001 - logged, counted, said by health
             child.abort()
             self.failures += 1
-            log.error("the archive's move failed (%d in a row); the records stay in the hot "
-                      "store", self.failures, exc_info=error)
+            again = repr(error) == self._last_error  # its traceback once, not every second
+            self._last_error = repr(error)
+            log.error("the archive's move failed (%d in a row: %s); the records stay in the "
+                      "hot store", self.failures, error or type(error).__name__,
+                      exc_info=None if again else error)
             store.note("archive_failing", self.failures >= config.periodic_failures_max)
             return None
         child.commit()
         if mine:
             book.journal.extend(mine)
-        self.failures = 0
+        self.failures, self._last_error = 0, ""
         store.note("archive_failing", False)
         return moved
 

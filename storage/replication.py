@@ -482,8 +482,8 @@ class Follower:
                 future.result()
             except Exception as error:  # noqa: BLE001 - kept, logged, tried again
                 if self.error is None or repr(error) != repr(self.error):
-                    log.error("the follower cannot apply record %d; trying again every "
-                              "second", seq, exc_info=error)
+                    log.error("the follower cannot apply record %d (%s); trying again every "
+                              "second", seq, error or type(error).__name__, exc_info=error)
                 if isinstance(error, ReplicationGap):
                     # records this store needs are gone from the log (purged below a snapshot
                     # while this node was away): what it serves grows stale, never current
@@ -632,7 +632,8 @@ class Node:
     remote = False  # the node itself (storage.keeper.Link: a worker's view of it)
 
     def __init__(self, store, urls: list[str], node_id: str, address: str, ttl: float = 2.0,
-                 snapshots=None, work: str = "", take_back: bool = False):
+                 snapshots=None, work: str = "", take_back: bool = False,
+                 retain_days: float | None = None):
         """`snapshots`: a storage.snapshots.Policy (None: this node takes none), staged in
         `work` (a directory on the data dir's file system). `take_back`: a lease held under
         this node's id and address is taken back at once (`Lease.take_back`), not waited
@@ -642,6 +643,7 @@ class Node:
 
         self.store, self.node_id, self.address, self.ttl = store, node_id, address, ttl
         self.take_back = take_back
+        self.retain_days = retain_days  # in its reports (`cluster status`): alike on each node
         self._applied_before = -1  # the store's sequence at the last tick, as the writer
         self.log = Log(urls)
         try:
@@ -761,7 +763,8 @@ class Node:
         self.log_end = self.log.last_sequence()
         self.log._run(self.reports.put(self.node_id, json.dumps({
             "address": self.address, "leading": self.leading,
-            "applied": self.store.applied_sequence, "at": time.time()}).encode()))
+            "applied": self.store.applied_sequence, "at": time.time(),
+            "retain_days": self.retain_days}).encode()))
 
     def _check_writer(self) -> None:
         if not self.leading:
@@ -899,6 +902,7 @@ def cluster_status(urls: list[str], stale_seconds: float = 10.0) -> dict:
             "nodes": [{"node": name, "address": r.get("address", ""),
                        "role": "writer" if r.get("leading") else "follower",
                        "applied": r.get("applied", 0),
+                       "retain_days": r.get("retain_days"),
                        "lag": max(0, end - r.get("applied", 0)),
                        "reported_seconds_ago": round(now - r.get("at", 0), 1),
                        "down": now - r.get("at", 0) > stale_seconds}

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from test_cluster import balance, debit, start, top_up, writer_of
+from test_cluster import balance, cluster_status, debit, start, top_up, writer_of
 from test_e2e import new_active_card
 from test_workers import scrape
 
@@ -234,6 +234,8 @@ def test_a_replicated_store_archives_on_every_node_through_a_failover_and_a_snap
         card = new_active_card(writer, 1)
         top_up(writer, card, 1_000_000)
         firsts = {f"d{i}": debit(writer, card, f"d{i}") for i in range(30)}
+        assert wait_until(lambda: [n["retain_days"] for n in cluster_status(cluster)[1]["nodes"]]
+                          == [1, 1, 1], 20)  # each node's, in its reports
         advance(writer, DAY + 60)  # the writer's clock: its records are past the window
         assert wait_until(lambda: hot(writer.data_dir)["requests"][0] < 10, 30), \
             hot(writer.data_dir)
