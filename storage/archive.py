@@ -144,8 +144,8 @@ def move(book, now: int, retain_seconds: int, batch_max: int = config.archive_ba
         if prepared is None:
             return None
         batches, answers, n, through_changes, audit_seq, audit_hash, data, digest = prepared
-        ops = _ops(book.dbs, batches, answers, n, through_changes, audit_seq, audit_hash,
-                   digest)
+        ops = _ops(book.txn, book.dbs, batches, answers, n, through_changes, audit_seq,
+                   audit_hash, digest)
         if bytes_max is None:
             break
         size = len(records.encode_journal(0, [(SEGMENT_OP, name_of(n).encode(), data)] + ops))
@@ -171,7 +171,8 @@ def move(book, now: int, retain_seconds: int, batch_max: int = config.archive_ba
     return moved
 
 
-def _ops(dbs, batches, answers, n, through_changes, audit_seq, audit_hash, digest) -> list:
+def _ops(txn, dbs, batches, answers, n, through_changes, audit_seq, audit_hash, digest
+         ) -> list:
     """What a move writes in the hot store, in order: (database name, key, value or None
     for a delete), as a replication record holds them."""
     ops: list[tuple[bytes, bytes, bytes | None]] = []
@@ -184,6 +185,14 @@ def _ops(dbs, batches, answers, n, through_changes, audit_seq, audit_hash, diges
     ids = dbs.name_of[dbs.archived_ids]
     for (key, _), seq in zip(batches["requests"], answers, strict=True):
         ops += [(requests, key, None), (answers_db, seq, None), (ids, id_digest(key), segment)]
+    # a transfer whose id is no request id (a split tap's legs, `<request id>#1`...): its
+    # digest kept as a request's is, so a reversal says ARCHIVED (not "not found") and
+    # `yikatong explain` finds its segment; never one a request's digest is or will be
+    # under (its replay reads the segment that digest names)
+    told = {key for key, _ in batches["requests"]}
+    ops += [(ids, id_digest(key), segment) for key, _ in batches["transfers"]
+            if key not in told and txn.get(key, db=dbs.requests) is None
+            and txn.get(id_digest(key), db=dbs.archived_ids) is None]
     meta = dbs.name_of[dbs.meta]
     ops += [(meta, HEAD_KEY, _HEAD.pack(n, digest)),
             (meta, CHANGES_KEY, _U64.pack(through_changes))]

@@ -254,3 +254,26 @@ def test_a_good_rule_reads_as_its_accounts_in_order(tmp_path):
     rules = pots.load(str(path))
     assert rules.by_channel == {Channel.MEDICAL: (AccountKind.MEDICAL, AccountKind.TRANSIT)}
     assert rules.said() == "version 2026-11: MEDICAL from MEDICAL then TRANSIT"
+
+
+def test_an_archived_split_leg_is_refused_as_archived_not_as_unknown(tmp_path):
+    """A split tap's legs (`<request_id>#1`, `#2`) are transfers of no request id of their
+    own; once archived (older than --retain-days), a reversal of one says ARCHIVED, as of any
+    archived transfer, not NOT_FOUND; and the tap's replay answers its first answer."""
+    from test_archive import DAY, advance, hot
+
+    rules = tmp_path / "split.toml"
+    rules.write_text(RULES)
+    with running(tmp_path, "--clock", "manual", "--clock-start", START, "--split-rules",
+                 str(rules), "--retain-days", "1") as srv:
+        card = funded(srv, 2, 2000, 5000)
+        first = settle(srv, card, 3000, "clinic-visit-2")
+        assert [g[2] for g in legs(first)] == ["clinic-visit-2#1", "clinic-visit-2#2"]
+        top_up(srv, card, 100)  # the newest change event stays hot: not a leg's
+        advance(srv, DAY + 60)
+        assert wait_until(lambda: hot(srv.data_dir)["transfers"][0] == 1, 30)
+        for leg in ("clinic-visit-2#1", "clinic-visit-2#2", "clinic-visit-2"):
+            refused = error_of(reverse, srv, leg, f"rev-{leg}")
+            assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.details()
+            assert "ARCHIVED" in refused.details()
+        assert settle(srv, card, 3000, "clinic-visit-2") == first
