@@ -237,6 +237,7 @@ def main(argv=None) -> int:
     b.add_argument("--data-dir", help="the data dir to copy")
     b.add_argument("--to", metavar="PATH", help="a new directory for the backup")
     b.add_argument("--verify", metavar="PATH", help="check the backup at PATH, copy nothing")
+    b.add_argument("--store-only", action="store_true", help=argparse.SUPPRESS)  # snapshots
     r = sub.add_parser("restore", help="a new data dir from a backup, once it verifies")
     r.add_argument("--from", dest="source", metavar="PATH", help="a backup's path")
     r.add_argument("--data-dir", required=True, help="the new data dir (holding no store)")
@@ -327,7 +328,7 @@ def backup(args) -> int:
         else:
             if not (args.data_dir and args.to):
                 return _fail("backup needs --data-dir DIR and --to PATH (or --verify PATH)")
-            m = backups.take(args.data_dir, args.to)
+            m = backups.take(args.data_dir, args.to, archive_too=not args.store_only)
             done = f"backup {args.to} taken and verified"
     except backups.BackupError as error:
         print(f"yikatong: {error}", file=sys.stderr)

@@ -62,10 +62,13 @@ class Manifest:
     archive_head: str = ""  # hex hash of the last one ("": none)
 
 
-def take(data_dir: str, to: str, now: _dt.datetime | None = None) -> Manifest:
+def take(data_dir: str, to: str, now: _dt.datetime | None = None,
+         archive_too: bool = True) -> Manifest:
     """Copy the store of `data_dir` (running or stopped) to `to`, verify it, write its
     manifest. `to` must not exist: a backup never overwrites one. BackupError if it cannot;
-    nothing is left at `to` then."""
+    nothing is left at `to` then. `archive_too=False` (a snapshot's copy: its segments go to
+    the snapshot bucket once each, from the data dir): the store alone, its audit chain
+    verified from the archive's recorded end on."""
     source = os.path.join(data_dir, "lmdb")
     if not os.path.exists(os.path.join(source, "data.mdb")):
         raise BackupError(f"no store in {data_dir}")
@@ -74,12 +77,13 @@ def take(data_dir: str, to: str, now: _dt.datetime | None = None) -> Manifest:
     except lmdb.Error as error:
         raise BackupError(f"cannot open the store in {data_dir}: {error}") from None
     try:
-        return take_env(env, to, now)
+        return take_env(env, to, now, archive_too=archive_too)
     finally:
         env.close()
 
 
-def take_env(env, to: str, now: _dt.datetime | None = None, read=None) -> Manifest:
+def take_env(env, to: str, now: _dt.datetime | None = None, read=None,
+             archive_too: bool = True) -> Manifest:
     """take() of an open environment (a running Store's own `env`: LMDB forbids opening one
     twice in a process). `read()`: the read transaction to copy in (a Store's `read`, which
     holds its map still while the copy runs); env.begin by default."""
@@ -107,8 +111,9 @@ def take_env(env, to: str, now: _dt.datetime | None = None, read=None) -> Manife
             os.fsync(fd)
         finally:
             os.close(fd)
-        _copy_archive(env, copy, partial)
-        manifest = _read(copy, now or _dt.datetime.now(_dt.UTC))
+        if archive_too:
+            _copy_archive(env, copy, partial)
+        manifest = _read(copy, now or _dt.datetime.now(_dt.UTC), archive_too)
         _write_manifest(partial, manifest)
         os.rename(partial, to)
         _fsync_dir(parent)
@@ -209,8 +214,9 @@ def restore(path: str, data_dir: str) -> Manifest:
     return manifest
 
 
-def _read(copy: str, now: _dt.datetime | None) -> Manifest:
-    """What the copy holds, once every check passes."""
+def _read(copy: str, now: _dt.datetime | None, archive_too: bool = True) -> Manifest:
+    """What the copy holds, once every check passes (`archive_too`: the archive's segments
+    beside it too)."""
     try:
         env = lmdb.open(os.path.dirname(copy), readonly=True, lock=False, subdir=True,
                         max_dbs=config.lmdb_max_dbs)
@@ -235,8 +241,8 @@ def _read(copy: str, now: _dt.datetime | None) -> Manifest:
             segments, last = archive.head(book) if b"meta" in dbs else (0, b"")
             # the archive's chain (its segments beside the copy), then the copy's own
             ok, events, bad, problem = archive.verify_audit(
-                book, os.path.join(os.path.dirname(os.path.dirname(copy)), archive.DIR)) \
-                if b"audit" in dbs else (True, 0, 0, "")
+                book, os.path.join(os.path.dirname(os.path.dirname(copy)), archive.DIR),
+                segments=archive_too) if b"audit" in dbs else (True, 0, 0, "")
             if not ok:
                 raise Unverified(f"the copy's audit chain is broken at event {bad}: {problem}")
             head = bytes(32)

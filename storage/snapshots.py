@@ -111,14 +111,16 @@ class Snapshots:
                 log.error("snapshot %s has no readable manifest; ignored", info.name)
         return sorted(out, key=lambda m: m.log_sequence)
 
-    def put(self, path: str, manifest: backup.Manifest) -> None:
+    def put(self, path: str, manifest: backup.Manifest, segments_in: str | None = None
+            ) -> None:
         """The backup at `path` (backup.take_env's layout) as the snapshot at its sequence:
         the archive's segments it records first (each an object of its own, put once: a
-        segment never changes), then the copy, its manifest the description."""
+        segment never changes; from `segments_in`, the data dir's archive, for a copy of the
+        store alone), then the copy, its manifest the description."""
         name = name_of(manifest.log_sequence)
         for n in range(1, manifest.archive_segments + 1):
             if n not in self._segments_put:  # this process put it, or saw it there, before
-                self._put_segment(os.path.join(path, archive.DIR), n)
+                self._put_segment(segments_in or os.path.join(path, archive.DIR), n)
                 self._segments_put.add(n)
 
         async def put():
@@ -173,14 +175,6 @@ class Snapshots:
 
     def delete(self, manifest: backup.Manifest) -> None:
         self._run(self.obs.delete(name_of(manifest.log_sequence)))
-
-
-def _bytes_in(directory: str) -> int:
-    try:
-        with os.scandir(directory) as entries:
-            return sum(e.stat().st_size for e in entries if e.is_file())
-    except FileNotFoundError:
-        return 0
 
 
 def bootstrap(log_, data_dir: str, work: str) -> backup.Manifest | None:
@@ -291,10 +285,9 @@ class Taker:
         path = os.path.join(self.work, f"snapshot-{os.getpid()}-{time.monotonic_ns()}")
         try:
             started = time.monotonic()
-            self._copy(store.data_dir, path, self.snapshots._moving(  # the archive too
-                store.map_use()[0] + _bytes_in(archive.archive_dir(store.data_dir))))
-            manifest = backup.manifest_of(path)
-            self.snapshots.put(path, manifest)
+            self._copy(store.data_dir, path, self.snapshots._moving(store.map_use()[0]))
+            manifest = backup.manifest_of(path)  # the store alone: the segments from the
+            self.snapshots.put(path, manifest, archive.archive_dir(store.data_dir))  # data dir
             self.newest, self.newest_at, self.taken = manifest, time.time(), self.taken + 1
             log.info("snapshot %s taken in %.1f s", name_of(manifest.log_sequence),
                      time.monotonic() - started,
@@ -311,10 +304,13 @@ class Taker:
                 shutil.rmtree(leftover, ignore_errors=True)
 
     def _copy(self, data_dir: str, path: str, timeout: float) -> None:
-        """`yikatong backup --data-dir DATA_DIR --to PATH` (verified before it says done),
-        in a child process that `stop` ends; BackupError with its one line if it fails."""
+        """`yikatong backup --data-dir DATA_DIR --to PATH --store-only` (verified before it
+        says done; the archive's segments are not copied: each goes to the bucket once, from
+        the data dir), in a child process that `stop` ends; BackupError with its one line if
+        it fails."""
         child = subprocess.Popen(
-            [sys.executable, "-m", "yikatong", "backup", "--data-dir", data_dir, "--to", path],
+            [sys.executable, "-m", "yikatong", "backup", "--data-dir", data_dir, "--to", path,
+             "--store-only"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._child = child
         try:
