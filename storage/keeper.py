@@ -175,6 +175,8 @@ class Server:
             record = payload[_CHAINED.size:]
         else:  # a worker of the release before: each record taken as a first
             (term,), first, record = _TERM.unpack_from(payload), 1, payload[_TERM.size:]
+        if not self.node.leading or term != self.node.store.term:
+            self.node.log.break_chain(peer)  # nothing later of its transaction follows
         if not self.node.leading:
             raise replication.not_the_writer(self.node.writer)
         if term != self.node.store.term:  # stamped before the lease changed hands here

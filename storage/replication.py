@@ -118,19 +118,7 @@ class Log:
                  create: bool = True):
         """`create=False`: only an existing log (a reader such as `cluster status`)."""
         self.timeout, self.create = timeout, create
-        # the admission of records (`_admit`), kept on the log's loop: the log's last
-        # sequence as its answers tell it (None: unknown, read again once all are answered),
-        # the records handed on and not yet answered, and (who, sequence) of the last one
-        # admitted: the chain a transaction's next record must follow
-        self._end: int | None = None
-        self._unanswered = 0
-        self._admitted = 0  # records admitted, ever
-        self._chain: tuple[object, int] | None = None
-        # whether the log's end is proven by this node's own acknowledged record; until it
-        # is, a transaction's later records wait for its first one's answer (`_gate`)
-        self._proven = False
-        self._gate: asyncio.Future | None = None
-        self._reading_end: asyncio.Task | None = None
+        self._init_admission()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="yikatong-log",
                                         daemon=True)
@@ -144,6 +132,23 @@ class Log:
         except Exception:
             self.close()
             raise
+
+    def _init_admission(self) -> None:
+        """The admission of records (`_admit`), kept on the log's loop: the log's last
+        sequence as its answers tell it (None: unknown, read again once all are answered),
+        the records handed on and not yet answered, and (who, sequence) of the last one
+        admitted: the chain a transaction's next record must follow; whether the log's end
+        is proven by this node's own acknowledged record (until it is, a transaction's later
+        records wait for its first one's answer, `_gate`, each after the one before it,
+        `_turn`)."""
+        self._end: int | None = None
+        self._unanswered = 0
+        self._admitted = 0  # records admitted, ever
+        self._chain: tuple[object, int] | None = None
+        self._proven = False
+        self._gate: asyncio.Future | None = None  # the chain's first record acknowledged
+        self._turn: asyncio.Future | None = None  # its last later record gone
+        self._reading_end: asyncio.Task | None = None
 
     def _run(self, coro, timeout: float | None = None):
         """`coro` on the log's loop, cancelled there if it has not finished within `timeout`
@@ -212,7 +217,7 @@ class Log:
         one process)."""
         seq = records.journal_sequence(record)
         try:
-            gate = self._admit(seq, first, who)
+            turn = self._admit(seq, first, who)
         except LogUnavailable:
             if first and self._end is not None and seq > self._end + 1:  # another node
                 self._end = None  # wrote since this one last did: where the log ends, again
@@ -222,19 +227,24 @@ class Log:
         self._unanswered += 1
         self._admitted += 1
         try:
-            if gate is not None and not (gate.result() if gate.done() else await gate):
-                raise LogUnavailable(f"record {seq} was not sent: the first record of its "
-                                     "transaction was refused; nothing after a refused "
-                                     "record commits")
+            if turn is not None:  # after the record before it has gone (and the first
+                before, own = turn  # is acknowledged), in the order handed
+                ok = before.result() if before.done() else await asyncio.shield(before)
+                if not ok:
+                    raise LogUnavailable(f"record {seq} was not sent: the first record of "
+                                         "its transaction was refused; nothing after a "
+                                         "refused record commits")
+                own.set_result(True)  # the next may go: this one's PUB is sent in this step
             await self._publish(record, term)
         except BaseException:
             self._end, self._chain, self._proven = None, None, False  # read again
-            if mine is not None:
-                mine.set_result(False)
+            for future in (mine, turn[1] if turn is not None else None):
+                if future is not None and not future.done():
+                    future.set_result(False)
             raise
         else:
             self._proven = True
-            if mine is not None:
+            if mine is not None and not mine.done():
                 mine.set_result(True)
             if self._end is not None:
                 self._end = max(self._end, seq)
@@ -251,18 +261,27 @@ class Log:
         takes the lease: its first record follows it without a spurious refusal; a record
         of the writer before it may still land, so the end is not proven)."""
         async def set_end() -> None:
-            if not self._unanswered:
-                self._end, self._chain, self._proven = end, None, False
+            self._chain, self._proven, self._gate, self._turn = None, False, None, None
+            self._end = None if self._unanswered else end  # (read again once answered)
+            self._read_end_soon()
         self._run(set_end())
 
-    def _admit(self, seq: int, first: bool, who: object) -> asyncio.Future | None:
+    def break_chain(self, who: object) -> None:
+        """A record of `who`'s transaction refused before it reached `admitted` (the log
+        keeper's own checks): nothing later of that transaction may follow its chain."""
+        if self._chain is not None and self._chain[0] is who:
+            self._chain = None
+
+    def _admit(self, seq: int, first: bool, who: object
+               ) -> tuple[asyncio.Future, asyncio.Future] | None:
         """A transaction's first record only while no record is unanswered and right after
         the log's last; a later one only right after its transaction's previous record and
-        while nothing of the chain was refused. Refused here: nothing was sent. Returns
-        what a later record waits for before it is sent: while the log's end is not proven
-        by an acknowledgement of this node's own (after a refusal, a timeout, a start or a
-        change of writer: a record answered as lost may still land), the answer to its
-        transaction's first record."""
+        while nothing of the chain was refused. Refused here: nothing was sent. Returns,
+        while the log's end is not proven by an acknowledgement of this node's own (after a
+        refusal, a timeout, a start or a change of writer: a record answered as lost may
+        still land), a later record's turn: (what it waits for: the record before it gone,
+        and the first acknowledged; what it sets once it goes), so the waiting ones go in
+        the order handed and none handed after them overtakes them."""
         if first:
             self._chain = None  # whatever went before: a transaction ended
             if self._unanswered or self._end is None:
@@ -276,13 +295,20 @@ class Log:
                     "record this node's store does not hold yet: a transaction that did "
                     "not commit, or another node's); nothing was committed, retry shortly")
             self._gate = None if self._proven else self._loop.create_future()
-        elif self._chain != (who, seq - 1):
+            self._turn = self._gate
+            self._chain = (who, seq)
+            return None
+        if self._chain != (who, seq - 1):
             self._chain = None
             raise LogUnavailable(f"record {seq} was not sent: the record before it in its "
                                  "transaction was refused; nothing after a refused record "
                                  "commits")
         self._chain = (who, seq)
-        return None if first else self._gate
+        if self._gate is None:
+            return None
+        before, self._turn = self._turn, self._loop.create_future()
+        assert before is not None
+        return before, self._turn
 
     async def _read_end(self) -> None:
         """Where the log ends, from the log itself (after a refused or unanswered record,

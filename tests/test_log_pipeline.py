@@ -18,7 +18,7 @@ from test_e2e import new_active_card
 from test_nats import write_until
 from test_replication import digest
 
-from yikatong.errors import Fenced
+from yikatong.errors import Fenced, LogUnavailable
 from yikatong.server.harness import ROOT, NatsCluster, free_address, store_digest, wait_until
 from yikatong.storage import records
 from yikatong.storage.lmdb_store import ApplyRecord, Store
@@ -388,3 +388,60 @@ def test_a_follower_that_cannot_apply_a_record_says_not_serving(cluster, tmp_pat
         follower.stop()
         store.close()
         log.close()
+
+
+def test_records_waiting_for_their_first_ones_answer_go_in_the_order_handed():
+    """Where the log's end is not proven (here: a log just opened), a transaction's later
+    records wait for its first one's acknowledgement; the first's answer and a record handed
+    just then land in one turn of the loop: the waiting ones still go first, in the order
+    handed (found by review: record 4 overtook 2 and 3, and was refused as out of order).
+    A waiting record cancelled (its caller gone) does not fail the first, which landed; the
+    ones after it are refused. The log's expected-sequence check is modelled in memory."""
+    class InMemory(Log):
+        def __init__(self):  # the admission alone: no NATS
+            self._init_admission()
+            self._end, self.sent, self.acks = 0, [], {}
+
+        async def _publish(self, record: bytes, term: int) -> None:
+            seq = records.journal_sequence(record)
+            self.sent.append(seq)
+            ack = self.acks[seq] = asyncio.get_running_loop().create_future()
+            await ack
+
+    def rec(seq: int) -> bytes:
+        return records.encode_journal(seq, [(b"meta", b"k", _U64.pack(seq))])
+
+    async def in_order() -> list:
+        log = InMemory()
+        log._loop = asyncio.get_running_loop()
+        tasks = [asyncio.ensure_future(log.admitted(rec(1), 1, True, None))]
+        await asyncio.sleep(0)
+        tasks += [asyncio.ensure_future(log.admitted(rec(s), 1, False, None)) for s in (2, 3)]
+        await asyncio.sleep(0)
+        log.acks[1].set_result(None)  # the first's answer, and record 4 handed, one turn
+        tasks.append(asyncio.ensure_future(log.admitted(rec(4), 1, False, None)))
+        for _ in range(20):
+            await asyncio.sleep(0)
+            for ack in list(log.acks.values()):
+                if not ack.done():
+                    ack.set_result(None)
+        return [await asyncio.gather(*tasks, return_exceptions=True), log.sent]
+
+    answers, sent = asyncio.run(in_order())
+    assert sent == [1, 2, 3, 4] and answers == [None] * 4
+
+    async def cancelled() -> list:
+        log = InMemory()
+        log._loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(log.admitted(rec(1), 1, True, None))
+        await asyncio.sleep(0)
+        later = [asyncio.ensure_future(log.admitted(rec(s), 1, False, None)) for s in (2, 3)]
+        await asyncio.sleep(0)
+        later[0].cancel()
+        await asyncio.sleep(0)
+        log.acks[1].set_result(None)
+        return [await asyncio.gather(first, *later, return_exceptions=True), log.sent]
+
+    answers, sent = asyncio.run(cancelled())
+    assert answers[0] is None and isinstance(answers[1], asyncio.CancelledError)
+    assert isinstance(answers[2], LogUnavailable) and sent == [1]
