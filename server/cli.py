@@ -364,13 +364,15 @@ def cluster_status(urls: list[str], as_json: bool) -> int:
             retain = "?" if n["retain_days"] is None else f"{n['retain_days']:g}d"
             print(f"{n['node']:<12} {n['address']:<22} {n['role']:<9} {n['applied']:>9} "
                   f"{n['lag']:>7} {retain:>7}  {n['reported_seconds_ago']:g} s ago"
-                  + ("  DOWN" if n["down"] else ""))
+                  + ("  DOWN" if n["down"] else "")
+                  + (f"  NOT_SERVING ({', '.join(n['not_serving'])})"
+                     if n["not_serving"] else ""))
         if len({n["retain_days"] for n in status["nodes"]}) > 1:
             print("the nodes' --retain-days differ: only the writer's is used, so what is "
                   "archived changes with the writer; give every node the same")
     # a writer with no node's report to show is not a healthy cluster (nor one to trust)
     healthy = status["writer"] is not None and bool(status["nodes"]) \
-        and not any(n["down"] for n in status["nodes"])
+        and not any(n["down"] or n["not_serving"] for n in status["nodes"])
     return 0 if healthy else 1
 
 

@@ -790,7 +790,8 @@ class Node:
         self.log._run(self.reports.put(self.node_id, json.dumps({
             "address": self.address, "leading": self.leading,
             "applied": self.store.applied_sequence, "at": time.time(),
-            "retain_days": self.retain_days}).encode()))
+            "retain_days": self.retain_days,
+            "not_serving": sorted(self.store.not_serving)}).encode()))
 
     def _check_writer(self) -> None:
         if not self.leading:
@@ -929,6 +930,7 @@ def cluster_status(urls: list[str], stale_seconds: float = 10.0) -> dict:
                        "role": "writer" if r.get("leading") else "follower",
                        "applied": r.get("applied", 0),
                        "retain_days": r.get("retain_days"),
+                       "not_serving": r.get("not_serving", []),
                        "lag": max(0, end - r.get("applied", 0)),
                        "reported_seconds_ago": round(now - r.get("at", 0), 1),
                        "down": now - r.get("at", 0) > stale_seconds}

@@ -208,7 +208,8 @@ def test_three_nodes_one_writer_failover_and_rejoin(cluster, tmp_path):
         def caught_up() -> bool:
             seen[:] = [cluster_status(cluster)[1]]
             return len(seen[0]["nodes"]) == len(nodes) and all(
-                n["lag"] == 0 and not n["down"] for n in seen[0]["nodes"])
+                n["lag"] == 0 and not n["down"] and n["not_serving"] == []
+                for n in seen[0]["nodes"])
         assert wait_until(caught_up, 10)
         status = seen[0]
         assert sorted(n["address"] for n in status["nodes"]) == sorted(n.address for n in nodes)
