@@ -209,12 +209,12 @@ def write_replicated(book, name: bytes, data: bytes) -> None:
     unless it is whole and the next of this store's archive (its number and the hash it
     chains to): a segment already committed is never written over."""
     number = name.decode("ascii", "replace").split(".", 1)[0]
-    if not (number.isdigit() and name == name_of(int(number)).encode()) or \
-            len(data) < len(MAGIC) + 4 + HASH_BYTES or not data.startswith(MAGIC) or \
-            hashlib.sha256(data[:-HASH_BYTES]).digest() != data[-HASH_BYTES:]:
-        raise CorruptRecord(f"the replicated archive segment {name!r} is not a whole segment")
+    if not (number.isdigit() and name == name_of(int(number)).encode()):
+        raise CorruptRecord(f"the replicated archive segment's name {name!r} is not one")
+    manifest, _ = _manifest(data, name.decode())  # (its magic and length checked there)
+    if hashlib.sha256(data[:-HASH_BYTES]).digest() != data[-HASH_BYTES:]:
+        raise CorruptRecord(f"the replicated archive segment {name.decode()} is not whole")
     count, last = head(book)
-    manifest, _ = _manifest(data, name.decode())
     if int(number) != count + 1 or manifest.get("segment") != count + 1 or \
             manifest.get("prev_hash") != last.hex():
         raise CorruptRecord(f"the replicated archive segment {name.decode()} does not follow "

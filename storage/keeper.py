@@ -175,13 +175,13 @@ class Server:
             record = payload[_CHAINED.size:]
         else:  # a worker of the release before: each record taken as a first
             (term,), first, record = _TERM.unpack_from(payload), 1, payload[_TERM.size:]
-        if not self.node.leading or term != self.node.store.term:
+        refusal = replication.not_the_writer(self.node.writer) if not self.node.leading \
+            else Fenced(f"the record is of term {term}, this node writes in term "  # stamped
+                        f"{self.node.store.term} now; nothing was committed") \
+            if term != self.node.store.term else None  # before the lease changed hands here
+        if refusal is not None:
             self.node.log.break_chain(peer)  # nothing later of its transaction follows
-        if not self.node.leading:
-            raise replication.not_the_writer(self.node.writer)
-        if term != self.node.store.term:  # stamped before the lease changed hands here
-            raise Fenced(f"the record is of term {term}, this node writes in term "
-                         f"{self.node.store.term} now; nothing was committed")
+            raise refusal
         await self.node.log.admitted(record, term, first == 1, peer)
 
     @staticmethod

@@ -111,16 +111,15 @@ class Snapshots:
                 log.error("snapshot %s has no readable manifest; ignored", info.name)
         return sorted(out, key=lambda m: m.log_sequence)
 
-    def put(self, path: str, manifest: backup.Manifest, segments_in: str | None = None
-            ) -> None:
-        """The backup at `path` (backup.take_env's layout) as the snapshot at its sequence:
-        the archive's segments it records first (each an object of its own, put once: a
-        segment never changes; from `segments_in`, the data dir's archive, for a copy of the
-        store alone), then the copy, its manifest the description."""
+    def put(self, path: str, manifest: backup.Manifest, segments_in: str) -> None:
+        """The copy of the store alone at `path` (`backup --store-only`) as the snapshot at
+        its sequence: the archive's segments it records first, from `segments_in` (the data
+        dir's archive; each an object of its own, put once: a segment never changes), then
+        the copy, its manifest the description."""
         name = name_of(manifest.log_sequence)
         for n in range(1, manifest.archive_segments + 1):
             if n not in self._segments_put:  # this process put it, or saw it there, before
-                self._put_segment(segments_in or os.path.join(path, archive.DIR), n)
+                self._put_segment(segments_in, n)
                 self._segments_put.add(n)
 
         async def put():

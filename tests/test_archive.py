@@ -6,6 +6,7 @@ damaged archive is named by `yikatong archive verify`. Real servers, the manual 
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -520,3 +521,32 @@ def test_a_replicated_segment_and_its_deletes_fit_the_room_left_in_the_record(tm
         assert out["segment"] == 2 and out["audit"] == 399 - first
     finally:
         store.close()
+
+
+def test_an_archive_written_before_journeys_were_archived_reads_and_grows_on(tmp_path):
+    """tests/fixtures/archive-0.5.0: a data dir whose segment 1 was written by the release
+    before segments named their payload's kinds (no `payload_kinds`: four kinds; written by
+    dfb2d5f). This release verifies it, replays an id archived in it with its first answer,
+    and archives on: segment 2, of five kinds, chained to it."""
+    fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+                           "archive-0.5.0")
+    with open(os.path.join(fixture, "answers.json")) as f:
+        known = json.load(f)
+    data_dir = str(tmp_path / "data")
+    shutil.copytree(fixture, data_dir, ignore=shutil.ignore_patterns("answers.json"))
+    os.chmod(data_dir, 0o700)
+    done = yikatong("archive", "verify", "--data-dir", data_dir)
+    assert done.returncode == 0 and "1 archive segments" in done.stdout, done.stdout + done.stderr
+    srv = serve(tmp_path, "--retain-days", "1", data_dir=data_dir)
+    try:
+        card = known["card"]
+        for rid in ("fare-0", "fare-3"):  # from the old segment: its first answer
+            again = pay(srv, card, 100 + int(rid.split("-")[1]), rid=rid)
+            assert again.SerializeToString().hex() == known["answers"][rid]
+        pay(srv, card, 50, rid="after-1")
+        advance(srv, 3 * DAY)
+        assert wait_until(lambda: len(segments(data_dir)) == 2, 30)
+    finally:
+        assert srv.stop() == 0
+    done = yikatong("archive", "verify", "--data-dir", data_dir)
+    assert done.returncode == 0 and "2 archive segments" in done.stdout, done.stdout + done.stderr
