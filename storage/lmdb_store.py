@@ -91,12 +91,14 @@ Command = Callable[["Book"], Any]
 
 
 # SM3 (GB/T 32905, the national standard) where this OpenSSL has it, else SHA-256; each event
-# names the one that made its hash.
-try:
-    hashlib.new("sm3")
-    AUDIT_ALGORITHM = 1
-except ValueError:  # pragma: no cover - an OpenSSL without SM3
-    AUDIT_ALGORITHM = 2
+# names the one that made its hash. Each hash is a copy of an empty one (no look-up by name).
+_HASHES = {}
+for _n, _name in records.AUDIT_ALGORITHMS.items():
+    try:
+        _HASHES[_n] = hashlib.new(_name)
+    except ValueError:  # pragma: no cover - an OpenSSL without SM3
+        pass
+AUDIT_ALGORITHM = 1 if 1 in _HASHES else 2
 
 
 def audit_mismatch(value, key: int, before: int) -> str:
@@ -109,7 +111,9 @@ def audit_mismatch(value, key: int, before: int) -> str:
 
 
 def audit_hash(prev_hash: bytes, body: bytes, algorithm: int = 0) -> bytes:
-    h = hashlib.new(records.AUDIT_ALGORITHMS[algorithm or AUDIT_ALGORITHM])
+    algorithm = algorithm or AUDIT_ALGORITHM
+    empty = _HASHES.get(algorithm)
+    h = empty.copy() if empty is not None else hashlib.new(records.AUDIT_ALGORITHMS[algorithm])
     h.update(prev_hash)
     h.update(body)
     return h.digest()
@@ -1103,7 +1107,7 @@ class Book:
     """Typed access to the databases inside one transaction: the only way the domain reads
     and writes the store."""
 
-    __slots__ = ("txn", "dbs", "journal")
+    __slots__ = ("txn", "dbs", "journal", "_held", "_changed", "_totals")
 
     def __init__(self, txn, dbs: Dbs, journal: list | None = None):
         """`journal`: every put and delete this book makes is appended to it, in order, as
@@ -1112,6 +1116,9 @@ class Book:
         self.txn = txn
         self.dbs = dbs
         self.journal = journal
+        self._held: dict[bytes, Account] | None = None  # hold_accounts()
+        self._changed: dict[bytes, None] = {}
+        self._totals: tuple[int, int, int, int] | None = None
 
     def _put(self, key: bytes, value: bytes, db, append: bool = False,
              overwrite: bool = True) -> bool:
@@ -1358,7 +1365,8 @@ class Book:
         # issue 25: an identity or phone number in a free text is masked before it is hashed
         # in (the trail is read by auditors, who need whose file, not the number), and the
         # text is bounded; events written before are not rewritten (the chain holds them)
-        purpose = bounded(mask_text(purpose), config.audit_text_length_max)
+        if purpose:
+            purpose = bounded(mask_text(purpose), config.audit_text_length_max)
         body, tail = records.audit_forms(seq, time, count, (client_id, role, method,
                                                             card_number, purpose, outcome,
                                                             holder))
@@ -1740,20 +1748,53 @@ class Book:
         return answer
 
     # ---- accounts
+    def hold_accounts(self) -> None:
+        """From here to `write_held()`, the accounts read or changed and the ledger's totals
+        are kept in this book and written once at the end: a money command's hundred debits
+        credit one operator account and move the totals a hundred times (one write each, not
+        a hundred). Only for a command that fails whole if anything in it raises (its child
+        transaction is dropped with this book), and that reads accounts only through it."""
+        self._held, self._changed, self._totals = {}, {}, None
+
+    def write_held(self) -> None:
+        """Write what changed since `hold_accounts()`, in the order first changed."""
+        held, self._held = self._held, None
+        assert held is not None, "write_held() without hold_accounts()"
+        for key in self._changed:
+            self._put(key, records.encode_account(held[key]), db=self.dbs.accounts)
+        if self._totals is not None:
+            self._put(_TOTALS_KEY, _TOTALS.pack(*self._totals), db=self.dbs.meta)
+        self._changed, self._totals = {}, None
+
     def account(self, key: bytes) -> Account:
+        held = self._held
+        if held is not None:
+            a = held.get(key)
+            if a is None:
+                value = self.txn.get(key, db=self.dbs.accounts)
+                held[key] = a = Account() if value is None else records.decode_account(value)
+            return a
         value = self.txn.get(key, db=self.dbs.accounts)
         return Account() if value is None else records.decode_account(value)
 
     def put_account(self, key: bytes, account: Account) -> None:
+        if self._held is not None:
+            records.encode_account(account)  # refused now (beyond int64), not at the end
+            self._held[key] = account
+            self._changed[key] = None
+            return
         self._put(key, records.encode_account(account), db=self.dbs.accounts)
 
     def accounts(self) -> Iterator[tuple[bytes, Account]]:
+        assert self._held is None, "accounts() while accounts are held"
         for key, value in self.txn.cursor(db=self.dbs.accounts):
             yield bytes(key), records.decode_account(value)
 
     def ledger_totals(self) -> tuple[int, int, int, int]:
         """The running totals of the four balance columns: debits pending and posted,
         credits pending and posted."""
+        if self._totals is not None:
+            return self._totals
         value = self.txn.get(_TOTALS_KEY, db=self.dbs.meta)
         return _TOTALS.unpack(value) if value is not None else (0, 0, 0, 0)
 
@@ -1761,7 +1802,10 @@ class Book:
         """Add one movement (both sides) to the running totals; returns them."""
         dp, dpost, cp, cpost = self.ledger_totals()
         totals = (dp + pending, dpost + posted, cp + pending, cpost + posted)
-        self._put(_TOTALS_KEY, _TOTALS.pack(*totals), db=self.dbs.meta)
+        if self._held is not None:
+            self._totals = totals
+        else:
+            self._put(_TOTALS_KEY, _TOTALS.pack(*totals), db=self.dbs.meta)
         return totals
 
     # ---- transfers

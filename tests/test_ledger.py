@@ -295,3 +295,67 @@ class LedgerModel(RuleBasedStateMachine):
 
 TestLedgerModel = LedgerModel.TestCase
 TestLedgerModel.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def _moves(book, now: int) -> None:
+    """Debits, holds resolved, a reversal and a refused one: every kind of balance change."""
+    for i in range(1, 6):
+        ledger.create(book, now, f"fare-{i}", PURSE, METRO, 10 * i)
+    ledger.create(book, now, "hold-1", PURSE, METRO, 200, pending=True, timeout=60)
+    ledger.create(book, now, "hold-2", PURSE, METRO, 100, pending=True, timeout=60)
+    ledger.resolve(book, now, "post-1", "hold-1", post=True, amount=150)
+    ledger.resolve(book, now, "void-2", "hold-2", post=False)
+    ledger.reverse(book, now, "back-1", "fare-3", 30)
+    ledger.create(book, now, "topup-2", TOPUP, MEDICAL, 500)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_accounts_held_by_a_command_write_what_debit_by_debit_writes(tmp_path, fails):
+    """A money command keeps the accounts it touches in its book and writes each once at
+    its end (Book.hold_accounts, 100 debits crediting one operator account): the store and
+    the replication journal end as written debit by debit, and a command that raises
+    midway writes nothing."""
+    from yikatong.storage.lmdb_store import Store
+
+    stores, journals = [], []
+    for held in (False, True):
+        s = Store(str(tmp_path / f"data-{held}"), map_size=64 * 1024**2,
+                  check_command=ledger.check_invariants)
+        s.write(lambda book: ledger.create(book, T0, "topup-1", TOPUP, PURSE, 1000))
+
+        def command(book, held=held):
+            journal = book.journal = []
+            if held:
+                book.hold_accounts()
+            _moves(book, T0)
+            if fails:
+                assert book.account(PURSE).posted == 1000 - 150 - 150 + 30
+                ledger.create(book, T0, "too-much", PURSE, METRO, 10**6)  # refused: raises
+            if held:
+                book.write_held()
+            journals.append(journal)
+        if fails:
+            with pytest.raises(TransferRefused, match="EXCEEDS_CREDITS"):
+                s.write(command)
+        else:
+            s.write(command)
+        stores.append(s)
+    try:
+        states = []
+        for s in stores:
+            with s.read() as txn:
+                book = s.book(txn)
+                states.append((list(book.accounts()), book.ledger_totals(),
+                               [k for k, _ in book.changes()]))
+        assert states[0] == states[1]
+        if fails:
+            assert dict(states[1][0])[PURSE].posted == 1000 and len(states[1][2]) == 1
+        else:  # the same final value of every key; each account once, at the end, when held
+            plain, held_journal = journals
+            assert {(d, k): v for d, k, v in plain} == {(d, k): v for d, k, v in held_journal}
+            accounts = [k for d, k, _ in held_journal if d == b"accounts"]
+            assert len(accounts) == len(set(accounts)) == 4
+            assert len([1 for d, _, _ in plain if d == b"accounts"]) > 4
+    finally:
+        for s in stores:
+            s.close()

@@ -147,12 +147,14 @@ class Authorization:
 
             out = []
             once = book.once
+            book.hold_accounts()  # the command fails whole if one debit raises (Store._apply)
             for c in commands:
                 try:
                     out.append(once(c[1], c[9], lambda c=c: decide(c)))
                 except YikatongError as error:
                     raise (with_prefix(error, f"requests[{c[0]}].") if field_prefix
                            else error) from None
+            book.write_held()
             return out
         return command
 
