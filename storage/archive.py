@@ -103,7 +103,7 @@ _ID_HASH = hashlib.sha256(b"yikatong archived id\0")
 
 def head(book) -> tuple[int, bytes]:
     """(segments the store records, the last one's hash; zeros: none)."""
-    value = book.txn.get(HEAD_KEY, db=book.dbs.meta)
+    value = book.txn.get(HEAD_KEY, None, book.dbs.meta)
     if value is None:
         return 0, bytes(HASH_BYTES)
     if len(value) != _HEAD.size:
@@ -113,13 +113,13 @@ def head(book) -> tuple[int, bytes]:
 
 def changes_through(book) -> int:
     """The last change sequence archived (0: none)."""
-    value = book.txn.get(CHANGES_KEY, db=book.dbs.meta)
+    value = book.txn.get(CHANGES_KEY, None, book.dbs.meta)
     return 0 if value is None else _U64.unpack(value)[0]
 
 
 def audit_through(book) -> tuple[int, bytes]:
     """(sequence, hash) of the last audit event archived; (0, zeros): none."""
-    value = book.txn.get(AUDIT_KEY, db=book.dbs.meta)
+    value = book.txn.get(AUDIT_KEY, None, book.dbs.meta)
     return (0, bytes(HASH_BYTES)) if value is None else _AUDIT.unpack(value)
 
 
@@ -539,7 +539,7 @@ def request(book, key: bytes) -> tuple[bytes, bytes] | None:
     """(the fingerprint kept, the answer) of an archived request id, read from its segment;
     None if the id was never archived. CorruptRecord (DATA_LOSS: nothing done) if its segment
     is missing or damaged. Segments written by store format 5 keep the whole fingerprint."""
-    value = book.txn.get(id_digest(key), db=book.dbs.archived_ids)
+    value = book.txn.get(id_digest(key), None, book.dbs.archived_ids)
     if value is None:
         return None
     (n,) = _LEN.unpack(value)
@@ -557,7 +557,7 @@ def transfer(book, transfer_id: str) -> bytes | None:
     digest names; None if it was never archived. CorruptRecord if its segment is missing or
     damaged."""
     key = transfer_id.encode("utf-8")
-    value = book.txn.get(id_digest(key), db=book.dbs.archived_ids)
+    value = book.txn.get(id_digest(key), None, book.dbs.archived_ids)
     if value is None:
         return None
     (n,) = _LEN.unpack(value)

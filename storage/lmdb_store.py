@@ -1122,7 +1122,9 @@ class Book:
 
     def _put(self, key: bytes, value: bytes, db, append: bool = False,
              overwrite: bool = True) -> bool:
-        done = self.txn.put(key, value, db=db, append=append, overwrite=overwrite)
+        # positional, as every get here (default, db): py-lmdb parses keywords each call,
+        # 75-175 ns of the writer's time, many times a debit
+        done = self.txn.put(key, value, False, overwrite, append, db)
         if append and not done:  # LMDB says False for a key not after the last: a lost write
             raise CorruptRecord(f"{self.dbs.name_of[db].decode()} key {bytes(key).hex()} is "
                                 "not after the last; nothing of this command is written")
@@ -1170,17 +1172,17 @@ class Book:
 
     def log_sequence(self) -> int:
         """The replicated log's last sequence this store holds (0: none)."""
-        value = self.txn.get(_LOG_SEQ_KEY, db=self.dbs.meta)
+        value = self.txn.get(_LOG_SEQ_KEY, None, self.dbs.meta)
         return 0 if value is None else _U64.unpack(value)[0]
 
     def term(self) -> int:
         """The newest writer's term among the records this store holds (0: none)."""
-        value = self.txn.get(_TERM_KEY, db=self.dbs.meta)
+        value = self.txn.get(_TERM_KEY, None, self.dbs.meta)
         return 0 if value is None else _U64.unpack(value)[0]
 
     def intake_sequence(self) -> int:
         """The last record of the followers' audit intake taken into this trail."""
-        value = self.txn.get(_INTAKE_SEQ_KEY, db=self.dbs.meta)
+        value = self.txn.get(_INTAKE_SEQ_KEY, None, self.dbs.meta)
         return 0 if value is None else _U64.unpack(value)[0]
 
     def take_intake(self, seq: int, events: list[AuditEvent]) -> bool:
@@ -1201,18 +1203,18 @@ class Book:
 
     # ---- cards
     def card_bytes(self, card_number: str) -> bytes | None:
-        return self.txn.get(card_number.encode("ascii"), db=self.dbs.cards)
+        return self.txn.get(card_number.encode("ascii"), None, self.dbs.cards)
 
     def use_bytes(self, number: str) -> bytes | None:
         """The record a use of `number` is decided on: the card's own; for an electronic card
         (SH-31, GZ-35: same effect, follows the physical card) its holder's current card's."""
         if len(number) != config.ecard_number_digits:
-            return self.txn.get(number.encode("ascii"), db=self.dbs.cards)
-        value = self.txn.get(number.encode("ascii"), db=self.dbs.ecards)
+            return self.txn.get(number.encode("ascii"), None, self.dbs.cards)
+        value = self.txn.get(number.encode("ascii"), None, self.dbs.ecards)
         if value is None:
             return None
-        current = self.txn.get(value[:9], db=self.dbs.holder_cards)  # holder id + pack
-        return None if current is None else self.txn.get(current, db=self.dbs.cards)
+        current = self.txn.get(value[:9], None, self.dbs.holder_cards)  # holder id + pack
+        return None if current is None else self.txn.get(current, None, self.dbs.cards)
 
     def card_with_holder(self, number: str) -> tuple[bytes | None, int | None]:
         """The record a use of `number` is decided on and its holder id (None: no card, or
@@ -1226,7 +1228,7 @@ class Book:
 
     def put_card(self, card: Card, now: int) -> None:
         key = card.card_number.encode("ascii")
-        old = self.txn.get(key, db=self.dbs.cards)
+        old = self.txn.get(key, None, self.dbs.cards)
         what = int(Changed.STATE | Changed.LOCKS | Changed.FUNCTIONS | Changed.REPLACEMENT
                    | Changed.VALIDITY | Changed.POINTS)
         if old is not None:
@@ -1247,9 +1249,9 @@ class Book:
         on (as use_bytes: an electronic card's is its holder's current card's); 0 for none."""
         key: bytes | None = number.encode("ascii")
         if len(number) == config.ecard_number_digits:
-            value = self.txn.get(key, db=self.dbs.ecards)
-            key = None if value is None else self.txn.get(value[:9], db=self.dbs.holder_cards)
-        value = None if key is None else self.txn.get(key, db=self.dbs.bank_losses)
+            value = self.txn.get(key, None, self.dbs.ecards)
+            key = None if value is None else self.txn.get(value[:9], None, self.dbs.holder_cards)
+        value = None if key is None else self.txn.get(key, None, self.dbs.bank_losses)
         if value is None:
             return 0
         if len(value) != _I64.size:
@@ -1265,7 +1267,7 @@ class Book:
 
     # ---- open steps of a card's procedure, with when each is due (SPEC.md section 6)
     def steps_of(self, card_number: str) -> list[Step]:
-        value = self.txn.get(card_number.encode("ascii"), db=self.dbs.steps)
+        value = self.txn.get(card_number.encode("ascii"), None, self.dbs.steps)
         return [] if value is None else records.decode_steps(value)
 
     def put_steps(self, card_number: str, steps: list[Step]) -> None:
@@ -1296,7 +1298,7 @@ class Book:
         the proxy's identity number and name sealed: without the key, the clear part."""
         assert kind in self.CARD_TEXTS, kind
         key = f"{kind}:{card_number}".encode("ascii")
-        value = self.txn.get(key, db=self.dbs.notes)
+        value = self.txn.get(key, None, self.dbs.notes)
         if value is None:
             return ""
         value = bytes(value)
@@ -1445,7 +1447,7 @@ class Book:
 
     def holder(self, ssn: str) -> tuple[int, HolderInfo] | None:
         key = self._index(ssn)
-        value = self.txn.get(key, db=self.dbs.holders)
+        value = self.txn.get(key, None, self.dbs.holders)
         return None if value is None else records.decode_holder(
             ssn, value, lambda sealed: self._unseal(self.dbs.holders, key, sealed))
 
@@ -1458,8 +1460,8 @@ class Book:
 
     def holder_ssn(self, holder_id: int) -> str | None:
         """The holder's identity number, read from its sealed record (the key needed)."""
-        key = self.txn.get(_U64.pack(holder_id), db=self.dbs.holder_ssn)
-        value = None if key is None else self.txn.get(key, db=self.dbs.holders)
+        key = self.txn.get(_U64.pack(holder_id), None, self.dbs.holder_ssn)
+        value = None if key is None else self.txn.get(key, None, self.dbs.holders)
         if value is None:
             return None
         key = bytes(key)
@@ -1574,7 +1576,7 @@ class Book:
     # ---- RC-20 to RC-23: a holder's points
     def points(self, holder_id: int):
         """The holder's PointsRecord (yikatong.points), None if there is none."""
-        value = self.txn.get(_U64.pack(holder_id), db=self.dbs.points)
+        value = self.txn.get(_U64.pack(holder_id), None, self.dbs.points)
         return None if value is None else records.decode_points(value)
 
     def put_points(self, holder_id: int, record) -> None:
@@ -1630,13 +1632,13 @@ class Book:
 
     # ---- counters
     def next_seq(self, name: bytes) -> int:
-        value = self.txn.get(name, db=self.dbs.meta)
+        value = self.txn.get(name, None, self.dbs.meta)
         n = (_U64.unpack(value)[0] if value is not None else 0) + 1
         self._put(name, _U64.pack(n), db=self.dbs.meta)
         return n
 
     def meta(self, name: bytes) -> bytes | None:
-        value = self.txn.get(name, db=self.dbs.meta)
+        value = self.txn.get(name, None, self.dbs.meta)
         return None if value is None else bytes(value)
 
     def put_meta(self, name: bytes, value: bytes) -> None:
@@ -1646,7 +1648,7 @@ class Book:
     # (additive keys: a release that knows none of them ignores them; no format change)
     def gate_ack(self, client_id: str) -> tuple[int, int] | None:
         """(sequence, time) the gate last acknowledged, or None."""
-        value = self.txn.get(_GATE_ACK + client_id.encode("utf-8"), db=self.dbs.meta)
+        value = self.txn.get(_GATE_ACK + client_id.encode("utf-8"), None, self.dbs.meta)
         return None if value is None else _GATE_ACK_VALUE.unpack(value)
 
     def put_gate_ack(self, client_id: str, sequence: int, time: int) -> None:
@@ -1660,7 +1662,7 @@ class Book:
 
     # ---- issue 28: journeys (yikatong/journeys.py encodes the record)
     def journey(self, hold_id: str) -> bytes | None:
-        value = self.txn.get(hold_id.encode("utf-8"), db=self.dbs.journeys)
+        value = self.txn.get(hold_id.encode("utf-8"), None, self.dbs.journeys)
         return None if value is None else bytes(value)
 
     def put_journey(self, hold_id: str, record: bytes) -> None:
@@ -1673,7 +1675,7 @@ class Book:
     def journey_untold(self, key: bytes, take: bool = False) -> str | None:
         """The hold id of the account's last journey left open that no tap was told of;
         `take`: and forget it (it is being told)."""
-        value = self.txn.get(key, db=self.dbs.journeys_untold)
+        value = self.txn.get(key, None, self.dbs.journeys_untold)
         if value is None:
             return None
         hold_id = bytes(value).decode("utf-8")
@@ -1689,9 +1691,9 @@ class Book:
         """The first answer to `request_id`, None if unseen; IdReused if it asked otherwise.
         An id moved to the archive (storage/archive.py) is answered from its segment."""
         key = request_id.encode("utf-8")
-        seq = self.txn.get(key, db=self.dbs.requests)
+        seq = self.txn.get(key, None, self.dbs.requests)
         if seq is not None:
-            value = self.txn.get(seq, db=self.dbs.answers)
+            value = self.txn.get(seq, None, self.dbs.answers)
             if value is None:
                 raise CorruptRecord(f"request id {request_id[:24]!r} names remembered answer "
                                     f"{_U64.unpack(seq)[0]}, which is not stored")
@@ -1771,10 +1773,10 @@ class Book:
         if held is not None:
             a = held.get(key)
             if a is None:
-                value = self.txn.get(key, db=self.dbs.accounts)
+                value = self.txn.get(key, None, self.dbs.accounts)
                 held[key] = a = Account() if value is None else records.decode_account(value)
             return a
-        value = self.txn.get(key, db=self.dbs.accounts)
+        value = self.txn.get(key, None, self.dbs.accounts)
         return Account() if value is None else records.decode_account(value)
 
     def put_account(self, key: bytes, account: Account) -> None:
@@ -1795,7 +1797,7 @@ class Book:
         credits pending and posted."""
         if self._totals is not None:
             return self._totals
-        value = self.txn.get(_TOTALS_KEY, db=self.dbs.meta)
+        value = self.txn.get(_TOTALS_KEY, None, self.dbs.meta)
         return _TOTALS.unpack(value) if value is not None else (0, 0, 0, 0)
 
     def add_to_ledger_totals(self, pending: int, posted: int) -> tuple[int, int, int, int]:
@@ -1810,7 +1812,7 @@ class Book:
 
     # ---- transfers
     def transfer(self, transfer_id: str) -> Transfer | None:
-        value = self.txn.get(transfer_id.encode("utf-8"), db=self.dbs.transfers)
+        value = self.txn.get(transfer_id.encode("utf-8"), None, self.dbs.transfers)
         return None if value is None else records.decode_transfer(value)
 
     def put_transfer(self, transfer_id: str, t: Transfer, *, new: bool = False) -> bool:
