@@ -26,6 +26,9 @@ status_wire = getattr(impl, "status_wire", None)
 # YIKATONG_NO_WIRE_MONEY=1, which sends them through the Python path, the reference)
 money_wire = None if os.environ.get("YIKATONG_NO_WIRE_MONEY") or authorize_wire is None \
     else impl.money_wire
+# ... and of the writer's commonest debit, a single-phase TRANSIT fare (compiled only, off
+# with the wire path: the Python path, authorize.with_money, is its reference)
+Fares = None if money_wire is None else impl.Fares
 money_answer = impl.money_answer
 money_answers = impl.money_answers
 APPROVED = _authorize_py.APPROVED

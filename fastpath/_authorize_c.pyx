@@ -939,3 +939,256 @@ def money_answers(list answers, list commands, object tally, bint batch):
         return PyBytes_FromStringAndSize(<const char*>out, o)
     finally:
         PyMem_Free(out)
+
+
+# ------------------------------------------------------------------ a fare in the writer
+#
+# issue 27: the writer's domain work for the commonest debit, a single-phase TRANSIT fare,
+# compiled. The reference is the Python path (yikatong.authorize.with_money through
+# Authorization.debits): Fares.fare writes exactly what it writes (every record's bytes, in
+# the same order, into the same journal), held equal by tests/test_fares.py; anything else
+# (a replay, a hold, a journey to tell, an electronic card, holds on the purse, a record the
+# Python path would refuse or fail on) returns None before anything is written, and the
+# Python path takes that debit. Layouts: storage/records.py, storage/lmdb_store.py.
+
+from yikatong.errors import CorruptRecord, TransferRefused
+
+
+cdef enum:
+    TRANSFER_VERSION = 3
+    KIND_SINGLE_POSTED = 1 | 1 << 4  # TransferKind.SINGLE | TransferStatus.POSTED << 4
+    HAS_DECISION = 4
+    CHANGE_VERSION = 3
+    CHANGE_TRANSFER = 2  # ChangeKind.TRANSFER
+    CHANGED_BALANCE = 16  # Changed.BALANCE
+    ANSWER_VERSION = 1
+    AUDIT_VERSION = 2
+    ACCOUNT_TRANSIT = 2  # AccountKind.TRANSIT
+    ACCOUNT_KEY_MAX = 40  # model.ACCOUNT_KEY_BYTES_MAX
+    DIGEST_BYTES = 16  # storage/archive.py
+
+
+cdef inline Py_ssize_t _put_le(uint8_t* out, Py_ssize_t o, uint64_t v, int n) noexcept nogil:
+    cdef int k
+    for k in range(n):
+        out[o + k] = (v >> (8 * k)) & 0xff
+    return o + n
+
+
+cdef inline bytes _be64(uint64_t v):
+    cdef uint8_t b[8]
+    cdef int k
+    for k in range(8):
+        b[k] = (v >> (8 * (7 - k))) & 0xff
+    return PyBytes_FromStringAndSize(<const char*>b, 8)
+
+
+cdef class Fares:
+    """One money command's constants: its caller (role, and the audit event's texts but the
+    card number, each as `records.audit_text` makes them), the store's databases, the audit
+    trail's empty hash and the archived ids' prefix hash (copied per use)."""
+    cdef Policy policy
+    cdef int role
+    cdef int rule_pack
+    cdef bytes pre_canonical, pre_stored, post_canonical, post_stored
+    cdef int algorithm
+    cdef object audit_hash, id_hash, dbs, name_of, default_credit
+    cdef object requests, answers, archived_ids, cards, transfers, changes, audit
+    cdef object journeys_untold
+
+    def __init__(self, Policy policy, int role, int rule_pack, tuple audit_texts,
+                 int algorithm, object audit_hash, object id_hash, object dbs,
+                 bytes default_credit):
+        """`audit_texts`: ((canonical, stored) of the client id, role, method) and of the
+        purpose, outcome and holder, each pair from records.audit_text."""
+        self.policy, self.role, self.rule_pack = policy, role, rule_pack
+        self.pre_canonical = b"".join([t[0] for t in audit_texts[0]])
+        self.pre_stored = b"".join([t[1] for t in audit_texts[0]])
+        self.post_canonical = b"".join([t[0] for t in audit_texts[1]])
+        self.post_stored = b"".join([t[1] for t in audit_texts[1]])
+        self.algorithm, self.audit_hash, self.id_hash = algorithm, audit_hash, id_hash
+        self.dbs, self.name_of, self.default_credit = dbs, dbs.name_of, default_credit
+        self.requests, self.answers, self.archived_ids = dbs.requests, dbs.answers, \
+            dbs.archived_ids
+        self.cards, self.transfers, self.changes = dbs.cards, dbs.transfers, dbs.changes
+        self.audit, self.journeys_untold = dbs.audit, dbs.journeys_untold
+
+    cdef _put(self, object txn, object journal, bytes key, bytes value, object db,
+              bint append, bint overwrite):
+        if not txn.put(key, value, False, overwrite, append, db):
+            return False
+        if journal is not None:
+            journal.append((self.name_of[db], key, value))
+        return True
+
+    def fare(self, object book, tuple c, int64_t now):
+        """The answer's bytes for command `c` (Authorization.debits' compact form) decided,
+        debited, audited and remembered in `book` (whose accounts are held:
+        Book.hold_accounts); None, nothing written, when the Python path must take it."""
+        if len(c) != 10 or c[3] != CH_TRANSIT or c[5] != 0:
+            return None
+        held = book._held
+        if held is None:
+            return None
+        cdef str request_id = c[1], card_number = c[2], payee = c[7]
+        cdef int64_t amount = c[4]
+        cdef bytes fingerprint = c[9]
+        txn = book.txn
+        cdef bytes rid = request_id.encode("utf-8")
+        cdef Py_ssize_t nr = PyBytes_GET_SIZE(rid), nc = len(card_number)
+        if nr == 0 or nr > ID_MAX or nc == ECARD_DIGITS or nc > CARD_MAX \
+                or PyBytes_GET_SIZE(fingerprint) != 32 or amount <= 0 or amount > AMOUNT_MAX:
+            return None
+        if txn.get(rid, None, self.requests) is not None:
+            return None  # a replay (or ID_REUSED): the Python path answers it
+        h = self.id_hash.copy()
+        h.update(rid)
+        if txn.get(h.digest()[:DIGEST_BYTES], None, self.archived_ids) is not None:
+            return None  # an archived id: answered from its segment
+        cdef bytes card = card_number.encode("ascii")
+        record = txn.get(card, None, self.cards)
+        if type(record) is not bytes:
+            return None  # no such card
+        cdef const uint8_t* rec = <const uint8_t*>PyBytes_AS_STRING(record)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(record)
+        if n != RECORD_SIZE or rec[0] != RECORD_VERSION or rec[1] < 1 or rec[1] > 4 \
+                or rec[2] < 1 or rec[2] > 9:
+            return None  # not a valid record (records.check): the Python path says so
+        cdef uint64_t holder_id
+        memcpy(&holder_id, rec + OFF_HOLDER_ID, 8)
+        cdef uint8_t key_b[10]
+        key_b[0] = ord("h")
+        cdef int k
+        for k in range(8):
+            key_b[1 + k] = (holder_id >> (8 * (7 - k))) & 0xff
+        key_b[9] = ACCOUNT_TRANSIT
+        cdef bytes debit = PyBytes_FromStringAndSize(<const char*>key_b, 10)
+        if txn.get(debit, None, self.journeys_untold) is not None:
+            return None  # a journey to tell (issue 28)
+        d = held.get(debit)
+        if d is None:
+            d = book.account(debit)
+        if d.debits_pending:
+            return None  # holds on the purse: released first (ledger.settle)
+        cdef object left_o = d.credits_posted - d.debits_posted
+        cdef int64_t left = left_o
+        cdef int reason = c_decide(self.policy, rec, n, CH_TRANSIT, now, 0, amount, left, 0)
+        if reason < 0:
+            return None  # corrupt: the Python path says so
+        cdef bytes credit = b"o" + payee.encode("utf-8") if payee else self.default_credit
+        cr = None
+        if reason == 0:
+            # a transfer of the narrow layout only (records.encode_transfer: amount and time
+            # in a u32 each), between two accounts
+            if amount > left or left < 0 or PyBytes_GET_SIZE(credit) > ACCOUNT_KEY_MAX \
+                    or credit == debit or now < 0 or now > 0xffffffff or amount > 0xffffffff \
+                    or self.role < 0 or self.role > 31:
+                return None
+            cr = held.get(credit)
+            if cr is None:
+                cr = book.account(credit)
+            if cr.credits_posted + amount > 0x7fffffffffffffff:
+                return None  # OVERFLOWS_CREDITS, refused by the Python path
+        journal = book.journal
+        dbs = self.dbs
+        cdef uint8_t buf[256]
+        cdef Py_ssize_t o
+        cdef uint64_t v
+        if reason == 0:
+            # ledger._move: both accounts held (written at the command's end), the totals
+            d.debits_posted += amount
+            cr.credits_posted += amount
+            changed = book._changed
+            changed[debit] = None
+            changed[credit] = None
+            held[debit], held[credit] = d, cr
+            dp, dpost, cp, cpost = book.add_to_ledger_totals(0, amount)
+            assert dp == cp and dpost == cpost, "ledger totals out of balance"
+            # the transfer (records.encode_transfer, narrow, with its decision)
+            buf[0] = TRANSFER_VERSION
+            buf[1] = KIND_SINGLE_POSTED
+            buf[2] = CH_TRANSIT | self.role << 3
+            buf[3] = HAS_DECISION
+            o = _put_le(buf, 4, <uint64_t>amount, 4)
+            o = _put_le(buf, o, <uint64_t>now, 4)
+            buf[o] = 10
+            buf[o + 1] = <uint8_t>PyBytes_GET_SIZE(credit)
+            o += 2
+            # records.encode_decision(rule_pack, record, left, asked 0)
+            buf[o] = self.rule_pack
+            buf[o + 1] = rec[2] | rec[1] << 4
+            buf[o + 2], buf[o + 3], buf[o + 4] = rec[3], rec[4], rec[5]
+            o += 5
+            v = <uint64_t>left
+            while v >= 0x80:
+                buf[o] = (v & 0x7f) | 0x80
+                v >>= 7
+                o += 1
+            buf[o] = v
+            o += 1
+            if rec[2] == TEMP_LOSS:
+                memcpy(buf + o, rec + 8, 8)
+                o += 8
+            if rec[1] == PACK_RC:
+                memcpy(buf + o, rec + 16, 8)
+                o += 8
+            value = PyBytes_FromStringAndSize(<const char*>buf, o) + debit + credit
+            if not self._put(txn, journal, rid, value, self.transfers, False, False):
+                raise TransferRefused("EXISTS", f"transfer {request_id!r} already exists")
+            # its change event (records.encode_change)
+            buf[0], buf[1], buf[2], buf[3], buf[4] = CHANGE_VERSION, CHANGE_TRANSFER, 0, 0, 0
+            buf[5] = CHANGED_BALANCE
+            o = _put_le(buf, 6, <uint64_t>now, 8)
+            o = _put_le(buf, o, holder_id, 8)
+            o = _put_le(buf, o, <uint64_t>amount, 8)
+            buf[o] = <uint8_t>nc
+            o += 1
+            dbs.change_seq = seq = dbs.change_seq + 1
+            if not self._put(txn, journal, _be64(seq),
+                             PyBytes_FromStringAndSize(<const char*>buf, o) + card + rid,
+                             self.changes, True, True):
+                raise CorruptRecord("changes key not after the last; nothing of this command "
+                                    "is written")
+            # the audit event (Book.append_audit: no purpose)
+            seq, prev = dbs.audit_head
+            seq += 1
+            o = _put_le(buf, 0, <uint64_t>seq, 8)
+            o = _put_le(buf, o, <uint64_t>now, 8)
+            o = _put_le(buf, o, 1, 4)
+            head = PyBytes_FromStringAndSize(<const char*>buf, o)
+            buf[0] = <uint8_t>nc
+            buf[1] = 0
+            h = self.audit_hash.copy()
+            h.update(prev)
+            h.update(head + self.pre_canonical + PyBytes_FromStringAndSize(<const char*>buf, 2)
+                     + card + self.post_canonical)
+            digest = h.digest()
+            buf[0], buf[1] = AUDIT_VERSION, self.algorithm
+            buf[2] = <uint8_t>nc  # records._SHORT: the card number's one-byte length
+            if not self._put(txn, journal, _be64(seq), PyBytes_FromStringAndSize(
+                    <const char*>buf, 2) + digest + head + self.pre_stored
+                    + PyBytes_FromStringAndSize(<const char*>buf + 2, 1) + card
+                    + self.post_stored, self.audit, True, True):
+                raise CorruptRecord("audit key not after the last; nothing of this command "
+                                    "is written")
+            dbs.audit_head = (seq, digest)
+            answer = money_answer(request_id, 0, left - amount)
+        else:
+            answer = money_answer(request_id, reason, left)
+        # remembered (Book.remember)
+        cdef int64_t t = dbs.now()
+        if t < 0:
+            t = 0
+        buf[0] = ANSWER_VERSION
+        o = _put_le(buf, 1, <uint64_t>t, 8)
+        buf[o] = <uint8_t>nr
+        memcpy(buf + o + 1, PyBytes_AS_STRING(fingerprint), 16)
+        o += 17
+        dbs.answer_seq = seq = dbs.answer_seq + 1
+        key = _be64(seq)
+        if not self._put(txn, journal, key, PyBytes_FromStringAndSize(<const char*>buf, o)
+                         + rid + answer, self.answers, True, True):
+            raise CorruptRecord("answers key not after the last; nothing of this command is "
+                                "written")
+        self._put(txn, journal, rid, key, self.requests, False, True)
+        return answer

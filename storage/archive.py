@@ -91,12 +91,12 @@ def id_digest(request_id: bytes) -> bytes:
     """What stays hot of an archived request id: 16 bytes of SHA-256 (a collision among a
     city's ids is 2^-64-unlikely; it would answer one id from the other's segment, whose
     fingerprint then differs: ID_REUSED, never a second charge)."""
-    h = _ID_HASH.copy()
+    h = ID_HASH.copy()
     h.update(request_id)
     return h.digest()[:DIGEST_BYTES]
 
 
-_ID_HASH = hashlib.sha256(b"yikatong archived id\0")
+ID_HASH = hashlib.sha256(b"yikatong archived id\0")
 
 
 # ---------------------------------------------------------------------------- the hot store's

@@ -92,13 +92,13 @@ Command = Callable[["Book"], Any]
 
 # SM3 (GB/T 32905, the national standard) where this OpenSSL has it, else SHA-256; each event
 # names the one that made its hash. Each hash is a copy of an empty one (no look-up by name).
-_HASHES = {}
+AUDIT_HASHES = {}
 for _n, _name in records.AUDIT_ALGORITHMS.items():
     try:
-        _HASHES[_n] = hashlib.new(_name)
+        AUDIT_HASHES[_n] = hashlib.new(_name)
     except ValueError:  # pragma: no cover - an OpenSSL without SM3
         pass
-AUDIT_ALGORITHM = 1 if 1 in _HASHES else 2
+AUDIT_ALGORITHM = 1 if 1 in AUDIT_HASHES else 2
 
 
 def audit_mismatch(value, key: int, before: int) -> str:
@@ -112,7 +112,7 @@ def audit_mismatch(value, key: int, before: int) -> str:
 
 def audit_hash(prev_hash: bytes, body: bytes, algorithm: int = 0) -> bytes:
     algorithm = algorithm or AUDIT_ALGORITHM
-    empty = _HASHES.get(algorithm)
+    empty = AUDIT_HASHES.get(algorithm)
     h = empty.copy() if empty is not None else hashlib.new(records.AUDIT_ALGORITHMS[algorithm])
     h.update(prev_hash)
     h.update(body)

@@ -621,20 +621,27 @@ def audit_forms(sequence: int, time: int, count: int, texts) -> tuple[bytes, byt
     head) of one event, each text encoded once (the writer's path: one per debit)."""
     head = _pack(_AUDIT_BODY, "audit", sequence, time, count)
     canonical, stored = [head], [head]
-    roles, methods = _AUDIT_CODES
     for i, text in enumerate(texts):
-        raw = text.encode("utf-8")
-        n = len(raw)
-        if n > 4096:
-            raise InvalidRecord(f"a text of {n} bytes in an audit event")
-        canonical += (_U16.pack(n), raw)
-        if i == 1 or i == 2:  # role, method: a code where the table has it
-            code = (roles if i == 1 else methods).get(text, 0)
-            stored.append(_SHORT[code])
-            if code:
-                continue
-        stored += (_SHORT[n] if n < 255 else b"\xff" + _U16.pack(n), raw)
+        c, s = audit_text(i, text)
+        canonical.append(c)
+        stored.append(s)
     return b"".join(canonical), b"".join(stored)
+
+
+def audit_text(i: int, text: str) -> tuple[bytes, bytes]:
+    """Text `i` of an event (AUDIT_TEXTS' order) as the canonical body and the stored event
+    hold it: its length (u16) and UTF-8 bytes; stored, its length in one byte (255 and a u16
+    beyond), and the role and method as a code where the table has one (0 and the text
+    where it has not)."""
+    raw = text.encode("utf-8")
+    n = len(raw)
+    if n > 4096:
+        raise InvalidRecord(f"a text of {n} bytes in an audit event")
+    stored = _SHORT[n] + raw if n < 255 else b"\xff" + _U16.pack(n) + raw
+    if i == 1 or i == 2:  # role, method: a code where the table has it
+        code = _AUDIT_CODES[i - 1].get(text, 0)
+        stored = _SHORT[code] if code else _SHORT[0] + stored
+    return _U16.pack(n) + raw, stored
 
 
 def encode_audit_event(algorithm: int, hash_: bytes, sequence: int, time: int, count: int,

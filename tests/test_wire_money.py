@@ -94,12 +94,14 @@ def dump(store: Store) -> dict:
 
 class Pair:
     """Two stores built alike: one answered by the wire path (raw bytes in), one by the Python
-    path (the decoded message in, as the servicer takes it when the wire path declines)."""
+    path (the decoded message in, as the servicer takes it when the wire path declines), its
+    fares too (not the compiled Fares)."""
 
     def __init__(self):
         self.tmp = tempfile.mkdtemp(prefix="wire-money-")
         self.stores = [make_store(os.path.join(self.tmp, k)) for k in ("wire", "python")]
         self.wire, self.python = (Authorization(Core(s, FixedClock())) for s in self.stores)
+        self.python.fares = None  # the reference: every debit by authorize.with_money
         pots.use(SPLIT_RULES)
 
     def close(self):

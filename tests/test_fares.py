@@ -1,0 +1,204 @@
+"""The writer's compiled fares (issue 27: fastpath Fares): a single-phase TRANSIT debit
+decided, debited, audited and remembered in Cython, held to the Python path
+(authorize.with_money through Authorization.debits), its reference: for any sequence of money
+commands, the same answers (or the same refusal), the same records in every database byte for
+byte, and the same replication journal, in the same order; and every debit the compiled path
+does not take (a replay, a hold, a journey to tell, holds on the purse, an electronic card, a
+wide amount, another channel) is left to the Python path with nothing written."""
+import hashlib
+import os
+import shutil
+import tempfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from yikatong import fastpath, journeys, ledger
+from yikatong.errors import YikatongError
+from yikatong.model import (
+    AccountKind,
+    Card,
+    Channel,
+    Flag,
+    Pack,
+    Phase,
+    Role,
+    State,
+    holder_account_key,
+    operator_account_key,
+)
+from yikatong.server.clients import Client
+from yikatong.server.core import Core
+from yikatong.server.services.authorization import Authorization
+from yikatong.storage.lmdb_store import Store
+
+pytestmark = pytest.mark.skipif(fastpath.Fares is None,
+                                reason="the compiled fares need the extension and the wire path")
+NOW = 1_796_000_000
+GATE = Client("gate-1", Role.TRANSIT_GATE)
+METHOD = "Authorization.AuthorizeStream"
+BIG = 5_000_000_000  # beyond a u32: a fare of more than 4,294,967,295 fen is a wide transfer
+CARDS = {  # holder id: (card, fen in the purse)
+    1: (Card("310000000001", Pack.SH, State.ACTIVE, flags=Flag.TRANSIT, holder_id=1), 1_000),
+    2: (Card("310000000002", Pack.SH, State.ACTIVE, flags=Flag.TRANSIT, holder_id=2), 3 * BIG),
+    3: (Card("310000000003", Pack.RC, State.ACTIVE, flags=Flag.TRANSIT, holder_id=3,
+             valid_until=NOW + 86_400), 1_000),
+    4: (Card("310000000004", Pack.SH, State.TEMP_LOSS, flags=Flag.TRANSIT, holder_id=4,
+             temp_loss_until=NOW - 10), 1_000),  # SH-18b: its five days are over
+    5: (Card("310000000005", Pack.SH, State.TEMP_LOSS, flags=Flag.TRANSIT, holder_id=5,
+             temp_loss_until=NOW + 3_600), 1_000),
+    6: (Card("310000000006", Pack.SH, State.LOST, flags=Flag.TRANSIT, holder_id=6), 1_000),
+    7: (Card("310000000007", Pack.GZ, State.ACTIVE, flags=0, holder_id=7), 1_000),
+    8: (Card("310000000008", Pack.SH, State.ACTIVE, flags=Flag.TRANSIT, holder_id=8), 1_000),
+    9: (Card("310000000009", Pack.BJ, State.ACTIVE, flags=Flag.TRANSIT, holder_id=9), 1_000),
+    10: (Card("310000000010", Pack.SH, State.CANCELLED, flags=Flag.TRANSIT, holder_id=10), 9),
+    11: (Card("310000000011", Pack.BJ, State.ACTIVE, flags=Flag.TRANSIT, holder_id=11), 1_000),
+}
+OTHER_NUMBERS = ["310000099999", "310101198711090032"]  # no such card; an e-card's length
+NUMBERS = [c.card_number for c, _ in CARDS.values()] + OTHER_NUMBERS
+
+
+class Clock:
+    def __init__(self):
+        self.at = NOW
+
+    def now(self) -> int:
+        return self.at
+
+
+class Counted(fastpath.Fares or object):  # type: ignore[misc]
+    """The compiled fares, counting the debits they took."""
+    taken = 0
+
+    def fare(self, book, c, now):
+        answer = super().fare(book, c, now)
+        Counted.taken += answer is not None
+        return answer
+
+
+def make(path: str, clock: Clock) -> Store:
+    """The cards above; holder 8's purse holds a tap-in's hold (holds on the purse: the
+    Python path releases what is due first) and holder 9's a journey left to tell."""
+    store = Store(path, map_size=64 * 1024**2, check_command=ledger.check_invariants)
+    store.dbs.now = clock.now
+    topup = operator_account_key("op:topup")
+
+    def fill(book):
+        for h, (card, fen) in CARDS.items():
+            book.put_card(card, 1)
+            ledger.create(book, 1, f"fund-{h}", topup, holder_account_key(h, AccountKind.TRANSIT),
+                          fen)
+        ledger.create(book, NOW - 60, "tap-in-8", holder_account_key(8, AccountKind.TRANSIT),
+                      operator_account_key("op:transit"), 300, pending=True, timeout=30)
+        journeys.begin(book, "tap-in-9", 400, journeys.JourneyTimeout.SETTLE_MAX_FARE)
+        book.put_journey_untold(holder_account_key(9, AccountKind.TRANSIT), "tap-in-9")
+    store.write(fill)
+    return store
+
+
+class Two:
+    """Two stores built alike: one whose fares are compiled, one all by the Python path."""
+
+    def __init__(self):
+        self.tmp = tempfile.mkdtemp(prefix="fares-")
+        self.clock = Clock()
+        self.stores = [make(os.path.join(self.tmp, k), self.clock) for k in ("c", "py")]
+        self.auth = [Authorization(Core(s, self.clock)) for s in self.stores]
+        self.auth[0].fares = Counted
+        self.auth[1].fares = None
+        self.journals: list[list] = [[], []]
+
+    def run(self, commands):
+        """Both stores' outcome of one money command: ("ok", answers) or ("refused", ...)."""
+        got = []
+        for k, (store, auth) in enumerate(zip(self.stores, self.auth, strict=True)):
+            command = auth.debits(commands, GATE, METHOD, True)
+
+            def journaled(book, command=command, k=k):
+                book.journal = journal = []
+                out = command(book)
+                self.journals[k].append(journal)
+                return out
+            try:
+                got.append(("ok", store.write(journaled)))
+            except YikatongError as error:
+                got.append(("refused", type(error).__name__, str(error)))
+        assert got[0] == got[1]
+        assert self.journals[0] == self.journals[1]
+        return got[0]
+
+    def same_store(self):
+        dumps = []
+        for store in self.stores:
+            with store.read() as txn:
+                dumps.append({name: list(txn.cursor(db=db).iternext())
+                              for name, db in sorted(store.dbs.by_name.items())})
+        assert dumps[0] == dumps[1]
+
+    def close(self):
+        for s in self.stores:
+            s.close()
+        shutil.rmtree(self.tmp)
+
+
+@pytest.fixture
+def two():
+    t = Two()
+    yield t
+    t.close()
+
+
+def fare(rid: str, number: str, amount: int, channel: int = Channel.TRANSIT,
+         phase: int = Phase.SINGLE, payee: str = "", timeout: int = 0, salt: str = ""):
+    """A compact command; its fingerprint is its fields' (the same request: a replay)."""
+    fp = hashlib.sha256(f"{rid}|{number}|{amount}|{channel}|{phase}|{payee}{salt}".encode())
+    return (0, rid, number, channel, amount, phase, "", payee, timeout, fp.digest())
+
+
+def test_plain_fares_are_compiled_and_everything_else_is_left_to_the_python_path(two):
+    taken = Counted.taken
+    two.run([fare("a1", NUMBERS[0], 200), fare("a2", NUMBERS[0], 300, payee="op:metro-2"),
+             fare("a3", NUMBERS[1], 4_294_967_295), fare("a4", NUMBERS[2], 150),
+             fare("a5", NUMBERS[3], 10), fare("a6", NUMBERS[10], 10),
+             fare("d1", NUMBERS[0], 10_000), fare("d2", NUMBERS[4], 1),
+             fare("d3", NUMBERS[5], 1), fare("d4", NUMBERS[6], 1), fare("d5", NUMBERS[9], 1)])
+    assert Counted.taken - taken == 11  # approvals (each layout) and declines alike
+    taken = Counted.taken
+    for i, c in enumerate([
+            fare("a1", NUMBERS[0], 200),  # a replay: the first answer
+            fare("p1", NUMBERS[7], 100),  # holds on the purse (a due one, released first)
+            fare("j1", NUMBERS[8], 100),  # a journey to tell... once
+            fare("w1", NUMBERS[1], BIG),  # a wide transfer
+            fare("h1", NUMBERS[0], 100, phase=Phase.HOLD, timeout=60),  # a hold
+            fare("m1", NUMBERS[0], 100, channel=Channel.MEDICAL),  # another channel
+            fare("x1", OTHER_NUMBERS[0], 1), fare("e1", OTHER_NUMBERS[1], 1)]):
+        two.run([c])
+        assert Counted.taken == taken, i
+    two.run([fare("j2", NUMBERS[8], 100)])  # ...and then a plain fare again
+    assert Counted.taken == taken + 1
+    outcome = two.run([fare("ok", NUMBERS[0], 1), fare("a1", NUMBERS[0], 201)])
+    assert outcome[:2] == ("refused", "IdReused")  # the whole command, nothing of it written
+    two.same_store()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(st.tuples(
+    st.sampled_from([f"r{i}" for i in range(25)]), st.sampled_from(NUMBERS),
+    st.one_of(st.integers(1, 1_200), st.sampled_from([BIG - 1, 4_294_967_295, 4_294_967_296])),
+    st.sampled_from([Channel.TRANSIT] * 6 + [Channel.MEDICAL]),
+    st.sampled_from([Phase.SINGLE] * 6 + [Phase.HOLD]), st.sampled_from(["", "op:metro-2"]),
+    st.sampled_from(["", "", "", "again"])), min_size=1, max_size=6), min_size=1, max_size=8),
+    st.lists(st.integers(0, 120), min_size=8, max_size=8))
+def test_any_commands_write_what_the_python_path_writes(messages, steps):
+    two = Two()
+    try:
+        for message, step in zip(messages, steps, strict=False):
+            two.clock.at += step  # holds fall due as time goes
+            two.run([fare(rid, number, amount, channel, phase, payee,
+                          60 if phase == Phase.HOLD else 0, salt)
+                     for rid, number, amount, channel, phase, payee, salt in message])
+        two.same_store()
+    finally:
+        two.close()
