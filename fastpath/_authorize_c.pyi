@@ -10,3 +10,15 @@ class Policy:
 def decide(policy: Policy, record: bytes | memoryview | None, channel: int, now: int,
            points_required: int, amount: int = ..., available: int = ...,
            bank_loss_until: int = ...) -> int: ...
+
+# The writer's compiled fares (compiled only: the Python path, authorize.with_money, is the
+# reference; tests/test_fares.py holds them alike)
+class Fares:
+    def __init__(self, policy: Policy, role: int, rule_pack: int,
+                 audit_texts: tuple[tuple[tuple[bytes, bytes], ...],
+                                    tuple[tuple[bytes, bytes], ...]],
+                 algorithm: int, audit_hash: object, id_hash: object, dbs: object,
+                 default_credit: bytes) -> None: ...
+    def fare(self, book: object, c: tuple, now: int) -> bytes | None: ...
+
+def layout() -> dict[str, int]: ...

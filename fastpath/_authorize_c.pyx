@@ -1001,6 +1001,8 @@ cdef class Fares:
                  bytes default_credit):
         """`audit_texts`: ((canonical, stored) of the client id, role, method) and of the
         purpose, outcome and holder, each pair from records.audit_text."""
+        if not 0 < rule_pack <= 127 or not 0 <= role <= 31:  # records.encode_decision's
+            raise ValueError(f"rule pack {rule_pack}, role {role}")
         self.policy, self.role, self.rule_pack = policy, role, rule_pack
         self.pre_canonical = b"".join([t[0] for t in audit_texts[0]])
         self.pre_stored = b"".join([t[1] for t in audit_texts[0]])
@@ -1013,9 +1015,13 @@ cdef class Fares:
         self.cards, self.transfers, self.changes = dbs.cards, dbs.transfers, dbs.changes
         self.audit, self.journeys_untold = dbs.audit, dbs.journeys_untold
 
-    cdef _put(self, object txn, object journal, bytes key, bytes value, object db,
-              bint append, bint overwrite):
+    cdef bint _put(self, object txn, object journal, bytes key, bytes value, object db,
+                   bint append, bint overwrite) except -1:
+        """Book._put: False for a key that exists (not `overwrite`)."""
         if not txn.put(key, value, False, overwrite, append, db):
+            if append:  # LMDB says False for a key not after the last: a lost write
+                raise CorruptRecord(f"{self.name_of[db].decode()} key {key.hex()} is not "
+                                    "after the last; nothing of this command is written")
             return False
         if journal is not None:
             journal.append((self.name_of[db], key, value))
@@ -1025,10 +1031,11 @@ cdef class Fares:
         """The answer's bytes for command `c` (Authorization.debits' compact form) decided,
         debited, audited and remembered in `book` (whose accounts are held:
         Book.hold_accounts); None, nothing written, when the Python path must take it."""
-        if len(c) != 10 or c[3] != CH_TRANSIT or c[5] != 0:
+        if len(c) != 10 or c[3] != CH_TRANSIT or c[5] != 0 or type(c[1]) is not str \
+                or type(c[2]) is not str or type(c[7]) is not str or type(c[9]) is not bytes:
             return None
         held = book._held
-        if held is None:
+        if held is None or book.dbs is not self.dbs:
             return None
         cdef str request_id = c[1], card_number = c[2], payee = c[7]
         cdef int64_t amount = c[4]
@@ -1037,7 +1044,8 @@ cdef class Fares:
         cdef bytes rid = request_id.encode("utf-8")
         cdef Py_ssize_t nr = PyBytes_GET_SIZE(rid), nc = len(card_number)
         if nr == 0 or nr > ID_MAX or nc == ECARD_DIGITS or nc > CARD_MAX \
-                or PyBytes_GET_SIZE(fingerprint) != 32 or amount <= 0 or amount > AMOUNT_MAX:
+                or not card_number.isascii() or PyBytes_GET_SIZE(fingerprint) != 32 \
+                or amount <= 0 or amount > AMOUNT_MAX:
             return None
         if txn.get(rid, None, self.requests) is not None:
             return None  # a replay (or ID_REUSED): the Python path answers it
@@ -1081,14 +1089,15 @@ cdef class Fares:
             # a transfer of the narrow layout only (records.encode_transfer: amount and time
             # in a u32 each), between two accounts
             if amount > left or left < 0 or PyBytes_GET_SIZE(credit) > ACCOUNT_KEY_MAX \
-                    or credit == debit or now < 0 or now > 0xffffffff or amount > 0xffffffff \
-                    or self.role < 0 or self.role > 31:
+                    or credit == debit or now < 0 or now > 0xffffffff or amount > 0xffffffff:
                 return None
             cr = held.get(credit)
             if cr is None:
                 cr = book.account(credit)
             if cr.credits_posted + amount > 0x7fffffffffffffff:
                 return None  # OVERFLOWS_CREDITS, refused by the Python path
+            if d.credits_pending < 0 or cr.debits_pending < 0 or cr.credits_pending < 0:
+                return None  # a corrupt account: ledger._move's assertion refuses it
         journal = book.journal
         dbs = self.dbs
         cdef uint8_t buf[256]
@@ -1144,11 +1153,9 @@ cdef class Fares:
             buf[o] = <uint8_t>nc
             o += 1
             dbs.change_seq = seq = dbs.change_seq + 1
-            if not self._put(txn, journal, _be64(seq),
-                             PyBytes_FromStringAndSize(<const char*>buf, o) + card + rid,
-                             self.changes, True, True):
-                raise CorruptRecord("changes key not after the last; nothing of this command "
-                                    "is written")
+            self._put(txn, journal, _be64(seq),
+                      PyBytes_FromStringAndSize(<const char*>buf, o) + card + rid, self.changes,
+                      True, True)
             # the audit event (Book.append_audit: no purpose)
             seq, prev = dbs.audit_head
             seq += 1
@@ -1165,12 +1172,10 @@ cdef class Fares:
             digest = h.digest()
             buf[0], buf[1] = AUDIT_VERSION, self.algorithm
             buf[2] = <uint8_t>nc  # records._SHORT: the card number's one-byte length
-            if not self._put(txn, journal, _be64(seq), PyBytes_FromStringAndSize(
-                    <const char*>buf, 2) + digest + head + self.pre_stored
-                    + PyBytes_FromStringAndSize(<const char*>buf + 2, 1) + card
-                    + self.post_stored, self.audit, True, True):
-                raise CorruptRecord("audit key not after the last; nothing of this command "
-                                    "is written")
+            self._put(txn, journal, _be64(seq), PyBytes_FromStringAndSize(<const char*>buf, 2)
+                      + digest + head + self.pre_stored
+                      + PyBytes_FromStringAndSize(<const char*>buf + 2, 1) + card
+                      + self.post_stored, self.audit, True, True)
             dbs.audit_head = (seq, digest)
             answer = money_answer(request_id, 0, left - amount)
         else:
@@ -1186,9 +1191,26 @@ cdef class Fares:
         o += 17
         dbs.answer_seq = seq = dbs.answer_seq + 1
         key = _be64(seq)
-        if not self._put(txn, journal, key, PyBytes_FromStringAndSize(<const char*>buf, o)
-                         + rid + answer, self.answers, True, True):
-            raise CorruptRecord("answers key not after the last; nothing of this command is "
-                                "written")
+        self._put(txn, journal, key, PyBytes_FromStringAndSize(<const char*>buf, o) + rid + answer,
+                  self.answers, True, True)
         self._put(txn, journal, rid, key, self.requests, False, True)
         return answer
+
+
+def layout():
+    """The constants this module copies from the Python side, by their Python names, for
+    tests/test_fares.py to hold equal to their sources."""
+    return {
+        "config.request_id_bytes_max": ID_MAX, "records.CARD_NUMBER_BYTES": CARD_MAX,
+        "config.ecard_number_digits": ECARD_DIGITS, "config.amount_fen_max": AMOUNT_MAX,
+        "config.hold_timeout_seconds_max": TIMEOUT_MAX, "records.TRANSFER_VERSION":
+        TRANSFER_VERSION, "records.CHANGE_VERSION": CHANGE_VERSION,
+        "records.ANSWER_VERSION": ANSWER_VERSION, "records.AUDIT_VERSION": AUDIT_VERSION,
+        "records.VERSION": RECORD_VERSION, "records.SIZE": RECORD_SIZE,
+        "records.OFF_HOLDER_ID": OFF_HOLDER_ID, "model.ACCOUNT_KEY_BYTES_MAX": ACCOUNT_KEY_MAX,
+        "archive.DIGEST_BYTES": DIGEST_BYTES, "AccountKind.TRANSIT": ACCOUNT_TRANSIT,
+        "Channel.TRANSIT": CH_TRANSIT, "ChangeKind.TRANSFER": CHANGE_TRANSFER,
+        "Changed.BALANCE": CHANGED_BALANCE,
+        "TransferKind.SINGLE | TransferStatus.POSTED << 4": KIND_SINGLE_POSTED,
+        "State.TEMP_LOSS": TEMP_LOSS, "Pack.RC": PACK_RC,
+    }

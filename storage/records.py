@@ -249,7 +249,7 @@ def decode_account(value) -> Account:
 # Format 5 and before (version 2, 213 bytes; still read: archive segments keep them):
 #   version kind status channel role amount created_at timeout_at resolved debit(40)
 #   credit(40) ref_id(64) fingerprint(32), NUL-padded
-TRANSFER_VERSION = 3
+TRANSFER_VERSION = 3  # fastpath Fares writes it too (tests/test_fares.py)
 TRANSFER = struct.Struct("<BBBBqqBB")  # wide
 _TRANSFER_PACK = TRANSFER.pack
 TRANSFER_NARROW = struct.Struct("<BBBBIIBB")
@@ -453,7 +453,7 @@ def hot_record(card: HotCard) -> bytes:
 #   fingerprint (its first 16 bytes), then the request id (UTF-8) and the answer (the rest)
 # Format 5 (still in archive segments written by it): `requests` held, per request id, the
 # whole fingerprint (32 bytes), the i64 time and the answer.
-ANSWER_VERSION = 1
+ANSWER_VERSION = 1  # fastpath Fares writes it too (tests/test_fares.py)
 ANSWER = struct.Struct("<BqB16s")
 ANSWER_FINGERPRINT_BYTES = 16
 
@@ -483,7 +483,7 @@ def decode_answer(value) -> tuple[bytes, bytes, int, bytes]:
 # amount, u8 len(card_number) (31 bytes); then the card number (ASCII) and the transfer id
 # (UTF-8: the rest), each as long as it is. Version 2 (format 5 and before; archive segments
 # keep them): the same fields with the card number NUL-padded to 20 and the transfer id to 64.
-CHANGE_VERSION = 3
+CHANGE_VERSION = 3  # fastpath Fares writes it too (tests/test_fares.py)
 CHANGE = struct.Struct("<BBBBBBqQqB")
 _CHANGE_PACK = CHANGE.pack
 _CHANGE_V2 = struct.Struct("<BBBBBBqQq20s64s")
@@ -545,6 +545,7 @@ _AUDIT_HEAD = struct.Struct("<BB32s32s")
 _AUDIT_BODY = struct.Struct("<QqI")
 _U16 = struct.Struct("<H")
 AUDIT_VERSION = 2  # store format 6; version 1 (format 2 to 5) is still read
+# (version 2 is written by fastpath Fares too: tests/test_fares.py)
 AUDIT_TEXTS = ("client_id", "role", "method", "card_number", "purpose", "outcome", "holder")
 # each event's hash; SM3 (GB/T 32905) where this OpenSSL has it
 AUDIT_ALGORITHMS = {1: "sm3", 2: "sha256"}

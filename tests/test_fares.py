@@ -5,6 +5,7 @@ commands, the same answers (or the same refusal), the same records in every data
 byte, and the same replication journal, in the same order; and every debit the compiled path
 does not take (a replay, a hold, a journey to tell, holds on the purse, an electronic card, a
 wide amount, another channel) is left to the Python path with nothing written."""
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -14,23 +15,28 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from yikatong import fastpath, journeys, ledger
-from yikatong.errors import YikatongError
+from yikatong import config, fastpath, journeys, ledger
 from yikatong.model import (
+    ACCOUNT_KEY_BYTES_MAX,
     AccountKind,
     Card,
+    Changed,
+    ChangeKind,
     Channel,
     Flag,
     Pack,
     Phase,
     Role,
     State,
+    TransferKind,
+    TransferStatus,
     holder_account_key,
     operator_account_key,
 )
 from yikatong.server.clients import Client
 from yikatong.server.core import Core
 from yikatong.server.services.authorization import Authorization
+from yikatong.storage import archive, records
 from yikatong.storage.lmdb_store import Store
 
 pytestmark = pytest.mark.skipif(fastpath.Fares is None,
@@ -54,6 +60,13 @@ CARDS = {  # holder id: (card, fen in the purse)
     9: (Card("310000000009", Pack.BJ, State.ACTIVE, flags=Flag.TRANSIT, holder_id=9), 1_000),
     10: (Card("310000000010", Pack.SH, State.CANCELLED, flags=Flag.TRANSIT, holder_id=10), 9),
     11: (Card("310000000011", Pack.BJ, State.ACTIVE, flags=Flag.TRANSIT, holder_id=11), 1_000),
+    12: (Card("310000000012", Pack.SH, State.ACTIVE, flags=Flag.TRANSIT, holder_id=12), 100),
+    13: (Card("310000000013", Pack.SH, State.ACTIVE, flags=Flag.TRANSIT, holder_id=13),
+         100_000),  # the decision's varint of the fen available: 1, 2 (above), 3, 5 bytes
+    14: (Card("310000000014", Pack.RC, State.TEMP_LOSS, flags=Flag.TRANSIT, holder_id=14,
+              temp_loss_until=NOW - 10, valid_until=NOW + 86_400), 1_000),  # both tails
+    15: (Card("310000000015", Pack.SH, State.ACTIVE, flags=Flag.TRANSIT, holder_id=0), 1_000),
+    16: (Card("310000000016", Pack.SH, State.ACTIVE, flags=Flag.TRANSIT, holder_id=16), 1_000),
 }
 OTHER_NUMBERS = ["310000099999", "310101198711090032"]  # no such card; an e-card's length
 NUMBERS = [c.card_number for c, _ in CARDS.values()] + OTHER_NUMBERS
@@ -79,7 +92,8 @@ class Counted(fastpath.Fares or object):  # type: ignore[misc]
 
 def make(path: str, clock: Clock) -> Store:
     """The cards above; holder 8's purse holds a tap-in's hold (holds on the purse: the
-    Python path releases what is due first) and holder 9's a journey left to tell."""
+    Python path releases what is due first), holder 9's a journey left to tell, holder 16's
+    is corrupt; and an id was archived."""
     store = Store(path, map_size=64 * 1024**2, check_command=ledger.check_invariants)
     store.dbs.now = clock.now
     topup = operator_account_key("op:topup")
@@ -87,8 +101,14 @@ def make(path: str, clock: Clock) -> Store:
     def fill(book):
         for h, (card, fen) in CARDS.items():
             book.put_card(card, 1)
-            ledger.create(book, 1, f"fund-{h}", topup, holder_account_key(h, AccountKind.TRANSIT),
-                          fen)
+            ledger.create(book, 1, f"fund-{h}", topup,
+                          holder_account_key(card.holder_id, AccountKind.TRANSIT), fen)
+        # holder 16's purse corrupt (a negative column: ledger._move refuses to move it)
+        purse = holder_account_key(16, AccountKind.TRANSIT)
+        book.put_account(purse, dataclasses.replace(book.account(purse), credits_pending=-1))
+        book.put_account(topup, dataclasses.replace(book.account(topup), debits_pending=-1))
+        # an id moved to the archive (its segment is not there: CorruptRecord, not a charge)
+        book._put(archive.id_digest(b"archived-1"), b"\1\0\0\0", book.dbs.archived_ids)
         ledger.create(book, NOW - 60, "tap-in-8", holder_account_key(8, AccountKind.TRANSIT),
                       operator_account_key("op:transit"), 300, pending=True, timeout=30)
         journeys.begin(book, "tap-in-9", 400, journeys.JourneyTimeout.SETTLE_MAX_FARE)
@@ -103,7 +123,8 @@ class Two:
     def __init__(self):
         self.tmp = tempfile.mkdtemp(prefix="fares-")
         self.clock = Clock()
-        self.stores = [make(os.path.join(self.tmp, k), self.clock) for k in ("c", "py")]
+        self.dirs = [os.path.join(self.tmp, k) for k in ("c", "py")]
+        self.stores = [make(d, self.clock) for d in self.dirs]
         self.auth = [Authorization(Core(s, self.clock)) for s in self.stores]
         self.auth[0].fares = Counted
         self.auth[1].fares = None
@@ -122,8 +143,9 @@ class Two:
                 return out
             try:
                 got.append(("ok", store.write(journaled)))
-            except YikatongError as error:
-                got.append(("refused", type(error).__name__, str(error)))
+            except Exception as error:  # noqa: BLE001 - the same refusal, or the same failure
+                got.append(("refused", type(error).__name__,
+                            str(error).replace(self.dirs[k], "<data dir>")))
         assert got[0] == got[1]
         assert self.journals[0] == self.journals[1]
         return got[0]
@@ -177,6 +199,18 @@ def test_plain_fares_are_compiled_and_everything_else_is_left_to_the_python_path
         assert Counted.taken == taken, i
     two.run([fare("j2", NUMBERS[8], 100)])  # ...and then a plain fare again
     assert Counted.taken == taken + 1
+    for c in (fare("v1", NUMBERS[11], 7), fare("v2", NUMBERS[12], 7),  # the varints
+              fare("tl", NUMBERS[13], 7), fare("h0", NUMBERS[14], 7),
+              fare("付款-1", NUMBERS[10], 1), fare("r" * 64, NUMBERS[10], 1)):
+        taken = Counted.taken
+        assert two.run([c])[0] == "ok"
+        assert Counted.taken == taken + 1, c[1]
+    taken = Counted.taken
+    for c in (fare("fund-2", NUMBERS[0], 1),  # an id that names a transfer already: EXISTS
+              fare("corrupt", NUMBERS[15], 1),  # a corrupt purse: the Python path refuses
+              fare("archived-1", NUMBERS[0], 1)):  # an archived id
+        assert two.run([c])[0] == "refused"
+    assert Counted.taken == taken  # the first raised by the compiled path, as by the other
     outcome = two.run([fare("ok", NUMBERS[0], 1), fare("a1", NUMBERS[0], 201)])
     assert outcome[:2] == ("refused", "IdReused")  # the whole command, nothing of it written
     two.same_store()
@@ -202,3 +236,28 @@ def test_any_commands_write_what_the_python_path_writes(messages, steps):
         two.same_store()
     finally:
         two.close()
+
+
+def test_the_constants_compiled_in_are_their_sources():
+    """A limit or a layout's number changed on the Python side alone would make the two paths
+    differ where no example reaches (an archived id's digest length: charged again)."""
+    sources = {
+        "config.request_id_bytes_max": config.request_id_bytes_max,
+        "records.CARD_NUMBER_BYTES": records.CARD_NUMBER_BYTES,
+        "config.ecard_number_digits": config.ecard_number_digits,
+        "config.amount_fen_max": config.amount_fen_max,
+        "config.hold_timeout_seconds_max": config.hold_timeout_seconds_max,
+        "records.TRANSFER_VERSION": records.TRANSFER_VERSION,
+        "records.CHANGE_VERSION": records.CHANGE_VERSION,
+        "records.ANSWER_VERSION": records.ANSWER_VERSION,
+        "records.AUDIT_VERSION": records.AUDIT_VERSION, "records.VERSION": records.VERSION,
+        "records.SIZE": records.SIZE, "records.OFF_HOLDER_ID": records.OFF_HOLDER_ID,
+        "model.ACCOUNT_KEY_BYTES_MAX": ACCOUNT_KEY_BYTES_MAX,
+        "archive.DIGEST_BYTES": archive.DIGEST_BYTES,
+        "AccountKind.TRANSIT": AccountKind.TRANSIT, "Channel.TRANSIT": Channel.TRANSIT,
+        "ChangeKind.TRANSFER": ChangeKind.TRANSFER, "Changed.BALANCE": Changed.BALANCE,
+        "TransferKind.SINGLE | TransferStatus.POSTED << 4":
+            TransferKind.SINGLE | TransferStatus.POSTED << 4,
+        "State.TEMP_LOSS": State.TEMP_LOSS, "Pack.RC": Pack.RC,
+    }
+    assert fastpath.impl.layout() == sources
