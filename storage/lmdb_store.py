@@ -1133,7 +1133,7 @@ class Book:
         return done
 
     def _delete(self, key: bytes, db) -> bool:
-        done = self.txn.delete(key, db=db)
+        done = self.txn.delete(key, b"", db)
         if done and self.journal is not None:
             self.journal.append((self.dbs.name_of[db], bytes(key), None))
         return done
@@ -1164,9 +1164,9 @@ class Book:
                 raise CorruptRecord(f"replication record {seq} names database {name!r}, which "
                                     "this store does not have")
             if value is None:
-                self.txn.delete(key, db=db)
+                self.txn.delete(key, b"", db)
             else:
-                self.txn.put(key, value, db=db)
+                self.txn.put(key, value, False, True, False, db)  # positional: see _put
         self.set_log_sequence(seq)
         return True
 
