@@ -173,3 +173,49 @@ def error_of_write(store):
     with pytest.raises(Fenced) as refused:
         store.write(lambda book: book.put_meta(b"follower", b"x"))
     return refused.value
+
+
+def test_a_log_server_whose_disk_died_is_caught_up_and_holds_the_records(cluster, tmp_path):
+    """docs/OPERATIONS.md, "The NATS JetStream cluster": a server started again with its name
+    and an empty store_dir gets the stream's records back from the other two; then, with one
+    of those two dead, the records are still there and appends go on (it holds them)."""
+    import shutil
+
+    async def main():
+        nc = await nats.connect(servers=cluster.urls, max_reconnect_attempts=-1,
+                                reconnect_time_wait=0.2)
+        js = nc.jetstream()
+        for _ in range(100):
+            try:
+                await js.add_stream(name="YK", subjects=["yk.log"], num_replicas=3)
+                break
+            except (TimeoutError, nats.errors.TimeoutError):
+                await asyncio.sleep(0.1)
+        for n in range(1, 51):
+            assert await publish_until(js, f"group {n}".encode(), n - 1, 10) == n
+        info = await js.stream_info("YK")
+        victim = next(i for i in range(3) if f"n{i}" != info.cluster.leader)
+        cluster.kill(victim)
+        shutil.rmtree(tmp_path / f"js-{victim}")  # its disk died
+        cluster.start(victim)
+
+        async def caught_up() -> bool:
+            try:
+                info = await js.stream_info("YK")
+            except (TimeoutError, nats.errors.TimeoutError, APIError):
+                return False
+            peers = {info.cluster.leader: (True, 0)} | {
+                r.name: (r.current, r.lag or 0) for r in info.cluster.replicas or ()}
+            return peers.get(f"n{victim}") == (True, 0) and len(peers) == 3
+        deadline = time.monotonic() + 30
+        while not await caught_up():
+            assert time.monotonic() < deadline, "the new server never caught up"
+            await asyncio.sleep(0.2)
+        other = next(i for i in range(3) if i != victim)
+        cluster.kill(other)  # the records now live on the victim and one more
+        assert await publish_until(js, b"group 51", 50, 30) == 51
+        for n in (1, 25, 50, 51):
+            assert (await js.get_msg("YK", n)).data == f"group {n}".encode()
+        await nc.close()
+
+    asyncio.run(main())
