@@ -261,6 +261,10 @@ class Metrics:
                               "any worker does not)", multiprocess_mode="livemin")
         self._reason = Gauge("yikatong_not_serving_reason", "1 while this reason keeps health "
                              "NOT_SERVING", ["reason"], multiprocess_mode="livemax")
+        self._archive_failing = Gauge(
+            "yikatong_archive_failing", "1 while the archive's move has failed "
+            "periodic_failures_max times in a row (the hot store grows; health stays SERVING)",
+            multiprocess_mode="livemax")
         self._free = Gauge("yikatong_data_dir_free_bytes", "Free bytes on the data dir's "
                            "file system", multiprocess_mode="livemin")
         self._next_year = Gauge("yikatong_calendar_next_year_official", "1 when next year's "
@@ -319,6 +323,7 @@ class Metrics:
         self._map_size.set(size)
         store = self._store
         self._serving.set(int(store.healthy))
+        self._archive_failing.set(int(store.archive_failing))
         for reason in REASONS_NOT_SERVING:
             self._reason.labels(reason).set(int(reason in store.not_serving
                                                 or (reason == "writer_down"
@@ -378,8 +383,7 @@ class Metrics:
 
 REASONS = max(Reason) + 1
 REASONS_NOT_SERVING = ("map_full", "disk_full", "corrupt_record", "writer_down",
-                       "archive_failing", "replication_gap", "replication_stalled",
-                       "log_keeper_down")
+                       "replication_gap", "replication_stalled", "log_keeper_down")
 _SECONDS_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
                     2.5, 5, 10)
 _GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)

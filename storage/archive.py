@@ -382,8 +382,10 @@ class Mover:
     """The periodic job's archive step (`--retain-days`), in a nested transaction of its own:
     a move that fails (a segment that cannot be written: a full disk, the archive directory's
     permissions) is logged and rolled back alone, so the hold sweep of the same group still
-    commits; after config.periodic_failures_max in a row the store says "archive_failing"
-    (health NOT_SERVING) until one succeeds."""
+    commits; after config.periodic_failures_max in a row the store says `archive_failing`
+    (the metric yikatong_archive_failing, a warning: the server answers every call rightly
+    meanwhile, so health stays SERVING; the hot store grows, and a disk that fills says
+    NOT_SERVING for itself, disk_full) until one succeeds."""
 
     def __init__(self, retain_seconds: int):
         self.retain_seconds = retain_seconds
@@ -413,13 +415,17 @@ class Mover:
             log.error("the archive's move failed (%d in a row: %s); the records stay in the "
                       "hot store", self.failures, error or type(error).__name__,
                       exc_info=None if again else error)
-            store.note("archive_failing", self.failures >= config.periodic_failures_max)
+            if self.failures == config.periodic_failures_max:
+                log.error("archive failing: the hot store grows until a move succeeds "
+                          "(health stays SERVING)")
+            store.archive_failing = self.failures >= config.periodic_failures_max
             return None
         child.commit()
         if mine:
             book.journal.extend(mine)
-        self.failures, self._last_error = 0, ""
-        store.note("archive_failing", False)
+        if store.archive_failing:
+            log.info("archive failing: cleared (a move succeeded)")
+        self.failures, self._last_error, store.archive_failing = 0, "", False
         return moved
 
 

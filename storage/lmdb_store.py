@@ -389,6 +389,9 @@ class Store:
         # of map_size_max), "disk_full" (past it of the data dir's file system),
         # "corrupt_record" (a read answered DATA_LOSS; until a restart)
         self.not_serving: set[str] = set()
+        # the archive's move failed periodic_failures_max times in a row (storage/archive.py
+        # Mover): a warning, not NOT_SERVING; the hot store grows until disk_full says so
+        self.archive_failing = False
         self._readers = _Readers()
         self._disk_checked = -1e9
         self._group_max = group_max  # 1 = one fsync per command (the benchmark's baseline)

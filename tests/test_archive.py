@@ -6,11 +6,13 @@ damaged archive is named by `yikatong archive verify`. Real servers, the manual 
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 
 import grpc
@@ -20,7 +22,7 @@ from test_e2e import START, new_active_card
 from test_money_e2e import balances, error_of, pay, top_up
 
 from yikatong import config
-from yikatong.server.harness import ROOT, ServerProcess, metadata, wait_until
+from yikatong.server.harness import ROOT, ServerProcess, free_address, metadata, wait_until
 from yikatong.v1 import yikatong_pb2 as pb
 from yikatong.v1 import yikatong_pb2_grpc as rpc
 
@@ -409,11 +411,14 @@ def _cards(data_dir: str) -> list[str]:
     return card_numbers(data_dir)
 
 
-def test_an_archive_that_cannot_be_written_stops_no_hold_sweep_and_is_said_by_health(tmp_path):
+def test_an_archive_that_cannot_be_written_stops_no_hold_sweep_and_is_said_by_a_metric(
+        tmp_path):
     """The move runs in the writer's periodic group beside the hold sweep: a segment that
     cannot be written (here `archive` is a file, not a directory) rolls back the move alone,
-    the due hold is still released, health turns NOT_SERVING after three failures in a row and
-    SERVING again once a move succeeds."""
+    the due hold is still released, and after three failures in a row the metric
+    yikatong_archive_failing says so, until a move succeeds; health stays SERVING throughout
+    (the server answers rightly: a load balancer must not stop sending it calls, and on a
+    cluster it holds the write lease)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     data_dir = str(tmp_path / "data")
@@ -421,11 +426,21 @@ def test_an_archive_that_cannot_be_written_stops_no_hold_sweep_and_is_said_by_he
     blocker = os.path.join(data_dir, "archive")
     with open(blocker, "w") as f:
         f.write("not a directory")
-    srv = serve(tmp_path, "--retain-days", "1", data_dir=data_dir)
+    metrics = free_address()
+    srv = serve(tmp_path, "--retain-days", "1", "--metrics-listen", metrics, data_dir=data_dir)
 
     def health():
         return health_pb2_grpc.HealthStub(srv.channel).Check(
             health_pb2.HealthCheckRequest(), timeout=5).status
+
+    def failing() -> float | None:
+        try:
+            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as r:
+                body = r.read().decode()
+        except OSError:
+            return None
+        found = re.search(r"^yikatong_archive_failing (\S+)$", body, re.M)
+        return float(found[1]) if found else None
 
     try:
         card = new_active_card(srv, 5)
@@ -434,12 +449,15 @@ def test_an_archive_that_cannot_be_written_stops_no_hold_sweep_and_is_said_by_he
         assert balances(srv, card)["TRANSIT"][1] == 300 and open_holds(data_dir) == 1
         advance(srv, DAY + 60)
         assert wait_until(lambda: open_holds(data_dir) == 0, 30)  # the sweep committed
-        assert wait_until(lambda: health() == health_pb2.HealthCheckResponse.NOT_SERVING, 30)
+        assert wait_until(lambda: failing() == 1, 30)
         assert "the archive's move failed (3 in a row: " in srv.output()
+        assert "archive failing: the hot store grows" in srv.output()
+        assert health() == health_pb2.HealthCheckResponse.SERVING
         assert segments(data_dir) == [] and hot(data_dir)["requests"][0] > 0
         os.remove(blocker)
-        assert wait_until(lambda: health() == health_pb2.HealthCheckResponse.SERVING, 30)
+        assert wait_until(lambda: failing() == 0, 30)
         assert wait_until(lambda: hot(data_dir)["requests"][0] == 0, 30)
+        assert health() == health_pb2.HealthCheckResponse.SERVING
     finally:
         assert srv.stop() == 0
     assert yikatong("archive", "verify", "--data-dir", data_dir).returncode == 0
