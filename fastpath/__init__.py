@@ -4,6 +4,7 @@ fallback (the aio-libs / py-lmdb convention). Both stay importable by name."""
 import os
 
 from yikatong.fastpath import _authorize_py
+from yikatong.storage import records as _records
 
 if os.environ.get("YIKATONG_NO_EXTENSIONS"):
     impl = _authorize_py
@@ -35,3 +36,7 @@ APPROVED = _authorize_py.APPROVED
 RULE_PACK = _authorize_py.RULE_PACK  # issue 28 item 4: the version of what decides a debit
 walk = _authorize_py.walk  # decide, row by row (the readable twin's; the same answers)
 CORRUPT = _authorize_py.CORRUPT
+# The replication record's codec: compiled where the extension is (records' own, its twin,
+# otherwise); a writer encodes every commit group, every follower decodes every record
+encode_journal = getattr(impl, "encode_journal", _records.encode_journal)
+decode_journal = getattr(impl, "decode_journal", _records.decode_journal)

@@ -1197,6 +1197,116 @@ cdef class Fares:
         return answer
 
 
+# ------------------------------------------------------------------ the replication record
+#
+# records.encode_journal and records.decode_journal compiled (they are the twins, held to the
+# same bytes, ops and errors by tests/test_fares.py): a writer encodes each commit group's
+# puts and deletes, and every follower decodes every record. Layout: records.py, "A commit
+# group's replication record".
+
+cdef enum:
+    JOURNAL_HEAD = 13  # <BQI: version, log sequence, count
+    JOURNAL_DELETED = 0xFFFFFFFF
+
+
+from yikatong.storage import records as _records
+
+
+def encode_journal(uint64_t seq, list ops):
+    """records.encode_journal(seq, ops); anything but bytes names, keys and values (None
+    for a delete) within their length fields goes to that twin."""
+    twin = _records.encode_journal
+    cdef Py_ssize_t size = JOURNAL_HEAD, o, n
+    cdef object name, key, value
+    if len(ops) > 0xFFFFFFFF:
+        return twin(seq, ops)
+    for op in ops:
+        if type(op) is not tuple or len(<tuple>op) != 3:
+            return twin(seq, ops)
+        name, key, value = <tuple>op
+        if type(name) is not bytes or type(key) is not bytes or PyBytes_GET_SIZE(name) > 255 \
+                or PyBytes_GET_SIZE(key) > 0xFFFFFFFE:
+            return twin(seq, ops)
+        size += 9 + PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(key)
+        if value is not None:
+            if type(value) is not bytes or PyBytes_GET_SIZE(value) >= JOURNAL_DELETED:
+                return twin(seq, ops)
+            size += PyBytes_GET_SIZE(value)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
+    p[0] = 1
+    o = _put_le(p, 1, seq, 8)
+    o = _put_le(p, o, <uint64_t>len(ops), 4)
+    for op in ops:
+        name, key, value = <tuple>op
+        n = PyBytes_GET_SIZE(name)
+        p[o] = <uint8_t>n
+        memcpy(p + o + 1, PyBytes_AS_STRING(name), n)
+        o += 1 + n
+        n = PyBytes_GET_SIZE(key)
+        o = _put_le(p, o, <uint64_t>n, 4)
+        memcpy(p + o, PyBytes_AS_STRING(key), n)
+        o += n
+        if value is None:
+            o = _put_le(p, o, JOURNAL_DELETED, 4)
+        else:
+            n = PyBytes_GET_SIZE(value)
+            o = _put_le(p, o, <uint64_t>n, 4)
+            memcpy(p + o, PyBytes_AS_STRING(value), n)
+            o += n
+    return out
+
+
+cdef inline uint64_t _le(const uint8_t* p, int n) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef int k
+    for k in range(n):
+        v |= (<uint64_t>p[k]) << (8 * k)
+    return v
+
+
+def decode_journal(object record):
+    """records.decode_journal(record): (log sequence, [(database name, key, value or None)]),
+    or CorruptRecord with its messages."""
+    cdef bytes raw = record if type(record) is bytes else bytes(record)
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(raw), at, end
+    cdef uint64_t count, n, k
+    if size < JOURNAL_HEAD:
+        raise CorruptRecord(f"replication record of {size} bytes is cut")
+    if p[0] != 1:
+        raise CorruptRecord(f"replication record version {p[0]}")
+    seq = _le(p + 1, 8)
+    count = _le(p + 9, 4)
+    at = JOURNAL_HEAD
+    ops = []
+    for k in range(count):
+        if at + 1 > size:
+            raise CorruptRecord(f"replication record of {size} bytes is cut")
+        end = at + 1 + p[at]
+        if end + 4 > size:
+            raise CorruptRecord(f"replication record of {size} bytes is cut")
+        name = PyBytes_FromStringAndSize(<const char*>p + at + 1, end - at - 1)
+        n = _le(p + end, 4)
+        at = end + 4 + <Py_ssize_t>n
+        if at + 4 > size:
+            raise CorruptRecord(f"replication record of {size} bytes is cut")
+        key = PyBytes_FromStringAndSize(<const char*>p + end + 4, <Py_ssize_t>n)
+        n = _le(p + at, 4)
+        if n == JOURNAL_DELETED:
+            at += 4
+            ops.append((name, key, None))
+        else:
+            if at + 4 + <Py_ssize_t>n > size:
+                raise CorruptRecord(f"replication record of {size} bytes is cut")
+            ops.append((name, key, PyBytes_FromStringAndSize(<const char*>p + at + 4,
+                                                              <Py_ssize_t>n)))
+            at += 4 + <Py_ssize_t>n
+    if at != size:
+        raise CorruptRecord(f"replication record has {size - at} bytes too many")
+    return seq, ops
+
+
 def layout():
     """The constants this module copies from the Python side, by their Python names, for
     tests/test_fares.py to hold equal to their sources."""

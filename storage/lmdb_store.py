@@ -35,7 +35,7 @@ from typing import Any
 
 import lmdb
 
-from yikatong import config
+from yikatong import config, fastpath
 from yikatong.errors import (
     CorruptRecord,
     Fenced,
@@ -791,7 +791,7 @@ class Store:
                             self._stamp_term(txn, journal)
                             seq = book.log_sequence() + 1
                             book.set_log_sequence(seq)
-                            record = records.encode_journal(seq, journal)
+                            record = fastpath.encode_journal(seq, journal)
                             try:  # the transaction's first record, or built on the last
                                 future = self.append(record, not flight)  # type: ignore[misc]
                             except Exception as e:  # noqa: BLE001 - refused before it left
@@ -949,7 +949,7 @@ class Store:
             self._stamp_term(txn, journal)
             seq = book.log_sequence() + 1
             book.set_log_sequence(seq)
-            replicate(records.encode_journal(seq, journal))
+            replicate(fastpath.encode_journal(seq, journal))
 
     def _stamp_term(self, txn, journal: list) -> None:
         """A new term's first record writes it (replicated with the record): the applier of
@@ -1149,7 +1149,7 @@ class Book:
         only its sequence is taken (a stale writer's record that followed its own refused one
         into the log after the new writer's: docs/SCALE.md, "Gathering while the log
         answers"); None: a record from before terms."""
-        seq, ops = records.decode_journal(record)
+        seq, ops = fastpath.decode_journal(record)
         last = self.log_sequence()
         if seq <= last:
             return False

@@ -219,3 +219,40 @@ def test_both_implementations_give_the_same_answer(record, channel, now, points,
     py, c = IMPLS
     assert py.decide(policy(py), record, channel, now, points, amount, available) == \
         c.decide(policy(c), record, channel, now, points, amount, available)
+
+
+# ---- the replication record's codec: compiled (fastpath) against records' own, its twin
+
+_OPS = st.lists(st.tuples(
+    st.binary(min_size=1, max_size=40), st.binary(max_size=70),
+    st.one_of(st.none(), st.binary(max_size=300))), max_size=30)
+
+
+def _outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except Exception as error:  # noqa: BLE001 - the same error, with the same message
+        return (type(error).__name__, str(error))
+
+
+@pytest.mark.skipif(_authorize_c is None, reason="YIKATONG_NO_EXTENSIONS")
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**64 - 1), _OPS, st.data())
+def test_the_compiled_replication_codec_is_its_python_twin(seq, ops, data):
+    record = r.encode_journal(seq, ops)
+    assert _authorize_c.encode_journal(seq, ops) == record
+    assert _authorize_c.decode_journal(record) == r.decode_journal(record) == (seq, ops)
+    # any damage: cut, grown, or bytes changed (lengths, version, count) is refused alike
+    cut = data.draw(st.integers(0, len(record)))
+    flips = data.draw(st.lists(st.tuples(st.integers(0, max(0, len(record) - 1)),
+                                         st.integers(0, 255)), max_size=3))
+    damaged = bytearray(record[:cut] + data.draw(st.binary(max_size=8)))
+    for at, byte in flips:
+        if at < len(damaged):
+            damaged[at] = byte
+    for form in (bytes(damaged), memoryview(bytes(damaged))):
+        assert _outcome(_authorize_c.decode_journal, form) == \
+            _outcome(r.decode_journal, form)
+    # what is not plain bytes goes to the twin: the same record, or its error
+    odd = [(bytearray(n), k, v) for n, k, v in ops[:1]] + ops[1:]
+    assert _outcome(_authorize_c.encode_journal, seq, odd) == _outcome(r.encode_journal, seq, odd)
