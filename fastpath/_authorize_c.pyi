@@ -1,4 +1,5 @@
-# The compiled twin's signature (yarl's _quoting_c.pyi): the same as _authorize_py's.
+# The compiled module's signatures (yarl's _quoting_c.pyi): Policy and decide are
+# _authorize_py's; the rest is compiled only (its twins named where each is defined).
 from collections.abc import Mapping
 
 APPROVED: int
@@ -22,3 +23,7 @@ class Fares:
     def fare(self, book: object, c: tuple, now: int) -> bytes | None: ...
 
 def layout() -> dict[str, int]: ...
+
+# records.encode_journal and decode_journal compiled (tests/test_fastpath.py)
+def encode_journal(seq: int, ops: list) -> bytes: ...
+def decode_journal(record: bytes | memoryview) -> tuple[int, list]: ...

@@ -134,7 +134,7 @@ from libc.stdint cimport uint32_t, uint64_t
 
 cdef enum:
     ID_MAX = 64  # config.request_id_bytes_max
-    CARD_MAX = 20  # config.card_number_length_max
+    CARD_MAX = 20  # records.CARD_NUMBER_BYTES (config.card_number_length_max)
     ECARD_DIGITS = 18  # config.ecard_number_digits
     CHANNEL_MAX = 6
     REASONS = 15  # server.metrics.REASONS: APPROVED and the 14 declines
@@ -948,8 +948,10 @@ def money_answers(list answers, list commands, object tally, bint batch):
 # Authorization.debits): Fares.fare writes exactly what it writes (every record's bytes, in
 # the same order, into the same journal), held equal by tests/test_fares.py; anything else
 # (a replay, a hold, a journey to tell, an electronic card, holds on the purse, a record the
-# Python path would refuse or fail on) returns None before anything is written, and the
-# Python path takes that debit. Layouts: storage/records.py, storage/lmdb_store.py.
+# Python path would refuse or fail on) is left to the Python path: None, before anything is
+# written. One refusal it makes itself, as the Python path makes it: a transfer id taken
+# (EXISTS, after the held accounts changed: the command fails whole). Layouts:
+# storage/records.py, storage/lmdb_store.py.
 
 from yikatong.errors import CorruptRecord, TransferRefused
 
@@ -1073,9 +1075,7 @@ cdef class Fares:
         cdef bytes debit = PyBytes_FromStringAndSize(<const char*>key_b, 10)
         if txn.get(debit, None, self.journeys_untold) is not None:
             return None  # a journey to tell (issue 28)
-        d = held.get(debit)
-        if d is None:
-            d = book.account(debit)
+        d = book.account(debit)  # held: read once a command
         if d.debits_pending:
             return None  # holds on the purse: released first (ledger.settle)
         cdef object left_o = d.credits_posted - d.debits_posted
@@ -1088,12 +1088,10 @@ cdef class Fares:
         if reason == 0:
             # a transfer of the narrow layout only (records.encode_transfer: amount and time
             # in a u32 each), between two accounts
-            if amount > left or left < 0 or PyBytes_GET_SIZE(credit) > ACCOUNT_KEY_MAX \
-                    or credit == debit or now < 0 or now > 0xffffffff or amount > 0xffffffff:
+            if amount > left or PyBytes_GET_SIZE(credit) > ACCOUNT_KEY_MAX \
+                    or now < 0 or now > 0xffffffff or amount > 0xffffffff:
                 return None
-            cr = held.get(credit)
-            if cr is None:
-                cr = book.account(credit)
+            cr = book.account(credit)
             if cr.credits_posted + amount > 0x7fffffffffffffff:
                 return None  # OVERFLOWS_CREDITS, refused by the Python path
             if d.credits_pending < 0 or cr.debits_pending < 0 or cr.credits_pending < 0:
@@ -1108,9 +1106,8 @@ cdef class Fares:
             d.debits_posted += amount
             cr.credits_posted += amount
             changed = book._changed
-            changed[debit] = None
+            changed[debit] = None  # both held already (Book.account)
             changed[credit] = None
-            held[debit], held[credit] = d, cr
             dp, dpost, cp, cpost = book.add_to_ledger_totals(0, amount)
             assert dp == cp and dpost == cpost, "ledger totals out of balance"
             # the transfer (records.encode_transfer, narrow, with its decision)
@@ -1128,13 +1125,7 @@ cdef class Fares:
             buf[o + 1] = rec[2] | rec[1] << 4
             buf[o + 2], buf[o + 3], buf[o + 4] = rec[3], rec[4], rec[5]
             o += 5
-            v = <uint64_t>left
-            while v >= 0x80:
-                buf[o] = (v & 0x7f) | 0x80
-                v >>= 7
-                o += 1
-            buf[o] = v
-            o += 1
+            o = _put_varint(buf, o, <uint64_t>left)
             if rec[2] == TEMP_LOSS:
                 memcpy(buf + o, rec + 8, 8)
                 o += 8
@@ -1200,25 +1191,27 @@ cdef class Fares:
 # ------------------------------------------------------------------ the replication record
 #
 # records.encode_journal and records.decode_journal compiled (they are the twins, held to the
-# same bytes, ops and errors by tests/test_fares.py): a writer encodes each commit group's
+# same bytes, ops and errors by tests/test_fastpath.py): a writer encodes each commit group's
 # puts and deletes, and every follower decodes every record. Layout: records.py, "A commit
 # group's replication record".
 
 cdef enum:
     JOURNAL_HEAD = 13  # <BQI: version, log sequence, count
-    JOURNAL_DELETED = 0xFFFFFFFF
+cdef uint64_t JOURNAL_DELETED = 0xFFFFFFFF  # a delete's value length (no C int enum holds it)
 
 
 from yikatong.storage import records as _records
 
 
-def encode_journal(uint64_t seq, list ops):
-    """records.encode_journal(seq, ops); anything but bytes names, keys and values (None
-    for a delete) within their length fields goes to that twin."""
+def encode_journal(object seq, object ops):
+    """records.encode_journal(seq, ops); anything else than a list of (bytes name, bytes key,
+    bytes value or None for a delete) within their length fields and a sequence within a
+    u64 goes to that twin (its bytes, or its error)."""
     twin = _records.encode_journal
     cdef Py_ssize_t size = JOURNAL_HEAD, o, n
     cdef object name, key, value
-    if len(ops) > 0xFFFFFFFF:
+    if type(ops) is not list or type(seq) is not int or not 0 <= seq <= 0xFFFFFFFFFFFFFFFF \
+            or len(ops) > 0xFFFFFFFF:
         return twin(seq, ops)
     for op in ops:
         if type(op) is not tuple or len(<tuple>op) != 3:
@@ -1229,13 +1222,14 @@ def encode_journal(uint64_t seq, list ops):
             return twin(seq, ops)
         size += 9 + PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(key)
         if value is not None:
-            if type(value) is not bytes or PyBytes_GET_SIZE(value) >= JOURNAL_DELETED:
+            if type(value) is not bytes \
+                    or <uint64_t>PyBytes_GET_SIZE(value) >= JOURNAL_DELETED:
                 return twin(seq, ops)
             size += PyBytes_GET_SIZE(value)
     out = PyBytes_FromStringAndSize(NULL, size)
     cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
     p[0] = 1
-    o = _put_le(p, 1, seq, 8)
+    o = _put_le(p, 1, <uint64_t>seq, 8)
     o = _put_le(p, o, <uint64_t>len(ops), 4)
     for op in ops:
         name, key, value = <tuple>op
@@ -1308,8 +1302,9 @@ def decode_journal(object record):
 
 
 def layout():
-    """The constants this module copies from the Python side, by their Python names, for
-    tests/test_fares.py to hold equal to their sources."""
+    """The constants Fares and the codec write with, and the wire path's limits, copied from
+    the Python side: by their Python names, for tests/test_fares.py to hold equal to their
+    sources."""
     return {
         "config.request_id_bytes_max": ID_MAX, "records.CARD_NUMBER_BYTES": CARD_MAX,
         "config.ecard_number_digits": ECARD_DIGITS, "config.amount_fen_max": AMOUNT_MAX,
@@ -1323,4 +1318,6 @@ def layout():
         "Changed.BALANCE": CHANGED_BALANCE,
         "TransferKind.SINGLE | TransferStatus.POSTED << 4": KIND_SINGLE_POSTED,
         "State.TEMP_LOSS": TEMP_LOSS, "Pack.RC": PACK_RC,
+        "records._HAS_DECISION": HAS_DECISION, "records._JOURNAL_HEAD.size": JOURNAL_HEAD,
+        "records._DELETED": JOURNAL_DELETED,
     }

@@ -87,6 +87,9 @@ def path_of(archive_dir: str, n: int) -> str:
     return os.path.join(archive_dir, name_of(n))
 
 
+ID_HASH = hashlib.sha256(b"yikatong archived id\0")  # copied per id (fastpath Fares too)
+
+
 def id_digest(request_id: bytes) -> bytes:
     """What stays hot of an archived request id: 16 bytes of SHA-256 (a collision among a
     city's ids is 2^-64-unlikely; it would answer one id from the other's segment, whose
@@ -95,8 +98,6 @@ def id_digest(request_id: bytes) -> bytes:
     h.update(request_id)
     return h.digest()[:DIGEST_BYTES]
 
-
-ID_HASH = hashlib.sha256(b"yikatong archived id\0")
 
 
 # ---------------------------------------------------------------------------- the hot store's
@@ -407,7 +408,7 @@ class Mover:
         try:
             moved = move(Book(child, book.dbs, mine), now, self.retain_seconds,
                          bytes_max=room)
-        except Exception as error:  # noqa: BLE001 - logged, counted, said by health
+        except Exception as error:  # noqa: BLE001 - logged, counted, said by the metric
             child.abort()
             self.failures += 1
             again = repr(error) == self._last_error  # its traceback once, not every second

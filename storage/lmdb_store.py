@@ -99,6 +99,7 @@ for _n, _name in records.AUDIT_ALGORITHMS.items():
     except ValueError:  # pragma: no cover - an OpenSSL without SM3
         pass
 AUDIT_ALGORITHM = 1 if 1 in AUDIT_HASHES else 2
+del _n, _name
 
 
 def audit_mismatch(value, key: int, before: int) -> str:
@@ -1125,8 +1126,8 @@ class Book:
 
     def _put(self, key: bytes, value: bytes, db, append: bool = False,
              overwrite: bool = True) -> bool:
-        # positional, as every get here (default, db): py-lmdb parses keywords each call,
-        # 75-175 ns of the writer's time, many times a debit
+        # positional, as the Book's gets (key, default, db): py-lmdb parses keywords each
+        # call, 75-175 ns of the writer's time, many times a debit
         done = self.txn.put(key, value, False, overwrite, append, db)
         if append and not done:  # LMDB says False for a key not after the last: a lost write
             raise CorruptRecord(f"{self.dbs.name_of[db].decode()} key {bytes(key).hex()} is "
@@ -1588,7 +1589,7 @@ class Book:
     # ---- SH-31, GZ-35: electronic cards
     def ecard_of(self, holder_id: int, pack: int) -> str | None:
         """The holder's electronic card of a pack, if one was issued."""
-        value = self.txn.get(_U64.pack(holder_id) + bytes((pack,)), db=self.dbs.ecards)
+        value = self.txn.get(_U64.pack(holder_id) + bytes((pack,)), None, self.dbs.ecards)
         return None if value is None else bytes(value).decode("ascii")
 
     def put_ecard(self, number: str, holder_id: int, pack: int) -> None:
@@ -1626,7 +1627,8 @@ class Book:
                   db=self.dbs.residences)
 
     def current_card(self, holder_id: int, pack: int) -> str | None:
-        value = self.txn.get(_U64.pack(holder_id) + bytes((pack,)), db=self.dbs.holder_cards)
+        value = self.txn.get(_U64.pack(holder_id) + bytes((pack,)), None,
+                             self.dbs.holder_cards)
         return None if value is None else bytes(value).decode("ascii")
 
     def set_current_card(self, holder_id: int, pack: int, card_number: str) -> None:
@@ -1715,8 +1717,8 @@ class Book:
 
     def archived(self, request_id: str) -> bool:
         """Whether `request_id` (a transfer's id too) was moved to the archive."""
-        return self.txn.get(archive.id_digest(request_id.encode("utf-8")),
-                            db=self.dbs.archived_ids) is not None
+        return self.txn.get(archive.id_digest(request_id.encode("utf-8")), None,
+                            self.dbs.archived_ids) is not None
 
     def remember(self, request_id: str, fingerprint: bytes, answer: bytes) -> None:
         """Store format 6: the answer under the next sequence of `answers` (appended: the
@@ -1758,7 +1760,9 @@ class Book:
         are kept in this book and written once at the end: a money command's hundred debits
         credit one operator account and move the totals a hundred times (one write each, not
         a hundred). Only for a command that fails whole if anything in it raises (its child
-        transaction is dropped with this book), and that reads accounts only through it."""
+        transaction is dropped with this book), and that reads accounts only through it
+        (fastpath Fares reads and changes `_held` and `_changed` as `account` and
+        `put_account` do)."""
         self._held, self._changed, self._totals = {}, {}, None
 
     def write_held(self) -> None:

@@ -235,7 +235,9 @@ def decode_account(value) -> Account:
     return Account(*ACCOUNT.unpack(value)[1:])
 
 
-# Transfers: key = transfer id (UTF-8). Store format 6 (TRANSFER_VERSION 3): a fixed head,
+# Transfers (written by fastpath Fares too, the narrow layout with a decision: a change here
+# is a change there, tests/test_fares.py): key = transfer id (UTF-8). Store format 6
+# (TRANSFER_VERSION 3): a fixed head,
 # then what is set, as long as it is (no padding; no fingerprint: the request's fingerprint is
 # kept once, with its remembered answer):
 #   version, kind | status << 4, channel | role << 3, `has` (bit 0: timeout_at follows, bit
@@ -364,7 +366,8 @@ class Decision(typing.NamedTuple):
 def encode_decision(rule_pack: int, record, available: int, asked: int) -> bytes:
     """The decision's record from the card record's bytes it was decided on (checked by the
     decision: `hot`), the fen available before and the ASKED_* bits. Once per debit: up to
-    20,971 yuan available (three varint bytes) without a loop."""
+    20,971 yuan available (three varint bytes) without a loop. fastpath Fares writes it too
+    for a plain fare (tests/test_fares.py): a change here is a change there."""
     if not 0 < rule_pack <= RULE_PACK_MAX:
         raise InvalidRecord(f"rule pack {rule_pack}")
     state, pack, v = record[2], record[1], available
@@ -479,6 +482,7 @@ def decode_answer(value) -> tuple[bytes, bytes, int, bytes]:
 
 # ---------------------------------------------------------------------------- change log
 
+# (Written by fastpath Fares too: tests/test_fares.py.)
 # Store format 6 (CHANGE_VERSION 3): version kind state flags lock_mask what time holder_id
 # amount, u8 len(card_number) (31 bytes); then the card number (ASCII) and the transfer id
 # (UTF-8: the rest), each as long as it is. Version 2 (format 5 and before; archive segments
@@ -852,7 +856,8 @@ def decode_credit(value) -> CreditRecord:
 
 # A commit group's replication record (storage.lmdb_store Book.journal): version, the log
 # sequence, the number of operations; then each: database name, key, value (a delete has
-# the value length 0xFFFFFFFF and no value).
+# the value length 0xFFFFFFFF and no value). Compiled twin: fastpath encode_journal and
+# decode_journal (tests/test_fastpath.py): a change here is a change there.
 _JOURNAL_HEAD = struct.Struct("<BQI")
 _JOURNAL_NAME = struct.Struct("<B")
 _JOURNAL_LEN = struct.Struct("<I")

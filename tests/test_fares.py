@@ -81,11 +81,15 @@ class Clock:
 
 
 class Counted(fastpath.Fares or object):  # type: ignore[misc]
-    """The compiled fares, counting the debits they took."""
-    taken = 0
+    """The compiled fares, counting the debits they took and the refusals they raised."""
+    taken = raised = 0
 
     def fare(self, book, c, now):
-        answer = super().fare(book, c, now)
+        try:
+            answer = super().fare(book, c, now)
+        except Exception:
+            Counted.raised += 1
+            raise
         Counted.taken += answer is not None
         return answer
 
@@ -106,6 +110,7 @@ def make(path: str, clock: Clock) -> Store:
         # holder 16's purse corrupt (a negative column: ledger._move refuses to move it)
         purse = holder_account_key(16, AccountKind.TRANSIT)
         book.put_account(purse, dataclasses.replace(book.account(purse), credits_pending=-1))
+        # (and op:topup's, so that the columns still sum to zero for check_invariants)
         book.put_account(topup, dataclasses.replace(book.account(topup), debits_pending=-1))
         # an id moved to the archive (its segment is not there: CorruptRecord, not a charge)
         book._put(archive.id_digest(b"archived-1"), b"\1\0\0\0", book.dbs.archived_ids)
@@ -205,12 +210,14 @@ def test_plain_fares_are_compiled_and_everything_else_is_left_to_the_python_path
         taken = Counted.taken
         assert two.run([c])[0] == "ok"
         assert Counted.taken == taken + 1, c[1]
-    taken = Counted.taken
-    for c in (fare("fund-2", NUMBERS[0], 1),  # an id that names a transfer already: EXISTS
+    taken, raised = Counted.taken, Counted.raised
+    for c in (fare("fund-2", NUMBERS[10], 1),  # an id that names a transfer already: EXISTS
               fare("corrupt", NUMBERS[15], 1),  # a corrupt purse: the Python path refuses
-              fare("archived-1", NUMBERS[0], 1)):  # an archived id
+              fare("corrupt-credit", NUMBERS[10], 1, payee="op:topup"),  # a corrupt credit
+              fare("archived-1", NUMBERS[10], 1)):  # an archived id
         assert two.run([c])[0] == "refused"
-    assert Counted.taken == taken  # the first raised by the compiled path, as by the other
+    # the first raised by the compiled path, as by the other; the rest left to the other
+    assert Counted.taken == taken and Counted.raised == raised + 1
     outcome = two.run([fare("ok", NUMBERS[0], 1), fare("a1", NUMBERS[0], 201)])
     assert outcome[:2] == ("refused", "IdReused")  # the whole command, nothing of it written
     two.same_store()
@@ -259,5 +266,8 @@ def test_the_constants_compiled_in_are_their_sources():
         "TransferKind.SINGLE | TransferStatus.POSTED << 4":
             TransferKind.SINGLE | TransferStatus.POSTED << 4,
         "State.TEMP_LOSS": State.TEMP_LOSS, "Pack.RC": Pack.RC,
+        "records._HAS_DECISION": records._HAS_DECISION,
+        "records._JOURNAL_HEAD.size": records._JOURNAL_HEAD.size,
+        "records._DELETED": records._DELETED,
     }
     assert fastpath.impl.layout() == sources

@@ -103,7 +103,8 @@ writer_group_max = 512  # commands folded into one write transaction (one fsync)
 # end. A few seconds of the writer's work at its measured group-commit rate.
 writer_queue_max = 65_536
 writer_idle_seconds = 1.0  # an idle writer runs its periodic jobs (the hold sweep) this often
-# A periodic job that fails this many times in a row turns health NOT_SERVING.
+# A periodic job that fails this many times in a row turns health NOT_SERVING (the archive's
+# move: the metric yikatong_archive_failing only, a warning).
 periodic_failures_max = 3
 
 # ---- the archive (issue 26; storage/archive.py): records older than --retain-days leave LMDB

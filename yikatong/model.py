@@ -290,7 +290,7 @@ class IssuingBanks:
 # An account is named by its key: a holder's account (holder id and kind) or an operator's
 # (`op:<name>`). Holder accounts belong to the holder, so a replacement card reaches them.
 ACCOUNT_KEY_BYTES_MAX = 40
-_HOLDER_KEY = struct.Struct(">cQB")  # fastpath Fares makes it too
+_HOLDER_KEY = struct.Struct(">cQB")  # fastpath Fares makes it too (tests/test_fares.py)
 
 
 def holder_account_key(holder_id: int, kind: int) -> bytes:

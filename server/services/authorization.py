@@ -116,7 +116,8 @@ class Authorization:
         operator's accounts in order as an 11th (issue 28 item 2), or a journey's tap-in's
         max_fare_fen and on_timeout as an 11th and 12th (item 1; never both: a split is
         single-phase, a journey a hold); `answer(request_id, reason, available_fen)` the
-        AuthorizeResponse's bytes."""
+        AuthorizeResponse's bytes (the compiled fares answer with fastpath.money_answer,
+        which tests/test_wire_money.py holds to protobuf's bytes)."""
         clock, policy, role = self.core.clock, self.core.policy, client.role
         client_id, role_name = client.id, role.name
         with_money = authorize.with_money
