@@ -1301,6 +1301,22 @@ def decode_journal(object record):
     return seq, ops
 
 
+def apply_ops(object txn, list ops, dict by_name, Py_ssize_t start=0):
+    """_authorize_py.apply_ops, compiled: Book.apply_journal's loop over a record's ops."""
+    put, delete = txn.put, txn.delete
+    cdef Py_ssize_t i, n = len(ops)
+    for i in range(start, n):
+        name, key, value = <tuple>ops[i]
+        db = by_name.get(name)
+        if db is None:
+            return i
+        if value is None:
+            delete(key, b"", db)
+        else:
+            put(key, value, False, True, False, db)
+    return n
+
+
 def layout():
     """The constants Fares and the codec write with, and the wire path's limits, copied from
     the Python side: by their Python names, for tests/test_fares.py to hold equal to their

@@ -419,3 +419,20 @@ def money_answers(answers: list, commands: list, tally, batch: bool) -> bytes:
     if not batch:
         return answers[0]
     return b"".join(b"\x0a" + _put_varint(len(a)) + a for a in answers)
+
+
+def apply_ops(txn, ops: list, by_name: dict, start: int = 0) -> int:
+    """Book.apply_journal's loop: put or delete each of ops[start:] (database name, key,
+    value or None) in `txn`, in order, up to the first whose database `by_name` does not
+    name; its index (the caller takes that op: an archive segment, or a corrupt record), or
+    len(ops) when every one is done. Compiled in _authorize_c (a follower's every op)."""
+    for i in range(start, len(ops)):
+        name, key, value = ops[i]
+        db = by_name.get(name)
+        if db is None:
+            return i
+        if value is None:
+            txn.delete(key, b"", db)
+        else:
+            txn.put(key, value, False, True, False, db)
+    return len(ops)

@@ -1159,18 +1159,15 @@ class Book:
         if term is not None and term < self.term():
             self.set_log_sequence(seq)
             return True
-        for name, key, value in ops:
-            db = self.dbs.by_name.get(name)
-            if db is None and name == archive.SEGMENT_OP and value is not None:
+        at, apply, by_name = 0, fastpath.apply_ops, self.dbs.by_name
+        while (at := apply(self.txn, ops, by_name, at)) < len(ops):  # up to an unknown name
+            name, key, value = ops[at]
+            if name == archive.SEGMENT_OP and value is not None:
                 archive.write_replicated(self, key, value)  # before the deletes
-                continue
-            if db is None:
+            else:
                 raise CorruptRecord(f"replication record {seq} names database {name!r}, which "
                                     "this store does not have")
-            if value is None:
-                self.txn.delete(key, b"", db)
-            else:
-                self.txn.put(key, value, False, True, False, db)  # positional: see _put
+            at += 1
         self.set_log_sequence(seq)
         return True
 

@@ -256,3 +256,35 @@ def test_the_compiled_replication_codec_is_its_python_twin(seq, ops, data):
     # what is not plain bytes goes to the twin: the same record, or its error
     odd = [(bytearray(n), k, v) for n, k, v in ops[:1]] + ops[1:]
     assert _outcome(_authorize_c.encode_journal, seq, odd) == _outcome(r.encode_journal, seq, odd)
+
+
+@pytest.mark.skipif(_authorize_c is None, reason="YIKATONG_NO_EXTENSIONS")
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([b"a", b"b", b"unknown"]),
+                          st.binary(min_size=1, max_size=8),
+                          st.one_of(st.none(), st.binary(max_size=20))), max_size=25),
+       st.integers(0, 5))
+def test_the_compiled_apply_loop_is_its_python_twin(ops, start):
+    """A follower's loop over a record's ops: the same puts and deletes in the same order, up
+    to the same first op naming a database the store does not have."""
+    import tempfile
+
+    import lmdb
+
+    outcomes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, impl in enumerate((_authorize_c, ref)):
+            env = lmdb.open(os.path.join(tmp, str(k)), max_dbs=4, map_size=1 << 24)
+            by_name = {n: env.open_db(n) for n in (b"a", b"b")}
+            with env.begin(write=True) as txn:
+                for db in by_name.values():  # something to delete
+                    for key in (b"\0", b"x", b"\xff"):
+                        txn.put(key, b"old", db=db)
+                at = impl.apply_ops(txn, ops, by_name, start)
+            with env.begin() as txn:
+                outcomes.append((at, {n: list(txn.cursor(db=db)) for n, db in by_name.items()}))
+            env.close()
+    assert outcomes[0] == outcomes[1]
+    first_unknown = next((i for i, op in enumerate(ops) if i >= start and op[0] == b"unknown"),
+                         len(ops))
+    assert outcomes[0][0] == first_unknown
