@@ -53,11 +53,23 @@ cdef inline int64_t _i64(const uint8_t* p) noexcept nogil:
     return v
 
 
+cdef inline bint _valid(const uint8_t* rec, Py_ssize_t n) noexcept nogil:
+    """records.check: the layout's size, version, and a known pack and state."""
+    return n == RECORD_SIZE and rec[0] == RECORD_VERSION and 1 <= rec[1] <= 4 \
+        and 1 <= rec[2] <= 9
+
+
+cdef inline void _holder_key(const uint8_t* rec, uint8_t* key) noexcept nogil:
+    """The card's holder id as the store's keys hold it (big-endian; the record: little)."""
+    cdef int k
+    for k in range(8):
+        key[k] = rec[OFF_HOLDER_ID + 7 - k]
+
+
 cdef int c_decide(Policy policy, const uint8_t* rec, Py_ssize_t n, int channel, int64_t now,
                   int points_required, int64_t amount, int64_t available,
                   int64_t bank_loss_until) noexcept:
-    if n != RECORD_SIZE or rec[0] != RECORD_VERSION or rec[1] < 1 or rec[1] > 4 \
-            or rec[2] < 1 or rec[2] > 9:
+    if not _valid(rec, n):
         return -1
     cdef uint8_t pack = rec[1]
     cdef uint8_t state = rec[2]
@@ -377,10 +389,8 @@ cdef int _other_cards(object get, object cards, object holder_cards, const uint8
     decides (a cancelled card, whose ground is a text; a record it would refuse)."""
     cdef uint8_t key[9]
     cdef uint8_t pack, state
-    cdef int k
     cdef const uint8_t* other
-    for k in range(8):  # holder_cards keys: the holder id big-endian (records: little)
-        key[k] = rec[OFF_HOLDER_ID + 7 - k]
+    _holder_key(rec, key)  # holder_cards keys: the holder id and a pack
     for pack in range(1, 4):  # Pack.SH, GZ, BJ (cards._ACCOUNT_PACKS)
         if pack == rec[1]:
             continue
@@ -392,8 +402,7 @@ cdef int _other_cards(object get, object cards, object holder_cards, const uint8
         if record is None:
             continue
         other = <const uint8_t*>PyBytes_AS_STRING(record)
-        if PyBytes_GET_SIZE(record) != RECORD_SIZE or other[0] != RECORD_VERSION \
-                or other[1] < 1 or other[1] > 4 or other[2] < 1 or other[2] > 9:
+        if not _valid(other, PyBytes_GET_SIZE(record)):
             return -1
         state = other[2]
         if state == LOST:
@@ -1061,16 +1070,13 @@ cdef class Fares:
             return None  # no such card
         cdef const uint8_t* rec = <const uint8_t*>PyBytes_AS_STRING(record)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(record)
-        if n != RECORD_SIZE or rec[0] != RECORD_VERSION or rec[1] < 1 or rec[1] > 4 \
-                or rec[2] < 1 or rec[2] > 9:
+        if not _valid(rec, n):
             return None  # not a valid record (records.check): the Python path says so
         cdef uint64_t holder_id
         memcpy(&holder_id, rec + OFF_HOLDER_ID, 8)
-        cdef uint8_t key_b[10]
+        cdef uint8_t key_b[10]  # model.holder_account_key: b"h", the holder id, the kind
         key_b[0] = ord("h")
-        cdef int k
-        for k in range(8):
-            key_b[1 + k] = (holder_id >> (8 * (7 - k))) & 0xff
+        _holder_key(rec, key_b + 1)
         key_b[9] = ACCOUNT_TRANSIT
         cdef bytes debit = PyBytes_FromStringAndSize(<const char*>key_b, 10)
         if txn.get(debit, None, self.journeys_untold) is not None:
@@ -1100,7 +1106,6 @@ cdef class Fares:
         dbs = self.dbs
         cdef uint8_t buf[256]
         cdef Py_ssize_t o
-        cdef uint64_t v
         if reason == 0:
             # ledger._move: both accounts held (written at the command's end), the totals
             d.debits_posted += amount

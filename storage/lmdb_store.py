@@ -1774,14 +1774,13 @@ class Book:
 
     def account(self, key: bytes) -> Account:
         held = self._held
-        if held is not None:
-            a = held.get(key)
-            if a is None:
-                value = self.txn.get(key, None, self.dbs.accounts)
-                held[key] = a = Account() if value is None else records.decode_account(value)
-            return a
-        value = self.txn.get(key, None, self.dbs.accounts)
-        return Account() if value is None else records.decode_account(value)
+        a = held.get(key) if held is not None else None
+        if a is None:
+            value = self.txn.get(key, None, self.dbs.accounts)
+            a = Account() if value is None else records.decode_account(value)
+            if held is not None:
+                held[key] = a
+        return a
 
     def put_account(self, key: bytes, account: Account) -> None:
         if self._held is not None:
