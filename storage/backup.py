@@ -95,7 +95,7 @@ def take_env(env, to: str, now: _dt.datetime | None = None, read=None,
     partial = f"{to}.partial"
     shutil.rmtree(partial, ignore_errors=True)  # one left by a backup that was killed
     try:
-        found, _ = migrate.stored_format(env)
+        found, _ = _grown(env, lambda: migrate.stored_format(env))
         if found != migrate.FORMAT:
             raise BackupError(f"the store in {env.path()} is format {found}; this release "
                               f"backs up format {migrate.FORMAT} (`yikatong migrate` first)")
@@ -106,7 +106,7 @@ def take_env(env, to: str, now: _dt.datetime | None = None, read=None,
         # created owner-only before LMDB writes a byte into it (LMDB's own would be 0644)
         fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
-            with (read or env.begin)() as txn:
+            with _grown(env, read or env.begin) as txn:
                 env.copyfd(fd, compact=True, txn=txn)
             os.fsync(fd)
         finally:
@@ -124,6 +124,17 @@ def take_env(env, to: str, now: _dt.datetime | None = None, read=None,
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return manifest
+
+
+def _grown(env, begin):
+    """begin(), again after taking the map's new size when the running server grew it since
+    this process opened the store (MDB_MAP_RESIZED: LMDB's remedy, mdb_env_set_mapsize 0;
+    a backup under write load met it once the writer got faster)."""
+    try:
+        return begin()
+    except lmdb.MapResizedError:
+        env.set_mapsize(0)
+        return begin()
 
 
 def manifest_of(path: str) -> Manifest:

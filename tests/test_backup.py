@@ -235,3 +235,29 @@ def test_a_backup_or_restore_killed_midway_leaves_nothing_that_passes_for_one(tm
         else:
             assert done.returncode == 0, done.stderr
         assert yikatong("audit", "verify", "--data-dir", target).returncode == 0
+
+
+def test_a_backup_takes_the_map_a_running_server_grew_after_it_opened_the_store(tmp_path):
+    """MDB_MAP_RESIZED: the server (another process) grew the map past the size this process
+    saw at open; the backup takes the new size and copies (a backup under write load failed
+    so once the writer got faster)."""
+    import lmdb
+
+    from yikatong import config
+    from yikatong.storage.lmdb_store import Store
+
+    data_dir = str(tmp_path / "data")
+    Store(data_dir, map_size=1024**2).close()
+    env = lmdb.open(os.path.join(data_dir, "lmdb"), readonly=True, lock=True,
+                    max_dbs=config.lmdb_max_dbs)
+    try:
+        grow = ("import sys\nfrom yikatong.storage.lmdb_store import Store\n"
+                "s = Store(sys.argv[1], map_size=64 * 1024**2)\n"
+                "s.write(lambda b: [b.put_meta(b'filler:%d' % i, bytes(4000)) "
+                "for i in range(4000)])\ns.close()\n")  # 16 MB: past the 10 MiB seen here
+        subprocess.run([sys.executable, "-c", grow, data_dir], check=True, timeout=60)
+        manifest = backups.take_env(env, str(tmp_path / "backup"))
+    finally:
+        env.close()
+    assert manifest.data_bytes > 1024**2
+    assert backups.verify(str(tmp_path / "backup")).data_sha256 == manifest.data_sha256
