@@ -1,10 +1,12 @@
 """Before and after a change, side by side in one run: money_wire_bench's durable debits
-(AuthorizeStream 100 per message, and unary Authorize with money) against two servers up at
-once, this tree's and another build's (`--baseline-dir`: a worktree at the commit before,
-with its .venv; its server runs from that directory, so `python -m yikatong` finds that
-tree's package, not this one's), measured in turn --repeat times, medians. Both on the
-default paths (money from wire bytes). `--split-rules`: this tree's server runs with a split
-rule in force (issue 28 item 2; it changes nothing for a tap that does not ask to split).
+(AuthorizeStream 100 per message, and unary Authorize with money) and status-only
+AuthorizeStream decisions (server_bench's h2load call: 10 messages of 100, 32 connections x
+2 calls, each answer checked) against two servers up at once, this tree's and another
+build's (`--baseline-dir`: a worktree at the commit before, with its .venv; its server runs
+from that directory, so `python -m yikatong` finds that tree's package, not this one's),
+measured in turn --repeat times, medians. Both on the default paths (money from wire bytes).
+`--split-rules`: this tree's server runs with a split rule in force (issue 28 item 2; it
+changes nothing for a tap that does not ask to split).
 
     git worktree add --detach /tmp/base BASE_COMMIT && (cd /tmp/base && python3.11 -m venv .venv
         && .venv/bin/pip install -q -e .)
@@ -21,7 +23,9 @@ import tempfile
 import time
 
 from feed_bench import debits, fund
+from h2load_grpc import Call
 from money_wire_bench import server_cpu, unary
+from server_bench import STREAM, TOKEN, stream_answer, stream_batches
 
 from yikatong.server.harness import ServerProcess, card_numbers
 
@@ -46,7 +50,7 @@ def main() -> int:
             f.write(f"#!/bin/sh\ncd '{base}' && exec '{base}/.venv/bin/python' \"$@\"\n")
         os.chmod(wrapper, 0o700)
         modes = (("after", sys.executable), ("before", wrapper))
-        servers, cards = {}, {}
+        servers, cards, reads = {}, {}, {}
         for mode, python in modes:  # both up at once, measured in turn
             tmp = stack.enter_context(tempfile.TemporaryDirectory())
             extra = ["--demo"]
@@ -65,17 +69,24 @@ def main() -> int:
                            if c.startswith("31")][:500]
             asyncio.run(fund(servers[mode].address, cards[mode]))
             asyncio.run(debits(servers[mode].address, cards[mode], 1, args.streams, "warm"))
+            batches = stream_batches(card_numbers(servers[mode].data_dir), 10, 100)
+            reads[mode] = (Call(STREAM, [b.SerializeToString() for b in batches], TOKEN, tmp,
+                                "reads"), stream_answer(servers[mode], batches))
         for rep in range(args.repeat):  # alternated, so the machine's drift hits both alike
-            for kind in ("stream", "unary"):
+            for kind in ("stream", "unary", "reads"):
                 for mode, _ in (modes if rep % 2 else modes[::-1]):
                     server = servers[mode]
                     c0, t0 = server_cpu(server), time.perf_counter()
-                    rate = asyncio.run(
-                        debits(server.address, cards[mode], args.seconds, args.streams,
-                               f"debit-{rep}")
-                        if kind == "stream" else
-                        unary(server.address, cards[mode], args.seconds, args.unary,
-                              f"{mode}-{rep}"))
+                    if kind == "reads":
+                        call, expected = reads[mode]
+                        rate = call.run(server.address, args.seconds, 32, 2, expected).rate * 1000
+                    else:
+                        rate = asyncio.run(
+                            debits(server.address, cards[mode], args.seconds, args.streams,
+                                   f"debit-{rep}")
+                            if kind == "stream" else
+                            unary(server.address, cards[mode], args.seconds, args.unary,
+                                  f"{mode}-{rep}"))
                     wall = time.perf_counter() - t0
                     samples[mode].setdefault(kind, []).append(rate)
                     samples[mode].setdefault(kind + "_us", []).append(
@@ -86,15 +97,14 @@ def main() -> int:
           f"alternated; {os.cpu_count()} cores shared by servers and client, load "
           f"{os.getloadavg()[0]:.1f}; Python {platform.python_version()}")
     print("| build | AuthorizeStream debits/s | server CPU us/debit | unary Authorize "
-          "debits/s | server CPU us/debit |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+          "debits/s | server CPU us/debit | status-only decisions/s | server CPU us/decision |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     this = "after (this tree" + (", --split-rules in force)" if args.split_rules else ")")
     for name, m in ((this, a), ("before (--baseline-dir)", b)):
         print(f"| {name} | {m['stream']:,.0f} | {m['stream_us']:.1f} | {m['unary']:,.0f} | "
-              f"{m['unary_us']:.1f} |")
-    print(f"| after / before | {a['stream'] / b['stream']:.3f}x | "
-          f"{a['stream_us'] / b['stream_us']:.3f}x | {a['unary'] / b['unary']:.3f}x | "
-          f"{a['unary_us'] / b['unary_us']:.3f}x |")
+              f"{m['unary_us']:.1f} | {m['reads']:,.0f} | {m['reads_us']:.2f} |")
+    print("| after / before | " + " | ".join(f"{a[k] / b[k]:.3f}x" for k in (
+        "stream", "stream_us", "unary", "unary_us", "reads", "reads_us")) + " |")
     print("\nruns (stream debits/s): " + "; ".join(
         f"{m} " + ", ".join(f"{v:,.0f}" for v in samples[m]["stream"]) for m in samples))
     return 0

@@ -115,8 +115,12 @@ def test_callers_without_a_token_that_never_send_a_message_hold_no_call_slot(tmp
             reply = s.status.GetStatus(pb.GetStatusRequest(card_number="1"),
                                        metadata=s.md("BANK_SWITCH"), timeout=5)
             assert time.monotonic() - started < 1.0 and reply.found is False
-            for call in idle:  # the idle calls were ended, not left holding slots
-                assert call.exception(timeout=5).code() == grpc.StatusCode.UNAUTHENTICATED
+            # the idle calls were ended, not left holding slots: refused on their headers,
+            # or (20 arriving at once) by gRPC's own limit before they were begun
+            codes = [call.exception(timeout=5).code() for call in idle]
+            assert set(codes) <= {grpc.StatusCode.UNAUTHENTICATED,
+                                  grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+            assert grpc.StatusCode.UNAUTHENTICATED in codes
         finally:
             for feed in feeds:
                 feed.put(None)

@@ -25,6 +25,10 @@ stream_stall_seconds_max = 10.0
 # A stream so ended gets this long to take its status (which waits behind the message it
 # refused); then it is cancelled (RST_STREAM) and gives back its slot and its client's share.
 stream_end_grace_seconds_max = 10.0
+# Messages of one AuthorizeStream worked on at once (read ahead while earlier ones wait for
+# the writer's commit, answered in order): a stream of debits keeps the writer's groups full
+# instead of one message per commit. Each holds at most batch_size_max parsed requests.
+stream_messages_in_flight_max = 8
 # Refused calls are audited once a second, per client, method and status (a flood is counted,
 # not written line by line); at most this many such keys a second.
 refusal_keys_max = 1000

@@ -1,5 +1,8 @@
 """The Authorization service (API.md)."""
+import asyncio
+import collections
 import hashlib
+import typing
 
 from yikatong import authorize, config, fastpath, points, pots
 from yikatong.errors import (
@@ -238,20 +241,136 @@ class Authorization:
         return await self._answer(client, request.requests, "Authorization.AuthorizeBatch")
 
     async def AuthorizeStream(self, requests, client: Client):
-        async for batch in requests:
+        """Answers in the order of the messages. A message of debits the wire path takes goes
+        to the writer as it arrives, behind the messages before it (the writer runs commands
+        in the order queued): up to stream_messages_in_flight_max messages of a stream are
+        worked on at once, and their debits share commit groups (replicated: log records in
+        flight). Any other message waits until every message before it is answered, so it
+        sees their debits. A failed message ends the stream after the answers before it;
+        none after it is run (`_Chain`)."""
+        working: collections.deque[tuple[asyncio.Future, bool]] = collections.deque()
+        chain = _Chain()
+        reading: asyncio.Future | None = None  # the next message, read while others work
+        more: typing.AsyncIterator | None = aiter(requests)
+        try:
+            while working or more is not None:
+                if working and working[0][0].done():
+                    yield working.popleft()[0].result()  # a failed message raises here
+                    continue
+                if more is None or len(working) >= config.stream_messages_in_flight_max:
+                    await asyncio.wait((working[0][0],))
+                    continue
+                if working:  # an answer may be ready before the next message arrives
+                    if reading is None:
+                        reading = asyncio.ensure_future(anext(more))
+                    await asyncio.wait((reading, working[0][0]),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if not reading.done():
+                        continue
+                arriving, reading = reading or anext(more), None
+                try:
+                    batch = await arriving
+                except StopAsyncIteration:
+                    more = None
+                    continue
+                except Exception as error:  # noqa: BLE001 - answered after those before
+                    more, batch = None, error
+                if not working and type(batch) is bytes:  # the status-only wire path
+                    answer = self._wire(batch, client, True)
+                    if answer is not None:
+                        yield answer
+                        continue
+                working.append(self._stream_message(batch, client, working, chain))
+        finally:
+            if reading is not None:
+                reading.cancel()
+            for future, _ in working:
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # retrieved: the stream ended before its answer
+
+    def _stream_message(self, batch, client: Client, working, chain: "_Chain"
+                        ) -> tuple[asyncio.Future, bool]:
+        """A message's answer to come (the status-only wire path declined it), and whether
+        it went now (queued for the writer: any message after it may go now too) rather
+        than behind `working`."""
+        if isinstance(batch, Exception):  # it did not arrive whole
+            return _failed(batch), False
+        try:
+            if (type(batch) is bytes and fastpath.money_wire is not None
+                    and all(now for _, now in working)):
+                money = self._money_wire(batch, client, True, "Authorization.AuthorizeStream")
+                if money is not None:
+                    return asyncio.ensure_future(self._money_answers(
+                        chain.submit(self.core.store, money[1]), money[0])), True
+            before = tuple(future for future, _ in working)
+            return asyncio.ensure_future(self._after(before, batch, client, chain)), False
+        except Exception as error:  # noqa: BLE001 - answered after those before
+            return _failed(error), False
+
+    async def _money_answers(self, written: asyncio.Future, commands) -> bytes:
+        return fastpath.money_answers(await written, commands, metrics.decisions, True)
+
+    async def _after(self, before: tuple, batch, client: Client, chain: "_Chain"):
+        """A stream's message answered once those before it are (not at all if one
+        failed: the stream ends there); none before: by the Python path."""
+        if before:
+            await asyncio.wait(before)
+            if any(f.cancelled() or f.exception() is not None for f in before):
+                return None
             if type(batch) is bytes:
                 answer = self._wire(batch, client, True)
                 if answer is not None:
-                    yield answer
-                    continue
-                if fastpath.money_wire is not None:
-                    money = self._money_wire(batch, client, True, "Authorization.AuthorizeStream")
-                    if money is not None:
-                        yield fastpath.money_answers(await self.core.write(money[1]), money[0],
-                                                     metrics.decisions, True)
-                        continue
-                batch = decode(pb.AuthorizeBatchRequest, batch)
-            yield await self._answer(client, batch.requests, "Authorization.AuthorizeStream")
+                    return answer
+            return await self._stream_message(batch, client, (), chain)[0]
+        if type(batch) is bytes:
+            batch = decode(pb.AuthorizeBatchRequest, batch)
+        return await self._answer(client, batch.requests, "Authorization.AuthorizeStream")
+
+
+class _Chain:
+    """The messages of one stream queued for the writer ahead of their answers: each runs
+    only if every one queued before it ran and committed. The writer runs them in order,
+    and an earlier one's failure is known when a later one runs: it raised in this group
+    (`broken`, set by its command), or its group failed (its future is answered before the
+    writer begins the next group). So a failed message ends the stream with nothing after
+    it written, as when messages went one at a time."""
+
+    __slots__ = ("broken",)
+
+    def __init__(self):
+        self.broken = False
+
+    def submit(self, store, command) -> asyncio.Future:
+        def linked(book):
+            if self.broken:
+                raise Refused("STREAM_BROKEN", "not run: a message before it in its stream "
+                              "failed, and the stream ended there")
+            try:
+                return command(book)
+            except BaseException:
+                self.broken = True
+                raise
+
+        def answered(future) -> None:
+            if future.cancelled() or future.exception() is not None:
+                self.broken = True
+        queued = store.submit(linked)
+        queued.add_done_callback(answered)
+        return asyncio.wrap_future(queued)
+
+
+def _done(answer) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(answer)
+    return future
+
+
+def _failed(error: BaseException) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_exception(error)
+    return future
 
 
 # the channels each role may authorize, as the wire path takes them (bit 1 << channel)

@@ -1,0 +1,140 @@
+"""AuthorizeStream works on several messages of a stream at once (config
+stream_messages_in_flight_max): a message of debits the wire path takes goes to the writer as
+it arrives, behind those before it, so one stream's messages share a commit group; answers
+come in the order of the messages; a message the wire path does not take waits for those
+before it; a message that fails ends the stream with nothing after it written. Each case is
+checked against the Python path (every message decoded, one after another) where the two
+must agree."""
+import asyncio
+import contextlib
+import threading
+
+import pytest
+from test_wire_money import GATE, Pair, answer, batch, both, dump, request
+
+from yikatong import config, fastpath
+from yikatong.model import Channel
+from yikatong.v1 import yikatong_pb2 as pb
+
+pytestmark = pytest.mark.skipif(fastpath.money_wire is None,
+                                reason="YIKATONG_NO_EXTENSIONS: the wire path is compiled only")
+CARD = f"31{1:010d}"  # active, its transit purse holds 1,000 fen (test_wire_money.make_store)
+
+
+@pytest.fixture
+def pair():
+    p = Pair()
+    yield p
+    p.close()
+
+
+@contextlib.contextmanager
+def writer_held(store):
+    """The writer busy with a command that waits until the block ends: whatever is queued
+    meanwhile is applied after it, in the order queued."""
+    release, began = threading.Event(), threading.Event()
+
+    def hold(book):
+        began.set()
+        release.wait(10)
+    done = store.submit(hold)
+    began.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        done.result(10)
+
+
+def stream(servicer, store, messages, raw=True, queued=None):
+    """The answers to `messages` sent on one stream while the writer is held until
+    `queued` commands wait in its queue (the stream read ahead), then released."""
+    async def run():
+        with writer_held(store):
+            task = asyncio.ensure_future(answer(servicer, "AuthorizeStream", messages, GATE,
+                                                raw))
+            for _ in range(2000 if queued is not None else 0):  # 2 s at most
+                if store._queue.qsize() >= queued or task.done():
+                    break
+                await asyncio.sleep(0.001)
+            assert queued is None or store._queue.qsize() >= queued, "not read ahead"
+        return await task
+    return asyncio.run(run())
+
+
+def decisions(answers):
+    return [[(r.request_id, r.decision) for r in pb.AuthorizeBatchResponse.FromString(a).responses]
+            for _, a in answers]
+
+
+def test_a_streams_debit_messages_are_queued_together_and_answered_in_order(pair):
+    store = pair.stores[0]
+    groups = []
+    store.on_commit = lambda size, _: groups.append(size)
+    messages = [batch(request(f"m{m}", CARD, amount=10)) for m in range(5)]
+    answers = stream(pair.wire, store, messages, queued=5)  # all five read ahead
+    assert decisions(answers) == [[(f"m{m}", pb.DECISION_APPROVED)] for m in range(5)]
+    assert groups == [1, 5]  # the held command's group, then one group of all five
+    assert answers == asyncio.run(
+        answer(pair.python, "AuthorizeStream", messages, GATE, False))
+    assert dump(pair.stores[0]) == dump(pair.stores[1])
+
+
+def test_a_stream_reads_ahead_no_more_than_its_bound(pair):
+    store = pair.stores[0]
+    messages = [batch(request(f"b{m}", CARD, amount=1))
+                for m in range(config.stream_messages_in_flight_max + 3)]
+
+    async def run():
+        with writer_held(store):
+            task = asyncio.ensure_future(answer(pair.wire, "AuthorizeStream", messages, GATE,
+                                                True))
+            for _ in range(200):
+                await asyncio.sleep(0.002)
+            queued = store._queue.qsize()
+        return queued, await task
+    queued, answers = asyncio.run(run())
+    assert queued == config.stream_messages_in_flight_max
+    assert len(answers) == len(messages) and all(kind == "ok" for kind, _ in answers)
+
+
+def test_a_message_the_wire_path_leaves_waits_for_those_before_it_and_so_does_the_next(pair):
+    """1,000 fen: 600 (wire), then 400 in a message mixing a status-only check (the Python
+    path's, after the first commits: approved), then 300 (wire; behind the second, so
+    declined). Had the third gone ahead of the second, it would be approved."""
+    messages = [batch(request("a", CARD, amount=600)),
+                batch(request("b", CARD, amount=400),
+                      request("b-status", CARD, channel=Channel.STATUS)),
+                batch(request("c", CARD, amount=300))]
+    answers = both(pair, "AuthorizeStream", messages, GATE)
+    assert decisions(answers) == [[("a", pb.DECISION_APPROVED)],
+                                  [("b", pb.DECISION_APPROVED), ("b-status", pb.DECISION_APPROVED)],
+                                  [("c", pb.DECISION_DECLINED)]]
+    assert dump(pair.stores[0]) == dump(pair.stores[1])
+
+
+def test_a_failed_message_ends_the_stream_and_nothing_queued_after_it_is_written(pair):
+    """The second message reuses the first's request id with another amount (ID_REUSED,
+    found in the writer); the third was queued behind it before it ran, and is not run."""
+    asyncio.run(answer(pair.wire, "AuthorizeStream", [batch(request("x", CARD, amount=5))],
+                       GATE, True))
+    asyncio.run(answer(pair.python, "AuthorizeStream", [batch(request("x", CARD, amount=5))],
+                       GATE, False))
+    messages = [batch(request("y", CARD, amount=7)), batch(request("x", CARD, amount=6)),
+                batch(request("z", CARD, amount=9))]
+    answers = stream(pair.wire, pair.stores[0], messages, queued=3)
+    assert [a[0] for a in answers] == ["ok", "refused"]
+    assert answers[1][1] == "IdReused"
+    assert answers == asyncio.run(answer(pair.python, "AuthorizeStream", messages, GATE, False))
+    assert dump(pair.stores[0]) == dump(pair.stores[1])  # no "z" in either
+    with pair.stores[0].read() as txn:
+        assert txn.get(b"z", db=pair.stores[0].dbs.requests) is None
+        assert txn.get(b"y", db=pair.stores[0].dbs.requests) is not None
+
+
+def test_a_message_that_does_not_parse_ends_the_stream_after_the_answers_before_it(pair):
+    messages = [batch(request("p", CARD, amount=3)), b"\xff\xff\xff",
+                batch(request("q", CARD, amount=4))]
+    got = both(pair, "AuthorizeStream", messages, GATE)
+    assert [a[0] for a in got] == ["ok", "refused"] and got[1][1] == "InvalidArgument"
+    assert dump(pair.stores[0]) == dump(pair.stores[1])
