@@ -223,6 +223,19 @@ def test_plain_fares_are_compiled_and_everything_else_is_left_to_the_python_path
     two.same_store()
 
 
+def test_a_fare_at_the_last_second_a_u32_holds_is_compiled_and_after_it_left_alike(two):
+    """A transfer's time is a u32 until 2106-02-07T06:28:15Z; a fare after it is a wide
+    transfer, which the compiled fares leave to the Python path."""
+    taken = Counted.taken
+    two.clock.at = 2**32 - 1
+    assert two.run([fare("t1", NUMBERS[0], 5)])[0] == "ok"
+    assert Counted.taken == taken + 1
+    two.clock.at = 2**32
+    assert two.run([fare("t2", NUMBERS[0], 5), fare("t1", NUMBERS[0], 5)])[0] == "ok"
+    assert Counted.taken == taken + 1  # both left: a wide time, and a replay
+    two.same_store()
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[
     HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.lists(st.lists(st.tuples(
