@@ -7,7 +7,9 @@ checked against the Python path (every message decoded, one after another) where
 must agree."""
 import asyncio
 import contextlib
+import gc
 import threading
+import time
 
 import pytest
 from test_wire_money import GATE, Pair, answer, batch, both, dump, request
@@ -138,3 +140,48 @@ def test_a_message_that_does_not_parse_ends_the_stream_after_the_answers_before_
     got = both(pair, "AuthorizeStream", messages, GATE)
     assert [a[0] for a in got] == ["ok", "refused"] and got[1][1] == "InvalidArgument"
     assert dump(pair.stores[0]) == dump(pair.stores[1])
+
+
+def test_a_message_queued_as_the_one_before_it_fails_is_not_run_and_leaves_nothing_behind(
+        caplog):
+    """The failure of the head and the next message's arrival seen in one wake-up (found by
+    a review): the next, queued for the writer, is cancelled or refused by the chain, and
+    no future is left with an error nobody reads (asyncio logs those as they go)."""
+    pair = Pair()
+    store = pair.stores[0]
+    try:
+        asyncio.run(answer(pair.wire, "AuthorizeStream", [batch(request("x", CARD, amount=5))],
+                           GATE, True))
+
+        async def run():
+            arrive = asyncio.Event()
+
+            async def source():
+                yield batch(request("x", CARD, amount=6))  # ID_REUSED, found in the writer
+                await arrive.wait()
+                yield batch(request("n", CARD, amount=1))
+                await asyncio.sleep(100)
+            got = []
+
+            async def consumer():  # as calls._streaming: a write between answers
+                try:
+                    async for a in pair.wire.AuthorizeStream(source(), GATE):
+                        got.append(a)
+                        await asyncio.sleep(0.001)
+                except Exception as error:  # noqa: BLE001 - the stream's end
+                    got.append(type(error).__name__)
+            with writer_held(store):
+                task = asyncio.ensure_future(consumer())
+                await asyncio.sleep(0.05)
+                arrive.set()  # "n" arrives as the writer, released, fails "x"
+            time.sleep(0.2)  # the loop busy meanwhile: both are seen in one wake-up
+            await task
+            await asyncio.sleep(0.3)  # the writer has answered "n" (refused or skipped)
+            return got
+        assert asyncio.run(run()) == ["IdReused"]
+        with store.read() as txn:
+            assert txn.get(b"n", db=store.dbs.requests) is None
+    finally:
+        pair.close()
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]

@@ -248,14 +248,19 @@ class Authorization:
         flight). Any other message waits until every message before it is answered, so it
         sees their debits. A failed message ends the stream after the answers before it;
         none after it is run (`_Chain`)."""
-        working: collections.deque[tuple[asyncio.Future, bool]] = collections.deque()
+        # (its answer to come; a message of debits queued: the writer's answers, made the
+        # message's by money_answers when it is answered, and its compact commands)
+        working: collections.deque[tuple[asyncio.Future, list | None]] = collections.deque()
         chain = _Chain()
         reading: asyncio.Future | None = None  # the next message, read while others work
         more: typing.AsyncIterator | None = aiter(requests)
         try:
             while working or more is not None:
                 if working and working[0][0].done():
-                    yield working.popleft()[0].result()  # a failed message raises here
+                    future, commands = working.popleft()
+                    answer = future.result()  # a failed message raises here
+                    yield answer if commands is None else fastpath.money_answers(
+                        answer, commands, metrics.decisions, True)
                     continue
                 if more is None or len(working) >= config.stream_messages_in_flight_max:
                     await asyncio.wait((working[0][0],))
@@ -282,35 +287,33 @@ class Authorization:
                         continue
                 working.append(self._stream_message(batch, client, working, chain))
         finally:
+            chain.broken = True  # nothing of this stream not yet begun in the writer runs
             if reading is not None:
                 reading.cancel()
             for future, _ in working:
                 if not future.done():
-                    future.cancel()
+                    future.cancel()  # a command still queued is skipped
                 elif not future.cancelled():
                     future.exception()  # retrieved: the stream ended before its answer
 
     def _stream_message(self, batch, client: Client, working, chain: "_Chain"
-                        ) -> tuple[asyncio.Future, bool]:
-        """A message's answer to come (the status-only wire path declined it), and whether
-        it went now (queued for the writer: any message after it may go now too) rather
-        than behind `working`."""
+                        ) -> tuple[asyncio.Future, list | None]:
+        """A message's answer to come (the status-only wire path declined it): its debits
+        queued for the writer now if every message still worked on before it was (the
+        writer's answers to come, and the commands), else a task that waits for those
+        before it (and None)."""
         if isinstance(batch, Exception):  # it did not arrive whole
-            return _failed(batch), False
+            return _failed(batch), None
         try:
             if (type(batch) is bytes and fastpath.money_wire is not None
-                    and all(now for _, now in working)):
+                    and all(commands is not None for _, commands in working)):
                 money = self._money_wire(batch, client, True, "Authorization.AuthorizeStream")
                 if money is not None:
-                    return asyncio.ensure_future(self._money_answers(
-                        chain.submit(self.core.store, money[1]), money[0])), True
+                    return chain.submit(self.core.store, money[1]), money[0]
             before = tuple(future for future, _ in working)
-            return asyncio.ensure_future(self._after(before, batch, client, chain)), False
+            return asyncio.ensure_future(self._after(before, batch, client, chain)), None
         except Exception as error:  # noqa: BLE001 - answered after those before
-            return _failed(error), False
-
-    async def _money_answers(self, written: asyncio.Future, commands) -> bytes:
-        return fastpath.money_answers(await written, commands, metrics.decisions, True)
+            return _failed(error), None
 
     async def _after(self, before: tuple, batch, client: Client, chain: "_Chain"):
         """A stream's message answered once those before it are (not at all if one
@@ -323,7 +326,10 @@ class Authorization:
                 answer = self._wire(batch, client, True)
                 if answer is not None:
                     return answer
-            return await self._stream_message(batch, client, (), chain)[0]
+            future, commands = self._stream_message(batch, client, (), chain)
+            answer = await future
+            return answer if commands is None else fastpath.money_answers(
+                answer, commands, metrics.decisions, True)
         if type(batch) is bytes:
             batch = decode(pb.AuthorizeBatchRequest, batch)
         return await self._answer(client, batch.requests, "Authorization.AuthorizeStream")
