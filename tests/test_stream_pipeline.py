@@ -12,10 +12,13 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_wire_money import GATE, Pair, answer, batch, both, dump, request
 
 from yikatong import config, fastpath
 from yikatong.model import Channel
+from yikatong.server.metrics import metrics
 from yikatong.v1 import yikatong_pb2 as pb
 
 pytestmark = pytest.mark.skipif(fastpath.money_wire is None,
@@ -185,3 +188,63 @@ def test_a_message_queued_as_the_one_before_it_fails_is_not_run_and_leaves_nothi
         pair.close()
     gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+@st.composite
+def any_message(draw):
+    """Mostly debits the wire path takes, on a few cards and request ids (replays and
+    ID_REUSED come); else status-only, mixed, a hold and its post, refused or undecodable."""
+    def rid(prefix=""):
+        return prefix + draw(st.sampled_from("abcdef"))
+
+    def card():
+        return draw(st.sampled_from([f"31{h:010d}" for h in (1, 2, 3, 5)]))
+    kind = draw(st.sampled_from(["money"] * 3 + ["status", "mixed", "bad", "junk", "hold",
+                                                  "post", "channel"]))
+    if kind == "money":
+        return batch(*[request(rid(), card(), amount=draw(st.sampled_from([1, 300, 600])))
+                       for _ in range(draw(st.integers(1, 3)))])
+    return {
+        "status": lambda: batch(request(rid(), card(), channel=Channel.STATUS)),
+        "mixed": lambda: batch(request(rid(), card(), amount=400),
+                               request(rid("s"), card(), channel=Channel.STATUS)),
+        "bad": lambda: batch(request(rid(), card(), amount=-1)),
+        "junk": lambda: b"\xff\xff\xff",
+        "hold": lambda: batch(request(rid("h"), card(), amount=700, phase=pb.PHASE_HOLD,
+                                      hold_timeout_seconds=60)),
+        "post": lambda: batch(request(rid("p"), card(), amount=50, phase=pb.PHASE_POST,
+                                      hold_request_id=rid("h"))),
+        "channel": lambda: batch(request(rid(), card(), channel=Channel.MEDICAL, amount=5)),
+    }[kind]()
+
+
+def counted(servicer, store, messages, raw: bool, held: bool):
+    """A stream's answers and the decisions counted meanwhile; `held`: the writer busy until
+    the stream has read ahead as far as it will."""
+    before = list(metrics.decisions)
+
+    async def run():
+        if not held:
+            return await answer(servicer, "AuthorizeStream", messages, GATE, raw)
+        with writer_held(store):
+            task = asyncio.ensure_future(answer(servicer, "AuthorizeStream", messages, GATE,
+                                                raw))
+            for _ in range(20):
+                await asyncio.sleep(0.001)
+        return await task
+    return asyncio.run(run()), [a - b for a, b in zip(metrics.decisions, before, strict=True)]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.lists(any_message(), min_size=1, max_size=10), min_size=1, max_size=3),
+       st.booleans())
+def test_any_streams_answer_and_write_as_one_message_after_another(streams, held):
+    """The Python path's side decides each message after the one before it is answered."""
+    pair = Pair()
+    try:
+        for messages in streams:
+            assert counted(pair.wire, pair.stores[0], messages, True, held) == \
+                counted(pair.python, pair.stores[1], messages, False, False)
+        assert dump(pair.stores[0]) == dump(pair.stores[1])
+    finally:
+        pair.close()
