@@ -367,12 +367,6 @@ class _Chain:
         return asyncio.wrap_future(queued)
 
 
-def _done(answer) -> asyncio.Future:
-    future = asyncio.get_running_loop().create_future()
-    future.set_result(answer)
-    return future
-
-
 def _failed(error: BaseException) -> asyncio.Future:
     future = asyncio.get_running_loop().create_future()
     future.set_exception(error)
