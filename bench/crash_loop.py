@@ -1,8 +1,9 @@
 """Crash loop: SIGKILL the server at random moments under a mixed workload, restart, check.
 
 Several concurrent clients send top-ups (Ledger.Transfer), fares (Authorize TRANSIT with
-money) and lifecycle changes (Lock/UnlockApplication), each with a unique id, while the
-server is killed with SIGKILL after a random moment. After each kill:
+money) and lifecycle changes (Lock/UnlockApplication), each with a unique id, and one gate
+sends fares on an AuthorizeStream (1 to 5 a message, 4 messages in flight: the server works
+on them together), while the server is killed with SIGKILL after a random moment. After each kill:
   - the store opens cleanly, in this process, and the ledger's columns sum to zero with no
     holder account negative (ledger.check_invariants);
   - after the restart, every acknowledged request replayed returns its first answer, and the
@@ -51,8 +52,10 @@ class Server(ServerProcess):
                          env={"YIKATONG_CHECK_INVARIANTS": "1"})
 
     def call(self, op):
-        """op = (method name, request, role) -> response"""
+        """op = (method name, request, role) -> response (a fare first sent on a stream is
+        asked again alone: the same request id and fields, the same answer)"""
         method, request, role = op
+        method = "Authorize" if method == "AuthorizeStream" else method
         stub = {"Transfer": self.ledger, "Authorize": self.authorization,
                 "CorrectHolder": rpc.HoldersStub(self.channel)}.get(method, self.lifecycle)
         return getattr(stub, method)(request, metadata=md(role), timeout=10)
@@ -126,6 +129,7 @@ def make_op(rng: random.Random, cards: list[str], uid: str):
 
 
 AUDITED_AS = {"Transfer": "Ledger.Transfer", "Authorize": "Authorization.Authorize",
+              "AuthorizeStream": "Authorization.AuthorizeStream",
               "LockApplication": "Lifecycle.LockApplication",
               "UnlockApplication": "Lifecycle.UnlockApplication",
               "CorrectHolder": "Holders.CorrectHolder"}
@@ -185,7 +189,41 @@ def crash_loop(kills: int, seed: int = 1, workdir: str | None = None, clients_n:
                                 return
                         i += 1
 
+                def gate(cid, server=server, k=k, stop=stop):
+                    """Fares on one stream, 4 messages in flight."""
+                    crng = random.Random(seed * 1_000_003 + k * 101 + cid)
+                    window, sent = threading.Semaphore(4), collections.deque()
+
+                    def messages():
+                        i = 0
+                        while not stop.is_set():
+                            if not window.acquire(timeout=0.05):
+                                continue
+                            fares = []
+                            for _ in range(crng.randint(1, 5)):
+                                fares.append(pb.AuthorizeRequest(
+                                    request_id=f"k{k}-s{cid}-{i}", card_number=crng.choice(cards),
+                                    channel=pb.CHANNEL_TRANSIT, amount_fen=crng.randint(1, 999)))
+                                attempted[fares[-1].request_id] = ("AuthorizeStream", fares[-1],
+                                                                   "TRANSIT_GATE")
+                                i += 1
+                            sent.append(fares)
+                            yield pb.AuthorizeBatchRequest(requests=fares)
+                    try:
+                        for reply in server.authorization.AuthorizeStream(
+                                messages(), metadata=md("TRANSIT_GATE"), timeout=60):
+                            for fare, answer in zip(sent.popleft(), reply.responses,
+                                                    strict=True):
+                                acked[fare.request_id] = answer
+                            window.release()
+                    except grpc.RpcError as e:
+                        if e.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                            grpc.StatusCode.CANCELLED,
+                                            grpc.StatusCode.DEADLINE_EXCEEDED):
+                            raise
+
                 threads = [threading.Thread(target=client, args=(c,)) for c in range(clients_n)]
+                threads.append(threading.Thread(target=gate, args=(clients_n,)))
                 for t in threads:
                     t.start()
                 time.sleep(rng.uniform(0.05, 0.4))
@@ -200,16 +238,31 @@ def crash_loop(kills: int, seed: int = 1, workdir: str | None = None, clients_n:
                 this_round = [u for u in acked if u.startswith(f"k{k}-")]
                 older = rng.sample(sorted(acked.keys() - set(this_round)),
                                    min(100, len(acked) - len(this_round)))
-                for uid in this_round + older:  # this round's, and a sample of all before
-                    if server.call(attempted[uid]) != acked[uid]:
+                checked = this_round + older  # this round's, and a sample of all before
+                fares = [u for u in checked if attempted[u][0] == "AuthorizeStream"]
+                for uid in checked:
+                    if attempted[uid][0] != "AuthorizeStream" and \
+                            server.call(attempted[uid]) != acked[uid]:
                         lost += 1
+                for at in range(0, len(fares), 500):  # the stream's fares asked again together
+                    again = server.authorization.AuthorizeBatch(pb.AuthorizeBatchRequest(
+                        requests=[attempted[u][1] for u in fares[at:at + 500]]),
+                        metadata=md("TRANSIT_GATE"), timeout=30).responses
+                    lost += sum(a != acked[u] for a, u in zip(again, fares[at:at + 500],
+                                                              strict=True))
                 if server.purses(cards) != before:
                     doubled += 1
                 if (k + 1) % 50 == 0:
                     log(f"crash loop: {k + 1} kills, {len(acked):,} acknowledged, lost {lost}, "
                         f"twice {doubled}")
             # every attempted id once more: applied now, or before; then the exact sum
+            fares = [op[1] for op in attempted.values() if op[0] == "AuthorizeStream"]
+            for at in range(0, len(fares), 500):
+                server.authorization.AuthorizeBatch(pb.AuthorizeBatchRequest(
+                    requests=fares[at:at + 500]), metadata=md("TRANSIT_GATE"), timeout=30)
             for op in attempted.values():
+                if op[0] == "AuthorizeStream":
+                    continue
                 try:
                     server.call(op)
                 except grpc.RpcError as e:
@@ -219,7 +272,7 @@ def crash_loop(kills: int, seed: int = 1, workdir: str | None = None, clients_n:
             for op in attempted.values():
                 if op[0] == "Transfer":
                     expected[op[1].credit.holder.card_number] += op[1].amount_fen
-                elif op[0] == "Authorize":
+                elif op[0] in ("Authorize", "AuthorizeStream"):
                     expected[op[1].card_number] -= op[1].amount_fen
             final = server.purses(cards)
             mismatched = sum(final[c][pb.ACCOUNT_KIND_TRANSIT][0] != expected[c] for c in cards)
