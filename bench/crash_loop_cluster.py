@@ -2,7 +2,9 @@
 3-node NATS JetStream cluster, node 0 with `--workers 2` (issue 27: a log keeper and two
 workers; when it is the writer, one worker, its keeper, or the whole node is killed, in
 turn). Clients send fares (Authorize TRANSIT with money), each with a unique request id,
-to whichever node takes writes (a follower says UNAVAILABLE: they try the next). After a
+to whichever node takes writes (a follower says UNAVAILABLE: they try the next), and a gate
+sends them on an AuthorizeStream (1 to 5 a message, 4 messages in flight), begun again on
+the next node when a stream ends. After a
 random moment the writer is SIGKILLed (a whole node is restarted on its data dir); a
 follower, or the node's next log keeper, takes the write lease meanwhile. After every kill:
   - a node takes writes again within the bound (`--takeover-max`);
@@ -15,6 +17,7 @@ exactly, on every node, and every node must hold the same bytes.
     .venv/bin/python bench/crash_loop_cluster.py [--kills 100] [--seed 1]
 """
 import argparse
+import collections
 import os
 import random
 import shutil
@@ -42,6 +45,57 @@ def fare(node: ServerProcess, card: str, request_id: str) -> bytes:
     return node.authorization.Authorize(pb.AuthorizeRequest(
         request_id=request_id, card_number=card, channel=pb.CHANNEL_TRANSIT, amount_fen=1,
         terminal_id="gate-1"), metadata=node.md("TRANSIT_GATE"), timeout=5).SerializeToString()
+
+
+def fares_again(node: ServerProcess, fares: list[tuple[str, str]]) -> list[bytes]:
+    """Each (request id, card)'s fare asked again, 500 to a batch: the answers' bytes."""
+    out = []
+    for at in range(0, len(fares), 500):
+        out += [a.SerializeToString() for a in node.authorization.AuthorizeBatch(
+            pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
+                request_id=rid, card_number=card, channel=pb.CHANNEL_TRANSIT, amount_fen=1,
+                terminal_id="gate-1") for rid, card in fares[at:at + 500]]),
+            metadata=node.md("TRANSIT_GATE"), timeout=30).responses]
+    return out
+
+
+def gate(nodes: list[ServerProcess], cards: list[str], prefix: str, stop: threading.Event,
+         rng: random.Random, lock: threading.Lock, attempted: dict, acked: dict) -> None:
+    """Fares on an AuthorizeStream to whichever node takes them, 4 messages in flight; a
+    stream that ends (a follower's UNAVAILABLE, a killed node) is begun on the next node."""
+    n = 0
+    while not stop.is_set():
+        for node in list(nodes):
+            if stop.is_set() or node.proc.poll() is not None:
+                continue
+            window, sent = threading.Semaphore(4), collections.deque()
+
+            def messages(window=window, sent=sent):
+                nonlocal n
+                while not stop.is_set():
+                    if not window.acquire(timeout=0.05):
+                        continue
+                    fares = []
+                    for _ in range(rng.randint(1, 5)):
+                        rid, card = f"{prefix}-{n}", rng.choice(cards)
+                        n += 1
+                        with lock:
+                            attempted[rid] = card
+                        fares.append(pb.AuthorizeRequest(
+                            request_id=rid, card_number=card, channel=pb.CHANNEL_TRANSIT,
+                            amount_fen=1, terminal_id="gate-1"))
+                    sent.append(fares)
+                    yield pb.AuthorizeBatchRequest(requests=fares)
+            try:
+                for reply in node.authorization.AuthorizeStream(
+                        messages(), metadata=node.md("TRANSIT_GATE"), timeout=60):
+                    with lock:
+                        for q, answer in zip(sent.popleft(), reply.responses, strict=True):
+                            acked[q.request_id] = answer.SerializeToString()
+                    window.release()
+            except (grpc.RpcError, ValueError):  # ValueError: a killed node's channel
+                continue
+        time.sleep(0.05)  # no node took them (a takeover under way): not a tight loop
 
 
 def purse(node: ServerProcess, card: str) -> int:
@@ -108,6 +162,8 @@ def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20,
                     else:  # no node took it (a takeover under way): not a tight loop
                         time.sleep(0.05)
             threads = [threading.Thread(target=client, args=(c,)) for c in range(3)]
+            threads.append(threading.Thread(target=gate, args=(
+                nodes, cards, f"k{k}-s", stop, rng, lock, attempted, acked)))
             for t in threads:
                 t.start()
             time.sleep(rng.uniform(0.2, 1.5))
@@ -136,12 +192,12 @@ def crash_loop(kills: int, seed: int, workdir: str, takeover_max: float = 20,
                 t.join()
             writer = writer_of(nodes)
             assert writer is not None
-            for rid, answer in list(acked.items()):  # this round's (earlier ones were)
-                if rid.startswith(f"k{k}-"):
-                    assert fare(writer, attempted[rid], rid) == answer, f"kill {k}: {rid} changed"
+            mine = [rid for rid in acked if rid.startswith(f"k{k}-")]  # this round's
+            again = fares_again(writer, [(rid, attempted[rid]) for rid in mine])
+            changed = [rid for rid, answer in zip(mine, again, strict=True) if answer != acked[rid]]
+            assert not changed, f"kill {k}: {changed[:5]} changed"
         writer = writer_of(nodes)
-        for rid, card in attempted.items():  # every attempted fare, applied once
-            fare(writer, card, rid)
+        fares_again(writer, list(attempted.items()))  # every attempted fare, applied once
         spent = {card: 0 for card in cards}
         for card in attempted.values():
             spent[card] += 1
