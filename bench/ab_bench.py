@@ -24,7 +24,7 @@ import time
 
 from feed_bench import debits, fund
 from h2load_grpc import Call
-from money_wire_bench import server_cpu, unary
+from money_wire_bench import debit_rate, server_cpu
 from server_bench import STREAM, TOKEN, stream_answer, stream_batches
 
 from yikatong.server.harness import ServerProcess, card_numbers
@@ -81,12 +81,7 @@ def main() -> int:
                         call, expected = reads[mode]
                         rate = call.run(server.address, args.seconds, 32, 2, expected).rate * 1000
                     else:
-                        rate = asyncio.run(
-                            debits(server.address, cards[mode], args.seconds, args.streams,
-                                   f"debit-{rep}")
-                            if kind == "stream" else
-                            unary(server.address, cards[mode], args.seconds, args.unary,
-                                  f"{mode}-{rep}"))
+                        rate = debit_rate(server, cards[mode], kind, args, rep, mode)
                     wall = time.perf_counter() - t0
                     samples[mode].setdefault(kind, []).append(rate)
                     samples[mode].setdefault(kind + "_us", []).append(

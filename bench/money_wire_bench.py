@@ -80,6 +80,14 @@ async def unary(address: str, cards: list[str], seconds: float, inflight: int, t
     return done / (time.perf_counter() - t)
 
 
+def debit_rate(server, cards: list[str], kind: str, args, rep: int, mode: str) -> float:
+    """One run's durable debits/s: AuthorizeStream (`kind` "stream") or unary Authorize."""
+    return asyncio.run(
+        debits(server.address, cards, args.seconds, args.streams, f"debit-{rep}")
+        if kind == "stream" else
+        unary(server.address, cards, args.seconds, args.unary, f"{mode}-{rep}"))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seconds", type=float, default=3)
@@ -105,12 +113,7 @@ def main() -> int:
                 for mode, _ in MODES:
                     server = servers[mode]
                     c0, l0, t0 = server_cpu(server), loop_cpu(server), time.perf_counter()
-                    rate = asyncio.run(
-                        debits(server.address, cards[mode], args.seconds, args.streams,
-                               f"debit-{rep}")
-                        if kind == "stream" else
-                        unary(server.address, cards[mode], args.seconds, args.unary,
-                              f"{mode}-{rep}"))
+                    rate = debit_rate(server, cards[mode], kind, args, rep, mode)
                     wall = time.perf_counter() - t0
                     samples[mode].setdefault(kind, []).append(rate)
                     samples[mode].setdefault(kind + "_us", []).append(
