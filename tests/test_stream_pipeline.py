@@ -18,7 +18,7 @@ from test_wire_money import GATE, Pair, answer, batch, both, dump, request
 
 from yikatong import config, fastpath
 from yikatong.model import Channel
-from yikatong.server.metrics import metrics
+from yikatong.server.metrics import REASONS, metrics
 from yikatong.v1 import yikatong_pb2 as pb
 
 pytestmark = pytest.mark.skipif(fastpath.money_wire is None,
@@ -248,3 +248,29 @@ def test_any_streams_answer_and_write_as_one_message_after_another(streams, held
         assert dump(pair.stores[0]) == dump(pair.stores[1])
     finally:
         pair.close()
+
+
+def test_debits_committed_for_a_stream_that_ended_before_their_answers_are_counted(pair):
+    store = pair.stores[0]
+    messages = [batch(request(f"c{m}", CARD, amount=2)) for m in range(3)]
+
+    async def source():
+        for m in messages:
+            yield m
+
+    async def run():
+        stream = pair.wire.AuthorizeStream(source(), GATE)
+        with writer_held(store):
+            first = asyncio.ensure_future(anext(stream))
+            for _ in range(2000):
+                if store._queue.qsize() >= 3:
+                    break
+                await asyncio.sleep(0.001)
+        await first
+        await asyncio.sleep(0.2)  # the other two committed meanwhile, never asked for
+        await stream.aclose()
+    before = metrics.decisions[Channel.TRANSIT * REASONS]
+    asyncio.run(run())
+    assert metrics.decisions[Channel.TRANSIT * REASONS] - before == 3
+    with store.read() as txn:
+        assert all(txn.get(f"c{m}".encode(), db=store.dbs.requests) for m in range(3))

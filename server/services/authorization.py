@@ -290,11 +290,12 @@ class Authorization:
             chain.broken = True  # nothing of this stream not yet begun in the writer runs
             if reading is not None:
                 reading.cancel()
-            for future, _ in working:
+            for future, commands in working:
                 if not future.done():
                     future.cancel()  # a command still queued is skipped
-                elif not future.cancelled():
-                    future.exception()  # retrieved: the stream ended before its answer
+                elif not future.cancelled() and future.exception() is None and commands:
+                    # committed, never answered: its decisions are counted all the same
+                    fastpath.money_answers(future.result(), commands, metrics.decisions, True)
 
     def _stream_message(self, batch, client: Client, working, chain: "_Chain"
                         ) -> tuple[asyncio.Future, list | None]:
