@@ -106,6 +106,17 @@ def test_money_wire_bench_compares_debits_from_wire_bytes_with_the_python_path()
     assert "| wire / Python |" in out.stdout and "event loop's thread" in out.stdout
 
 
+
+def test_request_ids_bench_times_each_shape_of_request_id():
+    out = subprocess.run([sys.executable, "bench/request_ids_bench.py", "--debits", "500",
+                          "--before", "500", "--holders", "50", "--repeat", "1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in
+            line and "debits/s" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| sequential", "| time-ordered",
+                                                  "| random (UUIDv4)"], out.stdout
+
 def test_nats_bench_times_fenced_appends_at_both_sync_settings():
     out = subprocess.run([sys.executable, "bench/nats_bench.py", "--appends", "20",
                           "--sizes", "512"], cwd=ROOT, capture_output=True, text=True,
