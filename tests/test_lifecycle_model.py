@@ -138,14 +138,16 @@ def model_decision(c: ModelCard | None, channel: int, now: int) -> int:
 def model_other_cards(cards_: dict, c: ModelCard, channel: int, now: int, reason: int) -> int:
     """GZ-21, SH-18, GZ-26 (docs/DECISIONS.md, "Stopped accounts on every path"): a card usable
     at MEDICAL or BENEFIT (approved, or locked only there) answers what the holder's account
-    answers: the first of the holder's current SH, GZ, BJ cards (the newest of each pack), its
-    own pack's aside, that is lost (7), temporarily lost (8) or cancelled by death (3)."""
+    answers: the first of the holder's current SH, GZ, BJ cards (the newest of each pack, a
+    replacement only once issued: SH-23c, its original is in force until then), its own
+    pack's aside, that is lost (7), temporarily lost (8) or cancelled by death (3)."""
     if channel not in (Channel.MEDICAL, Channel.BENEFIT) or reason not in (0, 10):
         return reason
     for pack in (Pack.SH, Pack.GZ, Pack.BJ):
         if pack == c.pack:
             continue
-        current = [o for o in cards_.values() if o.holder == c.holder and o.pack == pack]
+        current = [o for o in cards_.values() if o.holder == c.holder and o.pack == pack
+                   and not (o.replaces and cards_[o.replaces].state != State.SUPERSEDED)]
         if not current:
             continue
         state = current[-1].effective(now)

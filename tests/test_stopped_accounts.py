@@ -302,6 +302,23 @@ def test_gz_21_sh_18_gz_26_a_status_only_use_answers_what_a_debit_would(
     assert said(use(srv, card, 0, pb.CHANNEL_TRANSIT, batch=True)) == "UNSPECIFIED"
 
 
+
+def test_sh_18a_sh_23c_the_original_is_the_holders_card_until_its_replacement_is_issued(srv):
+    """SH-23c: the original becomes invalid once the new card is issued, not before. While a
+    re-application (SH-22, changed information) is being made, the original is the holder's
+    Shanghai card in force: its temporary loss (SH-18a) freezes the holder's accounts, as the
+    unissued new card does not (found by the gRPC lifecycle model, whose own account rule took
+    the newest card, issued or not)."""
+    gz, sh = two_cards(srv, 490)
+    new = call(srv, "Replace", "COMMUNITY_OUTLET", card_number=sh,
+               reason=pb.REPLACE_REASON_INFO_CHANGED)
+    assert new.state == pb.CARD_STATE_APPLIED
+    assert status_only(srv, gz, pb.CHANNEL_MEDICAL) == ["UNSPECIFIED"] * 3
+    call(srv, "ReportTemporaryLoss", "SERVICE_HOTLINE", card_number=sh)
+    for channel in (pb.CHANNEL_MEDICAL, pb.CHANNEL_BENEFIT):
+        assert status_only(srv, gz, channel) == ["CARD_FROZEN"] * 3
+        assert said(use(srv, gz, 100, channel)) == "CARD_FROZEN"
+
 def test_gz_22_gz_26_a_status_only_use_is_approved_again_when_nothing_stops_the_account(srv):
     """GZ-22: deregistered, the status-only use is approved again at once. GZ-26: a card
     cancelled because its holder is no longer entitled in Guangzhou stops only itself, so the
