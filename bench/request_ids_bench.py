@@ -5,7 +5,8 @@ transfer and the remembered answer), so a random one lands on a random leaf page
 commit group then writes a page per debit per tree, where ordered ids fill a few pages at the
 right-hand edge. Each run: a store of --holders funded purses that has seen --before fares
 of the same shape, then --debits more, timed; 100 fares to a command as AuthorizeStream
-hands them to the writer (the wire path, fastpath money_wire), 20 commands in flight.
+hands them to the writer (the wire path, fastpath money_wire; ledger_bench's run), 20
+commands in flight.
 Interleaved, median of --repeat.
 
     .venv/bin/python bench/request_ids_bench.py [--debits 100000] [--before 200000]
@@ -16,17 +17,11 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 import uuid
 
-from ledger_bench import setup
+from ledger_bench import run, setup
 
-from yikatong import clock as clocks
 from yikatong import config
-from yikatong.model import Role
-from yikatong.server.clients import Client
-from yikatong.server.core import Core
-from yikatong.server.services.authorization import Authorization
 from yikatong.v1 import yikatong_pb2 as pb
 
 
@@ -39,24 +34,14 @@ def request_ids(shape: str, n: int, rng: random.Random) -> list[str]:
     return [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(n)]
 
 
-def timed(auth: Authorization, gate: Client, rids: list[str], holders: int,
-          rng: random.Random) -> float:
-    """Seconds to debit one fare for each request id, 100 a command, 20 commands in flight."""
-    messages = [pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
-        request_id=r, card_number=f"31{rng.randint(1, holders):010d}",
-        channel=pb.CHANNEL_TRANSIT, amount_fen=1) for r in rids[i:i + 100]]).SerializeToString()
-        for i in range(0, len(rids), 100)]
-    store = auth.core.store
-    pending: collections.deque = collections.deque()
-    t = time.perf_counter()
-    for raw in messages:
-        pending.append(store.submit(auth._money_wire(
-            raw, gate, True, "Authorization.AuthorizeStream")[1]))
-        if len(pending) >= 20:
-            pending.popleft().result()
-    while pending:
-        pending.popleft().result()
-    return time.perf_counter() - t
+def timed(store, rids: list[str], holders: int, rng: random.Random) -> float:
+    """Seconds to debit one fare for each request id (ledger_bench.run: 100 a command as
+    wire bytes, 20 commands in flight)."""
+    requests = [pb.AuthorizeRequest(request_id=r, card_number=f"31{rng.randint(1, holders):010d}",
+                                    channel=pb.CHANNEL_TRANSIT, amount_fen=1) for r in rids]
+    wire = [pb.AuthorizeBatchRequest(requests=requests[i:i + 100]).SerializeToString()
+            for i in range(0, len(requests), 100)]
+    return run(store, requests, 2_000, 100, wire)
 
 
 def main() -> int:
@@ -67,17 +52,15 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     rng = random.Random(5)
-    gate = Client("bench-gate", Role.TRANSIT_GATE)
     rates = collections.defaultdict(list)
     for _ in range(args.repeat):
         for shape in ("sequential", "time-ordered", "random (UUIDv4)"):
             with tempfile.TemporaryDirectory() as tmp:
                 store = setup(tmp, args.holders, config.writer_group_max)
-                auth = Authorization(Core(store, clocks.ManualClock(1_790_000_000)))
                 ids = request_ids(shape, args.before + args.debits, rng)
-                timed(auth, gate, ids[:args.before], args.holders, rng)
+                timed(store, ids[:args.before], args.holders, rng)
                 rates[shape].append(
-                    args.debits / timed(auth, gate, ids[args.before:], args.holders, rng))
+                    args.debits / timed(store, ids[args.before:], args.holders, rng))
                 with store.read() as txn:  # every one landed
                     assert txn.stat(store.dbs.requests)["entries"] == args.before + args.debits
                 store.close()
