@@ -1233,7 +1233,7 @@ def encode_journal(object seq, object ops):
             size += PyBytes_GET_SIZE(value)
     out = PyBytes_FromStringAndSize(NULL, size)
     cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
-    p[0] = 1
+    p[0] = 1  # the plain layout, then compressed as the version written today
     o = _put_le(p, 1, <uint64_t>seq, 8)
     o = _put_le(p, o, <uint64_t>len(ops), 4)
     for op in ops:
@@ -1253,7 +1253,7 @@ def encode_journal(object seq, object ops):
             o = _put_le(p, o, <uint64_t>n, 4)
             memcpy(p + o, PyBytes_AS_STRING(value), n)
             o += n
-    return out
+    return _records.seal_journal(out)
 
 
 cdef inline uint64_t _le(const uint8_t* p, int n) noexcept nogil:
@@ -1268,6 +1268,8 @@ def decode_journal(object record):
     """records.decode_journal(record): (log sequence, [(database name, key, value or None)]),
     or CorruptRecord with its messages."""
     cdef bytes raw = record if type(record) is bytes else bytes(record)
+    if PyBytes_GET_SIZE(raw) >= 1 and (<const uint8_t*>PyBytes_AS_STRING(raw))[0] == 2:
+        raw = _records.unseal_journal(raw)  # compressed (records.JOURNAL_VERSION 2)
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(raw)
     cdef Py_ssize_t size = PyBytes_GET_SIZE(raw), at, end
     cdef uint64_t count, n, k

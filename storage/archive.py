@@ -154,7 +154,7 @@ def move(book, now: int, retain_seconds: int, batch_max: int = config.archive_ba
                    audit_hash, digest)
         if bytes_max is None:
             break
-        size = len(records.encode_journal(0, [(SEGMENT_OP, name_of(n).encode(), data)] + ops))
+        size = records.journal_size([(SEGMENT_OP, name_of(n).encode(), data)] + ops)
         if size <= bytes_max:
             break
         if batch_max == 1:
@@ -404,7 +404,7 @@ class Mover:
         mine: list | None = [] if book.journal is not None else None  # replicated if it
         room = None                                                    # commits
         if mine is not None and store.record_bytes_max:  # what the group holds already
-            room = store.record_bytes_max - len(records.encode_journal(0, book.journal))
+            room = store.record_bytes_max - records.journal_size(book.journal)
         try:
             moved = move(Book(child, book.dbs, mine), now, self.retain_seconds,
                          bytes_max=room)

@@ -29,7 +29,10 @@ VERSION.
     136      total
 """
 import struct
+import threading
 import typing
+
+import zstandard
 
 from yikatong import config
 from yikatong.errors import CorruptRecord, InvalidRecord
@@ -858,10 +861,26 @@ def decode_credit(value) -> CreditRecord:
 # sequence, the number of operations; then each: database name, key, value (a delete has
 # the value length 0xFFFFFFFF and no value). Compiled twin: fastpath encode_journal and
 # decode_journal (tests/test_fastpath.py): a change here is a change there.
+#
+# JOURNAL_VERSION 2 (issue 27): the operations after the head are one zstd frame (level
+# config.log_record_zstd_level, its content size and checksum in the frame); a debit's
+# operations are about 420 bytes plain and 90 compressed, and every byte of a record is
+# written, flushed and sent on by each log server to every follower. Version 1 (the
+# operations as they are) is still read: a log written before this release holds it.
+JOURNAL_VERSION = 2
 _JOURNAL_HEAD = struct.Struct("<BQI")
 _JOURNAL_NAME = struct.Struct("<B")
 _JOURNAL_LEN = struct.Struct("<I")
 _DELETED = 0xFFFFFFFF
+_zstd = threading.local()  # a compressor and a decompressor per thread (not thread-safe)
+
+
+def journal_size(ops) -> int:
+    """A record's bytes before compression (the writer's bound on a record is on these: a
+    compressed record is never more than a little larger)."""
+    return _JOURNAL_HEAD.size + sum(9 + len(name) + len(key) + (0 if value is None
+                                                                  else len(value))
+                                    for name, key, value in ops)
 
 
 def encode_journal(seq: int, ops) -> bytes:
@@ -871,7 +890,49 @@ def encode_journal(seq: int, ops) -> bytes:
                 _JOURNAL_LEN.pack(_DELETED if value is None else len(value))]
         if value is not None:
             out.append(value)
-    return b"".join(out)
+    return seal_journal(b"".join(out))
+
+
+def seal_journal(plain: bytes) -> bytes:
+    """A version-1 record's bytes as the version written today: the head with its version,
+    then the operations compressed. InvalidRecord past config.log_record_bytes_max (no
+    follower would take it)."""
+    if len(plain) > config.log_record_bytes_max:
+        raise InvalidRecord(f"replication record of {len(plain):,} bytes: at most "
+                            f"{config.log_record_bytes_max:,}")
+    if not hasattr(_zstd, "compress"):
+        _zstd.compress = zstandard.ZstdCompressor(
+            level=config.log_record_zstd_level, write_checksum=True).compress
+        _zstd.decompress = zstandard.ZstdDecompressor().decompress
+    version, seq, count = _JOURNAL_HEAD.unpack_from(plain)
+    return _JOURNAL_HEAD.pack(JOURNAL_VERSION, seq, count) + \
+        _zstd.compress(memoryview(plain)[_JOURNAL_HEAD.size:])
+
+
+def unseal_journal(record: bytes) -> bytes:
+    """A version-2 record as version 1 (its operations decompressed), or CorruptRecord: a
+    frame that does not say its size, says more than config.log_record_bytes_max, or does not
+    decompress to exactly that (checksum included)."""
+    size = len(record)
+    if size < _JOURNAL_HEAD.size:
+        raise CorruptRecord(f"replication record of {size} bytes is cut")
+    if not hasattr(_zstd, "decompress"):
+        seal_journal(_JOURNAL_HEAD.pack(1, 0, 0))  # this thread's codec
+    frame = memoryview(record)[_JOURNAL_HEAD.size:]
+    try:
+        plain = zstandard.frame_content_size(frame)
+        if not 0 <= plain <= config.log_record_bytes_max - _JOURNAL_HEAD.size:
+            raise CorruptRecord(f"replication record's operations say {plain} bytes: at most "
+                                f"{config.log_record_bytes_max - _JOURNAL_HEAD.size:,}")
+        body = _zstd.decompress(frame, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise CorruptRecord(f"replication record's operations do not decompress: {e}") \
+            from None
+    if len(body) != plain:
+        raise CorruptRecord(f"replication record's operations are {len(body)} bytes, not "
+                            f"{plain}")
+    _, seq, count = _JOURNAL_HEAD.unpack_from(record)
+    return _JOURNAL_HEAD.pack(1, seq, count) + body
 
 
 def journal_sequence(record: bytes) -> int:
@@ -884,6 +945,8 @@ def decode_journal(record) -> tuple[int, list[tuple[bytes, bytes, bytes | None]]
     Every follower decodes every record: slices taken as they come (a slice past the end is
     short, never an error), the record's length checked once at the end."""
     record = bytes(record)
+    if record[:1] == b"\x02":
+        record = unseal_journal(record)
     size = len(record)
     length = _JOURNAL_LEN.unpack_from
     try:

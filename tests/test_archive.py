@@ -528,7 +528,7 @@ def test_a_replicated_segment_and_its_deletes_fit_the_room_left_in_the_record(tm
             journal: list = []
             out = store.write(lambda book: archive.move(
                 Book(book.txn, book.dbs, journal), 10**9, 10, bytes_max=room))
-            return out, len(records.encode_journal(0, journal))
+            return out, records.journal_size(journal)
         with pytest.raises(archive.TooLarge):
             moved(200)
         assert segments(store.data_dir) == []

@@ -11,7 +11,13 @@ import pytest
 
 from yikatong import clock as clocks
 from yikatong import config, ledger
-from yikatong.errors import CorruptRecord, Fenced, LogUnavailable, ReplicationGap
+from yikatong.errors import (
+    CorruptRecord,
+    Fenced,
+    InvalidRecord,
+    LogUnavailable,
+    ReplicationGap,
+)
 from yikatong.model import operator_account_key
 from yikatong.server import demo
 from yikatong.server.harness import wait_until
@@ -231,7 +237,50 @@ def test_a_pii_read_queued_behind_a_record_with_audit_events_is_still_audited(tm
 
 def test_a_cut_or_padded_record_is_corrupt():
     record = records.encode_journal(7, [(b"meta", b"k", b"v"), (b"cards", b"1", None)])
+    assert record[0] == records.JOURNAL_VERSION == 2
     assert records.decode_journal(record) == (7, [(b"meta", b"k", b"v"), (b"cards", b"1", None)])
-    for bad in (record[:-1], record + b"\0", record[:5], b"\x02" + record[1:]):
+    for bad in (record[:-1], record + b"\0", record[:5], record[:14], b"\x03" + record[1:],
+                record[:20] + bytes([record[20] ^ 1]) + record[21:],  # checksum
+                V1_RECORD[:-1], V1_RECORD + b"\0"):
         with pytest.raises(CorruptRecord):
             records.decode_journal(bad)
+
+
+# A record of the log as releases up to 0.5.0 wrote it (version 1: the operations plain): a
+# log outlives a release, so a follower catching up after an upgrade reads it as ever.
+V1_RECORD = bytes.fromhex("01070000000000000002000000046d657461010000006b01000000760563617264"
+                          "730100000031ffffffff")
+
+
+def test_a_version_1_record_is_read_as_ever_and_the_same_operations_are_smaller_now(tmp_path):
+    ops = [(b"meta", b"k", b"v"), (b"cards", b"1", None)]
+    assert records.decode_journal(V1_RECORD) == (7, ops)
+    assert records.unseal_journal(records.encode_journal(7, ops)) == V1_RECORD
+    store = Store(str(tmp_path / "follower"))
+    old = records.unseal_journal(records.encode_journal(1, [(b"meta", b"old", b"1")]))
+    assert old[0] == 1  # the plain layout: V1_RECORD's, byte for byte
+    try:  # a follower applies an old record, then a new one, in order
+        assert store.write(lambda book: book.apply_journal(old))
+        assert store.write(lambda book: book.apply_journal(records.encode_journal(
+            2, [(b"meta", b"new", b"2" * 1000)])))
+        with store.read() as txn:
+            book = store.book(txn)
+            assert book.log_sequence() == 2
+            assert txn.get(b"old", db=store.dbs.meta) == b"1"
+            assert txn.get(b"new", db=store.dbs.meta) == b"2" * 1000
+    finally:
+        store.close()
+    # a debit's operations repeat their shape: compressed, a record of many is far smaller
+    many = [(b"transfers", f"gate-1-{i:08d}".encode(), b"\x03\x11" + i.to_bytes(8, "little")
+             + b"\0" * 30 + b"op:transit") for i in range(1000)]
+    assert len(records.encode_journal(9, many)) * 3 < records.journal_size(many)
+    assert records.decode_journal(records.encode_journal(9, many)) == (9, many)
+
+
+def test_a_frame_that_says_it_holds_more_than_the_bound_is_refused_unread(monkeypatch):
+    record = records.encode_journal(7, [(b"meta", b"k", b"v" * 5000)])
+    monkeypatch.setattr(config, "log_record_bytes_max", 1000)
+    with pytest.raises(CorruptRecord, match="say 50"):
+        records.decode_journal(record)
+    with pytest.raises(InvalidRecord, match="at most 1,000"):
+        records.encode_journal(7, [(b"meta", b"k", b"v" * 5000)])

@@ -72,6 +72,11 @@ min_sequence_wait_seconds = 5.0
 # it gathers and applies the next ones (serve --log-in-flight-max; issue 27 item 2)
 log_in_flight_max = 8
 log_ack_wait_seconds = 15.0  # at most, for an appended record's answer (the log's own is 5 s)
+# a replication record's operations are one zstd frame at this level (records.JOURNAL_VERSION
+# 2); plain, a record is at most this many bytes (a writer's record is cut far below it, at
+# half the log's max_payload: a follower refuses a frame that says more, never allocating it)
+log_record_zstd_level = 1
+log_record_bytes_max = 64 * 1024**2
 # a worker of a replicated node (--workers N) waits this long for its log keeper's first word
 # before it gives up (the keeper's own start is bounded by cluster_start_seconds and the log's
 # connection timeouts)
