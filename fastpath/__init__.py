@@ -40,4 +40,5 @@ CORRUPT = _authorize_py.CORRUPT
 # otherwise); a writer encodes every commit group, every follower decodes every record
 encode_journal = getattr(impl, "encode_journal", _records.encode_journal)
 decode_journal = getattr(impl, "decode_journal", _records.decode_journal)
+journal_size = getattr(impl, "journal_size", _records.journal_size)  # a record's, plain
 apply_ops = impl.apply_ops  # ... and every follower applies every record's ops

@@ -1208,6 +1208,27 @@ cdef uint64_t JOURNAL_DELETED = 0xFFFFFFFF  # a delete's value length (no C int 
 from yikatong.storage import records as _records
 
 
+def journal_size(object ops):
+    """records.journal_size(ops): a record's bytes before compression (the writer's bound
+    on a record, counted a command at a time); anything else than a list of (bytes, bytes,
+    bytes or None) goes to that twin."""
+    cdef Py_ssize_t size = JOURNAL_HEAD
+    cdef object name, key, value
+    if type(ops) is not list:
+        return _records.journal_size(ops)
+    for op in ops:
+        if type(op) is not tuple or len(<tuple>op) != 3:
+            return _records.journal_size(ops)
+        name, key, value = <tuple>op
+        if type(name) is not bytes or type(key) is not bytes or (
+                value is not None and type(value) is not bytes):
+            return _records.journal_size(ops)
+        size += 9 + PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(key)
+        if value is not None:
+            size += PyBytes_GET_SIZE(value)
+    return size
+
+
 def encode_journal(object seq, object ops):
     """records.encode_journal(seq, ops); anything else than a list of (bytes name, bytes key,
     bytes value or None for a delete) within their length fields and a sequence within a

@@ -736,7 +736,7 @@ class Store:
                 if mine:
                     journal.extend(mine)  # type: ignore[union-attr]
                     if size_max is not None:
-                        size += sum(len(k) + len(v or b"") + 16 for _, k, v in mine)
+                        size += fastpath.journal_size(mine)
         return outcomes, handed, diverted_futures, []
 
     def _answer(self, outcomes, handed, diverted_futures) -> None:

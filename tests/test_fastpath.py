@@ -241,6 +241,7 @@ def _outcome(fn, *args):
 def test_the_compiled_replication_codec_is_its_python_twin(seq, ops, data):
     record = r.encode_journal(seq, ops)
     assert _authorize_c.encode_journal(seq, ops) == record
+    assert _authorize_c.journal_size(ops) == r.journal_size(ops) == len(r.unseal_journal(record))
     assert _authorize_c.decode_journal(record) == r.decode_journal(record) == (seq, ops)
     # a log written before compression (version 1) is read alike; so is either one damaged:
     # cut, grown, or bytes changed (lengths, version, count, the frame) refused alike
