@@ -1043,7 +1043,10 @@ def _serve(args, metrics) -> int:
     def open_store(periodic: bool = True) -> Store:
         """`periodic=False`: no hold sweep (a log keeper: its workers sweep)."""
         def sweep_expired_holds(book):
-            ledger.expire_holds(book, clock.now())  # on the writer (Store.check_writer)
+            # on the writer (Store.check_writer); replicated, half a record's worth at most:
+            # the PII rotation's step and the archive's move share the group's one record
+            ledger.expire_holds(book, clock.now(), bytes_max=store.record_bytes_max // 2
+                                if store.record_bytes_max else None)
             if rotation is not None:
                 rotation.step(book)
             if mover is not None:  # one segment's worth, in this group (storage/archive.py)

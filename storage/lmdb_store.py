@@ -736,7 +736,7 @@ class Store:
                 if mine:
                     journal.extend(mine)  # type: ignore[union-attr]
                     if size_max is not None:
-                        size += fastpath.journal_size(mine)
+                        size += fastpath.journal_size(mine) - records.JOURNAL_HEAD_BYTES
         return outcomes, handed, diverted_futures, []
 
     def _answer(self, outcomes, handed, diverted_futures) -> None:

@@ -73,6 +73,30 @@ def test_a_follower_that_applies_every_record_holds_the_same_bytes(pair):
         assert follower.book(txn).log_sequence() == len(log)
 
 
+def test_a_replicated_sweep_of_many_expired_holds_goes_in_records_the_log_takes(pair):
+    """Ten thousand holds expiring in one group were a 5 MB record, past the log's
+    max_payload: a replicated writer's sweep stops once its writes pass `bytes_max` (the
+    server gives half its record bound) and the next sweep goes on."""
+    leader, follower, log = pair
+    topup = operator_account_key("op:topup")
+    fees = [operator_account_key(f"op:fees-{n}") for n in range(10)]  # 64 holds each at most
+    leader.write(lambda book: [ledger.create(book, NOW, f"t{n}", topup, fee, 100)
+                               for n, fee in enumerate(fees)])
+    leader.write(lambda book: [ledger.create(book, NOW, f"h{i:04d}", fees[i % 10], topup, 1,
+                                             pending=True, timeout=60) for i in range(300)])
+    before = len(log)
+    swept = []
+    while not swept or swept[-1]:
+        swept.append(leader.write(lambda book: ledger.expire_holds(book, NOW + 7200,
+                                                                   bytes_max=20_000)))
+    assert sum(swept) == 300 and len(swept) > 3, swept
+    sizes = [len(records.unseal_journal(r)) for r in log[before:]]
+    # past the bound by one hold's writes (about 500 bytes) and the record's head at most
+    assert all(size <= 21_000 for size in sizes) and sum(sizes) > 100_000, sizes
+    assert all(apply_all(follower, log))
+    assert digest(follower) == digest(leader)
+
+
 def test_a_record_applied_twice_changes_nothing_and_one_that_skips_ahead_is_refused(pair):
     leader, follower, log = pair
     for i in range(3):
@@ -244,9 +268,14 @@ def test_a_cut_or_padded_record_is_corrupt():
                 V1_RECORD[:-1], V1_RECORD + b"\0"):
         with pytest.raises(CorruptRecord):
             records.decode_journal(bad)
+    empty = records.encode_journal(5, [])  # a frame of nothing is read whole too
+    assert records.decode_journal(empty) == (5, [])
+    for bad in (empty + b"GARBAGE", empty[:-1], empty[:-4] + b"\0\0\0\0"):
+        with pytest.raises(CorruptRecord):
+            records.decode_journal(bad)
 
 
-# A record of the log as releases up to 0.5.0 wrote it (version 1: the operations plain): a
+# A record of the log as releases before 0.5.0 wrote it (version 1: the operations plain): a
 # log outlives a release, so a follower catching up after an upgrade reads it as ever.
 V1_RECORD = bytes.fromhex("01070000000000000002000000046d657461010000006b01000000760563617264"
                           "730100000031ffffffff")

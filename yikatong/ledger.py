@@ -331,9 +331,20 @@ def _not_found(book, transfer_id: str) -> typing.NoReturn:
     raise TransferNotFound(transfer_id)
 
 
-def expire_holds(book, now: int, limit: int = config.hold_sweep_max) -> int:
-    """Release every hold whose timeout has come (timeout_at <= now). Returns how many."""
+def expire_holds(book, now: int, limit: int = config.hold_sweep_max,
+                 bytes_max: int | None = None) -> int:
+    """Release every hold whose timeout has come (timeout_at <= now). Returns how many.
+    `bytes_max`: on a replicated writer, stop once what this sweep put in the book's journal
+    passes it (counted as the record's plain bytes); the rest go in the next sweep, a
+    second later. Ten thousand holds are about 5 MB: past any record the log takes."""
     due = book.holds_due(now, limit)
-    for pending_id in due:
+    size = 0
+    for n, pending_id in enumerate(due):
+        if bytes_max is not None and size > bytes_max:
+            return n
+        start = len(book.journal or ())
         _expire(book, now, pending_id, book.transfer(pending_id))
+        if bytes_max is not None and book.journal:
+            size += sum(9 + len(name) + len(key) + (0 if value is None else len(value))
+                        for name, key, value in book.journal[start:])
     return len(due)
