@@ -252,6 +252,7 @@ def main() -> int:
             readers[f"a follower, {args.workers} workers"] = (
                 followers[1], targets["replicated, 3 nodes"][1])
         reads: dict[str, list[float]] = {name: [] for name in readers}
+        cores: dict[str, list[tuple[float, float]]] = {name: [] for name in readers}
         if args.reads_client == "h2load":  # C, one thread: the client is not the bound
             reads_calls = {name: h2load_reads(srv, cards, tmp, name)
                            for name, (srv, cards) in readers.items()}
@@ -259,8 +260,11 @@ def main() -> int:
             for name, (srv, cards) in readers.items():
                 if args.reads_client == "h2load":
                     call, expected = reads_calls[name]
-                    reads[name].append(call.run(srv.address, args.seconds, 32, 2,
-                                                expected).rate * 1000)
+                    server, t = cpu_seconds(srv.proc.pid), time.perf_counter()
+                    run = call.run(srv.address, args.seconds, 32, 2, expected)
+                    reads[name].append(run.rate * 1000)
+                    cores[name].append((run.client_cpu, (cpu_seconds(srv.proc.pid) - server)
+                                        / (time.perf_counter() - t)))
                     continue
                 reads[name].append(asyncio.run(debits(srv.address, cards, args.seconds,
                                                       args.streams * 2, f"q{r}",
@@ -295,13 +299,21 @@ def main() -> int:
     single_reads = statistics.median(reads["single node"])
     client = ("h2load, 32 connections x 2 calls of 10 messages of 100" if args.reads_client
               == "h2load" else f"this script, {args.streams * 2} streams")
+    h2load = args.reads_client == "h2load"
     print(f"\n| status-only decisions/s (AuthorizeStream, no money; {client}) "
-          "| decisions/s | runs | against single node |")
-    print("| --- | ---: | --- | ---: |")
+          "| decisions/s | runs | against single node |"
+          + (" cores: h2load, the server | server CPU a decision |" if h2load else ""))
+    print("| --- | ---: | --- | ---: |" + (" ---: | ---: |" if h2load else ""))
     for name, values in reads.items():
         median = statistics.median(values)
+        used = ""
+        if h2load:  # where the two cores went (the server: its workers and log keeper)
+            client_cores = statistics.median(c for c, _ in cores[name])
+            server_cores = statistics.median(s for _, s in cores[name])
+            used = (f" {client_cores:.2f}, {server_cores:.2f} | "
+                    f"{server_cores / median * 1e6:.2f} us |")
         print(f"| {name} | {median:,.0f} | {', '.join(f'{v:,.0f}' for v in values)} | "
-              f"{median / single_reads:.2f}x |")
+              f"{median / single_reads:.2f}x |" + used)
     print(f"\nafter the last run: the writer at log sequence {last:,}, the followers "
           f"{', '.join(str(b) for b in behind)} records behind, all applied {caught_up:.2f} s "
           f"later; every node's store identical: {same}")
