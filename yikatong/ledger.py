@@ -28,6 +28,7 @@ from yikatong.model import (
     holder_of_account,
     is_holder_account,
 )
+from yikatong.storage import records
 
 _ZERO_FP = b"\0" * 32
 # Plain names for the members the money path uses on every movement.
@@ -345,6 +346,5 @@ def expire_holds(book, now: int, limit: int = config.hold_sweep_max,
         start = len(book.journal or ())
         _expire(book, now, pending_id, book.transfer(pending_id))
         if bytes_max is not None and book.journal:
-            size += sum(9 + len(name) + len(key) + (0 if value is None else len(value))
-                        for name, key, value in book.journal[start:])
+            size += records.journal_size(book.journal[start:]) - records.JOURNAL_HEAD_BYTES
     return len(due)
