@@ -184,6 +184,7 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1,
                    help="the single node's, the writer's and one follower's (default: 1)")
     args = p.parse_args()
+    h2load = args.reads_client == "h2load"  # C, one thread: the client is not the bound
     workers = ("--workers", str(args.workers))
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -253,12 +254,12 @@ def main() -> int:
                 followers[1], targets["replicated, 3 nodes"][1])
         reads: dict[str, list[float]] = {name: [] for name in readers}
         cores: dict[str, list[tuple[float, float]]] = {name: [] for name in readers}
-        if args.reads_client == "h2load":  # C, one thread: the client is not the bound
+        if h2load:
             reads_calls = {name: h2load_reads(srv, cards, tmp, name)
                            for name, (srv, cards) in readers.items()}
         for r in range(args.repeat):
             for name, (srv, cards) in readers.items():
-                if args.reads_client == "h2load":
+                if h2load:
                     call, expected = reads_calls[name]
                     server, t = cpu_seconds(srv.proc.pid), time.perf_counter()
                     run = call.run(srv.address, args.seconds, 32, 2, expected)
@@ -297,9 +298,8 @@ def main() -> int:
           f"min_sequence): p50 {lags[len(lags) // 2] * 1000:.1f} ms, p99 "
           f"{lags[int(len(lags) * 0.99)] * 1000:.1f} ms, max {lags[-1] * 1000:.1f} ms")
     single_reads = statistics.median(reads["single node"])
-    client = ("h2load, 32 connections x 2 calls of 10 messages of 100" if args.reads_client
-              == "h2load" else f"this script, {args.streams * 2} streams")
-    h2load = args.reads_client == "h2load"
+    client = ("h2load, 32 connections x 2 calls of 10 messages of 100" if h2load
+              else f"this script, {args.streams * 2} streams")
     print(f"\n| status-only decisions/s (AuthorizeStream, no money; {client}) "
           "| decisions/s | runs | against single node |"
           + (" cores: h2load, the server | server CPU a decision |" if h2load else ""))

@@ -1195,13 +1195,15 @@ cdef class Fares:
 
 # ------------------------------------------------------------------ the replication record
 #
-# records.encode_journal and records.decode_journal compiled (they are the twins, held to the
+# records.encode_journal, decode_journal and journal_size compiled (the twins, held to the
 # same bytes, ops and errors by tests/test_fastpath.py): a writer encodes each commit group's
 # puts and deletes, and every follower decodes every record. Layout: records.py, "A commit
 # group's replication record".
 
 cdef enum:
     JOURNAL_HEAD = 13  # <BQI: version, log sequence, count
+    JOURNAL_PLAIN = 1  # the operations as they are (records.JOURNAL_PLAIN)
+    JOURNAL_VERSION = 2  # ... compressed after the head, as written today
 cdef uint64_t JOURNAL_DELETED = 0xFFFFFFFF  # a delete's value length (no C int enum holds it)
 
 
@@ -1254,7 +1256,7 @@ def encode_journal(object seq, object ops):
             size += PyBytes_GET_SIZE(value)
     out = PyBytes_FromStringAndSize(NULL, size)
     cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
-    p[0] = 1  # the plain layout, then compressed as the version written today
+    p[0] = JOURNAL_PLAIN  # then compressed as the version written today
     o = _put_le(p, 1, <uint64_t>seq, 8)
     o = _put_le(p, o, <uint64_t>len(ops), 4)
     for op in ops:
@@ -1289,14 +1291,14 @@ def decode_journal(object record):
     """records.decode_journal(record): (log sequence, [(database name, key, value or None)]),
     or CorruptRecord with its messages."""
     cdef bytes raw = record if type(record) is bytes else bytes(record)
-    if PyBytes_GET_SIZE(raw) >= 1 and (<const uint8_t*>PyBytes_AS_STRING(raw))[0] == 2:
+    if PyBytes_GET_SIZE(raw) >= 1 and (<const uint8_t*>PyBytes_AS_STRING(raw))[0] == JOURNAL_VERSION:
         raw = _records.unseal_journal(raw)  # compressed (records.JOURNAL_VERSION 2)
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(raw)
     cdef Py_ssize_t size = PyBytes_GET_SIZE(raw), at, end
     cdef uint64_t count, n, k
     if size < JOURNAL_HEAD:
         raise CorruptRecord(f"replication record of {size} bytes is cut")
-    if p[0] != 1:
+    if p[0] != JOURNAL_PLAIN:
         raise CorruptRecord(f"replication record version {p[0]}")
     seq = _le(p + 1, 8)
     count = _le(p + 9, 4)
@@ -1363,5 +1365,6 @@ def layout():
         "TransferKind.SINGLE | TransferStatus.POSTED << 4": KIND_SINGLE_POSTED,
         "State.TEMP_LOSS": TEMP_LOSS, "Pack.RC": PACK_RC,
         "records._HAS_DECISION": HAS_DECISION, "records._JOURNAL_HEAD.size": JOURNAL_HEAD,
-        "records._DELETED": JOURNAL_DELETED,
+        "records._DELETED": JOURNAL_DELETED, "records.JOURNAL_PLAIN": JOURNAL_PLAIN,
+        "records.JOURNAL_VERSION": JOURNAL_VERSION,
     }

@@ -859,8 +859,8 @@ def decode_credit(value) -> CreditRecord:
 
 # A commit group's replication record (storage.lmdb_store Book.journal): version, the log
 # sequence, the number of operations; then each: database name, key, value (a delete has
-# the value length 0xFFFFFFFF and no value). Compiled twin: fastpath encode_journal and
-# decode_journal (tests/test_fastpath.py): a change here is a change there.
+# the value length 0xFFFFFFFF and no value). Compiled twins: fastpath encode_journal,
+# decode_journal and journal_size (tests/test_fastpath.py): a change here is a change there.
 #
 # JOURNAL_VERSION 2 (issue 27): the operations after the head are one zstd frame (level
 # config.log_record_zstd_level, its content size and checksum in the frame); a debit's
@@ -868,6 +868,7 @@ def decode_credit(value) -> CreditRecord:
 # written, flushed and sent on by each log server to every follower. Version 1 (the
 # operations as they are) is still read: a log written before this release holds it.
 JOURNAL_VERSION = 2
+JOURNAL_PLAIN = 1  # the layout below as it is: what version 2 compresses after its head
 _JOURNAL_HEAD = struct.Struct("<BQI")
 JOURNAL_HEAD_BYTES = _JOURNAL_HEAD.size
 _JOURNAL_NAME = struct.Struct("<B")
@@ -885,7 +886,7 @@ def journal_size(ops) -> int:
 
 
 def encode_journal(seq: int, ops) -> bytes:
-    out = [_JOURNAL_HEAD.pack(1, seq, len(ops))]
+    out = [_JOURNAL_HEAD.pack(JOURNAL_PLAIN, seq, len(ops))]
     for name, key, value in ops:
         out += [_JOURNAL_NAME.pack(len(name)), name, _JOURNAL_LEN.pack(len(key)), key,
                 _JOURNAL_LEN.pack(_DELETED if value is None else len(value))]
@@ -901,13 +902,20 @@ def seal_journal(plain: bytes) -> bytes:
     if len(plain) > config.log_record_bytes_max:
         raise InvalidRecord(f"replication record of {len(plain):,} bytes: at most "
                             f"{config.log_record_bytes_max:,}")
-    if not hasattr(_zstd, "compress"):
-        _zstd.compress = zstandard.ZstdCompressor(
-            level=config.log_record_zstd_level, write_checksum=True).compress
-        _zstd.decompress = zstandard.ZstdDecompressor().decompress
     version, seq, count = _JOURNAL_HEAD.unpack_from(plain)
+    assert version == JOURNAL_PLAIN, version
     return _JOURNAL_HEAD.pack(JOURNAL_VERSION, seq, count) + \
-        _zstd.compress(memoryview(plain)[_JOURNAL_HEAD.size:])
+        _codec()[0].compress(memoryview(plain)[_JOURNAL_HEAD.size:])
+
+
+def _codec():
+    """This thread's zstd compressor and decompressor (neither may be shared by threads)."""
+    codec = getattr(_zstd, "codec", None)
+    if codec is None:
+        codec = _zstd.codec = (
+            zstandard.ZstdCompressor(level=config.log_record_zstd_level, write_checksum=True),
+            zstandard.ZstdDecompressor())
+    return codec
 
 
 def unseal_journal(record: bytes) -> bytes:
@@ -917,8 +925,6 @@ def unseal_journal(record: bytes) -> bytes:
     size = len(record)
     if size < _JOURNAL_HEAD.size:
         raise CorruptRecord(f"replication record of {size} bytes is cut")
-    if not hasattr(_zstd, "decompress"):
-        seal_journal(_JOURNAL_HEAD.pack(1, 0, 0))  # this thread's codec
     frame = memoryview(record)[_JOURNAL_HEAD.size:]
     try:
         plain = zstandard.frame_content_size(frame)
@@ -927,7 +933,8 @@ def unseal_journal(record: bytes) -> bytes:
                                 f"{config.log_record_bytes_max - _JOURNAL_HEAD.size:,}")
         # an empty frame's content python-zstandard takes on its word, unread: read it whole
         # (its checksum, nothing after it) as any other
-        body = _zstd.decompress(frame, allow_extra_data=False) if plain else _empty(frame)
+        body = _codec()[1].decompress(frame, allow_extra_data=False) if plain else \
+            _empty(frame)
     except zstandard.ZstdError as e:
         raise CorruptRecord(f"replication record's operations do not decompress: {e}") \
             from None
@@ -935,7 +942,7 @@ def unseal_journal(record: bytes) -> bytes:
         raise CorruptRecord(f"replication record's operations are {len(body)} bytes, not "
                             f"{plain}")
     _, seq, count = _JOURNAL_HEAD.unpack_from(record)
-    return _JOURNAL_HEAD.pack(1, seq, count) + body
+    return _JOURNAL_HEAD.pack(JOURNAL_PLAIN, seq, count) + body
 
 
 def journal_sequence(record: bytes) -> int:
@@ -944,6 +951,8 @@ def journal_sequence(record: bytes) -> int:
 
 
 def _empty(frame) -> bytes:
+    """An empty frame's content (b""), read through: CorruptRecord unless it is one whole
+    frame, its checksum right and nothing after it."""
     reader = zstandard.ZstdDecompressor().decompressobj()
     body = reader.decompress(frame)
     if not reader.eof or reader.unused_data:
@@ -956,13 +965,13 @@ def decode_journal(record) -> tuple[int, list[tuple[bytes, bytes, bytes | None]]
     Every follower decodes every record: slices taken as they come (a slice past the end is
     short, never an error), the record's length checked once at the end."""
     record = bytes(record)
-    if record[:1] == b"\x02":
+    if record[:1] == bytes((JOURNAL_VERSION,)):
         record = unseal_journal(record)
     size = len(record)
     length = _JOURNAL_LEN.unpack_from
     try:
         version, seq, count = _JOURNAL_HEAD.unpack_from(record)
-        if version != 1:
+        if version != JOURNAL_PLAIN:
             raise CorruptRecord(f"replication record version {version}")
         at = _JOURNAL_HEAD.size
         ops: list[tuple[bytes, bytes, bytes | None]] = []

@@ -281,6 +281,7 @@ def test_the_constants_compiled_in_are_their_sources():
         "State.TEMP_LOSS": State.TEMP_LOSS, "Pack.RC": Pack.RC,
         "records._HAS_DECISION": records._HAS_DECISION,
         "records._JOURNAL_HEAD.size": records._JOURNAL_HEAD.size,
-        "records._DELETED": records._DELETED,
+        "records._DELETED": records._DELETED, "records.JOURNAL_PLAIN": records.JOURNAL_PLAIN,
+        "records.JOURNAL_VERSION": records.JOURNAL_VERSION,
     }
     assert fastpath.impl.layout() == sources

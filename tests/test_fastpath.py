@@ -261,6 +261,7 @@ def test_the_compiled_replication_codec_is_its_python_twin(seq, ops, data):
     # what is not plain bytes goes to the twin: the same record, or its error
     odd = [(bytearray(n), k, v) for n, k, v in ops[:1]] + ops[1:]
     assert _outcome(_authorize_c.encode_journal, seq, odd) == _outcome(r.encode_journal, seq, odd)
+    assert _outcome(_authorize_c.journal_size, odd) == _outcome(r.journal_size, odd)
 
 
 @pytest.mark.skipif(_authorize_c is None, reason="YIKATONG_NO_EXTENSIONS")

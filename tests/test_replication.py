@@ -264,7 +264,8 @@ def test_a_cut_or_padded_record_is_corrupt():
     assert record[0] == records.JOURNAL_VERSION == 2
     assert records.decode_journal(record) == (7, [(b"meta", b"k", b"v"), (b"cards", b"1", None)])
     for bad in (record[:-1], record + b"\0", record[:5], record[:14], b"\x03" + record[1:],
-                record[:20] + bytes([record[20] ^ 1]) + record[21:],  # checksum
+                record[:20] + bytes([record[20] ^ 1]) + record[21:],  # a block's header
+                record[:-1] + bytes([record[-1] ^ 1]),  # the frame's checksum
                 V1_RECORD[:-1], V1_RECORD + b"\0"):
         with pytest.raises(CorruptRecord):
             records.decode_journal(bad)
