@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from test_cluster import balance, start, top_up, writer_of
@@ -376,8 +377,17 @@ def test_a_follower_that_cannot_apply_a_record_says_not_serving(cluster, tmp_pat
     store = Store(str(tmp_path / "follower"))
     manifest = {"segment": 2, "prev_hash": bytes(32).hex(), "payload_kinds": []}
     data, _ = archive.encode(manifest, {})
-    log.append(records.encode_journal(1, [(archive.SEGMENT_OP, archive.name_of(2).encode(),
-                                           data), (b"meta", b"k", b"v")]), 0)
+    record = records.encode_journal(1, [(archive.SEGMENT_OP, archive.name_of(2).encode(),
+                                         data), (b"meta", b"k", b"v")])
+    deadline = time.monotonic() + 30
+    while True:  # a fresh cluster's first append may go unanswered in 5 s (seen once in CI)
+        try:
+            log.append(record, 0)
+            break
+        except LogUnavailable:
+            if log.last_sequence() == 1:  # it landed; its answer did not
+                break
+            assert time.monotonic() < deadline
     follower = Follower(store, log)
     try:
         assert wait_until(lambda: "replication_stalled" in store.not_serving, 20)
