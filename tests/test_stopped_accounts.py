@@ -302,7 +302,6 @@ def test_gz_21_sh_18_gz_26_a_status_only_use_answers_what_a_debit_would(
     assert said(use(srv, card, 0, pb.CHANNEL_TRANSIT, batch=True)) == "UNSPECIFIED"
 
 
-
 def test_sh_18a_sh_23c_the_original_is_the_holders_card_until_its_replacement_is_issued(srv):
     """SH-23c: the original becomes invalid once the new card is issued, not before. While a
     re-application (SH-22, changed information) is being made, the original is the holder's
@@ -318,6 +317,7 @@ def test_sh_18a_sh_23c_the_original_is_the_holders_card_until_its_replacement_is
     for channel in (pb.CHANNEL_MEDICAL, pb.CHANNEL_BENEFIT):
         assert status_only(srv, gz, channel) == ["CARD_FROZEN"] * 3
         assert said(use(srv, gz, 100, channel)) == "CARD_FROZEN"
+
 
 def test_gz_22_gz_26_a_status_only_use_is_approved_again_when_nothing_stops_the_account(srv):
     """GZ-22: deregistered, the status-only use is approved again at once. GZ-26: a card
