@@ -344,8 +344,8 @@ def backup(args) -> int:
 
 def cluster_status(urls: list[str], as_json: bool) -> int:
     """The writer, the log's end, and each node's last report. Exit 1 when no node holds
-    the write lease, none has reported, or a node is down (a monitoring check can run
-    this)."""
+    the write lease, none has reported, or a node is down or not serving (a monitoring check
+    can run this); a warning (`archive_failing`: the node serves rightly) is shown, exit 0."""
     from yikatong.storage import replication
 
     try:
@@ -366,7 +366,8 @@ def cluster_status(urls: list[str], as_json: bool) -> int:
                   f"{n['lag']:>7} {retain:>7}  {n['reported_seconds_ago']:g} s ago"
                   + ("  DOWN" if n["down"] else "")
                   + (f"  NOT_SERVING ({', '.join(n['not_serving'])})"
-                     if n["not_serving"] else ""))
+                     if n["not_serving"] else "")
+                  + (f"  WARNING ({', '.join(n['warnings'])})" if n["warnings"] else ""))
         if len({n["retain_days"] for n in status["nodes"]}) > 1:
             print("the nodes' --retain-days differ: only the writer's is used, so what is "
                   "archived changes with the writer; give every node the same")

@@ -791,7 +791,8 @@ class Node:
             "address": self.address, "leading": self.leading,
             "applied": self.store.applied_sequence, "at": time.time(),
             "retain_days": self.retain_days,
-            "not_serving": sorted(self.store.not_serving)}).encode()))
+            "not_serving": sorted(self.store.not_serving),
+            "warnings": ["archive_failing"] if self.store.archive_failing else []}).encode()))
 
     def _check_writer(self) -> None:
         if not self.leading:
@@ -898,7 +899,8 @@ class Node:
 
 def cluster_status(urls: list[str], stale_seconds: float = 10.0) -> dict:
     """`yikatong cluster status`: the log's last sequence, the writer (the lease), and each
-    node's last report: its address, role, applied sequence, lag in records, and how long
+    node's last report: its address, role, applied sequence, lag in records, why it is not
+    serving, its warnings (`archive_failing`: it serves, its hot store grows), and how long
     ago it reported (`down` once that is longer than `stale_seconds`)."""
     try:
         log = Log(urls, create=False)
@@ -931,6 +933,7 @@ def cluster_status(urls: list[str], stale_seconds: float = 10.0) -> dict:
                        "applied": r.get("applied", 0),
                        "retain_days": r.get("retain_days"),
                        "not_serving": r.get("not_serving", []),
+                       "warnings": r.get("warnings", []),
                        "lag": max(0, end - r.get("applied", 0)),
                        "reported_seconds_ago": round(now - r.get("at", 0), 1),
                        "down": now - r.get("at", 0) > stale_seconds}

@@ -357,3 +357,39 @@ def test_three_nodes_started_at_once_on_a_fresh_cluster_all_come_up(cluster, tmp
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_cluster_status_names_a_writer_whose_archive_fails_and_still_exits_0(cluster, tmp_path):
+    """A node whose archive's move fails (here `archive` is a file, not a directory) serves
+    rightly and holds the lease, so `cluster status` exits 0, but its line and its report say
+    `archive_failing` (the hot store grows), until a move succeeds."""
+    from test_archive import DAY, advance
+    from test_e2e import START
+    from test_money_e2e import top_up as top_up_card
+
+    data = tmp_path / "node0" / "data"
+    data.mkdir(parents=True, mode=0o700)
+    (data / "archive").write_text("not a directory")
+    node = start(tmp_path, cluster, 0, "--clock", "manual", "--clock-start", START,
+                 "--retain-days", "1")
+
+    def warnings() -> list | None:
+        code, status = cluster_status(cluster)
+        nodes = status["nodes"]
+        return nodes[0]["warnings"] if code == 0 and len(nodes) == 1 else None
+    try:
+        assert wait_until(lambda: writer_of([node]) is not None, 30)
+        card = new_active_card(node, 1)
+        top_up_card(node, card, 1000)
+        debit(node, card, "d1")
+        assert warnings() == []
+        advance(node, DAY + 60)  # the debit is past the window: due for the archive
+        assert wait_until(lambda: warnings() == ["archive_failing"], 30)
+        line = subprocess.run([sys.executable, "-m", "yikatong", "cluster", "status",
+                               "--replicate", ",".join(cluster.urls)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert line.returncode == 0 and "WARNING (archive_failing)" in line.stdout, line.stdout
+        (data / "archive").unlink()
+        assert wait_until(lambda: warnings() == [], 30)
+    finally:
+        node.stop()
