@@ -18,18 +18,24 @@ debit run, the CPU each process spent a debit (from /proc): on 2 cores shared by
 cluster's sum is what bounds the replicated rate; the writer's own is what would on
 machines of their own.
 
+`--followers-stopped`: each round also runs the replicated debits with both followers
+SIGSTOPped (resumed after, they catch up): what the ratio would be if the followers cost
+nothing, on machines of their own. For each replicated run, how busy the writer's busiest
+thread was (its LMDB writer): far below one core, the writer waits, not works.
+
 `--workers N` (default 1): the single node, the writer (node 0) and node 2 (a follower) run
 N workers; node 1 runs one. Every stream is a connection of its own (the kernel spreads
 them over a node's workers).
 
     .venv/bin/python bench/replication_bench.py [--seconds 5] [--repeat 3]
-        [--log-in-flight-max N] [--workers N]
+        [--log-in-flight-max N] [--workers N] [--followers-stopped] [--streams N]
 """
 import argparse
 import asyncio
 import collections
 import contextlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -142,6 +148,27 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def thread_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of one process so far, from /proc (Linux)."""
+    out = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[int(task)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def signal_followers(followers: list, signum: int) -> None:
+    """SIGSTOP or SIGCONT to every process of each follower (its workers and keeper too)."""
+    for f in followers:
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(f.proc.pid)],
+                                  capture_output=True, text=True).stdout.split()
+        for pid in (f.proc.pid, *map(int, children)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+
 def log_sequence(data_dir: str) -> int:
     import lmdb
 
@@ -183,6 +210,8 @@ def main() -> int:
                    help="the replicated nodes' --log-in-flight-max (default: theirs)")
     p.add_argument("--workers", type=int, default=1,
                    help="the single node's, the writer's and one follower's (default: 1)")
+    p.add_argument("--followers-stopped", action="store_true",
+                   help="also the replicated debits with both followers SIGSTOPped")
     args = p.parse_args()
     h2load = args.reads_client == "h2load"  # C, one thread: the client is not the bound
     workers = ("--workers", str(args.workers))
@@ -210,6 +239,9 @@ def main() -> int:
         followers = [n for n in nodes if n is not writer]  # node 1, node 2
         targets = {"single node": (single, make_cards(single)),
                    "replicated, 3 nodes": (writer, make_cards(writer))}
+        stopped = "replicated, followers stopped"
+        if args.followers_stopped:
+            targets[stopped] = targets["replicated, 3 nodes"]
         rates: dict[str, list[float]] = {name: [] for name in targets}
         # where the CPU goes, microseconds a debit: each process (tree) of each setup
         procs = {"single node": {"the server": [single.proc.pid]},
@@ -217,28 +249,43 @@ def main() -> int:
                      "the writer": [writer.proc.pid],
                      "the followers": [f.proc.pid for f in followers],
                      "the NATS servers": [p.pid for p in cluster.procs if p is not None]}}
+        if args.followers_stopped:
+            procs[stopped] = {k: v for k, v in procs["replicated, 3 nodes"].items()
+                              if k != "the followers"}
         cpu: dict[str, dict[str, list[float]]] = {
             name: {k: [] for k in [*parts, "the client"]} for name, parts in procs.items()}
         waits: dict[str, list[float]] = {name: [] for name in targets}
+        busiest: dict[str, list[float]] = {  # one process: its writer thread is the node's
+            name: [] for name in targets if name != "single node" and args.workers == 1}
         lags: list[float] = []
         for r in range(args.repeat):
             for name, (srv, cards) in targets.items():
                 stop = threading.Event()
                 probe = threading.Thread(target=lag_probe, args=(
                     writer, followers[0], cards[0], stop, lags))
-                if srv is writer:
+                if name == stopped:
+                    signal_followers(followers, signal.SIGSTOP)
+                elif srv is writer:
                     probe.start()
                 before = {k: sum(map(cpu_seconds, pids)) for k, pids in procs[name].items()}
+                threads = thread_seconds(writer.proc.pid)
                 client, started = time.process_time(), time.perf_counter()
+                run = f"r{r}-{list(targets).index(name)}"  # request ids of its own
                 rates[name].append(asyncio.run(debits(srv.address, cards, args.seconds,
-                                                      args.streams, f"r{r}-{name[0]}",
+                                                      args.streams, run,
                                                       latencies=waits[name])))
                 count = rates[name][-1] * (time.perf_counter() - started)
                 for k, pids in procs[name].items():
                     cpu[name][k].append((sum(map(cpu_seconds, pids)) - before[k]) / count)
                 cpu[name]["the client"].append((time.process_time() - client) / count)
+                if name in busiest:
+                    after = thread_seconds(writer.proc.pid)
+                    busiest[name].append(max(after[t] - threads.get(t, 0) for t in after)
+                                         / (time.perf_counter() - started))
                 stop.set()
-                if srv is writer:
+                if name == stopped:
+                    signal_followers(followers, signal.SIGCONT)
+                elif srv is writer:
                     probe.join()
         last = log_sequence(writer.data_dir)
         behind = [last - log_sequence(f.data_dir) for f in followers]
@@ -286,6 +333,9 @@ def main() -> int:
         print(f"| {name} | {median:,.0f} | {', '.join(f'{v:,.0f}' for v in values)} | "
               f"{median / single_rate:.2f}x | {w[len(w) // 2] * 1000:.1f} | "
               f"{w[int(len(w) * 0.99)] * 1000:.1f} |")
+    for name, values in busiest.items():
+        print(f"- {name}: the writer's busiest thread (its LMDB writer) "
+              f"{statistics.median(values):.2f} of a core")
     print("\nCPU a debit (user + system, every thread and child process), medians; the "
           "client is the debits' share of this script (the lag probe's too when replicated)")
     for name, parts in cpu.items():
