@@ -344,13 +344,20 @@ def backup(args) -> int:
 
 def cluster_status(urls: list[str], as_json: bool) -> int:
     """The writer, the log's end, and each node's last report. Exit 1 when no node holds
-    the write lease, none has reported, or a node is down or not serving (a monitoring check
-    can run this); a warning (`archive_failing`: the node serves rightly) is shown, exit 0."""
+    the write lease (a NATS cluster short of its quorum among them), none has reported, or a
+    node is down or not serving (a monitoring check can run this); a warning
+    (`archive_failing`: the node serves rightly) is shown, exit 0. Exit 2: no NATS server
+    answers, or no node has started on it."""
     from yikatong.storage import replication
 
     try:
         status = replication.cluster_status(urls)
     except Exception as error:  # noqa: BLE001 - the cluster cannot be read: one line
+        if as_json:
+            print(json.dumps({"error": str(error)}))
+        if isinstance(error, replication.NoQuorum):  # there, and unhealthy: no writer
+            print(f"yikatong: cluster status: {error}", file=sys.stderr)
+            return 1
         return _fail(f"cluster status: {error}")
     if as_json:
         print(json.dumps(status))

@@ -66,6 +66,11 @@ _NOT_TAKEN = ("the writer's audit intake did not take this node's audit events; 
 NO_PEERS = 10005  # JetStream: "no suitable peers for placement" (a cluster still forming)
 
 
+class NoQuorum(LogUnavailable):
+    """A NATS server answers, but JetStream does not: too few of the servers are up to elect
+    its meta leader (`cluster status` exits 1: the cluster is there and unhealthy)."""
+
+
 def forming(error: BaseException) -> bool:
     """An answer of a JetStream cluster that is still coming up: worth asking again."""
     return isinstance(error, nats.js.errors.ServiceUnavailableError) or (
@@ -126,12 +131,26 @@ class Log:
         try:
             self._run(self._connect(urls, replicas), timeout * 4)
         except concurrent.futures.TimeoutError:
+            quorum = self.no_quorum()
             self.close()
+            if quorum is not None:
+                raise quorum from None
             raise LogUnavailable(f"no NATS server of {', '.join(map(shown, urls))} answered within "
                                  f"{timeout * 4:g} s") from None
         except Exception:
             self.close()
             raise
+
+    def no_quorum(self) -> "NoQuorum | None":
+        """What to say when JetStream did not answer in time though a NATS server did: too
+        few servers are up to elect its meta leader (None: no server answered)."""
+        nc = getattr(self, "_nc", None)
+        if nc is None or not nc.is_connected:
+            return None
+        return NoQuorum(f"NATS server {shown(nc.connected_url.geturl())} answered, but its "
+                        f"JetStream did not within {self.timeout * 4:g} s: fewer than a quorum "
+                        "of the NATS servers are up (no meta leader), so no node can write or "
+                        "hold the lease")
 
     def _init_admission(self) -> None:
         """The admission of records (`_admit`), kept on the log's loop: the log's last
@@ -185,6 +204,8 @@ class Log:
                 if isinstance(error, nats.js.errors.APIError) and not forming(error):
                     raise
                 if self._loop.time() > deadline:
+                    if not isinstance(error, nats.js.errors.APIError):
+                        raise self.no_quorum() or error from None  # timeouts, connected
                     raise LogUnavailable("the replicated log's stream cannot be made or "
                                          "found") from None
                 await asyncio.sleep(0.1)
@@ -903,7 +924,7 @@ def cluster_status(urls: list[str], stale_seconds: float = 10.0) -> dict:
     serving, its warnings (`archive_failing`: it serves, its hot store grows), and how long
     ago it reported (`down` once that is longer than `stale_seconds`)."""
     try:
-        log = Log(urls, create=False)
+        log = Log(urls, timeout=2.0, create=False)  # a status read: JetStream answers in ms
     except nats.js.errors.NotFoundError:
         raise LogUnavailable("no replicated store on this NATS cluster (no stream "
                              f"{STREAM}): no node has started on it") from None
@@ -921,7 +942,11 @@ def cluster_status(urls: list[str], stale_seconds: float = 10.0) -> dict:
             except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError):
                 writer = None
             return end, reports, writer
-        end, reports, writer = log._run(read())
+        try:
+            end, reports, writer = log._run(read())
+        except (*_UNREACHABLE, concurrent.futures.TimeoutError):
+            raise log.no_quorum() or LogUnavailable("the NATS cluster stopped answering") \
+                from None
     finally:
         log.close()
     now = time.time()
@@ -929,7 +954,9 @@ def cluster_status(urls: list[str], stale_seconds: float = 10.0) -> dict:
     return {"log_sequence": end,
             "writer": {"node": node, "address": address} if node else None,
             "nodes": [{"node": name, "address": r.get("address", ""),
-                       "role": "writer" if r.get("leading") else "follower",
+                       # the lease's holder, not a report's word: a writer killed meanwhile
+                       # reported `leading` last
+                       "role": "writer" if node and name == node else "follower",
                        "applied": r.get("applied", 0),
                        "retain_days": r.get("retain_days"),
                        "not_serving": r.get("not_serving", []),

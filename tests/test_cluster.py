@@ -393,3 +393,27 @@ def test_cluster_status_names_a_writer_whose_archive_fails_and_still_exits_0(clu
         assert wait_until(lambda: warnings() == [], 30)
     finally:
         node.stop()
+
+
+def test_cluster_status_without_a_quorum_of_nats_servers_says_so_and_exits_1(cluster, tmp_path):
+    """Two NATS servers of three down: the one left answers, but JetStream cannot (no meta
+    leader), so no node can write. `cluster status` says that, not that no server answered,
+    and exits 1 as for a cluster with no writer (2 is for one it cannot reach at all);
+    `--json` says it too. A node's row says `writer` only for the lease's holder."""
+    node = start(tmp_path, cluster, 0)
+    try:
+        assert wait_until(lambda: writer_of([node]) is not None, 30)
+        assert wait_until(lambda: cluster_status(cluster)[1]["nodes"], 20)
+        code, status = cluster_status(cluster)
+        assert code == 0 and [n["role"] for n in status["nodes"]] == ["writer"], status
+        cluster.kill(1)
+        cluster.kill(2)
+        out = subprocess.run([sys.executable, "-m", "yikatong", "cluster", "status", "--replicate",
+                              ",".join(cluster.urls), "--json"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 1, out.stdout + out.stderr
+        error = json.loads(out.stdout)["error"]
+        assert "answered, but its JetStream did not" in error and "quorum" in error, error
+        assert "no NATS server" not in out.stderr and "quorum" in out.stderr
+    finally:
+        node.stop()
