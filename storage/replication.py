@@ -71,6 +71,36 @@ class NoQuorum(LogUnavailable):
     its meta leader (`cluster status` exits 1: the cluster is there and unhealthy)."""
 
 
+class Repeated:
+    """A failure a loop meets on every turn (the NATS servers short of their quorum: every
+    0.5 s, for as long as it lasts) logged whole once, then one line a minute saying how
+    often it came again, and a line when it stops: a journal an operator can still read."""
+
+    EVERY_SECONDS = 60.0
+
+    def __init__(self, what: str):
+        self.what = what
+        self.key: tuple[type, str] | None = None
+        self.count, self.since = 0, 0.0
+
+    def failed(self, error: BaseException) -> None:
+        key, now = (type(error), str(error)), time.monotonic()
+        if key != self.key:
+            self.key, self.count, self.since = key, 0, now
+            log.error("%s", self.what, exc_info=error)
+            return
+        self.count += 1
+        if now - self.since >= self.EVERY_SECONDS:
+            log.error("%s, again %d times in the last %.0f s: %s", self.what, self.count,
+                      now - self.since, error or type(error).__name__)
+            self.count, self.since = 0, now
+
+    def ok(self) -> None:
+        if self.key is not None:
+            log.info("%s no more", self.what)
+            self.key = None
+
+
 def forming(error: BaseException) -> bool:
     """An answer of a JetStream cluster that is still coming up: worth asking again."""
     return isinstance(error, nats.js.errors.ServiceUnavailableError) or (
@@ -496,18 +526,20 @@ class Follower:
 
     def _run(self) -> None:
         subscription = None
+        failing = Repeated("the follower's subscription failed")
         try:
             while not self._stop.is_set():
                 try:
                     if subscription is None:
                         subscription = self.log.subscribe(self.applied + 1)
                     batch = self.log.take(subscription, self.batch_max, 0.2)
+                    failing.ok()
                     if not batch or self._apply(batch):
                         continue
                 except LogUnavailable:
                     pass
-                except Exception:  # noqa: BLE001 - a stream electing its leader, a closed
-                    log.exception("the follower's subscription failed")  # connection...
+                except Exception as error:  # noqa: BLE001 - a stream electing its leader, a
+                    failing.failed(error)  # closed connection...
                 if subscription is not None:  # from the last applied one again
                     self.log.unsubscribe(subscription)
                     subscription = None
@@ -743,6 +775,7 @@ class Node:
         subscription = None
         taken = purged = 0
         purge_at = time.monotonic()
+        intake_failing = Repeated(f"node {self.node_id}: the audit intake failed; trying again")
         while not self._stop.is_set():
             try:
                 if not self.leading:
@@ -756,6 +789,7 @@ class Node:
                         start = self.store.book(txn).intake_sequence() + 1
                     subscription = self.log.subscribe(start, INTAKE_SUBJECT)
                 batch = self.log.take(subscription, 64, 0.2)
+                intake_failing.ok()
                 if batch:
                     self.store.write(lambda book, b=batch: [
                         book.take_intake(seq, Log.intake_events(data)) for seq, data, *_ in b])
@@ -767,8 +801,7 @@ class Node:
                     purged, purge_at = taken, time.monotonic() + INTAKE_PURGE_SECONDS
             except Exception as error:  # noqa: BLE001 - from the last one taken, again
                 if not isinstance(error, (LogUnavailable, Fenced)):
-                    log.exception("node %s: the audit intake failed; trying again",
-                                  self.node_id)
+                    intake_failing.failed(error)
                 if subscription is not None:
                     self.log.unsubscribe(subscription)
                     subscription = None
@@ -844,6 +877,7 @@ class Node:
             self.store.write(ApplyRecord(found[0], found[2]))
 
     def _watch(self) -> None:
+        step_failing = Repeated(f"node {self.node_id}: a step of the lease failed")
         first = True  # at once after joining (a keeper started again takes the lease back)
         while first or not self._stop.wait(self.ttl / 4):
             first = False
@@ -854,10 +888,11 @@ class Node:
                 self._report()
                 if self.taker is not None:
                     self.taker.tick(self._snapshot_is_mine())
+                step_failing.ok()
             except LogUnavailable:
                 pass
-            except Exception:  # noqa: BLE001 - the node goes on; the next tick tries again
-                log.exception("node %s: a step of the lease failed", self.node_id)
+            except Exception as error:  # noqa: BLE001 - the node goes on; the next tick tries
+                step_failing.failed(error)  # again
             if not self.leading and (self.follower is None or not self.follower.alive()):
                 self.follower = self._follow()  # whatever failed on the way
 

@@ -151,6 +151,34 @@ def test_a_replicated_pii_rotation_step_goes_in_records_the_log_takes(tmp_path):
         follower.close()
 
 
+def test_a_failure_met_on_every_turn_is_logged_whole_once_then_once_a_minute(caplog):
+    """A loop's failure on every turn (every 0.5 s while the NATS servers lack a quorum: an
+    operator's probe counted 182 tracebacks in 55 s) is logged with its traceback once,
+    then one line a minute with how often it came again, and a line when it stops; another
+    failure is logged whole at once."""
+    import logging
+
+    from yikatong.storage.replication import Repeated
+
+    said = Repeated("node n1: a step of the lease failed")
+    timeout = TimeoutError("nats: timeout")
+    with caplog.at_level(logging.INFO, logger="yikatong"):
+        for _ in range(6):
+            said.failed(timeout)
+        assert [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records] \
+            == [("ERROR", "node n1: a step of the lease failed", True)]
+        said.since -= 61  # a minute on
+        said.failed(timeout)
+        assert caplog.records[-1].getMessage().startswith(
+            "node n1: a step of the lease failed, again 6 times in the last 61 s: nats: timeout")
+        said.failed(OSError("closed"))
+        assert caplog.records[-1].exc_info[1].args == ("closed",)
+        said.ok()
+        said.ok()
+        assert [r.getMessage() for r in caplog.records[-1:]] == \
+            ["node n1: a step of the lease failed no more"] and len(caplog.records) == 4
+
+
 def test_a_record_applied_twice_changes_nothing_and_one_that_skips_ahead_is_refused(pair):
     leader, follower, log = pair
     for i in range(3):
