@@ -1545,8 +1545,8 @@ class Book:
                 else:
                     todo.append((n, key, value, at))
                     if bytes_max is not None:  # sealed again: as long, but for the key's id
-                        size += records.ops_size([(self.SEALED[n][0], key, value)]) \
-                            + len(ring.current)
+                        size += records.journal_size([(self.SEALED[n][0], key, value)]) \
+                            - records.JOURNAL_HEAD_BYTES + len(ring.current)
             if visited >= visit_max or len(todo) >= reseal_max or \
                     (bytes_max is not None and size > bytes_max):
                 break

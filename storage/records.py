@@ -880,14 +880,9 @@ _zstd = threading.local()  # a compressor and a decompressor per thread (not thr
 def journal_size(ops) -> int:
     """A record's bytes before compression (the writer's bound on a record is on these: a
     compressed record is never more than a little larger)."""
-    return _JOURNAL_HEAD.size + ops_size(ops)
-
-
-def ops_size(ops) -> int:
-    """What `ops` add to a record's bytes before compression (its head aside): a periodic
-    job's share of the group's one record."""
-    return sum(9 + len(name) + len(key) + (0 if value is None else len(value))
-               for name, key, value in ops)
+    return _JOURNAL_HEAD.size + sum(9 + len(name) + len(key) + (0 if value is None
+                                                                  else len(value))
+                                    for name, key, value in ops)
 
 
 def encode_journal(seq: int, ops) -> bytes:

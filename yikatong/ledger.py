@@ -346,5 +346,5 @@ def expire_holds(book, now: int, limit: int = config.hold_sweep_max,
         start = len(book.journal or ())
         _expire(book, now, pending_id, book.transfer(pending_id))
         if bytes_max is not None and book.journal:
-            size += records.ops_size(book.journal[start:])
+            size += records.journal_size(book.journal[start:]) - records.JOURNAL_HEAD_BYTES
     return len(due)
