@@ -1051,13 +1051,12 @@ def _serve(args, metrics) -> int:
     def open_store(periodic: bool = True) -> Store:
         """`periodic=False`: no hold sweep (a log keeper: its workers sweep)."""
         def sweep_expired_holds(book):
-            # on the writer (Store.check_writer); replicated, half a record's worth at most,
-            # the PII rotation's step a quarter, and the archive's move the room left: the
-            # group is one record of the log
-            bound = store.record_bytes_max
-            ledger.expire_holds(book, clock.now(), bytes_max=bound // 2 if bound else None)
+            # on the writer (Store.check_writer); replicated, half a record's worth at most:
+            # the PII rotation's step and the archive's move share the group's one record
+            ledger.expire_holds(book, clock.now(), bytes_max=store.record_bytes_max // 2
+                                if store.record_bytes_max else None)
             if rotation is not None:
-                rotation.step(book, bytes_max=bound // 4 if bound else None)
+                rotation.step(book)
             if mover is not None:  # one segment's worth, in this group (storage/archive.py)
                 moved = mover.step(book, clock.now())
                 if moved:

@@ -1521,19 +1521,16 @@ class Book:
         return counts
 
     def reseal(self, start: tuple[int, bytes | None], visit_max: int, reseal_max: int,
-               deterministic: bool = False, bytes_max: int | None = None
-               ) -> tuple[tuple[int, bytes | None] | None, int, int]:
+               deterministic: bool = False) -> tuple[tuple[int, bytes | None] | None, int, int]:
         """Rotation's step: from `start`, every value sealed with a key other than the current
         one sealed again with the current one, up to `reseal_max` of them and `visit_max`
         values looked at. (where to go on, None at the end; resealed; erased: sealed with a
         key the ring no longer holds, left as they are). `deterministic`: nonces as a
-        migration's (pii.KeyRing.seal), for a stopped store that every node rotates alike.
-        `bytes_max`: on a replicated writer, no more once the values to seal again pass it
-        (their writes counted as the record's plain bytes: sealed values do not compress)."""
+        migration's (pii.KeyRing.seal), for a stopped store that every node rotates alike."""
         ring = self.dbs.pii
         if ring is None:
             raise pii.PiiKeyMissing(self.dbs.pii_index or "(none recorded)", "rotation")
-        done = erased = visited = size = 0
+        done = erased = visited = 0
         todo = []
         walk = self.sealed_records(start)
         for n, key, value, at in walk:
@@ -1544,11 +1541,7 @@ class Book:
                     erased += 1
                 else:
                     todo.append((n, key, value, at))
-                    if bytes_max is not None:  # sealed again: as long, but for the key's id
-                        size += records.journal_size([(self.SEALED[n][0], key, value)]) \
-                            - records.JOURNAL_HEAD_BYTES + len(ring.current)
-            if visited >= visit_max or len(todo) >= reseal_max or \
-                    (bytes_max is not None and size > bytes_max):
+            if visited >= visit_max or len(todo) >= reseal_max:
                 break
         else:
             n, key = -1, None  # the end

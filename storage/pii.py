@@ -308,14 +308,12 @@ class Rotation:
     def running(self) -> bool:
         return self.position is not None
 
-    def step(self, book, bytes_max: int | None = None) -> None:
-        """`bytes_max`: a replicated writer's bound on what this step writes (the periodic
-        group is one record of the log, which takes messages up to its max_payload)."""
+    def step(self, book) -> None:
         if self.position is None:
             return
         try:
             position, n, erased = book.reseal(self.position, ROTATION_VISIT_MAX,
-                                              ROTATION_RESEAL_MAX, bytes_max=bytes_max)
+                                              ROTATION_RESEAL_MAX)
         except Exception as error:  # noqa: BLE001 - never fails the periodic job it rides on
             self.position = None
             self.log.error("PII rotation stopped: %s; `yikatong pii status` on the stopped "

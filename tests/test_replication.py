@@ -104,53 +104,6 @@ def test_a_replicated_sweep_of_many_expired_holds_goes_in_records_the_log_takes(
         follower.close()
 
 
-def test_a_replicated_pii_rotation_step_goes_in_records_the_log_takes(tmp_path):
-    """The background PII rotation's step rides on the periodic group, one record of the log:
-    500 values sealed again in one step were bounded by count alone, and long holder records
-    (sealed values do not compress) made a record past the log's max_payload, refused at
-    every sweep with the hold sweep beside it. A replicated writer's step stops once its
-    writes pass `bytes_max` (the server gives a quarter of its record bound); every value is
-    sealed with the new key in the end, and the follower holds the same bytes."""
-    import logging
-
-    from test_pii_at_rest import ROTATED
-
-    from yikatong.model import HolderInfo
-    from yikatong.storage import pii
-
-    log: list[bytes] = []
-    path = str(tmp_path / "leader")
-    leader = Store(path, map_size=256 * 1024**2, replicate=log.append)  # sealed with test-1
-    long = "浦东新区世纪大道" * 25  # 200 characters, 600 bytes of UTF-8
-    leader.write(lambda book: [book.put_holder(h, HolderInfo(
-        f"31011519800101{h:04d}", name="张三", address=long, household_address=long,
-        residence_address=long)) for h in range(1, 121)])
-    leader.close()
-    rotated = pii.KeyRing.parse(ROTATED)  # test-2 current, test-1 kept
-    leader = Store(path, map_size=256 * 1024**2, replicate=log.append, pii_keys=rotated)
-    follower = Store(str(tmp_path / "follower"), map_size=256 * 1024**2, pii_keys=rotated)
-    try:
-        with leader.read() as txn:
-            assert leader.book(txn).pii_key_counts() == {"test-1": 120}
-        before = len(log)
-        rotation = pii.Rotation(rotated, logging.getLogger("test"))
-        steps = 0
-        while rotation.running and steps < 100:
-            leader.write(lambda book: rotation.step(book, bytes_max=20_000))
-            steps += 1
-        assert not rotation.running and rotation.done == 120
-        sizes = [len(records.unseal_journal(r)) for r in log[before:]]
-        # past the bound by one value's writes (about 2 KB) and the record's head at most
-        assert all(size <= 23_000 for size in sizes) and sum(sizes) > 200_000, sizes
-        with leader.read() as txn:
-            assert leader.book(txn).pii_key_counts() == {"test-2": 120}
-        assert all(apply_all(follower, log))
-        assert digest(follower) == digest(leader)
-    finally:
-        leader.close()
-        follower.close()
-
-
 def test_a_failure_met_on_every_turn_is_logged_whole_once_then_once_a_minute(caplog):
     """A loop's failure on every turn (every 0.5 s while the NATS servers lack a quorum: an
     operator's probe counted 182 tracebacks in 55 s) is logged with its traceback once,
