@@ -20,8 +20,9 @@ machines of their own.
 
 `--followers-stopped`: each round also runs the replicated debits with both followers
 SIGSTOPped (resumed after, they catch up): what the ratio would be if the followers cost
-nothing, on machines of their own. For each replicated run, how busy the writer's busiest
-thread was (its LMDB writer): far below one core, the writer waits, not works.
+nothing, on machines of their own. For each replicated run with `--workers 1`, how busy the
+writer's busiest thread was (its LMDB writer, as `py-spy dump` showed): far below one core,
+the writer waits, not works.
 
 `--workers N` (default 1): the single node, the writer (node 0) and node 2 (a follower) run
 N workers; node 1 runs one. Every stream is a connection of its own (the kernel spreads
@@ -237,6 +238,9 @@ def main() -> int:
                 raise RuntimeError("no node took the write lease")
         writer = writer_of(nodes)
         followers = [n for n in nodes if n is not writer]  # node 1, node 2
+        # resumed before they are stopped, whatever a stopped run meets (SIGCONT to a running
+        # process does nothing)
+        stack.callback(signal_followers, followers, signal.SIGCONT)
         targets = {"single node": (single, make_cards(single)),
                    "replicated, 3 nodes": (writer, make_cards(writer))}
         stopped = "replicated, followers stopped"
@@ -268,7 +272,7 @@ def main() -> int:
                 elif srv is writer:
                     probe.start()
                 before = {k: sum(map(cpu_seconds, pids)) for k, pids in procs[name].items()}
-                threads = thread_seconds(writer.proc.pid)
+                threads = thread_seconds(writer.proc.pid) if name in busiest else {}
                 client, started = time.process_time(), time.perf_counter()
                 run = f"r{r}-{list(targets).index(name)}"  # request ids of its own
                 rates[name].append(asyncio.run(debits(srv.address, cards, args.seconds,
@@ -334,8 +338,8 @@ def main() -> int:
               f"{median / single_rate:.2f}x | {w[len(w) // 2] * 1000:.1f} | "
               f"{w[int(len(w) * 0.99)] * 1000:.1f} |")
     for name, values in busiest.items():
-        print(f"- {name}: the writer's busiest thread (its LMDB writer) "
-              f"{statistics.median(values):.2f} of a core")
+        print(f"- {name}: the writer's busiest thread (its LMDB writer's, as py-spy "
+              f"showed) {statistics.median(values):.2f} of a core")
     print("\nCPU a debit (user + system, every thread and child process), medians; the "
           "client is the debits' share of this script (the lag probe's too when replicated)")
     for name, parts in cpu.items():

@@ -76,8 +76,6 @@ class Repeated:
     0.5 s, for as long as it lasts) logged whole once, then one line a minute saying how
     often it came again, and a line when it stops: a journal an operator can still read."""
 
-    EVERY_SECONDS = 60.0
-
     def __init__(self, what: str):
         self.what = what
         self.key: tuple[type, str] | None = None
@@ -90,9 +88,9 @@ class Repeated:
             log.error("%s", self.what, exc_info=error)
             return
         self.count += 1
-        if now - self.since >= self.EVERY_SECONDS:
+        if now - self.since >= config.repeated_failure_log_seconds:
             log.error("%s, again %d times in the last %.0f s: %s", self.what, self.count,
-                      now - self.since, error or type(error).__name__)
+                      now - self.since, str(error) or type(error).__name__)
             self.count, self.since = 0, now
 
     def ok(self) -> None:
@@ -161,7 +159,7 @@ class Log:
         try:
             self._run(self._connect(urls, replicas), timeout * 4)
         except concurrent.futures.TimeoutError:
-            quorum = self.no_quorum()
+            quorum = self.no_quorum(timeout * 4)
             self.close()
             if quorum is not None:
                 raise quorum from None
@@ -171,16 +169,17 @@ class Log:
             self.close()
             raise
 
-    def no_quorum(self) -> "NoQuorum | None":
-        """What to say when JetStream did not answer in time though a NATS server did: too
-        few servers are up to elect its meta leader (None: no server answered)."""
+    def no_quorum(self, waited: float) -> "NoQuorum | None":
+        """What to say when JetStream did not answer within `waited` seconds though a NATS
+        server did: most likely too few servers are up to elect its meta leader (None: no
+        server answered)."""
         nc = getattr(self, "_nc", None)
         if nc is None or not nc.is_connected:
             return None
         return NoQuorum(f"NATS server {shown(nc.connected_url.geturl())} answered, but its "
-                        f"JetStream did not within {self.timeout * 4:g} s: fewer than a quorum "
-                        "of the NATS servers are up (no meta leader), so no node can write or "
-                        "hold the lease")
+                        f"JetStream did not within {waited:g} s: most likely fewer than a "
+                        "quorum of the NATS servers are up (no meta leader elected), and then "
+                        "no node can write or hold the lease")
 
     def _init_admission(self) -> None:
         """The admission of records (`_admit`), kept on the log's loop: the log's last
@@ -234,8 +233,6 @@ class Log:
                 if isinstance(error, nats.js.errors.APIError) and not forming(error):
                     raise
                 if self._loop.time() > deadline:
-                    if not isinstance(error, nats.js.errors.APIError):
-                        raise self.no_quorum() or error from None  # timeouts, connected
                     raise LogUnavailable("the replicated log's stream cannot be made or "
                                          "found") from None
                 await asyncio.sleep(0.1)
@@ -533,8 +530,9 @@ class Follower:
                     if subscription is None:
                         subscription = self.log.subscribe(self.applied + 1)
                     batch = self.log.take(subscription, self.batch_max, 0.2)
-                    failing.ok()
-                    if not batch or self._apply(batch):
+                    applied = not batch or self._apply(batch)  # a record it cannot apply:
+                    failing.ok()  # logged by _apply, its own failure
+                    if applied:
                         continue
                 except LogUnavailable:
                     pass
@@ -562,7 +560,8 @@ class Follower:
             except Exception as error:  # noqa: BLE001 - kept, logged, tried again
                 if self.error is None or repr(error) != repr(self.error):
                     log.error("the follower cannot apply record %d (%s); trying again every "
-                              "second", seq, error or type(error).__name__, exc_info=error)
+                              "second", seq, str(error) or type(error).__name__,
+                              exc_info=error)
                 if isinstance(error, ReplicationGap):
                     # records this store needs are gone from the log (purged below a snapshot
                     # while this node was away): what it serves grows stale, never current
@@ -789,7 +788,6 @@ class Node:
                         start = self.store.book(txn).intake_sequence() + 1
                     subscription = self.log.subscribe(start, INTAKE_SUBJECT)
                 batch = self.log.take(subscription, 64, 0.2)
-                intake_failing.ok()
                 if batch:
                     self.store.write(lambda book, b=batch: [
                         book.take_intake(seq, Log.intake_events(data)) for seq, data, *_ in b])
@@ -799,6 +797,7 @@ class Node:
                     # (a writer taking over resumes from its own store's intake sequence)
                     self.log.purge(taken, INTAKE_STREAM)
                     purged, purge_at = taken, time.monotonic() + INTAKE_PURGE_SECONDS
+                intake_failing.ok()
             except Exception as error:  # noqa: BLE001 - from the last one taken, again
                 if not isinstance(error, (LogUnavailable, Fenced)):
                     intake_failing.failed(error)
@@ -959,7 +958,8 @@ def cluster_status(urls: list[str], stale_seconds: float = 10.0) -> dict:
     serving, its warnings (`archive_failing`: it serves, its hot store grows), and how long
     ago it reported (`down` once that is longer than `stale_seconds`)."""
     try:
-        log = Log(urls, timeout=2.0, create=False)  # a status read: JetStream answers in ms
+        # a status read: JetStream answers in milliseconds, an operator waits for seconds
+        log = Log(urls, timeout=config.cluster_status_seconds / 4, create=False)
     except nats.js.errors.NotFoundError:
         raise LogUnavailable("no replicated store on this NATS cluster (no stream "
                              f"{STREAM}): no node has started on it") from None
@@ -978,10 +978,10 @@ def cluster_status(urls: list[str], stale_seconds: float = 10.0) -> dict:
                 writer = None
             return end, reports, writer
         try:
-            end, reports, writer = log._run(read())
+            end, reports, writer = log._run(read(), config.cluster_status_seconds)
         except (*_UNREACHABLE, concurrent.futures.TimeoutError):
-            raise log.no_quorum() or LogUnavailable("the NATS cluster stopped answering") \
-                from None
+            raise log.no_quorum(config.cluster_status_seconds) or LogUnavailable(
+                "the NATS cluster stopped answering") from None
     finally:
         log.close()
     now = time.time()

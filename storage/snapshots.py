@@ -227,6 +227,11 @@ class Taker:
         self._saw(kept)
         self.taken = 0
         self.last_error = ""
+        # after a failed snapshot, the next try not before `retry_at` (monotonic), the wait
+        # doubling from config.snapshot_retry_seconds up to its max: every attempt copies the
+        # whole store, and a cause that stays (the bucket's room) would copy it back to back
+        self.retry_at = 0.0
+        self.retry_seconds = config.snapshot_retry_seconds
         self._pruned_at = time.monotonic()
         self._running: concurrent.futures.Future | None = None
         self._child: subprocess.Popen | None = None  # a copy under way (take)
@@ -248,7 +253,7 @@ class Taker:
         taken held the purge back, and has caught up since."""
         if self._running is not None and not self._running.done():
             return
-        if mine and self.due():
+        if mine and self.due() and time.monotonic() >= self.retry_at:
             self._running = self._pool.submit(self.take)
         elif time.monotonic() - self._pruned_at >= PRUNE_SECONDS:
             self._pruned_at = time.monotonic()
@@ -293,10 +298,13 @@ class Taker:
                      extra={"fields": {"bytes": manifest.data_bytes}})
             self.prune()
             self.last_error = ""
+            self.retry_at, self.retry_seconds = 0.0, config.snapshot_retry_seconds
             return manifest
-        except Exception as error:  # noqa: BLE001 - logged; the next tick tries again
+        except Exception as error:  # noqa: BLE001 - logged; tried again after a wait
             self.last_error = str(error)
-            log.error("a snapshot failed: %s", error)
+            log.error("a snapshot failed: %s; the next try in %.0f s", error, self.retry_seconds)
+            self.retry_at = time.monotonic() + self.retry_seconds
+            self.retry_seconds = min(2 * self.retry_seconds, config.snapshot_retry_seconds_max)
             return None
         finally:
             for leftover in (path, f"{path}.partial"):  # .partial: a child that was stopped

@@ -277,3 +277,57 @@ def test_a_replicated_store_archives_on_every_node_through_a_failover_and_a_snap
                               text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"{len(archives(n))} archive segments" in done.stdout, done.stdout
+
+
+def test_a_failed_snapshot_is_tried_again_after_a_wait_that_doubles(monkeypatch, tmp_path):
+    """Every attempt copies the whole store (`yikatong backup` in a child), and the taker
+    is asked at every lease tick (0.75 s): a cause that stays (the bucket's room) made copy
+    after copy, back to back. After a failure the next try waits 60 s, doubling up to 30 min;
+    `last_error` (the metric yikatong_snapshot_failing) holds meanwhile."""
+    import types
+
+    from yikatong import config
+    from yikatong.storage import snapshots
+    from yikatong.storage.backup import BackupError
+
+    class Bucket:  # no snapshot in it yet
+        def __init__(self, log):
+            pass
+
+        def list(self):
+            return []
+
+        def _moving(self, used):
+            return 60.0
+    monkeypatch.setattr(snapshots, "Snapshots", Bucket)
+    store = types.SimpleNamespace(applied_sequence=10, data_dir=str(tmp_path / "data"),
+                                  map_use=lambda: (1 << 20, 1 << 30))
+    taker = snapshots.Taker(types.SimpleNamespace(log=None, store=store),
+                            snapshots.Policy(every_records=5), str(tmp_path))
+    copies = []
+
+    def copy(data_dir, path, timeout):
+        copies.append(path)
+        raise BackupError("the bucket YIKATONG_SNAPSHOTS is full")
+    monkeypatch.setattr(taker, "_copy", copy)
+
+    def tick():
+        taker.tick(True)
+        if taker._running is not None:
+            taker._running.result(timeout=10)
+    try:
+        tick()
+        assert len(copies) == 1 and "is full" in taker.last_error
+        for _ in range(20):  # the lease's next ticks: no copy until the wait is over
+            tick()
+        assert len(copies) == 1
+        assert taker.retry_at - time.monotonic() > config.snapshot_retry_seconds - 5
+        waits = []
+        for _ in range(8):
+            taker.retry_at = 0.0  # the wait is over
+            waits.append(taker.retry_seconds)
+            tick()
+        assert len(copies) == 9
+        assert waits == [120, 240, 480, 960, 1800, 1800, 1800, 1800]
+    finally:
+        taker._pool.shutdown()

@@ -71,6 +71,15 @@ min_sequence_wait_seconds = 5.0
 # the writer's commit groups whose records may await the log's acknowledgement at once, while
 # it gathers and applies the next ones (serve --log-in-flight-max; issue 27 item 2)
 log_in_flight_max = 8
+# `yikatong cluster status`: how long it waits for the NATS cluster's answer (JetStream answers
+# in milliseconds; a cluster short of its quorum never does)
+cluster_status_seconds = 8.0
+# a failed snapshot is tried again after this, doubling up to the max (storage/snapshots.py)
+snapshot_retry_seconds = 60.0
+snapshot_retry_seconds_max = 1800.0
+# a failure a replicated node's loop meets on every turn: logged whole once, then a line this
+# often (storage/replication.py Repeated)
+repeated_failure_log_seconds = 60.0
 log_ack_wait_seconds = 15.0  # at most, for an appended record's answer (the log's own is 5 s)
 # a replication record's operations are one zstd frame at this level (records.JOURNAL_VERSION
 # 2); plain, a record is at most this many bytes (a writer's record is cut far below it, at
