@@ -267,6 +267,9 @@ class Metrics:
             multiprocess_mode="livemax")
         self._free = Gauge("yikatong_data_dir_free_bytes", "Free bytes on the data dir's "
                            "file system", multiprocess_mode="livemin")
+        self._size = Gauge("yikatong_data_dir_size_bytes", "Bytes of the data dir's file "
+                           "system (alert YikatongDiskNearlyFull: free under 20% of it)",
+                           multiprocess_mode="livemax")
         self._next_year = Gauge("yikatong_calendar_next_year_official", "1 when next year's "
                                 "State Council notice is installed, or before 1 November",
                                 multiprocess_mode="livemin")
@@ -336,6 +339,7 @@ class Metrics:
             self._slow_due = now + 30
             fs = os.statvfs(store.data_dir)
             self._free.set(fs.f_bavail * fs.f_frsize)
+            self._size.set(fs.f_blocks * fs.f_frsize)
             # a scan of the open steps: off the event loop, in the executor
             self._loop.run_in_executor(None, self._calendar)
         self._timer = self._loop.call_later(FLUSH_SECONDS, self._flush)

@@ -124,6 +124,13 @@ def test_a_real_prometheus_scrapes_the_server_and_evaluates_every_rule(prometheu
     # the store's two gauges meet in the ratio the store alerts use: labels match, 0 < x < 1
     ratio = query(prometheus, "yikatong_lmdb_map_used_bytes / yikatong_lmdb_map_size_max_bytes")
     assert len(ratio) == 1 and 0 < float(ratio[0]["value"][1]) < 1, ratio
+    # and the disk's two, in YikatongDiskNearlyFull's: this machine's own share free
+    fs = os.statvfs(str(tmp_path))
+    wait(lambda: len(query(prometheus, "yikatong_data_dir_free_bytes "
+                                       "/ yikatong_data_dir_size_bytes")) == 1, "the disk's gauges")
+    free = float(query(prometheus, "yikatong_data_dir_free_bytes / yikatong_data_dir_size_bytes")
+                 [0]["value"][1])
+    assert abs(free - fs.f_bavail / fs.f_blocks) < 0.05, free
     assert query(prometheus, 'ALERTS{alertstate="firing"}') == []  # a fresh server: none
 
 
