@@ -86,6 +86,7 @@ async def serve(store: Store, clock, clients: Clients, listen: str, on_ready=Non
     if history is not None:  # each client's budget for replaying the feed's history
         core.feed.history = history
     limits = limits or calls.Limits()
+    clients.on_revoke = limits.revoke  # a reload that revokes a client ends its open calls
     server, health_servicer = build(core, clients, concurrent_rpcs_max, reuse_port=reuse_port,
                                     limits=limits, node=node)
     if reflection:

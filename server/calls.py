@@ -25,6 +25,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -37,6 +38,7 @@ from yikatong.errors import (
     RequestLate,
     StreamStalled,
     TooManyCalls,
+    Unauthenticated,
     YikatongError,
 )
 from yikatong.server import errors, roles
@@ -112,6 +114,8 @@ class Limits:
         # handler task -> (its call's outer task, when the call is cancelled if not closed):
         # calls that have ended (answered, refused, or their status queued) but not closed
         self._ending: dict[asyncio.Task, tuple[asyncio.Task, float]] = {}
+        self._clients: dict[asyncio.Task, Any] = {}  # handler task -> the client it runs as
+        self._revoked: set[asyncio.Task] = set()  # ended by a reload that revoked its client
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self, loop) -> None:
@@ -144,12 +148,16 @@ class Limits:
                                "in progress (client_calls_max); retry when some have ended")
         self.calls[client.id] += 1
         task = asyncio.current_task()
+        assert task is not None
+        self._clients[task] = client
         outer = _outer_of.get(task)
         if outer is None:
             return False
 
         def finished(_outer, client=client, task=task):
             self._ending.pop(task, None)
+            self._clients.pop(task, None)
+            self._revoked.discard(task)
             self.leave(client)
         outer.add_done_callback(finished)
         return True
@@ -162,7 +170,30 @@ class Limits:
         if outer is not None and not outer.done() and task not in self._ending:
             self._ending[task] = (outer, time.monotonic() + self.end_grace_seconds)
 
+    def revoke(self, revoked: dict) -> int:
+        """A reload revoked these clients (by object: id -> client): each call admitted as
+        one and still running is ended, UNAUTHENTICATED (`revoked`). How many."""
+        ended = 0
+        for task, client in list(self._clients.items()):
+            if id(client) in revoked and not task.done() and task not in self._revoked:
+                self._revoked.add(task)
+                task.cancel()
+                ended += 1
+        return ended
+
+    def revoked(self, task) -> bool:
+        """The call of `task` (cancelled) was ended by `revoke`: its refusal is owed."""
+        if task not in self._revoked:
+            return False
+        self._revoked.discard(task)
+        task.uncancel()
+        return True
+
     def leave(self, client) -> None:
+        task = asyncio.current_task()
+        if task is not None and self._clients.get(task) is client:
+            del self._clients[task]
+            self._revoked.discard(task)
         left = self.calls[client.id] - 1
         if left:
             self.calls[client.id] = left
@@ -388,6 +419,10 @@ def _unary(name, allowed, clients, behaviour, client_streaming, limits, position
             return response
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            if not limits.revoked(asyncio.current_task()):
+                raise
+            await call.refuse(context, REVOKED)
         except Exception as error:  # noqa: BLE001 - every refusal and bug is answered here
             await call.refuse(context, error)
         finally:
@@ -416,6 +451,10 @@ def _streaming(name, allowed, clients, behaviour, client_streaming, limits, posi
             call.code = "OK"
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            if not limits.revoked(asyncio.current_task()):
+                raise
+            await call.refuse(context, REVOKED)
         except Exception as error:  # noqa: BLE001 - every refusal and bug is answered here
             await call.refuse(context, error)
         finally:
@@ -426,6 +465,8 @@ def _streaming(name, allowed, clients, behaviour, client_streaming, limits, posi
 
 
 _AUDITED = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+REVOKED = Unauthenticated("this call's credential was revoked by a reload of the clients file "
+                          "(a token rotated or removed); call again with a current one")
 
 
 class Refusals:

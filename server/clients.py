@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import re
+from collections.abc import Callable
 
 from yikatong import config, config_file
 from yikatong.errors import Unauthenticated
@@ -28,6 +29,9 @@ class Clients:
         self._by_token_sha256: dict[str, Client] = {}
         self._by_cert_cn: dict[str, Client] = {}
         self._ids: set[str] = set()
+        # ends the open calls of the clients a reload revoked, by object (id -> client);
+        # how many (server/calls.py Limits.revoke, set by the server)
+        self.on_revoke: Callable[[dict[int, Client]], int] | None = None
 
     def add(self, client_id: str, role: str, token_sha256: str | None = None,
             cert_cn: str | None = None) -> None:
@@ -85,11 +89,28 @@ class Clients:
             raise ValueError(f"clients file {path}: {error}") from None
 
     def take(self, other: "Clients") -> str:
-        """SIGHUP (server/reload.py): `other`'s clients from now on, all at once. Calls
-        already admitted keep the client they were admitted as."""
+        """SIGHUP (server/reload.py): `other`'s clients from now on, all at once. A client
+        whose every credential stays, with its id and role, stays the same object; one whose
+        token or certificate name is gone or changed hands is revoked: the calls admitted as
+        it and still open are ended (`on_revoke`: a leaked token's open stream must not
+        outlive its rotation)."""
+        revoked: dict[int, Client] = {}
+        for old, new in ((self._by_token_sha256, other._by_token_sha256),
+                         (self._by_cert_cn, other._by_cert_cn)):
+            for key, client in old.items():
+                if new.get(key) != client:  # gone, or another client's now
+                    revoked[id(client)] = client
+        for old, new in ((self._by_token_sha256, other._by_token_sha256),
+                         (self._by_cert_cn, other._by_cert_cn)):
+            for key, client in new.items():  # the same object: a later reload that revokes
+                kept = old.get(key)  # it finds the calls admitted before this one too
+                if kept == client and id(kept) not in revoked:
+                    new[key] = kept
         self._by_token_sha256, self._by_cert_cn = other._by_token_sha256, other._by_cert_cn
         self._ids = other._ids
-        return f"{other.count()} identities"
+        ended = self.on_revoke(revoked) if revoked and self.on_revoke is not None else 0
+        return f"{other.count()} identities" + (
+            f"; {ended} open calls of {len(revoked)} revoked clients ended" if ended else "")
 
     def identify(self, metadata, context=None) -> Client:
         """The bearer token's client; without a token, the client certificate's (mTLS)."""

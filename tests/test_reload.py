@@ -490,3 +490,66 @@ def test_after_sighup_new_connections_get_the_new_certificate_and_ca(tmp_path):
                                         timeout=10).found
     finally:
         assert srv.stop() == 0
+
+
+def test_a_rotated_tokens_open_stream_is_ended_and_another_clients_goes_on(tmp_path):
+    """A token leaks and is rotated at noon: after the reload no new call takes it, and the
+    calls it opened before (a gate's AuthorizeStream, held open for hours) are ended too,
+    UNAUTHENTICATED, saying why; another client's stream, whose token stayed, goes on, and
+    so does one opened with the new token."""
+    import queue
+
+    clients = tmp_path / "clients.toml"
+    write_tokens(clients, {"gate-a": "token-a", "gate-b": "token-b"})
+    srv = ServerProcess(tmp_path, "--clients", str(clients), clients=False)
+
+    def stream(token: str):
+        sent: queue.Queue = queue.Queue()
+
+        def requests():
+            while (item := sent.get()) is not None:
+                yield item
+        channel = fresh_channel(srv.address)
+        answers = rpc.AuthorizationStub(channel).AuthorizeStream(
+            requests(), metadata=bearer(token), timeout=60)
+
+        def ask(n: int) -> pb.AuthorizeBatchResponse:
+            sent.put(pb.AuthorizeBatchRequest(requests=[pb.AuthorizeRequest(
+                request_id=f"{token}-{n}", card_number=CARD, channel=pb.CHANNEL_TRANSIT,
+                terminal_id="gate-1")]))
+            return next(answers)
+        return ask, sent, channel
+    ask_a, sent_a, channel_a = stream("token-a")
+    ask_b, sent_b, channel_b = stream("token-b")
+    try:
+        assert len(ask_a(1).responses) == 1 and len(ask_b(1).responses) == 1
+        write_tokens(clients, {"gate-a": "token-a2", "gate-b": "token-b"})
+        srv.proc.send_signal(signal.SIGHUP)
+        assert reloaded(srv, 1)
+        with pytest.raises(grpc.RpcError) as ended:
+            ask_a(2)
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "revoked by a reload of the clients file" in ended.value.details()
+        assert len(ask_b(2).responses) == 1  # gate-b's token stayed: its stream goes on
+        assert refused(srv.address, bearer("token-a")) == grpc.StatusCode.UNAUTHENTICATED
+        ask_a2, sent_a2, channel_a2 = stream("token-a2")
+        assert len(ask_a2(1).responses) == 1
+        [line] = log_lines(srv, "reloaded")
+        assert line["parts"]["clients file"] == \
+            "reloaded: 2 identities; 1 open calls of 1 revoked clients ended"
+        # gate-b's token rotated in a second reload: its stream, opened before the first
+        # (which kept gate-b as it was), is ended too; gate-a's new one goes on
+        write_tokens(clients, {"gate-a": "token-a2", "gate-b": "token-b2"})
+        srv.proc.send_signal(signal.SIGHUP)
+        assert reloaded(srv, 2)
+        with pytest.raises(grpc.RpcError) as ended:
+            ask_b(3)
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert len(ask_a2(2).responses) == 1
+        sent_a2.put(None)
+        channel_a2.close()
+    finally:
+        for sent, channel in ((sent_a, channel_a), (sent_b, channel_b)):
+            sent.put(None)
+            channel.close()
+        assert srv.stop() == 0
