@@ -501,7 +501,7 @@ def due(data_dir: str, within: int, calendar_dir: str = "") -> int:
               + ("  (provisional: its year's notice is not installed)" if s.provisional else ""))
     steps = len(items) - problems
     print(f"{steps} step{'s' if steps != 1 else ''} overdue or due within {within} days")
-    missing = calendar.missing_next_year(now)
+    missing = calendar.missing_year(now)
     if missing:
         print(f"warning: no official calendar for {missing} (the State Council's notice): its "
               f"ends are counted provisionally; install {missing}.toml in --calendar-dir")
@@ -1130,7 +1130,7 @@ def _serve(args, metrics) -> int:
         return _fail(str(error))
 
     def ready():
-        missing = calendar.missing_next_year(clock.now())
+        missing = calendar.missing_year(clock.now())
         log.started(version=_version(), listen=args.listen, workers=workers,
                     calendar=calendar.official_years(), calendar_missing=missing or None,
                     tls=tls is not None, reflection=args.reflection,

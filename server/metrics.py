@@ -270,8 +270,9 @@ class Metrics:
         self._size = Gauge("yikatong_data_dir_size_bytes", "Bytes of the data dir's file "
                            "system (alert YikatongDiskNearlyFull: free under 20% of it)",
                            multiprocess_mode="livemax")
-        self._next_year = Gauge("yikatong_calendar_next_year_official", "1 when next year's "
-                                "State Council notice is installed, or before 1 November",
+        self._next_year = Gauge("yikatong_calendar_next_year_official", "1 when this year's "
+                                "State Council notice is installed and next year's too, or "
+                                "before 1 November (0 on 1 January without this year's)",
                                 multiprocess_mode="livemin")
         self._provisional = Gauge("yikatong_calendar_provisional_steps", "Open steps whose "
                                   "end is counted provisionally (no notice for its year)",
@@ -348,7 +349,7 @@ class Metrics:
         from yikatong import calendar
 
         if self._clock is not None:
-            self._next_year.set(int(not calendar.missing_next_year(self._clock.now())))
+            self._next_year.set(int(not calendar.missing_year(self._clock.now())))
         with self._store.read() as txn:
             self._provisional.set(sum(
                 sum(s.provisional for s in steps) for _, steps in

@@ -62,9 +62,9 @@ def test_a_calendar_file_is_checked_whole(tmp_path):
 
 
 def test_calendar_warns_from_1_november_when_next_year_has_no_notice():
-    assert calendar.missing_next_year(T("2026-10-31T23:59:59+08:00")) == 0
-    assert calendar.missing_next_year(T("2026-11-01T00:00:00+08:00")) == 2027
-    assert calendar.missing_next_year(T("2025-12-01T00:00:00+08:00")) == 0  # 2026 is shipped
+    assert calendar.missing_year(T("2026-10-31T23:59:59+08:00")) == 0
+    assert calendar.missing_year(T("2026-11-01T00:00:00+08:00")) == 2027
+    assert calendar.missing_year(T("2025-12-01T00:00:00+08:00")) == 0  # 2026 is shipped
 
 
 def test_rc_13_a_filing_at_todays_date_is_taken_with_a_provisional_end(tmp_path):
@@ -188,3 +188,12 @@ def test_list_due_refuses_no_one_for_a_missing_year(tmp_path):
         card = apply(srv, 55).card_number
         call(srv, "Verify", "CARD_AGENCY", card_number=card, approved=True)
         assert due(srv, 60) == [(card, "issue", "SH-11", "2027-01-06T00:00:00+08:00", False)]
+
+
+def test_1_january_without_this_years_notice_still_warns():
+    """The year came and its notice did not: its ends are provisional now, so the warning
+    (the start-up line, `yikatong due`, the metric behind YikatongCalendarNextYearMissing)
+    names this year rather than going quiet once next year's date is before 1 November."""
+    assert calendar.missing_year(T("2027-01-01T00:00:00+08:00")) == 2027
+    assert calendar.missing_year(T("2027-06-30T12:00:00+08:00")) == 2027
+    assert calendar.missing_year(T("2024-03-01T00:00:00+08:00")) == 2024  # none shipped

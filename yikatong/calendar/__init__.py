@@ -197,9 +197,12 @@ def count(kind: int, t: int, n: int) -> End:
     raise ValueError(f"no count of kind {kind}")
 
 
-def missing_next_year(now: int) -> int:
-    """From 1 November: next year, if its notice is not installed; else 0."""
+def missing_year(now: int) -> int:
+    """The year whose notice is needed and not installed: this one (1 January came without
+    it: its ends are provisional now), or from 1 November next year; else 0."""
     today = law_date(now)
+    if not is_official(today.year):
+        return today.year
     if (today.month, today.day) >= WARN_FROM and not is_official(today.year + 1):
         return today.year + 1
     return 0
