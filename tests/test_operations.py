@@ -140,6 +140,12 @@ def test_the_systemd_unit_reloads_with_sighup_and_keeps_files_owner_only(tmp_pat
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert service["UMask"] == "0077" and service["StateDirectoryMode"] == "0700"
     assert "--metrics-listen 127.0.0.1:9464" in unit
+    # the PII keys the unit names are the file OPERATIONS' Install makes (without it every
+    # PII call, Apply among them, is FAILED_PRECONDITION PII_KEY_MISSING)
+    assert "--pii-key-file /etc/yikatong/pii-keys.toml" in unit
+    install = read(os.path.join(ROOT, "docs", "OPERATIONS.md")).split("## Install", 1)[1]
+    assert "sudo install -m 0600 -o yikatong -g yikatong /dev/null /etc/yikatong/pii-keys.toml" \
+        in install.split("```", 2)[1]
     verify = shutil.which("systemd-analyze")
     if verify is not None:  # offline: needs no running systemd; the binary's path made real
         copy = tmp_path / "yikatong.service"
