@@ -519,17 +519,22 @@ def test_a_rotated_tokens_open_stream_is_ended_and_another_clients_goes_on(tmp_p
                 terminal_id="gate-1")]))
             return next(answers)
         return ask, sent, channel
+    def rotate(tokens: dict[str, str], reloads: int) -> None:
+        write_tokens(clients, tokens)
+        srv.proc.send_signal(signal.SIGHUP)
+        assert reloaded(srv, reloads)
+
+    def ended(ask, n: int) -> str:
+        with pytest.raises(grpc.RpcError) as refusal:
+            ask(n)
+        assert refusal.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        return refusal.value.details()
     ask_a, sent_a, channel_a = stream("token-a")
     ask_b, sent_b, channel_b = stream("token-b")
     try:
         assert len(ask_a(1).responses) == 1 and len(ask_b(1).responses) == 1
-        write_tokens(clients, {"gate-a": "token-a2", "gate-b": "token-b"})
-        srv.proc.send_signal(signal.SIGHUP)
-        assert reloaded(srv, 1)
-        with pytest.raises(grpc.RpcError) as ended:
-            ask_a(2)
-        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "revoked by a reload of the clients file" in ended.value.details()
+        rotate({"gate-a": "token-a2", "gate-b": "token-b"}, 1)
+        assert "revoked by a reload of the clients file" in ended(ask_a, 2)
         assert len(ask_b(2).responses) == 1  # gate-b's token stayed: its stream goes on
         assert refused(srv.address, bearer("token-a")) == grpc.StatusCode.UNAUTHENTICATED
         ask_a2, sent_a2, channel_a2 = stream("token-a2")
@@ -539,12 +544,8 @@ def test_a_rotated_tokens_open_stream_is_ended_and_another_clients_goes_on(tmp_p
             "reloaded: 2 identities; 1 open calls of 1 revoked clients ended"
         # gate-b's token rotated in a second reload: its stream, opened before the first
         # (which kept gate-b as it was), is ended too; gate-a's new one goes on
-        write_tokens(clients, {"gate-a": "token-a2", "gate-b": "token-b2"})
-        srv.proc.send_signal(signal.SIGHUP)
-        assert reloaded(srv, 2)
-        with pytest.raises(grpc.RpcError) as ended:
-            ask_b(3)
-        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        rotate({"gate-a": "token-a2", "gate-b": "token-b2"}, 2)
+        assert "revoked by a reload of the clients file" in ended(ask_b, 3)
         assert len(ask_a2(2).responses) == 1
         sent_a2.put(None)
         channel_a2.close()
