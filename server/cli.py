@@ -355,10 +355,9 @@ def cluster_status(urls: list[str], as_json: bool) -> int:
     except Exception as error:  # noqa: BLE001 - the cluster cannot be read: one line
         if as_json:
             print(json.dumps({"error": str(error)}))
-        if isinstance(error, replication.NoQuorum):  # there, and unhealthy: no writer
-            print(f"yikatong: cluster status: {error}", file=sys.stderr)
-            return 1
-        return _fail(f"cluster status: {error}")
+        failed = _fail(f"cluster status: {error}")
+        # a cluster short of its quorum is there, and unhealthy: no writer (exit 1)
+        return 1 if isinstance(error, replication.NoQuorum) else failed
     if as_json:
         print(json.dumps(status))
     else:

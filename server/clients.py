@@ -95,13 +95,13 @@ class Clients:
         it and still open are ended (`on_revoke`: a leaked token's open stream must not
         outlive its rotation)."""
         revoked: dict[int, Client] = {}
-        for old, new in ((self._by_token_sha256, other._by_token_sha256),
-                         (self._by_cert_cn, other._by_cert_cn)):
+        pairs = ((self._by_token_sha256, other._by_token_sha256),
+                 (self._by_cert_cn, other._by_cert_cn))
+        for old, new in pairs:
             for key, client in old.items():
                 if new.get(key) != client:  # gone, or another client's now
                     revoked[id(client)] = client
-        for old, new in ((self._by_token_sha256, other._by_token_sha256),
-                         (self._by_cert_cn, other._by_cert_cn)):
+        for old, new in pairs:  # after every revocation is known (a token's can be a CN's)
             for key, client in new.items():  # the same object: a later reload that revokes
                 kept = old.get(key)  # it finds the calls admitted before this one too
                 if kept == client and id(kept) not in revoked:

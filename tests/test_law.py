@@ -748,7 +748,7 @@ def test_yikatong_due_lists_a_stopped_servers_open_steps_with_their_rules(tmp_pa
     assert out.returncode == 0, out.stderr
     from yikatong import calendar
 
-    missing = calendar.missing_year(clocks.SystemClock().now())  # from 1 November
+    missing = calendar.missing_year(clocks.SystemClock().now())  # this year's, or next's
     assert out.stdout.splitlines() == [
         f"{card} verification SH-10   due 2026-09-25T00:00:00+08:00  OVERDUE",
         "1 step overdue or due within 3 days"] + (
